@@ -1,0 +1,96 @@
+"""Every error the core raises, one tree, each message saying what to do.
+
+    RemoteCacheError
+    ├── InvalidKey              a cache key that cannot become a tag
+    ├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
+    ├── CacheMiss               no entry under that key (not a failure)
+    ├── StoreError              talking to a store went wrong
+    │   ├── RegistryAuthError   401/403: missing or wrong credentials
+    │   ├── RegistryUnreachable connection refused, DNS, TLS, timeout
+    │   ├── RegistryError       any other error response (carries code/status)
+    │   └── UnsupportedOperation the store cannot do that (e.g. no deletes)
+    ├── IntegrityError          a blob or manifest does not match its digest/size
+    ├── UnsafeArchive           an archive tries to escape the target or holds devices
+    └── ImageFormatError        a manifest/config/layer we cannot read as a cache image
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheMiss",
+    "ImageFormatError",
+    "IntegrityError",
+    "InvalidKey",
+    "InvalidReference",
+    "RegistryAuthError",
+    "RegistryError",
+    "RegistryUnreachable",
+    "RemoteCacheError",
+    "StoreError",
+    "UnsafeArchive",
+    "UnsupportedOperation",
+    "MISS_MARKER",
+]
+
+#: Prefix of a miss message. Errors cross Dagger module boundaries as text only, so a
+#: backend signals "no such entry" by raising an error whose message starts with this.
+MISS_MARKER = "remote-cache: cache miss:"
+
+
+class RemoteCacheError(Exception):
+    """Base class of every error raised by remote_cache."""
+
+
+class InvalidKey(RemoteCacheError, ValueError):
+    """A cache key that cannot be stored (empty, control characters, too long)."""
+
+
+class InvalidReference(RemoteCacheError, ValueError):
+    """A store reference that does not parse."""
+
+
+class CacheMiss(RemoteCacheError):
+    """No entry exists under the requested key. Not a failure: the caller starts cold."""
+
+    def __init__(self, key: str, where: str = "") -> None:
+        self.key = key
+        self.where = where
+        at = f" in {where}" if where else ""
+        super().__init__(f"{MISS_MARKER} no entry for key {key!r}{at}")
+
+
+class StoreError(RemoteCacheError):
+    """A store (registry or layout) could not do what was asked."""
+
+
+class RegistryAuthError(StoreError):
+    """The registry refused our credentials, or wants credentials we did not send."""
+
+
+class RegistryUnreachable(StoreError):
+    """The registry could not be reached (connection, DNS, TLS, or a timeout)."""
+
+
+class RegistryError(StoreError):
+    """An error response from a registry, with the spec's error code when it sent one."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+class UnsupportedOperation(StoreError):
+    """The store does not support this operation (e.g. a registry with deletes disabled)."""
+
+
+class IntegrityError(RemoteCacheError):
+    """Content did not match the digest or size that named it."""
+
+
+class UnsafeArchive(RemoteCacheError):
+    """An archive member would land outside the target, or is a device/FIFO."""
+
+
+class ImageFormatError(RemoteCacheError):
+    """An image we cannot read as a cache entry (unknown media type, bad JSON, ...)."""

@@ -1,0 +1,59 @@
+"""Cache keys and the one rule that turns a key into an OCI tag.
+
+A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
+
+* a key that already is a valid tag is used unchanged (so ``2h`` stays ``2h`` and ttl.sh
+  still reads it as an expiry, and ``npm-`` prefixes still list as prefixes);
+* any other key becomes a readable prefix (invalid characters replaced by ``-``, a leading
+  ``.``/``-`` prefixed with ``_``, cut to 109 characters) plus ``--`` and the first 16 hex
+  digits of the key's SHA-256. Two different keys can only share a tag through a hash
+  collision; the original key is also recorded in the image's annotations.
+
+Keys must be non-empty, at most 1024 characters, with no control characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .errors import InvalidKey
+
+__all__ = ["MAX_KEY_LENGTH", "TAG_PATTERN", "is_valid_tag", "tag_for_key", "validate_key"]
+
+TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_KEY_LENGTH = 1024
+_PREFIX_LENGTH = 109  # 109 + len("--") + 16 hex digits = 127 <= 128
+_INVALID = re.compile(r"[^A-Za-z0-9._-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_valid_tag(tag: str) -> bool:
+    """True when ``tag`` is a valid OCI tag."""
+    return TAG_PATTERN.fullmatch(tag) is not None
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it can be stored, else raise :class:`InvalidKey` saying why."""
+    if not key:
+        raise InvalidKey("the cache key is empty: pass a non-empty key such as 'npm-linux'")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKey(
+            f"the cache key is {len(key)} characters long; keep it under {MAX_KEY_LENGTH} "
+            "(hash long inputs such as lockfiles first)"
+        )
+    if _CONTROL.search(key):
+        raise InvalidKey(f"the cache key {key!r} contains control characters; remove them")
+    return key
+
+
+def tag_for_key(key: str) -> str:
+    """The tag that stores ``key``: the key itself when valid, else prefix + hash."""
+    validate_key(key)
+    if is_valid_tag(key):
+        return key
+    prefix = _INVALID.sub("-", key)
+    if not re.match(r"[A-Za-z0-9_]", prefix):
+        prefix = "_" + prefix
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    return f"{prefix[:_PREFIX_LENGTH]}--{digest}"
