@@ -1,0 +1,146 @@
+"""Hostile archives: every escape attempt is refused with UnsafeArchive and writes nothing outside."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from remote_cache.errors import ImageFormatError, IntegrityError, UnsafeArchive
+from remote_cache.unpack import Extractor, discard_dir, staging_dir
+from tests.trees import snapshot
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _m(
+    name: str, typ: bytes = tarfile.REGTYPE, data: bytes = b"pwned\n", link: str = ""
+) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type = typ
+    info.linkname = link
+    info.mode = 0o755 if typ == tarfile.DIRTYPE else 0o644
+    return info, data
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> tuple[Path, Path]:
+    """A sentinel directory around the target: nothing may appear or change in it."""
+    box = tmp_path / "box"
+    target = box / "inner" / "target"
+    target.mkdir(parents=True)
+    (target / "keep.txt").write_text("original\n")
+    (box / "inner" / "x").mkdir()  # an existing sibling an escape might aim at
+    return box, target
+
+
+def _attempt(
+    box: Path, target: Path, blob: bytes, media_type: str = "application/vnd.oci.image.layer.v1.tar"
+) -> type[BaseException]:
+    before = snapshot(box)
+    st = staging_dir(target)
+    with pytest.raises((UnsafeArchive, IntegrityError, ImageFormatError)) as info:
+        ex = Extractor(st)
+        try:
+            ex.add_layer(io.BytesIO(blob), media_type)
+            ex.finish()
+        finally:
+            ex.close()
+    discard_dir(st)
+    assert snapshot(box) == before, "something outside the staging dir changed"
+    assert (target / "keep.txt").read_text() == "original\n"
+    assert not os.path.exists("/tmp/rc-hostile-pwned")
+    return info.type
+
+
+CASES = {
+    "dotdot": [_m("../x/pwned")],
+    "absolute": [_m("/tmp/rc-hostile-pwned")],
+    "inner-dotdot": [_m("a/../../x/pwned")],
+    "symlink-abs-then-write": [_m("l", tarfile.SYMTYPE, link="/tmp"), _m("l/rc-hostile-pwned")],
+    "symlink-dotdot-then-write": [_m("up", tarfile.SYMTYPE, link=".."), _m("up/x/pwned")],
+    "symlink-then-dir-through": [_m("s", tarfile.SYMTYPE, link="../x"), _m("s/sub/", tarfile.DIRTYPE)],
+    "hardlink-etc-passwd": [_m("h", tarfile.LNKTYPE, link="/etc/passwd")],
+    "hardlink-outside": [_m("h", tarfile.LNKTYPE, link="../target/keep.txt")],
+    "hardlink-missing": [_m("h", tarfile.LNKTYPE, link="nope")],
+    "chardev": [_m("dev", tarfile.CHRTYPE)],
+    "blockdev": [_m("blk", tarfile.BLKTYPE)],
+    "fifo": [_m("fifo", tarfile.FIFOTYPE)],
+    "dir-then-symlink": [
+        _m("d/", tarfile.DIRTYPE),
+        _m("d", tarfile.SYMTYPE, link="/tmp"),
+        _m("d/rc-hostile-pwned"),
+    ],
+    "file-twice": [_m("f"), _m("f")],
+    "whiteout-dotdot": [_m("a/.wh...")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_archive_is_refused(sandbox: tuple[Path, Path], case: str) -> None:
+    box, target = sandbox
+    err = _attempt(box, target, _tar(*CASES[case]))
+    assert err is UnsafeArchive
+
+
+def test_hostile_member_is_named(sandbox: tuple[Path, Path]) -> None:
+    _box, target = sandbox
+    st = staging_dir(target)
+    ex = Extractor(st)
+    with pytest.raises(UnsafeArchive, match=re.escape("a/../../x/pwned")):
+        ex.add_layer(
+            io.BytesIO(_tar(_m("ok.txt"), _m("a/../../x/pwned"))), "application/vnd.oci.image.layer.v1.tar"
+        )
+    ex.close()
+    discard_dir(st)
+
+
+def test_symlink_from_earlier_layer_is_not_followed(sandbox: tuple[Path, Path]) -> None:
+    box, target = sandbox
+    before = snapshot(box)
+    st = staging_dir(target)
+    ex = Extractor(st)
+    ex.add_layer(io.BytesIO(_tar(_m("l", tarfile.SYMTYPE, link=str(box / "inner" / "x")))), "")
+    with pytest.raises(UnsafeArchive):
+        ex.add_layer(io.BytesIO(_tar(_m("l/pwned"))), "")
+    ex.close()
+    discard_dir(st)
+    assert snapshot(box) == before
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_truncated_stream_is_integrity_error(sandbox: tuple[Path, Path], kind: str) -> None:
+    box, target = sandbox
+    raw = _tar(_m("a.bin", data=os.urandom(200_000)), _m("b.txt"))
+    if kind == "zstd":
+        blob = zstandard.ZstdCompressor(write_checksum=True).compress(raw)
+        mt = "application/vnd.oci.image.layer.v1.tar+zstd"
+    else:
+        blob = gzip.compress(raw)
+        mt = "application/vnd.oci.image.layer.v1.tar+gzip"
+    for cut in (len(blob) // 2, len(blob) - 3):
+        assert _attempt(box, target, blob[:cut], mt) is IntegrityError
+    corrupt = bytearray(blob)
+    corrupt[len(blob) // 2] ^= 0xFF
+    assert _attempt(box, target, bytes(corrupt), mt) is IntegrityError
+
+
+def test_truncated_plain_tar_and_non_tar(sandbox: tuple[Path, Path]) -> None:
+    box, target = sandbox
+    raw = _tar(_m("a.bin", data=os.urandom(5000)))
+    assert _attempt(box, target, raw[:1500]) is IntegrityError
+    assert _attempt(box, target, b'{"not": "a tar"}' * 64) is ImageFormatError
+    assert _attempt(box, target, b"") is ImageFormatError

@@ -1,0 +1,166 @@
+"""A nasty directory tree for round-trip tests, and an exact tree comparison.
+
+``make_tree(root)`` fills ``root`` with what real caches contain and what breaks archivers:
+thousands of small files, a 20 MB random file, every kind of symlink, hard-link groups across
+directories, nested empty dirs, read-only files and dirs, unicode (NFC and NFD, emoji), very long
+names, 60-level nesting, names with spaces, newlines, leading dashes and glob characters.
+``assert_same_tree(a, b)`` compares type, mode, mtime (whole seconds, what tar keeps), size,
+content, symlink targets, hard-link groups and empty directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+import unicodedata
+import zlib
+from pathlib import Path
+
+__all__ = ["assert_same_tree", "make_tree", "snapshot"]
+
+_MTIME = 1_600_000_000
+
+
+def make_tree(root: Path, *, small_files: int = 2000, big_bytes: int = 20 << 20) -> None:
+    """Populate ``root`` (created if missing) with the nasty tree; deterministic content."""
+    rng = random.Random(1234)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(small_files):
+        d = root / "many" / f"pkg{i % 40:02d}" / ("lib" if i % 3 else "dist")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"file{i:05d}.js").write_bytes(rng.randbytes(rng.randrange(0, 3000)))
+    (root / "big.bin").write_bytes(rng.randbytes(big_bytes))
+
+    # Symlinks: relative, absolute, dangling, to a directory, chained.
+    links = root / "links"
+    links.mkdir()
+    (links / "target.txt").write_text("target\n")
+    os.symlink("target.txt", links / "rel")
+    os.symlink("/etc/hostname", links / "abs")
+    os.symlink("does/not/exist", links / "dangling")
+    os.symlink("../many", links / "todir")
+    os.symlink("rel", links / "chain")
+
+    # Hard links: groups of 2 and 3 names across directories.
+    hl = root / "hard"
+    (hl / "x").mkdir(parents=True)
+    (hl / "y").mkdir()
+    (hl / "x" / "two").write_bytes(b"two names\n")
+    os.link(hl / "x" / "two", hl / "y" / "two-again")
+    (hl / "y" / "three").write_bytes(rng.randbytes(5000))
+    os.link(hl / "y" / "three", hl / "x" / "three-b")
+    os.link(hl / "y" / "three", hl / "three-c")
+
+    # Empty directories, nested.
+    (root / "empty" / "nested" / "deeper").mkdir(parents=True)
+    (root / "empty2").mkdir()
+
+    # Modes: executable, read-only file, read-only directory (set last), odd modes.
+    modes = root / "modes"
+    modes.mkdir()
+    (modes / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (modes / "run.sh").chmod(0o755)
+    (modes / "ro.txt").write_text("read only\n")
+    (modes / "ro.txt").chmod(0o444)
+    (modes / "private").write_text("secret-ish\n")
+    (modes / "private").chmod(0o600)
+    rodir = modes / "rodir"
+    rodir.mkdir()
+    (rodir / "inside.txt").write_text("in a read-only dir\n")
+
+    # Unicode: NFC and NFD spellings are different names on Linux.
+    uni = root / "unicode"
+    uni.mkdir()
+    for name in ("café", unicodedata.normalize("NFD", "café"), "emoji-🎉📦", "日本語ファイル", "Ωmega"):
+        (uni / name).write_text(name + "\n")
+    (uni / "dir-ü").mkdir()
+    (uni / "dir-ü" / "ñ.txt").write_text("ñ\n")
+    os.symlink("dir-ü/ñ.txt", uni / "link-ü")
+
+    # Long names: >100 and >255 bytes total, components up to 255 bytes.
+    longd = root / "long"
+    longd.mkdir()
+    (longd / ("a" * 150)).write_text("150\n")
+    (longd / ("b" * 255)).write_text("255\n")
+    sub = longd / ("c" * 200) / ("d" * 200)
+    sub.mkdir(parents=True)
+    (sub / ("e" * 255)).write_text("deep long\n")
+    (sub / ("é" * 120)).write_text("240 bytes of é\n")
+    os.symlink("x" * 300, longd / "longlink")
+    os.link(sub / ("e" * 255), longd / "hard-to-long")
+
+    # Deep nesting: 60 levels.
+    deep = root / "deep"
+    for i in range(60):
+        deep = deep / f"l{i}"
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("bottom\n")
+
+    # Awkward names.
+    odd = root / "odd"
+    odd.mkdir()
+    for name in (
+        "with space",
+        "new\nline",
+        "-leading-dash",
+        "--",
+        "star*",
+        "q?",
+        "[br]",
+        "tab\tx",
+        ".hidden",
+    ):
+        (odd / name).write_text(repr(name) + "\n")
+    (odd / "0").write_bytes(b"")
+
+    # Fixed mtimes everywhere (files first, directories last so writes don't bump them).
+    dirs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in filenames + dirnames:
+            p = Path(dirpath) / n
+            os.utime(p, (_MTIME, _MTIME + zlib.crc32(os.fsencode(n)) % 1000), follow_symlinks=False)
+        dirs.append(Path(dirpath))
+    rodir.chmod(0o555)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        os.utime(d, (_MTIME, _MTIME + 7))
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything assert_same_tree compares, keyed by relative path ("." is the root, excluded)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            m = st.st_mode
+            mtime = int(st.st_mtime)
+            if stat.S_ISLNK(m):
+                out[rel] = ("symlink", os.readlink(p), mtime)
+            elif stat.S_ISDIR(m):
+                out[rel] = ("dir", stat.S_IMODE(m), mtime, bool(os.listdir(p)))
+            elif stat.S_ISREG(m):
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(m), mtime, st.st_size, digest)
+                if st.st_nlink > 1:
+                    inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
+            else:
+                out[rel] = ("other", stat.S_IFMT(m))
+    for group in inodes.values():
+        for rel in group:
+            out[rel] = (*out[rel], tuple(sorted(group)))
+    return out
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    """Assert two trees are the same: types, modes, mtimes (s), sizes, contents, links, dirs."""
+    sa, sb = snapshot(a), snapshot(b)
+    only_a = sorted(set(sa) - set(sb))
+    only_b = sorted(set(sb) - set(sa))
+    assert not only_a and not only_b, f"only in {a}: {only_a[:10]}; only in {b}: {only_b[:10]}"
+    diffs = [(k, sa[k], sb[k]) for k in sorted(sa) if sa[k] != sb[k]]
+    assert not diffs, f"{len(diffs)} entries differ, e.g. {diffs[:5]}"
