@@ -1,0 +1,74 @@
+"""Shared fixtures: real docker-registry servers on 127.0.0.1 (anonymous, basic, token auth).
+
+Fixtures (see ``tests/registry_server.py`` for the objects they return):
+
+* ``registry`` / ``auth_registry`` / ``token_registry`` (session): a :class:`RegistryServer`
+  with ``.host`` ("127.0.0.1:PORT"), ``.url``, ``.username``/``.password`` (None when anonymous),
+  ``.storage_root``, ``.blob_data_path(digest)`` and, for the token registry, ``.tokens_issued``.
+* ``repo_name``: a fresh repository name per test, e.g. ``test/test-push-3f9a1c2b``.
+* ``fault_proxy_factory``: ``factory(server) -> FaultProxy`` in front of a registry, closed after the test.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.registry_server import FaultProxy, RegistryServer, registry_available, start_registry
+
+_SKIP_REASON = "/usr/bin/docker-registry (Debian package docker-registry) or openssl is not installed"
+
+
+def _start(tmp_path_factory: pytest.TempPathFactory, name: str, auth: str) -> Iterator[RegistryServer]:
+    if not registry_available():
+        pytest.skip(_SKIP_REASON)
+    workdir: Path = tmp_path_factory.mktemp(name)
+    server = start_registry(workdir, auth=auth)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """An anonymous docker-registry (push and pull without credentials)."""
+    yield from _start(tmp_path_factory, "registry", "none")
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A docker-registry with htpasswd (basic) auth; ``.username``/``.password`` are valid."""
+    yield from _start(tmp_path_factory, "auth-registry", "htpasswd")
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A docker-registry with bearer-token auth; ``.tokens_issued`` counts issued tokens."""
+    yield from _start(tmp_path_factory, "token-registry", "token")
+
+
+@pytest.fixture
+def repo_name(request: pytest.FixtureRequest) -> str:
+    """A repository name no other test uses: ``test/<test name>-<random>``, valid per the spec."""
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40] or "t"
+    return f"test/{base}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def fault_proxy_factory() -> Iterator[Callable[[RegistryServer], FaultProxy]]:
+    """Make fault-injecting proxies in front of registries; all are closed after the test."""
+    proxies: list[FaultProxy] = []
+
+    def make(server: RegistryServer) -> FaultProxy:
+        proxy = FaultProxy(server.host)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
