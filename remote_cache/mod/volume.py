@@ -1,0 +1,86 @@
+"""A remote-cached volume: mounts like a cache volume, seeded from the backend on a cold engine."""
+
+from __future__ import annotations
+
+import time
+
+import dagger
+from dagger import dag
+
+from .. import scripts
+from ..errors import MISS_MARKER, RemoteCacheError
+from . import _sdk
+from ._toolbox import mount_cache, report, run_script, toolbox
+from .backend import Backend
+
+__all__ = ["RemoteCacheVolume"]
+
+
+@_sdk.object_type
+class RemoteCacheVolume:
+    """A cache volume whose contents are restored from a backend under a key."""
+
+    path: str = _sdk.field()
+    key: str = _sdk.field()
+    volume: dagger.CacheVolume = _sdk.field()
+    backend: Backend
+    sharing: dagger.CacheSharingMode | None = None
+    owner: str = ""
+    strict: bool = False
+
+    # NB: `ctr` must stay the only argument, so Go callers can write `.With(vol.Mount)`.
+    @_sdk.function(cache="session")
+    async def mount(self, ctr: dagger.Container) -> dagger.Container:
+        """Mount the volume on ``ctr`` at its path, first restoring the backend's copy into it if it is empty.
+
+        A missing entry is a miss (start cold); other import failures print one warning and go on
+        with the volume as it is, unless the cache was made with ``strict``.
+        """
+        started = time.monotonic()
+        mounted = mount_cache(ctr, self.path, self.volume, self.sharing, self.owner)
+        state = scripts.state_file(self.key, self.path)
+        outcome = "miss"
+        source: dagger.Directory | None = None
+        try:
+            imported = self.backend.import_(self.key)
+            await imported.sync()
+            source, outcome = imported, "hit"
+        except dagger.DaggerError as exc:
+            if MISS_MARKER not in str(exc):
+                outcome = "error"
+                self._fail(f"could not import key {self.key!r}", exc)
+
+        steps = toolbox(mounted)
+        if source is not None:
+            steps = run_script(
+                steps.with_mounted_directory(scripts.SRC_DIR, source, read_only=True),
+                scripts.SEED,
+                scripts.SRC_DIR,
+                self.path,
+                state,
+            )
+        else:
+            # Nothing trustworthy was imported: forget what was recorded, so export uploads.
+            steps = run_script(steps, scripts.FORGET, state)
+        try:
+            await steps.sync()
+        except dagger.DaggerError as exc:
+            outcome = "error"
+            self._fail(f"could not restore key {self.key!r} into {self.path}", exc)
+
+        report(f"import key={self.key!r} path={self.path}: {outcome} in {time.monotonic() - started:.1f}s")
+        record = dag.directory().with_new_file(
+            scripts.VOLUME_FILE, scripts.volume_record(self.key, self.path)
+        )
+        return mounted.with_mounted_directory(scripts.bookkeeping_dir(self.path), record, read_only=True)
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        """Raise when strict, else warn once and carry on (fail-open)."""
+        if self.strict:
+            raise RemoteCacheError(f"remote-cache: {what}: {exc}") from exc
+        report(f"warning: {what}, continuing without it: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,177 @@
+"""Shell snippets the Dagger module runs in a small helper container, and that image.
+
+A cache volume cannot be read as a Directory, and the user's image may have no tools at all,
+so every copy into or out of a volume runs in a pinned Alpine image (BusyBox ``sh``/``cp``).
+Each snippet is POSIX ``sh`` run as ``sh -c SNIPPET sh ARG...`` (arguments are positional, never
+interpolated into the script), so odd paths need no quoting on the Python side.
+
+Copies use ``cp -a DIR/. DEST/``: BusyBox ``cp -a`` keeps dotfiles, symlinks (dangling ones too),
+hardlinks, empty directories, modes, numeric ownership and mtimes (whole seconds), including
+directory mtimes, which BusyBox ``tar -x`` does not restore.
+
+"Unchanged" is decided before copying: a listing hash (name, size, mtime, ctime, inode, mode,
+owner, link count of every entry) is recorded in a per-engine state file when a volume is mounted,
+and the export compares it with the volume's current listing; equal means nothing to upload.
+ctime changes on any write, so an edit that restores size and mtime is still seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+__all__ = [
+    "BOOKKEEPING_ROOT",
+    "COPY_OUT",
+    "FORGET",
+    "HELPER_IMAGE",
+    "HELPER_PATH",
+    "IS_EMPTY",
+    "LISTING",
+    "NONCE_ENV",
+    "OUT_DIR",
+    "RECORD",
+    "SEED",
+    "SRC_DIR",
+    "STATE_DIR",
+    "STATE_VOLUME",
+    "STATUS_PREFIX",
+    "VOLUME_FILE",
+    "bookkeeping_dir",
+    "parse_status",
+    "parse_volume_record",
+    "state_file",
+    "volume_record",
+]
+
+#: The helper image: Alpine with BusyBox, pinned by digest. Tag and digest are the ones Dagger
+#: v0.21.8 itself pins (``sdk/typescript/runtime/tsdistconsts/consts.go``, DefaultAlpineImageRef),
+#: so an engine of that version likely has it already.
+HELPER_IMAGE = "alpine:3.22.2@sha256:4b7ce07002c69e8f3d704a9c5d6fd3053be500b7f1c69fc0d80990c2ad8dd412"
+
+#: Prefix of the status line COPY_OUT prints: ``<prefix> changed|unchanged <listing-hash>``.
+STATUS_PREFIX = "remote-cache-status:"
+
+_FUNCTIONS = r"""
+is_empty() {
+  [ -z "$(ls -A "$1")" ]
+}
+listing() {
+  ( cd "$1" && find . -exec stat -c '%n|%s|%y|%z|%i|%f|%u|%g|%h' {} + \
+      | LC_ALL=C sort | sha256sum | cut -d' ' -f1 )
+}
+record() {
+  mkdir -p "$(dirname "$2")"
+  printf '%s\n' "$1" > "$2.tmp.$$"
+  mv -f "$2.tmp.$$" "$2"
+}
+"""
+
+#: ``IS_EMPTY DIR``: exit 0 when DIR has no entries at all (a lone dotfile makes it non-empty).
+IS_EMPTY = "set -eu" + _FUNCTIONS + 'is_empty "$1"\n'
+
+#: ``LISTING DIR``: print DIR's listing hash.
+LISTING = "set -eu" + _FUNCTIONS + 'listing "$1"\n'
+
+#: ``SEED SRC CACHE STATE``: copy SRC into CACHE only when CACHE is empty (a warm engine's
+#: volume is at least as fresh as the remote copy), then record CACHE's listing hash in STATE.
+SEED = (
+    "set -eu"
+    + _FUNCTIONS
+    + r"""
+src=$1 cache=$2 state=$3
+if is_empty "$cache"; then
+  cp -a "$src/." "$cache/"
+  echo "remote-cache: restored into empty volume"
+else
+  echo "remote-cache: volume already has content, kept it"
+fi
+record "$(listing "$cache")" "$state"
+"""
+)
+
+#: ``FORGET STATE``: drop the recorded listing (after a miss, the next export must upload).
+FORGET = 'set -eu\nrm -f "$1"\n'
+
+#: ``COPY_OUT CACHE OUT STATE``: when CACHE's listing differs from the one recorded in STATE,
+#: copy CACHE into OUT (created). Always prints one status line (see :func:`parse_status`).
+COPY_OUT = (
+    "set -eu"
+    + _FUNCTIONS
+    + r"""
+cache=$1 out=$2 state=$3
+now=$(listing "$cache")
+if [ -f "$state" ] && [ "$(cat "$state")" = "$now" ]; then
+  echo "remote-cache-status: unchanged $now"
+  exit 0
+fi
+mkdir -p "$out"
+cp -a "$cache/." "$out/"
+echo "remote-cache-status: changed $now"
+"""
+)
+
+#: ``RECORD HASH STATE``: record HASH as the listing the remote copy now matches.
+RECORD = "set -eu" + _FUNCTIONS + 'record "$1" "$2"\n'
+
+
+def parse_status(stdout: str) -> tuple[bool, str]:
+    """``(changed, listing_hash)`` from COPY_OUT's output; ValueError when there is no status line."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(STATUS_PREFIX):
+            parts = line[len(STATUS_PREFIX) :].split()
+            if len(parts) == 2 and parts[0] in ("changed", "unchanged"):
+                return parts[0] == "changed", parts[1]
+    raise ValueError(f"no {STATUS_PREFIX!r} line in the copy step's output")
+
+
+# -- Where things live. Shared by the module (which builds the containers) and its tests. --
+
+#: Mount point, in the user's container, of one small bookkeeping directory per remote-cached
+#: volume. A mount, unlike a label or an env var, never ends up in an image the user publishes.
+BOOKKEEPING_ROOT = "/.remote-cache"
+#: The file inside a bookkeeping directory: ``{"key": ..., "path": ...}``.
+VOLUME_FILE = "volume.json"
+#: Where the helper steps see the module's own state volume (recorded listing hashes).
+STATE_DIR = "/.remote-cache-state"
+#: Name of that state volume (in the remote-cache module's cache namespace).
+STATE_VOLUME = "remote-cache-state"
+#: Where the helper steps see the imported entry, and where COPY_OUT writes its copy.
+SRC_DIR = "/.remote-cache-src"
+OUT_DIR = "/.remote-cache-out"
+#: PATH for the helper steps: Alpine's, whatever the user's image set.
+HELPER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Env var holding a per-call random value, so a helper step is never served from the exec
+#: cache (exec caching ignores cache-volume contents, which are what the step works on).
+NONCE_ENV = "REMOTE_CACHE_NONCE"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
+
+
+def bookkeeping_dir(path: str) -> str:
+    """Mount point of the bookkeeping directory for a volume mounted at ``path``."""
+    return f"{BOOKKEEPING_ROOT}/{_digest(path)[:16]}"
+
+
+def state_file(key: str, path: str) -> str:
+    """The state file recording the listing hash of the volume for ``key`` at ``path``."""
+    return f"{STATE_DIR}/{_digest(key, path)[:32]}"
+
+
+def volume_record(key: str, path: str) -> str:
+    """The ``volume.json`` text for a volume. Deterministic: it must not bust the user's exec cache."""
+    return json.dumps({"key": key, "path": path}, sort_keys=True)
+
+
+def parse_volume_record(text: str) -> tuple[str, str]:
+    """``(key, path)`` from a ``volume.json``; ValueError when it is not one of ours."""
+    try:
+        data = json.loads(text)
+        key, path = data["key"], data["path"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"not a remote-cache volume record: {exc}") from exc
+    if not isinstance(key, str) or not isinstance(path, str):
+        raise ValueError("not a remote-cache volume record: key and path must be strings")
+    return key, path

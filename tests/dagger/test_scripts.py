@@ -1,0 +1,249 @@
+"""Run the module's shell snippets for real under BusyBox, the way the Alpine helper runs them.
+
+``PATH`` holds only BusyBox applets (as on Alpine), so a snippet that needs a GNU option or a
+tool Alpine lacks fails here too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from remote_cache import scripts
+
+BUSYBOX = shutil.which("busybox")
+pytestmark = pytest.mark.skipif(
+    BUSYBOX is None, reason="busybox is not installed (Debian: apt-get install busybox)"
+)
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+Runner = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="module")
+def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of BusyBox applet symlinks: the whole PATH of the snippets."""
+    assert BUSYBOX is not None
+    bindir = tmp_path_factory.mktemp("busybox-bin")
+    names = subprocess.run([BUSYBOX, "--list"], check=True, capture_output=True, text=True).stdout.split()
+    for name in [*names, "busybox"]:
+        (bindir / name).symlink_to(BUSYBOX)
+    return bindir
+
+
+@pytest.fixture
+def run(applets: Path) -> Runner:
+    def _run(script: str, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(applets / "sh"), "-c", script, "sh", *map(str, args)],
+            env={"PATH": str(applets), "LC_ALL": "C"},
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    return _run
+
+
+def make_tree(root: Path) -> None:
+    """A tree with every awkward thing a cache can hold."""
+    root.mkdir()
+    (root / ".hidden").write_text("dot\n")
+    (root / ".config").mkdir()
+    (root / ".config" / "settings.json").write_text("{}")
+    (root / "name with spaces").write_text("spaces")
+    (root / "line\nbreak").write_text("newline in name")
+    (root / "-leading-dash").write_text("dash")
+    (root / "tab\tand*glob?").write_text("glob chars")
+    (root / "bin").mkdir(mode=0o755)
+    tool = root / "bin" / "tool"
+    tool.write_text("#!/bin/sh\necho hi\n")
+    tool.chmod(0o755)
+    secret = root / "private"
+    secret.write_bytes(os.urandom(3000))
+    secret.chmod(0o600)
+    (root / "empty" / "nested-empty").mkdir(parents=True)
+    (root / "pkgs" / "a").mkdir(parents=True)
+    (root / "pkgs" / "a" / "data.bin").write_bytes(bytes(range(256)) * 40)
+    os.link(root / "pkgs" / "a" / "data.bin", root / "pkgs" / "hardlink.bin")
+    os.link(root / "pkgs" / "a" / "data.bin", root / "bin" / "third-link")
+    (root / "pkgs" / "rel-link").symlink_to("a/data.bin")
+    (root / "pkgs" / "dir-link").symlink_to("a")
+    (root / "dangling").symlink_to("does/not/exist")
+    (root / "abs-link").symlink_to("/etc/hostname")
+    if IS_ROOT:
+        os.chown(root / ".hidden", 1234, 5678)
+        os.chown(root / "pkgs" / "a", 4321, 8765)
+    (root / "locked-dir").mkdir(mode=0o700)
+    (root / "locked-dir" / "f").write_text("x")
+    # mtimes last: children first, so creating them does not touch the parents' mtimes again.
+    stamp = 1_000_000_000
+    for i, path in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):
+        os.utime(path, (stamp + i, stamp + i * 7), follow_symlinks=False)
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a restore must keep, per path; hardlinks become shared group ids."""
+    inodes: dict[int, list[str]] = {}
+    entries: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                body: object = os.readlink(path)
+                mtime: object = None  # BusyBox cp does not carry symlink mtimes; nothing reads them
+            elif stat.S_ISREG(st.st_mode):
+                body = hashlib.sha256(path.read_bytes()).hexdigest()
+                mtime = int(st.st_mtime)
+                inodes.setdefault(st.st_ino, []).append(rel)
+            else:
+                body = None
+                mtime = int(st.st_mtime)
+            entries[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body, mtime)
+    groups = {rel: tuple(sorted(group)) for group in inodes.values() for rel in group}
+    return {rel: (*value, groups.get(rel)) for rel, value in entries.items()}
+
+
+def test_copy_out_then_seed_reproduces_the_tree(tmp_path: Path, run: Runner) -> None:
+    original = tmp_path / "volume"
+    make_tree(original)
+    before = snapshot(original)
+    out = tmp_path / "out"
+    state = tmp_path / "state" / "entry"
+
+    result = run(scripts.COPY_OUT, original, out, state)
+    changed, listing = scripts.parse_status(result.stdout)
+    assert changed
+    assert snapshot(out) == before
+    assert snapshot(original) == before  # copying out never touches the volume
+
+    fresh = tmp_path / "fresh-volume"
+    fresh.mkdir()
+    run(scripts.SEED, out, fresh, state)
+    restored = snapshot(fresh)
+    assert restored == before
+    # spot checks that make a failure readable
+    assert restored["pkgs/hardlink.bin"][-1] == ("bin/third-link", "pkgs/a/data.bin", "pkgs/hardlink.bin")
+    assert restored["dangling"][4] == "does/not/exist"
+    assert restored["line\nbreak"][1] == 0o644 or restored["line\nbreak"][1] == before["line\nbreak"][1]
+    assert restored["empty/nested-empty"][0] == stat.S_IFDIR
+    # the seed recorded the restored volume's listing
+    assert state.read_text().strip() == run(scripts.LISTING, fresh).stdout.strip()
+    assert len(listing) == 64
+
+
+def test_seed_leaves_a_non_empty_volume_alone(tmp_path: Path, run: Runner) -> None:
+    src = tmp_path / "remote"
+    make_tree(src)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "local-only").write_text("warm engine content")
+    (volume / "pkgs").mkdir()
+    before = snapshot(volume)
+    state = tmp_path / "state"
+
+    result = run(scripts.SEED, src, volume, state)
+
+    assert snapshot(volume) == before
+    assert "kept" in result.stdout
+    assert state.read_text().strip() == run(scripts.LISTING, volume).stdout.strip()
+
+
+def test_seed_counts_a_lone_dotfile_as_content(tmp_path: Path, run: Runner) -> None:
+    src = tmp_path / "remote"
+    make_tree(src)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / ".lock").write_text("")
+
+    run(scripts.SEED, src, volume, tmp_path / "state")
+
+    assert sorted(p.name for p in volume.iterdir()) == [".lock"]
+
+
+def test_is_empty(tmp_path: Path, run: Runner) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dotted = tmp_path / "dotted"
+    dotted.mkdir()
+    (dotted / ".only-a-dotfile").write_text("")
+    subdir = tmp_path / "subdir"
+    (subdir / "x").mkdir(parents=True)
+
+    assert run(scripts.IS_EMPTY, empty, check=False).returncode == 0
+    assert run(scripts.IS_EMPTY, dotted, check=False).returncode != 0
+    assert run(scripts.IS_EMPTY, subdir, check=False).returncode != 0
+
+
+def test_copy_out_skips_an_unchanged_volume_and_sees_every_change(tmp_path: Path, run: Runner) -> None:
+    volume = tmp_path / "volume"
+    make_tree(volume)
+    state = tmp_path / "state"
+    seeded_from = tmp_path / "seed-src"
+    seeded_from.mkdir()
+    run(scripts.SEED, seeded_from, volume, state)  # non-empty: records the listing only
+
+    out = tmp_path / "out"
+    changed, listing = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
+    assert not changed
+    assert not out.exists()  # decided before copying anything
+    assert state.read_text().strip() == listing
+
+    # Same size, same mtime, different bytes: only ctime tells.
+    target = volume / "pkgs" / "a" / "data.bin"
+    st = target.stat()
+    target.write_bytes(bytes(reversed(range(256))) * 40)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed, new_listing = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
+    assert changed
+    assert new_listing != listing
+    assert snapshot(out) == snapshot(volume)
+
+    # After the upload succeeded the module records the new listing: unchanged again.
+    run(scripts.RECORD, new_listing, state)
+    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out2", state).stdout)[0]
+
+    # A new empty directory is a change too.
+    (volume / "new-dir").mkdir()
+    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out3", state).stdout)[0]
+
+
+def test_forget_makes_the_next_export_upload(tmp_path: Path, run: Runner) -> None:
+    volume = tmp_path / "volume"
+    make_tree(volume)
+    state = tmp_path / "state"
+    run(scripts.RECORD, run(scripts.LISTING, volume).stdout.strip(), state)
+    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o1", state).stdout)[0]
+
+    run(scripts.FORGET, state)
+    run(scripts.FORGET, state)  # idempotent: a miss with nothing recorded is fine
+
+    assert not state.exists()
+    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o2", state).stdout)[0]
+
+
+def test_copy_out_of_an_empty_volume_gives_an_empty_directory(tmp_path: Path, run: Runner) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    out = tmp_path / "out"
+
+    changed, _ = scripts.parse_status(run(scripts.COPY_OUT, volume, out, tmp_path / "state").stdout)
+
+    assert changed
+    assert list(out.iterdir()) == []
+
+
+def test_parse_status_rejects_output_without_a_status_line() -> None:
+    with pytest.raises(ValueError, match="remote-cache-status"):
+        scripts.parse_status("cp: error\n")
+    assert scripts.parse_status("noise\nremote-cache-status: unchanged abc\n") == (False, "abc")
