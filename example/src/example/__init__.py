@@ -1,9 +1,9 @@
 """Walk-through of remote-cache: a message written into a remote-cached volume survives a new engine.
 
-dagger call -m example --repo <unique-name> check-cache    # CACHE MISS
-dagger call -m example --repo <unique-name> prime-cache    # saves "Hello, world"
-docker rm -f $(docker ps -q --filter name=dagger-engine)   # or any fresh engine/runner
-dagger call -m example --repo <unique-name> check-cache    # Hello, world
+dagger call -m ./example --repo <unique-name> check-cache    # CACHE MISS
+dagger call -m ./example --repo <unique-name> prime-cache    # saves "Hello, world"
+dagger -m core function call engine local-cache prune      # forget every volume (a fresh engine)
+dagger call -m ./example --repo <unique-name> check-cache    # Hello, world
 """
 
 from __future__ import annotations
