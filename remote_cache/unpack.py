@@ -1,7 +1,8 @@
 """Extract OCI layer tars into a fresh staging directory, safely and fast, then swap it into place.
 
 Safety: every header is validated before anything is written. Refused with
-:class:`~remote_cache.errors.UnsafeArchive` (naming the member): absolute paths, any ``..``
+:class:`~remote_cache.errors.UnsafeArchive` (naming the member): absolute paths (a directory
+entry named ``/`` is the root, like ``./``: it only carries the root's metadata), any ``..``
 component, paths through a symlink or a non-directory, hard links to a missing, absolute,
 escaping or directory target, device files, FIFOs, and a path repeated within one layer as a
 different type. All writes go through directory file descriptors opened with ``O_NOFOLLOW``
@@ -17,6 +18,14 @@ Layers apply in order with OCI whiteouts (``.wh.NAME`` removes NAME from lower l
 ``.wh..wh..opq`` empties a directory of lower-layer content). Corrupt or truncated streams raise
 :class:`~remote_cache.errors.IntegrityError`; something that is not a tar at all raises
 :class:`~remote_cache.errors.ImageFormatError`.
+
+Speed: a background thread reads and decompresses the layer blobs into a small bounded queue
+of chunks (zstd and zlib release the GIL), so decompression overlaps the file writing as in
+``zstd -d | tar -x``. The writing thread parses headers with one ``struct`` unpack, keeps
+paths as bytes, writes file data straight from the decompressed chunk, creates files with
+their final mode when the umask allows (no ``fchmod``) and skips ``fchown`` when the owner
+already matches. Every check above still runs, in the one writing thread, in archive order.
+``Extractor.add_layers`` lets the decompressor run ahead into the next layer too.
 """
 
 from __future__ import annotations
@@ -26,11 +35,14 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import queue
 import secrets
 import shutil
 import stat
+import struct
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,7 +60,11 @@ __all__ = [
     "staging_dir",
 ]
 
-_READ = 1 << 20
+_READ = 1 << 20  # plain tar: bytes per read
+_READ_COMPRESSED = 256 << 10  # compressed input per decompress call (~1 MiB out for zstd)
+_READ_FIRST = 16 << 10  # compressed input of a layer's first decompress call
+_ZSTD_WRITE_SIZE = 2 << 20  # zstd output buffer: one allocation per call, no joins
+_QUEUE_CHUNKS = 16  # decompressed chunks buffered between the two threads
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -56,6 +72,12 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _MAX_DIR_FDS = 256
 
 _K_FILE, _K_DIR, _K_SYMLINK = 0, 1, 2
+
+# ustar header: name mode uid gid size mtime chksum typeflag linkname magic [version uname
+# gname devmajor devminor] prefix [pad].
+_HDR = struct.Struct("100s8s8s8s12s12s8sc100s6s82x155s12x")
+_REGULAR = (b"0", b"\0", b"7")
+_META_TYPES = (b"x", b"g", b"L", b"K")
 
 
 @dataclass
@@ -85,10 +107,11 @@ class _Source:
         kind = _kind_of(media_type, head)
         self._zd: Any = None
         if kind == "zstd":
-            self._zd = zstandard.ZstdDecompressor().decompressobj()
+            self._zd = _zstd_decompressobj()
         elif kind == "gzip":
             self._zd = zlib.decompressobj(31)
         self.kind = kind
+        self._want = _READ_FIRST
         self._pending = b""
         self._eof = False
 
@@ -99,11 +122,17 @@ class _Source:
             raise IntegrityError(f"could not read layer data: {exc}") from exc
 
     def _next_compressed(self) -> bytes:
+        if self._zd is None:
+            n = _READ
+        else:
+            # Start small so the writer gets its first chunk soon, then read bigger pieces.
+            n = self._want
+            self._want = min(n * 2, _READ_COMPRESSED)
         if self._head:
-            data = self._head + self._raw_read(_READ)
+            data = self._head + self._raw_read(n)
             self._head = b""
             return data
-        return self._raw_read(_READ)
+        return self._raw_read(n)
 
     def read(self) -> bytes:
         """Next chunk of uncompressed bytes; b"" at the end of a complete stream."""
@@ -133,13 +162,17 @@ class _Source:
                 if rest:
                     # Another concatenated frame/member follows.
                     if self.kind == "zstd":
-                        self._zd = zstandard.ZstdDecompressor().decompressobj()
+                        self._zd = _zstd_decompressobj()
                     else:
                         self._zd = zlib.decompressobj(31)
                     self._pending = rest
             if out:
                 return out
         return b""
+
+
+def _zstd_decompressobj() -> Any:
+    return zstandard.ZstdDecompressor().decompressobj(write_size=_ZSTD_WRITE_SIZE)
 
 
 def _kind_of(media_type: str, head: bytes) -> str:
@@ -159,59 +192,176 @@ def _kind_of(media_type: str, head: bytes) -> str:
     return magic
 
 
+class _EndOfLayer:
+    """Queue marker: the current layer's stream ended complete."""
+
+
+class _EndOfLayers:
+    """Queue marker: no more layers."""
+
+
+_END = _EndOfLayer()
+_DONE = _EndOfLayers()
+_Item = bytes | _EndOfLayer | _EndOfLayers | BaseException
+
+
+class _Feeder:
+    """Decompresses layers, in order, in a background thread into a bounded queue of chunks.
+
+    Only bytes travel to the writing thread; every check on them happens there. On failure
+    the writer calls ``stop()`` and does not wait: the thread may be blocked reading a blob
+    that is still downloading, and exits at its next read or queue put.
+    """
+
+    def __init__(self, layers: Iterable[tuple[BinaryIO, str]]) -> None:
+        self._q: queue.Queue[_Item] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(layers),), name="unpack-decompress", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: _Item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, layers: Iterator[tuple[BinaryIO, str]]) -> None:
+        try:
+            for fileobj, media_type in layers:
+                src = _Source(fileobj, media_type)
+                while True:
+                    chunk = src.read()
+                    if not chunk:
+                        break
+                    if not self._put(chunk):
+                        return
+                if not self._put(_END):
+                    return
+            self._put(_DONE)
+        except BaseException as exc:  # handed to the writing thread, which raises it
+            self._put(exc)
+
+    def get(self) -> _Item:
+        """The next item, an exception the thread raised included."""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._stop.set()
+        return item
+
+    def stop(self) -> None:
+        """Make the thread exit soon and drop what it buffered."""
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+
+    def join(self) -> None:
+        """Wait for the thread, which has put _DONE or failed."""
+        self._thread.join()
+
+
 class _Reader:
-    """Exact-size reads over a _Source, keeping a buffer."""
+    """Exact-size reads over one layer's chunks from a _Feeder, without copying file data."""
 
-    def __init__(self, src: _Source) -> None:
-        self._src = src
+    def __init__(self, feeder: _Feeder, first: _Item) -> None:
+        self._feeder = feeder
+        self._first: _Item | None = first
         self._buf = b""
+        self._mv = memoryview(self._buf)
+        self._len = 0
         self._pos = 0
-        self.offset = 0
+        self._base = 0  # stream offset of _buf[0]
+        self._ended = False
 
-    def _fill(self) -> bool:
-        chunk = self._src.read()
-        if not chunk:
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _load(self) -> bool:
+        """Replace the (fully consumed) buffer with the next chunk; False at the layer's end."""
+        if self._ended:
             return False
-        rest = self._buf[self._pos :]
-        self._buf = rest + chunk if rest else chunk
+        if self._first is not None:
+            item, self._first = self._first, None
+        else:
+            item = self._feeder.get()
+        if isinstance(item, BaseException):
+            raise item
+        if not isinstance(item, bytes):
+            if isinstance(item, _EndOfLayers):  # cannot happen: the feeder puts _END first
+                raise RuntimeError("layer stream ended without its end marker")
+            self._ended = True
+            return False
+        self._base += self._len
+        self._buf = item
+        self._mv = memoryview(item)
+        self._len = len(item)
         self._pos = 0
         return True
 
     def read_exact(self, n: int, what: str) -> bytes:
-        while len(self._buf) - self._pos < n:
-            if not self._fill():
+        p = self._pos
+        e = p + n
+        if e <= self._len:
+            self._pos = e
+            return self._buf[p:e]
+        parts = [self._buf[p:]]
+        got = self._len - p
+        self._pos = self._len
+        while got < n:
+            if not self._load():
                 raise IntegrityError(f"layer tar is truncated (ended inside {what})")
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        self.offset += n
-        return out
+            take = min(n - got, self._len)
+            parts.append(self._buf[:take])
+            self._pos = take
+            got += take
+        return b"".join(parts)
 
     def at_eof(self) -> bool:
-        return len(self._buf) - self._pos == 0 and not self._fill()
+        return self._pos == self._len and not self._load()
 
-    def copy_to(self, fd: int, n: int, what: str) -> None:
-        """Write the next ``n`` bytes to ``fd`` (``fd < 0``: skip them)."""
+    def data(self, fd: int, n: int, member: bytes) -> None:
+        """Write the next ``n`` bytes to ``fd`` (``fd < 0``: skip them), then skip the padding."""
+        pad = -n % 512
+        p = self._pos
+        e = p + n
+        if e + pad <= self._len:
+            if fd >= 0 and n:
+                w = os.write(fd, self._mv[p:e])
+                if w < n:
+                    _write_all(fd, self._mv[p + w : e])
+            self._pos = e + pad
+            return
         while n:
-            avail = len(self._buf) - self._pos
+            avail = self._len - self._pos
             if not avail:
-                if not self._fill():
-                    raise IntegrityError(f"layer tar is truncated (ended inside {what})")
+                if not self._load():
+                    raise IntegrityError(f"layer tar is truncated (ended inside {_show(member)})")
                 continue
             take = min(avail, n)
             if fd >= 0:
-                view = memoryview(self._buf)[self._pos : self._pos + take]
-                while view:
-                    w = os.write(fd, view)
-                    view = view[w:]
+                _write_all(fd, self._mv[self._pos : self._pos + take])
             self._pos += take
-            self.offset += take
             n -= take
+        if pad:
+            self.read_exact(pad, "padding")
 
     def drain(self) -> None:
         """Consume the rest of the stream (checks that the compressed stream is complete)."""
-        self._buf, self._pos = b"", 0
-        while self._src.read():
-            pass
+        self._pos = self._len
+        while self._load():
+            self._pos = self._len
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        w = os.write(fd, view)
+        view = view[w:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +381,20 @@ def _num(field: bytes, member: str) -> int:
         return int(text, 8)
     except ValueError as exc:
         raise IntegrityError(f"tar header of {member!r} has a bad number field {field!r}") from exc
+
+
+def _oct(field: bytes, name: bytes) -> int:
+    """``_num`` with a fast path for the usual NUL/space-terminated octal."""
+    try:
+        return int(field.rstrip(b"\0 "), 8)
+    except ValueError:
+        return _num(field, os.fsdecode(name))
+
+
+def _sum512(hdr: bytes) -> int:
+    # Exact byte sum: adler32's low half is (1 + sum) mod 65521, and 256 bytes sum to < 65521.
+    mv = memoryview(hdr)
+    return (zlib.adler32(mv[:256]) & 0xFFFF) + (zlib.adler32(mv[256:]) & 0xFFFF) - 2
 
 
 def _parse_pax(data: bytes, member: str) -> dict[str, bytes]:
@@ -258,17 +422,50 @@ def _cstr(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
-def _clean(raw: bytes, member: str, *, allow_root: bool) -> str:
+def _clean(raw: bytes, member: bytes, *, allow_root: bool) -> bytes:
     """Validate and normalise a member path: relative, no ``..``, no empty result."""
-    name = os.fsdecode(raw)
-    if name.startswith("/"):
-        raise UnsafeArchive(f"archive member {member!r} has an absolute path; refusing to extract")
-    parts = [p for p in name.split("/") if p and p != "."]
-    if ".." in parts:
-        raise UnsafeArchive(f"archive member {member!r} has a '..' path component; refusing to extract")
+    if raw[:1] != b"/":
+        n = raw.rstrip(b"/")
+        # Fast path: no component starts with "." (so none is "." or ".."), no empty ones.
+        if n and n[:1] != b"." and b"/." not in n and b"//" not in n:
+            return n
+    elif allow_root and not raw.strip(b"/"):
+        return b""  # "/" as a directory entry is the root (umoci insert writes one), like "./"
+    else:
+        raise UnsafeArchive(f"archive member {_show(member)!r} has an absolute path; refusing to extract")
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise UnsafeArchive(
+            f"archive member {_show(member)!r} has a '..' path component; refusing to extract"
+        )
     if not parts and not allow_root:
-        raise UnsafeArchive(f"archive member {member!r} names the root directory; refusing")
-    return "/".join(parts)
+        raise UnsafeArchive(f"archive member {_show(member)!r} names the root directory; refusing")
+    return b"/".join(parts)
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path)
+
+
+def _umask() -> int | None:
+    """The process umask, read without changing it (Linux); None when unknown."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _has_default_acl(fd: int) -> bool:
+    """Whether directory ``fd`` has a default POSIX ACL (unsure counts as yes)."""
+    try:
+        os.getxattr(fd, "system.posix_acl_default")
+    except OSError as exc:
+        return exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,29 +481,48 @@ class Extractor:
         self._owner = self._is_root if preserve_owner is None else preserve_owner
         self._mode_mask = 0o7777 if self._is_root else 0o777
         self._root_fd = os.open(self.dest, _DIR_FLAGS)
-        self._fds: dict[str, int] = {"": self._root_fd}
-        self._kinds: dict[str, tuple[int, int]] = {}  # path -> (kind, layer index)
-        self._dirmeta: dict[str, tuple[int, int, int, int]] = {}  # path -> mode, uid, gid, mtime
+        # New entries get our euid and, since dest's group is our egid and the directories we
+        # make inherit it (setgid or grpid mounts) or take the egid, our egid: chown to exactly
+        # these ids is a no-op and is skipped. Otherwise always chown.
+        st = os.fstat(self._root_fd)
+        ids = (os.geteuid(), os.getegid())
+        self._new_ids: tuple[int, int] | None = ids if st.st_gid == ids[1] else None
+        # Modes the umask leaves intact can be given to open() directly (no fchmod). A default
+        # ACL replaces the umask (and only ever narrows the mode): then always fchmod.
+        umask = _umask()
+        self._keep_bits = 0 if umask is None or _has_default_acl(self._root_fd) else 0o777 & ~umask
+        self._fds: dict[bytes, int] = {b"": self._root_fd}
+        self._kinds: dict[bytes, tuple[int, int]] = {}  # path -> (kind, layer index)
+        self._dirmeta: dict[bytes, tuple[int, int, int, int]] = {}  # path -> mode, uid, gid, mtime
         self._root_meta: tuple[int, int, int, int] | None = None
         self._layer = -1
-        self._seen: dict[str, int] = {}
+        self._seen: dict[bytes, int] = {}
+        self._nums: dict[bytes, int] = {}  # header number field -> value (fields differ in width)
         self.stats = ExtractStats()
 
     # -- directory descriptors --------------------------------------------------------------
 
-    def _dirfd(self, rel: str, member: str) -> int:
+    def _dirfd(self, rel: bytes, member: bytes) -> int:
         """An fd for directory ``rel``, creating missing directories; refuses symlinks on the way."""
         fd = self._fds.get(rel)
         if fd is not None:
             return fd
-        parent, _, base = rel.rpartition("/")
+        parent, _, base = rel.rpartition(b"/")
         pfd = self._dirfd(parent, member)
         kind = self._kinds.get(rel)
         if kind is not None and kind[0] != _K_DIR:
             what = "a symlink" if kind[0] == _K_SYMLINK else "a file"
-            raise UnsafeArchive(f"archive member {member!r} goes through {what} ({rel!r}); refusing")
+            raise UnsafeArchive(
+                f"archive member {_show(member)!r} goes through {what} ({_show(rel)!r}); refusing"
+            )
         try:
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+            if kind is None:
+                # A directory dest already had: what is made in it may get its group or ACL.
+                if os.fstat(fd).st_gid != os.getegid():
+                    self._new_ids = None
+                if _has_default_acl(fd):
+                    self._keep_bits = 0
         except FileNotFoundError:
             os.mkdir(base, 0o700, dir_fd=pfd)
             self._kinds[rel] = (_K_DIR, self._layer)
@@ -314,7 +530,8 @@ class Extractor:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeArchive(
-                    f"archive member {member!r} goes through a non-directory ({rel!r}); refusing"
+                    f"archive member {_show(member)!r} goes through a non-directory ({_show(rel)!r}); "
+                    "refusing"
                 ) from exc
             raise
         if len(self._fds) >= _MAX_DIR_FDS:
@@ -326,25 +543,26 @@ class Extractor:
         for k, fd in list(self._fds.items()):
             if k:
                 os.close(fd)
-        self._fds = {"": self._root_fd}
+        self._fds = {b"": self._root_fd}
 
-    def _forget(self, path: str) -> None:
+    def _forget(self, path: bytes) -> None:
         """Drop bookkeeping for ``path`` and everything under it (after removing it)."""
-        prefix = path + "/"
+        prefix = path + b"/"
         for table in (self._kinds, self._dirmeta):
             for k in [k for k in table if k == path or k.startswith(prefix)]:
                 del table[k]
         self._close_fds()
 
-    def _remove(self, pfd: int, base: str, path: str) -> None:
+    def _remove(self, pfd: int, base: bytes, path: bytes) -> None:
         try:
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             self._forget(path)
             return
         if stat.S_ISDIR(st.st_mode):
-            _make_writable_tree(pfd, base)
-            shutil.rmtree(base, dir_fd=pfd)
+            name = os.fsdecode(base)
+            _make_writable_tree(pfd, name)
+            shutil.rmtree(name, dir_fd=pfd)
         else:
             os.unlink(base, dir_fd=pfd)
         self._forget(path)
@@ -353,94 +571,197 @@ class Extractor:
 
     def add_layer(self, fileobj: BinaryIO, media_type: str = OCI_LAYER_ZSTD) -> None:
         """Extract one layer (tar, tar+gzip or tar+zstd; detected by magic bytes too)."""
-        self._layer += 1
-        self._seen = {}
-        self.stats.layers += 1
-        reader = _Reader(_Source(fileobj, media_type))
+        self.add_layers([(fileobj, media_type)])
+
+    def add_layers(self, layers: Iterable[tuple[BinaryIO, str]]) -> None:
+        """Extract several layers in order, decompressing the next while writing the current.
+
+        Same result and checks as ``add_layer`` on each in turn, but faster: the background
+        thread runs ahead across layer boundaries. ``layers`` is iterated, and its files read,
+        in that thread, one after another. On failure this returns without waiting for a read
+        that is blocked (a stalled download); the thread exits once that read returns.
+        """
+        feeder = _Feeder(layers)
         try:
-            self._extract(reader)
-        except OSError as exc:
-            if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
-                raise UnsafeArchive(
-                    f"layer {self._layer} collides with what earlier members created: {exc}"
-                ) from exc
+            while True:
+                first = feeder.get()
+                if isinstance(first, _EndOfLayers):
+                    break
+                self._layer += 1
+                self._seen = {}
+                self.stats.layers += 1
+                try:
+                    self._extract(_Reader(feeder, first))
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+                        raise UnsafeArchive(
+                            f"layer {self._layer} collides with what earlier members created: {exc}"
+                        ) from exc
+                    raise
+        except BaseException:
+            feeder.stop()
             raise
+        feeder.join()
 
     def _extract(self, r: _Reader) -> None:
         gpax: dict[str, bytes] = {}
         pax: dict[str, bytes] = {}
         longname: bytes | None = None
         longlink: bytes | None = None
+        unpack = _HDR.unpack
+        if r.at_eof():
+            raise ImageFormatError("layer is empty, not a tar archive")
         first = True
         while True:
-            if first and r.at_eof():
-                raise ImageFormatError("layer is empty, not a tar archive")
             hdr = r.read_exact(512, "a header")
-            if hdr.count(0) == 512:
+            total = _sum512(hdr)
+            if total == 0:
                 # End of archive (one or two zero blocks); the rest must be padding.
                 r.drain()
                 return
+            name_f, mode_f, uid_f, gid_f, size_f, mtime_f, chk_f, typ, link_f, magic, prefix_f = unpack(hdr)
             try:
-                stored = _num(hdr[148:156], "?")
-            except IntegrityError:
-                stored = -1
-            actual = sum(hdr) - sum(hdr[148:156]) + 256
-            if stored != actual:
+                stored = int(chk_f.rstrip(b"\0 "), 8)
+            except ValueError:
+                try:
+                    stored = _num(chk_f, "?")
+                except IntegrityError:
+                    stored = -1
+            if stored != total - sum(chk_f) + 256:
                 if first:
                     raise ImageFormatError("layer is not a tar archive (bad header checksum)")
                 raise IntegrityError(f"corrupt tar header at offset {r.offset - 512} (bad checksum)")
             first = False
-            typ = hdr[156:157]
-            name_b = _cstr(hdr[0:100])
-            if hdr[257:263] == b"ustar\0" and hdr[345] != 0:
-                name_b = _cstr(hdr[345:500]) + b"/" + name_b
-            member = os.fsdecode(name_b)
-            size = _num(hdr[124:136], member)
-            if typ in (b"x", b"g", b"L", b"K"):
+            name_b = name_f.partition(b"\0")[0]
+            if magic == b"ustar\0" and prefix_f[0] != 0:
+                name_b = prefix_f.partition(b"\0")[0] + b"/" + name_b
+            size = _oct(size_f, name_b)
+            if typ in _META_TYPES:
                 if size > 64 << 20:
-                    raise ImageFormatError(f"oversized tar metadata entry ({size} bytes) near {member!r}")
+                    raise ImageFormatError(
+                        f"oversized tar metadata entry ({size} bytes) near {_show(name_b)!r}"
+                    )
                 data = r.read_exact(size, "a PAX header")
                 r.read_exact(-size % 512, "padding")
                 if typ == b"x":
-                    pax = _parse_pax(data, member)
+                    pax = _parse_pax(data, _show(name_b))
                 elif typ == b"g":
-                    gpax.update(_parse_pax(data, member))
+                    gpax.update(_parse_pax(data, _show(name_b)))
                 elif typ == b"L":
                     longname = _cstr(data)
                 else:
                     longlink = _cstr(data)
                 continue
-            meta = {**gpax, **pax} if gpax else pax
-            link_b = _cstr(hdr[157:257])
-            if longname is not None:
-                name_b = longname
-            if longlink is not None:
-                link_b = longlink
-            if "path" in meta:
-                name_b = meta["path"]
-            if "linkpath" in meta:
-                link_b = meta["linkpath"]
-            member = os.fsdecode(name_b)
-            if "size" in meta:
-                size = int(meta["size"])
-            mode = _num(hdr[100:108], member) & 0o7777
-            uid = int(meta["uid"]) if "uid" in meta else _num(hdr[108:116], member)
-            gid = int(meta["gid"]) if "gid" in meta else _num(hdr[116:124], member)
-            if "mtime" in meta:
-                mtime_ns = _pax_time_ns(meta["mtime"], member)
+            link_b = link_f.partition(b"\0")[0]
+            if pax or gpax or longname is not None or longlink is not None:
+                meta = {**gpax, **pax} if gpax else pax
+                if longname is not None:
+                    name_b = longname
+                if longlink is not None:
+                    link_b = longlink
+                if "path" in meta:
+                    name_b = meta["path"]
+                if "linkpath" in meta:
+                    link_b = meta["linkpath"]
+                member = _show(name_b)
+                if "size" in meta:
+                    size = int(meta["size"])
+                mode = _num(mode_f, member) & 0o7777
+                uid = int(meta["uid"]) if "uid" in meta else _num(uid_f, member)
+                gid = int(meta["gid"]) if "gid" in meta else _num(gid_f, member)
+                if "mtime" in meta:
+                    mtime_ns = _pax_time_ns(meta["mtime"], member)
+                else:
+                    mtime_ns = _num(mtime_f, member) * 1_000_000_000
+                pax, longname, longlink = {}, None, None
+                if size < 0:
+                    raise IntegrityError(f"tar member {member!r} has a negative size")
             else:
-                mtime_ns = _num(hdr[136:148], member) * 1_000_000_000
-            pax, longname, longlink = {}, None, None
-            if size < 0:
-                raise IntegrityError(f"tar member {member!r} has a negative size")
-            self._member(r, typ, name_b, member, link_b, size, mode, uid, gid, mtime_ns)
+                # Mode, ids and mtime repeat across members: parse each distinct field once
+                # (a pure function of the field's bytes, so the cache changes nothing).
+                nums = self._nums
+                if len(nums) > 4096:
+                    nums.clear()
+                mode = nums.get(mode_f, -1)
+                if mode < 0:
+                    mode = nums[mode_f] = _oct(mode_f, name_b)
+                mode &= 0o7777
+                uid = nums.get(uid_f, -1)
+                if uid < 0:
+                    uid = nums[uid_f] = _oct(uid_f, name_b)
+                gid = nums.get(gid_f, -1)
+                if gid < 0:
+                    gid = nums[gid_f] = _oct(gid_f, name_b)
+                mtime = nums.get(mtime_f, -1)
+                if mtime < 0:
+                    mtime = nums[mtime_f] = _oct(mtime_f, name_b)
+                mtime_ns = mtime * 1_000_000_000
+                if size < 0:
+                    raise IntegrityError(f"tar member {_show(name_b)!r} has a negative size")
+            if typ in _REGULAR:
+                self._file(r, name_b, size, mode, uid, gid, mtime_ns)
+            else:
+                self._member(r, typ, name_b, link_b, size, mode, uid, gid, mtime_ns)
+
+    def _file(
+        self, r: _Reader, name_b: bytes, size: int, mode: int, uid: int, gid: int, mtime_ns: int
+    ) -> None:
+        """A regular file (or a whiteout): the hot path of ``_member``."""
+        path = _clean(name_b, name_b, allow_root=False)
+        if path in self._seen:
+            raise UnsafeArchive(f"archive member {_show(name_b)!r} appears twice in one layer; refusing")
+        self._seen[path] = _K_FILE
+        parent, _, base = path.rpartition(b"/")
+        pfd = self._fds.get(parent)
+        if pfd is None:
+            pfd = self._dirfd(parent, name_b)
+        if base.startswith(b".wh."):
+            self._whiteout(r, name_b, parent, base, pfd, size)
+            return
+        if path in self._kinds:
+            self._remove(pfd, base, path)
+            pfd = self._dirfd(parent, name_b)
+        mode &= self._mode_mask
+        chown = self._owner and (uid, gid) != self._new_ids
+        if mode & ~self._keep_bits:
+            # Bits the umask would drop, or setuid/setgid/sticky (which chown would clear).
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            chmod = True
+        else:
+            fd = os.open(base, _FILE_FLAGS, mode, dir_fd=pfd)
+            chmod = False
+        try:
+            r.data(fd, size, name_b)
+            if chown:
+                os.fchown(fd, uid, gid)
+            if chmod:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        self._kinds[path] = (_K_FILE, self._layer)
+        self.stats.files += 1
+        self.stats.bytes += size
+
+    def _whiteout(self, r: _Reader, name_b: bytes, parent: bytes, base: bytes, pfd: int, size: int) -> None:
+        self.stats.whiteouts += 1
+        if base == b".wh..wh..opq":
+            self._opaque(parent, pfd)
+        else:
+            victim = base[4:]
+            vpath = parent + b"/" + victim if parent else victim
+            if victim in (b"", b".", b".."):
+                raise UnsafeArchive(f"archive member {_show(name_b)!r} is a malformed whiteout")
+            existing = self._kinds.get(vpath)
+            if existing is not None and existing[1] < self._layer:
+                self._remove(pfd, victim, vpath)
+        r.data(-1, size, name_b)
 
     def _member(
         self,
         r: _Reader,
         typ: bytes,
         name_b: bytes,
-        member: str,
         link_b: bytes,
         size: int,
         mode: int,
@@ -449,46 +770,34 @@ class Extractor:
         mtime_ns: int,
     ) -> None:
         if typ in (b"3", b"4"):
-            raise UnsafeArchive(f"archive member {member!r} is a device file; refusing to extract")
+            raise UnsafeArchive(f"archive member {_show(name_b)!r} is a device file; refusing to extract")
         if typ == b"6":
-            raise UnsafeArchive(f"archive member {member!r} is a FIFO; refusing to extract")
-        if typ not in (b"0", b"\0", b"7", b"1", b"2", b"5"):
-            raise ImageFormatError(f"archive member {member!r} has unsupported tar type {typ!r}")
-        path = _clean(name_b, member, allow_root=typ == b"5")
+            raise UnsafeArchive(f"archive member {_show(name_b)!r} is a FIFO; refusing to extract")
+        if typ not in (b"2", b"1", b"5"):
+            raise ImageFormatError(f"archive member {_show(name_b)!r} has unsupported tar type {typ!r}")
+        member = _show(name_b)
+        path = _clean(name_b, name_b, allow_root=typ == b"5")
         if typ == b"5" and not path:
             self._root_meta = (mode, uid, gid, mtime_ns)
-            r.copy_to(-1, size, member)
-            r.read_exact(-size % 512, "padding")
+            r.data(-1, size, name_b)
             return
         kind = _K_DIR if typ == b"5" else _K_SYMLINK if typ == b"2" else _K_FILE
         prev = self._seen.get(path)
         if prev is not None and not (prev == kind == _K_DIR):
             raise UnsafeArchive(f"archive member {member!r} appears twice in one layer; refusing")
         self._seen[path] = kind
-        parent, _, base = path.rpartition("/")
-        pfd = self._dirfd(parent, member)
+        parent, _, base = path.rpartition(b"/")
+        pfd = self._dirfd(parent, name_b)
 
         # OCI whiteouts.
-        if base.startswith(".wh."):
-            self.stats.whiteouts += 1
-            if base == ".wh..wh..opq":
-                self._opaque(parent, pfd)
-            else:
-                victim = base[4:]
-                vpath = f"{parent}/{victim}" if parent else victim
-                if victim in ("", ".", ".."):
-                    raise UnsafeArchive(f"archive member {member!r} is a malformed whiteout")
-                existing = self._kinds.get(vpath)
-                if existing is not None and existing[1] < self._layer:
-                    self._remove(pfd, victim, vpath)
-            r.copy_to(-1, size, member)
-            r.read_exact(-size % 512, "padding")
+        if base.startswith(b".wh."):
+            self._whiteout(r, name_b, parent, base, pfd, size)
             return
 
         existing = self._kinds.get(path)
         if existing is not None and not (existing[0] == kind == _K_DIR):
             self._remove(pfd, base, path)
-            pfd = self._dirfd(parent, member)
+            pfd = self._dirfd(parent, name_b)
             existing = None
 
         if kind == _K_DIR:
@@ -504,63 +813,45 @@ class Extractor:
             self._kinds[path] = (_K_DIR, self._layer)
             self._dirmeta[path] = (mode, uid, gid, mtime_ns)
             self.stats.dirs += 1
-            r.copy_to(-1, size, member)
-            r.read_exact(-size % 512, "padding")
+            r.data(-1, size, name_b)
             return
 
         if typ == b"2":
             os.symlink(link_b, base, dir_fd=pfd)
-            if self._owner:
+            if self._owner and (uid, gid) != self._new_ids:
                 os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
             os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
             self._kinds[path] = (_K_SYMLINK, self._layer)
             self.stats.symlinks += 1
-            r.copy_to(-1, size, member)
-            r.read_exact(-size % 512, "padding")
+            r.data(-1, size, name_b)
             return
 
-        if typ == b"1":
-            if link_b.startswith(b"/"):
-                raise UnsafeArchive(f"hard link {member!r} points to an absolute path; refusing")
-            target = _clean(link_b, member, allow_root=True)
-            tkind = self._kinds.get(target)
-            if tkind is None:
-                raise UnsafeArchive(
-                    f"hard link {member!r} points to {os.fsdecode(link_b)!r}, which the archive "
-                    "did not create before it; refusing"
-                )
-            if tkind[0] == _K_DIR:
-                raise UnsafeArchive(f"hard link {member!r} points to a directory; refusing")
-            tparent, _, tbase = target.rpartition("/")
-            tfd = self._dirfd(tparent, member)
-            pfd = self._dirfd(parent, member)
-            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-            self._kinds[path] = (tkind[0], self._layer)
-            self.stats.hardlinks += 1
-            r.copy_to(-1, size, member)
-            r.read_exact(-size % 512, "padding")
-            return
+        # Hard link.
+        if link_b.startswith(b"/"):
+            raise UnsafeArchive(f"hard link {member!r} points to an absolute path; refusing")
+        target = _clean(link_b, name_b, allow_root=True)
+        tkind = self._kinds.get(target)
+        if tkind is None:
+            raise UnsafeArchive(
+                f"hard link {member!r} points to {_show(link_b)!r}, which the archive "
+                "did not create before it; refusing"
+            )
+        if tkind[0] == _K_DIR:
+            raise UnsafeArchive(f"hard link {member!r} points to a directory; refusing")
+        tparent, _, tbase = target.rpartition(b"/")
+        tfd = self._dirfd(tparent, name_b)
+        pfd = self._dirfd(parent, name_b)
+        os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        self._kinds[path] = (tkind[0], self._layer)
+        self.stats.hardlinks += 1
+        r.data(-1, size, name_b)
 
-        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
-        try:
-            r.copy_to(fd, size, member)
-            if self._owner:
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode & self._mode_mask)
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        finally:
-            os.close(fd)
-        self._kinds[path] = (_K_FILE, self._layer)
-        self.stats.files += 1
-        self.stats.bytes += size
-        r.read_exact(-size % 512, "padding")
-
-    def _opaque(self, parent: str, pfd: int) -> None:
-        prefix = parent + "/" if parent else ""
+    def _opaque(self, parent: bytes, pfd: int) -> None:
+        prefix = parent + b"/" if parent else b""
         lower = [
             k
             for k, (_kind, layer) in self._kinds.items()
-            if layer < self._layer and k.startswith(prefix) and "/" not in k[len(prefix) :]
+            if layer < self._layer and k.startswith(prefix) and b"/" not in k[len(prefix) :]
         ]
         for k in lower:
             fd = self._dirfd(parent, k)
@@ -571,9 +862,9 @@ class Extractor:
     def finish(self) -> ExtractStats:
         """Apply directory modes, owners and mtimes (deepest first); close descriptors."""
         try:
-            for path in sorted(self._dirmeta, key=lambda p: p.count("/"), reverse=True):
+            for path in sorted(self._dirmeta, key=lambda p: p.count(b"/"), reverse=True):
                 mode, uid, gid, mtime_ns = self._dirmeta[path]
-                parent, _, base = path.rpartition("/")
+                parent, _, base = path.rpartition(b"/")
                 pfd = self._dirfd(parent, path)
                 fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
                 try:
@@ -583,7 +874,7 @@ class Extractor:
             # Implicitly created directories (no entry of their own) get 0755.
             for path, (kind, _layer) in self._kinds.items():
                 if kind == _K_DIR and path not in self._dirmeta:
-                    parent, _, base = path.rpartition("/")
+                    parent, _, base = path.rpartition(b"/")
                     os.chmod(base, 0o755, dir_fd=self._dirfd(parent, path), follow_symlinks=False)
             if self._root_meta is not None:
                 self._apply_dir(self._root_fd, *self._root_meta)

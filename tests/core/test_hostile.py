@@ -7,6 +7,8 @@ import io
 import os
 import re
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,24 @@ def sandbox(tmp_path: Path) -> tuple[Path, Path]:
     return box, target
 
 
+def _outside(box: Path, st: Path) -> dict[str, tuple[object, ...]]:
+    """``snapshot(box)`` minus the staging dir, and minus its parent's mtime (which creating and
+    removing the staging dir changes: comparing it made these tests flaky at second boundaries)."""
+    rel = os.path.relpath(st, box)
+    parent = os.path.dirname(rel)
+    out: dict[str, tuple[object, ...]] = {}
+    for k, v in snapshot(box).items():
+        if k == rel or k.startswith(rel + os.sep):
+            continue
+        out[k] = (v[0], v[1], *v[3:]) if k == parent else v
+    return out
+
+
 def _attempt(
     box: Path, target: Path, blob: bytes, media_type: str = "application/vnd.oci.image.layer.v1.tar"
 ) -> type[BaseException]:
-    before = snapshot(box)
     st = staging_dir(target)
+    before = _outside(box, st)
     with pytest.raises((UnsafeArchive, IntegrityError, ImageFormatError)) as info:
         ex = Extractor(st)
         try:
@@ -59,8 +74,9 @@ def _attempt(
             ex.finish()
         finally:
             ex.close()
+    assert _outside(box, st) == before, "something outside the staging dir changed"
     discard_dir(st)
-    assert snapshot(box) == before, "something outside the staging dir changed"
+    assert _outside(box, st) == before and not st.exists()
     assert (target / "keep.txt").read_text() == "original\n"
     assert not os.path.exists("/tmp/rc-hostile-pwned")
     return info.type
@@ -110,15 +126,16 @@ def test_hostile_member_is_named(sandbox: tuple[Path, Path]) -> None:
 
 def test_symlink_from_earlier_layer_is_not_followed(sandbox: tuple[Path, Path]) -> None:
     box, target = sandbox
-    before = snapshot(box)
     st = staging_dir(target)
+    before = _outside(box, st)
     ex = Extractor(st)
     ex.add_layer(io.BytesIO(_tar(_m("l", tarfile.SYMTYPE, link=str(box / "inner" / "x")))), "")
     with pytest.raises(UnsafeArchive):
         ex.add_layer(io.BytesIO(_tar(_m("l/pwned"))), "")
     ex.close()
+    assert _outside(box, st) == before
     discard_dir(st)
-    assert snapshot(box) == before
+    assert _outside(box, st) == before
 
 
 @pytest.mark.parametrize("kind", ["zstd", "gzip"])
@@ -144,3 +161,110 @@ def test_truncated_plain_tar_and_non_tar(sandbox: tuple[Path, Path]) -> None:
     assert _attempt(box, target, raw[:1500]) is IntegrityError
     assert _attempt(box, target, b'{"not": "a tar"}' * 64) is ImageFormatError
     assert _attempt(box, target, b"") is ImageFormatError
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_layer_after_a_good_one_is_refused_by_add_layers(
+    sandbox: tuple[Path, Path], case: str
+) -> None:
+    # The pipelined path (next layer decompressed while the current one is written) keeps
+    # every check: the hostile member arrives in the second layer.
+    box, target = sandbox
+    st = staging_dir(target)
+    before = _outside(box, st)
+    ex = Extractor(st)
+    good = io.BytesIO(zstandard.ZstdCompressor().compress(_tar(_m("ok/fine.txt"))))
+    with pytest.raises(UnsafeArchive):
+        ex.add_layers(
+            [(good, "application/vnd.oci.image.layer.v1.tar+zstd"), (io.BytesIO(_tar(*CASES[case])), "")]
+        )
+    ex.close()
+    assert (st / "ok" / "fine.txt").read_text() == "pwned\n"
+    assert _outside(box, st) == before
+    discard_dir(st)
+    assert _outside(box, st) == before
+
+
+def test_symlink_from_earlier_layer_is_not_followed_by_add_layers(sandbox: tuple[Path, Path]) -> None:
+    box, target = sandbox
+    st = staging_dir(target)
+    before = _outside(box, st)
+    ex = Extractor(st)
+    first = _tar(_m("l", tarfile.SYMTYPE, link=str(box / "inner" / "x")))
+    with pytest.raises(UnsafeArchive):
+        ex.add_layers([(io.BytesIO(first), ""), (io.BytesIO(_tar(_m("l/pwned"))), "")])
+    ex.close()
+    assert _outside(box, st) == before
+    discard_dir(st)
+    assert _outside(box, st) == before
+
+
+class _Stalled(io.RawIOBase):
+    """Returns ``data``, then blocks until ``release`` is set (a download that stalls)."""
+
+    def __init__(self, data: bytes, release: threading.Event) -> None:
+        self._data, self._release = data, release
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._data:
+            n = len(self._data) if size < 0 else size
+            out, self._data = self._data[:n], self._data[n:]
+            return out
+        self._release.wait()
+        raise OSError("connection reset")
+
+
+def test_refusal_does_not_wait_for_a_stalled_reader(sandbox: tuple[Path, Path]) -> None:
+    _box, target = sandbox
+    release = threading.Event()
+    # A hostile first member, then a stream that never ends until released.
+    blob = _tar(_m("../x/pwned"), _m("padding.bin", data=os.urandom(4096)))[:1024]
+    st = staging_dir(target)
+    ex = Extractor(st)
+    started = time.monotonic()
+    with pytest.raises(UnsafeArchive):
+        ex.add_layers([(_Stalled(blob, release), "")])  # type: ignore[list-item]
+    assert time.monotonic() - started < 5
+    ex.close()
+    discard_dir(st)
+    release.set()
+    deadline = time.monotonic() + 5
+    while any(t.name == "unpack-decompress" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the decompression thread did not exit"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_truncated_later_layer_is_integrity_error_in_add_layers(
+    sandbox: tuple[Path, Path], kind: str
+) -> None:
+    _box, target = sandbox
+    raw = _tar(_m("a.bin", data=os.urandom(300_000)), _m("b.txt"))
+    blob = (
+        zstandard.ZstdCompressor(write_checksum=True).compress(raw) if kind == "zstd" else gzip.compress(raw)
+    )
+    st = staging_dir(target)
+    ex = Extractor(st)
+    with pytest.raises(IntegrityError):
+        ex.add_layers([(io.BytesIO(_tar(_m("first.txt"))), ""), (io.BytesIO(blob[: len(blob) - 3]), "")])
+    ex.close()
+    assert ex.stats.layers == 2
+    discard_dir(st)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [_m("/")],  # a file named "/": only a directory entry may name the root
+        [_m("//", tarfile.SYMTYPE, link="/etc")],
+        [_m("/", tarfile.DIRTYPE), _m("/etc/rc-hostile-pwned")],
+    ],
+)
+def test_slash_names_other_than_the_root_dir_entry_are_refused(
+    sandbox: tuple[Path, Path], members: list[tuple[tarfile.TarInfo, bytes]]
+) -> None:
+    box, target = sandbox
+    assert _attempt(box, target, _tar(*members)) is UnsafeArchive
