@@ -12,6 +12,7 @@ in place either ("tag is ambiguous"); ``skopeo copy`` first picks one platform, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -119,6 +120,9 @@ async def test_we_restore_an_umoci_repack_copied_by_skopeo_into_the_registry(
     for root in (src, bundle / "rootfs"):
         (root / "added-by-repack").mkdir()
         (root / "added-by-repack" / "note.txt").write_text("second layer\n")
+        # Same mtimes in both trees, whatever second each was written in.
+        os.utime(root / "added-by-repack" / "note.txt", (1_700_000_000, 1_700_000_000))
+        os.utime(root / "added-by-repack", (1_700_000_000, 1_700_000_000))
     run("umoci", "repack", "--image", f"{layout}:t", bundle)
     run(
         "skopeo", "copy", "--dest-tls-verify=false",

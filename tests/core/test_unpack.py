@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from remote_cache.errors import IntegrityError
 from remote_cache.pack import pack_tree
 from remote_cache.unpack import Extractor, discard_dir, replace_dir, staging_dir
 from tests.trees import assert_same_tree
@@ -369,3 +370,17 @@ def test_slash_directory_entry_is_the_root(tmp_path: Path) -> None:
     assert (tmp_path / "sub/f").read_text() == "x"
     st = tmp_path.stat()
     assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o750, 1_500_000_000)
+
+
+def test_stream_ending_right_after_a_member_is_accepted(tmp_path: Path) -> None:
+    # umoci 0.4 ends a layer right after the last file's data: no padding, no zero blocks.
+    whole = _tar(("a.txt", b"first", "f"), ("b.txt", b"second", "f"))
+    header_and_data = 512 + 512 + 512 + len(b"second")  # a.txt header+block, b.txt header+data
+    (tmp_path / "out").mkdir()
+    _apply(tmp_path / "out", whole[:header_and_data])
+    assert (tmp_path / "out" / "b.txt").read_bytes() == b"second"
+    # Cut inside the padding or inside the data: truncated.
+    for cut in (header_and_data + 7, header_and_data - 2):
+        (tmp_path / f"cut{cut}").mkdir()
+        with pytest.raises(IntegrityError):
+            _apply(tmp_path / f"cut{cut}", whole[:cut])
