@@ -8,20 +8,21 @@ enabled) and raises :class:`~remote_cache.errors.UnsupportedOperation` otherwise
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 
-from .errors import CacheMiss, RemoteCacheError, UnsupportedOperation
+from .errors import CacheMiss, InvalidKey, RemoteCacheError, UnsupportedOperation
 from .image import CacheImage, format_time, load_image
-from .keys import tag_for_key, validate_key
+from .keys import tag_for_key, tag_prefix_for, validate_key
 from .oci import ANNOTATION_TOOL, Descriptor
 from .save import first_error
 from .store import Store
 
-__all__ = ["Entry", "inspect", "list_entries", "prune", "remove"]
+__all__ = ["Entry", "Match", "find_entry", "inspect", "list_entries", "prune", "remove"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,86 @@ def _newest_first(entries: list[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: (e.created or oldest, e.tag), reverse=True)
 
 
+@dataclass(frozen=True)
+class Match:
+    """The entry a lookup chose: by the exact key, or by a restore-key prefix (a fallback)."""
+
+    #: The entry's real key (its ``dev.remote-cache.key`` annotation, else the tag).
+    key: str
+    tag: str
+    #: The manifest/index digest the tag pointed at when matched (restore this, not the tag).
+    digest: str
+    #: True: the exact key; False: a restore-key (prefix) fallback.
+    exact: bool
+
+
+async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, str] | None:
+    """(real key, created, digest) of the entry under ``tag``; None when gone or unreadable."""
+    try:
+        desc = await store.resolve(tag)
+        image = await load_image(store, desc.digest)
+    except RemoteCacheError:
+        return None  # deleted meanwhile, or not an image we can read: not a candidate
+    return image.key or tag, image.created, image.digest
+
+
+async def find_entry(
+    store: Store, key: str, restore_keys: Sequence[str] = (), *, jobs: int = 8
+) -> Match | None:
+    """The entry to restore for ``key``, as in actions/cache; None on a miss.
+
+    The exact key wins. Otherwise each restore key in order is a prefix: among entries whose
+    real key starts with it, the newest by ``org.opencontainers.image.created`` wins (ties: the
+    greater key; undated entries rank oldest). Tags are listed once; only tags that can hold a
+    matching key are read, ``jobs`` at a time.
+    """
+    validate_key(key)
+    prefixes = list(restore_keys)
+    for prefix in prefixes:
+        if not prefix:
+            raise InvalidKey("a restore key is empty; pass a prefix such as 'npm-' (or none at all)")
+        validate_key(prefix)
+    tag = tag_for_key(key)
+    try:
+        desc = await store.resolve(tag)
+    except CacheMiss:
+        pass
+    else:
+        return Match(key=key, tag=tag, digest=desc.digest, exact=True)
+    if not prefixes:
+        return None
+    tags = await store.tags()
+    seen: dict[str, tuple[str, datetime | None, str] | None] = {}
+    limiter = anyio.Semaphore(max(1, jobs))
+
+    async def read(candidate: str) -> None:
+        async with limiter:
+            seen[candidate] = await _peek(store, candidate)
+
+    oldest = datetime.min.replace(tzinfo=UTC)
+    for prefix in prefixes:
+        start = tag_prefix_for(prefix)
+        wanted = [t for t in tags if t.startswith(start) and t not in seen]
+        try:
+            async with anyio.create_task_group() as tg:
+                for candidate in wanted:
+                    seen[candidate] = None
+                    tg.start_soon(read, candidate)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        best: tuple[datetime, str, str, str] | None = None
+        for candidate in tags:
+            info = seen.get(candidate)
+            if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
+                continue
+            rank = (info[1] or oldest, info[0], candidate, info[2])
+            if best is None or rank[:2] > best[:2]:
+                best = rank
+        if best is not None:
+            return Match(key=best[1], tag=best[2], digest=best[3], exact=False)
+    return None
+
+
 async def inspect(store: Store, key: str) -> Entry:
     """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
     validate_key(key)
@@ -130,7 +211,9 @@ async def _delete(store: Store, tag: str) -> None:
     except UnsupportedOperation as exc:
         raise UnsupportedOperation(
             f"{store.location} does not allow deleting cache entries ({exc}); enable deletes on the "
-            "registry (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true) or let entries expire"
+            "registry (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true), or rely on the registry's "
+            "own expiry (ttl.sh-style registries expire an image by its tag; others by a retention "
+            "policy)"
         ) from exc
 
 

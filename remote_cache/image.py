@@ -36,6 +36,7 @@ from .oci import (
 from .store import Store
 
 __all__ = [
+    "ANNOTATION_LISTING",
     "DEFAULT_PLATFORMS",
     "MAX_MANIFEST_BYTES",
     "TOOL",
@@ -49,12 +50,16 @@ __all__ = [
     "parse_index",
     "parse_manifest",
     "parse_time",
+    "read_diff_ids",
 ]
 
 #: Platforms a saved cache is published for: an engine on either can ``from_`` it.
 DEFAULT_PLATFORMS: tuple[Platform, ...] = (Platform("linux", "amd64"), Platform("linux", "arm64"))
 #: Largest manifest, index or config we agree to parse (the registry spec suggests 4 MiB).
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: Layer descriptor annotation: SHA-256 of the layer's listing (paths and tar-header fields, no
+#: contents), so a later save can reuse the layer without reading its files.
+ANNOTATION_LISTING = "dev.remote-cache.listing"
 #: Written into ``dev.remote-cache.tool``.
 TOOL = f"remote-cache/{__version__}"
 
@@ -283,6 +288,8 @@ class CacheImage:
     manifest: Descriptor
     layers: tuple[Descriptor, ...]
     annotations: dict[str, str]
+    #: The chosen manifest's config (its ``rootfs.diff_ids`` pair up with ``layers``).
+    config: Descriptor | None = None
 
     @property
     def digest(self) -> str:
@@ -361,4 +368,19 @@ async def load_image(store: Store, reference: str) -> CacheImage:
         raise ImageFormatError(
             f"{reference} in {store.location} has media type {kind!r}, not an image index or manifest"
         )
-    return CacheImage(descriptor=top, manifest=manifest, layers=parsed.layers, annotations=merged)
+    return CacheImage(
+        descriptor=top, manifest=manifest, layers=parsed.layers, annotations=merged, config=parsed.config
+    )
+
+
+async def read_diff_ids(store: Store, image: CacheImage) -> list[str]:
+    """The config's ``rootfs.diff_ids`` (one per layer); ImageFormatError when absent or mismatched."""
+    if image.config is None or image.config.size > MAX_MANIFEST_BYTES:
+        raise ImageFormatError(f"the image {image.digest} has no readable config")
+    body = b"".join([chunk async for chunk in store.read_blob(image.config)])
+    obj = _load_json(body, "image config")
+    rootfs = obj.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layers):
+        raise ImageFormatError(f"the config of {image.digest} does not list one diff_id per layer")
+    return [str(d) for d in diff_ids]

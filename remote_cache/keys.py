@@ -19,7 +19,7 @@ import re
 
 from .errors import InvalidKey
 
-__all__ = ["MAX_KEY_LENGTH", "TAG_PATTERN", "is_valid_tag", "tag_for_key", "validate_key"]
+__all__ = ["MAX_KEY_LENGTH", "TAG_PATTERN", "is_valid_tag", "tag_for_key", "tag_prefix_for", "validate_key"]
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_KEY_LENGTH = 1024
@@ -57,3 +57,18 @@ def tag_for_key(key: str) -> str:
         prefix = "_" + prefix
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return f"{prefix[:_PREFIX_LENGTH]}--{digest}"
+
+
+def tag_prefix_for(prefix: str) -> str:
+    """What the tag of every key starting with ``prefix`` starts with (lets a prefix search list tags).
+
+    Valid keys are their own tag; others keep a sanitised, cut readable prefix; both start with
+    the prefix's sanitised form cut to the readable-prefix length. Not every tag starting with it
+    holds a matching key (sanitising merges characters): confirm with the key annotation.
+    """
+    if not prefix:
+        return ""
+    sanitised = _INVALID.sub("-", prefix)
+    if not re.match(r"[A-Za-z0-9_]", sanitised):
+        sanitised = "_" + sanitised
+    return sanitised[:_PREFIX_LENGTH]

@@ -15,17 +15,18 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import anyio
 import anyio.to_thread
 
+from .entries import find_entry
 from .errors import CacheMiss
 from .image import CacheImage, load_image
-from .keys import tag_for_key, validate_key
+from .keys import validate_key
 from .oci import Descriptor
 from .save import first_error, human_bytes
 from .store import Store
@@ -46,11 +47,16 @@ class RestoreResult:
     files: int
     seconds: float
     layers: int = 0
+    #: "hit": the exact key; "fallback": the newest entry matching a restore key.
+    status: Literal["hit", "fallback"] = "hit"
+    #: The key of the entry actually restored (differs from ``key`` on a fallback).
+    matched_key: str = ""
 
     def summary(self) -> str:
         """One line for humans."""
+        how = "hit" if self.status == "hit" else f"fallback hit (from {self.matched_key!r})"
         return (
-            f"restored {self.key!r} from {self.tag}@{self.digest[:19]}: {self.files} files, "
+            f"{how}: restored {self.key!r} from {self.tag}@{self.digest[:19]}: {self.files} files, "
             f"{human_bytes(self.size)}; downloaded {human_bytes(self.bytes)} "
             f"({self.layers} layers) in {self.seconds:.1f}s"
         )
@@ -138,22 +144,27 @@ async def restore(
     key: str,
     path: Path,
     *,
+    restore_keys: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
     jobs: int = 4,
 ) -> RestoreResult:
-    """Replace ``path`` with the entry stored under ``key``; CacheMiss when there is none.
+    """Replace ``path`` with the entry stored under ``key``, else the newest matching a restore key.
 
+    ``restore_keys`` are prefixes tried in order when the exact key is absent (as in actions/cache,
+    see :func:`~remote_cache.entries.find_entry`); CacheMiss when nothing matches.
     ``progress`` is called with each downloaded chunk's size.
     """
     started = time.monotonic()
     validate_key(key)
-    tag = tag_for_key(key)
     path = Path(path)
+    match = await find_entry(store, key, restore_keys)
+    if match is None:
+        raise CacheMiss(key, store.location)
+    tag = match.tag
     try:
-        top = await store.resolve(tag)
-    except CacheMiss as exc:
+        image: CacheImage = await load_image(store, match.digest)
+    except CacheMiss as exc:  # replaced or deleted between the lookup and now
         raise CacheMiss(key, store.location) from exc
-    image: CacheImage = await load_image(store, top.digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(path)
     spool = Path(tempfile.mkdtemp(prefix=".remote-cache-spool-", dir=path.parent))
@@ -229,6 +240,8 @@ async def restore(
         files=files,
         seconds=time.monotonic() - started,
         layers=len(image.layers),
+        status="hit" if match.exact else "fallback",
+        matched_key=match.key,
     )
 
 

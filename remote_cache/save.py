@@ -8,33 +8,49 @@ runs in worker threads and overlaps with uploading: layer 1 uploads while layer 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from .errors import RemoteCacheError
-from .image import DEFAULT_PLATFORMS, MAX_MANIFEST_BYTES, BuiltImage, build_image, parse_index, parse_manifest
+from .errors import CacheMiss, RemoteCacheError
+from .image import (
+    ANNOTATION_LISTING,
+    DEFAULT_PLATFORMS,
+    MAX_MANIFEST_BYTES,
+    BuiltImage,
+    build_image,
+    load_image,
+    parse_index,
+    parse_manifest,
+    read_diff_ids,
+)
 from .keys import tag_for_key, validate_key
-from .layers import TreeScan, scan_tree
+from .layers import LayerPlan, TreeScan, scan_tree
 from .oci import (
     ANNOTATION_FILES,
     ANNOTATION_KEY,
     ANNOTATION_SIZE,
     INDEX_TYPES,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
     Descriptor,
     Platform,
 )
 from .pack import pack_tree
 from .store import Store
 
-__all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "save"]
+__all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "layer_listing", "save"]
+
+_MEDIA_TYPES = {"zstd": OCI_LAYER_ZSTD, "gzip": OCI_LAYER_GZIP}
 
 
 class CacheTooLarge(RemoteCacheError):
@@ -46,8 +62,17 @@ class CacheTooLarge(RemoteCacheError):
         super().__init__(
             f"{path} holds {human_bytes(size)} ({size} bytes), more than the allowed "
             f"{human_bytes(max_size)} ({max_size} bytes); nothing was uploaded. Raise the limit "
-            "or clean the directory first"
+            f"(--max-size {_suggest(size)} on the command line, max_size in code) or clean the "
+            "directory first"
         )
+
+
+def _suggest(size: int) -> str:
+    """A --max-size value comfortably above ``size``, e.g. ``3G``."""
+    for unit, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if size * 2 < factor * 1024 or unit == "G":
+            return f"{-(-size * 2 // factor)}{unit}"
+    raise AssertionError("unreachable")
 
 
 def first_error(
@@ -97,20 +122,37 @@ class SaveResult:
     seconds: float
     #: True when the entry already held exactly this content: nothing was pushed, the tag did not move.
     unchanged: bool = False
+    #: Layers taken from an existing entry by listing, without reading or packing their files.
+    layers_reused: int = 0
+    #: The key of the entry layers were reused from (``key`` itself or the base key), if any.
+    base_key: str | None = None
+    #: Why nothing was saved ("immutable key exists", "read-only: nothing saved"), else None.
+    skipped: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``saved``, ``unchanged`` or ``skipped``."""
+        return "skipped" if self.skipped else "unchanged" if self.unchanged else "saved"
 
     def summary(self) -> str:
         """One line for humans."""
-        state = "unchanged" if self.unchanged else "saved"
+        if self.skipped:
+            at = f" ({self.tag}@{self.digest[:19]})" if self.digest else ""
+            return f"skipped {self.key!r}{at}: {self.skipped}; uploaded 0 B in {self.seconds:.1f}s"
+        reused = ""
+        if self.layers_reused:
+            source = "" if self.base_key in (None, self.key) else f" from {self.base_key!r}"
+            reused = f", {self.layers_reused} reused{source}"
         return (
-            f"{state} {self.key!r} as {self.tag}@{self.digest[:19]}: {self.files} files, "
+            f"{self.status} {self.key!r} as {self.tag}@{self.digest[:19]}: {self.files} files, "
             f"{human_bytes(self.size)}; uploaded {human_bytes(self.bytes_uploaded)} of "
-            f"{human_bytes(self.bytes_total)} ({self.layers_uploaded}/{self.layers_total} layers) "
-            f"in {self.seconds:.1f}s"
+            f"{human_bytes(self.bytes_total)} ({self.layers_uploaded}/{self.layers_total} layers"
+            f"{reused}) in {self.seconds:.1f}s"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
-        return asdict(self)
+        """A JSON-serialisable dict of every field, plus ``status``."""
+        return {"status": self.status, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -158,7 +200,11 @@ async def _same_entry(
     files: int,
     platforms: Sequence[Platform],
 ) -> str | None:
-    """The current digest under ``tag`` when it already holds exactly this content, else None."""
+    """The current digest under ``tag`` when it already holds exactly this content, else None.
+
+    Listing annotations are not compared: equal layer digests imply equal listings, and a layer
+    saved without one (its files were too fresh) keeps the entry unchanged rather than re-pushed.
+    """
     try:
         current = await store.resolve(tag)
         desc, body = await store.get_manifest(current.digest)
@@ -172,12 +218,12 @@ async def _same_entry(
             or [str(m.platform) for m in manifests] != [str(p) for p in platforms]
         ):
             return None
+        wanted = [(d.digest, d.size, d.media_type) for d in layers]
         for manifest in manifests:
             mdesc, mbody = await store.get_manifest(manifest.digest)
             parsed = parse_manifest(mbody, mdesc.media_type or manifest.media_type)
-            if [(d.digest, d.size, d.media_type) for d in parsed.layers] != [
-                (d.digest, d.size, d.media_type) for d in layers
-            ]:
+            have = [(d.digest, d.size, d.media_type) for d in parsed.layers]
+            if have != wanted:
                 return None
             if not await store.has_blob(parsed.config.digest):
                 return None
@@ -185,6 +231,63 @@ async def _same_entry(
         # Anything unreadable (a miss, a foreign image) simply means "not the same": save anew.
         return None
     return current.digest
+
+
+def layer_listing(plan: LayerPlan, *, racy_after: int | None = None) -> str | None:
+    """SHA-256 over a planned layer's listing: per entry the fields its tar header holds.
+
+    Computed from the scan alone (no file contents). None when an entry's mtime is at or after
+    ``racy_after`` (whole seconds): it may change again within the same second without its
+    mtime moving, so such a layer must not be reused by listing later.
+    """
+    h = hashlib.sha256(b"remote-cache listing v1\0")
+    for e in plan.entries:
+        if racy_after is not None and e.mtime >= racy_after:
+            return None
+        h.update(os.fsencode(e.path) + b"\0")
+        h.update(f"{e.kind} {e.mode:o} {e.uid} {e.gid} {e.size} {e.mtime}".encode() + b"\0")
+        h.update(os.fsencode(e.linkname) + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Reusable:
+    key: str
+    layers: dict[str, tuple[Descriptor, str]]  # listing digest -> (descriptor, diff_id)
+
+
+async def _reusable_layers(store: Store, tags: Sequence[str], media_type: str) -> _Reusable | None:
+    """Layers of the first existing entry among ``tags`` that carry a listing, by listing digest."""
+    for tag in tags:
+        try:
+            top = await store.resolve(tag)
+            image = await load_image(store, top.digest)
+            diff_ids = await read_diff_ids(store, image)
+        except RemoteCacheError:
+            continue  # absent or unreadable: nothing to reuse from it
+        layers: dict[str, tuple[Descriptor, str]] = {}
+        for desc, diff_id in zip(image.layers, diff_ids, strict=True):
+            listing = desc.annotations.get(ANNOTATION_LISTING)
+            if listing and desc.media_type == media_type:
+                layers.setdefault(listing, (desc, diff_id))
+        return _Reusable(image.key or tag, layers)
+    return None
+
+
+def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") -> SaveResult:
+    return SaveResult(
+        key=key,
+        tag=tag,
+        digest=digest,
+        layers_total=0,
+        layers_uploaded=0,
+        bytes_total=0,
+        bytes_uploaded=0,
+        size=0,
+        files=0,
+        seconds=time.monotonic() - started,
+        skipped=reason,
+    )
 
 
 async def save(
@@ -198,25 +301,65 @@ async def save(
     max_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     jobs: int = 4,
+    base_key: str | None = None,
+    full: bool = False,
+    immutable: bool = False,
+    read_only: bool = False,
 ) -> SaveResult:
     """Pack ``path`` and store it under ``key``; the tag moves only once everything else is stored.
 
-    ``progress`` is called with a byte count each time a layer has been uploaded or found present.
-    ``max_size`` (uncompressed bytes) refuses with :class:`CacheTooLarge` before anything is uploaded.
-    Saving content identical to what the key already holds pushes nothing and keeps the digest.
+    ``progress`` is called with a byte count each time a layer has been uploaded, found present
+    or reused. ``max_size`` (uncompressed bytes) refuses with :class:`CacheTooLarge` before
+    anything is uploaded.
+
+    Layers whose listing (paths, sizes, mtimes, modes, owners, link targets: no contents) equals
+    a layer of the entry under ``key`` (else under ``base_key``, e.g. the key a restore fell back
+    to) are reused without reading their files; ``full`` re-reads everything (for filesystems
+    whose mtimes cannot be trusted). Saving content identical to what the key holds pushes
+    nothing and keeps the digest (``unchanged``). ``immutable``: an existing entry under ``key``
+    is never replaced (``skipped``). ``read_only``: do nothing at all (``skipped``), for
+    untrusted runs.
     """
     started = time.monotonic()
     validate_key(key)
+    if base_key is not None:
+        validate_key(base_key)
     tag = tag_for_key(key)
     path = Path(path)
+    if read_only:
+        return _skipped(key, tag, "read-only: nothing saved", started)
+    if immutable:
+        try:
+            current = await store.resolve(tag)
+        except CacheMiss:
+            pass
+        else:
+            return _skipped(key, tag, "immutable key exists", started, current.digest)
+    scan_started = int(time.time())
     scan = await anyio.to_thread.run_sync(scan_tree, path)
     size, files = scan.stats.bytes, scan.stats.files
     if max_size is not None and size > max_size:
         raise CacheTooLarge(path, size, max_size)
+    if compression not in ("zstd", "gzip"):
+        raise ValueError(f"compression must be 'zstd' or 'gzip', not {compression!r}")
+
+    listings = [layer_listing(plan, racy_after=scan_started) for plan in scan.layers]
+    slots: list[tuple[Descriptor, str] | None] = [None] * len(scan.layers)
+    base: _Reusable | None = None
+    if not full:
+        sources = [tag] + ([tag_for_key(base_key)] if base_key is not None else [])
+        base = await _reusable_layers(store, sources, _MEDIA_TYPES[compression])
+        if base is not None:
+            for i, listing in enumerate(listings):
+                if listing is not None and listing in base.layers:
+                    slots[i] = base.layers[listing]
+    reused = sum(1 for slot in slots if slot is not None)
+    to_pack = TreeScan(
+        scan.root, tuple(p for p, slot in zip(scan.layers, slots, strict=True) if slot is None), scan.stats
+    )
 
     spool = Path(tempfile.mkdtemp(prefix="remote-cache-save-"))
-    iterator = _layers(scan, compression, level, spool)
-    layers: list[_Layer] = []
+    iterator = _layers(to_pack, compression, level, spool)
     counters = {"uploaded": 0, "bytes": 0}
     limiter = anyio.Semaphore(max(1, jobs))
 
@@ -234,20 +377,32 @@ async def save(
 
     try:
         async with anyio.create_task_group() as tg:
-            while True:
+            for i, slot in enumerate(slots):
+                if slot is not None:
+                    if progress is not None:
+                        progress(slot[0].size)
+                    continue
                 layer = await anyio.to_thread.run_sync(next, iterator, None)
                 if layer is None:
-                    break
-                layers.append(layer)
+                    raise RuntimeError("the packer yielded fewer layers than planned")
+                listing = listings[i]
+                annotations = {ANNOTATION_LISTING: listing} if listing is not None else {}
+                d = layer.descriptor
+                layer = replace(
+                    layer, descriptor=Descriptor(d.media_type, d.digest, d.size, annotations=annotations)
+                )
+                slots[i] = (layer.descriptor, layer.diff_id)
                 tg.start_soon(upload, layer)
-        descriptors = [layer.descriptor for layer in layers]
+        final = [slot for slot in slots if slot is not None]
+        descriptors = [d for d, _ in final]
+        diff_ids = [diff_id for _, diff_id in final]
         existing = await _same_entry(store, tag, key, descriptors, size, files, platforms)
         if existing is not None:
             return SaveResult(
                 key=key,
                 tag=tag,
                 digest=existing,
-                layers_total=len(layers),
+                layers_total=len(final),
                 layers_uploaded=counters["uploaded"],
                 bytes_total=sum(d.size for d in descriptors),
                 bytes_uploaded=counters["bytes"],
@@ -255,10 +410,12 @@ async def save(
                 files=files,
                 seconds=time.monotonic() - started,
                 unchanged=True,
+                layers_reused=reused,
+                base_key=base.key if base is not None and reused else None,
             )
         image: BuiltImage = build_image(
             descriptors,
-            [layer.diff_id for layer in layers],
+            diff_ids,
             key=key,
             size=size,
             files=files,
@@ -281,13 +438,15 @@ async def save(
         key=key,
         tag=tag,
         digest=index.digest,
-        layers_total=len(layers),
+        layers_total=len(final),
         layers_uploaded=counters["uploaded"],
         bytes_total=sum(d.size for d in descriptors),
         bytes_uploaded=counters["bytes"],
         size=size,
         files=files,
         seconds=time.monotonic() - started,
+        layers_reused=reused,
+        base_key=base.key if base is not None and reused else None,
     )
 
 

@@ -1,0 +1,199 @@
+"""Incremental saves: layers whose listing is unchanged are reused without reading or packing files."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache import layers as layers_mod
+from remote_cache import pack as pack_mod
+from remote_cache import save as save_mod
+from remote_cache.image import ANNOTATION_LISTING, load_image
+from remote_cache.reference import parse_reference
+from remote_cache.restore import restore
+from remote_cache.save import save
+from remote_cache.store import Store
+from remote_cache.stores import open_store
+from tests.registry_server import FaultProxy, RegistryServer
+from tests.trees import assert_same_tree
+
+_PAST = int(time.time()) - 3600
+
+
+@pytest.fixture(autouse=True)
+def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut trees into many small layers, so one changed file is one layer among several."""
+    monkeypatch.setattr(
+        save_mod,
+        "scan_tree",
+        functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10),
+    )
+
+
+@pytest.fixture
+def pack_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the layers actually packed (each call reads that layer's files)."""
+    calls: list[str] = []
+    real = pack_mod.pack_layer
+
+    def counting(root: Path, plan: Any, **kw: Any) -> Any:
+        calls.append(plan.entries[0].path if plan.entries else "")
+        return real(root, plan, **kw)
+
+    monkeypatch.setattr(pack_mod, "pack_layer", counting)
+    return calls
+
+
+def _backdate(root: Path, when: int = _PAST) -> None:
+    """Give every path an mtime well before now (files written this second are 'racy')."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (when, when), follow_symlinks=False)
+    os.utime(root, (when, when))
+
+
+def _bulk(root: Path, count: int = 8) -> Path:
+    for i in range(count):
+        pkg = root / f"pkg{i}"
+        pkg.mkdir(parents=True)
+        for j in range(10):
+            (pkg / f"f{j}.bin").write_bytes(bytes([i, j]) * 4000)
+    (root / "pkg0" / "link").symlink_to("f0.bin")
+    _backdate(root)
+    return root
+
+
+@asynccontextmanager
+async def proxied(
+    registry: RegistryServer, repo: str, factory: Callable[[RegistryServer], FaultProxy]
+) -> AsyncIterator[tuple[Store, FaultProxy]]:
+    proxy = factory(registry)
+    store = open_store(parse_reference(f"{proxy.host}/{repo}"))
+    try:
+        yield store, proxy
+    finally:
+        await store.aclose()
+
+
+def _writes(proxy: FaultProxy) -> int:
+    return sum(proxy.count(m) for m in ("PUT", "POST", "PATCH", "DELETE"))
+
+
+async def test_unchanged_resave_reads_and_pushes_nothing(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert first.layers_total > 3 and first.layers_reused == 0
+        image = await load_image(store, "k")
+        assert all(
+            layer.annotations.get(ANNOTATION_LISTING, "").startswith("sha256:") for layer in image.layers
+        )
+
+        def refuse(*args: Any, **kw: Any) -> Any:
+            raise AssertionError("an unchanged layer was packed (its files were read)")
+
+        monkeypatch.setattr(pack_mod, "pack_layer", refuse)
+        proxy.clear()
+        again = await save(store, "k", src)
+        assert again.unchanged and again.digest == first.digest
+        assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
+        assert again.layers_reused == again.layers_total == first.layers_total
+        assert _writes(proxy) == 0
+        assert again.to_json()["status"] == "unchanged" and "reused" in again.summary()
+
+
+async def test_one_changed_file_packs_and_uploads_one_layer(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert len(pack_calls) == first.layers_total
+        pack_calls.clear()
+        target = src / "pkg5" / "f3.bin"
+        target.write_bytes(b"X" * 8000)  # same size, so the layer cuts stay where they were
+        os.utime(target, (_PAST + 5, _PAST + 5))
+        proxy.clear()
+        changed = await save(store, "k", src)
+        assert len(pack_calls) == 1
+        assert changed.layers_uploaded == 1 and changed.layers_reused == changed.layers_total - 1
+        assert not changed.unchanged and changed.digest != first.digest
+        # One layer blob plus the two new per-platform configs went up.
+        assert proxy.count("POST", "/blobs/uploads/") == 3
+        out = tmp_path / "out"
+        await restore(store, "k", out)
+        assert_same_tree(src, out)
+
+
+async def test_full_rereads_everything(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    pack_calls.clear()
+    again = await save(store, "k", src, full=True)
+    assert len(pack_calls) == first.layers_total and again.layers_reused == 0
+    assert again.unchanged and again.digest == first.digest  # packing is deterministic
+
+
+async def test_fresh_files_are_never_reused_by_listing(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    now = int(time.time()) + 2  # "modified in the second of the scan" (or later): racy
+    _backdate(src, now)
+    first = await save(store, "k", src)
+    image = await load_image(store, "k")
+    assert not any(ANNOTATION_LISTING in layer.annotations for layer in image.layers)
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    assert again.unchanged and again.digest == first.digest
+
+
+async def test_other_compression_is_not_reused(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    await save(store, "k", src, compression="gzip")
+    pack_calls.clear()
+    zstd = await save(store, "k", src)
+    assert zstd.layers_reused == 0 and len(pack_calls) == zstd.layers_total
+
+
+async def test_new_key_reuses_layers_of_the_restored_fallback(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        old = await save(store, "npm-aaa", src)
+        work = tmp_path / "work"
+        restored = await restore(store, "npm-bbb", work, restore_keys=["npm-"])
+        assert restored.status == "fallback" and restored.matched_key == "npm-aaa"
+        target = work / "pkg2" / "f7.bin"
+        target.write_bytes(b"Y" * 8000)
+        os.utime(target, (_PAST + 9, _PAST + 9))
+        pack_calls.clear()
+        proxy.clear()
+        new = await save(store, "npm-bbb", work, base_key=restored.matched_key)
+        assert len(pack_calls) == 1 and new.layers_uploaded == 1
+        assert new.layers_reused == new.layers_total - 1 and new.base_key == "npm-aaa"
+        assert "from 'npm-aaa'" in new.summary()
+        # Without the base key nothing could be reused (npm-bbb had no entry yet).
+        pack_calls.clear()
+        fresh = await save(store, "npm-ccc", work, full=False)
+        assert fresh.layers_reused == 0 and len(pack_calls) == fresh.layers_total
+        out = tmp_path / "out"
+        await restore(store, "npm-bbb", out)
+        assert_same_tree(work, out)
+        assert old.digest != new.digest
