@@ -1,0 +1,396 @@
+"""Benchmark ``remote-cache save``/``restore`` against a raw tar+zstd blob and umoci+skopeo, side by side.
+
+Run from the checkout (everything lives in tmpfs, under ``--workdir``)::
+
+    .venv/bin/python bench/bench.py --make-corpus ../shared/bench/make-corpus.sh --rounds 3
+
+It starts its own loopback ``docker-registry`` and, for N rounds in alternating order, times:
+
+* raw:   ``tar | zstd -T0 -3`` + one blob POST/PUT  /  one blob GET + ``zstd -d | tar -x``;
+* rc:    ``remote-cache save`` / ``remote-cache restore`` (the real console script);
+* umoci: ``umoci init/new/insert`` + ``skopeo copy`` (gzip)  /  ``skopeo copy`` + ``umoci unpack``;
+
+plus two re-saves with remote-cache: with nothing changed, and after adding one package (a copy of a
+~1% subset of the corpus under a new name). It prints medians and ratios against raw. Machines are
+noisy: compare ratios from one run, not absolute seconds across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = Path("/dev/shm/remote-cache-bench")
+BIN = Path(sys.executable).parent
+TARGETS = {"save": 1.25, "restore": 1.5}
+COPY_SUFFIX = "-bench-copy"
+
+
+# -------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass
+class Registry:
+    """A loopback docker-registry the benchmark owns."""
+
+    host: str
+    stop: Callable[[], None]
+
+
+def start_registry(workdir: Path) -> Registry:
+    """Start docker-registry with storage under ``workdir`` (reusing the test helper when importable)."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        helper: Any = importlib.import_module("tests.registry_server")
+    except ImportError:
+        return _start_registry_fallback(workdir)
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    server = helper.start_registry(workdir)
+    return Registry(server.host, server.stop)
+
+
+def _start_registry_fallback(workdir: Path) -> Registry:
+    import socket
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = workdir / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'storage'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = (workdir / "registry.log").open("wb")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v2/"
+    for _ in range(300):
+        with suppress(OSError):
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise SystemExit(f"docker-registry did not start; see {workdir / 'registry.log'}")
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+    return Registry(f"127.0.0.1:{port}", stop)
+
+
+# -------------------------------------------------------------------------------------------
+# Helpers
+
+
+def sh(command: str | list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    """Run a command (a shell pipeline when a string), failing loudly with its stderr."""
+    proc = subprocess.run(command, shell=isinstance(command, str), capture_output=True, **kw)
+    if proc.returncode != 0:
+        shown = command if isinstance(command, str) else " ".join(command)
+        raise SystemExit(
+            f"command failed ({proc.returncode}): {shown}\n{proc.stderr.decode(errors='replace')}"
+        )
+    return proc
+
+
+def timed(func: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = func()
+    return time.perf_counter() - start, result
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    """(regular-file bytes, entries) under root, symlinks not followed."""
+    size = count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        count += len(dirnames) + len(filenames)
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if not os.path.islink(os.path.join(dirpath, name)):
+                size += st.st_size
+    return size, count
+
+
+def fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# -------------------------------------------------------------------------------------------
+# The three methods
+
+
+@dataclass
+class Context:
+    corpus: Path
+    work: Path
+    host: str
+    cli: Path
+    expected: tuple[int, int]
+    env: dict[str, str]
+    results: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+    def record(self, name: str, seconds: float) -> None:
+        self.results.setdefault(name, []).append(seconds)
+
+    def note(self, name: str, value: float) -> None:
+        self.extra.setdefault(name, []).append(value)
+
+    def check(self, method: str, root: Path) -> None:
+        got = tree_stats(root)
+        if got != self.expected:
+            raise SystemExit(f"{method}: restored tree differs: (bytes, entries) {got} != {self.expected}")
+
+
+def raw(ctx: Context, rnd: int) -> None:
+    blob = ctx.work / "raw.blob"
+    repo = f"bench/raw-{rnd}"
+    base = f"http://{ctx.host}/v2/{repo}/blobs"
+
+    def save() -> str:
+        sh(f"tar -C '{ctx.corpus}' -cf - . | zstd -q -T0 -3 -o '{blob}' -f")
+        digest = "sha256:" + sh(["sha256sum", str(blob)]).stdout.split()[0].decode()
+        location = sh(["curl", "-sSf", "-X", "POST", "-D", "-", "-o", "/dev/null", f"{base}/uploads/"]).stdout
+        loc = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in location.splitlines()
+            if line.lower().startswith(b"location:")
+        )
+        url = loc if loc.startswith("http") else f"http://{ctx.host}{loc}"
+        url += ("&" if "?" in url else "?") + "digest=" + digest
+        sh(
+            [
+                "curl",
+                "-sSf",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-T",
+                str(blob),
+                url,
+            ]
+        )
+        return digest
+
+    seconds, digest = timed(save)
+    ctx.record("raw save", seconds)
+    blob.unlink()
+    out = fresh_dir(ctx.work / "raw-out")
+    seconds, _ = timed(lambda: sh(f"curl -sSfL '{base}/{digest}' | zstd -q -d | tar -C '{out}' -xf -"))
+    ctx.record("raw restore", seconds)
+    if rnd == 0:
+        ctx.check("raw", out)
+    shutil.rmtree(out)
+
+
+def remote_cache(ctx: Context, rnd: int) -> None:
+    ref = f"{ctx.host}/bench/rc-{rnd}:node-modules"
+
+    def run(*args: str) -> dict[str, Any]:
+        proc = sh([str(ctx.cli), *args, "--json", "--quiet"], env=ctx.env)
+        data: dict[str, Any] = json.loads(proc.stdout)
+        return data
+
+    seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
+    ctx.record("rc save", seconds)
+    ctx.note("rc save, inside the CLI", data["seconds"])
+    ctx.note("rc compressed MB", data["bytes_total"] / 1e6)
+    ctx.note("rc layers", data["layers_total"])
+    out = ctx.work / "rc-out"
+    shutil.rmtree(out, ignore_errors=True)
+    seconds, data = timed(lambda: run("restore", ref, str(out)))
+    ctx.record("rc restore", seconds)
+    ctx.note("rc restore, inside the CLI", data["seconds"])
+    if rnd == 0:
+        ctx.check("remote-cache", out)
+    shutil.rmtree(out)
+
+    # Issue-4 preview: re-save with nothing changed, then after adding one package.
+    seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
+    ctx.record("rc re-save, unchanged", seconds)
+    ctx.note("re-save unchanged: MB uploaded", data["bytes_uploaded"] / 1e6)
+    added, added_bytes = add_package(ctx.corpus)
+    ctx.note("re-save +1 package: MB added", added_bytes / 1e6)
+    try:
+        seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
+    finally:
+        shutil.rmtree(added)
+    ctx.record("rc re-save, +1 package", seconds)
+    ctx.note("re-save +1 package: MB uploaded", data["bytes_uploaded"] / 1e6)
+
+
+def add_package(corpus: Path) -> tuple[Path, int]:
+    """Copy the package directory closest to 1% of the corpus under a new name; return the copy."""
+    modules = corpus / "node_modules" if (corpus / "node_modules").is_dir() else corpus
+    total = tree_stats(corpus)[0]
+    sizes = []
+    for child in modules.iterdir():
+        if child.is_dir() and not child.is_symlink() and not child.name.startswith((".", "@")):
+            sizes.append((abs(tree_stats(child)[0] - total / 100), child))
+    _, source = min(sizes)
+    target = modules / f"{source.name}{COPY_SUFFIX}"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, symlinks=True)
+    return target, tree_stats(target)[0]
+
+
+def umoci_skopeo(ctx: Context, rnd: int) -> None:
+    layout = ctx.work / "umoci-layout"
+    dest = f"docker://{ctx.host}/bench/umoci-{rnd}:node-modules"
+
+    def save() -> None:
+        shutil.rmtree(layout, ignore_errors=True)
+        sh(["umoci", "init", "--layout", str(layout)])
+        sh(["umoci", "new", "--image", f"{layout}:t"])
+        sh(["umoci", "insert", "--image", f"{layout}:t", str(ctx.corpus), "/"])
+        sh(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:t", dest])
+
+    seconds, _ = timed(save)
+    ctx.record("umoci save", seconds)
+    shutil.rmtree(layout)
+    pulled = ctx.work / "umoci-pulled"
+    bundle = ctx.work / "umoci-bundle"
+
+    def restore() -> None:
+        shutil.rmtree(pulled, ignore_errors=True)
+        shutil.rmtree(bundle, ignore_errors=True)
+        sh(["skopeo", "copy", "--quiet", "--src-tls-verify=false", dest, f"oci:{pulled}:t"])
+        sh(["umoci", "unpack", "--image", f"{pulled}:t", str(bundle)])
+
+    seconds, _ = timed(restore)
+    ctx.record("umoci restore", seconds)
+    if rnd == 0:
+        ctx.check("umoci", bundle / "rootfs")
+    shutil.rmtree(pulled)
+    shutil.rmtree(bundle)
+
+
+METHODS: dict[str, Callable[[Context, int], None]] = {"raw": raw, "rc": remote_cache, "umoci": umoci_skopeo}
+
+
+# -------------------------------------------------------------------------------------------
+# Main
+
+
+def ensure_corpus(corpus: Path, script: str | None) -> None:
+    if corpus.is_dir() and any(corpus.iterdir()):
+        for parent in (corpus, corpus / "node_modules"):  # left over by an interrupted run
+            for stale in parent.glob(f"*{COPY_SUFFIX}") if parent.is_dir() else ():
+                shutil.rmtree(stale)
+        return
+    if script is None:
+        raise SystemExit(
+            f"no corpus at {corpus}: pass --make-corpus ../shared/bench/make-corpus.sh (or --corpus DIR)"
+        )
+    print(f"building corpus in {corpus} with {script} (takes minutes) ...", file=sys.stderr)
+    subprocess.run([script, str(corpus)], check=True)
+
+
+def report(ctx: Context, rounds: int, methods: list[str]) -> str:
+    med = {name: statistics.median(values) for name, values in ctx.results.items()}
+    lines = [
+        f"corpus: {ctx.expected[0] / 1e6:.1f} MB in {ctx.expected[1]} entries; rounds: {rounds} "
+        "(medians; alternating order)",
+        "",
+        f"| {'method':<24} | {'save s':>8} | {'x raw':>6} | {'restore s':>9} | {'x raw':>6} |",
+        f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 8}|",
+    ]
+    labels = {"raw": "raw tar+zstd, 1 blob", "rc": "remote-cache CLI", "umoci": "umoci + skopeo (gzip)"}
+    for method in methods:
+        save, restore = med[f"{method} save"], med[f"{method} restore"]
+        lines.append(
+            f"| {labels[method]:<24} | {save:8.2f} | {save / med['raw save']:6.2f} | {restore:9.2f} "
+            f"| {restore / med['raw restore']:6.2f} |"
+        )
+    if "rc" in methods:
+        rs, rr = med["rc save"] / med["raw save"], med["rc restore"] / med["raw restore"]
+        lines += [
+            "",
+            f"targets: save <= {TARGETS['save']}x raw: {'met' if rs <= TARGETS['save'] else 'MISSED'} "
+            f"({rs:.2f}x); restore <= {TARGETS['restore']}x raw: "
+            f"{'met' if rr <= TARGETS['restore'] else 'MISSED'} ({rr:.2f}x)",
+            "",
+            f"| {'remote-cache re-save':<24} | {'seconds':>8} | {'MB uploaded':>12} |",
+            f"|{'-' * 26}|{'-' * 10}|{'-' * 14}|",
+            f"| {'nothing changed':<24} | {med['rc re-save, unchanged']:8.2f} "
+            f"| {statistics.median(ctx.extra['re-save unchanged: MB uploaded']):12.2f} |",
+            f"| {'+1 package (~1%)':<24} | {med['rc re-save, +1 package']:8.2f} "
+            f"| {statistics.median(ctx.extra['re-save +1 package: MB uploaded']):12.2f} |",
+            "",
+            f"remote-cache time inside the CLI (without interpreter start-up): save "
+            f"{statistics.median(ctx.extra['rc save, inside the CLI']):.2f} s, restore "
+            f"{statistics.median(ctx.extra['rc restore, inside the CLI']):.2f} s",
+            f"package added: {statistics.median(ctx.extra['re-save +1 package: MB added']):.2f} MB; "
+            f"full entry: {statistics.median(ctx.extra['rc compressed MB']):.1f} MB compressed in "
+            f"{statistics.median(ctx.extra['rc layers']):.0f} layers",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_WORKDIR / "corpus", help="directory to save")
+    parser.add_argument("--make-corpus", metavar="SCRIPT", help="build the corpus with SCRIPT DIR if absent")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch space (use tmpfs)")
+    parser.add_argument("--methods", default="raw,rc,umoci", help="comma-separated subset of raw,rc,umoci")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if "raw" not in methods or any(m not in METHODS for m in methods):
+        parser.error("--methods must include raw and only name raw, rc, umoci")
+    for tool in ("tar", "zstd", "curl", "sha256sum", "docker-registry", "umoci", "skopeo"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
+    cli = BIN / "remote-cache"
+    if not cli.exists():
+        parser.error(f"{cli} not found: install the project into this interpreter's environment")
+
+    ensure_corpus(args.corpus, args.make_corpus)
+    work = args.workdir / f"run-{os.getpid()}"
+    fresh_dir(work)
+    registry = start_registry(work / "registry")
+    try:
+        # Bytecode is cached as on any real install (some sandboxes set PYTHONDONTWRITEBYTECODE).
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+        sh([str(cli), "--help"], env=env)
+        ctx = Context(args.corpus.resolve(), work, registry.host, cli, tree_stats(args.corpus), env)
+        for rnd in range(args.rounds):
+            order = methods if rnd % 2 == 0 else list(reversed(methods))
+            for method in order:
+                print(f"round {rnd + 1}/{args.rounds}: {method}", file=sys.stderr, flush=True)
+                METHODS[method](ctx, rnd)
+        print(report(ctx, args.rounds, methods))
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,659 @@
+"""The ``remote-cache`` console script, run for real in subprocesses against real registries and layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from remote_cache.cli import ExitCode, app, exit_code_for
+from remote_cache.errors import (
+    CacheMiss,
+    IntegrityError,
+    InvalidKey,
+    InvalidReference,
+    RegistryAuthError,
+    RegistryUnreachable,
+    UnsupportedOperation,
+)
+from remote_cache.keys import tag_for_key
+from remote_cache.oci import ANNOTATION_CREATED
+from remote_cache.progress import TransferProgress, format_bytes, parse_duration, parse_size
+from remote_cache.reference import parse_reference
+from remote_cache.save import CacheTooLarge, save
+from remote_cache.stores import open_store
+from tests.registry_server import FaultProxy, RegistryServer, free_port
+from tests.trees import assert_same_tree, make_tree
+
+CLI = Path(sys.executable).parent / "remote-cache"
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def pycache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the subprocesses keep bytecode: without it every CLI run recompiles all its imports."""
+    return tmp_path_factory.mktemp("pycache")
+
+
+@pytest.fixture
+def cli(tmp_path: Path, pycache: Path) -> Run:
+    """Run the console script in ``tmp_path`` with a clean environment (no credentials or docker config)."""
+    docker_config = tmp_path / "docker-config"
+    docker_config.mkdir()
+    skip = ("REMOTE_CACHE_", "DOCKER_", "PYTHONDONTWRITEBYTECODE")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    base.update(DOCKER_CONFIG=str(docker_config), PYTHONPYCACHEPREFIX=str(pycache))
+
+    def run(
+        *args: str, stdin: str = "", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CLI), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**base, **(env or {})},
+            timeout=120,
+            check=False,
+        )
+
+    return run
+
+
+def _tree(root: Path) -> Path:
+    make_tree(root, small_files=60, big_bytes=1 << 20)
+    return root
+
+
+def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must be exactly one JSON line, got {proc.stdout!r} ({proc.stderr!r})"
+    data: dict[str, Any] = json.loads(lines[0])
+    return data
+
+
+def _no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+
+
+async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:
+    """Set-up through the core: save a one-file entry, re-tagged as created ``days_ago`` when asked."""
+    src = tmp_path / f"src-{key}"
+    src.mkdir()
+    (src / "f").write_text(key)
+    store = open_store(parse_reference(ref_text))
+    try:
+        await save(store, key, src)
+        if days_ago:
+            # Re-tag the index with an older creation stamp: what an entry saved back then looks like.
+            tag = tag_for_key(key)
+            desc, body = await store.get_manifest(tag)
+            index = json.loads(body)
+            stamp = datetime.now(UTC) - timedelta(days=days_ago)
+            index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+            await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
+    finally:
+        await store.aclose()
+
+
+# -------------------------------------------------------------------------------------------
+# save / restore
+
+
+def test_round_trip_through_registry(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = _tree(tmp_path / "src")
+    ref = f"{registry.host}/{repo_name}:npm-linux"
+
+    saved = cli("save", str(src), ref, "--json")
+    assert saved.returncode == 0, saved.stderr
+    data = _json(saved)
+    assert data["command"] == "save" and data["outcome"] == "saved" and data["exit_code"] == 0
+    assert data["key"] == "npm-linux" and data["digest"].startswith("sha256:")
+    assert data["bytes_uploaded"] > 0 and data["files"] > 0 and data["seconds"] >= 0
+    assert "save saved npm-linux:" in saved.stderr
+
+    out = tmp_path / "out"
+    restored = cli("restore", ref, str(out), "--json")
+    assert restored.returncode == 0, restored.stderr
+    data = _json(restored)
+    assert data["outcome"] == "hit" and data["hit"] is True and data["key"] == "npm-linux"
+    assert data["bytes"] > 0 and data["files"] > 0
+    summary = restored.stderr.strip().splitlines()[-1]
+    assert summary.startswith("restore hit npm-linux: ") and "/s)" in summary
+    assert_same_tree(src, out)
+
+    again = cli("save", str(src), ref, "--json")
+    assert again.returncode == 0, again.stderr
+    assert _json(again)["outcome"] == "unchanged" and _json(again)["bytes_uploaded"] == 0
+
+
+def test_round_trip_through_layout_with_key_option(cli: Run, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    layout = f"oci:{tmp_path / 'layout'}"
+    key = "node_modules/linux:lock=3f9a"  # '/' and ':' cannot go in REF, so --key
+
+    saved = cli("save", str(src), layout, "--key", key, "--compression", "gzip", "--platform", "linux/arm64")
+    assert saved.returncode == 0, saved.stderr
+    assert f"save saved {key}:" in saved.stderr
+    out = tmp_path / "out"
+    restored = cli("restore", layout, str(out), "--key", key, "--quiet")
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stderr == "" and restored.stdout == ""
+    assert_same_tree(src, out)
+
+    listing = _json(cli("--json", "ls", layout))  # common options also work before the command
+    assert [e["key"] for e in listing["entries"]] == [key]
+    assert listing["entries"][0]["tag"] == tag_for_key(key)
+    info = _json(cli("inspect", layout, "--key", key, "--json"))
+    assert {layer["mediaType"] for layer in info["layers"]} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    index = json.loads((tmp_path / "layout" / "blobs" / "sha256" / info["digest"][7:]).read_bytes())
+    assert [m["platform"]["architecture"] for m in index["manifests"]] == ["arm64"]
+
+
+def test_miss_exits_3_and_leaves_the_target_alone(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    ref = f"{registry.host}/{repo_name}:absent"
+    miss = cli("restore", ref, str(out))
+    assert miss.returncode == 3, miss.stderr
+    assert miss.stderr.startswith("restore miss absent:") and miss.stdout == ""
+    assert not out.exists()
+
+    as_json = cli("restore", ref, str(out), "--json")
+    assert as_json.returncode == 3
+    assert _json(as_json) == _json(as_json) | {
+        "outcome": "miss",
+        "hit": False,
+        "key": "absent",
+        "exit_code": 3,
+    }
+
+    # An optional cache step: a miss must not break the pipeline under --fail-open.
+    failed_open = cli("restore", ref, str(out), "--fail-open", "--json")
+    assert failed_open.returncode == 0
+    assert _json(failed_open)["outcome"] == "miss"
+    assert _json(failed_open)["failed_exit_code"] == 3
+
+    inspect = cli("inspect", ref)
+    assert inspect.returncode == 3 and inspect.stderr.startswith("inspect miss absent: no entry in ")
+
+
+def test_max_size_is_refused_with_exit_5(cli: Run, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    (src / "big.bin").write_bytes(b"x" * 5000)
+    layout = tmp_path / "layout"
+    refused = cli("save", str(src), f"oci:{layout}:k", "--max-size", "4K")
+    assert refused.returncode == 5, refused.stderr
+    assert refused.stderr.startswith("remote-cache: error: ") and "nothing was uploaded" in refused.stderr
+    _no_traceback(refused)
+    assert cli("save", str(src), f"oci:{layout}:k", "--max-size", "1G").returncode == 0
+
+
+# -------------------------------------------------------------------------------------------
+# ls / inspect / rm / prune
+
+
+async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path) -> None:
+    repo = f"{registry.host}/{repo_name}"
+    for key in ("npm-linux", "pip-3.12"):
+        await _save(repo, key, tmp_path)
+
+    table = cli("ls", repo)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["KEY", "TAG", "SIZE", "FILES", "CREATED"]
+    assert sorted(row.split()[0] for row in rows) == ["npm-linux", "pip-3.12"]
+
+    entries = {e["key"]: e for e in _json(cli("ls", repo, "--json"))["entries"]}
+    assert set(entries) == {"npm-linux", "pip-3.12"}
+    assert entries["pip-3.12"]["size"] == len("pip-3.12") and entries["pip-3.12"]["files"] == 1
+    assert entries["pip-3.12"]["created"].endswith("Z")
+
+    info = _json(cli("inspect", f"{repo}:pip-3.12", "--json"))
+    assert info["digest"] == entries["pip-3.12"]["digest"]
+    assert info["manifest"].startswith("sha256:") and info["manifest"] != info["digest"]
+    assert len(info["layers"]) >= 1 and info["layers"][0]["mediaType"].endswith("tar+zstd")
+    assert info["annotations"]["dev.remote-cache.key"] == "pip-3.12"
+    human = cli("inspect", f"{repo}:pip-3.12")
+    assert info["manifest"] in human.stdout and "dev.remote-cache.key=pip-3.12" in human.stdout
+
+    removed = cli("rm", f"{repo}:pip-3.12")
+    assert removed.returncode == 0, removed.stderr
+    assert [e["key"] for e in _json(cli("ls", repo, "--json"))["entries"]] == ["npm-linux"]
+    assert cli("rm", f"{repo}:pip-3.12").returncode == 3
+    assert cli("restore", f"{repo}:pip-3.12", str(tmp_path / "gone")).returncode == 3
+
+
+async def test_prune_older_than_keep_and_dry_run(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    repo = f"{registry.host}/{repo_name}"
+    for key, days in {"npm-old": 30, "npm-week": 8, "npm-new": 0, "pip-old": 30}.items():
+        await _save(repo, key, tmp_path, days_ago=days)
+
+    dry = cli("prune", repo, "--older-than", "7d", "--prefix", "npm-", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(e["key"] for e in _json(dry)["removed"]) == ["npm-old", "npm-week"]
+    assert len(_json(cli("ls", repo, "--json"))["entries"]) == 4  # nothing removed
+
+    kept = cli("prune", repo, "--older-than", "1w", "--keep", "2", "--prefix", "npm-")
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split() == ["npm-old"]  # npm-week is among the 2 newest npm- entries
+    assert "prune removed 1 entry" in kept.stderr
+
+    pruned = cli("prune", repo, "--older-than", "2w", "--json")
+    assert sorted(e["key"] for e in _json(pruned)["removed"]) == ["pip-old"]
+    left = sorted(e["key"] for e in _json(cli("ls", repo, "--json"))["entries"])
+    assert left == ["npm-new", "npm-week"]
+
+
+# -------------------------------------------------------------------------------------------
+# credentials, failures, usage
+
+
+def test_auth_wrong_password_exits_4_without_echoing_it(
+    cli: Run, auth_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = _tree(tmp_path / "src")
+    ref = f"{auth_registry.host}/{repo_name}:k"
+    assert auth_registry.username is not None and auth_registry.password is not None
+    wrong = "Wr0ng-" + auth_registry.password[::-1]
+
+    for args in (("save", str(src), ref), ("restore", ref, str(tmp_path / "out"))):
+        proc = cli(*args, "--username", auth_registry.username, "--password-stdin", stdin=wrong + "\n")
+        assert proc.returncode == 4, proc.stderr
+        assert proc.stderr.startswith("remote-cache: error: ")
+        assert wrong not in proc.stderr and wrong not in proc.stdout
+        _no_traceback(proc)
+
+    anonymous = cli("restore", ref, str(tmp_path / "out"))
+    assert anonymous.returncode == 4, anonymous.stderr
+
+    good = cli(
+        "save",
+        str(src),
+        ref,
+        "--username",
+        auth_registry.username,
+        "--password-stdin",
+        stdin=auth_registry.password + "\n",
+    )
+    assert good.returncode == 0, good.stderr
+    via_env = cli(
+        "restore",
+        ref,
+        str(tmp_path / "out"),
+        "--username",
+        auth_registry.username,
+        env={"REMOTE_CACHE_PASSWORD": auth_registry.password},
+    )
+    assert via_env.returncode == 0, via_env.stderr
+    assert auth_registry.password not in good.stderr + via_env.stderr
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_token_registry_round_trip(
+    cli: Run, token_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = _tree(tmp_path / "src")
+    ref = f"{token_registry.host}/{repo_name}:tok"
+    assert token_registry.username is not None and token_registry.password is not None
+    env = {"REMOTE_CACHE_USERNAME": token_registry.username, "REMOTE_CACHE_PASSWORD": token_registry.password}
+    assert cli("save", str(src), ref, env=env).returncode == 0
+    restored = cli("restore", ref, str(tmp_path / "out"), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path: Path) -> None:
+    src = _tree(tmp_path / "src")
+    ref = f"127.0.0.1:{free_port()}/team/cache:npm"
+
+    failed = cli("save", str(src), ref, "--timeout", "2")
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.startswith("remote-cache: error: ") and len(failed.stderr.splitlines()) == 1
+    _no_traceback(failed)
+
+    for args in (("save", str(src), ref), ("restore", ref, str(tmp_path / "out"))):
+        proc = cli(*args, "--timeout", "2", "--fail-open", "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.startswith("remote-cache: warning: ") and "--fail-open" in proc.stderr
+        data = _json(proc)
+        assert data["outcome"] == "error" and data["failed_open"] is True and data["failed_exit_code"] == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("restore", "Bad_Host/Repo:key", "out"), "invalid reference"),
+        (("restore", "localhost:5000/team/cache", "out"), "has no key"),
+        (("restore", "localhost:5000/team/cache:k", "out", "--key", "k2"), "the key is given twice"),
+        (("ls", "localhost:5000/team/cache:k"), "without ':KEY'"),
+        (("restore", "oci:layout:bad\x01key", "out"), "control characters"),
+        (("save", "does-not-exist", "oci:layout:k"), "does not exist"),
+    ],
+)
+def test_usage_errors_exit_2_even_with_fail_open(
+    cli: Run, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    proc = cli(*args, "--fail-open")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in " ".join(proc.stderr.split()), proc.stderr
+    _no_traceback(proc)
+    assert not (tmp_path / "layout").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("restore", "oci:layout:k", "out", "--password-stdin"), "--password-stdin needs --username"),
+        (("restore", "oci:layout:k", "out", "--username", "u"), "REMOTE_CACHE_PASSWORD"),
+        (("prune", "oci:layout", "--older-than", "7 days"), "not a duration"),
+        (("prune", "oci:layout"), "--older-than"),
+        (("save", ".", "oci:layout:k", "--max-size", "lots"), "not a size"),
+        (("save", ".", "oci:layout:k", "--compression", "xz"), "zstd or gzip"),
+        (("save", ".", "oci:layout:k", "--platform", "amd64"), "OS/ARCH"),
+    ],
+)
+def test_option_errors_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], message: str
+) -> None:
+    # In-process (the same app object the console script runs): these fail before any I/O.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REMOTE_CACHE_PASSWORD", raising=False)
+    result = CliRunner().invoke(app, [*args, "--fail-open"])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert message in " ".join(result.stderr.split())
+    assert result.stdout == ""
+    assert not (tmp_path / "layout").exists()
+
+
+def test_help_documents_exit_codes_and_module_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "remote_cache", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for fragment in ("3 cache miss", "4 authentication error", "5 refused", "--fail-open"):
+        assert fragment in text
+    for command in ("save", "restore", "ls", "inspect", "rm", "prune"):
+        assert command in text
+
+
+# -------------------------------------------------------------------------------------------
+# human units
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("512", 512),
+        ("4K", 4096),
+        ("2G", 2 * 1024**3),
+        ("1.5GiB", int(1.5 * 1024**3)),
+        ("2GB", 2 * 10**9),
+        ("10kB", 10_000),
+        ("3m", 3 * 1024**2),
+    ],
+)
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0s", 0), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("2w", 1209600), ("1d12h", 129600)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "7", "7 days", "-1d", "1y", "d"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1X", "G", "-1K", "1.2.3M"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(123_400_000) == "123.4 MB"
+    assert format_bytes(999) == "999 B"
+
+
+def test_exit_code_mapping() -> None:
+    assert [int(code) for code in ExitCode] == [0, 1, 2, 3, 4, 5]
+    assert exit_code_for(CacheMiss("k")) is ExitCode.MISS
+    assert exit_code_for(InvalidKey("k")) is exit_code_for(InvalidReference("r")) is ExitCode.USAGE
+    assert exit_code_for(RegistryAuthError("denied")) is ExitCode.AUTH
+    assert exit_code_for(CacheTooLarge(Path("p"), 2, 1)) is ExitCode.REFUSED
+    assert exit_code_for(UnsupportedOperation("no deletes")) is ExitCode.REFUSED
+    for error in (RegistryUnreachable("down"), IntegrityError("bad digest"), OSError("disk full")):
+        assert exit_code_for(error) is ExitCode.ERROR
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_only_after_a_moment() -> None:
+    quick = _Terminal()
+    with TransferProgress("save k", stream=quick, show_after=60) as bar:
+        bar(10)
+        bar(20)
+    assert bar.done == 30 and quick.getvalue() == ""
+
+    slow = _Terminal()
+    with TransferProgress("save k", stream=slow, show_after=0) as bar:
+        bar(2_500_000)
+    assert "save k" in slow.getvalue() and "2.5" in slow.getvalue()
+
+    piped = io.StringIO()
+    with TransferProgress("save k", stream=piped, show_after=0) as bar:
+        bar(2_500_000)
+    assert not bar.enabled and piped.getvalue() == ""
+
+
+def test_corrupt_blob_on_restore_exits_1_or_warns_with_fail_open(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "unique.txt").write_text(f"content only this test stores: {uuid.uuid4()}\n" * 100)
+    ref = f"{registry.host}/{repo_name}:corrupt"
+    assert cli("save", str(src), ref, "--quiet").returncode == 0
+    layers = _json(cli("inspect", ref, "--json"))["layers"]
+    assert len(layers) == 1
+    blob = registry.blob_data_path(layers[0]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    blob.write_bytes(bytes(data))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous").write_text("kept")
+    failed = cli("restore", ref, str(out))
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.startswith("remote-cache: error: ")
+    assert "corrupt" in failed.stderr or "does not match" in failed.stderr
+    _no_traceback(failed)
+    assert [p.name for p in out.iterdir()] == ["previous"]  # the target is left as it was
+
+    failed_open = cli("restore", ref, str(out), "--fail-open")
+    assert failed_open.returncode == 0
+    assert failed_open.stderr.startswith("remote-cache: warning: ")
+    assert [p.name for p in out.iterdir()] == ["previous"]
+
+
+def test_timeout_bounds_a_stalled_registry(
+    cli: Run,
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    fault_proxy_factory: Callable[[RegistryServer], FaultProxy],
+) -> None:
+    proxy = fault_proxy_factory(registry).stall(times=1000)  # every request hangs, forever
+    started = time.monotonic()
+    proc = cli("restore", f"{proxy.host}/{repo_name}:k", str(tmp_path / "out"), "--timeout", "1")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("remote-cache: error: ") and "time" in proc.stderr.lower()
+    assert elapsed < 30, f"--timeout 1 took {elapsed:.1f}s to give up"
+    assert proxy.count() >= 1
+
+
+async def test_restore_keys_base_key_immutable_and_read_only(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    repo = f"{registry.host}/{repo_name}"
+    await _save(repo, "npm-aaa", tmp_path, days_ago=3)
+    await _save(repo, "npm-bbb", tmp_path, days_ago=1)
+
+    out = tmp_path / "out"
+    fallback = cli(
+        "restore", f"{repo}:npm-zzz", str(out), "--restore-key", "pip-", "--restore-key", "npm-", "--json"
+    )
+    assert fallback.returncode == 0, fallback.stderr
+    data = _json(fallback)
+    assert data["outcome"] == "fallback" and data["hit"] is False and data["matched_key"] == "npm-bbb"
+    assert fallback.stderr.startswith("restore fallback npm-zzz from npm-bbb: ")
+    assert (out / "f").read_text() == "npm-bbb"
+    assert cli("restore", f"{repo}:npm-zzz", str(out), "--restore-key", "pip-").returncode == 3
+
+    src = _tree(tmp_path / "src")
+    assert cli("save", str(src), f"{repo}:tree-1", "--quiet").returncode == 0
+    based = _json(cli("save", str(src), f"{repo}:tree-2", "--base-key", "tree-1", "--json"))
+    assert based["outcome"] == "saved" and based["base_key"] == "tree-1"
+    assert based["layers_reused"] == based["layers_total"] >= 1 and based["bytes_uploaded"] == 0
+
+    (src / "new-file").write_text("changed")
+    immutable = cli("save", str(src), f"{repo}:tree-1", "--immutable", "--json")
+    assert immutable.returncode == 0 and _json(immutable)["outcome"] == "skipped"
+    assert immutable.stderr.startswith("save skipped tree-1: ")
+    read_only = cli("save", str(src), f"{repo}:tree-3", "--read-only", "--json")
+    assert read_only.returncode == 0 and _json(read_only)["outcome"] == "skipped"
+    assert cli("inspect", f"{repo}:tree-3").returncode == 3
+
+
+# -------------------------------------------------------------------------------------------
+# cache behaviours: restore keys, incremental saves, trust
+
+
+def _aged(root: Path) -> Path:
+    """Backdate every mtime an hour: files written in the second of a save are never reused."""
+    past = int(time.time()) - 3600
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (past, past), follow_symlinks=False)
+    os.utime(root, (past, past))
+    return root
+
+
+def test_restore_key_fallback_then_save_with_base(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    repo = f"{registry.host}/{repo_name}"
+    src = _aged(_tree(tmp_path / "src"))
+    assert cli("save", str(src), f"{repo}:npm-aaa").returncode == 0
+
+    out = tmp_path / "out"
+    fell = cli(
+        "restore", f"{repo}:npm-bbb", str(out), "--restore-key", "go-", "--restore-key", "npm-", "--json"
+    )
+    assert fell.returncode == 0, fell.stderr
+    data = _json(fell)
+    assert data["status"] == "fallback" and data["matched_key"] == "npm-aaa" and data["hit"] is False
+    assert "fallback" in fell.stderr.strip().splitlines()[-1] and "npm-aaa" in fell.stderr
+    assert_same_tree(src, out)
+
+    saved = cli("save", str(out), f"{repo}:npm-bbb", "--base", data["matched_key"], "--json")
+    assert saved.returncode == 0, saved.stderr
+    info = _json(saved)
+    assert info["status"] == "saved" and info["layers_reused"] == info["layers_total"] > 0
+    assert info["bytes_uploaded"] == 0 and info["base_key"] == "npm-aaa"
+
+    exact = _json(cli("restore", f"{repo}:npm-bbb", str(tmp_path / "o2"), "--restore-key", "npm-", "--json"))
+    assert exact["status"] == "hit" and exact["matched_key"] == "npm-bbb"
+    missed = cli("restore", f"{repo}:npm-ccc", str(tmp_path / "o3"), "--restore-key", "pip-")
+    assert missed.returncode == 3
+
+
+def test_save_full_rereads_and_keeps_the_digest(cli: Run, tmp_path: Path) -> None:
+    src = _aged(_tree(tmp_path / "src"))
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    first = _json(cli("save", str(src), ref, "--json"))
+    again = _json(cli("save", str(src), ref, "--json"))
+    assert again["status"] == "unchanged" and again["layers_reused"] == again["layers_total"]
+    full = _json(cli("save", str(src), ref, "--full", "--json"))
+    assert full["status"] == "unchanged" and full["layers_reused"] == 0
+    assert full["digest"] == again["digest"] == first["digest"]
+
+
+def test_save_immutable_never_overwrites(cli: Run, tmp_path: Path) -> None:
+    ref = f"oci:{tmp_path / 'layout'}:release"
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "f").write_text("one")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "f").write_text("two")
+    first = _json(cli("save", str(a), ref, "--immutable", "--json"))
+    second = cli("save", str(b), ref, "--immutable", "--json")
+    assert second.returncode == 0, second.stderr
+    assert _json(second)["status"] == "skipped" and _json(second)["digest"] == first["digest"]
+    assert "immutable key exists" in second.stderr
+    out = tmp_path / "out"
+    assert cli("restore", ref, str(out)).returncode == 0
+    assert (out / "f").read_text() == "one"
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_save_read_only_is_a_no_op(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path, how: str
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    ref = f"{registry.host}/{repo_name}:k"
+    if how == "flag":
+        proc = cli("save", str(src), ref, "--read-only", "--json")
+    else:
+        proc = cli("save", str(src), ref, "--json", env={"REMOTE_CACHE_READ_ONLY": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert _json(proc)["status"] == "skipped" and _json(proc)["bytes_uploaded"] == 0
+    assert "read-only" in proc.stderr
+    assert cli("restore", ref, str(tmp_path / "out")).returncode == 3
+
+
+async def test_ls_prefix(cli: Run, tmp_path: Path) -> None:
+    repo = f"oci:{tmp_path / 'layout'}"
+    for key in ("npm-a", "npm-b", "pip-a"):
+        await _save(repo, key, tmp_path)
+    listed = _json(cli("ls", repo, "--prefix", "npm-", "--json"))
+    assert sorted(e["key"] for e in listed["entries"]) == ["npm-a", "npm-b"]
