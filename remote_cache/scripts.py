@@ -13,12 +13,15 @@ directory mtimes, which BusyBox ``tar -x`` does not restore.
 owner, link count of every entry) is recorded in a per-engine state file when a volume is mounted,
 and the export compares it with the volume's current listing; equal means nothing to upload.
 ctime changes on any write, so an edit that restores size and mtime is still seen.
+The listing is recorded only when the remote copy under the volume's own key matches it: after a
+fallback (a restore key) the exact key has no entry yet, so the next export must upload.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 __all__ = [
     "BOOKKEEPING_ROOT",
@@ -37,6 +40,7 @@ __all__ = [
     "STATE_VOLUME",
     "STATUS_PREFIX",
     "VOLUME_FILE",
+    "CopyStatus",
     "bookkeeping_dir",
     "parse_status",
     "parse_volume_record",
@@ -49,7 +53,8 @@ __all__ = [
 #: so an engine of that version likely has it already.
 HELPER_IMAGE = "alpine:3.22.2@sha256:4b7ce07002c69e8f3d704a9c5d6fd3053be500b7f1c69fc0d80990c2ad8dd412"
 
-#: Prefix of the status line COPY_OUT prints: ``<prefix> changed|unchanged <listing-hash>``.
+#: Prefix of the status line COPY_OUT prints: ``<prefix> STATE LISTING-HASH KIB`` (see
+#: :func:`parse_status`).
 STATUS_PREFIX = "remote-cache-status:"
 
 _FUNCTIONS = r"""
@@ -73,41 +78,57 @@ IS_EMPTY = "set -eu" + _FUNCTIONS + 'is_empty "$1"\n'
 #: ``LISTING DIR``: print DIR's listing hash.
 LISTING = "set -eu" + _FUNCTIONS + 'listing "$1"\n'
 
-#: ``SEED SRC CACHE STATE``: copy SRC into CACHE only when CACHE is empty (a warm engine's
-#: volume is at least as fresh as the remote copy), then record CACHE's listing hash in STATE.
+#: ``SEED SRC CACHE STATE [record|forget]``: copy SRC into CACHE only when CACHE is empty (a
+#: warm engine's volume is at least as fresh as the remote copy), then record CACHE's listing
+#: hash in STATE (``record``, the default: SRC is the entry under the volume's own key) or drop
+#: what STATE held (``forget``: SRC came from a restore key, the exact key has nothing yet).
 SEED = (
     "set -eu"
     + _FUNCTIONS
     + r"""
-src=$1 cache=$2 state=$3
+src=$1 cache=$2 state=$3 mode=${4:-record}
 if is_empty "$cache"; then
   cp -a "$src/." "$cache/"
   echo "remote-cache: restored into empty volume"
 else
   echo "remote-cache: volume already has content, kept it"
 fi
-record "$(listing "$cache")" "$state"
+if [ "$mode" = forget ]; then
+  rm -f "$state"
+else
+  record "$(listing "$cache")" "$state"
+fi
 """
 )
 
 #: ``FORGET STATE``: drop the recorded listing (after a miss, the next export must upload).
 FORGET = 'set -eu\nrm -f "$1"\n'
 
-#: ``COPY_OUT CACHE OUT STATE``: when CACHE's listing differs from the one recorded in STATE,
-#: copy CACHE into OUT (created). Always prints one status line (see :func:`parse_status`).
+#: ``COPY_OUT CACHE OUT STATE [MAX_KIB]``: when CACHE's listing differs from the one recorded in
+#: STATE, copy CACHE into OUT (created) -- unless MAX_KIB (> 0) is set and ``du -sk`` says CACHE
+#: is bigger, in which case nothing is copied (``too-big``). Always prints one status line (see
+#: :func:`parse_status`); the size is measured only when there is a limit (else ``-``).
 COPY_OUT = (
     "set -eu"
     + _FUNCTIONS
     + r"""
-cache=$1 out=$2 state=$3
+cache=$1 out=$2 state=$3 max=${4:-0}
 now=$(listing "$cache")
 if [ -f "$state" ] && [ "$(cat "$state")" = "$now" ]; then
-  echo "remote-cache-status: unchanged $now"
+  echo "remote-cache-status: unchanged $now -"
   exit 0
+fi
+kib=-
+if [ "$max" -gt 0 ]; then
+  kib=$(du -sk "$cache" | cut -f1)
+  if [ "$kib" -gt "$max" ]; then
+    echo "remote-cache-status: too-big $now $kib"
+    exit 0
+  fi
 fi
 mkdir -p "$out"
 cp -a "$cache/." "$out/"
-echo "remote-cache-status: changed $now"
+echo "remote-cache-status: changed $now $kib"
 """
 )
 
@@ -115,13 +136,31 @@ echo "remote-cache-status: changed $now"
 RECORD = "set -eu" + _FUNCTIONS + 'record "$1" "$2"\n'
 
 
-def parse_status(stdout: str) -> tuple[bool, str]:
-    """``(changed, listing_hash)`` from COPY_OUT's output; ValueError when there is no status line."""
+@dataclass(frozen=True)
+class CopyStatus:
+    """What COPY_OUT decided: ``state`` is ``changed`` (copied), ``unchanged`` or ``too-big`` (not copied)."""
+
+    state: str
+    listing: str
+    #: The volume's ``du -sk`` size, measured only under a size limit.
+    kib: int | None = None
+
+    @property
+    def changed(self) -> bool:
+        """True when the volume was copied out and should be uploaded."""
+        return self.state == "changed"
+
+
+_STATES = ("changed", "unchanged", "too-big")
+
+
+def parse_status(stdout: str) -> CopyStatus:
+    """COPY_OUT's decision from its output; ValueError when there is no status line."""
     for line in reversed(stdout.splitlines()):
         if line.startswith(STATUS_PREFIX):
             parts = line[len(STATUS_PREFIX) :].split()
-            if len(parts) == 2 and parts[0] in ("changed", "unchanged"):
-                return parts[0] == "changed", parts[1]
+            if len(parts) == 3 and parts[0] in _STATES and (parts[2] == "-" or parts[2].isdigit()):
+                return CopyStatus(parts[0], parts[1], None if parts[2] == "-" else int(parts[2]))
     raise ValueError(f"no {STATUS_PREFIX!r} line in the copy step's output")
 
 

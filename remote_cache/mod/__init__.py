@@ -2,10 +2,13 @@
 
 Replace ``ctr.with_mounted_cache(path, dag.cache_volume(name))`` with
 ``ctr.with_(dag.remote_cache(backend).cache_volume(path, key).mount)``: the volume is seeded from the
-backend's copy under ``key`` when the engine's own volume is empty. After your pipeline ran,
+backend's copy under ``key`` (else, with ``restore_keys``, the newest entry under a fallback
+prefix) when the engine's own volume is empty. After your pipeline ran,
 ``ctr.with_(dag.remote_cache(backend).export)`` saves every remote-cached volume mounted on it
-(only the ones that changed). Backends implement ``import(key) -> Directory`` and
-``export(key, dir)``; the ``remote-backend`` module provides an OCI registry backend.
+(only the ones that changed) under its key. ``read_only``, ``max_size``, ``timeout`` and
+``strict`` on ``remote_cache(...)`` control saving and failures. Backends implement
+``resolve(key, restore_keys) -> str``, ``import(key) -> Directory`` and ``export(key, dir)``; the
+``remote-backend`` module provides an OCI registry backend.
 """
 
 from __future__ import annotations

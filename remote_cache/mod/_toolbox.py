@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import secrets
 import sys
+from contextlib import AbstractContextManager
 
+import anyio
 import dagger
 from dagger import dag
 
 from .. import scripts
 
-__all__ = ["mount_cache", "report", "run_script", "toolbox"]
+__all__ = ["deadline", "mount_cache", "report", "run_script", "toolbox"]
+
+
+def deadline(seconds: int) -> AbstractContextManager[anyio.CancelScope]:
+    """``anyio.fail_after(seconds)`` (TimeoutError when it expires); 0 or less means no limit."""
+    return anyio.fail_after(seconds if seconds > 0 else None)
 
 
 def mount_cache(

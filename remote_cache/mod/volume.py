@@ -10,7 +10,7 @@ from dagger import dag
 from .. import scripts
 from ..errors import MISS_MARKER, RemoteCacheError
 from . import _sdk
-from ._toolbox import mount_cache, report, run_script, toolbox
+from ._toolbox import deadline, mount_cache, report, run_script, toolbox
 from .backend import Backend
 
 __all__ = ["RemoteCacheVolume"]
@@ -23,41 +23,55 @@ class RemoteCacheVolume:
     path: str = _sdk.field()
     key: str = _sdk.field()
     volume: dagger.CacheVolume = _sdk.field()
+    restore_keys: list[str] = _sdk.field(default=list)
     backend: Backend
     sharing: dagger.CacheSharingMode | None = None
     owner: str = ""
     strict: bool = False
+    timeout: int = 600
 
     # NB: `ctr` must stay the only argument, so Go callers can write `.With(vol.Mount)`.
     @_sdk.function(cache="session")
     async def mount(self, ctr: dagger.Container) -> dagger.Container:
         """Mount the volume on ``ctr`` at its path, first restoring the backend's copy into it if it is empty.
 
-        A missing entry is a miss (start cold); other import failures print one warning and go on
-        with the volume as it is, unless the cache was made with ``strict``.
+        The backend resolves the key (exact, else the newest entry matching a restore key) and
+        the chosen entry is imported. A missing entry is a miss (start cold); other failures,
+        and an import slower than the cache's ``timeout``, print one warning and go on with the
+        volume as it is, unless the cache was made with ``strict``.
         """
         started = time.monotonic()
         mounted = mount_cache(ctr, self.path, self.volume, self.sharing, self.owner)
         state = scripts.state_file(self.key, self.path)
         outcome = "miss"
         source: dagger.Directory | None = None
+        exact = True
         try:
-            imported = self.backend.import_(self.key)
-            await imported.sync()
-            source, outcome = imported, "hit"
+            with deadline(self.timeout):
+                matched = await self.backend.resolve(self.key, list(self.restore_keys))
+                if matched:
+                    imported = self.backend.import_(matched)
+                    await imported.sync()
+                    source, exact = imported, matched == self.key
+                    outcome = "hit" if exact else f"fallback hit (from {matched!r})"
         except dagger.DaggerError as exc:
             if MISS_MARKER not in str(exc):
                 outcome = "error"
                 self._fail(f"could not import key {self.key!r}", exc)
+        except TimeoutError as exc:
+            outcome = "error"
+            self._fail(f"import of key {self.key!r} timed out after {self.timeout}s", exc)
 
         steps = toolbox(mounted)
         if source is not None:
+            # After a fallback the exact key has no entry yet: record nothing, so export uploads.
             steps = run_script(
                 steps.with_mounted_directory(scripts.SRC_DIR, source, read_only=True),
                 scripts.SEED,
                 scripts.SRC_DIR,
                 self.path,
                 state,
+                "record" if exact else "forget",
             )
         else:
             # Nothing trustworthy was imported: forget what was recorded, so export uploads.

@@ -304,17 +304,33 @@ def test_remote_cache_registration(loaded_module: Load) -> None:
     assert export["returns"] == "Container!" and export["cache_policy"] == "Never"
     assert "Backend" in got["module"]["interfaces"] and "Backend" not in got["module"]["objects"]
     backend = got["module"]["interfaces"]["Backend"]["functions"]
-    assert set(backend) == {"import", "export"}
+    assert set(backend) == {"resolve", "import", "export"}
     assert backend["import"]["returns"] == "Directory!"
+    assert backend["resolve"]["returns"] == "String!"
+    assert {k: v["type"] for k, v in backend["resolve"]["args"].items()} == {
+        "key": "String!",
+        "restore_keys": "[String!]!",
+    }
     volume = _fn(got, "RemoteCache", "cache_volume")
     assert volume["returns"] == "RemoteCacheVolume!"
+    assert volume["args"]["restore_keys"]["type"] == "[String!]"
+    # The switches are constructor arguments of the main object (dag.remote_cache(backend, ...)).
+    # (The SDK registers Python names; the engine camel-cases them: restoreKeys, readOnly, ...)
+    ctor = got["module"]["objects"]["RemoteCache"]["constructor"]
+    assert {k: v["type"] for k, v in ctor["args"].items()} == {
+        "backend": "Backend!",
+        "strict": "Boolean!",
+        "read_only": "Boolean!",
+        "max_size": "String!",
+        "timeout": "Int!",
+    }
 
 
 def test_registry_matches_backend_interface(loaded_module: Load) -> None:
     _, cache = loaded_module("remote-cache")
     _, backend = loaded_module("remote-backend")
     iface = cache["module"]["interfaces"]["Backend"]["functions"]
-    for fn in ("import", "export"):
+    for fn in ("resolve", "import", "export"):
         impl = _fn(backend, "Registry", fn)
         want = iface[fn]
         assert impl["returns"] == want["returns"], fn
@@ -322,10 +338,21 @@ def test_registry_matches_backend_interface(loaded_module: Load) -> None:
             k: v["type"] for k, v in want["args"].items()
         }
     assert _fn(backend, "Registry", "import")["cache_policy"] == "PerSession"
+    assert _fn(backend, "Registry", "resolve")["cache_policy"] == "PerSession"
     assert _fn(backend, "Registry", "export")["cache_policy"] == "Never"
     registry = _fn(backend, "RemoteBackend", "registry")
     assert registry["returns"] == "Registry!"
     assert registry["args"]["password"]["type"] == "Secret"
+    assert registry["args"]["immutable"]["type"] == "Boolean!"
+    housekeeping = {
+        "entries": {"prefix": "String!", "json": "Boolean!"},
+        "remove": {"key": "String!"},
+        "prune": {"older_than": "String!", "keep": "Int!", "prefix": "String!", "dry_run": "Boolean!"},
+    }
+    for fn, args in housekeeping.items():
+        got = _fn(backend, "Registry", fn)
+        assert got["cache_policy"] == "Never" and got["returns"] == "String!", fn
+        assert {k: v["type"] for k, v in got["args"].items()} == args, fn
 
 
 def test_example_registration(loaded_module: Load) -> None:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import dagger
 import graphql
 import pytest
 from dagger import dag
 
 from remote_cache import scripts
-from remote_cache.errors import MISS_MARKER
+from remote_cache.errors import MISS_MARKER, RemoteCacheError
 from tests.dagger.offline.session import OfflineSession, Step, query_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,14 +31,27 @@ HELPER_PREFIX = "alpine:3.22.2@sha256:4b7ce0"
 
 @dataclass
 class StandInBackend:
-    """What the engine hands a function for a ``Backend`` argument: lazy import, awaited export."""
+    """What the engine hands a function for a ``Backend`` argument: awaited resolve, lazy import,
+    awaited export. ``resolves_to`` is the canned answer of resolve (None: the key itself, a hit);
+    ``delay`` makes resolve and export slow (for timeouts). Calls are recorded."""
 
+    resolves_to: str | None = None
+    delay: float = 0.0
+    resolved: list[tuple[str, list[str]]] = field(default_factory=list)
+    imported: list[str] = field(default_factory=list)
     exported: list[tuple[str, str]] = field(default_factory=list)
 
+    async def resolve(self, key: str, restore_keys: list[str]) -> str:
+        self.resolved.append((key, list(restore_keys)))
+        await anyio.sleep(self.delay)
+        return key if self.resolves_to is None else self.resolves_to
+
     def import_(self, key: str) -> dagger.Directory:
+        self.imported.append(key)
         return dag.directory().with_new_file("stand-in-backend", key)
 
     async def export(self, key: str, dir: dagger.Directory) -> None:
+        await anyio.sleep(self.delay)
         self.exported.append((key, await dir.id()))
 
 
@@ -85,10 +100,28 @@ def user_steps(chain: tuple[Step, ...]) -> list[Step]:
 # -- RemoteCacheVolume.mount -----------------------------------------------------------------
 
 
-async def _mount(session: OfflineSession, **opts: Any) -> tuple[tuple[Step, ...], StandInBackend]:
+def script_execs(session: OfflineSession, script: str) -> list[list[str]]:
+    """The argv after ``sh -c SCRIPT sh`` of each distinct exec running ``script`` (an exec shows
+    up in every query built on it, e.g. its stdout and its output directory's ID)."""
+    found: list[list[str]] = []
+    for chain in exec_queries(session):
+        for step in chain:
+            argv = step.args.get("args") if step.name == "withExec" else None
+            if argv and argv[:3] == ["sh", "-c", script] and list(argv[4:]) not in found:
+                found.append(list(argv[4:]))
+    return found
+
+
+def report_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("remote-cache: ")]
+
+
+async def _mount(
+    session: OfflineSession, backend: StandInBackend | None = None, **opts: Any
+) -> tuple[tuple[Step, ...], StandInBackend]:
     from remote_cache.mod.volume import RemoteCacheVolume
 
-    backend = StandInBackend()
+    backend = backend or StandInBackend()
     vol = RemoteCacheVolume(
         path="/root/.npm",
         key="npm-v1",
@@ -100,8 +133,14 @@ async def _mount(session: OfflineSession, **opts: Any) -> tuple[tuple[Step, ...]
     return session.chain_of(await out.id()), backend
 
 
-async def test_mount_hit(offline: OfflineSession) -> None:
-    out, _ = await _mount(offline, sharing=dagger.CacheSharingMode.LOCKED, owner="1000:1000")
+async def test_mount_hit(offline: OfflineSession, capsys: pytest.CaptureFixture[str]) -> None:
+    out, backend = await _mount(offline, sharing=dagger.CacheSharingMode.LOCKED, owner="1000:1000")
+    assert backend.resolved == [("npm-v1", [])] and backend.imported == ["npm-v1"]
+    state = scripts.state_file("npm-v1", "/root/.npm")
+    assert script_execs(offline, scripts.SEED) == [[scripts.SRC_DIR, "/root/.npm", state, "record"]]
+    assert [line.split(" in ")[0] for line in report_lines(capsys.readouterr().err)] == [
+        "remote-cache: import key='npm-v1' path=/root/.npm: hit"
+    ]
     added = user_steps(out)
     assert [s.name for s in added] == ["withMountedCache", "withMountedDirectory"], added
     cache = added[0]
@@ -127,6 +166,56 @@ async def test_mount_hit(offline: OfflineSession) -> None:
     assert seeded, "a hit must seed the volume from the imported directory"
     src = next(s for s in seeded[0] if s.name == "withMountedDirectory" and s.args["path"] == scripts.SRC_DIR)
     assert names(expand_arg(offline, src.args["source"]))[:2] == ["directory", "withNewFile"]
+
+
+async def test_mount_fallback_seeds_from_the_restore_key_and_records_nothing(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = StandInBackend(resolves_to="npm-main-older")
+    out, _ = await _mount(offline, backend, restore_keys=["npm-feature-", "npm-main-"])
+
+    assert backend.resolved == [("npm-v1", ["npm-feature-", "npm-main-"])]
+    assert backend.imported == ["npm-main-older"], "the matched entry, not the wanted key, is imported"
+    state = scripts.state_file("npm-v1", "/root/.npm")  # the volume's own key: export saves there
+    assert script_execs(offline, scripts.SEED) == [[scripts.SRC_DIR, "/root/.npm", state, "forget"]]
+    seed = next(c for c in exec_queries(offline) if "withMountedDirectory" in names(c))
+    src = next(s for s in seed if s.name == "withMountedDirectory" and s.args["path"] == scripts.SRC_DIR)
+    imported = expand_arg(offline, src.args["source"])
+    assert imported[-1].name == "withNewFile" and imported[-1].args["contents"] == "npm-main-older"
+    # The bookkeeping still names the exact key.
+    record = expand_arg(offline, user_steps(out)[-1].args["source"])
+    assert json.loads(record[-1].args["contents"]) == {"key": "npm-v1", "path": "/root/.npm"}
+    lines = report_lines(capsys.readouterr().err)
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "remote-cache: import key='npm-v1' path=/root/.npm: fallback hit (from 'npm-main-older') in "
+    )
+
+
+async def test_mount_resolve_miss_imports_nothing(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = StandInBackend(resolves_to="")
+    await _mount(offline, backend, restore_keys=["npm-"])
+    assert backend.imported == []
+    assert script_execs(offline, scripts.SEED) == []
+    assert script_execs(offline, scripts.FORGET) == [[scripts.state_file("npm-v1", "/root/.npm")]]
+    assert ": miss in " in report_lines(capsys.readouterr().err)[-1]
+
+
+async def test_mount_times_out_open_or_strict(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slow = StandInBackend(delay=5)
+    with anyio.fail_after(4):  # the mount's own 1s limit must fire first
+        await _mount(offline, slow, timeout=1)
+    assert slow.imported == [] and script_execs(offline, scripts.SEED) == []
+    lines = report_lines(capsys.readouterr().err)
+    assert "timed out after 1s" in lines[0] and "continuing without it" in lines[0]
+    assert ": error in " in lines[-1]
+
+    with pytest.raises(RemoteCacheError, match="timed out after 1s"):
+        await _mount(offline, StandInBackend(delay=5), timeout=1, strict=True)
 
 
 async def test_mount_miss_starts_cold(offline: OfflineSession) -> None:
@@ -159,7 +248,7 @@ async def test_export_returns_the_container_unchanged(offline: OfflineSession) -
         {
             "Container.mounts": ["/root/.npm", bookkeeping],
             "File.contents": scripts.volume_record("npm-v1", "/root/.npm"),
-            "Container.stdout": f"{scripts.STATUS_PREFIX} changed abc123\n",
+            "Container.stdout": f"{scripts.STATUS_PREFIX} changed abc123 -\n",
         }
     )
     ctr = dag.container().from_("node:22").with_exec(["npm", "ci"])
@@ -177,6 +266,97 @@ async def test_export_returns_the_container_unchanged(offline: OfflineSession) -
             rest = chain[len(before) :]
             if "withExec" in names(rest):
                 assert "withRootfs" in names(rest), "export runs a command in the user's image"
+
+
+def _one_volume(session: OfflineSession, status: str = "changed abc123 -") -> dagger.Container:
+    bookkeeping = scripts.bookkeeping_dir("/root/.npm")
+    session.answers.update(
+        {
+            "Container.mounts": ["/root/.npm", bookkeeping],
+            "File.contents": scripts.volume_record("npm-v1", "/root/.npm"),
+            "Container.stdout": f"{scripts.STATUS_PREFIX} {status}\n",
+        }
+    )
+    return dag.container().from_("node:22").with_exec(["npm", "ci"])
+
+
+async def test_export_saves_and_records_the_listing(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from remote_cache.mod.main import RemoteCache
+
+    backend = StandInBackend()
+    await RemoteCache(backend=backend, max_size="2GB").export(_one_volume(offline))
+    state = scripts.state_file("npm-v1", "/root/.npm")
+    assert [k for k, _ in backend.exported] == ["npm-v1"]
+    # 2GB is decimal: 2e9 bytes = 1953125 KiB, handed to COPY_OUT for its `du -sk` check.
+    assert script_execs(offline, scripts.COPY_OUT) == [["/root/.npm", scripts.OUT_DIR, state, "1953125"]]
+    assert script_execs(offline, scripts.RECORD) == [["abc123", state]]
+    assert ": saved in " in report_lines(capsys.readouterr().err)[-1]
+
+
+async def test_export_read_only_copies_and_uploads_nothing(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from remote_cache.mod.main import RemoteCache
+
+    backend = StandInBackend()
+    ctr = _one_volume(offline)
+    out = await RemoteCache(backend=backend, read_only=True).export(ctr)
+    assert offline.chain_of(await out.id()) == offline.chain_of(await ctr.id())
+    assert backend.exported == []
+    assert script_execs(offline, scripts.COPY_OUT) == [] and script_execs(offline, scripts.RECORD) == []
+    assert report_lines(capsys.readouterr().err) == [
+        "remote-cache: export key='npm-v1' path=/root/.npm: skipped: read-only"
+    ]
+
+
+async def test_export_over_max_size_skips_or_fails_when_strict(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from remote_cache.mod.main import RemoteCache
+
+    backend = StandInBackend()
+    ctr = _one_volume(offline, status="too-big abc123 3145728")  # 3 GiB measured by du -sk
+    await RemoteCache(backend=backend, max_size="2G").export(ctr)
+    assert backend.exported == [] and script_execs(offline, scripts.RECORD) == []
+    assert script_execs(offline, scripts.COPY_OUT)[0][-1] == str(2 * 1024 * 1024)
+    line = report_lines(capsys.readouterr().err)[-1]
+    assert line.startswith(
+        "remote-cache: export key='npm-v1' path=/root/.npm: skipped: 3.2 GB is over max_size 2G"
+    )
+
+    with pytest.raises(RemoteCacheError, match="over max_size 2G"):
+        await RemoteCache(backend=backend, max_size="2G", strict=True).export(ctr)
+    assert backend.exported == []
+    with pytest.raises(RemoteCacheError, match="max_size"):
+        await RemoteCache(backend=backend, max_size="lots").export(ctr)
+    with pytest.raises(RemoteCacheError, match="max_size"):
+        RemoteCache(backend=backend, max_size="lots").cache_volume("/root/.npm", "npm-v1")
+
+
+async def test_export_timeout_is_fail_open(
+    offline: OfflineSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from remote_cache.mod.main import RemoteCache
+
+    slow = StandInBackend(delay=5)
+    with anyio.fail_after(4):
+        await RemoteCache(backend=slow, timeout=1).export(_one_volume(offline))
+    assert slow.exported == [] and script_execs(offline, scripts.RECORD) == []
+    lines = report_lines(capsys.readouterr().err)
+    assert "timed out after 1s" in lines[0] and lines[-1].split(": ")[-1].startswith("error in ")
+
+
+async def test_cache_volume_passes_restore_keys_and_limits(offline: OfflineSession) -> None:
+    from remote_cache.mod.main import RemoteCache
+
+    cache = RemoteCache(backend=StandInBackend(), strict=True, timeout=42)
+    vol = cache.cache_volume("/root/.npm", "npm-feature-abc", restore_keys=["npm-feature-", "npm-main-"])
+    assert vol.restore_keys == ["npm-feature-", "npm-main-"] and vol.timeout == 42 and vol.strict
+    assert cache.cache_volume("/root/.npm", "npm-v1").restore_keys == []
+    with pytest.raises(RemoteCacheError, match="restore key is empty"):
+        cache.cache_volume("/root/.npm", "npm-v1", restore_keys=[""])
 
 
 # -- Registry (remote-backend) ---------------------------------------------------------------
@@ -297,3 +477,135 @@ async def test_an_invalid_query_is_rejected(offline: OfflineSession) -> None:
         await offline.execute(bad)
     ok = parse_request('{ container { withMountedCache(path: "/c", cache: "x", sharing: LOCKED) { id } } }')
     assert (await offline.execute(ok))["container"]["withMountedCache"]["id"].startswith("offline:")
+
+
+# -- Registry: resolve, immutable export, housekeeping (real registry) --------------------------
+
+
+async def _save_entry(host: str, repo: str, key: str, root: Path, *, age_days: int = 0) -> None:
+    """Store an entry with the core (as the CLI would), optionally backdated by ``age_days``."""
+    from remote_cache.keys import tag_for_key
+    from remote_cache.oci import ANNOTATION_CREATED
+    from remote_cache.reference import parse_reference
+    from remote_cache.registry import RegistryStore
+    from remote_cache.save import save
+
+    root.mkdir(parents=True)
+    (root / "data.txt").write_text(key)
+    store = RegistryStore.from_reference(parse_reference(f"{host}/{repo}"), plain_http=True)
+    try:
+        await save(store, key, root)
+        if age_days:
+            tag = tag_for_key(key)
+            desc, body = await store.get_manifest(tag)
+            index = json.loads(body)
+            stamp = datetime.now(UTC) - timedelta(days=age_days)
+            index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+            await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
+    finally:
+        await store.aclose()
+
+
+async def _reg(module: Any, host: str, repo: str, **kw: Any) -> Any:
+    reg = _registry(module, host, repo, **kw)
+    return await reg if hasattr(reg, "__await__") else reg
+
+
+async def test_registry_resolve_exact_fallback_and_miss(
+    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    await _save_entry(registry.host, repo_name, "npm-main-old", tmp_path / "a", age_days=3)
+    await _save_entry(registry.host, repo_name, "npm-main-new", tmp_path / "b", age_days=1)
+    await _save_entry(registry.host, repo_name, "npm-feature-x", tmp_path / "c", age_days=2)
+    reg = await _reg(registry_module, registry.host, repo_name)
+
+    assert await reg.resolve("npm-main-old", ["npm-feature-"]) == "npm-main-old"  # exact wins
+    assert await reg.resolve("npm-feature-y", ["npm-feature-", "npm-main-"]) == "npm-feature-x"
+    assert await reg.resolve("npm-other-y", ["npm-other-", "npm-main-"]) == "npm-main-new"  # newest
+    assert await reg.resolve("npm-other-y", ["pip-"]) == ""
+    assert await reg.resolve("npm-other-y", []) == ""
+    # import_ of the fallback's key pins what resolve found.
+    got = reg.import_("npm-main-new")
+    got = await got if hasattr(got, "__await__") else got
+    froms = [s for s in offline.chain_of(await got.id()) if s.name == "from"]
+    assert froms and froms[0].args["address"].startswith(f"{registry.host}/{repo_name}@sha256:")
+
+
+async def test_registry_immutable_export_keeps_an_existing_tag(
+    offline: OfflineSession,
+    registry_module: Any,
+    registry: Any,
+    repo_name: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from remote_cache.keys import tag_for_key
+
+    offline.answers["Container.publish"] = lambda args, chain: f"{args['address']}@sha256:{'0' * 64}"
+    await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
+
+    def publishes() -> int:
+        return sum(1 for r in offline.recorded if r.chain and r.chain[-1].name == "publish")
+
+    immutable = await _reg(registry_module, registry.host, repo_name, immutable=True)
+    await immutable.export("npm-v1", dag.directory().with_new_file("a", "b"))
+    assert publishes() == 0, "an immutable registry must not overwrite an existing tag"
+    assert "exists and the cache is immutable" in capsys.readouterr().err
+
+    await immutable.export("npm-v2", dag.directory().with_new_file("a", "b"))  # new key: published
+    assert publishes() == 1
+    mutable = await _reg(registry_module, registry.host, repo_name)
+    await mutable.export("npm-v1", dag.directory().with_new_file("a", "b"))  # default: replaced
+    assert publishes() == 2
+
+
+async def test_registry_entries_remove_prune(
+    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    for i, (key, age) in enumerate([("npm-a", 30), ("npm-b", 10), ("npm-c", 0), ("go-a", 30)]):
+        await _save_entry(registry.host, repo_name, key, tmp_path / str(i), age_days=age)
+    reg = await _reg(registry_module, registry.host, repo_name)
+
+    table = (await reg.entries()).splitlines()
+    assert table[0].split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]
+    assert [row.split()[0] for row in table[1:]] == ["npm-c", "npm-b", "go-a", "npm-a"] or [
+        row.split()[0] for row in table[1:]
+    ] == ["npm-c", "npm-b", "npm-a", "go-a"]
+    lines = [json.loads(line) for line in (await reg.entries(prefix="npm-", json_=True)).splitlines()]
+    assert [e["key"] for e in lines] == ["npm-c", "npm-b", "npm-a"]
+    assert all(e["files"] == 1 and e["size"] == 5 and e["created"] for e in lines)
+    assert "no entries" in await reg.entries(prefix="pip-")
+
+    planned = await reg.prune(older_than="7d", keep=1, prefix="npm-", dry_run=True)
+    assert planned.startswith("would remove 2 entries") and "npm-a" in planned and "npm-b" in planned
+    assert len((await reg.entries()).splitlines()) == 5, "a dry run deletes nothing"
+    done = await reg.prune(older_than="20d")
+    assert done.startswith("removed 2 entries") and "npm-a" in done and "go-a" in done
+    assert "removed npm-b" in await reg.remove("npm-b")
+    assert [json.loads(x)["key"] for x in (await reg.entries(json_=True)).splitlines()] == ["npm-c"]
+
+    with pytest.raises(Exception, match=MISS_MARKER):
+        await reg.remove("npm-b")
+    with pytest.raises(RemoteCacheError, match="refusing to delete every entry"):
+        await reg.prune()
+    with pytest.raises(RemoteCacheError, match="not a duration"):
+        await reg.prune(older_than="a week")
+
+
+async def test_registry_that_refuses_deletes_says_so(
+    offline: OfflineSession, registry_module: Any, tmp_path: Path
+) -> None:
+    from remote_cache.errors import UnsupportedOperation
+    from tests.registry_server import start_registry
+
+    server = start_registry(tmp_path / "srv", auth="none", delete_enabled=False)
+    try:
+        await _save_entry(server.host, "test/no-deletes", "npm-a", tmp_path / "a")
+        reg = await _reg(registry_module, server.host, "test/no-deletes")
+        with pytest.raises(UnsupportedOperation, match=r"ttl\.sh"):
+            await reg.remove("npm-a")
+        with pytest.raises(UnsupportedOperation, match="does not allow deleting"):
+            await reg.prune(prefix="npm-")
+        assert "npm-a" in await reg.entries()
+    finally:
+        server.stop()

@@ -122,8 +122,9 @@ def test_copy_out_then_seed_reproduces_the_tree(tmp_path: Path, run: Runner) -> 
     state = tmp_path / "state" / "entry"
 
     result = run(scripts.COPY_OUT, original, out, state)
-    changed, listing = scripts.parse_status(result.stdout)
-    assert changed
+    status = scripts.parse_status(result.stdout)
+    changed, listing = status.changed, status.listing
+    assert changed and status.kib is None  # no limit: no size measured
     assert snapshot(out) == before
     assert snapshot(original) == before  # copying out never touches the volume
 
@@ -194,8 +195,9 @@ def test_copy_out_skips_an_unchanged_volume_and_sees_every_change(tmp_path: Path
     run(scripts.SEED, seeded_from, volume, state)  # non-empty: records the listing only
 
     out = tmp_path / "out"
-    changed, listing = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
-    assert not changed
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
+    changed, listing = status.changed, status.listing
+    assert not changed and status.state == "unchanged"
     assert not out.exists()  # decided before copying anything
     assert state.read_text().strip() == listing
 
@@ -204,18 +206,19 @@ def test_copy_out_skips_an_unchanged_volume_and_sees_every_change(tmp_path: Path
     st = target.stat()
     target.write_bytes(bytes(reversed(range(256))) * 40)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    changed, new_listing = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
+    changed, new_listing = status.changed, status.listing
     assert changed
     assert new_listing != listing
     assert snapshot(out) == snapshot(volume)
 
     # After the upload succeeded the module records the new listing: unchanged again.
     run(scripts.RECORD, new_listing, state)
-    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out2", state).stdout)[0]
+    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out2", state).stdout).changed
 
     # A new empty directory is a change too.
     (volume / "new-dir").mkdir()
-    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out3", state).stdout)[0]
+    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out3", state).stdout).changed
 
 
 def test_forget_makes_the_next_export_upload(tmp_path: Path, run: Runner) -> None:
@@ -223,13 +226,13 @@ def test_forget_makes_the_next_export_upload(tmp_path: Path, run: Runner) -> Non
     make_tree(volume)
     state = tmp_path / "state"
     run(scripts.RECORD, run(scripts.LISTING, volume).stdout.strip(), state)
-    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o1", state).stdout)[0]
+    assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o1", state).stdout).changed
 
     run(scripts.FORGET, state)
     run(scripts.FORGET, state)  # idempotent: a miss with nothing recorded is fine
 
     assert not state.exists()
-    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o2", state).stdout)[0]
+    assert scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o2", state).stdout).changed
 
 
 def test_copy_out_of_an_empty_volume_gives_an_empty_directory(tmp_path: Path, run: Runner) -> None:
@@ -237,7 +240,7 @@ def test_copy_out_of_an_empty_volume_gives_an_empty_directory(tmp_path: Path, ru
     volume.mkdir()
     out = tmp_path / "out"
 
-    changed, _ = scripts.parse_status(run(scripts.COPY_OUT, volume, out, tmp_path / "state").stdout)
+    changed = scripts.parse_status(run(scripts.COPY_OUT, volume, out, tmp_path / "state").stdout).changed
 
     assert changed
     assert list(out.iterdir()) == []
@@ -246,4 +249,60 @@ def test_copy_out_of_an_empty_volume_gives_an_empty_directory(tmp_path: Path, ru
 def test_parse_status_rejects_output_without_a_status_line() -> None:
     with pytest.raises(ValueError, match="remote-cache-status"):
         scripts.parse_status("cp: error\n")
-    assert scripts.parse_status("noise\nremote-cache-status: unchanged abc\n") == (False, "abc")
+    with pytest.raises(ValueError, match="remote-cache-status"):
+        scripts.parse_status("remote-cache-status: changed abc\n")  # no size field
+    with pytest.raises(ValueError, match="remote-cache-status"):
+        scripts.parse_status("remote-cache-status: exploded abc -\n")
+    assert scripts.parse_status("noise\nremote-cache-status: unchanged abc -\n") == scripts.CopyStatus(
+        "unchanged", "abc", None
+    )
+    big = scripts.parse_status("remote-cache-status: too-big abc 2048\n")
+    assert big == scripts.CopyStatus("too-big", "abc", 2048) and not big.changed
+
+
+def test_seed_from_a_fallback_records_nothing(tmp_path: Path, run: Runner) -> None:
+    # Seeded from a restore key's entry, the exact key has no remote copy yet: the next export
+    # must upload even though the volume did not change since the seed.
+    src = tmp_path / "remote"
+    make_tree(src)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    state = tmp_path / "state"
+    run(scripts.RECORD, "stale-listing-of-an-older-entry", state)
+
+    run(scripts.SEED, src, volume, state, "forget")
+
+    assert snapshot(volume) == snapshot(src)
+    assert not state.exists()
+    out = tmp_path / "out"
+    assert scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout).changed
+    assert snapshot(out) == snapshot(src)
+
+
+def _du_kib(path: Path, run: Runner) -> int:
+    return int(run('du -sk "$1" | cut -f1', path).stdout.strip())
+
+
+def test_copy_out_skips_a_volume_over_the_size_limit(tmp_path: Path, run: Runner) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "big.bin").write_bytes(os.urandom(300 * 1024))
+    (volume / "small").write_text("x")
+    kib = _du_kib(volume, run)
+    assert kib >= 300
+    state = tmp_path / "state"
+
+    out = tmp_path / "out"
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state, str(kib - 1)).stdout)
+    assert status.state == "too-big" and status.kib == kib and not status.changed
+    assert not out.exists(), "an over-limit volume must not be copied at all"
+
+    # At the limit exactly it is copied, and the size is reported.
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state, str(kib)).stdout)
+    assert status.changed and status.kib == kib
+    assert snapshot(out) == snapshot(volume)
+
+    # An unchanged volume is not even measured.
+    run(scripts.RECORD, status.listing, state)
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o2", state, "1").stdout)
+    assert status.state == "unchanged" and status.kib is None

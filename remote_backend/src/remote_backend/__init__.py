@@ -47,6 +47,9 @@ class RemoteBackend:
         plain_http: Annotated[
             bool, Doc("Talk plain HTTP to a non-loopback registry (the engine needs it configured too)")
         ] = False,
+        immutable: Annotated[
+            bool, Doc("Never overwrite an existing entry: export keeps the first one saved under a key")
+        ] = False,
     ) -> Registry:
         """An OCI registry repository as a remote-cache backend. Does no I/O."""
         ref = parse_reference(f"{address}/{repo}")  # validates both, with a clear message
@@ -61,4 +64,5 @@ class RemoteBackend:
             media_types=media_types,
             platforms=list(platforms) if platforms else list(DEFAULT_PLATFORMS),
             plain_http=plain_http,
+            immutable=immutable,
         )

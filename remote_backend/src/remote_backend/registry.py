@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -9,11 +11,14 @@ import dagger
 from dagger import Doc, dag
 
 from remote_cache import __version__
+from remote_cache import entries as core_entries
 from remote_cache.credentials import Credentials
-from remote_cache.errors import CacheMiss, RemoteCacheError
-from remote_cache.keys import tag_for_key
+from remote_cache.entries import Entry
+from remote_cache.errors import CacheMiss, RemoteCacheError, UnsupportedOperation
+from remote_cache.keys import tag_for_key, validate_key
 from remote_cache.mod import _sdk
 from remote_cache.oci import ANNOTATION_CREATED, ANNOTATION_KEY, ANNOTATION_TOOL
+from remote_cache.progress import format_bytes, parse_duration
 from remote_cache.reference import parse_reference
 from remote_cache.registry import RegistryStore
 
@@ -27,7 +32,13 @@ _TOOL = f"remote-cache/{__version__} (dagger)"
 
 @_sdk.object_type
 class Registry:
-    """An OCI registry repository storing remote-cache entries: key -> tag, entry -> image."""
+    """An OCI registry repository storing remote-cache entries: key -> tag, entry -> image.
+
+    Besides the Backend functions (resolve, import, export) it has housekeeping: ``entries``,
+    ``remove`` and ``prune``. With ``immutable`` an existing tag is never overwritten: the first
+    entry saved under a key stays (pair it with branch-scoped keys and read-only forks, see
+    the remote-cache module).
+    """
 
     address: str = _sdk.field()
     repo: str = _sdk.field()
@@ -37,6 +48,31 @@ class Registry:
     compression: dagger.ImageLayerCompression = dagger.ImageLayerCompression.Zstd
     media_types: dagger.ImageMediaTypes = dagger.ImageMediaTypes.OCIMediaTypes
     plain_http: bool = False
+    immutable: bool = False
+
+    @_sdk.function(cache="session")
+    async def resolve(
+        self,
+        key: Annotated[str, Doc("Cache key wanted")],
+        restore_keys: Annotated[
+            list[str], Doc("Key prefixes to fall back to, in order; the newest match of each wins")
+        ],
+    ) -> str:
+        """The key of the entry to restore: ``key`` itself, a restore key's newest match, or "" (miss).
+
+        Asked of the registry directly, once per session (like actions/cache: exact key first,
+        then each prefix in order).
+        """
+        store = await self._store()
+        try:
+            match = await core_entries.find_entry(store, key, restore_keys)
+        except RemoteCacheError as exc:
+            raise RemoteCacheError(
+                f"remote-cache: cannot look up {key!r} in {store.location}: {exc}"
+            ) from exc
+        finally:
+            await store.aclose()
+        return "" if match is None else match.key
 
     @_sdk.function(cache="session")
     async def import_(
@@ -58,8 +94,17 @@ class Registry:
         key: Annotated[str, Doc("Cache key to store the entry under")],
         dir: Annotated[dagger.Directory, Doc("The volume's contents")],  # API name, shadows a builtin
     ) -> None:
-        """Publish ``dir`` as ``ADDRESS/REPO:TAG``, one variant per platform, as credentials allow."""
+        """Publish ``dir`` as ``ADDRESS/REPO:TAG``, one variant per platform, as credentials allow.
+
+        When the registry is ``immutable`` and the tag exists, nothing is published (logged).
+        """
         tag = tag_for_key(key)
+        if self.immutable and await self._exists(tag):
+            _report(
+                f"export key={key!r}: {self.address}/{self.repo}:{tag} exists and the cache is "
+                "immutable, kept it"
+            )
+            return
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         variants = [
             self._authed(dag.container(platform=dagger.Platform(platform)))
@@ -76,15 +121,97 @@ class Registry:
             media_types=self.media_types,
         )
 
-    async def _resolve(self, tag: str) -> str:
-        """The digest under ``tag``, asked of the registry directly (a miss raises CacheMiss)."""
+    @_sdk.function(cache="never")
+    async def entries(
+        self,
+        prefix: Annotated[str, Doc("Only keys (or tags) starting with this")] = "",
+        json_: Annotated[bool, Doc("JSON lines instead of a table")] = False,
+    ) -> str:
+        """The entries in the repository, newest first: key, created, size, files, tag."""
+        store = await self._store()
+        try:
+            found = await core_entries.list_entries(store, prefix=prefix)
+        except RemoteCacheError as exc:
+            raise RemoteCacheError(f"remote-cache: cannot list {store.location}: {exc}") from exc
+        finally:
+            await store.aclose()
+        if json_:
+            return "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in found)
+        if not found:
+            return f"no entries in {self.address}/{self.repo}" + (
+                f" starting with {prefix!r}" if prefix else ""
+            )
+        return _table(found)
+
+    @_sdk.function(cache="never")
+    async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
+        """Delete the entry under ``key`` (the registry must allow deletes)."""
+        validate_key(key)
+        store = await self._store()
+        try:
+            entry = await core_entries.remove(store, key)
+        except UnsupportedOperation as exc:
+            raise UnsupportedOperation(_no_deletes(exc)) from exc
+        finally:
+            await store.aclose()
+        return f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
+
+    @_sdk.function(cache="never")
+    async def prune(
+        self,
+        older_than: Annotated[str, Doc("Only entries older than this, e.g. 7d, 12h, 2w")] = "",
+        keep: Annotated[int, Doc("Keep this many newest entries (per the prefix); 0: no such rule")] = 0,
+        prefix: Annotated[str, Doc("Only keys starting with this, e.g. npm-feature-")] = "",
+        dry_run: Annotated[bool, Doc("List what would be deleted, delete nothing")] = False,
+    ) -> str:
+        """Delete old entries: those outside the ``keep`` newest AND older than ``older_than``.
+
+        At least one of older_than, keep or prefix is needed. Entries with no creation time are
+        never removed by age. The registry must allow deletes (ttl.sh expires tags by name instead).
+        """
+        if keep < 0:
+            raise RemoteCacheError("remote-cache: keep must be 0 or more")
+        try:
+            age = parse_duration(older_than) if older_than else None
+        except ValueError as exc:
+            raise RemoteCacheError(f"remote-cache: older_than: {exc}") from exc
+        if age is None and not keep and not prefix:
+            raise RemoteCacheError(
+                "remote-cache: prune needs older_than, keep or prefix; refusing to delete every entry"
+            )
+        store = await self._store()
+        try:
+            gone = await core_entries.prune(
+                store, older_than=age, keep=keep or None, prefix=prefix, dry_run=dry_run
+            )
+        except UnsupportedOperation as exc:
+            raise UnsupportedOperation(_no_deletes(exc)) from exc
+        finally:
+            await store.aclose()
+        verb = "would remove" if dry_run else "removed"
+        head = f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} from {self.address}/{self.repo}"
+        return head if not gone else f"{head}:\n{_table(gone)}"
+
+    async def _store(self) -> RegistryStore:
+        """A core registry client for this repository, with the credentials given."""
         credentials = None
         if self.password is not None:
             credentials = Credentials(self.username, await self.password.plaintext())
         ref = parse_reference(f"{self.address}/{self.repo}")
-        store = RegistryStore.from_reference(
+        return RegistryStore.from_reference(
             ref, credentials=credentials, plain_http=True if self.plain_http else None
         )
+
+    async def _exists(self, tag: str) -> bool:
+        try:
+            await self._resolve(tag)
+        except CacheMiss:
+            return False
+        return True
+
+    async def _resolve(self, tag: str) -> str:
+        """The digest under ``tag``, asked of the registry directly (a miss raises CacheMiss)."""
+        store = await self._store()
         try:
             descriptor = await store.resolve(tag)
         except CacheMiss:
@@ -99,3 +226,29 @@ class Registry:
         if self.password is None:
             return ctr
         return ctr.with_registry_auth(f"{self.address}/{self.repo}", self.username, self.password)
+
+
+def _report(line: str) -> None:
+    print(f"remote-cache: {line}", file=sys.stderr, flush=True)
+
+
+def _no_deletes(exc: Exception) -> str:
+    return (
+        f"remote-cache: {exc}. Registries that refuse deletes (ttl.sh among them) cannot be pruned "
+        "here: on ttl.sh the tag is the lifetime (a key like 1h or 24h expires by itself); "
+        "elsewhere use the registry's own retention policy"
+    )
+
+
+def _table(found: list[Entry]) -> str:
+    """Aligned columns: KEY CREATED SIZE FILES TAG (``-`` for what a foreign image lacks)."""
+    rows = [("KEY", "CREATED", "SIZE", "FILES", "TAG")]
+    for e in found:
+        created = e.created.strftime("%Y-%m-%dT%H:%M:%SZ") if e.created else "-"
+        size = format_bytes(e.size) if e.size is not None else "-"
+        files = str(e.files) if e.files is not None else "-"
+        rows.append((e.key, created, size, files, e.tag + (f"  ({e.error})" if e.error else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows
+    )
