@@ -2,7 +2,7 @@
 
 Run from the checkout (everything lives in tmpfs, under ``--workdir``)::
 
-    .venv/bin/python bench/bench.py --make-corpus ../shared/bench/make-corpus.sh --rounds 3
+    .venv/bin/python bench/bench.py --make-corpus path/to/make-corpus.sh --rounds 3
 
 It starts its own loopback ``docker-registry`` and, for N rounds in alternating order, times:
 
@@ -305,7 +305,7 @@ def ensure_corpus(corpus: Path, script: str | None) -> None:
         return
     if script is None:
         raise SystemExit(
-            f"no corpus at {corpus}: pass --make-corpus ../shared/bench/make-corpus.sh (or --corpus DIR)"
+            f"no corpus at {corpus}: pass --make-corpus path/to/make-corpus.sh (or --corpus DIR)"
         )
     print(f"building corpus in {corpus} with {script} (takes minutes) ...", file=sys.stderr)
     subprocess.run([script, str(corpus)], check=True)
