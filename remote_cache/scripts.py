@@ -79,24 +79,28 @@ IS_EMPTY = "set -eu" + _FUNCTIONS + 'is_empty "$1"\n'
 LISTING = "set -eu" + _FUNCTIONS + 'listing "$1"\n'
 
 #: ``SEED SRC CACHE STATE [record|forget]``: copy SRC into CACHE only when CACHE is empty (a
-#: warm engine's volume is at least as fresh as the remote copy), then record CACHE's listing
-#: hash in STATE (``record``, the default: SRC is the entry under the volume's own key) or drop
-#: what STATE held (``forget``: SRC came from a restore key, the exact key has nothing yet).
+#: warm engine's volume is at least as fresh as the remote copy) and then record CACHE's listing
+#: hash in STATE (``record``, the default: SRC is the entry under the volume's own key). A kept
+#: volume leaves STATE alone. ``forget`` drops STATE first: SRC came from a restore key, so the
+#: exact key has no entry yet and the next export must upload.
 SEED = (
     "set -eu"
     + _FUNCTIONS
     + r"""
 src=$1 cache=$2 state=$3 mode=${4:-record}
+if [ "$mode" = forget ]; then
+  rm -f "$state"
+fi
 if is_empty "$cache"; then
   cp -a "$src/." "$cache/"
   echo "remote-cache: restored into empty volume"
+  if [ "$mode" != forget ]; then
+    record "$(listing "$cache")" "$state"
+  fi
 else
+  # Keep STATE as it is: it holds the listing last restored or uploaded, so changes made since
+  # (an export that failed, a read-only run) are still seen as changes by the next export.
   echo "remote-cache: volume already has content, kept it"
-fi
-if [ "$mode" = forget ]; then
-  rm -f "$state"
-else
-  record "$(listing "$cache")" "$state"
 fi
 """
 )

@@ -157,7 +157,14 @@ def test_seed_leaves_a_non_empty_volume_alone(tmp_path: Path, run: Runner) -> No
 
     assert snapshot(volume) == before
     assert "kept" in result.stdout
-    assert state.read_text().strip() == run(scripts.LISTING, volume).stdout.strip()
+    # A kept volume is not "what the remote holds": nothing is recorded, so the next export
+    # compares against the last restore/upload (here: none) and uploads the local changes.
+    assert not state.exists()
+    state.write_text("listing-of-the-last-upload\n")
+    run(scripts.SEED, src, volume, state)
+    assert state.read_text() == "listing-of-the-last-upload\n"
+    status = scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "out", state).stdout)
+    assert status.changed
 
 
 def test_seed_counts_a_lone_dotfile_as_content(tmp_path: Path, run: Runner) -> None:
@@ -190,9 +197,7 @@ def test_copy_out_skips_an_unchanged_volume_and_sees_every_change(tmp_path: Path
     volume = tmp_path / "volume"
     make_tree(volume)
     state = tmp_path / "state"
-    seeded_from = tmp_path / "seed-src"
-    seeded_from.mkdir()
-    run(scripts.SEED, seeded_from, volume, state)  # non-empty: records the listing only
+    run(scripts.RECORD, run(scripts.LISTING, volume).stdout.strip(), state)  # as after an upload
 
     out = tmp_path / "out"
     status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
