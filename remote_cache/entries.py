@@ -15,7 +15,14 @@ from typing import Any
 
 import anyio
 
-from .errors import CacheMiss, InvalidKey, RemoteCacheError, UnsupportedOperation
+from .errors import (
+    CacheMiss,
+    ImageFormatError,
+    IntegrityError,
+    InvalidKey,
+    RemoteCacheError,
+    UnsupportedOperation,
+)
 from .image import CacheImage, format_time, load_image
 from .keys import tag_for_key, tag_prefix_for, validate_key
 from .oci import ANNOTATION_TOOL, Descriptor
@@ -132,8 +139,9 @@ async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, str] | No
     try:
         desc = await store.resolve(tag)
         image = await load_image(store, desc.digest)
-    except RemoteCacheError:
+    except (CacheMiss, ImageFormatError, IntegrityError):
         return None  # deleted meanwhile, or not an image we can read: not a candidate
+    # Auth and network errors propagate: a failure must not look like a miss.
     return image.key or tag, image.created, image.digest
 
 

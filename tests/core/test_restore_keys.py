@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from remote_cache.entries import Match, find_entry
-from remote_cache.errors import CacheMiss, InvalidKey
+from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
 from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.layout import LayoutStore
 from remote_cache.oci import ANNOTATION_CREATED
@@ -132,3 +132,16 @@ async def test_restore_falls_back_and_reports_it(where: Reference, tmp_path: Pat
         with pytest.raises(CacheMiss):
             await restore(store, "npm-bbb", tmp_path / "miss", restore_keys=["go-"])
         assert not (tmp_path / "miss").exists()
+
+
+async def test_a_failure_while_reading_candidates_is_an_error_not_a_miss(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
+        await save(store, "npm-abc", _tree(tmp_path / "t", b"x"))
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        # The exact key misses (404 from the real registry); reading the candidate is refused.
+        proxy.fail(1, status=403, method="HEAD", path_contains=f"/manifests/{tag_for_key('npm-abc')}")
+        with pytest.raises(RegistryAuthError):
+            await find_entry(store, "npm-zzz", ["npm-"])
