@@ -8,6 +8,7 @@ dagger call -m ./example --repo <unique-name> check-cache    # Hello, world
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar, cast
@@ -79,4 +80,9 @@ class Example:
         return api.remote_cache(backend)
 
     def _volume(self) -> Any:
-        return self._cache().cache_volume(MOUNT, self.cache_key)
+        # One local volume per registry/repo/key: the default volume is named after the key
+        # alone, and a warm engine keeps a volume's content, so a new --repo would otherwise
+        # show an earlier run's message instead of CACHE MISS.
+        scope = hashlib.sha256(f"{self.registry}/{self.repo}:{self.cache_key}".encode()).hexdigest()
+        volume = dag.cache_volume(f"remote-cache-example-{scope[:16]}")
+        return self._cache().cache_volume(MOUNT, self.cache_key, volume=volume)
