@@ -28,16 +28,17 @@ still in the summary line and in ``--json``. Set ``REMOTE_CACHE_DEBUG=1`` for tr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -68,6 +69,9 @@ __all__ = ["ExitCode", "app", "exit_code_for", "main"]
 _PROG = "remote-cache"
 _DEBUG_ENV = "REMOTE_CACHE_DEBUG"
 _PASSWORD_ENV = "REMOTE_CACHE_PASSWORD"
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class ExitCode(IntEnum):
@@ -166,6 +170,8 @@ KeyOpt = Annotated[
         "--key", "-k", metavar="KEY", help="The cache key, when it cannot go in REF (e.g. has '/')."
     ),
 ]
+RefArg = Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")]
+RepoArg = Annotated[str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO or oci:DIR.")]
 
 
 @app.callback()
@@ -186,27 +192,19 @@ def _global_options(
     ctx.obj = Common(username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
 
 
-def _common(
-    ctx: typer.Context,
-    username: str | None,
-    password_stdin: bool,
-    plain_http: bool,
-    timeout: float | None,
-    json_: bool,
-    quiet: bool,
-    fail_open: bool,
-) -> Common:
+#: The common options as parameters (in the order of the fields of Common), declared once above
+#: and appended to every command's own.
+_COMMON_PARAMS = list(inspect.signature(_global_options, eval_str=True).parameters.values())[1:]
+
+
+def _merged(ctx: typer.Context, given: Common) -> Common:
     """The command's common options, falling back to those given before the command."""
     outer = ctx.obj if isinstance(ctx.obj, Common) else Common()
-    return Common(
-        username if username is not None else outer.username,
-        password_stdin or outer.password_stdin,
-        plain_http or outer.plain_http,
-        timeout if timeout is not None else outer.timeout,
-        json_ or outer.json,
-        quiet or outer.quiet,
-        fail_open or outer.fail_open,
-    )
+    given_values = {f.name: getattr(given, f.name) for f in fields(Common)}
+    unset = {
+        name: getattr(outer, name) for name, value in given_values.items() if value is None or value is False
+    }
+    return replace(given, **unset)
 
 
 def _read_password(common: Common) -> Common:
@@ -248,7 +246,7 @@ def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF")
 
 
 @asynccontextmanager
-async def _opened(ref: Reference, common: Common) -> AsyncIterator[Store]:
+async def _store(ref: Reference, common: Common) -> AsyncIterator[Store]:
     store = open_store(
         ref,
         username=common.username,
@@ -260,6 +258,23 @@ async def _opened(ref: Reference, common: Common) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.aclose()
+
+
+@asynccontextmanager
+async def _entry(text: str, key: str | None, common: Common) -> AsyncIterator[tuple[Reference, str, Store]]:
+    """The entry REF (or REF with --key) checked, its key, and its store opened with the common options."""
+    ref = _reference(text, key, need_key=True)
+    assert ref.key is not None
+    async with _store(ref, common) as store:
+        yield ref, ref.key, store
+
+
+@asynccontextmanager
+async def _repository(text: str, common: Common) -> AsyncIterator[tuple[Reference, Store]]:
+    """The repository REPO checked (no key), and its store opened with the common options."""
+    ref = _reference(text, None, need_key=False, what="REPO")
+    async with _store(ref, common) as store:
+        yield ref, store
 
 
 # -------------------------------------------------------------------------------------------
@@ -276,6 +291,10 @@ class Outcome:
     stdout: Callable[[Console], None] | None = None
 
 
+#: A command's work once its options are checked: runs with the common options (password read).
+Body = Callable[[Common], Coroutine[Any, Any, Outcome]]
+
+
 def _stderr_line(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
@@ -288,7 +307,7 @@ def _redact(text: str, common: Common) -> str:
     return text
 
 
-def _run(command: str, common: Common, body: Callable[[Common], Coroutine[Any, Any, Outcome]]) -> NoReturn:
+def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     try:
@@ -345,13 +364,56 @@ def _progress(common: Common, description: str) -> TransferProgress:
     return TransferProgress(description, enabled=(not common.quiet and sys.stderr.isatty()))
 
 
+def _parsed(parse: Callable[[_T], _R], value: _T | None, option: str) -> _R | None:
+    """``parse(value)``, None for None; a ValueError becomes a usage error (exit 2) naming ``option``."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from exc
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options that were given (not None): for the others the core's own defaults stand."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _plain(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def _command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
+    """Register ``plan`` as command ``name``: its own parameters, then the common options.
+
+    ``plan`` checks its options (raising typer.BadParameter for a usage error) and returns the
+    :data:`Body` that :func:`_run` runs with the merged common options; its docstring is the help.
+    """
+
+    def register(plan: Callable[..., Body]) -> Callable[..., None]:
+        def command(ctx: typer.Context, **options: Any) -> None:
+            given = Common(*(options.pop(p.name) for p in _COMMON_PARAMS))
+            body = plan(**options)
+            _run(name, _merged(ctx, given), body)
+
+        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        own = inspect.signature(plan, eval_str=True).parameters.values()
+        signature = inspect.Signature([context, *own, *_COMMON_PARAMS], return_annotation=None)
+        command.__signature__ = signature  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        command.__name__, command.__doc__ = f"{name}_command", plan.__doc__
+        app.command(name, epilog=_EXIT_HELP)(command)
+        return command
+
+    return register
+
+
 # -------------------------------------------------------------------------------------------
 # Commands
 
 
-@app.command("save", epilog=_EXIT_HELP)
-def save_command(
-    ctx: typer.Context,
+@_command("save")
+def _save(
     path: Annotated[
         Path,
         typer.Argument(
@@ -363,7 +425,7 @@ def save_command(
             readable=True,
         ),
     ],
-    ref: Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")],
+    ref: RefArg,
     key: KeyOpt = None,
     compression: Annotated[
         str, typer.Option("--compression", metavar="zstd|gzip", help="Layer compression: zstd or gzip.")
@@ -411,40 +473,19 @@ def save_command(
             help="Save nothing, exit 0 (for untrusted runs such as fork PRs); env REMOTE_CACHE_READ_ONLY=1.",
         ),
     ] = False,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+) -> Body:
     """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY or oci:DIR:KEY)."""
     if compression not in ("zstd", "gzip"):
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
-    try:
-        platforms = tuple(Platform.parse(p) for p in platform) if platform else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--platform") from exc
-    try:
-        limit = parse_size(max_size) if max_size is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--max-size") from exc
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
+    platforms = _parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
+    limit = _parsed(parse_size, max_size, "--max-size")
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(ref, key, need_key=True)
-        assert reference.key is not None
-        async with _opened(reference, common) as store:
-            options: dict[str, Any] = {}
-            if platforms:
-                options["platforms"] = platforms
-            if jobs is not None:
-                options["jobs"] = jobs
-            with _progress(common, f"save {reference.key}") as bar:
+        async with _entry(ref, key, common) as (reference, entry_key, store):
+            with _progress(common, f"save {entry_key}") as bar:
                 result = await save(
                     store,
-                    reference.key,
+                    entry_key,
                     path,
                     compression=compression,
                     level=level,
@@ -454,28 +495,27 @@ def save_command(
                     full=full,
                     immutable=immutable,
                     read_only=read_only,
-                    **options,
+                    **_given(platforms=platforms, jobs=jobs),
                 )
         outcome = result.status
         data = {**result.to_json(), "outcome": outcome, "reference": str(reference)}
         if result.skipped:
-            return Outcome(ExitCode.OK, f"save skipped {reference.key}: {result.skipped}", data)
+            return Outcome(ExitCode.OK, f"save skipped {entry_key}: {result.skipped}", data)
         sent, secs = result.bytes_uploaded, result.seconds
         reused = f", {result.layers_reused} layers reused" if result.layers_reused else ""
         line = (
-            f"save {outcome} {reference.key}: {format_bytes(sent)} uploaded "
+            f"save {outcome} {entry_key}: {format_bytes(sent)} uploaded "
             f"({format_bytes(result.bytes_total)} compressed, {format_bytes(result.size)} in {result.files} "
             f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)})"
         )
         return Outcome(ExitCode.OK, line, data)
 
-    _run("save", common, body)
+    return body
 
 
-@app.command("restore", epilog=_EXIT_HELP)
-def restore_command(
-    ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")],
+@_command("restore")
+def _restore(
+    ref: RefArg,
     path: Annotated[
         Path, typer.Argument(metavar="PATH", help="Directory to restore into (replaced; created if absent).")
     ],
@@ -492,74 +532,52 @@ def restore_command(
             "tried in order (as actions/cache restore-keys).",
         ),
     ] = None,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+) -> Body:
     """Restore the entry REF into PATH, replacing PATH atomically; exit 3 when there is no entry.
 
     With --restore-key, a fallback entry counts as found (exit 0, outcome "fallback", "hit" false).
     """
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(ref, key, need_key=True)
-        assert reference.key is not None
-        async with _opened(reference, common) as store:
+        async with _entry(ref, key, common) as (reference, entry_key, store):
             try:
-                with _progress(common, f"restore {reference.key}") as bar:
+                with _progress(common, f"restore {entry_key}") as bar:
                     result = await restore(
                         store,
-                        reference.key,
+                        entry_key,
                         path,
                         restore_keys=tuple(restore_key or ()),
                         progress=bar,
-                        **({"jobs": jobs} if jobs is not None else {}),
+                        **_given(jobs=jobs),
                     )
             except CacheMiss:
-                data = {"outcome": "miss", "hit": False, "key": reference.key, "reference": str(reference)}
-                return Outcome(
-                    ExitCode.MISS, f"restore miss {reference.key}: no entry in {store.location}", data
-                )
+                data = {"outcome": "miss", "hit": False, "key": entry_key, "reference": str(reference)}
+                return Outcome(ExitCode.MISS, f"restore miss {entry_key}: no entry in {store.location}", data)
         exact = result.status == "hit"
         data = {**result.to_json(), "outcome": result.status, "hit": exact, "reference": str(reference)}
         got, secs = result.bytes, result.seconds
-        how = f"hit {reference.key}" if exact else f"fallback {reference.key} from {result.matched_key}"
+        how = f"hit {entry_key}" if exact else f"fallback {entry_key} from {result.matched_key}"
         line = (
             f"restore {how}: {format_bytes(got)} in {secs:.1f} s ({format_rate(got, secs)}); "
             f"{format_bytes(result.size)} in {result.files} files"
         )
         return Outcome(ExitCode.OK, line, data)
 
-    _run("restore", common, body)
+    return body
 
 
-@app.command("ls", epilog=_EXIT_HELP)
-def ls_command(
-    ctx: typer.Context,
-    repo: Annotated[str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO or oci:DIR.")],
+@_command("ls")
+def _ls(
+    repo: RepoArg,
     prefix: Annotated[
         str | None,
         typer.Option("--prefix", metavar="PREFIX", help="Only entries whose key starts with this."),
     ] = None,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+) -> Body:
     """List the entries of a repository: key, tag, size, files, created."""
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(repo, None, need_key=False, what="REPO")
-        async with _opened(reference, common) as store:
+        async with _repository(repo, common) as (reference, store):
             entries = await list_entries(store, prefix=prefix or "")
         rows = [e.to_json() for e in entries]
 
@@ -580,30 +598,16 @@ def ls_command(
         data = {"outcome": "ok", "repository": reference.location, "entries": rows}
         return Outcome(ExitCode.OK, None, data, show)
 
-    _run("ls", common, body)
+    return body
 
 
-@app.command("inspect", epilog=_EXIT_HELP)
-def inspect_command(
-    ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")],
-    key: KeyOpt = None,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+@_command("inspect")
+def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
     """Show an entry: manifest digest, layers, annotations; exit 3 when absent."""
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(ref, key, need_key=True)
-        assert reference.key is not None
-        async with _opened(reference, common) as store:
-            entry: Entry = await inspect_entry(store, reference.key)
+        async with _entry(ref, key, common) as (_, entry_key, store):
+            entry: Entry = await inspect_entry(store, entry_key)
             image = await load_image(store, entry.digest)
         info = {
             **entry.to_json(with_layers=True),
@@ -613,58 +617,37 @@ def inspect_command(
         }
 
         def show(console: Console) -> None:
-            console.print(f"key:        {info['key']}", markup=False, highlight=False)
-            console.print(
-                f"digest:     {info['digest']}  ({info['media_type']})", markup=False, highlight=False
-            )
-            console.print(f"manifest:   {info['manifest']}", markup=False, highlight=False)
-            console.print("layers:", markup=False, highlight=False)
+            _plain(console, f"key:        {info['key']}")
+            _plain(console, f"digest:     {info['digest']}  ({info['media_type']})")
+            _plain(console, f"manifest:   {info['manifest']}")
+            _plain(console, "layers:")
             for layer in image.layers:
-                console.print(
-                    f"  {layer.digest}  {format_bytes(layer.size):>10}  {layer.media_type}",
-                    markup=False,
-                    highlight=False,
-                )
-            console.print("annotations:", markup=False, highlight=False)
+                _plain(console, f"  {layer.digest}  {format_bytes(layer.size):>10}  {layer.media_type}")
+            _plain(console, "annotations:")
             for name, value in sorted(image.annotations.items()):
-                console.print(f"  {name}={value}", markup=False, highlight=False)
+                _plain(console, f"  {name}={value}")
 
         return Outcome(ExitCode.OK, None, {"outcome": "ok", **info}, show)
 
-    _run("inspect", common, body)
+    return body
 
 
-@app.command("rm", epilog=_EXIT_HELP)
-def rm_command(
-    ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")],
-    key: KeyOpt = None,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+@_command("rm")
+def _rm(ref: RefArg, key: KeyOpt = None) -> Body:
     """Remove the entry REF; exit 3 when there is none."""
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(ref, key, need_key=True)
-        assert reference.key is not None
-        async with _opened(reference, common) as store:
-            await remove(store, reference.key)
-        data = {"outcome": "removed", "key": reference.key, "reference": str(reference)}
-        return Outcome(ExitCode.OK, f"rm removed {reference.key} from {reference.location}", data)
+        async with _entry(ref, key, common) as (reference, entry_key, store):
+            await remove(store, entry_key)
+        data = {"outcome": "removed", "key": entry_key, "reference": str(reference)}
+        return Outcome(ExitCode.OK, f"rm removed {entry_key} from {reference.location}", data)
 
-    _run("rm", common, body)
+    return body
 
 
-@app.command("prune", epilog=_EXIT_HELP)
-def prune_command(
-    ctx: typer.Context,
-    repo: Annotated[str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO or oci:DIR.")],
+@_command("prune")
+def _prune(
+    repo: RepoArg,
     older_than: Annotated[
         str | None,
         typer.Option(
@@ -682,39 +665,27 @@ def prune_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")
     ] = False,
-    username: UsernameOpt = None,
-    password_stdin: PasswordStdinOpt = False,
-    plain_http: PlainHttpOpt = False,
-    timeout: TimeoutOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    fail_open: FailOpenOpt = False,
-) -> None:
+) -> Body:
     """Remove entries older than --older-than; the newest --keep always stay. Needs one of the two."""
     if older_than is None and keep is None:
         raise typer.BadParameter("give --older-than DURATION and/or --keep N", param_hint="--older-than")
-    try:
-        age = parse_duration(older_than) if older_than is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--older-than") from exc
-    common = _common(ctx, username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
+    age = _parsed(parse_duration, older_than, "--older-than")
 
     async def body(common: Common) -> Outcome:
-        reference = _reference(repo, None, need_key=False, what="REPO")
-        async with _opened(reference, common) as store:
+        async with _repository(repo, common) as (reference, store):
             pruned = await prune(store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run)
         rows = [e.to_json() for e in pruned]
         verb = "would remove" if dry_run else "removed"
 
         def show(console: Console) -> None:
             for row in rows:
-                console.print(str(row["key"] or row["tag"]), markup=False, highlight=False)
+                _plain(console, str(row["key"] or row["tag"]))
 
         data = {"outcome": "ok", "dry_run": dry_run, "repository": reference.location, "removed": rows}
         line = f"prune {verb} {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} from {reference.location}"
         return Outcome(ExitCode.OK, line, data, show)
 
-    _run("prune", common, body)
+    return body
 
 
 def main() -> None:

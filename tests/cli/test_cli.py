@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer.main
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from remote_cache.cli import ExitCode, app, exit_code_for
@@ -383,6 +385,48 @@ def test_option_errors_exit_2(
     assert message in " ".join(result.stderr.split())
     assert result.stdout == ""
     assert not (tmp_path / "layout").exists()
+
+
+def test_every_command_takes_the_common_options_before_or_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    common = [(p.name, tuple(p.opts), getattr(p, "help", None)) for p in group.params]
+    assert [name for name, _, _ in common] == [
+        "username",
+        "password_stdin",
+        "plain_http",
+        "timeout",
+        "json_",
+        "quiet",
+        "fail_open",
+    ]
+    assert set(group.commands) == {"save", "restore", "ls", "inspect", "rm", "prune"}
+    for name, command in group.commands.items():
+        own = [(p.name, tuple(p.opts), getattr(p, "help", None)) for p in command.params]
+        assert own[-len(common) :] == common, name
+        assert command.help and command.epilog and "3 cache miss" in command.epilog, name
+
+    # Given before the command, after it, or split across both: each option takes effect.
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    split = runner.invoke(app, ["--fail-open", "rm", "oci:layout:absent", "--json"])
+    assert split.exit_code == 0, split.stderr
+    assert json.loads(split.stdout) == {
+        "command": "rm",
+        "outcome": "miss",
+        "key": "absent",
+        "failed_open": True,
+        "failed_exit_code": 3,
+        "exit_code": 0,
+    }
+    assert split.stderr == "rm miss absent: no entry in oci:layout\n"
+    before = runner.invoke(app, ["--json", "--quiet", "inspect", "oci:layout:absent"])
+    assert before.exit_code == 3 and before.stderr == ""
+    assert json.loads(before.stdout)["outcome"] == "miss"
+    after = runner.invoke(app, ["inspect", "oci:layout", "--key", "a/b", "-q", "--fail-open"])
+    assert (after.exit_code, after.stdout, after.stderr) == (0, "", "")
 
 
 def test_help_documents_exit_codes_and_module_entry_point() -> None:
