@@ -2,7 +2,7 @@
 
 Resolution order (first hit wins):
 
-1. ``username``/``password`` passed explicitly (``--username``/``--password``);
+1. ``username``/``password`` passed explicitly (CLI ``--username`` + ``--password-stdin``);
 2. ``REMOTE_CACHE_USERNAME`` / ``REMOTE_CACHE_PASSWORD`` in the environment;
 3. docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``):
    ``credHelpers[host]``, then ``auths[host].auth`` (base64 ``user:password``) or
@@ -30,10 +30,17 @@ from .errors import RegistryAuthError
 __all__ = [
     "ENV_PASSWORD",
     "ENV_USERNAME",
+    "PASS_CREDENTIALS",
     "Credentials",
     "docker_config_path",
     "resolve_credentials",
 ]
+
+#: How to give credentials, for error messages (the CLI and the Dagger module differ).
+PASS_CREDENTIALS = (
+    "a username and password (CLI: --username with --password-stdin; "
+    "Dagger: registry(username=..., password=...))"
+)
 
 ENV_USERNAME = "REMOTE_CACHE_USERNAME"
 ENV_PASSWORD = "REMOTE_CACHE_PASSWORD"
@@ -95,7 +102,7 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
     except FileNotFoundError as exc:
         raise RegistryAuthError(
             f"docker config names credential helper {name!r} but {program} is not on PATH: "
-            "install it, or pass --username/--password"
+            f"install it, or pass {PASS_CREDENTIALS}"
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise RegistryAuthError(
@@ -107,7 +114,7 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
             return None
         raise RegistryAuthError(
             f"credential helper {program} failed for {server} (exit {proc.returncode}); "
-            f"run `echo {server} | {program} get` to see why, or pass --username/--password"
+            f"run `echo {server} | {program} get` to see why, or pass {PASS_CREDENTIALS}"
         )
     try:
         data = json.loads(proc.stdout)

@@ -39,7 +39,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from . import __version__
-from .credentials import Credentials
+from .credentials import PASS_CREDENTIALS, Credentials
 from .errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
 from .reference import is_loopback
 
@@ -124,7 +124,7 @@ def error_for_response(
         if credentials is None:
             return RegistryAuthError(
                 f"cannot {action}: registry {host} requires credentials ({status} {detail}); "
-                "pass --username/--password, set REMOTE_CACHE_USERNAME/REMOTE_CACHE_PASSWORD "
+                f"pass {PASS_CREDENTIALS}, set REMOTE_CACHE_USERNAME/REMOTE_CACHE_PASSWORD "
                 f"or run `docker login {host}`"
             )
         who = credentials.username or "<identity token>"
@@ -135,7 +135,7 @@ def error_for_response(
             )
         return RegistryAuthError(
             f"cannot {action}: registry {host} refused the credentials for user {who!r} "
-            f"({status} {detail}): check --username/--password or `docker login {host}`"
+            f"({status} {detail}): check the username and password or token, or `docker login {host}`"
         )
     return RegistryError(
         f"cannot {action}: registry {host} answered {status} {detail}", status=status, code=code
