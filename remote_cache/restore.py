@@ -12,10 +12,11 @@ A missing key raises :class:`~remote_cache.errors.CacheMiss`; callers (the CLI) 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -24,11 +25,13 @@ import anyio
 import anyio.to_thread
 
 from .entries import find_entry
-from .errors import CacheMiss
-from .image import CacheImage, load_image
+from .errors import CacheMiss, RemoteCacheError
+from .image import ANNOTATION_LISTING, CacheImage, load_image, read_diff_ids
 from .keys import validate_key
+from .layers import scan_tree
 from .oci import Descriptor
 from .save import first_error, human_bytes
+from .state import local_layers, records_for, settle, write_state
 from .store import Store
 from .unpack import Extractor, ExtractStats, discard_dir, replace_dir, staging_dir
 
@@ -147,12 +150,15 @@ async def restore(
     restore_keys: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
     jobs: int = 4,
+    record_state: bool = True,
 ) -> RestoreResult:
     """Replace ``path`` with the entry stored under ``key``, else the newest matching a restore key.
 
     ``restore_keys`` are prefixes tried in order when the exact key is absent (as in actions/cache,
     see :func:`~remote_cache.entries.find_entry`); CacheMiss when nothing matches.
-    ``progress`` is called with each downloaded chunk's size.
+    ``progress`` is called with each downloaded chunk's size. ``record_state`` (default) then
+    scans ``path`` and records, in this machine's state (:mod:`remote_cache.state`), which of its
+    layers hold exactly the image's, so the next save of ``path`` can reuse them unread.
     """
     started = time.monotonic()
     validate_key(key)
@@ -197,12 +203,23 @@ async def restore(
                 raise
             feed.finish()
 
+        def layers() -> Iterator[tuple[BinaryIO, str]]:
+            # Iterated in the extractor's decompression thread, which runs ahead into the next
+            # layer while the current one is written out.
+            for i, (desc, feed) in enumerate(zip(image.layers, feeds, strict=True)):
+                yield cast(BinaryIO, feed), desc.media_type
+                feed.close()  # fully read and verified: free the disk as we go
+                (spool / f"layer-{i}").unlink(missing_ok=True)
+
         def extract() -> ExtractStats:
             with Extractor(staging) as extractor:
-                for i, (desc, feed) in enumerate(zip(image.layers, feeds, strict=True)):
-                    extractor.add_layer(cast(BinaryIO, feed), desc.media_type)
-                    (spool / f"layer-{i}").unlink()  # free the disk as we go
+                extractor.add_layers(layers())
                 return extractor.finish()
+
+        async def fetch_diff_ids() -> None:
+            if record_state:
+                with contextlib.suppress(RemoteCacheError):
+                    diff_ids.extend(await read_diff_ids(store, image))
 
         async def extract_task() -> None:
             try:
@@ -213,14 +230,17 @@ async def restore(
                 raise
 
         stats: list[ExtractStats | None] = [None]
+        diff_ids: list[str] = []
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch_diff_ids)
                 for i, (desc, feed) in enumerate(zip(image.layers, feeds, strict=True)):
                     tg.start_soon(download, desc, feed, spool / f"layer-{i}")
                 tg.start_soon(extract_task)
         except BaseExceptionGroup as group:
             raise first_error(group, ignore=(_Aborted,)) from None
         await anyio.to_thread.run_sync(replace_dir, staging, path)
+        swapped = time.time_ns()
         ok = True
     finally:
         for feed in feeds:
@@ -230,6 +250,8 @@ async def restore(
         await anyio.to_thread.run_sync(discard_dir, spool)
         if not ok:
             await anyio.to_thread.run_sync(discard_dir, staging)
+    if record_state and diff_ids and (stats[0] is None or not stats[0].whiteouts):
+        await anyio.to_thread.run_sync(_record, path, image, diff_ids, swapped)
     size, files = _stats(stats[0], image)
     return RestoreResult(
         key=key,
@@ -243,6 +265,33 @@ async def restore(
         status="hit" if match.exact else "fallback",
         matched_key=match.key,
     )
+
+
+def _record(path: Path, image: CacheImage, diff_ids: Sequence[str], swapped_ns: int) -> None:
+    """Record local listing -> image layer for each planned layer of ``path`` that is that layer.
+
+    A planned layer maps to the image layer at the same position when its portable listing
+    equals that layer's ``dev.remote-cache.listing`` annotation. Best effort: any failure only
+    means the next save packs those layers.
+    """
+    listings = [desc.annotations.get(ANNOTATION_LISTING) for desc in image.layers]
+    if not any(listings):
+        return  # not saved by us (or every layer was racy): nothing to map
+    try:
+        # Every extracted file's ctime is at or before ``swapped_ns``; wait for the ctime clock
+        # to pass it, so that a write after the scan can never reproduce a recorded ctime.
+        bound = settle(swapped_ns)
+        scan = scan_tree(path)
+        local = local_layers(scan, bound)
+        stored: list[tuple[Descriptor, str] | None] = [
+            (image.layers[i], diff_ids[i])
+            if i < len(listings) and listings[i] is not None and listings[i] == layer.listing
+            else None
+            for i, layer in enumerate(local)
+        ]
+        write_state(path, records_for(local, stored))
+    except (OSError, RemoteCacheError):
+        return
 
 
 def _stats(stats: ExtractStats | None, image: CacheImage) -> tuple[int, int]:

@@ -8,8 +8,7 @@ runs in worker threads and overlaps with uploading: layer 1 uploads while layer 
 
 from __future__ import annotations
 
-import hashlib
-import os
+import functools
 import shutil
 import tempfile
 import time
@@ -46,6 +45,7 @@ from .oci import (
     Platform,
 )
 from .pack import pack_tree
+from .state import clock_ns, load_state, local_layers, portable_listing, records_for, write_state
 from .store import Store
 
 __all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "layer_listing", "save"]
@@ -122,9 +122,9 @@ class SaveResult:
     seconds: float
     #: True when the entry already held exactly this content: nothing was pushed, the tag did not move.
     unchanged: bool = False
-    #: Layers taken from an existing entry by listing, without reading or packing their files.
+    #: Layers reused without reading or packing their files (local ctime evidence, blob present).
     layers_reused: int = 0
-    #: The key of the entry layers were reused from (``key`` itself or the base key), if any.
+    #: The first of ``key`` and the base key whose entry holds a reused layer, if any.
     base_key: str | None = None
     #: Why nothing was saved ("immutable key exists", "read-only: nothing saved"), else None.
     skipped: str | None = None
@@ -234,44 +234,63 @@ async def _same_entry(
 
 
 def layer_listing(plan: LayerPlan, *, racy_after: int | None = None) -> str | None:
-    """SHA-256 over a planned layer's listing: per entry the fields its tar header holds.
+    """SHA-256 over a planned layer's portable listing (the ``dev.remote-cache.listing`` annotation).
 
     Computed from the scan alone (no file contents). None when an entry's mtime is at or after
-    ``racy_after`` (whole seconds): it may change again within the same second without its
-    mtime moving, so such a layer must not be reused by listing later.
+    ``racy_after`` (whole seconds). The listing maps a restored tree's layers to the image's;
+    it is never evidence that contents are unchanged (see :mod:`remote_cache.state`).
     """
-    h = hashlib.sha256(b"remote-cache listing v1\0")
-    for e in plan.entries:
-        if racy_after is not None and e.mtime >= racy_after:
-            return None
-        h.update(os.fsencode(e.path) + b"\0")
-        h.update(f"{e.kind} {e.mode:o} {e.uid} {e.gid} {e.size} {e.mtime}".encode() + b"\0")
-        h.update(os.fsencode(e.linkname) + b"\0")
-    return "sha256:" + h.hexdigest()
+    if racy_after is not None and _racy(plan, racy_after):
+        return None
+    return portable_listing(plan)
 
 
-@dataclass(frozen=True)
-class _Reusable:
-    key: str
-    layers: dict[str, tuple[Descriptor, str]]  # listing digest -> (descriptor, diff_id)
+def _racy(plan: LayerPlan, after: int) -> bool:
+    return any(e.mtime >= after for e in plan.entries)
 
 
-async def _reusable_layers(store: Store, tags: Sequence[str], media_type: str) -> _Reusable | None:
-    """Layers of the first existing entry among ``tags`` that carry a listing, by listing digest."""
-    for tag in tags:
+_Candidates = list[tuple[str, dict[str, tuple[Descriptor, str]]]]
+
+
+async def _candidate_layers(store: Store, keys: Sequence[str]) -> _Candidates:
+    """(key, digest -> (descriptor, diff_id)) of each existing entry among ``keys``.
+
+    Only says where reused layers came from (``SaveResult.base_key``); never trusted as content.
+    """
+    found: dict[str, dict[str, tuple[Descriptor, str]]] = {}
+
+    async def load(key: str) -> None:
         try:
-            top = await store.resolve(tag)
+            top = await store.resolve(tag_for_key(key))
             image = await load_image(store, top.digest)
             diff_ids = await read_diff_ids(store, image)
         except RemoteCacheError:
-            continue  # absent or unreadable: nothing to reuse from it
-        layers: dict[str, tuple[Descriptor, str]] = {}
-        for desc, diff_id in zip(image.layers, diff_ids, strict=True):
-            listing = desc.annotations.get(ANNOTATION_LISTING)
-            if listing and desc.media_type == media_type:
-                layers.setdefault(listing, (desc, diff_id))
-        return _Reusable(image.key or tag, layers)
-    return None
+            return  # absent or unreadable: nothing to learn from it
+        found[key] = {d.digest: (d, diff_id) for d, diff_id in zip(image.layers, diff_ids, strict=True)}
+
+    async with anyio.create_task_group() as tg:
+        for key in dict.fromkeys(keys):
+            tg.start_soon(load, key)
+    return [(key, found[key]) for key in dict.fromkeys(keys) if key in found]
+
+
+async def _present(store: Store, digests: Sequence[str], jobs: int) -> set[str]:
+    """Those of ``digests`` the store has (HEAD requests, ``jobs`` at a time)."""
+    have: set[str] = set()
+    limiter = anyio.Semaphore(max(1, jobs))
+
+    async def check(digest: str) -> None:
+        async with limiter:
+            try:
+                if await store.has_blob(digest):
+                    have.add(digest)
+            except RemoteCacheError:
+                pass  # unknown: pack it (its upload is skipped if the blob is there after all)
+
+    async with anyio.create_task_group() as tg:
+        for digest in dict.fromkeys(digests):
+            tg.start_soon(check, digest)
+    return have
 
 
 def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") -> SaveResult:
@@ -312,13 +331,15 @@ async def save(
     or reused. ``max_size`` (uncompressed bytes) refuses with :class:`CacheTooLarge` before
     anything is uploaded.
 
-    Layers whose listing (paths, sizes, mtimes, modes, owners, link targets: no contents) equals
-    a layer of the entry under ``key`` (else under ``base_key``, e.g. the key a restore fell back
-    to) are reused without reading their files; ``full`` re-reads everything (for filesystems
-    whose mtimes cannot be trusted). Saving content identical to what the key holds pushes
-    nothing and keeps the digest (``unchanged``). ``immutable``: an existing entry under ``key``
-    is never replaced (``skipped``). ``read_only``: do nothing at all (``skipped``), for
-    untrusted runs.
+    A layer is reused without reading its files only when this machine's state
+    (:mod:`remote_cache.state`) recorded its local listing (portable fields plus each file's
+    ctime and inode) at a restore or save, and the store still has the blob. Every other layer
+    is packed; packing is deterministic, so an unchanged one gets the same digest and is not
+    uploaded again. ``full`` ignores the state. The entries under ``key`` and ``base_key`` (e.g.
+    the key a restore fell back to) only name where reused layers came from, never vouch for content.
+    Saving content identical to what the key holds pushes nothing and keeps the digest
+    (``unchanged``). ``immutable``: an existing entry under ``key`` is never replaced
+    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
     """
     started = time.monotonic()
     validate_key(key)
@@ -335,25 +356,52 @@ async def save(
             pass
         else:
             return _skipped(key, tag, "immutable key exists", started, current.digest)
-    scan_started = int(time.time())
-    scan = await anyio.to_thread.run_sync(scan_tree, path)
-    size, files = scan.stats.bytes, scan.stats.files
-    if max_size is not None and size > max_size:
-        raise CacheTooLarge(path, size, max_size)
     if compression not in ("zstd", "gzip"):
         raise ValueError(f"compression must be 'zstd' or 'gzip', not {compression!r}")
+    media_type = _MEDIA_TYPES[compression]
+    # Taken before the scan: a file written from now on gets a ctime at or after it.
+    bound = clock_ns()
+    mtime_bound = bound // 1_000_000_000
+    candidates: _Candidates = []
 
-    listings = [layer_listing(plan, racy_after=scan_started) for plan in scan.layers]
+    async def find_candidates() -> None:
+        candidates.extend(await _candidate_layers(store, [key] + ([base_key] if base_key else [])))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            if not full:
+                tg.start_soon(find_candidates)  # network, while the scan reads the disk
+            scan = await anyio.to_thread.run_sync(scan_tree, path)
+            size, files = scan.stats.bytes, scan.stats.files
+            if max_size is not None and size > max_size:
+                raise CacheTooLarge(path, size, max_size)
+            local = await anyio.to_thread.run_sync(
+                functools.partial(local_layers, scan, bound, mtime_bound=mtime_bound)
+            )
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    annotations = [
+        {} if _racy(plan, mtime_bound) else {ANNOTATION_LISTING: layer.listing}
+        for plan, layer in zip(scan.layers, local, strict=True)
+    ]
+
     slots: list[tuple[Descriptor, str] | None] = [None] * len(scan.layers)
-    base: _Reusable | None = None
     if not full:
-        sources = [tag] + ([tag_for_key(base_key)] if base_key is not None else [])
-        base = await _reusable_layers(store, sources, _MEDIA_TYPES[compression])
-        if base is not None:
-            for i, listing in enumerate(listings):
-                if listing is not None and listing in base.layers:
-                    slots[i] = base.layers[listing]
+        # Reuse unread only on local evidence (ctime + inode recorded here), and only while the
+        # store still has the blob.
+        state = await anyio.to_thread.run_sync(load_state, path)
+        hits = {
+            i: state[(layer.local, media_type)]
+            for i, layer in enumerate(local)
+            if layer.local is not None and (layer.local, media_type) in state
+        }
+        have = await _present(store, [rec.digest for rec in hits.values()], jobs) if hits else set()
+        for i, rec in hits.items():
+            if rec.digest in have:
+                slots[i] = (rec.descriptor(annotations[i]), rec.diff_id)
     reused = sum(1 for slot in slots if slot is not None)
+    reused_digests = {slot[0].digest for slot in slots if slot is not None}
+    source = next((k for k, layers in candidates if reused_digests & layers.keys()), None)
     to_pack = TreeScan(
         scan.root, tuple(p for p, slot in zip(scan.layers, slots, strict=True) if slot is None), scan.stats
     )
@@ -385,11 +433,9 @@ async def save(
                 layer = await anyio.to_thread.run_sync(next, iterator, None)
                 if layer is None:
                     raise RuntimeError("the packer yielded fewer layers than planned")
-                listing = listings[i]
-                annotations = {ANNOTATION_LISTING: listing} if listing is not None else {}
                 d = layer.descriptor
                 layer = replace(
-                    layer, descriptor=Descriptor(d.media_type, d.digest, d.size, annotations=annotations)
+                    layer, descriptor=Descriptor(d.media_type, d.digest, d.size, annotations=annotations[i])
                 )
                 slots[i] = (layer.descriptor, layer.diff_id)
                 tg.start_soon(upload, layer)
@@ -398,6 +444,7 @@ async def save(
         diff_ids = [diff_id for _, diff_id in final]
         existing = await _same_entry(store, tag, key, descriptors, size, files, platforms)
         if existing is not None:
+            await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
             return SaveResult(
                 key=key,
                 tag=tag,
@@ -411,7 +458,7 @@ async def save(
                 seconds=time.monotonic() - started,
                 unchanged=True,
                 layers_reused=reused,
-                base_key=base.key if base is not None and reused else None,
+                base_key=source,
             )
         image: BuiltImage = build_image(
             descriptors,
@@ -429,6 +476,7 @@ async def save(
             for manifest in image.manifests:
                 tg.start_soon(_put_manifest, store, manifest.body, manifest.descriptor.media_type)
         index = await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag=tag)
+        await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     finally:
@@ -446,7 +494,7 @@ async def save(
         files=files,
         seconds=time.monotonic() - started,
         layers_reused=reused,
-        base_key=base.key if base is not None and reused else None,
+        base_key=source,
     )
 
 

@@ -34,6 +34,15 @@ def _start(tmp_path_factory: pytest.TempPathFactory, name: str, auth: str) -> It
         server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep remote-cache's machine-local layer state (``REMOTE_CACHE_STATE_DIR``) in a tmp dir."""
+    path = tmp_path_factory.mktemp("remote-cache-state")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REMOTE_CACHE_STATE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """An anonymous docker-registry (push and pull without credentials)."""

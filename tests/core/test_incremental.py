@@ -1,4 +1,4 @@
-"""Incremental saves: layers whose listing is unchanged are reused without reading or packing files."""
+"""Incremental saves: a layer is reused unread only on local ctime evidence; never on mtimes alone."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 
 from remote_cache import layers as layers_mod
 from remote_cache import pack as pack_mod
+from remote_cache import restore as restore_mod
 from remote_cache import save as save_mod
+from remote_cache import state as state_mod
 from remote_cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.reference import parse_reference
 from remote_cache.restore import restore
@@ -30,11 +32,24 @@ _PAST = int(time.time()) - 3600
 @pytest.fixture(autouse=True)
 def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut trees into many small layers, so one changed file is one layer among several."""
-    monkeypatch.setattr(
-        save_mod,
-        "scan_tree",
-        functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10),
-    )
+    small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
+    monkeypatch.setattr(save_mod, "scan_tree", small)
+    monkeypatch.setattr(restore_mod, "scan_tree", small)
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own machine-local state directory."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
+    return path
+
+
+def _refuse_packing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("an unchanged layer was packed (its files were read)")
+
+    monkeypatch.setattr(pack_mod, "pack_layer", refuse)
 
 
 @pytest.fixture
@@ -67,7 +82,21 @@ def _bulk(root: Path, count: int = 8) -> Path:
             (pkg / f"f{j}.bin").write_bytes(bytes([i, j]) * 4000)
     (root / "pkg0" / "link").symlink_to("f0.bin")
     _backdate(root)
+    _settle()
     return root
+
+
+def _settle() -> None:
+    """Let the ctime clock move past what was just written (a save records only settled files)."""
+    state_mod.settle(time.time_ns())
+
+
+def _fake_npm_edit(path: Path, content: bytes) -> None:
+    """Rewrite ``path`` as npm does: same size, and the mtime put back to what it was."""
+    st = path.stat()
+    assert len(content) == st.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @asynccontextmanager
@@ -102,10 +131,7 @@ async def test_unchanged_resave_reads_and_pushes_nothing(
             layer.annotations.get(ANNOTATION_LISTING, "").startswith("sha256:") for layer in image.layers
         )
 
-        def refuse(*args: Any, **kw: Any) -> Any:
-            raise AssertionError("an unchanged layer was packed (its files were read)")
-
-        monkeypatch.setattr(pack_mod, "pack_layer", refuse)
+        _refuse_packing(monkeypatch)
         proxy.clear()
         again = await save(store, "k", src)
         assert again.unchanged and again.digest == first.digest
@@ -189,11 +215,153 @@ async def test_new_key_reuses_layers_of_the_restored_fallback(
         assert len(pack_calls) == 1 and new.layers_uploaded == 1
         assert new.layers_reused == new.layers_total - 1 and new.base_key == "npm-aaa"
         assert "from 'npm-aaa'" in new.summary()
-        # Without the base key nothing could be reused (npm-bbb had no entry yet).
+        # Without a base key the same local evidence still holds; nothing names a source.
         pack_calls.clear()
-        fresh = await save(store, "npm-ccc", work, full=False)
-        assert fresh.layers_reused == 0 and len(pack_calls) == fresh.layers_total
+        fresh = await save(store, "npm-ccc", work)
+        assert fresh.layers_reused >= fresh.layers_total - 1 and fresh.base_key is None
+        assert fresh.bytes_uploaded == 0  # any packed layer is already there
         out = tmp_path / "out"
         await restore(store, "npm-bbb", out)
         assert_same_tree(work, out)
         assert old.digest != new.digest
+
+
+# -------------------------------------------------------------------------------------------
+# Local evidence only: what tools can fake (mtime, size) never decides reuse.
+
+
+async def test_npm_style_edit_after_restore_is_saved_not_the_stale_layer(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    (src / "pkg3" / "package.json").write_text('{"version": "1.0.0"}')
+    _backdate(src, 499162860)  # npm's fixed 1985-10-26 mtime
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, _proxy):
+        first = await save(store, "npm", src)
+        work = tmp_path / "work"
+        await restore(store, "npm", work)
+        assert_same_tree(src, work)
+        manifest = work / "pkg3" / "package.json"
+        _fake_npm_edit(manifest, b'{"version": "1.0.1"}')
+        pack_calls.clear()
+        second = await save(store, "npm", work)
+        assert len(pack_calls) == 1 and second.layers_reused == second.layers_total - 1
+        assert not second.unchanged and second.digest != first.digest
+        out = tmp_path / "out"
+        await restore(store, "npm", out)
+        assert (out / "pkg3" / "package.json").read_bytes() == b'{"version": "1.0.1"}'
+        assert_same_tree(work, out)
+
+
+async def test_npm_style_edit_between_two_saves_is_saved(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    target = src / "pkg6" / "f2.bin"
+    _fake_npm_edit(target, b"Z" * 8000)
+    pack_calls.clear()
+    second = await save(store, "k", src)
+    assert len(pack_calls) == 1 and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg6" / "f2.bin").read_bytes() == b"Z" * 8000
+    assert_same_tree(src, out)
+
+
+async def test_unchanged_restore_then_save_reads_and_pushes_nothing(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)  # records nothing the restore could lean on
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        _refuse_packing(monkeypatch)
+        proxy.clear()
+        again = await save(store, "k", work)
+        assert again.unchanged and again.digest == first.digest
+        assert again.layers_reused == again.layers_total == first.layers_total
+        assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
+        assert _writes(proxy) == 0
+        # ... and a save right after that save reuses everything again.
+        proxy.clear()
+        third = await save(store, "k", work)
+        assert third.unchanged and third.layers_reused == third.layers_total and _writes(proxy) == 0
+
+
+async def test_restore_without_state_recording_leaves_saves_to_pack(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work, record_state=False)
+    assert not state_mod.state_path(work).exists()
+    pack_calls.clear()
+    again = await save(store, "k", work)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    assert again.unchanged and again.bytes_uploaded == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "bad record", "huge"])
+async def test_damaged_state_means_packing_never_an_error(
+    tmp_path: Path, pack_calls: list[str], damage: str
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    state_file = state_mod.state_path(src)
+    body = state_file.read_bytes()
+    if damage == "missing":
+        state_file.unlink()
+    elif damage == "garbage":
+        state_file.write_bytes(b"\x00\xffnot json")
+    elif damage == "truncated":
+        state_file.write_bytes(body[: len(body) // 2])
+    elif damage == "bad record":
+        state_file.write_bytes(body.replace(b'"size":', b'"size":-', 1))
+    else:
+        state_file.write_bytes(b" " * (state_mod.MAX_STATE_BYTES + 1) + body)
+    target = src / "pkg1" / "f1.bin"
+    _fake_npm_edit(target, b"Q" * 8000)
+    _settle()  # so that this save may record the edited layer too
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg1" / "f1.bin").read_bytes() == b"Q" * 8000
+    assert_same_tree(src, out)
+    # The save rewrote a good state file: the next one reuses again.
+    pack_calls.clear()
+    assert (await save(store, "k", src)).unchanged and pack_calls == []
+
+
+async def test_state_is_not_trusted_when_the_blob_is_gone(tmp_path: Path, pack_calls: list[str]) -> None:
+    src = _bulk(tmp_path / "src")
+    first = await save(open_store(parse_reference(f"oci:{tmp_path / 'one'}")), "k", src)
+    other = open_store(parse_reference(f"oci:{tmp_path / 'two'}"))
+    pack_calls.clear()
+    moved = await save(other, "k", src)  # same directory, a store that has none of its blobs
+    assert moved.layers_reused == 0 and len(pack_calls) == first.layers_total
+    out = tmp_path / "out"
+    await restore(other, "k", out)
+    assert_same_tree(src, out)
+
+
+async def test_metadata_only_change_packs_but_uploads_nothing(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    target = src / "pkg4" / "f4.bin"
+    target.chmod(0o600)
+    target.chmod(0o644)  # back as it was, but the ctime moved: no evidence, so it is re-read
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert len(pack_calls) == 1 and again.layers_reused == first.layers_total - 1
+    assert again.unchanged and again.bytes_uploaded == 0 and again.digest == first.digest

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from remote_cache import layers as layers_mod
+from remote_cache import restore as restore_mod
 from remote_cache import save as save_mod
 from remote_cache.errors import CacheMiss, IntegrityError, StoreError, UnsafeArchive
 from remote_cache.image import build_image, load_image
@@ -72,11 +73,17 @@ async def opened(ref: Reference) -> AsyncIterator[Store]:
 @pytest.fixture
 def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut trees into many small layers, so multi-layer paths run on small test trees."""
-    monkeypatch.setattr(
-        save_mod,
-        "scan_tree",
-        functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10),
-    )
+    small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
+    monkeypatch.setattr(save_mod, "scan_tree", small)
+    monkeypatch.setattr(restore_mod, "scan_tree", small)
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own machine-local state directory."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
+    return path
 
 
 def _bulk(root: Path, count: int = 40, size: int = 40_000) -> Path:
