@@ -56,7 +56,11 @@ def cli(tmp_path: Path, pycache: Path) -> Run:
     docker_config.mkdir()
     skip = ("REMOTE_CACHE_", "DOCKER_", "PYTHONDONTWRITEBYTECODE")
     base = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
-    base.update(DOCKER_CONFIG=str(docker_config), PYTHONPYCACHEPREFIX=str(pycache))
+    base.update(
+        DOCKER_CONFIG=str(docker_config),
+        PYTHONPYCACHEPREFIX=str(pycache),
+        REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),  # never the user's own state
+    )
 
     def run(
         *args: str, stdin: str = "", env: dict[str, str] | None = None
