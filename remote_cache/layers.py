@@ -69,7 +69,7 @@ UNIT_BYTES = 64 << 10
 class Entry:
     """One tree member as it will be archived: relative path, kind and the stat fields tar keeps."""
 
-    __slots__ = ("gid", "kind", "linkname", "mode", "mtime", "path", "size", "uid")
+    __slots__ = ("ctime_ns", "gid", "ino", "kind", "linkname", "mode", "mtime", "path", "size", "uid")
 
     def __init__(
         self,
@@ -81,6 +81,8 @@ class Entry:
         size: int,
         mtime: int,
         linkname: str = "",
+        ino: int = 0,
+        ctime_ns: int = 0,
     ) -> None:
         self.path = path  # relative, "/"-separated, str with surrogateescape for odd bytes
         self.kind = kind
@@ -90,6 +92,9 @@ class Entry:
         self.size = size  # data bytes (0 unless KIND_FILE)
         self.mtime = mtime  # whole seconds
         self.linkname = linkname  # symlink target, or first path of a hard-linked inode
+        # Not archived: local evidence that a file is unchanged (see remote_cache.state).
+        self.ino = ino
+        self.ctime_ns = ctime_ns
 
     def __repr__(self) -> str:
         return f"Entry({self.path!r}, kind={self.kind}, size={self.size})"
@@ -152,7 +157,12 @@ def _walk_sorted(root: str, stats: TreeStats) -> list[Entry]:
                         stats.hardlinks += 1
                         continue
                     first_path[key] = path
-                out.append(Entry(path, KIND_FILE, perm, st.st_uid, st.st_gid, st.st_size, mtime))
+                out.append(
+                    Entry(
+                        path, KIND_FILE, perm, st.st_uid, st.st_gid, st.st_size, mtime, "",
+                        st.st_ino, st.st_ctime_ns,
+                    )
+                )  # fmt: skip
                 stats.files += 1
                 stats.bytes += st.st_size
             elif stat.S_ISDIR(m):

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import stat
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .layers import KIND_DIR, KIND_FILE, KIND_HARDLINK, KIND_SYMLINK, LayerPlan, TreeScan
+from .layers import KIND_FILE, LayerPlan, TreeScan
 from .oci import LAYER_TYPES, Descriptor
 
 __all__ = [
@@ -140,22 +139,14 @@ def portable_listing(plan: LayerPlan) -> str:
     return "sha256:" + h.hexdigest()
 
 
-_FMT = {
-    KIND_FILE: stat.S_IFREG,
-    KIND_HARDLINK: stat.S_IFREG,
-    KIND_DIR: stat.S_IFDIR,
-    KIND_SYMLINK: stat.S_IFLNK,
-}
-
-
 def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = None) -> list[LocalLayer]:
-    """Re-stat every regular file of ``scan`` and compute each layer's :class:`LocalLayer`.
+    """Compute each layer's :class:`LocalLayer` from the inode and ctime the scan saw.
 
     ``bound_ns`` must come from :func:`clock_ns` (or :func:`settle`) taken *before* the scan.
     ``mtime_bound`` (whole seconds) additionally requires every entry's mtime before it. On a
-    filesystem with whole-second ctimes the bound is rounded down to its second.
+    filesystem with whole-second ctimes the bound is rounded down to its second. No re-stat is
+    needed: a file changed after the scan has a newer ctime, so a later scan cannot match.
     """
-    prefix = os.fsencode(scan.root) + b"/"
     out: list[LocalLayer] = []
     stats: list[list[tuple[int, int] | None]] = []
     whole_seconds = True
@@ -165,20 +156,8 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
             if e.kind != KIND_FILE:
                 row.append(None)
                 continue
-            try:
-                st = os.lstat(prefix + os.fsencode(e.path))
-            except OSError:
-                row.append((-1, -1))
-                continue
-            same = (
-                stat.S_IFMT(st.st_mode) == _FMT[e.kind]
-                and stat.S_IMODE(st.st_mode) == e.mode
-                and st.st_size == e.size
-                and int(st.st_mtime) == e.mtime
-                and (st.st_uid, st.st_gid) == (e.uid, e.gid)
-            )
-            row.append((st.st_ino, st.st_ctime_ns) if same else (-1, -1))
-            if st.st_ctime_ns % _SECOND:
+            row.append((e.ino, e.ctime_ns))
+            if e.ctime_ns % _SECOND:
                 whole_seconds = False
         stats.append(row)
     if whole_seconds:

@@ -116,9 +116,15 @@ def test_files_changed_since_the_bound_are_not_settled(tmp_path: Path) -> None:
     assert not local_layers(scan_tree(root), state_mod.settle(time.time_ns()), mtime_bound=0)[0].settled
 
 
-def test_file_changed_between_scan_and_stat_has_no_local_listing(tmp_path: Path) -> None:
+def test_a_file_changed_after_the_scan_never_matches_what_was_recorded(tmp_path: Path) -> None:
+    # A save records the listing its scan saw; a file written after that scan (say while the
+    # layer was being packed) has a newer ctime, so no later scan can match the record.
     root = _tree(tmp_path / "t")
-    scan = scan_tree(root)
-    (root / "b").write_bytes(b"longer than before")
-    layer = local_layers(scan, state_mod.settle(time.time_ns()))[0]
-    assert layer.local is None and not layer.settled
+    recorded = local_layers(scan_tree(root), state_mod.settle(time.time_ns()))[0]
+    f = root / "b"
+    st = f.stat()
+    f.write_bytes(b"y" * st.st_size)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = local_layers(scan_tree(root), state_mod.settle(time.time_ns()))[0]
+    assert again.listing == recorded.listing
+    assert again.local != recorded.local
