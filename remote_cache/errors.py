@@ -1,22 +1,23 @@
 """Every error the core raises, one tree, each message saying what to do.
 
-    RemoteCacheError
-    ├── InvalidKey              a cache key that cannot become a tag
-    ├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
-    ├── CacheMiss               no entry under that key (not a failure)
-    ├── StoreError              talking to a store went wrong
-    │   ├── RegistryAuthError   401/403: missing or wrong credentials
-    │   ├── RegistryUnreachable connection refused, DNS, TLS, timeout
-    │   ├── RegistryError       any other error response (carries code/status)
-    │   └── UnsupportedOperation the store cannot do that (e.g. no deletes)
-    ├── IntegrityError          a blob or manifest does not match its digest/size
-    ├── UnsafeArchive           an archive tries to escape the target or holds devices
-    └── ImageFormatError        a manifest/config/layer we cannot read as a cache image
+RemoteCacheError
+├── InvalidKey              a cache key that cannot become a tag
+├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
+├── CacheMiss               no entry under that key (not a failure)
+├── StoreError              talking to a store went wrong
+│   ├── RegistryAuthError   401/403: missing or wrong credentials
+│   ├── RegistryUnreachable connection refused, DNS, TLS, timeout
+│   ├── RegistryError       any other error response (carries code/status)
+│   └── UnsupportedOperation the store cannot do that (e.g. no deletes)
+├── IntegrityError          a blob or manifest does not match its digest/size
+├── UnsafeArchive           an archive tries to escape the target or holds devices
+└── ImageFormatError        a manifest/config/layer we cannot read as a cache image
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MISS_MARKER",
     "CacheMiss",
     "ImageFormatError",
     "IntegrityError",
@@ -29,7 +30,6 @@ __all__ = [
     "StoreError",
     "UnsafeArchive",
     "UnsupportedOperation",
-    "MISS_MARKER",
 ]
 
 #: Prefix of a miss message. Errors cross Dagger module boundaries as text only, so a
