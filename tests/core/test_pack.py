@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from remote_cache.layers import KIND_HARDLINK, scan_tree
+from remote_cache.layers import KIND_DIR, KIND_HARDLINK, scan_tree
 from remote_cache.oci import OCI_LAYER_GZIP, OCI_LAYER_ZSTD
 from remote_cache.pack import PackedLayer, pack_tree
 from remote_cache.unpack import Extractor, replace_dir, staging_dir
@@ -105,7 +105,18 @@ def test_adding_files_in_one_dir_changes_at_most_two_layers(nasty: Path, tmp_pat
     # rule is what is under test here, so keep it.
     os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns))
     after = [x.digest for x in pack_tree(scan_tree(src, **kw))]
-    assert len(set(after) - before) <= 2
+    # The new directory's entry lands in the directories' own first layer; of the file layers,
+    # at most two change.
+    changed = [i for i, d in enumerate(after) if d not in before]
+    assert 0 in changed
+    assert len([i for i in changed if i != 0]) <= 2
+
+
+def test_directories_have_a_layer_of_their_own(nasty: Path) -> None:
+    scan = scan_tree(nasty, min_bytes=64 << 10, max_bytes=1 << 20)
+    kinds = [{e.kind for e in plan.entries} for plan in scan.layers]
+    assert kinds[0] == {KIND_DIR}
+    assert all(KIND_DIR not in k for k in kinds[1:])
 
 
 def test_tiny_tree_is_one_layer(tmp_path: Path) -> None:
