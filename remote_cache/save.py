@@ -395,7 +395,11 @@ async def save(
             for i, layer in enumerate(local)
             if layer.local is not None and (layer.local, media_type) in state
         }
-        have = await _present(store, [rec.digest for rec in hits.values()], jobs) if hits else set()
+        # Blobs that the key's (or the base's) entry references are in the store: a registry
+        # takes a manifest only once its blobs are in, and keeps the blobs a tag references.
+        referenced = {digest for _, layers in candidates for digest in layers}
+        unknown = [rec.digest for rec in hits.values() if rec.digest not in referenced]
+        have = referenced | (await _present(store, unknown, jobs) if unknown else set())
         for i, rec in hits.items():
             if rec.digest in have:
                 slots[i] = (rec.descriptor(annotations[i]), rec.diff_id)
