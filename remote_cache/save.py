@@ -447,12 +447,11 @@ async def save(
         descriptors = [d for d, _ in final]
         diff_ids = [diff_id for _, diff_id in final]
         existing = await _same_entry(store, tag, key, descriptors, size, files, platforms)
-        if existing is not None:
-            await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
+        def result(digest: str, *, unchanged: bool = False) -> SaveResult:
             return SaveResult(
                 key=key,
                 tag=tag,
-                digest=existing,
+                digest=digest,
                 layers_total=len(final),
                 layers_uploaded=counters["uploaded"],
                 bytes_total=sum(d.size for d in descriptors),
@@ -460,10 +459,14 @@ async def save(
                 size=size,
                 files=files,
                 seconds=time.monotonic() - started,
-                unchanged=True,
+                unchanged=unchanged,
                 layers_reused=reused,
                 base_key=source,
             )
+
+        if existing is not None:
+            await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
+            return result(existing, unchanged=True)
         image: BuiltImage = build_image(
             descriptors,
             diff_ids,
@@ -486,20 +489,7 @@ async def save(
     finally:
         await anyio.to_thread.run_sync(iterator.close)
         await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
-    return SaveResult(
-        key=key,
-        tag=tag,
-        digest=index.digest,
-        layers_total=len(final),
-        layers_uploaded=counters["uploaded"],
-        bytes_total=sum(d.size for d in descriptors),
-        bytes_uploaded=counters["bytes"],
-        size=size,
-        files=files,
-        seconds=time.monotonic() - started,
-        layers_reused=reused,
-        base_key=source,
-    )
+    return result(index.digest)
 
 
 async def _put_manifest(store: Store, body: bytes, media_type: str) -> None:
