@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from remote_cache.oci import ANNOTATION_CREATED, OCI_CONFIG, OCI_LAYER_GZIP, OCI
 from remote_cache.reference import Reference, parse_reference
 from remote_cache.save import save
 from remote_cache.store import Store
-from remote_cache.stores import open_store
+from tests.stores import opened
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -37,25 +35,6 @@ async def _backdate(store: LayoutStore, key: str, days: int) -> None:
     stamp = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
     index["annotations"][ANNOTATION_CREATED] = stamp
     await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
-
-
-@pytest.fixture(params=["layout", "registry"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Reference:
-    """A layout directory or a fresh repository on the real registry."""
-    if request.param == "layout":
-        return parse_reference(f"oci:{tmp_path / 'layout'}")
-    registry = request.getfixturevalue("registry")
-    repo = request.getfixturevalue("repo_name")
-    return parse_reference(f"{registry.host}/{repo}")
-
-
-@asynccontextmanager
-async def opened(ref: Reference) -> AsyncIterator[Store]:
-    store = open_store(ref)
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 async def test_list_inspect_remove(where: Reference, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,10 +11,7 @@ from typing import Any
 
 import pytest
 
-from remote_cache import layers as layers_mod
 from remote_cache import pack as pack_mod
-from remote_cache import restore as restore_mod
-from remote_cache import save as save_mod
 from remote_cache import state as state_mod
 from remote_cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.reference import parse_reference
@@ -26,23 +22,9 @@ from remote_cache.stores import open_store
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.trees import assert_same_tree
 
+pytestmark = pytest.mark.usefixtures("small_layers")
+
 _PAST = int(time.time()) - 3600
-
-
-@pytest.fixture(autouse=True)
-def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cut trees into many small layers, so one changed file is one layer among several."""
-    small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
-    monkeypatch.setattr(save_mod, "scan_tree", small)
-    monkeypatch.setattr(restore_mod, "scan_tree", small)
-
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's own machine-local state directory."""
-    path = tmp_path / "state"
-    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
-    return path
 
 
 def _refuse_packing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from remote_cache.reference import Reference, parse_reference
 from remote_cache.restore import restore
 from remote_cache.save import save
 from remote_cache.store import Store
-from remote_cache.stores import open_store
 from tests.registry_server import RegistryServer
+from tests.stores import opened
 from tests.trees import assert_same_tree
 
 
@@ -39,23 +37,6 @@ async def _set_created(store: Store, key: str, days_ago: float) -> str:
     stamp = (datetime.now(UTC) - timedelta(days=days_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
     index["annotations"][ANNOTATION_CREATED] = stamp
     return (await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)).digest
-
-
-@pytest.fixture(params=["layout", "registry"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Reference:
-    if request.param == "layout":
-        return parse_reference(f"oci:{tmp_path / 'layout'}")
-    registry = request.getfixturevalue("registry")
-    return parse_reference(f"{registry.host}/{request.getfixturevalue('repo_name')}")
-
-
-@asynccontextmanager
-async def opened(ref: Reference) -> AsyncIterator[Store]:
-    store = open_store(ref)
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.parametrize(

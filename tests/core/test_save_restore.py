@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import io
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from remote_cache import layers as layers_mod
-from remote_cache import restore as restore_mod
-from remote_cache import save as save_mod
 from remote_cache.errors import CacheMiss, IntegrityError, StoreError, UnsafeArchive
 from remote_cache.image import build_image, load_image
 from remote_cache.keys import tag_for_key
@@ -28,6 +22,7 @@ from remote_cache.restore import restore
 from remote_cache.save import CacheTooLarge, save
 from remote_cache.store import Store
 from remote_cache.stores import open_store
+from tests.stores import opened
 from tests.trees import assert_same_tree, make_tree
 
 
@@ -50,40 +45,6 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
 
 def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
-
-
-@pytest.fixture(params=["layout", "registry"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Reference:
-    """A layout directory or a fresh repository on the real registry."""
-    if request.param == "layout":
-        return parse_reference(f"oci:{tmp_path / 'layout'}")
-    registry = request.getfixturevalue("registry")
-    return parse_reference(f"{registry.host}/{request.getfixturevalue('repo_name')}")
-
-
-@asynccontextmanager
-async def opened(ref: Reference) -> AsyncIterator[Store]:
-    store = open_store(ref)
-    try:
-        yield store
-    finally:
-        await store.aclose()
-
-
-@pytest.fixture
-def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cut trees into many small layers, so multi-layer paths run on small test trees."""
-    small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
-    monkeypatch.setattr(save_mod, "scan_tree", small)
-    monkeypatch.setattr(restore_mod, "scan_tree", small)
-
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's own machine-local state directory."""
-    path = tmp_path / "state"
-    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
-    return path
 
 
 def _bulk(root: Path, count: int = 40, size: int = 40_000) -> Path:

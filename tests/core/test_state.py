@@ -18,13 +18,6 @@ _DIGEST = "sha256:" + "ab" * 32
 _LOCAL = "sha256:" + "cd" * 32
 
 
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "state"
-    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
-    return path
-
-
 def _record(n: int = 0) -> LayerRecord:
     return LayerRecord(OCI_LAYER_ZSTD, "sha256:" + f"{n:064x}", 100 + n, _DIGEST)
 
