@@ -27,7 +27,6 @@ still in the summary line and in ``--json``. Set ``REMOTE_CACHE_DEBUG=1`` for tr
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
@@ -38,15 +37,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from .entries import Entry, list_entries, prune, remove
-from .entries import inspect as inspect_entry
 from .errors import (
     CacheMiss,
     InvalidKey,
@@ -55,14 +49,16 @@ from .errors import (
     RemoteCacheError,
     UnsupportedOperation,
 )
-from .image import load_image
-from .oci import Platform
 from .progress import TransferProgress, format_bytes, format_rate, parse_duration, parse_size
-from .reference import Reference, parse_reference
-from .restore import restore
-from .save import CacheTooLarge, save
-from .store import Store
-from .stores import open_store
+
+# Start-up time matters for a CLI run once per CI step: what only some commands or paths need
+# (rich's console and table, asyncio, the registry client, save/restore/entries) is imported
+# where it is used, and here only for the type checker.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .reference import Reference
+    from .store import Store
 
 __all__ = ["ExitCode", "app", "exit_code_for", "main"]
 
@@ -97,9 +93,15 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(exc, RegistryAuthError):
         return ExitCode.AUTH
-    if isinstance(exc, CacheTooLarge | UnsupportedOperation):
+    if isinstance(exc, UnsupportedOperation) or _is_too_large(exc):
         return ExitCode.REFUSED
     return ExitCode.ERROR
+
+
+def _is_too_large(exc: BaseException) -> bool:
+    # A CacheTooLarge can only exist once remote_cache.save is imported: don't import it to ask.
+    save_module = sys.modules.get("remote_cache.save")
+    return save_module is not None and isinstance(exc, save_module.CacheTooLarge)
 
 
 _EXIT_HELP = (
@@ -231,6 +233,8 @@ def _with_password(common: Common, password: str) -> Common:
 
 
 def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF") -> Reference:
+    from .reference import parse_reference
+
     ref = parse_reference(text)
     if ref.digest is not None:
         raise UsageError(f"{what} {text!r} pins a digest; name the entry by key instead (drop '@sha256:...')")
@@ -247,6 +251,8 @@ def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF")
 
 @asynccontextmanager
 async def _store(ref: Reference, common: Common) -> AsyncIterator[Store]:
+    from .stores import open_store
+
     store = open_store(
         ref,
         username=common.username,
@@ -309,6 +315,8 @@ def _redact(text: str, common: Common) -> str:
 
 def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
+    import asyncio
+
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     try:
         common = _read_password(common)
@@ -328,6 +336,8 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         )
         sys.stdout.flush()
     elif outcome.stdout is not None:
+        from rich.console import Console
+
         # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
         outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
     if outcome.summary and not common.quiet:
@@ -477,10 +487,14 @@ def _save(
     """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY or oci:DIR:KEY)."""
     if compression not in ("zstd", "gzip"):
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
+    from .oci import Platform
+
     platforms = _parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
     limit = _parsed(parse_size, max_size, "--max-size")
 
     async def body(common: Common) -> Outcome:
+        from .save import save
+
         async with _entry(ref, key, common) as (reference, entry_key, store):
             with _progress(common, f"save {entry_key}") as bar:
                 result = await save(
@@ -539,6 +553,8 @@ def _restore(
     """
 
     async def body(common: Common) -> Outcome:
+        from .restore import restore
+
         async with _entry(ref, key, common) as (reference, entry_key, store):
             try:
                 with _progress(common, f"restore {entry_key}") as bar:
@@ -577,11 +593,16 @@ def _ls(
     """List the entries of a repository: key, tag, size, files, created."""
 
     async def body(common: Common) -> Outcome:
+        from .entries import list_entries
+
         async with _repository(repo, common) as (reference, store):
             entries = await list_entries(store, prefix=prefix or "")
         rows = [e.to_json() for e in entries]
 
         def show(console: Console) -> None:
+            from rich.table import Table
+            from rich.text import Text
+
             table = Table(box=None, pad_edge=False)
             for column in ("KEY", "TAG", "SIZE", "FILES", "CREATED"):
                 table.add_column(column, justify="right" if column in ("SIZE", "FILES") else "left")
@@ -606,8 +627,11 @@ def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
     """Show an entry: manifest digest, layers, annotations; exit 3 when absent."""
 
     async def body(common: Common) -> Outcome:
+        from .entries import inspect as inspect_entry
+        from .image import load_image
+
         async with _entry(ref, key, common) as (_, entry_key, store):
-            entry: Entry = await inspect_entry(store, entry_key)
+            entry = await inspect_entry(store, entry_key)
             image = await load_image(store, entry.digest)
         info = {
             **entry.to_json(with_layers=True),
@@ -637,6 +661,8 @@ def _rm(ref: RefArg, key: KeyOpt = None) -> Body:
     """Remove the entry REF; exit 3 when there is none."""
 
     async def body(common: Common) -> Outcome:
+        from .entries import remove
+
         async with _entry(ref, key, common) as (reference, entry_key, store):
             await remove(store, entry_key)
         data = {"outcome": "removed", "key": entry_key, "reference": str(reference)}
@@ -672,6 +698,8 @@ def _prune(
     age = _parsed(parse_duration, older_than, "--older-than")
 
     async def body(common: Common) -> Outcome:
+        from .entries import prune
+
         async with _repository(repo, common) as (reference, store):
             pruned = await prune(store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run)
         rows = [e.to_json() for e in pruned]

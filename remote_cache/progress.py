@@ -11,18 +11,11 @@ import sys
 import time
 from datetime import timedelta
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+# rich is imported only when a bar is actually drawn (see _start_bar): most runs never draw one.
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 __all__ = [
     "SHOW_AFTER",
@@ -134,6 +127,16 @@ class TransferProgress:
         self._progress.update(self._task, completed=self.done, total=self.total)
 
     def _start_bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
         console = Console(file=self._stream, stderr=True)
         self._progress = Progress(
             TextColumn("{task.description}"),

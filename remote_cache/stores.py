@@ -6,12 +6,13 @@ The CLI and the Dagger backend call :func:`open_store` and never care which kind
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .credentials import resolve_credentials
-from .layout import LayoutStore
-from .reference import Reference
-from .registry import RegistryStore
-from .store import Store
+# Each kind of store is imported only when asked for: the registry client pulls in httpx, which
+# a layout-only run (and the CLI's start-up) need not pay for.
+if TYPE_CHECKING:
+    from .reference import Reference
+    from .store import Store
 
 __all__ = ["open_store"]
 
@@ -30,8 +31,13 @@ def open_store(
     The reference's key is ignored here. Close the store with ``await store.aclose()``.
     """
     if reference.transport == "layout":
+        from .layout import LayoutStore
+
         assert reference.path is not None
         return LayoutStore(Path(reference.path).expanduser())
+    from .credentials import resolve_credentials
+    from .registry import RegistryStore
+
     credentials = resolve_credentials(reference.host, username=username, password=password)
     return RegistryStore.from_reference(
         reference, credentials=credentials, plain_http=plain_http, timeout=timeout
