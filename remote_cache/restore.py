@@ -28,10 +28,10 @@ from .entries import find_entry
 from .errors import CacheMiss, RemoteCacheError
 from .image import ANNOTATION_LISTING, CacheImage, load_image, read_diff_ids
 from .keys import validate_key
-from .layers import scan_tree
+from .layers import scan_tree as scan_tree  # unused (a restore scans nothing); tests patch it
 from .oci import Descriptor
 from .save import first_error, human_bytes
-from .state import local_layers, records_for, settle, write_state
+from .state import LayerRecord, RestoreWindow, clock_ns, dir_id, settle, write_window
 from .store import Store
 from .unpack import Extractor, ExtractStats, discard_dir, replace_dir, staging_dir
 
@@ -157,8 +157,9 @@ async def restore(
     ``restore_keys`` are prefixes tried in order when the exact key is absent (as in actions/cache,
     see :func:`~remote_cache.entries.find_entry`); CacheMiss when nothing matches.
     ``progress`` is called with each downloaded chunk's size. ``record_state`` (default) then
-    scans ``path`` and records, in this machine's state (:mod:`remote_cache.state`), which of its
-    layers hold exactly the image's, so the next save of ``path`` can reuse them unread.
+    records, in this machine's state (:mod:`remote_cache.state`), the image's layers and the
+    window during which they were extracted (no scan), so the next save of ``path`` can reuse
+    those whose files were not touched since, unread.
     """
     started = time.monotonic()
     validate_key(key)
@@ -231,6 +232,8 @@ async def restore(
 
         stats: list[ExtractStats | None] = [None]
         diff_ids: list[str] = []
+        # Every file the extraction writes gets a ctime at or after this.
+        window_start = clock_ns()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(fetch_diff_ids)
@@ -239,8 +242,12 @@ async def restore(
                 tg.start_soon(extract_task)
         except BaseExceptionGroup as group:
             raise first_error(group, ignore=(_Aborted,)) from None
+        window: RestoreWindow | None = None
+        if record_state and diff_ids and (stats[0] is None or not stats[0].whiteouts):
+            # Before the swap, while the staging directory is still private: every extracted
+            # file's ctime is then before the window's end, every later change's at or after it.
+            window = await anyio.to_thread.run_sync(_window, staging, image, diff_ids, window_start)
         await anyio.to_thread.run_sync(replace_dir, staging, path)
-        swapped = time.time_ns()
         ok = True
     finally:
         for feed in feeds:
@@ -250,8 +257,8 @@ async def restore(
         await anyio.to_thread.run_sync(discard_dir, spool)
         if not ok:
             await anyio.to_thread.run_sync(discard_dir, staging)
-    if record_state and diff_ids and (stats[0] is None or not stats[0].whiteouts):
-        await anyio.to_thread.run_sync(_record, path, image, diff_ids, swapped)
+    if window is not None:
+        await anyio.to_thread.run_sync(write_window, path, window)
     size, files = _stats(stats[0], image)
     return RestoreResult(
         key=key,
@@ -267,31 +274,26 @@ async def restore(
     )
 
 
-def _record(path: Path, image: CacheImage, diff_ids: Sequence[str], swapped_ns: int) -> None:
-    """Record local listing -> image layer for each planned layer of ``path`` that is that layer.
+def _window(staging: Path, image: CacheImage, diff_ids: Sequence[str], start_ns: int) -> RestoreWindow | None:
+    """The restore window to record for the finished ``staging`` directory, if any.
 
-    A planned layer maps to the image layer at the same position when its portable listing
-    equals that layer's ``dev.remote-cache.listing`` annotation. Best effort: any failure only
-    means the next save packs those layers.
+    Only layers with a portable listing annotation (saved by us, not racy) can be matched by a
+    later save. None when there are none, or the directory cannot be identified.
     """
-    listings = [desc.annotations.get(ANNOTATION_LISTING) for desc in image.layers]
-    if not any(listings):
-        return  # not saved by us (or every layer was racy): nothing to map
+    layers: dict[tuple[str, str], LayerRecord] = {}
+    for desc, diff_id in zip(image.layers, diff_ids, strict=False):
+        listing = desc.annotations.get(ANNOTATION_LISTING)
+        if listing:
+            rec = LayerRecord(desc.media_type, desc.digest, desc.size, diff_id)
+            layers.setdefault((listing, desc.media_type), rec)
+    if not layers or len(diff_ids) != len(image.layers):
+        return None
+    end_ns = settle(time.time_ns())
     try:
-        # Every extracted file's ctime is at or before ``swapped_ns``; wait for the ctime clock
-        # to pass it, so that a write after the scan can never reproduce a recorded ctime.
-        bound = settle(swapped_ns)
-        scan = scan_tree(path)
-        local = local_layers(scan, bound)
-        stored: list[tuple[Descriptor, str] | None] = [
-            (image.layers[i], diff_ids[i])
-            if i < len(listings) and listings[i] is not None and listings[i] == layer.listing
-            else None
-            for i, layer in enumerate(local)
-        ]
-        write_state(path, records_for(local, stored))
-    except (OSError, RemoteCacheError):
-        return
+        root = dir_id(staging)
+    except OSError:
+        return None
+    return RestoreWindow(start_ns, end_ns, root, layers)
 
 
 def _stats(stats: ExtractStats | None, image: CacheImage) -> tuple[int, int]:

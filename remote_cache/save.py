@@ -45,7 +45,19 @@ from .oci import (
     Platform,
 )
 from .pack import pack_tree
-from .state import clock_ns, load_state, local_layers, portable_listing, records_for, write_state
+from .state import (
+    LayerRecord,
+    RestoreWindow,
+    clock_ns,
+    dir_id,
+    load_state,
+    load_window,
+    local_layers,
+    portable_listing,
+    records_for,
+    window_hits,
+    write_state,
+)
 from .store import Store
 
 __all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "layer_listing", "save"]
@@ -332,11 +344,13 @@ async def save(
     anything is uploaded.
 
     A layer is reused without reading its files only when this machine's state
-    (:mod:`remote_cache.state`) recorded its local listing (portable fields plus each file's
-    ctime and inode) at a restore or save, and the store still has the blob. Every other layer
-    is packed; packing is deterministic, so an unchanged one gets the same digest and is not
-    uploaded again. ``full`` ignores the state. The entries under ``key`` and ``base_key`` (e.g.
-    the key a restore fell back to) only name where reused layers came from, never vouch for content.
+    (:mod:`remote_cache.state`) vouches for it, and the store still has the blob: its local
+    listing (portable fields plus each file's ctime and inode) was recorded at a save, or it
+    matches a layer the last restore into ``path`` extracted and no file of it changed since.
+    Every other layer is packed; packing is deterministic, so an unchanged one gets the same
+    digest and is not uploaded again. ``full`` ignores the state. The entries under ``key`` and
+    ``base_key`` (e.g. the key a restore fell back to) only name where reused layers came from,
+    never vouch for content.
     Saving content identical to what the key holds pushes nothing and keeps the digest
     (``unchanged``). ``immutable``: an existing entry under ``key`` is never replaced
     (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
@@ -387,14 +401,13 @@ async def save(
 
     slots: list[tuple[Descriptor, str] | None] = [None] * len(scan.layers)
     if not full:
-        # Reuse unread only on local evidence (ctime + inode recorded here), and only while the
-        # store still has the blob.
-        state = await anyio.to_thread.run_sync(load_state, path)
-        hits = {
-            i: state[(layer.local, media_type)]
-            for i, layer in enumerate(local)
-            if layer.local is not None and (layer.local, media_type) in state
-        }
+        # Reuse unread only on local evidence (ctime + inode recorded here after a save, or a
+        # restore window), and only while the store still has the blob.
+        state, window = await anyio.to_thread.run_sync(_evidence, path)
+        hits = await anyio.to_thread.run_sync(window_hits, scan, local, window, media_type)
+        for i, planned in enumerate(local):
+            if planned.local is not None and (planned.local, media_type) in state:
+                hits.setdefault(i, state[(planned.local, media_type)])
         # Blobs that the key's (or the base's) entry references are in the store: a registry
         # takes a manifest only once its blobs are in, and keeps the blobs a tag references.
         referenced = {digest for _, layers in candidates for digest in layers}
@@ -447,6 +460,7 @@ async def save(
         descriptors = [d for d, _ in final]
         diff_ids = [diff_id for _, diff_id in final]
         existing = await _same_entry(store, tag, key, descriptors, size, files, platforms)
+
         def result(digest: str, *, unchanged: bool = False) -> SaveResult:
             return SaveResult(
                 key=key,
@@ -490,6 +504,18 @@ async def save(
         await anyio.to_thread.run_sync(iterator.close)
         await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
     return result(index.digest)
+
+
+def _evidence(path: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:
+    """This machine's records for ``path``, and its restore window if ``path`` is still that directory."""
+    window = load_window(path)
+    if window is not None:
+        try:
+            if dir_id(path) != window.root:
+                window = None  # another directory now sits at this path
+        except OSError:
+            window = None
+    return load_state(path), window
 
 
 async def _put_manifest(store: Store, body: bytes, media_type: str) -> None:

@@ -3,14 +3,29 @@
 A layer's *portable* listing (paths, sizes, mtimes, modes, owners, link targets) can be faked by
 tools: npm writes every file with a fixed 1985 mtime, so an edit that keeps the size looks
 unchanged. A file's ctime cannot be set back by any tool, and changes with every write,
-chmod or utime. So a save reuses a layer without reading its files only when its *local*
-listing (the portable one plus the ctime and inode of every regular file) equals one recorded
-on this machine right after a restore or save that stored exactly those bytes.
+chmod, utime, rename or link. So a save reuses a layer without reading its files only on
+evidence recorded on this machine, of one of two kinds:
+
+* a *local listing* (the portable one plus the ctime and inode of every regular file) equal
+  to one recorded right after a save that stored exactly those bytes (save -> save);
+* a *restore window* (restore -> save): the restore recorded, for its target, the image
+  layers carrying a portable listing and the interval ``[start, end)`` during which it
+  extracted them. ``start`` comes from :func:`clock_ns` before extraction, ``end`` from
+  :func:`settle` once every file was written, before the staging directory is swapped into
+  place. A planned layer whose portable listing equals a recorded layer's and whose regular
+  files all have ``start <= ctime < end`` is that layer, because: the staging directory is
+  0700 and private during the window, so only the extraction wrote files there; a file
+  modified after the swap gets a ctime at or after ``end``; a file moved or linked in later
+  gets a new ctime too (Linux stamps ctime on rename and link). The restored directory's
+  device and inode are recorded as well, so a different directory moved onto the target
+  path is not mistaken for it. On filesystems with whole-second ctimes the bounds are
+  rounded down to their second (a file written in ``end``'s second is not trusted).
 
 State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache``, else
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
-resolved absolute path, written atomically, at most :data:`MAX_RECORDS` records. An unreadable,
-corrupt or foreign state file means "no evidence" (the layer is packed), never an error.
+resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
+restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
+older-format state file means "no evidence" (the layer is packed), never an error.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from .layers import KIND_FILE, LayerPlan, TreeScan
 from .oci import LAYER_TYPES, Descriptor
@@ -37,15 +52,20 @@ __all__ = [
     "STATE_DIR_ENV",
     "LayerRecord",
     "LocalLayer",
+    "RestoreWindow",
     "clock_ns",
+    "dir_id",
     "load_state",
+    "load_window",
     "local_layers",
     "portable_listing",
     "records_for",
     "settle",
     "state_dir",
     "state_path",
+    "window_hits",
     "write_state",
+    "write_window",
 ]
 
 STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
@@ -53,7 +73,7 @@ STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
 MAX_RECORDS = 2048
 #: A state file larger than this is ignored (and rewritten by the next restore or save).
 MAX_STATE_BYTES = 2 << 20
-_FORMAT = "remote-cache-state/1"
+_FORMAT = "remote-cache-state/2"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SECOND = 1_000_000_000
 # Kernels stamp ctimes from a clock that may lag the fine clock by a tick (up to 10 ms at
@@ -184,78 +204,215 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
     return out
 
 
-def _parse(raw: Any) -> dict[tuple[str, str], LayerRecord]:
-    """Records of a state document; empty when anything about it is off."""
-    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+@dataclass(frozen=True)
+class RestoreWindow:
+    """What a restore recorded for its target: the image layers it extracted, and when."""
+
+    #: :func:`clock_ns` before extraction began: every extracted file's ctime is at or after it.
+    start_ns: int
+    #: :func:`settle` after the last file was written, before the swap: every extracted file's
+    #: ctime is before it, every later change's at or after it.
+    end_ns: int
+    #: (st_dev, st_ino) of the restored directory (the staging directory swapped into place).
+    root: tuple[int, int]
+    #: (portable listing, media type) -> the image layer with that listing annotation.
+    layers: dict[tuple[str, str], LayerRecord]
+
+
+def dir_id(path: Path) -> tuple[int, int]:
+    """(st_dev, st_ino) of directory ``path``, symlinks followed; raises OSError."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def window_hits(
+    scan: TreeScan, layers: Sequence[LocalLayer], window: RestoreWindow | None, media_type: str
+) -> dict[int, LayerRecord]:
+    """Planned layers (by position) that ``window`` vouches for; see the module docstring.
+
+    A layer qualifies when its portable listing equals a recorded layer's (same media type) and
+    every regular file's ctime lies in the window. The caller checks that the scanned directory
+    is the one restored (:attr:`RestoreWindow.root`) and that the store still has the blob.
+    """
+    if window is None or not window.layers:
         return {}
-    layers = raw.get("layers")
-    if not isinstance(layers, list):
-        return {}
-    out: dict[tuple[str, str], LayerRecord] = {}
-    for item in layers:
-        if not isinstance(item, dict):
-            return {}
-        local, media_type = item.get("local"), item.get("mediaType")
-        digest, size, diff_id = item.get("digest"), item.get("size"), item.get("diffID")
-        if not (
-            isinstance(local, str)
-            and _DIGEST.fullmatch(local)
-            and media_type in LAYER_TYPES
-            and isinstance(digest, str)
-            and _DIGEST.fullmatch(digest)
-            and isinstance(diff_id, str)
-            and _DIGEST.fullmatch(diff_id)
-            and type(size) is int
-            and size >= 0
-        ):
-            return {}  # one bad record: trust none of the file
-        out.setdefault((local, str(media_type)), LayerRecord(str(media_type), digest, size, diff_id))
+    start, end = window.start_ns, window.end_ns
+    if all(e.ctime_ns % _SECOND == 0 for plan in scan.layers for e in plan.entries if e.kind == KIND_FILE):
+        # Whole-second ctimes are floored: a file written in start's second still has ctime >=
+        # floor(start); one written in end's second may be a later change, so it is not trusted.
+        start -= start % _SECOND
+        end -= end % _SECOND
+    out: dict[int, LayerRecord] = {}
+    for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
+        rec = window.layers.get((layer.listing, media_type))
+        if rec is None:
+            continue
+        if all(start <= e.ctime_ns < end for e in plan.entries if e.kind == KIND_FILE):
+            out[i] = rec
     return out
 
 
-def load_state(target: Path) -> dict[tuple[str, str], LayerRecord]:
-    """The records for ``target``, keyed by (local listing digest, media type); empty if none."""
+def _layer_record(item: Any, key: str) -> tuple[str, LayerRecord] | None:
+    """(item[key], record) of one JSON layer record; None when anything about it is off."""
+    if not isinstance(item, dict):
+        return None
+    ref, media_type = item.get(key), item.get("mediaType")
+    digest, size, diff_id = item.get("digest"), item.get("size"), item.get("diffID")
+    if not (
+        isinstance(ref, str)
+        and _DIGEST.fullmatch(ref)
+        and media_type in LAYER_TYPES
+        and isinstance(digest, str)
+        and _DIGEST.fullmatch(digest)
+        and isinstance(diff_id, str)
+        and _DIGEST.fullmatch(diff_id)
+        and type(size) is int
+        and size >= 0
+    ):
+        return None
+    return ref, LayerRecord(str(media_type), digest, size, diff_id)
+
+
+def _layer_json(key: str, ref: str, rec: LayerRecord) -> dict[str, Any]:
+    return {
+        key: ref,
+        "mediaType": rec.media_type,
+        "digest": rec.digest,
+        "size": rec.size,
+        "diffID": rec.diff_id,
+    }
+
+
+def _int(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
+
+
+def _parse_window(raw: Any) -> RestoreWindow | None:
+    if not isinstance(raw, dict):
+        return None
+    start, end, root, layers = raw.get("start"), raw.get("end"), raw.get("root"), raw.get("layers")
+    if not (
+        _int(start)
+        and _int(end)
+        and isinstance(root, list)
+        and len(root) == 2
+        and all(_int(v) for v in root)
+        and isinstance(layers, list)
+        and len(layers) <= MAX_RECORDS
+        and start < end
+    ):
+        return None
+    out: dict[tuple[str, str], LayerRecord] = {}
+    for item in layers:
+        parsed = _layer_record(item, "listing")
+        if parsed is None:
+            return None
+        out.setdefault((parsed[0], parsed[1].media_type), parsed[1])
+    return RestoreWindow(start, end, (root[0], root[1]), out)
+
+
+def _parse(raw: Any, target: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:
+    """Records and restore window of a state document; empty when anything about it is off."""
+    nothing: tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None] = ({}, None)
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+        return nothing
+    if raw.get("path") != _resolved(target):
+        return nothing  # another directory's state (a copied file, a hash collision)
+    layers = raw.get("layers")
+    if not isinstance(layers, list):
+        return nothing
+    out: dict[tuple[str, str], LayerRecord] = {}
+    for item in layers:
+        parsed = _layer_record(item, "local")
+        if parsed is None:
+            return nothing  # one bad record: trust none of the file
+        out.setdefault((parsed[0], parsed[1].media_type), parsed[1])
+    window = None
+    if raw.get("window") is not None:
+        window = _parse_window(raw["window"])
+        if window is None:
+            return nothing
+    return out, window
+
+
+def _resolved(target: Path) -> str:
+    return os.fsdecode(os.path.abspath(os.path.realpath(target)))
+
+
+def _load(target: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:
     try:
         path = state_path(target)
         with open(path, "rb") as fh:
             body = fh.read(MAX_STATE_BYTES + 1)
         if len(body) > MAX_STATE_BYTES:
-            return {}
-        return _parse(json.loads(body))
+            return {}, None
+        return _parse(json.loads(body), target)
     except (OSError, RuntimeError, ValueError, RecursionError):
-        return {}
+        return {}, None
+
+
+def load_state(target: Path) -> dict[tuple[str, str], LayerRecord]:
+    """The records for ``target``, keyed by (local listing digest, media type); empty if none."""
+    return _load(target)[0]
+
+
+def load_window(target: Path) -> RestoreWindow | None:
+    """The restore window recorded for ``target``, if any (and the state file is sound)."""
+    return _load(target)[1]
 
 
 def write_state(target: Path, records: Iterable[tuple[str, LayerRecord]]) -> bool:
     """Record local listing -> layer for ``target``, newest first, merged with what was there.
 
-    Written atomically (temporary file, then rename). Returns False, without raising, when the
-    state cannot be written (read-only home, full disk): the next save then just packs.
+    The restore window already recorded is kept. Written atomically (temporary file, then
+    rename). Returns False, without raising, when the state cannot be written (read-only home,
+    full disk): the next save then just packs.
     """
-    new = list(records)
+    return _write(target, list(records), None)
+
+
+def write_window(target: Path, window: RestoreWindow) -> bool:
+    """Record ``window`` as ``target``'s restore window (replacing any), keeping local records.
+
+    Returns False, without raising, when the state cannot be written.
+    """
+    return _write(target, [], window)
+
+
+def _write(target: Path, new: list[tuple[str, LayerRecord]], window: RestoreWindow | None) -> bool:
     try:
+        old, old_window = _load(target)
+        if window is None:
+            window = old_window
         merged: dict[tuple[str, str], LayerRecord] = {}
         for local, rec in new:
             merged.setdefault((local, rec.media_type), rec)
-        for k, rec in load_state(target).items():
+        for k, rec in old.items():
             if len(merged) >= MAX_RECORDS:
                 break
             merged.setdefault(k, rec)
-        doc = {
+        doc: dict[str, Any] = {
             "format": _FORMAT,
-            "path": os.fsdecode(os.path.abspath(os.path.realpath(target))),
+            "path": _resolved(target),
             "updated": int(time.time()),
             "layers": [
-                {
-                    "local": local,
-                    "mediaType": rec.media_type,
-                    "digest": rec.digest,
-                    "size": rec.size,
-                    "diffID": rec.diff_id,
-                }
-                for (local, _), rec in list(merged.items())[:MAX_RECORDS]
+                _layer_json("local", local, rec) for (local, _), rec in list(merged.items())[:MAX_RECORDS]
             ],
         }
+        if window is not None:
+            doc["window"] = {
+                "start": window.start_ns,
+                "end": window.end_ns,
+                "root": list(window.root),
+                # A malformed annotation is dropped here rather than spoil the whole file.
+                "layers": [
+                    item
+                    for item in (
+                        _layer_json("listing", listing, rec) for (listing, _), rec in window.layers.items()
+                    )
+                    if _layer_record(item, "listing") is not None
+                ][:MAX_RECORDS],
+            }
         path = state_path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)

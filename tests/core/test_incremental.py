@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -347,3 +348,92 @@ async def test_metadata_only_change_packs_but_uploads_nothing(tmp_path: Path, pa
     again = await save(store, "k", src)
     assert len(pack_calls) == 1 and again.layers_reused == first.layers_total - 1
     assert again.unchanged and again.bytes_uploaded == 0 and again.digest == first.digest
+
+
+# -------------------------------------------------------------------------------------------
+# Restore windows: a restore records which layers it extracted and when, without a scan.
+
+
+async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+
+    def no_scan(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a restore scanned the tree")
+
+    with monkeypatch.context() as m:
+        m.setattr("remote_cache.restore.scan_tree", no_scan)
+        m.setattr("remote_cache.layers._walk_sorted", no_scan)
+        await restore(store, "k", work)
+    # The window is the only evidence there is: no local listing was recorded.
+    assert state_mod.load_state(work) == {}
+    window = state_mod.load_window(work)
+    assert window is not None and len(window.layers) == first.layers_total
+    _refuse_packing(monkeypatch)
+    again = await save(store, "k", work)
+    assert again.unchanged and again.digest == first.digest
+    assert again.layers_reused == again.layers_total == first.layers_total
+    # That save recorded local listings: the next one reuses on those, the window aside.
+    assert len(state_mod.load_state(work)) == first.layers_total
+    assert (await save(store, "k", work)).layers_reused == first.layers_total
+
+
+async def test_edit_after_restore_with_size_and_mtime_kept_is_repacked(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work)
+    _fake_npm_edit(work / "pkg4" / "f6.bin", b"E" * 8000)  # right after the swap
+    pack_calls.clear()
+    second = await save(store, "k", work)
+    assert len(pack_calls) == 1 and second.layers_reused == first.layers_total - 1
+    assert not second.unchanged and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg4" / "f6.bin").read_bytes() == b"E" * 8000
+    assert_same_tree(work, out)
+
+
+async def test_a_restore_window_only_vouches_for_its_own_directory(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    total = first.layers_total
+    a, b = tmp_path / "a", tmp_path / "b"
+    await restore(store, "k", a)
+    a.rename(b)  # moving a directory keeps its files' ctimes: they still lie in a's window
+    pack_calls.clear()
+    assert (await save(store, "k", b, full=False)).layers_reused == 0 and len(pack_calls) == total
+    # a's state file copied to b's place names a's path: not b's evidence.
+    state_mod.state_path(b).unlink()
+    state_mod.state_path(b).write_bytes(state_mod.state_path(a).read_bytes())
+    pack_calls.clear()
+    assert (await save(store, "k", b)).layers_reused == 0 and len(pack_calls) == total
+    # Another directory moved onto a restored path is not the restored directory.
+    await restore(store, "k", a)
+    pack_calls.clear()
+    (tmp_path / "spare").mkdir()
+    a.rename(tmp_path / "spare" / "a")
+    b.rename(a)
+    assert (await save(store, "k", a)).layers_reused == 0 and len(pack_calls) == total
+    # The same check in isolation: a window wide enough to cover any ctime, but another root.
+    window = state_mod.load_window(a)
+    assert window is not None
+    wide = dataclasses.replace(window, start_ns=0, end_ns=1 << 62)
+    state_mod.state_path(a).unlink()  # drop the local listings the last save recorded
+    assert state_mod.write_window(a, wide)
+    pack_calls.clear()
+    assert (await save(store, "k", a)).layers_reused == 0 and len(pack_calls) == total
+    state_mod.state_path(a).unlink()
+    assert state_mod.write_window(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
+    pack_calls.clear()
+    assert (await save(store, "k", a)).layers_reused == total and pack_calls == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from remote_cache import state as state_mod
-from remote_cache.layers import scan_tree
+from remote_cache.layers import KIND_FILE, Entry, LayerPlan, TreeScan, TreeStats, scan_tree
 from remote_cache.oci import OCI_LAYER_ZSTD
 from remote_cache.state import LayerRecord, load_state, local_layers, state_path, write_state
 
@@ -44,7 +45,7 @@ def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:
     assert write_state(target, [(_LOCAL, _record())])
     assert load_state(target) == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
     doc = json.loads(state_path(target).read_text())
-    assert doc["format"] == "remote-cache-state/1" and doc["path"] == str(target.resolve())
+    assert doc["format"] == "remote-cache-state/2" and doc["path"] == str(target.resolve())
     many = [("sha256:" + f"{i:064x}", _record(i)) for i in range(state_mod.MAX_RECORDS + 50)]
     assert write_state(target, many)
     kept = load_state(target)
@@ -121,3 +122,91 @@ def test_a_file_changed_after_the_scan_never_matches_what_was_recorded(tmp_path:
     again = local_layers(scan_tree(root), state_mod.settle(time.time_ns()))[0]
     assert again.listing == recorded.listing
     assert again.local != recorded.local
+
+
+def _window(root: tuple[int, int] = (1, 2), start: int = 10, end: int = 20) -> state_mod.RestoreWindow:
+    return state_mod.RestoreWindow(start, end, root, {(_LOCAL, OCI_LAYER_ZSTD): _record(7)})
+
+
+def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
+    assert state_mod.load_window(tmp_path) is None
+    assert write_state(tmp_path, [(_LOCAL, _record())])
+    assert state_mod.write_window(tmp_path, _window())
+    assert state_mod.load_window(tmp_path) == _window()
+    assert load_state(tmp_path) == {(_LOCAL, OCI_LAYER_ZSTD): _record()}  # kept
+    assert write_state(tmp_path, [(_DIGEST, _record(1))])  # a save keeps the window
+    assert state_mod.load_window(tmp_path) == _window()
+    assert state_mod.write_window(tmp_path, _window(start=30, end=40))  # replaced, not merged
+    assert state_mod.load_window(tmp_path) == _window(start=30, end=40)
+    bad = dataclasses.replace(_window(), layers={("not a digest", OCI_LAYER_ZSTD): _record(8)})
+    assert state_mod.write_window(tmp_path, bad)  # a malformed annotation is dropped, not fatal
+    assert state_mod.load_window(tmp_path) == dataclasses.replace(bad, layers={})
+    assert len(load_state(tmp_path)) == 2
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        {"start": 20, "end": 10, "root": [1, 2], "layers": []},
+        {"start": 1, "end": 10, "root": [1], "layers": []},
+        {"start": "1", "end": 10, "root": [1, 2], "layers": []},
+        {"start": 1, "end": 10, "root": [1, 2], "layers": [{"listing": "x"}]},
+        [],
+    ],
+)
+def test_a_bad_window_spoils_the_whole_file(tmp_path: Path, window: object) -> None:
+    write_state(tmp_path, [(_LOCAL, _record())])
+    doc = json.loads(state_path(tmp_path).read_text())
+    doc["window"] = window
+    state_path(tmp_path).write_text(json.dumps(doc))
+    assert load_state(tmp_path) == {} and state_mod.load_window(tmp_path) is None
+
+
+def test_state_of_another_path_and_older_format_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    state_mod.write_window(tmp_path / "a", _window())
+    state_path(tmp_path / "b").write_bytes(state_path(tmp_path / "a").read_bytes())
+    assert state_mod.load_window(tmp_path / "b") is None
+    doc = json.loads(state_path(tmp_path / "a").read_text())
+    doc["format"] = "remote-cache-state/1"
+    state_path(tmp_path / "a").write_text(json.dumps(doc))
+    assert state_mod.load_window(tmp_path / "a") is None
+
+
+def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -> None:
+    start = state_mod.clock_ns()
+    root = _tree(tmp_path / "t")
+    end = state_mod.settle(time.time_ns())
+    scan = scan_tree(root)
+    layers = local_layers(scan, end)
+    rec = _record(3)
+    window = state_mod.RestoreWindow(start, end, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): rec})
+    assert state_mod.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {0: rec}
+    assert state_mod.window_hits(scan, layers, window, "application/other") == {}
+    assert state_mod.window_hits(scan, layers, None, OCI_LAYER_ZSTD) == {}
+    late = dataclasses.replace(window, start_ns=end)  # files written before the window
+    assert state_mod.window_hits(scan, layers, late, OCI_LAYER_ZSTD) == {}
+    f = root / "b"
+    st = f.stat()
+    f.write_bytes(b"y" * st.st_size)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    scan = scan_tree(root)
+    layers = local_layers(scan, state_mod.clock_ns())
+    assert layers[0].listing in {k[0] for k in window.layers}  # the listing cannot tell ...
+    assert state_mod.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {}  # ... the ctime can
+
+
+def test_whole_second_ctimes_round_the_window_down(tmp_path: Path) -> None:
+    s = 1_000_000_000
+
+    def hits(ctime_s: int) -> bool:
+        entry = Entry("f", KIND_FILE, 0o644, 0, 0, 1, 1, ino=5, ctime_ns=ctime_s * s)
+        scan = TreeScan(tmp_path, (LayerPlan(0, (entry,), 1024),), TreeStats())
+        layers = local_layers(scan, 100 * s)
+        window = state_mod.RestoreWindow(
+            10 * s + s // 2, 20 * s + s // 2, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): _record()}
+        )
+        return bool(state_mod.window_hits(scan, layers, window, OCI_LAYER_ZSTD))
+
+    assert [hits(t) for t in (9, 10, 19, 20, 21)] == [False, True, True, False, False]
