@@ -28,7 +28,6 @@ from .entries import find_entry
 from .errors import CacheMiss, RemoteCacheError
 from .image import ANNOTATION_LISTING, CacheImage, load_image, read_diff_ids
 from .keys import validate_key
-from .layers import scan_tree as scan_tree  # unused (a restore scans nothing); tests patch it
 from .oci import Descriptor
 from .save import first_error, human_bytes
 from .state import LayerRecord, RestoreWindow, clock_ns, dir_id, settle, write_window

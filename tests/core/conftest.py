@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import remote_cache.layers as layers_mod
-import remote_cache.restore as restore_mod
 import remote_cache.save as save_mod
 from remote_cache.reference import Reference, parse_reference
 
@@ -24,10 +23,9 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Reference:
 
 @pytest.fixture
 def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cut trees into many small layers, so multi-layer paths run on small test trees."""
+    """Cut trees into many small layers on save, so multi-layer paths run on small test trees."""
     small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
     monkeypatch.setattr(save_mod, "scan_tree", small)
-    monkeypatch.setattr(restore_mod, "scan_tree", small)
 
 
 @pytest.fixture(autouse=True)

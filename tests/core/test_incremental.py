@@ -366,7 +366,6 @@ async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
         raise AssertionError("a restore scanned the tree")
 
     with monkeypatch.context() as m:
-        m.setattr("remote_cache.restore.scan_tree", no_scan)
         m.setattr("remote_cache.layers._walk_sorted", no_scan)
         await restore(store, "k", work)
     # The window is the only evidence there is: no local listing was recorded.
