@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from .errors import CacheMiss, ImageFormatError, IntegrityError, StoreError
-from .oci import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, Descriptor, check_digest, sha256_digest
+from .oci import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, BlobCheck, Descriptor, check_digest, sha256_digest
 
 __all__ = ["REF_NAME", "LayoutStore"]
 
@@ -223,31 +223,17 @@ class LayoutStore:
                 f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
                 "save the entry again"
             ) from None
-        hasher = hashlib.sha256()
-        seen = 0
+        check = BlobCheck(desc, f"in {self.location}")
         try:
             while True:
                 chunk = await fh.read(_CHUNK)
                 if not chunk:
                     break
-                seen += len(chunk)
-                if seen > desc.size:
-                    raise IntegrityError(
-                        f"blob {desc.digest} in {self.location} is larger than its {desc.size} bytes"
-                    )
-                hasher.update(chunk)
+                check.update(chunk)
                 yield chunk
         finally:
             await fh.aclose()
-        if seen != desc.size:
-            raise IntegrityError(
-                f"blob {desc.digest} in {self.location} is {seen} bytes, expected {desc.size}"
-            )
-        actual = "sha256:" + hasher.hexdigest()
-        if actual != desc.digest:
-            raise IntegrityError(
-                f"blob {desc.digest} in {self.location} has digest {actual}: it is corrupted"
-            )
+        check.finish()
 
     def _put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
         path = self._blob_path(desc.digest)

@@ -29,6 +29,7 @@ __all__ = [
     "OCI_LAYER_TAR",
     "OCI_LAYER_ZSTD",
     "OCI_MANIFEST",
+    "BlobCheck",
     "Descriptor",
     "Platform",
     "sha256_digest",
@@ -140,3 +141,31 @@ class Descriptor:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageFormatError(f"malformed descriptor {obj!r}: {exc}") from exc
+
+
+class BlobCheck:
+    """Size and digest of a blob, checked while it streams: every store's reads end in :meth:`finish`."""
+
+    def __init__(self, desc: Descriptor, where: str) -> None:
+        self._desc = desc
+        self._where = where  # e.g. "in oci:/x" or "from ghcr.io/acme/cache"
+        self._hasher = hashlib.sha256()
+        self.seen = 0
+
+    def update(self, chunk: bytes) -> None:
+        """Count and hash ``chunk``; IntegrityError as soon as the blob runs past its size."""
+        self.seen += len(chunk)
+        if self.seen > self._desc.size:
+            raise IntegrityError(
+                f"blob {self._desc.digest} {self._where} is larger than its {self._desc.size} bytes"
+            )
+        self._hasher.update(chunk)
+
+    def finish(self) -> None:
+        """IntegrityError unless exactly the blob's size and digest went through :meth:`update`."""
+        d = self._desc
+        if self.seen != d.size:
+            raise IntegrityError(f"blob {d.digest} {self._where} is {self.seen} bytes, expected {d.size}")
+        actual = "sha256:" + self._hasher.hexdigest()
+        if actual != d.digest:
+            raise IntegrityError(f"blob {d.digest} {self._where} has digest {actual}: it is corrupted")

@@ -12,7 +12,6 @@ descriptor's size and sha256 while streaming. Many transfers may run concurrentl
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from .errors import (
     RegistryUnreachable,
     UnsupportedOperation,
 )
-from .oci import MANIFEST_ACCEPT, Descriptor, check_digest, sha256_digest, verify_bytes
+from .oci import MANIFEST_ACCEPT, BlobCheck, Descriptor, check_digest, sha256_digest, verify_bytes
 from .reference import Reference
 from .transport import RegistryTransport, Timeouts, unreachable
 
@@ -284,10 +283,10 @@ class RegistryStore:
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob; a broken download resumes with ``Range``; IntegrityError on mismatch."""
         check_digest(desc.digest)
-        hasher = hashlib.sha256()
-        received = 0
+        check = BlobCheck(desc, f"from {self.location}")
         failures = 0
         while True:
+            received = check.seen
             headers = {"Range": f"bytes={received}-"} if received else {}
             try:
                 async with self._transport.stream(
@@ -306,32 +305,17 @@ class RegistryStore:
                                 chunk, skip = chunk[cut:], skip - cut
                                 if not chunk:
                                     continue
-                            received += len(chunk)
-                            if received > desc.size:
-                                raise IntegrityError(
-                                    f"blob {desc.digest} from {self.location} is longer than its "
-                                    f"{desc.size} bytes"
-                                )
-                            hasher.update(chunk)
+                            check.update(chunk)
                             yield chunk
                     except httpx.HTTPError as exc:
                         raise unreachable(self.host, exc, timeouts=self._transport.timeouts) from exc
                 break
             except RegistryUnreachable:
                 failures += 1
-                if failures > self.retries or received >= desc.size:
+                if failures > self.retries or check.seen >= desc.size:
                     raise
                 await asyncio.sleep(self._transport.backoff_delay(failures - 1, None))
-        if received != desc.size:
-            raise IntegrityError(
-                f"blob {desc.digest} from {self.location} is {received} bytes, expected {desc.size}"
-            )
-        actual = "sha256:" + hasher.hexdigest()
-        if actual != desc.digest:
-            raise IntegrityError(
-                f"blob {desc.digest} from {self.location} has digest {actual}: the registry returned "
-                "corrupt content"
-            )
+        check.finish()
 
     async def put_blob(
         self, desc: Descriptor, source: bytes | Path, *, mount_from: str | None = None
