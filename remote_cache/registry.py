@@ -230,8 +230,9 @@ class RegistryStore:
             if exc.status == 405 or exc.code == "UNSUPPORTED":
                 raise UnsupportedOperation(
                     f"registry {self.host} does not allow deleting manifests ({exc.status} {exc.code}); "
-                    "registries such as ttl.sh expire tags by name instead, and self-hosted ones need "
-                    "deletes enabled (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true)"
+                    "registries such as ttl.sh expire tags by name instead (there a key like 1h or 24h "
+                    "is the entry's lifetime), others have their own retention policies, and "
+                    "self-hosted ones need deletes enabled (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true)"
                 ) from exc
             raise
         if response.status_code == 404:

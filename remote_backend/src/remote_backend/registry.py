@@ -14,7 +14,7 @@ from remote_cache import __version__
 from remote_cache import entries as core_entries
 from remote_cache.credentials import Credentials
 from remote_cache.entries import Entry
-from remote_cache.errors import CacheMiss, RemoteCacheError, UnsupportedOperation
+from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.keys import tag_for_key, validate_key
 from remote_cache.mod import _sdk
 from remote_cache.oci import ANNOTATION_CREATED, ANNOTATION_KEY, ANNOTATION_TOOL
@@ -150,8 +150,6 @@ class Registry:
         store = await self._store()
         try:
             entry = await core_entries.remove(store, key)
-        except UnsupportedOperation as exc:
-            raise UnsupportedOperation(_no_deletes(exc)) from exc
         finally:
             await store.aclose()
         return f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
@@ -169,23 +167,17 @@ class Registry:
         At least one of older_than, keep or prefix is needed. Entries with no creation time are
         never removed by age. The registry must allow deletes (ttl.sh expires tags by name instead).
         """
-        if keep < 0:
-            raise RemoteCacheError("remote-cache: keep must be 0 or more")
         try:
             age = parse_duration(older_than) if older_than else None
         except ValueError as exc:
             raise RemoteCacheError(f"remote-cache: older_than: {exc}") from exc
-        if age is None and not keep and not prefix:
-            raise RemoteCacheError(
-                "remote-cache: prune needs older_than, keep or prefix; refusing to delete every entry"
-            )
         store = await self._store()
         try:
             gone = await core_entries.prune(
                 store, older_than=age, keep=keep or None, prefix=prefix, dry_run=dry_run
             )
-        except UnsupportedOperation as exc:
-            raise UnsupportedOperation(_no_deletes(exc)) from exc
+        except ValueError as exc:  # the core refuses a prune with no rule, or a negative keep
+            raise RemoteCacheError(f"remote-cache: {exc}") from exc
         finally:
             await store.aclose()
         verb = "would remove" if dry_run else "removed"
@@ -230,14 +222,6 @@ class Registry:
 
 def _report(line: str) -> None:
     print(f"remote-cache: {line}", file=sys.stderr, flush=True)
-
-
-def _no_deletes(exc: Exception) -> str:
-    return (
-        f"remote-cache: {exc}. Registries that refuse deletes (ttl.sh among them) cannot be pruned "
-        "here: on ttl.sh the tag is the lifetime (a key like 1h or 24h expires by itself); "
-        "elsewhere use the registry's own retention policy"
-    )
 
 
 def _table(found: list[Entry]) -> str:
