@@ -11,6 +11,7 @@ import dagger
 from dagger import dag
 
 from .. import scripts
+from ..errors import RemoteCacheError
 
 __all__ = ["deadline", "mount_cache", "report", "run_script", "toolbox"]
 
@@ -59,3 +60,11 @@ def run_script(ctr: dagger.Container, script: str, *args: str) -> dagger.Contain
 def report(line: str) -> None:
     """One line on the function's stderr (what ``dagger call`` shows)."""
     print(f"remote-cache: {line}", file=sys.stderr, flush=True)
+
+
+def fail_open(what: str, exc: Exception, *, strict: bool, then: str) -> None:
+    """Raise when ``strict``; else warn in one line (``what``, ``then``: what happens instead)."""
+    if strict:
+        raise RemoteCacheError(f"remote-cache: {what}: {exc}") from exc
+    text = str(exc).strip()
+    report(f"warning: {what}, {then}: {text.splitlines()[0] if text else type(exc).__name__}")

@@ -13,7 +13,7 @@ from ..errors import RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..progress import format_bytes, parse_size
 from . import _sdk
-from ._toolbox import deadline, report, run_script, toolbox
+from ._toolbox import deadline, fail_open, report, run_script, toolbox
 from .backend import Backend
 from .volume import RemoteCacheVolume
 
@@ -160,9 +160,6 @@ class RemoteCache:
             what = f"could not export key {key!r} from {path}"
             if isinstance(exc, TimeoutError):
                 what = f"export of key {key!r} from {path} timed out after {self.timeout}s"
-            if self.strict:
-                raise RemoteCacheError(f"remote-cache: {what}: {exc}") from exc
-            text = str(exc).strip()
-            report(f"warning: {what}, skipped: {text.splitlines()[0] if text else type(exc).__name__}")
+            fail_open(what, exc, strict=self.strict, then="skipped")
             outcome = "error"
         report(f"export key={key!r} path={path}: {outcome} in {time.monotonic() - started:.1f}s")

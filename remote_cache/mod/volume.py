@@ -8,9 +8,9 @@ import dagger
 from dagger import dag
 
 from .. import scripts
-from ..errors import MISS_MARKER, RemoteCacheError
+from ..errors import MISS_MARKER
 from . import _sdk
-from ._toolbox import deadline, mount_cache, report, run_script, toolbox
+from ._toolbox import deadline, fail_open, mount_cache, report, run_script, toolbox
 from .backend import Backend
 
 __all__ = ["RemoteCacheVolume"]
@@ -90,11 +90,4 @@ class RemoteCacheVolume:
 
     def _fail(self, what: str, exc: Exception) -> None:
         """Raise when strict, else warn once and carry on (fail-open)."""
-        if self.strict:
-            raise RemoteCacheError(f"remote-cache: {what}: {exc}") from exc
-        report(f"warning: {what}, continuing without it: {_first_line(exc)}")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        fail_open(what, exc, strict=self.strict, then="continuing without it")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -17,6 +16,7 @@ from remote_cache.entries import Entry
 from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.keys import tag_for_key, validate_key
 from remote_cache.mod import _sdk
+from remote_cache.mod._toolbox import report
 from remote_cache.oci import ANNOTATION_CREATED, ANNOTATION_KEY, ANNOTATION_TOOL
 from remote_cache.progress import format_bytes, parse_duration
 from remote_cache.reference import parse_reference
@@ -100,7 +100,7 @@ class Registry:
         """
         tag = tag_for_key(key)
         if self.immutable and await self._exists(tag):
-            _report(
+            report(
                 f"export key={key!r}: {self.address}/{self.repo}:{tag} exists and the cache is "
                 "immutable, kept it"
             )
@@ -218,10 +218,6 @@ class Registry:
         if self.password is None:
             return ctr
         return ctr.with_registry_auth(f"{self.address}/{self.repo}", self.username, self.password)
-
-
-def _report(line: str) -> None:
-    print(f"remote-cache: {line}", file=sys.stderr, flush=True)
 
 
 def _table(found: list[Entry]) -> str:
