@@ -53,14 +53,13 @@ from .state import (
     load_state,
     load_window,
     local_layers,
-    portable_listing,
     records_for,
     window_hits,
     write_state,
 )
 from .store import Store
 
-__all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "layer_listing", "save"]
+__all__ = ["CacheTooLarge", "SaveResult", "first_error", "human_bytes", "save"]
 
 _MEDIA_TYPES = {"zstd": OCI_LAYER_ZSTD, "gzip": OCI_LAYER_GZIP}
 
@@ -243,18 +242,6 @@ async def _same_entry(
         # Anything unreadable (a miss, a foreign image) simply means "not the same": save anew.
         return None
     return current.digest
-
-
-def layer_listing(plan: LayerPlan, *, racy_after: int | None = None) -> str | None:
-    """SHA-256 over a planned layer's portable listing (the ``dev.remote-cache.listing`` annotation).
-
-    Computed from the scan alone (no file contents). None when an entry's mtime is at or after
-    ``racy_after`` (whole seconds). The listing maps a restored tree's layers to the image's;
-    it is never evidence that contents are unchanged (see :mod:`remote_cache.state`).
-    """
-    if racy_after is not None and _racy(plan, racy_after):
-        return None
-    return portable_listing(plan)
 
 
 def _racy(plan: LayerPlan, after: int) -> bool:

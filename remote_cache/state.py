@@ -167,40 +167,19 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
     filesystem with whole-second ctimes the bound is rounded down to its second. No re-stat is
     needed: a file changed after the scan has a newer ctime, so a later scan cannot match.
     """
-    out: list[LocalLayer] = []
-    stats: list[list[tuple[int, int] | None]] = []
-    whole_seconds = True
-    for plan in scan.layers:
-        row: list[tuple[int, int] | None] = []
-        for e in plan.entries:
-            if e.kind != KIND_FILE:
-                row.append(None)
-                continue
-            row.append((e.ino, e.ctime_ns))
-            if e.ctime_ns % _SECOND:
-                whole_seconds = False
-        stats.append(row)
-    if whole_seconds:
+    files = [[e for e in plan.entries if e.kind == KIND_FILE] for plan in scan.layers]
+    if all(e.ctime_ns % _SECOND == 0 for layer in files for e in layer):
         bound_ns -= bound_ns % _SECOND
-    for plan, row in zip(scan.layers, stats, strict=True):
+    out: list[LocalLayer] = []
+    for plan, layer_files in zip(scan.layers, files, strict=True):
         listing = portable_listing(plan)
         h = hashlib.sha256(b"remote-cache local listing v1\0" + listing.encode() + b"\0")
-        stable = True
-        settled = True
-        for e, seen in zip(plan.entries, row, strict=True):
-            if mtime_bound is not None and e.mtime >= mtime_bound:
-                settled = False
-            if seen is None:
-                continue
-            ino, ctime_ns = seen
-            if ino < 0:
-                stable = False
-                break
-            if ctime_ns >= bound_ns:
-                settled = False
-            h.update(f"{ino} {ctime_ns}\0".encode())
-        local = "sha256:" + h.hexdigest() if stable else None
-        out.append(LocalLayer(listing, local, settled and stable))
+        for e in layer_files:
+            h.update(f"{e.ino} {e.ctime_ns}\0".encode())
+        settled = all(e.ctime_ns < bound_ns for e in layer_files) and (
+            mtime_bound is None or all(e.mtime < mtime_bound for e in plan.entries)
+        )
+        out.append(LocalLayer(listing, "sha256:" + h.hexdigest(), settled))
     return out
 
 
