@@ -1,10 +1,14 @@
-"""Test helper: open a store from a reference and always close it."""
+"""Test helpers for stores: open one and always close it; backdate an entry."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
+from remote_cache.keys import tag_for_key
+from remote_cache.oci import ANNOTATION_CREATED
 from remote_cache.reference import Reference
 from remote_cache.store import Store
 from remote_cache.stores import open_store
@@ -17,3 +21,16 @@ async def opened(ref: Reference) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.aclose()
+
+
+async def backdate(store: Store, key: str, days_ago: float) -> str:
+    """Re-tag ``key``'s index with a creation time ``days_ago`` days back (as if saved then).
+
+    Returns the new index digest.
+    """
+    tag = tag_for_key(key)
+    desc, body = await store.get_manifest(tag)
+    index = json.loads(body)
+    stamp = datetime.now(UTC) - timedelta(days=days_ago)
+    index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)).digest

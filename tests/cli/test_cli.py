@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,12 @@ from remote_cache.errors import (
     UnsupportedOperation,
 )
 from remote_cache.keys import tag_for_key
-from remote_cache.oci import ANNOTATION_CREATED
 from remote_cache.progress import TransferProgress, format_bytes, parse_duration, parse_size
 from remote_cache.reference import parse_reference
 from remote_cache.save import CacheTooLarge, save
 from remote_cache.stores import open_store
 from tests.registry_server import FaultProxy, RegistryServer, free_port
+from tests.stores import backdate
 from tests.trees import assert_same_tree, make_tree
 
 CLI = Path(sys.executable).parent / "remote-cache"
@@ -104,13 +104,7 @@ async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -
     try:
         await save(store, key, src)
         if days_ago:
-            # Re-tag the index with an older creation stamp: what an entry saved back then looks like.
-            tag = tag_for_key(key)
-            desc, body = await store.get_manifest(tag)
-            index = json.loads(body)
-            stamp = datetime.now(UTC) - timedelta(days=days_ago)
-            index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
-            await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
+            await backdate(store, key, days_ago)  # what an entry saved back then looks like
     finally:
         await store.aclose()
 

@@ -11,13 +11,12 @@ import pytest
 
 from remote_cache.entries import inspect, list_entries, prune, remove
 from remote_cache.errors import CacheMiss
-from remote_cache.keys import tag_for_key
 from remote_cache.layout import LayoutStore
-from remote_cache.oci import ANNOTATION_CREATED, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
+from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
 from remote_cache.reference import Reference, parse_reference
 from remote_cache.save import save
 from remote_cache.store import Store
-from tests.stores import opened
+from tests.stores import backdate, opened
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -25,16 +24,6 @@ def _tree(root: Path, content: bytes) -> Path:
     (root / "sub" / "file.txt").write_bytes(content)
     (root / "other").write_bytes(content * 3)
     return root
-
-
-async def _backdate(store: LayoutStore, key: str, days: int) -> None:
-    """Rewrite an entry as if saved ``days`` ago (re-tagging a copy with an older created stamp)."""
-    tag = tag_for_key(key)
-    desc, body = await store.get_manifest(tag)
-    index = json.loads(body)
-    stamp = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    index["annotations"][ANNOTATION_CREATED] = stamp
-    await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
 
 
 async def test_list_inspect_remove(where: Reference, tmp_path: Path) -> None:
@@ -106,9 +95,9 @@ async def test_prune_by_age_keep_and_prefix(tmp_path: Path) -> None:
     store = LayoutStore(tmp_path / "layout")
     for i, key in enumerate(["npm-1", "npm-2", "npm-3", "go-1"]):
         await save(store, key, _tree(tmp_path / key, key.encode() * (i + 1)))
-    await _backdate(store, "npm-1", 30)
-    await _backdate(store, "npm-2", 10)
-    await _backdate(store, "go-1", 30)
+    await backdate(store, "npm-1", 30)
+    await backdate(store, "npm-2", 10)
+    await backdate(store, "go-1", 30)
 
     with pytest.raises(ValueError):
         await prune(store)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +11,11 @@ from remote_cache.entries import Match, find_entry
 from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
 from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.layout import LayoutStore
-from remote_cache.oci import ANNOTATION_CREATED
 from remote_cache.reference import Reference, parse_reference
 from remote_cache.restore import restore
 from remote_cache.save import save
-from remote_cache.store import Store
 from tests.registry_server import RegistryServer
-from tests.stores import opened
+from tests.stores import backdate, opened
 from tests.trees import assert_same_tree
 
 
@@ -27,16 +23,6 @@ def _tree(root: Path, content: bytes) -> Path:
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "file.txt").write_bytes(content)
     return root
-
-
-async def _set_created(store: Store, key: str, days_ago: float) -> str:
-    """Re-tag ``key``'s index with a creation time ``days_ago`` days back; returns the new digest."""
-    tag = tag_for_key(key)
-    desc, body = await store.get_manifest(tag)
-    index = json.loads(body)
-    stamp = (datetime.now(UTC) - timedelta(days=days_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    index["annotations"][ANNOTATION_CREATED] = stamp
-    return (await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)).digest
 
 
 @pytest.mark.parametrize(
@@ -51,10 +37,10 @@ async def test_exact_then_newest_prefix_then_miss(where: Reference, tmp_path: Pa
     async with opened(where) as store:
         for i, key in enumerate(["npm-old", "npm-new", "npm/odd key", "pip-1"]):
             await save(store, key, _tree(tmp_path / str(i), key.encode()))
-        await _set_created(store, "npm-old", 3)
-        newest = await _set_created(store, "npm-new", 1)
-        await _set_created(store, "npm/odd key", 2)
-        await _set_created(store, "pip-1", 0)
+        await backdate(store, "npm-old", 3)
+        newest = await backdate(store, "npm-new", 1)
+        await backdate(store, "npm/odd key", 2)
+        await backdate(store, "pip-1", 0)
 
         exact = await find_entry(store, "npm-old", ["pip-"])
         assert exact is not None and exact.exact and exact.key == "npm-old"
@@ -74,7 +60,7 @@ async def test_equal_times_pick_the_greater_key(tmp_path: Path) -> None:
     store = LayoutStore(tmp_path / "layout")
     for key in ["k-a", "k-c", "k-b"]:
         await save(store, key, _tree(tmp_path / key, key.encode()))
-        await _set_created(store, key, 1)  # same second for all three
+        await backdate(store, key, 1)  # same second for all three
     match = await find_entry(store, "k-z", ["k-"])
     assert match is not None and match.key == "k-c"
 

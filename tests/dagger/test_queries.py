@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -484,11 +483,10 @@ async def test_an_invalid_query_is_rejected(offline: OfflineSession) -> None:
 
 async def _save_entry(host: str, repo: str, key: str, root: Path, *, age_days: int = 0) -> None:
     """Store an entry with the core (as the CLI would), optionally backdated by ``age_days``."""
-    from remote_cache.keys import tag_for_key
-    from remote_cache.oci import ANNOTATION_CREATED
     from remote_cache.reference import parse_reference
     from remote_cache.registry import RegistryStore
     from remote_cache.save import save
+    from tests.stores import backdate
 
     root.mkdir(parents=True)
     (root / "data.txt").write_text(key)
@@ -496,12 +494,7 @@ async def _save_entry(host: str, repo: str, key: str, root: Path, *, age_days: i
     try:
         await save(store, key, root)
         if age_days:
-            tag = tag_for_key(key)
-            desc, body = await store.get_manifest(tag)
-            index = json.loads(body)
-            stamp = datetime.now(UTC) - timedelta(days=age_days)
-            index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
-            await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)
+            await backdate(store, key, age_days)
     finally:
         await store.aclose()
 
