@@ -26,10 +26,20 @@ from .errors import (
 from .image import CacheImage, format_time, load_image
 from .keys import tag_for_key, tag_prefix_for, validate_key
 from .oci import ANNOTATION_TOOL, Descriptor
+from .progress import format_bytes
 from .save import first_error
 from .store import Store
 
-__all__ = ["Entry", "Match", "find_entry", "inspect", "list_entries", "prune", "remove"]
+__all__ = [
+    "Entry",
+    "Match",
+    "find_entry",
+    "format_table",
+    "inspect",
+    "list_entries",
+    "prune",
+    "remove",
+]
 
 
 @dataclass(frozen=True)
@@ -276,3 +286,17 @@ async def prune(
     if removed:
         await _collect_garbage(store)
     return removed
+
+
+def format_table(found: Sequence[Entry]) -> str:
+    """Plain aligned columns KEY CREATED SIZE FILES TAG (``-`` for what a foreign image lacks)."""
+    rows = [("KEY", "CREATED", "SIZE", "FILES", "TAG")]
+    for e in found:
+        created = e.created.strftime("%Y-%m-%dT%H:%M:%SZ") if e.created else "-"
+        size = format_bytes(e.size) if e.size is not None else "-"
+        files = str(e.files) if e.files is not None else "-"
+        rows.append((e.key, created, size, files, e.tag + (f"  ({e.error})" if e.error else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from remote_cache.entries import inspect, list_entries, prune, remove
+from remote_cache.entries import Entry, format_table, inspect, list_entries, prune, remove
 from remote_cache.errors import CacheMiss
 from remote_cache.layout import LayoutStore
 from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
@@ -125,3 +125,13 @@ async def test_prune_on_registry(registry: Any, repo_name: str, tmp_path: Path) 
         removed = await prune(store, keep=1)
         assert len(removed) == 1
         assert [e.key for e in await list_entries(store)] == [({"k-old", "k-new"} - {removed[0].key}).pop()]
+
+
+def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
+    known = Entry(key="npm-a", tag="npm-a", digest="sha256:" + "0" * 64, size=2_000_000, files=3)
+    foreign = Entry(key="x", tag="x", digest="sha256:" + "1" * 64, error="not a cache image")
+    lines = format_table([known, foreign]).splitlines()
+    assert lines[0].split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]
+    assert lines[1].split()[:1] == ["npm-a"] and "2.0 MB" in lines[1] and lines[1].split()[-1] == "npm-a"
+    assert lines[2].split()[1:4] == ["-", "-", "-"] and "(not a cache image)" in lines[2]
+    assert lines[1].index("npm-a", 5) == lines[0].index("TAG")

@@ -12,13 +12,12 @@ from dagger import Doc, dag
 from remote_cache import __version__
 from remote_cache import entries as core_entries
 from remote_cache.credentials import Credentials
-from remote_cache.entries import Entry
 from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.keys import tag_for_key, validate_key
 from remote_cache.mod import _sdk
 from remote_cache.mod._toolbox import report
 from remote_cache.oci import ANNOTATION_CREATED, ANNOTATION_KEY, ANNOTATION_TOOL
-from remote_cache.progress import format_bytes, parse_duration
+from remote_cache.progress import parse_duration
 from remote_cache.reference import parse_reference
 from remote_cache.registry import RegistryStore
 
@@ -141,7 +140,7 @@ class Registry:
             return f"no entries in {self.address}/{self.repo}" + (
                 f" starting with {prefix!r}" if prefix else ""
             )
-        return _table(found)
+        return core_entries.format_table(found)
 
     @_sdk.function(cache="never")
     async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
@@ -182,7 +181,7 @@ class Registry:
             await store.aclose()
         verb = "would remove" if dry_run else "removed"
         head = f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} from {self.address}/{self.repo}"
-        return head if not gone else f"{head}:\n{_table(gone)}"
+        return head if not gone else f"{head}:\n{core_entries.format_table(gone)}"
 
     async def _store(self) -> RegistryStore:
         """A core registry client for this repository, with the credentials given."""
@@ -218,17 +217,3 @@ class Registry:
         if self.password is None:
             return ctr
         return ctr.with_registry_auth(f"{self.address}/{self.repo}", self.username, self.password)
-
-
-def _table(found: list[Entry]) -> str:
-    """Aligned columns: KEY CREATED SIZE FILES TAG (``-`` for what a foreign image lacks)."""
-    rows = [("KEY", "CREATED", "SIZE", "FILES", "TAG")]
-    for e in found:
-        created = e.created.strftime("%Y-%m-%dT%H:%M:%SZ") if e.created else "-"
-        size = format_bytes(e.size) if e.size is not None else "-"
-        files = str(e.files) if e.files is not None else "-"
-        rows.append((e.key, created, size, files, e.tag + (f"  ({e.error})" if e.error else "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows
-    )
