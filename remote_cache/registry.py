@@ -46,7 +46,6 @@ MAX_MANIFEST_BYTES = 16 << 20
 _DIGEST_REF = re.compile(r"sha256:[a-f0-9]{64}")
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _RETRYABLE_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
-_READ_CHUNK = 1 << 20
 _INTEGRITY_CODES = frozenset({"DIGEST_INVALID", "SIZE_INVALID"})
 
 
@@ -97,6 +96,7 @@ class RegistryStore:
         )
         self._pull = f"repository:{repository}:pull"
         self._push = f"repository:{repository}:pull,push"
+        self._self_mount = True  # see put_blob; off once the registry refuses it
 
     @classmethod
     def from_reference(cls, ref: Reference, **kwargs: Any) -> RegistryStore:
@@ -300,7 +300,7 @@ class RegistryStore:
                 ) as response:
                     skip = received if response.status_code == 200 else 0
                     try:
-                        async for chunk in response.aiter_bytes(_READ_CHUNK):
+                        async for chunk in response.aiter_raw():
                             if skip:
                                 cut = min(skip, len(chunk))
                                 chunk, skip = chunk[cut:], skip - cut
@@ -326,19 +326,25 @@ class RegistryStore:
         ``bytes`` and files up to ``chunk_size`` go in one PUT; larger files in PATCH chunks.
         A failed upload is restarted (up to ``retries`` times) after checking the blob did not
         land anyway. Returns False when the blob was already there.
+
+        Without another repository to mount from, the upload starts with a mount request from
+        this repository itself: one request that answers 201 when the blob is here already and
+        otherwise opens the upload session (a registry that cannot mount must answer 202,
+        distribution spec), instead of a HEAD and then a POST.
         """
         check_digest(desc.digest)
         if isinstance(source, bytes) and len(source) != desc.size:
             raise IntegrityError(
                 f"blob {desc.digest}: {len(source)} bytes given, descriptor says {desc.size}"
             )
-        if await self.has_blob(desc.digest):
-            return False
         origin = mount_from or self.mount_from
+        if origin == self.repository:
+            origin = None
+        if (origin is not None or not self._self_mount) and await self.has_blob(desc.digest):
+            return False
         for attempt in range(self.retries + 1):
             try:
-                await self._upload(desc, source, origin if origin != self.repository else None)
-                return True
+                return await self._upload(desc, source, origin)
             except (RegistryUnreachable, RegistryError) as exc:
                 if isinstance(exc, RegistryError) and exc.code in _INTEGRITY_CODES:
                     raise IntegrityError(
@@ -357,32 +363,21 @@ class RegistryStore:
                 await asyncio.sleep(self._transport.backoff_delay(attempt, None))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _upload(self, desc: Descriptor, source: bytes | Path, origin: str | None) -> None:
-        params: dict[str, str] = {}
-        scopes = [self._push]
-        if origin:
-            params = {"mount": desc.digest, "from": origin}
-            scopes.append(f"repository:{origin}:pull")
-        response = await self._transport.request(
-            "POST",
-            self._path("blobs", "uploads") + "/",
-            scopes=scopes,
-            action=f"start upload of {desc.digest} to {self.location}",
-            params=params or None,
-            ok=(201, 202),
-        )
+    async def _upload(self, desc: Descriptor, source: bytes | Path, origin: str | None) -> bool:
+        """Mount or upload; False when a mount from this repository found the blob here."""
+        response = await self._start_upload(desc, origin)
         if response.status_code == 201:
-            return  # mounted
+            return origin is not None  # mounted from origin, or already here
         location = self._upload_location(response)
         if isinstance(source, bytes):
             await self._finish(location, desc, source)
-            return
+            return True
         if desc.size <= self.chunk_size:
             data = await asyncio.to_thread(source.read_bytes)
             if len(data) != desc.size:
                 raise IntegrityError(f"{source} is {len(data)} bytes, descriptor says {desc.size}")
             await self._finish(location, desc, data)
-            return
+            return True
         offset = 0
         with source.open("rb") as handle:
             while offset < desc.size:
@@ -405,6 +400,36 @@ class RegistryStore:
                 offset += len(chunk)
                 location = self._upload_location(response)
         await self._finish(location, desc, b"")
+        return True
+
+    async def _start_upload(self, desc: Descriptor, origin: str | None) -> httpx.Response:
+        """POST an upload, as a mount from ``origin`` (else from here, see put_blob)."""
+        scopes = [self._push]
+        if origin is not None:
+            scopes.append(f"repository:{origin}:pull")
+        elif not self._self_mount:
+            return await self._post_upload(desc, scopes, None)
+        try:
+            return await self._post_upload(desc, scopes, origin or self.repository)
+        except RegistryError as exc:
+            if origin is not None or exc.status not in (400, 404, 405):
+                raise
+        # A registry that refuses a mount outright (rather than answering 202): from now on
+        # check with HEAD, then upload plainly.
+        self._self_mount = False
+        if await self.has_blob(desc.digest):
+            return httpx.Response(201)
+        return await self._post_upload(desc, scopes, None)
+
+    async def _post_upload(self, desc: Descriptor, scopes: list[str], mount: str | None) -> httpx.Response:
+        return await self._transport.request(
+            "POST",
+            self._path("blobs", "uploads") + "/",
+            scopes=scopes,
+            action=f"start upload of {desc.digest} to {self.location}",
+            params={"mount": desc.digest, "from": mount} if mount else None,
+            ok=(201, 202),
+        )
 
     async def _finish(self, location: str, desc: Descriptor, data: bytes) -> None:
         url = httpx.URL(location).copy_merge_params({"digest": desc.digest})

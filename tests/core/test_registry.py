@@ -296,7 +296,7 @@ async def test_basic_auth_is_sent_up_front_after_first_challenge(
         await store.resolve("t")
     # Only the very first (anonymous) request is challenged; later ones carry Basic up front.
     assert proxy.count(status=401) == 1
-    assert proxy.count() >= 8
+    assert proxy.count() >= 6  # two blob uploads (POST + PUT each), a manifest, a resolve
 
 
 async def test_bearer_tokens_are_fetched_once_and_reused(
@@ -387,3 +387,35 @@ async def test_resolve_without_digest_header_falls_back_to_get(
         assert await store.resolve("t") == desc
     assert proxy.count("HEAD", "/manifests/t") == 1
     assert proxy.count("GET", "/manifests/t") == 1
+
+
+async def test_upload_checks_presence_with_one_mount_request(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    # A new blob: the self-mount POST opens the upload (202), then one PUT; no HEAD.
+    # A blob already there: one POST answered 201, nothing uploaded.
+    proxy = fault_proxy_factory(registry)
+    data = os.urandom(10_000)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(blob(data), data) is True
+        assert (proxy.count("POST", "mount=", status=202), proxy.count("PUT"), proxy.count("HEAD")) == (1, 1, 0)
+        proxy.clear()
+        assert await store.put_blob(blob(data), data) is False
+        assert (proxy.count("POST", "mount=", status=201), proxy.count("PUT"), proxy.count("HEAD")) == (1, 0, 0)
+        assert await read_all(store, blob(data)) == data
+
+
+async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(100, status=404, method="POST", path_contains="mount=")
+    first, second = os.urandom(10_000), os.urandom(10_000)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(blob(first), first) is True
+        assert await store.put_blob(blob(first), first) is False
+        assert await store.put_blob(blob(second), second) is True
+        assert await read_all(store, blob(first)) == first
+        assert await read_all(store, blob(second)) == second
+    assert proxy.count("POST", "mount=") == 1  # refused once, then never tried again
+    assert proxy.count("PUT") == 2
