@@ -26,9 +26,11 @@ import asyncio
 import base64
 import email.utils
 import json
+import os
 import random
 import re
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -219,6 +221,46 @@ def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
 # Transport
 
 
+class _DeferredTrust(ssl.SSLContext):
+    """A verifying client TLS context that loads its CA certificates on first use.
+
+    Loading a CA bundle costs ~45 ms, which every command paid even against a plain-HTTP
+    loopback registry that never handshakes. Trust is httpx's default: ``SSL_CERT_FILE``,
+    else ``SSL_CERT_DIR``, else certifi's bundle. Verification is never relaxed: a handshake
+    cannot start before the certificates are in (both TLS entry points load them first).
+    """
+
+    _lock = threading.Lock()
+    _loaded = False
+
+    def _load_trust(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            if os.environ.get("SSL_CERT_FILE"):
+                self.load_verify_locations(cafile=os.environ["SSL_CERT_FILE"])
+            elif os.environ.get("SSL_CERT_DIR"):
+                self.load_verify_locations(capath=os.environ["SSL_CERT_DIR"])
+            else:
+                import certifi
+
+                self.load_verify_locations(cafile=certifi.where())
+            self._loaded = True
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self._load_trust()
+        return super().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self._load_trust()
+        return super().wrap_socket(*args, **kwargs)
+
+
+def _tls_context() -> ssl.SSLContext:
+    # PROTOCOL_TLS_CLIENT: hostname checks and CERT_REQUIRED, as ssl.create_default_context.
+    return _DeferredTrust(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class RegistryTransport:
     """Authenticated, retrying HTTP to one registry host; safe for concurrent use.
 
@@ -257,6 +299,7 @@ class RegistryTransport:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
+            verify=_tls_context(),
         )
         self._basic = False  # the registry asked for Basic: send it up front from now on
         self._tokens: dict[str, _Token] = {}

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -237,7 +238,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(url + "/v2/", timeout=1):
+            # Readiness only: the tests check certificates themselves.
+            insecure = ssl._create_unverified_context() if url.startswith("https:") else None
+            with urllib.request.urlopen(url + "/v2/", timeout=1, context=insecure):
                 return
         except urllib.error.HTTPError:
             return  # 401 from an auth registry: it is serving
@@ -253,9 +256,27 @@ def start_registry(
     username: str = "cache-user",
     password: str = "s3cret-Pa55word",
     delete_enabled: bool = True,
+    tls: bool = False,
 ) -> RegistryServer:
-    """Start a docker-registry on 127.0.0.1 with storage under ``workdir``; wait until it serves."""
+    """Start a docker-registry on 127.0.0.1 with storage under ``workdir``; wait until it serves.
+
+    ``tls``: serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (``workdir/tls.crt``,
+    trusted by nobody until a test says so).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
+    tls_yaml = ""
+    if tls:
+        cert, key = workdir / "tls.crt", workdir / "tls.key"
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                "-keyout", str(key), "-out", str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        tls_yaml = f"  tls:\n    certificate: {cert}\n    key: {key}\n"
     storage = workdir / "storage"
     storage.mkdir(exist_ok=True)
     issuer: TokenIssuer | None = None
@@ -288,7 +309,7 @@ def start_registry(
             "  cache:\n    blobdescriptor: inmemory\n"
             "http:\n"
             f"  addr: 127.0.0.1:{port}\n"
-            f"  secret: {uuid.uuid4().hex}\n" + auth_yaml
+            f"  secret: {uuid.uuid4().hex}\n" + tls_yaml + auth_yaml
         )
         log_path = workdir / "registry.log"
         with log_path.open("wb") as log:
@@ -298,7 +319,7 @@ def start_registry(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         try:
             _wait_ready(url, proc, log_path)
         except RuntimeError as exc:  # most likely the port was taken meanwhile: try another

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -398,10 +398,12 @@ async def test_upload_checks_presence_with_one_mount_request(
     data = os.urandom(10_000)
     async with make_store(registry, repo_name, host=proxy.host) as store:
         assert await store.put_blob(blob(data), data) is True
-        assert (proxy.count("POST", "mount=", status=202), proxy.count("PUT"), proxy.count("HEAD")) == (1, 1, 0)
+        counts = (proxy.count("POST", "mount=", status=202), proxy.count("PUT"), proxy.count("HEAD"))
+        assert counts == (1, 1, 0)
         proxy.clear()
         assert await store.put_blob(blob(data), data) is False
-        assert (proxy.count("POST", "mount=", status=201), proxy.count("PUT"), proxy.count("HEAD")) == (1, 0, 0)
+        counts = (proxy.count("POST", "mount=", status=201), proxy.count("PUT"), proxy.count("HEAD"))
+        assert counts == (1, 0, 0)
         assert await read_all(store, blob(data)) == data
 
 
@@ -419,3 +421,28 @@ async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
         assert await read_all(store, blob(second)) == second
     assert proxy.count("POST", "mount=") == 1  # refused once, then never tried again
     assert proxy.count("PUT") == 2
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A docker-registry serving HTTPS with a self-signed certificate (workdir/tls.crt)."""
+    server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
+    tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CA bundle loads only when a handshake starts; it must still be enforced.
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with RegistryStore(tls_registry.host, repo_name, plain_http=False, retries=0, timeout=5) as store:
+        with pytest.raises(RegistryUnreachable, match=r"CERTIFICATE_VERIFY_FAILED"):
+            await store.ping()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.storage_root.parent / "tls.crt"))
+    async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
+        desc, _ = await push_image(store, "tls", b"over tls")
+        assert await store.resolve("tls") == desc
