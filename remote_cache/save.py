@@ -48,12 +48,15 @@ from .pack import pack_tree
 from .state import (
     LayerRecord,
     RestoreWindow,
+    TreeRecord,
     clock_ns,
     dir_id,
     load_state,
+    load_tree,
     load_window,
     local_layers,
     records_for,
+    tree_fingerprint,
     window_hits,
     write_state,
 )
@@ -364,6 +367,27 @@ async def save(
     bound = clock_ns()
     mtime_bound = bound // 1_000_000_000
     candidates: _Candidates = []
+    options = f"{media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
+    fingerprint = await anyio.to_thread.run_sync(_fingerprint, path, bound)
+    if not full and fingerprint is not None:
+        same = await _same_tree(store, path, tag, options, fingerprint)
+        if same is not None:
+            if max_size is not None and same.size > max_size:
+                raise CacheTooLarge(path, same.size, max_size)
+            return SaveResult(
+                key=key,
+                tag=tag,
+                digest=same.digest,
+                layers_total=same.layers,
+                layers_uploaded=0,
+                bytes_total=same.bytes,
+                bytes_uploaded=0,
+                size=same.size,
+                files=same.files,
+                seconds=time.monotonic() - started,
+                unchanged=True,
+                layers_reused=same.layers,
+            )
 
     async def find_candidates() -> None:
         candidates.extend(await _candidate_layers(store, [key] + ([base_key] if base_key else [])))
@@ -465,8 +489,16 @@ async def save(
                 base_key=source,
             )
 
+        def tree(digest: str) -> TreeRecord | None:
+            if fingerprint is None:
+                return None
+            total = sum(d.size for d in descriptors)
+            return TreeRecord(
+                fingerprint, store.location, tag, options, digest, size, files, len(final), total
+            )
+
         if existing is not None:
-            await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
+            await anyio.to_thread.run_sync(write_state, path, records_for(local, slots), tree(existing))
             return result(existing, unchanged=True)
         image: BuiltImage = build_image(
             descriptors,
@@ -484,13 +516,38 @@ async def save(
             for manifest in image.manifests:
                 tg.start_soon(_put_manifest, store, manifest.body, manifest.descriptor.media_type)
         index = await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag=tag)
-        await anyio.to_thread.run_sync(write_state, path, records_for(local, slots))
+        await anyio.to_thread.run_sync(write_state, path, records_for(local, slots), tree(index.digest))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     finally:
         await anyio.to_thread.run_sync(iterator.close)
         await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
     return result(index.digest)
+
+
+def _fingerprint(path: Path, bound: int) -> str | None:
+    try:
+        return tree_fingerprint(path, bound)
+    except OSError:
+        return None  # the scan reports what is wrong with the directory
+
+
+async def _same_tree(store: Store, path: Path, tag: str, options: str, fingerprint: str) -> TreeRecord | None:
+    """The record of the last save of ``path`` when nothing in it changed since and ``tag``
+    still names what that save produced (one manifest request); else None."""
+    recorded = await anyio.to_thread.run_sync(load_tree, path)
+    if recorded is None or (recorded.fingerprint, recorded.location, recorded.tag, recorded.options) != (
+        fingerprint,
+        store.location,
+        tag,
+        options,
+    ):
+        return None
+    try:
+        current = await store.resolve(tag)
+    except CacheMiss:
+        return None
+    return recorded if current.digest == recorded.digest else None
 
 
 def _evidence(path: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:

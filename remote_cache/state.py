@@ -21,6 +21,14 @@ evidence recorded on this machine, of one of two kinds:
   path is not mistaken for it. On filesystems with whole-second ctimes the bounds are
   rounded down to their second (a file written in ``end``'s second is not trusted).
 
+Whole-tree shortcut (save -> save with nothing changed): after a save, the state also keeps a
+*tree fingerprint* (every entry's name, inode and ctime, taken before the scan) with
+the entry it produced. A later save whose fingerprint is equal, for the same store, tag and
+options, and whose tag still names that digest, is unchanged without scanning or planning: no
+change to a file can keep its ctime, and adding, removing or renaming an entry changes its
+directory's ctime. An entry whose ctime is not before the walk's start bound voids the
+fingerprint (it may still be changing).
+
 State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache``, else
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
@@ -38,6 +46,7 @@ import re
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +62,11 @@ __all__ = [
     "LayerRecord",
     "LocalLayer",
     "RestoreWindow",
+    "TreeRecord",
     "clock_ns",
     "dir_id",
     "load_state",
+    "load_tree",
     "load_window",
     "local_layers",
     "portable_listing",
@@ -63,6 +74,7 @@ __all__ = [
     "settle",
     "state_dir",
     "state_path",
+    "tree_fingerprint",
     "window_hits",
     "write_state",
     "write_window",
@@ -184,6 +196,60 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
 
 
 @dataclass(frozen=True)
+class TreeRecord:
+    """What the last save of a directory produced, under the tree fingerprint it started from."""
+
+    fingerprint: str
+    #: Store location, tag and the options the image depends on (compression, level, platforms).
+    location: str
+    tag: str
+    options: str
+    digest: str
+    size: int
+    files: int
+    layers: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def tree_fingerprint(root: Path, bound_ns: int) -> str | None:
+    """SHA-256 over every entry's name, inode and ctime under ``root`` (no symlinks followed);
+    None if any ctime is not before ``bound_ns`` (from :func:`clock_ns`, taken first).
+
+    Any change to an inode (data, mode, owner, times, links) moves its ctime, so those three
+    cover the rest. Much cheaper than a scan (no sorting, no plan): entries come in directory
+    order, which only a change to the directory (and so to its ctime) can alter.
+    """
+    top = os.lstat(root)
+    names: list[str] = []
+    inodes = array("Q", (top.st_dev, top.st_ino))
+    ctimes = array("q", (top.st_ctime_ns,))
+    stack = [os.fspath(root)]
+    while stack:
+        current = stack.pop()
+        names.append("\x00/")  # where one directory's entries start
+        with os.scandir(current) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                inodes.append(entry.inode())
+                ctimes.append(entry.stat(follow_symlinks=False).st_ctime_ns)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    floor = bound_ns - bound_ns % _SECOND
+    # Too fresh: at or after the bound, or a whole-second ctime (coarse filesystem) in the
+    # bound's own second. (max() first: the scan below is rarely needed.)
+    if max(ctimes) >= floor and any(c >= bound_ns or (c >= floor and c % _SECOND == 0) for c in ctimes):
+        return None
+    h = hashlib.sha256(b"remote-cache tree v1\0")
+    h.update("\0".join(names).encode("utf-8", "surrogateescape"))
+    h.update(inodes.tobytes())
+    h.update(ctimes.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
 class RestoreWindow:
     """What a restore recorded for its target: the image layers it extracted, and when."""
 
@@ -290,9 +356,26 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
     return RestoreWindow(start, end, (root[0], root[1]), out)
 
 
-def _parse(raw: Any, target: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:
-    """Records and restore window of a state document; empty when anything about it is off."""
-    nothing: tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None] = ({}, None)
+def _parse_tree(raw: Any) -> TreeRecord | None:
+    if not isinstance(raw, dict):
+        return None
+    fields = TreeRecord.__dataclass_fields__
+    text = ("fingerprint", "location", "tag", "options", "digest")
+    if set(raw) != set(fields) or not all(isinstance(raw[k], str) for k in text):
+        return None
+    if not all(_int(raw[k]) for k in fields if k not in text):
+        return None
+    if not (_DIGEST.fullmatch(raw["fingerprint"]) and _DIGEST.fullmatch(raw["digest"])):
+        return None
+    return TreeRecord(**raw)
+
+
+_State = tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None, TreeRecord | None]
+
+
+def _parse(raw: Any, target: Path) -> _State:
+    """Records, restore window and tree record of a state document; empty when anything is off."""
+    nothing: _State = ({}, None, None)
     if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
         return nothing
     if raw.get("path") != _resolved(target):
@@ -311,23 +394,24 @@ def _parse(raw: Any, target: Path) -> tuple[dict[tuple[str, str], LayerRecord], 
         window = _parse_window(raw["window"])
         if window is None:
             return nothing
-    return out, window
+    tree = _parse_tree(raw["tree"]) if raw.get("tree") is not None else None
+    return out, window, tree
 
 
 def _resolved(target: Path) -> str:
     return os.fsdecode(os.path.abspath(os.path.realpath(target)))
 
 
-def _load(target: Path) -> tuple[dict[tuple[str, str], LayerRecord], RestoreWindow | None]:
+def _load(target: Path) -> _State:
     try:
         path = state_path(target)
         with open(path, "rb") as fh:
             body = fh.read(MAX_STATE_BYTES + 1)
         if len(body) > MAX_STATE_BYTES:
-            return {}, None
+            return {}, None, None
         return _parse(json.loads(body), target)
     except (OSError, RuntimeError, ValueError, RecursionError):
-        return {}, None
+        return {}, None, None
 
 
 def load_state(target: Path) -> dict[tuple[str, str], LayerRecord]:
@@ -340,27 +424,37 @@ def load_window(target: Path) -> RestoreWindow | None:
     return _load(target)[1]
 
 
-def write_state(target: Path, records: Iterable[tuple[str, LayerRecord]]) -> bool:
+def load_tree(target: Path) -> TreeRecord | None:
+    """The tree record of ``target``'s last save, if any (and the state file is sound)."""
+    return _load(target)[2]
+
+
+def write_state(
+    target: Path, records: Iterable[tuple[str, LayerRecord]], tree: TreeRecord | None = None
+) -> bool:
     """Record local listing -> layer for ``target``, newest first, merged with what was there.
 
-    The restore window already recorded is kept. Written atomically (temporary file, then
-    rename). Returns False, without raising, when the state cannot be written (read-only home,
-    full disk): the next save then just packs.
+    ``tree`` replaces the tree record (None removes it). The restore window already recorded
+    is kept. Written atomically (temporary file, then rename). Returns False, without raising,
+    when the state cannot be written (read-only home, full disk): the next save then just packs.
     """
-    return _write(target, list(records), None)
+    return _write(target, list(records), None, tree)
 
 
 def write_window(target: Path, window: RestoreWindow) -> bool:
     """Record ``window`` as ``target``'s restore window (replacing any), keeping local records.
 
-    Returns False, without raising, when the state cannot be written.
+    The tree record goes: the restore replaced the tree. Returns False, without raising, when
+    the state cannot be written.
     """
-    return _write(target, [], window)
+    return _write(target, [], window, None)
 
 
-def _write(target: Path, new: list[tuple[str, LayerRecord]], window: RestoreWindow | None) -> bool:
+def _write(
+    target: Path, new: list[tuple[str, LayerRecord]], window: RestoreWindow | None, tree: TreeRecord | None
+) -> bool:
     try:
-        old, old_window = _load(target)
+        old, old_window, _old_tree = _load(target)
         if window is None:
             window = old_window
         merged: dict[tuple[str, str], LayerRecord] = {}
@@ -378,6 +472,8 @@ def _write(target: Path, new: list[tuple[str, LayerRecord]], window: RestoreWind
                 _layer_json("local", local, rec) for (local, _), rec in list(merged.items())[:MAX_RECORDS]
             ],
         }
+        if tree is not None:
+            doc["tree"] = tree.to_json()
         if window is not None:
             doc["window"] = {
                 "start": window.start_ns,

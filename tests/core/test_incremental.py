@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from remote_cache import pack as pack_mod
+from remote_cache import save as save_mod
 from remote_cache import state as state_mod
 from remote_cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.reference import parse_reference
@@ -115,8 +116,13 @@ async def test_unchanged_resave_reads_and_pushes_nothing(
         )
 
         _refuse_packing(monkeypatch)
+        # Move the root's ctime (its mtime is put back): the tree shortcut no longer applies,
+        # so this exercises the per-layer local listings.
+        os.utime(src, (_PAST, _PAST))
+        _settle()
         proxy.clear()
         again = await save(store, "k", src)
+        assert proxy.count("GET", "/manifests/") > 0  # the long way: the entry was compared
         assert again.unchanged and again.digest == first.digest
         assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
         assert again.layers_reused == again.layers_total == first.layers_total
@@ -436,3 +442,87 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     assert state_mod.write_window(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
     pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
+
+
+def _refuse_scanning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("an unchanged tree was scanned")
+
+    monkeypatch.setattr(save_mod, "scan_tree", refuse)
+
+
+async def test_unchanged_tree_costs_one_request_and_no_scan(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert state_mod.load_tree(src) is not None
+        with monkeypatch.context() as m:
+            _refuse_scanning(m)
+            proxy.clear()
+            again = await save(store, "k", src)
+        assert again.unchanged and again.digest == first.digest
+        assert (again.layers_total, again.bytes_total, again.size, again.files) == (
+            first.layers_total,
+            first.bytes_total,
+            first.size,
+            first.files,
+        )
+        assert [r.method for r in proxy.requests] == ["HEAD"]  # does the tag still name it?
+
+        # Another option (here gzip) is another image: the shortcut does not apply.
+        proxy.clear()
+        gzip = await save(store, "k", src, compression="gzip")
+        assert not gzip.unchanged and gzip.digest != first.digest
+
+
+async def test_an_npm_style_edit_defeats_the_tree_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    _fake_npm_edit(src / "pkg3" / "f4.bin", b"Z" * 8000)  # same size, same mtime: only ctime moves
+    _settle()
+    second = await save(store, "k", src)
+    assert not second.unchanged and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg3" / "f4.bin").read_bytes() == b"Z" * 8000
+
+
+async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(b"other tree")
+    first = await save(store, "k", src)
+    moved = await save(store, "k", other)  # e.g. another runner saved under the same key
+    back = await save(store, "k", src)
+    assert moved.digest != first.digest
+    assert not back.unchanged and back.digest == first.digest  # pushed again: the key holds src
+
+
+async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src")
+    assert state_mod.tree_fingerprint(src, state_mod.clock_ns()) is not None
+    before = state_mod.clock_ns()
+    (src / "pkg1" / "new.bin").write_bytes(b"new")  # a ctime at or after the bound
+    assert state_mod.tree_fingerprint(src, before) is None
+    _settle()
+    after = state_mod.tree_fingerprint(src, state_mod.clock_ns())
+    os.chmod(src / "pkg1" / "new.bin", 0o600)  # metadata only: the ctime still moves
+    _settle()
+    assert after is not None and state_mod.tree_fingerprint(src, state_mod.clock_ns()) not in (None, after)
+
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    await save(store, "k", src)
+    assert state_mod.load_tree(src) is not None
+    await restore(store, "k", src)  # the restore replaced the tree: its record is void
+    assert state_mod.load_tree(src) is None
