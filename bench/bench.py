@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bytecode is cached as on any real install (some sandboxes set PYTHONDONTWRITEBYTECODE).
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+        env["REMOTE_CACHE_STATE_DIR"] = str(work / "state")  # this run's own, removed with it
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
         warm = work / "warm-up"
