@@ -33,7 +33,7 @@ from .image import (
     read_diff_ids,
 )
 from .keys import tag_for_key, validate_key
-from .layers import LayerPlan, TreeScan, scan_tree
+from .layers import LayerPlan, TreeScan, scan_tree, tree_identity
 from .oci import (
     ANNOTATION_FILES,
     ANNOTATION_KEY,
@@ -368,9 +368,8 @@ async def save(
     mtime_bound = bound // 1_000_000_000
     candidates: _Candidates = []
     options = f"{media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
-    fingerprint = await anyio.to_thread.run_sync(_fingerprint, path, bound)
-    if not full and fingerprint is not None:
-        same = await _same_tree(store, path, tag, options, fingerprint)
+    if not full:
+        same = await _same_tree(store, path, tag, options, bound)
         if same is not None:
             if max_size is not None and same.size > max_size:
                 raise CacheTooLarge(path, same.size, max_size)
@@ -405,6 +404,7 @@ async def save(
             )
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+    fingerprint = tree_fingerprint(scan.identity, bound) if scan.identity is not None else None
     annotations = [
         {} if _racy(plan, mtime_bound) else {ANNOTATION_LISTING: layer.listing}
         for plan, layer in zip(scan.layers, local, strict=True)
@@ -525,23 +525,21 @@ async def save(
     return result(index.digest)
 
 
-def _fingerprint(path: Path, bound: int) -> str | None:
-    try:
-        return tree_fingerprint(path, bound)
-    except OSError:
-        return None  # the scan reports what is wrong with the directory
-
-
-async def _same_tree(store: Store, path: Path, tag: str, options: str, fingerprint: str) -> TreeRecord | None:
+async def _same_tree(store: Store, path: Path, tag: str, options: str, bound: int) -> TreeRecord | None:
     """The record of the last save of ``path`` when nothing in it changed since and ``tag``
-    still names what that save produced (one manifest request); else None."""
+    still names what that save produced (a walk and one manifest request); else None."""
     recorded = await anyio.to_thread.run_sync(load_tree, path)
-    if recorded is None or (recorded.fingerprint, recorded.location, recorded.tag, recorded.options) != (
-        fingerprint,
+    if recorded is None or (recorded.location, recorded.tag, recorded.options) != (
         store.location,
         tag,
         options,
     ):
+        return None
+    try:
+        identity = await anyio.to_thread.run_sync(tree_identity, path)
+    except OSError:
+        return None  # the scan reports what is wrong with the directory
+    if tree_fingerprint(identity, bound) != recorded.fingerprint:
         return None
     try:
         current = await store.resolve(tag)

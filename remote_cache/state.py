@@ -46,13 +46,12 @@ import re
 import sys
 import tempfile
 import time
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from .layers import KIND_FILE, LayerPlan, TreeScan
+from .layers import KIND_FILE, LayerPlan, TreeIdentity, TreeScan
 from .oci import LAYER_TYPES, Descriptor
 
 __all__ = [
@@ -214,39 +213,16 @@ class TreeRecord:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def tree_fingerprint(root: Path, bound_ns: int) -> str | None:
-    """SHA-256 over every entry's name, inode and ctime under ``root`` (no symlinks followed);
-    None if any ctime is not before ``bound_ns`` (from :func:`clock_ns`, taken first).
-
-    Any change to an inode (data, mode, owner, times, links) moves its ctime, so those three
-    cover the rest. Much cheaper than a scan (no sorting, no plan): entries come in directory
-    order, which only a change to the directory (and so to its ctime) can alter.
-    """
-    top = os.lstat(root)
-    names: list[str] = []
-    inodes = array("Q", (top.st_dev, top.st_ino))
-    ctimes = array("q", (top.st_ctime_ns,))
-    stack = [os.fspath(root)]
-    while stack:
-        current = stack.pop()
-        names.append("\x00/")  # where one directory's entries start
-        with os.scandir(current) as entries:
-            for entry in entries:
-                names.append(entry.name)
-                inodes.append(entry.inode())
-                ctimes.append(entry.stat(follow_symlinks=False).st_ctime_ns)
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
+def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
+    """The identity's digest, unless an entry's ctime is not before ``bound_ns`` (from
+    :func:`clock_ns`, taken before the walk): such an entry may still be changing, and a later
+    change could keep its ctime. Whole-second ctimes must be before the bound's second."""
+    ctimes = identity.ctimes
     floor = bound_ns - bound_ns % _SECOND
-    # Too fresh: at or after the bound, or a whole-second ctime (coarse filesystem) in the
-    # bound's own second. (max() first: the scan below is rarely needed.)
+    # max() first: the exact test is rarely needed.
     if max(ctimes) >= floor and any(c >= bound_ns or (c >= floor and c % _SECOND == 0) for c in ctimes):
         return None
-    h = hashlib.sha256(b"remote-cache tree v1\0")
-    h.update("\0".join(names).encode("utf-8", "surrogateescape"))
-    h.update(inodes.tobytes())
-    h.update(ctimes.tobytes())
-    return "sha256:" + h.hexdigest()
+    return identity.digest
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from remote_cache import layers as layers_mod
 from remote_cache import pack as pack_mod
 from remote_cache import save as save_mod
 from remote_cache import state as state_mod
@@ -509,17 +510,21 @@ async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
     assert not back.unchanged and back.digest == first.digest  # pushed again: the key holds src
 
 
+def _fingerprint(root: Path, bound: int) -> str | None:
+    return state_mod.tree_fingerprint(layers_mod.tree_identity(root), bound)
+
+
 async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
-    assert state_mod.tree_fingerprint(src, state_mod.clock_ns()) is not None
+    assert _fingerprint(src, state_mod.clock_ns()) is not None
     before = state_mod.clock_ns()
     (src / "pkg1" / "new.bin").write_bytes(b"new")  # a ctime at or after the bound
-    assert state_mod.tree_fingerprint(src, before) is None
+    assert _fingerprint(src, before) is None
     _settle()
-    after = state_mod.tree_fingerprint(src, state_mod.clock_ns())
+    after = _fingerprint(src, state_mod.clock_ns())
     os.chmod(src / "pkg1" / "new.bin", 0o600)  # metadata only: the ctime still moves
     _settle()
-    assert after is not None and state_mod.tree_fingerprint(src, state_mod.clock_ns()) not in (None, after)
+    assert after is not None and _fingerprint(src, state_mod.clock_ns()) not in (None, after)
 
     store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     await save(store, "k", src)

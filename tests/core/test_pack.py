@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from remote_cache.layers import KIND_DIR, KIND_HARDLINK, scan_tree
+from remote_cache.layers import KIND_DIR, KIND_HARDLINK, scan_tree, tree_identity
 from remote_cache.oci import OCI_LAYER_GZIP, OCI_LAYER_ZSTD
 from remote_cache.pack import PackedLayer, pack_tree
+from remote_cache.state import settle
 from remote_cache.unpack import Extractor, replace_dir, staging_dir
 from tests.trees import assert_same_tree, make_tree, snapshot
 
@@ -179,3 +181,25 @@ def test_our_extractor_reads_gnu_tar(nasty: Path, tmp_path: Path, flag: str) -> 
     replace_dir(st, out)
     assert_same_tree(nasty, out)
     assert snapshot(nasty) == snapshot(out)
+
+
+def test_quick_identity_equals_the_scans_and_tracks_every_change(nasty: Path, tmp_path: Path) -> None:
+    # tree_identity must walk exactly as scan_tree does: the save shortcut compares the two.
+    identity = scan_tree(nasty).identity
+    assert identity is not None and tree_identity(nasty) == identity
+    tree = tmp_path / "t"
+    make_tree(tree, small_files=50, big_bytes=1000)
+    before = tree_identity(tree).digest
+    changes = [
+        lambda: os.chmod(tree / "big.bin", 0o600),  # metadata only
+        lambda: (tree / "empty2" / "new").write_bytes(b""),  # an entry appears
+        lambda: os.rename(tree / "empty2" / "new", tree / "empty2" / "renamed"),
+        lambda: os.unlink(tree / "empty2" / "renamed"),
+    ]
+    seen = {before}
+    for change in changes:
+        settle(time.time_ns())  # so the ctime of what changes really moves
+        change()
+        digest = tree_identity(tree).digest
+        assert digest not in seen
+        seen.add(digest)
