@@ -20,7 +20,7 @@ Layers apply in order with OCI whiteouts (``.wh.NAME`` removes NAME from lower l
 :class:`~remote_cache.errors.ImageFormatError`.
 
 Speed: a background thread reads and decompresses the layer blobs into a small bounded queue
-of chunks (zstd and zlib release the GIL), so decompression overlaps the file writing as in
+of chunks (zlib, and zstd through its stream reader, release the GIL), so decompression overlaps the file writing as in
 ``zstd -d | tar -x``. The writing thread parses headers with one ``struct`` unpack, keeps
 paths as bytes, writes file data straight from the decompressed chunk, creates files with
 their final mode when the umask allows (no ``fchmod``) and skips ``fchown`` when the owner
@@ -45,11 +45,12 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
 from .errors import ImageFormatError, IntegrityError, UnsafeArchive
+from .frames import FrameCheck
 from .oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
 
 __all__ = [
@@ -63,7 +64,8 @@ __all__ = [
 _READ = 1 << 20  # plain tar: bytes per read
 _READ_COMPRESSED = 256 << 10  # compressed input per decompress call (~1 MiB out for zstd)
 _READ_FIRST = 16 << 10  # compressed input of a layer's first decompress call
-_ZSTD_WRITE_SIZE = 2 << 20  # zstd output buffer: one allocation per call, no joins
+_ZSTD_WRITE_SIZE = 2 << 20  # decompressed bytes per zstd read: one allocation per call, no joins
+_ZSTD_FIRST = 128 << 10  # a layer's first zstd read: small, so writing starts soon
 _QUEUE_CHUNKS = 16  # decompressed chunks buffered between the two threads
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -106,14 +108,22 @@ class _Source:
         self._head = head
         kind = _kind_of(media_type, head)
         self._zd: Any = None
-        if kind == "zstd":
-            self._zd = _zstd_decompressobj()
-        elif kind == "gzip":
-            self._zd = zlib.decompressobj(31)
+        self._zr: Any = None
         self.kind = kind
         self._want = _READ_FIRST
         self._pending = b""
         self._eof = False
+        if kind == "zstd":
+            # stream_reader decompresses without the GIL (decompressobj holds it), so the
+            # writing thread keeps running; FrameCheck catches what it would let through: a
+            # stream cut inside a frame.
+            self._frames = FrameCheck()
+            self._zr = zstandard.ZstdDecompressor().stream_reader(
+                cast(BinaryIO, _Tap(self)), read_size=_READ_COMPRESSED, read_across_frames=True
+            )
+            self._out = _ZSTD_FIRST
+        elif kind == "gzip":
+            self._zd = zlib.decompressobj(31)
 
     def _raw_read(self, n: int) -> bytes:
         try:
@@ -134,8 +144,29 @@ class _Source:
             return data
         return self._raw_read(n)
 
+    def _tap(self, n: int) -> bytes:
+        """Compressed bytes for the zstd reader, followed through FrameCheck."""
+        data = self._next_compressed()
+        self._frames.feed(data)
+        return data
+
+    def _read_zstd(self) -> bytes:
+        if self._eof:
+            return b""
+        try:
+            out: bytes = self._zr.read(self._out)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"zstd layer stream is corrupt: {exc}") from exc
+        self._out = _ZSTD_WRITE_SIZE
+        if not out:
+            self._frames.finish()
+            self._eof = True
+        return out
+
     def read(self) -> bytes:
         """Next chunk of uncompressed bytes; b"" at the end of a complete stream."""
+        if self._zr is not None:
+            return self._read_zstd()
         while not self._eof:
             if self._pending:
                 comp, self._pending = self._pending, b""
@@ -146,33 +177,30 @@ class _Source:
                     self._eof = True
                 return comp
             if not comp:
-                if self.kind == "zstd" and self._zd.eof:
+                if self._zd.eof:
                     self._eof = True
                     return b""
-                if self.kind == "gzip" and self._zd.eof:
-                    self._eof = True
-                    return b""
-                raise IntegrityError(f"{self.kind} layer stream is truncated (ended mid-frame)")
+                raise IntegrityError(f"{self.kind} layer stream is truncated (ended mid-member)")
             try:
                 out: bytes = self._zd.decompress(comp)
-            except (zstandard.ZstdError, zlib.error) as exc:
+            except zlib.error as exc:
                 raise IntegrityError(f"{self.kind} layer stream is corrupt: {exc}") from exc
             if self._zd.eof:
                 rest = self._zd.unused_data
                 if rest:
-                    # Another concatenated frame/member follows.
-                    if self.kind == "zstd":
-                        self._zd = _zstd_decompressobj()
-                    else:
-                        self._zd = zlib.decompressobj(31)
+                    # Another concatenated gzip member follows.
+                    self._zd = zlib.decompressobj(31)
                     self._pending = rest
             if out:
                 return out
         return b""
 
 
-def _zstd_decompressobj() -> Any:
-    return zstandard.ZstdDecompressor().decompressobj(write_size=_ZSTD_WRITE_SIZE)
+class _Tap:
+    """The file object a zstd stream reader pulls compressed bytes from (see _Source)."""
+
+    def __init__(self, source: _Source) -> None:
+        self.read = source._tap
 
 
 def _kind_of(media_type: str, head: bytes) -> str:
