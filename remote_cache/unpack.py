@@ -19,13 +19,14 @@ Layers apply in order with OCI whiteouts (``.wh.NAME`` removes NAME from lower l
 :class:`~remote_cache.errors.IntegrityError`; something that is not a tar at all raises
 :class:`~remote_cache.errors.ImageFormatError`.
 
-Speed: a background thread reads and decompresses the layer blobs into a small bounded queue
-of chunks (zlib, and zstd through its stream reader, release the GIL), so decompression overlaps the file writing as in
-``zstd -d | tar -x``. The writing thread parses headers with one ``struct`` unpack, keeps
-paths as bytes, writes file data straight from the decompressed chunk, creates files with
-their final mode when the umask allows (no ``fchmod``) and skips ``fchown`` when the owner
-already matches. Every check above still runs, in the one writing thread, in archive order.
-``Extractor.add_layers`` lets the decompressor run ahead into the next layer too.
+Speed: a background thread reads and decompresses the layer blobs into a small bounded queue of
+chunks (zlib, and zstd through its stream reader, release the GIL), so decompression overlaps
+the file writing as in ``zstd -d | tar -x``. The writing thread parses headers with one
+``struct`` unpack, keeps paths as bytes, writes file data straight from the decompressed chunk,
+creates files with their final mode when the umask allows (no ``fchmod``) and skips ``fchown``
+when the owner already matches. Every check above still runs, in the one writing thread, in
+archive order. ``Extractor.add_layers`` lets the decompressor run ahead into the next layer
+too.
 """
 
 from __future__ import annotations
