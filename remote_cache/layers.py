@@ -133,11 +133,13 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class TreeIdentity:
-    """Every entry's name, inode and ctime, in walk order, digested; and the newest ctime.
+    """Every entry's name, inode, ctime, mode, size and mtime, in walk order, digested; and the
+    ctimes (to tell whether any was still fresh).
 
     Any change to an inode (data, mode, owner, times, links) moves its ctime, and adding,
     removing or renaming an entry moves its directory's: equal identities mean an unchanged
-    tree, provided no ctime was still fresh when the walk began (see remote_cache.state).
+    tree, provided no ctime was still fresh when the walk began (see remote_cache.state). Mode,
+    size and mtime are there for filesystems whose ctimes are coarse.
     """
 
     digest: str
@@ -169,17 +171,19 @@ def _walk_sorted(root: str, stats: TreeStats, *, plan: bool = True) -> tuple[lis
     names: list[str] = []
     inodes = array("Q", (top.st_dev, top.st_ino))
     ctimes = array("q", (top.st_ctime_ns,))
+    facts = array("q")
 
     def visit(rel: str, full: str) -> None:
         with os.scandir(full) as it:
             children = sorted(it, key=lambda d: os.fsencode(d.name))
-        names.append("\0/")  # where a directory's entries start
+        names.append("\0/")  # a directory's entries start
         for d in children:
             st = d.stat(follow_symlinks=False)
             names.append(d.name)
             inodes.append(st.st_ino)
             ctimes.append(st.st_ctime_ns)
             m = st.st_mode
+            facts.extend((m, st.st_size, st.st_mtime_ns))
             if not plan:
                 if stat.S_ISDIR(m):
                     visit("", d.path)
@@ -219,12 +223,14 @@ def _walk_sorted(root: str, stats: TreeStats, *, plan: bool = True) -> tuple[lis
                     f"{path!r} is a device file or FIFO; remove it from the cached directory "
                     "(a cache must hold only files, directories and links)"
                 )
+        names.append("\0\\")  # and end
 
     visit("", root)
-    h = hashlib.sha256(b"remote-cache tree v1\0")
-    h.update("\0".join(names).encode("utf-8", "surrogateescape"))
-    h.update(inodes.tobytes())
-    h.update(ctimes.tobytes())
+    h = hashlib.sha256(b"remote-cache tree v2\0")
+    names_b = "\0".join(names).encode("utf-8", "surrogateescape")
+    for part in (names_b, inodes.tobytes(), ctimes.tobytes(), facts.tobytes()):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return out, TreeIdentity("sha256:" + h.hexdigest(), ctimes)
 
 

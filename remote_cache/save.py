@@ -25,6 +25,7 @@ from .image import (
     ANNOTATION_LISTING,
     DEFAULT_PLATFORMS,
     MAX_MANIFEST_BYTES,
+    TOOL,
     BuiltImage,
     build_image,
     load_image,
@@ -367,7 +368,9 @@ async def save(
     bound = clock_ns()
     mtime_bound = bound // 1_000_000_000
     candidates: _Candidates = []
-    options = f"{media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
+    # Everything the image depends on besides the tree; the tool's version stands for the
+    # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
+    options = f"{TOOL} {media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
     if not full:
         same = await _same_tree(store, path, tag, options, bound)
         if same is not None:

@@ -22,12 +22,14 @@ evidence recorded on this machine, of one of two kinds:
   rounded down to their second (a file written in ``end``'s second is not trusted).
 
 Whole-tree shortcut (save -> save with nothing changed): after a save, the state also keeps a
-*tree fingerprint* (every entry's name, inode and ctime, taken before the scan) with
+*tree fingerprint* (every entry's name, inode, ctime, mode, size and mtime, taken by the scan) with
 the entry it produced. A later save whose fingerprint is equal, for the same store, tag and
 options, and whose tag still names that digest, is unchanged without scanning or planning: no
 change to a file can keep its ctime, and adding, removing or renaming an entry changes its
-directory's ctime. An entry whose ctime is not before the walk's start bound voids the
-fingerprint (it may still be changing).
+directory's ctime. An entry changed less than :data:`FRESH_NS` before the walk began voids the
+fingerprint (it may still be changing, and coarse timestamps could hide the next change).
+Writes through a shared memory mapping may not move a ctime; neither this nor the per-layer
+evidence sees them (``--full`` does).
 
 State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache``, else
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
@@ -55,6 +57,7 @@ from .layers import KIND_FILE, LayerPlan, TreeIdentity, TreeScan
 from .oci import LAYER_TYPES, Descriptor
 
 __all__ = [
+    "FRESH_NS",
     "MAX_RECORDS",
     "MAX_STATE_BYTES",
     "STATE_DIR_ENV",
@@ -87,6 +90,8 @@ MAX_STATE_BYTES = 2 << 20
 _FORMAT = "remote-cache-state/2"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _SECOND = 1_000_000_000
+#: A tree with an entry changed less than this before a save gets no tree fingerprint.
+FRESH_NS = 3 * _SECOND
 # Kernels stamp ctimes from a clock that may lag the fine clock by a tick (up to 10 ms at
 # HZ=100): without the coarse clock itself, subtract a generous margin.
 _MARGIN_NS = 50_000_000
@@ -214,13 +219,11 @@ class TreeRecord:
 
 
 def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
-    """The identity's digest, unless an entry's ctime is not before ``bound_ns`` (from
-    :func:`clock_ns`, taken before the walk): such an entry may still be changing, and a later
-    change could keep its ctime. Whole-second ctimes must be before the bound's second."""
-    ctimes = identity.ctimes
-    floor = bound_ns - bound_ns % _SECOND
-    # max() first: the exact test is rarely needed.
-    if max(ctimes) >= floor and any(c >= bound_ns or (c >= floor and c % _SECOND == 0) for c in ctimes):
+    """The identity's digest, unless an entry changed shortly before ``bound_ns`` (from
+    :func:`clock_ns`, taken before the walk) or after it: such an entry may still be changing,
+    and a later change could keep its ctime on a filesystem with coarse timestamps (FAT rounds
+    to 2 s, exFAT to 10 ms). So ctimes must be :data:`FRESH_NS` older than the bound."""
+    if max(identity.ctimes) >= bound_ns - FRESH_NS:
         return None
     return identity.digest
 

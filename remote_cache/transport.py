@@ -26,11 +26,9 @@ import asyncio
 import base64
 import email.utils
 import json
-import os
 import random
 import re
 import ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -221,44 +219,34 @@ def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
 # Transport
 
 
-class _DeferredTrust(ssl.SSLContext):
-    """A verifying client TLS context that loads its CA certificates on first use.
+class _LazyTLS(httpx.AsyncBaseTransport):
+    """The HTTPS transport of a client for a plain-HTTP registry, built on first use.
 
-    Loading a CA bundle costs ~45 ms, which every command paid even against a plain-HTTP
-    loopback registry that never handshakes. Trust is httpx's default: ``SSL_CERT_FILE``,
-    else ``SSL_CERT_DIR``, else certifi's bundle. Verification is never relaxed: a handshake
-    cannot start before the certificates are in (both TLS entry points load them first).
+    httpx loads its CA bundle when a transport is made (~45 ms), a cost every command against a
+    plain-HTTP registry paid for a redirect to HTTPS storage that rarely comes. This builds
+    httpx's own default transport (same trust: SSL_CERT_FILE, SSL_CERT_DIR, else certifi, and
+    the same verify flags) at the first HTTPS request, on the event loop (no await in between,
+    so no race).
     """
 
-    _lock = threading.Lock()
-    _loaded = False
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        self._transport: httpx.AsyncHTTPTransport | None = None
 
-    def _load_trust(self) -> None:
-        with self._lock:
-            if self._loaded:
-                return
-            if os.environ.get("SSL_CERT_FILE"):
-                self.load_verify_locations(cafile=os.environ["SSL_CERT_FILE"])
-            elif os.environ.get("SSL_CERT_DIR"):
-                self.load_verify_locations(capath=os.environ["SSL_CERT_DIR"])
-            else:
-                import certifi
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._transport is None:
+            self._transport = httpx.AsyncHTTPTransport(limits=self._limits)
+        return await self._transport.handle_async_request(request)
 
-                self.load_verify_locations(cafile=certifi.where())
-            self._loaded = True
-
-    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
-        self._load_trust()
-        return super().wrap_bio(*args, **kwargs)
-
-    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        self._load_trust()
-        return super().wrap_socket(*args, **kwargs)
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
 
 
-def _tls_context() -> ssl.SSLContext:
-    # PROTOCOL_TLS_CLIENT: hostname checks and CERT_REQUIRED, as ssl.create_default_context.
-    return _DeferredTrust(ssl.PROTOCOL_TLS_CLIENT)
+def _no_trust() -> ssl.SSLContext:
+    # For the plain-HTTP transport, which never sees an https:// URL (those go to _LazyTLS):
+    # a verifying context that trusts nothing, so it would fail closed if it ever did.
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 class RegistryTransport:
@@ -294,12 +282,16 @@ class RegistryTransport:
         self.max_backoff = max_backoff
         self.max_retry_after = max_retry_after
         self._own_client = client is None
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        lazy_tls: dict[str, Any] = {}
+        if self.plain_http:
+            lazy_tls = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits)}}
         self._client = client or httpx.AsyncClient(
             timeout=self.timeouts.to_httpx(),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=limits,
             follow_redirects=False,
             headers={"User-Agent": USER_AGENT},
-            verify=_tls_context(),
+            **lazy_tls,
         )
         self._basic = False  # the registry asked for Basic: send it up front from now on
         self._tokens: dict[str, _Token] = {}

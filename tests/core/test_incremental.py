@@ -445,6 +445,12 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
 
 
+@pytest.fixture
+def fresh_is_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees written by the test a moment ago may get a fingerprint (normally FRESH_NS old)."""
+    monkeypatch.setattr(state_mod, "FRESH_NS", 0)
+
+
 def _refuse_scanning(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kw: Any) -> Any:
         raise AssertionError("an unchanged tree was scanned")
@@ -452,6 +458,7 @@ def _refuse_scanning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(save_mod, "scan_tree", refuse)
 
 
+@pytest.mark.usefixtures("fresh_is_settled")
 async def test_unchanged_tree_costs_one_request_and_no_scan(
     registry: RegistryServer,
     repo_name: str,
@@ -482,6 +489,7 @@ async def test_unchanged_tree_costs_one_request_and_no_scan(
         assert not gzip.unchanged and gzip.digest != first.digest
 
 
+@pytest.mark.usefixtures("fresh_is_settled")
 async def test_an_npm_style_edit_defeats_the_tree_shortcut(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -497,6 +505,7 @@ async def test_an_npm_style_edit_defeats_the_tree_shortcut(
     assert (out / "pkg3" / "f4.bin").read_bytes() == b"Z" * 8000
 
 
+@pytest.mark.usefixtures("fresh_is_settled")
 async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
     store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
@@ -514,6 +523,7 @@ def _fingerprint(root: Path, bound: int) -> str | None:
     return state_mod.tree_fingerprint(layers_mod.tree_identity(root), bound)
 
 
+@pytest.mark.usefixtures("fresh_is_settled")
 async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
     assert _fingerprint(src, state_mod.clock_ns()) is not None
@@ -531,3 +541,12 @@ async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -
     assert state_mod.load_tree(src) is not None
     await restore(store, "k", src)  # the restore replaced the tree: its record is void
     assert state_mod.load_tree(src) is None
+
+
+def test_a_tree_changed_lately_gets_no_fingerprint(tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src")
+    identity = layers_mod.tree_identity(src)
+    newest = max(identity.ctimes)
+    assert state_mod.FRESH_NS >= 2_000_000_000  # FAT rounds timestamps to 2 s
+    assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS) is None
+    assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS + 1) == identity.digest

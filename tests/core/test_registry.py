@@ -436,7 +436,6 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryS
 async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
     tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The CA bundle loads only when a handshake starts; it must still be enforced.
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     async with RegistryStore(tls_registry.host, repo_name, plain_http=False, retries=0, timeout=5) as store:
@@ -446,3 +445,90 @@ async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
     async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
         desc, _ = await push_image(store, "tls", b"over tls")
         assert await store.resolve("tls") == desc
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_plain_http_registry_redirecting_to_tls_storage_verifies_it(
+    registry: RegistryServer,
+    tls_registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: bool,
+) -> None:
+    # A plain-HTTP client sets up its HTTPS side only when a redirect needs it; it must verify.
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    data = os.urandom(20_000)
+    desc = blob(data)
+    cert = str(tls_registry.storage_root.parent / "tls.crt")
+    with monkeypatch.context() as m:
+        m.setenv("SSL_CERT_FILE", cert)
+        async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as storage:
+            await storage.put_blob(desc, data)
+    front = fault_proxy_factory(registry)
+    front.redirect(f"https://{tls_registry.host}/v2/{repo_name}/blobs/{desc.digest}", method="GET")
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+    async with RegistryStore(front.host, repo_name, retries=0, timeout=5) as store:
+        assert store.transport.base_url.startswith("http://")
+        if trusted:
+            assert await read_all(store, desc) == data
+        else:
+            with pytest.raises(RegistryUnreachable, match=r"CERTIFICATE_VERIFY_FAILED"):
+                await read_all(store, desc)
+
+
+async def test_blob_compressed_in_transit_by_a_proxy_still_verifies(repo_name: str) -> None:
+    # Some proxies gzip any response, whatever the client asked for. We ask for the stored
+    # bytes ("identity"), and decode what comes compressed anyway before checking the digest.
+    import gzip
+    import http.server
+    import threading
+
+    data = os.urandom(30_000) + bytes(30_000)
+    desc = blob(data)
+    asked: list[str] = []
+
+    class GzipEverything(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Accept-Encoding", ""))
+            body = gzip.compress(data)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GzipEverything)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        async with RegistryStore(f"127.0.0.1:{server.server_address[1]}", repo_name) as store:
+            assert await read_all(store, desc) == data
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["identity"]
+
+
+async def test_pull_only_credentials_still_learn_a_blob_is_there(
+    auth_registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+) -> None:
+    # The self-mount is a POST, which needs push rights; refused, a HEAD answers instead.
+    data = os.urandom(10_000)
+    desc = blob(data)
+    proxy = fault_proxy_factory(auth_registry)
+    async with make_store(auth_registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(desc, data) is True
+        proxy.fail(100, status=403, method="POST")  # as a registry denying this identity pushes
+        assert await store.put_blob(desc, data) is False
+        other = os.urandom(10_000)
+        with pytest.raises(RegistryAuthError):
+            await store.put_blob(blob(other), other)
+    assert proxy.count("HEAD", "/blobs/") == 2
