@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -56,6 +56,7 @@ USER_AGENT = f"remote-cache/{__version__}"
 _MAX_TOKEN_BODY = 1 << 20  # a token response is a few KiB; refuse to buffer more than 1 MiB
 _MAX_ERROR_BODY = 64 << 10
 _MAX_REDIRECTS = 5
+_BODY_PIECE = 128 << 10  # request bodies bigger than this go out in slices this big
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _TOKEN_MARGIN = 10.0  # refresh a token this many seconds before it expires
@@ -241,6 +242,18 @@ class _LazyTLS(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         if self._transport is not None:
             await self._transport.aclose()
+
+
+async def _pieces(content: bytes) -> AsyncIterator[memoryview]:
+    """``content`` in slices that a socket mostly takes whole.
+
+    Handed one big buffer, asyncio sends what the socket takes, then copies the rest into its
+    write buffer and shifts that buffer after every later send: copies under the GIL that
+    measured ~1/5 of the main thread's time during a save's uploads.
+    """
+    view = memoryview(content)
+    for start in range(0, len(view), _BODY_PIECE):
+        yield view[start : start + _BODY_PIECE]
 
 
 def _no_trust() -> ssl.SSLContext:
@@ -581,12 +594,16 @@ class RegistryTransport:
             send_headers = dict(hdrs)
             if authorization is not None and _origin(current) == home:
                 send_headers["Authorization"] = authorization
+            body: bytes | AsyncIterator[bytes] | None = content
+            if content is not None and len(content) > _BODY_PIECE:
+                body = cast(AsyncIterator[bytes], _pieces(content))  # memoryviews do as bytes
+                send_headers["Content-Length"] = str(len(content))
             request = self._client.build_request(
                 method,
                 current,
                 headers=send_headers,
                 params=params,
-                content=content,
+                content=body,
                 timeout=self._httpx_timeout,
             )
             response = await self._client.send(request, stream=True)
