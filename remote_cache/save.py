@@ -343,7 +343,9 @@ async def save(
     ``base_key`` (e.g. the key a restore fell back to) only name where reused layers came from,
     never vouch for content.
     Saving content identical to what the key holds pushes nothing and keeps the digest
-    (``unchanged``). ``immutable``: an existing entry under ``key`` is never replaced
+    (``unchanged``); a tree unchanged since its last save here (its tree fingerprint, see
+    :mod:`remote_cache.state`) is known to be so after one walk and one manifest request.
+    ``immutable``: an existing entry under ``key`` is never replaced
     (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
     """
     started = time.monotonic()
