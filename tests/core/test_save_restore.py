@@ -249,12 +249,15 @@ async def test_progress_reports_every_byte(tmp_path: Path, small_layers: None) -
 async def test_network_failure_mid_restore_leaves_target_untouched(
     registry: Any, repo_name: str, tmp_path: Path, fault_proxy_factory: Any, small_layers: None
 ) -> None:
-    src = _bulk(tmp_path / "src", count=12)
+    # More layers than parallel downloads (4): the refused last layer is only asked for once
+    # earlier ones are done, so the failure always lands mid-restore.
+    src = _bulk(tmp_path / "src", count=30)
     direct = open_store(parse_reference(f"{registry.host}/{repo_name}"))
     proxy = fault_proxy_factory(registry)
     through = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
     try:
         saved = await save(direct, "k", src)
+        assert saved.layers_total > 4
         last = (await _layers_of(direct, saved.digest))[-1]
         dest = tmp_path / "work" / "dest"
         make_tree(dest, small_files=50, big_bytes=1 << 16)
