@@ -378,20 +378,7 @@ async def save(
         if same is not None:
             if max_size is not None and same.size > max_size:
                 raise CacheTooLarge(path, same.size, max_size)
-            return SaveResult(
-                key=key,
-                tag=tag,
-                digest=same.digest,
-                layers_total=same.layers,
-                layers_uploaded=0,
-                bytes_total=same.bytes,
-                bytes_uploaded=0,
-                size=same.size,
-                files=same.files,
-                seconds=time.monotonic() - started,
-                unchanged=True,
-                layers_reused=same.layers,
-            )
+            return _unchanged(key, same, started)
 
     async def find_candidates() -> None:
         candidates.extend(await _candidate_layers(store, [key] + ([base_key] if base_key else [])))
@@ -528,6 +515,24 @@ async def save(
         await anyio.to_thread.run_sync(iterator.close)
         await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
     return result(index.digest)
+
+
+def _unchanged(key: str, same: TreeRecord, started: float) -> SaveResult:
+    """The result of a save that found, by its tree record, nothing to do."""
+    return SaveResult(
+        key=key,
+        tag=same.tag,
+        digest=same.digest,
+        layers_total=same.layers,
+        layers_uploaded=0,
+        bytes_total=same.bytes,
+        bytes_uploaded=0,
+        size=same.size,
+        files=same.files,
+        seconds=time.monotonic() - started,
+        unchanged=True,
+        layers_reused=same.layers,
+    )
 
 
 async def _same_tree(store: Store, path: Path, tag: str, options: str, bound: int) -> TreeRecord | None:

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -215,7 +215,7 @@ class TreeRecord:
     bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return asdict(self)
 
 
 def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
