@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote_cache.state import FRESH_NS
+from remote_cache.cache.evidence import FRESH_NS
 
 __all__ = ["main"]
 

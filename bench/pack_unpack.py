@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from remote_cache.layers import scan_tree
-from remote_cache.pack import PackedLayer, pack_tree
-from remote_cache.unpack import Extractor, discard_dir
+from remote_cache.archive.extract import Extractor
+from remote_cache.archive.pack import PackedLayer, pack_tree
+from remote_cache.archive.plan import scan_tree
+from remote_cache.archive.swap import discard_dir
 
 
 def _time(fn: Callable[[], None]) -> float:
@@ -63,7 +64,7 @@ def main() -> None:
         out = work / "our-out"
         out.mkdir()
         ex = Extractor(out)
-        ex.add_layers((io.BytesIO(data), x.media_type) for data, x in zip(blobs(), layers, strict=True))
+        ex.add_layers((io.BytesIO(data), x.compression) for data, x in zip(blobs(), layers, strict=True))
         ex.finish()
 
     def our_unpack_1() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
         out.mkdir()
         ex = Extractor(out)
         for data, x in zip(blobs(), layers, strict=True):
-            ex.add_layer(io.BytesIO(data), x.media_type)
+            ex.add_layer(io.BytesIO(data), x.compression)
         ex.finish()
 
     def cleanup() -> None:

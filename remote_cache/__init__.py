@@ -1,9 +1,15 @@
 """Remote cache volumes: save Dagger cache volumes to an OCI registry, restore them anywhere.
 
-The package is two things. Its engine-independent core (keys, registry client, image format,
-save/restore, the ``remote-cache`` CLI) imports no ``dagger``. The Dagger module's main object,
-``RemoteCache``, lives in ``remote_cache.mod`` and is imported only when asked for, so the
-core stays usable (and importable) without the Dagger SDK.
+The package, by layer (``tests/test_boundaries.py`` holds the directions):
+
+* the engine-independent core, importing no ``dagger``:
+  :mod:`.errors`, :mod:`.keys`, :mod:`.units`, :mod:`.tasks` (shared by all),
+  :mod:`.oci` (the OCI vocabulary, references, credentials, the layout and registry stores),
+  :mod:`.archive` (a directory tree as deterministic layer tars, and back; no OCI),
+  :mod:`.cache` (the cache image, save, restore, entries, this machine's evidence);
+* :mod:`.cli`, the ``remote-cache`` command over the core;
+* :mod:`.dagger`, the glue of the Dagger module, whose main object ``RemoteCache`` is imported
+  only when asked for, so the core stays usable (and importable) without the Dagger SDK.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def __getattr__(name: str) -> Any:
     # The Dagger runtime finds the main object as `remote_cache:RemoteCache` (project name +
     # module name). Importing it lazily keeps `import remote_cache` free of the Dagger SDK.
     if name == "RemoteCache":
-        from .mod import RemoteCache
+        from .dagger import RemoteCache
 
         return RemoteCache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ RemoteCacheError
 ├── InvalidKey              a cache key that cannot become a tag
 ├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
 ├── CacheMiss               no entry under that key (not a failure)
+├── CacheTooLarge           a directory over the size limit: refused before any upload
 ├── StoreError              talking to a store went wrong
 │   ├── RegistryAuthError   401/403: missing or wrong credentials
 │   ├── RegistryUnreachable connection refused, DNS, TLS, timeout
@@ -16,9 +17,17 @@ RemoteCacheError
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .units import format_bytes, size_above
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
 __all__ = [
     "MISS_MARKER",
     "CacheMiss",
+    "CacheTooLarge",
     "ImageFormatError",
     "IntegrityError",
     "InvalidKey",
@@ -59,6 +68,20 @@ class CacheMiss(RemoteCacheError):
         super().__init__(f"{MISS_MARKER} no entry for key {key!r}{at}")
 
 
+class CacheTooLarge(RemoteCacheError):
+    """The directory is larger than the ``max_size`` the caller allowed; nothing was uploaded."""
+
+    def __init__(self, path: Path, size: int, max_size: int) -> None:
+        self.size = size
+        self.max_size = max_size
+        super().__init__(
+            f"{path} holds {format_bytes(size)} ({size} bytes), more than the allowed "
+            f"{format_bytes(max_size)} ({max_size} bytes); nothing was uploaded. Raise the limit "
+            f"(--max-size {size_above(size)} on the command line, max_size in code) or clean the "
+            "directory first"
+        )
+
+
 class StoreError(RemoteCacheError):
     """A store (registry or layout) could not do what was asked."""
 
@@ -68,15 +91,27 @@ class RegistryAuthError(StoreError):
 
 
 class RegistryUnreachable(StoreError):
-    """The registry could not be reached (connection, DNS, TLS, or a timeout)."""
+    """The registry could not be reached (connection, DNS, TLS, or a timeout).
+
+    ``temporary`` is False when trying again cannot help soon: a refused connection, an unknown
+    host, a failed TLS handshake. A timeout or a dropped connection is temporary.
+    """
+
+    def __init__(self, message: str, *, temporary: bool = True) -> None:
+        self.temporary = temporary
+        super().__init__(message)
 
 
 class RegistryError(StoreError):
     """An error response from a registry, with the spec's error code when it sent one."""
 
-    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, code: str = "", retry_after: str | None = None
+    ) -> None:
         self.status = status
         self.code = code
+        #: The response's ``Retry-After`` header, if it sent one (429 and 503 often do).
+        self.retry_after = retry_after
         super().__init__(message)
 
 

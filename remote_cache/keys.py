@@ -9,17 +9,27 @@ A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
   digits of the key's SHA-256. Two different keys can only share a tag through a hash
   collision; the original key is also recorded in the image's annotations.
 
-Keys must be non-empty, at most 1024 characters, with no control characters.
+Keys must be non-empty, at most 1024 characters, with no control characters. Restore keys
+(prefixes to fall back to, as in actions/cache) follow the same rules.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 from .errors import InvalidKey
 
-__all__ = ["MAX_KEY_LENGTH", "TAG_PATTERN", "is_valid_tag", "tag_for_key", "tag_prefix_for", "validate_key"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "TAG_PATTERN",
+    "is_valid_tag",
+    "tag_for_key",
+    "tag_prefix_for",
+    "validate_key",
+    "validate_restore_keys",
+]
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_KEY_LENGTH = 1024
@@ -45,6 +55,16 @@ def validate_key(key: str) -> str:
     if _CONTROL.search(key):
         raise InvalidKey(f"the cache key {key!r} contains control characters; remove them")
     return key
+
+
+def validate_restore_keys(prefixes: Iterable[str]) -> list[str]:
+    """The restore keys as a list if each can be a key prefix, else :class:`InvalidKey` saying why."""
+    checked = list(prefixes)
+    for prefix in checked:
+        if not prefix:
+            raise InvalidKey("a restore key is empty; pass a prefix such as 'npm-' (or none at all)")
+        validate_key(prefix)
+    return checked
 
 
 def tag_for_key(key: str) -> str:

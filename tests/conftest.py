@@ -34,13 +34,12 @@ def _start(tmp_path_factory: pytest.TempPathFactory, name: str, auth: str) -> It
         server.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep remote-cache's machine-local layer state (``REMOTE_CACHE_STATE_DIR``) in a tmp dir."""
-    path = tmp_path_factory.mktemp("remote-cache-state")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REMOTE_CACHE_STATE_DIR", str(path))
-        yield path
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own machine-local state directory (``REMOTE_CACHE_STATE_DIR``), never the user's."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

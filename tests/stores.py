@@ -9,9 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import ANNOTATION_CREATED
-from remote_cache.reference import Reference
-from remote_cache.store import Store
-from remote_cache.stores import open_store
+from remote_cache.oci.reference import Reference
+from remote_cache.oci.store import Store, open_store
 
 
 @asynccontextmanager

@@ -1,8 +1,16 @@
-"""The engine-independent core must not depend on Dagger: checked by import and by source.
+"""The layers of ``remote_cache`` and their dependency directions, checked by import and by source.
 
-The core is ``remote_cache`` and every ``remote_cache/*.py`` outside the ``mod`` package (the
-Dagger glue). Importing all of it must leave ``dagger`` out of ``sys.modules``, and no core file
-may import ``dagger`` or anything from ``remote_cache.mod``, even lazily inside a function.
+* shared: ``errors``, ``keys``, ``units``, ``tasks`` -- import nothing else of ours;
+* ``oci/`` -- the OCI vocabulary and the stores: knows nothing of caches, archives, the CLI or Dagger;
+* ``archive/`` -- the archive format: knows nothing of OCI, HTTP, caches, the CLI or Dagger;
+* ``cache/`` -- cache semantics over both: knows nothing of the CLI or Dagger;
+* ``cli/`` -- the command line: anything but the Dagger glue;
+* ``dagger/`` -- the Dagger glue: anything but the CLI.
+
+Everything outside ``dagger/`` is importable without the Dagger SDK (checked by importing it all
+in a fresh interpreter), and no file outside ``dagger/`` imports ``dagger`` or the glue, even
+lazily inside a function, except the runtime's lazy main-object lookup. ``remote_backend``
+imports only public names of ``remote_cache``. Each rule is shown able to fail.
 """
 
 from __future__ import annotations
@@ -15,47 +23,58 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "remote_cache"
-#: The one sanctioned route from the core to the glue: the runtime's lazy main-object lookup.
-LAZY_MAIN_OBJECT = ("__init__.py", "__getattr__")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "remote_cache"
+BACKEND = ROOT / "remote_backend" / "src" / "remote_backend"
+SHARED = {"errors", "keys", "units", "tasks"}
+#: Layer -> the layers of ours it may import (besides itself and the shared modules).
+ALLOWED: dict[str, set[str]] = {
+    "shared": set(),
+    "oci": set(),
+    "archive": set(),
+    "cache": {"oci", "archive"},
+    "cli": {"oci", "archive", "cache"},
+    "dagger": {"oci", "archive", "cache"},
+    "package": set(),  # remote_cache/__init__.py and __main__.py: see EXCEPTIONS
+}
+#: Third-party packages a layer must not import.
+FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
+    "shared": {"dagger", "httpx", "typer", "rich"},
+    "oci": {"dagger", "typer", "rich", "zstandard"},
+    "archive": {"dagger", "httpx", "typer", "rich"},
+    "cache": {"dagger", "httpx", "typer", "rich"},
+    "cli": {"dagger"},
+    "dagger": {"typer", "rich"},
+    "package": {"dagger", "httpx", "typer", "rich"},
+}
+#: (file, enclosing function, imported layer) allowed anyway: the runtime finds the main object
+#: as `remote_cache:RemoteCache`, and `python -m remote_cache` runs the CLI.
+EXCEPTIONS = {("__init__.py", "__getattr__", "dagger"), ("__main__.py", "", "cli")}
 
 
-def core_files() -> list[Path]:
-    return sorted(p for p in PACKAGE.glob("*.py"))
+def layer_of(module: str) -> str:
+    """The layer a ``remote_cache...`` module belongs to."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__init__", "__main__"):
+        return "package"
+    return "shared" if parts[1] in SHARED else parts[1]
 
 
-def core_modules() -> list[str]:
-    return ["remote_cache"] + [
-        f"remote_cache.{p.stem}" for p in core_files() if p.stem not in ("__init__", "__main__")
-    ]
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
-def test_core_files_exist() -> None:
-    assert len(core_files()) > 3, "the core package was not found"
+def package_files() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
 
 
-def test_importing_the_core_does_not_import_dagger() -> None:
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {core_modules()!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m == 'dagger' or m.startswith('dagger.')"
-        " or m.startswith('remote_cache.mod'))))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == [], "importing the core pulled in the Dagger SDK or the glue"
-
-
-def test_the_import_check_can_fail() -> None:
-    # The same probe sees dagger once something imports it: the check above is not vacuous.
-    code = "import sys, remote_cache, dagger; print('dagger' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "True"
-
-
-def _imports(tree: ast.AST) -> list[tuple[str, int, str]]:
-    """(imported module, line, enclosing function) for each import in a core file."""
+def imports(source: str, module: str, is_package: bool) -> list[tuple[str, int, str]]:
+    """(imported module or name, line, enclosing function) for every import in ``source``."""
+    package = module if is_package else module.rpartition(".")[0]
     found: list[tuple[str, int, str]] = []
 
     def visit(node: ast.AST, func: str) -> None:
@@ -66,27 +85,117 @@ def _imports(tree: ast.AST) -> list[tuple[str, int, str]]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    # Every core file sits directly in remote_cache/: "." is the package itself.
-                    parent = "remote_cache" if child.level == 1 else ""
-                    base = f"{parent}.{base}".strip(".") if base else parent
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - (child.level - 1)]
+                    base = ".".join([*anchor, base]) if base else ".".join(anchor)
                 found.append((base, child.lineno, func))
                 found.extend((f"{base}.{a.name}", child.lineno, func) for a in child.names)
             visit(child, here)
 
-    visit(tree, "")
+    visit(ast.parse(source), "")
     return found
 
 
-@pytest.mark.parametrize("path", core_files(), ids=lambda p: p.name)
-def test_core_source_imports_no_dagger_and_no_glue(path: Path) -> None:
-    for name, line, func in _imports(ast.parse(path.read_text())):
-        where = f"{path.name}:{line}"
-        assert name != "dagger" and not name.startswith("dagger."), f"{where} imports {name}"
-        if name == "remote_cache.mod" or name.startswith("remote_cache.mod."):
-            assert (path.name, func) == LAZY_MAIN_OBJECT, f"{where} imports the Dagger glue ({name})"
+def violations(path_name: str, module: str, source: str, is_package: bool) -> list[str]:
+    """Every import in ``source`` (of ``module``) that breaks the layer rules."""
+    layer = layer_of(module)
+    bad: list[str] = []
+    for name, line, func in imports(source, module, is_package):
+        top = name.split(".")[0]
+        where = f"{module} line {line}"
+        if top in FORBIDDEN_THIRD_PARTY[layer]:
+            bad.append(f"{where}: the {layer} layer imports {name}")
+        if top != "remote_cache" or name in ("remote_cache", "remote_cache.__version__"):
+            continue
+        target = layer_of(name)
+        if target in (layer, "shared") or target in ALLOWED[layer]:
+            continue
+        if (path_name, func, target) in EXCEPTIONS:
+            continue
+        bad.append(f"{where}: the {layer} layer imports {name} (layer {target})")
+    return bad
 
 
-def test_ast_check_catches_imports() -> None:
-    bad = "import dagger\nfrom .mod import RemoteCache\ndef f():\n    from dagger import dag\n"
-    names = [n for n, _, _ in _imports(ast.parse(bad))]
-    assert "dagger" in names and "remote_cache.mod" in names and "dagger.dag" in names
+@pytest.mark.parametrize("path", package_files(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_follow_the_layers(path: Path) -> None:
+    module = module_name(path)
+    assert violations(path.name, module, path.read_text(), path.name == "__init__.py") == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "expected"),
+    [
+        ("remote_cache.archive.pack", "from ..oci.media import OCI_LAYER_ZSTD\n", "layer oci"),
+        ("remote_cache.archive.pack", "import httpx\n", "imports httpx"),
+        ("remote_cache.oci.store", "def f():\n    from ..cache import save\n", "layer cache"),
+        ("remote_cache.oci.registry.store", "from ...archive.tar import Member\n", "layer archive"),
+        ("remote_cache.cache.save", "from ..cli.app import app\n", "layer cli"),
+        ("remote_cache.cache.save", "def f():\n    import dagger\n", "imports dagger"),
+        ("remote_cache.units", "from .oci.digest import is_digest\n", "layer oci"),
+        ("remote_cache.cli.app", "from ..dagger import sdk\n", "layer dagger"),
+        ("remote_cache.dagger.main", "from ..cli.app import app\n", "layer cli"),
+        ("remote_cache", "from .dagger import RemoteCache\n", "layer dagger"),  # only lazily
+    ],
+)
+def test_layer_check_can_fail(module: str, source: str, expected: str) -> None:
+    found = violations("x.py", module, source, module == "remote_cache")
+    assert found and all(expected in f for f in found), found
+
+
+def test_relative_imports_resolve_from_nested_packages() -> None:
+    names = [
+        n
+        for n, _, _ in imports(
+            "from ...errors import X\nfrom . import y\n", "remote_cache.oci.registry.store", False
+        )
+    ]
+    assert names == [
+        "remote_cache.errors",
+        "remote_cache.errors.X",
+        "remote_cache.oci.registry",
+        "remote_cache.oci.registry.y",
+    ]
+
+
+def test_importing_everything_but_the_glue_does_not_import_dagger() -> None:
+    modules = [module_name(p) for p in package_files() if layer_of(module_name(p)) != "dagger"]
+    assert "remote_cache.oci.registry.transport" in modules and "remote_cache.cli.commands" in modules
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'dagger' or m.startswith('dagger.')"
+        " or m.startswith('remote_cache.dagger'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [], "importing the core or the CLI pulled in the Dagger SDK or the glue"
+
+
+def test_the_import_check_can_fail() -> None:
+    # The same probe sees dagger once something imports it: the check above is not vacuous.
+    code = "import sys, remote_cache, dagger; print('dagger' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "True"
+
+
+def private_uses(source: str) -> list[str]:
+    """Names of ``remote_cache`` that ``source`` imports and that are private (a ``_`` segment)."""
+    found = []
+    for name, _line, _func in imports(source, "remote_backend.x", False):
+        if name.split(".")[0] == "remote_cache" and any(
+            part.startswith("_") and part != "__version__" for part in name.split(".")
+        ):
+            found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(BACKEND.rglob("*.py")), ids=lambda p: p.name)
+def test_remote_backend_uses_only_public_names(path: Path) -> None:
+    assert private_uses(path.read_text()) == []
+
+
+def test_private_name_check_can_fail() -> None:
+    source = "from remote_cache.dagger import _toolbox\nfrom remote_cache.oci.reference import _invalid\n"
+    assert private_uses(source) == ["remote_cache.dagger._toolbox", "remote_cache.oci.reference._invalid"]
+    assert private_uses("from remote_cache import __version__\n") == []

@@ -19,9 +19,12 @@ import typer.main
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
+from remote_cache.cache.save import save
 from remote_cache.cli import ExitCode, app, exit_code_for
+from remote_cache.cli.progress import TransferProgress
 from remote_cache.errors import (
     CacheMiss,
+    CacheTooLarge,
     IntegrityError,
     InvalidKey,
     InvalidReference,
@@ -30,10 +33,9 @@ from remote_cache.errors import (
     UnsupportedOperation,
 )
 from remote_cache.keys import tag_for_key
-from remote_cache.progress import TransferProgress, format_bytes, parse_duration, parse_size
-from remote_cache.reference import parse_reference
-from remote_cache.save import CacheTooLarge, save
-from remote_cache.stores import open_store
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.store import open_store
+from remote_cache.units import format_bytes, parse_duration, parse_size
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
 from tests.trees import assert_same_tree, make_tree
@@ -217,7 +219,7 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
     table = cli("ls", repo)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
-    assert header.split() == ["KEY", "TAG", "SIZE", "FILES", "CREATED"]
+    assert header.split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]  # the one entries table
     assert sorted(row.split()[0] for row in rows) == ["npm-linux", "pip-3.12"]
 
     entries = {e["key"]: e for e in _json(cli("ls", repo, "--json"))["entries"]}

@@ -42,7 +42,7 @@ Load = Callable[[str], tuple[LoadedModule, dict[str, Any]]]
         ("*", "pkg/a.py", False),
         ("**/*.py", "a/b/c.py", True),
         ("**/*.py", "c.py", True),
-        ("remote_cache/**", "remote_cache/mod/x.py", True),
+        ("remote_cache/**", "remote_cache/dagger/x.py", True),
         ("remote_cache/**", "remote_cachex/y.py", False),
         ("a?c", "abc", True),
         ("a?c", "a/c", False),
@@ -248,7 +248,7 @@ def test_upload_set(name: str) -> None:
     assert {prefix + "dagger.json", prefix + "pyproject.toml"} <= files
     assert not any("/sdk/" in f or f.startswith(("sdk/", ".venv/")) or "__pycache__" in f for f in files)
     if name == "remote-cache":
-        assert {"remote_cache/__init__.py", "remote_cache/mod/__init__.py"} <= files
+        assert {"remote_cache/__init__.py", "remote_cache/dagger/__init__.py"} <= files
         assert not any(f.startswith(("tests/", "example/", "remote_backend/")) for f in files), files
     if name == "remote-backend":
         # The core comes along through `../` includes, landing where `path = ".."` points.

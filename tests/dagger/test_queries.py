@@ -20,7 +20,7 @@ import graphql
 import pytest
 from dagger import dag
 
-from remote_cache import scripts
+from remote_cache.dagger import scripts
 from remote_cache.errors import MISS_MARKER, RemoteCacheError
 from tests.dagger.offline.session import OfflineSession, Step, query_error
 
@@ -118,7 +118,7 @@ def report_lines(err: str) -> list[str]:
 async def _mount(
     session: OfflineSession, backend: StandInBackend | None = None, **opts: Any
 ) -> tuple[tuple[Step, ...], StandInBackend]:
-    from remote_cache.mod.volume import RemoteCacheVolume
+    from remote_cache.dagger.volume import RemoteCacheVolume
 
     backend = backend or StandInBackend()
     vol = RemoteCacheVolume(
@@ -239,7 +239,7 @@ async def test_mount_miss_starts_cold(offline: OfflineSession) -> None:
 
 
 async def test_export_returns_the_container_unchanged(offline: OfflineSession) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     backend = StandInBackend()
     bookkeeping = scripts.bookkeeping_dir("/root/.npm")
@@ -282,7 +282,7 @@ def _one_volume(session: OfflineSession, status: str = "changed abc123 -") -> da
 async def test_export_saves_and_records_the_listing(
     offline: OfflineSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     backend = StandInBackend()
     await RemoteCache(backend=backend, max_size="2GB").export(_one_volume(offline))
@@ -297,7 +297,7 @@ async def test_export_saves_and_records_the_listing(
 async def test_export_read_only_copies_and_uploads_nothing(
     offline: OfflineSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     backend = StandInBackend()
     ctr = _one_volume(offline)
@@ -313,7 +313,7 @@ async def test_export_read_only_copies_and_uploads_nothing(
 async def test_export_over_max_size_skips_or_fails_when_strict(
     offline: OfflineSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     backend = StandInBackend()
     ctr = _one_volume(offline, status="too-big abc123 3145728")  # 3 GiB measured by du -sk
@@ -337,7 +337,7 @@ async def test_export_over_max_size_skips_or_fails_when_strict(
 async def test_export_timeout_is_fail_open(
     offline: OfflineSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     slow = StandInBackend(delay=5)
     with anyio.fail_after(4):
@@ -348,7 +348,7 @@ async def test_export_timeout_is_fail_open(
 
 
 async def test_cache_volume_passes_restore_keys_and_limits(offline: OfflineSession) -> None:
-    from remote_cache.mod.main import RemoteCache
+    from remote_cache.dagger.main import RemoteCache
 
     cache = RemoteCache(backend=StandInBackend(), strict=True, timeout=42)
     vol = cache.cache_volume("/root/.npm", "npm-feature-abc", restore_keys=["npm-feature-", "npm-main-"])
@@ -483,9 +483,9 @@ async def test_an_invalid_query_is_rejected(offline: OfflineSession) -> None:
 
 async def _save_entry(host: str, repo: str, key: str, root: Path, *, age_days: int = 0) -> None:
     """Store an entry with the core (as the CLI would), optionally backdated by ``age_days``."""
-    from remote_cache.reference import parse_reference
-    from remote_cache.registry import RegistryStore
-    from remote_cache.save import save
+    from remote_cache.cache.save import save
+    from remote_cache.oci.reference import parse_reference
+    from remote_cache.oci.registry import RegistryStore
     from tests.stores import backdate
 
     root.mkdir(parents=True)

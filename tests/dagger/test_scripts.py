@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from remote_cache import scripts
+from remote_cache.dagger import scripts
 
 BUSYBOX = shutil.which("busybox")
 pytestmark = pytest.mark.skipif(
     BUSYBOX is None, reason="busybox is not installed (Debian: apt-get install busybox)"
 )
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+#: Probes of the snippets' shared functions (the module never runs these two by themselves).
+IS_EMPTY = "set -eu" + scripts.FUNCTIONS + 'is_empty "$1"\n'
+LISTING = "set -eu" + scripts.FUNCTIONS + 'listing "$1"\n'
 
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -139,7 +142,7 @@ def test_copy_out_then_seed_reproduces_the_tree(tmp_path: Path, run: Runner) -> 
     assert restored["line\nbreak"][1] == 0o644 or restored["line\nbreak"][1] == before["line\nbreak"][1]
     assert restored["empty/nested-empty"][0] == stat.S_IFDIR
     # the seed recorded the restored volume's listing
-    assert state.read_text().strip() == run(scripts.LISTING, fresh).stdout.strip()
+    assert state.read_text().strip() == run(LISTING, fresh).stdout.strip()
     assert len(listing) == 64
 
 
@@ -188,16 +191,16 @@ def test_is_empty(tmp_path: Path, run: Runner) -> None:
     subdir = tmp_path / "subdir"
     (subdir / "x").mkdir(parents=True)
 
-    assert run(scripts.IS_EMPTY, empty, check=False).returncode == 0
-    assert run(scripts.IS_EMPTY, dotted, check=False).returncode != 0
-    assert run(scripts.IS_EMPTY, subdir, check=False).returncode != 0
+    assert run(IS_EMPTY, empty, check=False).returncode == 0
+    assert run(IS_EMPTY, dotted, check=False).returncode != 0
+    assert run(IS_EMPTY, subdir, check=False).returncode != 0
 
 
 def test_copy_out_skips_an_unchanged_volume_and_sees_every_change(tmp_path: Path, run: Runner) -> None:
     volume = tmp_path / "volume"
     make_tree(volume)
     state = tmp_path / "state"
-    run(scripts.RECORD, run(scripts.LISTING, volume).stdout.strip(), state)  # as after an upload
+    run(scripts.RECORD, run(LISTING, volume).stdout.strip(), state)  # as after an upload
 
     out = tmp_path / "out"
     status = scripts.parse_status(run(scripts.COPY_OUT, volume, out, state).stdout)
@@ -230,7 +233,7 @@ def test_forget_makes_the_next_export_upload(tmp_path: Path, run: Runner) -> Non
     volume = tmp_path / "volume"
     make_tree(volume)
     state = tmp_path / "state"
-    run(scripts.RECORD, run(scripts.LISTING, volume).stdout.strip(), state)
+    run(scripts.RECORD, run(LISTING, volume).stdout.strip(), state)
     assert not scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o1", state).stdout).changed
 
     run(scripts.FORGET, state)

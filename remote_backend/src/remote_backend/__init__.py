@@ -12,19 +12,20 @@ from typing import Annotated
 import dagger
 from dagger import Doc
 
-from remote_cache.mod import _sdk
-from remote_cache.reference import parse_reference
+from remote_cache.cache.image import DEFAULT_PLATFORMS
+from remote_cache.dagger import sdk
+from remote_cache.oci.reference import parse_reference
 
-from .registry import DEFAULT_PLATFORMS, Registry
+from .registry import Registry
 
 __all__ = ["Registry", "RemoteBackend"]
 
 
-@_sdk.object_type
+@sdk.object_type
 class RemoteBackend:
     """Backends for the remote-cache module."""
 
-    @_sdk.function
+    @sdk.function
     def registry(
         self,
         address: Annotated[str, Doc("Registry host[:port], e.g. ghcr.io, localhost:5000, ttl.sh")],
@@ -62,7 +63,7 @@ class RemoteBackend:
             password=password,
             compression=compression,
             media_types=media_types,
-            platforms=list(platforms) if platforms else list(DEFAULT_PLATFORMS),
+            platforms=list(platforms) if platforms else [str(p) for p in DEFAULT_PLATFORMS],
             plain_http=plain_http,
             immutable=immutable,
         )

@@ -10,26 +10,24 @@ import dagger
 from dagger import Doc, dag
 
 from remote_cache import __version__
-from remote_cache import entries as core_entries
-from remote_cache.credentials import Credentials
+from remote_cache.cache import entries as core_entries
+from remote_cache.cache.image import ANNOTATION_KEY, ANNOTATION_TOOL
+from remote_cache.dagger import sdk
+from remote_cache.dagger.report import report
 from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.keys import tag_for_key, validate_key
-from remote_cache.mod import _sdk
-from remote_cache.mod._toolbox import report
-from remote_cache.oci import ANNOTATION_CREATED, ANNOTATION_KEY, ANNOTATION_TOOL
-from remote_cache.progress import parse_duration
-from remote_cache.reference import parse_reference
-from remote_cache.registry import RegistryStore
+from remote_cache.oci.credentials import Credentials
+from remote_cache.oci.media import ANNOTATION_CREATED
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.registry import RegistryStore
+from remote_cache.units import format_time, parse_duration
 
-__all__ = ["DEFAULT_PLATFORMS", "Registry"]
+__all__ = ["Registry"]
 
-#: Platforms every entry is published for: the content is the same, but an engine pulls the
-#: variant of its own platform, so each platform an engine may run on needs one.
-DEFAULT_PLATFORMS = ("linux/amd64", "linux/arm64")
 _TOOL = f"remote-cache/{__version__} (dagger)"
 
 
-@_sdk.object_type
+@sdk.object_type
 class Registry:
     """An OCI registry repository storing remote-cache entries: key -> tag, entry -> image.
 
@@ -39,17 +37,17 @@ class Registry:
     the remote-cache module).
     """
 
-    address: str = _sdk.field()
-    repo: str = _sdk.field()
-    username: str = _sdk.field(default="")
-    platforms: list[str] = _sdk.field()
+    address: str = sdk.field()
+    repo: str = sdk.field()
+    username: str = sdk.field(default="")
+    platforms: list[str] = sdk.field()
     password: dagger.Secret | None = None
     compression: dagger.ImageLayerCompression = dagger.ImageLayerCompression.Zstd
     media_types: dagger.ImageMediaTypes = dagger.ImageMediaTypes.OCIMediaTypes
     plain_http: bool = False
     immutable: bool = False
 
-    @_sdk.function(cache="session")
+    @sdk.function(cache="session")
     async def resolve(
         self,
         key: Annotated[str, Doc("Cache key wanted")],
@@ -73,7 +71,7 @@ class Registry:
             await store.aclose()
         return "" if match is None else match.key
 
-    @_sdk.function(cache="session")
+    @sdk.function(cache="session")
     async def import_(
         self, key: Annotated[str, Doc("Cache key of the entry to restore")]
     ) -> dagger.Directory:
@@ -87,7 +85,7 @@ class Registry:
         image = f"{self.address}/{self.repo}@{digest}"
         return self._authed(dag.container()).from_(image).rootfs()
 
-    @_sdk.function(cache="never")
+    @sdk.function(cache="never")
     async def export(
         self,
         key: Annotated[str, Doc("Cache key to store the entry under")],
@@ -104,7 +102,7 @@ class Registry:
                 "immutable, kept it"
             )
             return
-        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        created = format_time(datetime.now(UTC))
         variants = [
             self._authed(dag.container(platform=dagger.Platform(platform)))
             .with_rootfs(dir)
@@ -120,7 +118,7 @@ class Registry:
             media_types=self.media_types,
         )
 
-    @_sdk.function(cache="never")
+    @sdk.function(cache="never")
     async def entries(
         self,
         prefix: Annotated[str, Doc("Only keys (or tags) starting with this")] = "",
@@ -142,7 +140,7 @@ class Registry:
             )
         return core_entries.format_table(found)
 
-    @_sdk.function(cache="never")
+    @sdk.function(cache="never")
     async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
         """Delete the entry under ``key`` (the registry must allow deletes)."""
         validate_key(key)
@@ -153,7 +151,7 @@ class Registry:
             await store.aclose()
         return f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
 
-    @_sdk.function(cache="never")
+    @sdk.function(cache="never")
     async def prune(
         self,
         older_than: Annotated[str, Doc("Only entries older than this, e.g. 7d, 12h, 2w")] = "",

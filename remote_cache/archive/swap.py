@@ -1,0 +1,119 @@
+"""Staging directories, the atomic swap into place, and removing trees whatever their modes.
+
+A restore extracts into a private (0700) staging directory next to its target, on the same
+filesystem, and swaps it in only when everything was extracted and verified: with an existing
+target, ``renameat2(RENAME_EXCHANGE)`` exchanges the two atomically where Linux offers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["discard_dir", "remove_tree_at", "replace_dir", "staging_dir"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RENAME_EXCHANGE = 2
+
+
+def staging_dir(target: Path) -> Path:
+    """Create a fresh, private (0700) staging directory next to ``target`` (same filesystem)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.staging-{secrets.token_hex(6)}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def discard_dir(path: Path) -> None:
+    """Remove a staging (or old) directory, read-only subdirectories included; missing is fine."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def fix(func: Callable[..., Any], p: str, _exc: Any) -> None:
+        # A read-only parent blocks removal as non-root: open it up and retry once.
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+        func(p)
+
+    if os.geteuid() != 0:
+        for dirpath, _dirs, _files in os.walk(path):
+            with contextlib.suppress(OSError):
+                os.chmod(dirpath, 0o700)
+    shutil.rmtree(path, onerror=fix)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE) where Linux offers it."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(rc == 0)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put the finished ``staging`` directory at ``target``, replacing what was there.
+
+    With an existing target the two are exchanged atomically (renameat2) where possible, else
+    the target is renamed aside, staging renamed in, and on failure the old one put back. The
+    old contents are then removed. A failure before the swap leaves ``target`` untouched.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists() and not target.is_symlink():
+        os.rename(staging, target)
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; remove it or pick another path")
+    if _exchange(staging, target):
+        discard_dir(staging)  # now holds the old contents
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    discard_dir(old)
+
+
+def _make_writable_tree(pfd: int, base: str) -> None:
+    """Give directories under ``base`` owner rwx, so that a non-root rmtree can remove read-only trees."""
+    if os.geteuid() == 0:
+        return
+    fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+    try:
+        os.fchmod(fd, 0o700)
+        for name in os.listdir(fd):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _make_writable_tree(fd, name)
+    finally:
+        os.close(fd)
+
+
+def remove_tree_at(pfd: int, name: str) -> None:
+    """Remove directory ``name`` under directory ``pfd`` and everything in it, read-only parts included."""
+    _make_writable_tree(pfd, name)
+    shutil.rmtree(name, dir_fd=pfd)

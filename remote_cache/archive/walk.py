@@ -1,0 +1,143 @@
+"""Walk a directory tree in archive order: its members, what had to be skipped, and its identity.
+
+The walk is depth-first, each directory's entries sorted by their name's bytes, so every
+directory comes right before its children and a subtree (an npm package) is contiguous. The root
+itself gets no member. Hard links: the first path of an inode (in walk order) carries the data,
+every later path becomes a hard-link member naming it.
+
+Sockets cannot be archived and are skipped with a note in :class:`TreeStats`. Device files and
+FIFOs are refused (:class:`~remote_cache.errors.UnsafeArchive`): a cache has no business holding
+them and the extractor refuses them too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UnsafeArchive
+from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
+
+__all__ = ["TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+
+
+@dataclass
+class TreeStats:
+    """What a walk found: counts, data bytes, and anything that had to be skipped (with why)."""
+
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TreeIdentity:
+    """Every entry's name, inode, ctime, mode, size and mtime, in walk order, digested; and the
+    ctimes (to tell whether any was still fresh).
+
+    Any change to an inode (data, mode, owner, times, links) moves its ctime, and adding,
+    removing or renaming an entry moves its directory's: equal identities mean an unchanged
+    tree, provided no ctime was still fresh when the walk began (see
+    ``remote_cache.cache.evidence``). Mode, size and mtime are there for filesystems whose ctimes
+    are coarse.
+    """
+
+    digest: str
+    ctimes: array[int]
+
+
+class _Walk:
+    """One walk: members (unless only the identity is wanted), stats and the identity's parts."""
+
+    def __init__(self, root: str, stats: TreeStats, plan: bool) -> None:
+        top = os.lstat(root)
+        self.stats = stats
+        self.plan = plan
+        self.members: list[Member] = []
+        self.first_path: dict[tuple[int, int], str] = {}
+        self.names: list[str] = []
+        self.inodes = array("Q", (top.st_dev, top.st_ino))
+        self.ctimes = array("q", (top.st_ctime_ns,))
+        self.facts = array("q")
+
+    def visit(self, rel: str, full: str) -> None:
+        """Walk directory ``full`` (``rel`` from the root) and everything under it."""
+        with os.scandir(full) as it:
+            children = sorted(it, key=lambda d: os.fsencode(d.name))
+        names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
+        names.append("\0/")  # a directory's entries start
+        for d in children:
+            st = d.stat(follow_symlinks=False)
+            names.append(d.name)
+            inodes.append(st.st_ino)
+            ctimes.append(st.st_ctime_ns)
+            facts.extend((st.st_mode, st.st_size, st.st_mtime_ns))
+            if self.plan:
+                self._member(f"{rel}/{d.name}" if rel else d.name, d, st)
+            elif stat.S_ISDIR(st.st_mode):
+                self.visit("", d.path)
+        names.append("\0\\")  # and end
+
+    def _member(self, path: str, d: os.DirEntry[str], st: os.stat_result) -> None:
+        m, stats = st.st_mode, self.stats
+        perm, mtime = stat.S_IMODE(m), int(st.st_mtime)
+        if stat.S_ISREG(m):
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = self.first_path.get(key)
+                if first is not None:
+                    self.members.append(Member(path, HARDLINK, perm, st.st_uid, st.st_gid, 0, mtime, first))
+                    stats.hardlinks += 1
+                    return
+                self.first_path[key] = path
+            self.members.append(
+                Member(
+                    path, FILE, perm, st.st_uid, st.st_gid, st.st_size, mtime, "", st.st_ino, st.st_ctime_ns
+                )
+            )
+            stats.files += 1
+            stats.bytes += st.st_size
+        elif stat.S_ISDIR(m):
+            self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime))
+            stats.dirs += 1
+            self.visit(path, d.path)
+        elif stat.S_ISLNK(m):
+            target = os.readlink(d.path)
+            self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
+            stats.symlinks += 1
+        elif stat.S_ISSOCK(m):
+            stats.skipped.append(f"{path}: socket (sockets cannot be archived)")
+        else:
+            raise UnsafeArchive(
+                f"{path!r} is a device file or FIFO; remove it from the cached directory "
+                "(a cache must hold only files, directories and links)"
+            )
+
+    def identity(self) -> TreeIdentity:
+        h = hashlib.sha256(b"remote-cache tree v2\0")
+        names_b = "\0".join(self.names).encode("utf-8", "surrogateescape")
+        for part in (names_b, self.inodes.tobytes(), self.ctimes.tobytes(), self.facts.tobytes()):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return TreeIdentity("sha256:" + h.hexdigest(), self.ctimes)
+
+
+def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]:
+    """The members of the tree at ``root`` in archive order (counted into ``stats``), and its identity."""
+    walk = _Walk(os.fspath(root), stats, plan=True)
+    walk.visit("", os.fspath(root))
+    return walk.members, walk.identity()
+
+
+def tree_identity(root: Path) -> TreeIdentity:
+    """The identity :func:`walk_tree` would give ``root``, at a fraction of its cost (no members)."""
+    walk = _Walk(os.fspath(root), TreeStats(), plan=False)
+    walk.visit("", os.fspath(root))
+    return walk.identity()

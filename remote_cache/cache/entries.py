@@ -1,0 +1,291 @@
+"""List, inspect, remove and prune cache entries in any :class:`~remote_cache.oci.store.Store`.
+
+An entry is a tag. Its key, creation time, size and file count come from our annotations; images
+written by other tools (no annotations) are still listed, with the tag as key and what is known.
+Removing works where the store supports deletes (a layout always; a registry only with deletes
+enabled) and raises :class:`~remote_cache.errors.UnsupportedOperation` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+
+from ..errors import CacheMiss, ImageFormatError, IntegrityError, RemoteCacheError, UnsupportedOperation
+from ..keys import tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
+from ..oci.descriptor import Descriptor
+from ..oci.store import Store
+from ..tasks import first_error
+from ..units import format_bytes, format_time
+from .image import ANNOTATION_TOOL, CacheImage, load_image
+
+__all__ = [
+    "Entry",
+    "Match",
+    "find_entry",
+    "format_table",
+    "inspect",
+    "list_entries",
+    "prune",
+    "remove",
+]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cache entry. Fields a foreign image lacks are None; ``error`` says why it is unreadable."""
+
+    key: str
+    tag: str
+    digest: str
+    created: datetime | None = None
+    size: int | None = None
+    files: int | None = None
+    compressed_size: int | None = None
+    tool: str | None = None
+    layers: tuple[Descriptor, ...] = field(default=(), compare=False)
+    error: str | None = None
+
+    def to_json(self, *, with_layers: bool = False) -> dict[str, Any]:
+        """A JSON-serialisable dict (``created`` as RFC 3339)."""
+        out: dict[str, Any] = {
+            "key": self.key,
+            "tag": self.tag,
+            "digest": self.digest,
+            "created": format_time(self.created) if self.created else None,
+            "size": self.size,
+            "files": self.files,
+            "compressed_size": self.compressed_size,
+            "tool": self.tool,
+        }
+        if self.error:
+            out["error"] = self.error
+        if with_layers:
+            out["layers"] = [layer.to_json() for layer in self.layers]
+        return out
+
+
+def _entry(tag: str, image: CacheImage) -> Entry:
+    return Entry(
+        key=image.key or tag,
+        tag=tag,
+        digest=image.digest,
+        created=image.created,
+        size=image.size,
+        files=image.files,
+        compressed_size=image.compressed_size,
+        tool=image.annotations.get(ANNOTATION_TOOL),
+        layers=image.layers,
+    )
+
+
+async def _read_entry(store: Store, tag: str) -> Entry | None:
+    try:
+        desc = await store.resolve(tag)
+    except CacheMiss:
+        return None  # deleted while we listed
+    try:
+        image = await load_image(store, desc.digest)
+    except CacheMiss:
+        return None
+    except RemoteCacheError as exc:
+        return Entry(key=tag, tag=tag, digest=desc.digest, error=str(exc))
+    return _entry(tag, image)
+
+
+async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
+    """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
+    tags = await store.tags()
+    found: list[Entry] = []
+    limiter = anyio.Semaphore(max(1, jobs))
+
+    async def one(tag: str) -> None:
+        async with limiter:
+            entry = await _read_entry(store, tag)
+        if entry is not None:
+            found.append(entry)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for tag in tags:
+                tg.start_soon(one, tag)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
+    return _newest_first(selected)
+
+
+def _newest_first(entries: list[Entry]) -> list[Entry]:
+    oldest = datetime.min.replace(tzinfo=UTC)
+    return sorted(entries, key=lambda e: (e.created or oldest, e.tag), reverse=True)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The entry a lookup chose: by the exact key, or by a restore-key prefix (a fallback)."""
+
+    #: The entry's real key (its ``dev.remote-cache.key`` annotation, else the tag).
+    key: str
+    tag: str
+    #: The manifest/index digest the tag pointed at when matched (restore this, not the tag).
+    digest: str
+    #: True: the exact key; False: a restore-key (prefix) fallback.
+    exact: bool
+
+
+async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, str] | None:
+    """(real key, created, digest) of the entry under ``tag``; None when gone or unreadable."""
+    try:
+        desc = await store.resolve(tag)
+        image = await load_image(store, desc.digest)
+    except (CacheMiss, ImageFormatError, IntegrityError):
+        return None  # deleted meanwhile, or not an image we can read: not a candidate
+    # Auth and network errors propagate: a failure must not look like a miss.
+    return image.key or tag, image.created, image.digest
+
+
+async def find_entry(
+    store: Store, key: str, restore_keys: Sequence[str] = (), *, jobs: int = 8
+) -> Match | None:
+    """The entry to restore for ``key``, as in actions/cache; None on a miss.
+
+    The exact key wins. Otherwise each restore key in order is a prefix: among entries whose
+    real key starts with it, the newest by ``org.opencontainers.image.created`` wins (ties: the
+    greater key; undated entries rank oldest). Tags are listed once; only tags that can hold a
+    matching key are read, ``jobs`` at a time.
+    """
+    validate_key(key)
+    prefixes = validate_restore_keys(restore_keys)
+    tag = tag_for_key(key)
+    try:
+        desc = await store.resolve(tag)
+    except CacheMiss:
+        pass
+    else:
+        return Match(key=key, tag=tag, digest=desc.digest, exact=True)
+    if not prefixes:
+        return None
+    tags = await store.tags()
+    seen: dict[str, tuple[str, datetime | None, str] | None] = {}
+    limiter = anyio.Semaphore(max(1, jobs))
+
+    async def read(candidate: str) -> None:
+        async with limiter:
+            seen[candidate] = await _peek(store, candidate)
+
+    oldest = datetime.min.replace(tzinfo=UTC)
+    for prefix in prefixes:
+        start = tag_prefix_for(prefix)
+        wanted = [t for t in tags if t.startswith(start) and t not in seen]
+        try:
+            async with anyio.create_task_group() as tg:
+                for candidate in wanted:
+                    seen[candidate] = None
+                    tg.start_soon(read, candidate)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        best: tuple[datetime, str, str, str] | None = None
+        for candidate in tags:
+            info = seen.get(candidate)
+            if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
+                continue
+            rank = (info[1] or oldest, info[0], candidate, info[2])
+            if best is None or rank[:2] > best[:2]:
+                best = rank
+        if best is not None:
+            return Match(key=best[1], tag=best[2], digest=best[3], exact=False)
+    return None
+
+
+async def inspect(store: Store, key: str) -> Entry:
+    """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
+    validate_key(key)
+    tag = tag_for_key(key)
+    try:
+        desc = await store.resolve(tag)
+    except CacheMiss as exc:
+        raise CacheMiss(key, store.location) from exc
+    return _entry(tag, await load_image(store, desc.digest))
+
+
+async def _delete(store: Store, tag: str) -> None:
+    try:
+        await store.delete(tag)
+    except UnsupportedOperation as exc:
+        raise UnsupportedOperation(
+            f"{store.location} does not allow deleting cache entries ({exc}); enable deletes on the "
+            "registry (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true), or rely on the registry's "
+            "own expiry (ttl.sh-style registries expire an image by its tag; others by a retention "
+            "policy)"
+        ) from exc
+
+
+async def _collect_garbage(store: Store) -> None:
+    gc = getattr(store, "gc", None)
+    if gc is not None:
+        await gc()
+
+
+async def remove(store: Store, key: str) -> Entry:
+    """Delete the entry under ``key`` (and, in a layout, blobs nothing else uses); returns it."""
+    entry = await inspect(store, key)
+    await _delete(store, entry.tag)
+    await _collect_garbage(store)
+    return entry
+
+
+async def prune(
+    store: Store,
+    *,
+    older_than: timedelta | None = None,
+    keep: int | None = None,
+    prefix: str = "",
+    dry_run: bool = False,
+    now: datetime | None = None,
+) -> list[Entry]:
+    """Delete entries matching ``prefix`` that are outside the ``keep`` newest AND older than ``older_than``.
+
+    A criterion left as None does not protect anything; with neither given, every entry matching
+    ``prefix`` goes (a non-empty prefix is then required). Entries with no creation time are
+    never removed by age and rank as the oldest for ``keep``. Returns the removed entries.
+    """
+    if older_than is None and keep is None and not prefix:
+        raise ValueError("prune needs older_than, keep or a prefix; refusing to delete every entry")
+    if keep is not None and keep < 0:
+        raise ValueError("keep must be >= 0")
+    moment = now or datetime.now(UTC)
+    entries = await list_entries(store, prefix=prefix)
+    candidates = entries[keep:] if keep is not None else entries
+    if older_than is not None:
+        cutoff = moment - older_than
+        candidates = [e for e in candidates if e.created is not None and e.created < cutoff]
+    if dry_run:
+        return candidates
+    removed: list[Entry] = []
+    for entry in candidates:
+        try:
+            await _delete(store, entry.tag)
+        except CacheMiss:
+            continue  # someone else removed it first
+        removed.append(entry)
+    if removed:
+        await _collect_garbage(store)
+    return removed
+
+
+def format_table(found: Sequence[Entry]) -> str:
+    """Plain aligned columns KEY CREATED SIZE FILES TAG (``-`` for what a foreign image lacks)."""
+    rows = [("KEY", "CREATED", "SIZE", "FILES", "TAG")]
+    for e in found:
+        created = format_time(e.created) if e.created else "-"
+        size = format_bytes(e.size) if e.size is not None else "-"
+        files = str(e.files) if e.files is not None else "-"
+        rows.append((e.key, created, size, files, e.tag + (f"  ({e.error})" if e.error else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows
+    )

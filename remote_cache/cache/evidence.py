@@ -1,0 +1,261 @@
+"""Machine-local evidence that a planned layer still holds what a stored layer holds.
+
+A layer's *portable* listing (paths, sizes, mtimes, modes, owners, link targets) can be faked by
+tools: npm writes every file with a fixed 1985 mtime, so an edit that keeps the size looks
+unchanged. A file's ctime cannot be set back by any tool, and changes with every write,
+chmod, utime, rename or link. So a save reuses a layer without reading its files only on
+evidence recorded on this machine, of one of two kinds:
+
+* a *local listing* (the portable one plus the ctime and inode of every regular file) equal
+  to one recorded right after a save that stored exactly those bytes (save -> save);
+* a *restore window* (restore -> save): the restore recorded, for its target, the image
+  layers carrying a portable listing and the interval ``[start, end)`` during which it
+  extracted them. ``start`` comes from :func:`clock_ns` before extraction, ``end`` from
+  :func:`settle` once every file was written, before the staging directory is swapped into
+  place. A planned layer whose portable listing equals a recorded layer's and whose regular
+  files all have ``start <= ctime < end`` is that layer, because: the staging directory is
+  0700 and private during the window, so only the extraction wrote files there; a file
+  modified after the swap gets a ctime at or after ``end``; a file moved or linked in later
+  gets a new ctime too (Linux stamps ctime on rename and link). The restored directory's
+  device and inode are recorded as well, so a different directory moved onto the target
+  path is not mistaken for it. On filesystems with whole-second ctimes the bounds are
+  rounded down to their second (a file written in ``end``'s second is not trusted).
+
+Whole-tree shortcut (save -> save with nothing changed): after a save, the state also keeps a
+*tree fingerprint* (every entry's name, inode, ctime, mode, size and mtime, taken by the scan) with
+the entry it produced. A later save whose fingerprint is equal, for the same store, tag and
+options, and whose tag still names that digest, is unchanged without scanning or planning: no
+change to a file can keep its ctime, and adding, removing or renaming an entry changes its
+directory's ctime. An entry changed less than :data:`FRESH_NS` before the walk began voids the
+fingerprint (it may still be changing, and coarse timestamps could hide the next change).
+Writes through a shared memory mapping may not move a ctime; neither this nor the per-layer
+evidence sees them (``--full`` does).
+
+The evidence of a directory is kept on disk by :mod:`.state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..archive.plan import LayerPlan, TreeScan
+from ..archive.tar import FILE
+from ..archive.walk import TreeIdentity
+from ..oci.descriptor import Descriptor
+
+__all__ = [
+    "FRESH_NS",
+    "Evidence",
+    "LayerRecord",
+    "LocalLayer",
+    "RestoreWindow",
+    "TreeRecord",
+    "clock_ns",
+    "dir_id",
+    "local_layers",
+    "portable_listing",
+    "records_for",
+    "settle",
+    "tree_fingerprint",
+    "window_hits",
+]
+
+_SECOND = 1_000_000_000
+#: A tree with an entry changed less than this before a save gets no tree fingerprint.
+FRESH_NS = 3 * _SECOND
+# Kernels stamp ctimes from a clock that may lag the fine clock by a tick (up to 10 ms at
+# HZ=100): without the coarse clock itself, subtract a generous margin.
+_MARGIN_NS = 50_000_000
+_CLOCK_REALTIME_COARSE = 5  # Linux; Python has no constant for it
+
+
+def clock_ns() -> int:
+    """A time no later than any ctime a file changed from now on will get (ns since the epoch)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            return min(time.clock_gettime_ns(_CLOCK_REALTIME_COARSE), time.time_ns())
+    return time.time_ns() - _MARGIN_NS
+
+
+def settle(after_ns: int) -> int:
+    """Wait (a tick or so) until :func:`clock_ns` is past ``after_ns``; return that bound.
+
+    Files written up to ``after_ns`` then have ctimes strictly before the bound, and any later
+    write gets a ctime at or after it, so the two can never be confused.
+    """
+    deadline = time.monotonic() + 1.0
+    while True:
+        now = clock_ns()
+        if now > after_ns or time.monotonic() > deadline:
+            return now
+        time.sleep(0.002)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A stored layer as a state file remembers it: enough to put it in a manifest unread."""
+
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
+
+    def descriptor(self, annotations: dict[str, str] | None = None) -> Descriptor:
+        """The layer descriptor, with ``annotations`` (the portable listing) when given."""
+        return Descriptor(self.media_type, self.digest, self.size, annotations=annotations or {})
+
+
+@dataclass(frozen=True)
+class LocalLayer:
+    """A planned layer's listings: portable (for the annotation) and local (the state key)."""
+
+    #: SHA-256 of the portable listing (what the ``dev.remote-cache.listing`` annotation holds).
+    listing: str
+    #: SHA-256 of the portable listing plus each regular file's inode and ctime; None when a
+    #: file changed between the scan and its re-stat (the layer is then neither reused nor recorded).
+    local: str | None
+    #: Every file's ctime (and every entry's mtime, when asked) lies before the bound: the
+    #: layer may be recorded, because any later write would change its local listing.
+    settled: bool
+
+
+def portable_listing(plan: LayerPlan) -> str:
+    """SHA-256 over a planned layer's listing: per entry the fields its tar header holds."""
+    h = hashlib.sha256(b"remote-cache listing v1\0")
+    for e in plan.members:
+        h.update(os.fsencode(e.path) + b"\0")
+        h.update(f"{e.kind} {e.mode:o} {e.uid} {e.gid} {e.size} {e.mtime}".encode() + b"\0")
+        h.update(os.fsencode(e.linkname) + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = None) -> list[LocalLayer]:
+    """Compute each layer's :class:`LocalLayer` from the inode and ctime the scan saw.
+
+    ``bound_ns`` must come from :func:`clock_ns` (or :func:`settle`) taken *before* the scan.
+    ``mtime_bound`` (whole seconds) additionally requires every entry's mtime before it. On a
+    filesystem with whole-second ctimes the bound is rounded down to its second. No re-stat is
+    needed: a file changed after the scan has a newer ctime, so a later scan cannot match.
+    """
+    files = [[e for e in plan.members if e.kind == FILE] for plan in scan.layers]
+    if all(e.ctime_ns % _SECOND == 0 for layer in files for e in layer):
+        bound_ns -= bound_ns % _SECOND
+    out: list[LocalLayer] = []
+    for plan, layer_files in zip(scan.layers, files, strict=True):
+        listing = portable_listing(plan)
+        h = hashlib.sha256(b"remote-cache local listing v1\0" + listing.encode() + b"\0")
+        for e in layer_files:
+            h.update(f"{e.ino} {e.ctime_ns}\0".encode())
+        settled = all(e.ctime_ns < bound_ns for e in layer_files) and (
+            mtime_bound is None or all(e.mtime < mtime_bound for e in plan.members)
+        )
+        out.append(LocalLayer(listing, "sha256:" + h.hexdigest(), settled))
+    return out
+
+
+@dataclass(frozen=True)
+class TreeRecord:
+    """What the last save of a directory produced, under the tree fingerprint it started from."""
+
+    fingerprint: str
+    #: Store location, tag and the options the image depends on (compression, level, platforms).
+    location: str
+    tag: str
+    options: str
+    digest: str
+    size: int
+    files: int
+    layers: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
+    """The identity's digest, unless an entry changed shortly before ``bound_ns`` (from
+    :func:`clock_ns`, taken before the walk) or after it: such an entry may still be changing,
+    and a later change could keep its ctime on a filesystem with coarse timestamps (FAT rounds
+    to 2 s, exFAT to 10 ms). So ctimes must be :data:`FRESH_NS` older than the bound."""
+    if max(identity.ctimes) >= bound_ns - FRESH_NS:
+        return None
+    return identity.digest
+
+
+@dataclass(frozen=True)
+class RestoreWindow:
+    """What a restore recorded for its target: the image layers it extracted, and when."""
+
+    #: :func:`clock_ns` before extraction began: every extracted file's ctime is at or after it.
+    start_ns: int
+    #: :func:`settle` after the last file was written, before the swap: every extracted file's
+    #: ctime is before it, every later change's at or after it.
+    end_ns: int
+    #: (st_dev, st_ino) of the restored directory (the staging directory swapped into place).
+    root: tuple[int, int]
+    #: (portable listing, media type) -> the image layer with that listing annotation.
+    layers: dict[tuple[str, str], LayerRecord]
+
+
+def dir_id(path: Path) -> tuple[int, int]:
+    """(st_dev, st_ino) of directory ``path``, symlinks followed; raises OSError."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def window_hits(
+    scan: TreeScan, layers: Sequence[LocalLayer], window: RestoreWindow | None, media_type: str
+) -> dict[int, LayerRecord]:
+    """Planned layers (by position) that ``window`` vouches for; see the module docstring.
+
+    A layer qualifies when its portable listing equals a recorded layer's (same media type) and
+    every regular file's ctime lies in the window. The caller checks that the scanned directory
+    is the one restored (:attr:`RestoreWindow.root`) and that the store still has the blob.
+    """
+    if window is None or not window.layers:
+        return {}
+    start, end = window.start_ns, window.end_ns
+    if all(e.ctime_ns % _SECOND == 0 for plan in scan.layers for e in plan.members if e.kind == FILE):
+        # Whole-second ctimes are floored: a file written in start's second still has ctime >=
+        # floor(start); one written in end's second may be a later change, so it is not trusted.
+        start -= start % _SECOND
+        end -= end % _SECOND
+    out: dict[int, LayerRecord] = {}
+    for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
+        rec = window.layers.get((layer.listing, media_type))
+        if rec is None:
+            continue
+        if all(start <= e.ctime_ns < end for e in plan.members if e.kind == FILE):
+            out[i] = rec
+    return out
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything this machine recorded about one directory (empty when it recorded nothing)."""
+
+    #: (local listing digest, media type) -> the stored layer it was saved as.
+    records: dict[tuple[str, str], LayerRecord] = field(default_factory=dict)
+    window: RestoreWindow | None = None
+    tree: TreeRecord | None = None
+
+
+def records_for(
+    layers: Sequence[LocalLayer], stored: Sequence[tuple[Descriptor, str] | None]
+) -> list[tuple[str, LayerRecord]]:
+    """(local listing, record) for each settled layer with a stored counterpart."""
+    out: list[tuple[str, LayerRecord]] = []
+    for layer, slot in zip(layers, stored, strict=True):
+        if slot is None or layer.local is None or not layer.settled:
+            continue
+        desc, diff_id = slot
+        out.append((layer.local, LayerRecord(desc.media_type, desc.digest, desc.size, diff_id)))
+    return out

@@ -1,0 +1,149 @@
+"""What a save need not read: a tree unchanged since its last save, and layers evidence vouches for.
+
+Both rest on this machine's evidence (:mod:`.evidence`) and on the store still holding what the
+evidence names; the entries under the key (and a base key) only say where a reused layer came
+from, never vouch for content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ..archive.plan import TreeScan
+from ..archive.walk import tree_identity
+from ..errors import CacheMiss, RemoteCacheError
+from ..keys import tag_for_key
+from ..oci.descriptor import Descriptor
+from ..oci.store import Store
+from .evidence import Evidence, LayerRecord, LocalLayer, TreeRecord, dir_id, tree_fingerprint, window_hits
+from .image import load_image, read_diff_ids
+
+__all__ = ["Candidates", "Reuse", "candidate_layers", "reusable_layers", "unchanged_tree"]
+
+
+async def unchanged_tree(
+    store: Store, path: Path, tag: str, options: str, bound: int, recorded: TreeRecord | None
+) -> bool:
+    """True when ``recorded`` (the last save of ``path`` here) still describes it: nothing in the
+    tree changed since (a walk) and ``tag`` still names what that save produced (one request)."""
+    if recorded is None or (recorded.location, recorded.tag, recorded.options) != (
+        store.location,
+        tag,
+        options,
+    ):
+        return False
+    try:
+        identity = await anyio.to_thread.run_sync(tree_identity, path)
+    except OSError:
+        return False  # the scan reports what is wrong with the directory
+    if tree_fingerprint(identity, bound) != recorded.fingerprint:
+        return False
+    try:
+        current = await store.resolve(tag)
+    except CacheMiss:
+        return False
+    return current.digest == recorded.digest
+
+
+#: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.
+Candidates = list[tuple[str, dict[str, tuple[Descriptor, str]]]]
+
+
+async def candidate_layers(store: Store, keys: Sequence[str]) -> Candidates:
+    """The layers of each existing entry among ``keys`` (absent or unreadable ones are skipped).
+
+    Only says where reused layers came from (``SaveResult.base_key``), and that the store has them.
+    """
+    found: dict[str, dict[str, tuple[Descriptor, str]]] = {}
+
+    async def load(key: str) -> None:
+        try:
+            top = await store.resolve(tag_for_key(key))
+            image = await load_image(store, top.digest)
+            diff_ids = await read_diff_ids(store, image)
+        except RemoteCacheError:
+            return  # absent or unreadable: nothing to learn from it
+        found[key] = {d.digest: (d, diff_id) for d, diff_id in zip(image.layers, diff_ids, strict=True)}
+
+    async with anyio.create_task_group() as tg:
+        for key in dict.fromkeys(keys):
+            tg.start_soon(load, key)
+    return [(key, found[key]) for key in dict.fromkeys(keys) if key in found]
+
+
+async def _present(store: Store, digests: Sequence[str], jobs: int) -> set[str]:
+    """Those of ``digests`` the store has (HEAD requests, ``jobs`` at a time)."""
+    have: set[str] = set()
+    limiter = anyio.Semaphore(max(1, jobs))
+
+    async def check(digest: str) -> None:
+        async with limiter:
+            try:
+                if await store.has_blob(digest):
+                    have.add(digest)
+            except RemoteCacheError:
+                pass  # unknown: pack it (its upload is skipped if the blob is there after all)
+
+    async with anyio.create_task_group() as tg:
+        for digest in dict.fromkeys(digests):
+            tg.start_soon(check, digest)
+    return have
+
+
+def _vouched(
+    path: Path, scan: TreeScan, local: Sequence[LocalLayer], evidence: Evidence, media_type: str
+) -> dict[int, LayerRecord]:
+    """Planned layers (by position) the evidence vouches for: a restore window into this very
+    directory, or a local listing recorded after a save."""
+    window = evidence.window
+    if window is not None:
+        try:
+            if dir_id(path) != window.root:
+                window = None  # another directory now sits at this path
+        except OSError:
+            window = None
+    hits = window_hits(scan, local, window, media_type)
+    for i, planned in enumerate(local):
+        if planned.local is not None and (planned.local, media_type) in evidence.records:
+            hits.setdefault(i, evidence.records[(planned.local, media_type)])
+    return hits
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Planned layers stored already: position -> (descriptor, diff_id), and the key they came from."""
+
+    slots: dict[int, tuple[Descriptor, str]]
+    source: str | None
+
+
+async def reusable_layers(
+    store: Store,
+    path: Path,
+    scan: TreeScan,
+    local: Sequence[LocalLayer],
+    evidence: Evidence,
+    *,
+    media_type: str,
+    annotations: Sequence[dict[str, str]],
+    candidates: Candidates,
+    jobs: int,
+) -> Reuse:
+    """Layers to reuse without reading their files: vouched for by evidence, and still in the store."""
+    hits = await anyio.to_thread.run_sync(_vouched, path, scan, local, evidence, media_type)
+    # Blobs that the key's (or the base's) entry references are in the store: a registry
+    # takes a manifest only once its blobs are in, and keeps the blobs a tag references.
+    referenced = {digest for _, layers in candidates for digest in layers}
+    unknown = [rec.digest for rec in hits.values() if rec.digest not in referenced]
+    have = referenced | (await _present(store, unknown, jobs) if unknown else set())
+    slots = {
+        i: (rec.descriptor(annotations[i]), rec.diff_id) for i, rec in hits.items() if rec.digest in have
+    }
+    digests = {desc.digest for desc, _ in slots.values()}
+    source = next((k for k, layers in candidates if digests & layers.keys()), None)
+    return Reuse(slots, source)

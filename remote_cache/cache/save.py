@@ -1,0 +1,428 @@
+"""Save a directory as a cache image under a key, into any :class:`~remote_cache.oci.store.Store`.
+
+The phases: *skip* (read-only, an immutable key that exists, a tree unchanged since its last
+save here), *plan* (walk and cut the tree into layers while the key's entry is read), *reuse*
+(layers this machine's evidence vouches for, see :mod:`.reuse`), *pack and upload* (the rest,
+packed in worker threads while earlier layers upload), *publish* (configs and per-platform
+manifests by digest, and only then the index under the tag) and *record* (the evidence for the
+next save). A save that fails anywhere before the last push leaves the previous entry under that
+key untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ..archive.pack import Compression, pack_tree
+from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..errors import CacheMiss, CacheTooLarge, RemoteCacheError
+from ..keys import tag_for_key, validate_key
+from ..oci.descriptor import Descriptor, Platform
+from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
+from ..oci.store import Store
+from ..tasks import first_error
+from ..units import format_bytes, format_rate
+from . import state
+from .evidence import Evidence, LocalLayer, TreeRecord, clock_ns, local_layers, records_for, tree_fingerprint
+from .image import (
+    ANNOTATION_FILES,
+    ANNOTATION_KEY,
+    ANNOTATION_LISTING,
+    ANNOTATION_SIZE,
+    DEFAULT_PLATFORMS,
+    TOOL,
+    build_image,
+    parse_index,
+    parse_manifest,
+)
+from .reuse import Candidates, Reuse, candidate_layers, reusable_layers, unchanged_tree
+
+__all__ = ["SaveResult", "save"]
+
+_Slot = tuple[Descriptor, str]  # a stored layer: its descriptor and diff_id
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did: where the entry is, and how much was (re)uploaded."""
+
+    key: str
+    tag: str
+    digest: str
+    layers_total: int
+    layers_uploaded: int
+    bytes_total: int
+    bytes_uploaded: int
+    size: int
+    files: int
+    seconds: float
+    #: True when the entry already held exactly this content: nothing was pushed, the tag did not move.
+    unchanged: bool = False
+    #: Layers reused without reading or packing their files (local ctime evidence, blob present).
+    layers_reused: int = 0
+    #: The first of ``key`` and the base key whose entry holds a reused layer, if any.
+    base_key: str | None = None
+    #: Why nothing was saved ("immutable key exists", "read-only: nothing saved"), else None.
+    skipped: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``saved``, ``unchanged`` or ``skipped``."""
+        return "skipped" if self.skipped else "unchanged" if self.unchanged else "saved"
+
+    def summary(self) -> str:
+        """The one line a person reads, e.g. ``save saved npm: 1.2 MB uploaded (...) in 0.4 s (3.0 MB/s)``."""
+        if self.skipped:
+            return f"save skipped {self.key}: {self.skipped}"
+        sent, secs = self.bytes_uploaded, self.seconds
+        reused = ""
+        if self.layers_reused:
+            source = "" if self.base_key in (None, self.key) else f" from {self.base_key}"
+            reused = f", {self.layers_reused} layers reused{source}"
+        return (
+            f"save {self.status} {self.key}: {format_bytes(sent)} uploaded "
+            f"({format_bytes(self.bytes_total)} compressed, {format_bytes(self.size)} in {self.files} "
+            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)})"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field, plus ``status``."""
+        return {"status": self.status, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The planned tree: layers, their local listings and annotations, and what the store holds."""
+
+    scan: TreeScan
+    local: list[LocalLayer]
+    annotations: list[dict[str, str]]
+    candidates: Candidates
+    fingerprint: str | None
+
+    @property
+    def size(self) -> int:
+        return self.scan.stats.bytes
+
+    @property
+    def files(self) -> int:
+        return self.scan.stats.files
+
+
+async def save(
+    store: Store,
+    key: str,
+    path: Path,
+    *,
+    compression: str = "zstd",
+    level: int | None = None,
+    platforms: Sequence[Platform] = DEFAULT_PLATFORMS,
+    max_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    jobs: int = 4,
+    base_key: str | None = None,
+    full: bool = False,
+    immutable: bool = False,
+    read_only: bool = False,
+) -> SaveResult:
+    """Pack ``path`` and store it under ``key``; the tag moves only once everything else is stored.
+
+    ``progress`` is called with a byte count each time a layer has been uploaded, found present
+    or reused. ``max_size`` (uncompressed bytes) refuses with :class:`CacheTooLarge` before
+    anything is uploaded.
+
+    A layer is reused without reading its files only when this machine's evidence
+    (:mod:`remote_cache.cache.evidence`) vouches for it and the store still has the blob; every
+    other layer is packed. Packing is deterministic, so an unchanged layer gets the same digest
+    and is not uploaded again. ``full`` ignores the evidence. The entries under ``key`` and
+    ``base_key`` (e.g. the key a restore fell back to) only name where reused layers came from.
+    Saving content identical to what the key holds pushes nothing and keeps the digest
+    (``unchanged``); a tree unchanged since its last save here is known to be so after one walk
+    and one manifest request. ``immutable``: an existing entry under ``key`` is never replaced
+    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
+    """
+    started = time.monotonic()
+    validate_key(key)
+    if base_key is not None:
+        validate_key(base_key)
+    tag, path = tag_for_key(key), Path(path)
+    if read_only:
+        return _skipped(key, tag, "read-only: nothing saved", started)
+    if immutable and (current := await _current(store, tag)) is not None:
+        return _skipped(key, tag, "immutable key exists", started, current)
+    codec = _compression(compression)
+    media_type = layer_media_type(codec)
+    # Taken before the walk: a file written from now on gets a ctime at or after it.
+    bound = clock_ns()
+    # Everything the image depends on besides the tree; the tool's version stands for the
+    # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
+    options = f"{TOOL} {media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
+    evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)
+    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree):
+        assert evidence.tree is not None
+        if max_size is not None and evidence.tree.size > max_size:
+            raise CacheTooLarge(path, evidence.tree.size, max_size)
+        return _unchanged(key, evidence.tree, started)
+
+    plan = await _plan(store, path, [] if full else [key, *([base_key] if base_key else [])], bound, max_size)
+    reuse = Reuse({}, None)
+    if not full:
+        reuse = await reusable_layers(
+            store, path, plan.scan, plan.local, evidence,
+            media_type=media_type, annotations=plan.annotations, candidates=plan.candidates, jobs=jobs,
+        )  # fmt: skip
+    slots = [reuse.slots.get(i) for i in range(len(plan.scan.layers))]
+    uploaded_layers, uploaded_bytes = await _pack_and_upload(store, plan, slots, codec, level, jobs, progress)
+    stored = [slot for slot in slots if slot is not None]
+    digest, unchanged = await _publish(store, tag, key, plan, stored, platforms)
+    await _record(path, evidence, plan, slots, where=(store.location, tag, options, digest))
+    return SaveResult(
+        key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
+        bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
+        files=plan.files, seconds=time.monotonic() - started, unchanged=unchanged,
+        layers_reused=len(reuse.slots), base_key=reuse.source,
+    )  # fmt: skip
+
+
+# -- skip -------------------------------------------------------------------------------------
+
+
+async def _current(store: Store, tag: str) -> str | None:
+    """The digest under ``tag``, or None when there is no entry."""
+    try:
+        return (await store.resolve(tag)).digest
+    except CacheMiss:
+        return None
+
+
+def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") -> SaveResult:
+    return SaveResult(
+        key=key, tag=tag, digest=digest, layers_total=0, layers_uploaded=0, bytes_total=0,
+        bytes_uploaded=0, size=0, files=0, seconds=time.monotonic() - started, skipped=reason,
+    )  # fmt: skip
+
+
+def _unchanged(key: str, same: TreeRecord, started: float) -> SaveResult:
+    """The result of a save that found, by its tree record, nothing to do."""
+    return SaveResult(
+        key=key, tag=same.tag, digest=same.digest, layers_total=same.layers, layers_uploaded=0,
+        bytes_total=same.bytes, bytes_uploaded=0, size=same.size, files=same.files,
+        seconds=time.monotonic() - started, unchanged=True, layers_reused=same.layers,
+    )  # fmt: skip
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+def _racy(plan: LayerPlan, after: int) -> bool:
+    return any(e.mtime >= after for e in plan.members)
+
+
+async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size: int | None) -> _Plan:
+    """Walk and cut the tree (in a thread) while the entries under ``keys`` are read (network)."""
+    mtime_bound = bound // 1_000_000_000
+    candidates: Candidates = []
+
+    async def find_candidates() -> None:
+        candidates.extend(await candidate_layers(store, keys))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            if keys:
+                tg.start_soon(find_candidates)
+            scan = await anyio.to_thread.run_sync(scan_tree, path)
+            if max_size is not None and scan.stats.bytes > max_size:
+                raise CacheTooLarge(path, scan.stats.bytes, max_size)
+            local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    annotations = [
+        {} if _racy(plan, mtime_bound) else {ANNOTATION_LISTING: layer.listing}
+        for plan, layer in zip(scan.layers, local, strict=True)
+    ]
+    fingerprint = tree_fingerprint(scan.identity, bound) if scan.identity is not None else None
+    return _Plan(scan, local, annotations, candidates, fingerprint)
+
+
+# -- pack and upload --------------------------------------------------------------------------
+
+
+class _Uploads:
+    """Uploads packed layers, ``jobs`` at a time, counting those that were not there yet."""
+
+    def __init__(self, store: Store, jobs: int, progress: Callable[[int], None] | None) -> None:
+        self._store = store
+        self._limiter = anyio.Semaphore(max(1, jobs))
+        self._progress = progress
+        self.layers = 0
+        self.bytes = 0
+
+    async def upload(self, desc: Descriptor, data: bytes | Path) -> None:
+        async with self._limiter:
+            stored = await self._store.put_blob(desc, data)  # False: it was there already
+        if stored:
+            self.layers += 1
+            self.bytes += desc.size
+        if isinstance(data, Path):
+            await anyio.to_thread.run_sync(lambda: data.unlink(missing_ok=True))
+        self.moved(desc.size)
+
+    def moved(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress(nbytes)
+
+
+async def _pack_and_upload(
+    store: Store,
+    plan: _Plan,
+    slots: list[_Slot | None],
+    compression: Compression,
+    level: int | None,
+    jobs: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """Pack every layer without a slot (filling it in) and upload it; (layers, bytes) uploaded."""
+    scan = plan.scan
+    to_pack = TreeScan(
+        scan.root, tuple(p for p, slot in zip(scan.layers, slots, strict=True) if slot is None), scan.stats
+    )
+    spool = Path(tempfile.mkdtemp(prefix="remote-cache-save-"))
+    packed = pack_tree(to_pack, compression=compression, level=level, spool_dir=spool)
+    uploads = _Uploads(store, jobs, progress)
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, slot in enumerate(slots):
+                if slot is not None:
+                    uploads.moved(slot[0].size)
+                    continue
+                layer = await anyio.to_thread.run_sync(next, packed, None)
+                if layer is None:
+                    raise RuntimeError("the packer yielded fewer layers than planned")
+                media_type = layer_media_type(layer.compression)
+                desc = Descriptor(media_type, layer.digest, layer.size, annotations=plan.annotations[i])
+                slots[i] = (desc, layer.diff_id)
+                tg.start_soon(uploads.upload, desc, layer.data)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    finally:
+        await anyio.to_thread.run_sync(packed.close)
+        await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
+    return uploads.layers, uploads.bytes
+
+
+def _compression(name: str) -> Compression:
+    if name == "zstd":
+        return "zstd"
+    if name == "gzip":
+        return "gzip"
+    raise ValueError(f"compression must be 'zstd' or 'gzip', not {name!r}")
+
+
+# -- publish ----------------------------------------------------------------------------------
+
+
+async def _publish(
+    store: Store, tag: str, key: str, plan: _Plan, stored: Sequence[_Slot], platforms: Sequence[Platform]
+) -> tuple[str, bool]:
+    """Push configs, manifests and the tagged index; (digest, unchanged) -- unchanged when the
+    tag already names exactly this content (then nothing is pushed)."""
+    descriptors = [d for d, _ in stored]
+    existing = await _same_entry(store, tag, key, descriptors, plan.size, plan.files, platforms)
+    if existing is not None:
+        return existing, True
+    image = build_image(
+        descriptors,
+        [diff_id for _, diff_id in stored],
+        key=key,
+        size=plan.size,
+        files=plan.files,
+        platforms=platforms,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            for config in image.configs:
+                tg.start_soon(store.put_blob, config.descriptor, config.body)
+        # A manifest may only be pushed once its config is in; the index once its manifests are.
+        async with anyio.create_task_group() as tg:
+            for manifest in image.manifests:
+                tg.start_soon(_put_manifest, store, manifest.body, manifest.descriptor.media_type)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    index = await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag=tag)
+    return index.digest, False
+
+
+async def _put_manifest(store: Store, body: bytes, media_type: str) -> None:
+    await store.put_manifest(body, media_type)
+
+
+async def _same_entry(
+    store: Store,
+    tag: str,
+    key: str,
+    layers: Sequence[Descriptor],
+    size: int,
+    files: int,
+    platforms: Sequence[Platform],
+) -> str | None:
+    """The current digest under ``tag`` when it already holds exactly this content, else None.
+
+    Listing annotations are not compared: equal layer digests imply equal listings, and a layer
+    saved without one (its files were too fresh) keeps the entry unchanged rather than re-pushed.
+    """
+    try:
+        current = await store.resolve(tag)
+        desc, body = await store.get_manifest(current.digest)
+        if desc.media_type not in INDEX_TYPES or len(body) > MAX_DOCUMENT_BYTES:
+            return None
+        manifests, annotations = parse_index(body, desc.media_type)
+        if (
+            annotations.get(ANNOTATION_KEY) != key
+            or annotations.get(ANNOTATION_SIZE) != str(size)
+            or annotations.get(ANNOTATION_FILES) != str(files)
+            or [str(m.platform) for m in manifests] != [str(p) for p in platforms]
+        ):
+            return None
+        wanted = [(d.digest, d.size, d.media_type) for d in layers]
+        for manifest in manifests:
+            mdesc, mbody = await store.get_manifest(manifest.digest)
+            parsed = parse_manifest(mbody, mdesc.media_type or manifest.media_type)
+            have = [(d.digest, d.size, d.media_type) for d in parsed.layers]
+            if have != wanted:
+                return None
+            if not await store.has_blob(parsed.config.digest):
+                return None
+    except RemoteCacheError:
+        # Anything unreadable (a miss, a foreign image) simply means "not the same": save anew.
+        return None
+    return current.digest
+
+
+# -- record -----------------------------------------------------------------------------------
+
+
+async def _record(
+    path: Path,
+    before: Evidence,
+    plan: _Plan,
+    slots: Sequence[_Slot | None],
+    *,
+    where: tuple[str, str, str, str],
+) -> None:
+    """Keep the evidence the next save of ``path`` needs: each settled layer's local listing, and
+    the tree fingerprint with what this save produced (``where``: location, tag, options, digest)."""
+    tree = None
+    if plan.fingerprint is not None:
+        stored = [slot for slot in slots if slot is not None]
+        total = sum(d.size for d, _ in stored)
+        tree = TreeRecord(plan.fingerprint, *where, plan.size, plan.files, len(stored), total)
+    await anyio.to_thread.run_sync(state.record_save, path, before, records_for(plan.local, slots), tree)

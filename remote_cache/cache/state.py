@@ -1,0 +1,256 @@
+"""This machine's evidence about directories (:mod:`.evidence`), kept in one small file per directory.
+
+State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache``, else
+``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
+resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
+restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
+older-format state file means "no evidence" (the layer is packed), never an error; a state that
+cannot be written (read-only home, full disk) only means the next save packs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from ..oci.digest import is_digest
+from ..oci.media import LAYER_TYPES
+from .evidence import Evidence, LayerRecord, RestoreWindow, TreeRecord
+
+__all__ = [
+    "MAX_RECORDS",
+    "MAX_STATE_BYTES",
+    "STATE_DIR_ENV",
+    "load",
+    "record_restore",
+    "record_save",
+    "state_dir",
+    "state_path",
+]
+
+STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
+#: Records kept per target directory (newest first); each is about 300 bytes of JSON.
+MAX_RECORDS = 2048
+#: A state file larger than this is ignored (and rewritten by the next restore or save).
+MAX_STATE_BYTES = 2 << 20
+_FORMAT = "remote-cache-state/2"
+
+
+def state_dir() -> Path:
+    """Where state files live: ``$REMOTE_CACHE_STATE_DIR``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    explicit = os.environ.get(STATE_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "remote-cache"
+    return Path.home() / ".cache" / "remote-cache"
+
+
+def state_path(target: Path) -> Path:
+    """The state file of directory ``target``: ``<state dir>/<sha256 of its resolved path>.json``."""
+    resolved = os.fsencode(os.path.abspath(os.path.realpath(target)))
+    return state_dir() / f"{hashlib.sha256(resolved).hexdigest()}.json"
+
+
+def _resolved(target: Path) -> str:
+    return os.fsdecode(os.path.abspath(os.path.realpath(target)))
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _layer_record(item: Any, key: str) -> tuple[str, LayerRecord] | None:
+    """(item[key], record) of one JSON layer record; None when anything about it is off."""
+    if not isinstance(item, dict):
+        return None
+    ref, media_type = item.get(key), item.get("mediaType")
+    digest, size, diff_id = item.get("digest"), item.get("size"), item.get("diffID")
+    if not (
+        isinstance(ref, str)
+        and is_digest(ref)
+        and media_type in LAYER_TYPES
+        and isinstance(digest, str)
+        and is_digest(digest)
+        and isinstance(diff_id, str)
+        and is_digest(diff_id)
+        and type(size) is int
+        and size >= 0
+    ):
+        return None
+    return ref, LayerRecord(str(media_type), digest, size, diff_id)
+
+
+def _layer_json(key: str, ref: str, rec: LayerRecord) -> dict[str, Any]:
+    return {
+        key: ref,
+        "mediaType": rec.media_type,
+        "digest": rec.digest,
+        "size": rec.size,
+        "diffID": rec.diff_id,
+    }
+
+
+def _int(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
+
+
+def _parse_window(raw: Any) -> RestoreWindow | None:
+    if not isinstance(raw, dict):
+        return None
+    start, end, root, layers = raw.get("start"), raw.get("end"), raw.get("root"), raw.get("layers")
+    if not (
+        _int(start)
+        and _int(end)
+        and isinstance(root, list)
+        and len(root) == 2
+        and all(_int(v) for v in root)
+        and isinstance(layers, list)
+        and len(layers) <= MAX_RECORDS
+        and start < end
+    ):
+        return None
+    out: dict[tuple[str, str], LayerRecord] = {}
+    for item in layers:
+        parsed = _layer_record(item, "listing")
+        if parsed is None:
+            return None
+        out.setdefault((parsed[0], parsed[1].media_type), parsed[1])
+    return RestoreWindow(start, end, (root[0], root[1]), out)
+
+
+def _parse_tree(raw: Any) -> TreeRecord | None:
+    if not isinstance(raw, dict):
+        return None
+    fields = TreeRecord.__dataclass_fields__
+    text = ("fingerprint", "location", "tag", "options", "digest")
+    if set(raw) != set(fields) or not all(isinstance(raw[k], str) for k in text):
+        return None
+    if not all(_int(raw[k]) for k in fields if k not in text):
+        return None
+    if not (is_digest(raw["fingerprint"]) and is_digest(raw["digest"])):
+        return None
+    return TreeRecord(**raw)
+
+
+def _parse(raw: Any, target: Path) -> Evidence:
+    """The evidence in a state document; none at all when anything about it is off."""
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+        return Evidence()
+    if raw.get("path") != _resolved(target):
+        return Evidence()  # another directory's state (a copied file, a hash collision)
+    layers = raw.get("layers")
+    if not isinstance(layers, list):
+        return Evidence()
+    records: dict[tuple[str, str], LayerRecord] = {}
+    for item in layers:
+        parsed = _layer_record(item, "local")
+        if parsed is None:
+            return Evidence()  # one bad record: trust none of the file
+        records.setdefault((parsed[0], parsed[1].media_type), parsed[1])
+    window = None
+    if raw.get("window") is not None:
+        window = _parse_window(raw["window"])
+        if window is None:
+            return Evidence()
+    tree = _parse_tree(raw["tree"]) if raw.get("tree") is not None else None
+    return Evidence(records, window, tree)
+
+
+def load(target: Path) -> Evidence:
+    """What this machine recorded about directory ``target`` (empty when nothing usable)."""
+    try:
+        with open(state_path(target), "rb") as fh:
+            body = fh.read(MAX_STATE_BYTES + 1)
+        if len(body) > MAX_STATE_BYTES:
+            return Evidence()
+        return _parse(json.loads(body), target)
+    except (OSError, RuntimeError, ValueError, RecursionError):
+        return Evidence()
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": _FORMAT,
+        "path": _resolved(target),
+        "updated": int(time.time()),
+        "layers": [
+            _layer_json("local", local, rec)
+            for (local, _), rec in list(evidence.records.items())[:MAX_RECORDS]
+        ],
+    }
+    if evidence.tree is not None:
+        doc["tree"] = evidence.tree.to_json()
+    window = evidence.window
+    if window is not None:
+        doc["window"] = {
+            "start": window.start_ns,
+            "end": window.end_ns,
+            "root": list(window.root),
+            # A malformed annotation is dropped here rather than spoil the whole file.
+            "layers": [
+                item
+                for item in (
+                    _layer_json("listing", listing, rec) for (listing, _), rec in window.layers.items()
+                )
+                if _layer_record(item, "listing") is not None
+            ][:MAX_RECORDS],
+        }
+    return doc
+
+
+def _write(target: Path, evidence: Evidence) -> bool:
+    """Replace ``target``'s state file atomically; False, without raising, when it cannot be written."""
+    try:
+        path = state_path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(_document(target, evidence), fh, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def record_save(
+    target: Path,
+    before: Evidence,
+    records: Iterable[tuple[str, LayerRecord]],
+    tree: TreeRecord | None = None,
+) -> bool:
+    """After a save: ``records`` (local listing -> layer) first, then those of ``before``, and ``tree``.
+
+    ``before`` is what :func:`load` gave at the start of the save (its restore window is kept);
+    ``tree`` replaces the tree record (None removes it). False when the state cannot be written.
+    """
+    merged: dict[tuple[str, str], LayerRecord] = {}
+    for local, rec in records:
+        merged.setdefault((local, rec.media_type), rec)
+    for k, rec in before.records.items():
+        if len(merged) >= MAX_RECORDS:
+            break
+        merged.setdefault(k, rec)
+    return _write(target, replace(before, records=merged, tree=tree))
+
+
+def record_restore(target: Path, window: RestoreWindow) -> bool:
+    """After a restore: ``window`` replaces any recorded one, local records stay, the tree record goes
+    (the restore replaced the tree). False when the state cannot be written."""
+    return _write(target, replace(load(target), window=window, tree=None))

@@ -1,0 +1,39 @@
+"""``remote-cache``: save a directory as an OCI image in a registry or layout, restore it, manage entries.
+
+References are skopeo-style: ``HOST[:PORT]/REPO:KEY`` for a registry (loopback hosts use plain
+HTTP automatically) and ``oci:DIR:KEY`` for an OCI image layout. A key containing ``/`` goes in
+``--key KEY`` instead. Credentials: ``--username`` with ``--password-stdin`` (the password is never
+a command-line argument), or ``REMOTE_CACHE_USERNAME``/``REMOTE_CACHE_PASSWORD``, or docker's
+``config.json``. The common options (``--username``, ``--password-stdin``, ``--plain-http``,
+``--timeout``, ``--json``, ``--quiet``, ``--fail-open``) go before or after the command.
+
+Output: a progress bar on stderr when it is a terminal and a transfer lasts over a second; one
+summary line on stderr (``restore hit npm-linux: 123.4 MB in 2.1 s (58.8 MB/s)``); with ``--json``
+one JSON object on stdout and nothing else there. Errors are one line, ``remote-cache: error: ...``.
+
+Exit codes:
+
+    0  ok (and any failure other than a usage error under --fail-open)
+    1  error: store, network or integrity failure
+    2  usage error: bad option, reference or key
+    3  cache miss: restore or inspect of a key that has no entry
+    4  authentication error: missing or wrong credentials
+    5  refused: e.g. the directory is over --max-size, or the store does not allow deletes
+
+``--fail-open`` turns every failure except a usage error (exit 2) into a warning on stderr and
+exit 0, a miss included, so an optional cache step never breaks a CI pipeline; the outcome is
+still in the summary line and in ``--json``. Set ``REMOTE_CACHE_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+from . import commands as _commands  # noqa: F401 - registers the commands on the app
+from .app import PROG, app
+from .exit_codes import ExitCode, exit_code_for
+
+__all__ = ["ExitCode", "app", "exit_code_for", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name=PROG)

@@ -1,0 +1,367 @@
+"""The ``remote-cache`` application: common options, running a command, reporting its outcome.
+
+Each command (:mod:`.commands`) checks its own options and returns the work to do (a
+:data:`Body`); :func:`command` appends the common options to it, and the runner reads the
+password, runs the work, maps what happened to an exit code (:mod:`.exit_codes`) and prints the
+summary line, the JSON or the table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from ..errors import CacheMiss, RemoteCacheError
+from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
+from .progress import TransferProgress
+
+# Start-up time matters for a CLI run once per CI step: what only some commands or paths need
+# (rich's console, asyncio, the registry client, save/restore/entries) is imported where it is
+# used, and here only for the type checker.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ..oci.reference import Reference
+    from ..oci.store import Store
+
+__all__ = [
+    "Body",
+    "Common",
+    "KeyOpt",
+    "Outcome",
+    "RefArg",
+    "RepoArg",
+    "app",
+    "command",
+    "given",
+    "open_entry",
+    "open_repository",
+    "parsed",
+    "plain",
+    "progress_bar",
+]
+
+PROG = "remote-cache"
+_DEBUG_ENV = "REMOTE_CACHE_DEBUG"
+_PASSWORD_ENV = "REMOTE_CACHE_PASSWORD"
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+app = typer.Typer(
+    name=PROG,
+    epilog=EXIT_HELP,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# -------------------------------------------------------------------------------------------
+# Common options
+
+
+@dataclass(frozen=True)
+class Common:
+    """Options every command takes."""
+
+    username: str | None = None
+    password_stdin: bool = False
+    plain_http: bool = False
+    timeout: float | None = None
+    json: bool = False
+    quiet: bool = False
+    fail_open: bool = False
+    password: str | None = field(default=None, repr=False)
+
+
+UsernameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--username", "-u", metavar="USER", help="Registry username (the password comes from stdin/env)."
+    ),
+]
+PasswordStdinOpt = Annotated[
+    bool,
+    typer.Option("--password-stdin", help=f"Read the registry password from stdin (or set {_PASSWORD_ENV})."),
+]
+PlainHttpOpt = Annotated[
+    bool, typer.Option("--plain-http", help="Talk HTTP, not HTTPS (loopback registries always do).")
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout", metavar="SECONDS", min=0.1, help="Network timeout in seconds for each request."
+    ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON object on stdout (and nothing else there).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary line.")]
+FailOpenOpt = Annotated[
+    bool,
+    typer.Option("--fail-open", help="Turn any failure but a usage error into a warning and exit 0."),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key", "-k", metavar="KEY", help="The cache key, when it cannot go in REF (e.g. has '/')."
+    ),
+]
+RefArg = Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")]
+RepoArg = Annotated[str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO or oci:DIR.")]
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    username: UsernameOpt = None,
+    password_stdin: PasswordStdinOpt = False,
+    plain_http: PlainHttpOpt = False,
+    timeout: TimeoutOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    fail_open: FailOpenOpt = False,
+) -> None:
+    """Save directories as OCI images in a registry or an OCI layout, and restore them.
+
+    The common options work before the command (remote-cache --json ls REPO) or after it.
+    """
+    ctx.obj = Common(username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
+
+
+#: The common options as parameters (in the order of the fields of Common), declared once above
+#: and appended to every command's own.
+_COMMON_PARAMS = list(inspect.signature(_global_options, eval_str=True).parameters.values())[1:]
+
+
+def _merged(ctx: typer.Context, given: Common) -> Common:
+    """The command's common options, falling back to those given before the command."""
+    outer = ctx.obj if isinstance(ctx.obj, Common) else Common()
+    given_values = {f.name: getattr(given, f.name) for f in fields(Common)}
+    unset = {
+        name: getattr(outer, name) for name, value in given_values.items() if value is None or value is False
+    }
+    return replace(given, **unset)
+
+
+def _read_password(common: Common) -> Common:
+    """Fill in the password: from stdin with --password-stdin, else from the environment."""
+    if common.password_stdin:
+        if common.username is None:
+            raise UsageError("--password-stdin needs --username")
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UsageError("--password-stdin was given but stdin held no password")
+        return _with_password(common, password)
+    if common.username is not None:
+        env_password = os.environ.get(_PASSWORD_ENV)
+        if not env_password:
+            raise UsageError(
+                f"--username needs a password: pipe it to --password-stdin or set {_PASSWORD_ENV}"
+            )
+        return _with_password(common, env_password)
+    return common
+
+
+def _with_password(common: Common, password: str) -> Common:
+    return replace(common, password=password)
+
+
+def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF") -> Reference:
+    from ..oci.reference import parse_reference
+
+    ref = parse_reference(text)
+    if ref.digest is not None:
+        raise UsageError(f"{what} {text!r} pins a digest; name the entry by key instead (drop '@sha256:...')")
+    if key is not None:
+        if ref.key is not None:
+            raise UsageError(f"the key is given twice (in {what} {text!r} and in --key): keep one")
+        ref = ref.with_key(key)
+    if need_key and ref.key is None:
+        raise UsageError(f"{what} {text!r} has no key: write HOST/REPO:KEY or oci:DIR:KEY, or pass --key KEY")
+    if not need_key and ref.key is not None:
+        raise UsageError(f"{what} {text!r} names an entry; this command takes a repository without ':KEY'")
+    return ref
+
+
+@asynccontextmanager
+async def _store(ref: Reference, common: Common) -> AsyncIterator[Store]:
+    from ..oci.store import open_store
+
+    store = open_store(
+        ref,
+        username=common.username,
+        password=common.password,
+        plain_http=True if common.plain_http else None,
+        timeout=common.timeout,
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+@asynccontextmanager
+async def open_entry(
+    text: str, key: str | None, common: Common
+) -> AsyncIterator[tuple[Reference, str, Store]]:
+    """The entry REF (or REF with --key) checked, its key, and its store opened with the common options."""
+    ref = _reference(text, key, need_key=True)
+    assert ref.key is not None
+    async with _store(ref, common) as store:
+        yield ref, ref.key, store
+
+
+@asynccontextmanager
+async def open_repository(text: str, common: Common) -> AsyncIterator[tuple[Reference, Store]]:
+    """The repository REPO checked (no key), and its store opened with the common options."""
+    ref = _reference(text, None, need_key=False, what="REPO")
+    async with _store(ref, common) as store:
+        yield ref, store
+
+
+# -------------------------------------------------------------------------------------------
+# Running a command and reporting its outcome
+
+
+@dataclass
+class Outcome:
+    """What a command did: exit code, one summary line for stderr, facts for --json, stdout text."""
+
+    code: ExitCode
+    summary: str | None
+    data: dict[str, Any]
+    stdout: Callable[[Console], None] | None = None
+
+
+#: A command's work once its options are checked: runs with the common options (password read).
+Body = Callable[[Common], Coroutine[Any, Any, Outcome]]
+
+
+def _stderr_line(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _redact(text: str, common: Common) -> str:
+    # Belt and braces: the core never puts a secret in a message, and we make sure of it.
+    if common.password:
+        text = text.replace(common.password, "***")
+    return text
+
+
+def _run(command: str, common: Common, body: Body) -> NoReturn:
+    """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
+    import asyncio
+
+    debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+    try:
+        common = _read_password(common)
+        outcome = asyncio.run(body(common))
+    except KeyboardInterrupt:
+        _stderr_line(f"{PROG}: interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        outcome = _failure(command, exc, common)
+    if outcome.code is not ExitCode.OK and common.fail_open and outcome.code is not ExitCode.USAGE:
+        outcome = _failed_open(outcome, common)
+    if common.json:
+        sys.stdout.write(
+            json.dumps({"command": command, **outcome.data, "exit_code": int(outcome.code)}) + "\n"
+        )
+        sys.stdout.flush()
+    elif outcome.stdout is not None:
+        from rich.console import Console
+
+        # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
+        outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
+    if outcome.summary and not common.quiet:
+        _stderr_line(_redact(outcome.summary, common))
+    raise typer.Exit(int(outcome.code))
+
+
+def _failure(command: str, exc: Exception, common: Common) -> Outcome:
+    code = exit_code_for(exc)
+    message = _redact(str(exc) or type(exc).__name__, common)
+    if not isinstance(exc, RemoteCacheError | OSError):
+        message = f"unexpected {type(exc).__name__}: {message} (set {_DEBUG_ENV}=1 for a traceback)"
+    if isinstance(exc, CacheMiss):
+        # A miss (inspect/rm of an absent key) is a result, not an error.
+        where = f"no entry in {exc.where}" if exc.where else "no entry"
+        return Outcome(
+            ExitCode.MISS, f"{command} miss {exc.key}: {where}", {"outcome": "miss", "key": exc.key}
+        )
+    if not common.fail_open or code is ExitCode.USAGE:
+        _stderr_line(f"{PROG}: error: {message}")
+    data = {"outcome": "error", "error": message, "error_type": type(exc).__name__}
+    return Outcome(code, None, data)
+
+
+def _failed_open(outcome: Outcome, common: Common) -> Outcome:
+    reason = outcome.data.get("error") or outcome.data.get("outcome", "failure")
+    if outcome.code is not ExitCode.MISS:
+        _stderr_line(_redact(f"{PROG}: warning: {reason} (ignored: --fail-open)", common))
+    data = {**outcome.data, "failed_open": True, "failed_exit_code": int(outcome.code)}
+    return Outcome(ExitCode.OK, outcome.summary, data, outcome.stdout)
+
+
+def progress_bar(common: Common, description: str) -> TransferProgress:
+    return TransferProgress(description, enabled=(not common.quiet and sys.stderr.isatty()))
+
+
+def parsed(parse: Callable[[_T], _R], value: _T | None, option: str) -> _R | None:
+    """``parse(value)``, None for None; a ValueError becomes a usage error (exit 2) naming ``option``."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from exc
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options that were given (not None): for the others the core's own defaults stand."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def plain(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
+    """Register ``plan`` as command ``name``: its own parameters, then the common options.
+
+    ``plan`` checks its options (raising typer.BadParameter for a usage error) and returns the
+    :data:`Body` that :func:`_run` runs with the merged common options; its docstring is the help.
+    """
+
+    def register(plan: Callable[..., Body]) -> Callable[..., None]:
+        def command(ctx: typer.Context, **options: Any) -> None:
+            given = Common(*(options.pop(p.name) for p in _COMMON_PARAMS))
+            body = plan(**options)
+            _run(name, _merged(ctx, given), body)
+
+        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        own = inspect.signature(plan, eval_str=True).parameters.values()
+        signature = inspect.Signature([context, *own, *_COMMON_PARAMS], return_annotation=None)
+        command.__signature__ = signature  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        command.__name__, command.__doc__ = f"{name}_command", plan.__doc__
+        app.command(name, epilog=EXIT_HELP)(command)
+        return command
+
+    return register

@@ -1,0 +1,303 @@
+"""The commands: save, restore, ls, inspect, rm, prune (registered on the app on import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..errors import CacheMiss
+from ..units import format_bytes, parse_duration, parse_size
+from .app import (
+    Body,
+    Common,
+    KeyOpt,
+    Outcome,
+    RefArg,
+    RepoArg,
+    command,
+    given,
+    open_entry,
+    open_repository,
+    parsed,
+    plain,
+    progress_bar,
+)
+from .exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__: list[str] = []
+
+
+# -- save's options --------------------------------------------------------------------------
+
+SavePathArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="PATH", help="Directory to save.", exists=True, file_okay=False, dir_okay=True, readable=True
+    ),
+]
+CompressionOpt = Annotated[
+    str, typer.Option("--compression", metavar="zstd|gzip", help="Layer compression: zstd or gzip.")
+]
+LevelOpt = Annotated[
+    int | None, typer.Option("--level", metavar="N", help="Compression level (default: the codec's).")
+]
+PlatformOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--platform",
+        metavar="OS/ARCH",
+        help="OS/ARCH[/VARIANT] to publish for; repeatable (default amd64+arm64).",
+    ),
+]
+MaxSizeOpt = Annotated[
+    str | None,
+    typer.Option("--max-size", metavar="SIZE", help="Refuse (exit 5) a directory larger than this, e.g. 2G."),
+]
+SaveJobsOpt = Annotated[
+    int | None, typer.Option("--jobs", "-j", metavar="N", min=1, help="Parallel uploads/compressions.")
+]
+BaseKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-key",
+        "--base",
+        metavar="KEY",
+        help="Also reuse unchanged layers of this entry (e.g. the key a restore fell back to).",
+    ),
+]
+FullOpt = Annotated[
+    bool, typer.Option("--full", help="Re-read every file instead of trusting unchanged listings.")
+]
+ImmutableOpt = Annotated[
+    bool, typer.Option("--immutable", help="Never replace an existing entry under the key.")
+]
+ReadOnlyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--read-only",
+        envvar="REMOTE_CACHE_READ_ONLY",
+        help="Save nothing, exit 0 (for untrusted runs such as fork PRs); env REMOTE_CACHE_READ_ONLY=1.",
+    ),
+]
+
+
+@command("save")
+def _save(
+    path: SavePathArg,
+    ref: RefArg,
+    key: KeyOpt = None,
+    compression: CompressionOpt = "zstd",
+    level: LevelOpt = None,
+    platform: PlatformOpt = None,
+    max_size: MaxSizeOpt = None,
+    jobs: SaveJobsOpt = None,
+    base_key: BaseKeyOpt = None,
+    full: FullOpt = False,
+    immutable: ImmutableOpt = False,
+    read_only: ReadOnlyOpt = False,
+) -> Body:
+    """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY or oci:DIR:KEY)."""
+    if compression not in ("zstd", "gzip"):
+        raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
+    from ..oci.descriptor import Platform
+
+    platforms = parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
+    limit = parsed(parse_size, max_size, "--max-size")
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.save import save
+
+        async with open_entry(ref, key, common) as (reference, entry_key, store):
+            with progress_bar(common, f"save {entry_key}") as bar:
+                result = await save(
+                    store,
+                    entry_key,
+                    path,
+                    compression=compression,
+                    level=level,
+                    max_size=limit,
+                    progress=bar,
+                    base_key=base_key,
+                    full=full,
+                    immutable=immutable,
+                    read_only=read_only,
+                    **given(platforms=platforms, jobs=jobs),
+                )
+        data = {**result.to_json(), "outcome": result.status, "reference": str(reference)}
+        return Outcome(ExitCode.OK, result.summary(), data)
+
+    return body
+
+
+@command("restore")
+def _restore(
+    ref: RefArg,
+    path: Annotated[
+        Path, typer.Argument(metavar="PATH", help="Directory to restore into (replaced; created if absent).")
+    ],
+    key: KeyOpt = None,
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", "-j", metavar="N", min=1, help="Parallel downloads.")
+    ] = None,
+    restore_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--restore-key",
+            metavar="PREFIX",
+            help="On a miss, restore the newest entry whose key starts with PREFIX; repeatable, "
+            "tried in order (as actions/cache restore-keys).",
+        ),
+    ] = None,
+) -> Body:
+    """Restore the entry REF into PATH, replacing PATH atomically; exit 3 when there is no entry.
+
+    With --restore-key, a fallback entry counts as found (exit 0, outcome "fallback", "hit" false).
+    """
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.restore import restore
+
+        async with open_entry(ref, key, common) as (reference, entry_key, store):
+            try:
+                with progress_bar(common, f"restore {entry_key}") as bar:
+                    result = await restore(
+                        store,
+                        entry_key,
+                        path,
+                        restore_keys=tuple(restore_key or ()),
+                        progress=bar,
+                        **given(jobs=jobs),
+                    )
+            except CacheMiss:
+                data = {"outcome": "miss", "hit": False, "key": entry_key, "reference": str(reference)}
+                return Outcome(ExitCode.MISS, f"restore miss {entry_key}: no entry in {store.location}", data)
+        exact = result.status == "hit"
+        data = {**result.to_json(), "outcome": result.status, "hit": exact, "reference": str(reference)}
+        return Outcome(ExitCode.OK, result.summary(), data)
+
+    return body
+
+
+@command("ls")
+def _ls(
+    repo: RepoArg,
+    prefix: Annotated[
+        str | None,
+        typer.Option("--prefix", metavar="PREFIX", help="Only entries whose key starts with this."),
+    ] = None,
+) -> Body:
+    """List the entries, newest first: key, created, size, files, tag."""
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.entries import format_table, list_entries
+
+        async with open_repository(repo, common) as (reference, store):
+            entries = await list_entries(store, prefix=prefix or "")
+        rows = [e.to_json() for e in entries]
+
+        def show(console: Console) -> None:
+            plain(console, format_table(entries))
+
+        data = {"outcome": "ok", "repository": reference.location, "entries": rows}
+        return Outcome(ExitCode.OK, None, data, show)
+
+    return body
+
+
+@command("inspect")
+def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
+    """Show an entry: manifest digest, layers, annotations; exit 3 when absent."""
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.entries import inspect as inspect_entry
+        from ..cache.image import load_image
+
+        async with open_entry(ref, key, common) as (_, entry_key, store):
+            entry = await inspect_entry(store, entry_key)
+            image = await load_image(store, entry.digest)
+        info = {
+            **entry.to_json(with_layers=True),
+            "media_type": image.descriptor.media_type,
+            "manifest": image.manifest.digest,
+            "annotations": dict(image.annotations),
+        }
+
+        def show(console: Console) -> None:
+            plain(console, f"key:        {info['key']}")
+            plain(console, f"digest:     {info['digest']}  ({info['media_type']})")
+            plain(console, f"manifest:   {info['manifest']}")
+            plain(console, "layers:")
+            for layer in image.layers:
+                plain(console, f"  {layer.digest}  {format_bytes(layer.size):>10}  {layer.media_type}")
+            plain(console, "annotations:")
+            for name, value in sorted(image.annotations.items()):
+                plain(console, f"  {name}={value}")
+
+        return Outcome(ExitCode.OK, None, {"outcome": "ok", **info}, show)
+
+    return body
+
+
+@command("rm")
+def _rm(ref: RefArg, key: KeyOpt = None) -> Body:
+    """Remove the entry REF; exit 3 when there is none."""
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.entries import remove
+
+        async with open_entry(ref, key, common) as (reference, entry_key, store):
+            await remove(store, entry_key)
+        data = {"outcome": "removed", "key": entry_key, "reference": str(reference)}
+        return Outcome(ExitCode.OK, f"rm removed {entry_key} from {reference.location}", data)
+
+    return body
+
+
+@command("prune")
+def _prune(
+    repo: RepoArg,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Remove entries created longer ago than this: 30m, 12h, 7d, 2w.",
+        ),
+    ] = None,
+    keep: Annotated[
+        int | None, typer.Option("--keep", metavar="N", min=0, help="Always keep this many newest entries.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", metavar="PREFIX", help="Only consider keys starting with this.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")
+    ] = False,
+) -> Body:
+    """Remove entries older than --older-than; the newest --keep always stay. Needs one of the two."""
+    if older_than is None and keep is None:
+        raise typer.BadParameter("give --older-than DURATION and/or --keep N", param_hint="--older-than")
+    age = parsed(parse_duration, older_than, "--older-than")
+
+    async def body(common: Common) -> Outcome:
+        from ..cache.entries import prune
+
+        async with open_repository(repo, common) as (reference, store):
+            pruned = await prune(store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run)
+        rows = [e.to_json() for e in pruned]
+        verb = "would remove" if dry_run else "removed"
+
+        def show(console: Console) -> None:
+            for row in rows:
+                plain(console, str(row["key"] or row["tag"]))
+
+        data = {"outcome": "ok", "dry_run": dry_run, "repository": reference.location, "removed": rows}
+        line = f"prune {verb} {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} from {reference.location}"
+        return Outcome(ExitCode.OK, line, data, show)
+
+    return body

@@ -1,0 +1,53 @@
+"""The documented exit codes, and the one place where errors meet them."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import typer
+
+from ..errors import (
+    CacheMiss,
+    CacheTooLarge,
+    InvalidKey,
+    InvalidReference,
+    RegistryAuthError,
+    RemoteCacheError,
+    UnsupportedOperation,
+)
+
+__all__ = ["EXIT_HELP", "ExitCode", "UsageError", "exit_code_for"]
+
+EXIT_HELP = (
+    "Exit codes: 0 ok; 1 error (store, network, integrity); 2 usage error; 3 cache miss; "
+    "4 authentication error; 5 refused (over --max-size, deletes not allowed). "
+    "--fail-open makes every failure but a usage error a warning with exit 0."
+)
+
+
+class ExitCode(IntEnum):
+    """The documented exit codes (see :data:`EXIT_HELP`); :func:`exit_code_for` maps errors."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    MISS = 3
+    AUTH = 4
+    REFUSED = 5
+
+
+class UsageError(RemoteCacheError):
+    """A command line that cannot mean anything (exit 2), found after typer's own parsing."""
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code for an exception: the single place where errors meet exit codes."""
+    if isinstance(exc, CacheMiss):
+        return ExitCode.MISS
+    if isinstance(exc, UsageError | InvalidKey | InvalidReference | typer.BadParameter):
+        return ExitCode.USAGE
+    if isinstance(exc, RegistryAuthError):
+        return ExitCode.AUTH
+    if isinstance(exc, UnsupportedOperation | CacheTooLarge):
+        return ExitCode.REFUSED
+    return ExitCode.ERROR

@@ -1,0 +1,72 @@
+"""Descriptors and platforms: what an OCI blob or manifest is, by media type, digest and size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ImageFormatError
+from .digest import check_digest
+
+__all__ = ["Descriptor", "Platform"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """An image platform (``linux/amd64``, ``linux/arm64/v8``)."""
+
+    os: str = "linux"
+    architecture: str = "amd64"
+    variant: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        """``OS/ARCH[/VARIANT]``; ValueError with an example otherwise."""
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(f"platform {text!r} is not OS/ARCH[/VARIANT], e.g. linux/arm64")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+
+    def to_json(self) -> dict[str, str]:
+        out = {"architecture": self.architecture, "os": self.os}
+        if self.variant:
+            out["variant"] = self.variant
+        return out
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor: what a blob or manifest is, by digest and size."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    platform: Platform | None = field(default=None, compare=False, hash=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.platform is not None:
+            out["platform"] = self.platform.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Descriptor:
+        try:
+            plat = obj.get("platform")
+            return cls(
+                media_type=str(obj["mediaType"]),
+                digest=check_digest(str(obj["digest"])),
+                size=int(obj["size"]),
+                annotations=dict(obj.get("annotations") or {}),
+                platform=(
+                    Platform(plat["os"], plat["architecture"], plat.get("variant", "")) if plat else None
+                ),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ImageFormatError(f"malformed descriptor {obj!r}: {exc}") from exc

@@ -1,0 +1,75 @@
+"""Garbage collection of an OCI image layout: delete blobs no tagged entry references.
+
+A blob touched within the grace period is kept whatever it is: it may belong to a save that has
+uploaded its blobs but not moved its tag yet (a save refreshes the mtime of every blob it reuses,
+see ``LayoutStore.has_blob``). The sweep runs under the index lock, so no tag moves meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..media import MAX_DOCUMENT_BYTES
+from .directory import LayoutDirectory
+
+__all__ = ["collect_garbage", "reachable"]
+
+
+def _children(obj: dict[str, Any]) -> list[str]:
+    """Digests an index or manifest refers to (manifests, layers, blobs, config, subject)."""
+    found: list[Any] = []
+    for name in ("manifests", "layers", "blobs"):
+        value = obj.get(name)
+        if isinstance(value, list):
+            found.extend(value)
+    for name in ("config", "subject"):
+        if isinstance(obj.get(name), dict):
+            found.append(obj[name])
+    return [c["digest"] for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
+
+
+def reachable(layout: LayoutDirectory) -> set[str]:
+    """Every digest reachable from ``index.json`` (unreadable or huge blobs are leaves)."""
+    seen: set[str] = set()
+    stack = [str(m.get("digest")) for m in layout.entries()]
+    while stack:
+        digest = stack.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        path = layout.blob_path(digest)
+        try:
+            if path.stat().st_size > MAX_DOCUMENT_BYTES:
+                continue
+            obj = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(obj, dict):
+            stack.extend(_children(obj))
+    return seen
+
+
+def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:
+    """Delete unreferenced blobs untouched for ``grace`` seconds; (blobs removed, bytes freed)."""
+    blobs = layout.root / "blobs" / "sha256"
+    if not blobs.is_dir():
+        return 0, 0
+    removed = freed = 0
+    now = time.time()
+    with layout.locked():
+        keep = {d.removeprefix("sha256:") for d in reachable(layout)}
+        for path in blobs.iterdir():
+            if path.name in keep:
+                continue
+            try:
+                st = path.stat()
+                if now - st.st_mtime < grace:
+                    continue  # possibly part of a save that has not tagged yet
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            freed += st.st_size
+    return removed, freed

@@ -1,0 +1,232 @@
+"""A :class:`~remote_cache.oci.store.Store` over a local OCI image-layout directory (``oci:DIR``).
+
+The directory is a standard OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/``),
+readable by ``skopeo``/``umoci`` as ``oci:DIR:TAG``: a tag is the ``org.opencontainers.image.ref.name``
+annotation of an ``index.json`` entry. Writes are atomic and ``index.json`` changes under a lock
+(:mod:`.directory`); blobs are verified (size and digest) on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ...errors import CacheMiss, ImageFormatError, IntegrityError, StoreError
+from ..descriptor import Descriptor
+from ..digest import BlobCheck, is_digest, sha256_digest
+from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
+from .directory import LayoutDirectory, atomic_file, tag_of
+from .gc import collect_garbage
+
+__all__ = ["LayoutStore"]
+
+_CHUNK = 1024 * 1024
+_T = TypeVar("_T")
+
+
+class LayoutStore:
+    """An OCI image layout on the local filesystem, created on first write."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.location = f"oci:{self.root}"
+        self._dir = LayoutDirectory(self.root)
+
+    def __repr__(self) -> str:
+        return f"LayoutStore({str(self.root)!r})"
+
+    async def _run(self, func: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking file work in a thread; OS errors become StoreError (a missing file stays)."""
+        try:
+            return await anyio.to_thread.run_sync(func, *args)
+        except PermissionError as exc:
+            raise StoreError(
+                f"permission denied writing {self.location} ({exc.filename}): check the directory's owner "
+                "and mode"
+            ) from exc
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise StoreError(f"cannot use the OCI layout {self.location}: {exc}") from exc
+
+    # -- manifests and tags ----------------------------------------------------------------
+
+    async def resolve(self, tag: str) -> Descriptor:
+        """Descriptor of the manifest named ``tag`` in ``index.json``; CacheMiss when absent."""
+        entries = await self._run(self._dir.entries)
+        for entry in reversed(entries):  # the last one wins if a foreign tool left duplicates
+            if tag_of(entry) == tag:
+                desc = Descriptor.from_json(entry)
+                return Descriptor(desc.media_type, desc.digest, desc.size)
+        raise CacheMiss(tag, self.location)
+
+    def _read_small(self, digest: str) -> bytes:
+        path = self._dir.blob_path(digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CacheMiss(digest, self.location) from None
+        if size > MAX_DOCUMENT_BYTES:
+            raise ImageFormatError(f"manifest {digest} in {self.location} is {size} bytes; too large")
+        return path.read_bytes()
+
+    async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
+        """Read a manifest by tag or digest, verifying its digest."""
+        media_type = ""
+        if is_digest(reference):
+            digest = reference
+            for entry in await self._run(self._dir.entries):
+                if entry.get("digest") == digest:
+                    media_type = str(entry.get("mediaType", ""))
+        else:
+            desc = await self.resolve(reference)
+            digest, media_type = desc.digest, desc.media_type
+        body = await self._run(self._read_small, digest)
+        actual = sha256_digest(body)
+        if actual != digest:
+            raise IntegrityError(
+                f"manifest {digest} in {self.location} has digest {actual}: the layout is corrupted"
+            )
+        try:
+            own = json.loads(body).get("mediaType")
+        except (ValueError, AttributeError):
+            own = None
+        if isinstance(own, str) and (own in MANIFEST_TYPES or own in INDEX_TYPES):
+            media_type = own
+        return Descriptor(media_type, digest, len(body)), body
+
+    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
+        """Store a manifest blob, then (when ``tag`` is given) point the tag at it atomically."""
+        desc = Descriptor(media_type, sha256_digest(body), len(body))
+        await self.put_blob(desc, body)
+        if tag is not None:
+            await self._run(self._set_tag, desc, tag)
+        return desc
+
+    def _set_tag(self, desc: Descriptor, tag: str) -> None:
+        self._dir.ensure()
+        with self._dir.locked():
+            index = self._dir.read_index()
+            kept = [m for m in index["manifests"] if not (isinstance(m, dict) and tag_of(m) == tag)]
+            entry = Descriptor(
+                desc.media_type, desc.digest, desc.size, annotations={ANNOTATION_REF_NAME: tag}
+            )
+            kept.append(entry.to_json())
+            index["manifests"] = kept
+            index.setdefault("schemaVersion", 2)
+            self._dir.write_index(index)
+
+    async def tags(self) -> list[str]:
+        """Every ``ref.name`` in ``index.json``."""
+        entries = await self._run(self._dir.entries)
+        return sorted({t for t in (tag_of(e) for e in entries) if t is not None})
+
+    def _delete(self, reference: str) -> None:
+        if not (self.root / "index.json").exists():
+            raise CacheMiss(reference, self.location)
+        with self._dir.locked():
+            index = self._dir.read_index()
+            manifests = [m for m in index["manifests"] if isinstance(m, dict)]
+            if is_digest(reference):
+                kept = [m for m in manifests if m.get("digest") != reference]
+            else:
+                kept = [m for m in manifests if tag_of(m) != reference]
+            if len(kept) == len(manifests):
+                raise CacheMiss(reference, self.location)
+            index["manifests"] = kept
+            self._dir.write_index(index)
+
+    async def delete(self, reference: str) -> None:
+        """Remove the ``index.json`` entry for a tag (or every entry for a digest).
+
+        Blobs stay until :meth:`gc`; CacheMiss when nothing matched.
+        """
+        await self._run(self._delete, reference)
+
+    # -- blobs -----------------------------------------------------------------------------
+
+    def _has_blob(self, digest: str) -> bool:
+        path = self._dir.blob_path(digest)
+        try:
+            # Refresh the mtime: a concurrent gc() spares recently touched blobs, so a save that
+            # reuses this blob (and has not tagged yet) cannot lose it.
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            return path.exists()
+
+    async def has_blob(self, digest: str) -> bool:
+        """True when the blob file exists."""
+        return await self._run(self._has_blob, digest)
+
+    async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
+        """Stream a blob, checking size and digest; IntegrityError at the end on mismatch."""
+        path = self._dir.blob_path(desc.digest)
+        try:
+            fh = await anyio.open_file(path, "rb")
+        except FileNotFoundError:
+            raise StoreError(
+                f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
+                "save the entry again"
+            ) from None
+        check = BlobCheck(desc, f"in {self.location}")
+        try:
+            while True:
+                chunk = await fh.read(_CHUNK)
+                if not chunk:
+                    break
+                check.update(chunk)
+                yield chunk
+        finally:
+            await fh.aclose()
+        check.finish()
+
+    def _put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
+        path = self._dir.blob_path(desc.digest)
+        if self._has_blob(desc.digest):
+            return False
+        self._dir.ensure()
+        hasher = hashlib.sha256()
+        size = 0
+        with atomic_file(path) as out:
+            if isinstance(source, bytes):
+                out.write(source)
+                hasher.update(source)
+                size = len(source)
+            else:
+                with open(source, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        size += len(chunk)
+            actual = "sha256:" + hasher.hexdigest()
+            if size != desc.size or actual != desc.digest:
+                raise IntegrityError(
+                    f"refusing to store blob {desc.digest} ({desc.size} bytes): the content is "
+                    f"{actual} ({size} bytes)"
+                )
+        return True
+
+    async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
+        """Store a blob atomically after verifying it; False when it was already present."""
+        return await self._run(self._put_blob, desc, source)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every operation opens and closes its own files."""
+
+    async def gc(self, *, grace_seconds: float = 900.0) -> tuple[int, int]:
+        """Delete blobs no tagged entry references; returns (blobs removed, bytes freed).
+
+        Blobs (and temporary files) touched in the last ``grace_seconds`` are kept, since they
+        may belong to a save in progress that has not moved its tag yet.
+        """
+        return await self._run(collect_garbage, self._dir, grace_seconds)

@@ -1,0 +1,181 @@
+"""Store references: ``HOST[:PORT]/REPO[:KEY][@DIGEST]`` and ``oci:DIR[:KEY]``, parsed once (no I/O).
+
+Grammar (skopeo-style, names as in the OCI distribution spec
+https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests)::
+
+    reference  := ["docker://"] [host "/"] repository [":" key] ["@" digest]
+                | "oci:" dir [":" key]
+    host       := domain-component ("." domain-component)* [":" port] | "[" ipv6 "]" [":" port]
+    repository := path-component ("/" path-component)*
+    path-component := [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*
+    digest     := sha256:[a-f0-9]{64}
+
+The first component is a host when it contains a ``.`` or ``:`` or is ``localhost`` (as docker
+does); otherwise the reference means Docker Hub, whose API host is ``registry-1.docker.io`` and
+whose single-component repositories live under ``library/``. That normalisation happens here only.
+
+``KEY`` is the raw cache key (made a tag later by :func:`remote_cache.keys.tag_for_key`): it is
+everything after the first ``:`` that follows the last ``/``, so a key may contain ``:`` (and
+``@`` when no ``algorithm:`` follows it) but not ``/``. For ``oci:`` the directory ends at the
+first ``:`` (as in skopeo).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from ..errors import InvalidReference
+from ..keys import validate_key
+from .digest import is_digest
+
+__all__ = [
+    "DOCKER_HUB_API_HOST",
+    "DOCKER_HUB_HOSTS",
+    "Reference",
+    "is_loopback",
+    "parse_reference",
+]
+
+DOCKER_HUB_API_HOST = "registry-1.docker.io"
+#: Names users write for Docker Hub; all talk to :data:`DOCKER_HUB_API_HOST`.
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", DOCKER_HUB_API_HOST})
+
+_EXAMPLE = "e.g. 'localhost:5000/team/cache:npm-linux', 'ghcr.io/org/cache:go' or 'oci:./layout:npm'"
+
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where a cache lives: a registry repository or an OCI layout directory, plus an optional key.
+
+    ``transport`` is ``"registry"`` (``host`` and ``repository`` set) or ``"layout"`` (``path``
+    set). ``key`` is the raw cache key, ``digest`` a pinned manifest digest; either may be None.
+    """
+
+    transport: Literal["registry", "layout"]
+    host: str = ""
+    repository: str = ""
+    key: str | None = None
+    digest: str | None = None
+    path: str | None = None
+
+    @property
+    def is_docker_hub(self) -> bool:
+        """True for Docker Hub references (whatever alias was written)."""
+        return self.transport == "registry" and self.host == DOCKER_HUB_API_HOST
+
+    @property
+    def location(self) -> str:
+        """The repository or layout without key/digest, e.g. ``localhost:5000/team/cache``."""
+        if self.transport == "layout":
+            return f"oci:{self.path}"
+        host = "docker.io" if self.is_docker_hub else self.host
+        return f"{host}/{self.repository}"
+
+    def with_key(self, key: str | None) -> Reference:
+        """The same repository/layout with another key (and no pinned digest)."""
+        if key is not None:
+            validate_key(key)
+        return replace(self, key=key, digest=None)
+
+    def __str__(self) -> str:
+        text = self.location
+        if self.key is not None:
+            text += f":{self.key}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (optionally with ``:port``) names this machine: localhost, 127/8, ::1."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _invalid(text: str, why: str) -> InvalidReference:
+    return InvalidReference(f"invalid reference {text!r}: {why}; {_EXAMPLE}")
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse ``HOST[:PORT]/REPO[:KEY][@sha256:...]`` or ``oci:DIR[:KEY]`` into a :class:`Reference`."""
+    raw = text.strip()
+    if not raw:
+        raise _invalid(text, "it is empty")
+    if raw.startswith("oci:"):
+        return _parse_layout(text, raw[len("oci:") :])
+    if raw.startswith("docker://"):
+        raw = raw[len("docker://") :]
+    elif "://" in raw:
+        raise _invalid(text, "only 'docker://' and 'oci:' transports are supported (or no prefix)")
+
+    digest: str | None = None
+    at = raw.rfind("@")
+    # '@' starts a digest only when an algorithm follows; otherwise it belongs to the key.
+    if at != -1 and re.match(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:", raw[at + 1 :]):
+        candidate = raw[at + 1 :]
+        if not is_digest(candidate):
+            raise _invalid(text, f"{candidate!r} after '@' is not a sha256 digest (sha256:<64 hex digits>)")
+        digest = candidate
+        raw = raw[:at]
+
+    key: str | None = None
+    slash = raw.rfind("/")
+    colon = raw.find(":", slash + 1)
+    if colon != -1:
+        key = raw[colon + 1 :]
+        raw = raw[:colon]
+        if not key:
+            raise _invalid(text, "the key after ':' is empty")
+        validate_key(key)
+
+    first, sep, rest = raw.partition("/")
+    if sep and (("." in first or ":" in first) or first == "localhost" or first.startswith("[")):
+        host, repository = first.lower(), rest
+        if not _HOST.fullmatch(host):
+            raise _invalid(text, f"{first!r} is not a valid host[:port]")
+    else:
+        host, repository = DOCKER_HUB_API_HOST, raw
+    if host in DOCKER_HUB_HOSTS:
+        host = DOCKER_HUB_API_HOST
+        if repository and "/" not in repository:
+            repository = f"library/{repository}"
+    if not repository:
+        raise _invalid(text, "the repository name is missing")
+    if not _REPOSITORY.fullmatch(repository):
+        hint = " (repository names must be lowercase)" if repository != repository.lower() else ""
+        raise _invalid(
+            text,
+            f"repository {repository!r} is not valid: path components are "
+            f"[a-z0-9]+ separated by '.', '_', '__' or '-'{hint}",
+        )
+    if len(host) + 1 + len(repository) > 255:
+        raise _invalid(text, "host and repository together exceed 255 characters")
+    return Reference("registry", host=host, repository=repository, key=key, digest=digest)
+
+
+def _parse_layout(text: str, rest: str) -> Reference:
+    path, sep, key = rest.partition(":")
+    if not path:
+        raise _invalid(text, "the layout directory after 'oci:' is missing")
+    if sep:
+        if not key:
+            raise _invalid(text, "the key after ':' is empty")
+        validate_key(key)
+    return Reference("layout", path=path, key=key if sep else None)

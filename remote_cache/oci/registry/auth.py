@@ -1,0 +1,203 @@
+"""Registry auth as challenge-response (the shape of ``httpx.Auth``), with cached bearer tokens.
+
+A request first goes anonymous, or with a token cached for its scopes. A 401's
+``WWW-Authenticate`` then selects ``Basic`` (credentials sent up front from then on) or
+``Bearer realm,service,scope``: a token is fetched from the realm with the basic credentials (or
+an identity token as an OAuth2 refresh token), its body size-capped, and cached per scope until
+shortly before it expires; a second 401 on a token refreshes it. Credentials never go to a
+plain-HTTP realm of a TLS registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from ...errors import RegistryAuthError
+from ..credentials import Credentials
+from ..reference import is_loopback
+from .errors import error_for_response, translated
+
+if TYPE_CHECKING:
+    from .transport import Timeouts
+
+__all__ = ["Authenticator", "parse_challenge", "read_capped"]
+
+_MAX_TOKEN_BODY = 1 << 20  # a token response is a few KiB; refuse to buffer more than 1 MiB
+_TOKEN_MARGIN = 10.0  # refresh a token this many seconds before it expires
+_DEFAULT_TOKEN_LIFETIME = 60  # the token spec's default when expires_in is absent
+_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """Split ``Bearer realm="...",service="..."`` into ``("bearer", {"realm": ..., ...})``."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3) or "").replace('\\"', '"')
+        for m in _PARAM.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+def _scope_key(scopes: Iterable[str]) -> str:
+    return " ".join(sorted(set(scopes)))
+
+
+async def read_capped(response: httpx.Response, cap: int) -> bytes:
+    """At most ``cap`` bytes of a streamed response's body (httpx errors propagate)."""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= cap:
+            break
+    return b"".join(chunks)[:cap]
+
+
+class Authenticator:
+    """The auth state of one registry host: which scheme it wants, and the tokens fetched so far."""
+
+    def __init__(
+        self,
+        host: str,
+        credentials: Credentials | None,
+        *,
+        plain_http: bool,
+        client: httpx.AsyncClient,
+        timeouts: Timeouts,
+    ) -> None:
+        self.host = host
+        self.credentials = credentials
+        self._plain_http = plain_http
+        self._client = client
+        self._timeouts = timeouts
+        self._basic = False  # the registry asked for Basic: send it up front from now on
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+
+    def header(self, scopes: list[str]) -> str | None:
+        """The ``Authorization`` value to send for ``scopes`` now, if any."""
+        token = self._cached_token(scopes)
+        if token is not None:
+            return f"Bearer {token}"
+        if self._basic and self.credentials is not None and self.credentials.username:
+            return self._basic_header()
+        return None
+
+    async def answer(self, challenge: str, scopes: list[str], sent: str | None, action: str) -> bool:
+        """Meet a 401's ``WWW-Authenticate`` challenge; True when the request should be sent again.
+
+        False when there is nothing (new) to offer: the caller maps the 401 to an auth error.
+        """
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            creds = self.credentials
+            if creds is None or not creds.username or (sent is not None and sent.startswith("Basic ")):
+                return False
+            self._basic = True
+            return True
+        if scheme == "bearer" and params.get("realm"):
+            wanted = scopes or ([params["scope"]] if params.get("scope") else [])
+            # A token we sent was refused (expired or revoked): fetch a fresh one.
+            stale = sent if sent and sent.startswith("Bearer ") else None
+            await self._fetch_token(params["realm"], params.get("service", ""), wanted, action, stale)
+            return True
+        return False
+
+    def _cached_token(self, scopes: list[str]) -> str | None:
+        keys = [_scope_key(scopes)]
+        # A pull,push token also serves pulls of the same repository.
+        if len(scopes) == 1 and scopes[0].endswith(":pull"):
+            keys.append(_scope_key([scopes[0] + ",push"]))
+        now = time.monotonic()
+        for key in keys:
+            token = self._tokens.get(key)
+            if token is not None and token.expires_at > now:
+                return token.value
+        return None
+
+    def _basic_header(self) -> str:
+        assert self.credentials is not None
+        raw = f"{self.credentials.username}:{self.credentials.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def _check_realm(self, realm: str) -> None:
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https"):
+            raise RegistryAuthError(f"registry {self.host} sent an unusable token realm {realm!r}")
+        if parts.scheme == "http" and not (self._plain_http or is_loopback(parts.netloc)):
+            raise RegistryAuthError(
+                f"registry {self.host} wants credentials sent to a plain-HTTP realm {realm}; refusing"
+            )
+
+    def _token_request(self, realm: str, service: str, scopes: list[str]) -> httpx.Request:
+        query: list[tuple[str, str | int | float | bool | None]] = [("service", service)] if service else []
+        query.extend(("scope", s) for s in scopes)
+        creds = self.credentials
+        timeout = self._timeouts.to_httpx()
+        if creds is not None and creds.identity_token:
+            form = {k: str(v) for k, v in query}
+            form.update(
+                grant_type="refresh_token", refresh_token=creds.identity_token, client_id="remote-cache"
+            )
+            form["scope"] = " ".join(scopes)
+            return self._client.build_request("POST", realm, data=form, timeout=timeout)
+        headers = {"Authorization": self._basic_header()} if creds is not None and creds.username else {}
+        return self._client.build_request("GET", realm, params=query, headers=headers, timeout=timeout)
+
+    async def _fetch_token(
+        self, realm: str, service: str, scopes: list[str], action: str, stale: str | None
+    ) -> None:
+        key = _scope_key(scopes)
+        async with self._token_locks.setdefault(key, asyncio.Lock()):
+            current = self._tokens.get(key)
+            if (
+                current is not None
+                and current.expires_at > time.monotonic()
+                and stale != f"Bearer {current.value}"
+            ):
+                return  # another task fetched or refreshed it while we waited
+            self._tokens.pop(key, None)
+            self._check_realm(realm)
+            with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
+                response = await self._client.send(self._token_request(realm, service, scopes), stream=True)
+                try:
+                    body = await read_capped(response, _MAX_TOKEN_BODY + 1)
+                finally:
+                    await response.aclose()
+            if response.status_code != 200:
+                raise error_for_response(
+                    response, body, host=self.host, credentials=self.credentials, action=action
+                )
+            value, expires_in = self._parse_token(body)
+            lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
+            self._tokens[key] = _Token(value, time.monotonic() + lifetime)
+
+    def _parse_token(self, body: bytes) -> tuple[str, int]:
+        if len(body) > _MAX_TOKEN_BODY:
+            raise RegistryAuthError(f"the token realm of registry {self.host} sent an oversized answer")
+        try:
+            data: Any = json.loads(body)
+            value = data.get("token") or data.get("access_token")
+            expires_in = int(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise RegistryAuthError(f"the token realm of registry {self.host} sent no usable token") from exc
+        if not isinstance(value, str) or not value:
+            raise RegistryAuthError(f"the token realm of registry {self.host} sent no usable token")
+        return value, expires_in

@@ -1,0 +1,132 @@
+"""Registry errors on the wire, and the one boundary where httpx's exceptions become ours.
+
+* :func:`error_for_response` turns an error response into the one right exception: 401/403 ->
+  :class:`~remote_cache.errors.RegistryAuthError` (saying how to pass credentials), anything else
+  -> :class:`~remote_cache.errors.RegistryError` carrying the status, the spec's error code
+  (``MANIFEST_UNKNOWN``, ``DENIED``, ... from the ``{"errors": [...]}`` body) and ``Retry-After``.
+* :func:`unreachable` turns a connection, DNS, TLS or timeout failure into
+  :class:`~remote_cache.errors.RegistryUnreachable`, temporary unless retrying cannot help soon;
+  :func:`translated` applies it to a block. Only the transport (:mod:`.transport`, :mod:`.auth`)
+  touches httpx, and every httpx call there runs inside :func:`translated`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import httpx
+
+from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
+from ..credentials import PASS_CREDENTIALS, Credentials
+
+if TYPE_CHECKING:
+    from .transport import Timeouts
+
+__all__ = ["error_for_response", "translated", "unreachable"]
+
+
+def _spec_errors(body: bytes) -> list[tuple[str, str]]:
+    """``(code, message)`` pairs of a spec error body ``{"errors": [{"code", "message"}]}``."""
+    try:
+        data = json.loads(body)
+        return [
+            (str(e.get("code", "")), str(e.get("message", "")))
+            for e in data.get("errors", [])
+            if isinstance(e, dict)
+        ]
+    except (ValueError, AttributeError, TypeError):
+        return []
+
+
+def error_for_response(
+    response: httpx.Response,
+    body: bytes,
+    *,
+    host: str,
+    credentials: Credentials | None,
+    action: str,
+) -> StoreError:
+    """The exception for an error response: auth (401/403), or RegistryError(status, code).
+
+    ``action`` says what we tried (``"read manifest team/cache:npm"``) and starts the message.
+    """
+    status = response.status_code
+    errors = _spec_errors(body)
+    code = errors[0][0] if errors else ""
+    detail = "; ".join(f"{c}: {m}" if m else c for c, m in errors) or response.reason_phrase or ""
+    if status in (401, 403):
+        if credentials is None:
+            return RegistryAuthError(
+                f"cannot {action}: registry {host} requires credentials ({status} {detail}); "
+                f"pass {PASS_CREDENTIALS}, set REMOTE_CACHE_USERNAME/REMOTE_CACHE_PASSWORD "
+                f"or run `docker login {host}`"
+            )
+        who = credentials.username or "<identity token>"
+        if status == 403 or code == "DENIED":
+            return RegistryAuthError(
+                f"cannot {action}: registry {host} denied user {who!r} ({status} {detail}); "
+                "check that this user may pull/push this repository"
+            )
+        return RegistryAuthError(
+            f"cannot {action}: registry {host} refused the credentials for user {who!r} "
+            f"({status} {detail}): check the username and password or token, or `docker login {host}`"
+        )
+    return RegistryError(
+        f"cannot {action}: registry {host} answered {status} {detail}",
+        status=status,
+        code=code,
+        retry_after=response.headers.get("Retry-After"),
+    )
+
+
+def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
+    """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``."""
+    cause = str(exc) or type(exc).__name__
+    t = timeouts
+    if isinstance(exc, httpx.ConnectTimeout):
+        return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
+    if isinstance(exc, httpx.ReadTimeout):
+        return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
+    if isinstance(exc, httpx.WriteTimeout):
+        return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
+    if isinstance(exc, httpx.PoolTimeout):
+        return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
+    if isinstance(exc, httpx.ConnectError):
+        # Refused, DNS, TLS: trying again only delays a clear error.
+        if _is_tls_error(exc):
+            return RegistryUnreachable(
+                f"TLS handshake with registry {host} failed ({cause}); if it serves plain HTTP, "
+                "pass --plain-http",
+                temporary=False,
+            )
+        return RegistryUnreachable(
+            f"cannot connect to registry {host} ({cause}); check the address and that it is running",
+            temporary=False,
+        )
+    temporary = isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError))
+    return RegistryUnreachable(
+        f"connection to registry {host} failed ({type(exc).__name__}: {cause})", temporary=temporary
+    )
+
+
+@contextmanager
+def translated(host: str, timeouts: Timeouts) -> Iterator[None]:
+    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        raise unreachable(host, exc, timeouts=timeouts) from exc
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).lower()
+    return "ssl" in text or "certificate" in text or "tls" in text

@@ -1,0 +1,308 @@
+"""A registry repository as a :class:`~remote_cache.oci.store.Store` (OCI distribution spec v1.1).
+
+Endpoints used (https://github.com/opencontainers/distribution-spec/blob/main/spec.md):
+``GET /v2/`` (ping), ``HEAD|GET|PUT|DELETE /v2/<name>/manifests/<ref>``,
+``HEAD|GET /v2/<name>/blobs/<digest>``, ``GET /v2/<name>/tags/list?n=`` with ``Link`` pages, and
+the upload endpoints of :mod:`.upload`.
+
+Every read is verified: manifests against the digest asked for or announced, blobs against their
+descriptor's size and sha256 while streaming. Many transfers may run concurrently on one store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urljoin
+
+from ...errors import (
+    CacheMiss,
+    IntegrityError,
+    InvalidReference,
+    RegistryError,
+    RegistryUnreachable,
+    UnsupportedOperation,
+)
+from ..credentials import Credentials
+from ..descriptor import Descriptor
+from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
+from ..media import MANIFEST_ACCEPT
+from ..reference import Reference
+from .transport import RegistryResponse, RegistryTransport, Timeouts
+from .upload import DEFAULT_CHUNK_SIZE, Uploader
+
+__all__ = ["RegistryStore"]
+
+_LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+
+
+class RegistryStore:
+    """One repository on an OCI registry, e.g. ``localhost:5000/team/cache``.
+
+    ``plain_http`` defaults to plain HTTP for loopback hosts only; ``timeout`` is seconds per
+    phase (or :class:`~remote_cache.oci.registry.transport.Timeouts`); ``retries`` bounds retries
+    of each request, of each download's resumptions and of each upload's restarts.
+    ``chunk_size`` sets when and how files upload in chunks. ``mount_from`` names a repository
+    on the same registry to mount blobs from.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        repository: str,
+        *,
+        credentials: Credentials | None = None,
+        plain_http: bool | None = None,
+        timeout: float | Timeouts | None = None,
+        retries: int = 3,
+        transport: RegistryTransport | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        max_connections: int = 16,
+        mount_from: str | None = None,
+    ) -> None:
+        self.host = host
+        self.repository = repository
+        self.location = f"{host}/{repository}"
+        self.mount_from = mount_from
+        self._transport = transport or RegistryTransport(
+            host,
+            credentials=credentials,
+            plain_http=plain_http,
+            timeout=timeout,
+            retries=retries,
+            max_connections=max_connections,
+        )
+        self._pull = f"repository:{repository}:pull"
+        self._push = f"repository:{repository}:pull,push"
+        self._uploader = Uploader(
+            self._transport, repository, self.location, self.has_blob, chunk_size=chunk_size
+        )
+
+    @classmethod
+    def from_reference(cls, ref: Reference, **kwargs: Any) -> RegistryStore:
+        """The store for a parsed ``HOST/REPO[:KEY]`` reference (its key is ignored here)."""
+        if ref.transport != "registry":
+            raise InvalidReference(f"{ref} is an OCI layout, not a registry repository")
+        store = cls(ref.host, ref.repository, **kwargs)
+        store.location = ref.location
+        return store
+
+    @property
+    def transport(self) -> RegistryTransport:
+        """The HTTP layer (shared connection pool, auth state)."""
+        return self._transport
+
+    async def __aenter__(self) -> RegistryStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._transport.aclose()
+
+    def _path(self, kind: str, ref: str = "") -> str:
+        return f"/v2/{self.repository}/{kind}/{ref}"
+
+    async def ping(self) -> None:
+        """Check that the registry answers and accepts our credentials (``GET /v2/``)."""
+        await self._transport.request("GET", "/v2/", action=f"reach registry {self.host}")
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    async def resolve(self, tag: str) -> Descriptor:
+        """Descriptor of the manifest under ``tag`` (or digest); CacheMiss when there is none."""
+        what = f"resolve {self.location}@{tag}" if is_digest(tag) else f"resolve {self.location}:{tag}"
+        response = await self._transport.request(
+            "HEAD",
+            self._path("manifests", tag),
+            scopes=[self._pull],
+            action=what,
+            headers={"Accept": MANIFEST_ACCEPT},
+            ok=(200, 404),
+        )
+        if response.status == 404:
+            raise CacheMiss(tag, self.location)
+        digest = response.headers.get("Docker-Content-Digest")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        length = response.headers.get("Content-Length")
+        if digest and media_type and length is not None and is_digest(digest):
+            return Descriptor(media_type=media_type, digest=digest, size=int(length))
+        desc, _body = await self.get_manifest(tag)
+        return desc
+
+    async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
+        """Fetch a manifest by tag or digest, verifying its digest; CacheMiss when absent."""
+        what = f"manifest {self.location}:{reference}"
+        async with self._transport.stream(
+            "GET",
+            self._path("manifests", reference),
+            scopes=[self._pull],
+            action=f"read {what}",
+            headers={"Accept": MANIFEST_ACCEPT},
+            ok=(200, 404),
+        ) as response:
+            if response.status == 404:
+                raise CacheMiss(reference, self.location)
+            body = await response.read(what=what)
+        digest = sha256_digest(body)
+        if is_digest(reference):
+            verify_bytes(body, reference)
+        announced = response.headers.get("Docker-Content-Digest")
+        if announced and is_digest(announced) and announced != digest:
+            raise IntegrityError(f"{what} has digest {digest}, but the registry said {announced}")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if not media_type or media_type in ("application/json", "text/plain"):
+            media_type = _media_type_from_body(body) or media_type
+        return Descriptor(media_type=media_type, digest=digest, size=len(body)), body
+
+    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
+        """Store a manifest; under ``tag`` when given (the registry keeps it by digest too)."""
+        digest = sha256_digest(body)
+        ref = tag if tag is not None else digest
+        response = await self._transport.request(
+            "PUT",
+            self._path("manifests", ref),
+            scopes=[self._push],
+            action=f"push manifest {self.location}:{ref}",
+            headers={"Content-Type": media_type},
+            content=body,
+            ok=(200, 201, 202),
+        )
+        announced = response.headers.get("Docker-Content-Digest")
+        if announced and is_digest(announced) and announced != digest:
+            raise IntegrityError(
+                f"registry {self.host} stored manifest {ref} as {announced}, but its digest is {digest}"
+            )
+        return Descriptor(media_type=media_type, digest=digest, size=len(body))
+
+    async def delete(self, reference: str) -> None:
+        """Delete the manifest under a tag or digest (every tag pointing at it goes too)."""
+        digest = reference if is_digest(reference) else (await self.resolve(reference)).digest
+        try:
+            response = await self._transport.request(
+                "DELETE",
+                self._path("manifests", digest),
+                scopes=[f"repository:{self.repository}:delete", self._push],
+                action=f"delete {self.location}:{reference}",
+                ok=(200, 202, 404),
+            )
+        except RegistryError as exc:
+            if exc.status == 405 or exc.code == "UNSUPPORTED":
+                raise UnsupportedOperation(
+                    f"registry {self.host} does not allow deleting manifests ({exc.status} {exc.code}); "
+                    "registries such as ttl.sh expire tags by name instead (there a key like 1h or 24h "
+                    "is the entry's lifetime), others have their own retention policies, and "
+                    "self-hosted ones need deletes enabled (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true)"
+                ) from exc
+            raise
+        if response.status == 404:
+            raise CacheMiss(reference, self.location)
+
+    async def tags(self, *, page_size: int | None = None) -> list[str]:
+        """Every tag in the repository, following ``Link`` pages; [] when the repository is new."""
+        params = {"n": str(page_size)} if page_size else None
+        path = self._path("tags", "list")
+        found: list[str] = []
+        for _page in range(100_000):
+            response = await self._transport.request(
+                "GET", path, scopes=[self._pull], action=f"list tags of {self.location}", params=params,
+                ok=(200, 404),
+            )  # fmt: skip
+            if response.status == 404:
+                return found
+            found.extend(self._page_tags(response))
+            match = _LINK_NEXT.search(response.headers.get("Link", ""))
+            if not match:
+                return found
+            path = urljoin(response.url, match.group(1))
+            params = None
+        raise RegistryError(f"registry {self.host} sent endless tag pages for {self.location}")
+
+    def _page_tags(self, response: RegistryResponse) -> list[str]:
+        try:
+            return [str(t) for t in (json.loads(response.content).get("tags") or [])]
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise RegistryError(
+                f"registry {self.host} sent an unreadable tag list for {self.location}"
+            ) from exc
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def has_blob(self, digest: str) -> bool:
+        """True when the repository already has the blob (``HEAD``)."""
+        response = await self._transport.request(
+            "HEAD",
+            self._path("blobs", digest),
+            scopes=[self._pull],
+            action=f"check blob {digest} in {self.location}",
+            ok=(200, 404),
+        )
+        return response.status == 200
+
+    async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
+        """Stream a blob; a broken download resumes with ``Range``; IntegrityError on mismatch."""
+        check_digest(desc.digest)
+        check = BlobCheck(desc, f"from {self.location}")
+        attempt = 0
+        while True:
+            try:
+                async for chunk in self._blob_from(desc, check.seen):
+                    check.update(chunk)
+                    yield chunk
+                break
+            except RegistryUnreachable as exc:  # cut mid-body: resume (answers were retried already)
+                if check.seen >= desc.size:
+                    raise
+                await self._transport.retry.pause(attempt, exc)
+                attempt += 1
+        check.finish()
+
+    async def _blob_from(self, desc: Descriptor, offset: int) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` on (a ``Range`` request; a server ignoring it is skipped)."""
+        # The digest is of the stored bytes: ask for them as they are (and Range counts them).
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        async with self._transport.stream(
+            "GET",
+            self._path("blobs", desc.digest),
+            scopes=[self._pull],
+            action=f"read blob {desc.digest} from {self.location}",
+            headers=headers,
+            ok=(200, 206),
+        ) as response:
+            skip = offset if response.status == 200 else 0
+            async for chunk in response.chunks():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                yield chunk
+
+    async def put_blob(
+        self, desc: Descriptor, source: bytes | Path, *, mount_from: str | None = None
+    ) -> bool:
+        """Upload a blob unless present, mounting it from ``mount_from`` when possible.
+
+        ``bytes`` and files up to the chunk size go in one PUT; larger files in PATCH chunks.
+        Returns False when the blob was already there (see :mod:`.upload`).
+        """
+        check_digest(desc.digest)
+        return await self._uploader.put(desc, source, mount_from or self.mount_from)
+
+
+def _media_type_from_body(body: bytes) -> str | None:
+    try:
+        value = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    return str(value) if isinstance(value, str) else None

@@ -1,0 +1,96 @@
+"""The storage interface shared by a registry repository and an OCI image layout, and how to open one.
+
+Save, restore, list and prune are written against :class:`Store` only, so they work
+the same on a registry (``HOST/REPO``) and on a local layout directory (``oci:DIR``).
+Every read checks size and digest; a tag moves only through :meth:`Store.put_manifest`.
+:func:`open_store` gives the store a parsed reference names; callers never care which kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .descriptor import Descriptor
+
+# Each kind of store is imported only when asked for: the registry client pulls in httpx, which
+# a layout-only run (and the CLI's start-up) need not pay for.
+if TYPE_CHECKING:
+    from .reference import Reference
+
+__all__ = ["Store", "open_store"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """One repository of images: blobs by digest, manifests by digest or tag."""
+
+    #: Human-readable location for messages, e.g. ``localhost:5000/team/cache`` or ``oci:/tmp/l``.
+    location: str
+
+    async def resolve(self, tag: str) -> Descriptor:
+        """Descriptor (media type, digest, size) of the manifest tagged ``tag``.
+
+        Raises CacheMiss when the tag does not exist; other failures raise StoreError subclasses.
+        """
+        ...
+
+    async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
+        """Fetch a manifest or index by tag or digest; verifies the digest of what it returns."""
+        ...
+
+    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
+        """Store a manifest/index (by digest; and under ``tag`` when given). Returns its descriptor."""
+        ...
+
+    async def has_blob(self, digest: str) -> bool:
+        """True when the blob is already stored (lets uploads skip it)."""
+        ...
+
+    def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
+        """Stream a blob's bytes; raises IntegrityError at the end if size or digest differ."""
+        ...
+
+    async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
+        """Store a blob whose digest and size are known. Returns False if it was already there."""
+        ...
+
+    async def tags(self) -> list[str]:
+        """Every tag in the repository (all pages)."""
+        ...
+
+    async def delete(self, reference: str) -> None:
+        """Delete a manifest by tag or digest (UnsupportedOperation where the store cannot)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections/files."""
+        ...
+
+
+def open_store(
+    reference: Reference,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    plain_http: bool | None = None,
+    timeout: float | None = None,
+) -> Store:
+    """A store for ``HOST/REPO`` (credentials resolved as in docker) or ``oci:DIR`` (created on write).
+
+    ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds.
+    The reference's key is ignored here. Close the store with ``await store.aclose()``.
+    """
+    if reference.transport == "layout":
+        from .layout import LayoutStore
+
+        assert reference.path is not None
+        return LayoutStore(Path(reference.path).expanduser())
+    from .credentials import resolve_credentials
+    from .registry import RegistryStore
+
+    credentials = resolve_credentials(reference.host, username=username, password=password)
+    return RegistryStore.from_reference(
+        reference, credentials=credentials, plain_http=plain_http, timeout=timeout
+    )

@@ -1,0 +1,387 @@
+"""Unpack: layering and OCI whiteouts, magic-byte detection, ownership, replace_dir semantics."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from remote_cache.archive.extract import Extractor
+from remote_cache.archive.pack import pack_tree
+from remote_cache.archive.swap import discard_dir, replace_dir, staging_dir
+from remote_cache.errors import IntegrityError
+from tests.trees import assert_same_tree
+
+TAR = "tar"
+
+
+def _tar(*members: tuple[str, bytes, str]) -> bytes:
+    """Members as (name, data, kind) with kind f(ile), d(ir), l(ink target in data)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_600_000_000
+            if kind == "d":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            elif kind == "l":
+                info.type, info.linkname = tarfile.SYMTYPE, data.decode()
+                tf.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _apply(dest: Path, *layers: bytes) -> None:
+    ex = Extractor(dest)
+    for blob in layers:
+        ex.add_layer(io.BytesIO(blob), TAR)
+    ex.finish()
+
+
+def _listing(root: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            out[rel] = (
+                "dir" if p.is_dir() and not p.is_symlink() else "link" if p.is_symlink() else p.read_text()
+            )
+    return out
+
+
+def test_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
+    lower = _tar(
+        ("a/", b"", "d"),
+        ("a/one", b"1", "f"),
+        ("a/two", b"2", "f"),
+        ("b/", b"", "d"),
+        ("b/old", b"o", "f"),
+        ("b/sub/", b"", "d"),
+        ("b/sub/deep", b"d", "f"),
+        ("c", b"c", "f"),
+    )
+    upper = _tar(
+        ("a/.wh.one", b"", "f"),
+        ("b/", b"", "d"),
+        ("b/new", b"n", "f"),
+        ("b/.wh..wh..opq", b"", "f"),
+        ("c/", b"", "d"),
+        ("c/inside", b"i", "f"),  # a file replaced by a directory
+    )
+    _apply(tmp_path, lower, upper)
+    assert _listing(tmp_path) == {
+        "a": "dir",
+        "a/two": "2",
+        "b": "dir",
+        "b/new": "n",
+        "c": "dir",
+        "c/inside": "i",
+    }
+
+
+def test_later_layer_replaces_entries(tmp_path: Path) -> None:
+    lower = _tar(("x", b"old", "f"), ("d/", b"", "d"), ("d/f", b"f", "f"), ("s", b"x", "l"))
+    upper = _tar(("x", b"new", "f"), ("d", b"x", "l"), ("s/", b"", "d"))
+    _apply(tmp_path, lower, upper)
+    assert _listing(tmp_path) == {"x": "new", "d": "link", "s": "dir"}
+    assert os.readlink(tmp_path / "d") == "x"
+
+
+def test_missing_parents_are_created(tmp_path: Path) -> None:
+    _apply(tmp_path, _tar(("p/q/r/file", b"deep", "f")), _tar(("p/", b"", "d")))
+    assert (tmp_path / "p/q/r/file").read_text() == "deep"
+    assert (tmp_path / "p/q").stat().st_mode & 0o777 == 0o755
+    assert int((tmp_path / "p").stat().st_mtime) == 1_600_000_000
+
+
+def test_media_type_mismatch_uses_magic(tmp_path: Path) -> None:
+    blob = zstandard.ZstdCompressor().compress(_tar(("f", b"z", "f")))
+    ex = Extractor(tmp_path)
+    ex.add_layer(io.BytesIO(blob), TAR)
+    ex.finish()
+    assert (tmp_path / "f").read_text() == "z"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is restored only as root")
+def test_owner_and_setuid_kept_as_root(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    os.chown(src / "f", 1234, 5678)
+    os.chmod(src / "f", 0o4755)
+    (src / "d").mkdir()
+    os.chown(src / "d", 4321, 8765)
+    layers = list(pack_tree(src))
+    out = tmp_path / "out"
+    out.mkdir()
+    ex = Extractor(out)
+    for layer in layers:
+        assert isinstance(layer.data, bytes)
+        ex.add_layer(io.BytesIO(layer.data), layer.compression)
+    ex.finish()
+    st = (out / "f").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o4755)
+    assert ((out / "d").stat().st_uid, (out / "d").stat().st_gid) == (4321, 8765)
+    # Not preserving owners: files belong to us.
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    ex = Extractor(out2, preserve_owner=False)
+    for layer in layers:
+        assert isinstance(layer.data, bytes)
+        ex.add_layer(io.BytesIO(layer.data), layer.compression)
+    ex.finish()
+    assert (out2 / "f").stat().st_uid == os.geteuid()
+
+
+def test_replace_dir_swaps_and_failed_restore_leaves_target(tmp_path: Path) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    # A failed restore: staging discarded, target untouched.
+    st = staging_dir(target)
+    assert st.parent == target.parent and st.stat().st_mode & 0o777 == 0o700
+    ex = Extractor(st)
+    with pytest.raises(Exception):  # noqa: B017 - any refusal
+        ex.add_layer(io.BytesIO(_tar(("new.txt", b"new", "f"))[:700]), TAR)
+    ex.close()
+    discard_dir(st)
+    assert _listing(target) == {"old.txt": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
+    # A good restore replaces the contents, leaving no siblings behind.
+    st = staging_dir(target)
+    _apply(st, _tar(("new.txt", b"new", "f"), ("ro/", b"", "d")))
+    os.chmod(st / "ro", 0o555)
+    replace_dir(st, target)
+    assert _listing(target) == {"new.txt": "new", "ro": "dir"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol"]
+    # No target yet: plain rename.
+    fresh = tmp_path / "fresh"
+    st = staging_dir(fresh)
+    _apply(st, _tar(("a", b"a", "f")))
+    replace_dir(st, fresh)
+    assert _listing(fresh) == {"a": "a"}
+
+
+def test_round_trip_preserves_nasty_details(tmp_path: Path) -> None:
+    from tests.trees import make_tree
+
+    src = tmp_path / "src"
+    make_tree(src, small_files=50, big_bytes=1 << 20)
+    out = tmp_path / "out"
+    st = staging_dir(out)
+    ex = Extractor(st)
+    for layer in pack_tree(src):
+        assert isinstance(layer.data, bytes)
+        ex.add_layer(io.BytesIO(layer.data), layer.compression)
+    ex.finish()
+    replace_dir(st, out)
+    assert_same_tree(src, out)
+    assert os.readlink(out / "links" / "dangling") == "does/not/exist"
+    assert (out / "modes" / "rodir").stat().st_mode & 0o777 == 0o555
+
+
+# -- the fast paths: pipelined layers, odd chunking, modes, owners ------------------------------
+
+
+def _layers_of(src: Path, **kw: int) -> list[tuple[bytes, str]]:
+    from remote_cache.archive.plan import scan_tree
+
+    out = []
+    for layer in pack_tree(scan_tree(src, **kw)):
+        assert isinstance(layer.data, bytes)
+        out.append((layer.data, layer.compression))
+    return out
+
+
+def test_add_layers_equals_add_layer(tmp_path: Path) -> None:
+    from tests.trees import make_tree
+
+    src = tmp_path / "src"
+    make_tree(src, small_files=300, big_bytes=3 << 20)
+    layers = _layers_of(src, min_bytes=8 << 10, max_bytes=64 << 10)
+    assert len(layers) > 10
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    ex1 = Extractor(one)
+    for data, mt in layers:
+        ex1.add_layer(io.BytesIO(data), mt)
+    s1 = ex1.finish()
+    ex2 = Extractor(many)
+    ex2.add_layers((io.BytesIO(data), mt) for data, mt in layers)
+    s2 = ex2.finish()
+    assert s1 == s2 and s2.layers == len(layers)
+    assert_same_tree(src, one)
+    assert_same_tree(src, many)
+
+
+def test_add_layers_applies_whiteouts_in_order(tmp_path: Path) -> None:
+    lower = _tar(("a/", b"", "d"), ("a/one", b"1", "f"), ("a/two", b"2", "f"), ("c", b"c", "f"))
+    upper = _tar(("a/.wh.one", b"", "f"), ("c/", b"", "d"), ("c/inside", b"i", "f"))
+    ex = Extractor(tmp_path)
+    ex.add_layers([(io.BytesIO(lower), TAR), (io.BytesIO(upper), TAR)])
+    ex.finish()
+    assert _listing(tmp_path) == {"a": "dir", "a/two": "2", "c": "dir", "c/inside": "i"}
+
+
+class _Dribble(io.RawIOBase):
+    """A file object that returns at most ``step`` bytes per read (headers straddle chunks)."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data, self._pos, self._step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._step if size < 0 else min(size, self._step)
+        out = self._data[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("step", [1, 333, 700, 4096 + 7])
+def test_odd_read_sizes_plain_tar(tmp_path: Path, step: int) -> None:
+    big = os.urandom(70_000)
+    raw = _tar(("d/", b"", "d"), ("d/big", big, "f"), ("d/small", b"s" * 513, "f"), ("d/empty", b"", "f"))
+    ex = Extractor(tmp_path)
+    ex.add_layer(_Dribble(raw, step), TAR)  # type: ignore[arg-type]
+    ex.finish()
+    assert (tmp_path / "d/big").read_bytes() == big
+    assert (tmp_path / "d/small").read_bytes() == b"s" * 513
+    assert (tmp_path / "d/empty").read_bytes() == b""
+
+
+def _mode_tar(modes: dict[str, int]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, mode in modes.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = 3, mode, 1_600_000_000
+            info.uid, info.gid = os.geteuid(), os.getegid()
+            tf.addfile(info, io.BytesIO(b"abc"))
+    return buf.getvalue()
+
+
+_MODES = {"a": 0o644, "b": 0o664, "c": 0o777, "d": 0o600, "e": 0o444, "f": 0o000, "g": 0o751}
+
+
+def test_file_modes_exact_whatever_the_umask(tmp_path: Path) -> None:
+    for umask in (0o022, 0o077, 0o000, 0o777):
+        dest = tmp_path / f"u{umask:o}"
+        dest.mkdir()
+        old = os.umask(umask)
+        try:
+            ex = Extractor(dest)
+            ex.add_layer(io.BytesIO(_mode_tar(_MODES)), TAR)
+            ex.finish()
+        finally:
+            os.umask(old)
+        got = {n: (dest / n).stat().st_mode & 0o7777 for n in _MODES}
+        assert got == _MODES, f"umask {umask:o}"
+        assert all((dest / n).stat().st_mtime == 1_600_000_000 for n in _MODES)
+
+
+def test_file_modes_exact_under_a_default_acl(tmp_path: Path) -> None:
+    import struct
+
+    # A default ACL "u::rwx g::rwx o::---" replaces the umask and masks the mode given to open().
+    entry = struct.Struct("<HHI")
+    acl = struct.pack("<I", 2) + b"".join(
+        entry.pack(t, p, 0xFFFFFFFF) for t, p in ((1, 7), (4, 7), (0x20, 0))
+    )
+    try:
+        os.setxattr(tmp_path, "system.posix_acl_default", acl)
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs here: {exc}")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    ex = Extractor(dest)
+    ex.add_layer(io.BytesIO(_mode_tar(_MODES)), TAR)
+    ex.finish()
+    assert {n: (dest / n).stat().st_mode & 0o7777 for n in _MODES} == _MODES
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is restored only as root")
+def test_owner_exact_in_a_setgid_dest_of_another_group(tmp_path: Path) -> None:
+    # New files in a setgid directory take its group: the "ids already match" shortcut must
+    # not apply, or files meant for gid 0 would keep gid 4242.
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.chown(dest, 0, 4242)
+    os.chmod(dest, 0o2700)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, uid, gid in (("mine", 0, 0), ("other", 1234, 5678), ("huge", 3_000_000, 9)):
+            info = tarfile.TarInfo(name)
+            info.size, info.uid, info.gid, info.mode = 1, uid, gid, 0o644
+            tf.addfile(info, io.BytesIO(b"x"))
+        link = tarfile.TarInfo("sym")
+        link.type, link.linkname, link.uid, link.gid = tarfile.SYMTYPE, "mine", 0, 0
+        tf.addfile(link)
+    ex = Extractor(dest)
+    ex.add_layer(io.BytesIO(buf.getvalue()), TAR)
+    ex.finish()
+    ids = {
+        n: (os.lstat(dest / n).st_uid, os.lstat(dest / n).st_gid) for n in ("mine", "other", "huge", "sym")
+    }
+    assert ids == {"mine": (0, 0), "other": (1234, 5678), "huge": (3_000_000, 9), "sym": (0, 0)}
+
+
+def _fix_checksum(raw: bytearray) -> None:
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(raw[:512])
+
+
+def test_unusual_number_fields_are_parsed(tmp_path: Path) -> None:
+    raw = bytearray(_tar(("f", b"hello", "f")))
+    # Header of "f" is the first ustar block after the PAX one; tarfile writes no PAX here.
+    assert raw[156:157] == b"0"
+    raw[100:108] = b"  640 \0 "  # spaces around, NUL inside the trailing padding
+    raw[124:136] = b"\x80" + (5).to_bytes(11, "big")  # base-256 size
+    raw[136:148] = b"%011o " % 1_600_000_000  # space-terminated
+    _fix_checksum(raw)
+    ex = Extractor(tmp_path)
+    ex.add_layer(io.BytesIO(bytes(raw)), TAR)
+    ex.finish()
+    st = (tmp_path / "f").stat()
+    assert (tmp_path / "f").read_bytes() == b"hello"
+    assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o640, 1_600_000_000)
+
+
+def test_slash_directory_entry_is_the_root(tmp_path: Path) -> None:
+    # umoci insert writes the root as "/" (a directory entry); it may only set the root's metadata.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        root = tarfile.TarInfo("/")
+        root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o750, 1_500_000_000
+        tf.addfile(root)
+        f = tarfile.TarInfo("sub/f")
+        f.size, f.mode, f.mtime = 1, 0o644, 1_600_000_000
+        tf.addfile(f, io.BytesIO(b"x"))
+    _apply(tmp_path, buf.getvalue())
+    assert (tmp_path / "sub/f").read_text() == "x"
+    st = tmp_path.stat()
+    assert (st.st_mode & 0o777, int(st.st_mtime)) == (0o750, 1_500_000_000)
+
+
+def test_stream_ending_right_after_a_member_is_accepted(tmp_path: Path) -> None:
+    # umoci 0.4 ends a layer right after the last file's data: no padding, no zero blocks.
+    whole = _tar(("a.txt", b"first", "f"), ("b.txt", b"second", "f"))
+    header_and_data = 512 + 512 + 512 + len(b"second")  # a.txt header+block, b.txt header+data
+    (tmp_path / "out").mkdir()
+    _apply(tmp_path / "out", whole[:header_and_data])
+    assert (tmp_path / "out" / "b.txt").read_bytes() == b"second"
+    # Cut inside the padding or inside the data: truncated.
+    for cut in (header_and_data + 7, header_and_data - 2):
+        (tmp_path / f"cut{cut}").mkdir()
+        with pytest.raises(IntegrityError):
+            _apply(tmp_path / f"cut{cut}", whole[:cut])

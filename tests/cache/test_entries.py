@@ -1,0 +1,137 @@
+"""list / inspect / remove / prune over a layout and over the real registry."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache.cache.entries import Entry, format_table, inspect, list_entries, prune, remove
+from remote_cache.cache.save import save
+from remote_cache.errors import CacheMiss
+from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
+from remote_cache.oci.layout import LayoutStore
+from remote_cache.oci.reference import Reference, parse_reference
+from remote_cache.oci.store import Store
+from tests.stores import backdate, opened
+
+
+def _tree(root: Path, content: bytes) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "file.txt").write_bytes(content)
+    (root / "other").write_bytes(content * 3)
+    return root
+
+
+async def test_list_inspect_remove(where: Reference, tmp_path: Path) -> None:
+    async with opened(where) as store:
+        await _list_inspect_remove(store, tmp_path)
+
+
+async def _list_inspect_remove(store: Store, tmp_path: Path) -> None:
+    assert await list_entries(store) == []
+    a = await save(store, "npm linux", _tree(tmp_path / "a", b"aaa"))
+    b = await save(store, "pip-3.12", _tree(tmp_path / "b", b"bbbb"))
+    entries = await list_entries(store)
+    assert sorted(e.key for e in entries) == ["npm linux", "pip-3.12"]
+    by_key = {e.key: e for e in entries}
+    assert by_key["npm linux"].tag == a.tag and by_key["npm linux"].digest == a.digest
+    assert by_key["pip-3.12"].size == b.size == 4 + 12
+    assert by_key["pip-3.12"].files == 2
+    assert by_key["pip-3.12"].created is not None
+    assert abs(by_key["pip-3.12"].created - datetime.now(UTC)) < timedelta(minutes=5)
+    assert [e.key for e in await list_entries(store, prefix="pip")] == ["pip-3.12"]
+
+    info = await inspect(store, "npm linux")
+    assert info.digest == a.digest and len(info.layers) == a.layers_total
+    assert info.compressed_size == a.bytes_total
+    assert json.dumps(info.to_json(with_layers=True))  # serialisable
+    with pytest.raises(CacheMiss):
+        await inspect(store, "absent")
+
+    removed = await remove(store, "npm linux")
+    assert removed.digest == a.digest
+    assert [e.key for e in await list_entries(store)] == ["pip-3.12"]
+    with pytest.raises(CacheMiss):
+        await remove(store, "npm linux")
+
+
+async def test_foreign_image_is_listed_with_what_is_known(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    layer = b"\x1f\x8b not really"
+    await store.put_blob(await _desc(layer), layer)
+    config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config), "size": len(config)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha256_digest(layer), "size": len(layer)}],
+    }
+    await store.put_manifest(json.dumps(manifest).encode(), OCI_MANIFEST, tag="foreign")
+    weird = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": manifest["config"],
+        "layers": [{"mediaType": "application/vnd.example.weird", "digest": sha256_digest(b"w"), "size": 1}],
+    }
+    await store.put_manifest(json.dumps(weird).encode(), OCI_MANIFEST, tag="weird")
+    entries = {e.tag: e for e in await list_entries(store)}
+    assert entries["foreign"].key == "foreign"
+    assert entries["foreign"].created is None and entries["foreign"].size is None
+    assert entries["foreign"].compressed_size == len(layer)
+    assert entries["weird"].error is not None and "weird" in entries["weird"].error
+
+
+async def _desc(data: bytes) -> Any:
+    from remote_cache.oci import Descriptor
+
+    return Descriptor(OCI_LAYER_GZIP, sha256_digest(data), len(data))
+
+
+async def test_prune_by_age_keep_and_prefix(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    for i, key in enumerate(["npm-1", "npm-2", "npm-3", "go-1"]):
+        await save(store, key, _tree(tmp_path / key, key.encode() * (i + 1)))
+    await backdate(store, "npm-1", 30)
+    await backdate(store, "npm-2", 10)
+    await backdate(store, "go-1", 30)
+
+    with pytest.raises(ValueError):
+        await prune(store)
+    planned = await prune(store, older_than=timedelta(days=7), dry_run=True)
+    assert sorted(e.key for e in planned) == ["go-1", "npm-1", "npm-2"]
+    assert len(await list_entries(store)) == 4  # dry run removed nothing
+
+    removed = await prune(store, older_than=timedelta(days=7), keep=2, prefix="npm-")
+    assert [e.key for e in removed] == ["npm-1"]  # npm-2 is old but among the 2 newest npm- entries
+    assert sorted(e.key for e in await list_entries(store)) == ["go-1", "npm-2", "npm-3"]
+
+    removed = await prune(store, keep=1)
+    assert sorted(e.key for e in removed) == ["go-1", "npm-2"]
+    assert [e.key for e in await list_entries(store)] == ["npm-3"]
+    # Blobs only the pruned entries used are gone once the grace period has passed.
+    assert await store.gc(grace_seconds=0) != (0, 0)
+    remaining = {p.name for p in (tmp_path / "layout" / "blobs" / "sha256").iterdir()}
+    assert len(remaining) == 1 + 2 + 2 + 1  # index, 2 manifests, 2 configs, 1 layer
+
+
+async def test_prune_on_registry(registry: Any, repo_name: str, tmp_path: Path) -> None:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
+        await save(store, "k-old", _tree(tmp_path / "a", b"a"))
+        await save(store, "k-new", _tree(tmp_path / "b", b"b"))
+        removed = await prune(store, keep=1)
+        assert len(removed) == 1
+        assert [e.key for e in await list_entries(store)] == [({"k-old", "k-new"} - {removed[0].key}).pop()]
+
+
+def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
+    known = Entry(key="npm-a", tag="npm-a", digest="sha256:" + "0" * 64, size=2_000_000, files=3)
+    foreign = Entry(key="x", tag="x", digest="sha256:" + "1" * 64, error="not a cache image")
+    lines = format_table([known, foreign]).splitlines()
+    assert lines[0].split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]
+    assert lines[1].split()[:1] == ["npm-a"] and "2.0 MB" in lines[1] and lines[1].split()[-1] == "npm-a"
+    assert lines[2].split()[1:4] == ["-", "-", "-"] and "(not a cache image)" in lines[2]
+    assert lines[1].index("npm-a", 5) == lines[0].index("TAG")

@@ -1,0 +1,552 @@
+"""Incremental saves: a layer is reused unread only on local ctime evidence; never on mtimes alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache.archive import pack as pack_mod
+from remote_cache.archive import walk as walk_mod
+from remote_cache.cache import evidence as state_mod
+from remote_cache.cache import save as save_mod
+from remote_cache.cache import state
+from remote_cache.cache.image import ANNOTATION_LISTING, load_image
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.store import Store, open_store
+from tests.registry_server import FaultProxy, RegistryServer
+from tests.trees import assert_same_tree
+
+pytestmark = pytest.mark.usefixtures("small_layers")
+
+_PAST = int(time.time()) - 3600
+
+
+def _refuse_packing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("an unchanged layer was packed (its files were read)")
+
+    monkeypatch.setattr(pack_mod, "pack_layer", refuse)
+
+
+@pytest.fixture
+def pack_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the layers actually packed (each call reads that layer's files)."""
+    calls: list[str] = []
+    real = pack_mod.pack_layer
+
+    def counting(root: Path, plan: Any, **kw: Any) -> Any:
+        calls.append(plan.members[0].path if plan.members else "")
+        return real(root, plan, **kw)
+
+    monkeypatch.setattr(pack_mod, "pack_layer", counting)
+    return calls
+
+
+def _backdate(root: Path, when: int = _PAST) -> None:
+    """Give every path an mtime well before now (files written this second are 'racy')."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (when, when), follow_symlinks=False)
+    os.utime(root, (when, when))
+
+
+def _bulk(root: Path, count: int = 8) -> Path:
+    for i in range(count):
+        pkg = root / f"pkg{i}"
+        pkg.mkdir(parents=True)
+        for j in range(10):
+            (pkg / f"f{j}.bin").write_bytes(bytes([i, j]) * 4000)
+    (root / "pkg0" / "link").symlink_to("f0.bin")
+    _backdate(root)
+    _settle()
+    return root
+
+
+def _settle() -> None:
+    """Let the ctime clock move past what was just written (a save records only settled files)."""
+    state_mod.settle(time.time_ns())
+
+
+def _fake_npm_edit(path: Path, content: bytes) -> None:
+    """Rewrite ``path`` as npm does: same size, and the mtime put back to what it was."""
+    st = path.stat()
+    assert len(content) == st.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@asynccontextmanager
+async def proxied(
+    registry: RegistryServer, repo: str, factory: Callable[[RegistryServer], FaultProxy]
+) -> AsyncIterator[tuple[Store, FaultProxy]]:
+    proxy = factory(registry)
+    store = open_store(parse_reference(f"{proxy.host}/{repo}"))
+    try:
+        yield store, proxy
+    finally:
+        await store.aclose()
+
+
+def _writes(proxy: FaultProxy) -> int:
+    return sum(proxy.count(m) for m in ("PUT", "POST", "PATCH", "DELETE"))
+
+
+async def test_unchanged_resave_reads_and_pushes_nothing(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert first.layers_total > 3 and first.layers_reused == 0
+        image = await load_image(store, "k")
+        assert all(
+            layer.annotations.get(ANNOTATION_LISTING, "").startswith("sha256:") for layer in image.layers
+        )
+
+        _refuse_packing(monkeypatch)
+        # Move the root's ctime (its mtime is put back): the tree shortcut no longer applies,
+        # so this exercises the per-layer local listings.
+        os.utime(src, (_PAST, _PAST))
+        _settle()
+        proxy.clear()
+        again = await save(store, "k", src)
+        assert proxy.count("GET", "/manifests/") > 0  # the long way: the entry was compared
+        assert again.unchanged and again.digest == first.digest
+        assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
+        assert again.layers_reused == again.layers_total == first.layers_total
+        assert _writes(proxy) == 0
+        assert again.to_json()["status"] == "unchanged" and "reused" in again.summary()
+
+
+async def test_one_changed_file_packs_and_uploads_one_layer(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert len(pack_calls) == first.layers_total
+        pack_calls.clear()
+        target = src / "pkg5" / "f3.bin"
+        target.write_bytes(b"X" * 8000)  # same size, so the layer cuts stay where they were
+        os.utime(target, (_PAST + 5, _PAST + 5))
+        proxy.clear()
+        changed = await save(store, "k", src)
+        assert len(pack_calls) == 1
+        assert changed.layers_uploaded == 1 and changed.layers_reused == changed.layers_total - 1
+        assert not changed.unchanged and changed.digest != first.digest
+        # One layer blob plus the two new per-platform configs went up.
+        assert proxy.count("POST", "/blobs/uploads/") == 3
+        out = tmp_path / "out"
+        await restore(store, "k", out)
+        assert_same_tree(src, out)
+
+
+async def test_full_rereads_everything(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    pack_calls.clear()
+    again = await save(store, "k", src, full=True)
+    assert len(pack_calls) == first.layers_total and again.layers_reused == 0
+    assert again.unchanged and again.digest == first.digest  # packing is deterministic
+
+
+async def test_fresh_files_are_never_reused_by_listing(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    now = int(time.time()) + 2  # "modified in the second of the scan" (or later): racy
+    _backdate(src, now)
+    first = await save(store, "k", src)
+    image = await load_image(store, "k")
+    assert not any(ANNOTATION_LISTING in layer.annotations for layer in image.layers)
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    assert again.unchanged and again.digest == first.digest
+
+
+async def test_other_compression_is_not_reused(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    await save(store, "k", src, compression="gzip")
+    pack_calls.clear()
+    zstd = await save(store, "k", src)
+    assert zstd.layers_reused == 0 and len(pack_calls) == zstd.layers_total
+
+
+async def test_new_key_reuses_layers_of_the_restored_fallback(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        old = await save(store, "npm-aaa", src)
+        work = tmp_path / "work"
+        restored = await restore(store, "npm-bbb", work, restore_keys=["npm-"])
+        assert restored.status == "fallback" and restored.matched_key == "npm-aaa"
+        target = work / "pkg2" / "f7.bin"
+        target.write_bytes(b"Y" * 8000)
+        os.utime(target, (_PAST + 9, _PAST + 9))
+        pack_calls.clear()
+        proxy.clear()
+        new = await save(store, "npm-bbb", work, base_key=restored.matched_key)
+        assert len(pack_calls) == 1 and new.layers_uploaded == 1
+        assert new.layers_reused == new.layers_total - 1 and new.base_key == "npm-aaa"
+        assert "layers reused from npm-aaa" in new.summary()
+        # Without a base key the same local evidence still holds; nothing names a source.
+        pack_calls.clear()
+        fresh = await save(store, "npm-ccc", work)
+        assert fresh.layers_reused >= fresh.layers_total - 1 and fresh.base_key is None
+        assert fresh.bytes_uploaded == 0  # any packed layer is already there
+        out = tmp_path / "out"
+        await restore(store, "npm-bbb", out)
+        assert_same_tree(work, out)
+        assert old.digest != new.digest
+
+
+# -------------------------------------------------------------------------------------------
+# Local evidence only: what tools can fake (mtime, size) never decides reuse.
+
+
+async def test_npm_style_edit_after_restore_is_saved_not_the_stale_layer(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    (src / "pkg3" / "package.json").write_text('{"version": "1.0.0"}')
+    _backdate(src, 499162860)  # npm's fixed 1985-10-26 mtime
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, _proxy):
+        first = await save(store, "npm", src)
+        work = tmp_path / "work"
+        await restore(store, "npm", work)
+        assert_same_tree(src, work)
+        manifest = work / "pkg3" / "package.json"
+        _fake_npm_edit(manifest, b'{"version": "1.0.1"}')
+        pack_calls.clear()
+        second = await save(store, "npm", work)
+        assert len(pack_calls) == 1 and second.layers_reused == second.layers_total - 1
+        assert not second.unchanged and second.digest != first.digest
+        out = tmp_path / "out"
+        await restore(store, "npm", out)
+        assert (out / "pkg3" / "package.json").read_bytes() == b'{"version": "1.0.1"}'
+        assert_same_tree(work, out)
+
+
+async def test_npm_style_edit_between_two_saves_is_saved(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    target = src / "pkg6" / "f2.bin"
+    _fake_npm_edit(target, b"Z" * 8000)
+    pack_calls.clear()
+    second = await save(store, "k", src)
+    assert len(pack_calls) == 1 and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg6" / "f2.bin").read_bytes() == b"Z" * 8000
+    assert_same_tree(src, out)
+
+
+async def test_unchanged_restore_then_save_reads_and_pushes_nothing(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)  # records nothing the restore could lean on
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        _refuse_packing(monkeypatch)
+        proxy.clear()
+        again = await save(store, "k", work)
+        assert again.unchanged and again.digest == first.digest
+        assert again.layers_reused == again.layers_total == first.layers_total
+        assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
+        assert _writes(proxy) == 0
+        # ... and a save right after that save reuses everything again.
+        proxy.clear()
+        third = await save(store, "k", work)
+        assert third.unchanged and third.layers_reused == third.layers_total and _writes(proxy) == 0
+
+
+async def test_restore_without_state_recording_leaves_saves_to_pack(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work, record_state=False)
+    assert not state.state_path(work).exists()
+    pack_calls.clear()
+    again = await save(store, "k", work)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    assert again.unchanged and again.bytes_uploaded == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "bad record", "huge"])
+async def test_damaged_state_means_packing_never_an_error(
+    tmp_path: Path, pack_calls: list[str], damage: str
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    state_file = state.state_path(src)
+    body = state_file.read_bytes()
+    if damage == "missing":
+        state_file.unlink()
+    elif damage == "garbage":
+        state_file.write_bytes(b"\x00\xffnot json")
+    elif damage == "truncated":
+        state_file.write_bytes(body[: len(body) // 2])
+    elif damage == "bad record":
+        state_file.write_bytes(body.replace(b'"size":', b'"size":-', 1))
+    else:
+        state_file.write_bytes(b" " * (state.MAX_STATE_BYTES + 1) + body)
+    target = src / "pkg1" / "f1.bin"
+    _fake_npm_edit(target, b"Q" * 8000)
+    _settle()  # so that this save may record the edited layer too
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg1" / "f1.bin").read_bytes() == b"Q" * 8000
+    assert_same_tree(src, out)
+    # The save rewrote a good state file: the next one reuses again.
+    pack_calls.clear()
+    assert (await save(store, "k", src)).unchanged and pack_calls == []
+
+
+async def test_state_is_not_trusted_when_the_blob_is_gone(tmp_path: Path, pack_calls: list[str]) -> None:
+    src = _bulk(tmp_path / "src")
+    first = await save(open_store(parse_reference(f"oci:{tmp_path / 'one'}")), "k", src)
+    other = open_store(parse_reference(f"oci:{tmp_path / 'two'}"))
+    pack_calls.clear()
+    moved = await save(other, "k", src)  # same directory, a store that has none of its blobs
+    assert moved.layers_reused == 0 and len(pack_calls) == first.layers_total
+    out = tmp_path / "out"
+    await restore(other, "k", out)
+    assert_same_tree(src, out)
+
+
+async def test_metadata_only_change_packs_but_uploads_nothing(tmp_path: Path, pack_calls: list[str]) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    target = src / "pkg4" / "f4.bin"
+    target.chmod(0o600)
+    target.chmod(0o644)  # back as it was, but the ctime moved: no evidence, so it is re-read
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert len(pack_calls) == 1 and again.layers_reused == first.layers_total - 1
+    assert again.unchanged and again.bytes_uploaded == 0 and again.digest == first.digest
+
+
+# -------------------------------------------------------------------------------------------
+# Restore windows: a restore records which layers it extracted and when, without a scan.
+
+
+async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+
+    def no_scan(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a restore scanned the tree")
+
+    with monkeypatch.context() as m:
+        m.setattr("remote_cache.archive.walk._Walk.visit", no_scan)
+        await restore(store, "k", work)
+    # The window is the only evidence there is: no local listing was recorded.
+    assert state.load(work).records == {}
+    window = state.load(work).window
+    assert window is not None and len(window.layers) == first.layers_total
+    _refuse_packing(monkeypatch)
+    again = await save(store, "k", work)
+    assert again.unchanged and again.digest == first.digest
+    assert again.layers_reused == again.layers_total == first.layers_total
+    # That save recorded local listings: the next one reuses on those, the window aside.
+    assert len(state.load(work).records) == first.layers_total
+    assert (await save(store, "k", work)).layers_reused == first.layers_total
+
+
+async def test_edit_after_restore_with_size_and_mtime_kept_is_repacked(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work)
+    _fake_npm_edit(work / "pkg4" / "f6.bin", b"E" * 8000)  # right after the swap
+    pack_calls.clear()
+    second = await save(store, "k", work)
+    assert len(pack_calls) == 1 and second.layers_reused == first.layers_total - 1
+    assert not second.unchanged and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg4" / "f6.bin").read_bytes() == b"E" * 8000
+    assert_same_tree(work, out)
+
+
+async def test_a_restore_window_only_vouches_for_its_own_directory(
+    tmp_path: Path, pack_calls: list[str]
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    total = first.layers_total
+    a, b = tmp_path / "a", tmp_path / "b"
+    await restore(store, "k", a)
+    a.rename(b)  # moving a directory keeps its files' ctimes: they still lie in a's window
+    pack_calls.clear()
+    assert (await save(store, "k", b, full=False)).layers_reused == 0 and len(pack_calls) == total
+    # a's state file copied to b's place names a's path: not b's evidence.
+    state.state_path(b).unlink()
+    state.state_path(b).write_bytes(state.state_path(a).read_bytes())
+    pack_calls.clear()
+    assert (await save(store, "k", b)).layers_reused == 0 and len(pack_calls) == total
+    # Another directory moved onto a restored path is not the restored directory.
+    await restore(store, "k", a)
+    pack_calls.clear()
+    (tmp_path / "spare").mkdir()
+    a.rename(tmp_path / "spare" / "a")
+    b.rename(a)
+    assert (await save(store, "k", a)).layers_reused == 0 and len(pack_calls) == total
+    # The same check in isolation: a window wide enough to cover any ctime, but another root.
+    window = state.load(a).window
+    assert window is not None
+    wide = dataclasses.replace(window, start_ns=0, end_ns=1 << 62)
+    state.state_path(a).unlink()  # drop the local listings the last save recorded
+    assert state.record_restore(a, wide)
+    pack_calls.clear()
+    assert (await save(store, "k", a)).layers_reused == 0 and len(pack_calls) == total
+    state.state_path(a).unlink()
+    assert state.record_restore(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
+    pack_calls.clear()
+    assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
+
+
+@pytest.fixture
+def fresh_is_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees written by the test a moment ago may get a fingerprint (normally FRESH_NS old)."""
+    monkeypatch.setattr(state_mod, "FRESH_NS", 0)
+
+
+def _refuse_scanning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("an unchanged tree was scanned")
+
+    monkeypatch.setattr(save_mod, "scan_tree", refuse)
+
+
+@pytest.mark.usefixtures("fresh_is_settled")
+async def test_unchanged_tree_costs_one_request_and_no_scan(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src)
+        assert state.load(src).tree is not None
+        with monkeypatch.context() as m:
+            _refuse_scanning(m)
+            proxy.clear()
+            again = await save(store, "k", src)
+        assert again.unchanged and again.digest == first.digest
+        assert (again.layers_total, again.bytes_total, again.size, again.files) == (
+            first.layers_total,
+            first.bytes_total,
+            first.size,
+            first.files,
+        )
+        assert [r.method for r in proxy.requests] == ["HEAD"]  # does the tag still name it?
+
+        # Another option (here gzip) is another image: the shortcut does not apply.
+        proxy.clear()
+        gzip = await save(store, "k", src, compression="gzip")
+        assert not gzip.unchanged and gzip.digest != first.digest
+
+
+@pytest.mark.usefixtures("fresh_is_settled")
+async def test_an_npm_style_edit_defeats_the_tree_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    _fake_npm_edit(src / "pkg3" / "f4.bin", b"Z" * 8000)  # same size, same mtime: only ctime moves
+    _settle()
+    second = await save(store, "k", src)
+    assert not second.unchanged and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "pkg3" / "f4.bin").read_bytes() == b"Z" * 8000
+
+
+@pytest.mark.usefixtures("fresh_is_settled")
+async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(b"other tree")
+    first = await save(store, "k", src)
+    moved = await save(store, "k", other)  # e.g. another runner saved under the same key
+    back = await save(store, "k", src)
+    assert moved.digest != first.digest
+    assert not back.unchanged and back.digest == first.digest  # pushed again: the key holds src
+
+
+def _fingerprint(root: Path, bound: int) -> str | None:
+    return state_mod.tree_fingerprint(walk_mod.tree_identity(root), bound)
+
+
+@pytest.mark.usefixtures("fresh_is_settled")
+async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src")
+    assert _fingerprint(src, state_mod.clock_ns()) is not None
+    before = state_mod.clock_ns()
+    (src / "pkg1" / "new.bin").write_bytes(b"new")  # a ctime at or after the bound
+    assert _fingerprint(src, before) is None
+    _settle()
+    after = _fingerprint(src, state_mod.clock_ns())
+    os.chmod(src / "pkg1" / "new.bin", 0o600)  # metadata only: the ctime still moves
+    _settle()
+    assert after is not None and _fingerprint(src, state_mod.clock_ns()) not in (None, after)
+
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    await save(store, "k", src)
+    assert state.load(src).tree is not None
+    await restore(store, "k", src)  # the restore replaced the tree: its record is void
+    assert state.load(src).tree is None
+
+
+def test_a_tree_changed_lately_gets_no_fingerprint(tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src")
+    identity = walk_mod.tree_identity(src)
+    newest = max(identity.ctimes)
+    assert state_mod.FRESH_NS >= 2_000_000_000  # FAT rounds timestamps to 2 s
+    assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS) is None
+    assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS + 1) == identity.digest

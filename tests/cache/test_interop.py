@@ -1,0 +1,138 @@
+"""Interop with independent OCI tools: skopeo and umoci read what we write, we read what they write.
+
+Nothing needs relaxing: umoci's ``rootfs/`` equals the source tree in types, modes, mtimes,
+contents, symlinks and hard-link groups. The one thing umoci decides itself is ``rootfs/``'s
+own mode and mtime (our layers carry no entry for the root), which ``assert_same_tree`` never
+compares. Debian's umoci 0.4.7 cannot read zstd layers ("blob is not correct mediatype"), so
+zstd images reach it through ``skopeo copy --dest-compress-format gzip`` (a recompression that
+keeps every tar entry), and gzip images directly. umoci cannot unpack our multi-platform index
+in place either ("tag is ambiguous"); ``skopeo copy`` first picks one platform, as a runtime would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.keys import tag_for_key
+from remote_cache.oci.layout import LayoutStore
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.store import open_store
+from tests.trees import assert_same_tree, make_tree
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("skopeo") is None or shutil.which("umoci") is None,
+    reason="skopeo and umoci (Debian packages) are needed for interop tests",
+)
+
+KEY = "interop key/1"
+
+
+def run(*argv: str | Path) -> str:
+    """Run a tool; on failure show its stderr in the assertion message."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip()}"
+    return proc.stdout
+
+
+def umoci_rootfs(tmp_path: Path, source: str, *, recompress: bool, extra: tuple[str, ...] = ()) -> Path:
+    """``skopeo copy SOURCE oci:DIR:t`` then ``umoci unpack --rootless``; returns the bundle's rootfs."""
+    layout = tmp_path / "copied"
+    bundle = tmp_path / "bundle"
+    compress = ("--dest-compress", "--dest-compress-format", "gzip") if recompress else ()
+    run("skopeo", "copy", *extra, *compress, source, f"oci:{layout}:t")
+    run("umoci", "unpack", "--rootless", "--image", f"{layout}:t", bundle)
+    return bundle / "rootfs"
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+async def test_layout_we_write_is_read_by_skopeo_and_umoci(tmp_path: Path, compression: str) -> None:
+    src = tmp_path / "src"
+    make_tree(src, small_files=150, big_bytes=1 << 20)
+    layout = tmp_path / "layout"
+    await save(LayoutStore(layout), KEY, src, compression=compression)
+    rootfs = umoci_rootfs(tmp_path, f"oci:{layout}:{tag_for_key(KEY)}", recompress=compression == "zstd")
+    assert_same_tree(src, rootfs)
+
+
+async def test_registry_image_we_write_is_read_by_skopeo_and_umoci(
+    registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, small_files=150, big_bytes=1 << 20)
+    store = open_store(parse_reference(f"{registry.host}/{repo_name}"))
+    try:
+        saved = await save(store, KEY, src)
+    finally:
+        await store.aclose()
+    image = f"docker://{registry.host}/{repo_name}:{saved.tag}"
+
+    raw = json.loads(run("skopeo", "inspect", "--tls-verify=false", "--raw", image))
+    assert raw["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert {m["platform"]["architecture"] for m in raw["manifests"]} == {"amd64", "arm64"}
+    for arch in ("amd64", "arm64"):
+        info = json.loads(run("skopeo", "inspect", "--tls-verify=false", "--override-arch", arch, image))
+        assert info["Architecture"] == arch and info["Os"] == "linux"
+        assert info["Digest"] == saved.digest
+        assert len(info["Layers"]) == saved.layers_total
+
+    rootfs = umoci_rootfs(tmp_path, image, recompress=True, extra=("--src-tls-verify=false",))
+    assert_same_tree(src, rootfs)
+
+
+def _umoci_image(tmp_path: Path, src: Path) -> Path:
+    """An image made by umoci alone: ``init``, ``new``, ``insert`` of ``src`` at the root."""
+    layout = tmp_path / "umoci-layout"
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:t")
+    run("umoci", "insert", "--rootless", "--image", f"{layout}:t", src, "/")
+    return layout
+
+
+async def test_we_restore_an_umoci_image_from_a_layout(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, small_files=150, big_bytes=1 << 20)
+    layout = _umoci_image(tmp_path, src)
+    run("umoci", "tag", "--image", f"{layout}:t", tag_for_key(KEY))
+    dest = tmp_path / "dest"
+    result = await restore(LayoutStore(layout), KEY, dest)
+    assert result.key == KEY
+    assert_same_tree(src, dest)
+
+
+async def test_we_restore_an_umoci_repack_copied_by_skopeo_into_the_registry(
+    registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, small_files=150, big_bytes=1 << 20)
+    layout = _umoci_image(tmp_path, src)
+    # A second layer through the other umoci path: unpack, add files, repack.
+    bundle = tmp_path / "bundle"
+    run("umoci", "unpack", "--rootless", "--image", f"{layout}:t", bundle)
+    for root in (src, bundle / "rootfs"):
+        (root / "added-by-repack").mkdir()
+        (root / "added-by-repack" / "note.txt").write_text("second layer\n")
+        # Same mtimes in both trees, whatever second each was written in.
+        os.utime(root / "added-by-repack" / "note.txt", (1_700_000_000, 1_700_000_000))
+        os.utime(root / "added-by-repack", (1_700_000_000, 1_700_000_000))
+    run("umoci", "repack", "--image", f"{layout}:t", bundle)
+    run(
+        "skopeo", "copy", "--dest-tls-verify=false",
+        f"oci:{layout}:t", f"docker://{registry.host}/{repo_name}:{tag_for_key(KEY)}",
+    )  # fmt: skip
+    store = open_store(parse_reference(f"{registry.host}/{repo_name}"))
+    try:
+        dest = tmp_path / "dest"
+        result = await restore(store, KEY, dest)
+    finally:
+        await store.aclose()
+    assert result.layers == 2
+    assert_same_tree(src, dest)

@@ -1,0 +1,114 @@
+"""find_entry and restore with restore keys: exact hit, newest prefix fallback, miss (actions/cache rules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache.cache.entries import Match, find_entry
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
+from remote_cache.keys import tag_for_key, tag_prefix_for
+from remote_cache.oci.layout import LayoutStore
+from remote_cache.oci.reference import Reference, parse_reference
+from tests.registry_server import RegistryServer
+from tests.stores import backdate, opened
+from tests.trees import assert_same_tree
+
+
+def _tree(root: Path, content: bytes) -> Path:
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "file.txt").write_bytes(content)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("prefix", "key"),
+    [("npm-", "npm-abc"), ("npm/", "npm/linux x"), (".x", ".xyz"), ("-", "-a"), ("a" * 120, "a" * 200)],
+)
+def test_tag_prefix_covers_every_matching_key(prefix: str, key: str) -> None:
+    assert tag_for_key(key).startswith(tag_prefix_for(prefix))
+
+
+async def test_exact_then_newest_prefix_then_miss(where: Reference, tmp_path: Path) -> None:
+    async with opened(where) as store:
+        for i, key in enumerate(["npm-old", "npm-new", "npm/odd key", "pip-1"]):
+            await save(store, key, _tree(tmp_path / str(i), key.encode()))
+        await backdate(store, "npm-old", 3)
+        newest = await backdate(store, "npm-new", 1)
+        await backdate(store, "npm/odd key", 2)
+        await backdate(store, "pip-1", 0)
+
+        exact = await find_entry(store, "npm-old", ["pip-"])
+        assert exact is not None and exact.exact and exact.key == "npm-old"
+
+        fallback = await find_entry(store, "npm-missing", ["nope-", "npm-", "pip-"])
+        assert fallback == Match(key="npm-new", tag="npm-new", digest=newest, exact=False)
+        # The sanitised prefix "npm-" also covers "npm/odd key"'s tag; the annotation decides.
+        odd = await find_entry(store, "npm-missing", ["npm/"])
+        assert odd is not None and odd.key == "npm/odd key" and odd.tag == tag_for_key("npm/odd key")
+        assert await find_entry(store, "npm-missing", ["go-", "npm-x"]) is None
+        assert await find_entry(store, "npm-missing") is None
+        with pytest.raises(InvalidKey):
+            await find_entry(store, "npm-missing", [""])
+
+
+async def test_equal_times_pick_the_greater_key(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    for key in ["k-a", "k-c", "k-b"]:
+        await save(store, key, _tree(tmp_path / key, key.encode()))
+        await backdate(store, key, 1)  # same second for all three
+    match = await find_entry(store, "k-z", ["k-"])
+    assert match is not None and match.key == "k-c"
+
+
+async def test_only_candidate_manifests_are_read(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        for key in ["npm-1", "go-1", "go-2", "pip-1"]:
+            await save(store, key, _tree(tmp_path / key, key.encode()))
+        proxy.clear()
+        match = await find_entry(store, "npm-2", ["npm-"])
+        assert match is not None and match.key == "npm-1"
+        assert proxy.count("GET", "/tags/list") == 1
+        for other in ["go-1", "go-2", "pip-1"]:
+            assert proxy.count(None, f"/manifests/{other}") == 0
+
+
+async def test_restore_falls_back_and_reports_it(where: Reference, tmp_path: Path) -> None:
+    async with opened(where) as store:
+        src = _tree(tmp_path / "src", b"cached")
+        saved = await save(store, "npm-aaa", src)
+        hit = await restore(store, "npm-aaa", tmp_path / "hit", restore_keys=["npm-"])
+        assert hit.status == "hit" and hit.matched_key == "npm-aaa"
+        assert "hit" in hit.summary() and "fallback" not in hit.summary()
+
+        out = tmp_path / "out"
+        result = await restore(store, "npm-bbb", out, restore_keys=["npm-"])
+        assert_same_tree(src, out)
+        assert result.status == "fallback" and result.matched_key == "npm-aaa"
+        assert result.key == "npm-bbb" and result.digest == saved.digest
+        assert "restore fallback npm-bbb from npm-aaa: " in result.summary()
+        assert result.to_json()["status"] == "fallback"
+
+        with pytest.raises(CacheMiss):
+            await restore(store, "npm-bbb", tmp_path / "miss", restore_keys=["go-"])
+        assert not (tmp_path / "miss").exists()
+
+
+async def test_a_failure_while_reading_candidates_is_an_error_not_a_miss(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
+        await save(store, "npm-abc", _tree(tmp_path / "t", b"x"))
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        # The exact key misses (404 from the real registry); reading the candidate is refused.
+        proxy.fail(1, status=403, method="HEAD", path_contains=f"/manifests/{tag_for_key('npm-abc')}")
+        with pytest.raises(RegistryAuthError):
+            await find_entry(store, "npm-zzz", ["npm-"])

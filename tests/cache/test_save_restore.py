@@ -1,0 +1,277 @@
+"""save/restore round trips through a layout and the real registry, and their failure guarantees."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_cache.cache.image import build_image, load_image
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.errors import CacheMiss, CacheTooLarge, IntegrityError, StoreError, UnsafeArchive
+from remote_cache.keys import tag_for_key
+from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
+from remote_cache.oci.layout import LayoutStore
+from remote_cache.oci.reference import Reference, parse_reference
+from remote_cache.oci.store import Store, open_store
+from tests.stores import opened
+from tests.trees import assert_same_tree, make_tree
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
+    """Every path under ``root`` with its mode, mtime and content (or link target)."""
+    out: dict[str, tuple[int, int, bytes | str | None]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if os.path.islink(full):
+                content: bytes | str | None = os.readlink(full)
+            elif os.path.isfile(full):
+                content = Path(full).read_bytes()
+            else:
+                content = None
+            out[os.path.relpath(full, root)] = (st.st_mode, int(st.st_mtime), content)
+    return out
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def _bulk(root: Path, count: int = 40, size: int = 40_000) -> Path:
+    """A tree of ``count`` incompressible files in a few directories."""
+    for i in range(count):
+        d = root / f"pkg{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.bin").write_bytes(os.urandom(size))
+    return root
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+async def test_round_trip(where: Reference, tmp_path: Path, compression: str) -> None:
+    src = tmp_path / "src"
+    make_tree(src, small_files=150, big_bytes=1 << 20)
+    async with opened(where) as store:
+        saved = await save(store, "round trip/key", src, compression=compression)
+        assert saved.tag == tag_for_key("round trip/key")
+        assert saved.layers_uploaded == saved.layers_total >= 1
+        assert saved.bytes_uploaded == saved.bytes_total > 0
+        dest = tmp_path / "out" / "dest"
+        got = await restore(store, "round trip/key", dest)
+    assert_same_tree(src, dest)
+    assert got.digest == saved.digest
+    assert got.bytes == saved.bytes_total
+    assert (got.size, got.files) == (saved.size, saved.files)
+    assert json.dumps(got.to_json()) and json.dumps(saved.to_json())
+    assert "round trip/key" in got.summary() and "round trip/key" in saved.summary()
+    assert _siblings(dest) == ["dest"]  # no staging or spool directory left behind
+
+
+async def test_resave_unchanged_uploads_nothing_and_keeps_digest(
+    where: Reference, tmp_path: Path, small_layers: None
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with opened(where) as store:
+        first = await save(store, "k", src)
+        assert first.layers_total > 3
+        again = await save(store, "k", src)
+        assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
+        assert again.unchanged and again.digest == first.digest
+        assert (await store.resolve("k")).digest == first.digest
+
+        # Change one file: only the layers holding it go up; the rest are skipped.
+        (src / "pkg3" / "f8.bin").write_bytes(os.urandom(40_000))
+        changed = await save(store, "k", src)
+        assert not changed.unchanged and changed.digest != first.digest
+        assert 1 <= changed.layers_uploaded < changed.layers_total
+        assert changed.bytes_uploaded < changed.bytes_total / 2
+        dest = tmp_path / "dest"
+        await restore(store, "k", dest, jobs=3)
+    assert_same_tree(src, dest)
+
+
+async def test_restore_replaces_existing_target(tmp_path: Path, small_layers: None) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    src = _bulk(tmp_path / "src", count=12)
+    make_tree(src / "mixed", small_files=150, big_bytes=1 << 20)
+    await save(store, "k", src)
+    dest = tmp_path / "dest"
+    (dest / "stale" / "deep").mkdir(parents=True)
+    (dest / "stale" / "deep" / "old.txt").write_text("old")
+    result = await restore(store, "k", dest)
+    assert result.layers > 1
+    assert_same_tree(src, dest)
+
+
+async def test_miss_raises_cache_miss_and_leaves_target(where: Reference, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    async with opened(where) as store:
+        with pytest.raises(CacheMiss) as info:
+            await restore(store, "never saved", dest)
+    assert info.value.key == "never saved"
+    assert (dest / "keep.txt").read_text() == "mine"
+    assert _siblings(dest) == ["dest"]
+
+
+async def test_max_size_refuses_before_uploading(where: Reference, tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src", count=3, size=10_000)
+    async with opened(where) as store:
+        with pytest.raises(CacheTooLarge, match="30000 bytes"):
+            await save(store, "k", src, max_size=29_999)
+        assert await store.tags() == []
+        saved = await save(store, "k", src, max_size=30_000)
+        assert saved.size == 30_000
+    if where.transport == "layout":
+        assert where.path is not None
+        blobs = Path(where.path) / "blobs" / "sha256"
+        assert len(list(blobs.iterdir())) == 1 + 2 + 2 + saved.layers_total
+
+
+class _DiskFull(LayoutStore):
+    """A layout whose disk fills up after ``allowed`` more blobs (fault injection)."""
+
+    allowed = 10**9
+
+    async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
+        if self.allowed <= 0:
+            raise StoreError(f"cannot write {desc.digest}: No space left on device")
+        self.allowed -= 1
+        return await super().put_blob(desc, source)
+
+
+async def test_failed_save_keeps_previous_entry_layout(tmp_path: Path, small_layers: None) -> None:
+    store = _DiskFull(tmp_path / "layout")
+    src = _bulk(tmp_path / "src", count=10)
+    first = await save(store, "k", src)
+    pkg0_times = os.stat(src / "pkg0").st_atime_ns, os.stat(src / "pkg0").st_mtime_ns
+    (src / "pkg0" / "new.bin").write_bytes(os.urandom(300_000))
+    store.allowed = 1
+    with pytest.raises(StoreError, match="No space left"):
+        await save(store, "k", src)
+    assert (await store.resolve("k")).digest == first.digest
+    dest = tmp_path / "dest"
+    await restore(store, "k", dest)
+    (src / "pkg0" / "new.bin").unlink()
+    os.utime(src / "pkg0", ns=pkg0_times)  # the write and unlink may have crossed a second
+    assert_same_tree(src, dest)
+
+
+async def test_failed_save_keeps_previous_entry_registry(
+    registry: Any, repo_name: str, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    src = _bulk(tmp_path / "src", count=4)
+    direct = open_store(parse_reference(f"{registry.host}/{repo_name}"))
+    proxy = fault_proxy_factory(registry)
+    through = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
+    try:
+        first = await save(direct, "k", src)
+        (src / "extra.bin").write_bytes(os.urandom(1000))
+        # The registry refuses the final tag write (as a registry with immutable tags does):
+        # layers, configs and manifests got in, the tag must not move.
+        proxy.fail(1000, status=403, method="PUT", path_contains=f"/manifests/{first.tag}")
+        with pytest.raises(StoreError):
+            await save(through, "k", src)
+        assert (await direct.resolve("k")).digest == first.digest
+    finally:
+        await through.aclose()
+        await direct.aclose()
+
+
+async def test_corrupted_blob_leaves_target_untouched(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    store = LayoutStore(layout)
+    src = _bulk(tmp_path / "src", count=6)
+    saved = await save(store, "k", src)
+    dest = tmp_path / "work" / "dest"
+    make_tree(dest, small_files=150, big_bytes=1 << 20)
+    before = _snapshot(dest)
+    image_layers = await _layers_of(store, saved.digest)
+    blob = layout / "blobs" / "sha256" / image_layers[-1].digest.removeprefix("sha256:")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    blob.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        await restore(store, "k", dest)
+    assert _snapshot(dest) == before
+    assert _siblings(dest) == ["dest"]
+
+
+async def test_unsafe_archive_leaves_target_untouched(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in (("ok.txt", b"fine"), ("../escaped.txt", b"evil")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    diff_id = sha256_digest(raw.getvalue())
+    blob = gzip.compress(raw.getvalue(), mtime=0)
+    layer = Descriptor(OCI_LAYER_GZIP, sha256_digest(blob), len(blob))
+    await store.put_blob(layer, blob)
+    image = build_image([layer], [diff_id], key="evil", size=8, files=2)
+    for part in (*image.configs,):
+        await store.put_blob(part.descriptor, part.body)
+    for part in image.manifests:
+        await store.put_manifest(part.body, part.descriptor.media_type)
+    await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag="evil")
+    dest = tmp_path / "work" / "dest"
+    make_tree(dest, small_files=150, big_bytes=1 << 20)
+    before = _snapshot(dest)
+    with pytest.raises(UnsafeArchive):
+        await restore(store, "evil", dest)
+    assert _snapshot(dest) == before
+    assert not (tmp_path / "work" / "escaped.txt").exists()
+    assert _siblings(dest) == ["dest"]
+
+
+async def test_progress_reports_every_byte(tmp_path: Path, small_layers: None) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    src = _bulk(tmp_path / "src", count=10)
+    up: list[int] = []
+    down: list[int] = []
+    saved = await save(store, "k", src, progress=up.append)
+    result = await restore(store, "k", tmp_path / "dest", progress=down.append)
+    assert sum(up) == saved.bytes_total
+    assert sum(down) == result.bytes == saved.bytes_total
+
+
+async def test_network_failure_mid_restore_leaves_target_untouched(
+    registry: Any, repo_name: str, tmp_path: Path, fault_proxy_factory: Any, small_layers: None
+) -> None:
+    # More layers than parallel downloads (4): the refused last layer is only asked for once
+    # earlier ones are done, so the failure always lands mid-restore.
+    src = _bulk(tmp_path / "src", count=30)
+    direct = open_store(parse_reference(f"{registry.host}/{repo_name}"))
+    proxy = fault_proxy_factory(registry)
+    through = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
+    try:
+        saved = await save(direct, "k", src)
+        assert saved.layers_total > 4
+        last = (await _layers_of(direct, saved.digest))[-1]
+        dest = tmp_path / "work" / "dest"
+        make_tree(dest, small_files=50, big_bytes=1 << 16)
+        before = _snapshot(dest)
+        # Every layer but the last downloads fine; the last one is refused.
+        proxy.fail(1000, status=403, method="GET", path_contains=last.digest)
+        with pytest.raises(StoreError):
+            await restore(through, "k", dest)
+        assert _snapshot(dest) == before
+        assert _siblings(dest) == ["dest"]
+        assert proxy.count("GET", "/blobs/") >= 2  # other layers were being fetched concurrently
+    finally:
+        await through.aclose()
+        await direct.aclose()
+
+
+async def _layers_of(store: Store, digest: str) -> list[Descriptor]:
+    return list((await load_image(store, digest)).layers)

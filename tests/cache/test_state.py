@@ -1,0 +1,217 @@
+"""Machine-local layer state: where it lives, what makes a layer settled, and damage tolerance."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from remote_cache.archive.plan import LayerPlan, TreeScan, scan_tree
+from remote_cache.archive.tar import FILE, Member
+from remote_cache.archive.walk import TreeStats
+from remote_cache.cache import evidence, state
+from remote_cache.cache.evidence import LayerRecord, local_layers
+from remote_cache.cache.state import state_path
+from remote_cache.oci import OCI_LAYER_ZSTD
+
+_DIGEST = "sha256:" + "ab" * 32
+_LOCAL = "sha256:" + "cd" * 32
+
+
+def _record(n: int = 0) -> LayerRecord:
+    return LayerRecord(OCI_LAYER_ZSTD, "sha256:" + f"{n:064x}", 100 + n, _DIGEST)
+
+
+def test_state_dir_from_env_then_xdg_then_home(
+    tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    assert state_path(target).parent == state_dir
+    assert state_path(tmp_path / "." / "vol") == state_path(target)  # keyed by the resolved path
+    monkeypatch.delenv("REMOTE_CACHE_STATE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert state.state_dir() == tmp_path / "xdg" / "remote-cache"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert state.state_dir() == tmp_path / "home" / ".cache" / "remote-cache"
+
+
+def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    assert state.load(target).records == {}
+    assert state.record_save(target, state.load(target), [(_LOCAL, _record())])
+    assert state.load(target).records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
+    doc = json.loads(state_path(target).read_text())
+    assert doc["format"] == "remote-cache-state/2" and doc["path"] == str(target.resolve())
+    many = [("sha256:" + f"{i:064x}", _record(i)) for i in range(state.MAX_RECORDS + 50)]
+    assert state.record_save(target, state.load(target), many)
+    kept = state.load(target).records
+    assert len(kept) == state.MAX_RECORDS and (_LOCAL, OCI_LAYER_ZSTD) not in kept
+    assert state_path(target).stat().st_size < state.MAX_STATE_BYTES
+    assert [p.name for p in state_path(target).parent.iterdir()] == [state_path(target).name]
+
+
+def test_unwritable_state_dir_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(blocker / "state"))
+    assert state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())]) is False
+    assert state.load(tmp_path).records == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b'{"format": "remote-cache-state/1", "layers": {}}',
+        b'{"format": "other", "layers": []}',
+        b'{"format": "remote-cache-state/1", "layers": [{"local": "x"}]}',
+    ],
+)
+def test_corrupt_state_is_empty(tmp_path: Path, body: bytes) -> None:
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    state_path(tmp_path).write_bytes(body)
+    assert state.load(tmp_path).records == {}
+
+
+def _tree(root: Path) -> Path:
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a").write_bytes(b"a" * 100)
+    (root / "b").write_bytes(b"b" * 100)
+    (root / "l").symlink_to("b")
+    return root
+
+
+def test_local_listing_follows_ctime_not_mtime(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "t")
+    evidence.settle(time.time_ns())
+    bound = evidence.clock_ns()
+    before = local_layers(scan_tree(root), bound)
+    assert len(before) == 1 and before[0].settled and before[0].local is not None
+    # Same size, same mtime, other bytes: the portable listing cannot tell; the local one does.
+    f = root / "d" / "a"
+    st = f.stat()
+    f.write_bytes(b"z" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = local_layers(scan_tree(root), evidence.clock_ns())
+    assert after[0].listing == before[0].listing
+    assert after[0].local != before[0].local
+
+
+def test_files_changed_since_the_bound_are_not_settled(tmp_path: Path) -> None:
+    bound = evidence.clock_ns()  # taken before the files are written: they may still change
+    root = _tree(tmp_path / "t")
+    layer = local_layers(scan_tree(root), bound)[0]
+    assert layer.local is not None and not layer.settled
+    assert not local_layers(scan_tree(root), evidence.settle(time.time_ns()), mtime_bound=0)[0].settled
+
+
+def test_a_file_changed_after_the_scan_never_matches_what_was_recorded(tmp_path: Path) -> None:
+    # A save records the listing its scan saw; a file written after that scan (say while the
+    # layer was being packed) has a newer ctime, so no later scan can match the record.
+    root = _tree(tmp_path / "t")
+    recorded = local_layers(scan_tree(root), evidence.settle(time.time_ns()))[0]
+    f = root / "b"
+    st = f.stat()
+    f.write_bytes(b"y" * st.st_size)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = local_layers(scan_tree(root), evidence.settle(time.time_ns()))[0]
+    assert again.listing == recorded.listing
+    assert again.local != recorded.local
+
+
+def _window(root: tuple[int, int] = (1, 2), start: int = 10, end: int = 20) -> evidence.RestoreWindow:
+    return evidence.RestoreWindow(start, end, root, {(_LOCAL, OCI_LAYER_ZSTD): _record(7)})
+
+
+def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
+    assert state.load(tmp_path).window is None
+    assert state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    assert state.record_restore(tmp_path, _window())
+    assert state.load(tmp_path).window == _window()
+    assert state.load(tmp_path).records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}  # kept
+    assert state.record_save(
+        tmp_path, state.load(tmp_path), [(_DIGEST, _record(1))]
+    )  # a save keeps the window
+    assert state.load(tmp_path).window == _window()
+    assert state.record_restore(tmp_path, _window(start=30, end=40))  # replaced, not merged
+    assert state.load(tmp_path).window == _window(start=30, end=40)
+    bad = dataclasses.replace(_window(), layers={("not a digest", OCI_LAYER_ZSTD): _record(8)})
+    assert state.record_restore(tmp_path, bad)  # a malformed annotation is dropped, not fatal
+    assert state.load(tmp_path).window == dataclasses.replace(bad, layers={})
+    assert len(state.load(tmp_path).records) == 2
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        {"start": 20, "end": 10, "root": [1, 2], "layers": []},
+        {"start": 1, "end": 10, "root": [1], "layers": []},
+        {"start": "1", "end": 10, "root": [1, 2], "layers": []},
+        {"start": 1, "end": 10, "root": [1, 2], "layers": [{"listing": "x"}]},
+        [],
+    ],
+)
+def test_a_bad_window_spoils_the_whole_file(tmp_path: Path, window: object) -> None:
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    doc = json.loads(state_path(tmp_path).read_text())
+    doc["window"] = window
+    state_path(tmp_path).write_text(json.dumps(doc))
+    assert state.load(tmp_path).records == {} and state.load(tmp_path).window is None
+
+
+def test_state_of_another_path_and_older_format_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    state.record_restore(tmp_path / "a", _window())
+    state_path(tmp_path / "b").write_bytes(state_path(tmp_path / "a").read_bytes())
+    assert state.load(tmp_path / "b").window is None
+    doc = json.loads(state_path(tmp_path / "a").read_text())
+    doc["format"] = "remote-cache-state/1"
+    state_path(tmp_path / "a").write_text(json.dumps(doc))
+    assert state.load(tmp_path / "a").window is None
+
+
+def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -> None:
+    start = evidence.clock_ns()
+    root = _tree(tmp_path / "t")
+    end = evidence.settle(time.time_ns())
+    scan = scan_tree(root)
+    layers = local_layers(scan, end)
+    rec = _record(3)
+    window = evidence.RestoreWindow(start, end, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): rec})
+    assert evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {0: rec}
+    assert evidence.window_hits(scan, layers, window, "application/other") == {}
+    assert evidence.window_hits(scan, layers, None, OCI_LAYER_ZSTD) == {}
+    late = dataclasses.replace(window, start_ns=end)  # files written before the window
+    assert evidence.window_hits(scan, layers, late, OCI_LAYER_ZSTD) == {}
+    f = root / "b"
+    st = f.stat()
+    f.write_bytes(b"y" * st.st_size)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    scan = scan_tree(root)
+    layers = local_layers(scan, evidence.clock_ns())
+    assert layers[0].listing in {k[0] for k in window.layers}  # the listing cannot tell ...
+    assert evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {}  # ... the ctime can
+
+
+def test_whole_second_ctimes_round_the_window_down(tmp_path: Path) -> None:
+    s = 1_000_000_000
+
+    def hits(ctime_s: int) -> bool:
+        entry = Member("f", FILE, 0o644, 0, 0, 1, 1, ino=5, ctime_ns=ctime_s * s)
+        scan = TreeScan(tmp_path, (LayerPlan(0, (entry,), 1024),), TreeStats())
+        layers = local_layers(scan, 100 * s)
+        window = evidence.RestoreWindow(
+            10 * s + s // 2, 20 * s + s // 2, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): _record()}
+        )
+        return bool(evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD))
+
+    assert [hits(t) for t in (9, 10, 19, 20, 21)] == [False, True, True, False, False]

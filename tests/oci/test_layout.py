@@ -1,0 +1,178 @@
+"""LayoutStore: an OCI image layout on disk, verified on read, atomic on write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from remote_cache.errors import CacheMiss, IntegrityError, StoreError
+from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, sha256_digest
+from remote_cache.oci.layout import LayoutStore
+from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
+from remote_cache.oci.store import Store
+
+
+def _blob(data: bytes) -> Descriptor:
+    return Descriptor(OCI_LAYER_GZIP, sha256_digest(data), len(data))
+
+
+def _manifest(layer: Descriptor, config: Descriptor) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.to_json(),
+            "layers": [layer.to_json()],
+        }
+    ).encode()
+
+
+async def _read(store: LayoutStore, desc: Descriptor) -> bytes:
+    return b"".join([chunk async for chunk in store.read_blob(desc)])
+
+
+async def test_layout_is_created_on_first_write_and_is_a_store(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "new" / "layout")
+    assert isinstance(store, Store)
+    assert await store.tags() == []
+    with pytest.raises(CacheMiss):
+        await store.resolve("nope")
+    assert await store.put_blob(_blob(b"x"), b"x") is True
+    root = tmp_path / "new" / "layout"
+    assert json.loads((root / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    assert json.loads((root / "index.json").read_text())["manifests"] == []
+    assert (root / "blobs" / "sha256" / sha256_digest(b"x").removeprefix("sha256:")).read_bytes() == b"x"
+
+
+async def test_put_blob_verifies_and_skips_existing(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path)
+    data = os.urandom(3_000_000)
+    desc = _blob(data)
+    source = tmp_path / "src.bin"
+    source.write_bytes(data)
+    assert await store.put_blob(desc, source) is True
+    assert await store.put_blob(desc, source) is False
+    assert await store.has_blob(desc.digest)
+    assert await _read(store, desc) == data
+    with pytest.raises(IntegrityError):
+        await store.put_blob(Descriptor(OCI_LAYER_GZIP, sha256_digest(b"other"), 5), b"wrong")
+    assert not await store.has_blob(sha256_digest(b"other"))
+    leftovers = [p.name for p in (tmp_path / "blobs" / "sha256").iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+
+
+async def test_read_blob_detects_corruption_and_truncation(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path)
+    data = b"hello world" * 1000
+    desc = _blob(data)
+    await store.put_blob(desc, data)
+    path = tmp_path / "blobs" / "sha256" / desc.digest.removeprefix("sha256:")
+    flipped = bytearray(data)
+    flipped[500] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(IntegrityError, match="corrupted"):
+        await _read(store, desc)
+    path.write_bytes(data[:-1])
+    with pytest.raises(IntegrityError, match="expected"):
+        await _read(store, desc)
+    path.write_bytes(data + b"!")
+    with pytest.raises(IntegrityError, match="larger"):
+        await _read(store, desc)
+    path.unlink()
+    with pytest.raises(StoreError, match="missing"):
+        await _read(store, desc)
+
+
+async def test_tags_move_and_manifests_verify(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path)
+    config = _blob(b"{}")
+    await store.put_blob(config, b"{}")
+    layer1, layer2 = _blob(b"1"), _blob(b"2")
+    m1 = await store.put_manifest(_manifest(layer1, config), OCI_MANIFEST, tag="t")
+    assert (await store.resolve("t")).digest == m1.digest
+    m2 = await store.put_manifest(_manifest(layer2, config), OCI_MANIFEST, tag="t")
+    assert (await store.resolve("t")).digest == m2.digest
+    entries = json.loads((tmp_path / "index.json").read_text())["manifests"]
+    assert entries == [m2.to_json() | {"annotations": {REF_NAME: "t"}}]
+    desc, body = await store.get_manifest(m1.digest)
+    assert (desc.digest, desc.media_type) == (m1.digest, OCI_MANIFEST)
+    assert body == _manifest(layer1, config)
+    # A manifest blob that was tampered with is refused.
+    path = tmp_path / "blobs" / "sha256" / m2.digest.removeprefix("sha256:")
+    path.write_bytes(path.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    with pytest.raises(IntegrityError):
+        await store.get_manifest("t")
+
+
+async def test_concurrent_tagging_loses_nothing(tmp_path: Path) -> None:
+    config = _blob(b"{}")
+
+    async def one(i: int) -> None:
+        store = LayoutStore(tmp_path)  # separate instances, as separate processes would be
+        await store.put_manifest(_manifest(_blob(str(i).encode()), config), OCI_MANIFEST, tag=f"t{i}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(24):
+            tg.start_soon(one, i)
+    assert await LayoutStore(tmp_path).tags() == sorted(f"t{i}" for i in range(24))
+
+
+async def test_delete_and_gc(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path)
+    config = _blob(b"{}")
+    await store.put_blob(config, b"{}")
+    shared, only_a, only_b = _blob(b"shared"), _blob(b"a"), _blob(b"b")
+    for d, data in ((shared, b"shared"), (only_a, b"a"), (only_b, b"b")):
+        await store.put_blob(d, data)
+    body_a = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.to_json(),
+            "layers": [shared.to_json(), only_a.to_json()],
+        }
+    ).encode()
+    ma = await store.put_manifest(body_a, OCI_MANIFEST, tag="a")
+    mb = await store.put_manifest(_manifest(only_b, config), OCI_MANIFEST, tag="b")
+    await store.put_manifest(_manifest(only_b, config), OCI_MANIFEST, tag="b2")
+    stray = _blob(b"stray")
+    await store.put_blob(stray, b"stray")
+
+    assert await store.gc() == (0, 0)  # everything is recent: the grace period protects it
+    await store.delete("a")
+    assert await store.tags() == ["b", "b2"]
+    with pytest.raises(CacheMiss):
+        await store.delete("a")
+    removed, freed = await store.gc(grace_seconds=0)
+    assert removed == 4  # manifest a, only_a, shared, stray
+    assert freed == len(body_a) + 1 + 6 + 5
+    for gone in (ma, only_a, shared, stray):
+        assert not await store.has_blob(gone.digest)
+    for kept in (mb, only_b, config):
+        assert await store.has_blob(kept.digest)
+    await store.delete(mb.digest)  # by digest: every tag of it goes
+    assert await store.tags() == []
+
+
+def test_skopeo_reads_the_layout(tmp_path: Path) -> None:
+    async def write() -> Descriptor:
+        store = LayoutStore(tmp_path / "l")
+        layer = _blob(b"not really gzip")
+        await store.put_blob(layer, b"not really gzip")
+        config_body = json.dumps(
+            {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+        ).encode()
+        config = Descriptor(OCI_CONFIG, sha256_digest(config_body), len(config_body))
+        await store.put_blob(config, config_body)
+        return await store.put_manifest(_manifest(layer, config), OCI_MANIFEST, tag="v1")
+
+    desc = anyio.run(write)
+    out = subprocess.run(
+        ["skopeo", "inspect", f"oci:{tmp_path / 'l'}:v1"], check=True, capture_output=True, text=True
+    ).stdout
+    assert json.loads(out)["Digest"] == desc.digest

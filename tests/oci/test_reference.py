@@ -1,0 +1,119 @@
+"""Reference parsing: registry and layout forms, Docker Hub normalisation, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from remote_cache.errors import InvalidKey, InvalidReference
+from remote_cache.oci.reference import Reference, is_loopback, parse_reference
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "repository", "key", "digest"),
+    [
+        ("localhost:5000/team/cache:npm-linux", "localhost:5000", "team/cache", "npm-linux", None),
+        ("localhost/cache", "localhost", "cache", None, None),
+        ("127.0.0.1:5000/a/b/c:2h", "127.0.0.1:5000", "a/b/c", "2h", None),
+        ("ghcr.io/org/cache:go", "ghcr.io", "org/cache", "go", None),
+        ("GHCR.io/org/cache:go", "ghcr.io", "org/cache", "go", None),
+        ("docker://ghcr.io/org/cache:go", "ghcr.io", "org/cache", "go", None),
+        ("ttl.sh/x-y_z.w__v--u:1h", "ttl.sh", "x-y_z.w__v--u", "1h", None),
+        ("[::1]:5000/cache:k", "[::1]:5000", "cache", "k", None),
+        # Keys are raw cache keys: anything without '/', ':' allowed (split at the first ':').
+        ("ghcr.io/org/cache:npm:linux@x", "ghcr.io", "org/cache", "npm:linux@x", None),
+        ("ghcr.io/org/cache:Key With Spaces", "ghcr.io", "org/cache", "Key With Spaces", None),
+        (f"ghcr.io/org/cache@{DIGEST}", "ghcr.io", "org/cache", None, DIGEST),
+        (f"ghcr.io/org/cache:k@{DIGEST}", "ghcr.io", "org/cache", "k", DIGEST),
+        # Docker Hub
+        ("alpine", "registry-1.docker.io", "library/alpine", None, None),
+        ("alpine:3", "registry-1.docker.io", "library/alpine", "3", None),
+        ("user/cache:npm", "registry-1.docker.io", "user/cache", "npm", None),
+        ("docker.io/alpine", "registry-1.docker.io", "library/alpine", None, None),
+        ("index.docker.io/user/cache:k", "registry-1.docker.io", "user/cache", "k", None),
+    ],
+)
+def test_parse_registry_references(
+    text: str, host: str, repository: str, key: str | None, digest: str | None
+) -> None:
+    ref = parse_reference(text)
+    assert ref == Reference("registry", host=host, repository=repository, key=key, digest=digest)
+
+
+def test_str_round_trips_and_shows_docker_hub_by_its_name() -> None:
+    for text in ["localhost:5000/team/cache:npm", f"ghcr.io/o/c:k@{DIGEST}", "oci:/tmp/layout:k", "oci:rel"]:
+        assert str(parse_reference(text)) == text
+        assert parse_reference(str(parse_reference(text))) == parse_reference(text)
+    assert str(parse_reference("alpine:3")) == "docker.io/library/alpine:3"
+    assert parse_reference("alpine").is_docker_hub
+    assert parse_reference("alpine").location == "docker.io/library/alpine"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "key"),
+    [
+        ("oci:/tmp/layout:npm", "/tmp/layout", "npm"),
+        ("oci:./layout", "./layout", None),
+        ("oci:layout:a:b", "layout", "a:b"),
+        ("oci:dir/with/slash:key/with/slash", "dir/with/slash", "key/with/slash"),
+    ],
+)
+def test_parse_layout_references(text: str, path: str, key: str | None) -> None:
+    assert parse_reference(text) == Reference("layout", path=path, key=key)
+
+
+def test_with_key_replaces_key_and_drops_digest() -> None:
+    ref = parse_reference(f"ghcr.io/o/c:old@{DIGEST}")
+    assert ref.with_key("new") == Reference("registry", host="ghcr.io", repository="o/c", key="new")
+    assert ref.with_key(None).key is None
+    with pytest.raises(InvalidKey):
+        ref.with_key("")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        ("ghcr.io/Org/Cache:k", "lowercase"),
+        ("ghcr.io/org//cache", "not valid"),
+        ("ghcr.io/org/cache-:k", "not valid"),
+        ("ghcr.io/:k", "missing"),
+        ("ghcr.io/org/cache:", "empty"),
+        ("ghcr.io/org/cache@sha256:short", "digest"),
+        ("https://ghcr.io/org/cache", "transports"),
+        ("oci:", "missing"),
+        ("oci:dir:", "empty"),
+        ("bad_host.io:x/repo", "host"),
+    ],
+)
+def test_invalid_references_explain_and_show_an_example(text: str, why: str) -> None:
+    with pytest.raises(InvalidReference, match=why) as info:
+        parse_reference(text)
+    assert "e.g. 'localhost:5000/team/cache:npm-linux'" in str(info.value)
+
+
+def test_key_with_control_characters_is_rejected() -> None:
+    with pytest.raises(InvalidKey):
+        parse_reference("ghcr.io/o/c:bad\x01key")
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("127.0.0.1", True),
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3:80", True),
+        ("[::1]:5000", True),
+        ("::1", True),
+        ("registry.localhost:5000", True),
+        ("ghcr.io", False),
+        ("10.0.0.1:5000", False),
+        ("[fe80::1]:5000", False),
+        ("localhost.example.com", False),
+    ],
+)
+def test_is_loopback(host: str, expected: bool) -> None:
+    assert is_loopback(host) is expected

@@ -1,0 +1,533 @@
+"""RegistryStore against a real docker-registry, anonymous, with basic auth and with bearer tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_cache.errors import (
+    CacheMiss,
+    IntegrityError,
+    RegistryAuthError,
+    RegistryUnreachable,
+    UnsupportedOperation,
+)
+from remote_cache.oci import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor, sha256_digest
+from remote_cache.oci.credentials import Credentials
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.registry import RegistryStore
+from remote_cache.oci.store import Store
+from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry
+
+ALL_MODES = ["registry", "auth_registry", "token_registry"]
+
+
+@pytest.fixture(params=ALL_MODES)
+def server(request: pytest.FixtureRequest) -> RegistryServer:
+    """Each test using this runs against all three auth modes."""
+    value: RegistryServer = request.getfixturevalue(request.param)
+    return value
+
+
+def make_store(server: RegistryServer, repo: str, *, host: str | None = None, **kw: object) -> RegistryStore:
+    creds = Credentials(server.username, server.password) if server.username and server.password else None
+    return RegistryStore(host or server.host, repo, credentials=creds, **kw)  # type: ignore[arg-type]
+
+
+def blob(data: bytes, media_type: str = OCI_LAYER_TAR) -> Descriptor:
+    return Descriptor(media_type, sha256_digest(data), len(data))
+
+
+async def read_all(store: RegistryStore, desc: Descriptor) -> bytes:
+    return b"".join([chunk async for chunk in store.read_blob(desc)])
+
+
+async def push_image(store: RegistryStore, tag: str | None, payload: bytes) -> tuple[Descriptor, bytes]:
+    """Push a minimal OCI image (config + one layer) and return its manifest descriptor and body."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+    cdesc, ldesc = blob(config, OCI_CONFIG), blob(payload)
+    await store.put_blob(cdesc, config)
+    await store.put_blob(ldesc, payload)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": cdesc.to_json(),
+            "layers": [ldesc.to_json()],
+        }
+    ).encode()
+    desc = await store.put_manifest(manifest, OCI_MANIFEST, tag=tag)
+    return desc, manifest
+
+
+def test_registry_store_satisfies_store_protocol(registry: RegistryServer) -> None:
+    assert isinstance(RegistryStore(registry.host, "x/y"), Store)
+
+
+async def test_ping(server: RegistryServer) -> None:
+    async with make_store(server, "any/repo") as store:
+        await store.ping()
+
+
+async def test_blob_push_skip_and_read_back(server: RegistryServer, repo_name: str) -> None:
+    data = os.urandom(100_000)
+    desc = blob(data)
+    async with make_store(server, repo_name) as store:
+        assert not await store.has_blob(desc.digest)
+        assert await store.put_blob(desc, data) is True
+        assert await store.has_blob(desc.digest)
+        assert await store.put_blob(desc, data) is False  # already there: skipped
+        assert await read_all(store, desc) == data
+
+
+async def test_small_file_goes_in_one_put(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    data = os.urandom(5000)
+    path = tmp_path / "small"
+    path.write_bytes(data)
+    async with RegistryStore(proxy.host, repo_name, chunk_size=64 * 1024) as store:
+        assert await store.put_blob(blob(data), path)
+        assert await read_all(store, blob(data)) == data
+    assert proxy.count("PATCH") == 0
+    assert proxy.count("PUT", "/blobs/uploads/") == 1
+
+
+async def test_large_file_uploads_in_chunks(
+    server: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    fault_proxy_factory: Callable[..., FaultProxy],
+) -> None:
+    proxy = fault_proxy_factory(server)
+    data = os.urandom(3 * 64 * 1024 + 123)
+    path = tmp_path / "layer"
+    path.write_bytes(data)
+    async with make_store(server, repo_name, host=proxy.host, chunk_size=64 * 1024) as store:
+        assert await store.put_blob(blob(data), path) is True
+        assert await read_all(store, blob(data)) == data
+    assert proxy.count("PATCH") == 4  # 3 full chunks and the 123-byte tail
+
+
+async def test_wrong_size_bytes_are_refused_before_upload(registry: RegistryServer, repo_name: str) -> None:
+    data = b"hello"
+    async with make_store(registry, repo_name) as store:
+        with pytest.raises(IntegrityError):
+            await store.put_blob(Descriptor(OCI_LAYER_TAR, sha256_digest(data), 99), data)
+
+
+async def test_wrong_digest_is_rejected_by_registry(registry: RegistryServer, repo_name: str) -> None:
+    data = b"hello"
+    lie = Descriptor(OCI_LAYER_TAR, sha256_digest(b"other"), len(data))
+    async with make_store(registry, repo_name) as store:
+        with pytest.raises(IntegrityError, match="does not match"):
+            await store.put_blob(lie, data)
+        assert not await store.has_blob(lie.digest)
+
+
+async def test_parallel_uploads_share_one_client(server: RegistryServer, repo_name: str) -> None:
+    blobs = [os.urandom(20_000 + i) for i in range(12)]
+    before = server.tokens_issued
+    async with make_store(server, repo_name) as store:
+        results = await asyncio.gather(*(store.put_blob(blob(b), b) for b in blobs))
+        assert results == [True] * len(blobs)
+        back = await asyncio.gather(*(read_all(store, blob(b)) for b in blobs))
+    if server.auth == "token":  # concurrent 401s share one token fetch per scope
+        assert 1 <= server.tokens_issued - before <= 2
+    assert back == blobs
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+async def test_corrupt_blob_raises_integrity_error(
+    registry: RegistryServer, repo_name: str, same_size: bool
+) -> None:
+    data = os.urandom(50_000)
+    desc = blob(data)
+    async with make_store(registry, repo_name) as store:
+        await store.put_blob(desc, data)
+        garbage = os.urandom(len(data) if same_size else len(data) + 100)
+        registry.blob_data_path(desc.digest).write_bytes(garbage)
+        with pytest.raises(IntegrityError):
+            await read_all(store, desc)
+
+
+async def test_manifest_put_resolve_get(server: RegistryServer, repo_name: str) -> None:
+    async with make_store(server, repo_name) as store:
+        desc, body = await push_image(store, "npm-linux", b"layer bytes")
+        assert desc == Descriptor(OCI_MANIFEST, sha256_digest(body), len(body))
+        resolved = await store.resolve("npm-linux")
+        assert resolved == desc
+        assert resolved.media_type == OCI_MANIFEST
+        by_tag = await store.get_manifest("npm-linux")
+        by_digest = await store.get_manifest(desc.digest)
+        assert by_tag == (desc, body)
+        assert by_digest == (desc, body)
+        assert await store.resolve(desc.digest) == desc
+        # Re-tagging the same body under another tag keeps the digest.
+        desc2 = await store.put_manifest(body, OCI_MANIFEST, tag="second")
+        assert desc2.digest == desc.digest
+        assert sorted(await store.tags()) == ["npm-linux", "second"]
+
+
+async def test_manifest_by_digest_only(registry: RegistryServer, repo_name: str) -> None:
+    async with make_store(registry, repo_name) as store:
+        desc, body = await push_image(store, None, b"untagged")
+        assert await store.get_manifest(desc.digest) == (desc, body)
+        assert await store.tags() == []
+
+
+async def test_unknown_tag_is_a_cache_miss(server: RegistryServer, repo_name: str) -> None:
+    async with make_store(server, repo_name) as store:
+        with pytest.raises(CacheMiss) as info:
+            await store.resolve("nothing-here")
+        assert info.value.key == "nothing-here"
+        await push_image(store, "present", b"x")
+        with pytest.raises(CacheMiss):
+            await store.resolve("still-nothing")
+        with pytest.raises(CacheMiss):
+            await store.get_manifest("still-nothing")
+        with pytest.raises(CacheMiss):
+            await store.get_manifest(sha256_digest(b"no such manifest"))
+
+
+async def test_tags_paginate(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.paginate_tags = True  # docker-registry 2.8 does not paginate tags itself
+    names = [f"t{i}" for i in range(5)]
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        _desc, body = await push_image(store, None, b"tags")
+        for name in names:
+            await store.put_manifest(body, OCI_MANIFEST, tag=name)
+        proxy.clear()
+        assert sorted(await store.tags(page_size=2)) == names
+        assert proxy.count("GET", "/tags/list") == 3
+        assert sorted(await store.tags()) == names
+
+
+async def test_tags_of_new_repository_is_empty(server: RegistryServer, repo_name: str) -> None:
+    async with make_store(server, repo_name) as store:
+        assert await store.tags() == []
+
+
+async def test_delete_by_tag_and_digest(server: RegistryServer, repo_name: str) -> None:
+    async with make_store(server, repo_name) as store:
+        await push_image(store, "a", b"first")
+        desc_b, _ = await push_image(store, "b", b"second")
+        await store.delete("a")
+        with pytest.raises(CacheMiss):
+            await store.resolve("a")
+        await store.delete(desc_b.digest)
+        with pytest.raises(CacheMiss):
+            await store.resolve("b")
+        with pytest.raises(CacheMiss):
+            await store.delete("never-existed")
+
+
+async def test_delete_disabled_is_unsupported(tmp_path: Path, repo_name: str) -> None:
+    server = start_registry(tmp_path / "nodelete", delete_enabled=False)
+    try:
+        async with make_store(server, repo_name) as store:
+            await push_image(store, "keep", b"data")
+            with pytest.raises(UnsupportedOperation, match="does not allow deleting"):
+                await store.delete("keep")
+            assert (await store.resolve("keep")).media_type == OCI_MANIFEST
+    finally:
+        server.stop()
+
+
+async def test_cross_repository_mount(
+    server: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(server)
+    data = os.urandom(30_000)
+    async with make_store(server, repo_name + "-src", host=proxy.host) as src:
+        await src.put_blob(blob(data), data)
+    proxy.clear()
+    async with make_store(server, repo_name + "-dst", host=proxy.host) as dst:
+        assert await dst.put_blob(blob(data), data, mount_from=repo_name + "-src") is True
+        assert await read_all(dst, blob(data)) == data
+    assert proxy.count("POST", "mount=", status=201) == 1
+    assert proxy.count("PUT") == 0  # mounted, not uploaded
+
+
+@pytest.mark.parametrize("mode", ["auth_registry", "token_registry"])
+async def test_wrong_password_is_an_auth_error_without_the_secret(
+    request: pytest.FixtureRequest, mode: str, repo_name: str
+) -> None:
+    server: RegistryServer = request.getfixturevalue(mode)
+    secret = "Wr0ng-Secret-Value"
+    store = RegistryStore(server.host, repo_name, credentials=Credentials(server.username or "", secret))
+    async with store:
+        with pytest.raises(RegistryAuthError) as info:
+            await store.resolve("x")
+    message = str(info.value)
+    assert secret not in message
+    assert server.username is not None and server.username in message
+    assert "refused the credentials" in message
+    assert secret not in repr(store.transport.credentials)
+
+
+@pytest.mark.parametrize("mode", ["auth_registry", "token_registry"])
+async def test_missing_credentials_is_an_auth_error(
+    request: pytest.FixtureRequest, mode: str, repo_name: str
+) -> None:
+    server: RegistryServer = request.getfixturevalue(mode)
+    async with RegistryStore(server.host, repo_name) as store:
+        with pytest.raises(RegistryAuthError, match="requires credentials"):
+            await store.ping()
+        with pytest.raises(RegistryAuthError, match="docker login"):
+            await store.put_blob(blob(b"x"), b"x")
+
+
+async def test_basic_auth_is_sent_up_front_after_first_challenge(
+    auth_registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(auth_registry)
+    async with make_store(auth_registry, repo_name, host=proxy.host) as store:
+        await push_image(store, "t", b"basic")
+        await store.resolve("t")
+    # Only the very first (anonymous) request is challenged; later ones carry Basic up front.
+    assert proxy.count(status=401) == 1
+    assert proxy.count() >= 6  # two blob uploads (POST + PUT each), a manifest, a resolve
+
+
+async def test_bearer_tokens_are_fetched_once_and_reused(
+    token_registry: RegistryServer, repo_name: str
+) -> None:
+    before = token_registry.tokens_issued
+    async with make_store(token_registry, repo_name) as store:
+        desc, _ = await push_image(store, "tok", os.urandom(1000))
+        for _ in range(5):
+            assert await store.resolve("tok") == desc
+            await store.get_manifest("tok")
+        assert await store.tags() == ["tok"]
+    issued = token_registry.tokens_issued - before
+    assert 1 <= issued <= 2  # a pull,push token for the push; pulls reuse it
+
+
+async def test_refused_token_is_refreshed(token_registry: RegistryServer, repo_name: str) -> None:
+    async with make_store(token_registry, repo_name) as store:
+        await push_image(store, "tok", b"refresh")
+        # Make every cached token look fresh to us but be refused by the registry (as if revoked).
+        for token in store.transport.auth._tokens.values():
+            token.value = "not-a-valid-token"
+        before = token_registry.tokens_issued
+        await store.resolve("tok")
+        assert token_registry.tokens_issued == before + 1
+
+
+async def test_unreachable_port_fails_fast() -> None:
+    port = free_port()
+    start = time.monotonic()
+    async with RegistryStore(f"127.0.0.1:{port}", "a/b", timeout=5) as store:
+        with pytest.raises(RegistryUnreachable, match=f"127.0.0.1:{port}"):
+            await store.ping()
+    assert time.monotonic() - start < 2
+
+
+async def test_https_default_for_remote_hosts_and_tls_error_message(registry: RegistryServer) -> None:
+    # The registry serves plain HTTP; asking for TLS must fail clearly, not hang or fall back.
+    async with RegistryStore(registry.host, "a/b", plain_http=False, retries=0, timeout=5) as store:
+        assert store.transport.base_url.startswith("https://")
+        with pytest.raises(RegistryUnreachable, match=registry.host):
+            await store.ping()
+    assert RegistryStore("ghcr.io", "a/b").transport.base_url == "https://ghcr.io"
+    assert RegistryStore("localhost:5000", "a/b").transport.base_url == "http://localhost:5000"
+
+
+async def test_from_reference(registry: RegistryServer, repo_name: str) -> None:
+    ref = parse_reference(f"{registry.host}/{repo_name}:some-key")
+    async with RegistryStore.from_reference(ref) as store:
+        assert store.location == f"{registry.host}/{repo_name}"
+        await push_image(store, "some-key", b"ref")
+        assert (await store.resolve("some-key")).media_type == OCI_MANIFEST
+
+
+async def test_redirect_to_another_origin_drops_credentials(
+    auth_registry: RegistryServer,
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+) -> None:
+    """A blob GET redirected to storage elsewhere must not carry our Authorization there."""
+    data = os.urandom(40_000)
+    desc = blob(data)
+    async with make_store(registry, repo_name) as anonymous:
+        await anonymous.put_blob(desc, data)
+    storage = fault_proxy_factory(registry)  # stands in for object storage on another origin
+    front = fault_proxy_factory(auth_registry)
+    front.redirect(f"{storage.url}/v2/{repo_name}/blobs/{desc.digest}", method="GET", path_contains="/blobs/")
+    async with make_store(auth_registry, repo_name, host=front.host) as store:
+        await store.put_blob(desc, data)  # authenticates (Basic) against the front origin
+        assert await read_all(store, desc) == data
+    assert front.count("GET", "/blobs/", status=307) == 1
+    assert front.requests[-1].headers.get("authorization", "").startswith("Basic ")
+    assert storage.count("GET", "/blobs/") == 1
+    assert "authorization" not in storage.requests[0].headers
+
+
+async def test_resolve_without_digest_header_falls_back_to_get(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        desc, _ = await push_image(store, "t", b"no digest header")
+        proxy.strip_response_headers = {"docker-content-digest"}
+        proxy.clear()
+        assert await store.resolve("t") == desc
+    assert proxy.count("HEAD", "/manifests/t") == 1
+    assert proxy.count("GET", "/manifests/t") == 1
+
+
+async def test_upload_checks_presence_with_one_mount_request(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    # A new blob: the self-mount POST opens the upload (202), then one PUT; no HEAD.
+    # A blob already there: one POST answered 201, nothing uploaded.
+    proxy = fault_proxy_factory(registry)
+    data = os.urandom(10_000)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(blob(data), data) is True
+        counts = (proxy.count("POST", "mount=", status=202), proxy.count("PUT"), proxy.count("HEAD"))
+        assert counts == (1, 1, 0)
+        proxy.clear()
+        assert await store.put_blob(blob(data), data) is False
+        counts = (proxy.count("POST", "mount=", status=201), proxy.count("PUT"), proxy.count("HEAD"))
+        assert counts == (1, 0, 0)
+        assert await read_all(store, blob(data)) == data
+
+
+async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(100, status=404, method="POST", path_contains="mount=")
+    first, second = os.urandom(10_000), os.urandom(10_000)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(blob(first), first) is True
+        assert await store.put_blob(blob(first), first) is False
+        assert await store.put_blob(blob(second), second) is True
+        assert await read_all(store, blob(first)) == first
+        assert await read_all(store, blob(second)) == second
+    assert proxy.count("POST", "mount=") == 1  # refused once, then never tried again
+    assert proxy.count("PUT") == 2
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A docker-registry serving HTTPS with a self-signed certificate (workdir/tls.crt)."""
+    server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
+    tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with RegistryStore(tls_registry.host, repo_name, plain_http=False, retries=0, timeout=5) as store:
+        with pytest.raises(RegistryUnreachable, match=r"CERTIFICATE_VERIFY_FAILED"):
+            await store.ping()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.storage_root.parent / "tls.crt"))
+    async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
+        desc, _ = await push_image(store, "tls", b"over tls")
+        assert await store.resolve("tls") == desc
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_plain_http_registry_redirecting_to_tls_storage_verifies_it(
+    registry: RegistryServer,
+    tls_registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+    monkeypatch: pytest.MonkeyPatch,
+    trusted: bool,
+) -> None:
+    # A plain-HTTP client sets up its HTTPS side only when a redirect needs it; it must verify.
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    data = os.urandom(20_000)
+    desc = blob(data)
+    cert = str(tls_registry.storage_root.parent / "tls.crt")
+    with monkeypatch.context() as m:
+        m.setenv("SSL_CERT_FILE", cert)
+        async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as storage:
+            await storage.put_blob(desc, data)
+    front = fault_proxy_factory(registry)
+    front.redirect(f"https://{tls_registry.host}/v2/{repo_name}/blobs/{desc.digest}", method="GET")
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+    async with RegistryStore(front.host, repo_name, retries=0, timeout=5) as store:
+        assert store.transport.base_url.startswith("http://")
+        if trusted:
+            assert await read_all(store, desc) == data
+        else:
+            with pytest.raises(RegistryUnreachable, match=r"CERTIFICATE_VERIFY_FAILED"):
+                await read_all(store, desc)
+
+
+async def test_blob_compressed_in_transit_by_a_proxy_still_verifies(repo_name: str) -> None:
+    # Some proxies gzip any response, whatever the client asked for. We ask for the stored
+    # bytes ("identity"), and decode what comes compressed anyway before checking the digest.
+    import gzip
+    import http.server
+    import threading
+
+    data = os.urandom(30_000) + bytes(30_000)
+    desc = blob(data)
+    asked: list[str] = []
+
+    class GzipEverything(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Accept-Encoding", ""))
+            body = gzip.compress(data)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), GzipEverything)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        async with RegistryStore(f"127.0.0.1:{server.server_address[1]}", repo_name) as store:
+            assert await read_all(store, desc) == data
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["identity"]
+
+
+async def test_pull_only_credentials_still_learn_a_blob_is_there(
+    auth_registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+) -> None:
+    # The self-mount is a POST, which needs push rights; refused, a HEAD answers instead.
+    data = os.urandom(10_000)
+    desc = blob(data)
+    proxy = fault_proxy_factory(auth_registry)
+    async with make_store(auth_registry, repo_name, host=proxy.host) as store:
+        assert await store.put_blob(desc, data) is True
+        proxy.fail(100, status=403, method="POST")  # as a registry denying this identity pushes
+        assert await store.put_blob(desc, data) is False
+        other = os.urandom(10_000)
+        with pytest.raises(RegistryAuthError):
+            await store.put_blob(blob(other), other)
+    assert proxy.count("HEAD", "/blobs/") == 2

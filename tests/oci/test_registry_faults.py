@@ -1,0 +1,197 @@
+"""Retries and timeouts, exercised through a fault-injecting proxy in front of a real registry."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable
+from remote_cache.oci import OCI_LAYER_TAR, Descriptor, sha256_digest
+from remote_cache.oci.credentials import Credentials
+from remote_cache.oci.registry import RegistryStore
+from remote_cache.oci.registry.transport import RegistryTransport, Timeouts
+from tests.registry_server import Fault, FaultProxy, RegistryServer
+
+ProxyFactory = Callable[[RegistryServer], FaultProxy]
+
+
+def blob(data: bytes) -> Descriptor:
+    return Descriptor(OCI_LAYER_TAR, sha256_digest(data), len(data))
+
+
+def store_via(proxy: FaultProxy, server: RegistryServer, repo: str, **kw: object) -> RegistryStore:
+    creds = Credentials(server.username, server.password) if server.username and server.password else None
+    kw.setdefault("retries", 3)
+    store = RegistryStore(proxy.host, repo, credentials=creds, **kw)  # type: ignore[arg-type]
+    store.transport.backoff = 0.05  # keep the suite fast; the schedule itself is still exercised
+    return store
+
+
+async def read_all(store: RegistryStore, desc: Descriptor) -> bytes:
+    return b"".join([chunk async for chunk in store.read_blob(desc)])
+
+
+async def test_503s_are_retried(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(2, 503, method="HEAD")
+    async with store_via(proxy, registry, repo_name) as store:
+        with pytest.raises(CacheMiss):
+            await store.resolve("latest")
+    assert proxy.count("HEAD", status=503) == 2
+    assert proxy.count("HEAD", status=404) == 1
+
+
+async def test_persistent_5xx_gives_up_after_bounded_attempts(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(100, 502)
+    async with store_via(proxy, registry, repo_name, retries=2) as store:
+        with pytest.raises(RegistryError) as info:
+            await store.tags()
+    assert info.value.status == 502
+    assert proxy.count() == 3  # first try + 2 retries
+
+
+async def test_4xx_is_not_retried(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(1, 400)
+    async with store_via(proxy, registry, repo_name) as store:
+        with pytest.raises(RegistryError) as info:
+            await store.tags()
+    assert info.value.status == 400
+    assert proxy.count() == 1
+
+
+async def test_429_honours_retry_after(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.rate_limit(retry_after="1")
+    async with store_via(proxy, registry, repo_name) as store:
+        start = time.monotonic()
+        assert await store.tags() == []
+        elapsed = time.monotonic() - start
+    assert elapsed >= 0.9  # backoff alone would be ~0.05 s
+    assert proxy.count(status=429) == 1
+
+
+async def test_blob_download_cut_mid_body_resumes(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(300_000)
+    proxy = fault_proxy_factory(registry)
+    async with store_via(proxy, registry, repo_name) as store:
+        await store.put_blob(blob(data), data)
+        proxy.cut(after_bytes=100_000, method="GET", path_contains="/blobs/sha256:")
+        assert await read_all(store, blob(data)) == data
+    assert proxy.count("GET", "/blobs/sha256:") == 2  # cut once, then resumed with Range
+
+
+async def test_blob_download_cut_every_time_fails_as_unreachable(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(300_000)
+    proxy = fault_proxy_factory(registry)
+    async with store_via(proxy, registry, repo_name, retries=2) as store:
+        await store.put_blob(blob(data), data)
+        proxy.add(Fault("cut", after_bytes=10_000, method="GET", times=100))
+        with pytest.raises(RegistryUnreachable, match="connection to registry"):
+            await read_all(store, blob(data))
+
+
+async def test_upload_retried_after_503_on_commit(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(50_000)
+    proxy = fault_proxy_factory(registry)
+    proxy.fail(1, 503, method="PUT", path_contains="/blobs/uploads/")
+    async with store_via(proxy, registry, repo_name) as store:
+        assert await store.put_blob(blob(data), data) is True
+        assert await read_all(store, blob(data)) == data
+    assert proxy.count("PUT", status=503) == 1
+    assert proxy.count("PUT", status=201) == 1
+
+
+async def test_chunked_upload_restarts_after_cut(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    data = os.urandom(200_000)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    proxy = fault_proxy_factory(registry)
+    proxy.cut(after_bytes=None, method="PATCH")  # the chunk lands, the answer is lost
+    async with store_via(proxy, registry, repo_name, chunk_size=64 * 1024) as store:
+        assert await store.put_blob(blob(data), path) is True
+        assert await read_all(store, blob(data)) == data
+    assert proxy.count("POST") == 2  # the broken session was abandoned and a new one started
+
+
+async def test_stall_ends_with_unreachable_within_timeout(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.stall(times=100)
+    async with store_via(
+        proxy, registry, repo_name, timeout=Timeouts(connect=1, read=0.5), retries=1
+    ) as store:
+        start = time.monotonic()
+        with pytest.raises(RegistryUnreachable, match="read timeout"):
+            await store.resolve("latest")
+        elapsed = time.monotonic() - start
+    assert elapsed < 3.0  # two attempts of 0.5 s plus backoff, not forever
+
+
+async def test_stall_mid_body_ends_with_unreachable(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(200_000)
+    proxy = fault_proxy_factory(registry)
+    async with store_via(
+        proxy, registry, repo_name, timeout=Timeouts(connect=1, read=0.5), retries=0
+    ) as store:
+        await store.put_blob(blob(data), data)
+        proxy.stall(after_bytes=50_000, method="GET")
+        start = time.monotonic()
+        with pytest.raises(RegistryUnreachable, match=registry.host.split(":")[0]):
+            await read_all(store, blob(data))
+        assert time.monotonic() - start < 3.0
+
+
+async def test_single_stall_is_retried(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(registry)
+    proxy.stall(method="GET")
+    async with store_via(proxy, registry, repo_name, timeout=Timeouts(connect=1, read=0.5)) as store:
+        assert await store.tags() == []
+    assert proxy.count("GET") == 2
+
+
+async def test_token_flow_survives_faults(
+    token_registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    proxy = fault_proxy_factory(token_registry)
+    proxy.fail(1, 503)
+    data = os.urandom(10_000)
+    async with store_via(proxy, token_registry, repo_name) as store:
+        assert await store.put_blob(blob(data), data) is True
+        assert await read_all(store, blob(data)) == data
+
+
+def test_retry_after_forms_and_backoff_bounds() -> None:
+    transport = RegistryTransport("127.0.0.1:1", backoff=0.5, max_backoff=4, max_retry_after=30)
+    assert transport.retry.delay(0, "2") == 2.0
+    assert transport.retry.delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert transport.retry.delay(0, "3600") == 30.0  # capped
+    for attempt in range(8):
+        delay = transport.retry.delay(attempt, "not a date")
+        assert min(4, 0.5 * 2**attempt) / 2 <= delay <= min(4, 0.5 * 2**attempt)
