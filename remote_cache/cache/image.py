@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .. import __version__
 from ..errors import ImageFormatError
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.digest import sha256_digest
@@ -31,6 +30,7 @@ from ..oci.media import (
 )
 from ..oci.store import Store
 from ..units import format_time, parse_time
+from ..version import TOOL
 
 __all__ = [
     "ANNOTATION_FILES",
@@ -39,7 +39,6 @@ __all__ = [
     "ANNOTATION_SIZE",
     "ANNOTATION_TOOL",
     "DEFAULT_PLATFORMS",
-    "TOOL",
     "Blob",
     "BuiltImage",
     "CacheImage",
@@ -63,8 +62,6 @@ ANNOTATION_TOOL = "dev.remote-cache.tool"
 #: Layer descriptor annotation: SHA-256 of the layer's listing (paths and tar-header fields, no
 #: contents), so a later save can reuse the layer without reading its files.
 ANNOTATION_LISTING = "dev.remote-cache.listing"
-#: Written into ``dev.remote-cache.tool``.
-TOOL = f"remote-cache/{__version__}"
 
 
 @dataclass(frozen=True)

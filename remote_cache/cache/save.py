@@ -31,6 +31,7 @@ from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
 from ..oci.store import Store
 from ..tasks import first_error
 from ..units import format_bytes, format_rate
+from ..version import TOOL
 from . import state
 from .evidence import Evidence, LocalLayer, TreeRecord, clock_ns, local_layers, records_for, tree_fingerprint
 from .image import (
@@ -39,7 +40,6 @@ from .image import (
     ANNOTATION_LISTING,
     ANNOTATION_SIZE,
     DEFAULT_PLATFORMS,
-    TOOL,
     build_image,
     parse_index,
     parse_manifest,

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING
 
 from ..errors import ImageFormatError, IntegrityError
-
-if TYPE_CHECKING:
-    from .descriptor import Descriptor
 
 __all__ = ["DIGEST_PATTERN", "BlobCheck", "check_digest", "is_digest", "sha256_digest", "verify_bytes"]
 
@@ -49,8 +45,9 @@ def verify_bytes(data: bytes, digest: str, size: int | None = None) -> None:
 class BlobCheck:
     """Size and digest of a blob, checked while it streams: every store's reads end in :meth:`finish`."""
 
-    def __init__(self, desc: Descriptor, where: str) -> None:
-        self._desc = desc
+    def __init__(self, digest: str, size: int, where: str) -> None:
+        self._digest = digest
+        self._size = size
         self._where = where  # e.g. "in oci:/x" or "from ghcr.io/acme/cache"
         self._hasher = hashlib.sha256()
         self.seen = 0
@@ -58,17 +55,16 @@ class BlobCheck:
     def update(self, chunk: bytes) -> None:
         """Count and hash ``chunk``; IntegrityError as soon as the blob runs past its size."""
         self.seen += len(chunk)
-        if self.seen > self._desc.size:
-            raise IntegrityError(
-                f"blob {self._desc.digest} {self._where} is larger than its {self._desc.size} bytes"
-            )
+        if self.seen > self._size:
+            raise IntegrityError(f"blob {self._digest} {self._where} is larger than its {self._size} bytes")
         self._hasher.update(chunk)
 
     def finish(self) -> None:
         """IntegrityError unless exactly the blob's size and digest went through :meth:`update`."""
-        d = self._desc
-        if self.seen != d.size:
-            raise IntegrityError(f"blob {d.digest} {self._where} is {self.seen} bytes, expected {d.size}")
+        if self.seen != self._size:
+            raise IntegrityError(
+                f"blob {self._digest} {self._where} is {self.seen} bytes, expected {self._size}"
+            )
         actual = "sha256:" + self._hasher.hexdigest()
-        if actual != d.digest:
-            raise IntegrityError(f"blob {d.digest} {self._where} has digest {actual}: it is corrupted")
+        if actual != self._digest:
+            raise IntegrityError(f"blob {self._digest} {self._where} has digest {actual}: it is corrupted")

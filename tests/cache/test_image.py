@@ -15,7 +15,6 @@ from remote_cache.cache.image import (
     ANNOTATION_SIZE,
     ANNOTATION_TOOL,
     DEFAULT_PLATFORMS,
-    TOOL,
     build_image,
     load_image,
     parse_index,
@@ -36,6 +35,7 @@ from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST
 from remote_cache.oci.media import MAX_DOCUMENT_BYTES as MAX_MANIFEST_BYTES
 from remote_cache.units import parse_time
+from remote_cache.version import TOOL
 
 LAYER_A = Descriptor(OCI_LAYER_ZSTD, sha256_digest(b"a"), 1)
 LAYER_B = Descriptor(OCI_LAYER_ZSTD, sha256_digest(b"b"), 1)

@@ -12,8 +12,7 @@ import pytest
 from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable
 from remote_cache.oci import OCI_LAYER_TAR, Descriptor, sha256_digest
 from remote_cache.oci.credentials import Credentials
-from remote_cache.oci.registry import RegistryStore
-from remote_cache.oci.registry.transport import RegistryTransport, Timeouts
+from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 
 ProxyFactory = Callable[[RegistryServer], FaultProxy]

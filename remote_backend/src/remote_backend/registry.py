@@ -9,7 +9,6 @@ from typing import Annotated
 import dagger
 from dagger import Doc, dag
 
-from remote_cache import __version__
 from remote_cache.cache import entries as core_entries
 from remote_cache.cache.image import ANNOTATION_KEY, ANNOTATION_TOOL
 from remote_cache.dagger import sdk
@@ -21,10 +20,11 @@ from remote_cache.oci.media import ANNOTATION_CREATED
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore
 from remote_cache.units import format_time, parse_duration
+from remote_cache.version import TOOL
 
 __all__ = ["Registry"]
 
-_TOOL = f"remote-cache/{__version__} (dagger)"
+_TOOL = f"{TOOL} (dagger)"
 
 
 @sdk.object_type

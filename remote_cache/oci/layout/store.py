@@ -178,7 +178,7 @@ class LayoutStore:
                 f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
                 "save the entry again"
             ) from None
-        check = BlobCheck(desc, f"in {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
         try:
             while True:
                 chunk = await fh.read(_CHUNK)

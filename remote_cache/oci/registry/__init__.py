@@ -6,6 +6,7 @@ Importing this package imports httpx; nothing outside it sees httpx's types or e
 from __future__ import annotations
 
 from .store import RegistryStore
-from .transport import RegistryTransport, Timeouts
+from .timeouts import Timeouts
+from .transport import RegistryTransport
 
 __all__ = ["RegistryStore", "RegistryTransport", "Timeouts"]

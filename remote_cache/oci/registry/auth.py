@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,9 +26,7 @@ from ...errors import RegistryAuthError
 from ..credentials import Credentials
 from ..reference import is_loopback
 from .errors import error_for_response, translated
-
-if TYPE_CHECKING:
-    from .transport import Timeouts
+from .timeouts import Timeouts
 
 __all__ = ["Authenticator", "parse_challenge", "read_capped"]
 

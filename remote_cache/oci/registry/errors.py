@@ -16,15 +16,12 @@ import json
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import httpx
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
 from ..credentials import PASS_CREDENTIALS, Credentials
-
-if TYPE_CHECKING:
-    from .transport import Timeouts
+from .timeouts import Timeouts
 
 __all__ = ["error_for_response", "translated", "unreachable"]
 

@@ -32,7 +32,8 @@ from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
-from .transport import RegistryResponse, RegistryTransport, Timeouts
+from .timeouts import Timeouts
+from .transport import RegistryResponse, RegistryTransport
 from .upload import DEFAULT_CHUNK_SIZE, Uploader
 
 __all__ = ["RegistryStore"]
@@ -44,7 +45,7 @@ class RegistryStore:
     """One repository on an OCI registry, e.g. ``localhost:5000/team/cache``.
 
     ``plain_http`` defaults to plain HTTP for loopback hosts only; ``timeout`` is seconds per
-    phase (or :class:`~remote_cache.oci.registry.transport.Timeouts`); ``retries`` bounds retries
+    phase (or :class:`~remote_cache.oci.registry.timeouts.Timeouts`); ``retries`` bounds retries
     of each request, of each download's resumptions and of each upload's restarts.
     ``chunk_size`` sets when and how files upload in chunks. ``mount_from`` names a repository
     on the same registry to mount blobs from.
@@ -250,7 +251,7 @@ class RegistryStore:
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob; a broken download resumes with ``Range``; IntegrityError on mismatch."""
         check_digest(desc.digest)
-        check = BlobCheck(desc, f"from {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"from {self.location}")
         attempt = 0
         while True:
             try:

@@ -3,7 +3,7 @@
 One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.AsyncClient``:
 
 * **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked.
-* **Timeouts** on every phase (connect/read/write/pool), see :class:`Timeouts`.
+* **Timeouts** on every phase (connect/read/write/pool), see :mod:`.timeouts`.
 * **Auth** (:mod:`.auth`): the request goes out, a 401's challenge is answered, and the request
   is sent once more with the new credentials.
 * **Redirects** (blob GETs to object storage) are followed by hand; ``Authorization`` is never
@@ -21,53 +21,27 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from ... import __version__
 from ...errors import ImageFormatError, RegistryError
+from ...version import TOOL
 from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
 from .auth import Authenticator, read_capped
 from .errors import error_for_response, translated
 from .retry import RetryPolicy
+from .timeouts import Timeouts
 
-__all__ = ["DEFAULT_TIMEOUTS", "RegistryResponse", "RegistryTransport", "Timeouts"]
+__all__ = ["RegistryResponse", "RegistryTransport"]
 
-USER_AGENT = f"remote-cache/{__version__}"
 _MAX_ERROR_BODY = 64 << 10
 _MAX_REDIRECTS = 5
 _BODY_PIECE = 128 << 10  # request bodies bigger than this go out in slices this big
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds allowed per phase of a request; ``read`` bounds each wait for more bytes."""
-
-    connect: float = 10.0
-    read: float = 60.0
-    write: float = 60.0
-    pool: float = 60.0
-
-    @classmethod
-    def of(cls, value: float | Timeouts | None) -> Timeouts:
-        """``None`` -> defaults; a number -> that many seconds for every phase."""
-        if value is None:
-            return DEFAULT_TIMEOUTS
-        if isinstance(value, Timeouts):
-            return value
-        return cls(connect=float(value), read=float(value), write=float(value), pool=float(value))
-
-    def to_httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
-
-
-DEFAULT_TIMEOUTS = Timeouts()
 
 
 def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -185,7 +159,7 @@ class RegistryTransport:
             timeout=self._httpx_timeout,
             limits=limits,
             follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
+            headers={"User-Agent": TOOL},
             **lazy_tls,
         )
         self.auth = Authenticator(

@@ -1,0 +1,34 @@
+"""How long a registry exchange may wait, per phase of a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = ["DEFAULT_TIMEOUTS", "Timeouts"]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed per phase of a request; ``read`` bounds each wait for more bytes."""
+
+    connect: float = 10.0
+    read: float = 60.0
+    write: float = 60.0
+    pool: float = 60.0
+
+    @classmethod
+    def of(cls, value: float | Timeouts | None) -> Timeouts:
+        """``None`` -> defaults; a number -> that many seconds for every phase."""
+        if value is None:
+            return DEFAULT_TIMEOUTS
+        if isinstance(value, Timeouts):
+            return value
+        return cls(connect=float(value), read=float(value), write=float(value), pool=float(value))
+
+    def to_httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+
+
+DEFAULT_TIMEOUTS = Timeouts()
