@@ -360,7 +360,8 @@ FaultKind = Literal["status", "cut", "stall", "redirect"]
 class Fault:
     """One fault to inject on a matching request.
 
-    * ``status``: answer ``status`` (with ``headers``) instead of forwarding the request.
+    * ``status``: answer ``status`` (with ``headers``, and ``body`` or a spec error body) instead of
+      forwarding the request.
     * ``cut``: forward, pass the response head and ``after_bytes`` body bytes, then close
       (``None``: close before the head, so the request took effect but its answer is lost).
     * ``stall``: forward, pass the head and ``after_bytes`` body bytes (``None``: nothing at all,
@@ -379,6 +380,7 @@ class Fault:
     path_contains: str | None = None
     times: int = 1
     location: str = ""
+    body: bytes | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.times <= 0:
@@ -439,6 +441,10 @@ class FaultProxy:
     def fail(self, n: int, status: int = 503, **kw: Any) -> FaultProxy:
         """The next ``n`` matching requests get ``status`` instead of a real answer."""
         return self.add(Fault("status", status=status, times=n, **kw))
+
+    def answer(self, status: int, body: bytes, **kw: Any) -> FaultProxy:
+        """The next matching request gets ``status`` with ``body``, whatever the registry would say."""
+        return self.add(Fault("status", status=status, body=body, **kw))
 
     def rate_limit(self, retry_after: str = "1", **kw: Any) -> FaultProxy:
         """The next matching request gets ``429 Too Many Requests`` with ``Retry-After``."""
@@ -561,9 +567,11 @@ class FaultProxy:
             return
         if fault is not None and fault.kind == "status":
             self._log(method, path, f"status {fault.status}", fault.status, seen)
-            payload = json.dumps(
-                {"errors": [{"code": "UNAVAILABLE", "message": "injected fault", "detail": None}]}
-            ).encode()
+            payload = fault.body
+            if payload is None:
+                payload = json.dumps(
+                    {"errors": [{"code": "UNAVAILABLE", "message": "injected fault", "detail": None}]}
+                ).encode()
             extra = "".join(f"{k}: {v}\r\n" for k, v in fault.headers.items())
             writer.write(
                 (

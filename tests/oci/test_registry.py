@@ -13,12 +13,20 @@ import pytest
 
 from remote_cache.errors import (
     CacheMiss,
+    ImageFormatError,
     IntegrityError,
     RegistryAuthError,
     RegistryUnreachable,
     UnsupportedOperation,
 )
-from remote_cache.oci import OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor, sha256_digest
+from remote_cache.oci import (
+    MAX_DOCUMENT_BYTES,
+    OCI_CONFIG,
+    OCI_LAYER_TAR,
+    OCI_MANIFEST,
+    Descriptor,
+    sha256_digest,
+)
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore
@@ -211,6 +219,27 @@ async def test_tags_paginate(
         assert sorted(await store.tags(page_size=2)) == names
         assert proxy.count("GET", "/tags/list") == 3
         assert sorted(await store.tags()) == names
+
+
+@pytest.mark.parametrize("what", ["tag list", "manifest"])
+async def test_oversized_documents_are_refused(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], what: str
+) -> None:
+    """No answer is read past MAX_DOCUMENT_BYTES: a registry (or a proxy) cannot make us buffer
+    an endless tag list or manifest."""
+    proxy = fault_proxy_factory(registry)
+    filler = "x" * 60
+    huge = json.dumps({"name": repo_name, "tags": [f"{filler}{i}" for i in range(80_000)]}).encode()
+    assert len(huge) > MAX_DOCUMENT_BYTES
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        if what == "tag list":
+            proxy.answer(200, huge, path_contains="/tags/list")
+            with pytest.raises(ImageFormatError, match=f"larger than {MAX_DOCUMENT_BYTES} bytes"):
+                await store.tags()
+        else:
+            proxy.answer(200, huge, path_contains="/manifests/")
+            with pytest.raises(ImageFormatError, match=f"larger than {MAX_DOCUMENT_BYTES} bytes"):
+                await store.get_manifest("big")
 
 
 async def test_tags_of_new_repository_is_empty(server: RegistryServer, repo_name: str) -> None:
