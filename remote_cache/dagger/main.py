@@ -137,7 +137,11 @@ class RemoteCache:
                 report(f"export key={key!r} path={path}: skipped: read-only")
                 return
             state = scripts.state_file(key, path)
-            copied = run_script(toolbox(ctr), scripts.COPY_OUT, path, scripts.OUT_DIR, state, str(max_kib))
+            # The copy goes into a mounted empty directory, so what the backend gets is a mount's
+            # whole content, never a sub-path of the helper's root filesystem (publish would ship
+            # that whole snapshot: core/container.go, getVariantRefs). See docs/engine.md.
+            helper = toolbox(ctr).with_mounted_directory(scripts.OUT_DIR, dag.directory())
+            copied = run_script(helper, scripts.COPY_OUT, path, scripts.OUT_DIR, state, str(max_kib))
             status = scripts.parse_status(await copied.stdout())
             if status.state == "too-big":
                 size = format_bytes((status.kib or 0) * 1024)

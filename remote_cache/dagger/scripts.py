@@ -23,6 +23,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ..archive.owners import STAT_FORMAT
+
 __all__ = [
     "BOOKKEEPING_ROOT",
     "COPY_OUT",
@@ -32,6 +34,7 @@ __all__ = [
     "HELPER_PATH",
     "NONCE_ENV",
     "OUT_DIR",
+    "OWNERS",
     "RECORD",
     "SEED",
     "SRC_DIR",
@@ -134,6 +137,13 @@ echo "remote-cache-status: changed $now $kib"
 #: ``RECORD HASH STATE``: record HASH as the listing the remote copy now matches.
 RECORD = "set -eu" + FUNCTIONS + 'record "$1" "$2"\n'
 
+#: ``OWNERS DIR``: list DIR's entries not owned by 0:0, one ``UID GID ./PATH`` line each (see
+#: :mod:`remote_cache.archive.owners`, which reads it and puts the owners back on a copy).
+OWNERS = (
+    'set -eu\ncd "$1"\n'
+    f"find . -mindepth 1 \\( ! -user 0 -o ! -group 0 \\) -exec stat -c '{STAT_FORMAT}' {{}} +\n"
+)
+
 
 @dataclass(frozen=True)
 class CopyStatus:
@@ -174,7 +184,8 @@ VOLUME_FILE = "volume.json"
 STATE_DIR = "/.remote-cache-state"
 #: Name of that state volume (in the remote-cache module's cache namespace).
 STATE_VOLUME = "remote-cache-state"
-#: Where the helper steps see the imported entry, and where COPY_OUT writes its copy.
+#: Where the helper steps see the imported entry, and where COPY_OUT writes its copy (a mounted
+#: empty directory, whose content is what a backend is handed).
 SRC_DIR = "/.remote-cache-src"
 OUT_DIR = "/.remote-cache-out"
 #: PATH for the helper steps: Alpine's, whatever the user's image set.

@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 
 from tests.dagger.offline.runtime import (
+    DEFAULT_BASE_IMAGE,
     LoadedModule,
+    base_image,
     has_python_files,
     install_module,
     normalize_object_name,
@@ -266,6 +268,24 @@ def test_runtime_python_file_check(name: str) -> None:
     prefix = "" if upload.source_subpath == "." else upload.source_subpath + "/"
     source = [f.removeprefix(prefix) for f in upload.files if f.startswith(prefix)]
     assert has_python_files(source), "discovery.go: 'no python files found in module source'"
+
+
+@pytest.mark.parametrize("name", ["remote-cache", "remote-backend"])
+def test_modules_run_on_python_3_11_slim(name: str) -> None:
+    """docs/engine.md relies on it: the core runs in python:3.11-slim (as root, the image's default
+    user), not the runtime's default python:3.14-slim."""
+    from tests.dagger.conftest import find_module
+
+    assert base_image(find_module(name)) == "python:3.11-slim"
+
+
+def test_base_image_rules(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nrequires-python = "~=3.12"\n')
+    assert base_image(tmp_path) == DEFAULT_BASE_IMAGE
+    (tmp_path / ".python-version").write_text("3.13\n")
+    assert base_image(tmp_path) == "python:3.13-slim"
+    (tmp_path / "pyproject.toml").write_text('[tool.dagger]\nbase-image = "acme/py:1"\n')
+    assert base_image(tmp_path) == "acme/py:1"
 
 
 EXPECTED_MAIN = {

@@ -9,6 +9,8 @@ are few and listed in each test. A stand-in backend replaces the engine's interf
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,8 @@ from dagger import dag
 
 from remote_cache.dagger import scripts
 from remote_cache.errors import MISS_MARKER, RemoteCacheError
+from tests.dagger.offline.engine_stub import exec_stdout_answer, export_answer
+from tests.dagger.offline.rules import auth_address_problem, handed_directories, subpath_problem
 from tests.dagger.offline.session import OfflineSession, Step, query_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -260,11 +264,37 @@ async def test_export_returns_the_container_unchanged(offline: OfflineSession) -
     assert [k for k, _ in backend.exported] == ["npm-v1"]
     saved = expand_arg(offline, backend.exported[0][1])
     assert names(saved)[-1] == "directory" and saved[-1].args["path"] == scripts.OUT_DIR
+    # The backend gets a mount's whole content, never a sub-path of the helper's root filesystem.
+    assert subpath_problem(offline, saved) is None
+    assert [(what, subpath_problem(offline, c)) for what, c in handed_directories(offline)] == [
+        (what, None) for what, _ in handed_directories(offline)
+    ]
     for chain in exec_queries(offline):
         if chain[: len(before)] == before and len(chain) > len(before):
             rest = chain[len(before) :]
             if "withExec" in names(rest):
                 assert "withRootfs" in names(rest), "export runs a command in the user's image"
+
+
+async def test_subpath_rule_flags_what_publish_would_ship_whole(offline: OfflineSession) -> None:
+    """The rule behind the check above, shown failing: the directory the export handed its backend
+    until this rule existed (an exec's output path on the helper's root filesystem) is flagged; a
+    mounted directory's content, a root filesystem and a fresh directory are not."""
+    run = ["sh", "-c", "cp -a /v/. /out/"]
+    old = dag.container().from_("alpine").with_exec(run).directory("/out")
+    mounted = dag.container().from_("alpine").with_mounted_directory("/out", dag.directory())
+    new = mounted.with_exec(run).directory("/out")
+    sub = dag.directory().with_new_file("a/b", "x").directory("a")
+    chains = {name: offline.chain_of(await d.id()) for name, d in
+              {"old": old, "new": new, "sub": sub, "fresh": dag.directory().with_new_file("f", "x"),
+               "rootfs": dag.container().from_("alpine").rootfs()}.items()}  # fmt: skip
+    assert "sub-path of the container's root filesystem" in str(subpath_problem(offline, chains["old"]))
+    assert "sub-path of another directory" in str(subpath_problem(offline, chains["sub"]))
+    assert [subpath_problem(offline, chains[k]) for k in ("new", "fresh", "rootfs")] == [None] * 3
+    # handed_directories finds what a query hands over, here to withRootfs.
+    await dag.container().with_rootfs(old).sync()
+    handed = [(what, subpath_problem(offline, chain)) for what, chain in handed_directories(offline)]
+    assert len(handed) == 1 and handed[0][0].startswith("Container.withRootfs") and handed[0][1]
 
 
 def _one_volume(session: OfflineSession, status: str = "changed abc123 -") -> dagger.Container:
@@ -381,39 +411,84 @@ def _registry(module: Any, host: str, repo: str, **kw: Any) -> Any:
     return main.registry(address=host, repo=repo, **kw)
 
 
-async def test_registry_export_publishes_zstd_oci_with_auth_first(
-    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str
+def _volume_tree(root: Path) -> Path:
+    """A small volume: packages, a link, and (as root) files owned by someone else."""
+    for i in range(30):
+        pkg = root / f"pkg{i % 5}"
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / f"f{i}.js").write_bytes(os.urandom(1000 + i))
+    (root / "link").symlink_to("pkg0/f0.js")
+    if os.geteuid() == 0:
+        os.chown(root / "pkg1", 1000, 1000)
+        os.chown(root / "pkg1" / "f1.js", 1000, 1000)
+    return root
+
+
+def _owners(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.lstat().st_uid, p.lstat().st_gid) for p in sorted(root.rglob("*"))}
+
+
+def _engine_stub(offline: OfflineSession, tree: Path) -> list[str]:
+    """Answer the export's engine calls from ``tree`` (tests/dagger/offline/engine_stub.py)."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed (Debian: apt-get install busybox)")
+    exported: list[str] = []
+    offline.answers["Directory.export"] = export_answer(tree, exported)
+    offline.answers["Container.stdout"] = exec_stdout_answer(busybox, tree)
+    return exported
+
+
+async def test_registry_export_saves_with_the_core_in_its_own_container(
+    offline: OfflineSession,
+    registry_module: Any,
+    auth_registry: Any,
+    repo_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    offline.answers["Container.publish"] = lambda args, chain: f"{args['address']}@sha256:{'0' * 64}"
-    offline.answers["Container.platform"] = "linux/amd64"
-    offline.answers["Query.defaultPlatform"] = "linux/amd64"
-    secret = dag.set_secret("pw", "s3cret")
-    reg = _registry(registry_module, registry.host, repo_name, username="bob", password=secret)
-    reg = await reg if hasattr(reg, "__await__") else reg
-    await reg.export("npm-v1", dag.directory().with_new_file("a", "b"))
-    publishes = [
-        offline.expand(r.chain) for r in offline.recorded if r.chain and r.chain[-1].name == "publish"
+    """export copies the directory into the function's container and saves it there with the core
+    (credentials from the Secret, never in a query); it publishes nothing through the engine."""
+    from remote_cache.cache.restore import restore
+    from remote_cache.oci.credentials import Credentials
+    from remote_cache.oci.reference import parse_reference
+    from remote_cache.oci.registry import RegistryStore
+    from tests.trees import assert_same_tree
+
+    monkeypatch.chdir(tmp_path)  # the runtime workdir the export goes under
+    tree = _volume_tree(tmp_path / "volume")
+    exported = _engine_stub(offline, tree)
+    offline.answers["Secret.plaintext"] = auth_registry.password
+    secret = dag.set_secret("pw", auth_registry.password)
+    reg = await _reg(
+        registry_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
+    )
+    await reg.export("npm-v1", dag.directory())
+
+    steps = [s for r in offline.recorded for s in offline.expand(r.chain)]
+    assert "publish" not in names(tuple(steps)), "export must not publish through the engine"
+    assert len(exported) == 1 and Path(exported[0]).is_relative_to(tmp_path), exported
+    assert not Path(exported[0]).exists(), "the copy in the function's container is removed"
+    module_queries = [r.text for r in offline.recorded if "setSecret" not in r.text]  # not the test's own
+    assert module_queries and not any(auth_registry.password in t for t in module_queries), "a secret leaked"
+    assert [(w, subpath_problem(offline, c)) for w, c in handed_directories(offline)] == [
+        (w, None) for w, _ in handed_directories(offline)
     ]
-    assert publishes, "export published nothing"
-    for chain in publishes:
-        calls = names(chain)
-        assert "withRegistryAuth" in calls and calls.index("withRegistryAuth") < calls.index("publish")
-        publish = chain[-1]
-        assert publish.args.get("forcedCompression") == "Zstd"
-        # The SDK leaves out an argument equal to the schema default; the default is OCI.
-        media = publish.args.get("mediaTypes", _default(offline, "Container", "publish", "mediaTypes"))
-        assert media == "OCIMediaTypes"
-        variants = [expand_arg(offline, v) for v in publish.args.get("platformVariants") or []]
-        assert variants, "publish must carry the platform variants"
-        platforms = [c[0].args.get("platform") for c in [chain, *variants]]
-        assert len(set(platforms)) == len(platforms) >= 2 and None not in platforms, platforms
-        for variant in variants:
-            assert "withRegistryAuth" in names(variant)
-        assert str(publish.args["address"]).startswith(f"{registry.host}/{repo_name}:")
-        assert "s3cret" not in json.dumps([str(s) for s in chain])
+
+    store = RegistryStore.from_reference(
+        parse_reference(f"{auth_registry.host}/{repo_name}"),
+        credentials=Credentials(auth_registry.username, auth_registry.password),
+    )
+    try:
+        back = tmp_path / "back"
+        await restore(store, "npm-v1", back)
+    finally:
+        await store.aclose()
+    assert_same_tree(tree, back)
+    assert _owners(back) == _owners(tree), "owners are kept through the export"
 
 
-async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path) -> str:
+async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path, creds: str | None = None) -> str:
     """Push a one-file OCI image with umoci + skopeo; return its manifest digest."""
     import subprocess
 
@@ -425,7 +500,14 @@ async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path) -> str
     (bundle / "rootfs" / "hello.txt").write_text("hello\n")
     subprocess.run(["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)], check=True)
     subprocess.run(
-        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{host}/{repo}:{tag}"],
+        [
+            "skopeo",
+            "copy",
+            "--dest-tls-verify=false",
+            *(["--dest-creds", creds] if creds else []),
+            f"oci:{layout}:{tag}",
+            f"docker://{host}/{repo}:{tag}",
+        ],
         check=True,
         capture_output=True,
     )
@@ -434,6 +516,7 @@ async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path) -> str
             "skopeo",
             "inspect",
             "--tls-verify=false",
+            *(["--creds", creds] if creds else []),
             "--format",
             "{{.Digest}}",
             f"docker://{host}/{repo}:{tag}",
@@ -463,6 +546,68 @@ async def test_registry_import_pins_digest_and_reports_miss(
         missing = reg.import_("no-such-key")
         missing = await missing if hasattr(missing, "__await__") else missing
         await missing.sync()
+
+
+async def test_registry_import_authenticates_the_engine_with_the_host(
+    offline: OfflineSession, registry_module: Any, auth_registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """The engine's pull gets the credentials under the registry host (the engine keys them by
+    host: a repository there would go to docker.io); the rule is shown able to fail."""
+    from remote_cache.keys import tag_for_key
+
+    await _push_tiny_image(
+        auth_registry.host, repo_name, tag_for_key("npm-v1"), tmp_path,
+        creds=f"{auth_registry.username}:{auth_registry.password}",
+    )  # fmt: skip
+    offline.answers["Secret.plaintext"] = auth_registry.password
+    secret = dag.set_secret("pw", auth_registry.password)
+    reg = await _reg(
+        registry_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
+    )
+    got = reg.import_("npm-v1")
+    got = await got if hasattr(got, "__await__") else got
+    auths = [s for s in offline.chain_of(await got.id()) if s.name == "withRegistryAuth"]
+    assert [s.args["address"] for s in auths] == [auth_registry.host]
+    assert auth_address_problem(offline) is None
+    await dag.container().with_registry_auth(f"{auth_registry.host}/{repo_name}", "u", secret).sync()
+    assert "wants the registry host" in str(auth_address_problem(offline))
+
+
+async def test_registry_import_of_an_entry_deleted_meanwhile_is_a_miss(
+    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """The entry goes between the tag lookup and the engine's pull: a miss, not an error. A pull
+    that fails while the entry is there stays an error."""
+    from remote_cache.keys import tag_for_key
+
+    digest = await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
+
+    def engine_fails(delete_first: bool) -> Any:
+        def answer(args: dict[str, Any], chain: tuple[Step, ...]) -> Any:
+            if any(s.name == "from" and digest in str(s.args.get("address")) for s in chain):
+                if delete_first:
+                    _delete_manifest(registry.host, repo_name, digest)
+                raise query_error(f"failed to resolve image {registry.host}/{repo_name}@{digest}: not found")
+            return "offline:unused"
+
+        return answer
+
+    reg = await _reg(registry_module, registry.host, repo_name)
+    offline.answers["Container.id"] = engine_fails(delete_first=False)
+    with pytest.raises(Exception, match="could not pull") as info:
+        await reg.import_("npm-v1")
+    assert MISS_MARKER not in str(info.value)
+    offline.answers["Container.id"] = engine_fails(delete_first=True)
+    with pytest.raises(Exception, match=MISS_MARKER):
+        await reg.import_("npm-v1")
+
+
+def _delete_manifest(host: str, repo: str, digest: str) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{digest}", method="DELETE")
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 202
 
 
 async def test_an_invalid_query_is_rejected(offline: OfflineSession) -> None:
@@ -530,26 +675,39 @@ async def test_registry_immutable_export_keeps_an_existing_tag(
     registry: Any,
     repo_name: str,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from remote_cache.keys import tag_for_key
 
-    offline.answers["Container.publish"] = lambda args, chain: f"{args['address']}@sha256:{'0' * 64}"
-    await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
-
-    def publishes() -> int:
-        return sum(1 for r in offline.recorded if r.chain and r.chain[-1].name == "publish")
+    monkeypatch.chdir(tmp_path)
+    exported = _engine_stub(offline, _volume_tree(tmp_path / "volume"))
+    first = await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
 
     immutable = await _reg(registry_module, registry.host, repo_name, immutable=True)
-    await immutable.export("npm-v1", dag.directory().with_new_file("a", "b"))
-    assert publishes() == 0, "an immutable registry must not overwrite an existing tag"
+    await immutable.export("npm-v1", dag.directory())
+    assert exported == [], "an immutable registry neither copies nor overwrites an existing tag"
     assert "exists and the cache is immutable" in capsys.readouterr().err
+    assert await immutable.resolve("npm-v1", []) == "npm-v1"
 
-    await immutable.export("npm-v2", dag.directory().with_new_file("a", "b"))  # new key: published
-    assert publishes() == 1
+    await immutable.export("npm-v2", dag.directory())  # a new key: saved
+    assert len(exported) == 1 and "save saved npm-v2" in capsys.readouterr().err
     mutable = await _reg(registry_module, registry.host, repo_name)
-    await mutable.export("npm-v1", dag.directory().with_new_file("a", "b"))  # default: replaced
-    assert publishes() == 2
+    await mutable.export("npm-v1", dag.directory())  # default: replaced
+    assert len(exported) == 2
+    digest = await _digest_of(registry.host, repo_name, tag_for_key("npm-v1"))
+    assert digest != first
+
+
+async def _digest_of(host: str, repo: str, tag: str) -> str:
+    from remote_cache.oci.reference import parse_reference
+    from remote_cache.oci.registry import RegistryStore
+
+    store = RegistryStore.from_reference(parse_reference(f"{host}/{repo}"))
+    try:
+        return (await store.resolve(tag)).digest
+    finally:
+        await store.aclose()
 
 
 async def test_registry_entries_remove_prune(

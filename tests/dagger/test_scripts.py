@@ -314,3 +314,26 @@ def test_copy_out_skips_a_volume_over_the_size_limit(tmp_path: Path, run: Runner
     run(scripts.RECORD, status.listing, state)
     status = scripts.parse_status(run(scripts.COPY_OUT, volume, tmp_path / "o2", state, "1").stdout)
     assert status.state == "unchanged" and status.kib is None
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the tree's odd owners need root")
+def test_owners_lists_what_is_not_root_owned_and_the_core_puts_it_back(tmp_path: Path, run: Runner) -> None:
+    """OWNERS, under BusyBox, over the awkward tree: the core's parser reads every line, and a copy
+    that lost its owners (as an engine export to a root process does) gets them all back."""
+    from remote_cache.archive.owners import apply_owners, parse_owners
+
+    src = tmp_path / "volume"
+    make_tree(src)
+    os.chown(src / "line\nbreak", 1000, 1000)
+    os.chown(src / "pkgs" / "dir-link", 1000, 1000, follow_symlinks=False)
+    listing = run(scripts.OWNERS, src).stdout
+    owners = parse_owners(listing)
+    assert owners == {".hidden": (1234, 5678), "pkgs/a": (4321, 8765), "line\nbreak": (1000, 1000),
+                      "pkgs/dir-link": (1000, 1000)}  # fmt: skip
+    copy = tmp_path / "exported"
+    subprocess.run(["cp", "-a", str(src), str(copy)], check=True)  # keeps hard links, as an export does
+    for dirpath, dirnames, filenames in os.walk(copy):
+        for name in dirnames + filenames:
+            os.chown(Path(dirpath) / name, 0, 0, follow_symlinks=False)
+    assert apply_owners(copy, owners) == []
+    assert snapshot(copy) == snapshot(src)

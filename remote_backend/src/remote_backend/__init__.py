@@ -2,7 +2,9 @@
 
 ``dag.remote_cache(dag.remote_backend().registry("ghcr.io", "me/cache", username="me",
 password=token))`` stores each volume as a plain OCI image (its root is the volume's contents)
-tagged with the cache key, readable by skopeo, crane, oras and the ``remote-cache`` CLI.
+tagged with the cache key, readable by skopeo, crane, oras and the ``remote-cache`` CLI. The
+backends run the ``remote-cache`` core in their own container: every byte they store goes
+through the same code as the CLI's.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from dagger import Doc
 
 from remote_cache.cache.image import DEFAULT_PLATFORMS
 from remote_cache.dagger import sdk
+from remote_cache.errors import RemoteCacheError
+from remote_cache.oci.descriptor import Platform
 from remote_cache.oci.reference import parse_reference
 
-from .registry import Registry
+from .registry import COMPRESSIONS, Registry
 
 __all__ = ["Registry", "RemoteBackend"]
 
@@ -33,10 +37,10 @@ class RemoteBackend:
         username: Annotated[str, Doc("Username for the registry (pull and push)")] = "",
         password: Annotated[dagger.Secret | None, Doc("Password or token, e.g. env://REGISTRY_TOKEN")] = None,
         compression: Annotated[
-            dagger.ImageLayerCompression, Doc("Layer compression of saved entries")
+            dagger.ImageLayerCompression, Doc("Layer compression of saved entries: Zstd or Gzip")
         ] = dagger.ImageLayerCompression.Zstd,
         media_types: Annotated[
-            dagger.ImageMediaTypes, Doc("Media types of saved entries (Docker for old registries)")
+            dagger.ImageMediaTypes, Doc("Media types of saved entries: OCIMediaTypes (the only kind written)")
         ] = dagger.ImageMediaTypes.OCIMediaTypes,
         platforms: Annotated[
             list[str] | None,
@@ -56,6 +60,21 @@ class RemoteBackend:
         ref = parse_reference(f"{address}/{repo}")  # validates both, with a clear message
         if ref.key is not None or ref.digest is not None:
             raise ValueError(f"repo {repo!r} must not carry a tag or digest: the cache key is the tag")
+        if compression not in COMPRESSIONS:
+            raise RemoteCacheError(
+                f"remote-cache: compression {compression.value} is not supported: entries are saved with "
+                "Zstd (the default) or Gzip"
+            )
+        if media_types != dagger.ImageMediaTypes.OCIMediaTypes:
+            raise RemoteCacheError(
+                f"remote-cache: media types {media_types.value} are not supported: entries are OCI images "
+                "(an OCI index), which every current registry accepts"
+            )
+        for platform in platforms or []:
+            try:
+                Platform.parse(platform)
+            except ValueError as exc:
+                raise RemoteCacheError(f"remote-cache: platforms: {exc}") from exc
         return Registry(
             address=address,
             repo=repo,

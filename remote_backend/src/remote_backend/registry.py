@@ -1,30 +1,35 @@
-"""The registry backend: each cache key is a tag, each entry a plain OCI image of the volume."""
+"""The registry backend: each cache key is a tag, each entry a plain OCI image of the volume.
+
+Entries are written by the core in this function's container (the layered image the CLI
+writes: only new layers go up) and read by the engine's own pull (``from`` by digest).
+"""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Annotated
 
 import dagger
 from dagger import Doc, dag
 
 from remote_cache.cache import entries as core_entries
-from remote_cache.cache.image import ANNOTATION_KEY, ANNOTATION_TOOL
+from remote_cache.cache.save import save
 from remote_cache.dagger import sdk
 from remote_cache.dagger.report import report
 from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.keys import tag_for_key, validate_key
 from remote_cache.oci.credentials import Credentials
-from remote_cache.oci.media import ANNOTATION_CREATED
-from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.descriptor import Platform
+from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.registry import RegistryStore
-from remote_cache.units import format_time, parse_duration
-from remote_cache.version import TOOL
+from remote_cache.units import parse_duration
 
-__all__ = ["Registry"]
+from .local import exported
 
-_TOOL = f"{TOOL} (dagger)"
+__all__ = ["COMPRESSIONS", "Registry"]
+
+#: Layer compressions an entry can be saved with: the core's zstd (default) and gzip.
+COMPRESSIONS = {dagger.ImageLayerCompression.Zstd: "zstd", dagger.ImageLayerCompression.Gzip: "gzip"}
 
 
 @sdk.object_type
@@ -75,15 +80,22 @@ class Registry:
     async def import_(
         self, key: Annotated[str, Doc("Cache key of the entry to restore")]
     ) -> dagger.Directory:
-        """The entry stored under ``key``, pinned by the digest resolved now (once per session).
+        """The entry stored under ``key``, pulled by the engine by the digest resolved now.
 
-        A missing tag fails with a message containing ``remote-cache: cache miss:``; auth and
-        network problems fail with the registry client's message.
+        A missing entry (also one deleted between this resolve and the engine's) fails with a
+        message containing ``remote-cache: cache miss:``; auth and network problems fail with
+        the registry client's message.
         """
-        tag = tag_for_key(key)
-        digest = await self._resolve(tag)
-        image = f"{self.address}/{self.repo}@{digest}"
-        return self._authed(dag.container()).from_(image).rootfs()
+        digest = await self._resolve(tag_for_key(key))
+        pulled = self._authed(dag.container()).from_(f"{self._reference().location}@{digest}")
+        try:
+            # `from` with a digest resolves the image when the field is evaluated
+            # (core/schema/container.go, `from`): do it here, where a vanished entry is a miss.
+            await pulled.id()
+        except dagger.QueryError as exc:
+            await self._resolve(digest)  # CacheMiss (a miss) when the entry is gone
+            raise RemoteCacheError(f"remote-cache: the engine could not pull {key!r}: {exc}") from exc
+        return pulled.rootfs()
 
     @sdk.function(cache="never")
     async def export(
@@ -91,32 +103,29 @@ class Registry:
         key: Annotated[str, Doc("Cache key to store the entry under")],
         dir: Annotated[dagger.Directory, Doc("The volume's contents")],  # API name, shadows a builtin
     ) -> None:
-        """Publish ``dir`` as ``ADDRESS/REPO:TAG``, one variant per platform, as credentials allow.
+        """Save ``dir`` under ``key`` as the CLI does: layers the registry already has are not
+        uploaded again, and the tag moves last.
 
-        When the registry is ``immutable`` and the tag exists, nothing is published (logged).
+        ``dir`` is copied into this function's container and saved there by the core. When the
+        registry is ``immutable`` and the tag exists, nothing is copied or saved (logged).
         """
         tag = tag_for_key(key)
         if self.immutable and await self._exists(tag):
-            report(
-                f"export key={key!r}: {self.address}/{self.repo}:{tag} exists and the cache is "
-                "immutable, kept it"
-            )
+            where = f"{self._reference().location}:{tag}"
+            report(f"export key={key!r}: {where} exists and the cache is immutable, kept it")
             return
-        created = format_time(datetime.now(UTC))
-        variants = [
-            self._authed(dag.container(platform=dagger.Platform(platform)))
-            .with_rootfs(dir)
-            .with_annotation(ANNOTATION_KEY, key)
-            .with_annotation(ANNOTATION_CREATED, created)
-            .with_annotation(ANNOTATION_TOOL, _TOOL)
-            for platform in self.platforms
-        ]
-        await variants[0].publish(
-            f"{self.address}/{self.repo}:{tag}",
-            platform_variants=variants[1:],
-            forced_compression=self.compression,
-            media_types=self.media_types,
-        )
+        store = await self._store()
+        try:
+            async with exported(dir) as tree:
+                result = await save(
+                    store, key, tree, compression=self._compression(), platforms=self._platforms(),
+                    immutable=self.immutable,
+                )  # fmt: skip
+        except RemoteCacheError as exc:
+            raise RemoteCacheError(f"remote-cache: cannot save {key!r} in {store.location}: {exc}") from exc
+        finally:
+            await store.aclose()
+        report(f"export key={key!r}: {result.summary()}")
 
     @sdk.function(cache="never")
     async def entries(
@@ -181,14 +190,23 @@ class Registry:
         head = f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} from {self.address}/{self.repo}"
         return head if not gone else f"{head}:\n{core_entries.format_table(gone)}"
 
+    def _reference(self) -> Reference:
+        return parse_reference(f"{self.address}/{self.repo}")
+
+    def _compression(self) -> str:
+        """The core's name for ``compression`` (checked by ``registry()``)."""
+        return COMPRESSIONS[self.compression]
+
+    def _platforms(self) -> list[Platform]:
+        return [Platform.parse(p) for p in self.platforms]
+
     async def _store(self) -> RegistryStore:
         """A core registry client for this repository, with the credentials given."""
         credentials = None
         if self.password is not None:
             credentials = Credentials(self.username, await self.password.plaintext())
-        ref = parse_reference(f"{self.address}/{self.repo}")
         return RegistryStore.from_reference(
-            ref, credentials=credentials, plain_http=True if self.plain_http else None
+            self._reference(), credentials=credentials, plain_http=True if self.plain_http else None
         )
 
     async def _exists(self, tag: str) -> bool:
@@ -198,20 +216,25 @@ class Registry:
             return False
         return True
 
-    async def _resolve(self, tag: str) -> str:
-        """The digest under ``tag``, asked of the registry directly (a miss raises CacheMiss)."""
+    async def _resolve(self, reference: str) -> str:
+        """The digest under a tag (or a digest's own), asked of the registry (a miss raises CacheMiss)."""
         store = await self._store()
         try:
-            descriptor = await store.resolve(tag)
+            descriptor = await store.resolve(reference)
         except CacheMiss:
             raise  # its message starts with MISS_MARKER: the miss signal across modules
         except RemoteCacheError as exc:
-            raise RemoteCacheError(f"remote-cache: cannot read {store.location}:{tag}: {exc}") from exc
+            raise RemoteCacheError(f"remote-cache: cannot read {store.location}:{reference}: {exc}") from exc
         finally:
             await store.aclose()
         return descriptor.digest
 
     def _authed(self, ctr: dagger.Container) -> dagger.Container:
+        """``ctr`` with the credentials for the engine's own pulls.
+
+        The engine keys registry credentials by host alone (``auth/registry.go``,
+        ``parseAuthAddress``: ``registry:5000/acme/x`` would become ``docker.io``): pass the host.
+        """
         if self.password is None:
             return ctr
-        return ctr.with_registry_auth(f"{self.address}/{self.repo}", self.username, self.password)
+        return ctr.with_registry_auth(self._reference().host, self.username, self.password)

@@ -23,8 +23,10 @@ from typing import Any
 from .upload import ModuleUpload, copy_upload, module_upload
 
 __all__ = [
+    "DEFAULT_BASE_IMAGE",
     "SDK_REQUIREMENT",
     "LoadedModule",
+    "base_image",
     "has_python_files",
     "install_module",
     "normalize_object_name",
@@ -74,6 +76,28 @@ def runtime_names(module_dir: Path) -> dict[str, str]:
         "DAGGER_DEFAULT_PYTHON_PACKAGE": normalize_package_name(project),
         "DAGGER_MAIN_OBJECT": normalize_object_name(mod_name),
     }
+
+
+#: ``sdk/python/runtime/images/base/Dockerfile`` at v0.21.8 (``FROM python:3.14-slim@sha256:486b8092...``).
+DEFAULT_BASE_IMAGE = "python:3.14-slim"
+
+
+def base_image(module_dir: Path) -> str:
+    """The image the runtime runs the module on (discovery.go ``parseBaseImage``, digest left out):
+    ``[tool.dagger] base-image``, else ``.python-version``, else a ``>=X``/``==X`` requires-python
+    as ``python:X-slim`` (``findPythonVersion``), else the default."""
+    pyproject = module_dir / "pyproject.toml"
+    config = tomllib.loads(pyproject.read_text()) if pyproject.is_file() else {}
+    explicit = config.get("tool", {}).get("dagger", {}).get("base-image")
+    if explicit:
+        return str(explicit)
+    version_file = module_dir / ".python-version"
+    version = version_file.read_text().strip() if version_file.is_file() else ""
+    if not version:
+        minimum = str(config.get("project", {}).get("requires-python", "")).strip()
+        if minimum.startswith(("==", ">=")):
+            version = minimum[2:].strip()
+    return f"python:{version}-slim" if version else DEFAULT_BASE_IMAGE
 
 
 def has_python_files(source_files: list[str]) -> bool:
