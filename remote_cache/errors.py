@@ -6,9 +6,12 @@ RemoteCacheError
 ├── CacheMiss               no entry under that key (not a failure)
 ├── CacheTooLarge           a directory over the size limit: refused before any upload
 ├── StoreError              talking to a store went wrong
-│   ├── RegistryAuthError   401/403: missing or wrong credentials
-│   ├── RegistryUnreachable connection refused, DNS, TLS, timeout
-│   ├── RegistryError       any other error response (carries code/status)
+│   ├── StoreAuthError      missing or wrong credentials, or not allowed
+│   │   └── RegistryAuthError   a registry's 401/403
+│   ├── StoreUnreachable    connection refused, DNS, TLS, timeout, a stalled transfer
+│   │   └── RegistryUnreachable the registry could not be reached
+│   ├── RegistryError       any other error response of a registry (carries code/status)
+│   ├── EntryExists         an exclusive write found the tag there already (immutable keys)
 │   └── UnsupportedOperation the store cannot do that (e.g. no deletes)
 ├── IntegrityError          a blob or manifest does not match its digest/size
 ├── UnsafeArchive           an archive tries to escape the target or holds devices
@@ -28,6 +31,7 @@ __all__ = [
     "MISS_MARKER",
     "CacheMiss",
     "CacheTooLarge",
+    "EntryExists",
     "ImageFormatError",
     "IntegrityError",
     "InvalidKey",
@@ -36,7 +40,9 @@ __all__ = [
     "RegistryError",
     "RegistryUnreachable",
     "RemoteCacheError",
+    "StoreAuthError",
     "StoreError",
+    "StoreUnreachable",
     "UnsafeArchive",
     "UnsupportedOperation",
 ]
@@ -86,12 +92,16 @@ class StoreError(RemoteCacheError):
     """A store (registry or layout) could not do what was asked."""
 
 
-class RegistryAuthError(StoreError):
+class StoreAuthError(StoreError):
+    """The store refused our credentials, wants credentials we did not send, or denies the operation."""
+
+
+class RegistryAuthError(StoreAuthError):
     """The registry refused our credentials, or wants credentials we did not send."""
 
 
-class RegistryUnreachable(StoreError):
-    """The registry could not be reached (connection, DNS, TLS, or a timeout).
+class StoreUnreachable(StoreError):
+    """The store could not be reached (connection, DNS, TLS, a timeout, a stalled transfer).
 
     ``temporary`` is False when trying again cannot help soon: a refused connection, an unknown
     host, a failed TLS handshake. A timeout or a dropped connection is temporary.
@@ -100,6 +110,32 @@ class RegistryUnreachable(StoreError):
     def __init__(self, message: str, *, temporary: bool = True) -> None:
         self.temporary = temporary
         super().__init__(message)
+
+
+class RegistryUnreachable(StoreUnreachable):
+    """The registry could not be reached (connection, DNS, TLS, or a timeout)."""
+
+
+class EntryExists(StoreError):
+    """An exclusive write (an immutable key) found an entry under the tag already."""
+
+    def __init__(self, tag: str, where: str) -> None:
+        self.tag = tag
+        super().__init__(f"{where} already holds an entry under {tag!r}")
+
+
+class BlobsSwept(StoreError):
+    """Blobs a save found present and reused were deleted by a sweep before its tag was written.
+
+    The save that gets this packs and uploads them again (:func:`remote_cache.cache.save.save`).
+    """
+
+    def __init__(self, digests: list[str], where: str) -> None:
+        self.digests = digests
+        super().__init__(
+            f"{len(digests)} blob(s) this save reused were removed from {where} by a concurrent "
+            "rm/prune while it ran; save again (or raise the sweeps' --grace)"
+        )
 
 
 class RegistryError(StoreError):

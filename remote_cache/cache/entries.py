@@ -224,17 +224,19 @@ async def _delete(store: Store, tag: str) -> None:
         ) from exc
 
 
-async def _collect_garbage(store: Store) -> None:
+async def _collect_garbage(store: Store, grace: timedelta | None) -> None:
+    """Free the blobs no entry uses, where the store does not do it itself (a layout, a bucket)."""
     gc = getattr(store, "gc", None)
     if gc is not None:
-        await gc()
+        await gc(**({"grace_seconds": grace.total_seconds()} if grace is not None else {}))
 
 
-async def remove(store: Store, key: str) -> Entry:
-    """Delete the entry under ``key`` (and, in a layout, blobs nothing else uses); returns it."""
+async def remove(store: Store, key: str, *, grace: timedelta | None = None) -> Entry:
+    """Delete the entry under ``key`` (and, in a layout or a bucket, blobs nothing else uses and
+    no save relied on within ``grace``, default one hour); returns it."""
     entry = await inspect(store, key)
     await _delete(store, entry.tag)
-    await _collect_garbage(store)
+    await _collect_garbage(store, grace)
     return entry
 
 
@@ -246,6 +248,7 @@ async def prune(
     prefix: str = "",
     dry_run: bool = False,
     now: datetime | None = None,
+    grace: timedelta | None = None,
 ) -> list[Entry]:
     """Delete entries matching ``prefix`` that are outside the ``keep`` newest AND older than ``older_than``.
 
@@ -273,7 +276,7 @@ async def prune(
             continue  # someone else removed it first
         removed.append(entry)
     if removed:
-        await _collect_garbage(store)
+        await _collect_garbage(store, grace)
     return removed
 
 

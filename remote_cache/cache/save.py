@@ -11,6 +11,7 @@ key untouched.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ import anyio.to_thread
 
 from ..archive.pack import Compression, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
-from ..errors import CacheMiss, CacheTooLarge, RemoteCacheError
+from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
@@ -49,6 +50,8 @@ from .reuse import Candidates, Reuse, candidate_layers, reusable_layers, unchang
 __all__ = ["SaveResult", "save"]
 
 _Slot = tuple[Descriptor, str]  # a stored layer: its descriptor and diff_id
+
+log = logging.getLogger("remote_cache")
 
 
 @dataclass(frozen=True)
@@ -160,35 +163,92 @@ async def save(
     if immutable and (current := await _current(store, tag)) is not None:
         return _skipped(key, tag, "immutable key exists", started, current)
     codec = _compression(compression)
-    media_type = layer_media_type(codec)
-    # Taken before the walk: a file written from now on gets a ctime at or after it.
-    bound = clock_ns()
     # Everything the image depends on besides the tree; the tool's version stands for the
     # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
-    options = f"{TOOL} {media_type} level={level} platforms={','.join(str(p) for p in platforms)}"
+    options = (
+        f"{TOOL} {layer_media_type(codec)} level={level} platforms={','.join(str(p) for p in platforms)}"
+    )
+    job = _Job(
+        store,
+        key,
+        tag,
+        path,
+        codec,
+        level,
+        tuple(platforms),
+        max_size,
+        progress,
+        jobs,
+        base_key,
+        options,
+        started,
+    )
+    # Taken before the walk: a file written from now on gets a ctime at or after it.
+    bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)
     if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree):
         assert evidence.tree is not None
         if max_size is not None and evidence.tree.size > max_size:
             raise CacheTooLarge(path, evidence.tree.size, max_size)
         return _unchanged(key, evidence.tree, started)
+    try:
+        return await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
+    except BlobsSwept as swept:
+        # A sweep deleted blobs this save had found present (see ObjectStore._check_reused): pack
+        # the whole tree again, which uploads exactly what is missing, and write the tag again.
+        log.warning("%s; packing and uploading again", swept)
+        return await _save_tree(job, Evidence(), clock_ns(), full=True, republish=True)
 
-    plan = await _plan(store, path, [] if full else [key, *([base_key] if base_key else [])], bound, max_size)
+
+@dataclass(frozen=True)
+class _Job:
+    """What one save was asked to do (the arguments of :func:`save`, checked)."""
+
+    store: Store
+    key: str
+    tag: str
+    path: Path
+    codec: Compression
+    level: int | None
+    platforms: tuple[Platform, ...]
+    max_size: int | None
+    progress: Callable[[int], None] | None
+    jobs: int
+    base_key: str | None
+    options: str
+    started: float
+
+
+async def _save_tree(
+    job: _Job, evidence: Evidence, bound: int, *, full: bool, exclusive: bool = False, republish: bool = False
+) -> SaveResult:
+    """Plan, reuse what the evidence vouches for, pack and upload the rest, publish, record.
+    ``republish``: write the tag even when it already names this content."""
+    store, key, tag = job.store, job.key, job.tag
+    candidates = [] if full else [key, *([job.base_key] if job.base_key else [])]
+    plan = await _plan(store, job.path, candidates, bound, job.max_size)
     reuse = Reuse({}, None)
     if not full:
         reuse = await reusable_layers(
-            store, path, plan.scan, plan.local, evidence,
-            media_type=media_type, annotations=plan.annotations, candidates=plan.candidates, jobs=jobs,
+            store, job.path, plan.scan, plan.local, evidence, media_type=layer_media_type(job.codec),
+            annotations=plan.annotations, candidates=plan.candidates, jobs=job.jobs,
         )  # fmt: skip
     slots = [reuse.slots.get(i) for i in range(len(plan.scan.layers))]
-    uploaded_layers, uploaded_bytes = await _pack_and_upload(store, plan, slots, codec, level, jobs, progress)
+    uploaded_layers, uploaded_bytes = await _pack_and_upload(
+        store, plan, slots, job.codec, job.level, job.jobs, job.progress
+    )
     stored = [slot for slot in slots if slot is not None]
-    digest, unchanged = await _publish(store, tag, key, plan, stored, platforms)
-    await _record(path, evidence, plan, slots, where=(store.location, tag, options, digest))
+    try:
+        digest, unchanged = await _publish(
+            store, tag, key, plan, stored, job.platforms, exclusive=exclusive, republish=republish
+        )
+    except EntryExists:  # another save wrote the key first
+        return _skipped(key, tag, "immutable key exists", job.started, await _current(store, tag) or "")
+    await _record(job.path, evidence, plan, slots, where=(store.location, tag, job.options, digest))
     return SaveResult(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
         bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
-        files=plan.files, seconds=time.monotonic() - started, unchanged=unchanged,
+        files=plan.files, seconds=time.monotonic() - job.started, unchanged=unchanged,
         layers_reused=len(reuse.slots), base_key=reuse.source,
     )  # fmt: skip
 
@@ -331,12 +391,25 @@ def _compression(name: str) -> Compression:
 
 
 async def _publish(
-    store: Store, tag: str, key: str, plan: _Plan, stored: Sequence[_Slot], platforms: Sequence[Platform]
+    store: Store,
+    tag: str,
+    key: str,
+    plan: _Plan,
+    stored: Sequence[_Slot],
+    platforms: Sequence[Platform],
+    *,
+    exclusive: bool,
+    republish: bool = False,
 ) -> tuple[str, bool]:
     """Push configs, manifests and the tagged index; (digest, unchanged) -- unchanged when the
-    tag already names exactly this content (then nothing is pushed)."""
+    tag already names exactly this content (then nothing is pushed, unless ``republish``).
+    ``exclusive``: the tag is written only if it does not exist (EntryExists otherwise)."""
     descriptors = [d for d, _ in stored]
-    existing = await _same_entry(store, tag, key, descriptors, plan.size, plan.files, platforms)
+    existing = (
+        None
+        if republish
+        else await _same_entry(store, tag, key, descriptors, plan.size, plan.files, platforms)
+    )
     if existing is not None:
         return existing, True
     image = build_image(
@@ -357,7 +430,9 @@ async def _publish(
                 tg.start_soon(_put_manifest, store, manifest.body, manifest.descriptor.media_type)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    index = await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag=tag)
+    index = await store.put_manifest(
+        image.index.body, image.index.descriptor.media_type, tag=tag, exclusive=exclusive
+    )
     return index.digest, False
 
 

@@ -80,6 +80,8 @@ class Common:
     password_stdin: bool = False
     plain_http: bool = False
     timeout: float | None = None
+    endpoint: str | None = None
+    region: str | None = None
     json: bool = False
     quiet: bool = False
     fail_open: bool = False
@@ -105,6 +107,19 @@ TimeoutOpt = Annotated[
         "--timeout", metavar="SECONDS", min=0.1, help="Network timeout in seconds for each request."
     ),
 ]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        metavar="URL",
+        help="Object store endpoint (MinIO, R2, Ceph, Azurite), e.g. https://minio:9000 "
+        "(default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else the provider's).",
+    ),
+]
+RegionOpt = Annotated[
+    str | None,
+    typer.Option("--region", metavar="REGION", help="S3 region (default: AWS_REGION, AWS_DEFAULT_REGION)."),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON object on stdout (and nothing else there).")
 ]
@@ -119,8 +134,12 @@ KeyOpt = Annotated[
         "--key", "-k", metavar="KEY", help="The cache key, when it cannot go in REF (e.g. has '/')."
     ),
 ]
-RefArg = Annotated[str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY or oci:DIR:KEY.")]
-RepoArg = Annotated[str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO or oci:DIR.")]
+RefArg = Annotated[
+    str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY or oci:DIR:KEY.")
+]
+RepoArg = Annotated[
+    str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO, s3://BUCKET/PREFIX or oci:DIR.")
+]
 
 
 @app.callback()
@@ -130,15 +149,17 @@ def _global_options(
     password_stdin: PasswordStdinOpt = False,
     plain_http: PlainHttpOpt = False,
     timeout: TimeoutOpt = None,
+    endpoint: EndpointOpt = None,
+    region: RegionOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     fail_open: FailOpenOpt = False,
 ) -> None:
-    """Save directories as OCI images in a registry or an OCI layout, and restore them.
+    """Save directories as OCI images in a registry, a bucket or an OCI layout, and restore them.
 
     The common options work before the command (remote-cache --json ls REPO) or after it.
     """
-    ctx.obj = Common(username, password_stdin, plain_http, timeout, json_, quiet, fail_open)
+    ctx.obj = Common(username, password_stdin, plain_http, timeout, endpoint, region, json_, quiet, fail_open)
 
 
 #: The common options as parameters (in the order of the fields of Common), declared once above
@@ -197,15 +218,42 @@ def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF")
 
 
 @asynccontextmanager
-async def _store(ref: Reference, common: Common) -> AsyncIterator[Store]:
+async def _store(
+    ref: Reference, common: Common, writes: dict[str, str] | None = None
+) -> AsyncIterator[Store]:
     from ..oci.store import open_store
 
+    objects = None
+    if ref.transport == "object":
+        from ..oci.objectstore import ObjectStoreOptions
+        from ..oci.objectstore.options import DEFAULT_STALL_SECONDS
+
+        if common.username is not None:
+            raise UsageError(
+                f"{ref.location} takes its credentials from the environment (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role), not --username"
+            )
+        w = writes or {}
+        objects = ObjectStoreOptions(
+            endpoint=common.endpoint,
+            region=common.region,
+            plain_http=common.plain_http,
+            stall_seconds=common.timeout or DEFAULT_STALL_SECONDS,
+            encryption=w.get("encryption", ""),
+            kms_key_id=w.get("kms_key_id", ""),
+            storage_class=w.get("storage_class", ""),
+        )
+    elif common.endpoint or common.region:
+        raise UsageError(
+            f"--endpoint and --region are for object stores (s3://, gs://, az://), not {ref.location}"
+        )
     store = open_store(
         ref,
         username=common.username,
         password=common.password,
         plain_http=True if common.plain_http else None,
         timeout=common.timeout,
+        objects=objects,
     )
     try:
         yield store
@@ -215,12 +263,13 @@ async def _store(ref: Reference, common: Common) -> AsyncIterator[Store]:
 
 @asynccontextmanager
 async def open_entry(
-    text: str, key: str | None, common: Common
+    text: str, key: str | None, common: Common, writes: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Reference, str, Store]]:
-    """The entry REF (or REF with --key) checked, its key, and its store opened with the common options."""
+    """The entry REF (or REF with --key) checked, its key, and its store opened with the common
+    options (and, for a bucket, ``writes``: encryption and storage class of what is saved)."""
     ref = _reference(text, key, need_key=True)
     assert ref.key is not None
-    async with _store(ref, common) as store:
+    async with _store(ref, common, writes) as store:
         yield ref, ref.key, store
 
 
@@ -262,11 +311,25 @@ def _redact(text: str, common: Common) -> str:
     return text
 
 
+def _show_warnings() -> None:
+    """The core's warnings (``logging``, logger ``remote_cache``) as ``remote-cache: warning:`` lines."""
+    import logging
+
+    logger = logging.getLogger("remote_cache")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING)
+
+
 def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
     import asyncio
 
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
+    _show_warnings()
     try:
         common = _read_password(common)
         outcome = asyncio.run(body(common))

@@ -84,6 +84,29 @@ ReadOnlyOpt = Annotated[
         help="Save nothing, exit 0 (for untrusted runs such as fork PRs); env REMOTE_CACHE_READ_ONLY=1.",
     ),
 ]
+SseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sse",
+        metavar="AES256|aws:kms",
+        help="S3 server-side encryption of what is saved (bucket policies).",
+    ),
+]
+SseKeyOpt = Annotated[
+    str | None, typer.Option("--sse-kms-key-id", metavar="KEY-ID", help="The KMS key for --sse aws:kms.")
+]
+StorageClassOpt = Annotated[
+    str | None,
+    typer.Option("--storage-class", metavar="CLASS", help="Storage class of saved blobs, e.g. STANDARD_IA."),
+]
+GraceOpt = Annotated[
+    str,
+    typer.Option(
+        "--grace",
+        metavar="DURATION",
+        help="Blobs a save used this recently stay (a bucket or layout frees blobs no entry uses).",
+    ),
+]
 
 
 @command("save")
@@ -100,10 +123,20 @@ def _save(
     full: FullOpt = False,
     immutable: ImmutableOpt = False,
     read_only: ReadOnlyOpt = False,
+    sse: SseOpt = None,
+    sse_kms_key_id: SseKeyOpt = None,
+    storage_class: StorageClassOpt = None,
 ) -> Body:
-    """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY or oci:DIR:KEY)."""
+    """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY or oci:DIR:KEY)."""
     if compression not in ("zstd", "gzip"):
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
+    if sse is not None and sse not in ("AES256", "aws:kms"):
+        raise typer.BadParameter(f"{sse!r}: choose AES256 or aws:kms", param_hint="--sse")
+    writes = {
+        "encryption": sse or "",
+        "kms_key_id": sse_kms_key_id or "",
+        "storage_class": storage_class or "",
+    }
     from ..oci.descriptor import Platform
 
     platforms = parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
@@ -112,7 +145,7 @@ def _save(
     async def body(common: Common) -> Outcome:
         from ..cache.save import save
 
-        async with open_entry(ref, key, common) as (reference, entry_key, store):
+        async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
             with progress_bar(common, f"save {entry_key}") as bar:
                 result = await save(
                     store,
@@ -244,14 +277,15 @@ def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
 
 
 @command("rm")
-def _rm(ref: RefArg, key: KeyOpt = None) -> Body:
+def _rm(ref: RefArg, key: KeyOpt = None, grace: GraceOpt = "1h") -> Body:
     """Remove the entry REF; exit 3 when there is none."""
+    grace_period = parsed(parse_duration, grace, "--grace")
 
     async def body(common: Common) -> Outcome:
         from ..cache.entries import remove
 
         async with open_entry(ref, key, common) as (reference, entry_key, store):
-            await remove(store, entry_key)
+            await remove(store, entry_key, grace=grace_period)
         data = {"outcome": "removed", "key": entry_key, "reference": str(reference)}
         return Outcome(ExitCode.OK, f"rm removed {entry_key} from {reference.location}", data)
 
@@ -278,17 +312,21 @@ def _prune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")
     ] = False,
+    grace: GraceOpt = "1h",
 ) -> Body:
     """Remove entries older than --older-than; the newest --keep always stay. Needs one of the two."""
     if older_than is None and keep is None:
         raise typer.BadParameter("give --older-than DURATION and/or --keep N", param_hint="--older-than")
     age = parsed(parse_duration, older_than, "--older-than")
+    grace_period = parsed(parse_duration, grace, "--grace")
 
     async def body(common: Common) -> Outcome:
         from ..cache.entries import prune
 
         async with open_repository(repo, common) as (reference, store):
-            pruned = await prune(store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run)
+            pruned = await prune(
+                store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run, grace=grace_period
+            )
         rows = [e.to_json() for e in pruned]
         verb = "would remove" if dry_run else "removed"
 

@@ -11,8 +11,8 @@ from ..errors import (
     CacheTooLarge,
     InvalidKey,
     InvalidReference,
-    RegistryAuthError,
     RemoteCacheError,
+    StoreAuthError,
     UnsupportedOperation,
 )
 
@@ -46,7 +46,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.MISS
     if isinstance(exc, UsageError | InvalidKey | InvalidReference | typer.BadParameter):
         return ExitCode.USAGE
-    if isinstance(exc, RegistryAuthError):
+    if isinstance(exc, StoreAuthError):
         return ExitCode.AUTH
     if isinstance(exc, UnsupportedOperation | CacheTooLarge):
         return ExitCode.REFUSED

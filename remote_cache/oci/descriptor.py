@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import ImageFormatError
 from .digest import check_digest
 
-__all__ = ["Descriptor", "Platform"]
+__all__ = ["Descriptor", "Platform", "referenced_digests"]
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,20 @@ class Descriptor:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ImageFormatError(f"malformed descriptor {obj!r}: {exc}") from exc
+
+
+def referenced_digests(document: Any) -> list[str]:
+    """Digests a manifest, index or other OCI JSON document refers to (``manifests``, ``layers``,
+    ``blobs``, ``config``, ``subject``): what a garbage collector must keep when it keeps the
+    document. Anything that is not such a document refers to nothing."""
+    if not isinstance(document, dict):
+        return []
+    found: list[Any] = []
+    for name in ("manifests", "layers", "blobs"):
+        value = document.get(name)
+        if isinstance(value, list):
+            found.extend(value)
+    for name in ("config", "subject"):
+        if isinstance(document.get(name), dict):
+            found.append(document[name])
+    return [c["digest"] for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]

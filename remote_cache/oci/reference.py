@@ -1,10 +1,11 @@
-"""Store references: ``HOST[:PORT]/REPO[:KEY][@DIGEST]`` and ``oci:DIR[:KEY]``, parsed once (no I/O).
+"""Store references: a registry repository, an OCI layout, a bucket; parsed once (no I/O).
 
 Grammar (skopeo-style, names as in the OCI distribution spec
 https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests)::
 
     reference  := ["docker://"] [host "/"] repository [":" key] ["@" digest]
                 | "oci:" dir [":" key]
+                | ("s3" | "gs" | "az") "://" bucket ["/" prefix] [":" key]
     host       := domain-component ("." domain-component)* [":" port] | "[" ipv6 "]" [":" port]
     repository := path-component ("/" path-component)*
     path-component := [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*
@@ -18,6 +19,11 @@ whose single-component repositories live under ``library/``. That normalisation 
 everything after the first ``:`` that follows the last ``/``, so a key may contain ``:`` (and
 ``@`` when no ``algorithm:`` follows it) but not ``/``. For ``oci:`` the directory ends at the
 first ``:`` (as in skopeo).
+
+Object stores: ``bucket`` is an S3/GCS bucket or an Azure container (3 to 63 of ``a-z 0-9 . -``,
+starting and ending with a letter or digit); ``prefix`` is ``/``-separated components of
+``A-Z a-z 0-9 . _ -`` (no ``.``/``..``) under which the cache's objects live. Neither holds a
+``:``, so the key is everything after the first ``:`` and may contain ``/`` (as for ``oci:``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .digest import is_digest
 __all__ = [
     "DOCKER_HUB_API_HOST",
     "DOCKER_HUB_HOSTS",
+    "OBJECT_SCHEMES",
     "Reference",
     "is_loopback",
     "parse_reference",
@@ -43,28 +50,39 @@ DOCKER_HUB_API_HOST = "registry-1.docker.io"
 #: Names users write for Docker Hub; all talk to :data:`DOCKER_HUB_API_HOST`.
 DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", DOCKER_HUB_API_HOST})
 
-_EXAMPLE = "e.g. 'localhost:5000/team/cache:npm-linux', 'ghcr.io/org/cache:go' or 'oci:./layout:npm'"
+_EXAMPLE = (
+    "e.g. 'localhost:5000/team/cache:npm-linux', 'ghcr.io/org/cache:go', 's3://bucket/ci-cache:npm' "
+    "or 'oci:./layout:npm'"
+)
 
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
+#: Object store schemes: S3 (and S3-compatible stores), Google Cloud Storage, Azure Blob Storage.
+OBJECT_SCHEMES = ("s3", "gs", "az")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Where a cache lives: a registry repository or an OCI layout directory, plus an optional key.
+    """Where a cache lives, plus an optional key.
 
-    ``transport`` is ``"registry"`` (``host`` and ``repository`` set) or ``"layout"`` (``path``
-    set). ``key`` is the raw cache key, ``digest`` a pinned manifest digest; either may be None.
+    ``transport`` is ``"registry"`` (``host`` and ``repository`` set), ``"layout"`` (``path``
+    set) or ``"object"`` (``scheme``, ``bucket`` and maybe ``prefix`` set). ``key`` is the raw
+    cache key, ``digest`` a pinned manifest digest; either may be None.
     """
 
-    transport: Literal["registry", "layout"]
+    transport: Literal["registry", "layout", "object"]
     host: str = ""
     repository: str = ""
     key: str | None = None
     digest: str | None = None
     path: str | None = None
+    scheme: str = ""
+    bucket: str = ""
+    prefix: str = ""
 
     @property
     def is_docker_hub(self) -> bool:
@@ -73,9 +91,11 @@ class Reference:
 
     @property
     def location(self) -> str:
-        """The repository or layout without key/digest, e.g. ``localhost:5000/team/cache``."""
+        """The repository, layout or bucket without key/digest, e.g. ``localhost:5000/team/cache``."""
         if self.transport == "layout":
             return f"oci:{self.path}"
+        if self.transport == "object":
+            return f"{self.scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         host = "docker.io" if self.is_docker_hub else self.host
         return f"{host}/{self.repository}"
 
@@ -120,10 +140,15 @@ def parse_reference(text: str) -> Reference:
         raise _invalid(text, "it is empty")
     if raw.startswith("oci:"):
         return _parse_layout(text, raw[len("oci:") :])
+    scheme, sep, rest = raw.partition("://")
+    if sep and scheme in OBJECT_SCHEMES:
+        return _parse_object(text, scheme, rest)
     if raw.startswith("docker://"):
         raw = raw[len("docker://") :]
     elif "://" in raw:
-        raise _invalid(text, "only 'docker://' and 'oci:' transports are supported (or no prefix)")
+        raise _invalid(
+            text, "only 'docker://', 'oci:', 's3://', 'gs://' and 'az://' are supported (or no prefix)"
+        )
 
     digest: str | None = None
     at = raw.rfind("@")
@@ -179,3 +204,24 @@ def _parse_layout(text: str, rest: str) -> Reference:
             raise _invalid(text, "the key after ':' is empty")
         validate_key(key)
     return Reference("layout", path=path, key=key if sep else None)
+
+
+def _parse_object(text: str, scheme: str, rest: str) -> Reference:
+    colon = rest.find(":")  # bucket and prefix never hold a ':', so the key may hold '/' (as for layouts)
+    location, key = (rest[:colon], rest[colon + 1 :]) if colon != -1 else (rest, None)
+    bucket, _, prefix = location.partition("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise _invalid(
+            text,
+            f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -, starting and ending with a letter "
+            "or digit)",
+        )
+    prefix = prefix.rstrip("/")
+    parts = prefix.split("/") if prefix else []
+    if not all(_PREFIX_COMPONENT.fullmatch(part) and part not in (".", "..") for part in parts):
+        raise _invalid(text, f"prefix {prefix!r} must be '/'-separated components of A-Z a-z 0-9 . _ -")
+    if key is not None:
+        if not key:
+            raise _invalid(text, "the key after ':' is empty")
+        validate_key(key)
+    return Reference("object", key=key, scheme=scheme, bucket=bucket, prefix=prefix)

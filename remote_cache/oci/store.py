@@ -17,9 +17,14 @@ from .descriptor import Descriptor
 # Each kind of store is imported only when asked for: the registry client pulls in httpx, which
 # a layout-only run (and the CLI's start-up) need not pay for.
 if TYPE_CHECKING:
+    from .objectstore import ObjectStoreOptions
     from .reference import Reference
 
-__all__ = ["Store", "open_store"]
+__all__ = ["DEFAULT_GC_GRACE_SECONDS", "Store", "open_store"]
+
+#: A blob a save uploaded or relied on within this many seconds is never collected as garbage: it
+#: may belong to a save that has not written its tag yet. Saves must finish within it.
+DEFAULT_GC_GRACE_SECONDS = 3600.0
 
 
 @runtime_checkable
@@ -40,12 +45,23 @@ class Store(Protocol):
         """Fetch a manifest or index by tag or digest; verifies the digest of what it returns."""
         ...
 
-    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
-        """Store a manifest/index (by digest; and under ``tag`` when given). Returns its descriptor."""
+    async def put_manifest(
+        self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False
+    ) -> Descriptor:
+        """Store a manifest/index (by digest; and under ``tag`` when given). Returns its descriptor.
+
+        ``exclusive``: write the tag only if it does not exist yet, else raise EntryExists (as
+        atomically as the store allows: a layout's lock, a bucket's conditional write; a
+        registry can only check first).
+        """
         ...
 
     async def has_blob(self, digest: str) -> bool:
-        """True when the blob is already stored (lets uploads skip it)."""
+        """True when the blob is already stored (lets uploads skip it).
+
+        A store that collects its own garbage (layout, bucket) first marks the blob as just
+        relied on, so a sweep running meanwhile spares it.
+        """
         ...
 
     def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
@@ -76,12 +92,18 @@ def open_store(
     password: str | None = None,
     plain_http: bool | None = None,
     timeout: float | None = None,
+    objects: ObjectStoreOptions | None = None,
 ) -> Store:
-    """A store for ``HOST/REPO`` (credentials resolved as in docker) or ``oci:DIR`` (created on write).
+    """A store for ``HOST/REPO`` (credentials resolved as in docker), ``oci:DIR`` (created on write)
+    or ``s3://BUCKET/PREFIX`` (and ``gs://``, ``az://``; ``objects`` says how to reach it).
 
     ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds.
     The reference's key is ignored here. Close the store with ``await store.aclose()``.
     """
+    if reference.transport == "object":
+        from .objectstore import ObjectStore, ObjectStoreOptions
+
+        return ObjectStore(reference, objects or ObjectStoreOptions())
     if reference.transport == "layout":
         from .layout import LayoutStore
 

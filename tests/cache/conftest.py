@@ -1,28 +1,26 @@
-"""Fixtures of the cache tests: where to store (a layout or the real registry), small layers."""
+"""Fixtures of the cache tests: where to store (a layout, the real registry, a bucket, a container)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
 
-import remote_cache.archive.plan as layers_mod
-import remote_cache.cache.save as save_mod
 from remote_cache.oci.reference import Reference, parse_reference
+from tests.object_servers import new_bucket, object_env
 
 
-@pytest.fixture(params=["layout", "registry"])
-def where(request: pytest.FixtureRequest, tmp_path: Path) -> Reference:
-    """A layout directory or a fresh repository on the real registry."""
+@pytest.fixture(params=["layout", "registry", "s3", "azure"])
+def where(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Reference:
+    """A layout directory, a fresh repository on the real registry, or a fresh bucket (moto) or
+    container (Azurite) reached through the environment as AWS and Azure tools are."""
     if request.param == "layout":
         return parse_reference(f"oci:{tmp_path / 'layout'}")
+    if request.param in ("s3", "azure"):
+        server = request.getfixturevalue("moto" if request.param == "s3" else "azurite")
+        for name, value in object_env(server).items():
+            monkeypatch.setenv(name, value)
+        scheme = "s3" if request.param == "s3" else "az"
+        return parse_reference(f"{scheme}://{new_bucket(server)}/ci/cache")
     registry = request.getfixturevalue("registry")
     return parse_reference(f"{registry.host}/{request.getfixturevalue('repo_name')}")
-
-
-@pytest.fixture
-def small_layers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cut trees into many small layers on save, so multi-layer paths run on small test trees."""
-    small = functools.partial(layers_mod.scan_tree, min_bytes=32 << 10, max_bytes=128 << 10)
-    monkeypatch.setattr(save_mod, "scan_tree", small)

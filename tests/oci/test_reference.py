@@ -63,6 +63,22 @@ def test_parse_layout_references(text: str, path: str, key: str | None) -> None:
     assert parse_reference(text) == Reference("layout", path=path, key=key)
 
 
+@pytest.mark.parametrize(
+    ("text", "scheme", "bucket", "prefix", "key"),
+    [
+        ("s3://ci-caches/team/npm:linux-x64", "s3", "ci-caches", "team/npm", "linux-x64"),
+        ("s3://ci-caches:npm", "s3", "ci-caches", "", "npm"),
+        ("s3://ci-caches/team/", "s3", "ci-caches", "team", None),
+        ("gs://b.example/p:k/with/slash", "gs", "b.example", "p", "k/with/slash"),
+        ("az://container/p", "az", "container", "p", None),
+    ],
+)
+def test_parse_object_references(text: str, scheme: str, bucket: str, prefix: str, key: str | None) -> None:
+    ref = parse_reference(text)
+    assert ref == Reference("object", key=key, scheme=scheme, bucket=bucket, prefix=prefix)
+    assert ref.location == f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
+
+
 def test_with_key_replaces_key_and_drops_digest() -> None:
     ref = parse_reference(f"ghcr.io/o/c:old@{DIGEST}")
     assert ref.with_key("new") == Reference("registry", host="ghcr.io", repository="o/c", key="new")
@@ -81,7 +97,13 @@ def test_with_key_replaces_key_and_drops_digest() -> None:
         ("ghcr.io/:k", "missing"),
         ("ghcr.io/org/cache:", "empty"),
         ("ghcr.io/org/cache@sha256:short", "digest"),
-        ("https://ghcr.io/org/cache", "transports"),
+        ("https://ghcr.io/org/cache", "supported"),
+        ("s3://", "bucket"),
+        ("s3://Bad_Bucket:k", "bucket"),
+        ("s3://ab:k", "bucket"),
+        ("s3://bucket/a/../b:k", "prefix"),
+        ("s3://bucket/a b:k", "prefix"),
+        ("s3://bucket:", "empty"),
         ("oci:", "missing"),
         ("oci:dir:", "empty"),
         ("bad_host.io:x/repo", "host"),

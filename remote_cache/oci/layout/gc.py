@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
+from ..descriptor import referenced_digests
 from ..media import MAX_DOCUMENT_BYTES
 from .directory import LayoutDirectory
 
 __all__ = ["collect_garbage", "reachable"]
-
-
-def _children(obj: dict[str, Any]) -> list[str]:
-    """Digests an index or manifest refers to (manifests, layers, blobs, config, subject)."""
-    found: list[Any] = []
-    for name in ("manifests", "layers", "blobs"):
-        value = obj.get(name)
-        if isinstance(value, list):
-            found.extend(value)
-    for name in ("config", "subject"):
-        if isinstance(obj.get(name), dict):
-            found.append(obj[name])
-    return [c["digest"] for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
 
 
 def reachable(layout: LayoutDirectory) -> set[str]:
@@ -46,8 +33,7 @@ def reachable(layout: LayoutDirectory) -> set[str]:
             obj = json.loads(path.read_bytes())
         except (OSError, ValueError):
             continue
-        if isinstance(obj, dict):
-            stack.extend(_children(obj))
+        stack.extend(referenced_digests(obj))
     return seen
 
 

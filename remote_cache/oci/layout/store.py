@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ...errors import CacheMiss, ImageFormatError, IntegrityError, StoreError
+from ...errors import CacheMiss, EntryExists, ImageFormatError, IntegrityError, StoreError
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
+from ..store import DEFAULT_GC_GRACE_SECONDS
 from .directory import LayoutDirectory, atomic_file, tag_of
 from .gc import collect_garbage
 
@@ -102,18 +103,25 @@ class LayoutStore:
             media_type = own
         return Descriptor(media_type, digest, len(body)), body
 
-    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
-        """Store a manifest blob, then (when ``tag`` is given) point the tag at it atomically."""
+    async def put_manifest(
+        self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False
+    ) -> Descriptor:
+        """Store a manifest blob, then (when ``tag`` is given) point the tag at it atomically.
+
+        ``exclusive``: only if the tag does not exist yet (checked under the index lock).
+        """
         desc = Descriptor(media_type, sha256_digest(body), len(body))
         await self.put_blob(desc, body)
         if tag is not None:
-            await self._run(self._set_tag, desc, tag)
+            await self._run(self._set_tag, desc, tag, exclusive)
         return desc
 
-    def _set_tag(self, desc: Descriptor, tag: str) -> None:
+    def _set_tag(self, desc: Descriptor, tag: str, exclusive: bool) -> None:
         self._dir.ensure()
         with self._dir.locked():
             index = self._dir.read_index()
+            if exclusive and any(isinstance(m, dict) and tag_of(m) == tag for m in index["manifests"]):
+                raise EntryExists(tag, self.location)
             kept = [m for m in index["manifests"] if not (isinstance(m, dict) and tag_of(m) == tag)]
             entry = Descriptor(
                 desc.media_type, desc.digest, desc.size, annotations={ANNOTATION_REF_NAME: tag}
@@ -223,7 +231,7 @@ class LayoutStore:
     async def aclose(self) -> None:
         """Nothing to release: every operation opens and closes its own files."""
 
-    async def gc(self, *, grace_seconds: float = 900.0) -> tuple[int, int]:
+    async def gc(self, *, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS) -> tuple[int, int]:
         """Delete blobs no tagged entry references; returns (blobs removed, bytes freed).
 
         Blobs (and temporary files) touched in the last ``grace_seconds`` are kept, since they

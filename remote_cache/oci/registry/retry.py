@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import anyio
 
-from ...errors import RegistryError, RegistryUnreachable, StoreError
+from ...errors import RegistryError, StoreError, StoreUnreachable
 
 __all__ = ["RETRY_STATUS", "RetryPolicy", "is_temporary"]
 
@@ -31,7 +31,7 @@ _T = TypeVar("_T")
 
 def is_temporary(exc: BaseException) -> bool:
     """True when trying again may succeed (see the module docstring)."""
-    if isinstance(exc, RegistryUnreachable):
+    if isinstance(exc, StoreUnreachable):
         return exc.temporary
     if isinstance(exc, RegistryError):
         return exc.status in RETRY_STATUS or exc.code == "BLOB_UPLOAD_UNKNOWN"

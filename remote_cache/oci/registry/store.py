@@ -21,6 +21,7 @@ from urllib.parse import urljoin
 
 from ...errors import (
     CacheMiss,
+    EntryExists,
     IntegrityError,
     InvalidReference,
     RegistryError,
@@ -164,8 +165,21 @@ class RegistryStore:
             media_type = _media_type_from_body(body) or media_type
         return Descriptor(media_type=media_type, digest=digest, size=len(body)), body
 
-    async def put_manifest(self, body: bytes, media_type: str, *, tag: str | None = None) -> Descriptor:
-        """Store a manifest; under ``tag`` when given (the registry keeps it by digest too)."""
+    async def put_manifest(
+        self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False
+    ) -> Descriptor:
+        """Store a manifest; under ``tag`` when given (the registry keeps it by digest too).
+
+        ``exclusive``: only if the tag does not exist yet. The distribution API has no
+        conditional write, so this checks first: two writers at the same moment can both write.
+        """
+        if exclusive and tag is not None:
+            try:
+                await self.resolve(tag)
+            except CacheMiss:
+                pass
+            else:
+                raise EntryExists(tag, self.location)
         digest = sha256_digest(body)
         ref = tag if tag is not None else digest
         response = await self._transport.request(

@@ -1,0 +1,63 @@
+"""obstore's calls, made with its blocking API in worker threads.
+
+obstore's ``*_async`` functions hand each result back from a tokio thread through
+pyo3-async-runtimes (``call_soon_threadsafe``). When such a hand-back races interpreter shutdown,
+the tokio thread needs the GIL, CPython ends it with ``pthread_exit`` inside Rust frames, and
+the process aborts (SIGABRT, exit 134): seen in about 5% of short runs against moto, under gdb
+in ``pyo3_async_runtimes::generic::set_result`` → ``take_gil`` (pyo3-async-runtimes issue #40).
+The blocking API finishes on the calling thread (GIL released meanwhile), so nothing calls into
+Python once the work is done: 0 aborts in 150 runs of the same script.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio.to_thread
+import obstore
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore as ObstoreClient
+
+__all__ = ["Calls"]
+
+_T = TypeVar("_T")
+
+
+async def _blocking(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+
+
+class Calls:
+    """The obstore operations the object store uses, awaitable, none on obstore's async path."""
+
+    def __init__(self, client: ObstoreClient) -> None:
+        self._client = client
+
+    async def head(self, key: str) -> dict[str, Any]:
+        return dict(await _blocking(obstore.head, self._client, key))
+
+    async def get(self, key: str) -> bytes:
+        return await _blocking(lambda: bytes(obstore.get(self._client, key).bytes()))
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        return await _blocking(lambda: bytes(obstore.get_range(self._client, key, start=start, end=end)))
+
+    async def put(self, key: str, data: Any, **options: Any) -> None:
+        await _blocking(obstore.put, self._client, key, data, **options)
+
+    async def delete(self, keys: str | Sequence[str]) -> None:
+        await _blocking(obstore.delete, self._client, keys)
+
+    async def list(self, prefix: str) -> list[dict[str, Any]]:
+        return [dict(m) for m in await _blocking(lambda: obstore.list(self._client, prefix).collect())]
+
+    async def stream(self, key: str, offset: int = 0, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The object's bytes from ``offset`` on, about ``chunk`` at a time."""
+        options: Any = {"range": {"offset": offset}} if offset else None
+        result = await _blocking(obstore.get, self._client, key, options=options)
+        pieces = iter(result.stream(min_chunk_size=chunk))
+        while (piece := await _blocking(next, pieces, None)) is not None:
+            yield bytes(piece)

@@ -1,0 +1,174 @@
+"""The obstore client for a bucket reference: scheme, endpoint, credentials, timeouts, retries.
+
+* **Endpoint**: ``options.endpoint``, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (S3) or
+  ``AZURE_STORAGE_ENDPOINT`` (Azure), else the provider's. A plain-HTTP endpoint is allowed for
+  loopback hosts, or when ``plain_http`` says so. With an endpoint, S3 requests are path-style
+  (``ENDPOINT/BUCKET/KEY``, what MinIO, Ceph and moto expect); without, virtual-hosted (AWS).
+* **Credentials**: explicit ones (the Dagger backend's secrets), else the environment's, read by
+  obstore (see :mod:`.options`). ``AWS_PROFILE`` goes through boto3 (``pip install
+  remote-cache[aws]``), which also reads ``~/.aws``.
+* **Stalls and retries**: each read may wait ``stall_seconds`` for bytes (``read_timeout``),
+  connecting 10 s; a whole request is bounded only loosely, so a long healthy transfer is never
+  cut. Temporary failures are retried ``retries`` times within two minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ...errors import InvalidReference, StoreError
+from ...version import TOOL
+from ..reference import Reference, is_loopback
+from .options import ENCRYPTIONS, ObjectStoreOptions
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore as ObstoreClient
+
+__all__ = ["build_client", "endpoint_of"]
+
+_WHOLE_REQUEST = timedelta(hours=2)  # loose: stalls are caught per read instead
+_CONNECT = timedelta(seconds=10)
+_RETRY_BUDGET = timedelta(minutes=2)
+
+
+def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None:
+    """The endpoint URL requests go to, when one is set (by option or environment)."""
+    if options.endpoint:
+        return options.endpoint
+    names = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "az": ("AZURE_STORAGE_ENDPOINT",)}
+    for name in names.get(reference.scheme, ()):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def _client_options(endpoint: str | None, options: ObjectStoreOptions) -> dict[str, Any]:
+    allow_http = False
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InvalidReference(
+                f"endpoint {endpoint!r} is not an http(s):// URL, e.g. https://minio.example:9000"
+            )
+        if parts.scheme == "http":
+            if not (options.plain_http or is_loopback(parts.netloc)):
+                raise InvalidReference(
+                    f"endpoint {endpoint} is plain HTTP and not on this machine: pass --plain-http "
+                    "(plain_http=True) to allow it, or use https://"
+                )
+            allow_http = True
+    return {
+        "allow_http": allow_http,
+        "connect_timeout": _CONNECT,
+        "read_timeout": timedelta(seconds=options.stall_seconds),
+        "timeout": _WHOLE_REQUEST,
+        "user_agent": TOOL,
+    }
+
+
+def _retry(options: ObjectStoreOptions) -> dict[str, Any]:
+    return {
+        "max_retries": max(0, options.retries),
+        "retry_timeout": _RETRY_BUDGET,
+        "backoff": {
+            "init_backoff": timedelta(milliseconds=500),
+            "max_backoff": timedelta(seconds=10),
+            "base": 2,
+        },
+    }
+
+
+def _s3(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+    from obstore.store import S3Store
+
+    config: dict[str, Any] = {}
+    if endpoint is not None:
+        config["endpoint"] = endpoint.rstrip("/")
+        config["virtual_hosted_style_request"] = False
+    else:
+        config["virtual_hosted_style_request"] = True
+    if options.region:
+        config["region"] = options.region
+    if options.access_key_id or options.secret_access_key:
+        if not (options.access_key_id and options.secret_access_key):
+            raise StoreError(
+                "an access key id was given without its secret access key, or the reverse: give both"
+            )
+        config["access_key_id"] = options.access_key_id
+        config["secret_access_key"] = options.secret_access_key
+        if options.session_token:
+            config["session_token"] = options.session_token
+    if options.encryption:
+        if options.encryption not in ENCRYPTIONS:
+            raise InvalidReference(
+                f"encryption {options.encryption!r} is not one of {', '.join(ENCRYPTIONS)}"
+            )
+        config["server_side_encryption"] = options.encryption
+        if options.kms_key_id:
+            config["sse_kms_key_id"] = options.kms_key_id
+    provider = _profile_provider(options)
+    return S3Store(
+        reference.bucket,
+        prefix=reference.prefix or None,
+        config=config,  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        retry_config=_retry(options),  # type: ignore[arg-type]
+        credential_provider=provider,
+    )
+
+
+def _profile_provider(options: ObjectStoreOptions) -> Any:
+    """boto3's credentials for ``AWS_PROFILE`` (when no explicit or environment keys are set)."""
+    if options.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_PROFILE"):
+        return None
+    try:
+        import boto3  # type: ignore[import-untyped]
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError as exc:
+        raise StoreError(
+            "AWS_PROFILE is set, but reading profiles needs boto3: pip install 'remote-cache[aws]', or set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
+        ) from exc
+    return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
+
+
+def _gcs(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+    from obstore.store import GCSStore
+
+    config: dict[str, Any] = {}
+    if endpoint is not None:
+        config["base_url"] = endpoint.rstrip("/")
+    return GCSStore(
+        reference.bucket,
+        prefix=reference.prefix or None,
+        config=config,  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        retry_config=_retry(options),  # type: ignore[arg-type]
+    )
+
+
+def _azure(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+    from obstore.store import AzureStore
+
+    config: dict[str, Any] = {}
+    if endpoint is not None:
+        config["endpoint"] = endpoint.rstrip("/")
+    return AzureStore(
+        reference.bucket,
+        prefix=reference.prefix or None,
+        config=config,  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        retry_config=_retry(options),  # type: ignore[arg-type]
+    )
+
+
+def build_client(reference: Reference, options: ObjectStoreOptions) -> ObstoreClient:
+    """The obstore client for ``s3://``, ``gs://`` or ``az://`` ``BUCKET/PREFIX``."""
+    endpoint = endpoint_of(reference, options)
+    build = {"s3": _s3, "gs": _gcs, "az": _azure}.get(reference.scheme)
+    if build is None:
+        raise InvalidReference(f"{reference} is not an object store reference (s3://, gs://, az://)")
+    return build(reference, endpoint, options)

@@ -1,0 +1,88 @@
+"""Object store errors: the one boundary where obstore's exceptions become ours.
+
+obstore reports a missing object as ``FileNotFoundError`` (or its ``NotFoundError``), a lost race
+of a conditional write as ``AlreadyExistsError``/``PreconditionError``, refused credentials as
+``PermissionDeniedError``/``UnauthenticatedError``, and everything else as ``GenericError``
+whose debug text names the HTTP failure's kind (``kind: Connect``, ``kind: Timeout``, ...).
+Messages keep obstore's first paragraph (method, URL, status: never a credential) and drop its
+debug dump; a store's own secrets are cut out anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
+
+from ...errors import StoreAuthError, StoreError, StoreUnreachable
+
+__all__ = ["NOT_FOUND", "RACE_LOST", "translated"]
+
+#: Exceptions that mean "no such object" (callers turn it into a miss or a missing blob).
+NOT_FOUND = (FileNotFoundError, NotFoundError)
+#: Exceptions that mean a conditional write found the object there (or changed).
+RACE_LOST = (AlreadyExistsError, PreconditionError)
+_KIND = re.compile(r"kind: (\w+)")
+_PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again cannot help soon
+
+
+def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
+    text = str(exc).split("\n\nDebug source", 1)[0].strip() or type(exc).__name__
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+@contextmanager
+def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Iterator[None]:
+    """Run obstore calls; their failures (but a missing object) leave as our StoreError kinds.
+
+    ``action`` says what was tried (``"read tag npm"``); it starts the message.
+    """
+    try:
+        yield
+    except NOT_FOUND:
+        raise
+    except RACE_LOST:
+        raise
+    except (PermissionDeniedError, UnauthenticatedError) as exc:
+        raise StoreAuthError(
+            f"cannot {action}: {location} refused the credentials ({_summary(exc, secrets)}); check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the bucket's policy"
+        ) from exc
+    except BaseError as exc:
+        raise _generic(location, action, exc, secrets) from exc
+    except OSError as exc:  # a local file obstore read or wrote (an upload's spool file)
+        raise StoreError(f"cannot {action}: {exc}") from exc
+
+
+def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str]) -> StoreError:
+    summary = _summary(exc, secrets)
+    kind = _KIND.search(str(exc))
+    if "NoSuchBucket" in summary:
+        return StoreError(
+            f"cannot {action}: the bucket of {location} does not exist (check its name and region)"
+        )
+    if "AccessDenied" in summary or "InvalidAccessKeyId" in summary or "SignatureDoesNotMatch" in summary:
+        return StoreAuthError(
+            f"cannot {action}: {location} refused the credentials ({summary}); check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the bucket's policy"
+        )
+    if kind is not None:
+        name = kind.group(1)
+        temporary = name not in _PERMANENT_KINDS
+        hint = "; check the endpoint and that it is running" if name == "Connect" else ""
+        return StoreUnreachable(
+            f"cannot {action}: {location} could not be reached ({summary}){hint}", temporary=temporary
+        )
+    return StoreError(f"cannot {action}: {summary}")

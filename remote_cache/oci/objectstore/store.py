@@ -1,0 +1,381 @@
+"""A cache in an object store bucket (S3 and S3-compatible, GCS, Azure) as a :class:`~..store.Store`.
+
+Layout under the reference's prefix (the same images as in a registry, stored as objects)::
+
+    blobs/sha256/<hex>     every blob by digest: layers, configs, manifests, indexes
+    tags/<tag>             one small object per key: the entry's index (or manifest) itself
+    touched/sha256/<hex>   empty: when a save last relied on a blob it did not upload
+    .remote-cache/...      short-lived probes (conditional writes, the server's clock)
+
+A save uploads blobs first and writes the tag object last, in one atomic PUT, so a failed save
+leaves the previous entry whole and many jobs saving different keys never contend. A blob that
+exists is not uploaded again. Every read checks size and digest. ``immutable`` saves write the
+tag object with ``If-None-Match: *``; a server that ignores the header (s3rver, older MinIO) is
+found by a probe (once per store) and gets check-then-write instead, with a warning: there,
+``immutable`` holds only for saves that do not overlap. A bucket frees nothing by itself:
+:meth:`ObjectStore.gc` (run by ``rm`` and ``prune``) does, see :mod:`.gc`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ...errors import (
+    BlobsSwept,
+    CacheMiss,
+    EntryExists,
+    ImageFormatError,
+    IntegrityError,
+    StoreError,
+    StoreUnreachable,
+)
+from ..descriptor import Descriptor
+from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
+from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
+from ..reference import Reference
+from ..store import DEFAULT_GC_GRACE_SECONDS
+from .calls import Calls
+from .client import build_client
+from .errors import NOT_FOUND, RACE_LOST, translated
+from .options import ObjectStoreOptions
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore as ObstoreClient
+
+__all__ = ["ObjectStore"]
+
+log = logging.getLogger("remote_cache")
+
+#: Blobs bigger than this come down as ranged GETs of RANGE_BYTES, RANGE_WINDOW at a time,
+#: and go up as multipart uploads of that part size, as many parts at a time.
+RANGED_ABOVE = 32 << 20
+RANGE_BYTES = 16 << 20
+RANGE_WINDOW = 4
+
+
+class ObjectStore:
+    """One cache location in a bucket, e.g. ``s3://ci-caches/team``."""
+
+    def __init__(
+        self,
+        reference: Reference,
+        options: ObjectStoreOptions | None = None,
+        *,
+        client: ObstoreClient | None = None,
+    ) -> None:
+        self.reference = reference
+        self.location = reference.location
+        self.options = options or ObjectStoreOptions()
+        self._calls = Calls(client if client is not None else build_client(reference, self.options))
+        self._conditional: bool | None = None  # does the server honour If-None-Match? (probed once)
+        self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
+        self._written: dict[str, bytes] = {}  # manifests written, to walk from a tag without GETs
+        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.location!r})"
+
+    def _translated(self, action: str) -> Any:
+        return translated(self.location, action, self._secrets)
+
+    @staticmethod
+    def _blob_key(digest: str) -> str:
+        return "blobs/sha256/" + check_digest(digest).removeprefix("sha256:")
+
+    @staticmethod
+    def _touch_key(digest: str) -> str:
+        return "touched/sha256/" + digest.removeprefix("sha256:")
+
+    @staticmethod
+    def _tag_key(tag: str) -> str:
+        return f"tags/{tag}"
+
+    # -- small objects -------------------------------------------------------------------------
+
+    async def _read_small(self, key: str, what: str) -> bytes | None:
+        """A document's bytes (at most MAX_DOCUMENT_BYTES); None when there is no such object."""
+        with self._translated(f"read {what}"):
+            try:
+                meta = await self._calls.head(key)
+                if meta["size"] > MAX_DOCUMENT_BYTES:
+                    raise ImageFormatError(f"{what} in {self.location} is {meta['size']} bytes; too large")
+                return await self._calls.get(key)
+            except NOT_FOUND:
+                return None
+
+    async def _head(self, key: str, what: str) -> dict[str, Any] | None:
+        with self._translated(f"check {what}"):
+            try:
+                return await self._calls.head(key)
+            except NOT_FOUND:
+                return None
+
+    # -- manifests and tags ----------------------------------------------------------------------
+
+    async def resolve(self, tag: str) -> Descriptor:
+        """Descriptor of the entry under ``tag`` (its tag object's bytes); CacheMiss when absent."""
+        desc, _body = await self.get_manifest(tag)
+        return desc
+
+    async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
+        """A manifest or index by tag or digest, its digest verified; CacheMiss when absent."""
+        if is_digest(reference):
+            body = await self._read_small(self._blob_key(reference), f"manifest {reference}")
+        else:
+            body = await self._read_small(self._tag_key(reference), f"tag {reference}")
+        if body is None:
+            raise CacheMiss(reference, self.location)
+        digest = sha256_digest(body)
+        if is_digest(reference) and digest != reference:
+            raise IntegrityError(
+                f"manifest {reference} in {self.location} has digest {digest}: it is corrupted"
+            )
+        return Descriptor(_media_type(body), digest, len(body)), body
+
+    async def put_manifest(
+        self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False
+    ) -> Descriptor:
+        """Store a manifest by digest; then, with ``tag``, write the tag object (atomically).
+
+        ``exclusive``: only when there is no tag object yet (EntryExists otherwise).
+        """
+        desc = Descriptor(media_type, sha256_digest(body), len(body))
+        await self.put_blob(desc, body)
+        self._written[desc.digest] = body
+        if tag is not None:
+            await self._write_tag(tag, body, media_type, exclusive)
+            await self._check_reused(body)
+        return desc
+
+    async def _check_reused(self, top: bytes) -> None:
+        """After a tag write: the blobs it reaches that this store found present (rather than
+        uploaded) must still be there. A sweep that looked at one just before this save marked it
+        may delete it just after (its look and its delete are two requests); BlobsSwept then.
+        Blobs uploaded by this save are fresh, so no sweep within the grace period touches them."""
+        from .gc import children
+
+        reached = {sha256_digest(top)}
+        pending = [top]
+        while pending:
+            docs, leaves = children(pending.pop())
+            reached.update(docs, leaves)
+            pending.extend(self._written[d] for d in docs if d in self._written)
+        reused = sorted(reached & self._reused)
+        gone: list[str] = []
+
+        async def check(digest: str) -> None:
+            if await self._head(self._blob_key(digest), f"blob {digest}") is None:
+                gone.append(digest)
+
+        async with anyio.create_task_group() as tg:
+            for digest in reused:
+                tg.start_soon(check, digest)
+        if gone:
+            raise BlobsSwept(sorted(gone), self.location)
+
+    async def _write_tag(self, tag: str, body: bytes, media_type: str, exclusive: bool) -> None:
+        key = self._tag_key(tag)
+        attributes = {"Content-Type": media_type}
+        if exclusive and not await self._honours_conditional_writes():
+            if await self._head(key, f"tag {tag}") is not None:
+                raise EntryExists(tag, self.location)
+            exclusive = False
+        with self._translated(f"write tag {tag}"):
+            try:
+                await self._calls.put(
+                    key, body, attributes=attributes, mode="create" if exclusive else "overwrite"
+                )
+            except RACE_LOST as exc:
+                raise EntryExists(tag, self.location) from exc
+
+    async def _honours_conditional_writes(self) -> bool:
+        """Whether a create-only PUT fails when the object exists (probed on a scratch object)."""
+        if self._conditional is None:
+            key = f".remote-cache/probe-{secrets.token_hex(8)}"
+            with self._translated("probe conditional writes"):
+                await self._calls.put(key, b"probe", mode="create")
+                try:
+                    await self._calls.put(key, b"probe", mode="create")
+                    self._conditional = False
+                except RACE_LOST:
+                    self._conditional = True
+                finally:
+                    await self._calls.delete(key)
+            if not self._conditional:
+                log.warning(
+                    "%s ignores conditional writes (If-None-Match): immutable keys are checked, then "
+                    "written, so two saves of one new key at the same moment can both write",
+                    self.location,
+                )
+        return self._conditional
+
+    async def tags(self) -> list[str]:
+        """Every tag (one object each under ``tags/``)."""
+        with self._translated("list tags"):
+            pages = await self._calls.list("tags/")
+        return sorted(str(m["path"]).removeprefix("tags/") for m in pages if "/" not in str(m["path"])[5:])
+
+    async def delete(self, reference: str) -> None:
+        """Delete the tag object of a tag (or every tag naming a digest); blobs stay until :meth:`gc`."""
+        if is_digest(reference):
+            doomed = [t for t in await self.tags() if (await self.resolve(t)).digest == reference]
+        else:
+            doomed = [reference] if await self._head(self._tag_key(reference), f"tag {reference}") else []
+        if not doomed:
+            raise CacheMiss(reference, self.location)
+        with self._translated(f"delete {reference}"):
+            await self._calls.delete([self._tag_key(t) for t in doomed])
+
+    # -- blobs -----------------------------------------------------------------------------------
+
+    async def has_blob(self, digest: str) -> bool:
+        """True when the blob is stored, marking it as just relied on first (a sweep spares it)."""
+        await self._touch(digest)
+        present = await self._head(self._blob_key(digest), f"blob {digest}") is not None
+        if present:
+            self._reused.add(digest)
+        return present
+
+    async def _touch(self, digest: str) -> None:
+        with self._translated(f"mark blob {digest} as in use"):
+            await self._calls.put(self._touch_key(digest), b"")
+
+    async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
+        """Upload a blob unless it is there (then it is marked as relied on); False when it was."""
+        key = self._blob_key(desc.digest)
+        if isinstance(source, bytes) and len(source) != desc.size:
+            raise IntegrityError(
+                f"blob {desc.digest}: {len(source)} bytes given, descriptor says {desc.size}"
+            )
+        if await self._head(key, f"blob {desc.digest}") is not None and await self.has_blob(desc.digest):
+            return False
+        attributes = {"Storage-Class": self.options.storage_class} if self.options.storage_class else None
+        with self._translated(f"upload blob {desc.digest}"):
+            await self._calls.put(
+                key,
+                source,
+                attributes=attributes,
+                use_multipart=desc.size > RANGED_ABOVE,
+                chunk_size=RANGE_BYTES,
+                max_concurrency=RANGE_WINDOW,
+            )
+        return True
+
+    async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
+        """Stream a blob, checking size and digest (IntegrityError at the end on a mismatch).
+
+        Big blobs come as ranged GETs, several in flight; a stream cut short resumes where it
+        stopped, within the retry budget.
+        """
+        key = self._blob_key(desc.digest)
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
+        pieces = self._ranges(key, desc) if desc.size > RANGED_ABOVE else self._stream(key, desc, check)
+        async for chunk in pieces:
+            check.update(chunk)
+            yield chunk
+        check.finish()
+
+    async def _stream(self, key: str, desc: Descriptor, check: BlobCheck) -> AsyncIterator[bytes]:
+        failures = 0
+        while True:
+            try:
+                with self._translated(f"read blob {desc.digest}"):
+                    try:
+                        async for chunk in self._calls.stream(key, offset=check.seen):
+                            yield chunk
+                    except NOT_FOUND:
+                        raise self._missing(desc) from None
+                return
+            except StoreUnreachable as exc:  # cut mid-body: resume from what arrived
+                failures += 1
+                if not exc.temporary or failures > self.options.retries or check.seen >= desc.size:
+                    raise
+                await anyio.sleep(min(0.5 * 2**failures, 10.0))
+
+    async def _ranges(self, key: str, desc: Descriptor) -> AsyncIterator[bytes]:
+        """The blob in RANGE_BYTES pieces, fetched RANGE_WINDOW at a time (about that much memory)."""
+        starts = list(range(0, desc.size, RANGE_BYTES))
+        for first in range(0, len(starts), RANGE_WINDOW):
+            window = starts[first : first + RANGE_WINDOW]
+            pieces: dict[int, bytes] = {}
+            async with anyio.create_task_group() as tg:
+                for start in window:
+                    tg.start_soon(self._fetch_range, key, desc, start, pieces)
+            for start in window:
+                yield pieces[start]
+
+    async def _fetch_range(self, key: str, desc: Descriptor, start: int, into: dict[int, bytes]) -> None:
+        end = min(start + RANGE_BYTES, desc.size)
+        with self._translated(f"read blob {desc.digest}"):
+            try:
+                into[start] = await self._calls.get_range(key, start, end)
+            except NOT_FOUND:
+                raise self._missing(desc) from None
+
+    def _missing(self, desc: Descriptor) -> StoreError:
+        return StoreError(
+            f"blob {desc.digest} is missing from {self.location}: the entry is incomplete; save it again"
+        )
+
+    async def aclose(self) -> None:
+        """Nothing to release: the client holds a connection pool that closes with it."""
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    async def gc(self, *, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS) -> tuple[int, int]:
+        """Delete blobs no tag references and no save relied on within ``grace_seconds``.
+
+        Returns (blobs removed, bytes freed). See :mod:`.gc`.
+        """
+        from .gc import collect_garbage
+
+        return await collect_garbage(self, grace_seconds)
+
+    async def server_time(self) -> datetime:
+        """The store's own clock (the last-modified time of a scratch object written now)."""
+        key = f".remote-cache/clock-{secrets.token_hex(8)}"
+        with self._translated("read the store's clock"):
+            await self._calls.put(key, b"")
+            meta = await self._calls.head(key)
+            await self._calls.delete(key)
+        moment: datetime = meta["last_modified"]
+        return moment
+
+    async def listing(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Digest -> object metadata of the ``blobs/`` or ``touched/`` objects."""
+        with self._translated(f"list {prefix}"):
+            found = await self._calls.list(prefix)
+        return {"sha256:" + str(m["path"]).rsplit("/", 1)[-1]: dict(m) for m in found}
+
+    async def head_blob_and_mark(self, digest: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The blob's and its in-use mark's metadata now (None for what is absent)."""
+        return (
+            await self._head(self._blob_key(digest), f"blob {digest}"),
+            await self._head(self._touch_key(digest), f"mark of {digest}"),
+        )
+
+    async def remove_blob(self, digest: str) -> None:
+        """Delete a blob and its in-use mark (absent ones are fine)."""
+        with self._translated(f"delete blob {digest}"):
+            await self._calls.delete([self._blob_key(digest), self._touch_key(digest)])
+
+    async def remove_mark(self, digest: str) -> None:
+        with self._translated(f"delete the mark of {digest}"):
+            await self._calls.delete(self._touch_key(digest))
+
+
+def _media_type(body: bytes) -> str:
+    """The document's own ``mediaType``; an OCI index when it has none we know."""
+    try:
+        value = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        return OCI_INDEX
+    return value if isinstance(value, str) and value in (MANIFEST_TYPES | INDEX_TYPES) else OCI_INDEX

@@ -1,0 +1,336 @@
+"""The object store against real servers: moto (a faithful S3), s3rver (sloppy: it ignores
+conditional writes, and refuses unknown access keys), Azurite; the fault proxy in front of moto for
+what a healthy server does not do (stall, answer 503)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.errors import CacheMiss, IntegrityError, StoreAuthError, StoreError, StoreUnreachable
+from remote_cache.keys import tag_for_key
+from remote_cache.oci.objectstore import ObjectStore, ObjectStoreOptions
+from remote_cache.oci.reference import parse_reference
+from remote_cache.oci.store import open_store
+from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
+from tests.registry_server import FaultProxy
+from tests.trees import assert_same_tree
+
+
+@pytest.fixture
+def env_of(monkeypatch: pytest.MonkeyPatch) -> Callable[[ObjectServer], None]:
+    """Point the AWS/Azure environment at a server."""
+
+    def use(server: ObjectServer) -> None:
+        for name, value in object_env(server).items():
+            monkeypatch.setenv(name, value)
+
+    return use
+
+
+def tree(root: Path, seed: int, files: int = 40, size: int = 3000) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    for i in range(files):
+        d = root / f"pkg{i % 6}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.js").write_bytes(rng.randbytes(size + i))
+    return root
+
+
+@asynccontextmanager
+async def bucket_store(
+    server: ObjectServer, use: Callable[[ObjectServer], None], prefix: str = "cache", **options: Any
+) -> AsyncIterator[ObjectStore]:
+    use(server)
+    scheme = "az" if server.kind == "azurite" else "s3"
+    store = open_store(
+        parse_reference(f"{scheme}://{new_bucket(server)}/{prefix}"), objects=ObjectStoreOptions(**options)
+    )
+    assert isinstance(store, ObjectStore)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def keys_in(server: ObjectServer, bucket: str) -> list[str]:
+    listed = s3_client(server).list_objects_v2(Bucket=bucket)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+async def test_layout_in_the_bucket_is_blobs_by_digest_and_one_object_per_tag(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    async with bucket_store(moto, env_of, prefix="team/ci") as store:
+        saved = await save(store, "npm/linux", tree(tmp_path / "src", 1))
+        keys = keys_in(moto, store.reference.bucket)
+    assert all(k.startswith("team/ci/") for k in keys)
+    tags = [k for k in keys if k.startswith("team/ci/tags/")]
+    assert tags == [f"team/ci/tags/{tag_for_key('npm/linux')}"]
+    body = s3_client(moto).get_object(Bucket=store.reference.bucket, Key=tags[0])["Body"].read()
+    import hashlib
+
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == saved.digest  # the tag holds the index itself
+    blobs = [k for k in keys if "/blobs/sha256/" in k]
+    assert len(blobs) == saved.layers_total + 2 + 2 + 1  # layers, 2 configs, 2 manifests, the index
+    assert not [k for k in keys if ".remote-cache/" in k], "probes are removed"
+
+
+async def test_conditional_writes_keep_an_immutable_key_under_racing_saves(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """8 saves of one new immutable key at once: one writes, seven are told it exists, and the
+    entry restores as exactly that save's tree."""
+    sources = [tree(tmp_path / f"src{i}", seed=i) for i in range(8)]
+    async with bucket_store(moto, env_of) as store:
+        results: list[Any] = [None] * 8
+
+        async def one(i: int) -> None:
+            results[i] = await save(store, "node-v1", sources[i], immutable=True)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(one, i)
+        winners = [i for i, r in enumerate(results) if r.status == "saved"]
+        assert len(winners) == 1 and sum(r.skipped == "immutable key exists" for r in results) == 7
+        await restore(store, "node-v1", tmp_path / "out")
+    assert_same_tree(sources[winners[0]], tmp_path / "out")
+
+
+async def test_a_server_ignoring_conditional_writes_is_probed_and_said(
+    s3rver: ObjectServer,
+    env_of: Callable[[ObjectServer], None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src = tree(tmp_path / "src", 2)
+    async with bucket_store(s3rver, env_of) as store:
+        first = await save(store, "k", src, immutable=True)
+        assert first.status == "saved"
+        assert any("ignores conditional writes" in r.getMessage() for r in caplog.records)
+        (src / "pkg0" / "new.js").write_text("changed")
+        second = await save(store, "k", src, immutable=True)  # check-then-write still holds
+        assert second.skipped == "immutable key exists" and second.digest == first.digest
+        assert (await store.resolve(tag_for_key("k"))).digest == first.digest
+
+
+async def test_concurrent_saves_of_one_key_restore_as_one_tree_and_of_many_keys_all_survive(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    sources = [tree(tmp_path / f"src{i}", seed=10 + i) for i in range(8)]
+    async with bucket_store(moto, env_of) as store:
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(save, store, "shared", sources[i])
+                tg.start_soon(save, store, f"own-{i}", sources[i])
+        await restore(store, "shared", tmp_path / "shared")
+        for i in range(8):
+            await restore(store, f"own-{i}", tmp_path / f"own{i}")
+            assert_same_tree(sources[i], tmp_path / f"own{i}")
+    matches = 0
+    for i in range(8):
+        try:
+            assert_same_tree(sources[i], tmp_path / "shared")
+            matches += 1
+        except AssertionError:
+            pass
+    assert matches == 1, "the shared key must restore as exactly one of the saved trees"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+async def test_a_damaged_blob_is_an_integrity_error_and_the_target_stays(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, damage: str
+) -> None:
+    src = tree(tmp_path / "src", 3, files=60, size=20_000)
+    target = tree(tmp_path / "target", 4, files=3)
+    async with bucket_store(moto, env_of) as store:
+        saved = await save(store, "k", src)
+        client = s3_client(moto)
+        image_layers = [
+            k for k in keys_in(moto, store.reference.bucket) if "/blobs/" in k and client.head_object(
+                Bucket=store.reference.bucket, Key=k)["ContentLength"] > 10_000
+        ]  # fmt: skip
+        assert saved.layers_total >= 1 and image_layers
+        key = image_layers[0]
+        body = bytearray(client.get_object(Bucket=store.reference.bucket, Key=key)["Body"].read())
+        if damage == "flip":
+            body[len(body) // 2] ^= 0xFF
+        else:
+            del body[len(body) // 2 :]
+        client.put_object(Bucket=store.reference.bucket, Key=key, Body=bytes(body))
+        before = sorted(p.name for p in target.rglob("*"))
+        with pytest.raises(IntegrityError):
+            await restore(store, "k", target)
+    assert sorted(p.name for p in target.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "leftovers next to the target"
+
+
+async def test_big_blobs_go_up_in_parts_and_come_down_in_ranges(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    from remote_cache.oci.objectstore import store as store_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(store_module.RANGED_ABOVE + 3_000_000))
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}") as store:
+        await save(store, "big", src)
+        parts = proxy.count("PUT", "partNumber=")
+        proxy.clear()
+        await restore(store, "big", tmp_path / "out")
+        ranged = [r for r in proxy.requests if r.method == "GET" and "range" in r.headers]
+    assert parts >= 3, "a blob over RANGED_ABOVE goes up as a multipart upload"
+    assert len(ranged) >= 3
+    assert_same_tree(src, tmp_path / "out")
+
+
+async def test_a_small_change_uploads_little(
+    moto: ObjectServer,
+    env_of: Callable[[ObjectServer], None],
+    tmp_path: Path,
+    fault_proxy_factory: Any,
+    small_layers: None,
+) -> None:
+    """Bytes counted at the server (request bodies through the proxy): one file of a hundred
+    rewritten (1% of the bytes), saved from scratch with no local state, uploads at most 5% again:
+    the blobs that exist are found and not sent twice."""
+    src = tree(tmp_path / "src", 5, files=100, size=80_000)  # ~8 MB in many small layers
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}") as store:
+        await save(store, "v1", src, full=True)
+        cold = sum(int(r.headers.get("content-length", 0)) for r in proxy.requests if r.method == "PUT")
+        changed = src / "pkg3" / "f3.js"
+        changed.write_bytes(os.urandom(changed.stat().st_size))
+        proxy.clear()
+        await save(store, "v2", src, full=True)
+        again = sum(
+            int(r.headers.get("content-length", 0))
+            for r in proxy.requests
+            if r.method == "PUT" and "/touched/" not in r.path
+        )
+    assert again <= 0.05 * cold, (again, cold)
+
+
+async def test_wrong_credentials_are_an_auth_error_and_the_secret_is_never_sent_or_shown(
+    s3rver: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """s3rver refuses an access key it does not know (neither server checks signatures): the
+    right key works, an unknown one is StoreAuthError. What the server receives carries the key id,
+    never the secret."""
+    proxy: FaultProxy = fault_proxy_factory(s3rver)
+    env_of(s3rver)
+    ref = parse_reference(f"s3://{new_bucket(s3rver)}/cache")
+    good = ObjectStore(ref, ObjectStoreOptions(endpoint=f"http://{proxy.host}"))
+    await save(good, "k", tree(tmp_path / "src", 7))
+    auth = [r.headers.get("authorization", "") for r in proxy.requests]
+    assert auth and all("Credential=S3RVER/" in a for a in auth)
+    secret = "wrong-secret-never-shown"
+    bad = ObjectStore(
+        ref, ObjectStoreOptions(endpoint=f"http://{proxy.host}", access_key_id="NOT-A-KEY", secret_access_key=secret)
+    )
+    with pytest.raises(StoreAuthError) as info:
+        await bad.resolve("k")
+    assert secret not in str(info.value) and "AWS_ACCESS_KEY_ID" in str(info.value)
+    assert not any(secret in str(r.headers) or secret in r.path for r in proxy.requests)
+
+
+async def test_a_stalled_or_failing_server_fails_within_the_timeout_with_a_clear_message(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    src = tree(tmp_path / "src", 8)
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}", stall_seconds=2, retries=1) as store:
+        await save(store, "k", src)
+        proxy.stall(path_contains="/tags/", times=10)
+        started = time.monotonic()
+        with pytest.raises(StoreUnreachable, match="could not be reached"):
+            await store.resolve(tag_for_key("k"))
+        assert time.monotonic() - started < 15
+        proxy.clear()
+        proxy.fail(10, 503, path_contains="/tags/")
+        with pytest.raises(StoreError, match="503"):
+            await store.resolve(tag_for_key("k"))
+        proxy.clear()
+        assert (await store.resolve(tag_for_key("k"))).size > 0
+
+
+async def test_rm_frees_what_only_that_entry_used(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    from remote_cache.cache.entries import remove
+
+    async with bucket_store(moto, env_of) as store:
+        await save(store, "a", tree(tmp_path / "a", 20))
+        await save(store, "b", tree(tmp_path / "b", 21))
+        before = len([k for k in keys_in(moto, store.reference.bucket) if "/blobs/" in k])
+        await remove(store, "a")  # default grace: everything is recent, nothing goes yet
+        assert len([k for k in keys_in(moto, store.reference.bucket) if "/blobs/" in k]) == before
+        removed, freed = await store.gc(grace_seconds=0)
+        assert removed > 0 and freed > 0
+        with pytest.raises(CacheMiss):
+            await restore(store, "a", tmp_path / "gone")
+        await restore(store, "b", tmp_path / "b-back")
+    assert_same_tree(tmp_path / "b", tmp_path / "b-back")
+
+
+async def test_a_save_racing_a_sweep_always_restores(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """A save that reuses blobs nothing references any more (their entry was removed), while a
+    sweep with a short grace period runs: the save marks each blob before relying on it and the
+    sweep looks again before deleting, so the saved entry always restores."""
+    src = tree(tmp_path / "src", 30, files=120, size=8000)
+    async with bucket_store(moto, env_of) as store:
+        for round_ in range(6):
+            await save(store, f"old-{round_}", src, full=True)
+            await store.delete(tag_for_key(f"old-{round_}"))  # unreferenced now, blobs stay
+            await anyio.sleep(1.2)  # older than the grace period below (whole-second clocks)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: store.gc(grace_seconds=1.0))
+                await anyio.sleep(0.01 * round_)
+                tg.start_soon(lambda r=round_: save(store, f"new-{r}", src, full=True))
+            await restore(store, f"new-{round_}", tmp_path / f"out{round_}")
+            assert_same_tree(src, tmp_path / f"out{round_}")
+
+
+async def test_a_blob_swept_between_a_saves_look_and_its_tag_is_uploaded_again(
+    moto: ObjectServer,
+    env_of: Callable[[ObjectServer], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one window marks cannot close: a sweep looked at a blob just before the save marked it,
+    and deletes it just after the save found it present. Here that delete lands (at the server)
+    right before the tag is written; the save notices, uploads what is missing, and the entry
+    restores."""
+    src = tree(tmp_path / "src", 31, files=60, size=8000)
+    async with bucket_store(moto, env_of) as store:
+        await save(store, "old", src)
+        await store.delete(tag_for_key("old"))  # its blobs are now unreferenced
+        image_layers = [k for k in keys_in(moto, store.reference.bucket) if "/blobs/" in k]
+        write_tag = ObjectStore._write_tag
+
+        async def swept_first(self: ObjectStore, *args: Any) -> None:
+            for key in image_layers:  # the sweep's deletes, landing now
+                s3_client(moto).delete_object(Bucket=store.reference.bucket, Key=key)
+            image_layers.clear()
+            await write_tag(self, *args)
+
+        monkeypatch.setattr(ObjectStore, "_write_tag", swept_first)
+        await save(store, "new", src, full=True)
+        await restore(store, "new", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+    assert any("removed" in r.getMessage() for r in caplog.records)
