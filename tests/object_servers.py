@@ -71,7 +71,7 @@ class ObjectServer:
 
 
 def moto_available() -> bool:
-    return shutil.which("moto_server") is not None or Path(_venv_bin("moto_server")).exists()
+    return Path(_venv_bin("moto_server")).exists()
 
 
 def s3rver_available() -> bool:
@@ -113,7 +113,7 @@ def start_moto(workdir: Path) -> ObjectServer:
     """moto_server on a free port, checked to answer a conditional create of an existing key with 412."""
     port = free_port()
     log = workdir / "moto.log"
-    binary = shutil.which("moto_server") or _venv_bin("moto_server")
+    binary = _venv_bin("moto_server")  # the pinned one of the project's venv, not another on PATH
     process = _spawn([binary, "-H", "127.0.0.1", "-p", str(port)], log)
     server = ObjectServer("moto", f"http://127.0.0.1:{port}", process, log)
     _wait_listening(server.endpoint + "/", process, log, "moto_server")

@@ -243,9 +243,10 @@ async def _store(
             kms_key_id=w.get("kms_key_id", ""),
             storage_class=w.get("storage_class", ""),
         )
-    elif common.endpoint or common.region:
+    elif common.endpoint or common.region or any((writes or {}).values()):
         raise UsageError(
-            f"--endpoint and --region are for object stores (s3://, gs://, az://), not {ref.location}"
+            "--endpoint, --region, --sse, --sse-kms-key-id and --storage-class are for object stores "
+            f"(s3://, gs://, az://), not {ref.location}"
         )
     store = open_store(
         ref,

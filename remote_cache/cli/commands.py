@@ -29,6 +29,8 @@ from .exit_codes import ExitCode
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ..cache.entries import Freed
+
 __all__: list[str] = []
 
 
@@ -132,6 +134,8 @@ def _save(
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
     if sse is not None and sse not in ("AES256", "aws:kms"):
         raise typer.BadParameter(f"{sse!r}: choose AES256 or aws:kms", param_hint="--sse")
+    if sse_kms_key_id and sse != "aws:kms":
+        raise typer.BadParameter("a KMS key goes with --sse aws:kms", param_hint="--sse-kms-key-id")
     writes = {
         "encryption": sse or "",
         "kms_key_id": sse_kms_key_id or "",
@@ -282,14 +286,27 @@ def _rm(ref: RefArg, key: KeyOpt = None, grace: GraceOpt = "1h") -> Body:
     grace_period = parsed(parse_duration, grace, "--grace")
 
     async def body(common: Common) -> Outcome:
-        from ..cache.entries import remove
+        from ..cache.entries import remove, sweep
 
         async with open_entry(ref, key, common) as (reference, entry_key, store):
-            await remove(store, entry_key, grace=grace_period)
-        data = {"outcome": "removed", "key": entry_key, "reference": str(reference)}
-        return Outcome(ExitCode.OK, f"rm removed {entry_key} from {reference.location}", data)
+            await remove(store, entry_key, collect=False)
+            freed = await sweep(store, grace_period)
+        data = {"outcome": "removed", "key": entry_key, "reference": str(reference), **_freed_json(freed)}
+        line = f"rm removed {entry_key} from {reference.location}{_freed_text(freed, grace)}"
+        return Outcome(ExitCode.OK, line, data)
 
     return body
+
+
+def _freed_json(freed: Freed | None) -> dict[str, int]:
+    return {} if freed is None else {"blobs_freed": freed.blobs, "bytes_freed": freed.bytes}
+
+
+def _freed_text(freed: Freed | None, grace: str) -> str:
+    """What the sweep did, for the summary line (nothing for a registry: it frees blobs itself)."""
+    if freed is None:
+        return ""
+    return f"; {freed.summary()} (blobs used within --grace {grace} stay)"
 
 
 @command("prune")
@@ -321,12 +338,13 @@ def _prune(
     grace_period = parsed(parse_duration, grace, "--grace")
 
     async def body(common: Common) -> Outcome:
-        from ..cache.entries import prune
+        from ..cache.entries import prune, sweep
 
         async with open_repository(repo, common) as (reference, store):
             pruned = await prune(
-                store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run, grace=grace_period
+                store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run, collect=False
             )
+            freed = None if dry_run else await sweep(store, grace_period)
         rows = [e.to_json() for e in pruned]
         verb = "would remove" if dry_run else "removed"
 
@@ -334,8 +352,14 @@ def _prune(
             for row in rows:
                 plain(console, str(row["key"] or row["tag"]))
 
-        data = {"outcome": "ok", "dry_run": dry_run, "repository": reference.location, "removed": rows}
-        line = f"prune {verb} {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} from {reference.location}"
+        data = {
+            "outcome": "ok", "dry_run": dry_run, "repository": reference.location, "removed": rows,
+            **_freed_json(freed),
+        }  # fmt: skip
+        line = (
+            f"prune {verb} {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} from {reference.location}"
+            f"{_freed_text(freed, grace)}"
+        )
         return Outcome(ExitCode.OK, line, data, show)
 
     return body

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import typer.main
@@ -36,65 +35,15 @@ from remote_cache.keys import tag_for_key
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
 from remote_cache.units import format_bytes, parse_duration, parse_size
+from tests.cli.output import Run, json_line, no_traceback
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
 from tests.trees import assert_same_tree, make_tree
-
-CLI = Path(sys.executable).parent / "remote-cache"
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture(scope="session")
-def pycache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the subprocesses keep bytecode: without it every CLI run recompiles all its imports."""
-    return tmp_path_factory.mktemp("pycache")
-
-
-@pytest.fixture
-def cli(tmp_path: Path, pycache: Path) -> Run:
-    """Run the console script in ``tmp_path`` with a clean environment (no credentials or docker config)."""
-    docker_config = tmp_path / "docker-config"
-    docker_config.mkdir()
-    skip = ("REMOTE_CACHE_", "DOCKER_", "PYTHONDONTWRITEBYTECODE")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
-    base.update(
-        DOCKER_CONFIG=str(docker_config),
-        PYTHONPYCACHEPREFIX=str(pycache),
-        REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),  # never the user's own state
-    )
-
-    def run(
-        *args: str, stdin: str = "", env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(CLI), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env={**base, **(env or {})},
-            timeout=120,
-            check=False,
-        )
-
-    return run
 
 
 def _tree(root: Path) -> Path:
     make_tree(root, small_files=60, big_bytes=1 << 20)
     return root
-
-
-def _json(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1, f"stdout must be exactly one JSON line, got {proc.stdout!r} ({proc.stderr!r})"
-    data: dict[str, Any] = json.loads(lines[0])
-    return data
-
-
-def _no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:
@@ -123,7 +72,7 @@ def test_round_trip_through_registry(
 
     saved = cli("save", str(src), ref, "--json")
     assert saved.returncode == 0, saved.stderr
-    data = _json(saved)
+    data = json_line(saved)
     assert data["command"] == "save" and data["outcome"] == "saved" and data["exit_code"] == 0
     assert data["key"] == "npm-linux" and data["digest"].startswith("sha256:")
     assert data["bytes_uploaded"] > 0 and data["files"] > 0 and data["seconds"] >= 0
@@ -132,7 +81,7 @@ def test_round_trip_through_registry(
     out = tmp_path / "out"
     restored = cli("restore", ref, str(out), "--json")
     assert restored.returncode == 0, restored.stderr
-    data = _json(restored)
+    data = json_line(restored)
     assert data["outcome"] == "hit" and data["hit"] is True and data["key"] == "npm-linux"
     assert data["bytes"] > 0 and data["files"] > 0
     summary = restored.stderr.strip().splitlines()[-1]
@@ -141,7 +90,7 @@ def test_round_trip_through_registry(
 
     again = cli("save", str(src), ref, "--json")
     assert again.returncode == 0, again.stderr
-    assert _json(again)["outcome"] == "unchanged" and _json(again)["bytes_uploaded"] == 0
+    assert json_line(again)["outcome"] == "unchanged" and json_line(again)["bytes_uploaded"] == 0
 
 
 def test_round_trip_through_layout_with_key_option(cli: Run, tmp_path: Path) -> None:
@@ -158,10 +107,10 @@ def test_round_trip_through_layout_with_key_option(cli: Run, tmp_path: Path) -> 
     assert restored.stderr == "" and restored.stdout == ""
     assert_same_tree(src, out)
 
-    listing = _json(cli("--json", "ls", layout))  # common options also work before the command
+    listing = json_line(cli("--json", "ls", layout))  # common options also work before the command
     assert [e["key"] for e in listing["entries"]] == [key]
     assert listing["entries"][0]["tag"] == tag_for_key(key)
-    info = _json(cli("inspect", layout, "--key", key, "--json"))
+    info = json_line(cli("inspect", layout, "--key", key, "--json"))
     assert {layer["mediaType"] for layer in info["layers"]} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
     index = json.loads((tmp_path / "layout" / "blobs" / "sha256" / info["digest"][7:]).read_bytes())
     assert [m["platform"]["architecture"] for m in index["manifests"]] == ["arm64"]
@@ -179,7 +128,7 @@ def test_miss_exits_3_and_leaves_the_target_alone(
 
     as_json = cli("restore", ref, str(out), "--json")
     assert as_json.returncode == 3
-    assert _json(as_json) == _json(as_json) | {
+    assert json_line(as_json) == json_line(as_json) | {
         "outcome": "miss",
         "hit": False,
         "key": "absent",
@@ -189,8 +138,8 @@ def test_miss_exits_3_and_leaves_the_target_alone(
     # An optional cache step: a miss must not break the pipeline under --fail-open.
     failed_open = cli("restore", ref, str(out), "--fail-open", "--json")
     assert failed_open.returncode == 0
-    assert _json(failed_open)["outcome"] == "miss"
-    assert _json(failed_open)["failed_exit_code"] == 3
+    assert json_line(failed_open)["outcome"] == "miss"
+    assert json_line(failed_open)["failed_exit_code"] == 3
 
     inspect = cli("inspect", ref)
     assert inspect.returncode == 3 and inspect.stderr.startswith("inspect miss absent: no entry in ")
@@ -203,7 +152,7 @@ def test_max_size_is_refused_with_exit_5(cli: Run, tmp_path: Path) -> None:
     refused = cli("save", str(src), f"oci:{layout}:k", "--max-size", "4K")
     assert refused.returncode == 5, refused.stderr
     assert refused.stderr.startswith("remote-cache: error: ") and "nothing was uploaded" in refused.stderr
-    _no_traceback(refused)
+    no_traceback(refused)
     assert cli("save", str(src), f"oci:{layout}:k", "--max-size", "1G").returncode == 0
 
 
@@ -222,12 +171,12 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
     assert header.split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]  # the one entries table
     assert sorted(row.split()[0] for row in rows) == ["npm-linux", "pip-3.12"]
 
-    entries = {e["key"]: e for e in _json(cli("ls", repo, "--json"))["entries"]}
+    entries = {e["key"]: e for e in json_line(cli("ls", repo, "--json"))["entries"]}
     assert set(entries) == {"npm-linux", "pip-3.12"}
     assert entries["pip-3.12"]["size"] == len("pip-3.12") and entries["pip-3.12"]["files"] == 1
     assert entries["pip-3.12"]["created"].endswith("Z")
 
-    info = _json(cli("inspect", f"{repo}:pip-3.12", "--json"))
+    info = json_line(cli("inspect", f"{repo}:pip-3.12", "--json"))
     assert info["digest"] == entries["pip-3.12"]["digest"]
     assert info["manifest"].startswith("sha256:") and info["manifest"] != info["digest"]
     assert len(info["layers"]) >= 1 and info["layers"][0]["mediaType"].endswith("tar+zstd")
@@ -237,7 +186,7 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
 
     removed = cli("rm", f"{repo}:pip-3.12")
     assert removed.returncode == 0, removed.stderr
-    assert [e["key"] for e in _json(cli("ls", repo, "--json"))["entries"]] == ["npm-linux"]
+    assert [e["key"] for e in json_line(cli("ls", repo, "--json"))["entries"]] == ["npm-linux"]
     assert cli("rm", f"{repo}:pip-3.12").returncode == 3
     assert cli("restore", f"{repo}:pip-3.12", str(tmp_path / "gone")).returncode == 3
 
@@ -251,8 +200,8 @@ async def test_prune_older_than_keep_and_dry_run(
 
     dry = cli("prune", repo, "--older-than", "7d", "--prefix", "npm-", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    assert sorted(e["key"] for e in _json(dry)["removed"]) == ["npm-old", "npm-week"]
-    assert len(_json(cli("ls", repo, "--json"))["entries"]) == 4  # nothing removed
+    assert sorted(e["key"] for e in json_line(dry)["removed"]) == ["npm-old", "npm-week"]
+    assert len(json_line(cli("ls", repo, "--json"))["entries"]) == 4  # nothing removed
 
     kept = cli("prune", repo, "--older-than", "1w", "--keep", "2", "--prefix", "npm-")
     assert kept.returncode == 0, kept.stderr
@@ -260,8 +209,8 @@ async def test_prune_older_than_keep_and_dry_run(
     assert "prune removed 1 entry" in kept.stderr
 
     pruned = cli("prune", repo, "--older-than", "2w", "--json")
-    assert sorted(e["key"] for e in _json(pruned)["removed"]) == ["pip-old"]
-    left = sorted(e["key"] for e in _json(cli("ls", repo, "--json"))["entries"])
+    assert sorted(e["key"] for e in json_line(pruned)["removed"]) == ["pip-old"]
+    left = sorted(e["key"] for e in json_line(cli("ls", repo, "--json"))["entries"])
     assert left == ["npm-new", "npm-week"]
 
 
@@ -282,7 +231,7 @@ def test_auth_wrong_password_exits_4_without_echoing_it(
         assert proc.returncode == 4, proc.stderr
         assert proc.stderr.startswith("remote-cache: error: ")
         assert wrong not in proc.stderr and wrong not in proc.stdout
-        _no_traceback(proc)
+        no_traceback(proc)
 
     anonymous = cli("restore", ref, str(tmp_path / "out"))
     assert anonymous.returncode == 4, anonymous.stderr
@@ -330,13 +279,13 @@ def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path
     failed = cli("save", str(src), ref, "--timeout", "2")
     assert failed.returncode == 1, failed.stderr
     assert failed.stderr.startswith("remote-cache: error: ") and len(failed.stderr.splitlines()) == 1
-    _no_traceback(failed)
+    no_traceback(failed)
 
     for args in (("save", str(src), ref), ("restore", ref, str(tmp_path / "out"))):
         proc = cli(*args, "--timeout", "2", "--fail-open", "--json")
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.startswith("remote-cache: warning: ") and "--fail-open" in proc.stderr
-        data = _json(proc)
+        data = json_line(proc)
         assert data["outcome"] == "error" and data["failed_open"] is True and data["failed_exit_code"] == 1
     assert not (tmp_path / "out").exists()
 
@@ -358,7 +307,7 @@ def test_usage_errors_exit_2_even_with_fail_open(
     proc = cli(*args, "--fail-open")
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message in " ".join(proc.stderr.split()), proc.stderr
-    _no_traceback(proc)
+    no_traceback(proc)
     assert not (tmp_path / "layout").exists()
 
 
@@ -398,6 +347,8 @@ def test_every_command_takes_the_common_options_before_or_after_it(
         "password_stdin",
         "plain_http",
         "timeout",
+        "endpoint",
+        "region",
         "json_",
         "quiet",
         "fail_open",
@@ -532,7 +483,7 @@ def test_corrupt_blob_on_restore_exits_1_or_warns_with_fail_open(
     (src / "unique.txt").write_text(f"content only this test stores: {uuid.uuid4()}\n" * 100)
     ref = f"{registry.host}/{repo_name}:corrupt"
     assert cli("save", str(src), ref, "--quiet").returncode == 0
-    layers = _json(cli("inspect", ref, "--json"))["layers"]
+    layers = json_line(cli("inspect", ref, "--json"))["layers"]
     assert len(layers) == 1
     blob = registry.blob_data_path(layers[0]["digest"])
     data = bytearray(blob.read_bytes())
@@ -546,7 +497,7 @@ def test_corrupt_blob_on_restore_exits_1_or_warns_with_fail_open(
     assert failed.returncode == 1, failed.stderr
     assert failed.stderr.startswith("remote-cache: error: ")
     assert "corrupt" in failed.stderr or "does not match" in failed.stderr
-    _no_traceback(failed)
+    no_traceback(failed)
     assert [p.name for p in out.iterdir()] == ["previous"]  # the target is left as it was
 
     failed_open = cli("restore", ref, str(out), "--fail-open")
@@ -584,7 +535,7 @@ async def test_restore_keys_base_key_immutable_and_read_only(
         "restore", f"{repo}:npm-zzz", str(out), "--restore-key", "pip-", "--restore-key", "npm-", "--json"
     )
     assert fallback.returncode == 0, fallback.stderr
-    data = _json(fallback)
+    data = json_line(fallback)
     assert data["outcome"] == "fallback" and data["hit"] is False and data["matched_key"] == "npm-bbb"
     assert fallback.stderr.startswith("restore fallback npm-zzz from npm-bbb: ")
     assert (out / "f").read_text() == "npm-bbb"
@@ -592,16 +543,16 @@ async def test_restore_keys_base_key_immutable_and_read_only(
 
     src = _tree(tmp_path / "src")
     assert cli("save", str(src), f"{repo}:tree-1", "--quiet").returncode == 0
-    based = _json(cli("save", str(src), f"{repo}:tree-2", "--base-key", "tree-1", "--json"))
+    based = json_line(cli("save", str(src), f"{repo}:tree-2", "--base-key", "tree-1", "--json"))
     assert based["outcome"] == "saved" and based["base_key"] == "tree-1"
     assert based["layers_reused"] == based["layers_total"] >= 1 and based["bytes_uploaded"] == 0
 
     (src / "new-file").write_text("changed")
     immutable = cli("save", str(src), f"{repo}:tree-1", "--immutable", "--json")
-    assert immutable.returncode == 0 and _json(immutable)["outcome"] == "skipped"
+    assert immutable.returncode == 0 and json_line(immutable)["outcome"] == "skipped"
     assert immutable.stderr.startswith("save skipped tree-1: ")
     read_only = cli("save", str(src), f"{repo}:tree-3", "--read-only", "--json")
-    assert read_only.returncode == 0 and _json(read_only)["outcome"] == "skipped"
+    assert read_only.returncode == 0 and json_line(read_only)["outcome"] == "skipped"
     assert cli("inspect", f"{repo}:tree-3").returncode == 3
 
 
@@ -631,18 +582,20 @@ def test_restore_key_fallback_then_save_with_base(
         "restore", f"{repo}:npm-bbb", str(out), "--restore-key", "go-", "--restore-key", "npm-", "--json"
     )
     assert fell.returncode == 0, fell.stderr
-    data = _json(fell)
+    data = json_line(fell)
     assert data["status"] == "fallback" and data["matched_key"] == "npm-aaa" and data["hit"] is False
     assert "fallback" in fell.stderr.strip().splitlines()[-1] and "npm-aaa" in fell.stderr
     assert_same_tree(src, out)
 
     saved = cli("save", str(out), f"{repo}:npm-bbb", "--base", data["matched_key"], "--json")
     assert saved.returncode == 0, saved.stderr
-    info = _json(saved)
+    info = json_line(saved)
     assert info["status"] == "saved" and info["layers_reused"] == info["layers_total"] > 0
     assert info["bytes_uploaded"] == 0 and info["base_key"] == "npm-aaa"
 
-    exact = _json(cli("restore", f"{repo}:npm-bbb", str(tmp_path / "o2"), "--restore-key", "npm-", "--json"))
+    exact = json_line(
+        cli("restore", f"{repo}:npm-bbb", str(tmp_path / "o2"), "--restore-key", "npm-", "--json")
+    )
     assert exact["status"] == "hit" and exact["matched_key"] == "npm-bbb"
     missed = cli("restore", f"{repo}:npm-ccc", str(tmp_path / "o3"), "--restore-key", "pip-")
     assert missed.returncode == 3
@@ -651,10 +604,10 @@ def test_restore_key_fallback_then_save_with_base(
 def test_save_full_rereads_and_keeps_the_digest(cli: Run, tmp_path: Path) -> None:
     src = _aged(_tree(tmp_path / "src"))
     ref = f"oci:{tmp_path / 'layout'}:k"
-    first = _json(cli("save", str(src), ref, "--json"))
-    again = _json(cli("save", str(src), ref, "--json"))
+    first = json_line(cli("save", str(src), ref, "--json"))
+    again = json_line(cli("save", str(src), ref, "--json"))
     assert again["status"] == "unchanged" and again["layers_reused"] == again["layers_total"]
-    full = _json(cli("save", str(src), ref, "--full", "--json"))
+    full = json_line(cli("save", str(src), ref, "--full", "--json"))
     assert full["status"] == "unchanged" and full["layers_reused"] == 0
     assert full["digest"] == again["digest"] == first["digest"]
 
@@ -667,10 +620,10 @@ def test_save_immutable_never_overwrites(cli: Run, tmp_path: Path) -> None:
     b = tmp_path / "b"
     b.mkdir()
     (b / "f").write_text("two")
-    first = _json(cli("save", str(a), ref, "--immutable", "--json"))
+    first = json_line(cli("save", str(a), ref, "--immutable", "--json"))
     second = cli("save", str(b), ref, "--immutable", "--json")
     assert second.returncode == 0, second.stderr
-    assert _json(second)["status"] == "skipped" and _json(second)["digest"] == first["digest"]
+    assert json_line(second)["status"] == "skipped" and json_line(second)["digest"] == first["digest"]
     assert "immutable key exists" in second.stderr
     out = tmp_path / "out"
     assert cli("restore", ref, str(out)).returncode == 0
@@ -690,7 +643,7 @@ def test_save_read_only_is_a_no_op(
     else:
         proc = cli("save", str(src), ref, "--json", env={"REMOTE_CACHE_READ_ONLY": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert _json(proc)["status"] == "skipped" and _json(proc)["bytes_uploaded"] == 0
+    assert json_line(proc)["status"] == "skipped" and json_line(proc)["bytes_uploaded"] == 0
     assert "read-only" in proc.stderr
     assert cli("restore", ref, str(tmp_path / "out")).returncode == 3
 
@@ -699,5 +652,5 @@ async def test_ls_prefix(cli: Run, tmp_path: Path) -> None:
     repo = f"oci:{tmp_path / 'layout'}"
     for key in ("npm-a", "npm-b", "pip-a"):
         await _save(repo, key, tmp_path)
-    listed = _json(cli("ls", repo, "--prefix", "npm-", "--json"))
+    listed = json_line(cli("ls", repo, "--prefix", "npm-", "--json"))
     assert sorted(e["key"] for e in listed["entries"]) == ["npm-a", "npm-b"]

@@ -54,10 +54,9 @@ class Calls:
     async def list(self, prefix: str) -> list[dict[str, Any]]:
         return [dict(m) for m in await _blocking(lambda: obstore.list(self._client, prefix).collect())]
 
-    async def stream(self, key: str, offset: int = 0, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The object's bytes from ``offset`` on, about ``chunk`` at a time."""
-        options: Any = {"range": {"offset": offset}} if offset else None
-        result = await _blocking(obstore.get, self._client, key, options=options)
+    async def stream(self, key: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+        """The object's bytes, about ``chunk`` at a time."""
+        result = await _blocking(obstore.get, self._client, key)
         pieces = iter(result.stream(min_chunk_size=chunk))
         while (piece := await _blocking(next, pieces, None)) is not None:
             yield bytes(piece)

@@ -81,6 +81,12 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
     if kind is not None:
         name = kind.group(1)
         temporary = name not in _PERMANENT_KINDS
+        if name == "Timeout":  # connect, or a read that waited the whole stall period for bytes
+            return StoreUnreachable(
+                f"cannot {action}: {location} stopped answering: no data within the timeout (--timeout "
+                f"sets it), retries included ({summary})",
+                temporary=True,
+            )
         hint = "; check the endpoint and that it is running" if name == "Connect" else ""
         return StoreUnreachable(
             f"cannot {action}: {location} could not be reached ({summary}){hint}", temporary=temporary

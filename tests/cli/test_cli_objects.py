@@ -1,0 +1,152 @@
+"""The console script against buckets: moto (S3) and Azurite (Azure Blob), run for real in
+subprocesses with credentials in the environment, as AWS and Azure tools take them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.cli.output import Run, json_line, no_traceback
+from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
+from tests.registry_server import FaultProxy, free_port
+from tests.trees import assert_same_tree, make_tree
+
+
+def _tree(root: Path) -> Path:
+    make_tree(root, small_files=60, big_bytes=1 << 20)
+    return root
+
+
+def _keys(server: ObjectServer, bucket: str, part: str) -> list[str]:
+    listed = s3_client(server).list_objects_v2(Bucket=bucket)
+    return [o["Key"] for o in listed.get("Contents", []) if part in o["Key"]]
+
+
+def test_every_command_through_a_bucket(cli: Run, moto: ObjectServer, tmp_path: Path) -> None:
+    """save, restore, ls, inspect, rm and prune on ``s3://BUCKET/PREFIX:KEY``; the endpoint from
+    ``--endpoint`` or from ``AWS_ENDPOINT_URL``; blobs freed by rm once the grace period allows."""
+    env = object_env(moto)
+    bucket = new_bucket(moto)
+    repo = f"s3://{bucket}/team/ci"
+    src = _tree(tmp_path / "src")
+    no_endpoint = {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"}
+
+    saved = cli("save", str(src), f"{repo}:npm/linux", "--endpoint", moto.endpoint, "--json", env=no_endpoint)
+    assert saved.returncode == 0, saved.stderr
+    assert json_line(saved)["outcome"] == "saved" and json_line(saved)["bytes_uploaded"] > 0
+    assert all(k.startswith("team/ci/") for k in _keys(moto, bucket, ""))
+
+    restored = cli("restore", f"{repo}:npm/linux", str(tmp_path / "out"), "--json", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert json_line(restored)["outcome"] == "hit"
+    assert_same_tree(src, tmp_path / "out")
+    again = cli("save", str(src), f"{repo}:npm/linux", "--json", env=env)
+    assert json_line(again)["outcome"] == "unchanged"
+
+    assert cli("save", str(tmp_path / "out"), f"{repo}:pip", env=env).returncode == 0
+    table = cli("ls", repo, env=env)
+    assert sorted(row.split()[0] for row in table.stdout.splitlines()[1:]) == ["npm/linux", "pip"]
+    info = json_line(cli("inspect", f"{repo}:pip", "--json", env=env))
+    assert info["annotations"]["dev.remote-cache.key"] == "pip"
+
+    kept = cli("rm", f"{repo}:pip", "--json", env=env)  # default grace: just saved, so nothing freed
+    assert kept.returncode == 0, kept.stderr
+    assert json_line(kept)["blobs_freed"] == 0 and "stay" in kept.stderr
+    blobs = len(_keys(moto, bucket, "/blobs/"))
+    pruned = cli("prune", repo, "--keep", "0", "--grace", "0s", "--json", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert [e["key"] for e in json_line(pruned)["removed"]] == ["npm/linux"]
+    assert json_line(pruned)["blobs_freed"] == blobs and _keys(moto, bucket, "/blobs/") == []
+    assert cli("restore", f"{repo}:npm/linux", str(tmp_path / "gone"), env=env).returncode == 3
+
+
+def test_azure_blob_round_trip(cli: Run, azurite: ObjectServer, tmp_path: Path) -> None:
+    env = object_env(azurite)
+    ref = f"az://{new_bucket(azurite)}/cache:go"
+    src = _tree(tmp_path / "src")
+    saved = cli("save", str(src), ref, env=env)
+    assert saved.returncode == 0, saved.stderr
+    restored = cli("restore", ref, str(tmp_path / "out"), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_encryption_and_storage_class_reach_the_server_and_the_secret_never_does(
+    cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """What the server receives (through the proxy): the encryption and storage class headers on
+    every blob upload, the key id in the signature, never the secret key."""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    env = {**object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    ref = f"s3://{new_bucket(moto)}/enc:k"
+    src = _tree(tmp_path / "src")
+    args = ("--sse", "aws:kms", "--sse-kms-key-id", "alias/ci-cache", "--storage-class", "STANDARD_IA")
+    saved = cli("save", str(src), ref, *args, env=env)
+    assert saved.returncode == 0, saved.stderr
+    uploads = [r for r in proxy.requests if r.method == "PUT" and "/blobs/" in r.path]
+    assert uploads
+    for request in uploads:
+        assert request.headers.get("x-amz-server-side-encryption") == "aws:kms"
+        assert request.headers.get("x-amz-server-side-encryption-aws-kms-key-id") == "alias/ci-cache"
+        assert request.headers.get("x-amz-storage-class") == "STANDARD_IA"
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    assert all(
+        f"Credential={env['AWS_ACCESS_KEY_ID']}/" in r.headers["authorization"] for r in proxy.requests
+    )
+    assert not any(secret in str(r.headers) or secret in r.path for r in proxy.requests)
+    assert secret not in saved.stderr + saved.stdout
+
+
+def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any, tmp_path: Path) -> None:
+    env = object_env(moto)
+    src = _tree(tmp_path / "src")
+    ref = f"s3://{new_bucket(moto)}/c:k"
+    cases = [
+        (("save", str(src), ref, "--username", "someone"), "environment"),
+        (("save", str(src), f"{registry.host}/team/c:k", "--region", "eu-west-1"), "object stores"),
+        (("save", str(src), f"{registry.host}/team/c:k", "--sse", "AES256"), "object stores"),
+        (("save", str(src), ref, "--sse", "des"), "AES256"),
+        (("save", str(src), ref, "--sse-kms-key-id", "k1"), "aws:kms"),
+        (("save", str(src), ref, "--endpoint", "http://cache.example:9000"), "plain HTTP"),
+        (("save", str(src), ref, "--endpoint", "ftp://cache.example"), "http(s)"),
+        (("restore", "s3://Not_A_Bucket:k", str(tmp_path / "o")), "bucket"),
+    ]
+    for args, why in cases:
+        proc = cli(*args, env={**env, "REMOTE_CACHE_PASSWORD": "pw"})
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert why in proc.stderr, (args, proc.stderr)
+        no_traceback(proc)
+
+
+def test_unreachable_or_stalled_bucket_fails_fast_with_a_clear_message(
+    cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    src = _tree(tmp_path / "src")
+    env = object_env(moto)
+    ref = f"s3://{new_bucket(moto)}/c:k"
+    nobody = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    failed = cli("save", str(src), ref, env=nobody)
+    assert failed.returncode == 1, failed.stderr
+    assert "could not be reached" in failed.stderr and time.monotonic() - started < 30
+    opened = cli("restore", ref, str(tmp_path / "o"), "--fail-open", env=nobody)
+    assert opened.returncode == 0 and "warning" in opened.stderr
+    no_traceback(failed)
+
+    assert cli("save", str(src), ref, env=env).returncode == 0
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    proxy.stall(after_bytes=1024, path_contains="/blobs/", times=1000)  # mid-body, every try
+    started = time.monotonic()
+    stalled = cli(
+        "restore",
+        ref,
+        str(tmp_path / "o2"),
+        "--timeout",
+        "2",
+        env={**env, "AWS_ENDPOINT_URL": f"http://{proxy.host}"},
+    )
+    assert stalled.returncode == 1, stalled.stderr
+    assert "stopped answering" in stalled.stderr and time.monotonic() - started < 30
+    assert not (tmp_path / "o2").exists()
+    no_traceback(stalled)
