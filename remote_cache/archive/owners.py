@@ -1,4 +1,4 @@
-"""Ownership listings: put a tree's owners back on a copy that lost them.
+"""Ownership listings: put a tree's owners back on a copy that lost them, in either direction.
 
 A copy can keep names, modes, times and links but not owners: the Dagger engine's
 ``Directory.export`` gives every file the exporting process's uid and gid
@@ -10,6 +10,14 @@ and :func:`apply_owners` puts them back on the copy.
 A path with a newline in its name spreads over several lines; a line that does not start a new
 entry continues the previous name. Paths are applied through directory descriptors opened with
 ``O_NOFOLLOW`` from the copy's root down, so a symlink in the copy never redirects a chown.
+
+The other way, a tree restored here and imported into the engine (``host.directory`` gives
+every entry uid and gid 0, ``engine/client/filesync.go`` ``normalizeLocalImportStat``):
+:func:`write_owner_lists` writes, beside it, what BusyBox needs to put the owners back in the
+engine (``remote_cache.dagger.scripts.PUT_OWNERS``): one file ``owner.UID.GID`` per owner with the
+NUL-terminated paths (``./PATH``) it owns, and ``mode.OCTAL`` files for the entries whose
+set-user/group-ID bits a chown clears (Linux clears them even for root), to set again after.
+The walk never enters a symlink, so no listed path passes through one.
 """
 
 from __future__ import annotations
@@ -17,9 +25,11 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
+from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["STAT_FORMAT", "apply_owners", "parse_owners"]
+__all__ = ["STAT_FORMAT", "apply_owners", "parse_owners", "write_owner_lists"]
 
 #: The ``stat -c`` format of a listing line (BusyBox and GNU stat agree on it).
 STAT_FORMAT = "%u %g %n"
@@ -84,3 +94,27 @@ def _dir_fd(fds: dict[str, int], parts: list[str]) -> int:
                 os.close(fds.pop(k))
         fds[key] = fd
     return fd
+
+
+def write_owner_lists(root: Path, dest: Path) -> int:
+    """Write into ``dest`` the lists that give the entries of a copy of ``root`` their owners
+    back (see the module docstring); returns how many entries are not owned by 0:0."""
+    owners: defaultdict[tuple[int, int], list[bytes]] = defaultdict(list)
+    modes: defaultdict[int, list[bytes]] = defaultdict(list)
+    top = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if st.st_uid == 0 and st.st_gid == 0:
+                continue
+            rel = b"./" + os.path.relpath(full, top)
+            owners[(st.st_uid, st.st_gid)].append(rel)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                modes[stat.S_IMODE(st.st_mode)].append(rel)
+    dest.mkdir(parents=True, exist_ok=True)
+    for (uid, gid), paths in owners.items():
+        (dest / f"owner.{uid}.{gid}").write_bytes(b"".join(p + b"\0" for p in paths))
+    for mode, paths in modes.items():
+        (dest / f"mode.{mode:o}").write_bytes(b"".join(p + b"\0" for p in paths))
+    return sum(len(paths) for paths in owners.values())

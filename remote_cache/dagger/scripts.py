@@ -35,6 +35,7 @@ __all__ = [
     "NONCE_ENV",
     "OUT_DIR",
     "OWNERS",
+    "PUT_OWNERS",
     "RECORD",
     "SEED",
     "SRC_DIR",
@@ -142,6 +143,22 @@ RECORD = "set -eu" + FUNCTIONS + 'record "$1" "$2"\n'
 OWNERS = (
     'set -eu\ncd "$1"\n'
     f"find . -mindepth 1 \\( ! -user 0 -o ! -group 0 \\) -exec stat -c '{STAT_FORMAT}' {{}} +\n"
+)
+
+#: ``PUT_OWNERS TREE LISTS``: give TREE's entries the owners (and set-ID modes) in LISTS, as
+#: written by :func:`remote_cache.archive.owners.write_owner_lists` (paths are ``./``-relative
+#: and NUL-terminated; ``chown -h`` never follows a symlink).
+PUT_OWNERS = (
+    'set -eu\ncd "$1"\n'
+    'for list in "$2"/owner.*; do\n'
+    '  [ -f "$list" ] || continue\n'
+    "  ids=${list##*/owner.}\n"
+    '  xargs -0 -r chown -h "${ids%.*}:${ids#*.}" < "$list"\n'
+    "done\n"
+    'for list in "$2"/mode.*; do\n'
+    '  [ -f "$list" ] || continue\n'
+    '  xargs -0 -r chmod "${list##*/mode.}" < "$list"\n'
+    "done\n"
 )
 
 

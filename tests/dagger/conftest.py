@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,16 @@ def loaded_module(
         return got
 
     return load
+
+
+@pytest.fixture
+def backend_module() -> Iterator[Any]:
+    """The remote-backend module's package, imported from its source as its runtime would."""
+    src = REPO_ROOT / "remote_backend" / "src"
+    sys.path.insert(0, str(src))
+    try:
+        import remote_backend
+
+        yield remote_backend
+    finally:
+        sys.path.remove(str(src))

@@ -346,33 +346,49 @@ def test_remote_cache_registration(loaded_module: Load) -> None:
     }
 
 
-def test_registry_matches_backend_interface(loaded_module: Load) -> None:
+@pytest.mark.parametrize("backend_type", ["Registry", "S3Bucket"])
+def test_backends_match_the_backend_interface(loaded_module: Load, backend_type: str) -> None:
     _, cache = loaded_module("remote-cache")
     _, backend = loaded_module("remote-backend")
     iface = cache["module"]["interfaces"]["Backend"]["functions"]
     for fn in ("resolve", "import", "export"):
-        impl = _fn(backend, "Registry", fn)
+        impl = _fn(backend, backend_type, fn)
         want = iface[fn]
         assert impl["returns"] == want["returns"], fn
         assert {k: v["type"] for k, v in impl["args"].items()} == {
             k: v["type"] for k, v in want["args"].items()
         }
-    assert _fn(backend, "Registry", "import")["cache_policy"] == "PerSession"
-    assert _fn(backend, "Registry", "resolve")["cache_policy"] == "PerSession"
-    assert _fn(backend, "Registry", "export")["cache_policy"] == "Never"
+    assert _fn(backend, backend_type, "import")["cache_policy"] == "PerSession"
+    assert _fn(backend, backend_type, "resolve")["cache_policy"] == "PerSession"
+    assert _fn(backend, backend_type, "export")["cache_policy"] == "Never"
+    grace = {"grace": "String!"} if backend_type == "S3Bucket" else {}
+    housekeeping = {
+        "entries": {"prefix": "String!", "json": "Boolean!"},
+        "remove": {"key": "String!", **grace},
+        "prune": {
+            "older_than": "String!", "keep": "Int!", "prefix": "String!", "dry_run": "Boolean!", **grace
+        },
+    }  # fmt: skip
+    for fn, args in housekeeping.items():
+        got = _fn(backend, backend_type, fn)
+        assert got["cache_policy"] == "Never" and got["returns"] == "String!", fn
+        assert {k: v["type"] for k, v in got["args"].items()} == args, fn
+
+
+def test_backend_constructors(loaded_module: Load) -> None:
+    _, backend = loaded_module("remote-backend")
     registry = _fn(backend, "RemoteBackend", "registry")
     assert registry["returns"] == "Registry!"
     assert registry["args"]["password"]["type"] == "Secret"
     assert registry["args"]["immutable"]["type"] == "Boolean!"
-    housekeeping = {
-        "entries": {"prefix": "String!", "json": "Boolean!"},
-        "remove": {"key": "String!"},
-        "prune": {"older_than": "String!", "keep": "Int!", "prefix": "String!", "dry_run": "Boolean!"},
-    }
-    for fn, args in housekeeping.items():
-        got = _fn(backend, "Registry", fn)
-        assert got["cache_policy"] == "Never" and got["returns"] == "String!", fn
-        assert {k: v["type"] for k, v in got["args"].items()} == args, fn
+    s3 = _fn(backend, "RemoteBackend", "s3")
+    assert s3["returns"] == "S3Bucket!"
+    assert {k: v["type"] for k, v in s3["args"].items()} == {
+        "bucket": "String!", "prefix": "String!", "region": "String!", "endpoint": "String!",
+        "access_key_id": "Secret", "secret_access_key": "Secret", "session_token": "Secret",
+        "compression": "ImageLayerCompression!", "immutable": "Boolean!", "plain_http": "Boolean!",
+        "sse": "String!", "sse_kms_key_id": "String!", "storage_class": "String!",
+    }  # fmt: skip
 
 
 def test_example_registration(loaded_module: Load) -> None:

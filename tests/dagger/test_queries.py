@@ -9,9 +9,6 @@ are few and listed in each test. A stand-in backend replaces the engine's interf
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from dagger import dag
 
 from remote_cache.dagger import scripts
 from remote_cache.errors import MISS_MARKER, RemoteCacheError
-from tests.dagger.offline.engine_stub import exec_stdout_answer, export_answer
+from tests.dagger.backends import engine_stub, owners_of, volume_tree
 from tests.dagger.offline.rules import auth_address_problem, handed_directories, subpath_problem
 from tests.dagger.offline.session import OfflineSession, Step, query_error
 
@@ -391,57 +388,15 @@ async def test_cache_volume_passes_restore_keys_and_limits(offline: OfflineSessi
 # -- Registry (remote-backend) ---------------------------------------------------------------
 
 
-@pytest.fixture
-def registry_module() -> Any:
-    src = REPO_ROOT / "remote_backend" / "src"
-    if not (src / "remote_backend").is_dir():
-        pytest.skip("remote_backend is not written yet")
-    sys.path.insert(0, str(src))
-    try:
-        import remote_backend
-
-        yield remote_backend
-    finally:
-        sys.path.remove(str(src))
-
-
 def _registry(module: Any, host: str, repo: str, **kw: Any) -> Any:
     main = module.RemoteBackend() if hasattr(module, "RemoteBackend") else None
     assert main is not None, "remote_backend has no RemoteBackend main object"
     return main.registry(address=host, repo=repo, **kw)
 
 
-def _volume_tree(root: Path) -> Path:
-    """A small volume: packages, a link, and (as root) files owned by someone else."""
-    for i in range(30):
-        pkg = root / f"pkg{i % 5}"
-        pkg.mkdir(parents=True, exist_ok=True)
-        (pkg / f"f{i}.js").write_bytes(os.urandom(1000 + i))
-    (root / "link").symlink_to("pkg0/f0.js")
-    if os.geteuid() == 0:
-        os.chown(root / "pkg1", 1000, 1000)
-        os.chown(root / "pkg1" / "f1.js", 1000, 1000)
-    return root
-
-
-def _owners(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.lstat().st_uid, p.lstat().st_gid) for p in sorted(root.rglob("*"))}
-
-
-def _engine_stub(offline: OfflineSession, tree: Path) -> list[str]:
-    """Answer the export's engine calls from ``tree`` (tests/dagger/offline/engine_stub.py)."""
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.skip("busybox is not installed (Debian: apt-get install busybox)")
-    exported: list[str] = []
-    offline.answers["Directory.export"] = export_answer(tree, exported)
-    offline.answers["Container.stdout"] = exec_stdout_answer(busybox, tree)
-    return exported
-
-
 async def test_registry_export_saves_with_the_core_in_its_own_container(
     offline: OfflineSession,
-    registry_module: Any,
+    backend_module: Any,
     auth_registry: Any,
     repo_name: str,
     tmp_path: Path,
@@ -456,12 +411,12 @@ async def test_registry_export_saves_with_the_core_in_its_own_container(
     from tests.trees import assert_same_tree
 
     monkeypatch.chdir(tmp_path)  # the runtime workdir the export goes under
-    tree = _volume_tree(tmp_path / "volume")
-    exported = _engine_stub(offline, tree)
+    tree = volume_tree(tmp_path / "volume")
+    exported = engine_stub(offline, tree)
     offline.answers["Secret.plaintext"] = auth_registry.password
     secret = dag.set_secret("pw", auth_registry.password)
     reg = await _reg(
-        registry_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
+        backend_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
     )
     await reg.export("npm-v1", dag.directory())
 
@@ -485,7 +440,7 @@ async def test_registry_export_saves_with_the_core_in_its_own_container(
     finally:
         await store.aclose()
     assert_same_tree(tree, back)
-    assert _owners(back) == _owners(tree), "owners are kept through the export"
+    assert owners_of(back) == owners_of(tree), "owners are kept through the export"
 
 
 async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path, creds: str | None = None) -> str:
@@ -529,12 +484,12 @@ async def _push_tiny_image(host: str, repo: str, tag: str, workdir: Path, creds:
 
 
 async def test_registry_import_pins_digest_and_reports_miss(
-    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
     from remote_cache.keys import tag_for_key
 
     digest = await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
-    reg = _registry(registry_module, registry.host, repo_name)
+    reg = _registry(backend_module, registry.host, repo_name)
     reg = await reg if hasattr(reg, "__await__") else reg
     got = reg.import_("npm-v1")
     got = await got if hasattr(got, "__await__") else got
@@ -549,7 +504,7 @@ async def test_registry_import_pins_digest_and_reports_miss(
 
 
 async def test_registry_import_authenticates_the_engine_with_the_host(
-    offline: OfflineSession, registry_module: Any, auth_registry: Any, repo_name: str, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, auth_registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
     """The engine's pull gets the credentials under the registry host (the engine keys them by
     host: a repository there would go to docker.io); the rule is shown able to fail."""
@@ -562,7 +517,7 @@ async def test_registry_import_authenticates_the_engine_with_the_host(
     offline.answers["Secret.plaintext"] = auth_registry.password
     secret = dag.set_secret("pw", auth_registry.password)
     reg = await _reg(
-        registry_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
+        backend_module, auth_registry.host, repo_name, username=auth_registry.username, password=secret
     )
     got = reg.import_("npm-v1")
     got = await got if hasattr(got, "__await__") else got
@@ -574,7 +529,7 @@ async def test_registry_import_authenticates_the_engine_with_the_host(
 
 
 async def test_registry_import_of_an_entry_deleted_meanwhile_is_a_miss(
-    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
     """The entry goes between the tag lookup and the engine's pull: a miss, not an error. A pull
     that fails while the entry is there stays an error."""
@@ -592,7 +547,7 @@ async def test_registry_import_of_an_entry_deleted_meanwhile_is_a_miss(
 
         return answer
 
-    reg = await _reg(registry_module, registry.host, repo_name)
+    reg = await _reg(backend_module, registry.host, repo_name)
     offline.answers["Container.id"] = engine_fails(delete_first=False)
     with pytest.raises(Exception, match="could not pull") as info:
         await reg.import_("npm-v1")
@@ -650,12 +605,12 @@ async def _reg(module: Any, host: str, repo: str, **kw: Any) -> Any:
 
 
 async def test_registry_resolve_exact_fallback_and_miss(
-    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
     await _save_entry(registry.host, repo_name, "npm-main-old", tmp_path / "a", age_days=3)
     await _save_entry(registry.host, repo_name, "npm-main-new", tmp_path / "b", age_days=1)
     await _save_entry(registry.host, repo_name, "npm-feature-x", tmp_path / "c", age_days=2)
-    reg = await _reg(registry_module, registry.host, repo_name)
+    reg = await _reg(backend_module, registry.host, repo_name)
 
     assert await reg.resolve("npm-main-old", ["npm-feature-"]) == "npm-main-old"  # exact wins
     assert await reg.resolve("npm-feature-y", ["npm-feature-", "npm-main-"]) == "npm-feature-x"
@@ -671,7 +626,7 @@ async def test_registry_resolve_exact_fallback_and_miss(
 
 async def test_registry_immutable_export_keeps_an_existing_tag(
     offline: OfflineSession,
-    registry_module: Any,
+    backend_module: Any,
     registry: Any,
     repo_name: str,
     tmp_path: Path,
@@ -681,10 +636,10 @@ async def test_registry_immutable_export_keeps_an_existing_tag(
     from remote_cache.keys import tag_for_key
 
     monkeypatch.chdir(tmp_path)
-    exported = _engine_stub(offline, _volume_tree(tmp_path / "volume"))
+    exported = engine_stub(offline, volume_tree(tmp_path / "volume"))
     first = await _push_tiny_image(registry.host, repo_name, tag_for_key("npm-v1"), tmp_path)
 
-    immutable = await _reg(registry_module, registry.host, repo_name, immutable=True)
+    immutable = await _reg(backend_module, registry.host, repo_name, immutable=True)
     await immutable.export("npm-v1", dag.directory())
     assert exported == [], "an immutable registry neither copies nor overwrites an existing tag"
     assert "exists and the cache is immutable" in capsys.readouterr().err
@@ -692,7 +647,7 @@ async def test_registry_immutable_export_keeps_an_existing_tag(
 
     await immutable.export("npm-v2", dag.directory())  # a new key: saved
     assert len(exported) == 1 and "save saved npm-v2" in capsys.readouterr().err
-    mutable = await _reg(registry_module, registry.host, repo_name)
+    mutable = await _reg(backend_module, registry.host, repo_name)
     await mutable.export("npm-v1", dag.directory())  # default: replaced
     assert len(exported) == 2
     digest = await _digest_of(registry.host, repo_name, tag_for_key("npm-v1"))
@@ -711,11 +666,11 @@ async def _digest_of(host: str, repo: str, tag: str) -> str:
 
 
 async def test_registry_entries_remove_prune(
-    offline: OfflineSession, registry_module: Any, registry: Any, repo_name: str, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
     for i, (key, age) in enumerate([("npm-a", 30), ("npm-b", 10), ("npm-c", 0), ("go-a", 30)]):
         await _save_entry(registry.host, repo_name, key, tmp_path / str(i), age_days=age)
-    reg = await _reg(registry_module, registry.host, repo_name)
+    reg = await _reg(backend_module, registry.host, repo_name)
 
     table = (await reg.entries()).splitlines()
     assert table[0].split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]
@@ -744,7 +699,7 @@ async def test_registry_entries_remove_prune(
 
 
 async def test_registry_that_refuses_deletes_says_so(
-    offline: OfflineSession, registry_module: Any, tmp_path: Path
+    offline: OfflineSession, backend_module: Any, tmp_path: Path
 ) -> None:
     from remote_cache.errors import UnsupportedOperation
     from tests.registry_server import start_registry
@@ -752,7 +707,7 @@ async def test_registry_that_refuses_deletes_says_so(
     server = start_registry(tmp_path / "srv", auth="none", delete_enabled=False)
     try:
         await _save_entry(server.host, "test/no-deletes", "npm-a", tmp_path / "a")
-        reg = await _reg(registry_module, server.host, "test/no-deletes")
+        reg = await _reg(backend_module, server.host, "test/no-deletes")
         with pytest.raises(UnsupportedOperation, match=r"ttl\.sh"):
             await reg.remove("npm-a")
         with pytest.raises(UnsupportedOperation, match="does not allow deleting"):

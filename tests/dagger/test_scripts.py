@@ -337,3 +337,33 @@ def test_owners_lists_what_is_not_root_owned_and_the_core_puts_it_back(tmp_path:
             os.chown(Path(dirpath) / name, 0, 0, follow_symlinks=False)
     assert apply_owners(copy, owners) == []
     assert snapshot(copy) == snapshot(src)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the tree's odd owners need root")
+def test_put_owners_gives_an_imported_copy_its_owners_and_set_id_bits_back(
+    tmp_path: Path, run: Runner
+) -> None:
+    """The other direction: the core lists a restored tree's owners, the engine's import makes
+    every entry 0:0 (here: a copy chowned so), and PUT_OWNERS under BusyBox puts them all back,
+    set-user-ID bits too (a chown clears them), never following a symlink."""
+    from remote_cache.archive.owners import write_owner_lists
+
+    src = tmp_path / "volume"
+    make_tree(src)
+    os.chown(src / "line\nbreak", 1000, 1000)
+    os.chown(src / "-leading-dash", 1000, 1000)
+    os.chown(src / "pkgs" / "dir-link", 1000, 1000, follow_symlinks=False)
+    os.chown(src / "bin" / "tool", 1000, 50)
+    (src / "bin" / "tool").chmod(0o4755)
+    os.utime(src / "bin" / "tool", (1_000_000_000, 1_000_000_000))
+    lists = tmp_path / "lists"
+    assert write_owner_lists(src, lists) == 6
+    copy = tmp_path / "imported"
+    subprocess.run(["cp", "-a", str(src), str(copy)], check=True)
+    for dirpath, dirnames, filenames in os.walk(copy):
+        for name in dirnames + filenames:
+            os.chown(Path(dirpath) / name, 0, 0, follow_symlinks=False)
+    assert snapshot(copy) != snapshot(src)
+    run(scripts.PUT_OWNERS, copy, lists)
+    assert snapshot(copy) == snapshot(src)
+    assert os.stat("/etc/hostname").st_uid == 0  # abs-link's target, never followed

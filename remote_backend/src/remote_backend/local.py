@@ -1,5 +1,15 @@
 """Moving directories between the engine and this function's own container, where the core runs.
 
+Into the engine, :func:`imported`: ``currentModule.workdir(path)`` is ``host.directory`` of
+``/scratch/path`` (``core/schema/module.go``, ``currentModuleWorkdir``), snapshotted when the
+field is resolved (``core/schema/host.go``; ``sync`` does it, and answers an ID that stands for
+that snapshot), with every entry made uid/gid 0 and its xattrs dropped
+(``engine/client/filesync.go``, ``normalizeLocalImportStat``); names, modes, mtimes, symlinks and
+hard links are kept (``internal/fsutil/stat_unix.go``, ``setUnixOpt``). So the core lists the
+owners beside the tree (:func:`remote_cache.archive.owners.write_owner_lists`) and BusyBox in the
+helper image puts them back (``PUT_OWNERS``) on the tree mounted at ``OUT_DIR``, whose content
+after the exec is that mount's output: a whole snapshot, as for exports.
+
 Out of the engine, :func:`exported`: ``Directory.export(path)`` called inside a module function
 writes into that function's runtime container, its "host": the engine sends the tree to the
 calling client's filesync target (``engine/engineutil/filesync.go``, ``LocalDirExport``), which
@@ -27,11 +37,11 @@ import anyio.to_thread
 import dagger
 from dagger import dag
 
-from remote_cache.archive.owners import apply_owners, parse_owners
+from remote_cache.archive.owners import apply_owners, parse_owners, write_owner_lists
 from remote_cache.dagger import scripts
 from remote_cache.dagger.report import report
 
-__all__ = ["exported", "scratch_dir"]
+__all__ = ["exported", "imported", "scratch_dir"]
 
 #: Where the helper sees the directory whose owners it lists.
 _OWNERS_DIR = "/.remote-cache-owners"
@@ -69,3 +79,28 @@ async def exported(source: dagger.Directory) -> AsyncIterator[Path]:
         if failed:
             report(f"warning: the owners of {len(failed)} entries could not be kept, e.g. {failed[0]}")
         yield tree
+
+
+async def imported(tree: Path, lists: Path) -> dagger.Directory:
+    """``tree`` (under the working directory) as an engine Directory, owners included; the files
+    may be removed once this returns (the engine holds its own copies). ``lists``: a fresh path
+    for the owner lists."""
+    owned = await anyio.to_thread.run_sync(write_owner_lists, tree, lists)
+    content = await _snapshot(tree)
+    if not owned:
+        return content
+    fixed = (
+        dag.container()
+        .from_(scripts.HELPER_IMAGE)
+        .with_mounted_directory(scripts.OUT_DIR, content)
+        .with_mounted_directory(_OWNERS_DIR, await _snapshot(lists))
+        .with_exec(["sh", "-c", scripts.PUT_OWNERS, "sh", scripts.OUT_DIR, _OWNERS_DIR])
+        .directory(scripts.OUT_DIR)
+    )
+    return await fixed.sync()
+
+
+async def _snapshot(path: Path) -> dagger.Directory:
+    """The engine's copy of ``path``, taken now: ``sync`` resolves ``host.directory``, and the
+    Directory it returns stands for that result by ID (``node(id:)``), never for the path again."""
+    return await dag.current_module().workdir(str(path.relative_to(Path.cwd()))).sync()

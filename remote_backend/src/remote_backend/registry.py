@@ -6,24 +6,22 @@ writes: only new layers go up) and read by the engine's own pull (``from`` by di
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import dagger
 from dagger import Doc, dag
 
-from remote_cache.cache import entries as core_entries
 from remote_cache.cache.save import save
 from remote_cache.dagger import sdk
 from remote_cache.dagger.report import report
 from remote_cache.errors import CacheMiss, RemoteCacheError
-from remote_cache.keys import tag_for_key, validate_key
+from remote_cache.keys import tag_for_key
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.descriptor import Platform
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.registry import RegistryStore
-from remote_cache.units import parse_duration
 
+from .housekeeping import duration, listed, pruned, removed, resolved
 from .local import exported
 
 __all__ = ["COMPRESSIONS", "Registry"]
@@ -67,14 +65,9 @@ class Registry:
         """
         store = await self._store()
         try:
-            match = await core_entries.find_entry(store, key, restore_keys)
-        except RemoteCacheError as exc:
-            raise RemoteCacheError(
-                f"remote-cache: cannot look up {key!r} in {store.location}: {exc}"
-            ) from exc
+            return await resolved(store, key, restore_keys)
         finally:
             await store.aclose()
-        return "" if match is None else match.key
 
     @sdk.function(cache="session")
     async def import_(
@@ -136,29 +129,18 @@ class Registry:
         """The entries in the repository, newest first: key, created, size, files, tag."""
         store = await self._store()
         try:
-            found = await core_entries.list_entries(store, prefix=prefix)
-        except RemoteCacheError as exc:
-            raise RemoteCacheError(f"remote-cache: cannot list {store.location}: {exc}") from exc
+            return await listed(store, prefix, json_)
         finally:
             await store.aclose()
-        if json_:
-            return "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in found)
-        if not found:
-            return f"no entries in {self.address}/{self.repo}" + (
-                f" starting with {prefix!r}" if prefix else ""
-            )
-        return core_entries.format_table(found)
 
     @sdk.function(cache="never")
     async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
         """Delete the entry under ``key`` (the registry must allow deletes)."""
-        validate_key(key)
         store = await self._store()
         try:
-            entry = await core_entries.remove(store, key)
+            return await removed(store, key, None)
         finally:
             await store.aclose()
-        return f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
 
     @sdk.function(cache="never")
     async def prune(
@@ -173,22 +155,12 @@ class Registry:
         At least one of older_than, keep or prefix is needed. Entries with no creation time are
         never removed by age. The registry must allow deletes (ttl.sh expires tags by name instead).
         """
-        try:
-            age = parse_duration(older_than) if older_than else None
-        except ValueError as exc:
-            raise RemoteCacheError(f"remote-cache: older_than: {exc}") from exc
+        age = duration("older_than", older_than)
         store = await self._store()
         try:
-            gone = await core_entries.prune(
-                store, older_than=age, keep=keep or None, prefix=prefix, dry_run=dry_run
-            )
-        except ValueError as exc:  # the core refuses a prune with no rule, or a negative keep
-            raise RemoteCacheError(f"remote-cache: {exc}") from exc
+            return await pruned(store, older_than=age, keep=keep, prefix=prefix, dry_run=dry_run, grace=None)
         finally:
             await store.aclose()
-        verb = "would remove" if dry_run else "removed"
-        head = f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} from {self.address}/{self.repo}"
-        return head if not gone else f"{head}:\n{core_entries.format_table(gone)}"
 
     def _reference(self) -> Reference:
         return parse_reference(f"{self.address}/{self.repo}")

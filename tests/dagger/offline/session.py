@@ -97,6 +97,8 @@ class OfflineSession:
         self.answers: dict[str, Answer] = dict(answers or {})
         self.recorded: list[Recorded] = []
         self.ids: dict[str, tuple[Step, ...]] = {}
+        #: Called with each new ID and its expanded chain (an engine stand-in acts on some).
+        self.on_mint: list[Callable[[str, tuple[Step, ...]], None]] = []
         self._counter = itertools.count(1)
 
     # -- the ClientSession surface the SDK uses ------------------------------------------
@@ -212,6 +214,8 @@ class OfflineSession:
         """A fresh ID standing for the object that ``chain`` selects."""
         new = f"offline:{next(self._counter)}"
         self.ids[new] = tuple(chain)
+        for hook in self.on_mint:
+            hook(new, self.expand(chain))
         return new
 
     def expand(self, chain: Sequence[Step]) -> tuple[Step, ...]:
