@@ -1,14 +1,23 @@
-"""Benchmark ``remote-cache save``/``restore`` against a raw tar+zstd blob and umoci+skopeo, side by side.
+"""Benchmark ``remote-cache save``/``restore`` against raw tar+zstd and the usual peer tools, side by side.
 
 Run from the checkout (everything lives in tmpfs, under ``--workdir``)::
 
     .venv/bin/python bench/bench.py --make-corpus path/to/make-corpus.sh --rounds 3
+    .venv/bin/python bench/bench.py --store s3 --rounds 3
 
-It starts its own loopback ``docker-registry`` and, for N rounds in alternating order, times:
+With ``--store registry`` (default) it starts its own loopback ``docker-registry`` and, for N
+rounds in alternating order, times:
 
 * raw:   ``tar | zstd -T0 -3`` + one blob POST/PUT  /  one blob GET + ``zstd -d | tar -x``;
 * rc:    ``remote-cache save`` / ``remote-cache restore`` (the real console script);
-* umoci: ``umoci init/new/insert`` + ``skopeo copy`` (gzip)  /  ``skopeo copy`` + ``umoci unpack``;
+* umoci: ``umoci init/new/insert`` + ``skopeo copy`` (gzip)  /  ``skopeo copy`` + ``umoci unpack``.
+
+With ``--store s3`` it starts its own loopback S3 (moto, the test server) and times:
+
+* raw:   ``tar | zstd -T0 -3`` + one ``aws s3 cp`` of the archive  /  ``aws s3 cp`` + ``zstd -d | tar -x``;
+* rc:    ``remote-cache save`` / ``restore`` to ``s3://BUCKET/bench/...``;
+* boto3: the same archive with boto3's own ``upload_file`` / ``download_file`` (its parallel
+  multipart transfers), then ``zstd -d | tar -x``;
 
 plus two re-saves with remote-cache: with nothing changed, and after adding one package (a copy of a
 ~1% subset of the corpus under a new name). It prints medians and ratios against raw. Machines are
@@ -153,6 +162,8 @@ class Context:
     cli: Path
     expected: tuple[int, int]
     env: dict[str, str]
+    #: The S3 bucket, with --store s3 (``host`` is then the endpoint's host:port).
+    bucket: str = ""
     results: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, list[float]] = field(default_factory=dict)
     #: time.monotonic() after which the corpus counts as settled (see remote_cache())
@@ -163,6 +174,12 @@ class Context:
 
     def note(self, name: str, value: float) -> None:
         self.extra.setdefault(name, []).append(value)
+
+    def ref(self, name: str) -> str:
+        """Where remote-cache keeps the entry ``name`` of this run: a repository, or a bucket prefix."""
+        if self.bucket:
+            return f"s3://{self.bucket}/bench/{name}:node-modules"
+        return f"{self.host}/bench/{name}:node-modules"
 
     def check(self, method: str, root: Path) -> None:
         got = tree_stats(root)
@@ -213,7 +230,7 @@ def raw(ctx: Context, rnd: int) -> None:
 
 
 def remote_cache(ctx: Context, rnd: int) -> None:
-    ref = f"{ctx.host}/bench/rc-{rnd}:node-modules"
+    ref = ctx.ref(f"rc-{rnd}")
 
     def run(*args: str) -> dict[str, Any]:
         proc = sh([str(ctx.cli), *args, "--json", "--quiet"], env=ctx.env)
@@ -300,7 +317,83 @@ def umoci_skopeo(ctx: Context, rnd: int) -> None:
     shutil.rmtree(bundle)
 
 
-METHODS: dict[str, Callable[[Context, int], None]] = {"raw": raw, "rc": remote_cache, "umoci": umoci_skopeo}
+def _archive(ctx: Context, blob: Path) -> None:
+    sh(f"tar -C '{ctx.corpus}' -cf - . | zstd -q -T0 -3 -o '{blob}' -f")
+
+
+def _unpack(ctx: Context, blob: Path, method: str, rnd: int) -> None:
+    out = fresh_dir(ctx.work / f"{method}-out")
+    sh(f"zstd -q -d -c '{blob}' | tar -C '{out}' -xf -")
+    if rnd == 0:
+        ctx.check(method, out)
+    shutil.rmtree(out)
+
+
+def raw_s3(ctx: Context, rnd: int) -> None:
+    """``tar | zstd -T0 -3`` and one ``aws s3 cp`` of the archive; back with ``aws s3 cp`` to stdout."""
+    blob = ctx.work / "raw.blob"
+    url = f"s3://{ctx.bucket}/bench/raw-{rnd}.tar.zst"
+    aws = [str(BIN / "aws"), "--endpoint-url", f"http://{ctx.host}", "s3", "cp", "--only-show-errors"]
+
+    def save() -> None:
+        _archive(ctx, blob)
+        sh([*aws, str(blob), url], env=ctx.env)
+
+    seconds, _ = timed(save)
+    ctx.record("raw save", seconds)
+    blob.unlink()
+    out = fresh_dir(ctx.work / "raw-out")
+    download = " ".join([*aws, url, "-"])
+    seconds, _ = timed(lambda: sh(f"{download} | zstd -q -d | tar -C '{out}' -xf -", env=ctx.env))
+    ctx.record("raw restore", seconds)
+    if rnd == 0:
+        ctx.check("raw", out)
+    shutil.rmtree(out)
+
+
+#: boto3's own transfer of one file (upload_file / download_file: parallel multipart, ranged GETs).
+BOTO3 = """
+import sys, boto3
+op, endpoint, bucket, key, path = sys.argv[1:]
+s3 = boto3.client("s3", endpoint_url=endpoint)
+if op == "up":
+    s3.upload_file(path, bucket, key)
+else:
+    s3.download_file(bucket, key, path)
+"""
+
+
+def boto3_s3(ctx: Context, rnd: int) -> None:
+    """The same archive through boto3's ``upload_file`` / ``download_file``."""
+    blob = ctx.work / "boto3.blob"
+    key = f"bench/boto3-{rnd}.tar.zst"
+    python = [sys.executable, "-c", BOTO3]
+
+    def save() -> None:
+        _archive(ctx, blob)
+        sh([*python, "up", f"http://{ctx.host}", ctx.bucket, key, str(blob)], env=ctx.env)
+
+    seconds, _ = timed(save)
+    ctx.record("boto3 save", seconds)
+    blob.unlink()
+
+    def restore() -> None:
+        sh([*python, "down", f"http://{ctx.host}", ctx.bucket, key, str(blob)], env=ctx.env)
+        _unpack(ctx, blob, "boto3", rnd)
+
+    seconds, _ = timed(restore)
+    ctx.record("boto3 restore", seconds)
+    blob.unlink()
+
+
+METHODS: dict[str, dict[str, Callable[[Context, int], None]]] = {
+    "registry": {"raw": raw, "rc": remote_cache, "umoci": umoci_skopeo},
+    "s3": {"raw": raw_s3, "rc": remote_cache, "boto3": boto3_s3},
+}
+LABELS = {
+    "registry": {"raw": "raw tar+zstd, 1 blob", "rc": "remote-cache CLI", "umoci": "umoci + skopeo (gzip)"},
+    "s3": {"raw": "tar+zstd + aws s3 cp", "rc": "remote-cache CLI", "boto3": "tar+zstd + boto3 upload"},
+}
 
 
 # -------------------------------------------------------------------------------------------
@@ -321,16 +414,16 @@ def ensure_corpus(corpus: Path, script: str | None) -> None:
     subprocess.run([script, str(corpus)], check=True)
 
 
-def report(ctx: Context, rounds: int, methods: list[str]) -> str:
+def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
     med = {name: statistics.median(values) for name, values in ctx.results.items()}
     lines = [
-        f"corpus: {ctx.expected[0] / 1e6:.1f} MB in {ctx.expected[1]} entries; rounds: {rounds} "
-        "(medians; alternating order)",
+        f"store: {store}; corpus: {ctx.expected[0] / 1e6:.1f} MB in {ctx.expected[1]} entries; "
+        f"rounds: {rounds} (medians; alternating order)",
         "",
         f"| {'method':<24} | {'save s':>8} | {'x raw':>6} | {'restore s':>9} | {'x raw':>6} |",
         f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 8}|",
     ]
-    labels = {"raw": "raw tar+zstd, 1 blob", "rc": "remote-cache CLI", "umoci": "umoci + skopeo (gzip)"}
+    labels = LABELS[store]
     for method in methods:
         save, restore = med[f"{method} save"], med[f"{method} restore"]
         lines.append(
@@ -362,18 +455,54 @@ def report(ctx: Context, rounds: int, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Server:
+    """The store a run talks to: a loopback registry, or a loopback S3 with one bucket."""
+
+    host: str
+    stop: Callable[[], None]
+    bucket: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def start_server(store: str, workdir: Path) -> Server:
+    if store == "registry":
+        registry = start_registry(workdir)
+        return Server(registry.host, registry.stop)
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        servers: Any = importlib.import_module("tests.object_servers")
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    workdir.mkdir(parents=True, exist_ok=True)
+    moto = servers.start_moto(workdir)
+    env = servers.object_env(moto)
+    return Server(moto.endpoint.removeprefix("http://"), moto.stop, servers.new_bucket(moto), env)
+
+
+TOOLS = {
+    "registry": ("tar", "zstd", "curl", "sha256sum", "docker-registry", "umoci", "skopeo"),
+    "s3": ("tar", "zstd"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_WORKDIR / "corpus", help="directory to save")
     parser.add_argument("--make-corpus", metavar="SCRIPT", help="build the corpus with SCRIPT DIR if absent")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch space (use tmpfs)")
-    parser.add_argument("--methods", default="raw,rc,umoci", help="comma-separated subset of raw,rc,umoci")
+    parser.add_argument("--store", choices=sorted(METHODS), default="registry", help="where the caches go")
+    parser.add_argument(
+        "--methods",
+        help="comma-separated subset of the store's methods (registry: raw,rc,umoci; s3: raw,rc,boto3)",
+    )
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    if "raw" not in methods or any(m not in METHODS for m in methods):
-        parser.error("--methods must include raw and only name raw, rc, umoci")
-    for tool in ("tar", "zstd", "curl", "sha256sum", "docker-registry", "umoci", "skopeo"):
+    known = METHODS[args.store]
+    methods = [m for m in (args.methods or ",".join(known)).split(",") if m]
+    if "raw" not in methods or any(m not in known for m in methods):
+        parser.error(f"--methods must include raw and only name {', '.join(known)}")
+    for tool in TOOLS[args.store]:
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed")
     cli = BIN / "remote-cache"
@@ -383,29 +512,31 @@ def main(argv: list[str] | None = None) -> int:
     ensure_corpus(args.corpus, args.make_corpus)
     work = args.workdir / f"run-{os.getpid()}"
     fresh_dir(work)
-    registry = start_registry(work / "registry")
+    server = start_server(args.store, work / "server")
     try:
         # Bytecode is cached as on any real install (some sandboxes set PYTHONDONTWRITEBYTECODE).
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env.update(server.env)
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
         env["REMOTE_CACHE_STATE_DIR"] = str(work / "state")  # this run's own, removed with it
+        ctx = Context(
+            args.corpus.resolve(), work, server.host, cli, tree_stats(args.corpus), env, server.bucket
+        )
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
         warm = work / "warm-up"
         warm.mkdir()
         (warm / "file").write_bytes(b"warm-up")
-        ref = f"{registry.host}/bench/warm-up:k"
-        sh([str(cli), "save", str(warm), ref, "--quiet"], env=env)
-        sh([str(cli), "restore", ref, str(work / "warm-out"), "--quiet"], env=env)
-        ctx = Context(args.corpus.resolve(), work, registry.host, cli, tree_stats(args.corpus), env)
+        sh([str(cli), "save", str(warm), ctx.ref("warm-up"), "--quiet"], env=env)
+        sh([str(cli), "restore", ctx.ref("warm-up"), str(work / "warm-out"), "--quiet"], env=env)
         for rnd in range(args.rounds):
             order = methods if rnd % 2 == 0 else list(reversed(methods))
             for method in order:
                 print(f"round {rnd + 1}/{args.rounds}: {method}", file=sys.stderr, flush=True)
-                METHODS[method](ctx, rnd)
-        print(report(ctx, args.rounds, methods))
+                known[method](ctx, rnd)
+        print(report(ctx, args.rounds, methods, args.store))
     finally:
-        registry.stop()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

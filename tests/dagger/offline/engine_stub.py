@@ -10,7 +10,8 @@ Both stand for one directory, the tree given, whatever the query's IDs say. The 
 
 * :class:`WorkdirSnapshots`: ``currentModule.workdir(path)``, when resolved (an ID minted for
   it, as ``sync`` does), copies ``./path`` the way ``host.directory`` does
-  (``engine/client/filesync.go`` ``normalizeLocalImportStat``: every entry uid/gid 0).
+  (``engine/client/filesync.go`` ``normalizeLocalImportStat``: every entry uid/gid 0; modes kept;
+  directories and symlinks get the import's time).
 * :func:`run_directory`: a ``directory(path)`` of a container whose exec ran over mounted
   directories: the exec runs under BusyBox over copies of them, the copy at ``path`` is the answer.
 """
@@ -82,6 +83,17 @@ def _owned_by_root(root: Path) -> None:
                 os.chmod(path, stat.S_IMODE(mode))
 
 
+def _import_times(root: Path) -> None:
+    """The engine's receiver keeps regular files' mtimes only: directories and symlinks get the
+    time of the import (``engine/filesync/localfs.go``: no directory times put back, ``Symlink``
+    sets none)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink() or path.is_dir():
+                os.utime(path, follow_symlinks=False)
+
+
 class WorkdirSnapshots:
     """The engine's copies of ``currentModule.workdir`` paths, taken when first resolved."""
 
@@ -101,6 +113,7 @@ class WorkdirSnapshots:
         copy.mkdir(parents=True)
         subprocess.run(["cp", "-a", f"{Path.cwd() / path}/.", str(copy)], check=True)
         _owned_by_root(copy)
+        _import_times(copy)
         self._copies[str(chain)] = copy
         self.paths.append(path)
 
