@@ -353,7 +353,7 @@ def registry_available() -> bool:
 # Fault-injecting proxy
 
 
-FaultKind = Literal["status", "cut", "stall", "redirect"]
+FaultKind = Literal["status", "cut", "stall", "redirect", "slow-upload"]
 
 
 @dataclass
@@ -368,6 +368,8 @@ class Fault:
       not even the head), then hold the connection open without sending more.
 
     * ``redirect``: answer ``307`` with ``Location: location`` (e.g. another origin).
+    * ``slow-upload``: read the request's body at ``rate`` bytes a second (a slow uplink), then
+      forward it.
 
     ``method``/``path_contains`` restrict which requests match; ``times`` how many it hits.
     """
@@ -381,6 +383,7 @@ class Fault:
     times: int = 1
     location: str = ""
     body: bytes | None = None
+    rate: int = 0
 
     def matches(self, method: str, path: str) -> bool:
         if self.times <= 0:
@@ -454,6 +457,10 @@ class FaultProxy:
         """The next matching response is cut after its head and ``after_bytes`` body bytes."""
         return self.add(Fault("cut", after_bytes=after_bytes, **kw))
 
+    def slow_upload(self, rate: int, **kw: Any) -> FaultProxy:
+        """Matching requests' bodies are read at ``rate`` bytes a second."""
+        return self.add(Fault("slow-upload", rate=rate, **kw))
+
     def redirect(self, location: str, **kw: Any) -> FaultProxy:
         """The next matching request is answered ``307 Temporary Redirect`` to ``location``."""
         return self.add(Fault("redirect", status=307, location=location, **kw))
@@ -505,10 +512,10 @@ class FaultProxy:
             if task is not asyncio.current_task():
                 task.cancel()
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, *, slow: bool = False) -> Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path):
+                if (fault.kind == "slow-upload") == slow and fault.matches(method, path):
                     fault.times -= 1
                     return fault
         return None
@@ -518,6 +525,17 @@ class FaultProxy:
     ) -> None:
         with self._lock:
             self.requests.append(ProxiedRequest(method, path, outcome, status, headers or {}))
+
+    @staticmethod
+    async def _read_slowly(reader: asyncio.StreamReader, length: int, rate: int) -> bytes:
+        parts: list[bytes] = []
+        left = length
+        while left:
+            part = await reader.readexactly(min(left, 16384))
+            parts.append(part)
+            left -= len(part)
+            await asyncio.sleep(len(part) / rate)
+        return b"".join(parts)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -547,7 +565,11 @@ class FaultProxy:
                 continue
             out_headers.append(line)
         out_headers.append("Connection: close")
-        body = await (self._read_chunked(reader) if chunked else reader.readexactly(length))
+        slow = self._take_fault(method, path, slow=True)
+        if slow is not None and not chunked:
+            body = await self._read_slowly(reader, length, slow.rate)
+        else:
+            body = await (self._read_chunked(reader) if chunked else reader.readexactly(length))
         if chunked:
             out_headers = [h for h in out_headers if not h.lower().startswith("transfer-encoding")]
             out_headers.append(f"Content-Length: {len(body)}")

@@ -22,14 +22,13 @@ async def opened(ref: Reference) -> AsyncIterator[Store]:
         await store.aclose()
 
 
-async def backdate(store: Store, key: str, days_ago: float) -> str:
-    """Re-tag ``key``'s index with a creation time ``days_ago`` days back (as if saved then).
-
-    Returns the new index digest.
+async def backdate(store: Store, key: str, days_ago: float, now: datetime | None = None) -> str:
+    """Re-tag ``key``'s index with a creation time ``days_ago`` days back from ``now`` (default:
+    the clock) as if saved then. Returns the new index digest.
     """
     tag = tag_for_key(key)
     desc, body = await store.get_manifest(tag)
     index = json.loads(body)
-    stamp = datetime.now(UTC) - timedelta(days=days_ago)
+    stamp = (now or datetime.now(UTC)) - timedelta(days=days_ago)
     index["annotations"][ANNOTATION_CREATED] = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
     return (await store.put_manifest(json.dumps(index).encode(), desc.media_type, tag=tag)).digest

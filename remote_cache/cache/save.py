@@ -197,7 +197,7 @@ async def save(
         # A sweep deleted blobs this save had found present (see ObjectStore._check_reused): pack
         # the whole tree again, which uploads exactly what is missing, and write the tag again.
         log.warning("%s; packing and uploading again", swept)
-        return await _save_tree(job, Evidence(), clock_ns(), full=True, republish=True)
+        return await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
 
 
 @dataclass(frozen=True)

@@ -275,10 +275,12 @@ async def open_entry(
 
 
 @asynccontextmanager
-async def open_repository(text: str, common: Common) -> AsyncIterator[tuple[Reference, Store]]:
+async def open_repository(
+    text: str, common: Common, writes: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Reference, Store]]:
     """The repository REPO checked (no key), and its store opened with the common options."""
     ref = _reference(text, None, need_key=False, what="REPO")
-    async with _store(ref, common) as store:
+    async with _store(ref, common, writes) as store:
         yield ref, store
 
 

@@ -111,6 +111,15 @@ GraceOpt = Annotated[
 ]
 
 
+def _writes(sse: str | None, kms_key_id: str | None, storage_class: str | None = None) -> dict[str, str]:
+    """How a bucket's objects are written (checked): encryption, its KMS key, storage class."""
+    if sse is not None and sse not in ("AES256", "aws:kms"):
+        raise typer.BadParameter(f"{sse!r}: choose AES256 or aws:kms", param_hint="--sse")
+    if kms_key_id and sse != "aws:kms":
+        raise typer.BadParameter("a KMS key goes with --sse aws:kms", param_hint="--sse-kms-key-id")
+    return {"encryption": sse or "", "kms_key_id": kms_key_id or "", "storage_class": storage_class or ""}
+
+
 @command("save")
 def _save(
     path: SavePathArg,
@@ -132,15 +141,7 @@ def _save(
     """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY or oci:DIR:KEY)."""
     if compression not in ("zstd", "gzip"):
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
-    if sse is not None and sse not in ("AES256", "aws:kms"):
-        raise typer.BadParameter(f"{sse!r}: choose AES256 or aws:kms", param_hint="--sse")
-    if sse_kms_key_id and sse != "aws:kms":
-        raise typer.BadParameter("a KMS key goes with --sse aws:kms", param_hint="--sse-kms-key-id")
-    writes = {
-        "encryption": sse or "",
-        "kms_key_id": sse_kms_key_id or "",
-        "storage_class": storage_class or "",
-    }
+    writes = _writes(sse, sse_kms_key_id, storage_class)
     from ..oci.descriptor import Platform
 
     platforms = parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
@@ -281,14 +282,22 @@ def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
 
 
 @command("rm")
-def _rm(ref: RefArg, key: KeyOpt = None, grace: GraceOpt = "1h") -> Body:
-    """Remove the entry REF; exit 3 when there is none."""
+def _rm(
+    ref: RefArg,
+    key: KeyOpt = None,
+    grace: GraceOpt = "1h",
+    sse: SseOpt = None,
+    sse_kms_key_id: SseKeyOpt = None,
+) -> Body:
+    """Remove the entry REF; exit 3 when there is none. (``--sse``: for a bucket whose policy wants
+    it on every write: the sweep writes a scratch object to read the server's clock.)"""
     grace_period = parsed(parse_duration, grace, "--grace")
+    writes = _writes(sse, sse_kms_key_id)
 
     async def body(common: Common) -> Outcome:
         from ..cache.entries import remove, sweep
 
-        async with open_entry(ref, key, common) as (reference, entry_key, store):
+        async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
             await remove(store, entry_key, collect=False)
             freed = await sweep(store, grace_period)
         data = {"outcome": "removed", "key": entry_key, "reference": str(reference), **_freed_json(freed)}
@@ -330,17 +339,20 @@ def _prune(
         bool, typer.Option("--dry-run", help="Show what would be removed; remove nothing.")
     ] = False,
     grace: GraceOpt = "1h",
+    sse: SseOpt = None,
+    sse_kms_key_id: SseKeyOpt = None,
 ) -> Body:
     """Remove entries older than --older-than; the newest --keep always stay. Needs one of the two."""
     if older_than is None and keep is None:
         raise typer.BadParameter("give --older-than DURATION and/or --keep N", param_hint="--older-than")
     age = parsed(parse_duration, older_than, "--older-than")
     grace_period = parsed(parse_duration, grace, "--grace")
+    writes = _writes(sse, sse_kms_key_id)
 
     async def body(common: Common) -> Outcome:
         from ..cache.entries import prune, sweep
 
-        async with open_repository(repo, common) as (reference, store):
+        async with open_repository(repo, common, writes) as (reference, store):
             pruned = await prune(
                 store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run, collect=False
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,10 @@ async def test_exact_then_newest_prefix_then_miss(where: Reference, tmp_path: Pa
 
 async def test_equal_times_pick_the_greater_key(tmp_path: Path) -> None:
     store = LayoutStore(tmp_path / "layout")
+    now = datetime.now(UTC)
     for key in ["k-a", "k-c", "k-b"]:
         await save(store, key, _tree(tmp_path / key, key.encode()))
-        await backdate(store, key, 1)  # same second for all three
+        await backdate(store, key, 1, now)  # same second for all three
     match = await find_entry(store, "k-z", ["k-"])
     assert match is not None and match.key == "k-c"
 

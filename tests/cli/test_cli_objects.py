@@ -111,11 +111,16 @@ def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any,
         (("save", str(src), ref, "--endpoint", "http://cache.example:9000"), "plain HTTP"),
         (("save", str(src), ref, "--endpoint", "ftp://cache.example"), "http(s)"),
         (("restore", "s3://Not_A_Bucket:k", str(tmp_path / "o")), "bucket"),
+        (("save", str(src), "gs://some-bucket/c:k", "--sse", "AES256"), "S3 options"),
+        (("save", str(src), "az://container/c:k", "--region", "westeurope"), "S3 options"),
+        (("save", str(src), ref, "--storage-class", "GLACIER"), "never be restored"),
+        (("save", str(src), ref, "--endpoint", "https://user:hunter2@minio.example"), "environment"),
     ]
     for args, why in cases:
         proc = cli(*args, env={**env, "REMOTE_CACHE_PASSWORD": "pw"})
         assert proc.returncode == 2, (args, proc.stderr)
         assert why in proc.stderr, (args, proc.stderr)
+        assert "hunter2" not in proc.stderr
         no_traceback(proc)
 
 

@@ -195,6 +195,18 @@ async def test_big_blobs_go_up_in_parts_and_come_down_in_ranges(
     assert len(ranged) >= 3
     assert_same_tree(src, tmp_path / "out")
 
+    # A ranged read that fails is one clear error (not a group of the window's failures).
+    from remote_cache.cache.image import load_image
+
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}", retries=0) as store:
+        await save(store, "big", src)
+        image = await load_image(store, (await store.resolve(tag_for_key("big"))).digest)
+        biggest = max(image.layers, key=lambda d: d.size)
+        proxy.fail(100, 503, method="GET", path_contains="/blobs/")
+        with pytest.raises(StoreError, match="503"):
+            async for _chunk in store.read_blob(biggest):
+                pass
+
 
 async def test_a_small_change_uploads_little(
     moto: ObjectServer,
@@ -336,3 +348,52 @@ async def test_a_blob_swept_between_a_saves_look_and_its_tag_is_uploaded_again(
         await restore(store, "new", tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
     assert any("removed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slow_upload_is_not_a_stall(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """The HTTP client's read timeout also runs while a body is sent: a blob going up slowly but
+    steadily (a slow uplink) must not be cut as stalled."""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "blob.bin").write_bytes(os.urandom(6 << 20))  # ~4 s at the rate below
+    proxy.slow_upload(1_500_000, method="PUT", path_contains="/blobs/", times=100)
+    endpoint = f"http://{proxy.host}"
+    async with bucket_store(moto, env_of, endpoint=endpoint, stall_seconds=1, retries=0) as store:
+        saved = await save(store, "k", src)
+    assert saved.bytes_uploaded > 6 << 20
+
+
+async def test_a_sweep_that_cannot_read_a_manifest_deletes_nothing(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """Not knowing what a manifest reaches (a 503 while reading it), the sweep stops: it must not
+    take that manifest's layers for garbage."""
+    import json
+
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    src = tree(tmp_path / "src", 40)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}", retries=0) as store:
+        await save(store, "k", src)
+        _desc, index = await store.get_manifest(tag_for_key("k"))
+        manifest = json.loads(index)["manifests"][0]["digest"].removeprefix("sha256:")
+        proxy.fail(100, 503, path_contains=manifest)
+        with pytest.raises(StoreError, match="503"):
+            await store.gc(grace_seconds=0)
+        proxy.clear()
+        await restore(store, "k", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+
+
+async def test_a_missing_bucket_is_an_error_not_a_miss(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """A HEAD answers a bare 404 for a missing bucket as for a missing key: a typo in the bucket's
+    name must not look like an empty cache."""
+    env_of(moto)
+    store = ObjectStore(parse_reference("s3://no-such-bucket-here/cache"))
+    with pytest.raises(StoreError, match="does not exist") as info:
+        await restore(store, "k", tmp_path / "out")
+    assert not isinstance(info.value, CacheMiss)

@@ -48,8 +48,11 @@ async def listed(store: Store, prefix: str, json_: bool) -> str:
 async def removed(store: Store, key: str, grace: timedelta | None) -> str:
     """Delete the entry under ``key``, then free what no entry uses (where the store must)."""
     validate_key(key)
-    entry = await core_entries.remove(store, key, collect=False)
-    freed = await core_entries.sweep(store, grace)
+    entry = await core_entries.remove(store, key, collect=False)  # a miss passes as it is
+    try:
+        freed = await core_entries.sweep(store, grace)
+    except RemoteCacheError as exc:
+        raise RemoteCacheError(f"remote-cache: removed {key!r}, then cannot free its blobs: {exc}") from exc
     line = f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
     return line if freed is None else f"{line}; {freed.summary()}"
 

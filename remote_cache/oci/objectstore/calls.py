@@ -31,10 +31,15 @@ async def _blocking(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
 
 
 class Calls:
-    """The obstore operations the object store uses, awaitable, none on obstore's async path."""
+    """The obstore operations the object store uses, awaitable, none on obstore's async path.
 
-    def __init__(self, client: ObstoreClient) -> None:
+    Blob uploads go through ``uploads``, a client whose read timeout is longer (see
+    :mod:`.client`): the HTTP client's read timeout also runs while a request body is sent.
+    """
+
+    def __init__(self, client: ObstoreClient, uploads: ObstoreClient) -> None:
         self._client = client
+        self._uploads = uploads
 
     async def head(self, key: str) -> dict[str, Any]:
         return dict(await _blocking(obstore.head, self._client, key))
@@ -48,11 +53,18 @@ class Calls:
     async def put(self, key: str, data: Any, **options: Any) -> None:
         await _blocking(obstore.put, self._client, key, data, **options)
 
+    async def upload(self, key: str, data: Any, **options: Any) -> None:
+        await _blocking(obstore.put, self._uploads, key, data, **options)
+
     async def delete(self, keys: str | Sequence[str]) -> None:
         await _blocking(obstore.delete, self._client, keys)
 
     async def list(self, prefix: str) -> list[dict[str, Any]]:
         return [dict(m) for m in await _blocking(lambda: obstore.list(self._client, prefix).collect())]
+
+    async def list_one(self, prefix: str) -> None:
+        """The first page of a listing (at most one key), for its errors."""
+        await _blocking(lambda: next(iter(obstore.list(self._client, prefix, chunk_size=1)), None))
 
     async def stream(self, key: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes, about ``chunk`` at a time."""

@@ -8,8 +8,14 @@
   obstore (see :mod:`.options`). ``AWS_PROFILE`` goes through boto3 (``pip install
   remote-cache[aws]``), which also reads ``~/.aws``.
 * **Stalls and retries**: each read may wait ``stall_seconds`` for bytes (``read_timeout``),
-  connecting 10 s; a whole request is bounded only loosely, so a long healthy transfer is never
-  cut. Temporary failures are retried ``retries`` times within two minutes.
+  connecting 10 s; a whole request is bounded only loosely, so a long healthy download is never
+  cut. The HTTP client's read timeout also runs while a request body is being sent (reqwest
+  #2784): blob uploads get their own client, whose requests may take ``UPLOAD_STALL_FACTOR`` times
+  as long (10 min by default: a 16 MiB part then needs 28 kB/s). Temporary failures are retried
+  ``retries`` times within two minutes.
+* **Addressing**: virtual-hosted on AWS (``BUCKET.s3.REGION.amazonaws.com``) unless the bucket
+  name has a ``.`` (its TLS certificate cannot match) or ``AWS_VIRTUAL_HOSTED_STYLE_REQUEST``
+  says otherwise; path-style with an endpoint.
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ from .options import ENCRYPTIONS, ObjectStoreOptions
 if TYPE_CHECKING:
     from obstore.store import ObjectStore as ObstoreClient
 
-__all__ = ["build_client", "endpoint_of"]
+__all__ = ["UPLOAD_STALL_FACTOR", "build_client", "endpoint_of"]
 
 _WHOLE_REQUEST = timedelta(hours=2)  # loose: stalls are caught per read instead
+#: How many stall periods one upload request may take (see the module docstring).
+UPLOAD_STALL_FACTOR = 10
+#: Storage classes whose objects cannot be read back at once: a cache there would never hit.
+_ARCHIVAL = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 _CONNECT = timedelta(seconds=10)
 _RETRY_BUDGET = timedelta(minutes=2)
 
@@ -45,13 +55,19 @@ def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None
     return None
 
 
-def _client_options(endpoint: str | None, options: ObjectStoreOptions) -> dict[str, Any]:
+def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:
     allow_http = False
     if endpoint is not None:
         parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidReference(
-                f"endpoint {endpoint!r} is not an http(s):// URL, e.g. https://minio.example:9000"
+                f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
+                "https://minio.example:9000"
+            )
+        if parts.username is not None or parts.password is not None:
+            raise InvalidReference(
+                f"endpoint {parts.scheme}://…@{parts.hostname}: credentials go in the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URL"
             )
         if parts.scheme == "http":
             if not (options.plain_http or is_loopback(parts.netloc)):
@@ -60,10 +76,11 @@ def _client_options(endpoint: str | None, options: ObjectStoreOptions) -> dict[s
                     "(plain_http=True) to allow it, or use https://"
                 )
             allow_http = True
+    stall = options.stall_seconds * (UPLOAD_STALL_FACTOR if uploads else 1)
     return {
         "allow_http": allow_http,
         "connect_timeout": _CONNECT,
-        "read_timeout": timedelta(seconds=options.stall_seconds),
+        "read_timeout": timedelta(seconds=stall),
         "timeout": _WHOLE_REQUEST,
         "user_agent": TOOL,
     }
@@ -81,21 +98,24 @@ def _retry(options: ObjectStoreOptions) -> dict[str, Any]:
     }
 
 
-def _s3(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+def _s3(
+    reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
+) -> ObstoreClient:
     from obstore.store import S3Store
 
     config: dict[str, Any] = {}
     if endpoint is not None:
         config["endpoint"] = endpoint.rstrip("/")
         config["virtual_hosted_style_request"] = False
-    else:
-        config["virtual_hosted_style_request"] = True
+    elif not os.environ.get("AWS_VIRTUAL_HOSTED_STYLE_REQUEST"):
+        config["virtual_hosted_style_request"] = "." not in reference.bucket
     if options.region:
         config["region"] = options.region
-    if options.access_key_id or options.secret_access_key:
+    if options.access_key_id or options.secret_access_key or options.session_token:
         if not (options.access_key_id and options.secret_access_key):
             raise StoreError(
-                "an access key id was given without its secret access key, or the reverse: give both"
+                "an access key id, a secret access key and maybe a session token go together: give the "
+                "first two at least"
             )
         config["access_key_id"] = options.access_key_id
         config["secret_access_key"] = options.secret_access_key
@@ -109,12 +129,17 @@ def _s3(reference: Reference, endpoint: str | None, options: ObjectStoreOptions)
         config["server_side_encryption"] = options.encryption
         if options.kms_key_id:
             config["sse_kms_key_id"] = options.kms_key_id
+    if options.storage_class.upper() in _ARCHIVAL:
+        raise InvalidReference(
+            f"storage class {options.storage_class}: its objects cannot be read back at once, so a cache "
+            "there would never be restored; use STANDARD, STANDARD_IA, INTELLIGENT_TIERING or GLACIER_IR"
+        )
     provider = _profile_provider(options)
     return S3Store(
         reference.bucket,
         prefix=reference.prefix or None,
         config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
         retry_config=_retry(options),  # type: ignore[arg-type]
         credential_provider=provider,
     )
@@ -135,7 +160,9 @@ def _profile_provider(options: ObjectStoreOptions) -> Any:
     return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
 
 
-def _gcs(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+def _gcs(
+    reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
+) -> ObstoreClient:
     from obstore.store import GCSStore
 
     config: dict[str, Any] = {}
@@ -145,12 +172,14 @@ def _gcs(reference: Reference, endpoint: str | None, options: ObjectStoreOptions
         reference.bucket,
         prefix=reference.prefix or None,
         config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
         retry_config=_retry(options),  # type: ignore[arg-type]
     )
 
 
-def _azure(reference: Reference, endpoint: str | None, options: ObjectStoreOptions) -> ObstoreClient:
+def _azure(
+    reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
+) -> ObstoreClient:
     from obstore.store import AzureStore
 
     config: dict[str, Any] = {}
@@ -160,15 +189,23 @@ def _azure(reference: Reference, endpoint: str | None, options: ObjectStoreOptio
         reference.bucket,
         prefix=reference.prefix or None,
         config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options),  # type: ignore[arg-type]
+        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
         retry_config=_retry(options),  # type: ignore[arg-type]
     )
 
 
-def build_client(reference: Reference, options: ObjectStoreOptions) -> ObstoreClient:
-    """The obstore client for ``s3://``, ``gs://`` or ``az://`` ``BUCKET/PREFIX``."""
+def build_client(
+    reference: Reference, options: ObjectStoreOptions, *, uploads: bool = False
+) -> ObstoreClient:
+    """The obstore client for ``s3://``, ``gs://`` or ``az://`` ``BUCKET/PREFIX`` (``uploads``:
+    the one for blob uploads, with the longer read timeout)."""
     endpoint = endpoint_of(reference, options)
     build = {"s3": _s3, "gs": _gcs, "az": _azure}.get(reference.scheme)
     if build is None:
         raise InvalidReference(f"{reference} is not an object store reference (s3://, gs://, az://)")
-    return build(reference, endpoint, options)
+    if reference.scheme != "s3" and (options.encryption or options.kms_key_id or options.region):
+        raise InvalidReference(
+            f"{reference.location}: server-side encryption and the region are S3 options; the bucket's "
+            "own settings apply for gs:// and az://"
+        )
+    return build(reference, endpoint, options, uploads)

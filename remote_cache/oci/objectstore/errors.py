@@ -18,6 +18,7 @@ from obstore.exceptions import (
     AlreadyExistsError,
     BaseError,
     NotFoundError,
+    NotSupportedError,
     PermissionDeniedError,
     PreconditionError,
     UnauthenticatedError,
@@ -25,14 +26,37 @@ from obstore.exceptions import (
 
 from ...errors import StoreAuthError, StoreError, StoreUnreachable
 
-__all__ = ["NOT_FOUND", "RACE_LOST", "translated"]
+__all__ = ["NOT_FOUND", "RACE_LOST", "UNSUPPORTED", "refuses_conditional", "translated"]
 
 #: Exceptions that mean "no such object" (callers turn it into a miss or a missing blob).
 NOT_FOUND = (FileNotFoundError, NotFoundError)
 #: Exceptions that mean a conditional write found the object there (or changed).
 RACE_LOST = (AlreadyExistsError, PreconditionError)
+#: The client will not send a conditional write (switched off for this store).
+UNSUPPORTED = (NotSupportedError,)
 _KIND = re.compile(r"kind: (\w+)")
+_REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthenticationFailed",
+                  "AuthorizationFailure", "NoCredentialProviders")  # fmt: skip
+_CREDENTIALS = {
+    "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the "
+    "bucket's policy",
+    "az": "check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or the SAS, or the identity) "
+    "and the container's access",
+    "gs": "check GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS and the bucket's IAM",
+}
+
+
+def _credentials_hint(location: str) -> str:
+    return _CREDENTIALS.get(location.split("://", 1)[0], _CREDENTIALS["s3"])
+
+
 _PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again cannot help soon
+
+
+def refuses_conditional(exc: BaseException) -> bool:
+    """A server's answer that it does not implement a conditional write (501, NotImplemented)."""
+    text = str(exc).split("\n\nDebug source", 1)[0]
+    return isinstance(exc, BaseError) and ("501" in text or "NotImplemented" in text)
 
 
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
@@ -57,8 +81,8 @@ def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Itera
         raise
     except (PermissionDeniedError, UnauthenticatedError) as exc:
         raise StoreAuthError(
-            f"cannot {action}: {location} refused the credentials ({_summary(exc, secrets)}); check "
-            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the bucket's policy"
+            f"cannot {action}: {location} refused the credentials ({_summary(exc, secrets)}); "
+            f"{_credentials_hint(location)}"
         ) from exc
     except BaseError as exc:
         raise _generic(location, action, exc, secrets) from exc
@@ -69,14 +93,13 @@ def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Itera
 def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str]) -> StoreError:
     summary = _summary(exc, secrets)
     kind = _KIND.search(str(exc))
-    if "NoSuchBucket" in summary:
+    if "NoSuchBucket" in summary or "ContainerNotFound" in summary:
         return StoreError(
             f"cannot {action}: the bucket of {location} does not exist (check its name and region)"
         )
-    if "AccessDenied" in summary or "InvalidAccessKeyId" in summary or "SignatureDoesNotMatch" in summary:
+    if any(code in summary for code in _REFUSED_CODES):
         return StoreAuthError(
-            f"cannot {action}: {location} refused the credentials ({summary}); check AWS_ACCESS_KEY_ID / "
-            "AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the bucket's policy"
+            f"cannot {action}: {location} refused the credentials ({summary}); {_credentials_hint(location)}"
         )
     if kind is not None:
         name = kind.group(1)

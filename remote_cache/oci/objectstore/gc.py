@@ -9,17 +9,26 @@ clock cannot shorten the grace period.
 
 Against a save running at the same time: its new blobs are fresh; a blob it reuses was marked
 before it looked, and the sweep looks at the mark again right before each delete; its tag, once
-written, makes its blobs referenced. So a saved entry keeps its blobs as long as a save takes less
-than the grace period (default one hour).
+written, makes its blobs referenced; and after writing it the save looks at the blobs it reused
+once more and uploads any that went (``ObjectStore._check_reused``). One window stays open: a
+save that marks and looks at a blob between the sweep's last look and its delete, and finishes
+its own last look before that delete lands (a delete held up by retries). The sweep notices it
+afterwards (the mark is newer than its look) and warns; the entry must then be saved again. A
+saved entry otherwise keeps its blobs as long as a save takes less than the grace period
+(default one hour).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ...errors import CacheMiss, RemoteCacheError
+import anyio
+
+from ...errors import CacheMiss
+from ...tasks import first_error
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
 if TYPE_CHECKING:
@@ -28,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["children", "collect_garbage", "reachable"]
 
 _DOCUMENT_TYPES = MANIFEST_TYPES | INDEX_TYPES
+log = logging.getLogger("remote_cache")
 
 
 def children(body: bytes) -> tuple[list[str], list[str]]:
@@ -75,9 +85,11 @@ async def reachable(store: ObjectStore) -> set[str]:
                 continue
             try:
                 _desc, child_body = await store.get_manifest(child)
-            except RemoteCacheError:
-                keep.add(child)  # missing or unreadable: keep what can be kept
+            except CacheMiss:
+                keep.add(child)  # gone already: its entry is broken, nothing more to keep
                 continue
+            # Any other failure (a 503, a timeout) leaves: not knowing what a manifest reaches,
+            # the sweep must not delete anything.
             pending.append((child, child_body))
     return keep
 
@@ -87,28 +99,66 @@ def _touched(*metas: dict[str, Any] | None) -> datetime | None:
     return max(times) if times else None
 
 
+async def _warn_if_relied_on(store: ObjectStore, digest: str, seen: dict[str, Any] | None) -> None:
+    """After deleting a blob: a mark newer than the one looked at means a save relied on it
+    meanwhile (warn, keep the mark); else the mark goes too."""
+    _blob, mark = await store.head_blob_and_mark(digest)
+    if mark is None:
+        return
+    if seen is None or mark["last_modified"] > seen["last_modified"]:
+        log.warning(
+            "a save relied on blob %s while this sweep deleted it from %s; if an entry saved just now "
+            "fails to restore, save it again",
+            digest,
+            store.location,
+        )
+    else:
+        await store.remove_mark(digest)
+
+
+#: Blobs looked at (and deleted) at a time.
+SWEEP_JOBS = 16
+
+
+async def _sweep_one(store: ObjectStore, digest: str, cutoff: datetime) -> int | None:
+    """Delete one unreferenced blob if it is still untouched since ``cutoff``; its size, or None."""
+    # Look again right before deleting: a save may have marked it since the listing.
+    blob, mark = await store.head_blob_and_mark(digest)
+    last = _touched(blob, mark)
+    if blob is None or (last is not None and last > cutoff):
+        return None
+    await store.remove_blob(digest)
+    await _warn_if_relied_on(store, digest, mark)
+    return int(blob["size"])
+
+
 async def collect_garbage(store: ObjectStore, grace_seconds: float) -> tuple[int, int]:
     """Delete unreferenced blobs untouched for ``grace_seconds``; (blobs removed, bytes freed)."""
     cutoff = await store.server_time() - timedelta(seconds=grace_seconds)
     keep = await reachable(store)
     blobs = await store.listing("blobs/sha256/")
     marks = await store.listing("touched/sha256/")
-    removed = freed = 0
-    for digest, meta in blobs.items():
-        if digest in keep:
-            continue
-        last = _touched(meta, marks.get(digest))
-        if last is not None and last > cutoff:
-            continue
-        # Look again right before deleting: a save may have marked it since the listing.
-        blob, mark = await store.head_blob_and_mark(digest)
-        last = _touched(blob, mark)
-        if blob is None or (last is not None and last > cutoff):
-            continue
-        await store.remove_blob(digest)
-        removed += 1
-        freed += int(blob["size"])
+    candidates = [
+        digest
+        for digest, meta in blobs.items()
+        if digest not in keep and not ((last := _touched(meta, marks.get(digest))) and last > cutoff)
+    ]
+    freed: list[int] = []
+    limiter = anyio.Semaphore(SWEEP_JOBS)
+
+    async def sweep(digest: str) -> None:
+        async with limiter:
+            size = await _sweep_one(store, digest, cutoff)
+            if size is not None:
+                freed.append(size)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for digest in candidates:
+                tg.start_soon(sweep, digest)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
     for digest, mark in marks.items():
         if digest not in blobs and mark["last_modified"] <= cutoff:
             await store.remove_mark(digest)  # the mark of a blob that never came or is gone
-    return removed, freed
+    return len(freed), sum(freed)

@@ -36,6 +36,7 @@ from ...errors import (
     IntegrityError,
     StoreError,
 )
+from ...tasks import first_error
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
@@ -43,7 +44,7 @@ from ..reference import Reference
 from ..store import DEFAULT_GC_GRACE_SECONDS
 from .calls import Calls
 from .client import build_client
-from .errors import NOT_FOUND, RACE_LOST, translated
+from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, refuses_conditional, translated
 from .options import ObjectStoreOptions
 
 if TYPE_CHECKING:
@@ -73,11 +74,20 @@ class ObjectStore:
         self.reference = reference
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
-        self._calls = Calls(client if client is not None else build_client(reference, self.options))
+        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+        if client is None:
+            with self._translated("set up the client"):
+                client, uploads = (
+                    build_client(reference, self.options),
+                    build_client(reference, self.options, uploads=True),
+                )
+        else:
+            uploads = client
+        self._calls = Calls(client, uploads)
         self._conditional: bool | None = None  # does the server honour If-None-Match? (probed once)
         self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
         self._written: dict[str, bytes] = {}  # manifests written, to walk from a tag without GETs
-        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+        self._bucket_checked = False
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.location!r})"
@@ -91,7 +101,7 @@ class ObjectStore:
 
     @staticmethod
     def _touch_key(digest: str) -> str:
-        return "touched/sha256/" + digest.removeprefix("sha256:")
+        return "touched/sha256/" + check_digest(digest).removeprefix("sha256:")
 
     @staticmethod
     def _tag_key(tag: str) -> str:
@@ -109,6 +119,14 @@ class ObjectStore:
                 return await self._calls.get(key)
             except NOT_FOUND:
                 return None
+
+    async def _check_bucket(self) -> None:
+        """A HEAD answers a plain 404 for a missing bucket as for a missing object: before calling
+        something a miss, list one key, whose error names the bucket's absence (once per store)."""
+        if not self._bucket_checked:
+            with self._translated("read the bucket"):
+                await self._calls.list_one(".remote-cache/")
+            self._bucket_checked = True
 
     async def _head(self, key: str, what: str) -> dict[str, Any] | None:
         with self._translated(f"check {what}"):
@@ -131,6 +149,7 @@ class ObjectStore:
         else:
             body = await self._read_small(self._tag_key(reference), f"tag {reference}")
         if body is None:
+            await self._check_bucket()
             raise CacheMiss(reference, self.location)
         digest = sha256_digest(body)
         if is_digest(reference) and digest != reference:
@@ -174,9 +193,12 @@ class ObjectStore:
             if await self._head(self._blob_key(digest), f"blob {digest}") is None:
                 gone.append(digest)
 
-        async with anyio.create_task_group() as tg:
-            for digest in reused:
-                tg.start_soon(check, digest)
+        try:
+            async with anyio.create_task_group() as tg:
+                for digest in reused:
+                    tg.start_soon(check, digest)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
         if gone:
             raise BlobsSwept(sorted(gone), self.location)
 
@@ -200,12 +222,18 @@ class ObjectStore:
         if self._conditional is None:
             key = f".remote-cache/probe-{secrets.token_hex(8)}"
             with self._translated("probe conditional writes"):
-                await self._calls.put(key, b"probe", mode="create")
                 try:
+                    await self._calls.put(key, b"probe", mode="create")
                     await self._calls.put(key, b"probe", mode="create")
                     self._conditional = False
                 except RACE_LOST:
                     self._conditional = True
+                except UNSUPPORTED:  # switched off in the client
+                    self._conditional = False
+                except Exception as exc:
+                    if not refuses_conditional(exc):  # a 501 from the server: same as ignoring it
+                        raise
+                    self._conditional = False
                 finally:
                     await self._calls.delete(key)
             if not self._conditional:
@@ -258,7 +286,7 @@ class ObjectStore:
             return False
         attributes = {"Storage-Class": self.options.storage_class} if self.options.storage_class else None
         with self._translated(f"upload blob {desc.digest}"):
-            await self._calls.put(
+            await self._calls.upload(
                 key,
                 source,
                 attributes=attributes,
@@ -299,9 +327,12 @@ class ObjectStore:
         for first in range(0, len(starts), RANGE_WINDOW):
             window = starts[first : first + RANGE_WINDOW]
             pieces: dict[int, bytes] = {}
-            async with anyio.create_task_group() as tg:
-                for start in window:
-                    tg.start_soon(self._fetch_range, key, desc, start, pieces)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for start in window:
+                        tg.start_soon(self._fetch_range, key, desc, start, pieces)
+            except BaseExceptionGroup as group:
+                raise first_error(group) from None
             for start in window:
                 yield pieces[start]
 
@@ -346,7 +377,8 @@ class ObjectStore:
         """Digest -> object metadata of the ``blobs/`` or ``touched/`` objects."""
         with self._translated(f"list {prefix}"):
             found = await self._calls.list(prefix)
-        return {"sha256:" + str(m["path"]).rsplit("/", 1)[-1]: dict(m) for m in found}
+        named = {"sha256:" + str(m["path"]).removeprefix(prefix): dict(m) for m in found}
+        return {digest: meta for digest, meta in named.items() if is_digest(digest)}  # strays stay
 
     async def head_blob_and_mark(self, digest: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The blob's and its in-use mark's metadata now (None for what is absent)."""
@@ -356,9 +388,9 @@ class ObjectStore:
         )
 
     async def remove_blob(self, digest: str) -> None:
-        """Delete a blob and its in-use mark (absent ones are fine)."""
+        """Delete a blob (its in-use mark stays: see :mod:`.gc`)."""
         with self._translated(f"delete blob {digest}"):
-            await self._calls.delete([self._blob_key(digest), self._touch_key(digest)])
+            await self._calls.delete(self._blob_key(digest))
 
     async def remove_mark(self, digest: str) -> None:
         with self._translated(f"delete the mark of {digest}"):
