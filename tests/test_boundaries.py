@@ -199,3 +199,41 @@ def test_private_name_check_can_fail() -> None:
     source = "from remote_cache.dagger import _toolbox\nfrom remote_cache.oci.reference import _invalid\n"
     assert private_uses(source) == ["remote_cache.dagger._toolbox", "remote_cache.oci.reference._invalid"]
     assert private_uses("from remote_cache import __version__\n") == []
+
+
+#: The files where a foreign client's names and exceptions may appear: everything else sees ours.
+CLIENT_BOUNDARIES = {
+    "httpx": {
+        "oci/registry/transport.py",
+        "oci/registry/auth.py",
+        "oci/registry/errors.py",
+        "oci/registry/timeouts.py",
+    },
+    "obstore": {"oci/objectstore/calls.py", "oci/objectstore/client.py", "oci/objectstore/errors.py"},
+}
+
+
+def client_leaks(rel: str, source: str) -> list[str]:
+    """Imports of a foreign client outside its boundary files."""
+    return [
+        f"{rel} line {line} imports {name}"
+        for name, line, _func in imports(source, "remote_cache.x", False)
+        for client, allowed in CLIENT_BOUNDARIES.items()
+        if name.split(".")[0] == client and rel not in allowed
+    ]
+
+
+@pytest.mark.parametrize("path", [*package_files(), *sorted(BACKEND.rglob("*.py"))], ids=str)
+def test_foreign_clients_stop_at_their_boundary(path: Path) -> None:
+    rel = str(path.relative_to(PACKAGE)) if path.is_relative_to(PACKAGE) else path.name
+    assert client_leaks(rel, path.read_text()) == []
+
+
+def test_client_boundary_check_can_fail() -> None:
+    assert client_leaks("oci/objectstore/store.py", "from obstore.exceptions import BaseError\n") == [
+        "oci/objectstore/store.py line 1 imports obstore.exceptions",
+        "oci/objectstore/store.py line 1 imports obstore.exceptions.BaseError",
+    ]
+    assert client_leaks("cache/save.py", "def f():\n    import httpx\n") == [
+        "cache/save.py line 2 imports httpx"
+    ]

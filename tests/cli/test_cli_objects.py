@@ -155,3 +155,42 @@ def test_unreachable_or_stalled_bucket_fails_fast_with_a_clear_message(
     assert "stopped answering" in stalled.stderr and time.monotonic() - started < 30
     assert not (tmp_path / "o2").exists()
     no_traceback(stalled)
+
+
+def test_keys_from_the_aws_shared_files_as_aws_tools_read_them(
+    cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """No keys in the environment: ``~/.aws/credentials`` (read through boto3, obstore does not
+    read it) supplies them, a named profile with ``AWS_PROFILE``; the server sees that key id."""
+    env = object_env(moto)
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    (home / ".aws" / "credentials").write_text(
+        f"[default]\naws_access_key_id = FROMFILEDEFAULT\naws_secret_access_key = {secret}\n"
+        f"[ci]\naws_access_key_id = FROMFILEPROFILE\naws_secret_access_key = {secret}\n"
+    )
+    (home / ".aws" / "config").write_text("[default]\nregion = eu-west-1\n[profile ci]\nregion = eu-west-1\n")
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    files_only = {"HOME": str(home), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    ref = f"s3://{new_bucket(moto)}/c:k"
+    src = _tree(tmp_path / "src")
+
+    saved = cli("save", str(src), ref, env=files_only)
+    assert saved.returncode == 0, saved.stderr
+    assert all("Credential=FROMFILEDEFAULT/" in r.headers["authorization"] for r in proxy.requests)
+    assert all("/eu-west-1/s3/" in r.headers["authorization"] for r in proxy.requests)
+    proxy.clear()
+    restored = cli("restore", ref, str(tmp_path / "out"), env={**files_only, "AWS_PROFILE": "ci"})
+    assert restored.returncode == 0, restored.stderr
+    assert all("Credential=FROMFILEPROFILE/" in r.headers["authorization"] for r in proxy.requests)
+    assert_same_tree(src, tmp_path / "out")
+
+    # No credentials anywhere, and no metadata service (one that refuses, here): an auth error.
+    no_metadata = f"http://127.0.0.1:{free_port()}"
+    nothing = cli(
+        "restore", ref, str(tmp_path / "o2"),
+        env={"HOME": str(tmp_path), "AWS_ENDPOINT_URL": moto.endpoint, "AWS_METADATA_ENDPOINT": no_metadata},
+    )  # fmt: skip
+    assert nothing.returncode == 4, nothing.stderr
+    assert "no credentials" in nothing.stderr and "AWS_ACCESS_KEY_ID" in nothing.stderr

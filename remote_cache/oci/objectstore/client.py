@@ -5,8 +5,9 @@
   loopback hosts, or when ``plain_http`` says so. With an endpoint, S3 requests are path-style
   (``ENDPOINT/BUCKET/KEY``, what MinIO, Ceph and moto expect); without, virtual-hosted (AWS).
 * **Credentials**: explicit ones (the Dagger backend's secrets), else the environment's, read by
-  obstore (see :mod:`.options`). ``AWS_PROFILE`` goes through boto3 (``pip install
-  remote-cache[aws]``), which also reads ``~/.aws``.
+  obstore (see :mod:`.options`). With no keys in the environment, ``AWS_PROFILE`` or the shared
+  files (``~/.aws/credentials``, ``~/.aws/config``) go through boto3 when it is installed (``pip
+  install remote-cache[aws]``): obstore does not read those files itself.
 * **Stalls and retries**: each read may wait ``stall_seconds`` for bytes (``read_timeout``),
   connecting 10 s; a whole request is bounded only loosely, so a long healthy download is never
   cut. The HTTP client's read timeout also runs while a request body is being sent (reqwest
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -134,7 +136,9 @@ def _s3(
             f"storage class {options.storage_class}: its objects cannot be read back at once, so a cache "
             "there would never be restored; use STANDARD, STANDARD_IA, INTELLIGENT_TIERING or GLACIER_IR"
         )
-    provider = _profile_provider(options)
+    provider, profile_region = _profile(options)
+    if "region" not in config and profile_region and not _env_region():
+        config["region"] = profile_region
     return S3Store(
         reference.bucket,
         prefix=reference.prefix or None,
@@ -145,19 +149,49 @@ def _s3(
     )
 
 
-def _profile_provider(options: ObjectStoreOptions) -> Any:
-    """boto3's credentials for ``AWS_PROFILE`` (when no explicit or environment keys are set)."""
-    if options.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or not os.environ.get("AWS_PROFILE"):
-        return None
+def _env_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def _shared_files() -> bool:
+    """Whether an AWS shared credentials or config file is there to read."""
+    home = Path.home() / ".aws"
+    files = (
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials",
+        os.environ.get("AWS_CONFIG_FILE") or home / "config",
+    )
+    return any(Path(f).is_file() for f in files)
+
+
+def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
+    """boto3's credentials (and region) for ``AWS_PROFILE`` or the shared files (``~/.aws``), when
+    no explicit or environment keys are set; (None, None) leaves obstore's own chain (environment,
+    web identity, instance metadata)."""
+    if options.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return None, None
+    profile = os.environ.get("AWS_PROFILE")
+    if not profile and not _shared_files():
+        return None, None
     try:
         import boto3  # type: ignore[import-untyped]
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError as exc:
+        if not profile:
+            return None, None  # the files are there, but only boto3 reads them: obstore's chain it is
         raise StoreError(
             "AWS_PROFILE is set, but reading profiles needs boto3: pip install 'remote-cache[aws]', or set "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
         ) from exc
-    return Boto3CredentialProvider(boto3.Session(profile_name=os.environ["AWS_PROFILE"]))
+    key = profile or ""
+    if key not in _PROFILES:
+        session = boto3.Session(profile_name=profile) if profile else boto3.Session()
+        found = session.get_credentials() is not None
+        _PROFILES[key] = (Boto3CredentialProvider(session) if found else None, session.region_name)
+    return _PROFILES[key]
+
+
+#: boto3's provider and region per profile, once per process (each store has two clients).
+_PROFILES: dict[str, tuple[Any, str | None]] = {}
 
 
 def _gcs(

@@ -37,6 +37,9 @@ UNSUPPORTED = (NotSupportedError,)
 _KIND = re.compile(r"kind: (\w+)")
 _REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthenticationFailed",
                   "AuthorizationFailure", "NoCredentialProviders")  # fmt: skip
+#: What an error from the instance or container metadata service (asked for credentials when
+#: nothing else had them) has in its URL.
+_METADATA_MARKS = ("/latest/api/token", "/latest/meta-data", "169.254.169.254", "169.254.170.2")
 _CREDENTIALS = {
     "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the "
     "bucket's policy",
@@ -96,6 +99,11 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
     if "NoSuchBucket" in summary or "ContainerNotFound" in summary:
         return StoreError(
             f"cannot {action}: the bucket of {location} does not exist (check its name and region)"
+        )
+    if any(mark in summary for mark in _METADATA_MARKS):  # the last link of the credential chain
+        return StoreAuthError(
+            f"cannot {action}: no credentials for {location}: none in the environment or the shared "
+            f"files, and no instance or container metadata service answered; {_credentials_hint(location)}"
         )
     if any(code in summary for code in _REFUSED_CODES):
         return StoreAuthError(

@@ -24,7 +24,7 @@ import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
@@ -47,9 +47,6 @@ from .client import build_client
 from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, refuses_conditional, translated
 from .options import ObjectStoreOptions
 
-if TYPE_CHECKING:
-    from obstore.store import ObjectStore as ObstoreClient
-
 __all__ = ["ObjectStore"]
 
 log = logging.getLogger("remote_cache")
@@ -68,21 +65,14 @@ class ObjectStore:
         self,
         reference: Reference,
         options: ObjectStoreOptions | None = None,
-        *,
-        client: ObstoreClient | None = None,
     ) -> None:
         self.reference = reference
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
         self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
-        if client is None:
-            with self._translated("set up the client"):
-                client, uploads = (
-                    build_client(reference, self.options),
-                    build_client(reference, self.options, uploads=True),
-                )
-        else:
-            uploads = client
+        with self._translated("set up the client"):
+            client = build_client(reference, self.options)
+            uploads = build_client(reference, self.options, uploads=True)
         self._calls = Calls(client, uploads)
         self._conditional: bool | None = None  # does the server honour If-None-Match? (probed once)
         self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
