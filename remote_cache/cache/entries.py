@@ -19,7 +19,7 @@ from ..errors import CacheMiss, ImageFormatError, IntegrityError, RemoteCacheErr
 from ..keys import tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
-from ..tasks import first_error
+from ..tasks import first_error, for_each
 from ..units import format_bytes, format_time
 from .image import ANNOTATION_TOOL, CacheImage, load_image
 
@@ -103,20 +103,13 @@ async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list
     """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
     tags = await store.tags()
     found: list[Entry] = []
-    limiter = anyio.Semaphore(max(1, jobs))
 
     async def one(tag: str) -> None:
-        async with limiter:
-            entry = await _read_entry(store, tag)
+        entry = await _read_entry(store, tag)
         if entry is not None:
             found.append(entry)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for tag in tags:
-                tg.start_soon(one, tag)
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
+    await for_each(tags, one, jobs=jobs)
     selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
     return _newest_first(selected)
 

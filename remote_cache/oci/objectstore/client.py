@@ -194,32 +194,16 @@ def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
 _PROFILES: dict[str, tuple[Any, str | None]] = {}
 
 
-def _gcs(
+def _gcs_or_azure(
     reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
 ) -> ObstoreClient:
-    from obstore.store import GCSStore
+    from obstore.store import AzureStore, GCSStore
 
     config: dict[str, Any] = {}
     if endpoint is not None:
-        config["base_url"] = endpoint.rstrip("/")
-    return GCSStore(
-        reference.bucket,
-        prefix=reference.prefix or None,
-        config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
-        retry_config=_retry(options),  # type: ignore[arg-type]
-    )
-
-
-def _azure(
-    reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
-) -> ObstoreClient:
-    from obstore.store import AzureStore
-
-    config: dict[str, Any] = {}
-    if endpoint is not None:
-        config["endpoint"] = endpoint.rstrip("/")
-    return AzureStore(
+        config["base_url" if reference.scheme == "gs" else "endpoint"] = endpoint.rstrip("/")
+    store = GCSStore if reference.scheme == "gs" else AzureStore
+    return store(
         reference.bucket,
         prefix=reference.prefix or None,
         config=config,  # type: ignore[arg-type]
@@ -234,7 +218,7 @@ def build_client(
     """The obstore client for ``s3://``, ``gs://`` or ``az://`` ``BUCKET/PREFIX`` (``uploads``:
     the one for blob uploads, with the longer read timeout)."""
     endpoint = endpoint_of(reference, options)
-    build = {"s3": _s3, "gs": _gcs, "az": _azure}.get(reference.scheme)
+    build = {"s3": _s3, "gs": _gcs_or_azure, "az": _gcs_or_azure}.get(reference.scheme)
     if build is None:
         raise InvalidReference(f"{reference} is not an object store reference (s3://, gs://, az://)")
     if reference.scheme != "s3" and (options.encryption or options.kms_key_id or options.region):

@@ -25,10 +25,8 @@ import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from ...errors import CacheMiss
-from ...tasks import first_error
+from ...tasks import for_each
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
 if TYPE_CHECKING:
@@ -144,20 +142,13 @@ async def collect_garbage(store: ObjectStore, grace_seconds: float) -> tuple[int
         if digest not in keep and not ((last := _touched(meta, marks.get(digest))) and last > cutoff)
     ]
     freed: list[int] = []
-    limiter = anyio.Semaphore(SWEEP_JOBS)
 
     async def sweep(digest: str) -> None:
-        async with limiter:
-            size = await _sweep_one(store, digest, cutoff)
-            if size is not None:
-                freed.append(size)
+        size = await _sweep_one(store, digest, cutoff)
+        if size is not None:
+            freed.append(size)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for digest in candidates:
-                tg.start_soon(sweep, digest)
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
+    await for_each(candidates, sweep, jobs=SWEEP_JOBS)
     for digest, mark in marks.items():
         if digest not in blobs and mark["last_modified"] <= cutoff:
             await store.remove_mark(digest)  # the mark of a blob that never came or is gone

@@ -36,7 +36,7 @@ from ...errors import (
     IntegrityError,
     StoreError,
 )
-from ...tasks import first_error
+from ...tasks import first_error, for_each
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
@@ -183,12 +183,7 @@ class ObjectStore:
             if await self._head(self._blob_key(digest), f"blob {digest}") is None:
                 gone.append(digest)
 
-        try:
-            async with anyio.create_task_group() as tg:
-                for digest in reused:
-                    tg.start_soon(check, digest)
-        except BaseExceptionGroup as group:
-            raise first_error(group) from None
+        await for_each(reused, check, jobs=RANGE_WINDOW * 4)
         if gone:
             raise BlobsSwept(sorted(gone), self.location)
 
