@@ -29,13 +29,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISS_MARKER",
+    "BlobsSwept",
     "CacheMiss",
     "CacheTooLarge",
+    "DeadlineExceeded",
     "EntryExists",
     "ImageFormatError",
     "IntegrityError",
+    "Interrupted",
     "InvalidKey",
     "InvalidReference",
+    "NoSpace",
     "RegistryAuthError",
     "RegistryError",
     "RegistryUnreachable",
@@ -44,6 +48,7 @@ __all__ = [
     "StoreError",
     "StoreUnreachable",
     "UnsafeArchive",
+    "UnsuitableTarget",
     "UnsupportedOperation",
 ]
 
@@ -153,6 +158,28 @@ class RegistryError(StoreError):
 
 class UnsupportedOperation(StoreError):
     """The store does not support this operation (e.g. a registry with deletes disabled)."""
+
+
+class UnsuitableTarget(RemoteCacheError, ValueError):
+    """A restore target that cannot work (a file, not writable, a non-empty current directory)."""
+
+
+class NoSpace(RemoteCacheError):
+    """Not enough free space where a restore or save writes; says how much is needed, and where."""
+
+
+class Interrupted(RemoteCacheError):
+    """The command was stopped by a signal (SIGINT, SIGTERM) and cleaned up after itself."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class DeadlineExceeded(RemoteCacheError):
+    """The whole step took longer than its ``--deadline``."""
 
 
 class IntegrityError(RemoteCacheError):

@@ -1,8 +1,13 @@
-"""Staging directories, the atomic swap into place, and removing trees whatever their modes.
+"""Staging directories, the swap into place, and removing trees whatever their modes.
 
-A restore extracts into a private (0700) staging directory next to its target, on the same
-filesystem, and swaps it in only when everything was extracted and verified: with an existing
-target, ``renameat2(RENAME_EXCHANGE)`` exchanges the two atomically where Linux offers it.
+A restore extracts into a private (0700) staging directory on the target's filesystem and swaps
+it in only when everything was extracted and verified. Next to an ordinary target,
+``renameat2(RENAME_EXCHANGE)`` exchanges the two atomically where Linux offers it
+(:func:`replace_dir`). A target that cannot be renamed — a mount point, the current directory, a
+directory whose parent is not writable — keeps its inode: its entries are swapped instead
+(:func:`swap_entries`), under a journal written once the staging is complete, so that a run
+killed half-way is finished by the next (:func:`finish_swap`): the target ends as the old tree
+or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import secrets
 import shutil
@@ -18,7 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["discard_dir", "remove_tree_at", "replace_dir", "staging_dir"]
+__all__ = [
+    "JOURNAL",
+    "discard_dir",
+    "finish_swap",
+    "remove_tree_at",
+    "replace_dir",
+    "staging_dir",
+    "swap_entries",
+]
+
+#: The swap journal's name in a work directory: the entries to move out and in, and the root's metadata.
+JOURNAL = "swap.json"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_EXCHANGE = 2
@@ -117,3 +134,53 @@ def remove_tree_at(pfd: int, name: str) -> None:
     """Remove directory ``name`` under directory ``pfd`` and everything in it, read-only parts included."""
     _make_writable_tree(pfd, name)
     shutil.rmtree(name, dir_fd=pfd)
+
+
+def swap_entries(staging: Path, target: Path, work: Path, *, keep: Callable[[str], bool]) -> None:
+    """Replace ``target``'s entries by ``staging``'s, keeping ``target`` itself (its inode).
+
+    ``work`` (on the target's filesystem) receives the journal and, in ``old/``, the entries moved
+    out; entries of ``target`` for which ``keep(name)`` is true (work directories) stay. The root's
+    mode and times are copied from ``staging``. See :func:`finish_swap`.
+    """
+    st = os.stat(staging)
+    journal = {
+        "staging": os.path.relpath(staging, work),
+        "old": sorted(n for n in os.listdir(target) if not keep(n)),
+        "new": sorted(os.listdir(staging)),
+        "mode": stat.S_IMODE(st.st_mode),
+        "times_ns": [st.st_atime_ns, st.st_mtime_ns],
+        "owner": [st.st_uid, st.st_gid],
+    }
+    (work / "old").mkdir(exist_ok=True)
+    pending = work / f"{JOURNAL}.new"
+    with open(pending, "w") as out:
+        json.dump(journal, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.rename(pending, work / JOURNAL)  # from here on the swap is finished, never undone
+    finish_swap(work, target)
+
+
+def finish_swap(work: Path, target: Path) -> None:
+    """Carry out (or finish, after a kill) the swap journaled in ``work``; every step is idempotent.
+
+    An entry in both lists is moved out only while its new version is still in staging: once that
+    has moved in, the name in ``target`` is the new one.
+    """
+    journal = json.loads((work / JOURNAL).read_text())
+    staging, old = work / journal["staging"], work / "old"
+    new_names = set(journal["new"])
+    for name in journal["old"]:
+        if not os.path.lexists(target / name) or os.path.lexists(old / name):
+            continue
+        if name in new_names and not os.path.lexists(staging / name):
+            continue  # moved in already: this is the new one
+        os.rename(target / name, old / name)
+    for name in journal["new"]:
+        if os.path.lexists(staging / name):
+            os.rename(staging / name, target / name)
+    if os.geteuid() == 0:
+        os.chown(target, *journal["owner"])
+    os.chmod(target, journal["mode"])
+    os.utime(target, ns=tuple(journal["times_ns"]))

@@ -1,12 +1,13 @@
 """Restore a cache entry from any :class:`~remote_cache.oci.store.Store` into a directory, atomically.
 
-The phases: *resolve* (the exact key, else the newest entry under a restore key, see
-:func:`~.entries.find_entry`), *fetch and extract* (layers download concurrently into spool
-files next to the target while a worker thread extracts them in order from those same files as
-they grow, :mod:`.spool`), *swap* (the staging directory beside the target replaces it only when
-every layer was verified and extracted) and *record* (the restore window, :mod:`.evidence`).
-Any failure (integrity, unsafe archive, network) discards the staging directory and leaves the
-target exactly as it was.
+The phases: *plan* (where it can go, checked before any download, and leftovers of killed runs
+cleaned: :mod:`remote_cache.archive.target`), *resolve* (the exact key, else the newest entry
+under a restore key, see :func:`~.entries.find_entry`), *fetch and extract* (layers download
+concurrently into spool files in a work directory on the target's filesystem while a worker
+thread extracts them in order from those same files as they grow, :mod:`.spool`), *swap* (the
+staging directory replaces the target, or its entries, only when every layer was verified and
+extracted) and *record* (the restore window, :mod:`.evidence`). Any failure (integrity, unsafe
+archive, network, a signal) discards the work directory and leaves the target exactly as it was.
 
 A missing key raises :class:`~remote_cache.errors.CacheMiss`; callers (the CLI) map it to their
 "miss" exit code. It is never confused with other failures.
@@ -15,7 +16,8 @@ A missing key raises :class:`~remote_cache.errors.CacheMiss`; callers (the CLI) 
 from __future__ import annotations
 
 import contextlib
-import tempfile
+import errno
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -26,8 +28,10 @@ import anyio
 import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
-from ..archive.swap import discard_dir, replace_dir, staging_dir
-from ..errors import CacheMiss, RemoteCacheError
+from ..archive.swap import discard_dir, replace_dir, swap_entries
+from ..archive.target import IN_PLACE_PREFIX, RestoreTarget, clean_leftovers, plan_target
+from ..archive.workdirs import WorkDir
+from ..errors import CacheMiss, NoSpace, RemoteCacheError
 from ..keys import validate_key
 from ..oci.descriptor import Descriptor
 from ..oci.media import LAYER_COMPRESSION
@@ -82,6 +86,7 @@ async def restore(
     progress: Callable[[int], None] | None = None,
     jobs: int = 4,
     record_state: bool = True,
+    force: bool = False,
 ) -> RestoreResult:
     """Replace ``path`` with the entry stored under ``key``, else the newest matching a restore key.
 
@@ -90,11 +95,14 @@ async def restore(
     ``progress`` is called with each downloaded chunk's size. ``record_state`` (default) then
     records, in this machine's state (:mod:`remote_cache.cache.state`), the image's layers and the
     window during which they were extracted (no scan), so the next save of ``path`` can reuse
-    those whose files were not touched since, unread.
+    those whose files were not touched since, unread. ``force``: restore into a non-empty current
+    directory (refused otherwise, see :func:`~remote_cache.archive.target.plan_target`).
     """
     started = time.monotonic()
     validate_key(key)
     path = Path(path)
+    target = plan_target(path, force=force)
+    await anyio.to_thread.run_sync(clean_leftovers, target)
     match = await find_entry(store, key, restore_keys)
     if match is None:
         raise CacheMiss(key, store.location)
@@ -102,11 +110,15 @@ async def restore(
         image = await load_image(store, match.digest)
     except CacheMiss as exc:  # replaced or deleted between the lookup and now
         raise CacheMiss(key, store.location) from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    run = _Restore(store, image, path, jobs=jobs, progress=progress, record_state=record_state)
-    stats = await run.fetch_and_extract()
-    window = await run.window()
-    await run.swap()
+    await anyio.to_thread.run_sync(_check_space, target, image)
+    run = _Restore(store, image, target, jobs=jobs, progress=progress, record_state=record_state)
+    try:
+        stats = await run.fetch_and_extract()
+        window = await run.window()
+        await run.swap()
+    finally:
+        with anyio.CancelScope(shield=True):  # a signal's cancellation must not skip the clean-up
+            await anyio.to_thread.run_sync(run.close)
     if window is not None:
         await anyio.to_thread.run_sync(state.record_restore, path, window)
     return RestoreResult(
@@ -123,14 +135,39 @@ async def restore(
     )
 
 
+def _check_space(target: RestoreTarget, image: CacheImage) -> None:
+    """Refuse before downloading when the work directory's filesystem cannot hold the new tree
+    (the old one stays until the swap) plus the biggest compressed layer."""
+    if image.size is None:
+        return  # a foreign image: its size is not known up front
+    need = image.size + max((d.size for d in image.layers), default=0)
+    where = target.work_parent if target.work_parent.exists() else target.path.parent
+    while not where.exists():
+        where = where.parent
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise NoSpace(_space_message(target, need, free))
+
+
+def _space_message(target: RestoreTarget, need: int, free: int | None = None) -> str:
+    where = target.path if target.in_place else target.path.parent
+    have = f", {format_bytes(free)} free there" if free is not None else ""
+    return (
+        f"not enough space to restore into {target.path}: it needs about {format_bytes(need)} free in "
+        f"{where} (the new tree while the old one stays until the swap){have}"
+    )
+
+
 class _Restore:
-    """One restore of ``image`` into ``path``: spool files, a staging directory, and the phases."""
+    """One restore of ``image`` into ``target``: a work directory (spool files, the staging
+    directory, the swap's journal) and the phases."""
 
     def __init__(
         self,
         store: Store,
         image: CacheImage,
-        path: Path,
+        target: RestoreTarget,
         *,
         jobs: int,
         progress: Callable[[int], None] | None,
@@ -138,10 +175,11 @@ class _Restore:
     ) -> None:
         self._store = store
         self._image = image
-        self._path = path
+        self._target = target
         self._limiter = anyio.Semaphore(max(1, jobs))
         self._progress = progress
         self._record = record_state
+        self._work: WorkDir | None = None
         self._staging: Path | None = None
         self._spool: Path | None = None
         self._feeds: list[GrowingFile] = []
@@ -152,10 +190,15 @@ class _Restore:
 
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
-        self._staging = staging_dir(self._path)
+        self._work = await anyio.to_thread.run_sync(
+            WorkDir, self._target.work_parent, self._target.work_prefix
+        )
+        self._staging = self._work.path / "new"
+        self._staging.mkdir(mode=0o700)
         ok = False
         try:
-            self._spool = Path(tempfile.mkdtemp(prefix=".remote-cache-spool-", dir=self._path.parent))
+            self._spool = self._work.path / "spool"
+            self._spool.mkdir()
             for i in range(len(self._image.layers)):
                 part = self._spool / f"layer-{i}"
                 part.touch()
@@ -169,10 +212,13 @@ class _Restore:
                         tg.start_soon(self._download, i, desc)
                     tg.start_soon(self._extract)
             except BaseExceptionGroup as group:
-                raise first_error(group, ignore=(Aborted,)) from None
+                raise _user_facing(first_error(group, ignore=(Aborted,)), self._target, self._image) from None
+            except OSError as exc:
+                raise _user_facing(exc, self._target, self._image) from None
             ok = True
         finally:
-            await self._close_spool(ok)
+            with anyio.CancelScope(shield=True):
+                await self._close_spool(ok)
         stats = self._stats
         return (
             stats
@@ -184,22 +230,27 @@ class _Restore:
         """The restore window to record, taken before the swap (see :mod:`.evidence`), if any."""
         if not self._record or not self._diff_ids or (self._stats is not None and self._stats.whiteouts):
             return None
-        try:
-            # While the staging directory is still private: every extracted file's ctime is then
-            # before the window's end, every later change's at or after it.
-            return await anyio.to_thread.run_sync(self._make_window)
-        except BaseException:
-            await self._discard_staging()
-            raise
+        # While the staging directory is still private: every extracted file's ctime is then
+        # before the window's end, every later change's at or after it.
+        return await anyio.to_thread.run_sync(self._make_window)
 
     async def swap(self) -> None:
-        """Put the staging directory in place of the target (the old tree is removed)."""
-        assert self._staging is not None
-        try:
-            await anyio.to_thread.run_sync(replace_dir, self._staging, self._path)
-        except BaseException:
-            await self._discard_staging()
-            raise
+        """Put the staging directory in place of the target, or its entries in the target's."""
+        assert self._staging is not None and self._work is not None
+        staging, target, work = self._staging, self._target.path, self._work.path
+        if self._target.in_place:
+
+            def keep(name: str) -> bool:
+                return name.startswith(IN_PLACE_PREFIX)
+
+            await anyio.to_thread.run_sync(lambda: swap_entries(staging, target, work, keep=keep))
+        else:
+            await anyio.to_thread.run_sync(replace_dir, staging, target)
+
+    def close(self) -> None:
+        """Remove the work directory (the staging, or after an exchange the old tree) and unlock."""
+        if self._work is not None:
+            self._work.close()
 
     # -- fetch --------------------------------------------------------------------------------
 
@@ -272,7 +323,8 @@ class _Restore:
             return None
         end_ns = settle(time.time_ns())
         try:
-            root = dir_id(self._staging)
+            # In place, the target keeps its own inode (only its entries move in).
+            root = dir_id(self._target.path if self._target.in_place else self._staging)
         except OSError:
             return None
         return RestoreWindow(self._window_start, end_ns, root, layers)
@@ -284,9 +336,25 @@ class _Restore:
             feed.close()
         if self._spool is not None:
             await anyio.to_thread.run_sync(discard_dir, self._spool)
-        if not ok:
-            await self._discard_staging()
 
-    async def _discard_staging(self) -> None:
-        if self._staging is not None:
-            await anyio.to_thread.run_sync(discard_dir, self._staging)
+
+def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -> BaseException:
+    """The error as a user should read it: a full disk says how much is needed where; paths in
+    the work directory are shown as the target's."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return NoSpace(
+            _space_message(target, (image.size or 0) + max((d.size for d in image.layers), default=0))
+        )
+    if isinstance(exc, OSError) and exc.filename is not None:
+        shown = _shown_path(str(exc.filename), target)
+        return type(exc)(exc.errno, f"{exc.strerror}: {shown}")
+    return exc
+
+
+def _shown_path(name: str, target: RestoreTarget) -> str:
+    """A path under a work directory's ``new/`` shown where it will be in the target."""
+    _head, sep, tail = name.partition(target.work_prefix)
+    if not sep:
+        return name
+    rest = tail.split("/", 2)
+    return str(target.path / rest[2]) if len(rest) == 3 and rest[1] == "new" else str(target.path)

@@ -12,10 +12,10 @@ key untouched.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..archive.pack import Compression, pack_tree
+from ..archive.pack import Compression, PackedLayer, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
@@ -355,8 +356,8 @@ async def _pack_and_upload(
     to_pack = TreeScan(
         scan.root, tuple(p for p, slot in zip(scan.layers, slots, strict=True) if slot is None), scan.stats
     )
-    spool = Path(tempfile.mkdtemp(prefix="remote-cache-save-"))
-    packed = pack_tree(to_pack, compression=compression, level=level, spool_dir=spool)
+    work = await anyio.to_thread.run_sync(_spool_dir)
+    packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path))
     uploads = _Uploads(store, jobs, progress)
     try:
         async with anyio.create_task_group() as tg:
@@ -364,7 +365,7 @@ async def _pack_and_upload(
                 if slot is not None:
                     uploads.moved(slot[0].size)
                     continue
-                layer = await anyio.to_thread.run_sync(next, packed, None)
+                layer = await anyio.to_thread.run_sync(packed.next)
                 if layer is None:
                     raise RuntimeError("the packer yielded fewer layers than planned")
                 media_type = layer_media_type(layer.compression)
@@ -374,9 +375,41 @@ async def _pack_and_upload(
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     finally:
-        await anyio.to_thread.run_sync(packed.close)
-        await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
+        with anyio.CancelScope(shield=True):  # a signal's cancellation must not skip the clean-up
+            await anyio.to_thread.run_sync(packed.close)
+            await anyio.to_thread.run_sync(work.close)
     return uploads.layers, uploads.bytes
+
+
+#: Name prefix of a save's spool directory in the temporary directory.
+SPOOL_PREFIX = "remote-cache-save-"
+
+
+def _spool_dir() -> WorkDir:
+    """A fresh spool directory in the temporary directory, after removing those of dead saves."""
+    tmp = Path(tempfile.gettempdir())
+    sweep_dead(tmp, SPOOL_PREFIX)
+    return WorkDir(tmp, SPOOL_PREFIX)
+
+
+class _Packer:
+    """The packing generator, stepped from worker threads one at a time and closed only when no
+    step is running: a cancelled wait for ``next`` does not stop the thread inside it, and
+    closing a generator another thread is executing raises ValueError."""
+
+    def __init__(self, layers: Iterator[PackedLayer]) -> None:
+        self._layers = layers
+        self._lock = threading.Lock()
+
+    def next(self) -> PackedLayer | None:
+        with self._lock:
+            return next(self._layers, None)
+
+    def close(self) -> None:
+        with self._lock:
+            close = getattr(self._layers, "close", None)
+            if close is not None:
+                close()
 
 
 def _compression(name: str) -> Compression:

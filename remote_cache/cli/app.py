@@ -80,6 +80,7 @@ class Common:
     password_stdin: bool = False
     plain_http: bool = False
     timeout: float | None = None
+    deadline: str | None = None
     endpoint: str | None = None
     region: str | None = None
     json: bool = False
@@ -104,7 +105,18 @@ PlainHttpOpt = Annotated[
 TimeoutOpt = Annotated[
     float | None,
     typer.Option(
-        "--timeout", metavar="SECONDS", min=0.1, help="Network timeout in seconds for each request."
+        "--timeout",
+        metavar="SECONDS",
+        min=0.1,
+        help="Stall timeout: a store that sends nothing for this long has stalled (default 60).",
+    ),
+]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--deadline",
+        metavar="DURATION",
+        help="Stop the whole step (cleaning up) after this long, e.g. 10m; exit 1, or 0 with --fail-open.",
     ),
 ]
 EndpointOpt = Annotated[
@@ -149,6 +161,7 @@ def _global_options(
     password_stdin: PasswordStdinOpt = False,
     plain_http: PlainHttpOpt = False,
     timeout: TimeoutOpt = None,
+    deadline: DeadlineOpt = None,
     endpoint: EndpointOpt = None,
     region: RegionOpt = None,
     json_: JsonOpt = False,
@@ -159,7 +172,9 @@ def _global_options(
 
     The common options work before the command (remote-cache --json ls REPO) or after it.
     """
-    ctx.obj = Common(username, password_stdin, plain_http, timeout, endpoint, region, json_, quiet, fail_open)
+    ctx.obj = Common(
+        username, password_stdin, plain_http, timeout, deadline, endpoint, region, json_, quiet, fail_open
+    )
 
 
 #: The common options as parameters (in the order of the fields of Common), declared once above
@@ -259,7 +274,10 @@ async def _store(
     try:
         yield store
     finally:
-        await store.aclose()
+        import anyio
+
+        with anyio.CancelScope(shield=True):  # closed even when a signal cancelled the command
+            await store.aclose()
 
 
 @asynccontextmanager
@@ -327,17 +345,64 @@ def _show_warnings() -> None:
     logger.setLevel(logging.WARNING)
 
 
+async def _main(body: Body, common: Common, deadline: float | None) -> Outcome:
+    """Run ``body`` under the signals and the deadline.
+
+    SIGINT or SIGTERM cancels it: every clean-up runs (work directories, spool files) and
+    :class:`Interrupted` says which signal; a second signal exits at once (the next run removes
+    what is left, see :mod:`remote_cache.archive.workdirs`). ``deadline`` seconds stop it the same
+    way, as :class:`DeadlineExceeded`.
+    """
+    import asyncio
+    import signal
+
+    import anyio
+
+    from ..errors import DeadlineExceeded, Interrupted
+
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+    with anyio.CancelScope() as scope:
+
+        def on_signal(signum: int) -> None:
+            if received:
+                os._exit(128 + signum)
+            received.append(signum)
+            scope.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            with anyio.fail_after(deadline):
+                return await body(common)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the step ran longer than --deadline {common.deadline}: stopped and cleaned up"
+            ) from None
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+    raise Interrupted(received[0])
+
+
 def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
     import asyncio
+
+    from ..errors import Interrupted
+    from ..units import parse_duration
 
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     _show_warnings()
     try:
         common = _read_password(common)
-        outcome = asyncio.run(body(common))
-    except KeyboardInterrupt:
-        _stderr_line(f"{PROG}: interrupted")
+        deadline = parsed(parse_duration, common.deadline, "--deadline")
+        outcome = asyncio.run(_main(body, common, deadline.total_seconds() if deadline else None))
+    except Interrupted as exc:
+        _stderr_line(f"{PROG}: {exc}")
+        raise typer.Exit(128 + exc.signum) from None
+    except KeyboardInterrupt:  # before the handlers were in place
+        _stderr_line(f"{PROG}: interrupted by SIGINT")
         raise typer.Exit(130) from None
     except Exception as exc:
         if debug:

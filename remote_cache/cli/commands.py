@@ -191,6 +191,9 @@ def _restore(
             "tried in order (as actions/cache restore-keys).",
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Restore into the current directory even when it is not empty.")
+    ] = False,
 ) -> Body:
     """Restore the entry REF into PATH, replacing PATH atomically; exit 3 when there is no entry.
 
@@ -209,6 +212,7 @@ def _restore(
                         path,
                         restore_keys=tuple(restore_key or ()),
                         progress=bar,
+                        force=force,
                         **given(jobs=jobs),
                     )
             except CacheMiss:

@@ -11,17 +11,20 @@ from ..errors import (
     CacheTooLarge,
     InvalidKey,
     InvalidReference,
+    NoSpace,
     RemoteCacheError,
     StoreAuthError,
+    UnsuitableTarget,
     UnsupportedOperation,
 )
 
 __all__ = ["EXIT_HELP", "ExitCode", "UsageError", "exit_code_for"]
 
 EXIT_HELP = (
-    "Exit codes: 0 ok; 1 error (store, network, integrity); 2 usage error; 3 cache miss; "
-    "4 authentication error; 5 refused (over --max-size, deletes not allowed). "
-    "--fail-open makes every failure but a usage error a warning with exit 0."
+    "Exit codes: 0 ok; 1 error (store, network, integrity, --deadline); 2 usage error (also a "
+    "target that cannot be restored into); 3 cache miss; 4 authentication error; 5 refused (over "
+    "--max-size, not enough disk space, deletes not allowed); 130/143 interrupted by SIGINT/SIGTERM. "
+    "--fail-open makes every failure but a usage error or an interruption a warning with exit 0."
 )
 
 
@@ -44,10 +47,10 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code for an exception: the single place where errors meet exit codes."""
     if isinstance(exc, CacheMiss):
         return ExitCode.MISS
-    if isinstance(exc, UsageError | InvalidKey | InvalidReference | typer.BadParameter):
+    if isinstance(exc, UsageError | InvalidKey | InvalidReference | UnsuitableTarget | typer.BadParameter):
         return ExitCode.USAGE
     if isinstance(exc, StoreAuthError):
         return ExitCode.AUTH
-    if isinstance(exc, UnsupportedOperation | CacheTooLarge):
+    if isinstance(exc, UnsupportedOperation | CacheTooLarge | NoSpace):
         return ExitCode.REFUSED
     return ExitCode.ERROR

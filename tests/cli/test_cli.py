@@ -347,6 +347,7 @@ def test_every_command_takes_the_common_options_before_or_after_it(
         "password_stdin",
         "plain_http",
         "timeout",
+        "deadline",
         "endpoint",
         "region",
         "json_",

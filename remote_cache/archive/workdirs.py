@@ -1,0 +1,84 @@
+"""Work directories that say whether their run is alive, so the next run can clean up after a kill.
+
+A restore stages next to (or inside) its target and a save spools packed layers in the temporary
+directory; a run killed with SIGKILL, or by a CI runner's timeout, leaves them behind, hundreds of
+megabytes each. Each work directory holds a ``lock`` file its process keeps an exclusive
+``flock`` on: the kernel drops it when the process dies, however it dies, and PID reuse or PID
+namespaces cannot fool it. :func:`sweep_dead` removes the work directories nobody holds (after
+``recover`` has had its say, e.g. to finish an interrupted swap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+from .swap import discard_dir
+
+__all__ = ["WorkDir", "sweep_dead"]
+
+_LOCK = "lock"
+
+
+class WorkDir:
+    """A fresh private (0700) directory ``parent/PREFIX<random>``, locked while this object lives."""
+
+    def __init__(self, parent: Path, prefix: str) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = parent / f"{prefix}{secrets.token_hex(6)}"
+        self.path.mkdir(mode=0o700)
+        # Locked before it gets its name: a sweeper never sees an unlocked ``lock`` of a live run.
+        pending = self.path / f"{_LOCK}.new"
+        self._fd: int | None = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.rename(pending, self.path / _LOCK)
+
+    def close(self, *, remove: bool = True) -> None:
+        """Remove the directory (unless ``remove`` is false) and release the lock; idempotent."""
+        if remove:
+            discard_dir(self.path)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds ``path``'s lock (a directory without one counts as held)."""
+    try:
+        fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return True  # not ours, or still being created: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock we may have taken
+    return False
+
+
+def sweep_dead(parent: Path, prefix: str, recover: Callable[[Path], None] | None = None) -> list[Path]:
+    """Remove ``parent``'s work directories named ``PREFIX…`` whose run is dead; the removed paths.
+
+    ``recover(path)`` runs first on each (it may finish what the dead run was doing). A directory
+    that cannot be removed (permissions) is left alone: it is a leftover, not a failure of ours.
+    """
+    removed: list[Path] = []
+    try:
+        names = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
+    except OSError:
+        return removed
+    for name in names:
+        path = parent / name
+        if path.is_symlink() or not path.is_dir() or _held(path):
+            continue
+        with contextlib.suppress(OSError):
+            if recover is not None:
+                recover(path)
+            discard_dir(path)
+            removed.append(path)
+    return removed

@@ -1,0 +1,187 @@
+"""Restore targets: symlinks, mount points, the current directory, refusals before any download,
+and a swap killed half-way (a real SIGKILL to a real process) that the next run finishes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target
+from remote_cache.cache.restore import restore
+from remote_cache.cache.save import save
+from remote_cache.errors import UnsuitableTarget
+from remote_cache.oci.layout import LayoutStore
+from tests.trees import assert_same_tree, snapshot
+
+
+def _tree(root: Path, text: str) -> Path:
+    for i in range(6):
+        (root / f"d{i}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i}" / "f.txt").write_text(f"{text} {i}\n")
+    (root / f"only-{text}").write_text(text)
+    return root
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Path:
+    """A real tmpfs mount (root can mount here; elsewhere the test says why it cannot run)."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+async def test_restore_into_a_mount_point_keeps_the_mount(tmp_path: Path, mount_point: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    _tree(mount_point, "old")
+    plan = plan_target(mount_point)
+    assert plan.in_place
+    await restore(store, "k", mount_point)
+    assert os.path.ismount(mount_point)
+    assert_same_tree(src, mount_point)
+
+
+async def test_restore_through_a_symlink_fills_what_it_points_to(tmp_path: Path) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    real = _tree(tmp_path / "cache", "old")
+    link = tmp_path / "home" / ".npm"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    await restore(store, "k", link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert_same_tree(src, real)
+
+
+async def test_the_current_directory_needs_force_and_keeps_its_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    here = _tree(tmp_path / "here", "old")
+    monkeypatch.chdir(here)
+    before = snapshot(here)
+    with pytest.raises(UnsuitableTarget, match="--force"):
+        await restore(store, "k", Path("."))
+    assert snapshot(here) == before
+    inode = here.stat().st_ino
+    await restore(store, "k", Path("."), force=True)
+    assert here.stat().st_ino == inode
+    assert_same_tree(src, here)
+
+
+def test_targets_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UnsuitableTarget, match="not a directory"):
+        plan_target(tmp_path / "file")
+    with pytest.raises(UnsuitableTarget, match="not a directory"):
+        plan_target(tmp_path / "file" / "below")
+
+
+def test_the_cli_refuses_a_bad_target_before_asking_the_store(tmp_path: Path) -> None:
+    """A target that is a file: exit 2 with the reason, and the store was never read (a registry
+    that does not exist would otherwise be the error)."""
+    (tmp_path / "file").write_text("x")
+    cli = str(Path(sys.executable).parent / "remote-cache")
+    proc = subprocess.run(
+        [cli, "restore", "127.0.0.1:9/none/here:k", str(tmp_path / "file")],
+        capture_output=True, text=True, env={**os.environ, "REMOTE_CACHE_STATE_DIR": str(tmp_path / "s")},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "is not a directory" in proc.stderr and "127.0.0.1:9" not in proc.stderr
+
+
+_SWAP_THEN_DIE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from remote_cache.archive import swap
+    from remote_cache.archive.target import IN_PLACE_PREFIX
+    from remote_cache.archive.workdirs import WorkDir
+
+    target, staged, after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    work = WorkDir(target, IN_PLACE_PREFIX)
+    staging = work.path / "new"
+    os.rename(staged, staging)
+    renames = 0
+    real_rename = os.rename
+
+    def rename(a, b):
+        global renames
+        if renames == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        renames += 1
+        real_rename(a, b)
+
+    os.rename = rename
+    swap.swap_entries(staging, target, work.path, keep=lambda n: n.startswith(IN_PLACE_PREFIX))
+    """
+)
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 5, 7, 9, 12])
+def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, after: int) -> None:
+    """SIGKILL after ``after`` renames of an in-place swap. The first rename puts the journal in
+    place: killed before it, the next run rolls back (the old tree); after it, the target is a mix
+    until the next run finishes the swap (the new tree). Never a mix after the next run."""
+    new = _tree(tmp_path / "new", "new")
+    target = _tree(tmp_path / "target", "old")
+    expected = snapshot(new) if after > 0 else snapshot(target)
+    staged = tmp_path / "staged"
+    subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
+    proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
+    assert proc.returncode == -9, "the swap was killed"
+    assert [p.name for p in target.iterdir() if p.name.startswith(IN_PLACE_PREFIX)], "its work is left"
+    clean_leftovers(plan_target(target))
+    assert snapshot(target) == expected
+    assert not [p for p in target.iterdir() if p.name.startswith(IN_PLACE_PREFIX)]
+
+
+def test_a_restore_killed_before_its_swap_is_rolled_back(tmp_path: Path) -> None:
+    """Killed while staging (no journal yet): the next run discards the work; the old tree stays."""
+    target = _tree(tmp_path / "target", "old")
+    before = snapshot(target)
+    code = (
+        "import os, signal, sys\nfrom pathlib import Path\n"
+        "from remote_cache.archive.workdirs import WorkDir\n"
+        "w = WorkDir(Path(sys.argv[1]), sys.argv[2]); (w.path / 'new').mkdir()\n"
+        "(w.path / 'new' / 'half').write_text('x'); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(target), IN_PLACE_PREFIX])
+    assert proc.returncode == -9
+    assert clean_leftovers(plan_target(target))
+    assert snapshot(target) == before
+
+
+async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
+    """Another process's restore in progress (it holds its lock) is left alone."""
+    target = _tree(tmp_path / "target", "old")
+    code = (
+        "import sys, time\nfrom pathlib import Path\n"
+        "from remote_cache.archive.workdirs import WorkDir\n"
+        "w = WorkDir(Path(sys.argv[1]), sys.argv[2]); print(w.path, flush=True); time.sleep(30)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(target), IN_PLACE_PREFIX], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        live = Path(proc.stdout.readline().strip())
+        assert clean_leftovers(plan_target(target)) == []
+        assert live.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert clean_leftovers(plan_target(target)) == [live]

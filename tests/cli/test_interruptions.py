@@ -1,0 +1,183 @@
+"""Real signals to a real ``remote-cache`` process: what it leaves behind, and what the next run cleans.
+
+Each transfer is held in place by the fault proxy (a stalled blob request) so the signal lands
+mid-transfer every time; the packing case polls for the save's spool directory instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli.output import CLI
+from tests.registry_server import FaultProxy, RegistryServer
+from tests.trees import assert_same_tree, make_tree, snapshot
+
+
+def _env(tmp_path: Path, pycache: Path) -> dict[str, str]:
+    skip = ("REMOTE_CACHE_", "DOCKER_", "AWS_", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    env.update(
+        TMPDIR=str(tmpdir),
+        PYTHONPYCACHEPREFIX=str(pycache),
+        REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),
+        DOCKER_CONFIG=str(tmp_path),
+    )
+    return env
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(CLI), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _stalled(proxy: FaultProxy, method: str) -> Callable[[], bool]:
+    return lambda: any(r.outcome == "stall" and r.method == method for r in proxy.requests)
+
+
+def _leftovers(*dirs: Path) -> list[str]:
+    return sorted(p.name for d in dirs if d.exists() for p in d.iterdir() if "remote-cache" in p.name)
+
+
+@pytest.fixture
+def served(registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path) -> Any:
+    proxy: FaultProxy = fault_proxy_factory(registry)
+    return proxy, f"{proxy.host}/{repo_name}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_restore_cleans_up_and_leaves_the_target(
+    served: Any, tmp_path: Path, pycache: Path, signum: int
+) -> None:
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=200, big_bytes=4 << 20)
+    assert subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env).returncode == 0
+    target = tmp_path / "work" / "target"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("the old tree")
+    before = snapshot(target)
+    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=100)
+    proc = _start(["restore", f"{repo}:k", str(target)], env)
+    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    proc.send_signal(signum)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1] == f"remote-cache: interrupted by {signal.Signals(signum).name}"
+    assert snapshot(target) == before
+    assert _leftovers(target.parent, target, Path(env["TMPDIR"])) == []
+
+
+def test_a_signal_during_a_save_cleans_up_and_keeps_the_entry(
+    served: Any, tmp_path: Path, pycache: Path
+) -> None:
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=200, big_bytes=4 << 20)
+    proxy.stall(method="PUT", path_contains="/blobs/uploads/", times=100)
+    proc = _start(["save", str(src), f"{repo}:k"], env)
+    _wait_for(_stalled(proxy, "PUT"), "the save to be mid-upload")
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "unexpected" not in err
+    assert _leftovers(Path(env["TMPDIR"])) == []
+    proxy.clear()
+    miss = subprocess.run([str(CLI), "restore", f"{repo}:k", str(tmp_path / "o")], env=env)
+    assert miss.returncode == 3, "an interrupted save moved no tag"
+
+
+def test_ctrl_c_while_packing_never_says_unexpected(tmp_path: Path, pycache: Path) -> None:
+    """A Ctrl-C that lands while layers are being packed (into a layout: no network to wait on)."""
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=3000, big_bytes=48 << 20)
+    spool = Path(env["TMPDIR"])
+    for attempt in range(3):
+        proc = _start(["save", str(src), f"oci:{tmp_path / 'layout'}:k{attempt}", "--full"], env)
+        _wait_for(lambda p=proc: _leftovers(spool) != [] or p.poll() is not None, "packing to start")
+        time.sleep(0.05 * attempt)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        if proc.returncode == 0:
+            continue  # it finished first: nothing to show
+        assert proc.returncode == 130, err
+        assert err.strip() == "remote-cache: interrupted by SIGINT", err
+        assert _leftovers(spool) == []
+
+
+def test_a_killed_restore_and_save_leave_work_the_next_run_removes(
+    served: Any, tmp_path: Path, pycache: Path
+) -> None:
+    """SIGKILL cannot be cleaned up after: the next run finds the dead run's work directories
+    (their lock is free) and removes them."""
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=200, big_bytes=4 << 20)
+    proxy.stall(method="PUT", path_contains="/blobs/uploads/", times=1)
+    saving = _start(["save", str(src), f"{repo}:k"], env)
+    _wait_for(_stalled(proxy, "PUT"), "the save to be mid-upload")
+    saving.kill()
+    saving.communicate(timeout=30)
+    spool = Path(env["TMPDIR"])
+    assert _leftovers(spool) != [], "a killed save leaves its spool"
+
+    proxy.clear()
+    again = subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env)
+    assert again.returncode == 0
+    assert _leftovers(spool) == [], "the next save removed the dead one's spool"
+
+    target = tmp_path / "target"
+    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=1)
+    restoring = _start(["restore", f"{repo}:k", str(target)], env)
+    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    restoring.kill()
+    restoring.communicate(timeout=30)
+    assert _leftovers(tmp_path) != [], "a killed restore leaves its work directory"
+    proxy.clear()
+    done = subprocess.run([str(CLI), "restore", f"{repo}:k", str(target), "-q"], env=env)
+    assert done.returncode == 0
+    assert _leftovers(tmp_path) == []
+    assert_same_tree(src, target)
+
+
+def test_a_second_signal_stops_at_once(served: Any, tmp_path: Path, pycache: Path) -> None:
+    """Clean-up waits for what is in flight; a second signal does not wait (rc 128+signal)."""
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=50, big_bytes=1 << 20)
+    assert subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env).returncode == 0
+    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=100)
+    proc = _start(["restore", f"{repo}:k", str(tmp_path / "t")], env)
+    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode in (143, -signal.SIGTERM)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip(reason="signals and flock as on Linux")
