@@ -46,6 +46,7 @@ __all__ = [
     "RemoteCacheError",
     "StoreAuthError",
     "StoreError",
+    "StoreStalled",
     "StoreUnreachable",
     "UnsafeArchive",
     "UnsuitableTarget",
@@ -115,6 +116,10 @@ class StoreUnreachable(StoreError):
     def __init__(self, message: str, *, temporary: bool = True) -> None:
         self.temporary = temporary
         super().__init__(message)
+
+
+class StoreStalled(StoreUnreachable):
+    """A request waited the whole stall timeout for bytes (see :mod:`remote_cache.oci.stalls`)."""
 
 
 class RegistryUnreachable(StoreUnreachable):

@@ -13,7 +13,7 @@
   cut. The HTTP client's read timeout also runs while a request body is being sent (reqwest
   #2784): blob uploads get their own client, whose requests may take ``UPLOAD_STALL_FACTOR`` times
   as long (10 min by default: a 16 MiB part then needs 28 kB/s). Temporary failures are retried
-  ``retries`` times within two minutes.
+  ``retries`` times within two stall periods (the stall budget, :mod:`..stalls`).
 * **Addressing**: virtual-hosted on AWS (``BUCKET.s3.REGION.amazonaws.com``) unless the bucket
   name has a ``.`` (its TLS certificate cannot match) or ``AWS_VIRTUAL_HOSTED_STYLE_REQUEST``
   says otherwise; path-style with an endpoint.
@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from ...errors import InvalidReference, StoreError
 from ...version import TOOL
 from ..reference import Reference, is_loopback
+from ..stalls import BUDGET_PERIODS
 from .options import ENCRYPTIONS, ObjectStoreOptions
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ UPLOAD_STALL_FACTOR = 10
 #: Storage classes whose objects cannot be read back at once: a cache there would never hit.
 _ARCHIVAL = frozenset({"GLACIER", "DEEP_ARCHIVE"})
 _CONNECT = timedelta(seconds=10)
-_RETRY_BUDGET = timedelta(minutes=2)
 
 
 def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None:
@@ -91,7 +91,8 @@ def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, upload
 def _retry(options: ObjectStoreOptions) -> dict[str, Any]:
     return {
         "max_retries": max(0, options.retries),
-        "retry_timeout": _RETRY_BUDGET,
+        # Retries share the stall budget (see ..stalls): a stalled request is retried once at most.
+        "retry_timeout": timedelta(seconds=options.stall_seconds * BUDGET_PERIODS),
         "backoff": {
             "init_backoff": timedelta(milliseconds=500),
             "max_backoff": timedelta(seconds=10),

@@ -24,7 +24,7 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
-from ...errors import StoreAuthError, StoreError, StoreUnreachable
+from ...errors import StoreAuthError, StoreError, StoreStalled, StoreUnreachable
 
 __all__ = ["NOT_FOUND", "RACE_LOST", "UNSUPPORTED", "refuses_conditional", "translated"]
 
@@ -113,7 +113,7 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
         name = kind.group(1)
         temporary = name not in _PERMANENT_KINDS
         if name == "Timeout":  # connect, or a read that waited the whole stall period for bytes
-            return StoreUnreachable(
+            return StoreStalled(
                 f"cannot {action}: {location} stopped answering: no data within the timeout (--timeout "
                 f"sets it), retries included ({summary})",
                 temporary=True,

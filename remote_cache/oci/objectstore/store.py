@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,15 @@ from ...errors import (
     ImageFormatError,
     IntegrityError,
     StoreError,
+    StoreStalled,
+    StoreUnreachable,
 )
 from ...tasks import first_error, for_each
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
+from ..stalls import Stalls
 from ..store import DEFAULT_GC_GRACE_SECONDS
 from .calls import Calls
 from .client import build_client
@@ -70,6 +74,7 @@ class ObjectStore:
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
         self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+        self._stalls = Stalls(self.options.stall_seconds)
         with self._translated("set up the client"):
             client = build_client(reference, self.options)
             uploads = build_client(reference, self.options, uploads=True)
@@ -82,8 +87,26 @@ class ObjectStore:
     def __repr__(self) -> str:
         return f"ObjectStore({self.location!r})"
 
-    def _translated(self, action: str) -> Any:
-        return translated(self.location, action, self._secrets)
+    @contextmanager
+    def _translated(self, action: str) -> Iterator[None]:
+        """obstore's failures as ours (:mod:`.errors`), under the store's stall budget (:mod:`..stalls`)."""
+        stalled_for = self._stalls.exhausted()
+        if stalled_for is not None:
+            raise StoreUnreachable(
+                f"cannot {action}: {self.location} has sent nothing for {stalled_for:.0f}s: giving up "
+                "(--timeout sets the stall timeout)",
+                temporary=False,
+            )
+        try:
+            with translated(self.location, action, self._secrets):
+                yield
+        except StoreStalled as exc:
+            if not self._stalls.stalled():
+                raise StoreUnreachable(
+                    f"{exc}; it has sent nothing for {self._stalls.budget:g}s: giving up", temporary=False
+                ) from exc
+            raise
+        self._stalls.progressed()
 
     @staticmethod
     def _blob_key(digest: str) -> str:

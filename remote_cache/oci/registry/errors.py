@@ -21,9 +21,10 @@ import httpx
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
 from ..credentials import PASS_CREDENTIALS, Credentials
+from ..stalls import Stalls
 from .timeouts import Timeouts
 
-__all__ = ["error_for_response", "translated", "unreachable"]
+__all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
 
 
 def _spec_errors(body: bytes) -> list[tuple[str, str]]:
@@ -111,12 +112,38 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
 
 
 @contextmanager
-def translated(host: str, timeouts: Timeouts) -> Iterator[None]:
-    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception."""
+def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> Iterator[None]:
+    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception.
+
+    With ``stalls``, a timeout counts against the host's stall budget (:mod:`..stalls`): over
+    it, the error is final; a block that completes is progress.
+    """
     try:
         yield
+    except httpx.TimeoutException as exc:
+        error = unreachable(host, exc, timeouts=timeouts)
+        if stalls is not None and not stalls.stalled():
+            error = RegistryUnreachable(
+                f"{error}; it has sent nothing for {stalls.budget:g}s, retries included: giving up "
+                "(--timeout sets the stall timeout)",
+                temporary=False,
+            )
+        raise error from exc
     except httpx.HTTPError as exc:
         raise unreachable(host, exc, timeouts=timeouts) from exc
+    if stalls is not None:
+        stalls.progressed()
+
+
+def check_stalls(host: str, stalls: Stalls) -> None:
+    """Before a request: fail at once when the host has been stalled past its budget."""
+    stalled_for = stalls.exhausted()
+    if stalled_for is not None:
+        raise RegistryUnreachable(
+            f"registry {host} has sent nothing for {stalled_for:.0f}s: giving up "
+            "(--timeout sets the stall timeout)",
+            temporary=False,
+        )
 
 
 def _is_tls_error(exc: BaseException) -> bool:

@@ -31,8 +31,9 @@ from ...version import TOOL
 from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
+from ..stalls import Stalls
 from .auth import Authenticator, read_capped
-from .errors import error_for_response, translated
+from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
 from .timeouts import Timeouts
 
@@ -106,7 +107,7 @@ class RegistryResponse:
 
     async def read(self, *, limit: int = MAX_DOCUMENT_BYTES, what: str = "the answer") -> bytes:
         """The whole body; ImageFormatError when it is over ``limit`` bytes."""
-        with translated(self._transport.host, self._transport.timeouts):
+        with translated(self._transport.host, self._transport.timeouts, self._transport.stalls):
             body = await read_capped(self._response, limit + 1)
         if len(body) > limit:
             raise ImageFormatError(
@@ -118,7 +119,7 @@ class RegistryResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, as stored: raw bytes, decoded only if the server encoded them anyway."""
         encoded = self.headers.get("Content-Encoding", "identity") != "identity"
-        with translated(self._transport.host, self._transport.timeouts):
+        with translated(self._transport.host, self._transport.timeouts, self._transport.stalls):
             async for chunk in self._response.aiter_bytes() if encoded else self._response.aiter_raw():
                 yield chunk
 
@@ -148,6 +149,8 @@ class RegistryTransport:
         self.plain_http = is_loopback(host) if plain_http is None else plain_http
         self.base_url = f"{'http' if self.plain_http else 'https'}://{host}"
         self.timeouts = Timeouts.of(timeout)
+        #: The host's stall budget, shared by every request (see :mod:`..stalls`).
+        self.stalls = Stalls(self.timeouts.read)
         self._httpx_timeout = self.timeouts.to_httpx()  # per request, so an injected client obeys it too
         self.retry = RetryPolicy(max(0, retries), backoff, max_backoff, max_retry_after)
         self._own_client = client is None
@@ -241,7 +244,8 @@ class RegistryTransport:
         ok: frozenset[int],
     ) -> httpx.Response:
         """One attempt: send, answer an auth challenge once; the open response if its status is ``ok``."""
-        with translated(self.host, self.timeouts):
+        check_stalls(self.host, self.stalls)
+        with translated(self.host, self.timeouts, self.stalls):
             sent = self.auth.header(scopes)
             response = await self._send(method, url, headers, params, content, sent)
             if response.status_code == 401 and _origin(response.url) == _origin(self.base_url):

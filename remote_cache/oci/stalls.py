@@ -1,0 +1,46 @@
+"""The stall rule every remote store follows: no bytes and no answer for the stall timeout is a
+stall, and the retries after stalls share one budget.
+
+Each request waits at most the stall timeout for its next bytes (a long healthy transfer is never
+cut). A store that stalls is given one more stall period to make progress, whatever its requests
+do meanwhile — retries, other requests in parallel, later phases of the same command: once it
+has sent nothing for :data:`BUDGET_PERIODS` stall periods in a row, every request fails at once.
+So with the default 60 s, a store that accepts connections and never answers fails the step in
+about two minutes, where 16 requests each waiting out their own retries took 971 s.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["BUDGET_PERIODS", "Stalls"]
+
+#: Stall periods without progress after which a store is given up on.
+BUDGET_PERIODS = 2.0
+
+
+class Stalls:
+    """One store's stall budget, shared by all its requests (see the module docstring)."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.budget = period * BUDGET_PERIODS
+        self._since: float | None = None
+
+    def progressed(self) -> None:
+        """Something arrived: the store is not stalled."""
+        self._since = None
+
+    def stalled(self) -> bool:
+        """Record a request that waited out the stall timeout; True while retrying may still help."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now - self.period  # the stall began a period ago
+        return now - self._since < self.budget
+
+    def exhausted(self) -> float | None:
+        """Seconds the store has been stalled, once that is over the budget; else None."""
+        if self._since is None:
+            return None
+        stalled_for = time.monotonic() - self._since
+        return stalled_for if stalled_for >= self.budget else None
