@@ -26,9 +26,29 @@ import zstandard
 from .plan import LayerPlan, TreeScan, scan_tree
 from .tar import DIR, FILE, ZERO_BLOCK, tar_header
 
-__all__ = ["DEFAULT_SPOOL_BYTES", "Compression", "PackedLayer", "pack_layer", "pack_tree"]
+__all__ = [
+    "DEFAULT_SPOOL_BYTES",
+    "LEVELS",
+    "Compression",
+    "PackedLayer",
+    "check_level",
+    "pack_layer",
+    "pack_tree",
+]
 
 Compression = Literal["zstd", "gzip"]
+
+#: The levels each compression takes (zstd's negative "fast" levels are not offered).
+LEVELS: dict[str, range] = {"zstd": range(1, 23), "gzip": range(1, 10)}
+
+
+def check_level(compression: str, level: int | None) -> int | None:
+    """``level`` when ``compression`` takes it (None: the codec's default); ValueError otherwise."""
+    levels = LEVELS[compression]
+    if level is not None and level not in levels:
+        raise ValueError(f"{compression} levels are {levels.start} to {levels.stop - 1}, not {level}")
+    return level
+
 
 #: A compressed layer bigger than this is written to a file in ``spool_dir`` (when given).
 DEFAULT_SPOOL_BYTES = 64 << 20

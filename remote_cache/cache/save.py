@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..archive.pack import Compression, PackedLayer, pack_tree
+from ..archive.pack import Compression, PackedLayer, check_level, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
@@ -164,6 +164,7 @@ async def save(
     if immutable and (current := await _current(store, tag)) is not None:
         return _skipped(key, tag, "immutable key exists", started, current)
     codec = _compression(compression)
+    check_level(codec, level)
     # Everything the image depends on besides the tree; the tool's version stands for the
     # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
     options = (

@@ -171,12 +171,26 @@ def parse_reference(text: str) -> Reference:
         validate_key(key)
 
     first, sep, rest = raw.partition("/")
-    if sep and (("." in first or ":" in first) or first == "localhost" or first.startswith("[")):
+    if sep and _looks_like_host(first):
         host, repository = first.lower(), rest
         if not _HOST.fullmatch(host):
             raise _invalid(text, f"{first!r} is not a valid host[:port]")
+        port = host.rpartition("]")[2].partition(":")[2] if host.startswith("[") else host.partition(":")[2]
+        if port and not 0 < int(port) < 65536:
+            raise _invalid(text, f"port {port} of {first!r} is out of range (1-65535)")
+    elif not sep and _looks_like_host(first) and ("." in first or first == "localhost"):
+        shown = text.strip()
+        raise _invalid(
+            text,
+            f"{shown!r} names a registry but no repository: add one, e.g. '{shown}/team/cache:KEY' "
+            "(a Docker Hub image is 'name:tag', e.g. 'redis:7')",
+        )
     else:
         host, repository = DOCKER_HUB_API_HOST, raw
+    if ":" in repository:
+        raise _invalid(
+            text, "the key contains '/', which a registry reference cannot hold: pass the key with --key KEY"
+        )
     if host in DOCKER_HUB_HOSTS:
         host = DOCKER_HUB_API_HOST
         if repository and "/" not in repository:
@@ -193,6 +207,12 @@ def parse_reference(text: str) -> Reference:
     if len(host) + 1 + len(repository) > 255:
         raise _invalid(text, "host and repository together exceed 255 characters")
     return Reference("registry", host=host, repository=repository, key=key, digest=digest)
+
+
+def _looks_like_host(name: str) -> bool:
+    """Whether a reference's first component is a host (docker's rule): a ``.`` or ``:``, or
+    ``localhost``, or an IPv6 literal."""
+    return "." in name or ":" in name or name == "localhost" or name.startswith("[")
 
 
 def _parse_layout(text: str, rest: str) -> Reference:

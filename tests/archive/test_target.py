@@ -185,3 +185,31 @@ async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert clean_leftovers(plan_target(target)) == [live]
+
+
+def test_not_enough_space_is_refused_before_downloading_and_says_where(tmp_path: Path) -> None:
+    """A 1 MiB tmpfs cannot take a 3 MB entry: exit 5 before any layer is fetched, naming the
+    place and the size; the target is untouched and nothing is left there."""
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "big").write_bytes(os.urandom(3 << 20))
+        cli = str(Path(sys.executable).parent / "remote-cache")
+        env = {**os.environ, "REMOTE_CACHE_STATE_DIR": str(tmp_path / "state")}
+        layout = f"oci:{tmp_path / 'layout'}:k"
+        assert subprocess.run([cli, "save", str(src), layout, "-q"], env=env).returncode == 0
+        (small / "old").mkdir()
+        before = snapshot(small)
+        proc = subprocess.run(
+            [cli, "restore", layout, str(small / "old")], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 5, proc.stderr
+        assert f"needs about 6.3 MB free in {small}" in proc.stderr, proc.stderr  # tree + biggest layer
+        assert snapshot(small) == before
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

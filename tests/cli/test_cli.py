@@ -299,11 +299,19 @@ def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path
         (("ls", "localhost:5000/team/cache:k"), "without ':KEY'"),
         (("restore", "oci:layout:bad\x01key", "out"), "control characters"),
         (("save", "does-not-exist", "oci:layout:k"), "does not exist"),
+        (("save", ".", "127.0.0.1:99999/team/cache:k"), "out of range"),
+        (("restore", "127.0.0.1:5001", "out"), "names a registry but no repository"),
+        (("restore", "localhost:5000", "out"), "names a registry but no repository"),
+        (("ls", "registry.example.com"), "names a registry but no repository"),
+        (("save", ".", "localhost:5000/team/cache:../x"), "--key"),
+        (("restore", "oci:layout:k", "a-file"), "not a directory"),
+        (("save", ".", "oci:layout:k", "--deadline", "soon"), "not a duration"),
     ],
 )
 def test_usage_errors_exit_2_even_with_fail_open(
     cli: Run, tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
     proc = cli(*args, "--fail-open")
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message in " ".join(proc.stderr.split()), proc.stderr
@@ -321,6 +329,8 @@ def test_usage_errors_exit_2_even_with_fail_open(
         (("save", ".", "oci:layout:k", "--max-size", "lots"), "not a size"),
         (("save", ".", "oci:layout:k", "--compression", "xz"), "zstd or gzip"),
         (("save", ".", "oci:layout:k", "--platform", "amd64"), "OS/ARCH"),
+        (("save", ".", "oci:layout:k", "--compression", "gzip", "--level", "15"), "1 to 9"),
+        (("save", ".", "oci:layout:k", "--level", "99"), "1 to 22"),
     ],
 )
 def test_option_errors_exit_2(

@@ -79,6 +79,11 @@ def test_parse_object_references(text: str, scheme: str, bucket: str, prefix: st
     assert ref.location == f"{scheme}://{bucket}" + (f"/{prefix}" if prefix else "")
 
 
+def test_docker_hub_name_tag_stays_valid() -> None:
+    ref = parse_reference("redis:7")
+    assert (ref.host, ref.repository, ref.key) == ("registry-1.docker.io", "library/redis", "7")
+
+
 def test_with_key_replaces_key_and_drops_digest() -> None:
     ref = parse_reference(f"ghcr.io/o/c:old@{DIGEST}")
     assert ref.with_key("new") == Reference("registry", host="ghcr.io", repository="o/c", key="new")
@@ -107,6 +112,11 @@ def test_with_key_replaces_key_and_drops_digest() -> None:
         ("oci:", "missing"),
         ("oci:dir:", "empty"),
         ("bad_host.io:x/repo", "host"),
+        ("127.0.0.1:99999/team/cache:k", "out of range"),
+        ("127.0.0.1:5001", "no repository"),
+        ("localhost:5000", "no repository"),
+        ("registry.example.com", "no repository"),
+        ("localhost:5000/team/cache:../x", "--key"),
     ],
 )
 def test_invalid_references_explain_and_show_an_example(text: str, why: str) -> None:
