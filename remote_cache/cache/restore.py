@@ -19,7 +19,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -42,6 +42,7 @@ from . import state
 from .entries import find_entry
 from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, settle
 from .image import ANNOTATION_LISTING, CacheImage, load_image, read_diff_ids
+from .progress import Progress
 from .spool import Aborted, GrowingFile, caused_by_abort
 
 __all__ = ["RestoreResult", "restore"]
@@ -83,7 +84,7 @@ async def restore(
     path: Path,
     *,
     restore_keys: Sequence[str] = (),
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     jobs: int = 4,
     record_state: bool = True,
     force: bool = False,
@@ -92,11 +93,12 @@ async def restore(
 
     ``restore_keys`` are prefixes tried in order when the exact key is absent (as in actions/cache,
     see :func:`~remote_cache.cache.entries.find_entry`); CacheMiss when nothing matches.
-    ``progress`` is called with each downloaded chunk's size. ``record_state`` (default) then
-    records, in this machine's state (:mod:`remote_cache.cache.state`), the image's layers and the
-    window during which they were extracted (no scan), so the next save of ``path`` can reuse
-    those whose files were not touched since, unread. ``force``: restore into a non-empty current
-    directory (refused otherwise, see :func:`~remote_cache.archive.target.plan_target`).
+    ``progress`` learns the compressed bytes to download, then each chunk's size. ``record_state``
+    (default) then records, in this machine's state (:mod:`remote_cache.cache.state`), the image's
+    layers and the window during which they were extracted (no scan), so the next save of
+    ``path`` can reuse those whose files were not touched since, unread. ``force``: restore into a
+    non-empty current directory (refused otherwise, see
+    :func:`~remote_cache.archive.target.plan_target`).
     """
     started = time.monotonic()
     validate_key(key)
@@ -170,7 +172,7 @@ class _Restore:
         target: RestoreTarget,
         *,
         jobs: int,
-        progress: Callable[[int], None] | None,
+        progress: Progress | None,
         record_state: bool,
     ) -> None:
         self._store = store
@@ -195,6 +197,8 @@ class _Restore:
         )
         self._staging = self._work.path / "new"
         self._staging.mkdir(mode=0o700)
+        if self._progress is not None:
+            self._progress.start(sum(d.size for d in self._image.layers))
         ok = False
         try:
             self._spool = self._work.path / "spool"
@@ -269,7 +273,7 @@ class _Restore:
                         feed.wrote(len(chunk))
                         self.downloaded += len(chunk)
                         if self._progress is not None:
-                            self._progress(len(chunk))
+                            self._progress.advance(len(chunk))
         except BaseException as exc:
             feed.finish(exc)
             raise

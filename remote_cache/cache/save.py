@@ -15,7 +15,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from .image import (
     parse_index,
     parse_manifest,
 )
+from .progress import Progress
 from .reuse import Candidates, Reuse, candidate_layers, reusable_layers, unchanged_tree
 
 __all__ = ["SaveResult", "save"]
@@ -131,7 +132,7 @@ async def save(
     level: int | None = None,
     platforms: Sequence[Platform] = DEFAULT_PLATFORMS,
     max_size: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     jobs: int = 4,
     base_key: str | None = None,
     full: bool = False,
@@ -140,9 +141,9 @@ async def save(
 ) -> SaveResult:
     """Pack ``path`` and store it under ``key``; the tag moves only once everything else is stored.
 
-    ``progress`` is called with a byte count each time a layer has been uploaded, found present
-    or reused. ``max_size`` (uncompressed bytes) refuses with :class:`CacheTooLarge` before
-    anything is uploaded.
+    ``progress`` learns the tree's (tar) bytes to go, then each layer's as it is uploaded, found
+    present or reused (:class:`~.progress.Progress`). ``max_size`` (uncompressed bytes) refuses
+    with :class:`CacheTooLarge` before anything is uploaded.
 
     A layer is reused without reading its files only when this machine's evidence
     (:mod:`remote_cache.cache.evidence`) vouches for it and the store still has the blob; every
@@ -214,7 +215,7 @@ class _Job:
     level: int | None
     platforms: tuple[Platform, ...]
     max_size: int | None
-    progress: Callable[[int], None] | None
+    progress: Progress | None
     jobs: int
     base_key: str | None
     options: str
@@ -321,14 +322,14 @@ async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size:
 class _Uploads:
     """Uploads packed layers, ``jobs`` at a time, counting those that were not there yet."""
 
-    def __init__(self, store: Store, jobs: int, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, store: Store, jobs: int, progress: Progress | None) -> None:
         self._store = store
         self._limiter = anyio.Semaphore(max(1, jobs))
         self._progress = progress
         self.layers = 0
         self.bytes = 0
 
-    async def upload(self, desc: Descriptor, data: bytes | Path) -> None:
+    async def upload(self, desc: Descriptor, data: bytes | Path, tar_bytes: int) -> None:
         async with self._limiter:
             stored = await self._store.put_blob(desc, data)  # False: it was there already
         if stored:
@@ -336,11 +337,11 @@ class _Uploads:
             self.bytes += desc.size
         if isinstance(data, Path):
             await anyio.to_thread.run_sync(lambda: data.unlink(missing_ok=True))
-        self.moved(desc.size)
+        self.moved(tar_bytes)
 
-    def moved(self, nbytes: int) -> None:
+    def moved(self, tar_bytes: int) -> None:
         if self._progress is not None:
-            self._progress(nbytes)
+            self._progress.advance(tar_bytes)
 
 
 async def _pack_and_upload(
@@ -350,7 +351,7 @@ async def _pack_and_upload(
     compression: Compression,
     level: int | None,
     jobs: int,
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
 ) -> tuple[int, int]:
     """Pack every layer without a slot (filling it in) and upload it; (layers, bytes) uploaded."""
     scan = plan.scan
@@ -360,11 +361,13 @@ async def _pack_and_upload(
     work = await anyio.to_thread.run_sync(_spool_dir)
     packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path))
     uploads = _Uploads(store, jobs, progress)
+    if progress is not None:
+        progress.start(sum(p.tar_bytes for p in scan.layers))
     try:
         async with anyio.create_task_group() as tg:
             for i, slot in enumerate(slots):
                 if slot is not None:
-                    uploads.moved(slot[0].size)
+                    uploads.moved(scan.layers[i].tar_bytes)
                     continue
                 layer = await anyio.to_thread.run_sync(packed.next)
                 if layer is None:
@@ -372,7 +375,7 @@ async def _pack_and_upload(
                 media_type = layer_media_type(layer.compression)
                 desc = Descriptor(media_type, layer.digest, layer.size, annotations=plan.annotations[i])
                 slots[i] = (desc, layer.diff_id)
-                tg.start_soon(uploads.upload, desc, layer.data)
+                tg.start_soon(uploads.upload, desc, layer.data, scan.layers[i].tar_bytes)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     finally:

@@ -451,7 +451,8 @@ def _failed_open(outcome: Outcome, common: Common) -> Outcome:
 
 
 def progress_bar(common: Common, description: str) -> TransferProgress:
-    return TransferProgress(description, enabled=(not common.quiet and sys.stderr.isatty()))
+    """The transfer's progress as the command shows it: a bar, CI log lines, or nothing (--quiet)."""
+    return TransferProgress(description, mode="off" if common.quiet else None)
 
 
 def parsed(parse: Callable[[_T], _R], value: _T | None, option: str) -> _R | None:

@@ -234,15 +234,32 @@ async def test_unsafe_archive_leaves_target_untouched(tmp_path: Path) -> None:
     assert _siblings(dest) == ["dest"]
 
 
-async def test_progress_reports_every_byte(tmp_path: Path, small_layers: None) -> None:
+class _Recorder:
+    """A Progress that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.totals: list[int | None] = []
+        self.steps: list[int] = []
+
+    def start(self, total: int | None) -> None:
+        self.totals.append(total)
+
+    def advance(self, nbytes: int) -> None:
+        self.steps.append(nbytes)
+
+
+async def test_progress_reports_the_total_first_then_every_byte(tmp_path: Path, small_layers: None) -> None:
+    """A save counts the tree's tar bytes (known from the plan); a restore the compressed bytes
+    (known from the manifests): each announces the total once, then reaches it exactly."""
     store = LayoutStore(tmp_path / "layout")
     src = _bulk(tmp_path / "src", count=10)
-    up: list[int] = []
-    down: list[int] = []
-    saved = await save(store, "k", src, progress=up.append)
-    result = await restore(store, "k", tmp_path / "dest", progress=down.append)
-    assert sum(up) == saved.bytes_total
-    assert sum(down) == result.bytes == saved.bytes_total
+    up, down = _Recorder(), _Recorder()
+    saved = await save(store, "k", src, progress=up)
+    result = await restore(store, "k", tmp_path / "dest", progress=down)
+    assert len(up.totals) == 1 and up.totals[0] is not None and up.totals[0] >= saved.size
+    assert sum(up.steps) == up.totals[0] and len(up.steps) == saved.layers_total
+    assert down.totals == [saved.bytes_total]
+    assert sum(down.steps) == result.bytes == saved.bytes_total
 
 
 async def test_network_failure_mid_restore_leaves_target_untouched(

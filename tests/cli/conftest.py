@@ -28,6 +28,9 @@ def cli(tmp_path: Path, pycache: Path) -> Run:
         DOCKER_CONFIG=str(docker_config),
         PYTHONPYCACHEPREFIX=str(pycache),
         REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),  # never the user's own state
+        # No progress lines (stderr is piped, as in CI): tests read the summary and the errors.
+        # The progress tests set their own interval.
+        REMOTE_CACHE_PROGRESS_INTERVAL="0",
     )
 
     def run(

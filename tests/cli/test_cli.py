@@ -471,19 +471,56 @@ class _Terminal(io.StringIO):
 def test_progress_bar_only_on_a_terminal_and_only_after_a_moment() -> None:
     quick = _Terminal()
     with TransferProgress("save k", stream=quick, show_after=60) as bar:
-        bar(10)
-        bar(20)
+        bar.start(1000)
+        bar.advance(10)
+        bar.advance(20)
     assert bar.done == 30 and quick.getvalue() == ""
 
     slow = _Terminal()
     with TransferProgress("save k", stream=slow, show_after=0) as bar:
-        bar(2_500_000)
-    assert "save k" in slow.getvalue() and "2.5" in slow.getvalue()
+        bar.start(10_000_000)
+        bar.advance(2_500_000)
+    assert "save k" in slow.getvalue() and "2.5" in slow.getvalue() and "10.0 MB" in slow.getvalue()
 
+
+def test_progress_lines_off_a_terminal() -> None:
+    """A CI log gets a first line with the total, then one line per interval (bytes, total,
+    percent, rate); --quiet (mode off) gets nothing."""
     piped = io.StringIO()
-    with TransferProgress("save k", stream=piped, show_after=0) as bar:
-        bar(2_500_000)
-    assert not bar.enabled and piped.getvalue() == ""
+    with TransferProgress("restore npm", stream=piped, interval=0.05) as bar:
+        bar.start(4_000_000)
+        bar.advance(1_000_000)  # not due yet
+        time.sleep(0.06)
+        bar.advance(1_000_000)
+    lines = piped.getvalue().splitlines()
+    assert lines[0] == "restore npm: started, 4.0 MB to go"
+    assert len(lines) == 2 and lines[1].startswith("restore npm: 2.0 MB of 4.0 MB (50%), ")
+    assert lines[1].endswith("/s")
+    off = io.StringIO()
+    with TransferProgress("restore npm", stream=off, mode="off", interval=0.0) as bar:
+        bar.start(10)
+        bar.advance(10)
+    assert off.getvalue() == ""
+
+
+def test_a_ci_log_shows_a_restore_as_it_goes(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """Through the real console script with stderr piped: the first line, the periodic lines,
+    then the summary."""
+    src = _tree(tmp_path / "src")
+    ref = f"{registry.host}/{repo_name}:k"
+    assert cli("save", str(src), ref, "-q").returncode == 0
+    proc = cli("restore", ref, str(tmp_path / "out"), env={"REMOTE_CACHE_PROGRESS_INTERVAL": "0.000001"})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 0, proc.stderr
+    assert lines[0].startswith("restore k: started, ") and lines[0].endswith(" to go")
+    assert any(" of " in line and "%)" in line for line in lines[1:-1])
+    assert lines[-1].startswith("restore hit k: ")
+    quiet = cli(
+        "restore", ref, str(tmp_path / "out2"), "-q", env={"REMOTE_CACHE_PROGRESS_INTERVAL": "0.000001"}
+    )
+    assert quiet.stderr == ""
 
 
 def test_corrupt_blob_on_restore_exits_1_or_warns_with_fail_open(

@@ -32,6 +32,7 @@ def _env(tmp_path: Path, pycache: Path) -> dict[str, str]:
         PYTHONPYCACHEPREFIX=str(pycache),
         REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),
         DOCKER_CONFIG=str(tmp_path),
+        REMOTE_CACHE_PROGRESS_INTERVAL="0",  # stderr holds just what these tests read
     )
     return env
 
