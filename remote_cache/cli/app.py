@@ -142,6 +142,21 @@ RepoArg = Annotated[
 ]
 
 
+def _print_version(asked: bool) -> None:
+    """``--version``: print ``remote-cache X.Y.Z`` and exit 0, whatever else the command line holds."""
+    if asked:
+        from ..version import VERSION
+
+        sys.stdout.write(f"{PROG} {VERSION}\n")
+        raise typer.Exit(0)
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+]
+
+
 @app.callback()
 def _global_options(
     ctx: typer.Context,
@@ -154,6 +169,7 @@ def _global_options(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     fail_open: FailOpenOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Save directories as OCI images in a registry, a bucket or an OCI layout, and restore them.
 
@@ -163,8 +179,10 @@ def _global_options(
 
 
 #: The common options as parameters (in the order of the fields of Common), declared once above
-#: and appended to every command's own.
-_COMMON_PARAMS = list(inspect.signature(_global_options, eval_str=True).parameters.values())[1:]
+#: and appended to every command's own (``--version`` is the application's alone).
+_COMMON_PARAMS = [
+    p for p in inspect.signature(_global_options, eval_str=True).parameters.values() if p.name != "version"
+][1:]
 
 
 def _merged(ctx: typer.Context, given: Common) -> Common:
