@@ -78,6 +78,7 @@ class Common:
 
     username: str | None = None
     password_stdin: bool = False
+    authfile: str | None = None
     plain_http: bool = False
     timeout: float | None = None
     endpoint: str | None = None
@@ -97,6 +98,15 @@ UsernameOpt = Annotated[
 PasswordStdinOpt = Annotated[
     bool,
     typer.Option("--password-stdin", help=f"Read the registry password from stdin (or set {_PASSWORD_ENV})."),
+]
+AuthfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--authfile",
+        metavar="PATH",
+        help="Read registry credentials from this auth.json or config.json only (default: "
+        "REGISTRY_AUTH_FILE, else the containers tools' auth.json files, then docker's config.json).",
+    ),
 ]
 PlainHttpOpt = Annotated[
     bool, typer.Option("--plain-http", help="Talk HTTP, not HTTPS (loopback registries always do).")
@@ -162,6 +172,7 @@ def _global_options(
     ctx: typer.Context,
     username: UsernameOpt = None,
     password_stdin: PasswordStdinOpt = False,
+    authfile: AuthfileOpt = None,
     plain_http: PlainHttpOpt = False,
     timeout: TimeoutOpt = None,
     endpoint: EndpointOpt = None,
@@ -175,7 +186,9 @@ def _global_options(
 
     The common options work before the command (remote-cache --json ls REPO) or after it.
     """
-    ctx.obj = Common(username, password_stdin, plain_http, timeout, endpoint, region, json_, quiet, fail_open)
+    ctx.obj = Common(
+        username, password_stdin, authfile, plain_http, timeout, endpoint, region, json_, quiet, fail_open
+    )
 
 
 #: The common options as parameters (in the order of the fields of Common), declared once above
@@ -235,12 +248,23 @@ def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF")
     return ref
 
 
+def _registry_options(common: Common) -> list[str]:
+    """The registry-only options given: refused for layouts and object stores."""
+    return ["--authfile"] if common.authfile is not None else []
+
+
 @asynccontextmanager
 async def _store(
     ref: Reference, common: Common, writes: dict[str, str] | None = None
 ) -> AsyncIterator[Store]:
+    from pathlib import Path
+
     from ..oci.store import open_store
 
+    if ref.transport != "registry" and (given := _registry_options(common)):
+        raise UsageError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for registries, not {ref.location}"
+        )
     objects = None
     if ref.transport == "object":
         from ..oci.objectstore import ObjectStoreOptions
@@ -273,6 +297,7 @@ async def _store(
         plain_http=True if common.plain_http else None,
         timeout=common.timeout,
         objects=objects,
+        auth_file=Path(common.authfile) if common.authfile is not None else None,
     )
     try:
         yield store

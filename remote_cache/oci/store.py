@@ -93,11 +93,13 @@ def open_store(
     plain_http: bool | None = None,
     timeout: float | None = None,
     objects: ObjectStoreOptions | None = None,
+    auth_file: Path | None = None,
 ) -> Store:
-    """A store for ``HOST/REPO`` (credentials resolved as in docker), ``oci:DIR`` (created on write)
-    or ``s3://BUCKET/PREFIX`` (and ``gs://``, ``az://``; ``objects`` says how to reach it).
+    """A store for ``HOST/REPO`` (credentials resolved as in docker and podman), ``oci:DIR`` (created
+    on write) or ``s3://BUCKET/PREFIX`` (and ``gs://``, ``az://``; ``objects`` says how to reach it).
 
-    ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds.
+    ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds;
+    ``auth_file`` is the one credential file to read (``--authfile``) instead of the usual places.
     The reference's key is ignored here. Close the store with ``await store.aclose()``.
     """
     if reference.transport == "object":
@@ -112,7 +114,9 @@ def open_store(
     from .credentials import resolve_credentials
     from .registry import RegistryStore
 
-    credentials = resolve_credentials(reference.host, username=username, password=password)
+    credentials = resolve_credentials(
+        reference.host, username=username, password=password, auth_file=auth_file
+    )
     return RegistryStore.from_reference(
         reference, credentials=credentials, plain_http=plain_http, timeout=timeout
     )

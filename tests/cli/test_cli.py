@@ -348,6 +348,7 @@ def test_every_command_takes_the_common_options_before_or_after_it(
     assert [name for name, _, _ in common] == [
         "username",
         "password_stdin",
+        "authfile",
         "plain_http",
         "timeout",
         "endpoint",
