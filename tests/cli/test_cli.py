@@ -350,6 +350,8 @@ def test_every_command_takes_the_common_options_before_or_after_it(
         "password_stdin",
         "authfile",
         "plain_http",
+        "tls_verify",
+        "cert_dir",
         "timeout",
         "endpoint",
         "region",
