@@ -5,8 +5,9 @@ One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.
 * **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked. Under
   ``TlsOptions(verify=False)`` (skopeo's ``--tls-verify=false``) the first request finds out, as
   skopeo does: https if the registry speaks it, else plain http.
-* **Certificates** (:mod:`..certs`): the system's trust plus the CAs of ``--cert-dir`` or the
-  host's certs.d directory, whose client certificates are presented too; or no verification.
+* **Certificates** (:mod:`..certs`): httpx's default trust (``SSL_CERT_FILE``/``SSL_CERT_DIR``,
+  else certifi) plus the CAs of ``--cert-dir`` or the host's certs.d directory, whose client
+  certificates are presented too; or no verification.
 * **Timeouts** on every phase (connect/read/write/pool), see :mod:`.timeouts`.
 * **Auth** (:mod:`.auth`): the request goes out, a 401's challenge is answered, and the request
   is sent once more with the new credentials.
