@@ -3,6 +3,7 @@
 RemoteCacheError
 ├── InvalidKey              a cache key that cannot become a tag
 ├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
+├── InvalidConfigFile       a credentials file or certificate directory named explicitly is unusable
 ├── CacheMiss               no entry under that key (not a failure)
 ├── CacheTooLarge           a directory over the size limit: refused before any upload
 ├── StoreError              talking to a store went wrong
@@ -37,6 +38,7 @@ __all__ = [
     "ImageFormatError",
     "IntegrityError",
     "Interrupted",
+    "InvalidConfigFile",
     "InvalidKey",
     "InvalidReference",
     "NoSpace",
@@ -68,6 +70,13 @@ class InvalidKey(RemoteCacheError, ValueError):
 
 class InvalidReference(RemoteCacheError, ValueError):
     """A store reference that does not parse."""
+
+
+class InvalidConfigFile(RemoteCacheError, ValueError):
+    """A file or directory named explicitly (``--authfile``, ``--cert-dir``) is missing or malformed.
+
+    Files found by searching the usual places are never this: they are warned about and skipped.
+    """
 
 
 class CacheMiss(RemoteCacheError):

@@ -5,6 +5,9 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
 * ``registry`` / ``auth_registry`` / ``token_registry`` (session): a :class:`RegistryServer`
   with ``.host`` ("127.0.0.1:PORT"), ``.url``, ``.username``/``.password`` (None when anonymous),
   ``.storage_root``, ``.blob_data_path(digest)`` and, for the token registry, ``.tokens_issued``.
+* ``private_ca_registry`` / ``client_cert_registry`` / ``named_registry`` (session): anonymous
+  registries under this machine's own (non-loopback) name: HTTPS with a certificate of their own
+  test CA (``.ca``), the second also requiring a client certificate; the third plain HTTP.
 * ``repo_name``: a fresh repository name per test, e.g. ``test/test-push-3f9a1c2b``.
 * ``fault_proxy_factory``: ``factory(server) -> FaultProxy`` in front of a registry, closed after the test.
 """
@@ -31,7 +34,7 @@ from tests.object_servers import (
     start_moto,
     start_s3rver,
 )
-from tests.registry_server import FaultProxy, RegistryServer, registry_available, start_registry
+from tests.registry_server import FaultProxy, RegistryServer, machine_name, registry_available, start_registry
 
 _SKIP_REASON = "/usr/bin/docker-registry (Debian package docker-registry) or openssl is not installed"
 
@@ -44,11 +47,13 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-def _start(tmp_path_factory: pytest.TempPathFactory, name: str, auth: str) -> Iterator[RegistryServer]:
+def _start(
+    tmp_path_factory: pytest.TempPathFactory, label: str, auth: str, **options: object
+) -> Iterator[RegistryServer]:
     if not registry_available():
         _unavailable(_SKIP_REASON)
-    workdir: Path = tmp_path_factory.mktemp(name)
-    server = start_registry(workdir, auth=auth)  # type: ignore[arg-type]
+    workdir: Path = tmp_path_factory.mktemp(label)
+    server = start_registry(workdir, auth=auth, **options)  # type: ignore[arg-type]
     try:
         yield server
     finally:
@@ -79,6 +84,35 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """A docker-registry with bearer-token auth; ``.tokens_issued`` counts issued tokens."""
     yield from _start(tmp_path_factory, "token-registry", "token")
+
+
+def _named() -> tuple[str, str]:
+    """This machine's own name and address: what the client does not take for loopback."""
+    found = machine_name()
+    if found is None:
+        _unavailable("this machine has no host name that resolves to an IPv4 address")
+    assert found is not None
+    return found
+
+
+@pytest.fixture(scope="session")
+def private_ca_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """An anonymous registry serving HTTPS under this machine's name, its certificate from ``.ca``."""
+    yield from _start(tmp_path_factory, "private-ca-registry", "none", tls=True, name=_named())
+
+
+@pytest.fixture(scope="session")
+def client_cert_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """Like ``private_ca_registry``, and requiring a client certificate (``.ca.directory / "client.crt"``)."""
+    yield from _start(
+        tmp_path_factory, "client-cert-registry", "none", tls=True, name=_named(), client_certificates=True
+    )
+
+
+@pytest.fixture(scope="session")
+def named_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """An anonymous plain-HTTP registry under this machine's name (so not taken for loopback)."""
+    yield from _start(tmp_path_factory, "named-registry", "none", name=_named())
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
 """Real registries for the tests: ``docker-registry`` processes, a token issuer, a fault proxy.
 
-Everything here listens on 127.0.0.1 only. Three servers are offered:
+Everything here listens on 127.0.0.1 only, except a registry started under this machine's own
+name (:func:`machine_name`), which listens on the address that name resolves to. Three servers
+are offered:
 
 * :func:`start_registry` runs ``/usr/bin/docker-registry`` (the distribution server behind
   ``registry:2``) with filesystem storage in a temporary directory, deletes enabled, and one of
-  three auth modes: anonymous, htpasswd (basic) or token (bearer, via :class:`TokenIssuer`).
+  three auth modes: anonymous, htpasswd (basic) or token (bearer, via :class:`TokenIssuer`);
+  with ``tls``, it serves HTTPS with a certificate of a fresh :class:`CertificateAuthority`, and
+  can require client certificates.
 * :class:`TokenIssuer` is a tiny in-process token server (a thread) that checks basic credentials
   and grants whatever scope is asked, signing RS256 JWTs with a self-signed certificate made by the
   ``openssl`` CLI (no extra Python dependency). It counts the tokens it issued.
@@ -37,12 +41,14 @@ from typing import Any, Literal
 
 __all__ = [
     "REGISTRY_BINARY",
+    "CertificateAuthority",
     "Fault",
     "FaultProxy",
     "RegistryServer",
     "TokenIssuer",
     "fault_proxy",
     "free_port",
+    "machine_name",
     "registry_available",
     "start_registry",
 ]
@@ -56,6 +62,79 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def machine_name() -> tuple[str, str] | None:
+    """A name of this machine that remote-cache does not take for loopback, so it speaks HTTPS to
+    it by default, and the IPv4 address it resolves to; None when it has no such name."""
+    from remote_cache.oci.reference import is_loopback
+
+    for name in dict.fromkeys((socket.gethostname(), socket.getfqdn())):
+        if not name or is_loopback(name):
+            continue
+        try:
+            return name, str(socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0])
+        except OSError:
+            continue
+    return None
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@dataclass
+class CertificateAuthority:
+    """A CA made by the ``openssl`` CLI for one test run, and the certificates it issues."""
+
+    directory: Path
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=remote-cache test CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout", str(self.key), "-out", str(self.cert),
+        )  # fmt: skip
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "ca.key"
+
+    def issue(self, name: str, *, sans: list[str], client: bool = False) -> tuple[Path, Path]:
+        """A certificate (and its key) for ``name``: a server's for ``sans`` (``DNS:x``, ``IP:y``),
+        or a client's; returns the two file paths."""
+        cert, key, csr = (self.directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
+        extensions = self.directory / f"{name}.ext"
+        extensions.write_text(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+            + (f"subjectAltName={','.join(sans)}\n" if sans else "")
+        )
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        )
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+            "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(cert),
+        )  # fmt: skip
+        return cert, key
 
 
 def _b64url(data: bytes) -> str:
@@ -205,6 +284,8 @@ class RegistryServer:
     token_issuer: TokenIssuer | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
+    #: For a TLS registry: the CA that signed its certificate (and any client certificate).
+    ca: CertificateAuthority | None = None
 
     @property
     def port(self) -> int:
@@ -232,7 +313,13 @@ class RegistryServer:
             self.token_issuer.close()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0) -> None:
+def _wait_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout: float = 15.0,
+    client_cert: tuple[Path, Path] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -240,6 +327,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout
         try:
             # Readiness only: the tests check certificates themselves.
             insecure = ssl._create_unverified_context() if url.startswith("https:") else None
+            if insecure is not None and client_cert is not None:
+                insecure.load_cert_chain(*client_cert)
             with urllib.request.urlopen(url + "/v2/", timeout=1, context=insecure):
                 return
         except urllib.error.HTTPError:
@@ -257,26 +346,30 @@ def start_registry(
     password: str = "s3cret-Pa55word",
     delete_enabled: bool = True,
     tls: bool = False,
+    name: tuple[str, str] | None = None,
+    client_certificates: bool = False,
 ) -> RegistryServer:
     """Start a docker-registry on 127.0.0.1 with storage under ``workdir``; wait until it serves.
 
-    ``tls``: serve HTTPS with a fresh self-signed certificate for 127.0.0.1 (``workdir/tls.crt``,
-    trusted by nobody until a test says so).
+    ``tls``: serve HTTPS with a certificate issued by a fresh CA (``server.ca``, trusted by nobody
+    until a test says so) for 127.0.0.1 and, with ``name`` (``(host name, its address)``, see
+    :func:`machine_name`), for that name: the registry then listens on that address and its
+    ``host`` is ``NAME:PORT``. ``client_certificates``: require a client certificate the CA issued
+    (``server.ca.directory / "client.crt"`` and ``client.key``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     tls_yaml = ""
+    ca: CertificateAuthority | None = None
+    client: tuple[Path, Path] | None = None
+    host_name, address = name or ("127.0.0.1", "127.0.0.1")
     if tls:
-        cert, key = workdir / "tls.crt", workdir / "tls.key"
-        subprocess.run(
-            [
-                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                "-keyout", str(key), "-out", str(cert),
-            ],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
+        ca = CertificateAuthority(workdir / "ca")
+        sans = ["IP:127.0.0.1"] + ([f"DNS:{host_name}", f"IP:{address}"] if name else [])
+        cert, key = ca.issue("server", sans=sans)
         tls_yaml = f"  tls:\n    certificate: {cert}\n    key: {key}\n"
+        if client_certificates:
+            client = ca.issue("client", sans=[], client=True)
+            tls_yaml += f"    clientcas:\n      - {ca.cert}\n"
     storage = workdir / "storage"
     storage.mkdir(exist_ok=True)
     issuer: TokenIssuer | None = None
@@ -308,7 +401,7 @@ def start_registry(
             f"  delete:\n    enabled: {'true' if delete_enabled else 'false'}\n"
             "  cache:\n    blobdescriptor: inmemory\n"
             "http:\n"
-            f"  addr: 127.0.0.1:{port}\n"
+            f"  addr: {address}:{port}\n"
             f"  secret: {uuid.uuid4().hex}\n" + tls_yaml + auth_yaml
         )
         log_path = workdir / "registry.log"
@@ -319,9 +412,9 @@ def start_registry(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        url = f"{'https' if tls else 'http'}://{address}:{port}"
         try:
-            _wait_ready(url, proc, log_path)
+            _wait_ready(url, proc, log_path, client_cert=client)
         except RuntimeError as exc:  # most likely the port was taken meanwhile: try another
             last_error = exc
             if proc.poll() is None:
@@ -329,8 +422,8 @@ def start_registry(
                 proc.wait()
             continue
         return RegistryServer(
-            host=f"127.0.0.1:{port}",
-            url=url,
+            host=f"{host_name}:{port}",
+            url=f"{'https' if tls else 'http'}://{host_name}:{port}",
             auth=auth,
             storage_root=storage,
             username=username if auth != "none" else None,
@@ -338,6 +431,7 @@ def start_registry(
             token_issuer=issuer,
             process=proc,
             log_path=log_path,
+            ca=ca,
         )
     if issuer is not None:
         issuer.close()

@@ -3,9 +3,10 @@
 References are skopeo-style: ``HOST[:PORT]/REPO:KEY`` for a registry (loopback hosts use plain
 HTTP automatically) and ``oci:DIR:KEY`` for an OCI image layout. A key containing ``/`` goes in
 ``--key KEY`` instead. Credentials: ``--username`` with ``--password-stdin`` (the password is never
-a command-line argument), or ``REMOTE_CACHE_USERNAME``/``REMOTE_CACHE_PASSWORD``, or docker's
-``config.json``. The common options (``--username``, ``--password-stdin``, ``--plain-http``,
-``--timeout``, ``--json``, ``--quiet``, ``--fail-open``) go before or after the command.
+a command-line argument), or ``REMOTE_CACHE_USERNAME``/``REMOTE_CACHE_PASSWORD``, or the credential
+files podman, skopeo and docker write (``--authfile PATH`` to name one). The common options
+(``--username``, ``--password-stdin``, ``--authfile``, ``--plain-http``, ``--timeout``, ``--json``,
+``--quiet``, ``--fail-open``, ...) go before or after the command.
 
 Output: a progress bar on stderr when it is a terminal and a transfer lasts over a second; one
 summary line on stderr (``restore hit npm-linux: 123.4 MB in 2.1 s (58.8 MB/s)``); with ``--json``

@@ -16,9 +16,11 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import CacheMiss, RemoteCacheError
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
@@ -30,6 +32,7 @@ from .progress import TransferProgress
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from ..oci.certs import TlsOptions
     from ..oci.reference import Reference
     from ..oci.store import Store
 
@@ -57,8 +60,38 @@ _PASSWORD_ENV = "REMOTE_CACHE_PASSWORD"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
+#: Boolean options that skopeo's users write ``--NAME=false``: click's flags take no value.
+_VALUED_FLAGS = {"--tls-verify": "--no-tls-verify"}
+#: What Go's strconv.ParseBool (skopeo's flags) takes, in any case.
+_TRUE, _FALSE = frozenset({"1", "t", "true"}), frozenset({"0", "f", "false"})
+
+
+def _flag_values(args: list[str]) -> list[str]:
+    """``--tls-verify=false`` as ``--no-tls-verify``, ``--tls-verify=true`` as ``--tls-verify``
+    (up to ``--``); any other value is a usage error."""
+    spelled: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return spelled + args[index:]
+        name, equals, value = arg.partition("=")
+        if equals and name in _VALUED_FLAGS:
+            if value.lower() not in _TRUE | _FALSE:
+                raise typer.BadParameter(f"{name} takes true or false, not {value!r}")
+            arg = name if value.lower() in _TRUE else _VALUED_FLAGS[name]
+        spelled.append(arg)
+    return spelled
+
+
+class _Group(TyperGroup):
+    """The application's group, taking skopeo's ``--tls-verify=BOOL`` spelling wherever it appears."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's own click Context
+        return super().parse_args(ctx, _flag_values(args))
+
+
 app = typer.Typer(
     name=PROG,
+    cls=_Group,
     epilog=EXIT_HELP,
     add_completion=False,
     no_args_is_help=True,
@@ -78,7 +111,10 @@ class Common:
 
     username: str | None = None
     password_stdin: bool = False
+    authfile: str | None = None
     plain_http: bool = False
+    tls_verify: bool | None = None
+    cert_dir: str | None = None
     timeout: float | None = None
     deadline: str | None = None
     endpoint: str | None = None
@@ -99,8 +135,38 @@ PasswordStdinOpt = Annotated[
     bool,
     typer.Option("--password-stdin", help=f"Read the registry password from stdin (or set {_PASSWORD_ENV})."),
 ]
+AuthfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--authfile",
+        metavar="PATH",
+        help="Read registry credentials from this auth.json or config.json only (default: "
+        "REGISTRY_AUTH_FILE, else the containers tools' auth.json files, then docker's config.json).",
+    ),
+]
 PlainHttpOpt = Annotated[
-    bool, typer.Option("--plain-http", help="Talk HTTP, not HTTPS (loopback registries always do).")
+    bool,
+    typer.Option(
+        "--plain-http",
+        help="Talk HTTP, not HTTPS (loopback registries do unless --tls-verify or --cert-dir is given).",
+    ),
+]
+TlsVerifyOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--tls-verify/--no-tls-verify",
+        help="Verify registries' TLS certificates (the default). --tls-verify=false (skopeo's "
+        "spelling) or --no-tls-verify skips it, and talks HTTP to a registry without TLS.",
+    ),
+]
+CertDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cert-dir",
+        metavar="DIR",
+        help="Trust the registry CA certificates in DIR (*.crt) and present the client certificate "
+        "there (*.cert + *.key), as in containers-certs.d(5) (default: the registry's certs.d directory).",
+    ),
 ]
 TimeoutOpt = Annotated[
     float | None,
@@ -154,12 +220,30 @@ RepoArg = Annotated[
 ]
 
 
+def _print_version(asked: bool) -> None:
+    """``--version``: print ``remote-cache X.Y.Z`` and exit 0, whatever else the command line holds."""
+    if asked:
+        from ..version import VERSION
+
+        sys.stdout.write(f"{PROG} {VERSION}\n")
+        raise typer.Exit(0)
+
+
+VersionOpt = Annotated[
+    bool,
+    typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+]
+
+
 @app.callback()
 def _global_options(
     ctx: typer.Context,
     username: UsernameOpt = None,
     password_stdin: PasswordStdinOpt = False,
+    authfile: AuthfileOpt = None,
     plain_http: PlainHttpOpt = False,
+    tls_verify: TlsVerifyOpt = None,
+    cert_dir: CertDirOpt = None,
     timeout: TimeoutOpt = None,
     deadline: DeadlineOpt = None,
     endpoint: EndpointOpt = None,
@@ -167,28 +251,40 @@ def _global_options(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     fail_open: FailOpenOpt = False,
+    version: VersionOpt = False,
 ) -> None:
     """Save directories as OCI images in a registry, a bucket or an OCI layout, and restore them.
 
     The common options work before the command (remote-cache --json ls REPO) or after it.
     """
     ctx.obj = Common(
-        username, password_stdin, plain_http, timeout, deadline, endpoint, region, json_, quiet, fail_open
+        username,
+        password_stdin,
+        authfile,
+        plain_http,
+        tls_verify,
+        cert_dir,
+        timeout,
+        deadline,
+        endpoint,
+        region,
+        json_,
+        quiet,
+        fail_open,
     )
 
 
 #: The common options as parameters (in the order of the fields of Common), declared once above
-#: and appended to every command's own.
-_COMMON_PARAMS = list(inspect.signature(_global_options, eval_str=True).parameters.values())[1:]
+#: and appended to every command's own (``--version`` is the application's alone).
+_COMMON_PARAMS = [
+    p for p in inspect.signature(_global_options, eval_str=True).parameters.values() if p.name != "version"
+][1:]
 
 
 def _merged(ctx: typer.Context, given: Common) -> Common:
     """The command's common options, falling back to those given before the command."""
     outer = ctx.obj if isinstance(ctx.obj, Common) else Common()
-    given_values = {f.name: getattr(given, f.name) for f in fields(Common)}
-    unset = {
-        name: getattr(outer, name) for name, value in given_values.items() if value is None or value is False
-    }
+    unset = {f.name: getattr(outer, f.name) for f in fields(Common) if getattr(given, f.name) == f.default}
     return replace(given, **unset)
 
 
@@ -232,12 +328,34 @@ def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF")
     return ref
 
 
+def _registry_options(common: Common) -> list[str]:
+    """The registry-only options given: refused for layouts and object stores."""
+    given = {"--authfile": common.authfile, "--tls-verify": common.tls_verify, "--cert-dir": common.cert_dir}
+    return [option for option, value in given.items() if value is not None]
+
+
+def _registry_tls(common: Common) -> tuple[TlsOptions, bool | None]:
+    """The TLS options, and ``plain_http`` for open_store: a TLS option given explicitly means the
+    registry speaks TLS, loopback too (``--tls-verify=false`` finds out, see TlsOptions)."""
+    from ..oci.certs import TlsOptions
+
+    cert_dir = Path(common.cert_dir) if common.cert_dir is not None else None
+    tls = TlsOptions(verify=common.tls_verify is not False, cert_dir=cert_dir)
+    if common.plain_http:
+        return tls, True
+    return tls, False if (common.tls_verify or cert_dir is not None) else None
+
+
 @asynccontextmanager
 async def _store(
     ref: Reference, common: Common, writes: dict[str, str] | None = None
 ) -> AsyncIterator[Store]:
     from ..oci.store import open_store
 
+    if ref.transport != "registry" and (given := _registry_options(common)):
+        raise UsageError(
+            f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for registries, not {ref.location}"
+        )
     objects = None
     if ref.transport == "object":
         from ..oci.objectstore import ObjectStoreOptions
@@ -263,13 +381,16 @@ async def _store(
             "--endpoint, --region, --sse, --sse-kms-key-id and --storage-class are for object stores "
             f"(s3://, gs://, az://), not {ref.location}"
         )
+    tls, plain_http = _registry_tls(common)
     store = open_store(
         ref,
         username=common.username,
         password=common.password,
-        plain_http=True if common.plain_http else None,
+        plain_http=plain_http,
         timeout=common.timeout,
         objects=objects,
+        auth_file=Path(common.authfile) if common.authfile is not None else None,
+        tls=tls,
     )
     try:
         yield store

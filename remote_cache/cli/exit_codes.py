@@ -9,6 +9,7 @@ import typer
 from ..errors import (
     CacheMiss,
     CacheTooLarge,
+    InvalidConfigFile,
     InvalidKey,
     InvalidReference,
     NoSpace,
@@ -47,7 +48,15 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """The exit code for an exception: the single place where errors meet exit codes."""
     if isinstance(exc, CacheMiss):
         return ExitCode.MISS
-    if isinstance(exc, UsageError | InvalidKey | InvalidReference | UnsuitableTarget | typer.BadParameter):
+    if isinstance(
+        exc,
+        UsageError
+        | InvalidKey
+        | InvalidReference
+        | InvalidConfigFile
+        | UnsuitableTarget
+        | typer.BadParameter,
+    ):
         return ExitCode.USAGE
     if isinstance(exc, StoreAuthError):
         return ExitCode.AUTH

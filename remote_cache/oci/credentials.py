@@ -1,13 +1,21 @@
-"""Who am I at a registry: explicit credentials, environment, or docker's ``config.json``.
+"""Who am I at a registry: explicit credentials, environment, or the credential files docker and
+the containers tools (podman, skopeo, buildah) write.
 
 Resolution order (first hit wins):
 
 1. ``username``/``password`` passed explicitly (CLI ``--username`` + ``--password-stdin``);
 2. ``REMOTE_CACHE_USERNAME`` / ``REMOTE_CACHE_PASSWORD`` in the environment;
-3. docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``):
-   ``credHelpers[host]``, then ``auths[host].auth`` (base64 ``user:password``) or
-   ``identitytoken``, then ``credsStore`` — helpers run as ``docker-credential-<name> get``
-   with the host on stdin, so no secret ever appears in argv.
+3. credential files, the first with an entry for the host deciding (:func:`auth_files`): the one
+   file given explicitly (CLI ``--authfile``), else ``$REGISTRY_AUTH_FILE`` alone, else
+   ``${XDG_RUNTIME_DIR}/containers/auth.json``, ``${XDG_CONFIG_HOME:-~/.config}/containers/auth.json``
+   and docker's ``config.json`` -- the order of containers-auth.json(5) as containers/image
+   implements it. In each: ``credHelpers[host]``, then ``auths[host].auth`` (base64
+   ``user:password``) or ``identitytoken``, then ``credsStore`` -- helpers run as
+   ``docker-credential-<name> get`` with the host on stdin, so no secret ever appears in argv.
+
+A file found by searching that cannot be read or parsed is logged once (logger ``remote_cache``)
+and skipped, so a broken file never locks anyone out of an anonymous registry; a file named
+explicitly that is missing or malformed raises :class:`~remote_cache.errors.InvalidConfigFile`.
 
 Docker Hub is known under several names; ``https://index.docker.io/v1/`` is what ``docker
 login`` writes, and it is tried for ``docker.io``/``registry-1.docker.io`` too.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Mapping
@@ -25,16 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryAuthError
+from ..errors import InvalidConfigFile, RegistryAuthError
 
 __all__ = [
+    "ENV_AUTH_FILE",
     "ENV_PASSWORD",
     "ENV_USERNAME",
     "PASS_CREDENTIALS",
     "Credentials",
+    "auth_files",
     "docker_config_path",
     "resolve_credentials",
 ]
+
+log = logging.getLogger("remote_cache")
 
 #: How to give credentials, for error messages (the CLI and the Dagger module differ).
 PASS_CREDENTIALS = (
@@ -44,6 +57,8 @@ PASS_CREDENTIALS = (
 
 ENV_USERNAME = "REMOTE_CACHE_USERNAME"
 ENV_PASSWORD = "REMOTE_CACHE_PASSWORD"
+#: The containers tools' override of where credentials live (the default of skopeo's --authfile).
+ENV_AUTH_FILE = "REGISTRY_AUTH_FILE"
 _DOCKER_HUB_NAMES = (
     "https://index.docker.io/v1/",
     "index.docker.io",
@@ -69,14 +84,40 @@ class Credentials:
     identity_token: str | None = field(default=None, repr=False)
 
 
+def _home(env: Mapping[str, str]) -> Path:
+    home = env.get("HOME")
+    return Path(home) if home else Path.home()
+
+
 def docker_config_path(environ: Mapping[str, str] | None = None) -> Path:
     """Where docker keeps ``config.json``: ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``."""
     env = os.environ if environ is None else environ
     base = env.get("DOCKER_CONFIG")
     if base:
         return Path(base) / "config.json"
-    home = env.get("HOME")
-    return (Path(home) if home else Path.home()) / ".docker" / "config.json"
+    return _home(env) / ".docker" / "config.json"
+
+
+def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The credential files searched, in order, when none is given explicitly.
+
+    ``$REGISTRY_AUTH_FILE`` alone when set (skopeo and podman take it as ``--authfile``, and since
+    containers/image 5.24 read nothing else then); else ``${XDG_RUNTIME_DIR}/containers/auth.json``
+    (``/run/containers/$UID/auth.json`` without XDG_RUNTIME_DIR), then
+    ``${XDG_CONFIG_HOME:-~/.config}/containers/auth.json``, then docker's ``config.json``.
+    """
+    env = os.environ if environ is None else environ
+    override = env.get(ENV_AUTH_FILE)
+    if override:
+        return [Path(override)]
+    runtime = env.get("XDG_RUNTIME_DIR")
+    primary = Path(runtime) if runtime else Path("/run/containers") / str(os.getuid())
+    config_home = Path(env.get("XDG_CONFIG_HOME") or _home(env) / ".config")
+    return [
+        primary / ("containers/auth.json" if runtime else "auth.json"),
+        config_home / "containers" / "auth.json",
+        docker_config_path(env),
+    ]
 
 
 def _host_aliases(host: str) -> list[str]:
@@ -101,7 +142,7 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
         )
     except FileNotFoundError as exc:
         raise RegistryAuthError(
-            f"docker config names credential helper {name!r} but {program} is not on PATH: "
+            f"a credential file names credential helper {name!r} but {program} is not on PATH: "
             f"install it, or pass {PASS_CREDENTIALS}"
         ) from exc
     except subprocess.TimeoutExpired as exc:
@@ -129,7 +170,11 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
     return Credentials(username=username, password=secret)
 
 
-def _from_auths(entry: Any, config_path: Path, key: str) -> Credentials | None:
+class _Malformed(Exception):
+    """What is wrong with a credential file, in words that hold no secret."""
+
+
+def _from_auths(entry: Any, key: str) -> Credentials | None:
     if not isinstance(entry, dict):
         return None
     token = entry.get("identitytoken")
@@ -139,16 +184,14 @@ def _from_auths(entry: Any, config_path: Path, key: str) -> Credentials | None:
     if isinstance(auth, str) and auth:
         try:
             decoded = base64.b64decode(auth, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise RegistryAuthError(
-                f"the 'auth' entry for {key} in {config_path} is not base64 'user:password'; "
-                f"run `docker login {key}` again"
-            ) from exc
+        except (binascii.Error, UnicodeDecodeError):
+            # The decoder's message may quote the secret: say what is wrong, not where.
+            raise _Malformed(
+                f"its 'auth' entry for {key} is not base64 'user:password' (log in to {key} again)"
+            ) from None
         username, sep, password = decoded.partition(":")
         if not sep:
-            raise RegistryAuthError(
-                f"the 'auth' entry for {key} in {config_path} has no ':'; run `docker login {key}` again"
-            )
+            raise _Malformed(f"its 'auth' entry for {key} has no ':' (log in to {key} again)")
     if isinstance(token, str) and token:
         return Credentials(username=str(username or ""), password="", identity_token=token)
     if isinstance(username, str) and isinstance(password, str) and (username or password):
@@ -156,28 +199,42 @@ def _from_auths(entry: Any, config_path: Path, key: str) -> Credentials | None:
     return None
 
 
-def _from_docker_config(host: str, path: Path, environ: Mapping[str, str]) -> Credentials | None:
+def _read(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a credential file; None when there is no such file."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        raise RegistryAuthError(f"cannot read docker config {path}: {exc}; fix or remove it") from exc
+    except OSError as exc:
+        raise _Malformed(f"it cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        config = json.loads(raw)
+    except UnicodeDecodeError:
+        raise _Malformed("it is not UTF-8 text") from None
+    except ValueError as exc:
+        # json's message is a position ("Expecting ',' delimiter: line 1 column 58"), never content.
+        raise _Malformed(f"it is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
-        return None
+        raise _Malformed("it holds no JSON object")
+    for section in ("auths", "credHelpers"):
+        if section in config and not isinstance(config[section], dict):
+            raise _Malformed(f"its {section!r} is not a JSON object")
+    return config
+
+
+def _lookup(host: str, config: dict[str, Any], environ: Mapping[str, str]) -> Credentials | None:
+    """Credentials for ``host`` in one parsed credential file (helpers, entries, store)."""
     aliases = _host_aliases(host)
-    helpers = config.get("credHelpers")
-    if isinstance(helpers, dict):
-        for alias in aliases:
-            helper = helpers.get(alias)
-            if isinstance(helper, str) and helper:
-                return _run_helper(helper, alias, environ)
-    auths = config.get("auths")
-    if isinstance(auths, dict):
-        for alias in aliases:
-            found = _from_auths(auths.get(alias), path, alias)
-            if found is not None:
-                return found
+    helpers = config.get("credHelpers") or {}
+    for alias in aliases:
+        helper = helpers.get(alias)
+        if isinstance(helper, str) and helper:
+            return _run_helper(helper, alias, environ)
+    auths = config.get("auths") or {}
+    for alias in aliases:
+        found = _from_auths(auths.get(alias), alias)
+        if found is not None:
+            return found
     store = config.get("credsStore")
     if isinstance(store, str) and store:
         for alias in aliases[:2]:
@@ -187,30 +244,64 @@ def _from_docker_config(host: str, path: Path, environ: Mapping[str, str]) -> Cr
     return None
 
 
+#: (file, problem) pairs already warned about: a long-lived process says it once.
+_warned: set[tuple[Path, str]] = set()
+
+
+def _from_found_file(host: str, path: Path, environ: Mapping[str, str]) -> Credentials | None:
+    """Credentials from a file found by searching; one warning and none when it is malformed."""
+    try:
+        config = _read(path)
+        return None if config is None else _lookup(host, config, environ)
+    except _Malformed as exc:
+        if (path, str(exc)) not in _warned:
+            _warned.add((path, str(exc)))
+            log.warning("ignoring the credentials in %s: %s; fix or remove it", path, exc)
+        return None
+
+
+def _explicit_file(path: Path) -> dict[str, Any]:
+    """The file given with --authfile, parsed; InvalidConfigFile when it is missing or malformed."""
+    try:
+        config = _read(path)
+    except _Malformed as exc:
+        raise InvalidConfigFile(f"--authfile {path}: {exc}") from None
+    if config is None:
+        raise InvalidConfigFile(f"--authfile {path} does not exist; give the path of an auth.json file")
+    return config
+
+
 def resolve_credentials(
     host: str,
     *,
     username: str | None = None,
     password: str | None = None,
     environ: Mapping[str, str] | None = None,
-    docker_config_path: Path | None = None,
+    auth_file: Path | None = None,
 ) -> Credentials | None:
-    """Credentials for ``host`` (``HOST[:PORT]``) from args, environment or docker config; else None.
+    """Credentials for ``host`` (``HOST[:PORT]``) from args, environment or credential files; else None.
 
+    ``auth_file`` is the one file to read instead of searching (CLI ``--authfile``); it is checked
+    even when explicit or environment credentials win, since naming a broken file is a mistake.
     A username without a password (or the reverse) is an error: it is almost always a typo.
     """
     env = os.environ if environ is None else environ
+    explicit = _explicit_file(auth_file) if auth_file is not None else None
     if username is not None or password is not None:
         return _pair(username, password, "--username", "--password")
     env_user, env_pass = env.get(ENV_USERNAME), env.get(ENV_PASSWORD)
     if env_user is not None or env_pass is not None:
         return _pair(env_user, env_pass, ENV_USERNAME, ENV_PASSWORD)
-    path = docker_config_path if docker_config_path is not None else _default_config_path(env)
-    return _from_docker_config(host, path, env)
-
-
-def _default_config_path(env: Mapping[str, str]) -> Path:
-    return docker_config_path(env)
+    if explicit is not None:
+        try:
+            return _lookup(host, explicit, env)
+        except _Malformed as exc:
+            raise InvalidConfigFile(f"--authfile {auth_file}: {exc}") from None
+    for path in auth_files(env):
+        found = _from_found_file(host, path, env)
+        if found is not None:
+            return found
+    return None
 
 
 def _pair(username: str | None, password: str | None, user_name: str, pass_name: str) -> Credentials:

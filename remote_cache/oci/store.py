@@ -17,6 +17,7 @@ from .descriptor import Descriptor
 # Each kind of store is imported only when asked for: the registry client pulls in httpx, which
 # a layout-only run (and the CLI's start-up) need not pay for.
 if TYPE_CHECKING:
+    from .certs import TlsOptions
     from .objectstore import ObjectStoreOptions
     from .reference import Reference
 
@@ -93,11 +94,15 @@ def open_store(
     plain_http: bool | None = None,
     timeout: float | None = None,
     objects: ObjectStoreOptions | None = None,
+    auth_file: Path | None = None,
+    tls: TlsOptions | None = None,
 ) -> Store:
-    """A store for ``HOST/REPO`` (credentials resolved as in docker), ``oci:DIR`` (created on write)
-    or ``s3://BUCKET/PREFIX`` (and ``gs://``, ``az://``; ``objects`` says how to reach it).
+    """A store for ``HOST/REPO`` (credentials resolved as in docker and podman), ``oci:DIR`` (created
+    on write) or ``s3://BUCKET/PREFIX`` (and ``gs://``, ``az://``; ``objects`` says how to reach it).
 
-    ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds.
+    ``plain_http`` None means plain HTTP for loopback registries only; ``timeout`` is seconds;
+    ``auth_file`` is the one credential file to read (``--authfile``) instead of the usual places;
+    ``tls`` says how to verify the registry (``--tls-verify``, ``--cert-dir``).
     The reference's key is ignored here. Close the store with ``await store.aclose()``.
     """
     if reference.transport == "object":
@@ -112,7 +117,9 @@ def open_store(
     from .credentials import resolve_credentials
     from .registry import RegistryStore
 
-    credentials = resolve_credentials(reference.host, username=username, password=password)
+    credentials = resolve_credentials(
+        reference.host, username=username, password=password, auth_file=auth_file
+    )
     return RegistryStore.from_reference(
-        reference, credentials=credentials, plain_http=plain_http, timeout=timeout
+        reference, credentials=credentials, plain_http=plain_http, timeout=timeout, tls=tls
     )

@@ -35,6 +35,7 @@ from remote_cache.keys import tag_for_key
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
 from remote_cache.units import format_bytes, parse_duration, parse_size
+from remote_cache.version import VERSION
 from tests.cli.output import Run, json_line, no_traceback
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
@@ -351,11 +352,16 @@ def test_every_command_takes_the_common_options_before_or_after_it(
 ) -> None:
     group = typer.main.get_command(app)
     assert isinstance(group, TyperGroup)
-    common = [(p.name, tuple(p.opts), getattr(p, "help", None)) for p in group.params]
+    params = [(p.name, tuple(p.opts), getattr(p, "help", None)) for p in group.params]
+    assert params[-1][:2] == ("version", ("--version",))  # the application's alone
+    common = params[:-1]
     assert [name for name, _, _ in common] == [
         "username",
         "password_stdin",
+        "authfile",
         "plain_http",
+        "tls_verify",
+        "cert_dir",
         "timeout",
         "deadline",
         "endpoint",
@@ -389,6 +395,12 @@ def test_every_command_takes_the_common_options_before_or_after_it(
     assert json.loads(before.stdout)["outcome"] == "miss"
     after = runner.invoke(app, ["inspect", "oci:layout", "--key", "a/b", "-q", "--fail-open"])
     assert (after.exit_code, after.stdout, after.stderr) == (0, "", "")
+
+
+def test_version_prints_the_release_and_exits_0(cli: Run) -> None:
+    for args in (["--version"], ["--version", "save"], ["--json", "--version"]):
+        proc = cli(*args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"remote-cache {VERSION}\n", ""), args
 
 
 def test_help_documents_exit_codes_and_module_entry_point() -> None:

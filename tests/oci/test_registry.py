@@ -453,7 +453,7 @@ async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """A docker-registry serving HTTPS with a self-signed certificate (workdir/tls.crt)."""
+    """A docker-registry serving HTTPS on 127.0.0.1 with a certificate of its own test CA."""
     server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
     try:
         yield server
@@ -469,7 +469,8 @@ async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
     async with RegistryStore(tls_registry.host, repo_name, plain_http=False, retries=0, timeout=5) as store:
         with pytest.raises(RegistryUnreachable, match=r"CERTIFICATE_VERIFY_FAILED"):
             await store.ping()
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.storage_root.parent / "tls.crt"))
+    assert tls_registry.ca is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
     async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
         desc, _ = await push_image(store, "tls", b"over tls")
         assert await store.resolve("tls") == desc
@@ -489,7 +490,8 @@ async def test_plain_http_registry_redirecting_to_tls_storage_verifies_it(
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     data = os.urandom(20_000)
     desc = blob(data)
-    cert = str(tls_registry.storage_root.parent / "tls.crt")
+    assert tls_registry.ca is not None
+    cert = str(tls_registry.ca.cert)
     with monkeypatch.context() as m:
         m.setenv("SSL_CERT_FILE", cert)
         async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as storage:

@@ -82,7 +82,8 @@ class Authenticator:
     ) -> None:
         self.host = host
         self.credentials = credentials
-        self._plain_http = plain_http
+        #: Plain HTTP to the registry: a plain-HTTP token realm is acceptable then.
+        self.plain_http = plain_http
         self._client = client
         self._timeouts = timeouts
         self._basic = False  # the registry asked for Basic: send it up front from now on
@@ -139,7 +140,7 @@ class Authenticator:
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https"):
             raise RegistryAuthError(f"registry {self.host} sent an unusable token realm {realm!r}")
-        if parts.scheme == "http" and not (self._plain_http or is_loopback(parts.netloc)):
+        if parts.scheme == "http" and not (self.plain_http or is_loopback(parts.netloc)):
             raise RegistryAuthError(
                 f"registry {self.host} wants credentials sent to a plain-HTTP realm {realm}; refusing"
             )

@@ -4,10 +4,11 @@
   :class:`~remote_cache.errors.RegistryAuthError` (saying how to pass credentials), anything else
   -> :class:`~remote_cache.errors.RegistryError` carrying the status, the spec's error code
   (``MANIFEST_UNKNOWN``, ``DENIED``, ... from the ``{"errors": [...]}`` body) and ``Retry-After``.
-* :func:`unreachable` turns a connection, DNS, TLS or timeout failure into
-  :class:`~remote_cache.errors.RegistryUnreachable`, temporary unless retrying cannot help soon;
-  :func:`translated` applies it to a block. Only the transport (:mod:`.transport`, :mod:`.auth`)
-  touches httpx, and every httpx call there runs inside :func:`translated`.
+* :func:`unreachable` turns a connection, DNS, TLS (an untrusted server certificate, a refused
+  client certificate) or timeout failure into :class:`~remote_cache.errors.RegistryUnreachable`,
+  temporary unless retrying cannot help soon; :func:`translated` applies it to a block. Only the
+  transport (:mod:`.transport`, :mod:`.auth`) touches httpx, and every httpx call there runs
+  inside :func:`translated`.
 """
 
 from __future__ import annotations
@@ -93,12 +94,25 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
         return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
     if isinstance(exc, httpx.PoolTimeout):
         return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, httpx.ConnectError | ssl.SSLError):
         # Refused, DNS, TLS: trying again only delays a clear error.
+        if _is_client_certificate_refused(exc):
+            return RegistryUnreachable(
+                f"registry {host} refused the TLS connection ({cause}): it wants a client certificate "
+                "it trusts; put it in the --cert-dir directory as NAME.cert with its key as NAME.key",
+                temporary=False,
+            )
+        if _is_certificate_error(exc):
+            return RegistryUnreachable(
+                f"the TLS certificate of registry {host} is not trusted ({cause}); give its CA "
+                "certificate with --cert-dir DIR (a directory of *.crt files), or skip verification "
+                "with --tls-verify=false",
+                temporary=False,
+            )
         if _is_tls_error(exc):
             return RegistryUnreachable(
                 f"TLS handshake with registry {host} failed ({cause}); if it serves plain HTTP, "
-                "pass --plain-http",
+                "pass --plain-http (or --tls-verify=false)",
                 temporary=False,
             )
         return RegistryUnreachable(
@@ -113,7 +127,8 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
 
 @contextmanager
 def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> Iterator[None]:
-    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception.
+    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception, and
+    so does a TLS alert that httpcore lets through unwrapped (a refused client certificate).
 
     With ``stalls``, a timeout counts against the host's stall budget (:mod:`..stalls`): over
     it, the error is final; a block that completes is progress.
@@ -129,7 +144,7 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
                 temporary=False,
             )
         raise error from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ssl.SSLError) as exc:
         raise unreachable(host, exc, timeouts=timeouts) from exc
     if stalls is not None:
         stalls.progressed()
@@ -144,6 +159,28 @@ def check_stalls(host: str, stalls: Stalls) -> None:
             "(--timeout sets the stall timeout)",
             temporary=False,
         )
+
+
+#: TLS alerts a server sends when it wants a client certificate it trusts.
+_CLIENT_CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA")
+
+
+def _is_client_certificate_refused(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(alert in str(seen) for alert in _CLIENT_CERTIFICATE_ALERTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _is_certificate_error(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 def _is_tls_error(exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ from ...errors import (
     RegistryUnreachable,
     UnsupportedOperation,
 )
+from ..certs import TlsOptions
 from ..credentials import Credentials
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
@@ -49,7 +50,8 @@ class RegistryStore:
     phase (or :class:`~remote_cache.oci.registry.timeouts.Timeouts`); ``retries`` bounds retries
     of each request, of each download's resumptions and of each upload's restarts.
     ``chunk_size`` sets when and how files upload in chunks. ``mount_from`` names a repository
-    on the same registry to mount blobs from.
+    on the same registry to mount blobs from. ``tls``: certificate verification and certificate
+    directories (``--tls-verify``, ``--cert-dir``).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class RegistryStore:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_connections: int = 16,
         mount_from: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         self.host = host
         self.repository = repository
@@ -77,6 +80,7 @@ class RegistryStore:
             timeout=timeout,
             retries=retries,
             max_connections=max_connections,
+            tls=tls,
         )
         self._pull = f"repository:{repository}:pull"
         self._push = f"repository:{repository}:pull,push"

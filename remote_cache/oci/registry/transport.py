@@ -2,7 +2,12 @@
 
 One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.AsyncClient``:
 
-* **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked.
+* **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked. Under
+  ``TlsOptions(verify=False)`` (skopeo's ``--tls-verify=false``) the first request finds out, as
+  skopeo does: https if the registry speaks it, else plain http.
+* **Certificates** (:mod:`..certs`): httpx's default trust (``SSL_CERT_FILE``/``SSL_CERT_DIR``,
+  else certifi) plus the CAs of ``--cert-dir`` or the host's certs.d directory, whose client
+  certificates are presented too; or no verification.
 * **Timeouts** on every phase (connect/read/write/pool), see :mod:`.timeouts`.
 * **Auth** (:mod:`.auth`): the request goes out, a 401's challenge is answered, and the request
   is sent once more with the new credentials.
@@ -18,6 +23,7 @@ One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -26,8 +32,9 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from ...errors import ImageFormatError, RegistryError
+from ...errors import ImageFormatError, RegistryError, RegistryUnreachable
 from ...version import TOOL
+from ..certs import TlsOptions, find_cert_dir
 from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
@@ -61,13 +68,14 @@ class _LazyTLS(httpx.AsyncBaseTransport):
     so no race).
     """
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, limits: httpx.Limits, verify: ssl.SSLContext | bool) -> None:
         self._limits = limits
+        self._verify = verify
         self._transport: httpx.AsyncHTTPTransport | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._transport is None:
-            self._transport = httpx.AsyncHTTPTransport(limits=self._limits)
+            self._transport = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._verify)
         return await self._transport.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -85,6 +93,18 @@ async def _pieces(content: bytes) -> AsyncIterator[memoryview]:
     view = memoryview(content)
     for start in range(0, len(view), _BODY_PIECE):
         yield view[start : start + _BODY_PIECE]
+
+
+def _verify(host: str, tls: TlsOptions) -> ssl.SSLContext | bool:
+    """What httpx verifies with: True (its default trust, built by httpx) when nothing is added;
+    else that same trust (or none) plus the host's certificate directory."""
+    certs = find_cert_dir(host, tls)
+    if certs is None and tls.verify:
+        return True
+    context = httpx.create_ssl_context(verify=tls.verify)
+    if certs is not None:
+        certs.load_into(context)
+    return context
 
 
 def _no_trust() -> ssl.SSLContext:
@@ -144,9 +164,17 @@ class RegistryTransport:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         max_retry_after: float = 60.0,
+        tls: TlsOptions | None = None,
     ) -> None:
         self.host = host
-        self.plain_http = is_loopback(host) if plain_http is None else plain_http
+        self.tls = tls or TlsOptions()
+        #: --tls-verify=false: whether the registry speaks TLS is found out by the first request.
+        self._scheme_unknown = not self.tls.verify and plain_http is not True
+        self._scheme_lock = asyncio.Lock()
+        if self._scheme_unknown:
+            self.plain_http = False
+        else:
+            self.plain_http = is_loopback(host) if plain_http is None else plain_http
         self.base_url = f"{'http' if self.plain_http else 'https'}://{host}"
         self.timeouts = Timeouts.of(timeout)
         #: The host's stall budget, shared by every request (see :mod:`..stalls`).
@@ -155,15 +183,16 @@ class RegistryTransport:
         self.retry = RetryPolicy(max(0, retries), backoff, max_backoff, max_retry_after)
         self._own_client = client is None
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        lazy_tls: dict[str, Any] = {}
+        verify = _verify(host, self.tls)
+        tls_setup: dict[str, Any] = {"verify": verify}
         if self.plain_http:
-            lazy_tls = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits)}}
+            tls_setup = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits, verify)}}
         self._client = client or httpx.AsyncClient(
             timeout=self._httpx_timeout,
             limits=limits,
             follow_redirects=False,
             headers={"User-Agent": TOOL},
-            **lazy_tls,
+            **tls_setup,
         )
         self.auth = Authenticator(
             host, credentials, plain_http=self.plain_http, client=self._client, timeouts=self.timeouts
@@ -221,9 +250,11 @@ class RegistryTransport:
         retry: bool = True,
     ) -> AsyncIterator[RegistryResponse]:
         """Like :meth:`request` but yields the response with its body unread (for blobs)."""
-        ok_set, scope_list, url = frozenset(ok), list(scopes), self.url(path)
+        ok_set, scope_list = frozenset(ok), list(scopes)
 
         async def exchange() -> httpx.Response:
+            await self._settle_scheme()
+            url = self.url(path)
             return await self._exchange(method, url, scope_list, action, headers, params, content, ok_set)
 
         response = await (self.retry.call(exchange) if retry else exchange())
@@ -231,6 +262,37 @@ class RegistryTransport:
             yield RegistryResponse(response, self)
         finally:
             await response.aclose()
+
+    async def _settle_scheme(self) -> None:
+        """Under --tls-verify=false, once: keep https if the registry answers over TLS, else use
+        plain http if a registry answers there (``/v2/`` with 200 or 401, as skopeo checks)."""
+        if not self._scheme_unknown:
+            return
+        async with self._scheme_lock:
+            if not self._scheme_unknown:
+                return
+            try:
+                await self._ping(self.base_url)
+            except RegistryUnreachable as over_tls:
+                plain = f"http://{self.host}"
+                try:
+                    status = await self._ping(plain)
+                except RegistryUnreachable:
+                    raise over_tls from None
+                if status not in (200, 401):
+                    raise over_tls from None
+                self.plain_http = self.auth.plain_http = True
+                self.base_url = plain
+            self._scheme_unknown = False
+
+    async def _ping(self, base_url: str) -> int:
+        """The status of ``GET /v2/`` at ``base_url``; RegistryUnreachable when nothing answers."""
+        check_stalls(self.host, self.stalls)
+        with translated(self.host, self.timeouts, self.stalls):
+            request = self._client.build_request("GET", f"{base_url}/v2/", timeout=self._httpx_timeout)
+            response = await self._client.send(request, stream=True)
+            await response.aclose()
+        return response.status_code
 
     async def _exchange(
         self,

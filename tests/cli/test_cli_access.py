@@ -1,0 +1,285 @@
+"""How the console script gets into a registry: credential files (docker's and the containers tools'),
+TLS options (skopeo's --tls-verify, --cert-dir and containers-certs.d), run for real against the
+test registries (the TLS ones under this machine's own name, so the client does not take them
+for loopback and speaks HTTPS to them by default)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.cli.output import Run, json_line, no_traceback
+from tests.registry_server import CertificateAuthority, RegistryServer
+from tests.trees import assert_same_tree
+
+#: A secret-looking value planted in broken files: it must never be printed.
+PLANTED = "pl4nted-S3CRET"
+
+
+def auths(host: str, username: str, password: str) -> dict[str, object]:
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    return {"auths": {host: {"auth": token}}}
+
+
+def write(path: Path, content: str | dict[str, object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("remote-cache: warning: ")]
+
+
+def one_file_tree(root: Path) -> Path:
+    root.mkdir()
+    (root / "f").write_text(root.name)
+    return root
+
+
+def error_line(proc: object) -> str:
+    """The one line a failed command printed (and no traceback)."""
+    stderr = proc.stderr  # type: ignore[attr-defined]
+    [line] = stderr.splitlines()
+    assert line.startswith("remote-cache: error: "), line
+    return str(line)
+
+
+# -------------------------------------------------------------------------------------------
+# credential files
+
+
+#: Where the ``cli`` fixture's environment makes each file be found (relative to tmp_path).
+PLACES = {
+    "docker config.json": "docker-config/config.json",
+    "XDG_RUNTIME_DIR auth.json": "run/containers/auth.json",
+    "~/.config auth.json": "home/.config/containers/auth.json",
+    "REGISTRY_AUTH_FILE": "elsewhere/auth.json",
+}
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+@pytest.mark.parametrize("defect", ["not JSON", "bad auth entry"])
+def test_a_malformed_auth_file_is_one_warning_and_an_anonymous_registry_still_works(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path, place: str, defect: str
+) -> None:
+    path = tmp_path / PLACES[place]
+    if defect == "not JSON":
+        write(path, json.dumps({"auths": {registry.host: {"auth": PLANTED}}})[:-1])  # a brace short
+    else:
+        write(path, {"auths": {registry.host: {"auth": PLANTED + "!"}}})  # not base64
+    env = {"REGISTRY_AUTH_FILE": str(path)} if place == "REGISTRY_AUTH_FILE" else {}
+    src = one_file_tree(tmp_path / "src")
+
+    for args in (
+        ("save", str(src), f"{registry.host}/{repo_name}:k"),
+        ("ls", f"{registry.host}/{repo_name}"),
+    ):
+        proc = cli(*args, env=env)
+        assert proc.returncode == 0, proc.stderr
+        [warning] = warnings(proc.stderr)
+        assert str(path) in warning, warning
+        assert ("not valid JSON" if defect == "not JSON" else "base64") in warning, warning
+        assert PLANTED not in proc.stderr + proc.stdout
+        no_traceback(proc)
+
+
+def test_credential_files_are_searched_in_the_containers_tools_order(
+    cli: Run, auth_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    host, user, password = auth_registry.host, auth_registry.username, auth_registry.password
+    assert user is not None and password is not None
+    right, wrong, elsewhere = (
+        auths(host, user, password),
+        auths(host, user, "wr0ng"),
+        auths("other.io", "u", "p"),
+    )
+    src = one_file_tree(tmp_path / "src")
+    ref = f"{auth_registry.host}/{repo_name}:k"
+    saved = cli("save", str(src), ref, env={"REMOTE_CACHE_USERNAME": user, "REMOTE_CACHE_PASSWORD": password})
+    assert saved.returncode == 0, saved.stderr
+    runtime, config_home = (
+        tmp_path / PLACES["XDG_RUNTIME_DIR auth.json"],
+        tmp_path / PLACES["~/.config auth.json"],
+    )
+
+    def inspect(*options: str, **env: str) -> int:
+        proc = cli("inspect", ref, "--json", *options, env=env)
+        assert password not in proc.stderr + proc.stdout and "wr0ng" not in proc.stderr
+        assert proc.returncode in (0, 4), proc.stderr
+        return proc.returncode
+
+    assert inspect() == 4  # no file has credentials yet
+    write(tmp_path / PLACES["docker config.json"], right)
+    assert inspect() == 0
+    write(config_home, wrong)  # read before docker's config.json: the first file with an entry wins
+    assert inspect() == 4
+    write(runtime, right)  # read before ~/.config
+    assert inspect() == 0
+    write(runtime, elsewhere)  # no entry for this registry: the search goes on, to ~/.config
+    assert inspect() == 4
+    xdg_config = tmp_path / "xdg-config"
+    write(xdg_config / "containers" / "auth.json", right)  # $XDG_CONFIG_HOME replaces ~/.config
+    assert inspect(XDG_CONFIG_HOME=str(xdg_config)) == 0
+
+    # REGISTRY_AUTH_FILE, then --authfile: the one file read (as skopeo and podman read them).
+    write(config_home, right)
+    only_elsewhere = write(tmp_path / "elsewhere.json", elsewhere)
+    assert inspect() == 0
+    assert inspect(REGISTRY_AUTH_FILE=str(only_elsewhere)) == 4
+    assert inspect(REGISTRY_AUTH_FILE=str(write(tmp_path / "right.json", right))) == 0
+    assert inspect("--authfile", str(only_elsewhere)) == 4
+    authfile = write(tmp_path / "authfile.json", right)
+    write(config_home, wrong)
+    write(tmp_path / PLACES["docker config.json"], wrong)
+    assert inspect("--authfile", str(authfile), REGISTRY_AUTH_FILE=str(only_elsewhere)) == 0
+    # A common option: before the command too.
+    before = cli("--authfile", str(authfile), "inspect", ref, "--json")
+    assert before.returncode == 0, before.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "does not exist"),
+        (json.dumps({"auths": {"h": {"auth": PLANTED}}})[:-1], "not valid JSON"),
+        (json.dumps([PLANTED]), "no JSON object"),
+        (json.dumps({"auths": [PLANTED]}), "'auths' is not a JSON object"),
+        ("BAD ENTRY", "base64"),
+    ],
+)
+def test_a_missing_or_malformed_authfile_is_a_usage_error(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path, content: str | None, problem: str
+) -> None:
+    path = tmp_path / "auth.json"
+    if content == "BAD ENTRY":
+        write(path, {"auths": {registry.host: {"auth": PLANTED + "!"}}})
+    elif content is not None:
+        write(path, content)
+    proc = cli("ls", f"{registry.host}/{repo_name}", "--authfile", str(path), "--fail-open")
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("remote-cache: error: ") and str(path) in line and "--authfile" in line, line
+    assert problem in line, line
+    assert PLANTED not in proc.stderr + proc.stdout
+    no_traceback(proc)
+
+
+# -------------------------------------------------------------------------------------------
+# TLS
+
+
+def cert_dir(directory: Path, ca: CertificateAuthority, *, client: bool = False) -> Path:
+    """A containers-certs.d(5) directory: the CA as ``*.crt``, a client pair as ``*.cert`` + ``*.key``."""
+    directory.mkdir(parents=True)
+    shutil.copy(ca.cert, directory / "test-ca.crt")
+    if client:
+        shutil.copy(ca.directory / "client.crt", directory / "client.cert")
+        shutil.copy(ca.directory / "client.key", directory / "client.key")
+    return directory
+
+
+def test_a_registry_with_a_private_ca_takes_cert_dir_or_tls_verify_false(
+    cli: Run, private_ca_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    server = private_ca_registry
+    assert server.ca is not None
+    src = one_file_tree(tmp_path / "src")
+    repo = f"{server.host}/{repo_name}"
+    certs = cert_dir(tmp_path / "certs", server.ca)
+
+    untrusted = cli("save", str(src), f"{repo}:k")
+    assert untrusted.returncode == 1, untrusted.stderr
+    line = error_line(untrusted)
+    assert "certificate" in line and "--cert-dir" in line and "--tls-verify=false" in line, line
+
+    trusted = cli("save", str(src), f"{repo}:k", "--cert-dir", str(certs))
+    assert trusted.returncode == 0, trusted.stderr
+    restored = cli("--cert-dir", str(certs), "restore", f"{repo}:k", str(tmp_path / "out"))
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out")
+
+    # skopeo's spelling, after or before the command; and its bare form takes no value.
+    insecure = cli("save", str(src), f"{repo}:k2", "--tls-verify=false")
+    assert insecure.returncode == 0, insecure.stderr
+    listing = cli("--tls-verify=false", "ls", repo, "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert sorted(e["key"] for e in json_line(listing)["entries"]) == ["k", "k2"]
+    bare = cli("inspect", "--tls-verify", "--cert-dir", str(certs), f"{repo}:k")
+    assert bare.returncode == 0, bare.stderr
+    for verify in ("--tls-verify", "--tls-verify=true", "--tls-verify=TRUE"):
+        assert cli("inspect", f"{repo}:k", verify).returncode == 1, verify
+
+
+def test_a_per_host_certs_d_directory_is_used_without_options(
+    cli: Run, private_ca_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    assert private_ca_registry.ca is not None
+    repo = f"{private_ca_registry.host}/{repo_name}"
+    assert cli("ls", repo).returncode == 1
+    cert_dir(tmp_path / "home/.config/containers/certs.d" / private_ca_registry.host, private_ca_registry.ca)
+    proc = cli("ls", repo)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_client_certificates_come_from_the_cert_dir(
+    cli: Run, client_cert_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    ca = client_cert_registry.ca
+    assert ca is not None
+    ref = f"{client_cert_registry.host}/{repo_name}:k"
+    src = one_file_tree(tmp_path / "src")
+    without = cli("save", str(src), ref, "--cert-dir", str(cert_dir(tmp_path / "ca-only", ca)))
+    assert without.returncode == 1, without.stderr
+    line = error_line(without)
+    assert client_cert_registry.host in line and "client certificate" in line and ".cert" in line, line
+    with_client = cert_dir(tmp_path / "with-client", ca, client=True)
+    proc = cli("save", str(src), ref, "--cert-dir", str(with_client))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("inspect", ref, "--cert-dir", str(with_client), "--tls-verify=false")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_tls_verify_false_falls_back_to_plain_http_as_skopeo_does(
+    cli: Run, named_registry: RegistryServer, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = one_file_tree(tmp_path / "src")
+    ref = f"{named_registry.host}/{repo_name}:k"
+    over_tls = cli("save", str(src), ref)
+    assert over_tls.returncode == 1, over_tls.stderr
+    assert "--plain-http" in error_line(over_tls)
+    insecure = cli("save", str(src), ref, "--tls-verify=false")
+    assert insecure.returncode == 0, insecure.stderr
+    # The habit of skopeo users with a loopback registry:
+    loopback = cli("save", str(src), f"{registry.host}/{repo_name}:k", "--tls-verify=false")
+    assert loopback.returncode == 0, loopback.stderr
+
+
+def test_tls_options_are_checked(cli: Run, tmp_path: Path) -> None:
+    half_pair = tmp_path / "half"
+    half_pair.mkdir()
+    (half_pair / "client.cert").write_text("")
+    not_pem = tmp_path / "not-pem"
+    not_pem.mkdir()
+    (not_pem / "ca.crt").write_text("not a certificate")
+    for args, message in [
+        (("ls", "oci:layout", "--tls-verify=false"), "--tls-verify is for registries, not oci:layout"),
+        (("ls", "s3://bucket/p", "--cert-dir", "."), "--cert-dir is for registries, not s3://bucket/p"),
+        (
+            ("ls", "oci:layout", "--authfile", "a.json", "--cert-dir", "."),
+            "--authfile and --cert-dir are for",
+        ),
+        (("ls", "localhost:5000/r", "--tls-verify=maybe"), "--tls-verify takes true or false"),
+        (("ls", "localhost:5000/r", "--cert-dir", "absent"), "does not exist"),
+        (("ls", "localhost:5000/r", "--cert-dir", str(half_pair)), "client.key"),
+        (("ls", "localhost:5000/r", "--cert-dir", str(not_pem)), "ca.crt"),
+    ]:
+        proc = cli(*args, "--fail-open")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        no_traceback(proc)
+    assert not (tmp_path / "layout").exists()
