@@ -5,9 +5,8 @@ directory comes right before its children and a subtree (an npm package) is cont
 itself gets no member. Hard links: the first path of an inode (in walk order) carries the data,
 every later path becomes a hard-link member naming it.
 
-Sockets cannot be archived and are skipped with a note in :class:`TreeStats`. Device files and
-FIFOs are refused (:class:`~remote_cache.errors.UnsafeArchive`): a cache has no business holding
-them and the extractor refuses them too.
+Special files (FIFOs, sockets, devices) cannot be archived (the extractor refuses them too): they
+are left out and listed in :class:`TreeStats`, so that a save can name them and still succeed.
 """
 
 from __future__ import annotations
@@ -19,22 +18,42 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UnsafeArchive
 from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
 
-__all__ = ["TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+__all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+
+
+@dataclass(frozen=True)
+class Special:
+    """A special file the walk left out: its path (from the root) and what it is."""
+
+    path: str
+    #: ``fifo``, ``socket``, ``char device`` or ``block device``.
+    kind: str
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"  # none other on Linux; a door or whiteout elsewhere
 
 
 @dataclass
 class TreeStats:
-    """What a walk found: counts, data bytes, and anything that had to be skipped (with why)."""
+    """What a walk found: counts, data bytes, and the special files it left out."""
 
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
     hardlinks: int = 0
     bytes: int = 0
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[Special] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -112,13 +131,8 @@ class _Walk:
             target = os.readlink(d.path)
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
-        elif stat.S_ISSOCK(m):
-            stats.skipped.append(f"{path}: socket (sockets cannot be archived)")
         else:
-            raise UnsafeArchive(
-                f"{path!r} is a device file or FIFO; remove it from the cached directory "
-                "(a cache must hold only files, directories and links)"
-            )
+            stats.skipped.append(Special(path, _special_kind(m)))
 
     def identity(self) -> TreeIdentity:
         h = hashlib.sha256(b"remote-cache tree v2\0")
