@@ -25,6 +25,7 @@ import anyio.to_thread
 
 from ..archive.pack import Compression, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.walk import Special
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
@@ -53,6 +54,21 @@ _Slot = tuple[Descriptor, str]  # a stored layer: its descriptor and diff_id
 
 log = logging.getLogger("remote_cache")
 
+#: Special files named in a summary before "and N more".
+_NAMED_SPECIAL = 3
+
+
+def _special_note(special: Sequence[Special]) -> str:
+    """``2 special files (fifo: a/pipe, socket: run/x.sock)``: the first few named, then a count."""
+    names = ", ".join(f"{s.kind}: {_shown(s.path)}" for s in special[:_NAMED_SPECIAL])
+    more = f" and {len(special) - _NAMED_SPECIAL} more" if len(special) > _NAMED_SPECIAL else ""
+    return f"{len(special)} special file{'' if len(special) == 1 else 's'} ({names}{more})"
+
+
+def _shown(path: str) -> str:
+    # A name with a newline or another control character would break a one-line summary.
+    return path if path.isprintable() else repr(path)
+
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -76,6 +92,14 @@ class SaveResult:
     base_key: str | None = None
     #: Why nothing was saved ("immutable key exists", "read-only: nothing saved"), else None.
     skipped: str | None = None
+    #: Special files (FIFOs, sockets, devices) left out of the entry, in walk order: an image
+    #: holds only files, directories and symlinks.
+    special: tuple[Special, ...] = ()
+
+    @property
+    def special_files(self) -> int:
+        """How many special files were left out."""
+        return len(self.special)
 
     @property
     def status(self) -> str:
@@ -91,15 +115,16 @@ class SaveResult:
         if self.layers_reused:
             source = "" if self.base_key in (None, self.key) else f" from {self.base_key}"
             reused = f", {self.layers_reused} layers reused{source}"
+        left_out = f"; skipped {_special_note(self.special)}" if self.special else ""
         return (
             f"save {self.status} {self.key}: {format_bytes(sent)} uploaded "
             f"({format_bytes(self.bytes_total)} compressed, {format_bytes(self.size)} in {self.files} "
-            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)})"
+            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)}){left_out}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field, plus ``status``."""
-        return {"status": self.status, **asdict(self)}
+        """A JSON-serialisable dict of every field, plus ``status`` and ``special_files``."""
+        return {"status": self.status, **asdict(self), "special_files": self.special_files}
 
 
 @dataclass(frozen=True)
@@ -151,7 +176,8 @@ async def save(
     Saving content identical to what the key holds pushes nothing and keeps the digest
     (``unchanged``); a tree unchanged since its last save here is known to be so after one walk
     and one manifest request. ``immutable``: an existing entry under ``key`` is never replaced
-    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
+    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs. Special
+    files are left out (``SaveResult.special``), with one warning on the ``remote_cache`` logger.
     """
     started = time.monotonic()
     validate_key(key)
@@ -192,12 +218,24 @@ async def save(
             raise CacheTooLarge(path, evidence.tree.size, max_size)
         return _unchanged(key, evidence.tree, started)
     try:
-        return await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
+        result = await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
     except BlobsSwept as swept:
         # A sweep deleted blobs this save had found present (see ObjectStore._check_reused): pack
         # the whole tree again, which uploads exactly what is missing, and write the tag again.
         log.warning("%s; packing and uploading again", swept)
-        return await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
+        result = await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
+    return _warn_special(path, result)
+
+
+def _warn_special(path: Path, result: SaveResult) -> SaveResult:
+    """Warn once when the save left special files out (a caller may print no summary)."""
+    if result.special:
+        log.warning(
+            "%s: skipped %s: a cache holds only files, directories and symlinks",
+            path,
+            _special_note(result.special),
+        )
+    return result
 
 
 @dataclass(frozen=True)
@@ -249,7 +287,7 @@ async def _save_tree(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
         bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
         files=plan.files, seconds=time.monotonic() - job.started, unchanged=unchanged,
-        layers_reused=len(reuse.slots), base_key=reuse.source,
+        layers_reused=len(reuse.slots), base_key=reuse.source, special=tuple(plan.scan.stats.skipped),
     )  # fmt: skip
 
 
