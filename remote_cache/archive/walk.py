@@ -32,6 +32,10 @@ class Special:
     kind: str
 
 
+#: File types a walk archives (as FILE, DIR or SYMLINK members); any other is a special file.
+_ARCHIVED = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
+
+
 def _special_kind(mode: int) -> str:
     if stat.S_ISFIFO(mode):
         return "fifo"
@@ -65,7 +69,8 @@ class TreeIdentity:
     removing or renaming an entry moves its directory's: equal identities mean an unchanged
     tree, provided no ctime was still fresh when the walk began (see
     ``remote_cache.cache.evidence``). Mode, size and mtime are there for filesystems whose ctimes
-    are coarse.
+    are coarse. A special file, never archived, counts by name, inode and mode only: a FIFO's
+    times move with every write through it, which changes nothing a save would store.
     """
 
     digest: str
@@ -94,17 +99,24 @@ class _Walk:
         names.append("\0/")  # a directory's entries start
         for d in children:
             st = d.stat(follow_symlinks=False)
+            mode = st.st_mode
             names.append(d.name)
             inodes.append(st.st_ino)
+            if stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count (TreeIdentity)
+                ctimes.append(0)
+                facts.extend((mode, 0, 0))
+                self.stats.skipped.append(Special(f"{rel}/{d.name}" if rel else d.name, _special_kind(mode)))
+                continue
             ctimes.append(st.st_ctime_ns)
-            facts.extend((st.st_mode, st.st_size, st.st_mtime_ns))
+            facts.extend((mode, st.st_size, st.st_mtime_ns))
             if self.plan:
                 self._member(f"{rel}/{d.name}" if rel else d.name, d, st)
-            elif stat.S_ISDIR(st.st_mode):
-                self.visit("", d.path)
+            elif stat.S_ISDIR(mode):
+                self.visit(f"{rel}/{d.name}" if rel else d.name, d.path)
         names.append("\0\\")  # and end
 
     def _member(self, path: str, d: os.DirEntry[str], st: os.stat_result) -> None:
+        """Add the member for a regular file, directory or symlink (walking into a directory)."""
         m, stats = st.st_mode, self.stats
         perm, mtime = stat.S_IMODE(m), int(st.st_mtime)
         if stat.S_ISREG(m):
@@ -127,12 +139,10 @@ class _Walk:
             self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime))
             stats.dirs += 1
             self.visit(path, d.path)
-        elif stat.S_ISLNK(m):
+        else:
             target = os.readlink(d.path)
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
-        else:
-            stats.skipped.append(Special(path, _special_kind(m)))
 
     def identity(self) -> TreeIdentity:
         h = hashlib.sha256(b"remote-cache tree v2\0")
@@ -150,8 +160,11 @@ def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]
     return walk.members, walk.identity()
 
 
-def tree_identity(root: Path) -> TreeIdentity:
-    """The identity :func:`walk_tree` would give ``root``, at a fraction of its cost (no members)."""
-    walk = _Walk(os.fspath(root), TreeStats(), plan=False)
+def tree_identity(root: Path, stats: TreeStats | None = None) -> TreeIdentity:
+    """The identity :func:`walk_tree` would give ``root``, at a fraction of its cost (no members).
+
+    Only ``stats.skipped`` is filled in (the special files), when ``stats`` is given.
+    """
+    walk = _Walk(os.fspath(root), TreeStats() if stats is None else stats, plan=False)
     walk.visit("", os.fspath(root))
     return walk.identity()

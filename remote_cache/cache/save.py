@@ -25,7 +25,7 @@ import anyio.to_thread
 
 from ..archive.pack import Compression, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
-from ..archive.walk import Special
+from ..archive.walk import Special, TreeStats
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
@@ -212,11 +212,12 @@ async def save(
     # Taken before the walk: a file written from now on gets a ctime at or after it.
     bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)
-    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree):
+    walked = TreeStats()
+    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree, walked):
         assert evidence.tree is not None
         if max_size is not None and evidence.tree.size > max_size:
             raise CacheTooLarge(path, evidence.tree.size, max_size)
-        return _unchanged(key, evidence.tree, started)
+        return _warn_special(path, _unchanged(key, evidence.tree, started, walked.skipped))
     try:
         result = await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
     except BlobsSwept as swept:
@@ -309,12 +310,14 @@ def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") 
     )  # fmt: skip
 
 
-def _unchanged(key: str, same: TreeRecord, started: float) -> SaveResult:
-    """The result of a save that found, by its tree record, nothing to do."""
+def _unchanged(key: str, same: TreeRecord, started: float, special: Sequence[Special]) -> SaveResult:
+    """The result of a save that found, by its tree record, nothing to do (``special``: what the
+    walk that proved it left out)."""
     return SaveResult(
         key=key, tag=same.tag, digest=same.digest, layers_total=same.layers, layers_uploaded=0,
         bytes_total=same.bytes, bytes_uploaded=0, size=same.size, files=same.files,
         seconds=time.monotonic() - started, unchanged=True, layers_reused=same.layers,
+        special=tuple(special),
     )  # fmt: skip
 
 
