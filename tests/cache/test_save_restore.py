@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import CLI
 from tests.stores import opened
-from tests.trees import assert_same_tree, make_tree, snapshot
+from tests.trees import allocated, assert_same_tree, holes_work, make_tree, snapshot
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -326,3 +330,54 @@ def test_special_files_are_left_out_named_and_warned_about_once(tmp_path: Path) 
     for emptied in ("run", "z"):  # they held only special files
         expected[emptied] = (*expected[emptied][:3], False)
     assert snapshot(out) == expected
+
+
+@pytest.fixture(params=["tmp", "shm"])
+def hole_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A directory on the default temporary filesystem, or on tmpfs (/dev/shm), that makes holes."""
+    if request.param == "tmp":
+        base = tmp_path / "sparse"
+        base.mkdir()
+    elif Path("/dev/shm").is_dir():
+        base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
+    else:
+        pytest.skip("no /dev/shm here")
+    try:
+        if not holes_work(base):
+            pytest.skip(f"the filesystem of {base} makes no holes")
+        yield base
+    finally:
+        if request.param == "shm":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def test_a_sparse_file_comes_back_sparse(hole_dir: Path, tmp_path: Path) -> None:
+    src = hole_dir / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(256 << 20)
+        f.seek(100 << 20)
+        f.write(os.urandom(3000))  # a few KiB in the middle
+        f.seek((256 << 20) - 2000)
+        f.write(os.urandom(2000))  # and at the very end
+    os.chmod(image, 0o640)
+    os.utime(image, (1_600_000_000, 1_600_000_000))
+    assert allocated(image) < 1 << 20  # the source is sparse
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    await save(store, "sparse", src)
+    out = hole_dir / "out"
+    await restore(store, "sparse", out)
+    back = out / "disk.img"
+    assert _sha256(back) == _sha256(image)
+    assert (back.stat().st_size, back.stat().st_mode, back.stat().st_mtime) == (
+        256 << 20,
+        image.stat().st_mode,
+        1_600_000_000,
+    )
+    assert allocated(back) < 1 << 20  # not 256 MiB
