@@ -5,7 +5,8 @@ thousands of small files, a 20 MB random file, every kind of symlink, hard-link 
 directories, nested empty dirs, read-only files and dirs, unicode (NFC and NFD, emoji), very long
 names, 60-level nesting, names with spaces, newlines, leading dashes and glob characters.
 ``assert_same_tree(a, b)`` compares type, mode, mtime (whole seconds, what tar keeps), size,
-content, symlink targets, hard-link groups and empty directories.
+content, symlink targets, hard-link groups and empty directories. ``holes_work(dir)`` probes
+whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import unicodedata
 import zlib
 from pathlib import Path
 
-__all__ = ["assert_same_tree", "make_tree", "snapshot"]
+__all__ = ["allocated", "assert_same_tree", "holes_work", "make_tree", "snapshot"]
 
 _MTIME = 1_600_000_000
 
@@ -173,3 +174,21 @@ def assert_same_tree(a: Path, b: Path, *, dir_and_link_times: bool = True) -> No
     assert not only_a and not only_b, f"only in {a}: {only_a[:10]}; only in {b}: {only_b[:10]}"
     diffs = [(k, sa[k], sb[k]) for k in sorted(sa) if sa[k] != sb[k]]
     assert not diffs, f"{len(diffs)} entries differ, e.g. {diffs[:5]}"
+
+
+def allocated(path: Path) -> int:
+    """The bytes ``path`` takes on disk (``st_blocks`` counts 512-byte units on Linux)."""
+    return path.stat().st_blocks * 512
+
+
+def holes_work(directory: Path) -> bool:
+    """Whether a file in ``directory`` can have holes: one written 1 MiB past its start takes less."""
+    probe = directory / ".hole-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.pwrite(fd, b"x", (1 << 20) - 1)
+        os.fsync(fd)  # some filesystems settle st_blocks only once the data is written out
+        return allocated(probe) < 1 << 20
+    finally:
+        os.close(fd)
+        probe.unlink()

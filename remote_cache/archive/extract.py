@@ -13,6 +13,8 @@ Metadata: modes are kept exactly, except that setuid/setgid/sticky bits are drop
 run as root (a restored cache should not grow privileges for whoever restores it); numeric
 uid/gid are applied only as root; mtimes are set on files, symlinks and (last, deepest first)
 directories. Directories are created owner-writable and get their real mode at ``finish()``.
+Holes: tar records none, so a file's runs of zeros (whole aligned 4 KiB blocks, 32 KiB or more)
+are left as holes (:mod:`.sparse`), as ``cp --sparse=always`` does: a sparse file stays sparse.
 
 Layers apply in order with OCI whiteouts (``.wh.NAME`` removes NAME from lower layers,
 ``.wh..wh..opq`` empties a directory of lower-layer content). Corrupt or truncated streams raise

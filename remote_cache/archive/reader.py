@@ -1,7 +1,8 @@
 """Exact-size reads over one layer's uncompressed chunks, writing file data without copying it.
 
 The extractor reads headers with :meth:`LayerReader.read_exact` and hands file data straight
-from the decompressed chunk to ``os.write`` (:meth:`LayerReader.data`).
+from the decompressed chunk to ``os.write`` (:meth:`LayerReader.data`); a big file's long runs of
+zeros become holes (:mod:`.sparse`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 
 from ..errors import IntegrityError
 from .decompress import EndOfLayers, Feeder, Item
+from .sparse import MIN_HOLE, SparseWriter
 from .tar import display
 
 __all__ = ["LayerReader"]
@@ -78,6 +80,11 @@ class LayerReader:
     def data(self, fd: int, n: int, member: bytes) -> None:
         """Write the next ``n`` bytes to ``fd`` (``fd < 0``: skip them), then skip the padding."""
         pad = -n % 512
+        if fd >= 0 and n >= MIN_HOLE:
+            self._sparse(fd, n, member)
+            if pad:
+                self._skip_padding(pad)
+            return
         p = self._pos
         e = p + n
         if e + pad <= self._len:
@@ -100,6 +107,21 @@ class LayerReader:
             n -= take
         if pad:
             self._skip_padding(pad)
+
+    def _sparse(self, fd: int, n: int, member: bytes) -> None:
+        """Write the next ``n`` bytes (a big file) to ``fd``, leaving holes for runs of zeros."""
+        out = SparseWriter(fd)
+        while n:
+            avail = self._len - self._pos
+            if not avail:
+                if not self._load():
+                    raise IntegrityError(f"layer tar is truncated (ended inside {display(member)})")
+                continue
+            take = min(avail, n)
+            out.write(self._buf, self._pos, self._pos + take)
+            self._pos += take
+            n -= take
+        out.close()
 
     def _skip_padding(self, pad: int) -> None:
         # A stream may end exactly after the last member's data, unpadded (umoci 0.4 does);

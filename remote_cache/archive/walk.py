@@ -5,9 +5,8 @@ directory comes right before its children and a subtree (an npm package) is cont
 itself gets no member. Hard links: the first path of an inode (in walk order) carries the data,
 every later path becomes a hard-link member naming it.
 
-Sockets cannot be archived and are skipped with a note in :class:`TreeStats`. Device files and
-FIFOs are refused (:class:`~remote_cache.errors.UnsafeArchive`): a cache has no business holding
-them and the extractor refuses them too.
+Special files (FIFOs, sockets, devices) cannot be archived (the extractor refuses them too): they
+are left out and listed in :class:`TreeStats`, so that a save can name them and still succeed.
 """
 
 from __future__ import annotations
@@ -19,22 +18,46 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UnsafeArchive
 from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
 
-__all__ = ["TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+__all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+
+
+@dataclass(frozen=True)
+class Special:
+    """A special file the walk left out: its path (from the root) and what it is."""
+
+    path: str
+    #: ``fifo``, ``socket``, ``char device`` or ``block device``.
+    kind: str
+
+
+#: File types a walk archives (as FILE, DIR or SYMLINK members); any other is a special file.
+_ARCHIVED = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"  # none other on Linux; a door or whiteout elsewhere
 
 
 @dataclass
 class TreeStats:
-    """What a walk found: counts, data bytes, and anything that had to be skipped (with why)."""
+    """What a walk found: counts, data bytes, and the special files it left out."""
 
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
     hardlinks: int = 0
     bytes: int = 0
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[Special] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,7 +69,8 @@ class TreeIdentity:
     removing or renaming an entry moves its directory's: equal identities mean an unchanged
     tree, provided no ctime was still fresh when the walk began (see
     ``remote_cache.cache.evidence``). Mode, size and mtime are there for filesystems whose ctimes
-    are coarse.
+    are coarse. A special file, never archived, counts by name, inode and mode only: a FIFO's
+    times move with every write through it, which changes nothing a save would store.
     """
 
     digest: str
@@ -75,17 +99,24 @@ class _Walk:
         names.append("\0/")  # a directory's entries start
         for d in children:
             st = d.stat(follow_symlinks=False)
+            mode = st.st_mode
             names.append(d.name)
             inodes.append(st.st_ino)
+            if stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count (TreeIdentity)
+                ctimes.append(0)
+                facts.extend((mode, 0, 0))
+                self.stats.skipped.append(Special(f"{rel}/{d.name}" if rel else d.name, _special_kind(mode)))
+                continue
             ctimes.append(st.st_ctime_ns)
-            facts.extend((st.st_mode, st.st_size, st.st_mtime_ns))
+            facts.extend((mode, st.st_size, st.st_mtime_ns))
             if self.plan:
                 self._member(f"{rel}/{d.name}" if rel else d.name, d, st)
-            elif stat.S_ISDIR(st.st_mode):
-                self.visit("", d.path)
+            elif stat.S_ISDIR(mode):
+                self.visit(f"{rel}/{d.name}" if rel else d.name, d.path)
         names.append("\0\\")  # and end
 
     def _member(self, path: str, d: os.DirEntry[str], st: os.stat_result) -> None:
+        """Add the member for a regular file, directory or symlink (walking into a directory)."""
         m, stats = st.st_mode, self.stats
         perm, mtime = stat.S_IMODE(m), int(st.st_mtime)
         if stat.S_ISREG(m):
@@ -108,17 +139,10 @@ class _Walk:
             self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime))
             stats.dirs += 1
             self.visit(path, d.path)
-        elif stat.S_ISLNK(m):
+        else:
             target = os.readlink(d.path)
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
-        elif stat.S_ISSOCK(m):
-            stats.skipped.append(f"{path}: socket (sockets cannot be archived)")
-        else:
-            raise UnsafeArchive(
-                f"{path!r} is a device file or FIFO; remove it from the cached directory "
-                "(a cache must hold only files, directories and links)"
-            )
 
     def identity(self) -> TreeIdentity:
         h = hashlib.sha256(b"remote-cache tree v2\0")
@@ -136,8 +160,11 @@ def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]
     return walk.members, walk.identity()
 
 
-def tree_identity(root: Path) -> TreeIdentity:
-    """The identity :func:`walk_tree` would give ``root``, at a fraction of its cost (no members)."""
-    walk = _Walk(os.fspath(root), TreeStats(), plan=False)
+def tree_identity(root: Path, stats: TreeStats | None = None) -> TreeIdentity:
+    """The identity :func:`walk_tree` would give ``root``, at a fraction of its cost (no members).
+
+    Only ``stats.skipped`` is filled in (the special files), when ``stats`` is given.
+    """
+    walk = _Walk(os.fspath(root), TreeStats() if stats is None else stats, plan=False)
     walk.visit("", os.fspath(root))
     return walk.identity()

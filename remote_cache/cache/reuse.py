@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 
 from ..archive.plan import TreeScan
-from ..archive.walk import tree_identity
+from ..archive.walk import TreeStats, tree_identity
 from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
@@ -27,10 +27,17 @@ __all__ = ["Candidates", "Reuse", "candidate_layers", "reusable_layers", "unchan
 
 
 async def unchanged_tree(
-    store: Store, path: Path, tag: str, options: str, bound: int, recorded: TreeRecord | None
+    store: Store,
+    path: Path,
+    tag: str,
+    options: str,
+    bound: int,
+    recorded: TreeRecord | None,
+    stats: TreeStats | None = None,
 ) -> bool:
     """True when ``recorded`` (the last save of ``path`` here) still describes it: nothing in the
-    tree changed since (a walk) and ``tag`` still names what that save produced (one request)."""
+    tree changed since (a walk) and ``tag`` still names what that save produced (one request).
+    The walk lists the special files it found in ``stats``."""
     if recorded is None or (recorded.location, recorded.tag, recorded.options) != (
         store.location,
         tag,
@@ -38,7 +45,7 @@ async def unchanged_tree(
     ):
         return False
     try:
-        identity = await anyio.to_thread.run_sync(tree_identity, path)
+        identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
     except OSError:
         return False  # the scan reports what is wrong with the directory
     if tree_fingerprint(identity, bound) != recorded.fingerprint:

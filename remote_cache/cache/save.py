@@ -25,6 +25,7 @@ import anyio.to_thread
 
 from ..archive.pack import Compression, PackedLayer, check_level, pack_tree
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
 from ..keys import tag_for_key, validate_key
@@ -55,6 +56,21 @@ _Slot = tuple[Descriptor, str]  # a stored layer: its descriptor and diff_id
 
 log = logging.getLogger("remote_cache")
 
+#: Special files named in a summary before "and N more".
+_NAMED_SPECIAL = 3
+
+
+def _special_note(special: Sequence[Special]) -> str:
+    """``2 special files (fifo: a/pipe, socket: run/x.sock)``: the first few named, then a count."""
+    names = ", ".join(f"{s.kind}: {_shown(s.path)}" for s in special[:_NAMED_SPECIAL])
+    more = f" and {len(special) - _NAMED_SPECIAL} more" if len(special) > _NAMED_SPECIAL else ""
+    return f"{len(special)} special file{'' if len(special) == 1 else 's'} ({names}{more})"
+
+
+def _shown(path: str) -> str:
+    # A name with a newline or another control character would break a one-line summary.
+    return path if path.isprintable() else repr(path)
+
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -78,6 +94,14 @@ class SaveResult:
     base_key: str | None = None
     #: Why nothing was saved ("immutable key exists", "read-only: nothing saved"), else None.
     skipped: str | None = None
+    #: Special files (FIFOs, sockets, devices) left out of the entry, in walk order: an image
+    #: holds only files, directories and symlinks.
+    special: tuple[Special, ...] = ()
+
+    @property
+    def special_files(self) -> int:
+        """How many special files were left out."""
+        return len(self.special)
 
     @property
     def status(self) -> str:
@@ -93,15 +117,16 @@ class SaveResult:
         if self.layers_reused:
             source = "" if self.base_key in (None, self.key) else f" from {self.base_key}"
             reused = f", {self.layers_reused} layers reused{source}"
+        left_out = f"; skipped {_special_note(self.special)}" if self.special else ""
         return (
             f"save {self.status} {self.key}: {format_bytes(sent)} uploaded "
             f"({format_bytes(self.bytes_total)} compressed, {format_bytes(self.size)} in {self.files} "
-            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)})"
+            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)}){left_out}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field, plus ``status``."""
-        return {"status": self.status, **asdict(self)}
+        """A JSON-serialisable dict of every field, plus ``status`` and ``special_files``."""
+        return {"status": self.status, **asdict(self), "special_files": self.special_files}
 
 
 @dataclass(frozen=True)
@@ -153,7 +178,8 @@ async def save(
     Saving content identical to what the key holds pushes nothing and keeps the digest
     (``unchanged``); a tree unchanged since its last save here is known to be so after one walk
     and one manifest request. ``immutable``: an existing entry under ``key`` is never replaced
-    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs.
+    (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs. Special
+    files are left out (``SaveResult.special``), with one warning on the ``remote_cache`` logger.
     """
     started = time.monotonic()
     validate_key(key)
@@ -189,18 +215,31 @@ async def save(
     # Taken before the walk: a file written from now on gets a ctime at or after it.
     bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)
-    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree):
+    walked = TreeStats()
+    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree, walked):
         assert evidence.tree is not None
         if max_size is not None and evidence.tree.size > max_size:
             raise CacheTooLarge(path, evidence.tree.size, max_size)
-        return _unchanged(key, evidence.tree, started)
+        return _warn_special(path, _unchanged(key, evidence.tree, started, walked.skipped))
     try:
-        return await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
+        result = await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
     except BlobsSwept as swept:
         # A sweep deleted blobs this save had found present (see ObjectStore._check_reused): pack
         # the whole tree again, which uploads exactly what is missing, and write the tag again.
         log.warning("%s; packing and uploading again", swept)
-        return await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
+        result = await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
+    return _warn_special(path, result)
+
+
+def _warn_special(path: Path, result: SaveResult) -> SaveResult:
+    """Warn once when the save left special files out (a caller may print no summary)."""
+    if result.special:
+        log.warning(
+            "%s: skipped %s: a cache holds only files, directories and symlinks",
+            path,
+            _special_note(result.special),
+        )
+    return result
 
 
 @dataclass(frozen=True)
@@ -252,7 +291,7 @@ async def _save_tree(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
         bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
         files=plan.files, seconds=time.monotonic() - job.started, unchanged=unchanged,
-        layers_reused=len(reuse.slots), base_key=reuse.source,
+        layers_reused=len(reuse.slots), base_key=reuse.source, special=tuple(plan.scan.stats.skipped),
     )  # fmt: skip
 
 
@@ -274,12 +313,14 @@ def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") 
     )  # fmt: skip
 
 
-def _unchanged(key: str, same: TreeRecord, started: float) -> SaveResult:
-    """The result of a save that found, by its tree record, nothing to do."""
+def _unchanged(key: str, same: TreeRecord, started: float, special: Sequence[Special]) -> SaveResult:
+    """The result of a save that found, by its tree record, nothing to do (``special``: what the
+    walk that proved it left out)."""
     return SaveResult(
         key=key, tag=same.tag, digest=same.digest, layers_total=same.layers, layers_uploaded=0,
         bytes_total=same.bytes, bytes_uploaded=0, size=same.size, files=same.files,
         seconds=time.monotonic() - started, unchanged=True, layers_reused=same.layers,
+        special=tuple(special),
     )  # fmt: skip
 
 

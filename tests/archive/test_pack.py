@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from remote_cache.archive.pack import PackedLayer, pack_tree
 from remote_cache.archive.plan import scan_tree
 from remote_cache.archive.swap import replace_dir, staging_dir
 from remote_cache.archive.tar import DIR, HARDLINK
-from remote_cache.archive.walk import tree_identity
+from remote_cache.archive.walk import Special, tree_identity
 from remote_cache.cache.evidence import settle
 from tests.trees import assert_same_tree, make_tree, snapshot
 
@@ -137,20 +139,33 @@ def test_tiny_tree_is_one_layer(tmp_path: Path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_socket_is_skipped_with_warning(tmp_path: Path) -> None:
-    import socket
+def _char_device(path: Path) -> bool:
+    """Make ``path`` a character device (/dev/null's numbers); False without the privilege to."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        return False
+    return True
 
+
+def test_special_files_are_left_out_and_named(tmp_path: Path) -> None:
     src = tmp_path / "s"
-    src.mkdir()
+    (src / "run").mkdir(parents=True)
     (src / "f").write_text("f")
+    os.mkfifo(src / "a-pipe")
     sock = socket.socket(socket.AF_UNIX)
     try:
-        sock.bind(str(src / "sock"))
+        sock.bind(str(src / "run" / "x.sock"))
+        device = _char_device(src / "null")
         scan = scan_tree(src)
+        layers = list(pack_tree(scan))
     finally:
         sock.close()
-    assert scan.stats.files == 1
-    assert len(scan.stats.skipped) == 1 and "sock" in scan.stats.skipped[0]
+    expected = [Special("a-pipe", "fifo"), *([Special("null", "char device")] if device else [])]
+    assert scan.stats.skipped == [*expected, Special("run/x.sock", "socket")]
+    assert scan.stats.files == 1 and scan.stats.dirs == 1
+    _restore(layers, tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == ["f", "run"]
 
 
 def test_gnu_tar_reads_our_layers(nasty: Path, tmp_path: Path) -> None:

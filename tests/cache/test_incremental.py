@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -517,6 +518,45 @@ async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
     back = await save(store, "k", src)
     assert moved.digest != first.digest
     assert not back.unchanged and back.digest == first.digest  # pushed again: the key holds src
+
+
+@pytest.mark.usefixtures("fresh_is_settled")
+async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    src = _bulk(tmp_path / "src")
+    pipe = src / "pkg0" / "pipe"
+    os.mkfifo(pipe)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "pkg1" / "s.sock"))
+    _settle()
+    first = await save(store, "k", src)
+    assert [s.path for s in first.special] == ["pkg0/pipe", "pkg1/s.sock"]
+
+    # Data through a FIFO moves its ctime (a process using it between two saves): the tree
+    # is still unchanged, and the shortcut still names what it left out.
+    ctime = pipe.stat().st_ctime_ns
+    fd = os.open(pipe, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"through the pipe")
+        os.read(fd, 100)
+    finally:
+        os.close(fd)
+    assert pipe.stat().st_ctime_ns > ctime
+    _settle()
+    with monkeypatch.context() as m:
+        _refuse_scanning(m)
+        again = await save(store, "k", src)
+    assert again.unchanged and again.digest == first.digest and again.special == first.special
+    assert "skipped 2 special files" in again.summary()
+
+    # A new one is not hidden: its directory changed, and the save names it.
+    os.mkfifo(src / "pkg2" / "new-pipe")
+    _settle()
+    third = await save(store, "k", src)
+    assert not third.unchanged and third.digest != first.digest
+    assert [s.path for s in third.special] == ["pkg0/pipe", "pkg1/s.sock", "pkg2/new-pipe"]
 
 
 def _fingerprint(root: Path, bound: int) -> str | None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
+import shutil
+import socket
+import subprocess
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +27,9 @@ from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
+from tests.cli.output import CLI
 from tests.stores import opened
-from tests.trees import assert_same_tree, make_tree
+from tests.trees import allocated, assert_same_tree, holes_work, make_tree, snapshot
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -292,3 +299,102 @@ async def test_network_failure_mid_restore_leaves_target_untouched(
 
 async def _layers_of(store: Store, digest: str) -> list[Descriptor]:
     return list((await load_image(store, digest)).layers)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The console script, for real (the autouse ``state_dir`` fixture is in its environment)."""
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def _bind(path: Path) -> None:
+    """Leave a UNIX socket at ``path`` (the file stays once the socket is closed)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+
+
+def test_special_files_are_left_out_named_and_warned_about_once(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for d in ("a", "run", "z"):
+        (src / d).mkdir(parents=True)
+    (src / "a" / "kept.txt").write_text("kept")
+    os.mkfifo(src / "a" / "pipe")
+    _bind(src / "run" / "x.sock")
+    layout = f"oci:{tmp_path / 'layout'}"
+
+    saved = _cli("save", str(src), f"{layout}:k", "--json")
+    assert saved.returncode == 0, saved.stderr
+    data = json.loads(saved.stdout)
+    assert data["outcome"] == "saved" and data["files"] == 1 and data["special_files"] == 2
+    assert data["special"] == [{"path": "a/pipe", "kind": "fifo"}, {"path": "run/x.sock", "kind": "socket"}]
+    note = "skipped 2 special files (fifo: a/pipe, socket: run/x.sock)"
+    warnings = [line for line in saved.stderr.splitlines() if line.startswith("remote-cache: warning: ")]
+    assert len(warnings) == 1 and f"{src}: {note}" in warnings[0], saved.stderr
+    summary = saved.stderr.splitlines()[-1]
+    assert summary.startswith("save saved k:") and summary.endswith(f"; {note}")
+
+    for i in range(3):
+        os.mkfifo(src / "z" / f"p{i}")
+    more = _cli("save", str(src), f"{layout}:k", "--json")
+    assert more.returncode == 0 and json.loads(more.stdout)["special_files"] == 5, more.stderr
+    assert more.stderr.count("remote-cache: warning: ") == 1
+    assert "skipped 5 special files (fifo: a/pipe, socket: run/x.sock, fifo: z/p0 and 2 more)" in more.stderr
+
+    out = tmp_path / "out"
+    restored = _cli("restore", f"{layout}:k", str(out))
+    assert restored.returncode == 0, restored.stderr
+    left_out = {"a/pipe", "run/x.sock", "z/p0", "z/p1", "z/p2"}
+    expected = {k: v for k, v in snapshot(src).items() if k not in left_out}
+    for emptied in ("run", "z"):  # they held only special files
+        expected[emptied] = (*expected[emptied][:3], False)
+    assert snapshot(out) == expected
+
+
+@pytest.fixture(params=["tmp", "shm"])
+def hole_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A directory on the default temporary filesystem, or on tmpfs (/dev/shm), that makes holes."""
+    if request.param == "tmp":
+        base = tmp_path / "sparse"
+        base.mkdir()
+    elif Path("/dev/shm").is_dir():
+        base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
+    else:
+        pytest.skip("no /dev/shm here")
+    try:
+        if not holes_work(base):
+            pytest.skip(f"the filesystem of {base} makes no holes")
+        yield base
+    finally:
+        if request.param == "shm":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+async def test_a_sparse_file_comes_back_sparse(hole_dir: Path, tmp_path: Path) -> None:
+    src = hole_dir / "src"
+    src.mkdir()
+    image = src / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(256 << 20)
+        f.seek(100 << 20)
+        f.write(os.urandom(3000))  # a few KiB in the middle
+        f.seek((256 << 20) - 2000)
+        f.write(os.urandom(2000))  # and at the very end
+    os.chmod(image, 0o640)
+    os.utime(image, (1_600_000_000, 1_600_000_000))
+    assert allocated(image) < 1 << 20  # the source is sparse
+    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+    await save(store, "sparse", src)
+    out = hole_dir / "out"
+    await restore(store, "sparse", out)
+    back = out / "disk.img"
+    assert _sha256(back) == _sha256(image)
+    assert (back.stat().st_size, back.stat().st_mode, back.stat().st_mtime) == (
+        256 << 20,
+        image.stat().st_mode,
+        1_600_000_000,
+    )
+    assert allocated(back) < 1 << 20  # not 256 MiB
