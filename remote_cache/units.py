@@ -14,6 +14,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 __all__ = [
+    "counted",
     "format_bytes",
     "format_rate",
     "format_time",
@@ -103,3 +104,8 @@ def parse_time(text: str | None) -> datetime | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``1 entry``, ``3 entries``: a count with its noun agreeing."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

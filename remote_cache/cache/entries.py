@@ -20,7 +20,7 @@ from ..keys import tag_for_key, tag_prefix_for, validate_key, validate_restore_k
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
 from ..tasks import first_error, for_each
-from ..units import format_bytes, format_time
+from ..units import counted, format_bytes, format_time
 from .image import ANNOTATION_TOOL, CacheImage, load_image
 
 __all__ = [
@@ -228,7 +228,7 @@ class Freed:
 
     def summary(self) -> str:
         """``freed 3 blobs (1.2 MB)``, for the end of an ``rm``/``prune`` line."""
-        return f"freed {self.blobs} blob{'' if self.blobs == 1 else 's'} ({format_bytes(self.bytes)})"
+        return f"freed {counted(self.blobs, 'blob')} ({format_bytes(self.bytes)})"
 
 
 async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:

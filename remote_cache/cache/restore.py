@@ -37,7 +37,7 @@ from ..oci.descriptor import Descriptor
 from ..oci.media import LAYER_COMPRESSION
 from ..oci.store import Store
 from ..tasks import first_error
-from ..units import format_bytes, format_rate
+from ..units import counted, format_bytes, format_rate
 from . import state
 from .entries import find_entry
 from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, settle
@@ -70,12 +70,14 @@ class RestoreResult:
         how = f"hit {self.key}" if self.status == "hit" else f"fallback {self.key} from {self.matched_key}"
         return (
             f"restore {how}: {format_bytes(self.bytes)} in {self.seconds:.1f} s "
-            f"({format_rate(self.bytes, self.seconds)}); {format_bytes(self.size)} in {self.files} files"
+            f"({format_rate(self.bytes, self.seconds)}); {format_bytes(self.size)} in "
+            f"{counted(self.files, 'file')}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field."""
-        return asdict(self)
+        """A JSON-serialisable dict of every field, ``status`` named ``outcome`` as in every command."""
+        fields = asdict(self)
+        return {"outcome": fields.pop("status"), **fields}
 
 
 async def restore(

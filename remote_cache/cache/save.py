@@ -33,7 +33,7 @@ from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
 from ..oci.store import Store
 from ..tasks import first_error
-from ..units import format_bytes, format_rate
+from ..units import counted, format_bytes, format_rate
 from ..version import TOOL
 from . import state
 from .evidence import Evidence, LocalLayer, TreeRecord, clock_ns, local_layers, records_for, tree_fingerprint
@@ -64,7 +64,7 @@ def _special_note(special: Sequence[Special]) -> str:
     """``2 special files (fifo: a/pipe, socket: run/x.sock)``: the first few named, then a count."""
     names = ", ".join(f"{s.kind}: {_shown(s.path)}" for s in special[:_NAMED_SPECIAL])
     more = f" and {len(special) - _NAMED_SPECIAL} more" if len(special) > _NAMED_SPECIAL else ""
-    return f"{len(special)} special file{'' if len(special) == 1 else 's'} ({names}{more})"
+    return f"{counted(len(special), 'special file')} ({names}{more})"
 
 
 def _shown(path: str) -> str:
@@ -116,17 +116,17 @@ class SaveResult:
         reused = ""
         if self.layers_reused:
             source = "" if self.base_key in (None, self.key) else f" from {self.base_key}"
-            reused = f", {self.layers_reused} layers reused{source}"
+            reused = f", {counted(self.layers_reused, 'layer')} reused{source}"
         left_out = f"; skipped {_special_note(self.special)}" if self.special else ""
         return (
             f"save {self.status} {self.key}: {format_bytes(sent)} uploaded "
-            f"({format_bytes(self.bytes_total)} compressed, {format_bytes(self.size)} in {self.files} "
-            f"files{reused}) in {secs:.1f} s ({format_rate(sent, secs)}){left_out}"
+            f"({format_bytes(self.bytes_total)} compressed, {format_bytes(self.size)} in "
+            f"{counted(self.files, 'file')}{reused}) in {secs:.1f} s ({format_rate(sent, secs)}){left_out}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of every field, plus ``status`` and ``special_files``."""
-        return {"status": self.status, **asdict(self), "special_files": self.special_files}
+        """A JSON-serialisable dict of every field, plus ``outcome`` (the status) and ``special_files``."""
+        return {"outcome": self.status, **asdict(self), "special_files": self.special_files}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import CacheMiss
-from ..units import format_bytes, parse_duration, parse_size
+from ..units import counted, format_bytes, parse_duration, parse_size
 from .app import (
     Body,
     Common,
@@ -169,7 +169,7 @@ def _save(
                     read_only=read_only,
                     **given(platforms=platforms, jobs=jobs),
                 )
-        data = {**result.to_json(), "outcome": result.status, "reference": str(reference)}
+        data = {**result.to_json(), "reference": str(reference)}
         return Outcome(ExitCode.OK, result.summary(), data)
 
     return body
@@ -222,7 +222,7 @@ def _restore(
                 data = {"outcome": "miss", "hit": False, "key": entry_key, "reference": str(reference)}
                 return Outcome(ExitCode.MISS, f"restore miss {entry_key}: no entry in {store.location}", data)
         exact = result.status == "hit"
-        data = {**result.to_json(), "outcome": result.status, "hit": exact, "reference": str(reference)}
+        data = {**result.to_json(), "hit": exact, "reference": str(reference)}
         return Outcome(ExitCode.OK, result.summary(), data)
 
     return body
@@ -249,7 +249,8 @@ def _ls(
             plain(console, format_table(entries))
 
         data = {"outcome": "ok", "repository": reference.location, "entries": rows}
-        return Outcome(ExitCode.OK, None, data, show)
+        line = f"ls listed {counted(len(rows), 'entry', 'entries')} in {reference.location}"
+        return Outcome(ExitCode.OK, line, data, show)
 
     return body
 
@@ -262,7 +263,7 @@ def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
         from ..cache.entries import inspect as inspect_entry
         from ..cache.image import load_image
 
-        async with open_entry(ref, key, common) as (_, entry_key, store):
+        async with open_entry(ref, key, common) as (reference, entry_key, store):
             entry = await inspect_entry(store, entry_key)
             image = await load_image(store, entry.digest)
         info = {
@@ -283,7 +284,12 @@ def _inspect(ref: RefArg, key: KeyOpt = None) -> Body:
             for name, value in sorted(image.annotations.items()):
                 plain(console, f"  {name}={value}")
 
-        return Outcome(ExitCode.OK, None, {"outcome": "ok", **info}, show)
+        size = format_bytes(sum(layer.size for layer in image.layers))
+        line = (
+            f"inspect found {entry_key}: {counted(len(image.layers), 'layer')}, {size} compressed, "
+            f"in {reference.location}"
+        )
+        return Outcome(ExitCode.OK, line, {"outcome": "ok", **info}, show)
 
     return body
 
@@ -376,7 +382,7 @@ def _prune(
             **_freed_json(freed),
         }  # fmt: skip
         line = (
-            f"prune {verb} {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} from {reference.location}"
+            f"prune {verb} {counted(len(rows), 'entry', 'entries')} from {reference.location}"
             f"{_freed_text(freed, grace)}"
         )
         return Outcome(ExitCode.OK, line, data, show)

@@ -129,7 +129,7 @@ async def test_unchanged_resave_reads_and_pushes_nothing(
         assert (again.bytes_uploaded, again.layers_uploaded) == (0, 0)
         assert again.layers_reused == again.layers_total == first.layers_total
         assert _writes(proxy) == 0
-        assert again.to_json()["status"] == "unchanged" and "reused" in again.summary()
+        assert again.to_json()["outcome"] == "unchanged" and "reused" in again.summary()
 
 
 async def test_one_changed_file_packs_and_uploads_one_layer(

@@ -96,7 +96,7 @@ async def test_restore_falls_back_and_reports_it(where: Reference, tmp_path: Pat
         assert result.status == "fallback" and result.matched_key == "npm-aaa"
         assert result.key == "npm-bbb" and result.digest == saved.digest
         assert "restore fallback npm-bbb from npm-aaa: " in result.summary()
-        assert result.to_json()["status"] == "fallback"
+        assert result.to_json()["outcome"] == "fallback"
 
         with pytest.raises(CacheMiss):
             await restore(store, "npm-bbb", tmp_path / "miss", restore_keys=["go-"])

@@ -49,7 +49,7 @@ async def test_read_only_save_touches_nothing(tmp_path: Path) -> None:
     store = open_store(parse_reference(f"oci:{layout}"))
     result = await save(store, "k", tmp_path / "does-not-even-exist", read_only=True)
     assert result.status == "skipped" and result.skipped is not None and "read-only" in result.skipped
-    assert result.to_json()["status"] == "skipped"
+    assert result.to_json()["outcome"] == "skipped"
     assert "read-only" in result.summary()
     with pytest.raises(CacheMiss):
         await store.resolve("k")

@@ -168,6 +168,7 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
 
     table = cli("ls", repo)
     assert table.returncode == 0, table.stderr
+    assert table.stderr == f"ls listed 2 entries in {repo}\n"  # the summary line every command has
     header, *rows = table.stdout.splitlines()
     assert header.split() == ["KEY", "CREATED", "SIZE", "FILES", "TAG"]  # the one entries table
     assert sorted(row.split()[0] for row in rows) == ["npm-linux", "pip-3.12"]
@@ -184,6 +185,7 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
     assert info["annotations"]["dev.remote-cache.key"] == "pip-3.12"
     human = cli("inspect", f"{repo}:pip-3.12")
     assert info["manifest"] in human.stdout and "dev.remote-cache.key=pip-3.12" in human.stdout
+    assert human.stderr.startswith("inspect found pip-3.12: 1 layer, ")  # one layer, not "1 layers"
 
     removed = cli("rm", f"{repo}:pip-3.12")
     assert removed.returncode == 0, removed.stderr
@@ -663,20 +665,20 @@ def test_restore_key_fallback_then_save_with_base(
     )
     assert fell.returncode == 0, fell.stderr
     data = json_line(fell)
-    assert data["status"] == "fallback" and data["matched_key"] == "npm-aaa" and data["hit"] is False
+    assert data["outcome"] == "fallback" and data["matched_key"] == "npm-aaa" and data["hit"] is False
     assert "fallback" in fell.stderr.strip().splitlines()[-1] and "npm-aaa" in fell.stderr
     assert_same_tree(src, out)
 
     saved = cli("save", str(out), f"{repo}:npm-bbb", "--base", data["matched_key"], "--json")
     assert saved.returncode == 0, saved.stderr
     info = json_line(saved)
-    assert info["status"] == "saved" and info["layers_reused"] == info["layers_total"] > 0
+    assert info["outcome"] == "saved" and info["layers_reused"] == info["layers_total"] > 0
     assert info["bytes_uploaded"] == 0 and info["base_key"] == "npm-aaa"
 
     exact = json_line(
         cli("restore", f"{repo}:npm-bbb", str(tmp_path / "o2"), "--restore-key", "npm-", "--json")
     )
-    assert exact["status"] == "hit" and exact["matched_key"] == "npm-bbb"
+    assert exact["outcome"] == "hit" and exact["matched_key"] == "npm-bbb"
     missed = cli("restore", f"{repo}:npm-ccc", str(tmp_path / "o3"), "--restore-key", "pip-")
     assert missed.returncode == 3
 
@@ -686,9 +688,9 @@ def test_save_full_rereads_and_keeps_the_digest(cli: Run, tmp_path: Path) -> Non
     ref = f"oci:{tmp_path / 'layout'}:k"
     first = json_line(cli("save", str(src), ref, "--json"))
     again = json_line(cli("save", str(src), ref, "--json"))
-    assert again["status"] == "unchanged" and again["layers_reused"] == again["layers_total"]
+    assert again["outcome"] == "unchanged" and again["layers_reused"] == again["layers_total"]
     full = json_line(cli("save", str(src), ref, "--full", "--json"))
-    assert full["status"] == "unchanged" and full["layers_reused"] == 0
+    assert full["outcome"] == "unchanged" and full["layers_reused"] == 0
     assert full["digest"] == again["digest"] == first["digest"]
 
 
@@ -703,7 +705,7 @@ def test_save_immutable_never_overwrites(cli: Run, tmp_path: Path) -> None:
     first = json_line(cli("save", str(a), ref, "--immutable", "--json"))
     second = cli("save", str(b), ref, "--immutable", "--json")
     assert second.returncode == 0, second.stderr
-    assert json_line(second)["status"] == "skipped" and json_line(second)["digest"] == first["digest"]
+    assert json_line(second)["outcome"] == "skipped" and json_line(second)["digest"] == first["digest"]
     assert "immutable key exists" in second.stderr
     out = tmp_path / "out"
     assert cli("restore", ref, str(out)).returncode == 0
@@ -723,7 +725,7 @@ def test_save_read_only_is_a_no_op(
     else:
         proc = cli("save", str(src), ref, "--json", env={"REMOTE_CACHE_READ_ONLY": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert json_line(proc)["status"] == "skipped" and json_line(proc)["bytes_uploaded"] == 0
+    assert json_line(proc)["outcome"] == "skipped" and json_line(proc)["bytes_uploaded"] == 0
     assert "read-only" in proc.stderr
     assert cli("restore", ref, str(tmp_path / "out")).returncode == 3
 
