@@ -165,29 +165,25 @@ def check_stalls(host: str, stalls: Stalls) -> None:
 _CLIENT_CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA")
 
 
-def _is_client_certificate_refused(exc: BaseException) -> bool:
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, down the chain (httpx wraps httpcore wraps ssl)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if any(alert in str(seen) for alert in _CLIENT_CERTIFICATE_ALERTS):
-            return True
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return False
+
+
+def _is_client_certificate_refused(exc: BaseException) -> bool:
+    return any(alert in str(e) for e in _causes(exc) for alert in _CLIENT_CERTIFICATE_ALERTS)
 
 
 def _is_certificate_error(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    found = any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(exc))
+    return found or "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 def _is_tls_error(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return True
-        seen = seen.__cause__ or seen.__context__
+    if any(isinstance(e, ssl.SSLError) for e in _causes(exc)):
+        return True
     text = str(exc).lower()
     return "ssl" in text or "certificate" in text or "tls" in text
