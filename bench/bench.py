@@ -254,6 +254,11 @@ def remote_cache(ctx: Context, rnd: int) -> None:
     ctx.note("rc restore, inside the CLI", data["seconds"])
     if rnd == 0:
         ctx.check("remote-cache", out)
+    # A CI job's end: save what it restored, unchanged, under the same key (this machine's state
+    # knows the restore, as a fresh runner's would after its own restore).
+    seconds, data = timed(lambda: run("save", str(out), ref))
+    ctx.record("rc save after restore, unchanged", seconds)
+    ctx.note("save after restore: MB uploaded", data["bytes_uploaded"] / 1e6)
     shutil.rmtree(out)
 
     # Issue-4 preview: re-save with nothing changed, then after adding one package.
@@ -442,9 +447,13 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             f"|{'-' * 26}|{'-' * 10}|{'-' * 14}|",
             f"| {'nothing changed':<24} | {med['rc re-save, unchanged']:8.2f} "
             f"| {statistics.median(ctx.extra['re-save unchanged: MB uploaded']):12.2f} |",
+            f"| {'after a restore, as is':<24} | {med['rc save after restore, unchanged']:8.2f} "
+            f"| {statistics.median(ctx.extra['save after restore: MB uploaded']):12.2f} |",
             f"| {'+1 package (~1%)':<24} | {med['rc re-save, +1 package']:8.2f} "
             f"| {statistics.median(ctx.extra['re-save +1 package: MB uploaded']):12.2f} |",
             "",
+            "save after a restore, unchanged: "
+            f"{med['rc save after restore, unchanged'] / med['rc save']:.0%} of a cold save (target <= 10%)",
             f"remote-cache time inside the CLI (without interpreter start-up): save "
             f"{statistics.median(ctx.extra['rc save, inside the CLI']):.2f} s, restore "
             f"{statistics.median(ctx.extra['rc restore, inside the CLI']):.2f} s",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -190,6 +191,7 @@ class _Restore:
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
         self._window_start = 0
+        self._count_lock = threading.Lock()
         self.downloaded = 0
 
     async def fetch_and_extract(self) -> ExtractStats:
@@ -265,21 +267,29 @@ class _Restore:
         feed = self._feeds[i]
         try:
             async with self._limiter:
-                # Unbuffered writes straight from the loop: a chunk is at most a socket read, and
-                # a thread hop per chunk cost more than the write itself.
+                # The store calls the sink from the thread that receives (and hashes) the bytes:
+                # writing them there too keeps every byte off the event loop.
                 with open(self._spool / f"layer-{i}", "wb", buffering=0) as out:
-                    async for chunk in self._store.read_blob(desc):
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[out.write(view) or 0 :]
-                        feed.wrote(len(chunk))
-                        self.downloaded += len(chunk)
-                        if self._progress is not None:
-                            self._progress.advance(len(chunk))
+
+                    def sink(chunk: memoryview) -> None:
+                        size, rest = len(chunk), chunk
+                        while rest:
+                            rest = rest[out.write(rest) or 0 :]
+                        feed.wrote(size)
+                        self._moved(size)
+
+                    await self._store.download_blob(desc, sink)
         except BaseException as exc:
             feed.finish(exc)
             raise
         feed.finish()
+
+    def _moved(self, nbytes: int) -> None:
+        """Count downloaded bytes (called from the stores' worker threads, several at once)."""
+        with self._count_lock:
+            self.downloaded += nbytes
+            if self._progress is not None:
+                self._progress.advance(nbytes)
 
     async def _fetch_diff_ids(self) -> None:
         if self._record:

@@ -52,7 +52,7 @@ class BlobCheck:
         self._hasher = hashlib.sha256()
         self.seen = 0
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         """Count and hash ``chunk``; IntegrityError as soon as the blob runs past its size."""
         self.seen += len(chunk)
         if self.seen > self._size:

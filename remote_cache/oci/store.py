@@ -8,7 +8,7 @@ Every read checks size and digest; a tag moves only through :meth:`Store.put_man
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -21,7 +21,16 @@ if TYPE_CHECKING:
     from .objectstore import ObjectStoreOptions
     from .reference import Reference
 
-__all__ = ["DEFAULT_GC_GRACE_SECONDS", "Store", "open_store"]
+__all__ = ["DEFAULT_GC_GRACE_SECONDS", "Sink", "SinkFailed", "Store", "download_by_reading", "open_store"]
+
+#: Where a downloaded blob's bytes go: called with each chunk, possibly from a worker thread.
+Sink = Callable[[memoryview], None]
+
+
+class SinkFailed(Exception):
+    """A sink's own failure inside a download (a full disk, a bad digest): its cause is the error
+    to raise, never to be taken for the network's. Stores wrap and unwrap it around their clients."""
+
 
 #: A blob a save uploaded or relied on within this many seconds is never collected as garbage: it
 #: may belong to a save that has not written its tag yet. Saves must finish within it.
@@ -67,6 +76,15 @@ class Store(Protocol):
 
     def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob's bytes; raises IntegrityError at the end if size or digest differ."""
+        ...
+
+    async def download_blob(self, desc: Descriptor, sink: Sink) -> None:
+        """Hand a blob's bytes to ``sink``, chunk by chunk, checked as :meth:`read_blob` checks them.
+
+        For big bodies: the store may call ``sink`` from a worker thread that also receives and
+        hashes, so the bytes never wait for the event loop (a restore's downloads). ``sink``'s
+        own exceptions leave unchanged. :func:`download_by_reading` is the plain way.
+        """
         ...
 
     async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
@@ -123,3 +141,9 @@ def open_store(
     return RegistryStore.from_reference(
         reference, credentials=credentials, plain_http=plain_http, timeout=timeout, tls=tls
     )
+
+
+async def download_by_reading(store: Store, desc: Descriptor, sink: Sink) -> None:
+    """:meth:`Store.download_blob` over :meth:`Store.read_blob`, ``sink`` called on the event loop."""
+    async for chunk in store.read_blob(desc):
+        sink(memoryview(chunk))

@@ -736,3 +736,31 @@ async def test_ls_prefix(cli: Run, tmp_path: Path) -> None:
         await _save(repo, key, tmp_path)
     listed = json_line(cli("ls", repo, "--prefix", "npm-", "--json"))
     assert sorted(e["key"] for e in listed["entries"]) == ["npm-a", "npm-b"]
+
+
+def test_a_restore_goes_through_the_proxy_the_environment_names(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """HTTP_PROXY is honoured by every request, blob bodies included (they come through the
+    worker-thread body client, not httpx); NO_PROXY exempts a host."""
+    from tests.forward_proxy import ForwardProxy
+
+    src = _tree(tmp_path / "src")
+    ref = f"{registry.host}/{repo_name}:k"
+    assert cli("save", str(src), ref, "-q").returncode == 0
+    proxy = ForwardProxy()
+    try:
+        proxied = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+        done = cli("restore", ref, str(tmp_path / "out"), env=proxied)
+        assert done.returncode == 0, done.stderr
+        assert_same_tree(src, tmp_path / "out")
+        urls = [url for _method, url in proxy.seen]
+        assert any("/manifests/" in u for u in urls) and any("/blobs/sha256:" in u for u in urls)
+        assert all(u.startswith(f"http://{registry.host}/") for u in urls)
+        proxy.seen.clear()
+        host = registry.host.split(":")[0]
+        exempt = {**proxied, "NO_PROXY": host, "no_proxy": host}
+        assert cli("restore", ref, str(tmp_path / "out2"), env=exempt).returncode == 0
+        assert proxy.seen == []
+    finally:
+        proxy.close()

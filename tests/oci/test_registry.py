@@ -31,6 +31,7 @@ from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore
 from remote_cache.oci.store import Store
+from tests.oci.blob_reading import read_all
 from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry
 
 ALL_MODES = ["registry", "auth_registry", "token_registry"]
@@ -52,8 +53,7 @@ def blob(data: bytes, media_type: str = OCI_LAYER_TAR) -> Descriptor:
     return Descriptor(media_type, sha256_digest(data), len(data))
 
 
-async def read_all(store: RegistryStore, desc: Descriptor) -> bytes:
-    return b"".join([chunk async for chunk in store.read_blob(desc)])
+pytestmark = pytest.mark.usefixtures("via")
 
 
 async def push_image(store: RegistryStore, tag: str | None, payload: bytes) -> tuple[Descriptor, bytes]:

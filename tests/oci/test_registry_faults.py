@@ -13,6 +13,7 @@ from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable
 from remote_cache.oci import OCI_LAYER_TAR, Descriptor, sha256_digest
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
+from tests.oci.blob_reading import read_all
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 
 ProxyFactory = Callable[[RegistryServer], FaultProxy]
@@ -30,8 +31,7 @@ def store_via(proxy: FaultProxy, server: RegistryServer, repo: str, **kw: object
     return store
 
 
-async def read_all(store: RegistryStore, desc: Descriptor) -> bytes:
-    return b"".join([chunk async for chunk in store.read_blob(desc)])
+pytestmark = pytest.mark.usefixtures("via")
 
 
 async def test_503s_are_retried(

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio.to_thread
 import obstore
 
+from ..store import SinkFailed
+
 if TYPE_CHECKING:
     from obstore.store import ObjectStore as ObstoreClient
 
@@ -65,6 +67,18 @@ class Calls:
     async def list_one(self, prefix: str) -> None:
         """The first page of a listing (at most one key), for its errors."""
         await _blocking(lambda: next(iter(obstore.list(self._client, prefix, chunk_size=1)), None))
+
+    async def stream_into(self, key: str, sink: Callable[[memoryview], None], chunk: int = 1 << 20) -> None:
+        """The object's bytes into ``sink``, all in one worker thread."""
+
+        def run() -> None:
+            for piece in obstore.get(self._client, key).stream(min_chunk_size=chunk):
+                try:
+                    sink(memoryview(piece))
+                except BaseException as exc:
+                    raise SinkFailed() from exc
+
+        await _blocking(run)
 
     async def stream(self, key: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes, about ``chunk`` at a time."""

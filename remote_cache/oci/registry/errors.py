@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Protocol
 
 import httpx
 
@@ -41,8 +44,21 @@ def _spec_errors(body: bytes) -> list[tuple[str, str]]:
         return []
 
 
+class Answer(Protocol):
+    """What :func:`error_for_response` reads of an answer (httpx's, or bodies.py's)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
 def error_for_response(
-    response: httpx.Response,
+    response: Answer,
     body: bytes,
     *,
     host: str,
@@ -88,13 +104,13 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     t = timeouts
     if isinstance(exc, httpx.ConnectTimeout):
         return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
-    if isinstance(exc, httpx.ReadTimeout):
+    if isinstance(exc, httpx.ReadTimeout | TimeoutError):  # the latter from bodies.py's sockets
         return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
     if isinstance(exc, httpx.WriteTimeout):
         return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
     if isinstance(exc, httpx.PoolTimeout):
         return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
-    if isinstance(exc, httpx.ConnectError | ssl.SSLError):
+    if isinstance(exc, httpx.ConnectError | ssl.SSLError | ConnectionRefusedError | socket.gaierror):
         # Refused, DNS, TLS: trying again only delays a clear error.
         if _is_client_certificate_refused(exc):
             return RegistryUnreachable(
@@ -119,7 +135,9 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
             f"cannot connect to registry {host} ({cause}); check the address and that it is running",
             temporary=False,
         )
-    temporary = isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError))
+    temporary = isinstance(
+        exc, httpx.NetworkError | httpx.RemoteProtocolError | ConnectionError | http.client.HTTPException
+    )
     return RegistryUnreachable(
         f"connection to registry {host} failed ({type(exc).__name__}: {cause})", temporary=temporary
     )
@@ -135,7 +153,7 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
     """
     try:
         yield
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         error = unreachable(host, exc, timeouts=timeouts)
         if stalls is not None and not stalls.stalled():
             error = RegistryUnreachable(
@@ -144,7 +162,9 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
                 temporary=False,
             )
         raise error from exc
-    except (httpx.HTTPError, ssl.SSLError) as exc:
+    except (httpx.HTTPError, ssl.SSLError, OSError, http.client.HTTPException) as exc:
+        # OSError and HTTPException: http.client's, in bodies.py (its sink's own errors come
+        # wrapped in SinkFailed, which passes through).
         raise unreachable(host, exc, timeouts=timeouts) from exc
     if stalls is not None:
         stalls.progressed()

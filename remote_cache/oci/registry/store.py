@@ -26,6 +26,7 @@ from ...errors import (
     InvalidReference,
     RegistryError,
     RegistryUnreachable,
+    StoreError,
     UnsupportedOperation,
 )
 from ..certs import TlsOptions
@@ -34,6 +35,7 @@ from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
+from ..store import Sink
 from .timeouts import Timeouts
 from .transport import RegistryResponse, RegistryTransport
 from .upload import DEFAULT_CHUNK_SIZE, Uploader
@@ -280,6 +282,34 @@ class RegistryStore:
             except RegistryUnreachable as exc:  # cut mid-body: resume (answers were retried already)
                 if check.seen >= desc.size:
                     raise
+                await self._transport.retry.pause(attempt, exc)
+                attempt += 1
+        check.finish()
+
+    async def download_blob(self, desc: Descriptor, sink: Sink) -> None:
+        """A blob's body into ``sink`` from a worker thread (see :mod:`.bodies`), checked; a broken
+        download resumes with ``Range`` under the same retry policy as :meth:`read_blob`."""
+        check_digest(desc.digest)
+        check = BlobCheck(desc.digest, desc.size, f"from {self.location}")
+
+        def checked(chunk: memoryview) -> None:
+            check.update(chunk)
+            sink(chunk)
+
+        attempt = 0
+        while True:
+            try:
+                await self._transport.fetch_body(
+                    self._path("blobs", desc.digest),
+                    scopes=[self._pull],
+                    action=f"read blob {desc.digest} from {self.location}",
+                    offset=check.seen,
+                    sink=checked,
+                )
+                break
+            except StoreError as exc:  # retried and resumed as one: answers, cuts, stalls
+                if check.seen >= desc.size:
+                    break  # the whole body arrived before the failure: finish() judges it
                 await self._transport.retry.pause(attempt, exc)
                 attempt += 1
         check.finish()

@@ -24,12 +24,15 @@ One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urljoin, urlsplit
 
+import anyio.from_thread
+import anyio.to_thread
 import httpx
 
 from ...errors import ImageFormatError, RegistryError, RegistryUnreachable
@@ -39,10 +42,14 @@ from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
 from ..stalls import Stalls
+from ..store import SinkFailed
 from .auth import Authenticator, read_capped
 from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
 from .timeouts import Timeouts
+
+if TYPE_CHECKING:
+    from .bodies import BodyClient
 
 __all__ = ["RegistryResponse", "RegistryTransport"]
 
@@ -197,6 +204,8 @@ class RegistryTransport:
         self.auth = Authenticator(
             host, credentials, plain_http=self.plain_http, client=self._client, timeouts=self.timeouts
         )
+        self._verify_with = verify
+        self._bodies: BodyClient | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -210,9 +219,80 @@ class RegistryTransport:
         return urljoin(self.base_url + "/", path.lstrip("/"))
 
     async def aclose(self) -> None:
-        """Close the connection pool (only if this transport created the client)."""
+        """Close the connection pools (httpx's only if this transport created the client)."""
+        if self._bodies is not None:
+            self._bodies.close()
         if self._own_client:
             await self._client.aclose()
+
+    async def fetch_body(
+        self,
+        path: str,
+        *,
+        scopes: Iterable[str],
+        action: str,
+        offset: int,
+        sink: Callable[[memoryview], None],
+    ) -> None:
+        """GET a blob's body (from ``offset`` on) into ``sink``, in a worker thread (:mod:`.bodies`).
+
+        One attempt, as :meth:`stream` makes: the auth handshake (a 401 is answered here, with the
+        httpx client), the stall budget, and errors mapped at the one boundary. ``sink`` is called
+        in the worker thread; its own exceptions leave unchanged. The caller retries and resumes.
+        """
+        from .bodies import origin_of  # here: urllib.request costs imports a restore needs only now
+
+        await self._settle_scheme()
+        url, scope_list = self.url(path), list(scopes)
+        home = origin_of(self.base_url)
+        for challenge in (True, False):
+            check_stalls(self.host, self.stalls)
+            sent = self.auth.header(scope_list)
+            fetch = functools.partial(
+                self._body_client().fetch,
+                url,
+                {"Authorization": sent} if sent is not None else {},
+                offset=offset,
+                sink=sink,
+                cancelled=anyio.from_thread.check_cancelled,
+            )
+            sink_error: BaseException | None = None
+            with translated(self.host, self.timeouts, self.stalls):
+                try:
+                    answer = await anyio.to_thread.run_sync(fetch)
+                except SinkFailed as exc:
+                    sink_error = exc.__cause__
+            if sink_error is not None:
+                raise sink_error
+            if answer is None:
+                return
+            if answer.status == 401 and challenge and answer.origin == home:
+                challenge_header = answer.headers.get("WWW-Authenticate") or answer.headers.get(
+                    "www-authenticate", ""
+                )
+                if await self.auth.answer(challenge_header, scope_list, sent, action):
+                    continue
+            raise error_for_response(
+                answer, answer.body, host=self.host, credentials=self.credentials, action=action
+            )
+
+    def _body_client(self) -> BodyClient:
+        from .bodies import BodyClient
+
+        if self._bodies is None:
+            verify = self._verify_with
+
+            def tls() -> ssl.SSLContext:
+                # The same trust as httpx's transport for this host (see _verify).
+                return verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context()
+
+            self._bodies = BodyClient(
+                tls=tls,
+                connect_timeout=self.timeouts.connect,
+                read_timeout=self.timeouts.read,
+                user_agent=TOOL,
+            )
+        return self._bodies
 
     async def request(
         self,

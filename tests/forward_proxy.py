@@ -1,0 +1,65 @@
+"""A small forward HTTP proxy on 127.0.0.1 for the tests: what ``HTTP_PROXY`` points a client at.
+
+It takes absolute-form requests (``GET http://host:port/path``) for plain-HTTP targets, forwards
+them on a fresh connection and streams the answer back, and logs each request's method and URL.
+(CONNECT tunnels for HTTPS targets are not needed by the tests: the test registries speak HTTP.)
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import threading
+from urllib.parse import urlsplit
+
+__all__ = ["ForwardProxy"]
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailers"}
+
+
+class ForwardProxy:
+    """Runs in a thread; ``url`` is what HTTP_PROXY takes; ``seen`` lists ``(method, url)``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                proxy.seen.append((self.command, self.path))
+                target = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                upstream = http.client.HTTPConnection(target.hostname or "", target.port or 80, timeout=60)
+                try:
+                    path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+                    upstream.request(self.command, path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                    self.send_response(answer.status, answer.reason)
+                    for name, value in answer.getheaders():
+                        if name.lower() not in _HOP_BY_HOP | {"transfer-encoding", "content-length"}:
+                            self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    upstream.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

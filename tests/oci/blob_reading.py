@@ -1,0 +1,22 @@
+"""Reading a whole blob back from a store, both ways a store offers: httpx's stream (``read_blob``)
+or the worker-thread body client a restore uses (``download_blob``). Modules that want every test
+run both ways use the ``via`` fixture (``pytestmark = pytest.mark.usefixtures("via")``)."""
+
+from __future__ import annotations
+
+from remote_cache.oci import Descriptor
+from remote_cache.oci.store import Store
+
+__all__ = ["READ_WAYS", "read_all"]
+
+READ_WAYS = ("stream", "download")
+#: The way of the test running now (set by the ``via`` fixture).
+VIA = "stream"
+
+
+async def read_all(store: Store, desc: Descriptor) -> bytes:
+    if VIA == "stream":
+        return b"".join([chunk async for chunk in store.read_blob(desc)])
+    got = bytearray()
+    await store.download_blob(desc, got.extend)
+    return bytes(got)
