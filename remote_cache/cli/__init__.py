@@ -36,5 +36,26 @@ __all__ = ["ExitCode", "app", "exit_code_for", "main"]
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name=PROG)
+    """Console-script entry point: run the command, then leave at once.
+
+    Once the command has returned, every clean-up has run (work directories, state files, the
+    stores closed) and only the interpreter's own shutdown is left: tearing down modules and
+    thread pools took 0.04-0.06 s of every command. So the streams are flushed and the process
+    exits with ``os._exit`` (also never racing a native library's threads at shutdown).
+    """
+    import os
+    import sys
+
+    try:
+        app(prog_name=PROG)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            sys.stderr.write(done.code + "\n")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1  # a closed or full stdout is a failure to report what happened
+    os._exit(code)
