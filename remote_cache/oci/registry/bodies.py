@@ -18,7 +18,9 @@ and waits at most the stall timeout for each read.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
+import socket
 import ssl
 import threading
 import urllib.request
@@ -29,7 +31,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from ..store import SinkFailed
 
-__all__ = ["BodyAnswer", "BodyClient", "origin_of"]
+__all__ = ["BodyAnswer", "BodyClient", "Stopper", "origin_of"]
 
 _BUFFER = 1 << 20
 _MAX_REDIRECTS = 5
@@ -109,6 +111,45 @@ class _Pool:
             self.idle.clear()
 
 
+class Stopper:
+    """Stops a fetch from another thread: between reads, and in a read (its socket is shut down).
+
+    A read can wait the whole stall timeout for bytes; a signal must not wait that long.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._sock: socket.socket | None = None
+        #: Set when the fetch has returned or raised (the thread no longer touches the sink).
+        self.done = threading.Event()
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        """Watch ``conn``'s socket (kept here: http.client drops ``conn.sock`` when an answer says
+        ``Connection: close``, while the answer still reads from it)."""
+        with self._lock:
+            self._sock = conn.sock
+            stopped = self._stopped
+        if stopped:
+            self._shut(conn.sock)
+
+    def check(self) -> None:
+        if self._stopped:
+            raise InterruptedError("the download was stopped")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            sock = self._sock
+        self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket | None) -> None:
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed already
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 #: A kept-alive connection the server has closed meanwhile fails like this on its next request.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
@@ -142,11 +183,24 @@ class BodyClient:
         *,
         offset: int,
         sink: Callable[[memoryview], None],
-        cancelled: Callable[[], None],
+        stopper: Stopper,
     ) -> BodyAnswer | None:
         """GET ``url`` (from ``offset`` on) into ``sink``; None when the body went there whole,
         else the answer that was not a body (an error, a 401 to answer). Network failures raise
-        the standard library's exceptions; ``cancelled()`` raises to stop between reads."""
+        the standard library's exceptions; ``stopper`` stops it from another thread."""
+        try:
+            return self._fetch(url, headers, offset, sink, stopper)
+        finally:
+            stopper.done.set()
+
+    def _fetch(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        offset: int,
+        sink: Callable[[memoryview], None],
+        stopper: Stopper,
+    ) -> BodyAnswer | None:
         home = origin_of(url)
         send = {**headers, "User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
@@ -155,7 +209,8 @@ class BodyClient:
             here = origin_of(url)
             if here != home:
                 send.pop("Authorization", None)  # never to another origin
-            key, conn, response = self._send(url, send)
+            stopper.check()
+            key, conn, response = self._send(url, send, stopper)
             reusable = False
             try:
                 location = response.getheader("Location")
@@ -170,7 +225,7 @@ class BodyClient:
                     return BodyAnswer(
                         response.status, response.reason, dict(response.getheaders()), body, here
                     )
-                _copy(response, offset if response.status == 200 else 0, sink, cancelled)
+                _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
                 reusable = not response.will_close
                 return None
             finally:
@@ -180,17 +235,21 @@ class BodyClient:
                     conn.http.close()
         raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects from {url}")
 
-    def _send(self, url: str, headers: Mapping[str, str]) -> tuple[_PoolKey, _Conn, http.client.HTTPResponse]:
+    def _send(
+        self, url: str, headers: Mapping[str, str], stopper: Stopper
+    ) -> tuple[_PoolKey, _Conn, http.client.HTTPResponse]:
         """Send the GET on a kept-alive connection, or a new one when that one has gone stale."""
         key = self._key(url)
         pooled = self._pool.take(key)
         if pooled is not None:
+            stopper.attach(pooled.http)
             try:
                 pooled.http.request("GET", pooled.target(url), headers={**headers, **pooled.headers})
                 return key, pooled, pooled.http.getresponse()
             except _STALE:
                 pooled.http.close()
         conn = self._connect(url)
+        stopper.attach(conn.http)
         try:
             conn.http.request("GET", conn.target(url), headers={**headers, **conn.headers})
             return key, conn, conn.http.getresponse()

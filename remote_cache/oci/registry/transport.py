@@ -28,10 +28,10 @@ import functools
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
 
-import anyio.from_thread
+import anyio
 import anyio.to_thread
 import httpx
 
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from .bodies import BodyClient
 
 __all__ = ["RegistryResponse", "RegistryTransport"]
+
+_T = TypeVar("_T")
 
 _MAX_ERROR_BODY = 64 << 10
 _MAX_REDIRECTS = 5
@@ -240,7 +242,7 @@ class RegistryTransport:
         httpx client), the stall budget, and errors mapped at the one boundary. ``sink`` is called
         in the worker thread; its own exceptions leave unchanged. The caller retries and resumes.
         """
-        from .bodies import origin_of  # here: urllib.request costs imports a restore needs only now
+        from .bodies import Stopper, origin_of  # here: urllib.request costs imports only a restore needs
 
         await self._settle_scheme()
         url, scope_list = self.url(path), list(scopes)
@@ -248,18 +250,19 @@ class RegistryTransport:
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
             sent = self.auth.header(scope_list)
+            stopper = Stopper()
             fetch = functools.partial(
                 self._body_client().fetch,
                 url,
                 {"Authorization": sent} if sent is not None else {},
                 offset=offset,
                 sink=sink,
-                cancelled=anyio.from_thread.check_cancelled,
+                stopper=stopper,
             )
             sink_error: BaseException | None = None
             with translated(self.host, self.timeouts, self.stalls):
                 try:
-                    answer = await anyio.to_thread.run_sync(fetch)
+                    answer = await _run_stoppable(fetch, stopper)
                 except SinkFailed as exc:
                     sink_error = exc.__cause__
             if sink_error is not None:
@@ -450,3 +453,15 @@ class RegistryTransport:
                 continue
             return response
         raise RegistryError(f"registry {self.host} redirected more than {_MAX_REDIRECTS} times for {url}")
+
+
+async def _run_stoppable(fetch: Callable[[], _T], stopper: Any) -> _T:
+    """``fetch()`` in a worker thread; cancelled (a signal, a deadline), stop it at once — its
+    socket shut down, not waited on for a stall timeout — and wait until it no longer writes."""
+    try:
+        return await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stopper.stop()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(stopper.done.wait)
+        raise
