@@ -44,12 +44,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..archive.plan import LayerPlan, TreeScan
 from ..archive.tar import FILE
-from ..archive.walk import TreeIdentity
 from ..oci.descriptor import Descriptor
+
+if TYPE_CHECKING:  # a restore records evidence without importing the save's walk and planner
+    from ..archive.plan import LayerPlan, TreeScan
+    from ..archive.walk import TreeIdentity
 
 __all__ = [
     "FRESH_NS",

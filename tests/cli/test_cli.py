@@ -117,6 +117,45 @@ def test_round_trip_through_layout_with_key_option(cli: Run, tmp_path: Path) -> 
     assert [m["platform"]["architecture"] for m in index["manifests"]] == ["arm64"]
 
 
+def _imported(proc: subprocess.CompletedProcess[str]) -> set[str]:
+    """The modules a run imported, from its ``PYTHONPROFILEIMPORTTIME`` lines on stderr."""
+    names = set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+# Imports a restore pays for but never uses: the save's walk, planner and packer; httpx's own
+# command-line client (click, rich, pygments). A restore runs on every CI job, before any work.
+_NOT_FOR_A_RESTORE = {
+    "remote_cache.cache.save", "remote_cache.archive.pack", "remote_cache.archive.walk",
+    "remote_cache.archive.plan", "httpx._main", "click", "rich", "pygments",
+}  # fmt: skip
+
+
+def test_a_restore_imports_only_what_it_uses(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    src = _tree(tmp_path / "src")
+    layout, remote = f"oci:{tmp_path / 'layout'}:k", f"{registry.host}/{repo_name}:k"
+    for ref in (layout, remote):
+        assert cli("save", str(src), ref).returncode == 0
+    profile = {"PYTHONPROFILEIMPORTTIME": "1"}
+
+    from_layout = cli("restore", layout, str(tmp_path / "a"), env=profile)
+    assert from_layout.returncode == 0, from_layout.stderr[-2000:]
+    imported = _imported(from_layout)
+    assert "remote_cache.cache.restore" in imported  # the lines were read
+    # A layout needs no HTTP client and no object-store client at all.
+    assert not imported & (_NOT_FOR_A_RESTORE | {"httpx", "httpcore", "obstore"})
+
+    from_registry = cli("restore", remote, str(tmp_path / "b"), env=profile)
+    assert from_registry.returncode == 0, from_registry.stderr[-2000:]
+    imported = _imported(from_registry)
+    assert "httpx" in imported and not imported & _NOT_FOR_A_RESTORE
+
+
 def test_miss_exits_3_and_leaves_the_target_alone(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
