@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
-from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable
+from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable, StoreError
 from remote_cache.oci import OCI_LAYER_TAR, Descriptor, sha256_digest
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
+from tests.oci import blob_reading
 from tests.oci.blob_reading import read_all
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 
@@ -194,3 +197,102 @@ def test_retry_after_forms_and_backoff_bounds() -> None:
     for attempt in range(8):
         delay = transport.retry.delay(attempt, "not a date")
         assert min(4, 0.5 * 2**attempt) / 2 <= delay <= min(4, 0.5 * 2**attempt)
+
+
+# -- found by review: a token the registry stopped accepting, a presigned URL in an error, a
+# -- healthy stretch between two stalls, a cancel before the worker thread began
+
+
+async def test_a_token_the_registry_no_longer_accepts_is_renewed_once(
+    token_registry: RegistryServer, repo_name: str
+) -> None:
+    # docker-registry spells the challenge header "Www-Authenticate": it must be found anyway.
+    payload = os.urandom(200_000)
+    async with store_via(_Direct(token_registry), token_registry, repo_name) as store:
+        desc = blob(payload)
+        await store.put_blob(desc, payload)
+        _revoke_tokens(store)
+        before = token_registry.tokens_issued
+        assert await read_all(store, desc) == payload
+        assert token_registry.tokens_issued - before == 1
+
+
+async def test_a_redirect_loop_names_no_signature(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(1000)
+    desc = blob(data)
+    async with store_via(_Direct(registry), registry, repo_name) as direct:
+        await direct.put_blob(desc, data)
+    front, storage = fault_proxy_factory(registry), fault_proxy_factory(registry)
+    query = "X-Amz-Signature=SECRETsig&X-Amz-Credential=AKIASECRET"
+    signed = f"{storage.url}/v2/{repo_name}/blobs/{desc.digest}?{query}"
+    for proxy in (front, storage):
+        proxy.redirect(signed, method="GET", path_contains="/blobs/", times=100)
+    async with store_via(front, registry, repo_name, retries=0) as store:
+        with pytest.raises(StoreError) as info:
+            await read_all(store, desc)
+    assert "SECRET" not in str(info.value) and "redirect" in str(info.value)
+
+
+async def test_bytes_moving_between_two_stalls_refill_the_budget(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(4_000_000)
+    desc = blob(data)
+    async with store_via(_Direct(registry), registry, repo_name) as direct:
+        await direct.put_blob(desc, data)
+    proxy = fault_proxy_factory(registry)
+    proxy.stall(after_bytes=100_000, method="GET", path_contains="/blobs/")  # the first GET stalls early
+    proxy.stall(after_bytes=3_000_000, method="GET", path_contains="/blobs/")  # the resumed one, late
+    timeouts = Timeouts(connect=1, read=1.0)  # a budget of 2 s of silence
+    async with store_via(proxy, registry, repo_name, timeout=timeouts) as store:
+        got = bytearray()
+
+        def slow_disk(chunk: memoryview) -> None:  # ~3 s of healthy transfer between the stalls
+            got.extend(chunk)
+            time.sleep(len(chunk) / 1_000_000)
+
+        if blob_reading.VIA == "stream":
+            async for chunk in store.read_blob(desc):
+                slow_disk(memoryview(chunk))
+        else:
+            await store.download_blob(desc, slow_disk)
+    assert bytes(got) == data
+
+
+async def test_a_cancel_before_the_download_thread_began_does_not_hang(
+    registry: RegistryServer, repo_name: str
+) -> None:
+    payload = os.urandom(50_000)
+    desc = blob(payload)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    async with store_via(_Direct(registry), registry, repo_name) as store:
+        await store.put_blob(desc, payload)
+        limiter.total_tokens = 1  # the second download waits for a worker thread
+        try:
+            for delay in (0, 0.001, 0.002, 0.005, 0.01, 0.02):  # the cancel lands at various points
+                with anyio.move_on_after(10) as guard:
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(2):
+                            tg.start_soon(read_all, store, desc)
+                        await anyio.sleep(delay)
+                        tg.cancel_scope.cancel()
+                assert not guard.cancelled_caught, "a cancelled download waited for a thread never run"
+        finally:
+            limiter.total_tokens = tokens
+
+
+class _Direct:
+    """Stands for a proxy in ``store_via``: the server itself."""
+
+    def __init__(self, server: RegistryServer) -> None:
+        self.host = server.host
+
+
+def _revoke_tokens(store: RegistryStore) -> None:
+    """Make every cached bearer token one the registry refuses (revoked, or a skewed clock)."""
+    auth = store.transport.auth
+    for scope, token in list(auth._tokens.items()):
+        auth._tokens[scope] = type(token)("eyJhbGciOiJub25lIn0.e30.revoked", token.expires_at)

@@ -50,6 +50,26 @@ def origin_of(url: str) -> Origin:
     )
 
 
+class _Headers(dict[str, str]):
+    """Response headers looked up by any spelling of their names (Go servers send
+    ``Www-Authenticate``); repeated headers are joined with ", " as httpx does."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        super().__init__()
+        for name, value in pairs:
+            key = name.lower()
+            super().__setitem__(key, f"{super().__getitem__(key)}, {value}" if key in self else value)
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+
 @dataclass
 class BodyAnswer:
     """An answer that was not a body: its status, headers and (capped) text, and where it came from."""
@@ -120,9 +140,19 @@ class Stopper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
+        self._started = False
         self._sock: socket.socket | None = None
-        #: Set when the fetch has returned or raised (the thread no longer touches the sink).
+        #: Set when the fetch has returned or raised, or was stopped before it began: either way
+        #: no thread touches the sink any more.
         self.done = threading.Event()
+
+    def begin(self) -> None:
+        """Called by the fetch as it starts: it may not start once stopped (a cancelled worker
+        thread may never run it, and then nobody else would set ``done``)."""
+        with self._lock:
+            if self._stopped:
+                raise InterruptedError("the download was stopped")
+            self._started = True
 
     def attach(self, conn: http.client.HTTPConnection) -> None:
         """Watch ``conn``'s socket (kept here: http.client drops ``conn.sock`` when an answer says
@@ -141,6 +171,8 @@ class Stopper:
         with self._lock:
             self._stopped = True
             sock = self._sock
+            if not self._started:
+                self.done.set()
         self._shut(sock)
 
     @staticmethod
@@ -188,6 +220,7 @@ class BodyClient:
         """GET ``url`` (from ``offset`` on) into ``sink``; None when the body went there whole,
         else the answer that was not a body (an error, a 401 to answer). Network failures raise
         the standard library's exceptions; ``stopper`` stops it from another thread."""
+        stopper.begin()
         try:
             return self._fetch(url, headers, offset, sink, stopper)
         finally:
@@ -223,7 +256,7 @@ class BodyClient:
                     body = response.read(_MAX_ERROR_BODY)
                     reusable = response.isclosed() and not response.will_close
                     return BodyAnswer(
-                        response.status, response.reason, dict(response.getheaders()), body, here
+                        response.status, response.reason, _Headers(response.getheaders()), body, here
                     )
                 _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
                 reusable = not response.will_close
@@ -233,7 +266,7 @@ class BodyClient:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
-        raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects from {url}")
+        raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects, the last to {_shown(url)}")
 
     def _send(
         self, url: str, headers: Mapping[str, str], stopper: Stopper
@@ -248,6 +281,9 @@ class BodyClient:
                 return key, pooled, pooled.http.getresponse()
             except _STALE:
                 pooled.http.close()
+            except BaseException:
+                pooled.http.close()
+                raise
         conn = self._connect(url)
         stopper.attach(conn.http)
         try:
@@ -307,6 +343,13 @@ def _proxy_for(scheme: str, host: str) -> str | None:
     if not proxy or urllib.request.proxy_bypass(host):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def _shown(url: str) -> str:
+    """``url`` without user info and query: a presigned storage URL's query holds its signature."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 def _proxy_authorization(user: str | None, password: str | None) -> dict[str, str]:

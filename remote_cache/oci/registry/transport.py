@@ -247,6 +247,12 @@ class RegistryTransport:
         await self._settle_scheme()
         url, scope_list = self.url(path), list(scopes)
         home = origin_of(self.base_url)
+        stalls = self.stalls
+
+        def arrived(chunk: memoryview) -> None:
+            stalls.progressed()  # bytes are moving: a later stall starts a fresh budget
+            sink(chunk)
+
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
             sent = self.auth.header(scope_list)
@@ -256,7 +262,7 @@ class RegistryTransport:
                 url,
                 {"Authorization": sent} if sent is not None else {},
                 offset=offset,
-                sink=sink,
+                sink=arrived,
                 stopper=stopper,
             )
             sink_error: BaseException | None = None
@@ -270,9 +276,7 @@ class RegistryTransport:
             if answer is None:
                 return
             if answer.status == 401 and challenge and answer.origin == home:
-                challenge_header = answer.headers.get("WWW-Authenticate") or answer.headers.get(
-                    "www-authenticate", ""
-                )
+                challenge_header = answer.headers.get("WWW-Authenticate") or ""
                 if await self.auth.answer(challenge_header, scope_list, sent, action):
                     continue
             raise error_for_response(
