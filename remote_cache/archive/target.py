@@ -7,22 +7,30 @@ staged inside itself and its entries swapped (:func:`~.swap.swap_entries`). Any 
 staged next to itself and exchanged atomically. What cannot work is refused with the reason: a
 file, a directory we cannot write, a non-empty current directory unless asked (``force``).
 Leftovers of runs that died are cleaned first (:mod:`.workdirs`), finishing a journaled swap.
+
+Restores into one target at once: each holds an exclusive ``flock`` on the target directory
+while it cleans leftovers, makes an in-place work directory and swaps (:func:`locked`), so two
+swaps never interleave, and a target holding another run's in-place work directory has its
+entries swapped instead of being exchanged whole (which would discard that run's work). The
+target ends as one restore's tree or the other's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsuitableTarget
-from .swap import JOURNAL, finish_swap
-from .workdirs import sweep_dead
+from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, swap_entries
+from .workdirs import IN_PLACE_PREFIX, sweep_dead
 
-__all__ = ["IN_PLACE_PREFIX", "RestoreTarget", "clean_leftovers", "plan_target"]
+__all__ = ["IN_PLACE_PREFIX", "RestoreTarget", "clean_leftovers", "locked", "plan_target", "swap_in"]
 
-#: Name prefix of a work directory inside an in-place target (kept out of the target's entries).
-IN_PLACE_PREFIX = ".remote-cache-restore-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,70 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
     return RestoreTarget(resolved, in_place=in_place)
 
 
+@contextlib.contextmanager
+def locked(target: RestoreTarget) -> Iterator[None]:
+    """Hold the target directory's exclusive lock (nothing to hold while it does not exist).
+
+    The lock is on the directory found at the path *after* locking: a restore that exchanged it
+    meanwhile put a new directory there, which is locked instead.
+    """
+    while True:
+        try:
+            fd = os.open(target.path, _DIR_FLAGS)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st, now = os.fstat(fd), os.stat(target.path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def clean_leftovers(target: RestoreTarget) -> list[Path]:
     """Remove the work directories of dead runs at this target (finishing their journaled swaps)."""
-    removed = sweep_dead(target.path.parent, f".{target.path.name}.remote-cache-")
-    if target.path.is_dir():
-        removed += sweep_dead(target.path, IN_PLACE_PREFIX, recover=lambda work: _finish(work, target.path))
+    finish = _finisher(target)
+    with locked(target):
+        removed = sweep_dead(target.path.parent, f".{target.path.name}.remote-cache-", recover=finish)
+        if target.path.is_dir():
+            removed += sweep_dead(target.path, IN_PLACE_PREFIX, recover=finish)
     return removed
 
 
-def _finish(work: Path, target: Path) -> None:
-    if (work / JOURNAL).exists():
-        finish_swap(work, target)
+def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:
+    """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
+    another run works inside the target), else the directory exchanged whole."""
+    for name in os.listdir(staging):
+        if name.startswith(IN_PLACE_PREFIX):  # an archive's copy of a work directory is no tree
+            discard_dir(staging / name)
+    with locked(target):
+        if target.in_place or _holds_work(target.path):
+            swap_entries(staging, target.path, work, keep=lambda name: name.startswith(IN_PLACE_PREFIX))
+        else:
+            replace_dir(staging, target.path)
+
+
+def _holds_work(path: Path) -> bool:
+    try:
+        return any(name.startswith(IN_PLACE_PREFIX) for name in os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def _finisher(target: RestoreTarget) -> Callable[[Path], None]:
+    def finish(work: Path) -> None:
+        if (work / JOURNAL).exists():
+            finish_swap(work, target.path)
+
+    return finish

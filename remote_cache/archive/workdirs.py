@@ -5,7 +5,9 @@ directory; a run killed with SIGKILL, or by a CI runner's timeout, leaves them b
 megabytes each. Each work directory holds a ``lock`` file its process keeps an exclusive
 ``flock`` on: the kernel drops it when the process dies, however it dies, and PID reuse or PID
 namespaces cannot fool it. :func:`sweep_dead` removes the work directories nobody holds (after
-``recover`` has had its say, e.g. to finish an interrupted swap).
+``recover`` has had its say, e.g. to finish an interrupted swap), holding the dead run's lock
+meanwhile so that two sweepers never act on one, and only those this user made as work
+directories are (0700, ours): a look-alike that came in some other way is left alone.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ import contextlib
 import fcntl
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from .swap import discard_dir
 
-__all__ = ["WorkDir", "sweep_dead"]
+__all__ = ["IN_PLACE_PREFIX", "WorkDir", "sweep_dead"]
 
 _LOCK = "lock"
+#: Name prefix of a restore's work directory inside an in-place target: never part of the tree
+#: (a save leaves such entries out, a restore never brings them in).
+IN_PLACE_PREFIX = ".remote-cache-restore-"
 
 
 class WorkDir:
@@ -46,19 +52,23 @@ class WorkDir:
             self._fd = None
 
 
-def _held(path: Path) -> bool:
-    """Whether a live process holds ``path``'s lock (a directory without one counts as held)."""
+def _claim(path: Path) -> int | None:
+    """The locked ``lock`` fd of ``path`` when it is a dead run's work directory (ours: 0700, our
+    uid, with a lock nobody holds); else None (a live run, or not a work directory of ours)."""
     try:
+        st = os.lstat(path)
         fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return True  # not ours, or still being created: leave it
+        return None  # not ours, or still being created: leave it
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+        os.close(fd)
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the lock we may have taken
-    return False
+        os.close(fd)
+        return None
+    return fd
 
 
 def sweep_dead(parent: Path, prefix: str, recover: Callable[[Path], None] | None = None) -> list[Path]:
@@ -74,11 +84,15 @@ def sweep_dead(parent: Path, prefix: str, recover: Callable[[Path], None] | None
         return removed
     for name in names:
         path = parent / name
-        if path.is_symlink() or not path.is_dir() or _held(path):
+        fd = _claim(path)
+        if fd is None:
             continue
-        with contextlib.suppress(OSError):
-            if recover is not None:
-                recover(path)
-            discard_dir(path)
-            removed.append(path)
+        try:
+            with contextlib.suppress(OSError):
+                if recover is not None:
+                    recover(path)
+                discard_dir(path)
+                removed.append(path)
+        finally:
+            os.close(fd)
     return removed

@@ -29,8 +29,8 @@ import anyio
 import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
-from ..archive.swap import discard_dir, replace_dir, swap_entries
-from ..archive.target import IN_PLACE_PREFIX, RestoreTarget, clean_leftovers, plan_target
+from ..archive.swap import discard_dir
+from ..archive.target import RestoreTarget, clean_leftovers, locked, plan_target, swap_in
 from ..archive.workdirs import WorkDir
 from ..errors import CacheMiss, NoSpace, RemoteCacheError
 from ..keys import validate_key
@@ -196,9 +196,7 @@ class _Restore:
 
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
-        self._work = await anyio.to_thread.run_sync(
-            WorkDir, self._target.work_parent, self._target.work_prefix
-        )
+        self._work = await anyio.to_thread.run_sync(self._make_work)
         self._staging = self._work.path / "new"
         self._staging.mkdir(mode=0o700)
         if self._progress is not None:
@@ -234,6 +232,13 @@ class _Restore:
             else ExtractStats(files=self._image.files or 0, bytes=self._image.size or 0)
         )
 
+    def _make_work(self) -> WorkDir:
+        target = self._target
+        if not target.in_place:
+            return WorkDir(target.work_parent, target.work_prefix)
+        with locked(target):  # not while another restore exchanges the target whole
+            return WorkDir(target.work_parent, target.work_prefix)
+
     async def window(self) -> RestoreWindow | None:
         """The restore window to record, taken before the swap (see :mod:`.evidence`), if any."""
         if not self._record or not self._diff_ids or (self._stats is not None and self._stats.whiteouts):
@@ -245,15 +250,7 @@ class _Restore:
     async def swap(self) -> None:
         """Put the staging directory in place of the target, or its entries in the target's."""
         assert self._staging is not None and self._work is not None
-        staging, target, work = self._staging, self._target.path, self._work.path
-        if self._target.in_place:
-
-            def keep(name: str) -> bool:
-                return name.startswith(IN_PLACE_PREFIX)
-
-            await anyio.to_thread.run_sync(lambda: swap_entries(staging, target, work, keep=keep))
-        else:
-            await anyio.to_thread.run_sync(replace_dir, staging, target)
+        await anyio.to_thread.run_sync(swap_in, self._target, self._staging, self._work.path)
 
     def close(self) -> None:
         """Remove the work directory (the staging, or after an exchange the old tree) and unlock."""

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target
+from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target, swap_in
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import UnsuitableTarget
+from remote_cache.errors import CacheMiss, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
 from tests.trees import assert_same_tree, snapshot
 
@@ -213,3 +213,59 @@ def test_not_enough_space_is_refused_before_downloading_and_says_where(tmp_path:
         assert snapshot(small) == before
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _work_dir_look_alike(parent: Path, mode: int = 0o700) -> Path:
+    """What a killed in-place restore leaves inside its target: a journal saying to move ``a`` out."""
+    work = parent / f"{IN_PLACE_PREFIX}x"
+    (work / "old").mkdir(parents=True)
+    (work / "new").mkdir()
+    (work / "lock").write_text("")
+    (work / "swap.json").write_text(
+        '{"staging": "new", "old": ["a"], "new": [], "mode": 493, "times_ns": [0, 0], "owner": [0, 0]}'
+    )
+    work.chmod(mode)
+    return work
+
+
+async def test_a_work_directory_in_a_saved_tree_never_acts_on_a_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saved with the tree, restored with it, then swept by the next restore as a dead run's:
+    # its journal emptied the target, even on a miss. A save leaves such entries out.
+    store = LayoutStore(tmp_path / "layout")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("mine")
+    _work_dir_look_alike(src)
+    await save(store, "k", src)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    await restore(store, "k", here, force=True)
+    with pytest.raises(CacheMiss):
+        await restore(store, "no-such-key", here, force=True)
+    assert sorted(os.listdir(here)) == ["a"] and (here / "a").read_text() == "mine"
+
+
+def test_the_sweep_leaves_alone_what_is_not_a_work_directory_of_ours(tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "a").write_text("mine")
+    look_alike = _work_dir_look_alike(target, mode=0o755)  # not made by WorkDir (0700)
+    assert clean_leftovers(plan_target(target)) == []
+    assert look_alike.exists() and (target / "a").read_text() == "mine"
+    look_alike.chmod(0o700)  # now it is one: a dead run's, whose journal is finished
+    assert clean_leftovers(plan_target(target)) == [look_alike]
+    assert not (target / "a").exists()
+
+
+def test_a_work_directory_inside_an_archive_is_not_swapped_in(tmp_path: Path) -> None:
+    staging = _tree(tmp_path / "staging", "new")
+    _work_dir_look_alike(staging)
+    target = _tree(tmp_path / "target", "old")
+    work = tmp_path / "work"
+    work.mkdir()
+    swap_in(plan_target(target), staging, work)
+    assert not any(name.startswith(IN_PLACE_PREFIX) for name in os.listdir(target))
+    assert (target / "only-new").exists()

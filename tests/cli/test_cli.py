@@ -801,5 +801,19 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
         exempt = {**proxied, "NO_PROXY": host, "no_proxy": host}
         assert cli("restore", ref, str(tmp_path / "out2"), env=exempt).returncode == 0
         assert proxy.seen == []
+        layers = [layer["digest"] for layer in json_line(cli("inspect", ref, "--json"))["layers"]]
+        # Bodies read the environment as httpx does for the rest: ALL_PROXY alone is a proxy;
+        # an IP network in NO_PROXY exempts nothing (httpx reads none), for neither.
+        for n, env in enumerate(
+            (
+                {"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""},
+                {**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"},
+            )
+        ):
+            proxy.seen.clear()
+            assert cli("restore", ref, str(tmp_path / f"out-{n}"), env=env).returncode == 0
+            urls = [url for _method, url in proxy.seen]
+            assert any("/manifests/" in u for u in urls)
+            assert all(any(layer in u for u in urls) for layer in layers)  # the bodies too
     finally:
         proxy.close()

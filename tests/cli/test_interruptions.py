@@ -182,3 +182,57 @@ def test_a_second_signal_stops_at_once(served: Any, tmp_path: Path, pycache: Pat
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="signals and flock as on Linux")
+
+
+def _flat_tree(root: Path, letter: str, count: int = 3000) -> Path:
+    """Many top-level entries: an in-place swap of them takes long enough to interleave."""
+    root.mkdir(parents=True)
+    for i in range(count):
+        (root / f"{letter}{i:05d}").write_bytes(letter.encode() * 10)
+    (root / "common").write_bytes(letter.encode())
+    return root
+
+
+@pytest.mark.parametrize("b_in_place", [True, False], ids=["both-in-place", "one-exchanges"])
+def test_concurrent_restores_into_one_target_end_as_one_tree(
+    tmp_path: Path, pycache: Path, b_in_place: bool
+) -> None:
+    env = _env(tmp_path, pycache)
+    layout = f"oci:{tmp_path / 'layout'}"
+    trees = {name: _flat_tree(tmp_path / f"tree-{name}", name) for name in ("a", "b")}
+    for name, tree in trees.items():
+        assert (
+            subprocess.run([str(CLI), "save", str(tree), f"{layout}:{name}", "-q"], env=env).returncode == 0
+        )
+    target = tmp_path / "out" / "t"
+    ends = set()
+    for _round in range(4):
+        subprocess.run(["rm", "-rf", str(target.parent)], check=True)
+        target.mkdir(parents=True)
+        (target / "old").write_text("old")
+        # The current directory is restored in place (entries swapped); a path elsewhere is
+        # exchanged whole, unless another run works inside it.
+        a = subprocess.Popen(
+            [str(CLI), "restore", f"{layout}:a", ".", "--force", "-q"],
+            cwd=target,
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        b_args, b_cwd = ([".", "--force"], target) if b_in_place else ([str(target)], tmp_path)
+        b = subprocess.Popen(
+            [str(CLI), "restore", f"{layout}:b", *b_args, "-q"], cwd=b_cwd, env=env, stderr=subprocess.PIPE
+        )
+        for proc in (a, b):
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        ends.add(next(name for name in ("a", "b", "mixed") if name == "mixed" or _same(trees[name], target)))
+        assert _leftovers(target, target.parent) == []
+    assert "mixed" not in ends, f"rounds ended as {ends}"
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        assert_same_tree(a, b)
+    except AssertionError:
+        return False
+    return True

@@ -337,9 +337,11 @@ class BodyClient:
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy URL for ``scheme://host`` from the environment (``NO_PROXY`` honoured)."""
+    """The proxy URL for ``scheme://host`` from the environment, as httpx reads it for every other
+    request: ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY`` names the
+    host or a domain of it (neither reads IP networks there)."""
     proxies = urllib.request.getproxies()
-    proxy = proxies.get(scheme)
+    proxy = proxies.get(scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass(host):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
