@@ -221,9 +221,7 @@ async def test_a_redirect_loop_names_no_signature(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
     data = os.urandom(1000)
-    desc = blob(data)
-    async with store_via(_Direct(registry), registry, repo_name) as direct:
-        await direct.put_blob(desc, data)
+    desc = await _stored(registry, repo_name, data)
     front, storage = fault_proxy_factory(registry), fault_proxy_factory(registry)
     query = "X-Amz-Signature=SECRETsig&X-Amz-Credential=AKIASECRET"
     signed = f"{storage.url}/v2/{repo_name}/blobs/{desc.digest}?{query}"
@@ -239,9 +237,7 @@ async def test_bytes_moving_between_two_stalls_refill_the_budget(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
     data = os.urandom(4_000_000)
-    desc = blob(data)
-    async with store_via(_Direct(registry), registry, repo_name) as direct:
-        await direct.put_blob(desc, data)
+    desc = await _stored(registry, repo_name, data)
     proxy = fault_proxy_factory(registry)
     proxy.stall(after_bytes=100_000, method="GET", path_contains="/blobs/")  # the first GET stalls early
     proxy.stall(after_bytes=3_000_000, method="GET", path_contains="/blobs/")  # the resumed one, late
@@ -282,6 +278,14 @@ async def test_a_cancel_before_the_download_thread_began_does_not_hang(
                 assert not guard.cancelled_caught, "a cancelled download waited for a thread never run"
         finally:
             limiter.total_tokens = tokens
+
+
+async def _stored(registry: RegistryServer, repo: str, data: bytes) -> Descriptor:
+    """Put ``data`` in ``repo`` as a blob, straight to the registry; its descriptor."""
+    desc = blob(data)
+    async with store_via(_Direct(registry), registry, repo) as direct:
+        await direct.put_blob(desc, data)
+    return desc
 
 
 class _Direct:
