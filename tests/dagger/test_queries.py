@@ -22,7 +22,13 @@ from dagger import dag
 from remote_cache.dagger import scripts
 from remote_cache.errors import MISS_MARKER, RemoteCacheError
 from tests.dagger.backends import engine_stub, owners_of, volume_tree
-from tests.dagger.offline.rules import auth_address_problem, handed_directories, subpath_problem
+from tests.dagger.offline.rules import (
+    auth_address_problem,
+    exec_problem,
+    handed_directories,
+    nonce_problem,
+    subpath_problem,
+)
 from tests.dagger.offline.session import OfflineSession, Step, query_error
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -153,6 +159,7 @@ async def test_mount_hit(offline: OfflineSession, capsys: pytest.CaptureFixture[
 
     execs = exec_queries(offline)
     assert execs, "mount restored nothing"
+    assert exec_problem(offline) is None and nonce_problem(offline, scripts.NONCE_ENV) is None
     for chain in execs:
         assert_helper_rootfs_before_exec(offline, chain)
         # The helper sees the volume as the user mounted it (same sharing and owner).
@@ -294,6 +301,33 @@ async def test_subpath_rule_flags_what_publish_would_ship_whole(offline: Offline
     assert len(handed) == 1 and handed[0][0].startswith("Container.withRootfs") and handed[0][1]
 
 
+async def test_exec_rule_flags_an_entrypoint_or_an_accepted_failure(offline: OfflineSession) -> None:
+    """The rule the mount and export tests hold, shown failing: an exec that prepends the
+    container's entrypoint (``withRootfs`` keeps the user's) or accepts a non-zero exit."""
+    await dag.container().with_exec(["sh", "-c", "true"]).sync()
+    assert exec_problem(offline) is None
+    await dag.container().with_exec(["sh"], use_entrypoint=True).sync()
+    assert "prepends the container's entrypoint" in str(exec_problem(offline))
+    offline.recorded.clear()
+    await dag.container().with_exec(["sh"], expect=dagger.ReturnType.ANY).sync()
+    assert "does not fail on a non-zero exit" in str(exec_problem(offline))
+
+
+async def test_nonce_rule_flags_a_helper_exec_the_engine_could_answer_from_its_cache(
+    offline: OfflineSession,
+) -> None:
+    """The rule the mount and export tests hold, shown failing: a helper exec over a cache volume
+    without the nonce set since its ``withRootfs`` (one set before it does not count)."""
+    helper = dag.container().from_(scripts.HELPER_IMAGE).rootfs()
+    user = dag.container().from_("node:22").with_mounted_cache("/c", dag.cache_volume("c"))
+    await user.with_exec(["npm", "ci"]).sync()  # the user's own exec: not the rule's business
+    await user.with_rootfs(helper).with_env_variable(scripts.NONCE_ENV, "1").with_exec(["ls"]).sync()
+    assert nonce_problem(offline, scripts.NONCE_ENV) is None
+    stale = user.with_env_variable(scripts.NONCE_ENV, "1").with_rootfs(helper)
+    await stale.with_exec(["ls"]).sync()
+    assert "may answer it from cache" in str(nonce_problem(offline, scripts.NONCE_ENV))
+
+
 def _one_volume(session: OfflineSession, status: str = "changed abc123 -") -> dagger.Container:
     bookkeeping = scripts.bookkeeping_dir("/root/.npm")
     session.answers.update(
@@ -318,6 +352,7 @@ async def test_export_saves_and_records_the_listing(
     # 2GB is decimal: 2e9 bytes = 1953125 KiB, handed to COPY_OUT for its `du -sk` check.
     assert script_execs(offline, scripts.COPY_OUT) == [["/root/.npm", scripts.OUT_DIR, state, "1953125"]]
     assert script_execs(offline, scripts.RECORD) == [["abc123", state]]
+    assert exec_problem(offline) is None and nonce_problem(offline, scripts.NONCE_ENV) is None
     assert ": saved in " in report_lines(capsys.readouterr().err)[-1]
 
 

@@ -21,7 +21,7 @@ from remote_cache.dagger import scripts
 from remote_cache.errors import MISS_MARKER, RemoteCacheError
 from tests.dagger.backends import engine_stub, owners_of, volume_tree
 from tests.dagger.offline.engine_stub import WorkdirSnapshots, run_directory
-from tests.dagger.offline.rules import subpath_problem
+from tests.dagger.offline.rules import exec_problem, subpath_problem, workdir_path_problem
 from tests.dagger.offline.session import OfflineSession, Step
 from tests.object_servers import ObjectServer, new_bucket, object_env
 from tests.trees import assert_same_tree
@@ -96,6 +96,7 @@ async def test_s3_export_saves_with_the_core_and_import_hands_the_tree_back_with
     execs = [s for s in chain if s.name == "withExec"]
     assert [list(s.args["args"])[:3] for s in execs] == [["sh", "-c", scripts.PUT_OWNERS]]
     assert subpath_problem(offline, chain) is None
+    assert workdir_path_problem(offline) is None and exec_problem(offline) is None
 
     busybox = shutil.which("busybox")
     assert busybox is not None  # engine_stub skipped otherwise
@@ -126,6 +127,7 @@ async def test_s3_import_of_a_root_owned_tree_needs_no_helper_and_a_missing_key_
     chain = offline.chain_of(await got.id())
     assert [s.name for s in chain] == ["currentModule", "workdir"], "a root-owned tree is returned as is"
     assert len(snapshots.paths) == 1
+    assert workdir_path_problem(offline) is None
     with pytest.raises(Exception, match=MISS_MARKER):
         await s3.import_("absent")
 
@@ -164,6 +166,17 @@ async def test_s3_resolve_immutable_and_housekeeping(
         await s3.remove("go-a")
     with pytest.raises(RemoteCacheError, match="not a duration"):
         await s3.prune(older_than="1d", grace="soon")
+
+
+async def test_workdir_rule_flags_a_path_outside_the_workdir(offline: OfflineSession) -> None:
+    """The rule the import tests hold, shown failing: the engine refuses a workdir path that is
+    absolute, empty or climbs out (``filepath.IsLocal``)."""
+    await dag.current_module().workdir(".remote-cache-x/tree").id()
+    assert workdir_path_problem(offline) is None
+    for bad in ("/scratch/.remote-cache-x/tree", "../tree", "a/../../tree", ""):
+        offline.recorded.clear()
+        await dag.current_module().workdir(bad).id()
+        assert "not a path inside the runtime workdir" in str(workdir_path_problem(offline)), bad
 
 
 @pytest.mark.parametrize(

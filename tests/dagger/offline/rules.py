@@ -6,6 +6,14 @@
   sub-path (``core/container.go``, ``getVariantRefs``), so such a directory ships its parent.
 * :func:`auth_address_problem`: ``withRegistryAuth`` takes a registry host, not a repository
   (``auth/registry.go``, ``parseAuthAddress`` maps ``registry:5000/acme/x`` to ``docker.io``).
+* :func:`workdir_path_problem`: ``currentModule.workdir`` takes a path inside the runtime workdir
+  (``core/schema/module.go``, ``currentModuleWorkdir``: ``filepath.IsLocal``, else an error).
+* :func:`exec_problem`: a helper exec runs its own argv and fails on a non-zero exit: no
+  ``useEntrypoint`` (``withRootfs`` keeps the user's entrypoint; ``core/schema/container.go``,
+  ``withExec``: "Ignored by default") and no ``expect`` other than ``SUCCESS``.
+* :func:`nonce_problem`: a helper exec over a cache volume carries a fresh value in an env var:
+  the engine looks an exec up by its call (``dagql/cache.go``, ``deriveRecipeDigest``), where
+  a volume is its ``cacheVolume`` call, not its content.
 """
 
 from __future__ import annotations
@@ -16,7 +24,14 @@ from typing import Any
 
 from .session import OfflineSession, Step
 
-__all__ = ["auth_address_problem", "handed_directories", "subpath_problem"]
+__all__ = [
+    "auth_address_problem",
+    "exec_problem",
+    "handed_directories",
+    "nonce_problem",
+    "subpath_problem",
+    "workdir_path_problem",
+]
 
 
 def _clean(path: Any) -> str:
@@ -65,4 +80,49 @@ def auth_address_problem(session: OfflineSession) -> str | None:
         for step in session.expand(rec.chain):
             if step.name == "withRegistryAuth" and "/" in str(step.args.get("address", "")):
                 return f"{step} passes a repository where the engine wants the registry host"
+    return None
+
+
+def _is_local(path: str) -> bool:
+    """Go's ``filepath.IsLocal`` on a POSIX path: non-empty, relative, never above its start."""
+    clean = posixpath.normpath(path) if path else ""
+    return bool(path) and not path.startswith("/") and clean != ".." and not clean.startswith("../")
+
+
+def workdir_path_problem(session: OfflineSession) -> str | None:
+    """The first ``currentModule.workdir`` whose path the engine refuses; None if none."""
+    for rec in session.recorded:
+        for step in session.expand(rec.chain):
+            workdir = step.on == "CurrentModule" and step.name == "workdir"
+            if workdir and not _is_local(str(step.args["path"])):
+                return f"{step} is not a path inside the runtime workdir (filepath.IsLocal)"
+    return None
+
+
+def exec_problem(session: OfflineSession) -> str | None:
+    """The first ``withExec`` that applies an entrypoint or accepts a failure; None if none."""
+    for rec in session.recorded:
+        for step in session.expand(rec.chain):
+            if step.name != "withExec":
+                continue
+            if step.args.get("useEntrypoint"):
+                return f"{step} prepends the container's entrypoint"
+            if step.args.get("expect", "SUCCESS") != "SUCCESS":
+                return f"{step} does not fail on a non-zero exit"
+    return None
+
+
+def nonce_problem(session: OfflineSession, env: str) -> str | None:
+    """The first helper exec (one after a ``withRootfs``) over a cache volume without ``env`` set
+    since that ``withRootfs``; None if none."""
+    for rec in session.recorded:
+        steps = session.expand(rec.chain)
+        for i, step in enumerate(steps):
+            if step.name != "withExec" or not any(s.name == "withMountedCache" for s in steps[:i]):
+                continue
+            roots = [j for j in range(i) if steps[j].name == "withRootfs"]
+            if roots and not any(
+                s.name == "withEnvVariable" and s.args.get("name") == env for s in steps[roots[-1] : i]
+            ):
+                return f"{step} runs over a cache volume with no {env}: the engine may answer it from cache"
     return None
