@@ -8,6 +8,7 @@ and saves it; import restores here and hands the tree to the engine (``local.imp
 from __future__ import annotations
 
 import dataclasses
+from contextlib import aclosing
 from typing import Annotated
 
 import dagger
@@ -76,11 +77,8 @@ class S3Bucket:
         ],
     ) -> str:
         """The key of the entry to restore: ``key`` itself, a restore key's newest match, or "" (miss)."""
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await resolved(store, key, restore_keys)
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="session")
     async def import_(
@@ -137,11 +135,8 @@ class S3Bucket:
         json_: Annotated[bool, Doc("JSON lines instead of a table")] = False,
     ) -> str:
         """The entries under the prefix, newest first: key, created, size, files, tag."""
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await listed(store, prefix, json_)
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="never")
     async def remove(
@@ -150,11 +145,8 @@ class S3Bucket:
         grace: Annotated[str, Doc("Blobs a save relied on this recently stay, e.g. 1h, 0s")] = "1h",
     ) -> str:
         """Delete the entry under ``key``, then the blobs no entry uses (outside ``grace``)."""
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await removed(store, key, duration("grace", grace))
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="never")
     async def prune(
@@ -168,13 +160,10 @@ class S3Bucket:
         """Delete old entries (outside the ``keep`` newest AND older than ``older_than``), then the
         blobs no entry uses. At least one of older_than, keep or prefix is needed."""
         age, grace_period = duration("older_than", older_than), duration("grace", grace)
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await pruned(
                 store, older_than=age, keep=keep, prefix=prefix, dry_run=dry_run, grace=grace_period
             )
-        finally:
-            await store.aclose()
 
     def _reference(self) -> Reference:
         return parse_reference(f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else ""))

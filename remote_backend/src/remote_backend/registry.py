@@ -6,6 +6,7 @@ writes: only new layers go up) and read by the engine's own pull (``from`` by di
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Annotated
 
 import dagger
@@ -63,11 +64,8 @@ class Registry:
         Asked of the registry directly, once per session (like actions/cache: exact key first,
         then each prefix in order).
         """
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await resolved(store, key, restore_keys)
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="session")
     async def import_(
@@ -127,20 +125,14 @@ class Registry:
         json_: Annotated[bool, Doc("JSON lines instead of a table")] = False,
     ) -> str:
         """The entries in the repository, newest first: key, created, size, files, tag."""
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await listed(store, prefix, json_)
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="never")
     async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
         """Delete the entry under ``key`` (the registry must allow deletes)."""
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await removed(store, key, None)
-        finally:
-            await store.aclose()
 
     @sdk.function(cache="never")
     async def prune(
@@ -156,11 +148,8 @@ class Registry:
         never removed by age. The registry must allow deletes (ttl.sh expires tags by name instead).
         """
         age = duration("older_than", older_than)
-        store = await self._store()
-        try:
+        async with aclosing(await self._store()) as store:
             return await pruned(store, older_than=age, keep=keep, prefix=prefix, dry_run=dry_run, grace=None)
-        finally:
-            await store.aclose()
 
     def _reference(self) -> Reference:
         return parse_reference(f"{self.address}/{self.repo}")
