@@ -40,6 +40,7 @@ from dagger import dag
 from remote_cache.archive.owners import apply_owners, parse_owners, write_owner_lists
 from remote_cache.dagger import scripts
 from remote_cache.dagger.report import report
+from remote_cache.dagger.toolbox import run_script
 
 __all__ = ["exported", "imported", "scratch_dir"]
 
@@ -59,13 +60,8 @@ async def scratch_dir() -> AsyncIterator[Path]:
 
 async def owners_listing(source: dagger.Directory) -> str:
     """The ``OWNERS`` listing of ``source``, made in the engine where its owners are still known."""
-    return await (
-        dag.container()
-        .from_(scripts.HELPER_IMAGE)
-        .with_mounted_directory(_OWNERS_DIR, source)
-        .with_exec(["sh", "-c", scripts.OWNERS, "sh", _OWNERS_DIR])
-        .stdout()
-    )
+    helper = dag.container().from_(scripts.HELPER_IMAGE).with_mounted_directory(_OWNERS_DIR, source)
+    return await run_script(helper, scripts.OWNERS, _OWNERS_DIR).stdout()
 
 
 @asynccontextmanager
@@ -89,15 +85,14 @@ async def imported(tree: Path, lists: Path) -> dagger.Directory:
     content = await _snapshot(tree)
     if not owned:
         return content
-    fixed = (
+    helper = (
         dag.container()
         .from_(scripts.HELPER_IMAGE)
         .with_mounted_directory(scripts.OUT_DIR, content)
         .with_mounted_directory(_OWNERS_DIR, await _snapshot(lists))
-        .with_exec(["sh", "-c", scripts.PUT_OWNERS, "sh", scripts.OUT_DIR, _OWNERS_DIR])
-        .directory(scripts.OUT_DIR)
     )
-    return await fixed.sync()
+    fixed = run_script(helper, scripts.PUT_OWNERS, scripts.OUT_DIR, _OWNERS_DIR)
+    return await fixed.directory(scripts.OUT_DIR).sync()
 
 
 async def _snapshot(path: Path) -> dagger.Directory:
