@@ -30,24 +30,11 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
 from ..store import SinkFailed
+from .transport import MAX_ERROR_BODY, MAX_REDIRECTS, REDIRECT_STATUS, Origin, origin_of
 
-__all__ = ["BodyAnswer", "BodyClient", "Stopper", "origin_of"]
+__all__ = ["BodyAnswer", "BodyClient", "Stopper"]
 
 _BUFFER = 1 << 20
-_MAX_REDIRECTS = 5
-_MAX_ERROR_BODY = 64 << 10
-_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-
-Origin = tuple[str, str, int]
-
-
-def origin_of(url: str) -> Origin:
-    parts = urlsplit(url)
-    return (
-        parts.scheme,
-        (parts.hostname or "").lower(),
-        parts.port or (443 if parts.scheme == "https" else 80),
-    )
 
 
 class _Headers(dict[str, str]):
@@ -238,7 +225,7 @@ class BodyClient:
         send = {**headers, "User-Agent": self._user_agent, "Accept-Encoding": "identity"}
         if offset:
             send["Range"] = f"bytes={offset}-"
-        for _hop in range(_MAX_REDIRECTS + 1):
+        for _hop in range(MAX_REDIRECTS + 1):
             here = origin_of(url)
             if here != home:
                 send.pop("Authorization", None)  # never to another origin
@@ -247,13 +234,13 @@ class BodyClient:
             reusable = False
             try:
                 location = response.getheader("Location")
-                if response.status in _REDIRECT_STATUS and location:
-                    response.read(_MAX_ERROR_BODY)
+                if response.status in REDIRECT_STATUS and location:
+                    response.read(MAX_ERROR_BODY)
                     reusable = response.isclosed() and not response.will_close
                     url = urljoin(url, location)
                     continue
                 if response.status not in (200, 206):
-                    body = response.read(_MAX_ERROR_BODY)
+                    body = response.read(MAX_ERROR_BODY)
                     reusable = response.isclosed() and not response.will_close
                     return BodyAnswer(
                         response.status, response.reason, _Headers(response.getheaders()), body, here
@@ -266,7 +253,7 @@ class BodyClient:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
-        raise http.client.HTTPException(f"more than {_MAX_REDIRECTS} redirects, the last to {_shown(url)}")
+        raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects, the last to {_shown(url)}")
 
     def _send(
         self, url: str, headers: Mapping[str, str], stopper: Stopper

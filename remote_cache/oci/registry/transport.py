@@ -55,13 +55,18 @@ __all__ = ["RegistryResponse", "RegistryTransport"]
 
 _T = TypeVar("_T")
 
-_MAX_ERROR_BODY = 64 << 10
-_MAX_REDIRECTS = 5
 _BODY_PIECE = 128 << 10  # request bodies bigger than this go out in slices this big
-_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+
+# Redirects and error answers, read the same way by :mod:`.bodies`.
+MAX_ERROR_BODY = 64 << 10
+MAX_REDIRECTS = 5
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+
+#: Scheme, lower-case host name and port: where ``Authorization`` may go.
+Origin = tuple[str, str, int]
 
 
-def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+def origin_of(url: str | httpx.URL) -> Origin:
     parts = urlsplit(str(url))
     default = 443 if parts.scheme == "https" else 80
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default
@@ -242,7 +247,7 @@ class RegistryTransport:
         httpx client), the stall budget, and errors mapped at the one boundary. ``sink`` is called
         in the worker thread; its own exceptions leave unchanged. The caller retries and resumes.
         """
-        from .bodies import Stopper, origin_of  # here: urllib.request costs imports only a restore needs
+        from .bodies import Stopper  # here: only a restore needs bodies.py
 
         await self._settle_scheme()
         url, scope_list = self.url(path), list(scopes)
@@ -397,7 +402,7 @@ class RegistryTransport:
         with translated(self.host, self.timeouts, self.stalls):
             sent = self.auth.header(scopes)
             response = await self._send(method, url, headers, params, content, sent)
-            if response.status_code == 401 and _origin(response.url) == _origin(self.base_url):
+            if response.status_code == 401 and origin_of(response.url) == origin_of(self.base_url):
                 # Read and release the 401 first: fetching a token must not hold a pooled connection.
                 body = await self._drain(response)
                 if not await self.auth.answer(
@@ -416,7 +421,7 @@ class RegistryTransport:
     async def _drain(response: httpx.Response) -> bytes:
         """The (capped) body of an answer we will not use further, then the answer closed."""
         try:
-            return await read_capped(response, _MAX_ERROR_BODY)
+            return await read_capped(response, MAX_ERROR_BODY)
         finally:
             await response.aclose()
 
@@ -430,11 +435,11 @@ class RegistryTransport:
         authorization: str | None,
     ) -> httpx.Response:
         """One exchange, following redirects of GET and HEAD (``Authorization`` stays home)."""
-        home = _origin(self.base_url)
+        home = origin_of(self.base_url)
         current = url
-        for _hop in range(_MAX_REDIRECTS + 1):
+        for _hop in range(MAX_REDIRECTS + 1):
             send_headers = dict(headers or {})
-            if authorization is not None and _origin(current) == home:
+            if authorization is not None and origin_of(current) == home:
                 send_headers["Authorization"] = authorization
             body: bytes | AsyncIterator[bytes] | None = content
             if content is not None and len(content) > _BODY_PIECE:
@@ -450,13 +455,13 @@ class RegistryTransport:
             )
             response = await self._client.send(request, stream=True)
             location = response.headers.get("Location")
-            if response.status_code in _REDIRECT_STATUS and location and method in ("GET", "HEAD"):
+            if response.status_code in REDIRECT_STATUS and location and method in ("GET", "HEAD"):
                 await response.aclose()
                 current = urljoin(str(response.url), location)
                 params = None  # the Location carries its own query
                 continue
             return response
-        raise RegistryError(f"registry {self.host} redirected more than {_MAX_REDIRECTS} times for {url}")
+        raise RegistryError(f"registry {self.host} redirected more than {MAX_REDIRECTS} times for {url}")
 
 
 async def _run_stoppable(fetch: Callable[[], _T], stopper: Any) -> _T:
