@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -255,6 +256,21 @@ async def test_bytes_moving_between_two_stalls_refill_the_budget(
         else:
             await store.download_blob(desc, slow_disk)
     assert bytes(got) == data
+
+
+async def test_a_full_disk_under_a_download_is_the_disks_error(
+    registry: RegistryServer, repo_name: str
+) -> None:
+    """The sink's own OSError is not taken for the network's (RegistryUnreachable)."""
+    desc = await _stored(registry, repo_name, os.urandom(50_000))
+
+    def full_disk(chunk: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with store_via(_Direct(registry), registry, repo_name) as store:
+        with pytest.raises(OSError) as info:
+            await store.download_blob(desc, full_disk)
+    assert info.value.errno == errno.ENOSPC
 
 
 async def test_a_cancel_before_the_download_thread_began_does_not_hang(

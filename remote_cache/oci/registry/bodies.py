@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
-from ..store import SinkFailed
 from .transport import MAX_ERROR_BODY, MAX_REDIRECTS, REDIRECT_STATUS, Origin, origin_of
 
 __all__ = ["BodyAnswer", "BodyClient", "Stopper"]
@@ -206,7 +205,8 @@ class BodyClient:
     ) -> BodyAnswer | None:
         """GET ``url`` (from ``offset`` on) into ``sink``; None when the body went there whole,
         else the answer that was not a body (an error, a 401 to answer). Network failures raise
-        the standard library's exceptions; ``stopper`` stops it from another thread."""
+        the standard library's exceptions, and ``sink``'s own leave unchanged; ``stopper`` stops
+        it from another thread."""
         stopper.begin()
         try:
             return self._fetch(url, headers, offset, sink, stopper)
@@ -375,14 +375,8 @@ def _copy(
             cut = min(skip, len(data))
             data, skip = data[cut:], skip - cut
         if data:
-            try:
-                sink(data)
-            except BaseException as exc:
-                raise SinkFailed() from exc
+            sink(data)
     if decoder is not None:
         rest = memoryview(decoder.flush())
         if rest[skip:]:
-            try:
-                sink(rest[skip:])
-            except BaseException as exc:
-                raise SinkFailed() from exc
+            sink(rest[skip:])

@@ -256,7 +256,10 @@ class RegistryTransport:
 
         def arrived(chunk: memoryview) -> None:
             stalls.progressed()  # bytes are moving: a later stall starts a fresh budget
-            sink(chunk)
+            try:
+                sink(chunk)
+            except BaseException as exc:  # past translated() below as itself, not as the network's
+                raise SinkFailed() from exc
 
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
