@@ -262,23 +262,12 @@ class BodyClient:
         key = self._key(url)
         pooled = self._pool.take(key)
         if pooled is not None:
-            stopper.attach(pooled.http)
             try:
-                pooled.http.request("GET", pooled.target(url), headers={**headers, **pooled.headers})
-                return key, pooled, pooled.http.getresponse()
+                return key, pooled, _get(pooled, url, headers, stopper)
             except _STALE:
-                pooled.http.close()
-            except BaseException:
-                pooled.http.close()
-                raise
+                pass  # closed: a new connection it is
         conn = self._connect(url)
-        stopper.attach(conn.http)
-        try:
-            conn.http.request("GET", conn.target(url), headers={**headers, **conn.headers})
-            return key, conn, conn.http.getresponse()
-        except BaseException:
-            conn.http.close()
-            raise
+        return key, conn, _get(conn, url, headers, stopper)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -321,6 +310,17 @@ class BodyClient:
         assert conn.http.sock is not None
         conn.http.sock.settimeout(self._read_timeout)  # after the connect: each read waits this long
         return conn
+
+
+def _get(conn: _Conn, url: str, headers: Mapping[str, str], stopper: Stopper) -> http.client.HTTPResponse:
+    """The answer (its head read) to a GET of ``url`` over ``conn``; ``conn`` closed if that fails."""
+    stopper.attach(conn.http)
+    try:
+        conn.http.request("GET", conn.target(url), headers={**headers, **conn.headers})
+        return conn.http.getresponse()
+    except BaseException:
+        conn.http.close()
+        raise
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
