@@ -60,19 +60,11 @@ class _Headers(dict[str, str]):
 class BodyAnswer:
     """An answer that was not a body: its status, headers and (capped) text, and where it came from."""
 
-    status: int
-    reason: str
+    status_code: int  # named as on httpx's answers: errors.error_for_response reads either
+    reason_phrase: str
     headers: Mapping[str, str]
     body: bytes
     origin: Origin
-
-    @property
-    def status_code(self) -> int:  # the attribute names errors.error_for_response reads
-        return self.status
-
-    @property
-    def reason_phrase(self) -> str:
-        return self.reason
 
 
 @dataclass

@@ -49,7 +49,7 @@ from .retry import RetryPolicy
 from .timeouts import Timeouts
 
 if TYPE_CHECKING:
-    from .bodies import BodyClient
+    from .bodies import BodyClient, Stopper
 
 __all__ = ["RegistryResponse", "RegistryTransport"]
 
@@ -283,7 +283,7 @@ class RegistryTransport:
                 raise sink_error
             if answer is None:
                 return
-            if answer.status == 401 and challenge and answer.origin == home:
+            if answer.status_code == 401 and challenge and answer.origin == home:
                 challenge_header = answer.headers.get("WWW-Authenticate") or ""
                 if await self.auth.answer(challenge_header, scope_list, sent, action):
                     continue
@@ -467,7 +467,7 @@ class RegistryTransport:
         raise RegistryError(f"registry {self.host} redirected more than {MAX_REDIRECTS} times for {url}")
 
 
-async def _run_stoppable(fetch: Callable[[], _T], stopper: Any) -> _T:
+async def _run_stoppable(fetch: Callable[[], _T], stopper: Stopper) -> _T:
     """``fetch()`` in a worker thread; cancelled (a signal, a deadline), stop it at once — its
     socket shut down, not waited on for a stall timeout — and wait until it no longer writes."""
     try:
