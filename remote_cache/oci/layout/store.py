@@ -182,10 +182,7 @@ class LayoutStore:
         try:
             fh = await anyio.open_file(path, "rb")
         except FileNotFoundError:
-            raise StoreError(
-                f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
-                "save the entry again"
-            ) from None
+            raise self._missing(desc) from None
         check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
         try:
             while True:
@@ -208,10 +205,7 @@ class LayoutStore:
         try:
             fh = open(self._dir.blob_path(desc.digest), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
-            raise StoreError(
-                f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
-                "save the entry again"
-            ) from None
+            raise self._missing(desc) from None
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
         with fh:
@@ -219,6 +213,12 @@ class LayoutStore:
                 check.update(view[:n])
                 sink(view[:n])
         check.finish()
+
+    def _missing(self, desc: Descriptor) -> StoreError:
+        return StoreError(
+            f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
+            "save the entry again"
+        )
 
     def _put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
         path = self._dir.blob_path(desc.digest)
