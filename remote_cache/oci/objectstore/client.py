@@ -101,6 +101,17 @@ def _retry(options: ObjectStoreOptions) -> dict[str, Any]:
     }
 
 
+def _common(
+    reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
+) -> dict[str, Any]:
+    """What every provider's store is made with besides its bucket and config."""
+    return {
+        "prefix": reference.prefix or None,
+        "client_options": _client_options(endpoint, options, uploads=uploads),
+        "retry_config": _retry(options),
+    }
+
+
 def _s3(
     reference: Reference, endpoint: str | None, options: ObjectStoreOptions, uploads: bool
 ) -> ObstoreClient:
@@ -142,11 +153,9 @@ def _s3(
         config["region"] = profile_region
     return S3Store(
         reference.bucket,
-        prefix=reference.prefix or None,
         config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
-        retry_config=_retry(options),  # type: ignore[arg-type]
         credential_provider=provider,
+        **_common(reference, endpoint, options, uploads),
     )
 
 
@@ -204,13 +213,7 @@ def _gcs_or_azure(
     if endpoint is not None:
         config["base_url" if reference.scheme == "gs" else "endpoint"] = endpoint.rstrip("/")
     store = GCSStore if reference.scheme == "gs" else AzureStore
-    return store(
-        reference.bucket,
-        prefix=reference.prefix or None,
-        config=config,  # type: ignore[arg-type]
-        client_options=_client_options(endpoint, options, uploads=uploads),  # type: ignore[arg-type]
-        retry_config=_retry(options),  # type: ignore[arg-type]
-    )
+    return store(reference.bucket, config=config, **_common(reference, endpoint, options, uploads))  # type: ignore[arg-type]
 
 
 def build_client(
