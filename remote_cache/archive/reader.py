@@ -11,7 +11,7 @@ import os
 
 from ..errors import IntegrityError
 from .decompress import EndOfLayers, Feeder, Item
-from .sparse import MIN_HOLE, SparseWriter
+from .sparse import MIN_HOLE, SparseWriter, write_all
 from .tar import display
 
 __all__ = ["LayerReader"]
@@ -78,50 +78,39 @@ class LayerReader:
         return self._pos == self._len and not self._load()
 
     def data(self, fd: int, n: int, member: bytes) -> None:
-        """Write the next ``n`` bytes to ``fd`` (``fd < 0``: skip them), then skip the padding."""
+        """Write the next ``n`` bytes to ``fd`` (``fd < 0``: skip them), then skip the padding.
+
+        A big file (:data:`~.sparse.MIN_HOLE` bytes or more) goes through a :class:`SparseWriter`.
+        """
         pad = -n % 512
-        if fd >= 0 and n >= MIN_HOLE:
-            self._sparse(fd, n, member)
-            if pad:
-                self._skip_padding(pad)
-            return
+        sparse = SparseWriter(fd) if fd >= 0 and n >= MIN_HOLE else None
         p = self._pos
         e = p + n
-        if e + pad <= self._len:
+        if sparse is None and e + pad <= self._len:
             if fd >= 0 and n:
                 w = os.write(fd, self._mv[p:e])
                 if w < n:
-                    _write_all(fd, self._mv[p + w : e])
+                    write_all(fd, self._mv[p + w : e])
             self._pos = e + pad
             return
         while n:
-            avail = self._len - self._pos
+            p = self._pos
+            avail = self._len - p
             if not avail:
                 if not self._load():
                     raise IntegrityError(f"layer tar is truncated (ended inside {display(member)})")
                 continue
             take = min(avail, n)
-            if fd >= 0:
-                _write_all(fd, self._mv[self._pos : self._pos + take])
-            self._pos += take
+            if sparse is not None:
+                sparse.write(self._buf, p, p + take)
+            elif fd >= 0:
+                write_all(fd, self._mv[p : p + take])
+            self._pos = p + take
             n -= take
+        if sparse is not None:
+            sparse.close()
         if pad:
             self._skip_padding(pad)
-
-    def _sparse(self, fd: int, n: int, member: bytes) -> None:
-        """Write the next ``n`` bytes (a big file) to ``fd``, leaving holes for runs of zeros."""
-        out = SparseWriter(fd)
-        while n:
-            avail = self._len - self._pos
-            if not avail:
-                if not self._load():
-                    raise IntegrityError(f"layer tar is truncated (ended inside {display(member)})")
-                continue
-            take = min(avail, n)
-            out.write(self._buf, self._pos, self._pos + take)
-            self._pos += take
-            n -= take
-        out.close()
 
     def _skip_padding(self, pad: int) -> None:
         # A stream may end exactly after the last member's data, unpadded (umoci 0.4 does);
@@ -136,9 +125,3 @@ class LayerReader:
         self._pos = self._len
         while self._load():
             self._pos = self._len
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        w = os.write(fd, view)
-        view = view[w:]

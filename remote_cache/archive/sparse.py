@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["BLOCK", "MIN_HOLE", "SparseWriter"]
+__all__ = ["BLOCK", "MIN_HOLE", "SparseWriter", "write_all"]
 
 #: Holes are made of whole blocks of this size, aligned in the file (the usual filesystem block).
 BLOCK = 4096
@@ -70,12 +70,12 @@ class SparseWriter:
             os.ftruncate(self.fd, self.size)
             self.holes += n
         else:
-            _write_all(self.fd, _ZMV[:n])
+            write_all(self.fd, _ZMV[:n])
         self._run = -1
 
     def _data(self, buf: bytes, p: int, q: int) -> None:
         if q > p:
-            _write_all(self.fd, memoryview(buf)[p:q])
+            write_all(self.fd, memoryview(buf)[p:q])
             self.size += q - p
 
     def _find_run(self, buf: bytes, p: int, end: int) -> int:
@@ -129,12 +129,13 @@ class SparseWriter:
             os.lseek(self.fd, n, os.SEEK_CUR)
             self.holes += n
         else:
-            _write_all(self.fd, _ZMV[:n])
-        _write_all(self.fd, _ZMV[: self.size - whole])
+            write_all(self.fd, _ZMV[:n])
+        write_all(self.fd, _ZMV[: self.size - whole])
         self._run = -1
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, view: memoryview) -> None:
+    """Write all of ``view`` to ``fd`` (``os.write`` may write less)."""
     while view:
         w = os.write(fd, view)
         view = view[w:]
