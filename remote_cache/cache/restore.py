@@ -145,7 +145,7 @@ def _check_space(target: RestoreTarget, image: CacheImage) -> None:
     (the old one stays until the swap) plus the biggest compressed layer."""
     if image.size is None:
         return  # a foreign image: its size is not known up front
-    need = image.size + max((d.size for d in image.layers), default=0)
+    need = _space_needed(image)
     where = target.work_parent if target.work_parent.exists() else target.path.parent
     while not where.exists():
         where = where.parent
@@ -153,6 +153,11 @@ def _check_space(target: RestoreTarget, image: CacheImage) -> None:
     free = st.f_bavail * st.f_frsize
     if free < need:
         raise NoSpace(_space_message(target, need, free))
+
+
+def _space_needed(image: CacheImage) -> int:
+    """Bytes a restore of ``image`` needs free: the new tree and the biggest compressed layer."""
+    return (image.size or 0) + max((d.size for d in image.layers), default=0)
 
 
 def _space_message(target: RestoreTarget, need: int, free: int | None = None) -> str:
@@ -355,9 +360,7 @@ def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -
     """The error as a user should read it: a full disk says how much is needed where; paths in
     the work directory are shown as the target's."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return NoSpace(
-            _space_message(target, (image.size or 0) + max((d.size for d in image.layers), default=0))
-        )
+        return NoSpace(_space_message(target, _space_needed(image)))
     if isinstance(exc, OSError) and exc.filename is not None:
         shown = _shown_path(str(exc.filename), target)
         return type(exc)(exc.errno, f"{exc.strerror}: {shown}")
