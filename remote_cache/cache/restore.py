@@ -208,19 +208,14 @@ class _Restore:
             self._progress.start(sum(d.size for d in self._image.layers))
         ok = False
         try:
-            self._spool = self._work.path / "spool"
-            self._spool.mkdir()
-            for i in range(len(self._image.layers)):
-                part = self._spool / f"layer-{i}"
-                part.touch()
-                self._feeds.append(GrowingFile(part))
+            self._open_spool(self._work.path / "spool")
             # Every file the extraction writes gets a ctime at or after this.
             self._window_start = clock_ns()
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._fetch_diff_ids)
-                    for i, desc in enumerate(self._image.layers):
-                        tg.start_soon(self._download, i, desc)
+                    for desc, feed in zip(self._image.layers, self._feeds, strict=True):
+                        tg.start_soon(self._download, desc, feed)
                     tg.start_soon(self._extract)
             except BaseExceptionGroup as group:
                 raise _user_facing(first_error(group, ignore=(Aborted,)), self._target, self._image) from None
@@ -236,6 +231,15 @@ class _Restore:
             if stats is not None
             else ExtractStats(files=self._image.files or 0, bytes=self._image.size or 0)
         )
+
+    def _open_spool(self, spool: Path) -> None:
+        """One empty spool file per layer, each opened for the extraction to read as it grows."""
+        self._spool = spool
+        spool.mkdir()
+        for i in range(len(self._image.layers)):
+            part = spool / f"layer-{i}"
+            part.touch()
+            self._feeds.append(GrowingFile(part))
 
     def _make_work(self) -> WorkDir:
         target = self._target
@@ -264,14 +268,12 @@ class _Restore:
 
     # -- fetch --------------------------------------------------------------------------------
 
-    async def _download(self, i: int, desc: Descriptor) -> None:
-        assert self._spool is not None
-        feed = self._feeds[i]
+    async def _download(self, desc: Descriptor, feed: GrowingFile) -> None:
         try:
             async with self._limiter:
                 # The store calls the sink from the thread that receives (and hashes) the bytes:
                 # writing them there too keeps every byte off the event loop.
-                with open(self._spool / f"layer-{i}", "wb", buffering=0) as out:
+                with open(feed.path, "wb", buffering=0) as out:
 
                     def sink(chunk: memoryview) -> None:
                         size, rest = len(chunk), chunk
@@ -303,11 +305,10 @@ class _Restore:
     def _layers(self) -> Iterator[tuple[BinaryIO, str | None]]:
         # Iterated in the extractor's decompression thread, which runs ahead into the next layer
         # while the current one is written out.
-        assert self._spool is not None
-        for i, (desc, feed) in enumerate(zip(self._image.layers, self._feeds, strict=True)):
+        for desc, feed in zip(self._image.layers, self._feeds, strict=True):
             yield cast(BinaryIO, feed), LAYER_COMPRESSION.get(desc.media_type)
             feed.close()  # fully read and verified: free the disk as we go
-            (self._spool / f"layer-{i}").unlink(missing_ok=True)
+            feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
         assert self._staging is not None

@@ -22,7 +22,8 @@ class GrowingFile:
     """
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        #: The spool file.
+        self.path = path
         self._fh = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._cond = threading.Condition()
         self._written = 0
