@@ -225,12 +225,10 @@ class _Restore:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_spool(ok)
-        stats = self._stats
-        return (
-            stats
-            if stats is not None
-            else ExtractStats(files=self._image.files or 0, bytes=self._image.size or 0)
-        )
+        # The group ended without an error: the extraction ran to the end (it returns early only
+        # when a failed download, which the group raises, aborted it).
+        assert self._stats is not None
+        return self._stats
 
     def _open_spool(self, spool: Path) -> None:
         """One empty spool file per layer, each opened for the extraction to read as it grows."""
