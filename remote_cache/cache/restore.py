@@ -241,9 +241,8 @@ class _Restore:
 
     def _make_work(self) -> WorkDir:
         target = self._target
-        if not target.in_place:
-            return WorkDir(target.work_parent, target.work_prefix)
-        with locked(target):  # not while another restore exchanges the target whole
+        # In place: not while another restore exchanges the target whole.
+        with locked(target) if target.in_place else contextlib.nullcontext():
             return WorkDir(target.work_parent, target.work_prefix)
 
     async def window(self) -> RestoreWindow | None:
