@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
-
 from ..errors import CacheMiss, ImageFormatError, IntegrityError, RemoteCacheError, UnsupportedOperation
 from ..keys import tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
-from ..tasks import first_error, for_each
+from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import ANNOTATION_TOOL, CacheImage, load_image
 
@@ -114,9 +112,12 @@ async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list
     return _newest_first(selected)
 
 
+#: Where an entry with no creation time ranks: the oldest.
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+
+
 def _newest_first(entries: list[Entry]) -> list[Entry]:
-    oldest = datetime.min.replace(tzinfo=UTC)
-    return sorted(entries, key=lambda e: (e.created or oldest, e.tag), reverse=True)
+    return sorted(entries, key=lambda e: (e.created or _OLDEST, e.tag), reverse=True)
 
 
 @dataclass(frozen=True)
@@ -166,29 +167,20 @@ async def find_entry(
         return None
     tags = await store.tags()
     seen: dict[str, tuple[str, datetime | None, str] | None] = {}
-    limiter = anyio.Semaphore(max(1, jobs))
 
     async def read(candidate: str) -> None:
-        async with limiter:
-            seen[candidate] = await _peek(store, candidate)
+        seen[candidate] = await _peek(store, candidate)
 
-    oldest = datetime.min.replace(tzinfo=UTC)
     for prefix in prefixes:
         start = tag_prefix_for(prefix)
         wanted = [t for t in tags if t.startswith(start) and t not in seen]
-        try:
-            async with anyio.create_task_group() as tg:
-                for candidate in wanted:
-                    seen[candidate] = None
-                    tg.start_soon(read, candidate)
-        except BaseExceptionGroup as group:
-            raise first_error(group) from None
+        await for_each(wanted, read, jobs=jobs)
         best: tuple[datetime, str, str, str] | None = None
         for candidate in tags:
             info = seen.get(candidate)
             if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
                 continue
-            rank = (info[1] or oldest, info[0], candidate, info[2])
+            rank = (info[1] or _OLDEST, info[0], candidate, info[2])
             if best is None or rank[:2] > best[:2]:
                 best = rank
         if best is not None:
