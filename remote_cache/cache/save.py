@@ -505,17 +505,13 @@ async def _publish(
         # A manifest may only be pushed once its config is in; the index once its manifests are.
         async with anyio.create_task_group() as tg:
             for manifest in image.manifests:
-                tg.start_soon(_put_manifest, store, manifest.body, manifest.descriptor.media_type)
+                tg.start_soon(store.put_manifest, manifest.body, manifest.descriptor.media_type)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     index = await store.put_manifest(
         image.index.body, image.index.descriptor.media_type, tag=tag, exclusive=exclusive
     )
     return index.digest, False
-
-
-async def _put_manifest(store: Store, body: bytes, media_type: str) -> None:
-    await store.put_manifest(body, media_type)
 
 
 async def _same_entry(
