@@ -31,6 +31,12 @@ pytestmark = pytest.mark.usefixtures("small_layers")
 _PAST = int(time.time()) - 3600
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A store in an OCI layout directory (tests through the registry make their own)."""
+    return open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+
+
 def _refuse_packing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kw: Any) -> Any:
         raise AssertionError("an unchanged layer was packed (its files were read)")
@@ -155,8 +161,7 @@ async def test_one_changed_file_packs_and_uploads_one_layer(
         assert_same_tree(src, out)
 
 
-async def test_full_rereads_everything(tmp_path: Path, pack_calls: list[str]) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_full_rereads_everything(store: Store, tmp_path: Path, pack_calls: list[str]) -> None:
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     pack_calls.clear()
@@ -165,8 +170,9 @@ async def test_full_rereads_everything(tmp_path: Path, pack_calls: list[str]) ->
     assert again.unchanged and again.digest == first.digest  # packing is deterministic
 
 
-async def test_fresh_files_are_never_reused_by_listing(tmp_path: Path, pack_calls: list[str]) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_fresh_files_are_never_reused_by_listing(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
     src = _bulk(tmp_path / "src")
     now = int(time.time()) + 2  # "modified in the second of the scan" (or later): racy
     _backdate(src, now)
@@ -179,8 +185,7 @@ async def test_fresh_files_are_never_reused_by_listing(tmp_path: Path, pack_call
     assert again.unchanged and again.digest == first.digest
 
 
-async def test_other_compression_is_not_reused(tmp_path: Path, pack_calls: list[str]) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_other_compression_is_not_reused(store: Store, tmp_path: Path, pack_calls: list[str]) -> None:
     src = _bulk(tmp_path / "src")
     await save(store, "k", src, compression="gzip")
     pack_calls.clear()
@@ -244,8 +249,9 @@ async def test_npm_style_edit_after_restore_is_saved_not_the_stale_layer(
         assert_same_tree(work, out)
 
 
-async def test_npm_style_edit_between_two_saves_is_saved(tmp_path: Path, pack_calls: list[str]) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_npm_style_edit_between_two_saves_is_saved(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     target = src / "pkg6" / "f2.bin"
@@ -285,9 +291,8 @@ async def test_unchanged_restore_then_save_reads_and_pushes_nothing(
 
 
 async def test_restore_without_state_recording_leaves_saves_to_pack(
-    tmp_path: Path, pack_calls: list[str]
+    store: Store, tmp_path: Path, pack_calls: list[str]
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src, full=True)
     work = tmp_path / "work"
@@ -301,9 +306,8 @@ async def test_restore_without_state_recording_leaves_saves_to_pack(
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "bad record", "huge"])
 async def test_damaged_state_means_packing_never_an_error(
-    tmp_path: Path, pack_calls: list[str], damage: str
+    store: Store, tmp_path: Path, pack_calls: list[str], damage: str
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     state_file = state.state_path(src)
@@ -345,8 +349,9 @@ async def test_state_is_not_trusted_when_the_blob_is_gone(tmp_path: Path, pack_c
     assert_same_tree(src, out)
 
 
-async def test_metadata_only_change_packs_but_uploads_nothing(tmp_path: Path, pack_calls: list[str]) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_metadata_only_change_packs_but_uploads_nothing(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     target = src / "pkg4" / "f4.bin"
@@ -363,9 +368,8 @@ async def test_metadata_only_change_packs_but_uploads_nothing(tmp_path: Path, pa
 
 
 async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src, full=True)
     work = tmp_path / "work"
@@ -390,9 +394,8 @@ async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
 
 
 async def test_edit_after_restore_with_size_and_mtime_kept_is_repacked(
-    tmp_path: Path, pack_calls: list[str]
+    store: Store, tmp_path: Path, pack_calls: list[str]
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src, full=True)
     work = tmp_path / "work"
@@ -409,9 +412,8 @@ async def test_edit_after_restore_with_size_and_mtime_kept_is_repacked(
 
 
 async def test_a_restore_window_only_vouches_for_its_own_directory(
-    tmp_path: Path, pack_calls: list[str]
+    store: Store, tmp_path: Path, pack_calls: list[str]
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src, full=True)
     total = first.layers_total
@@ -492,9 +494,8 @@ async def test_unchanged_tree_costs_one_request_and_no_scan(
 
 @pytest.mark.usefixtures("fresh_is_settled")
 async def test_an_npm_style_edit_defeats_the_tree_shortcut(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     _fake_npm_edit(src / "pkg3" / "f4.bin", b"Z" * 8000)  # same size, same mtime: only ctime moves
@@ -507,8 +508,7 @@ async def test_an_npm_style_edit_defeats_the_tree_shortcut(
 
 
 @pytest.mark.usefixtures("fresh_is_settled")
-async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
+async def test_a_moved_tag_defeats_the_tree_shortcut(store: Store, tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
     other = tmp_path / "other"
     other.mkdir()
@@ -526,9 +526,8 @@ async def test_a_moved_tag_defeats_the_tree_shortcut(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("fresh_is_settled")
 async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     src = _bulk(tmp_path / "src")
     pipe = src / "pkg0" / "pipe"
     os.mkfifo(pipe)
@@ -568,7 +567,7 @@ def _fingerprint(root: Path, bound: int) -> str | None:
 
 
 @pytest.mark.usefixtures("fresh_is_settled")
-async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -> None:
+async def test_fresh_entries_or_a_restore_leave_no_tree_record(store: Store, tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
     assert _fingerprint(src, state_mod.clock_ns()) is not None
     before = state_mod.clock_ns()
@@ -580,7 +579,6 @@ async def test_fresh_entries_or_a_restore_leave_no_tree_record(tmp_path: Path) -
     _settle()
     assert after is not None and _fingerprint(src, state_mod.clock_ns()) not in (None, after)
 
-    store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     await save(store, "k", src)
     assert state.load(src).tree is not None
     await restore(store, "k", src)  # the restore replaced the tree: its record is void
