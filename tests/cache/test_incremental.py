@@ -24,6 +24,7 @@ from remote_cache.cache.save import save
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.registry_server import FaultProxy, RegistryServer
+from tests.stores import opened
 from tests.trees import assert_same_tree
 
 pytestmark = pytest.mark.usefixtures("small_layers")
@@ -96,11 +97,8 @@ async def proxied(
     registry: RegistryServer, repo: str, factory: Callable[[RegistryServer], FaultProxy]
 ) -> AsyncIterator[tuple[Store, FaultProxy]]:
     proxy = factory(registry)
-    store = open_store(parse_reference(f"{proxy.host}/{repo}"))
-    try:
+    async with opened(parse_reference(f"{proxy.host}/{repo}")) as store:
         yield store, proxy
-    finally:
-        await store.aclose()
 
 
 def _writes(proxy: FaultProxy) -> int:

@@ -25,7 +25,7 @@ from remote_cache.cache.save import save
 from remote_cache.keys import tag_for_key
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import parse_reference
-from remote_cache.oci.store import open_store
+from tests.stores import opened
 from tests.trees import assert_same_tree, make_tree
 
 pytestmark = pytest.mark.skipif(
@@ -68,11 +68,8 @@ async def test_registry_image_we_write_is_read_by_skopeo_and_umoci(
 ) -> None:
     src = tmp_path / "src"
     make_tree(src, small_files=150, big_bytes=1 << 20)
-    store = open_store(parse_reference(f"{registry.host}/{repo_name}"))
-    try:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
         saved = await save(store, KEY, src)
-    finally:
-        await store.aclose()
     image = f"docker://{registry.host}/{repo_name}:{saved.tag}"
 
     raw = json.loads(run("skopeo", "inspect", "--tls-verify=false", "--raw", image))
@@ -128,11 +125,8 @@ async def test_we_restore_an_umoci_repack_copied_by_skopeo_into_the_registry(
         "skopeo", "copy", "--dest-tls-verify=false",
         f"oci:{layout}:t", f"docker://{registry.host}/{repo_name}:{tag_for_key(KEY)}",
     )  # fmt: skip
-    store = open_store(parse_reference(f"{registry.host}/{repo_name}"))
-    try:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
         dest = tmp_path / "dest"
         result = await restore(store, KEY, dest)
-    finally:
-        await store.aclose()
     assert result.layers == 2
     assert_same_tree(src, dest)

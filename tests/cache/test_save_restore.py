@@ -177,10 +177,11 @@ async def test_failed_save_keeps_previous_entry_registry(
     registry: Any, repo_name: str, tmp_path: Path, fault_proxy_factory: Any
 ) -> None:
     src = _bulk(tmp_path / "src", count=4)
-    direct = open_store(parse_reference(f"{registry.host}/{repo_name}"))
     proxy = fault_proxy_factory(registry)
-    through = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
-    try:
+    async with (
+        opened(parse_reference(f"{registry.host}/{repo_name}")) as direct,
+        opened(parse_reference(f"{proxy.host}/{repo_name}")) as through,
+    ):
         first = await save(direct, "k", src)
         (src / "extra.bin").write_bytes(os.urandom(1000))
         # The registry refuses the final tag write (as a registry with immutable tags does):
@@ -189,9 +190,6 @@ async def test_failed_save_keeps_previous_entry_registry(
         with pytest.raises(StoreError):
             await save(through, "k", src)
         assert (await direct.resolve("k")).digest == first.digest
-    finally:
-        await through.aclose()
-        await direct.aclose()
 
 
 async def test_corrupted_blob_leaves_target_untouched(tmp_path: Path) -> None:
@@ -275,10 +273,11 @@ async def test_network_failure_mid_restore_leaves_target_untouched(
     # More layers than parallel downloads (4): the refused last layer is only asked for once
     # earlier ones are done, so the failure always lands mid-restore.
     src = _bulk(tmp_path / "src", count=30)
-    direct = open_store(parse_reference(f"{registry.host}/{repo_name}"))
     proxy = fault_proxy_factory(registry)
-    through = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
-    try:
+    async with (
+        opened(parse_reference(f"{registry.host}/{repo_name}")) as direct,
+        opened(parse_reference(f"{proxy.host}/{repo_name}")) as through,
+    ):
         saved = await save(direct, "k", src)
         assert saved.layers_total > 4
         last = (await _layers_of(direct, saved.digest))[-1]
@@ -292,9 +291,6 @@ async def test_network_failure_mid_restore_leaves_target_untouched(
         assert _snapshot(dest) == before
         assert _siblings(dest) == ["dest"]
         assert proxy.count("GET", "/blobs/") >= 2  # other layers were being fetched concurrently
-    finally:
-        await through.aclose()
-        await direct.aclose()
 
 
 async def _layers_of(store: Store, digest: str) -> list[Descriptor]:

@@ -14,6 +14,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
 from remote_cache.units import parse_size
 from tests.registry_server import RegistryServer
+from tests.stores import opened
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -26,8 +27,7 @@ async def test_immutable_key_is_never_overwritten(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
 ) -> None:
     proxy = fault_proxy_factory(registry)
-    store = open_store(parse_reference(f"{proxy.host}/{repo_name}"))
-    try:
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
         first = await save(store, "release-1", _tree(tmp_path / "a", b"one"), immutable=True)
         assert first.status == "saved" and first.skipped is None
         proxy.clear()
@@ -40,8 +40,6 @@ async def test_immutable_key_is_never_overwritten(
         # Without the flag the same key is replaced as usual.
         third = await save(store, "release-1", tmp_path / "b")
         assert third.status == "saved" and third.digest != first.digest
-    finally:
-        await store.aclose()
 
 
 async def test_read_only_save_touches_nothing(tmp_path: Path) -> None:
