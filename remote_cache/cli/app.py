@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from ..errors import CacheMiss, RemoteCacheError
+from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
 
@@ -30,6 +30,7 @@ from .progress import TransferProgress
 # (rich's console, asyncio, the registry client, save/restore/entries) is imported where it is
 # used, and here only for the type checker.
 if TYPE_CHECKING:
+    from anyio import CancelScope
     from rich.console import Console
 
     from ..oci.certs import TlsOptions
@@ -466,33 +467,46 @@ def _show_warnings() -> None:
     logger.setLevel(logging.WARNING)
 
 
+class _Signals:
+    """SIGINT and SIGTERM while a command runs: the first cancels ``scope`` and is kept in
+    ``received``; a second exits at once (the next run removes what is left, see
+    :mod:`remote_cache.archive.workdirs`)."""
+
+    def __init__(self, scope: CancelScope) -> None:
+        import asyncio
+        import signal
+
+        self._scope = scope
+        self._loop = asyncio.get_running_loop()
+        self._signums = (signal.SIGINT, signal.SIGTERM)
+        self.received: int | None = None
+
+    def __enter__(self) -> _Signals:
+        for signum in self._signums:
+            self._loop.add_signal_handler(signum, self._on_signal, signum)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum in self._signums:
+            self._loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        self._scope.cancel()
+
+
 async def _main(body: Body, common: Common, deadline: float | None) -> Outcome:
     """Run ``body`` under the signals and the deadline.
 
     SIGINT or SIGTERM cancels it: every clean-up runs (work directories, spool files) and
-    :class:`Interrupted` says which signal; a second signal exits at once (the next run removes
-    what is left, see :mod:`remote_cache.archive.workdirs`). ``deadline`` seconds stop it the same
-    way, as :class:`DeadlineExceeded`.
+    :class:`Interrupted` says which signal; a second signal exits at once (see :class:`_Signals`).
+    ``deadline`` seconds stop it the same way, as :class:`DeadlineExceeded`.
     """
-    import asyncio
-    import signal
-
     import anyio
 
-    from ..errors import DeadlineExceeded, Interrupted
-
-    loop = asyncio.get_running_loop()
-    received: list[int] = []
-    with anyio.CancelScope() as scope:
-
-        def on_signal(signum: int) -> None:
-            if received:
-                os._exit(128 + signum)
-            received.append(signum)
-            scope.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal, signum)
+    with anyio.CancelScope() as scope, _Signals(scope) as signals:
         try:
             with anyio.fail_after(deadline):
                 return await body(common)
@@ -500,17 +514,14 @@ async def _main(body: Body, common: Common, deadline: float | None) -> Outcome:
             raise DeadlineExceeded(
                 f"the step ran longer than --deadline {common.deadline}: stopped and cleaned up"
             ) from None
-        finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-    raise Interrupted(received[0])
+    assert signals.received is not None  # only a signal cancels the scope
+    raise Interrupted(signals.received)
 
 
 def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
     import asyncio
 
-    from ..errors import Interrupted
     from ..units import parse_duration
 
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
