@@ -23,6 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError
+from ..units import parse_duration
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
 
@@ -522,8 +523,6 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
     """Run ``body``, map what happened to an exit code, print the summary/JSON, and exit."""
     import asyncio
 
-    from ..units import parse_duration
-
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     _show_warnings()
     try:
@@ -540,8 +539,14 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         if debug:
             traceback.print_exc()
         outcome = _failure(command, exc, common)
-    if outcome.code is not ExitCode.OK and common.fail_open and outcome.code is not ExitCode.USAGE:
+    if common.fail_open and outcome.code not in (ExitCode.OK, ExitCode.USAGE):
         outcome = _failed_open(outcome, common)
+    _report(command, outcome, common)
+    raise typer.Exit(int(outcome.code))
+
+
+def _report(command: str, outcome: Outcome, common: Common) -> None:
+    """Print the outcome: the JSON object or the command's own stdout, then the summary line."""
     if common.json:
         sys.stdout.write(
             json.dumps({"command": command, **outcome.data, "exit_code": int(outcome.code)}) + "\n"
@@ -554,20 +559,19 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
     if outcome.summary and not common.quiet:
         _stderr_line(_redact(outcome.summary, common))
-    raise typer.Exit(int(outcome.code))
 
 
 def _failure(command: str, exc: Exception, common: Common) -> Outcome:
-    code = exit_code_for(exc)
-    message = _redact(str(exc) or type(exc).__name__, common)
-    if not isinstance(exc, RemoteCacheError | OSError):
-        message = f"unexpected {type(exc).__name__}: {message} (set {_DEBUG_ENV}=1 for a traceback)"
     if isinstance(exc, CacheMiss):
         # A miss (inspect/rm of an absent key) is a result, not an error.
         where = f"no entry in {exc.where}" if exc.where else "no entry"
         return Outcome(
             ExitCode.MISS, f"{command} miss {exc.key}: {where}", {"outcome": "miss", "key": exc.key}
         )
+    code = exit_code_for(exc)
+    message = _redact(str(exc) or type(exc).__name__, common)
+    if not isinstance(exc, RemoteCacheError | OSError):
+        message = f"unexpected {type(exc).__name__}: {message} (set {_DEBUG_ENV}=1 for a traceback)"
     if not common.fail_open or code is ExitCode.USAGE:
         _stderr_line(f"{PROG}: error: {message}")
     data = {"outcome": "error", "error": message, "error_type": type(exc).__name__}
