@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypedDict, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..oci.certs import TlsOptions
+    from ..oci.objectstore import ObjectStoreOptions
     from ..oci.reference import Reference
     from ..oci.store import Store
 
@@ -45,6 +46,7 @@ __all__ = [
     "Outcome",
     "RefArg",
     "RepoArg",
+    "Writes",
     "app",
     "command",
     "given",
@@ -125,6 +127,14 @@ class Common:
     quiet: bool = False
     fail_open: bool = False
     password: str | None = field(default=None, repr=False)
+
+
+class Writes(TypedDict, total=False):
+    """How a bucket's objects are written: the ObjectStoreOptions fields save, rm and prune take."""
+
+    encryption: str
+    kms_key_id: str
+    storage_class: str
 
 
 UsernameOpt = Annotated[
@@ -348,41 +358,40 @@ def _registry_tls(common: Common) -> tuple[TlsOptions, bool | None]:
     return tls, False if (common.tls_verify or cert_dir is not None) else None
 
 
+def _object_options(ref: Reference, common: Common, writes: Writes | None) -> ObjectStoreOptions | None:
+    """How to reach and write a bucket; None for a registry or a layout, which refuse those options."""
+    if ref.transport != "object":
+        if common.endpoint or common.region or (writes and any(writes.values())):
+            raise UsageError(
+                "--endpoint, --region, --sse, --sse-kms-key-id and --storage-class are for object stores "
+                f"(s3://, gs://, az://), not {ref.location}"
+            )
+        return None
+    from ..oci.objectstore import ObjectStoreOptions
+
+    if common.username is not None:
+        raise UsageError(
+            f"{ref.location} takes its credentials from the environment (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role), not --username"
+        )
+    return ObjectStoreOptions(
+        endpoint=common.endpoint,
+        region=common.region,
+        plain_http=common.plain_http,
+        **given(stall_seconds=common.timeout),
+        **(writes or Writes()),
+    )
+
+
 @asynccontextmanager
-async def _store(
-    ref: Reference, common: Common, writes: dict[str, str] | None = None
-) -> AsyncIterator[Store]:
+async def _store(ref: Reference, common: Common, writes: Writes | None = None) -> AsyncIterator[Store]:
     from ..oci.store import open_store
 
     if ref.transport != "registry" and (given := _registry_options(common)):
         raise UsageError(
             f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for registries, not {ref.location}"
         )
-    objects = None
-    if ref.transport == "object":
-        from ..oci.objectstore import ObjectStoreOptions
-        from ..oci.objectstore.options import DEFAULT_STALL_SECONDS
-
-        if common.username is not None:
-            raise UsageError(
-                f"{ref.location} takes its credentials from the environment (AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role), not --username"
-            )
-        w = writes or {}
-        objects = ObjectStoreOptions(
-            endpoint=common.endpoint,
-            region=common.region,
-            plain_http=common.plain_http,
-            stall_seconds=common.timeout or DEFAULT_STALL_SECONDS,
-            encryption=w.get("encryption", ""),
-            kms_key_id=w.get("kms_key_id", ""),
-            storage_class=w.get("storage_class", ""),
-        )
-    elif common.endpoint or common.region or any((writes or {}).values()):
-        raise UsageError(
-            "--endpoint, --region, --sse, --sse-kms-key-id and --storage-class are for object stores "
-            f"(s3://, gs://, az://), not {ref.location}"
-        )
+    objects = _object_options(ref, common, writes)
     tls, plain_http = _registry_tls(common)
     store = open_store(
         ref,
@@ -405,7 +414,7 @@ async def _store(
 
 @asynccontextmanager
 async def open_entry(
-    text: str, key: str | None, common: Common, writes: dict[str, str] | None = None
+    text: str, key: str | None, common: Common, writes: Writes | None = None
 ) -> AsyncIterator[tuple[Reference, str, Store]]:
     """The entry REF (or REF with --key) checked, its key, and its store opened with the common
     options (and, for a bucket, ``writes``: encryption and storage class of what is saved)."""
@@ -417,7 +426,7 @@ async def open_entry(
 
 @asynccontextmanager
 async def open_repository(
-    text: str, common: Common, writes: dict[str, str] | None = None
+    text: str, common: Common, writes: Writes | None = None
 ) -> AsyncIterator[tuple[Reference, Store]]:
     """The repository REPO checked (no key), and its store opened with the common options."""
     ref = _reference(text, None, need_key=False, what="REPO")
