@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLI", "Run", "json_line", "no_traceback"]
+__all__ = ["CLI", "Run", "clean_env", "json_line", "no_traceback"]
 
 CLI = Path(sys.executable).parent / "remote-cache"
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
+    """An environment for the console script with no credentials, where every place credentials or
+    certificates are looked for (docker's and the containers tools' auth files,
+    ``~/.config/containers/certs.d``) is an empty directory under ``tmp_path``."""
+    docker_config = tmp_path / "docker-config"
+    home = tmp_path / "home"
+    runtime_dir = tmp_path / "run"
+    for directory in (docker_config, home, runtime_dir):
+        directory.mkdir(exist_ok=True)
+    skip = (
+        "REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE",
+        "PYTHONDONTWRITEBYTECODE",
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    env.update(
+        DOCKER_CONFIG=str(docker_config),
+        HOME=str(home),
+        XDG_RUNTIME_DIR=str(runtime_dir),
+        PYTHONPYCACHEPREFIX=str(pycache),
+        REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),  # never the user's own state
+        # No progress lines (stderr is piped, as in CI): tests read the summary and the errors.
+        # The progress tests set their own interval.
+        REMOTE_CACHE_PROGRESS_INTERVAL="0",
+    )
+    return env
 
 
 def json_line(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

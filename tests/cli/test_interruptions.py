@@ -6,7 +6,6 @@ mid-transfer every time; the packing case polls for the save's spool directory i
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,24 +16,16 @@ from typing import Any
 
 import pytest
 
-from tests.cli.output import CLI
+from tests.cli.output import CLI, clean_env
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.trees import assert_same_tree, make_tree, snapshot
 
 
 def _env(tmp_path: Path, pycache: Path) -> dict[str, str]:
-    skip = ("REMOTE_CACHE_", "DOCKER_", "AWS_", "PYTHONDONTWRITEBYTECODE")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    """The CLI tests' clean environment, with a temporary directory of this test's own."""
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir(exist_ok=True)
-    env.update(
-        TMPDIR=str(tmpdir),
-        PYTHONPYCACHEPREFIX=str(pycache),
-        REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),
-        DOCKER_CONFIG=str(tmp_path),
-        REMOTE_CACHE_PROGRESS_INTERVAL="0",  # stderr holds just what these tests read
-    )
-    return env
+    return {**clean_env(tmp_path, pycache), "TMPDIR": str(tmpdir)}
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
