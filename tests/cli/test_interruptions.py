@@ -28,6 +28,11 @@ def _env(tmp_path: Path, pycache: Path) -> dict[str, str]:
     return {**clean_env(tmp_path, pycache), "TMPDIR": str(tmpdir)}
 
 
+def _run(env: dict[str, str], *args: str) -> int:
+    """Run the console script to its end: its exit code."""
+    return subprocess.run([str(CLI), *args], env=env).returncode
+
+
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [str(CLI), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -44,6 +49,26 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> 
 
 def _stalled(proxy: FaultProxy, method: str) -> Callable[[], bool]:
     return lambda: any(r.outcome == "stall" and r.method == method for r in proxy.requests)
+
+
+def _stalled_restore(
+    proxy: FaultProxy, ref: str, target: Path, env: dict[str, str], times: int
+) -> subprocess.Popen[str]:
+    """A restore started, and held by the proxy once its first blob download is under way."""
+    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=times)
+    proc = _start(["restore", ref, str(target)], env)
+    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    return proc
+
+
+def _stalled_save(
+    proxy: FaultProxy, src: Path, ref: str, env: dict[str, str], times: int
+) -> subprocess.Popen[str]:
+    """A save started, and held by the proxy at its first blob upload."""
+    proxy.stall(method="PUT", path_contains="/blobs/uploads/", times=times)
+    proc = _start(["save", str(src), ref], env)
+    _wait_for(_stalled(proxy, "PUT"), "the save to be mid-upload")
+    return proc
 
 
 def _leftovers(*dirs: Path) -> list[str]:
@@ -64,14 +89,12 @@ def test_a_signal_during_a_restore_cleans_up_and_leaves_the_target(
     env = _env(tmp_path, pycache)
     src = tmp_path / "src"
     make_tree(src, small_files=200, big_bytes=4 << 20)
-    assert subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env).returncode == 0
+    assert _run(env, "save", str(src), f"{repo}:k", "-q") == 0
     target = tmp_path / "work" / "target"
     target.mkdir(parents=True)
     (target / "old.txt").write_text("the old tree")
     before = snapshot(target)
-    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=100)
-    proc = _start(["restore", f"{repo}:k", str(target)], env)
-    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    proc = _stalled_restore(proxy, f"{repo}:k", target, env, times=100)
     proc.send_signal(signum)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signum, err
@@ -87,17 +110,14 @@ def test_a_signal_during_a_save_cleans_up_and_keeps_the_entry(
     env = _env(tmp_path, pycache)
     src = tmp_path / "src"
     make_tree(src, small_files=200, big_bytes=4 << 20)
-    proxy.stall(method="PUT", path_contains="/blobs/uploads/", times=100)
-    proc = _start(["save", str(src), f"{repo}:k"], env)
-    _wait_for(_stalled(proxy, "PUT"), "the save to be mid-upload")
+    proc = _stalled_save(proxy, src, f"{repo}:k", env, times=100)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "unexpected" not in err
     assert _leftovers(Path(env["TMPDIR"])) == []
     proxy.clear()
-    miss = subprocess.run([str(CLI), "restore", f"{repo}:k", str(tmp_path / "o")], env=env)
-    assert miss.returncode == 3, "an interrupted save moved no tag"
+    assert _run(env, "restore", f"{repo}:k", str(tmp_path / "o")) == 3, "an interrupted save moved no tag"
 
 
 def test_ctrl_c_while_packing_never_says_unexpected(tmp_path: Path, pycache: Path) -> None:
@@ -128,29 +148,23 @@ def test_a_killed_restore_and_save_leave_work_the_next_run_removes(
     env = _env(tmp_path, pycache)
     src = tmp_path / "src"
     make_tree(src, small_files=200, big_bytes=4 << 20)
-    proxy.stall(method="PUT", path_contains="/blobs/uploads/", times=1)
-    saving = _start(["save", str(src), f"{repo}:k"], env)
-    _wait_for(_stalled(proxy, "PUT"), "the save to be mid-upload")
+    saving = _stalled_save(proxy, src, f"{repo}:k", env, times=1)
     saving.kill()
     saving.communicate(timeout=30)
     spool = Path(env["TMPDIR"])
     assert _leftovers(spool) != [], "a killed save leaves its spool"
 
     proxy.clear()
-    again = subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env)
-    assert again.returncode == 0
+    assert _run(env, "save", str(src), f"{repo}:k", "-q") == 0
     assert _leftovers(spool) == [], "the next save removed the dead one's spool"
 
     target = tmp_path / "target"
-    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=1)
-    restoring = _start(["restore", f"{repo}:k", str(target)], env)
-    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    restoring = _stalled_restore(proxy, f"{repo}:k", target, env, times=1)
     restoring.kill()
     restoring.communicate(timeout=30)
     assert _leftovers(tmp_path) != [], "a killed restore leaves its work directory"
     proxy.clear()
-    done = subprocess.run([str(CLI), "restore", f"{repo}:k", str(target), "-q"], env=env)
-    assert done.returncode == 0
+    assert _run(env, "restore", f"{repo}:k", str(target), "-q") == 0
     assert _leftovers(tmp_path) == []
     assert_same_tree(src, target)
 
@@ -161,10 +175,8 @@ def test_a_second_signal_stops_at_once(served: Any, tmp_path: Path, pycache: Pat
     env = _env(tmp_path, pycache)
     src = tmp_path / "src"
     make_tree(src, small_files=50, big_bytes=1 << 20)
-    assert subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env).returncode == 0
-    proxy.stall(after_bytes=1024, method="GET", path_contains="/blobs/", times=100)
-    proc = _start(["restore", f"{repo}:k", str(tmp_path / "t")], env)
-    _wait_for(_stalled(proxy, "GET"), "the restore to be mid-download")
+    assert _run(env, "save", str(src), f"{repo}:k", "-q") == 0
+    proc = _stalled_restore(proxy, f"{repo}:k", tmp_path / "t", env, times=100)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
@@ -192,9 +204,7 @@ def test_concurrent_restores_into_one_target_end_as_one_tree(
     layout = f"oci:{tmp_path / 'layout'}"
     trees = {name: _flat_tree(tmp_path / f"tree-{name}", name) for name in ("a", "b")}
     for name, tree in trees.items():
-        assert (
-            subprocess.run([str(CLI), "save", str(tree), f"{layout}:{name}", "-q"], env=env).returncode == 0
-        )
+        assert _run(env, "save", str(tree), f"{layout}:{name}", "-q") == 0
     target = tmp_path / "out" / "t"
     ends = set()
     for _round in range(4):
