@@ -19,7 +19,7 @@ import unicodedata
 import zlib
 from pathlib import Path
 
-__all__ = ["allocated", "assert_same_tree", "holes_work", "make_tree", "snapshot"]
+__all__ = ["allocated", "assert_same_tree", "holes_work", "make_tree", "small_tree", "snapshot"]
 
 _MTIME = 1_600_000_000
 
@@ -126,6 +126,12 @@ def make_tree(root: Path, *, small_files: int = 2000, big_bytes: int = 20 << 20)
     rodir.chmod(0o555)
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         os.utime(d, (_MTIME, _MTIME + 7))
+
+
+def small_tree(root: Path) -> Path:
+    """``root`` filled with a small nasty tree (60 small files, a 1 MiB file), for the CLI tests."""
+    make_tree(root, small_files=60, big_bytes=1 << 20)
+    return root
 
 
 def snapshot(root: Path) -> dict[str, tuple[object, ...]]:

@@ -39,12 +39,7 @@ from remote_cache.version import VERSION
 from tests.cli.output import Run, json_line, no_traceback
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
-from tests.trees import assert_same_tree, make_tree
-
-
-def _tree(root: Path) -> Path:
-    make_tree(root, small_files=60, big_bytes=1 << 20)
-    return root
+from tests.trees import assert_same_tree, small_tree
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:
@@ -68,7 +63,7 @@ async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -
 def test_round_trip_through_registry(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"{registry.host}/{repo_name}:npm-linux"
 
     saved = cli("save", str(src), ref, "--json")
@@ -95,7 +90,7 @@ def test_round_trip_through_registry(
 
 
 def test_round_trip_through_layout_with_key_option(cli: Run, tmp_path: Path) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     layout = f"oci:{tmp_path / 'layout'}"
     key = "node_modules/linux:lock=3f9a"  # '/' and ':' cannot go in REF, so --key
 
@@ -137,7 +132,7 @@ _NOT_FOR_A_RESTORE = {
 def test_a_restore_imports_only_what_it_uses(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     layout, remote = f"oci:{tmp_path / 'layout'}:k", f"{registry.host}/{repo_name}:k"
     for ref in (layout, remote):
         assert cli("save", str(src), ref).returncode == 0
@@ -186,7 +181,7 @@ def test_miss_exits_3_and_leaves_the_target_alone(
 
 
 def test_max_size_is_refused_with_exit_5(cli: Run, tmp_path: Path) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     (src / "big.bin").write_bytes(b"x" * 5000)
     layout = tmp_path / "layout"
     refused = cli("save", str(src), f"oci:{layout}:k", "--max-size", "4K")
@@ -263,7 +258,7 @@ async def test_prune_older_than_keep_and_dry_run(
 def test_auth_wrong_password_exits_4_without_echoing_it(
     cli: Run, auth_registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"{auth_registry.host}/{repo_name}:k"
     assert auth_registry.username is not None and auth_registry.password is not None
     wrong = "Wr0ng-" + auth_registry.password[::-1]
@@ -304,7 +299,7 @@ def test_auth_wrong_password_exits_4_without_echoing_it(
 def test_token_registry_round_trip(
     cli: Run, token_registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"{token_registry.host}/{repo_name}:tok"
     assert token_registry.username is not None and token_registry.password is not None
     env = {"REMOTE_CACHE_USERNAME": token_registry.username, "REMOTE_CACHE_PASSWORD": token_registry.password}
@@ -315,7 +310,7 @@ def test_token_registry_round_trip(
 
 
 def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path: Path) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"127.0.0.1:{free_port()}/team/cache:npm"
 
     failed = cli("save", str(src), ref, "--timeout", "2")
@@ -561,7 +556,7 @@ def test_a_ci_log_shows_a_restore_as_it_goes(
 ) -> None:
     """Through the real console script with stderr piped: the first line, the periodic lines,
     then the summary."""
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"{registry.host}/{repo_name}:k"
     assert cli("save", str(src), ref, "-q").returncode == 0
     proc = cli("restore", ref, str(tmp_path / "out"), env={"REMOTE_CACHE_PROGRESS_INTERVAL": "0.000001"})
@@ -617,7 +612,7 @@ def test_a_stalled_registry_fails_the_step_within_the_stall_budget(
     """A registry that accepts connections and never answers: a save and a restore each give up
     after about two stall periods (retries and later phases share the budget), --fail-open
     just as fast; --deadline stops a step that is slow but not stalled."""
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     assert cli("save", str(src), f"{registry.host}/{repo_name}:k", "-q").returncode == 0
     proxy = fault_proxy_factory(registry).stall(times=10_000)  # every request hangs, forever
     ref = f"{proxy.host}/{repo_name}:k"
@@ -662,7 +657,7 @@ async def test_restore_keys_base_key_immutable_and_read_only(
     assert (out / "f").read_text() == "npm-bbb"
     assert cli("restore", f"{repo}:npm-zzz", str(out), "--restore-key", "pip-").returncode == 3
 
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     assert cli("save", str(src), f"{repo}:tree-1", "--quiet").returncode == 0
     based = json_line(cli("save", str(src), f"{repo}:tree-2", "--base-key", "tree-1", "--json"))
     assert based["outcome"] == "saved" and based["base_key"] == "tree-1"
@@ -695,7 +690,7 @@ def test_restore_key_fallback_then_save_with_base(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
     repo = f"{registry.host}/{repo_name}"
-    src = _aged(_tree(tmp_path / "src"))
+    src = _aged(small_tree(tmp_path / "src"))
     assert cli("save", str(src), f"{repo}:npm-aaa").returncode == 0
 
     out = tmp_path / "out"
@@ -723,7 +718,7 @@ def test_restore_key_fallback_then_save_with_base(
 
 
 def test_save_full_rereads_and_keeps_the_digest(cli: Run, tmp_path: Path) -> None:
-    src = _aged(_tree(tmp_path / "src"))
+    src = _aged(small_tree(tmp_path / "src"))
     ref = f"oci:{tmp_path / 'layout'}:k"
     first = json_line(cli("save", str(src), ref, "--json"))
     again = json_line(cli("save", str(src), ref, "--json"))
@@ -784,7 +779,7 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
     worker-thread body client, not httpx); NO_PROXY exempts a host."""
     from tests.forward_proxy import ForwardProxy
 
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"{registry.host}/{repo_name}:k"
     assert cli("save", str(src), ref, "-q").returncode == 0
     proxy = ForwardProxy()

@@ -10,12 +10,7 @@ from typing import Any
 from tests.cli.output import Run, json_line, no_traceback
 from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
 from tests.registry_server import FaultProxy, free_port
-from tests.trees import assert_same_tree, make_tree
-
-
-def _tree(root: Path) -> Path:
-    make_tree(root, small_files=60, big_bytes=1 << 20)
-    return root
+from tests.trees import assert_same_tree, small_tree
 
 
 def _keys(server: ObjectServer, bucket: str, part: str) -> list[str]:
@@ -29,7 +24,7 @@ def test_every_command_through_a_bucket(cli: Run, moto: ObjectServer, tmp_path: 
     env = object_env(moto)
     bucket = new_bucket(moto)
     repo = f"s3://{bucket}/team/ci"
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     no_endpoint = {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"}
 
     saved = cli("save", str(src), f"{repo}:npm/linux", "--endpoint", moto.endpoint, "--json", env=no_endpoint)
@@ -64,7 +59,7 @@ def test_every_command_through_a_bucket(cli: Run, moto: ObjectServer, tmp_path: 
 def test_azure_blob_round_trip(cli: Run, azurite: ObjectServer, tmp_path: Path) -> None:
     env = object_env(azurite)
     ref = f"az://{new_bucket(azurite)}/cache:go"
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     saved = cli("save", str(src), ref, env=env)
     assert saved.returncode == 0, saved.stderr
     restored = cli("restore", ref, str(tmp_path / "out"), env=env)
@@ -80,7 +75,7 @@ def test_encryption_and_storage_class_reach_the_server_and_the_secret_never_does
     proxy: FaultProxy = fault_proxy_factory(moto)
     env = {**object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
     ref = f"s3://{new_bucket(moto)}/enc:k"
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     args = ("--sse", "aws:kms", "--sse-kms-key-id", "alias/ci-cache", "--storage-class", "STANDARD_IA")
     saved = cli("save", str(src), ref, *args, env=env)
     assert saved.returncode == 0, saved.stderr
@@ -100,7 +95,7 @@ def test_encryption_and_storage_class_reach_the_server_and_the_secret_never_does
 
 def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any, tmp_path: Path) -> None:
     env = object_env(moto)
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     ref = f"s3://{new_bucket(moto)}/c:k"
     cases = [
         (("save", str(src), ref, "--username", "someone"), "environment"),
@@ -127,7 +122,7 @@ def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any,
 def test_unreachable_or_stalled_bucket_fails_fast_with_a_clear_message(
     cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
 ) -> None:
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
     env = object_env(moto)
     ref = f"s3://{new_bucket(moto)}/c:k"
     nobody = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
@@ -174,7 +169,7 @@ def test_keys_from_the_aws_shared_files_as_aws_tools_read_them(
     proxy: FaultProxy = fault_proxy_factory(moto)
     files_only = {"HOME": str(home), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
     ref = f"s3://{new_bucket(moto)}/c:k"
-    src = _tree(tmp_path / "src")
+    src = small_tree(tmp_path / "src")
 
     saved = cli("save", str(src), ref, env=files_only)
     assert saved.returncode == 0, saved.stderr
