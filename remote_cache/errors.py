@@ -21,6 +21,7 @@ RemoteCacheError
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .units import format_bytes, size_above
@@ -53,6 +54,7 @@ __all__ = [
     "UnsafeArchive",
     "UnsuitableTarget",
     "UnsupportedOperation",
+    "causes",
 ]
 
 #: Prefix of a miss message. Errors cross Dagger module boundaries as text only, so a
@@ -206,3 +208,14 @@ class UnsafeArchive(RemoteCacheError):
 
 class ImageFormatError(RemoteCacheError):
     """An image we cannot read as a cache entry (unknown media type, bad JSON, ...)."""
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it, down the chain (``__cause__``, else ``__context__``); each
+    once, however the chain loops."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import causes
+
 __all__ = ["Aborted", "GrowingFile", "caused_by_abort"]
 
 
@@ -73,14 +75,7 @@ class GrowingFile:
 
 
 def caused_by_abort(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, Aborted):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return any(isinstance(cause, Aborted) for cause in causes(exc))
 
 
 class Aborted(Exception):

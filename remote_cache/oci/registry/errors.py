@@ -23,7 +23,7 @@ from typing import Protocol
 
 import httpx
 
-from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
+from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
 from .timeouts import Timeouts
@@ -185,25 +185,17 @@ def check_stalls(host: str, stalls: Stalls) -> None:
 _CLIENT_CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA")
 
 
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what caused it, down the chain (httpx wraps httpcore wraps ssl)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
 def _is_client_certificate_refused(exc: BaseException) -> bool:
-    return any(alert in str(e) for e in _causes(exc) for alert in _CLIENT_CERTIFICATE_ALERTS)
+    return any(alert in str(e) for e in causes(exc) for alert in _CLIENT_CERTIFICATE_ALERTS)
 
 
 def _is_certificate_error(exc: BaseException) -> bool:
-    found = any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(exc))
+    found = any(isinstance(e, ssl.SSLCertVerificationError) for e in causes(exc))
     return found or "CERTIFICATE_VERIFY_FAILED" in str(exc)
 
 
 def _is_tls_error(exc: BaseException) -> bool:
-    if any(isinstance(e, ssl.SSLError) for e in _causes(exc)):
+    if any(isinstance(e, ssl.SSLError) for e in causes(exc)):
         return True
     text = str(exc).lower()
     return "ssl" in text or "certificate" in text or "tls" in text
