@@ -114,8 +114,12 @@ GraceOpt = Annotated[
 
 def _writes(sse: str | None, kms_key_id: str | None, storage_class: str | None = None) -> Writes:
     """How a bucket's objects are written (checked): encryption, its KMS key, storage class."""
-    if sse is not None and sse not in ("AES256", "aws:kms"):
-        raise typer.BadParameter(f"{sse!r}: choose AES256 or aws:kms", param_hint="--sse")
+    if sse is not None:
+        # Here, not at the top: the object-store package loads obstore, which only --sse needs.
+        from ..oci.objectstore.options import ENCRYPTIONS
+
+        if sse not in ENCRYPTIONS:
+            raise typer.BadParameter(f"{sse!r}: choose {' or '.join(ENCRYPTIONS)}", param_hint="--sse")
     if kms_key_id and sse != "aws:kms":
         raise typer.BadParameter("a KMS key goes with --sse aws:kms", param_hint="--sse-kms-key-id")
     return Writes(encryption=sse or "", kms_key_id=kms_key_id or "", storage_class=storage_class or "")
