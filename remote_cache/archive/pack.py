@@ -19,36 +19,19 @@ from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import zstandard
 
+from .codecs import Compression
 from .plan import LayerPlan, TreeScan, scan_tree
 from .tar import DIR, FILE, ZERO_BLOCK, tar_header
 
 __all__ = [
     "DEFAULT_SPOOL_BYTES",
-    "LEVELS",
-    "Compression",
     "PackedLayer",
-    "check_level",
     "pack_layer",
     "pack_tree",
 ]
-
-Compression = Literal["zstd", "gzip"]
-
-#: The levels each compression takes (zstd's negative "fast" levels are not offered).
-LEVELS: dict[str, range] = {"zstd": range(1, 23), "gzip": range(1, 10)}
-
-
-def check_level(compression: str, level: int | None) -> int | None:
-    """``level`` when ``compression`` takes it (None: the codec's default); ValueError otherwise."""
-    levels = LEVELS[compression]
-    if level is not None and level not in levels:
-        raise ValueError(f"{compression} levels are {levels.start} to {levels.stop - 1}, not {level}")
-    return level
-
 
 #: A compressed layer bigger than this is written to a file in ``spool_dir`` (when given).
 DEFAULT_SPOOL_BYTES = 64 << 20

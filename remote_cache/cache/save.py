@@ -18,12 +18,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
-from ..archive.pack import Compression, PackedLayer, check_level, pack_tree
+from ..archive.codecs import Compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
@@ -49,6 +49,9 @@ from .image import (
 )
 from .progress import Progress
 from .reuse import Candidates, Reuse, candidate_layers, reusable_layers, unchanged_tree
+
+if TYPE_CHECKING:
+    from ..archive.pack import PackedLayer
 
 __all__ = ["SaveResult", "save"]
 
@@ -396,9 +399,17 @@ async def _pack_and_upload(
 ) -> tuple[int, int]:
     """Pack every layer without a slot (filling it in) and upload it; (layers, bytes) uploaded."""
     scan = plan.scan
+    if all(slot is not None for slot in slots):  # all reused (a save after a restore, as is)
+        if progress is not None:
+            total = sum(p.tar_bytes for p in scan.layers)
+            progress.start(total)
+            progress.advance(total)
+        return 0, 0
     to_pack = TreeScan(
         scan.root, tuple(p for p, slot in zip(scan.layers, slots, strict=True) if slot is None), scan.stats
     )
+    from ..archive.pack import pack_tree  # here: a tree whose layers are all reused is not packed
+
     work = await anyio.to_thread.run_sync(_spool_dir)
     packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path))
     uploads = _Uploads(store, jobs, progress)

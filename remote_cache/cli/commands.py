@@ -147,7 +147,7 @@ def _save(
     if compression not in ("zstd", "gzip"):
         raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
     writes = _writes(sse, sse_kms_key_id, storage_class)
-    from ..archive.pack import check_level
+    from ..archive.codecs import check_level
 
     parsed(lambda lv: check_level(compression, lv), level, "--level")
     from ..oci.descriptor import Platform

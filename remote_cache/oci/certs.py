@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import InvalidConfigFile
 
-__all__ = ["CertDir", "TlsOptions", "find_cert_dir", "per_host_cert_dirs"]
+__all__ = ["CertDir", "TlsOptions", "default_context", "find_cert_dir", "per_host_cert_dirs", "tls_context"]
 
 log = logging.getLogger("remote_cache")
 
@@ -65,6 +65,37 @@ class CertDir:
             except OSError as exc:
                 problem = f"{cert.name} and {key.name} are not a PEM certificate and unencrypted key ({exc})"
                 _unusable(self.path, problem, explicit=self.explicit)
+
+
+def default_context(verify: bool = True) -> ssl.SSLContext:
+    """The trust httpx builds by default (httpx 0.28 ``create_ssl_context``): ``SSL_CERT_FILE``,
+    else ``SSL_CERT_DIR``, else certifi's bundle; with ``verify`` False, none. Built here so that
+    requests made without httpx (:mod:`.registry.threaded`) trust exactly what httpx's do."""
+    if not verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    import certifi  # here: loading it and its bundle is for TLS connections only
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def tls_context(host: str, options: TlsOptions) -> ssl.SSLContext | None:
+    """The TLS context for ``host``: None for the default trust (:func:`default_context`, built
+    when a TLS connection first needs it: loading the CAs costs ~45 ms), else that trust (or
+    none, under ``--tls-verify=false``) plus the host's certificate directory."""
+    certs = find_cert_dir(host, options)
+    if certs is None and options.verify:
+        return None
+    context = default_context(options.verify)
+    if certs is not None:
+        certs.load_into(context)
+    return context
 
 
 def per_host_cert_dirs(host: str, environ: Mapping[str, str] | None = None) -> list[Path]:

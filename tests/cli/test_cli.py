@@ -121,11 +121,12 @@ def _imported(proc: subprocess.CompletedProcess[str]) -> set[str]:
     return names
 
 
-# Imports a restore pays for but never uses: the save's walk, planner and packer; httpx's own
-# command-line client (click, rich, pygments). A restore runs on every CI job, before any work.
+# Imports a restore pays for but never uses: the save's walk, planner and packer; httpx (only
+# requests with a body use it) and its own command-line client (click, rich, pygments). A
+# restore runs on every CI job, before any work.
 _NOT_FOR_A_RESTORE = {
     "remote_cache.cache.save", "remote_cache.archive.pack", "remote_cache.archive.walk",
-    "remote_cache.archive.plan", "httpx._main", "click", "rich", "pygments",
+    "remote_cache.archive.plan", "httpx", "httpcore", "httpx._main", "click", "rich", "pygments",
 }  # fmt: skip
 
 
@@ -143,12 +144,17 @@ def test_a_restore_imports_only_what_it_uses(
     imported = _imported(from_layout)
     assert "remote_cache.cache.restore" in imported  # the lines were read
     # A layout needs no HTTP client and no object-store client at all.
-    assert not imported & (_NOT_FOR_A_RESTORE | {"httpx", "httpcore", "obstore"})
+    assert not imported & (_NOT_FOR_A_RESTORE | {"obstore", "http.client"})
 
     from_registry = cli("restore", remote, str(tmp_path / "b"), env=profile)
     assert from_registry.returncode == 0, from_registry.stderr[-2000:]
     imported = _imported(from_registry)
-    assert "httpx" in imported and not imported & _NOT_FOR_A_RESTORE
+    assert "http.client" in imported and not imported & _NOT_FOR_A_RESTORE
+
+    # The end of a CI job: the restored tree saved again, unchanged, sends nothing with a body.
+    again = cli("save", str(tmp_path / "b"), remote, env=profile)
+    assert again.returncode == 0 and "save unchanged" in again.stderr, again.stderr[-2000:]
+    assert not _imported(again) & {"httpx", "httpcore", "remote_cache.archive.pack"}
 
 
 def test_miss_exits_3_and_leaves_the_target_alone(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from remote_cache.errors import InvalidConfigFile
-from remote_cache.oci.certs import TlsOptions, find_cert_dir, per_host_cert_dirs
+from remote_cache.oci.certs import TlsOptions, default_context, find_cert_dir, per_host_cert_dirs
 from tests.registry_server import CertificateAuthority
 
 
@@ -62,3 +62,30 @@ def test_a_broken_per_host_directory_is_warned_about_once_and_skipped(
         InvalidConfigFile, match=r"--cert-dir .*h:2: key client\.key has no client certificate"
     ):
         find_cert_dir("h:2", TlsOptions(cert_dir=broken))
+
+
+@pytest.mark.parametrize("env", ["none", "SSL_CERT_FILE", "SSL_CERT_DIR"])
+def test_the_default_trust_is_what_httpx_trusts(
+    env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Requests without a body go out over http.client (threaded.py) with default_context();
+    # requests with one over httpx with its own default: both must trust the same CAs.
+    import httpx
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    if env == "SSL_CERT_FILE":
+        monkeypatch.setenv(env, str(ca.cert))
+    elif env == "SSL_CERT_DIR":
+        monkeypatch.setenv(env, str(tmp_path))
+    ours, theirs = default_context(), httpx.create_ssl_context()
+    assert ours.get_ca_certs() == theirs.get_ca_certs()
+    assert ours.cert_store_stats() == theirs.cert_store_stats()
+    assert (ours.verify_mode, ours.check_hostname) == (theirs.verify_mode, theirs.check_hostname)
+    if env == "SSL_CERT_FILE":
+        assert [c["subject"] for c in ours.get_ca_certs()] == [c["subject"] for c in theirs.get_ca_certs()]
+        assert len(ours.get_ca_certs()) == 1
+    unverified, httpx_unverified = default_context(False), httpx.create_ssl_context(verify=False)
+    assert (unverified.verify_mode, unverified.check_hostname) == (ssl.CERT_NONE, False)
+    assert (httpx_unverified.verify_mode, httpx_unverified.check_hostname) == (ssl.CERT_NONE, False)

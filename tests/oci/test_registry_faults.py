@@ -145,7 +145,9 @@ async def test_stall_ends_with_unreachable_within_timeout(
         proxy, registry, repo_name, timeout=Timeouts(connect=1, read=0.5), retries=1
     ) as store:
         start = time.monotonic()
-        with pytest.raises(RegistryUnreachable, match="read timeout"):
+        # The retry's own timeout, or (when the backoff's jitter already used up the two-period
+        # stall budget) the stall rule's refusal to send it: either way a stall, said as one.
+        with pytest.raises(RegistryUnreachable, match=r"read timeout|has sent nothing for"):
             await store.resolve("latest")
         elapsed = time.monotonic() - start
     assert elapsed < 3.0  # two attempts of 0.5 s plus backoff, not forever

@@ -15,20 +15,23 @@ import base64
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
-
-import httpx
+from urllib.parse import urlencode, urlsplit
 
 from ...errors import RegistryAuthError
 from ..credentials import Credentials
 from ..reference import is_loopback
 from .errors import error_for_response, translated
+from .threaded import WireAnswer
 from .timeouts import Timeouts
 
-__all__ = ["Authenticator", "parse_challenge", "read_capped"]
+__all__ = ["Authenticator", "TokenSend", "parse_challenge"]
+
+#: How the authenticator sends a token request: ``(method, url, headers, form body, cap)`` ->
+#: the answer with at most ``cap + 1`` bytes of body (no redirects followed; network errors raise).
+TokenSend = Callable[[str, str, Mapping[str, str], bytes | None, int], Awaitable[WireAnswer]]
 
 _MAX_TOKEN_BODY = 1 << 20  # a token response is a few KiB; refuse to buffer more than 1 MiB
 _TOKEN_MARGIN = 10.0  # refresh a token this many seconds before it expires
@@ -56,18 +59,6 @@ def _scope_key(scopes: Iterable[str]) -> str:
     return " ".join(sorted(set(scopes)))
 
 
-async def read_capped(response: httpx.Response, cap: int) -> bytes:
-    """At most ``cap`` bytes of a streamed response's body (httpx errors propagate)."""
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        total += len(chunk)
-        if total >= cap:
-            break
-    return b"".join(chunks)[:cap]
-
-
 class Authenticator:
     """The auth state of one registry host: which scheme it wants, and the tokens fetched so far."""
 
@@ -77,14 +68,14 @@ class Authenticator:
         credentials: Credentials | None,
         *,
         plain_http: bool,
-        client: httpx.AsyncClient,
+        send: TokenSend,
         timeouts: Timeouts,
     ) -> None:
         self.host = host
         self.credentials = credentials
         #: Plain HTTP to the registry: a plain-HTTP token realm is acceptable then.
         self.plain_http = plain_http
-        self._client = client
+        self._send = send
         self._timeouts = timeouts
         self._basic = False  # the registry asked for Basic: send it up front from now on
         self._tokens: dict[str, _Token] = {}
@@ -145,20 +136,26 @@ class Authenticator:
                 f"registry {self.host} wants credentials sent to a plain-HTTP realm {realm}; refusing"
             )
 
-    def _token_request(self, realm: str, service: str, scopes: list[str]) -> httpx.Request:
-        query: list[tuple[str, str | int | float | bool | None]] = [("service", service)] if service else []
+    def _token_request(
+        self, realm: str, service: str, scopes: list[str]
+    ) -> tuple[str, str, dict[str, str], bytes | None]:
+        """Method, URL, headers and body of the token request (the token spec, or OAuth2 with an
+        identity token as the refresh token)."""
+        query = [("service", service)] if service else []
         query.extend(("scope", s) for s in scopes)
         creds = self.credentials
-        timeout = self._timeouts.to_httpx()
         if creds is not None and creds.identity_token:
-            form = {k: str(v) for k, v in query}
+            form = dict(query)
             form.update(
                 grant_type="refresh_token", refresh_token=creds.identity_token, client_id="remote-cache"
             )
             form["scope"] = " ".join(scopes)
-            return self._client.build_request("POST", realm, data=form, timeout=timeout)
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            return "POST", realm, headers, urlencode(form).encode()
         headers = {"Authorization": self._basic_header()} if creds is not None and creds.username else {}
-        return self._client.build_request("GET", realm, params=query, headers=headers, timeout=timeout)
+        if query:  # after any query the realm has (httpx merged them the same way)
+            realm += ("&" if urlsplit(realm).query else "?") + urlencode(query)
+        return "GET", realm, headers, None
 
     async def _fetch_token(
         self, realm: str, service: str, scopes: list[str], action: str, stale: str | None
@@ -174,17 +171,14 @@ class Authenticator:
                 return  # another task fetched or refreshed it while we waited
             self._tokens.pop(key, None)
             self._check_realm(realm)
+            method, url, headers, form = self._token_request(realm, service, scopes)
             with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
-                response = await self._client.send(self._token_request(realm, service, scopes), stream=True)
-                try:
-                    body = await read_capped(response, _MAX_TOKEN_BODY + 1)
-                finally:
-                    await response.aclose()
-            if response.status_code != 200:
+                answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
+            if answer.status_code != 200:
                 raise error_for_response(
-                    response, body, host=self.host, credentials=self.credentials, action=action
+                    answer, answer.body, host=self.host, credentials=self.credentials, action=action
                 )
-            value, expires_in = self._parse_token(body)
+            value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)
 

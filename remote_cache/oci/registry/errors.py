@@ -6,9 +6,12 @@
   (``MANIFEST_UNKNOWN``, ``DENIED``, ... from the ``{"errors": [...]}`` body) and ``Retry-After``.
 * :func:`unreachable` turns a connection, DNS, TLS (an untrusted server certificate, a refused
   client certificate) or timeout failure into :class:`~remote_cache.errors.RegistryUnreachable`,
-  temporary unless retrying cannot help soon; :func:`translated` applies it to a block. Only the
-  transport (:mod:`.transport`, :mod:`.auth`) touches httpx, and every httpx call there runs
-  inside :func:`translated`.
+  temporary unless retrying cannot help soon; :func:`translated` applies it to a block. Every
+  call of a client (httpx in :mod:`.sending`, ``http.client`` in :mod:`.threaded`) runs inside
+  :func:`translated`, in the transport or :mod:`.auth`.
+
+httpx is imported only for requests that carry a body; its exceptions are looked up here only
+once it is loaded (no httpx exception can exist before), so a restore never imports it.
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ import http.client
 import json
 import socket
 import ssl
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Protocol
-
-import httpx
+from typing import Any, Protocol
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
+from .threaded import ConnectTimedOut
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
+
+
+def _httpx() -> Any:
+    """The httpx module if something loaded it: only then can one of its exceptions exist."""
+    return sys.modules.get("httpx")
 
 
 def _spec_errors(body: bytes) -> list[tuple[str, str]]:
@@ -102,15 +110,15 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``."""
     cause = str(exc) or type(exc).__name__
     t = timeouts
-    if isinstance(exc, httpx.ConnectTimeout):
+    hx = _httpx()
+    if hx is not None and isinstance(exc, hx.TimeoutException):
+        return _httpx_timeout(hx, host, exc, t)
+    if isinstance(exc, ConnectTimedOut):
         return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
-    if isinstance(exc, httpx.ReadTimeout | TimeoutError):  # the latter from bodies.py's sockets
+    if isinstance(exc, TimeoutError):  # a socket read in threaded.py
         return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
-    if isinstance(exc, httpx.WriteTimeout):
-        return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
-    if isinstance(exc, httpx.PoolTimeout):
-        return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
-    if isinstance(exc, httpx.ConnectError | ssl.SSLError | ConnectionRefusedError | socket.gaierror):
+    refused = (ssl.SSLError, ConnectionRefusedError, socket.gaierror)
+    if isinstance(exc, refused) or (hx is not None and isinstance(exc, hx.ConnectError)):
         # Refused, DNS, TLS: trying again only delays a clear error.
         if _is_client_certificate_refused(exc):
             return RegistryUnreachable(
@@ -135,39 +143,61 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
             f"cannot connect to registry {host} ({cause}); check the address and that it is running",
             temporary=False,
         )
-    temporary = isinstance(
-        exc, httpx.NetworkError | httpx.RemoteProtocolError | ConnectionError | http.client.HTTPException
+    temporary = isinstance(exc, ConnectionError | http.client.HTTPException) or (
+        hx is not None and isinstance(exc, hx.NetworkError | hx.RemoteProtocolError)
     )
     return RegistryUnreachable(
         f"connection to registry {host} failed ({type(exc).__name__}: {cause})", temporary=temporary
     )
 
 
+def _httpx_timeout(hx: Any, host: str, exc: BaseException, t: Timeouts) -> RegistryUnreachable:
+    if isinstance(exc, hx.ConnectTimeout):
+        return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
+    if isinstance(exc, hx.WriteTimeout):
+        return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
+    if isinstance(exc, hx.PoolTimeout):
+        return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
+    return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
+
+
 @contextmanager
 def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> Iterator[None]:
-    """Run a block of httpx calls; an httpx error leaves it as :func:`unreachable`'s exception, and
-    so does a TLS alert that httpcore lets through unwrapped (a refused client certificate).
+    """Run a block of client calls; a client's error leaves it as :func:`unreachable`'s exception,
+    and so does a TLS alert that httpcore lets through unwrapped (a refused client certificate).
 
     With ``stalls``, a timeout counts against the host's stall budget (:mod:`..stalls`): over
     it, the error is final; a block that completes is progress.
     """
     try:
         yield
-    except (httpx.TimeoutException, TimeoutError) as exc:
-        error = unreachable(host, exc, timeouts=timeouts)
-        if stalls is not None and not stalls.stalled():
-            error = RegistryUnreachable(
-                f"{error}; it has sent nothing for {stalls.budget:g}s, retries included: giving up "
-                "(--timeout sets the stall timeout)",
-                temporary=False,
-            )
-        raise error from exc
-    except (httpx.HTTPError, ssl.SSLError, OSError, http.client.HTTPException) as exc:
-        # OSError and HTTPException: http.client's, in bodies.py (its sink's own errors come
-        # wrapped in SinkFailed, which passes through).
-        raise unreachable(host, exc, timeouts=timeouts) from exc
+    except BaseException as exc:
+        hx = _httpx()
+        if isinstance(exc, TimeoutError) or (hx is not None and isinstance(exc, hx.TimeoutException)):
+            raise _timed_out(host, exc, timeouts, stalls) from exc
+        if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException) or (
+            hx is not None and isinstance(exc, hx.HTTPError)
+        ):
+            # OSError and HTTPException: http.client's, in threaded.py (its sink's own errors come
+            # wrapped in SinkFailed, which passes through).
+            raise unreachable(host, exc, timeouts=timeouts) from exc
+        raise
     if stalls is not None:
         stalls.progressed()
+
+
+def _timed_out(
+    host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls | None
+) -> RegistryUnreachable:
+    """A timeout as :func:`unreachable` says it; final once the host is over its stall budget."""
+    error = unreachable(host, exc, timeouts=timeouts)
+    if stalls is not None and not stalls.stalled():
+        error = RegistryUnreachable(
+            f"{error}; it has sent nothing for {stalls.budget:g}s, retries included: giving up "
+            "(--timeout sets the stall timeout)",
+            temporary=False,
+        )
+    return error
 
 
 def check_stalls(host: str, stalls: Stalls) -> None:

@@ -25,7 +25,6 @@ from ...errors import (
     IntegrityError,
     InvalidReference,
     RegistryError,
-    RegistryUnreachable,
     StoreError,
     UnsupportedOperation,
 )
@@ -149,17 +148,18 @@ class RegistryStore:
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
         """Fetch a manifest by tag or digest, verifying its digest; CacheMiss when absent."""
         what = f"manifest {self.location}:{reference}"
-        async with self._transport.stream(
+        response = await self._transport.request(
             "GET",
             self._path("manifests", reference),
             scopes=[self._pull],
             action=f"read {what}",
             headers={"Accept": MANIFEST_ACCEPT},
             ok=(200, 404),
-        ) as response:
-            if response.status == 404:
-                raise CacheMiss(reference, self.location)
-            body = await response.read(what=what)
+            what=what,
+        )
+        if response.status == 404:
+            raise CacheMiss(reference, self.location)
+        body = response.content
         digest = sha256_digest(body)
         if is_digest(reference):
             verify_bytes(body, reference)
@@ -269,22 +269,13 @@ class RegistryStore:
         return response.status == 200
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
-        """Stream a blob; a broken download resumes with ``Range``; IntegrityError on mismatch."""
-        check_digest(desc.digest)
-        check = BlobCheck(desc.digest, desc.size, f"from {self.location}")
-        attempt = 0
-        while True:
-            try:
-                async for chunk in self._blob_from(desc, check.seen):
-                    check.update(chunk)
-                    yield chunk
-                break
-            except RegistryUnreachable as exc:  # cut mid-body: resume (answers were retried already)
-                if check.seen >= desc.size:
-                    raise
-                await self._transport.retry.pause(attempt, exc)
-                attempt += 1
-        check.finish()
+        """A blob's bytes, fetched whole by :meth:`download_blob` (so checked, resumed and retried
+        alike) and then handed out: this serves documents (an image's config); bodies go through
+        :meth:`download_blob`, which never holds them."""
+        parts: list[bytes] = []
+        await self.download_blob(desc, lambda chunk: parts.append(bytes(chunk)))
+        for part in parts:
+            yield part
 
     async def download_blob(self, desc: Descriptor, sink: Sink) -> None:
         """A blob's body into ``sink`` from a worker thread (see :mod:`.bodies`), checked; a broken
@@ -313,29 +304,6 @@ class RegistryStore:
                 await self._transport.retry.pause(attempt, exc)
                 attempt += 1
         check.finish()
-
-    async def _blob_from(self, desc: Descriptor, offset: int) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``offset`` on (a ``Range`` request; a server ignoring it is skipped)."""
-        # The digest is of the stored bytes: ask for them as they are (and Range counts them).
-        headers = {"Accept-Encoding": "identity"}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-        async with self._transport.stream(
-            "GET",
-            self._path("blobs", desc.digest),
-            scopes=[self._pull],
-            action=f"read blob {desc.digest} from {self.location}",
-            headers=headers,
-            ok=(200, 206),
-        ) as response:
-            skip = offset if response.status == 200 else 0
-            async for chunk in response.chunks():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                    if not chunk:
-                        continue
-                yield chunk
 
     async def put_blob(
         self, desc: Descriptor, source: bytes | Path, *, mount_from: str | None = None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
-
 __all__ = ["DEFAULT_TIMEOUTS", "Timeouts"]
 
 
@@ -26,9 +24,6 @@ class Timeouts:
         if isinstance(value, Timeouts):
             return value
         return cls(connect=float(value), read=float(value), write=float(value), pool=float(value))
-
-    def to_httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
 
 
 DEFAULT_TIMEOUTS = Timeouts()

@@ -1,6 +1,11 @@
 """HTTP to one registry host: scheme, timeouts, the auth handshake, redirects, retries, error mapping.
 
-One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.AsyncClient``:
+One :class:`RegistryTransport` talks to one registry host over two clients: requests without a
+body (manifests, tags, ``HEAD`` checks, tokens, blob bodies) over ``http.client`` in worker
+threads (:mod:`.threaded`: no GIL-bound event-loop hops per chunk, and no httpx import for a
+restore), requests with a body (uploads, manifest ``PUT``s) and ``DELETE``s over a pooled
+``httpx.AsyncClient`` made at the first of them (:mod:`.sending`). Both answer with a
+:class:`~.threaded.WireAnswer`, and everything else is done once, here:
 
 * **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked. Under
   ``TlsOptions(verify=False)`` (skopeo's ``--tls-verify=false``) the first request finds out, as
@@ -16,9 +21,9 @@ One :class:`RegistryTransport` talks to one registry host over a pooled ``httpx.
 * **Retries** (:mod:`.retry`) wrap each whole exchange, auth included. Request bodies are always
   ``bytes``, so a retried request resends exactly the same body; callers turn retries off
   (``retry=False``) for steps of an upload session that cannot be replayed.
-* **Errors** (:mod:`.errors`): an answer outside ``ok`` raises the mapped error; httpx's
-  exceptions, on sending and on reading a body (:class:`RegistryResponse`), become
-  :class:`~remote_cache.errors.RegistryUnreachable`. Nothing of httpx leaves this module.
+* **Errors** (:mod:`.errors`): an answer outside ``ok`` raises the mapped error; the clients'
+  exceptions become :class:`~remote_cache.errors.RegistryUnreachable`. Nothing of either client
+  leaves this package.
 """
 
 from __future__ import annotations
@@ -26,136 +31,48 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import anyio
 import anyio.to_thread
-import httpx
 
-from ...errors import ImageFormatError, RegistryError, RegistryUnreachable
+from ...errors import ImageFormatError, RegistryUnreachable
 from ...version import TOOL
-from ..certs import TlsOptions, find_cert_dir
+from ..certs import TlsOptions, default_context, tls_context
 from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
 from ..stalls import Stalls
 from ..store import SinkFailed
-from .auth import Authenticator, read_capped
+from .auth import Authenticator
 from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
+from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of
 from .timeouts import Timeouts
 
 if TYPE_CHECKING:
-    from .bodies import BodyClient, Stopper
+    from .sending import HttpxSender
 
 __all__ = ["RegistryResponse", "RegistryTransport"]
 
 _T = TypeVar("_T")
 
-_BODY_PIECE = 128 << 10  # request bodies bigger than this go out in slices this big
-
-# Redirects and error answers, read the same way by :mod:`.bodies`.
-MAX_ERROR_BODY = 64 << 10
-MAX_REDIRECTS = 5
-REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-
-#: Scheme, lower-case host name and port: where ``Authorization`` may go.
-Origin = tuple[str, str, int]
-
-
-def origin_of(url: str | httpx.URL) -> Origin:
-    parts = urlsplit(str(url))
-    default = 443 if parts.scheme == "https" else 80
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
-
-
-class _LazyTLS(httpx.AsyncBaseTransport):
-    """The HTTPS transport of a client for a plain-HTTP registry, built on first use.
-
-    httpx loads its CA bundle when a transport is made (~45 ms), a cost every command against a
-    plain-HTTP registry paid for a redirect to HTTPS storage that rarely comes. This builds
-    httpx's own default transport (same trust: SSL_CERT_FILE, SSL_CERT_DIR, else certifi, and
-    the same verify flags) at the first HTTPS request, on the event loop (no await in between,
-    so no race).
-    """
-
-    def __init__(self, limits: httpx.Limits, verify: ssl.SSLContext | bool) -> None:
-        self._limits = limits
-        self._verify = verify
-        self._transport: httpx.AsyncHTTPTransport | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._transport is None:
-            self._transport = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._verify)
-        return await self._transport.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        if self._transport is not None:
-            await self._transport.aclose()
-
-
-async def _pieces(content: bytes) -> AsyncIterator[memoryview]:
-    """``content`` in slices that a socket mostly takes whole.
-
-    Handed one big buffer, asyncio sends what the socket takes, then copies the rest into its
-    write buffer and shifts that buffer after every later send: copies under the GIL that
-    measured ~1/5 of the main thread's time during a save's uploads.
-    """
-    view = memoryview(content)
-    for start in range(0, len(view), _BODY_PIECE):
-        yield view[start : start + _BODY_PIECE]
-
-
-def _verify(host: str, tls: TlsOptions) -> ssl.SSLContext | bool:
-    """What httpx verifies with: True (its default trust, built by httpx) when nothing is added;
-    else that same trust (or none) plus the host's certificate directory."""
-    certs = find_cert_dir(host, tls)
-    if certs is None and tls.verify:
-        return True
-    context = httpx.create_ssl_context(verify=tls.verify)
-    if certs is not None:
-        certs.load_into(context)
-    return context
-
-
-def _no_trust() -> ssl.SSLContext:
-    # For the plain-HTTP transport, which never sees an https:// URL (those go to _LazyTLS):
-    # a verifying context that trusts nothing, so it would fail closed if it ever did.
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+#: Sends one request with the given ``Authorization`` header (or none): its answer, or None
+#: when a body went to its sink whole.
+_Send = Callable[[dict[str, str]], Awaitable[WireAnswer | None]]
 
 
 class RegistryResponse:
-    """A registry's answer whose body reads raise only our errors (see the module docstring)."""
+    """A registry's answer within ``ok``: status, headers, the URL that answered, the body."""
 
-    def __init__(self, response: httpx.Response, transport: RegistryTransport) -> None:
-        self._response = response
-        self._transport = transport
-        self.status: int = response.status_code
-        self.headers: Mapping[str, str] = response.headers
+    def __init__(self, answer: WireAnswer) -> None:
+        self.status: int = answer.status_code
+        self.headers: Mapping[str, str] = answer.headers
         #: The URL that answered (after redirects): relative ``Location``/``Link`` resolve against it.
-        self.url = str(response.url)
-        self.content = b""
-
-    async def read(self, *, limit: int = MAX_DOCUMENT_BYTES, what: str = "the answer") -> bytes:
-        """The whole body; ImageFormatError when it is over ``limit`` bytes."""
-        with translated(self._transport.host, self._transport.timeouts, self._transport.stalls):
-            body = await read_capped(self._response, limit + 1)
-        if len(body) > limit:
-            raise ImageFormatError(
-                f"{what} from registry {self._transport.host} is larger than {limit} bytes"
-            )
-        self.content = body
-        return body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, as stored: raw bytes, decoded only if the server encoded them anyway."""
-        encoded = self.headers.get("Content-Encoding", "identity") != "identity"
-        with translated(self._transport.host, self._transport.timeouts, self._transport.stalls):
-            async for chunk in self._response.aiter_bytes() if encoded else self._response.aiter_raw():
-                yield chunk
+        self.url = answer.url
+        self.content = answer.body
 
 
 class RegistryTransport:
@@ -173,7 +90,6 @@ class RegistryTransport:
         plain_http: bool | None = None,
         timeout: float | Timeouts | None = None,
         retries: int = 3,
-        client: httpx.AsyncClient | None = None,
         max_connections: int = 16,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
@@ -193,26 +109,19 @@ class RegistryTransport:
         self.timeouts = Timeouts.of(timeout)
         #: The host's stall budget, shared by every request (see :mod:`..stalls`).
         self.stalls = Stalls(self.timeouts.read)
-        self._httpx_timeout = self.timeouts.to_httpx()  # per request, so an injected client obeys it too
         self.retry = RetryPolicy(max(0, retries), backoff, max_backoff, max_retry_after)
-        self._own_client = client is None
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        verify = _verify(host, self.tls)
-        tls_setup: dict[str, Any] = {"verify": verify}
-        if self.plain_http:
-            tls_setup = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits, verify)}}
-        self._client = client or httpx.AsyncClient(
-            timeout=self._httpx_timeout,
-            limits=limits,
-            follow_redirects=False,
-            headers={"User-Agent": TOOL},
-            **tls_setup,
+        self._max_connections = max_connections
+        self._tls_context = tls_context(host, self.tls)  # None: the default trust, built when needed
+        self._threads = ThreadClient(
+            tls=self._thread_tls,
+            connect_timeout=self.timeouts.connect,
+            read_timeout=self.timeouts.read,
+            user_agent=TOOL,
         )
+        self._sender: HttpxSender | None = None
         self.auth = Authenticator(
-            host, credentials, plain_http=self.plain_http, client=self._client, timeouts=self.timeouts
+            host, credentials, plain_http=self.plain_http, send=self._send_token, timeouts=self.timeouts
         )
-        self._verify_with = verify
-        self._bodies: BodyClient | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -226,11 +135,10 @@ class RegistryTransport:
         return urljoin(self.base_url + "/", path.lstrip("/"))
 
     async def aclose(self) -> None:
-        """Close the connection pools (httpx's only if this transport created the client)."""
-        if self._bodies is not None:
-            self._bodies.close()
-        if self._own_client:
-            await self._client.aclose()
+        """Close the connection pools."""
+        self._threads.close()
+        if self._sender is not None:
+            await self._sender.aclose()
 
     async def fetch_body(
         self,
@@ -241,18 +149,14 @@ class RegistryTransport:
         offset: int,
         sink: Callable[[memoryview], None],
     ) -> None:
-        """GET a blob's body (from ``offset`` on) into ``sink``, in a worker thread (:mod:`.bodies`).
+        """GET a blob's body (from ``offset`` on) into ``sink``, in a worker thread (:mod:`.threaded`).
 
-        One attempt, as :meth:`stream` makes: the auth handshake (a 401 is answered here, with the
-        httpx client), the stall budget, and errors mapped at the one boundary. ``sink`` is called
-        in the worker thread; its own exceptions leave unchanged. The caller retries and resumes.
+        One attempt, as :meth:`request` makes: the auth handshake (a 401 is answered), the stall
+        budget, and errors mapped at the one boundary. ``sink`` is called in the worker thread;
+        its own exceptions leave unchanged. The caller retries and resumes.
         """
-        from .bodies import Stopper  # here: only a restore needs bodies.py
-
         await self._settle_scheme()
-        url, scope_list = self.url(path), list(scopes)
-        home = origin_of(self.base_url)
-        stalls = self.stalls
+        url, stalls = self.url(path), self.stalls
 
         def arrived(chunk: memoryview) -> None:
             stalls.progressed()  # bytes are moving: a later stall starts a fresh budget
@@ -261,53 +165,16 @@ class RegistryTransport:
             except BaseException as exc:  # past translated() below as itself, not as the network's
                 raise SinkFailed() from exc
 
-        for challenge in (True, False):
-            check_stalls(self.host, self.stalls)
-            sent = self.auth.header(scope_list)
-            stopper = Stopper()
-            fetch = functools.partial(
-                self._body_client().fetch,
-                url,
-                {"Authorization": sent} if sent is not None else {},
-                offset=offset,
-                sink=arrived,
-                stopper=stopper,
+        def send(headers: dict[str, str]) -> Awaitable[WireAnswer | None]:
+            return self._in_thread(
+                functools.partial(self._threads.fetch, url, headers, offset=offset, sink=arrived)
             )
-            sink_error: BaseException | None = None
-            with translated(self.host, self.timeouts, self.stalls):
-                try:
-                    answer = await _run_stoppable(fetch, stopper)
-                except SinkFailed as exc:
-                    sink_error = exc.__cause__
-            if sink_error is not None:
-                raise sink_error
-            if answer is None:
-                return
-            if answer.status_code == 401 and challenge and answer.origin == home:
-                challenge_header = answer.headers.get("WWW-Authenticate") or ""
-                if await self.auth.answer(challenge_header, scope_list, sent, action):
-                    continue
+
+        answer = await self._answered(list(scopes), action, send)
+        if answer is not None:
             raise error_for_response(
                 answer, answer.body, host=self.host, credentials=self.credentials, action=action
             )
-
-    def _body_client(self) -> BodyClient:
-        from .bodies import BodyClient
-
-        if self._bodies is None:
-            verify = self._verify_with
-
-            def tls() -> ssl.SSLContext:
-                # The same trust as httpx's transport for this host (see _verify).
-                return verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context()
-
-            self._bodies = BodyClient(
-                tls=tls,
-                connect_timeout=self.timeouts.connect,
-                read_timeout=self.timeouts.read,
-                user_agent=TOOL,
-            )
-        return self._bodies
 
     async def request(
         self,
@@ -321,42 +188,121 @@ class RegistryTransport:
         content: bytes | None = None,
         ok: Iterable[int] = (200,),
         retry: bool = True,
+        what: str | None = None,
     ) -> RegistryResponse:
-        """Send a request and read its (small) body into ``content``; the mapped error unless in ``ok``."""
-        async with self.stream(
-            method, path, scopes=scopes, action=action, headers=headers, params=params,
-            content=content, ok=ok, retry=retry,
-        ) as response:  # fmt: skip
-            await response.read(what=f"the answer to {action}")
-            return response
-
-    @asynccontextmanager
-    async def stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        scopes: Iterable[str] = (),
-        action: str,
-        headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        ok: Iterable[int] = (200,),
-        retry: bool = True,
-    ) -> AsyncIterator[RegistryResponse]:
-        """Like :meth:`request` but yields the response with its body unread (for blobs)."""
+        """Send a request and read its (small) body into ``content``; the mapped error unless in
+        ``ok``, ImageFormatError when an ``ok`` body is over the document limit (``what`` names
+        it in the message)."""
         ok_set, scope_list = frozenset(ok), list(scopes)
 
-        async def exchange() -> httpx.Response:
+        async def attempt() -> WireAnswer:
             await self._settle_scheme()
-            url = self.url(path)
-            return await self._exchange(method, url, scope_list, action, headers, params, content, ok_set)
+            send = self._sender_for(method, self.url(path), headers or {}, params, content)
+            answer = await self._answered(scope_list, action, send)
+            assert answer is not None  # only a body fetch hands its body elsewhere
+            if answer.status_code not in ok_set:
+                raise error_for_response(
+                    answer, answer.body, host=self.host, credentials=self.credentials, action=action
+                )
+            return answer
 
-        response = await (self.retry.call(exchange) if retry else exchange())
-        try:
-            yield RegistryResponse(response, self)
-        finally:
-            await response.aclose()
+        answer = await (self.retry.call(attempt) if retry else attempt())
+        if len(answer.body) > MAX_DOCUMENT_BYTES:
+            raise ImageFormatError(
+                f"{what or f'the answer to {action}'} from registry {self.host} is larger than "
+                f"{MAX_DOCUMENT_BYTES} bytes"
+            )
+        return RegistryResponse(answer)
+
+    def _sender_for(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        params: Mapping[str, str] | None,
+        content: bytes | None,
+    ) -> _Send:
+        """How one request goes out: without a body over http.client in a thread, else httpx."""
+        if content is None and method in ("GET", "HEAD"):
+            if params:
+                url += ("&" if urlsplit(url).query else "?") + urlencode(params)
+
+            def in_thread(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
+                exchange = functools.partial(
+                    self._threads.exchange, method, url, {**headers, **auth}, limit=MAX_DOCUMENT_BYTES
+                )
+                return self._in_thread(exchange)
+
+            return in_thread
+        sender = self._httpx()
+
+        async def with_httpx(auth: dict[str, str]) -> WireAnswer | None:
+            with translated(self.host, self.timeouts, self.stalls):
+                return await sender.exchange(
+                    method,
+                    url,
+                    {**headers, **auth},
+                    params=params,
+                    content=content,
+                    limit=MAX_DOCUMENT_BYTES,
+                )
+
+        return with_httpx
+
+    async def _answered(self, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
+        """``send`` with the credentials for ``scopes``; a 401 from the registry itself is answered
+        (a token fetched, or Basic) and the request sent once more."""
+        home = origin_of(self.base_url)
+        for challenge in (True, False):
+            check_stalls(self.host, self.stalls)
+            sent = self.auth.header(scopes)
+            answer = await send({"Authorization": sent} if sent is not None else {})
+            challenged = answer is not None and answer.status_code == 401 and answer.origin == home
+            if challenged and challenge:
+                assert answer is not None
+                if await self.auth.answer(answer.headers.get("WWW-Authenticate") or "", scopes, sent, action):
+                    continue
+            return answer
+        raise AssertionError("unreachable: the second pass returns")
+
+    async def _in_thread(self, call: Callable[..., _T]) -> _T:
+        """``call(stopper=...)`` in a worker thread, its network errors translated; a sink's own
+        failure (wrapped in SinkFailed) leaves as itself."""
+        stopper = Stopper()
+        failed: SinkFailed | None = None
+        with translated(self.host, self.timeouts, self.stalls):
+            try:
+                return await _run_stoppable(functools.partial(call, stopper=stopper), stopper)
+            except SinkFailed as exc:
+                failed = exc
+        assert failed.__cause__ is not None
+        raise failed.__cause__
+
+    async def _send_token(
+        self, method: str, url: str, headers: Mapping[str, str], form: bytes | None, cap: int
+    ) -> WireAnswer:
+        """A token request for :mod:`.auth`, which translates its errors (naming the realm)."""
+        stopper = Stopper()
+        exchange = functools.partial(
+            self._threads.exchange, method, url, headers, content=form, limit=cap, stopper=stopper
+        )
+        return await _run_stoppable(exchange, stopper)
+
+    def _thread_tls(self) -> ssl.SSLContext:
+        # The same trust as httpx's side for this host (see certs.tls_context).
+        return self._tls_context if self._tls_context is not None else default_context()
+
+    def _httpx(self) -> HttpxSender:
+        if self._sender is None:
+            from .sending import HttpxSender  # here: a restore never sends a body
+
+            self._sender = HttpxSender(
+                plain_http=self.plain_http,
+                verify=self._tls_context,
+                timeouts=self.timeouts,
+                max_connections=self._max_connections,
+            )
+        return self._sender
 
     async def _settle_scheme(self) -> None:
         """Under --tls-verify=false, once: keep https if the registry answers over TLS, else use
@@ -383,88 +329,9 @@ class RegistryTransport:
     async def _ping(self, base_url: str) -> int:
         """The status of ``GET /v2/`` at ``base_url``; RegistryUnreachable when nothing answers."""
         check_stalls(self.host, self.stalls)
-        with translated(self.host, self.timeouts, self.stalls):
-            request = self._client.build_request("GET", f"{base_url}/v2/", timeout=self._httpx_timeout)
-            response = await self._client.send(request, stream=True)
-            await response.aclose()
-        return response.status_code
-
-    async def _exchange(
-        self,
-        method: str,
-        url: str,
-        scopes: list[str],
-        action: str,
-        headers: Mapping[str, str] | None,
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-        ok: frozenset[int],
-    ) -> httpx.Response:
-        """One attempt: send, answer an auth challenge once; the open response if its status is ``ok``."""
-        check_stalls(self.host, self.stalls)
-        with translated(self.host, self.timeouts, self.stalls):
-            sent = self.auth.header(scopes)
-            response = await self._send(method, url, headers, params, content, sent)
-            if response.status_code == 401 and origin_of(response.url) == origin_of(self.base_url):
-                # Read and release the 401 first: fetching a token must not hold a pooled connection.
-                body = await self._drain(response)
-                if not await self.auth.answer(
-                    response.headers.get("WWW-Authenticate", ""), scopes, sent, action
-                ):
-                    raise error_for_response(
-                        response, body, host=self.host, credentials=self.credentials, action=action
-                    )
-                response = await self._send(method, url, headers, params, content, self.auth.header(scopes))
-            if response.status_code in ok:
-                return response
-            body = await self._drain(response)
-        raise error_for_response(response, body, host=self.host, credentials=self.credentials, action=action)
-
-    @staticmethod
-    async def _drain(response: httpx.Response) -> bytes:
-        """The (capped) body of an answer we will not use further, then the answer closed."""
-        try:
-            return await read_capped(response, MAX_ERROR_BODY)
-        finally:
-            await response.aclose()
-
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str] | None,
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-        authorization: str | None,
-    ) -> httpx.Response:
-        """One exchange, following redirects of GET and HEAD (``Authorization`` stays home)."""
-        home = origin_of(self.base_url)
-        current = url
-        for _hop in range(MAX_REDIRECTS + 1):
-            send_headers = dict(headers or {})
-            if authorization is not None and origin_of(current) == home:
-                send_headers["Authorization"] = authorization
-            body: bytes | AsyncIterator[bytes] | None = content
-            if content is not None and len(content) > _BODY_PIECE:
-                body = cast(AsyncIterator[bytes], _pieces(content))  # memoryviews do as bytes
-                send_headers["Content-Length"] = str(len(content))
-            request = self._client.build_request(
-                method,
-                current,
-                headers=send_headers,
-                params=params,
-                content=body,
-                timeout=self._httpx_timeout,
-            )
-            response = await self._client.send(request, stream=True)
-            location = response.headers.get("Location")
-            if response.status_code in REDIRECT_STATUS and location and method in ("GET", "HEAD"):
-                await response.aclose()
-                current = urljoin(str(response.url), location)
-                params = None  # the Location carries its own query
-                continue
-            return response
-        raise RegistryError(f"registry {self.host} redirected more than {MAX_REDIRECTS} times for {url}")
+        ping = functools.partial(self._threads.exchange, "GET", f"{base_url}/v2/", {}, limit=MAX_ERROR_BODY)
+        answer = await self._in_thread(ping)
+        return answer.status_code
 
 
 async def _run_stoppable(fetch: Callable[[], _T], stopper: Stopper) -> _T:

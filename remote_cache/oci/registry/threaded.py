@@ -1,18 +1,22 @@
-"""Blob bodies over the standard library's ``http.client``, read in a worker thread.
+"""Registry requests over the standard library's ``http.client``, each in a worker thread.
 
 Receiving a body through httpx on the event loop costs about 3.8 CPU-seconds per GB: every chunk
 is a task wake-up that must win the GIL back. ``http.client`` reading with ``readinto`` into a
 1 MiB buffer costs about 0.4, and the thread that reads also hashes and writes the bytes (all
-three release the GIL). So the registry transport fetches blob bodies here, in a worker thread,
-and keeps everything else: it picks the URL and the ``Authorization`` header (answering a 401
-on its own path), retries and resumes, and maps errors (:mod:`.errors`).
+three release the GIL). Importing httpx (and httpcore, and anyio's sockets when it first
+connects) costs a restore ~0.07 s before any work. So every request without a body is made
+here: blob bodies (:meth:`ThreadClient.fetch`, into a sink), and manifests, tag lists, ``HEAD``
+checks, ``/v2/`` pings and token requests (:meth:`ThreadClient.exchange`, read whole but
+capped). httpx sends what has a body (uploads, :mod:`.sending`). The registry transport keeps
+the rest: it picks the URL and the ``Authorization`` header (answering a 401), retries and
+resumes, and maps errors (:mod:`.errors`).
 
-What a request here does, as httpx did: follows redirects itself (``Authorization`` never goes
-to another origin), asks for ``Range: bytes=N-`` when resuming (a server that ignores it is
-skipped to N), asks for the stored bytes (``Accept-Encoding: identity``) but decodes gzip or
-deflate if a proxy compressed anyway, goes through ``HTTPS_PROXY``/``HTTP_PROXY`` unless
-``NO_PROXY`` says otherwise (CONNECT tunnels for https), reuses kept-alive connections per origin,
-and waits at most the stall timeout for each read.
+What a request here does, as httpx did: follows redirects of ``GET`` and ``HEAD`` itself
+(``Authorization`` never goes to another origin), asks for ``Range: bytes=N-`` when resuming (a
+server that ignores it is skipped to N), asks for the stored bytes (``Accept-Encoding:
+identity``) but decodes gzip or deflate if a proxy compressed anyway, goes through
+``HTTPS_PROXY``/``HTTP_PROXY`` unless ``NO_PROXY`` says otherwise (CONNECT tunnels for https),
+reuses kept-alive connections per origin, and waits at most the stall timeout for each read.
 """
 
 from __future__ import annotations
@@ -29,11 +33,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .transport import MAX_ERROR_BODY, MAX_REDIRECTS, REDIRECT_STATUS, Origin, origin_of
+__all__ = [
+    "MAX_ERROR_BODY",
+    "MAX_REDIRECTS",
+    "REDIRECT_STATUS",
+    "ConnectTimedOut",
+    "Origin",
+    "Stopper",
+    "ThreadClient",
+    "WireAnswer",
+    "origin_of",
+]
 
-__all__ = ["BodyAnswer", "BodyClient", "Stopper"]
+# Redirects and error answers, read the same way by httpx's side (:mod:`.sending`).
+MAX_ERROR_BODY = 64 << 10
+MAX_REDIRECTS = 5
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
-_BUFFER = 1 << 20
+#: Scheme, lower-case host name and port: where ``Authorization`` may go.
+Origin = tuple[str, str, int]
+
+
+def origin_of(url: str) -> Origin:
+    parts = urlsplit(str(url))
+    default = 443 if parts.scheme == "https" else 80
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
+
+
+class ConnectTimedOut(TimeoutError):
+    """No connection within the connect timeout (a read that times out raises TimeoutError)."""
+
+
+_BUFFER = 1 << 20  # blob bodies: bytes per read
+_SMALL_BUFFER = 64 << 10  # documents, error answers
 
 
 class _Headers(dict[str, str]):
@@ -57,14 +89,19 @@ class _Headers(dict[str, str]):
 
 
 @dataclass
-class BodyAnswer:
-    """An answer that was not a body: its status, headers and (capped) text, and where it came from."""
+class WireAnswer:
+    """An answer read here: its status, headers, (capped) body, and the URL that gave it."""
 
     status_code: int  # named as on httpx's answers: errors.error_for_response reads either
     reason_phrase: str
     headers: Mapping[str, str]
     body: bytes
-    origin: Origin
+    #: The URL that answered (after redirects): relative ``Location``/``Link`` resolve against it.
+    url: str
+
+    @property
+    def origin(self) -> Origin:
+        return origin_of(self.url)
 
 
 @dataclass
@@ -164,8 +201,9 @@ class Stopper:
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
-class BodyClient:
-    """GETs of blob bodies, one per worker thread at a time (see the module docstring)."""
+class ThreadClient:
+    """Requests to a registry and wherever it redirects, each run whole in the calling (worker)
+    thread; the kept-alive connections are shared (see the module docstring)."""
 
     def __init__(
         self,
@@ -194,72 +232,97 @@ class BodyClient:
         offset: int,
         sink: Callable[[memoryview], None],
         stopper: Stopper,
-    ) -> BodyAnswer | None:
+    ) -> WireAnswer | None:
         """GET ``url`` (from ``offset`` on) into ``sink``; None when the body went there whole,
         else the answer that was not a body (an error, a 401 to answer). Network failures raise
         the standard library's exceptions, and ``sink``'s own leave unchanged; ``stopper`` stops
         it from another thread."""
+
+        def take(response: http.client.HTTPResponse, url: str) -> WireAnswer | None:
+            if response.status not in (200, 206):
+                return _answer(response, url, response.read(MAX_ERROR_BODY))
+            _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
+            return None
+
+        send = dict(headers)
+        if offset:
+            send["Range"] = f"bytes={offset}-"
         stopper.begin()
         try:
-            return self._fetch(url, headers, offset, sink, stopper)
+            return self._run("GET", url, send, None, stopper, take)
         finally:
             stopper.done.set()
 
-    def _fetch(
+    def exchange(
         self,
+        method: str,
         url: str,
         headers: Mapping[str, str],
-        offset: int,
-        sink: Callable[[memoryview], None],
+        *,
+        content: bytes | None = None,
+        limit: int,
         stopper: Stopper,
-    ) -> BodyAnswer | None:
+    ) -> WireAnswer:
+        """One request and its answer, the body read whole up to ``limit + 1`` bytes (more is not
+        read: the caller sees it is over). Redirects of GET and HEAD are followed. Failures raise
+        as in :meth:`fetch`."""
+
+        def take(response: http.client.HTTPResponse, url: str) -> WireAnswer:
+            return _answer(response, url, _read_capped(response, limit + 1, stopper.check))
+
+        stopper.begin()
+        try:
+            answer = self._run(method, url, dict(headers), content, stopper, take)
+        finally:
+            stopper.done.set()
+        assert answer is not None
+        return answer
+
+    def _run(
+        self,
+        method: str,
+        url: str,
+        send: dict[str, str],
+        content: bytes | None,
+        stopper: Stopper,
+        take: Callable[[http.client.HTTPResponse, str], WireAnswer | None],
+    ) -> WireAnswer | None:
+        """Send, following redirects of GET and HEAD, and hand the final answer to ``take``; its
+        connection goes back to the pool when ``take`` read the answer to its end."""
         home = origin_of(url)
-        send = {**headers, "User-Agent": self._user_agent, "Accept-Encoding": "identity"}
-        if offset:
-            send["Range"] = f"bytes={offset}-"
+        send.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
         for _hop in range(MAX_REDIRECTS + 1):
-            here = origin_of(url)
-            if here != home:
+            if origin_of(url) != home:
                 send.pop("Authorization", None)  # never to another origin
             stopper.check()
-            key, conn, response = self._send(url, send, stopper)
-            reusable = False
+            key, conn, response = self._send(method, url, send, content, stopper)
             try:
                 location = response.getheader("Location")
-                if response.status in REDIRECT_STATUS and location:
+                if method in ("GET", "HEAD") and response.status in REDIRECT_STATUS and location:
                     response.read(MAX_ERROR_BODY)
-                    reusable = response.isclosed() and not response.will_close
                     url = urljoin(url, location)
                     continue
-                if response.status not in (200, 206):
-                    body = response.read(MAX_ERROR_BODY)
-                    reusable = response.isclosed() and not response.will_close
-                    return BodyAnswer(
-                        response.status, response.reason, _Headers(response.getheaders()), body, here
-                    )
-                _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
-                reusable = not response.will_close
-                return None
+                return take(response, url)
             finally:
-                if reusable:
+                if response.isclosed() and not response.will_close:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
         raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects, the last to {_shown(url)}")
 
     def _send(
-        self, url: str, headers: Mapping[str, str], stopper: Stopper
+        self, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
     ) -> tuple[_PoolKey, _Conn, http.client.HTTPResponse]:
-        """Send the GET on a kept-alive connection, or a new one when that one has gone stale."""
+        """Send on a kept-alive connection, or a new one when that one has gone stale."""
         key = self._key(url)
         pooled = self._pool.take(key)
         if pooled is not None:
             try:
-                return key, pooled, _get(pooled, url, headers, stopper)
+                return key, pooled, _request(pooled, method, url, headers, content, stopper)
             except _STALE:
                 pass  # closed: a new connection it is
         conn = self._connect(url)
-        return key, conn, _get(conn, url, headers, stopper)
+        return key, conn, _request(conn, method, url, headers, content, stopper)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -298,21 +361,52 @@ class BodyClient:
             )
         else:
             conn = _Conn(http.client.HTTPConnection(host, port, timeout=self._connect_timeout))
-        conn.http.connect()
+        try:
+            conn.http.connect()
+        except TimeoutError as exc:
+            conn.http.close()
+            raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
         assert conn.http.sock is not None
         conn.http.sock.settimeout(self._read_timeout)  # after the connect: each read waits this long
         return conn
 
 
-def _get(conn: _Conn, url: str, headers: Mapping[str, str], stopper: Stopper) -> http.client.HTTPResponse:
-    """The answer (its head read) to a GET of ``url`` over ``conn``; ``conn`` closed if that fails."""
+def _request(
+    conn: _Conn, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
+) -> http.client.HTTPResponse:
+    """The answer (its head read) to a request over ``conn``; ``conn`` closed if that fails."""
     stopper.attach(conn.http)
     try:
-        conn.http.request("GET", conn.target(url), headers={**headers, **conn.headers})
+        conn.http.request(method, conn.target(url), body=content, headers={**headers, **conn.headers})
         return conn.http.getresponse()
     except BaseException:
         conn.http.close()
         raise
+
+
+def _answer(response: http.client.HTTPResponse, url: str, body: bytes) -> WireAnswer:
+    return WireAnswer(response.status, response.reason, _Headers(response.getheaders()), body, url)
+
+
+class _Enough(Exception):
+    """Raised by :func:`_read_capped`'s sink to stop reading."""
+
+
+def _read_capped(response: http.client.HTTPResponse, cap: int, cancelled: Callable[[], None]) -> bytes:
+    """At most ``cap`` bytes of the body (decoded as :func:`_copy` decodes it)."""
+    parts: list[bytes] = []
+    size = 0
+
+    def keep(chunk: memoryview) -> None:
+        nonlocal size
+        parts.append(bytes(chunk))
+        size += len(chunk)
+        if size >= cap:
+            raise _Enough()
+
+    with contextlib.suppress(_Enough):
+        _copy(response, 0, keep, cancelled, _SMALL_BUFFER)
+    return b"".join(parts)[:cap]
 
 
 def _proxy_for(scheme: str, host: str) -> str | None:
@@ -345,6 +439,7 @@ def _copy(
     skip: int,
     sink: Callable[[memoryview], None],
     cancelled: Callable[[], None],
+    buffer_size: int = _BUFFER,
 ) -> None:
     """The body into ``sink`` (decoded if a proxy compressed it), minus its first ``skip`` bytes."""
     encoding = (response.getheader("Content-Encoding") or "identity").lower()
@@ -353,7 +448,7 @@ def _copy(
         decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by the header
     elif encoding != "identity":
         raise http.client.HTTPException(f"the answer is {encoding}-encoded, which cannot be decoded here")
-    buffer = bytearray(_BUFFER)
+    buffer = bytearray(buffer_size)
     view = memoryview(buffer)
     while True:
         cancelled()
