@@ -1,6 +1,7 @@
-"""Reading a whole blob back from a store, both ways a store offers: httpx's stream (``read_blob``)
-or the worker-thread body client a restore uses (``download_blob``). Modules that want every test
-run both ways use the ``via`` fixture (``pytestmark = pytest.mark.usefixtures("via")``)."""
+"""Reading a whole blob back from a store, both ways a store offers: ``read_blob`` (an async
+stream; a registry's fetches the blob whole through ``download_blob``, then hands it out) or
+``download_blob`` into a sink (what a restore uses). Modules that want every test run both ways
+use the ``via`` fixture (``pytestmark = pytest.mark.usefixtures("via")``)."""
 
 from __future__ import annotations
 
