@@ -25,6 +25,7 @@ import contextlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -513,6 +514,11 @@ class FaultProxy:
         #: docker-registry 2.8 ignores ``n``/``last`` on tags/list (tag pagination came with
         #: distribution 3.0); when set, the proxy pages the real, complete list per the spec.
         self.paginate_tags = False
+        #: With ``paginate_tags``: the next page's ``Link`` names this origin ("http://host:port")
+        #: instead of being relative, as a registry behind a CDN may answer.
+        self.link_origin = ""
+        #: Rewrites an answer's ``Location`` to this origin (an upload session served elsewhere).
+        self.location_origin = ""
         #: Response headers (lower-case names) removed from forwarded answers, to imitate
         #: registries that omit optional headers such as Docker-Content-Digest.
         self.strip_response_headers: set[str] = set()
@@ -727,6 +733,12 @@ class FaultProxy:
                     if line.split(b":", 1)[0].strip().lower().decode("latin-1")
                     not in self.strip_response_headers
                 )
+            if self.location_origin:
+                resp_head = re.sub(
+                    rb"(?im)^(location:[ \t]*)(?:https?://[^/\r\n]+)?(/[^\r\n]*)",
+                    lambda m: m.group(1) + self.location_origin.encode() + m.group(2),
+                    resp_head,
+                )
             writer.write(resp_head)
             if fault is None:
                 while chunk := await up_reader.read(65536):
@@ -780,7 +792,8 @@ class FaultProxy:
         page = rest[:n]
         link = ""
         if len(rest) > n:
-            link = f'Link: <{parts.path}?{urlencode({"n": n, "last": page[-1]})}>; rel="next"\r\n'
+            query = urlencode({"n": n, "last": page[-1]})
+            link = f'Link: <{self.link_origin}{parts.path}?{query}>; rel="next"\r\n'
         payload = json.dumps({"name": listing.get("name"), "tags": page}).encode()
         writer.write(
             (

@@ -562,3 +562,26 @@ async def test_pull_only_credentials_still_learn_a_blob_is_there(
         with pytest.raises(RegistryAuthError):
             await store.put_blob(blob(other), other)
     assert proxy.count("HEAD", "/blobs/") == 2
+
+
+async def test_credentials_never_go_to_another_origin_named_by_the_registry(
+    auth_registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+) -> None:
+    """An absolute tag-page ``Link`` or upload ``Location`` on another host gets no Authorization
+    (as a redirect does not): the registry's credentials are for the registry."""
+    front, elsewhere = fault_proxy_factory(auth_registry), fault_proxy_factory(auth_registry)
+    front.paginate_tags, front.link_origin = True, elsewhere.url
+    async with make_store(auth_registry, repo_name, host=front.host, retries=0) as store:
+        _desc, body = await push_image(store, None, b"origins")
+        for name in ("a", "b", "c"):
+            await store.put_manifest(body, OCI_MANIFEST, tag=name)
+        with pytest.raises(RegistryAuthError):  # the next page's host asks for credentials we keep
+            await store.tags(page_size=2)
+        front.location_origin = elsewhere.url
+        with pytest.raises(RegistryAuthError):
+            data = os.urandom(1000)
+            await store.put_blob(blob(data), data)
+    assert front.requests and all(r.headers.get("authorization") for r in front.requests[-2:])
+    assert elsewhere.requests and not [r for r in elsewhere.requests if "authorization" in r.headers]

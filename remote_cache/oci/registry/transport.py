@@ -170,7 +170,7 @@ class RegistryTransport:
                 functools.partial(self._threads.fetch, url, headers, offset=offset, sink=arrived)
             )
 
-        answer = await self._answered(list(scopes), action, send)
+        answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
             raise error_for_response(
                 answer, answer.body, host=self.host, credentials=self.credentials, action=action
@@ -197,8 +197,9 @@ class RegistryTransport:
 
         async def attempt() -> WireAnswer:
             await self._settle_scheme()
-            send = self._sender_for(method, self.url(path), headers or {}, params, content)
-            answer = await self._answered(scope_list, action, send)
+            url = self.url(path)
+            send = self._sender_for(method, url, headers or {}, params, content)
+            answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
                 raise error_for_response(
@@ -249,13 +250,15 @@ class RegistryTransport:
 
         return with_httpx
 
-    async def _answered(self, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
-        """``send`` with the credentials for ``scopes``; a 401 from the registry itself is answered
-        (a token fetched, or Basic) and the request sent once more."""
+    async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
+        """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
+        absolute ``Link`` or upload ``Location`` may name another host: it gets none); a 401 from
+        the registry itself is answered (a token fetched, or Basic) and the request sent once more."""
         home = origin_of(self.base_url)
+        ours = origin_of(url) == home
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
-            sent = self.auth.header(scopes)
+            sent = self.auth.header(scopes) if ours else None
             answer = await send({"Authorization": sent} if sent is not None else {})
             challenged = answer is not None and answer.status_code == 401 and answer.origin == home
             if challenged and challenge:
