@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -318,3 +319,33 @@ def _revoke_tokens(store: RegistryStore) -> None:
     auth = store.transport.auth
     for scope, token in list(auth._tokens.items()):
         auth._tokens[scope] = type(token)("eyJhbGciOiJub25lIn0.e30.revoked", token.expires_at)
+
+
+async def test_a_cancel_while_connecting_does_not_wait_for_the_connect_timeout() -> None:
+    # A host that accepts TCP but never finishes the TLS handshake: the request is still
+    # connecting (no socket to shut down yet) when a deadline or a signal cancels it.
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    host = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        async with RegistryStore(host, "team/cache", plain_http=False, timeout=8, retries=0) as store:
+            start = time.monotonic()
+            with anyio.move_on_after(0.5):
+                await store.resolve("latest")
+            assert time.monotonic() - start < 2.0  # not the 8 s connect timeout
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

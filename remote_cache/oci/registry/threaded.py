@@ -128,6 +128,7 @@ class _Pool:
 
     idle: dict[_PoolKey, list[_Conn]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
 
     def take(self, key: _PoolKey) -> _Conn | None:
         with self.lock:
@@ -136,10 +137,14 @@ class _Pool:
 
     def give(self, key: _PoolKey, conn: _Conn) -> None:
         with self.lock:
-            self.idle.setdefault(key, []).append(conn)
+            if not self.closed:
+                self.idle.setdefault(key, []).append(conn)
+                return
+        conn.http.close()  # an abandoned request that finished after the close
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             for conns in self.idle.values():
                 for conn in conns:
                     conn.http.close()
@@ -147,15 +152,18 @@ class _Pool:
 
 
 class Stopper:
-    """Stops a fetch from another thread: between reads, and in a read (its socket is shut down).
+    """Stops a request from another thread: between reads, and in a read (its socket is shut down).
 
-    A read can wait the whole stall timeout for bytes; a signal must not wait that long.
+    A read can wait the whole stall timeout for bytes; a signal must not wait that long. A
+    request still connecting (DNS, TCP, TLS: no socket to shut down yet) is abandoned: it may
+    finish later, but it will never hand bytes to a sink (see :meth:`deliver`).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
         self._started = False
+        self._delivering = False
         self._sock: socket.socket | None = None
         #: Set when the fetch has returned or raised, or was stopped before it began: either way
         #: no thread touches the sink any more.
@@ -178,17 +186,29 @@ class Stopper:
         if stopped:
             self._shut(conn.sock)
 
+    def deliver(self) -> None:
+        """Called before the first byte goes to a sink: not once stopped; once called, a stop
+        waits for ``done`` (the sink's owner must know that nothing writes any more)."""
+        with self._lock:
+            if self._stopped:
+                raise InterruptedError("the download was stopped")
+            self._delivering = True
+
     def check(self) -> None:
         if self._stopped:
             raise InterruptedError("the download was stopped")
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the request; True when it is handing bytes to a sink (then wait for ``done``,
+        which comes soon: its socket is shut down), False when it may simply be abandoned."""
         with self._lock:
             self._stopped = True
             sock = self._sock
             if not self._started:
                 self.done.set()
+            delivering = self._delivering
         self._shut(sock)
+        return delivering
 
     @staticmethod
     def _shut(sock: socket.socket | None) -> None:
@@ -241,6 +261,7 @@ class ThreadClient:
         def take(response: http.client.HTTPResponse, url: str) -> WireAnswer | None:
             if response.status not in (200, 206):
                 return _answer(response, url, response.read(MAX_ERROR_BODY))
+            stopper.deliver()
             _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
             return None
 

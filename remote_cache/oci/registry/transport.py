@@ -339,11 +339,12 @@ class RegistryTransport:
 
 async def _run_stoppable(fetch: Callable[[], _T], stopper: Stopper) -> _T:
     """``fetch()`` in a worker thread; cancelled (a signal, a deadline), stop it at once — its
-    socket shut down, not waited on for a stall timeout — and wait until it no longer writes."""
+    socket shut down, not waited on for a stall timeout — and, if it was handing bytes to a
+    sink, wait until it no longer does (one still connecting is abandoned: it writes nothing)."""
     try:
         return await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True)
     except anyio.get_cancelled_exc_class():
-        stopper.stop()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(stopper.done.wait)
+        if stopper.stop():
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(stopper.done.wait)
         raise
