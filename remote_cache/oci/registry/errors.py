@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut
+from .threaded import ConnectTimedOut, TooManyRedirects
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
@@ -175,6 +175,8 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
         hx = _httpx()
         if isinstance(exc, TimeoutError) or (hx is not None and isinstance(exc, hx.TimeoutException)):
             raise _timed_out(host, exc, timeouts, stalls) from exc
+        if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop
+            raise RegistryError(f"registry {host} {exc}") from exc
         if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException) or (
             hx is not None and isinstance(exc, hx.HTTPError)
         ):

@@ -64,6 +64,10 @@ class ConnectTimedOut(TimeoutError):
     """No connection within the connect timeout (a read that times out raises TimeoutError)."""
 
 
+class TooManyRedirects(http.client.HTTPException):
+    """More than :data:`MAX_REDIRECTS` redirects: an answer, not a network failure to retry."""
+
+
 _BUFFER = 1 << 20  # blob bodies: bytes per read
 _SMALL_BUFFER = 64 << 10  # documents, error answers
 
@@ -329,7 +333,7 @@ class ThreadClient:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
-        raise http.client.HTTPException(f"more than {MAX_REDIRECTS} redirects, the last to {_shown(url)}")
+        raise TooManyRedirects(f"redirected more than {MAX_REDIRECTS} times, the last time to {_shown(url)}")
 
     def _send(
         self, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
