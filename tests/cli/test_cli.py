@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -789,6 +790,7 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
     ref = f"{registry.host}/{repo_name}:k"
     assert cli("save", str(src), ref, "-q").returncode == 0
     proxy = ForwardProxy()
+    proxies = [proxy]
     try:
         proxied = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
         done = cli("restore", ref, str(tmp_path / "out"), env=proxied)
@@ -799,22 +801,30 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
         assert all(u.startswith(f"http://{registry.host}/") for u in urls)
         proxy.seen.clear()
         host = registry.host.split(":")[0]
-        exempt = {**proxied, "NO_PROXY": host, "no_proxy": host}
-        assert cli("restore", ref, str(tmp_path / "out2"), env=exempt).returncode == 0
-        assert proxy.seen == []
+        for n, exempted in enumerate((host, registry.host)):  # the host, or the host with its port
+            exempt = {**proxied, "NO_PROXY": exempted, "no_proxy": exempted}
+            assert cli("restore", ref, str(tmp_path / f"exempt-{n}"), env=exempt).returncode == 0
+            assert proxy.seen == []
         layers = [layer["digest"] for layer in json_line(cli("inspect", ref, "--json"))["layers"]]
         # Bodies read the environment as httpx does for the rest: ALL_PROXY alone is a proxy;
         # an IP network in NO_PROXY exempts nothing (httpx reads none), for neither.
-        for n, env in enumerate(
-            (
-                {"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""},
-                {**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"},
+        cases = [
+            ({"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}, proxy),
+            ({**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"}, proxy),
+        ]
+        with contextlib.suppress(OSError):  # port 80 needs root and a free port
+            # A proxy URL without a port means 80 (as httpx, curl and urllib read it).
+            proxies.append(ForwardProxy(port=80))
+            plain = "http://127.0.0.1"
+            cases.append(
+                ({"HTTP_PROXY": plain, "http_proxy": plain, "NO_PROXY": "", "no_proxy": ""}, proxies[-1])
             )
-        ):
-            proxy.seen.clear()
+        for n, (env, through) in enumerate(cases):
+            through.seen.clear()
             assert cli("restore", ref, str(tmp_path / f"out-{n}"), env=env).returncode == 0
-            urls = [url for _method, url in proxy.seen]
+            urls = [url for _method, url in through.seen]
             assert any("/manifests/" in u for u in urls)
             assert all(any(layer in u for u in urls) for layer in layers)  # the bodies too
     finally:
-        proxy.close()
+        for each in proxies:
+            each.close()

@@ -360,14 +360,16 @@ class ThreadClient:
     @staticmethod
     def _key(url: str) -> _PoolKey:
         scheme, host, port = origin_of(url)
-        return (scheme, host, port), _proxy_for(scheme, host) or ""
+        return (scheme, host, port), _proxy_for(scheme, host, port) or ""
 
     def _connect(self, url: str) -> _Conn:
         (scheme, host, port), proxy = self._key(url)
         conn: _Conn
         if proxy:
             parts = urlsplit(proxy)
-            proxy_host, proxy_port = parts.hostname or "", parts.port or 8080
+            # No port in the proxy's URL: its scheme's, as httpx, curl and urllib take it.
+            proxy_host = parts.hostname or ""
+            proxy_port = parts.port or (443 if parts.scheme == "https" else 80)
             auth = _proxy_authorization(parts.username, parts.password)
             if scheme == "https":
                 tunnel = http.client.HTTPSConnection(
@@ -434,13 +436,14 @@ def _read_capped(response: http.client.HTTPResponse, cap: int, cancelled: Callab
     return b"".join(parts)[:cap]
 
 
-def _proxy_for(scheme: str, host: str) -> str | None:
-    """The proxy URL for ``scheme://host`` from the environment, as httpx reads it for every other
-    request: ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY`` names the
-    host or a domain of it (neither reads IP networks there)."""
+def _proxy_for(scheme: str, host: str, port: int) -> str | None:
+    """The proxy URL for ``scheme://host:port`` from the environment, as httpx reads it for
+    requests with a body: ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY``
+    names the host, the host with this port, or a domain of it (neither reads IP networks)."""
     proxies = urllib.request.getproxies()
     proxy = proxies.get(scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(host):
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # proxy_bypass tries both forms
+    if not proxy or urllib.request.proxy_bypass(netloc):
         return None
     return proxy if "://" in proxy else f"http://{proxy}"
 
