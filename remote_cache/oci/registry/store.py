@@ -35,8 +35,9 @@ from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_b
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
 from ..store import Sink
+from .threaded import WireAnswer
 from .timeouts import Timeouts
-from .transport import RegistryResponse, RegistryTransport
+from .transport import RegistryTransport
 from .upload import DEFAULT_CHUNK_SIZE, Uploader
 
 __all__ = ["RegistryStore"]
@@ -135,7 +136,7 @@ class RegistryStore:
             headers={"Accept": MANIFEST_ACCEPT},
             ok=(200, 404),
         )
-        if response.status == 404:
+        if response.status_code == 404:
             raise CacheMiss(tag, self.location)
         digest = response.headers.get("Docker-Content-Digest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
@@ -157,9 +158,9 @@ class RegistryStore:
             ok=(200, 404),
             what=what,
         )
-        if response.status == 404:
+        if response.status_code == 404:
             raise CacheMiss(reference, self.location)
-        body = response.content
+        body = response.body
         digest = sha256_digest(body)
         if is_digest(reference):
             verify_bytes(body, reference)
@@ -224,7 +225,7 @@ class RegistryStore:
                     "self-hosted ones need deletes enabled (registry:2: REGISTRY_STORAGE_DELETE_ENABLED=true)"
                 ) from exc
             raise
-        if response.status == 404:
+        if response.status_code == 404:
             raise CacheMiss(reference, self.location)
 
     async def tags(self, *, page_size: int | None = None) -> list[str]:
@@ -237,7 +238,7 @@ class RegistryStore:
                 "GET", path, scopes=[self._pull], action=f"list tags of {self.location}", params=params,
                 ok=(200, 404),
             )  # fmt: skip
-            if response.status == 404:
+            if response.status_code == 404:
                 return found
             found.extend(self._page_tags(response))
             match = _LINK_NEXT.search(response.headers.get("Link", ""))
@@ -247,9 +248,9 @@ class RegistryStore:
             params = None
         raise RegistryError(f"registry {self.host} sent endless tag pages for {self.location}")
 
-    def _page_tags(self, response: RegistryResponse) -> list[str]:
+    def _page_tags(self, response: WireAnswer) -> list[str]:
         try:
-            return [str(t) for t in (json.loads(response.content).get("tags") or [])]
+            return [str(t) for t in (json.loads(response.body).get("tags") or [])]
         except (ValueError, AttributeError, TypeError) as exc:
             raise RegistryError(
                 f"registry {self.host} sent an unreadable tag list for {self.location}"
@@ -266,7 +267,7 @@ class RegistryStore:
             action=f"check blob {digest} in {self.location}",
             ok=(200, 404),
         )
-        return response.status == 200
+        return response.status_code == 200
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """A blob's bytes, fetched whole by :meth:`download_blob` (so checked, resumed and retried

@@ -55,24 +55,13 @@ from .timeouts import Timeouts
 if TYPE_CHECKING:
     from .sending import HttpxSender
 
-__all__ = ["RegistryResponse", "RegistryTransport"]
+__all__ = ["RegistryTransport"]
 
 _T = TypeVar("_T")
 
 #: Sends one request with the given ``Authorization`` header (or none): its answer, or None
 #: when a body went to its sink whole.
 _Send = Callable[[dict[str, str]], Awaitable[WireAnswer | None]]
-
-
-class RegistryResponse:
-    """A registry's answer within ``ok``: status, headers, the URL that answered, the body."""
-
-    def __init__(self, answer: WireAnswer) -> None:
-        self.status: int = answer.status_code
-        self.headers: Mapping[str, str] = answer.headers
-        #: The URL that answered (after redirects): relative ``Location``/``Link`` resolve against it.
-        self.url = answer.url
-        self.content = answer.body
 
 
 class RegistryTransport:
@@ -189,8 +178,8 @@ class RegistryTransport:
         ok: Iterable[int] = (200,),
         retry: bool = True,
         what: str | None = None,
-    ) -> RegistryResponse:
-        """Send a request and read its (small) body into ``content``; the mapped error unless in
+    ) -> WireAnswer:
+        """Send a request and read its (small) body; the mapped error unless its status is in
         ``ok``, ImageFormatError when an ``ok`` body is over the document limit (``what`` names
         it in the message)."""
         ok_set, scope_list = frozenset(ok), list(scopes)
@@ -213,7 +202,7 @@ class RegistryTransport:
                 f"{what or f'the answer to {action}'} from registry {self.host} is larger than "
                 f"{MAX_DOCUMENT_BYTES} bytes"
             )
-        return RegistryResponse(answer)
+        return answer
 
     def _sender_for(
         self,

@@ -22,7 +22,8 @@ import anyio.to_thread
 
 from ...errors import IntegrityError, RegistryAuthError, RegistryError, StoreError
 from ..descriptor import Descriptor
-from .transport import RegistryResponse, RegistryTransport
+from .threaded import WireAnswer
+from .transport import RegistryTransport
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "Uploader"]
 
@@ -156,7 +157,7 @@ class Uploader:
             params={"mount": desc.digest, "from": mount} if mount else None,
             ok=(201, 202),
         )
-        return None if response.status == 201 else self._next_location(response)
+        return None if response.status_code == 201 else self._next_location(response)
 
     async def _finish(self, location: str, desc: Descriptor, data: bytes) -> None:
         # The Location's query (upload state) is opaque: keep it byte for byte, add the digest.
@@ -172,7 +173,7 @@ class Uploader:
             retry=False,
         )
 
-    def _next_location(self, response: RegistryResponse) -> str:
+    def _next_location(self, response: WireAnswer) -> str:
         location = response.headers.get("Location")
         if not location:
             raise RegistryError(
