@@ -29,7 +29,7 @@ import ssl
 import threading
 import urllib.request
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -173,13 +173,18 @@ class Stopper:
         #: no thread touches the sink any more.
         self.done = threading.Event()
 
-    def begin(self) -> None:
-        """Called by the fetch as it starts: it may not start once stopped (a cancelled worker
-        thread may never run it, and then nobody else would set ``done``)."""
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Around the request: it may not start once stopped (a cancelled worker thread may never
+        run it, and then nobody else would set ``done``); ``done`` is set when it ends."""
         with self._lock:
             if self._stopped:
                 raise InterruptedError("the download was stopped")
             self._started = True
+        try:
+            yield
+        finally:
+            self.done.set()
 
     def attach(self, conn: http.client.HTTPConnection) -> None:
         """Watch ``conn``'s socket (kept here: http.client drops ``conn.sock`` when an answer says
@@ -272,11 +277,8 @@ class ThreadClient:
         send = dict(headers)
         if offset:
             send["Range"] = f"bytes={offset}-"
-        stopper.begin()
-        try:
+        with stopper.running():
             return self._run("GET", url, send, None, stopper, take)
-        finally:
-            stopper.done.set()
 
     def exchange(
         self,
@@ -295,11 +297,8 @@ class ThreadClient:
         def take(response: http.client.HTTPResponse, url: str) -> WireAnswer:
             return _answer(response, url, _read_capped(response, limit + 1, stopper.check))
 
-        stopper.begin()
-        try:
+        with stopper.running():
             answer = self._run(method, url, dict(headers), content, stopper, take)
-        finally:
-            stopper.done.set()
         assert answer is not None
         return answer
 

@@ -260,11 +260,10 @@ class RegistryTransport:
     async def _in_thread(self, call: Callable[..., _T]) -> _T:
         """``call(stopper=...)`` in a worker thread, its network errors translated; a sink's own
         failure (wrapped in SinkFailed) leaves as itself."""
-        stopper = Stopper()
         failed: SinkFailed | None = None
         with translated(self.host, self.timeouts, self.stalls):
             try:
-                return await _run_stoppable(functools.partial(call, stopper=stopper), stopper)
+                return await _run_stoppable(call)
             except SinkFailed as exc:
                 failed = exc
         assert failed.__cause__ is not None
@@ -274,11 +273,8 @@ class RegistryTransport:
         self, method: str, url: str, headers: Mapping[str, str], form: bytes | None, cap: int
     ) -> WireAnswer:
         """A token request for :mod:`.auth`, which translates its errors (naming the realm)."""
-        stopper = Stopper()
-        exchange = functools.partial(
-            self._threads.exchange, method, url, headers, content=form, limit=cap, stopper=stopper
-        )
-        return await _run_stoppable(exchange, stopper)
+        exchange = functools.partial(self._threads.exchange, method, url, headers, content=form, limit=cap)
+        return await _run_stoppable(exchange)
 
     def _thread_tls(self) -> ssl.SSLContext:
         # The same trust as httpx's side for this host (see certs.tls_context).
@@ -326,12 +322,15 @@ class RegistryTransport:
         return answer.status_code
 
 
-async def _run_stoppable(fetch: Callable[[], _T], stopper: Stopper) -> _T:
-    """``fetch()`` in a worker thread; cancelled (a signal, a deadline), stop it at once — its
-    socket shut down, not waited on for a stall timeout — and, if it was handing bytes to a
+async def _run_stoppable(call: Callable[..., _T]) -> _T:
+    """``call(stopper=...)`` in a worker thread; cancelled (a signal, a deadline), stop it at once —
+    its socket shut down, not waited on for a stall timeout — and, if it was handing bytes to a
     sink, wait until it no longer does (one still connecting is abandoned: it writes nothing)."""
+    stopper = Stopper()
     try:
-        return await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(
+            functools.partial(call, stopper=stopper), abandon_on_cancel=True
+        )
     except anyio.get_cancelled_exc_class():
         if stopper.stop():
             with anyio.CancelScope(shield=True):
