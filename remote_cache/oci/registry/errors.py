@@ -111,12 +111,9 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     cause = str(exc) or type(exc).__name__
     t = timeouts
     hx = _httpx()
-    if hx is not None and isinstance(exc, hx.TimeoutException):
-        return _httpx_timeout(hx, host, exc, t)
-    if isinstance(exc, ConnectTimedOut):
-        return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
-    if isinstance(exc, TimeoutError):  # a socket read in threaded.py
-        return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
+    phase = _timed_out(exc, hx)
+    if phase is not None:
+        return RegistryUnreachable(_TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(t, phase)))
     refused = (ssl.SSLError, ConnectionRefusedError, socket.gaierror)
     if isinstance(exc, refused) or (hx is not None and isinstance(exc, hx.ConnectError)):
         # Refused, DNS, TLS: trying again only delays a clear error.
@@ -151,14 +148,23 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     )
 
 
-def _httpx_timeout(hx: Any, host: str, exc: BaseException, t: Timeouts) -> RegistryUnreachable:
-    if isinstance(exc, hx.ConnectTimeout):
-        return RegistryUnreachable(f"registry {host}: connecting timed out after {t.connect:g}s; is it up?")
-    if isinstance(exc, hx.WriteTimeout):
-        return RegistryUnreachable(f"registry {host} stopped accepting data for {t.write:g}s (write timeout)")
-    if isinstance(exc, hx.PoolTimeout):
-        return RegistryUnreachable(f"registry {host}: no free connection within {t.pool:g}s (pool timeout)")
-    return RegistryUnreachable(f"registry {host} stopped sending data for {t.read:g}s (read timeout)")
+#: What each wait that ran out says (the seconds are the :class:`Timeouts` field of that name).
+_TIMEOUT_MESSAGES = {
+    "connect": "registry {host}: connecting timed out after {seconds:g}s; is it up?",
+    "read": "registry {host} stopped sending data for {seconds:g}s (read timeout)",
+    "write": "registry {host} stopped accepting data for {seconds:g}s (write timeout)",
+    "pool": "registry {host}: no free connection within {seconds:g}s (pool timeout)",
+}
+
+
+def _timed_out(exc: BaseException, hx: Any) -> str | None:
+    """Which wait ``exc`` says ran out (a key of :data:`_TIMEOUT_MESSAGES`); None if no timeout."""
+    if hx is not None and isinstance(exc, hx.TimeoutException):
+        kinds = (("connect", hx.ConnectTimeout), ("write", hx.WriteTimeout), ("pool", hx.PoolTimeout))
+        return next((phase for phase, kind in kinds if isinstance(exc, kind)), "read")
+    if isinstance(exc, ConnectTimedOut):
+        return "connect"
+    return "read" if isinstance(exc, TimeoutError) else None  # a socket read in threaded.py
 
 
 @contextmanager
@@ -173,8 +179,8 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
         yield
     except BaseException as exc:
         hx = _httpx()
-        if isinstance(exc, TimeoutError) or (hx is not None and isinstance(exc, hx.TimeoutException)):
-            raise _timed_out(host, exc, timeouts, stalls) from exc
+        if _timed_out(exc, hx) is not None:
+            raise _stalled(host, exc, timeouts, stalls) from exc
         if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop
             raise RegistryError(f"registry {host} {exc}") from exc
         if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException) or (
@@ -188,9 +194,7 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
         stalls.progressed()
 
 
-def _timed_out(
-    host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls | None
-) -> RegistryUnreachable:
+def _stalled(host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls | None) -> RegistryUnreachable:
     """A timeout as :func:`unreachable` says it; final once the host is over its stall budget."""
     error = unreachable(host, exc, timeouts=timeouts)
     if stalls is not None and not stalls.stalled():
