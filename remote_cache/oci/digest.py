@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from ..errors import ImageFormatError, IntegrityError
 
@@ -58,6 +59,15 @@ class BlobCheck:
         if self.seen > self._size:
             raise IntegrityError(f"blob {self._digest} {self._where} is larger than its {self._size} bytes")
         self._hasher.update(chunk)
+
+    def feeding(self, sink: Callable[[memoryview], None]) -> Callable[[memoryview], None]:
+        """A sink that passes each chunk through :meth:`update`, then on to ``sink``."""
+
+        def checked(chunk: memoryview) -> None:
+            self.update(chunk)
+            sink(chunk)
+
+        return checked
 
     def finish(self) -> None:
         """IntegrityError unless exactly the blob's size and digest went through :meth:`update`."""

@@ -38,9 +38,12 @@ class Stalls:
             self._since = now - self.period  # the stall began a period ago
         return now - self._since < self.budget
 
-    def exhausted(self) -> float | None:
-        """Seconds the store has been stalled, once that is over the budget; else None."""
+    def refusal(self, who: str) -> str | None:
+        """Why a request must not even be sent, once the store has been stalled past the budget
+        (the message starts with ``who``, e.g. ``registry ghcr.io``); None until then."""
         if self._since is None:
             return None
         stalled_for = time.monotonic() - self._since
-        return stalled_for if stalled_for >= self.budget else None
+        if stalled_for < self.budget:
+            return None
+        return f"{who} has sent nothing for {stalled_for:.0f}s: giving up (--timeout sets the stall timeout)"

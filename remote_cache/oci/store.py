@@ -8,7 +8,8 @@ Every read checks size and digest; a tag moves only through :meth:`Store.put_man
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -21,7 +22,16 @@ if TYPE_CHECKING:
     from .objectstore import ObjectStoreOptions
     from .reference import Reference
 
-__all__ = ["DEFAULT_GC_GRACE_SECONDS", "Sink", "SinkFailed", "Store", "download_by_reading", "open_store"]
+__all__ = [
+    "DEFAULT_GC_GRACE_SECONDS",
+    "Sink",
+    "SinkFailed",
+    "Store",
+    "download_by_reading",
+    "guarded",
+    "open_store",
+    "sink_failures_as_themselves",
+]
 
 #: Where a downloaded blob's bytes go: called with each chunk, possibly from a worker thread.
 Sink = Callable[[memoryview], None]
@@ -29,7 +39,32 @@ Sink = Callable[[memoryview], None]
 
 class SinkFailed(Exception):
     """A sink's own failure inside a download (a full disk, a bad digest): its cause is the error
-    to raise, never to be taken for the network's. Stores wrap and unwrap it around their clients."""
+    to raise, never to be taken for the network's. Stores wrap it with :func:`guarded` inside their
+    client's call and unwrap it with :func:`sink_failures_as_themselves` outside their translation
+    of the client's errors."""
+
+
+def guarded(sink: Sink) -> Sink:
+    """``sink`` with its own failures wrapped in :class:`SinkFailed`."""
+
+    def call(chunk: memoryview) -> None:
+        try:
+            sink(chunk)
+        except BaseException as exc:
+            raise SinkFailed() from exc
+
+    return call
+
+
+@contextmanager
+def sink_failures_as_themselves() -> Iterator[None]:
+    """Around a store's translation of its client's errors: a :class:`SinkFailed` leaves as the
+    sink's own error."""
+    try:
+        yield
+    except SinkFailed as failed:
+        assert failed.__cause__ is not None
+        raise failed.__cause__ from failed.__cause__.__cause__
 
 
 #: A blob a save uploaded or relied on within this many seconds is never collected as garbage: it

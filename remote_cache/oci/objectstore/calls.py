@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio.to_thread
 import obstore
 
-from ..store import SinkFailed
+from ..store import guarded
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore as ObstoreClient
@@ -71,12 +71,11 @@ class Calls:
     async def stream_into(self, key: str, sink: Callable[[memoryview], None], chunk: int = 1 << 20) -> None:
         """The object's bytes into ``sink``, all in one worker thread."""
 
+        own = guarded(sink)
+
         def run() -> None:
             for piece in obstore.get(self._client, key).stream(min_chunk_size=chunk):
-                try:
-                    sink(memoryview(piece))
-                except BaseException as exc:
-                    raise SinkFailed() from exc
+                own(memoryview(piece))
 
         await _blocking(run)
 

@@ -45,7 +45,7 @@ from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
 from ..stalls import Stalls
-from ..store import DEFAULT_GC_GRACE_SECONDS, Sink, SinkFailed, download_by_reading
+from ..store import DEFAULT_GC_GRACE_SECONDS, Sink, download_by_reading, sink_failures_as_themselves
 from .calls import Calls
 from .client import build_client
 from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, refuses_conditional, translated
@@ -90,13 +90,9 @@ class ObjectStore:
     @contextmanager
     def _translated(self, action: str) -> Iterator[None]:
         """obstore's failures as ours (:mod:`.errors`), under the store's stall budget (:mod:`..stalls`)."""
-        stalled_for = self._stalls.exhausted()
-        if stalled_for is not None:
-            raise StoreUnreachable(
-                f"cannot {action}: {self.location} has sent nothing for {stalled_for:.0f}s: giving up "
-                "(--timeout sets the stall timeout)",
-                temporary=False,
-            )
+        refusal = self._stalls.refusal(f"cannot {action}: {self.location}")
+        if refusal is not None:
+            raise StoreUnreachable(refusal, temporary=False)
         try:
             with translated(self.location, action, self._secrets):
                 yield
@@ -327,20 +323,11 @@ class ObjectStore:
         key = self._blob_key(desc.digest)
         check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
 
-        def checked(chunk: memoryview) -> None:
-            check.update(chunk)
-            sink(chunk)
-
-        sink_error: BaseException | None = None
-        with self._translated(f"read blob {desc.digest}"):
+        with sink_failures_as_themselves(), self._translated(f"read blob {desc.digest}"):
             try:
-                await self._calls.stream_into(key, checked)
+                await self._calls.stream_into(key, check.feeding(sink))
             except NOT_FOUND:
                 raise self._missing(desc) from None
-            except SinkFailed as exc:
-                sink_error = exc.__cause__
-        if sink_error is not None:
-            raise sink_error
         check.finish()
 
     async def _stream(self, key: str, desc: Descriptor) -> AsyncIterator[bytes]:

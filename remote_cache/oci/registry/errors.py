@@ -208,13 +208,9 @@ def _stalled(host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls |
 
 def check_stalls(host: str, stalls: Stalls) -> None:
     """Before a request: fail at once when the host has been stalled past its budget."""
-    stalled_for = stalls.exhausted()
-    if stalled_for is not None:
-        raise RegistryUnreachable(
-            f"registry {host} has sent nothing for {stalled_for:.0f}s: giving up "
-            "(--timeout sets the stall timeout)",
-            temporary=False,
-        )
+    refusal = stalls.refusal(f"registry {host}")
+    if refusal is not None:
+        raise RegistryUnreachable(refusal, temporary=False)
 
 
 #: TLS alerts a server sends when it wants a client certificate it trusts.

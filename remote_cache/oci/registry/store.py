@@ -284,10 +284,6 @@ class RegistryStore:
         check_digest(desc.digest)
         check = BlobCheck(desc.digest, desc.size, f"from {self.location}")
 
-        def checked(chunk: memoryview) -> None:
-            check.update(chunk)
-            sink(chunk)
-
         attempt = 0
         while True:
             try:
@@ -296,7 +292,7 @@ class RegistryStore:
                     scopes=[self._pull],
                     action=f"read blob {desc.digest} from {self.location}",
                     offset=check.seen,
-                    sink=checked,
+                    sink=check.feeding(sink),
                 )
                 break
             except StoreError as exc:  # retried and resumed as one: answers, cuts, stalls

@@ -45,7 +45,7 @@ from ..credentials import Credentials
 from ..media import MAX_DOCUMENT_BYTES
 from ..reference import is_loopback
 from ..stalls import Stalls
-from ..store import SinkFailed
+from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
 from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
@@ -149,15 +149,11 @@ class RegistryTransport:
 
         def arrived(chunk: memoryview) -> None:
             stalls.progressed()  # bytes are moving: a later stall starts a fresh budget
-            try:
-                sink(chunk)
-            except BaseException as exc:  # past translated() below as itself, not as the network's
-                raise SinkFailed() from exc
+            sink(chunk)
 
         def send(headers: dict[str, str]) -> Awaitable[WireAnswer | None]:
-            return self._in_thread(
-                functools.partial(self._threads.fetch, url, headers, offset=offset, sink=arrived)
-            )
+            fetch = functools.partial(self._threads.fetch, url, headers, offset=offset, sink=guarded(arrived))
+            return self._in_thread(fetch)
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
@@ -259,15 +255,9 @@ class RegistryTransport:
 
     async def _in_thread(self, call: Callable[..., _T]) -> _T:
         """``call(stopper=...)`` in a worker thread, its network errors translated; a sink's own
-        failure (wrapped in SinkFailed) leaves as itself."""
-        failed: SinkFailed | None = None
-        with translated(self.host, self.timeouts, self.stalls):
-            try:
-                return await _run_stoppable(call)
-            except SinkFailed as exc:
-                failed = exc
-        assert failed.__cause__ is not None
-        raise failed.__cause__
+        failure leaves as itself."""
+        with sink_failures_as_themselves(), translated(self.host, self.timeouts, self.stalls):
+            return await _run_stoppable(call)
 
     async def _send_token(
         self, method: str, url: str, headers: Mapping[str, str], form: bytes | None, cap: int
