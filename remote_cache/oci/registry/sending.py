@@ -11,7 +11,7 @@ answer the same way. Redirects are not followed here (only GET and HEAD are, in
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 import httpx
@@ -28,21 +28,20 @@ _BODY_PIECE = 128 << 10  # request bodies bigger than this go out in slices this
 class _LazyTLS(httpx.AsyncBaseTransport):
     """The HTTPS transport of a client for a plain-HTTP registry, built on first use.
 
-    httpx loads its CA bundle when a transport is made (~45 ms), a cost every command against a
-    plain-HTTP registry paid for a redirect to HTTPS storage that rarely comes. This builds
-    httpx's own default transport (same trust: SSL_CERT_FILE, SSL_CERT_DIR, else certifi, and
-    the same verify flags) at the first HTTPS request, on the event loop (no await in between,
+    Loading a CA bundle costs ~45 ms, a cost every command against a plain-HTTP registry would
+    pay for a redirect to HTTPS storage that rarely comes. This builds the transport (with the
+    registry's TLS context) at the first HTTPS request, on the event loop (no await in between,
     so no race).
     """
 
-    def __init__(self, limits: httpx.Limits, verify: ssl.SSLContext | bool) -> None:
+    def __init__(self, limits: httpx.Limits, tls: Callable[[], ssl.SSLContext]) -> None:
         self._limits = limits
-        self._verify = verify
+        self._tls = tls
         self._transport: httpx.AsyncHTTPTransport | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._transport is None:
-            self._transport = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._verify)
+            self._transport = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._tls())
         return await self._transport.handle_async_request(request)
 
     async def aclose(self) -> None:
@@ -72,16 +71,18 @@ class HttpxSender:
     """Requests with bodies to one registry host (and its upload locations)."""
 
     def __init__(
-        self, *, plain_http: bool, verify: ssl.SSLContext | None, timeouts: Timeouts, max_connections: int
+        self, *, plain_http: bool, tls: Callable[[], ssl.SSLContext], timeouts: Timeouts, max_connections: int
     ) -> None:
+        """``tls`` gives the registry's TLS context (the same the thread client uses)."""
         self._timeout = httpx.Timeout(
             connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
         )
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        trust: ssl.SSLContext | bool = verify if verify is not None else True
-        tls_setup: dict[str, Any] = {"verify": trust}
+        tls_setup: dict[str, Any]
         if plain_http:
-            tls_setup = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits, trust)}}
+            tls_setup = {"verify": _no_trust(), "mounts": {"https://": _LazyTLS(limits, tls)}}
+        else:
+            tls_setup = {"verify": tls()}
         self._client = httpx.AsyncClient(
             timeout=self._timeout,
             limits=limits,

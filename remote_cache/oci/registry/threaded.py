@@ -242,9 +242,7 @@ class ThreadClient:
         read_timeout: float,
         user_agent: str,
     ) -> None:
-        self._tls = tls
-        self._tls_context: ssl.SSLContext | None = None
-        self._tls_lock = threading.Lock()
+        self._tls = tls  # built on first use: loading CAs costs ~45 ms
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._user_agent = user_agent
@@ -350,12 +348,6 @@ class ThreadClient:
 
     # -- connections ----------------------------------------------------------------------------
 
-    def _context(self) -> ssl.SSLContext:
-        with self._tls_lock:
-            if self._tls_context is None:
-                self._tls_context = self._tls()  # built on first use: loading CAs costs ~45 ms
-            return self._tls_context
-
     @staticmethod
     def _key(url: str) -> _PoolKey:
         scheme, host, port = origin_of(url)
@@ -372,7 +364,7 @@ class ThreadClient:
             auth = _proxy_authorization(parts.username, parts.password)
             if scheme == "https":
                 tunnel = http.client.HTTPSConnection(
-                    proxy_host, proxy_port, timeout=self._connect_timeout, context=self._context()
+                    proxy_host, proxy_port, timeout=self._connect_timeout, context=self._tls()
                 )
                 tunnel.set_tunnel(host, port, headers=auth)
                 conn = _Conn(tunnel)
@@ -381,9 +373,7 @@ class ThreadClient:
                 conn = _Conn(plain, absolute=True, headers=auth)
         elif scheme == "https":
             conn = _Conn(
-                http.client.HTTPSConnection(
-                    host, port, timeout=self._connect_timeout, context=self._context()
-                )
+                http.client.HTTPSConnection(host, port, timeout=self._connect_timeout, context=self._tls())
             )
         else:
             conn = _Conn(http.client.HTTPConnection(host, port, timeout=self._connect_timeout))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -101,8 +102,9 @@ class RegistryTransport:
         self.retry = RetryPolicy(max(0, retries), backoff, max_backoff, max_retry_after)
         self._max_connections = max_connections
         self._tls_context = tls_context(host, self.tls)  # None: the default trust, built when needed
+        self._tls_lock = threading.Lock()
         self._threads = ThreadClient(
-            tls=self._thread_tls,
+            tls=self._tls,
             connect_timeout=self.timeouts.connect,
             read_timeout=self.timeouts.read,
             user_agent=TOOL,
@@ -266,9 +268,13 @@ class RegistryTransport:
         exchange = functools.partial(self._threads.exchange, method, url, headers, content=form, limit=cap)
         return await _run_stoppable(exchange)
 
-    def _thread_tls(self) -> ssl.SSLContext:
-        # The same trust as httpx's side for this host (see certs.tls_context).
-        return self._tls_context if self._tls_context is not None else default_context()
+    def _tls(self) -> ssl.SSLContext:
+        """This host's TLS context, for both clients: :func:`~..certs.tls_context`'s, else the
+        default trust, built at the first TLS connection (from worker threads too)."""
+        with self._tls_lock:
+            if self._tls_context is None:
+                self._tls_context = default_context()
+            return self._tls_context
 
     def _httpx(self) -> HttpxSender:
         if self._sender is None:
@@ -276,7 +282,7 @@ class RegistryTransport:
 
             self._sender = HttpxSender(
                 plain_http=self.plain_http,
-                verify=self._tls_context,
+                tls=self._tls,
                 timeouts=self.timeouts,
                 max_connections=self._max_connections,
             )
