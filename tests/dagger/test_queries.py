@@ -464,6 +464,8 @@ async def test_registry_export_saves_with_the_core_in_its_own_container(
     assert [(w, subpath_problem(offline, c)) for w, c in handed_directories(offline)] == [
         (w, None) for w, _ in handed_directories(offline)
     ]
+    # The OWNERS listing made in the engine (remote_backend.local.owners_listing) is an exec too.
+    assert script_execs(offline, scripts.OWNERS) and exec_problem(offline) is None
 
     store = RegistryStore.from_reference(
         parse_reference(f"{auth_registry.host}/{repo_name}"),
