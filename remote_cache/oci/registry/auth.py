@@ -175,9 +175,7 @@ class Authenticator:
             with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
                 answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
             if answer.status_code != 200:
-                raise error_for_response(
-                    answer, answer.body, host=self.host, credentials=self.credentials, action=action
-                )
+                raise error_for_response(answer, host=self.host, credentials=self.credentials, action=action)
             value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)

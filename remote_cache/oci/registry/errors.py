@@ -1,4 +1,4 @@
-"""Registry errors on the wire, and the one boundary where httpx's exceptions become ours.
+"""Registry errors on the wire, and the one boundary where the HTTP clients' exceptions become ours.
 
 * :func:`error_for_response` turns an error response into the one right exception: 401/403 ->
   :class:`~remote_cache.errors.RegistryAuthError` (saying how to pass credentials), anything else
@@ -21,14 +21,14 @@ import json
 import socket
 import ssl
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut, TooManyRedirects
+from .threaded import ConnectTimedOut, TooManyRedirects, WireAnswer
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
@@ -52,22 +52,8 @@ def _spec_errors(body: bytes) -> list[tuple[str, str]]:
         return []
 
 
-class Answer(Protocol):
-    """What :func:`error_for_response` reads of an answer (httpx's, or bodies.py's)."""
-
-    @property
-    def status_code(self) -> int: ...
-
-    @property
-    def reason_phrase(self) -> str: ...
-
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-
-
 def error_for_response(
-    response: Answer,
-    body: bytes,
+    response: WireAnswer,
     *,
     host: str,
     credentials: Credentials | None,
@@ -78,7 +64,7 @@ def error_for_response(
     ``action`` says what we tried (``"read manifest team/cache:npm"``) and starts the message.
     """
     status = response.status_code
-    errors = _spec_errors(body)
+    errors = _spec_errors(response.body)
     code = errors[0][0] if errors else ""
     detail = "; ".join(f"{c}: {m}" if m else c for c, m in errors) or response.reason_phrase or ""
     if status in (401, 403):

@@ -159,9 +159,7 @@ class RegistryTransport:
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
-            raise error_for_response(
-                answer, answer.body, host=self.host, credentials=self.credentials, action=action
-            )
+            raise error_for_response(answer, host=self.host, credentials=self.credentials, action=action)
 
     async def request(
         self,
@@ -189,9 +187,7 @@ class RegistryTransport:
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
-                raise error_for_response(
-                    answer, answer.body, host=self.host, credentials=self.credentials, action=action
-                )
+                raise error_for_response(answer, host=self.host, credentials=self.credentials, action=action)
             return answer
 
         answer = await (self.retry.call(attempt) if retry else attempt())
