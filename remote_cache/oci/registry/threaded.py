@@ -178,8 +178,7 @@ class Stopper:
         """Around the request: it may not start once stopped (a cancelled worker thread may never
         run it, and then nobody else would set ``done``); ``done`` is set when it ends."""
         with self._lock:
-            if self._stopped:
-                raise InterruptedError("the download was stopped")
+            self.check()
             self._started = True
         try:
             yield
@@ -199,11 +198,11 @@ class Stopper:
         """Called before the first byte goes to a sink: not once stopped; once called, a stop
         waits for ``done`` (the sink's owner must know that nothing writes any more)."""
         with self._lock:
-            if self._stopped:
-                raise InterruptedError("the download was stopped")
+            self.check()
             self._delivering = True
 
     def check(self) -> None:
+        """InterruptedError once stopped."""
         if self._stopped:
             raise InterruptedError("the download was stopped")
 
