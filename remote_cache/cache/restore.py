@@ -29,7 +29,6 @@ import anyio
 import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
-from ..archive.swap import discard_dir
 from ..archive.target import RestoreTarget, clean_leftovers, locked, plan_target, swap_in
 from ..archive.workdirs import WorkDir
 from ..errors import CacheMiss, NoSpace, RemoteCacheError
@@ -190,8 +189,6 @@ class _Restore:
         self._progress = progress
         self._record = record_state
         self._work: WorkDir | None = None
-        self._staging: Path | None = None
-        self._spool: Path | None = None
         self._feeds: list[GrowingFile] = []
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
@@ -202,7 +199,6 @@ class _Restore:
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
         self._work = await anyio.to_thread.run_sync(self._make_work)
-        self._staging = self._work.path / "new"
         self._staging.mkdir(mode=0o700)
         if self._progress is not None:
             self._progress.start(sum(d.size for d in self._image.layers))
@@ -219,12 +215,9 @@ class _Restore:
                     tg.start_soon(self._extract)
             except BaseExceptionGroup as group:
                 raise _user_facing(first_error(group, ignore=(Aborted,)), self._target, self._image) from None
-            except OSError as exc:
-                raise _user_facing(exc, self._target, self._image) from None
             ok = True
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._close_spool(ok)
+            self._close_feeds(ok)  # the spool files go with the work directory (close)
         # The group ended without an error: the extraction ran to the end (it returns early only
         # when a failed download, which the group raises, aborted it).
         assert self._stats is not None
@@ -232,12 +225,17 @@ class _Restore:
 
     def _open_spool(self, spool: Path) -> None:
         """One empty spool file per layer, each opened for the extraction to read as it grows."""
-        self._spool = spool
         spool.mkdir()
         for i in range(len(self._image.layers)):
             part = spool / f"layer-{i}"
             part.touch()
             self._feeds.append(GrowingFile(part))
+
+    @property
+    def _staging(self) -> Path:
+        """The directory the layers are extracted into, in the work directory."""
+        assert self._work is not None
+        return self._work.path / "new"
 
     def _make_work(self) -> WorkDir:
         target = self._target
@@ -255,7 +253,7 @@ class _Restore:
 
     async def swap(self) -> None:
         """Put the staging directory in place of the target, or its entries in the target's."""
-        assert self._staging is not None and self._work is not None
+        assert self._work is not None
         await anyio.to_thread.run_sync(swap_in, self._target, self._staging, self._work.path)
 
     def close(self) -> None:
@@ -308,7 +306,6 @@ class _Restore:
             feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
-        assert self._staging is not None
         with Extractor(self._staging) as extractor:
             extractor.add_layers(self._layers())
             return extractor.finish()
@@ -326,7 +323,6 @@ class _Restore:
     def _make_window(self) -> RestoreWindow | None:
         """Only layers with a portable listing annotation (saved by us, not racy) can be matched
         by a later save. None when there are none, or the directory cannot be identified."""
-        assert self._staging is not None
         image, diff_ids = self._image, self._diff_ids
         layers: dict[tuple[str, str], LayerRecord] = {}
         for desc, diff_id in zip(image.layers, diff_ids, strict=False):
@@ -345,13 +341,11 @@ class _Restore:
             return None
         return RestoreWindow(self._window_start, end_ns, root, layers)
 
-    async def _close_spool(self, ok: bool) -> None:
+    def _close_feeds(self, ok: bool) -> None:
         for feed in self._feeds:
             # Wake an extraction thread still waiting on a feed (the task group was cancelled).
             feed.finish(None if ok else Aborted())
             feed.close()
-        if self._spool is not None:
-            await anyio.to_thread.run_sync(discard_dir, self._spool)
 
 
 def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -> BaseException:
