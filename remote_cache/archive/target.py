@@ -28,7 +28,15 @@ from ..errors import UnsuitableTarget
 from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, swap_entries
 from .workdirs import IN_PLACE_PREFIX, sweep_dead
 
-__all__ = ["IN_PLACE_PREFIX", "RestoreTarget", "clean_leftovers", "locked", "plan_target", "swap_in"]
+__all__ = [
+    "IN_PLACE_PREFIX",
+    "RestoreTarget",
+    "clean_leftovers",
+    "locked",
+    "nearest_existing",
+    "plan_target",
+    "swap_in",
+]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -54,10 +62,11 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def _existing_ancestor(path: Path) -> Path:
-    for parent in path.parents:
-        if parent.exists():
-            return parent
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
     return Path("/")
 
 
@@ -68,7 +77,7 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
     if resolved.exists() and not resolved.is_dir():
         raise UnsuitableTarget(f"{given} is not a directory: remove it or restore somewhere else")
     if not resolved.exists():
-        ancestor = _existing_ancestor(resolved)
+        ancestor = nearest_existing(resolved.parent)
         if not ancestor.is_dir():
             raise UnsuitableTarget(f"cannot create {given}: {ancestor} is not a directory")
         if not _writable(ancestor):

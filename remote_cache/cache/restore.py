@@ -29,7 +29,7 @@ import anyio
 import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
-from ..archive.target import RestoreTarget, clean_leftovers, locked, plan_target, swap_in
+from ..archive.target import RestoreTarget, clean_leftovers, locked, nearest_existing, plan_target, swap_in
 from ..archive.workdirs import WorkDir
 from ..errors import CacheMiss, NoSpace, RemoteCacheError
 from ..keys import validate_key
@@ -145,10 +145,7 @@ def _check_space(target: RestoreTarget, image: CacheImage) -> None:
     if image.size is None:
         return  # a foreign image: its size is not known up front
     need = _space_needed(image)
-    where = target.work_parent if target.work_parent.exists() else target.path.parent
-    while not where.exists():
-        where = where.parent
-    st = os.statvfs(where)
+    st = os.statvfs(nearest_existing(target.work_parent))
     free = st.f_bavail * st.f_frsize
     if free < need:
         raise NoSpace(_space_message(target, need, free))
@@ -160,11 +157,10 @@ def _space_needed(image: CacheImage) -> int:
 
 
 def _space_message(target: RestoreTarget, need: int, free: int | None = None) -> str:
-    where = target.path if target.in_place else target.path.parent
     have = f", {format_bytes(free)} free there" if free is not None else ""
     return (
         f"not enough space to restore into {target.path}: it needs about {format_bytes(need)} free in "
-        f"{where} (the new tree while the old one stays until the swap){have}"
+        f"{target.work_parent} (the new tree while the old one stays until the swap){have}"
     )
 
 
