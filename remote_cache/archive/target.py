@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import UnsuitableTarget
 from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, swap_entries
-from .workdirs import IN_PLACE_PREFIX, sweep_dead
+from .workdirs import IN_PLACE_PREFIX, is_in_place_work, sweep_dead
 
 __all__ = [
     "IN_PLACE_PREFIX",
@@ -55,7 +55,12 @@ class RestoreTarget:
 
     @property
     def work_prefix(self) -> str:
-        return IN_PLACE_PREFIX if self.in_place else f".{self.path.name}.remote-cache-"
+        return IN_PLACE_PREFIX if self.in_place else _beside_prefix(self.path)
+
+
+def _beside_prefix(path: Path) -> str:
+    """Name prefix of a restore's work directory next to (not in) the target ``path``."""
+    return f".{path.name}.remote-cache-"
 
 
 def _writable(path: Path) -> bool:
@@ -87,7 +92,7 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
     in_place = is_cwd or os.path.ismount(resolved) or not _writable(resolved.parent)
     if not _writable(resolved) and (in_place or not os.listdir(resolved)):
         raise UnsuitableTarget(f"cannot write into {given}: check its permissions")
-    if is_cwd and not force and any(not n.startswith(IN_PLACE_PREFIX) for n in os.listdir(resolved)):
+    if is_cwd and not force and any(not is_in_place_work(n) for n in os.listdir(resolved)):
         raise UnsuitableTarget(
             f"{given} is the current directory and not empty: a restore replaces everything in it; "
             "pass --force to do that"
@@ -130,7 +135,7 @@ def clean_leftovers(target: RestoreTarget) -> list[Path]:
     """Remove the work directories of dead runs at this target (finishing their journaled swaps)."""
     finish = _finisher(target)
     with locked(target):
-        removed = sweep_dead(target.path.parent, f".{target.path.name}.remote-cache-", recover=finish)
+        removed = sweep_dead(target.path.parent, _beside_prefix(target.path), recover=finish)
         if target.path.is_dir():
             removed += sweep_dead(target.path, IN_PLACE_PREFIX, recover=finish)
     return removed
@@ -140,18 +145,18 @@ def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
     another run works inside the target), else the directory exchanged whole."""
     for name in os.listdir(staging):
-        if name.startswith(IN_PLACE_PREFIX):  # an archive's copy of a work directory is no tree
+        if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
     with locked(target):
         if target.in_place or _holds_work(target.path):
-            swap_entries(staging, target.path, work, keep=lambda name: name.startswith(IN_PLACE_PREFIX))
+            swap_entries(staging, target.path, work, keep=is_in_place_work)
         else:
             replace_dir(staging, target.path)
 
 
 def _holds_work(path: Path) -> bool:
     try:
-        return any(name.startswith(IN_PLACE_PREFIX) for name in os.listdir(path))
+        return any(is_in_place_work(name) for name in os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
         return False
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
-from .workdirs import IN_PLACE_PREFIX
+from .workdirs import is_in_place_work
 
 __all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
 
@@ -97,7 +97,7 @@ class _Walk:
         with os.scandir(full) as it:
             children = sorted(it, key=lambda d: os.fsencode(d.name))
         if not rel:  # a restore's work directory inside the root is no part of the tree
-            children = [d for d in children if not d.name.startswith(IN_PLACE_PREFIX)]
+            children = [d for d in children if not is_in_place_work(d.name)]
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
         names.append("\0/")  # a directory's entries start
         for d in children:

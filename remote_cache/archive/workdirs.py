@@ -22,12 +22,17 @@ from pathlib import Path
 
 from .swap import discard_dir
 
-__all__ = ["IN_PLACE_PREFIX", "WorkDir", "sweep_dead"]
+__all__ = ["IN_PLACE_PREFIX", "WorkDir", "is_in_place_work", "sweep_dead"]
 
 _LOCK = "lock"
 #: Name prefix of a restore's work directory inside an in-place target: never part of the tree
 #: (a save leaves such entries out, a restore never brings them in).
 IN_PLACE_PREFIX = ".remote-cache-restore-"
+
+
+def is_in_place_work(name: str) -> bool:
+    """Whether ``name`` is named as a restore's work directory inside an in-place target."""
+    return name.startswith(IN_PLACE_PREFIX)
 
 
 class WorkDir:
