@@ -29,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
+from ..archive.sparse import write_all
 from ..archive.target import RestoreTarget, clean_leftovers, locked, nearest_existing, plan_target, swap_in
 from ..archive.workdirs import WorkDir
 from ..errors import CacheMiss, NoSpace, RemoteCacheError
@@ -267,11 +268,9 @@ class _Restore:
                 with open(feed.path, "wb", buffering=0) as out:
 
                     def sink(chunk: memoryview) -> None:
-                        size, rest = len(chunk), chunk
-                        while rest:
-                            rest = rest[out.write(rest) or 0 :]
-                        feed.wrote(size)
-                        self._moved(size)
+                        write_all(out.fileno(), chunk)
+                        feed.wrote(len(chunk))
+                        self._moved(len(chunk))
 
                     await self._store.download_blob(desc, sink)
         except BaseException as exc:
