@@ -130,7 +130,7 @@ async def restore(
         key=key,
         tag=match.tag,
         digest=image.digest,
-        bytes=run.downloaded,
+        bytes=run.download_bytes,
         size=stats.bytes,
         files=stats.files,
         seconds=time.monotonic() - started,
@@ -190,15 +190,16 @@ class _Restore:
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
         self._window_start = 0
-        self._count_lock = threading.Lock()
-        self.downloaded = 0
+        self._progress_lock = threading.Lock()
+        #: The compressed bytes a restore downloads: every layer's (each blob's size is checked).
+        self.download_bytes = sum(d.size for d in image.layers)
 
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
         self._work = await anyio.to_thread.run_sync(self._make_work)
         self._staging.mkdir(mode=0o700)
         if self._progress is not None:
-            self._progress.start(sum(d.size for d in self._image.layers))
+            self._progress.start(self.download_bytes)
         ok = False
         try:
             self._open_spool(self._work.path / "spool")
@@ -279,10 +280,9 @@ class _Restore:
         feed.finish()
 
     def _moved(self, nbytes: int) -> None:
-        """Count downloaded bytes (called from the stores' worker threads, several at once)."""
-        with self._count_lock:
-            self.downloaded += nbytes
-            if self._progress is not None:
+        """Report downloaded bytes (called from the stores' worker threads, several at once)."""
+        if self._progress is not None:
+            with self._progress_lock:
                 self._progress.advance(nbytes)
 
     async def _fetch_diff_ids(self) -> None:
