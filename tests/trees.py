@@ -6,7 +6,8 @@ directories, nested empty dirs, read-only files and dirs, unicode (NFC and NFD, 
 names, 60-level nesting, names with spaces, newlines, leading dashes and glob characters.
 ``assert_same_tree(a, b)`` compares type, mode, mtime (whole seconds, what tar keeps), size,
 content, symlink targets, hard-link groups and empty directories. ``holes_work(dir)`` probes
-whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk.
+whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk;
+``staging_dir(target)`` makes a private directory to extract into next to ``target``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import secrets
 import stat
 import unicodedata
 import zlib
 from pathlib import Path
 
-__all__ = ["allocated", "assert_same_tree", "holes_work", "make_tree", "small_tree", "snapshot"]
+__all__ = [
+    "allocated",
+    "assert_same_tree",
+    "holes_work",
+    "make_tree",
+    "small_tree",
+    "snapshot",
+    "staging_dir",
+]
 
 _MTIME = 1_600_000_000
 
@@ -198,3 +208,12 @@ def holes_work(directory: Path) -> bool:
     finally:
         os.close(fd)
         probe.unlink()
+
+
+def staging_dir(target: Path) -> Path:
+    """Create a fresh, private (0700) staging directory next to ``target`` (same filesystem)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.staging-{secrets.token_hex(6)}"
+    path.mkdir(mode=0o700)
+    return path

@@ -1,4 +1,4 @@
-"""Staging directories, the swap into place, and removing trees whatever their modes.
+"""The swap of a staging directory into place, and removing trees whatever their modes.
 
 A restore extracts into a private (0700) staging directory on the target's filesystem and swaps
 it in only when everything was extracted and verified. Next to an ordinary target,
@@ -30,7 +30,6 @@ __all__ = [
     "finish_swap",
     "remove_tree_at",
     "replace_dir",
-    "staging_dir",
     "swap_entries",
 ]
 
@@ -39,15 +38,6 @@ JOURNAL = "swap.json"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_EXCHANGE = 2
-
-
-def staging_dir(target: Path) -> Path:
-    """Create a fresh, private (0700) staging directory next to ``target`` (same filesystem)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = target.parent / f".{target.name}.staging-{secrets.token_hex(6)}"
-    path.mkdir(mode=0o700)
-    return path
 
 
 def discard_dir(path: Path) -> None:

@@ -48,10 +48,9 @@ class WorkDir:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         os.rename(pending, self.path / _LOCK)
 
-    def close(self, *, remove: bool = True) -> None:
-        """Remove the directory (unless ``remove`` is false) and release the lock; idempotent."""
-        if remove:
-            discard_dir(self.path)
+    def close(self) -> None:
+        """Remove the directory and release the lock; idempotent."""
+        discard_dir(self.path)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

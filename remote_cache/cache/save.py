@@ -15,7 +15,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -453,7 +453,7 @@ class _Packer:
     step is running: a cancelled wait for ``next`` does not stop the thread inside it, and
     closing a generator another thread is executing raises ValueError."""
 
-    def __init__(self, layers: Iterator[PackedLayer]) -> None:
+    def __init__(self, layers: Generator[PackedLayer, None, None]) -> None:
         self._layers = layers
         self._lock = threading.Lock()
 
@@ -463,9 +463,7 @@ class _Packer:
 
     def close(self) -> None:
         with self._lock:
-            close = getattr(self._layers, "close", None)
-            if close is not None:
-                close()
+            self._layers.close()
 
 
 def _compression(name: str) -> Compression:

@@ -15,9 +15,9 @@ import pytest
 import zstandard
 
 from remote_cache.archive.extract import Extractor
-from remote_cache.archive.swap import discard_dir, staging_dir
+from remote_cache.archive.swap import discard_dir
 from remote_cache.errors import ImageFormatError, IntegrityError, UnsafeArchive
-from tests.trees import snapshot
+from tests.trees import snapshot, staging_dir
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:

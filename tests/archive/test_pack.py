@@ -16,11 +16,11 @@ import zstandard
 from remote_cache.archive.extract import Extractor
 from remote_cache.archive.pack import PackedLayer, pack_tree
 from remote_cache.archive.plan import scan_tree
-from remote_cache.archive.swap import replace_dir, staging_dir
+from remote_cache.archive.swap import replace_dir
 from remote_cache.archive.tar import DIR, HARDLINK
 from remote_cache.archive.walk import Special, tree_identity
 from remote_cache.cache.evidence import settle
-from tests.trees import assert_same_tree, make_tree, snapshot
+from tests.trees import assert_same_tree, make_tree, snapshot, staging_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import zstandard
 
 from remote_cache.archive.extract import Extractor
 from remote_cache.archive.pack import pack_tree
-from remote_cache.archive.swap import discard_dir, replace_dir, staging_dir
+from remote_cache.archive.swap import discard_dir, replace_dir
 from remote_cache.errors import IntegrityError
-from tests.trees import assert_same_tree
+from tests.trees import assert_same_tree, staging_dir
 
 TAR = "tar"
 
