@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from ..archive.codecs import Compression, check_level
+from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
@@ -193,7 +193,7 @@ async def save(
         return _skipped(key, tag, "read-only: nothing saved", started)
     if immutable and (current := await _current(store, tag)) is not None:
         return _skipped(key, tag, "immutable key exists", started, current)
-    codec = _compression(compression)
+    codec = check_compression(compression)
     check_level(codec, level)
     # Everything the image depends on besides the tree; the tool's version stands for the
     # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
@@ -464,14 +464,6 @@ class _Packer:
     def close(self) -> None:
         with self._lock:
             self._layers.close()
-
-
-def _compression(name: str) -> Compression:
-    if name == "zstd":
-        return "zstd"
-    if name == "gzip":
-        return "gzip"
-    raise ValueError(f"compression must be 'zstd' or 'gzip', not {name!r}")
 
 
 # -- publish ----------------------------------------------------------------------------------

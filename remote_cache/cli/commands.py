@@ -144,11 +144,14 @@ def _save(
     storage_class: StorageClassOpt = None,
 ) -> Body:
     """Save PATH under a key (REF = HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY or oci:DIR:KEY)."""
-    if compression not in ("zstd", "gzip"):
-        raise typer.BadParameter(f"{compression!r}: choose zstd or gzip", param_hint="--compression")
-    writes = _writes(sse, sse_kms_key_id, storage_class)
-    from ..archive.codecs import check_level
+    from ..archive.codecs import LEVELS, check_compression, check_level
 
+    try:
+        check_compression(compression)
+    except ValueError:
+        choices = " or ".join(LEVELS)
+        raise typer.BadParameter(f"{compression!r}: choose {choices}", param_hint="--compression") from None
+    writes = _writes(sse, sse_kms_key_id, storage_class)
     parsed(lambda lv: check_level(compression, lv), level, "--level")
     from ..oci.descriptor import Platform
 
