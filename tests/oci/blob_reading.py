@@ -1,7 +1,7 @@
 """Reading a whole blob back from a store, both ways a store offers: ``read_blob`` (an async
 stream; a registry's fetches the blob whole through ``download_blob``, then hands it out) or
-``download_blob`` into a sink (what a restore uses). Modules that want every test run both ways
-use the ``via`` fixture (``pytestmark = pytest.mark.usefixtures("via")``)."""
+``download_blob`` into a sink (what a restore uses). A test that reads blobs (``read_all``, or
+``VIA`` itself) runs both ways under the ``via`` fixture: ``@pytest.mark.usefixtures("via")``."""
 
 from __future__ import annotations
 

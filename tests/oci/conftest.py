@@ -8,7 +8,6 @@ from tests.oci import blob_reading
 
 
 @pytest.fixture(params=blob_reading.READ_WAYS)
-def via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the test reading blobs one way, then the other (see :mod:`tests.oci.blob_reading`)."""
     monkeypatch.setattr(blob_reading, "VIA", request.param)
-    return str(request.param)

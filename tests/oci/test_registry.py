@@ -53,9 +53,6 @@ def blob(data: bytes, media_type: str = OCI_LAYER_TAR) -> Descriptor:
     return Descriptor(media_type, sha256_digest(data), len(data))
 
 
-pytestmark = pytest.mark.usefixtures("via")
-
-
 async def push_image(store: RegistryStore, tag: str | None, payload: bytes) -> tuple[Descriptor, bytes]:
     """Push a minimal OCI image (config + one layer) and return its manifest descriptor and body."""
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
@@ -83,6 +80,7 @@ async def test_ping(server: RegistryServer) -> None:
         await store.ping()
 
 
+@pytest.mark.usefixtures("via")
 async def test_blob_push_skip_and_read_back(server: RegistryServer, repo_name: str) -> None:
     data = os.urandom(100_000)
     desc = blob(data)
@@ -94,6 +92,7 @@ async def test_blob_push_skip_and_read_back(server: RegistryServer, repo_name: s
         assert await read_all(store, desc) == data
 
 
+@pytest.mark.usefixtures("via")
 async def test_small_file_goes_in_one_put(
     registry: RegistryServer, repo_name: str, tmp_path: Path, fault_proxy_factory: Callable[..., FaultProxy]
 ) -> None:
@@ -108,6 +107,7 @@ async def test_small_file_goes_in_one_put(
     assert proxy.count("PUT", "/blobs/uploads/") == 1
 
 
+@pytest.mark.usefixtures("via")
 async def test_large_file_uploads_in_chunks(
     server: RegistryServer,
     repo_name: str,
@@ -140,6 +140,7 @@ async def test_wrong_digest_is_rejected_by_registry(registry: RegistryServer, re
         assert not await store.has_blob(lie.digest)
 
 
+@pytest.mark.usefixtures("via")
 async def test_parallel_uploads_share_one_client(server: RegistryServer, repo_name: str) -> None:
     blobs = [os.urandom(20_000 + i) for i in range(12)]
     before = server.tokens_issued
@@ -152,6 +153,7 @@ async def test_parallel_uploads_share_one_client(server: RegistryServer, repo_na
     assert back == blobs
 
 
+@pytest.mark.usefixtures("via")
 @pytest.mark.parametrize("same_size", [True, False])
 async def test_corrupt_blob_raises_integrity_error(
     registry: RegistryServer, repo_name: str, same_size: bool
@@ -273,6 +275,7 @@ async def test_delete_disabled_is_unsupported(tmp_path: Path, repo_name: str) ->
         server.stop()
 
 
+@pytest.mark.usefixtures("via")
 async def test_cross_repository_mount(
     server: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
 ) -> None:
@@ -381,6 +384,7 @@ async def test_from_reference(registry: RegistryServer, repo_name: str) -> None:
         assert (await store.resolve("some-key")).media_type == OCI_MANIFEST
 
 
+@pytest.mark.usefixtures("via")
 async def test_redirect_to_another_origin_drops_credentials(
     auth_registry: RegistryServer,
     registry: RegistryServer,
@@ -417,6 +421,7 @@ async def test_resolve_without_digest_header_falls_back_to_get(
     assert proxy.count("GET", "/manifests/t") == 1
 
 
+@pytest.mark.usefixtures("via")
 async def test_upload_checks_presence_with_one_mount_request(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
 ) -> None:
@@ -435,6 +440,7 @@ async def test_upload_checks_presence_with_one_mount_request(
         assert await read_all(store, blob(data)) == data
 
 
+@pytest.mark.usefixtures("via")
 async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
 ) -> None:
@@ -476,6 +482,7 @@ async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
         assert await store.resolve("tls") == desc
 
 
+@pytest.mark.usefixtures("via")
 @pytest.mark.parametrize("trusted", [False, True])
 async def test_plain_http_registry_redirecting_to_tls_storage_verifies_it(
     registry: RegistryServer,
@@ -509,6 +516,7 @@ async def test_plain_http_registry_redirecting_to_tls_storage_verifies_it(
                 await read_all(store, desc)
 
 
+@pytest.mark.usefixtures("via")
 async def test_blob_compressed_in_transit_by_a_proxy_still_verifies(repo_name: str) -> None:
     # Some proxies gzip any response, whatever the client asked for. We ask for the stored
     # bytes ("identity"), and decode what comes compressed anyway before checking the digest.

@@ -34,9 +34,6 @@ def store_via(proxy: FaultProxy, server: RegistryServer, repo: str, **kw: object
     return RegistryStore(proxy.host, repo, credentials=creds, **kw)  # type: ignore[arg-type]
 
 
-pytestmark = pytest.mark.usefixtures("via")
-
-
 async def test_503s_are_retried(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -86,6 +83,7 @@ async def test_429_honours_retry_after(
     assert proxy.count(status=429) == 1
 
 
+@pytest.mark.usefixtures("via")
 async def test_blob_download_cut_mid_body_resumes(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -98,6 +96,7 @@ async def test_blob_download_cut_mid_body_resumes(
     assert proxy.count("GET", "/blobs/sha256:") == 2  # cut once, then resumed with Range
 
 
+@pytest.mark.usefixtures("via")
 async def test_blob_download_cut_every_time_fails_as_unreachable(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -110,6 +109,7 @@ async def test_blob_download_cut_every_time_fails_as_unreachable(
             await read_all(store, blob(data))
 
 
+@pytest.mark.usefixtures("via")
 async def test_upload_retried_after_503_on_commit(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -123,6 +123,7 @@ async def test_upload_retried_after_503_on_commit(
     assert proxy.count("PUT", status=201) == 1
 
 
+@pytest.mark.usefixtures("via")
 async def test_chunked_upload_restarts_after_cut(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -154,6 +155,7 @@ async def test_stall_ends_with_unreachable_within_timeout(
     assert elapsed < 3.0  # two attempts of 0.5 s plus backoff, not forever
 
 
+@pytest.mark.usefixtures("via")
 async def test_stall_mid_body_ends_with_unreachable(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -182,6 +184,7 @@ async def test_single_stall_is_retried(
     assert proxy.count("GET") == 2
 
 
+@pytest.mark.usefixtures("via")
 async def test_token_flow_survives_faults(
     token_registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -207,6 +210,7 @@ def test_retry_after_forms_and_backoff_bounds() -> None:
 # -- healthy stretch between two stalls, a cancel before the worker thread began
 
 
+@pytest.mark.usefixtures("via")
 async def test_a_token_the_registry_no_longer_accepts_is_renewed_once(
     token_registry: RegistryServer, repo_name: str
 ) -> None:
@@ -221,6 +225,7 @@ async def test_a_token_the_registry_no_longer_accepts_is_renewed_once(
         assert token_registry.tokens_issued - before == 1
 
 
+@pytest.mark.usefixtures("via")
 async def test_a_redirect_loop_names_no_signature(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -239,6 +244,7 @@ async def test_a_redirect_loop_names_no_signature(
     assert front.count("GET", "/blobs/") + storage.count("GET", "/blobs/") == 6
 
 
+@pytest.mark.usefixtures("via")
 async def test_bytes_moving_between_two_stalls_refill_the_budget(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:
@@ -278,6 +284,7 @@ async def test_a_full_disk_under_a_download_is_the_disks_error(
     assert info.value.errno == errno.ENOSPC
 
 
+@pytest.mark.usefixtures("via")
 async def test_a_cancel_before_the_download_thread_began_does_not_hang(
     registry: RegistryServer, repo_name: str
 ) -> None:
