@@ -10,6 +10,9 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
   test CA (``.ca``), the second also requiring a client certificate; the third plain HTTP.
 * ``repo_name``: a fresh repository name per test, e.g. ``test/test-push-3f9a1c2b``.
 * ``fault_proxy_factory``: ``factory(server) -> FaultProxy`` in front of a registry, closed after the test.
+* ``cli``: ``cli(*args, stdin="", env=None) -> CompletedProcess``, the console script run for real in
+  ``tmp_path`` with a clean environment (``tests/cli/output.py``); ``pycache`` (session) keeps the
+  bytecode of its runs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +29,7 @@ import pytest
 
 import remote_cache.archive.plan as layers_mod
 import remote_cache.cache.save as save_mod
+from tests.cli.output import CLI, Run, clean_env
 from tests.object_servers import (
     ObjectServer,
     azurite_available,
@@ -135,6 +140,34 @@ def fault_proxy_factory() -> Iterator[Callable[[RegistryServer], FaultProxy]]:
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def pycache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the subprocesses keep bytecode: without it every CLI run recompiles all its imports."""
+    return tmp_path_factory.mktemp("pycache")
+
+
+@pytest.fixture
+def cli(tmp_path: Path, pycache: Path) -> Run:
+    """Run the console script in ``tmp_path`` with a clean environment (see :func:`clean_env`)."""
+    base = clean_env(tmp_path, pycache)
+
+    def run(
+        *args: str, stdin: str = "", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CLI), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**base, **(env or {})},
+            timeout=120,
+            check=False,
+        )
+
+    return run
 
 
 def _object_server(

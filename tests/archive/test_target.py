@@ -16,6 +16,7 @@ from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
+from tests.cli.output import Run
 from tests.trees import assert_same_tree, snapshot
 
 
@@ -90,15 +91,11 @@ def test_targets_that_cannot_work_are_refused(tmp_path: Path) -> None:
         plan_target(tmp_path / "file" / "below")
 
 
-def test_the_cli_refuses_a_bad_target_before_asking_the_store(tmp_path: Path) -> None:
+def test_the_cli_refuses_a_bad_target_before_asking_the_store(cli: Run, tmp_path: Path) -> None:
     """A target that is a file: exit 2 with the reason, and the store was never read (a registry
     that does not exist would otherwise be the error)."""
     (tmp_path / "file").write_text("x")
-    cli = str(Path(sys.executable).parent / "remote-cache")
-    proc = subprocess.run(
-        [cli, "restore", "127.0.0.1:9/none/here:k", str(tmp_path / "file")],
-        capture_output=True, text=True, env={**os.environ, "REMOTE_CACHE_STATE_DIR": str(tmp_path / "s")},
-    )  # fmt: skip
+    proc = cli("restore", "127.0.0.1:9/none/here:k", str(tmp_path / "file"))
     assert proc.returncode == 2, proc.stderr
     assert "is not a directory" in proc.stderr and "127.0.0.1:9" not in proc.stderr
 
@@ -187,7 +184,7 @@ async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
     assert clean_leftovers(plan_target(target)) == [live]
 
 
-def test_not_enough_space_is_refused_before_downloading_and_says_where(tmp_path: Path) -> None:
+def test_not_enough_space_is_refused_before_downloading_and_says_where(cli: Run, tmp_path: Path) -> None:
     """A 1 MiB tmpfs cannot take a 3 MB entry: exit 5 before any layer is fetched, naming the
     place and the size; the target is untouched and nothing is left there."""
     small = tmp_path / "small"
@@ -199,15 +196,11 @@ def test_not_enough_space_is_refused_before_downloading_and_says_where(tmp_path:
         src = tmp_path / "src"
         src.mkdir()
         (src / "big").write_bytes(os.urandom(3 << 20))
-        cli = str(Path(sys.executable).parent / "remote-cache")
-        env = {**os.environ, "REMOTE_CACHE_STATE_DIR": str(tmp_path / "state")}
         layout = f"oci:{tmp_path / 'layout'}:k"
-        assert subprocess.run([cli, "save", str(src), layout, "-q"], env=env).returncode == 0
+        assert cli("save", str(src), layout, "-q").returncode == 0
         (small / "old").mkdir()
         before = snapshot(small)
-        proc = subprocess.run(
-            [cli, "restore", layout, str(small / "old")], env=env, capture_output=True, text=True
-        )
+        proc = cli("restore", layout, str(small / "old"))
         assert proc.returncode == 5, proc.stderr
         assert f"needs about 6.3 MB free in {small}" in proc.stderr, proc.stderr  # tree + biggest layer
         assert snapshot(small) == before

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
-from tests.cli.output import CLI
+from tests.cli.output import Run, json_line, warnings
 from tests.stores import opened
 from tests.trees import allocated, assert_same_tree, holes_work, make_tree, snapshot
 
@@ -297,18 +296,13 @@ async def _layers_of(store: Store, digest: str) -> list[Descriptor]:
     return list((await load_image(store, digest)).layers)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The console script, for real (the autouse ``state_dir`` fixture is in its environment)."""
-    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=120, check=False)
-
-
 def _bind(path: Path) -> None:
     """Leave a UNIX socket at ``path`` (the file stays once the socket is closed)."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
 
 
-def test_special_files_are_left_out_named_and_warned_about_once(tmp_path: Path) -> None:
+def test_special_files_are_left_out_named_and_warned_about_once(cli: Run, tmp_path: Path) -> None:
     src = tmp_path / "src"
     for d in ("a", "run", "z"):
         (src / d).mkdir(parents=True)
@@ -317,26 +311,26 @@ def test_special_files_are_left_out_named_and_warned_about_once(tmp_path: Path) 
     _bind(src / "run" / "x.sock")
     layout = f"oci:{tmp_path / 'layout'}"
 
-    saved = _cli("save", str(src), f"{layout}:k", "--json")
+    saved = cli("save", str(src), f"{layout}:k", "--json")
     assert saved.returncode == 0, saved.stderr
-    data = json.loads(saved.stdout)
+    data = json_line(saved)
     assert data["outcome"] == "saved" and data["files"] == 1 and data["special_files"] == 2
     assert data["special"] == [{"path": "a/pipe", "kind": "fifo"}, {"path": "run/x.sock", "kind": "socket"}]
     note = "skipped 2 special files (fifo: a/pipe, socket: run/x.sock)"
-    warnings = [line for line in saved.stderr.splitlines() if line.startswith("remote-cache: warning: ")]
-    assert len(warnings) == 1 and f"{src}: {note}" in warnings[0], saved.stderr
+    warned = warnings(saved.stderr)
+    assert len(warned) == 1 and f"{src}: {note}" in warned[0], saved.stderr
     summary = saved.stderr.splitlines()[-1]
     assert summary.startswith("save saved k:") and summary.endswith(f"; {note}")
 
     for i in range(3):
         os.mkfifo(src / "z" / f"p{i}")
-    more = _cli("save", str(src), f"{layout}:k", "--json")
-    assert more.returncode == 0 and json.loads(more.stdout)["special_files"] == 5, more.stderr
+    more = cli("save", str(src), f"{layout}:k", "--json")
+    assert more.returncode == 0 and json_line(more)["special_files"] == 5, more.stderr
     assert more.stderr.count("remote-cache: warning: ") == 1
     assert "skipped 5 special files (fifo: a/pipe, socket: run/x.sock, fifo: z/p0 and 2 more)" in more.stderr
 
     out = tmp_path / "out"
-    restored = _cli("restore", f"{layout}:k", str(out))
+    restored = cli("restore", f"{layout}:k", str(out))
     assert restored.returncode == 0, restored.stderr
     left_out = {"a/pipe", "run/x.sock", "z/p0", "z/p1", "z/p2"}
     expected = {k: v for k, v in snapshot(src).items() if k not in left_out}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLI", "Run", "clean_env", "json_line", "no_traceback"]
+__all__ = ["CLI", "Run", "clean_env", "json_line", "no_traceback", "warnings"]
 
 CLI = Path(sys.executable).parent / "remote-cache"
 
@@ -53,3 +53,8 @@ def json_line(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 
 def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+
+
+def warnings(stderr: str) -> list[str]:
+    """The warning lines the console script printed."""
+    return [line for line in stderr.splitlines() if line.startswith("remote-cache: warning: ")]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.output import Run, json_line, no_traceback
+from tests.cli.output import Run, json_line, no_traceback, warnings
 from tests.registry_server import CertificateAuthority, RegistryServer
 from tests.trees import assert_same_tree
 
@@ -29,10 +29,6 @@ def write(path: Path, content: str | dict[str, object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     return path
-
-
-def warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("remote-cache: warning: ")]
 
 
 def one_file_tree(root: Path) -> Path:
