@@ -28,10 +28,12 @@ def blob(data: bytes) -> Descriptor:
     return Descriptor(OCI_LAYER_TAR, sha256_digest(data), len(data))
 
 
-def store_via(proxy: FaultProxy, server: RegistryServer, repo: str, **kw: object) -> RegistryStore:
+def store_via(proxy: FaultProxy | None, server: RegistryServer, repo: str, **kw: object) -> RegistryStore:
+    """A store of ``repo`` on ``server`` through ``proxy`` (None: straight to the server)."""
     creds = Credentials(server.username, server.password) if server.username and server.password else None
     kw.setdefault("retries", 3)
-    return RegistryStore(proxy.host, repo, credentials=creds, **kw)  # type: ignore[arg-type]
+    host = server.host if proxy is None else proxy.host
+    return RegistryStore(host, repo, credentials=creds, **kw)  # type: ignore[arg-type]
 
 
 async def test_503s_are_retried(
@@ -216,7 +218,7 @@ async def test_a_token_the_registry_no_longer_accepts_is_renewed_once(
 ) -> None:
     # docker-registry spells the challenge header "Www-Authenticate": it must be found anyway.
     payload = os.urandom(200_000)
-    async with store_via(_Direct(token_registry), token_registry, repo_name) as store:
+    async with store_via(None, token_registry, repo_name) as store:
         desc = blob(payload)
         await store.put_blob(desc, payload)
         _revoke_tokens(store)
@@ -278,7 +280,7 @@ async def test_a_full_disk_under_a_download_is_the_disks_error(
     def full_disk(chunk: memoryview) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    async with store_via(_Direct(registry), registry, repo_name) as store:
+    async with store_via(None, registry, repo_name) as store:
         with pytest.raises(OSError) as info:
             await store.download_blob(desc, full_disk)
     assert info.value.errno == errno.ENOSPC
@@ -292,7 +294,7 @@ async def test_a_cancel_before_the_download_thread_began_does_not_hang(
     desc = blob(payload)
     limiter = anyio.to_thread.current_default_thread_limiter()
     tokens = limiter.total_tokens
-    async with store_via(_Direct(registry), registry, repo_name) as store:
+    async with store_via(None, registry, repo_name) as store:
         await store.put_blob(desc, payload)
         limiter.total_tokens = 1  # the second download waits for a worker thread
         try:
@@ -311,16 +313,9 @@ async def test_a_cancel_before_the_download_thread_began_does_not_hang(
 async def _stored(registry: RegistryServer, repo: str, data: bytes) -> Descriptor:
     """Put ``data`` in ``repo`` as a blob, straight to the registry; its descriptor."""
     desc = blob(data)
-    async with store_via(_Direct(registry), registry, repo) as direct:
+    async with store_via(None, registry, repo) as direct:
         await direct.put_blob(desc, data)
     return desc
-
-
-class _Direct:
-    """Stands for a proxy in ``store_via``: the server itself."""
-
-    def __init__(self, server: RegistryServer) -> None:
-        self.host = server.host
 
 
 def _revoke_tokens(store: RegistryStore) -> None:
