@@ -83,7 +83,7 @@ def _leftovers(*dirs: Path) -> list[str]:
 
 
 @pytest.fixture
-def served(registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path) -> Any:
+def served(registry: RegistryServer, repo_name: str, fault_proxy_factory: Any) -> Any:
     proxy: FaultProxy = fault_proxy_factory(registry)
     return proxy, f"{proxy.host}/{repo_name}"
 
@@ -201,10 +201,10 @@ if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip(reason="signals and flock as on Linux")
 
 
-def _flat_tree(root: Path, letter: str, count: int = 3000) -> Path:
+def _flat_tree(root: Path, letter: str) -> Path:
     """Many top-level entries: an in-place swap of them takes long enough to interleave."""
     root.mkdir(parents=True)
-    for i in range(count):
+    for i in range(3000):
         (root / f"{letter}{i:05d}").write_bytes(letter.encode() * 10)
     (root / "common").write_bytes(letter.encode())
     return root
