@@ -10,6 +10,8 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
   test CA (``.ca``), the second also requiring a client certificate; the third plain HTTP.
 * ``repo_name``: a fresh repository name per test, e.g. ``test/test-push-3f9a1c2b``.
 * ``fault_proxy_factory``: ``factory(server) -> FaultProxy`` in front of a registry, closed after the test.
+* ``forward_proxy_factory``: ``factory(port=0) -> ForwardProxy``, what HTTP_PROXY names, closed after
+  the test.
 * ``cli``: ``cli(*args, stdin="", env=None) -> CompletedProcess``, the console script run for real in
   ``tmp_path`` with a clean environment (``tests/cli/output.py``); ``pycache`` (session) keeps the
   bytecode of its runs.
@@ -30,6 +32,7 @@ import pytest
 import remote_cache.archive.plan as layers_mod
 import remote_cache.cache.save as save_mod
 from tests.cli.output import CLI, Run, clean_env
+from tests.forward_proxy import ForwardProxy
 from tests.object_servers import (
     ObjectServer,
     azurite_available,
@@ -134,6 +137,22 @@ def fault_proxy_factory() -> Iterator[Callable[[RegistryServer], FaultProxy]]:
 
     def make(server: RegistryServer) -> FaultProxy:
         proxy = FaultProxy(server.host)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def forward_proxy_factory() -> Iterator[Callable[..., ForwardProxy]]:
+    """Make forward HTTP proxies (``make(port=0)``, see :class:`ForwardProxy`); all are closed after
+    the test."""
+    proxies: list[ForwardProxy] = []
+
+    def make(port: int = 0) -> ForwardProxy:
+        proxy = ForwardProxy(port)
         proxies.append(proxy)
         return proxy
 

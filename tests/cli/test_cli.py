@@ -38,6 +38,7 @@ from remote_cache.oci.store import open_store
 from remote_cache.units import format_bytes, parse_duration, parse_size
 from remote_cache.version import VERSION
 from tests.cli.output import Run, json_line, no_traceback
+from tests.forward_proxy import ForwardProxy
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
 from tests.trees import assert_same_tree, small_tree
@@ -780,51 +781,46 @@ async def test_ls_prefix(cli: Run, tmp_path: Path) -> None:
 
 
 def test_a_restore_goes_through_the_proxy_the_environment_names(
-    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+    cli: Run,
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    forward_proxy_factory: Callable[..., ForwardProxy],
 ) -> None:
     """HTTP_PROXY is honoured by every request, blob bodies included (they come through the
     worker-thread body client, not httpx); NO_PROXY exempts a host."""
-    from tests.forward_proxy import ForwardProxy
-
     src = small_tree(tmp_path / "src")
     ref = f"{registry.host}/{repo_name}:k"
     assert cli("save", str(src), ref, "-q").returncode == 0
-    proxy = ForwardProxy()
-    proxies = [proxy]
-    try:
-        proxied = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
-        done = cli("restore", ref, str(tmp_path / "out"), env=proxied)
-        assert done.returncode == 0, done.stderr
-        assert_same_tree(src, tmp_path / "out")
-        urls = [url for _method, url in proxy.seen]
-        assert any("/manifests/" in u for u in urls) and any("/blobs/sha256:" in u for u in urls)
-        assert all(u.startswith(f"http://{registry.host}/") for u in urls)
-        proxy.seen.clear()
-        host = registry.host.split(":")[0]
-        for n, exempted in enumerate((host, registry.host)):  # the host, or the host with its port
-            exempt = {**proxied, "NO_PROXY": exempted, "no_proxy": exempted}
-            assert cli("restore", ref, str(tmp_path / f"exempt-{n}"), env=exempt).returncode == 0
-            assert proxy.seen == []
-        layers = [layer["digest"] for layer in json_line(cli("inspect", ref, "--json"))["layers"]]
-        # Bodies read the environment as httpx does for the rest: ALL_PROXY alone is a proxy;
-        # an IP network in NO_PROXY exempts nothing (httpx reads none), for neither.
-        cases = [
-            ({"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}, proxy),
-            ({**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"}, proxy),
-        ]
-        with contextlib.suppress(OSError):  # port 80 needs root and a free port
-            # A proxy URL without a port means 80 (as httpx, curl and urllib read it).
-            proxies.append(ForwardProxy(port=80))
-            plain = "http://127.0.0.1"
-            cases.append(
-                ({"HTTP_PROXY": plain, "http_proxy": plain, "NO_PROXY": "", "no_proxy": ""}, proxies[-1])
-            )
-        for n, (env, through) in enumerate(cases):
-            through.seen.clear()
-            assert cli("restore", ref, str(tmp_path / f"out-{n}"), env=env).returncode == 0
-            urls = [url for _method, url in through.seen]
-            assert any("/manifests/" in u for u in urls)
-            assert all(any(layer in u for u in urls) for layer in layers)  # the bodies too
-    finally:
-        for each in proxies:
-            each.close()
+    proxy = forward_proxy_factory()
+    proxied = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    done = cli("restore", ref, str(tmp_path / "out"), env=proxied)
+    assert done.returncode == 0, done.stderr
+    assert_same_tree(src, tmp_path / "out")
+    urls = [url for _method, url in proxy.seen]
+    assert any("/manifests/" in u for u in urls) and any("/blobs/sha256:" in u for u in urls)
+    assert all(u.startswith(f"http://{registry.host}/") for u in urls)
+    proxy.seen.clear()
+    host = registry.host.split(":")[0]
+    for n, exempted in enumerate((host, registry.host)):  # the host, or the host with its port
+        exempt = {**proxied, "NO_PROXY": exempted, "no_proxy": exempted}
+        assert cli("restore", ref, str(tmp_path / f"exempt-{n}"), env=exempt).returncode == 0
+        assert proxy.seen == []
+    layers = [layer["digest"] for layer in json_line(cli("inspect", ref, "--json"))["layers"]]
+    # Bodies read the environment as httpx does for the rest: ALL_PROXY alone is a proxy;
+    # an IP network in NO_PROXY exempts nothing (httpx reads none), for neither.
+    cases = [
+        ({"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}, proxy),
+        ({**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"}, proxy),
+    ]
+    with contextlib.suppress(OSError):  # port 80 needs root and a free port
+        # A proxy URL without a port means 80 (as httpx, curl and urllib read it).
+        on_80 = forward_proxy_factory(port=80)
+        plain = "http://127.0.0.1"
+        cases.append(({"HTTP_PROXY": plain, "http_proxy": plain, "NO_PROXY": "", "no_proxy": ""}, on_80))
+    for n, (env, through) in enumerate(cases):
+        through.seen.clear()
+        assert cli("restore", ref, str(tmp_path / f"out-{n}"), env=env).returncode == 0
+        urls = [url for _method, url in through.seen]
+        assert any("/manifests/" in u for u in urls)
+        assert all(any(layer in u for u in urls) for layer in layers)  # the bodies too
