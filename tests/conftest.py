@@ -15,6 +15,8 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
 * ``cli``: ``cli(*args, stdin="", env=None) -> CompletedProcess``, the console script run for real in
   ``tmp_path`` with a clean environment (``tests/cli/output.py``); ``pycache`` (session) keeps the
   bytecode of its runs.
+* ``sparse_dir``: a directory where files can have holes (``tmp_path``; ``"shm"`` by indirect
+  parametrization: one on /dev/shm), or the test is skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +47,7 @@ from tests.object_servers import (
     start_s3rver,
 )
 from tests.registry_server import FaultProxy, RegistryServer, machine_name, registry_available, start_registry
+from tests.trees import holes_work
 
 _SKIP_REASON = "/usr/bin/docker-registry (Debian package docker-registry) or openssl is not installed"
 
@@ -221,6 +226,28 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectServer]:
     yield from _object_server(
         tmp_path_factory, azurite_available(), start_azurite, "azurite (npm) is not installed"
     )
+
+
+@pytest.fixture
+def sparse_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A directory where files can have holes, or the test is skipped: ``tmp_path`` or, with
+    ``@pytest.mark.parametrize("sparse_dir", ["tmp", "shm"], indirect=True)``, also one on tmpfs
+    (/dev/shm), removed after the test."""
+    where = getattr(request, "param", "tmp")
+    assert where in ("tmp", "shm"), where
+    if where == "tmp":
+        base = tmp_path
+    elif Path("/dev/shm").is_dir():
+        base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
+    else:
+        pytest.skip("no /dev/shm here")
+    try:
+        if not holes_work(base):
+            pytest.skip(f"the filesystem of {base} makes no holes")
+        yield base
+    finally:
+        if base != tmp_path:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

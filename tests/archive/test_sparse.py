@@ -8,21 +8,12 @@ import os
 import random
 from pathlib import Path
 
-import pytest
-
 from remote_cache.archive.extract import Extractor
 from remote_cache.archive.pack import pack_tree
 from remote_cache.archive.sparse import BLOCK, MIN_HOLE, SparseWriter
-from tests.trees import allocated, holes_work
+from tests.trees import allocated
 
 _MTIME = 1_600_000_000
-
-
-@pytest.fixture
-def sparse_dir(tmp_path: Path) -> Path:
-    if not holes_work(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} makes no holes")
-    return tmp_path
 
 
 def _model_holes(data: bytes) -> int:

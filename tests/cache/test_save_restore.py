@@ -7,11 +7,8 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import socket
 import tarfile
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,7 @@ from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import Run, json_line, warnings
 from tests.stores import opened
-from tests.trees import allocated, assert_same_tree, holes_work, make_tree, snapshot
+from tests.trees import allocated, assert_same_tree, make_tree, snapshot
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -339,32 +336,14 @@ def test_special_files_are_left_out_named_and_warned_about_once(cli: Run, tmp_pa
     assert snapshot(out) == expected
 
 
-@pytest.fixture(params=["tmp", "shm"])
-def hole_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """A directory on the default temporary filesystem, or on tmpfs (/dev/shm), that makes holes."""
-    if request.param == "tmp":
-        base = tmp_path / "sparse"
-        base.mkdir()
-    elif Path("/dev/shm").is_dir():
-        base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
-    else:
-        pytest.skip("no /dev/shm here")
-    try:
-        if not holes_work(base):
-            pytest.skip(f"the filesystem of {base} makes no holes")
-        yield base
-    finally:
-        if request.param == "shm":
-            shutil.rmtree(base, ignore_errors=True)
-
-
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-async def test_a_sparse_file_comes_back_sparse(hole_dir: Path, tmp_path: Path) -> None:
-    src = hole_dir / "src"
+@pytest.mark.parametrize("sparse_dir", ["tmp", "shm"], indirect=True)
+async def test_a_sparse_file_comes_back_sparse(sparse_dir: Path, tmp_path: Path) -> None:
+    src = sparse_dir / "src"
     src.mkdir()
     image = src / "disk.img"
     with image.open("wb") as f:
@@ -378,7 +357,7 @@ async def test_a_sparse_file_comes_back_sparse(hole_dir: Path, tmp_path: Path) -
     assert allocated(image) < 1 << 20  # the source is sparse
     store = open_store(parse_reference(f"oci:{tmp_path / 'layout'}"))
     await save(store, "sparse", src)
-    out = hole_dir / "out"
+    out = sparse_dir / "out"
     await restore(store, "sparse", out)
     back = out / "disk.img"
     assert _sha256(back) == _sha256(image)
