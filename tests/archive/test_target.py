@@ -3,10 +3,12 @@ and a swap killed half-way (a real SIGKILL to a real process) that the next run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,16 +30,28 @@ def _tree(root: Path, text: str) -> Path:
     return root
 
 
-@pytest.fixture
-def mount_point(tmp_path: Path) -> Path:
-    """A real tmpfs mount (root can mount here; elsewhere the test says why it cannot run)."""
-    point = tmp_path / "mnt"
+@contextlib.contextmanager
+def _tmpfs(point: Path, *options: str) -> Iterator[Path]:
+    """A real tmpfs mounted on ``point`` (made here) until the end of the block, with mount's
+    ``options`` (e.g. ``"size=1m"``). Root can mount here; elsewhere the test says why it cannot run."""
     point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(point)], capture_output=True, text=True)
+    flags = ["-o", ",".join(options)] if options else []
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", *flags, "tmpfs", str(point)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=False)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    """A real tmpfs mount."""
+    with _tmpfs(tmp_path / "mnt") as point:
+        yield point
 
 
 async def test_restore_into_a_mount_point_keeps_the_mount(tmp_path: Path, mount_point: Path) -> None:
@@ -187,12 +201,7 @@ async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
 def test_not_enough_space_is_refused_before_downloading_and_says_where(cli: Run, tmp_path: Path) -> None:
     """A 1 MiB tmpfs cannot take a 3 MB entry: exit 5 before any layer is fetched, naming the
     place and the size; the target is untouched and nothing is left there."""
-    small = tmp_path / "small"
-    small.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with _tmpfs(tmp_path / "small", "size=1m") as small:
         src = tmp_path / "src"
         src.mkdir()
         (src / "big").write_bytes(os.urandom(3 << 20))
@@ -204,8 +213,6 @@ def test_not_enough_space_is_refused_before_downloading_and_says_where(cli: Run,
         assert proc.returncode == 5, proc.stderr
         assert f"needs about 6.3 MB free in {small}" in proc.stderr, proc.stderr  # tree + biggest layer
         assert snapshot(small) == before
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def _work_dir_look_alike(parent: Path, mode: int = 0o700) -> Path:
