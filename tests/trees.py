@@ -7,7 +7,8 @@ names, 60-level nesting, names with spaces, newlines, leading dashes and glob ch
 ``assert_same_tree(a, b)`` compares type, mode, mtime (whole seconds, what tar keeps), size,
 content, symlink targets, hard-link groups and empty directories. ``holes_work(dir)`` probes
 whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk;
-``staging_dir(target)`` makes a private directory to extract into next to ``target``.
+``staging_dir(target)`` makes a private directory to extract into next to ``target``;
+``socket_file(path)`` leaves a UNIX socket there (a special file a save leaves out).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import os
 import random
 import secrets
+import socket
 import stat
 import unicodedata
 import zlib
@@ -28,6 +30,7 @@ __all__ = [
     "make_tree",
     "small_tree",
     "snapshot",
+    "socket_file",
     "staging_dir",
 ]
 
@@ -216,4 +219,11 @@ def staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.parent / f".{target.name}.staging-{secrets.token_hex(6)}"
     path.mkdir(mode=0o700)
+    return path
+
+
+def socket_file(path: Path) -> Path:
+    """Leave a UNIX socket at ``path`` (the file stays once the socket is closed)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
     return path

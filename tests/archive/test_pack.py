@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import stat
 import subprocess
 import time
@@ -20,7 +19,7 @@ from remote_cache.archive.swap import replace_dir
 from remote_cache.archive.tar import DIR, HARDLINK
 from remote_cache.archive.walk import Special, tree_identity
 from remote_cache.cache.evidence import settle
-from tests.trees import assert_same_tree, make_tree, snapshot, staging_dir
+from tests.trees import assert_same_tree, make_tree, snapshot, socket_file, staging_dir
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +152,10 @@ def test_special_files_are_left_out_and_named(tmp_path: Path) -> None:
     (src / "run").mkdir(parents=True)
     (src / "f").write_text("f")
     os.mkfifo(src / "a-pipe")
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.bind(str(src / "run" / "x.sock"))
-        device = _char_device(src / "null")
-        scan = scan_tree(src)
-        layers = list(pack_tree(scan))
-    finally:
-        sock.close()
+    socket_file(src / "run" / "x.sock")
+    device = _char_device(src / "null")
+    scan = scan_tree(src)
+    layers = list(pack_tree(scan))
     expected = [Special("a-pipe", "fifo"), *([Special("null", "char device")] if device else [])]
     assert scan.stats.skipped == [*expected, Special("run/x.sock", "socket")]
     assert scan.stats.files == 1 and scan.stats.dirs == 1

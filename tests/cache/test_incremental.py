@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import opened
-from tests.trees import assert_same_tree
+from tests.trees import assert_same_tree, socket_file
 
 pytestmark = pytest.mark.usefixtures("small_layers")
 
@@ -529,8 +528,7 @@ async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
     src = _bulk(tmp_path / "src")
     pipe = src / "pkg0" / "pipe"
     os.mkfifo(pipe)
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(src / "pkg1" / "s.sock"))
+    socket_file(src / "pkg1" / "s.sock")
     _settle()
     first = await save(store, "k", src)
     assert [s.path for s in first.special] == ["pkg0/pipe", "pkg1/s.sock"]

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import Run, json_line, warnings
 from tests.stores import opened
-from tests.trees import allocated, assert_same_tree, make_tree, snapshot
+from tests.trees import allocated, assert_same_tree, make_tree, snapshot, socket_file
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -293,19 +292,13 @@ async def _layers_of(store: Store, digest: str) -> list[Descriptor]:
     return list((await load_image(store, digest)).layers)
 
 
-def _bind(path: Path) -> None:
-    """Leave a UNIX socket at ``path`` (the file stays once the socket is closed)."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(path))
-
-
 def test_special_files_are_left_out_named_and_warned_about_once(cli: Run, tmp_path: Path) -> None:
     src = tmp_path / "src"
     for d in ("a", "run", "z"):
         (src / d).mkdir(parents=True)
     (src / "a" / "kept.txt").write_text("kept")
     os.mkfifo(src / "a" / "pipe")
-    _bind(src / "run" / "x.sock")
+    socket_file(src / "run" / "x.sock")
     layout = f"oci:{tmp_path / 'layout'}"
 
     saved = cli("save", str(src), f"{layout}:k", "--json")
