@@ -5,7 +5,6 @@ for loopback and speaks HTTPS to them by default)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -13,22 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.cli.output import Run, json_line, no_traceback, warnings
+from tests.credential_files import auths, write
 from tests.registry_server import CertificateAuthority, RegistryServer
 from tests.trees import assert_same_tree
 
 #: A secret-looking value planted in broken files: it must never be printed.
 PLANTED = "pl4nted-S3CRET"
-
-
-def auths(host: str, username: str, password: str) -> dict[str, object]:
-    token = base64.b64encode(f"{username}:{password}".encode()).decode()
-    return {"auths": {host: {"auth": token}}}
-
-
-def write(path: Path, content: str | dict[str, object]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
-    return path
 
 
 def one_file_tree(root: Path) -> Path:

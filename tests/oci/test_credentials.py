@@ -3,7 +3,6 @@ tools' auth.json), real credential helpers."""
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -15,20 +14,14 @@ import pytest
 from remote_cache.errors import InvalidConfigFile, RegistryAuthError
 from remote_cache.oci.credentials import Credentials, auth_files, docker_config_path, resolve_credentials
 from remote_cache.oci.registry import RegistryStore
+from tests.credential_files import auth, auths, write
 from tests.registry_server import RegistryServer
 
 HOST = "registry.example.com:5000"
 
 
 def write_config(directory: Path, config: dict[str, object]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def auth(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode()
+    return write(directory / "config.json", config)
 
 
 def install_helper(bindir: Path, name: str, secrets: dict[str, tuple[str, str]]) -> Path:
@@ -65,14 +58,14 @@ def isolated(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_explicit_arguments_win(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"auths": {HOST: {"auth": auth("cfg", "cfgpw")}}})
+    config = write_config(tmp_path, auths(HOST, "cfg", "cfgpw"))
     env = {"REMOTE_CACHE_USERNAME": "env", "REMOTE_CACHE_PASSWORD": "envpw"}
     got = resolve_credentials(HOST, username="arg", password="argpw", environ=env, auth_file=config)
     assert got == Credentials("arg", "argpw")
 
 
 def test_environment_before_config(tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"auths": {HOST: {"auth": auth("cfg", "cfgpw")}}})
+    config = write_config(tmp_path, auths(HOST, "cfg", "cfgpw"))
     env = {"REMOTE_CACHE_USERNAME": "env", "REMOTE_CACHE_PASSWORD": "envpw"}
     assert resolve_credentials(HOST, environ=env, auth_file=config) == Credentials("env", "envpw")
 
@@ -97,11 +90,11 @@ def test_config_auths_base64(tmp_path: Path) -> None:
 
 
 def test_config_found_through_docker_config_env(tmp_path: Path) -> None:
-    write_config(tmp_path / "dc", {"auths": {HOST: {"auth": auth("u", "p")}}})
+    write_config(tmp_path / "dc", auths(HOST, "u", "p"))
     env = {"DOCKER_CONFIG": str(tmp_path / "dc")}
     assert docker_config_path(env) == tmp_path / "dc" / "config.json"
     assert resolve_credentials(HOST, environ=isolated(tmp_path, **env)) == Credentials("u", "p")
-    write_config(tmp_path / "home" / ".docker", {"auths": {HOST: {"auth": auth("h", "hp")}}})
+    write_config(tmp_path / "home" / ".docker", auths(HOST, "h", "hp"))
     assert resolve_credentials(HOST, environ=isolated(tmp_path)) == Credentials("h", "hp")
 
 
@@ -132,13 +125,11 @@ def test_auth_files_in_the_containers_tools_order(tmp_path: Path) -> None:
 def test_the_first_file_with_an_entry_for_the_host_wins(tmp_path: Path) -> None:
     env = isolated(tmp_path)
     primary, config_home, docker = auth_files(env)
-    write_config(docker.parent, {"auths": {HOST: {"auth": auth("docker", "d")}}})
+    write_config(docker.parent, auths(HOST, "docker", "d"))
     assert resolve_credentials(HOST, environ=env) == Credentials("docker", "d")
-    config_home.parent.mkdir(parents=True)
-    config_home.write_text(json.dumps({"auths": {"other.io": {"auth": auth("o", "o")}}}))
+    write(config_home, auths("other.io", "o", "o"))
     assert resolve_credentials(HOST, environ=env) == Credentials("docker", "d")
-    primary.parent.mkdir(parents=True)
-    primary.write_text(json.dumps({"auths": {HOST: {"auth": auth("podman", "p")}}}))
+    write(primary, auths(HOST, "podman", "p"))
     assert resolve_credentials(HOST, environ=env) == Credentials("podman", "p")
 
 
@@ -147,9 +138,8 @@ def test_a_malformed_file_found_by_searching_is_warned_about_once_and_skipped(
 ) -> None:
     env = isolated(tmp_path)
     primary, _, docker = auth_files(env)
-    primary.parent.mkdir(parents=True)
-    primary.write_text(json.dumps({"auths": {HOST: {"auth": auth("leak", "s3cret")}}})[:-1])  # a brace short
-    write_config(docker.parent, {"auths": {HOST: {"auth": auth("docker", "d")}}})
+    write(primary, json.dumps(auths(HOST, "leak", "s3cret"))[:-1])  # a brace short
+    write_config(docker.parent, auths(HOST, "docker", "d"))
     with caplog.at_level(logging.WARNING, logger="remote_cache"):
         for _ in range(3):
             assert resolve_credentials(HOST, environ=env) == Credentials("docker", "d")
