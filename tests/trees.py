@@ -8,7 +8,8 @@ names, 60-level nesting, names with spaces, newlines, leading dashes and glob ch
 content, symlink targets, hard-link groups and empty directories. ``holes_work(dir)`` probes
 whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk;
 ``staging_dir(target)`` makes a private directory to extract into next to ``target``;
-``socket_file(path)`` leaves a UNIX socket there (a special file a save leaves out).
+``socket_file(path)`` leaves a UNIX socket there (a special file a save leaves out);
+``one_file_tree(root, text)`` is the smallest tree, one file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "assert_same_tree",
     "holes_work",
     "make_tree",
+    "one_file_tree",
     "small_tree",
     "snapshot",
     "socket_file",
@@ -144,6 +146,13 @@ def make_tree(root: Path, *, small_files: int = 2000, big_bytes: int = 20 << 20)
 def small_tree(root: Path) -> Path:
     """``root`` filled with a small nasty tree (60 small files, a 1 MiB file), for the CLI tests."""
     make_tree(root, small_files=60, big_bytes=1 << 20)
+    return root
+
+
+def one_file_tree(root: Path, text: str | None = None) -> Path:
+    """``root``, made, with one file ``f`` holding ``text`` (by default the directory's name)."""
+    root.mkdir()
+    (root / "f").write_text(root.name if text is None else text)
     return root
 
 

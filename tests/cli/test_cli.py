@@ -41,14 +41,12 @@ from tests.cli.output import Run, json_line, no_traceback
 from tests.forward_proxy import ForwardProxy
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
-from tests.trees import assert_same_tree, small_tree
+from tests.trees import assert_same_tree, one_file_tree, small_tree
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:
     """Set-up through the core: save a one-file entry, re-tagged as created ``days_ago`` when asked."""
-    src = tmp_path / f"src-{key}"
-    src.mkdir()
-    (src / "f").write_text(key)
+    src = one_file_tree(tmp_path / f"src-{key}", key)
     store = open_store(parse_reference(ref_text))
     try:
         await save(store, key, src)
@@ -738,12 +736,8 @@ def test_save_full_rereads_and_keeps_the_digest(cli: Run, tmp_path: Path) -> Non
 
 def test_save_immutable_never_overwrites(cli: Run, tmp_path: Path) -> None:
     ref = f"oci:{tmp_path / 'layout'}:release"
-    a = tmp_path / "a"
-    a.mkdir()
-    (a / "f").write_text("one")
-    b = tmp_path / "b"
-    b.mkdir()
-    (b / "f").write_text("two")
+    a = one_file_tree(tmp_path / "a", "one")
+    b = one_file_tree(tmp_path / "b", "two")
     first = json_line(cli("save", str(a), ref, "--immutable", "--json"))
     second = cli("save", str(b), ref, "--immutable", "--json")
     assert second.returncode == 0, second.stderr
@@ -758,9 +752,7 @@ def test_save_immutable_never_overwrites(cli: Run, tmp_path: Path) -> None:
 def test_save_read_only_is_a_no_op(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path, how: str
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("x")
+    src = one_file_tree(tmp_path / "src", "x")
     ref = f"{registry.host}/{repo_name}:k"
     if how == "flag":
         proc = cli("save", str(src), ref, "--read-only", "--json")

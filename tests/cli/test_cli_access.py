@@ -14,16 +14,10 @@ import pytest
 from tests.cli.output import Run, json_line, no_traceback, warnings
 from tests.credential_files import auths, write
 from tests.registry_server import CertificateAuthority, RegistryServer
-from tests.trees import assert_same_tree
+from tests.trees import assert_same_tree, one_file_tree
 
 #: A secret-looking value planted in broken files: it must never be printed.
 PLANTED = "pl4nted-S3CRET"
-
-
-def one_file_tree(root: Path) -> Path:
-    root.mkdir()
-    (root / "f").write_text(root.name)
-    return root
 
 
 def error_line(proc: object) -> str:
@@ -245,12 +239,8 @@ def test_tls_verify_false_falls_back_to_plain_http_as_skopeo_does(
 
 
 def test_tls_options_are_checked(cli: Run, tmp_path: Path) -> None:
-    half_pair = tmp_path / "half"
-    half_pair.mkdir()
-    (half_pair / "client.cert").write_text("")
-    not_pem = tmp_path / "not-pem"
-    not_pem.mkdir()
-    (not_pem / "ca.crt").write_text("not a certificate")
+    half_pair = write(tmp_path / "half" / "client.cert", "").parent
+    not_pem = write(tmp_path / "not-pem" / "ca.crt", "not a certificate").parent
     for args, message in [
         (("ls", "oci:layout", "--tls-verify=false"), "--tls-verify is for registries, not oci:layout"),
         (("ls", "s3://bucket/p", "--cert-dir", "."), "--cert-dir is for registries, not s3://bucket/p"),
