@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 from array import array
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
@@ -78,6 +80,27 @@ class TreeIdentity:
     ctimes: array[int]
 
 
+_BY_NAME = attrgetter("name")
+_UTF8_NAMES = sys.getfilesystemencoding() == "utf-8"
+
+
+def _by_name_bytes(d: os.DirEntry[str]) -> bytes:
+    return os.fsencode(d.name)
+
+
+def _sorted_by_name_bytes(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[str]]:
+    """``entries`` in the order of their names' bytes. UTF-8 keeps code point order, so names that
+    encode strictly (no surrogate-escaped bytes) sort as strings, without a key call per entry."""
+    if _UTF8_NAMES:
+        try:
+            "".join(d.name for d in entries).encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return sorted(entries, key=_BY_NAME)
+    return sorted(entries, key=_by_name_bytes)
+
+
 class _Walk:
     """One walk: members (unless only the identity is wanted), stats and the identity's parts."""
 
@@ -95,7 +118,7 @@ class _Walk:
     def visit(self, rel: str, full: str) -> None:
         """Walk directory ``full`` (``rel`` from the root) and everything under it."""
         with os.scandir(full) as it:
-            children = sorted(it, key=lambda d: os.fsencode(d.name))
+            children = _sorted_by_name_bytes(list(it))
         if not rel:  # a restore's work directory inside the root is no part of the tree
             children = [d for d in children if not is_in_place_work(d.name)]
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts

@@ -1,0 +1,53 @@
+"""The walk's archive order and the listings computed from it: both are stored formats (layer
+bytes, listing annotations), so faster code must give exactly the same order and digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from remote_cache.archive.plan import LayerPlan
+from remote_cache.archive.tar import DIR, FILE, HARDLINK, SYMLINK, Member
+from remote_cache.archive.walk import TreeStats, walk_tree
+from remote_cache.cache.evidence import portable_listing
+
+_UTF8 = ["z", "~", "\x7f", "é", "日本", "Z", "A b", "-", ".x", "\u2139", "\U0001f600"]
+_ODD = [b"\xff", b"\xc3x", b"\xe6\x97", b"\xc3"]  # not UTF-8: surrogate-escaped in str
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["utf-8 names", "undecodable names"])
+def test_entries_come_in_the_order_of_their_name_bytes(tmp_path: Path, odd: bool) -> None:
+    names = [n.encode() for n in _UTF8] + (_ODD if odd else [])
+    for name in names:
+        (tmp_path / os.fsdecode(name)).write_bytes(b"x")
+    members, _ = walk_tree(tmp_path, TreeStats())
+    assert [os.fsencode(m.path) for m in members] == sorted(names)
+
+
+def _reference_listing(members: list[Member]) -> str:
+    """The listing format v1, field by field, as the annotation was first defined."""
+    h = hashlib.sha256(b"remote-cache listing v1\0")
+    for e in members:
+        h.update(os.fsencode(e.path) + b"\0")
+        h.update(f"{e.kind} {e.mode:o} {e.uid} {e.gid} {e.size} {e.mtime}".encode() + b"\0")
+        h.update(os.fsencode(e.linkname) + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def test_the_listing_digest_is_format_v1() -> None:
+    members = [
+        Member("d", DIR, 0o755, 0, 0, 0, 1),
+        Member("d/é \udcff", FILE, 0o4644, 1000, 1000, 12345, 499162500),
+        Member("d/l", SYMLINK, 0o777, 0, 0, 0, 2, "../\udcc3x"),
+        Member("d/h", HARDLINK, 0o644, 7, 8, 0, 3, "d/é \udcff"),
+    ]
+    plan = LayerPlan(0, tuple(members), 0)
+    assert portable_listing(plan) == _reference_listing(members)
+    v1 = (
+        b"remote-cache listing v1\0d\0001 755 0 0 0 1\0\0d/\xc3\xa9 \xff\0000 4644 1000 1000 12345 "
+        b"499162500\0\0d/l\0002 777 0 0 0 2\0../\xc3x\0d/h\0003 644 7 8 0 3\0d/\xc3\xa9 \xff\0"
+    )
+    assert portable_listing(plan) == "sha256:" + hashlib.sha256(v1).hexdigest()
