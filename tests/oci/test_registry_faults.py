@@ -186,6 +186,36 @@ async def test_single_stall_is_retried(
     assert proxy.count("GET") == 2
 
 
+async def test_a_slow_upload_is_not_a_stall(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    # 24 MB taken at 4 MB/s: seconds more than the 1 s timeout, past what the socket buffers
+    # hold. The timeout bounds each wait for the registry to take more, not the whole body.
+    data = os.urandom(24 << 20)
+    proxy = fault_proxy_factory(registry)
+    proxy.slow_upload(4_000_000, method="PUT", times=10)
+    async with store_via(
+        proxy, registry, repo_name, timeout=Timeouts(connect=1, read=10, write=1), retries=0
+    ) as store:
+        started = time.monotonic()
+        assert await store.put_blob(blob(data), data) is True
+        assert time.monotonic() - started > 2.0  # it was slow
+    assert [r.outcome for r in proxy.requests if r.method == "PUT"] == ["forwarded"]
+
+
+async def test_an_upload_the_registry_stops_taking_ends_as_a_write_stall(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    data = os.urandom(24 << 20)
+    proxy = fault_proxy_factory(registry)
+    proxy.slow_upload(1, method="PUT", times=10)  # takes 16 KiB, then nothing more
+    async with store_via(proxy, registry, repo_name, timeout=1.0, retries=0) as store:
+        started = time.monotonic()
+        with pytest.raises(RegistryUnreachable, match=r"stopped accepting data for 1s \(write timeout\)"):
+            await store.put_blob(blob(data), data)
+        assert time.monotonic() - started < 5.0
+
+
 @pytest.mark.usefixtures("via")
 async def test_token_flow_survives_faults(
     token_registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
