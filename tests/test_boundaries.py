@@ -40,11 +40,12 @@ ALLOWED: dict[str, set[str]] = {
 #: Third-party packages a layer must not import.
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "shared": {"dagger", "httpx", "typer", "rich"},
-    "oci": {"dagger", "typer", "rich", "zstandard"},
+    # The registry client is http.client (oci/registry/threaded.py): httpx measured slower.
+    "oci": {"dagger", "httpx", "typer", "rich", "zstandard"},
     "archive": {"dagger", "httpx", "typer", "rich"},
     "cache": {"dagger", "httpx", "typer", "rich"},
-    "cli": {"dagger"},
-    "dagger": {"typer", "rich"},
+    "cli": {"dagger", "httpx"},
+    "dagger": {"httpx", "typer", "rich"},
     "package": {"dagger", "httpx", "typer", "rich"},
 }
 #: (file, enclosing function, imported layer) allowed anyway: the runtime finds the main object
@@ -127,6 +128,7 @@ def test_imports_follow_the_layers(path: Path) -> None:
     [
         ("remote_cache.archive.pack", "from ..oci.media import OCI_LAYER_ZSTD\n", "layer oci"),
         ("remote_cache.archive.pack", "import httpx\n", "imports httpx"),
+        ("remote_cache.oci.registry.transport", "def f():\n    import httpx\n", "imports httpx"),
         ("remote_cache.oci.store", "def f():\n    from ..cache import save\n", "layer cache"),
         ("remote_cache.oci.registry.store", "from ...archive.tar import Member\n", "layer archive"),
         ("remote_cache.cache.save", "from ..cli.app import app\n", "layer cli"),
@@ -203,8 +205,6 @@ def test_private_name_check_can_fail() -> None:
 
 #: The files where a foreign client's names and exceptions may appear: everything else sees ours.
 CLIENT_BOUNDARIES = {
-    # Only requests with a body use httpx (errors.py finds its exceptions without importing it).
-    "httpx": {"oci/registry/sending.py"},
     "obstore": {"oci/objectstore/calls.py", "oci/objectstore/client.py", "oci/objectstore/errors.py"},
 }
 
@@ -230,6 +230,6 @@ def test_client_boundary_check_can_fail() -> None:
         "oci/objectstore/store.py line 1 imports obstore.exceptions",
         "oci/objectstore/store.py line 1 imports obstore.exceptions.BaseError",
     ]
-    assert client_leaks("cache/save.py", "def f():\n    import httpx\n") == [
-        "cache/save.py line 2 imports httpx"
+    assert client_leaks("cache/save.py", "def f():\n    import obstore\n") == [
+        "cache/save.py line 2 imports obstore"
     ]

@@ -5,8 +5,7 @@
 * :mod:`.store` -- the :class:`~.store.Store` protocol every store implements, and ``open_store``;
 * :mod:`.layout` -- an OCI image layout directory; :mod:`.registry` -- a registry repository.
 
-Nothing here knows about caches; the stores are imported only when opened (the registry client
-pulls in httpx).
+Nothing here knows about caches; each kind of store is imported only when one is opened.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ class CertDir:
 
 def default_context(verify: bool = True) -> ssl.SSLContext:
     """The trust httpx builds by default (httpx 0.28 ``create_ssl_context``): ``SSL_CERT_FILE``,
-    else ``SSL_CERT_DIR``, else certifi's bundle; with ``verify`` False, none. Built here so that
-    requests made without httpx (:mod:`.registry.threaded`) trust exactly what httpx's do."""
+    else ``SSL_CERT_DIR``, else certifi's bundle; with ``verify`` False, none. The registry client
+    (:mod:`.registry.threaded`) used to be httpx: it keeps trusting exactly what httpx did."""
     if not verify:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False

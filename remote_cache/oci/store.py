@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .descriptor import Descriptor
 
-# Each kind of store is imported only when asked for: the registry client pulls in httpx, which
-# a layout-only run (and the CLI's start-up) need not pay for.
+# Each kind of store is imported only when asked for: a layout-only run (and the CLI's start-up)
+# need not pay for the registry client or obstore.
 if TYPE_CHECKING:
     from .certs import TlsOptions
     from .objectstore import ObjectStoreOptions

@@ -121,8 +121,8 @@ def _imported(proc: subprocess.CompletedProcess[str]) -> set[str]:
     return names
 
 
-# Imports a restore pays for but never uses: the save's walk, planner and packer; httpx (only
-# requests with a body use it) and its own command-line client (click, rich, pygments). A
+# Imports a restore pays for but never uses: the save's walk, planner and packer; httpx (the
+# registry client is http.client) and its command-line client (click, rich, pygments). A
 # restore runs on every CI job, before any work.
 _NOT_FOR_A_RESTORE = {
     "remote_cache.cache.save", "remote_cache.archive.pack", "remote_cache.archive.walk",
@@ -151,10 +151,16 @@ def test_a_restore_imports_only_what_it_uses(
     imported = _imported(from_registry)
     assert "http.client" in imported and not imported & _NOT_FOR_A_RESTORE
 
-    # The end of a CI job: the restored tree saved again, unchanged, sends nothing with a body.
+    # The end of a CI job: the restored tree saved again, unchanged, packs nothing.
     again = cli("save", str(tmp_path / "b"), remote, env=profile)
     assert again.returncode == 0 and "save unchanged" in again.stderr, again.stderr[-2000:]
     assert not _imported(again) & {"httpx", "httpcore", "remote_cache.archive.pack"}
+    # A save that uploads does it over http.client too (httpx cost ~4x the CPU per byte sent).
+    (tmp_path / "b" / "new").write_bytes(os.urandom(200_000))
+    changed = cli("save", str(tmp_path / "b"), remote, env=profile)
+    assert changed.returncode == 0 and "save saved" in changed.stderr, changed.stderr[-2000:]
+    assert "remote_cache.archive.pack" in _imported(changed)
+    assert not _imported(changed) & {"httpx", "httpcore"}
 
 
 def test_miss_exits_3_and_leaves_the_target_alone(

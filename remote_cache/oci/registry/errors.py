@@ -7,11 +7,8 @@
 * :func:`unreachable` turns a connection, DNS, TLS (an untrusted server certificate, a refused
   client certificate) or timeout failure into :class:`~remote_cache.errors.RegistryUnreachable`,
   temporary unless retrying cannot help soon; :func:`translated` applies it to a block. Every
-  call of a client (httpx in :mod:`.sending`, ``http.client`` in :mod:`.threaded`) runs inside
-  :func:`translated`, in the transport or :mod:`.auth`.
-
-httpx is imported only for requests that carry a body; its exceptions are looked up here only
-once it is loaded (no httpx exception can exist before), so a restore never imports it.
+  call of the client (``http.client`` in :mod:`.threaded`) runs inside :func:`translated`, in
+  the transport or :mod:`.auth`.
 """
 
 from __future__ import annotations
@@ -20,23 +17,16 @@ import http.client
 import json
 import socket
 import ssl
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut, TooManyRedirects, WireAnswer
+from .threaded import ConnectTimedOut, TooManyRedirects, WireAnswer, WriteTimedOut
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
-
-
-def _httpx() -> Any:
-    """The httpx module if something loaded it: only then can one of its exceptions exist."""
-    return sys.modules.get("httpx")
 
 
 def _spec_errors(body: bytes) -> list[tuple[str, str]]:
@@ -95,13 +85,12 @@ def error_for_response(
 def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
     """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``."""
     cause = str(exc) or type(exc).__name__
-    t = timeouts
-    hx = _httpx()
-    phase = _timed_out(exc, hx)
+    phase = _timed_out(exc)
     if phase is not None:
-        return RegistryUnreachable(_TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(t, phase)))
-    refused = (ssl.SSLError, ConnectionRefusedError, socket.gaierror)
-    if isinstance(exc, refused) or (hx is not None and isinstance(exc, hx.ConnectError)):
+        return RegistryUnreachable(
+            _TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(timeouts, phase))
+        )
+    if isinstance(exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror):
         # Refused, DNS, TLS: trying again only delays a clear error.
         if _is_client_certificate_refused(exc):
             return RegistryUnreachable(
@@ -126,9 +115,7 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
             f"cannot connect to registry {host} ({cause}); check the address and that it is running",
             temporary=False,
         )
-    temporary = isinstance(exc, ConnectionError | http.client.HTTPException) or (
-        hx is not None and isinstance(exc, hx.NetworkError | hx.RemoteProtocolError)
-    )
+    temporary = isinstance(exc, ConnectionError | http.client.HTTPException)
     return RegistryUnreachable(
         f"connection to registry {host} failed ({type(exc).__name__}: {cause})", temporary=temporary
     )
@@ -139,17 +126,15 @@ _TIMEOUT_MESSAGES = {
     "connect": "registry {host}: connecting timed out after {seconds:g}s; is it up?",
     "read": "registry {host} stopped sending data for {seconds:g}s (read timeout)",
     "write": "registry {host} stopped accepting data for {seconds:g}s (write timeout)",
-    "pool": "registry {host}: no free connection within {seconds:g}s (pool timeout)",
 }
 
 
-def _timed_out(exc: BaseException, hx: Any) -> str | None:
+def _timed_out(exc: BaseException) -> str | None:
     """Which wait ``exc`` says ran out (a key of :data:`_TIMEOUT_MESSAGES`); None if no timeout."""
-    if hx is not None and isinstance(exc, hx.TimeoutException):
-        kinds = (("connect", hx.ConnectTimeout), ("write", hx.WriteTimeout), ("pool", hx.PoolTimeout))
-        return next((phase for phase, kind in kinds if isinstance(exc, kind)), "read")
     if isinstance(exc, ConnectTimedOut):
         return "connect"
+    if isinstance(exc, WriteTimedOut):
+        return "write"
     return "read" if isinstance(exc, TimeoutError) else None  # a socket read in threaded.py
 
 
@@ -164,16 +149,13 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
     try:
         yield
     except BaseException as exc:
-        hx = _httpx()
-        if _timed_out(exc, hx) is not None:
+        if _timed_out(exc) is not None:
             raise _stalled(host, exc, timeouts, stalls) from exc
         if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop
             raise RegistryError(f"registry {host} {exc}") from exc
-        if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException) or (
-            hx is not None and isinstance(exc, hx.HTTPError)
-        ):
-            # OSError and HTTPException: http.client's, in threaded.py (its sink's own errors come
-            # wrapped in SinkFailed, which passes through).
+        if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException):
+            # http.client's, in threaded.py (its sink's own errors come wrapped in SinkFailed,
+            # which passes through).
             raise unreachable(host, exc, timeouts=timeouts) from exc
         raise
     if stalls is not None:

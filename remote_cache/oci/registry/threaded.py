@@ -1,22 +1,24 @@
 """Registry requests over the standard library's ``http.client``, each in a worker thread.
 
-Receiving a body through httpx on the event loop costs about 3.8 CPU-seconds per GB: every chunk
+Receiving a body through httpx on the event loop cost about 3.8 CPU-seconds per GB: every chunk
 is a task wake-up that must win the GIL back. ``http.client`` reading with ``readinto`` into a
 1 MiB buffer costs about 0.4, and the thread that reads also hashes and writes the bytes (all
-three release the GIL). Importing httpx (and httpcore, and anyio's sockets when it first
-connects) costs a restore ~0.07 s before any work. So every request without a body is made
-here: blob bodies (:meth:`ThreadClient.fetch`, into a sink), and manifests, tag lists, ``HEAD``
-checks, ``/v2/`` pings and token requests (:meth:`ThreadClient.exchange`, read whole but
-capped). httpx sends what has a body (uploads, :mod:`.sending`). The registry transport keeps
-the rest: it picks the URL and the ``Authorization`` header (answering a 401), retries and
-resumes, and maps errors (:mod:`.errors`).
+three release the GIL). Sending did no better: httpx took 0.19-0.34 CPU-seconds to upload a
+70 MB cache, ``http.client`` in threads 0.05. And importing httpx (and httpcore, and anyio's
+sockets when it first connects) cost every command ~0.07 s before any work. So every registry
+request is made here: blob bodies (:meth:`ThreadClient.fetch`, into a sink), and everything
+else (:meth:`ThreadClient.exchange`, the answer read whole but capped): manifests, tag lists,
+``HEAD`` checks, ``/v2/`` pings, token requests, uploads. The registry transport keeps the
+rest: it picks the URL and the ``Authorization`` header (answering a 401), retries and resumes,
+and maps errors (:mod:`.errors`).
 
 What a request here does, as httpx did: follows redirects of ``GET`` and ``HEAD`` itself
 (``Authorization`` never goes to another origin), asks for ``Range: bytes=N-`` when resuming (a
 server that ignores it is skipped to N), asks for the stored bytes (``Accept-Encoding:
 identity``) but decodes gzip or deflate if a proxy compressed anyway, goes through
 ``HTTPS_PROXY``/``HTTP_PROXY`` unless ``NO_PROXY`` says otherwise (CONNECT tunnels for https),
-reuses kept-alive connections per origin, and waits at most the stall timeout for each read.
+reuses kept-alive connections per origin, and waits at most the stall timeout for each read
+and for each ``send`` of a request body (not for the whole body: a slow uplink is not a stall).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ __all__ = [
     "Stopper",
     "ThreadClient",
     "WireAnswer",
+    "WriteTimedOut",
     "origin_of",
 ]
 
-# Redirects and error answers, read the same way by httpx's side (:mod:`.sending`).
 MAX_ERROR_BODY = 64 << 10
 MAX_REDIRECTS = 5
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
@@ -64,12 +66,20 @@ class ConnectTimedOut(TimeoutError):
     """No connection within the connect timeout (a read that times out raises TimeoutError)."""
 
 
+class WriteTimedOut(TimeoutError):
+    """A request body that the other end took no byte of within the timeout."""
+
+
 class TooManyRedirects(http.client.HTTPException):
     """More than :data:`MAX_REDIRECTS` redirects: an answer, not a network failure to retry."""
 
 
 _BUFFER = 1 << 20  # blob bodies: bytes per read
 _SMALL_BUFFER = 64 << 10  # documents, error answers
+# Request bodies up to this size go out with the head in one send; bigger ones one send() at a
+# time, each waiting at most the timeout for room (sendall's timeout bounds the whole body).
+_SMALL_BODY = 64 << 10
+_SEND_PIECE = 1 << 20
 
 
 class _Headers(dict[str, str]):
@@ -96,7 +106,7 @@ class _Headers(dict[str, str]):
 class WireAnswer:
     """An answer read here: its status, headers, (capped) body, and the URL that gave it."""
 
-    status_code: int  # named as on httpx's answers: errors.error_for_response reads either
+    status_code: int
     reason_phrase: str
     headers: Mapping[str, str]
     body: bytes
@@ -239,11 +249,13 @@ class ThreadClient:
         tls: Callable[[], ssl.SSLContext],
         connect_timeout: float,
         read_timeout: float,
+        write_timeout: float,
         user_agent: str,
     ) -> None:
         self._tls = tls  # built on first use: loading CAs costs ~45 ms
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
         self._user_agent = user_agent
         self._pool = _Pool()
 
@@ -339,11 +351,41 @@ class ThreadClient:
         pooled = self._pool.take(key)
         if pooled is not None:
             try:
-                return key, pooled, _request(pooled, method, url, headers, content, stopper)
+                return key, pooled, self._request(pooled, method, url, headers, content, stopper)
             except _STALE:
                 pass  # closed: a new connection it is
         conn = self._connect(url)
-        return key, conn, _request(conn, method, url, headers, content, stopper)
+        return key, conn, self._request(conn, method, url, headers, content, stopper)
+
+    def _request(
+        self,
+        conn: _Conn,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        stopper: Stopper,
+    ) -> http.client.HTTPResponse:
+        """The answer (its head read) to a request over ``conn``; ``conn`` closed if that fails."""
+        stopper.attach(conn.http)
+        sending = {**headers, **conn.headers}
+        try:
+            if content is None or len(content) <= _SMALL_BODY:
+                conn.http.request(method, conn.target(url), body=content, headers=sending)
+            else:
+                names = {name.lower() for name in sending}
+                conn.http.putrequest(
+                    method, conn.target(url), skip_accept_encoding="accept-encoding" in names
+                )
+                for name, value in sending.items():
+                    conn.http.putheader(name, value)
+                conn.http.putheader("Content-Length", str(len(content)))
+                conn.http.endheaders()
+                _send_body(conn.http, content, stopper, self._write_timeout)
+            return conn.http.getresponse()
+        except BaseException:
+            conn.http.close()
+            raise
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -381,22 +423,32 @@ class ThreadClient:
         except TimeoutError as exc:
             conn.http.close()
             raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
-        assert conn.http.sock is not None
-        conn.http.sock.settimeout(self._read_timeout)  # after the connect: each read waits this long
+        sock = conn.http.sock
+        assert sock is not None
+        # After the connect: each read and each send waits this long (http.client's connect set
+        # TCP_NODELAY, so a body sent after the head does not wait for an ACK).
+        sock.settimeout(self._read_timeout)
         return conn
 
 
-def _request(
-    conn: _Conn, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
-) -> http.client.HTTPResponse:
-    """The answer (its head read) to a request over ``conn``; ``conn`` closed if that fails."""
-    stopper.attach(conn.http)
+def _send_body(conn: http.client.HTTPConnection, content: bytes, stopper: Stopper, timeout: float) -> None:
+    """``content`` over ``conn``'s socket, a ``send`` at a time: ``timeout`` bounds each wait for
+    room, not the whole body (sendall's would: a slow uplink is not a stall)."""
+    sock = conn.sock
+    assert sock is not None
+    view = memoryview(content)
+    sent = 0
+    reading = sock.gettimeout()
+    sock.settimeout(timeout)
     try:
-        conn.http.request(method, conn.target(url), body=content, headers={**headers, **conn.headers})
-        return conn.http.getresponse()
-    except BaseException:
-        conn.http.close()
-        raise
+        while sent < len(view):
+            stopper.check()
+            try:
+                sent += sock.send(view[sent : sent + _SEND_PIECE])
+            except TimeoutError as exc:
+                raise WriteTimedOut(f"no byte of the request body was taken for {timeout:g}s") from exc
+    finally:
+        sock.settimeout(reading)
 
 
 def _answer(response: http.client.HTTPResponse, url: str, body: bytes) -> WireAnswer:
@@ -425,9 +477,9 @@ def _read_capped(response: http.client.HTTPResponse, cap: int, cancelled: Callab
 
 
 def _proxy_for(scheme: str, host: str, port: int) -> str | None:
-    """The proxy URL for ``scheme://host:port`` from the environment, as httpx reads it for
-    requests with a body: ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY``
-    names the host, the host with this port, or a domain of it (neither reads IP networks)."""
+    """The proxy URL for ``scheme://host:port`` from the environment, as httpx read it:
+    ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY`` names the host, the
+    host with this port, or a domain of it (IP networks are not read)."""
     proxies = urllib.request.getproxies()
     proxy = proxies.get(scheme) or proxies.get("all")
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # proxy_bypass tries both forms

@@ -13,8 +13,8 @@ class Timeouts:
 
     connect: float = 10.0
     read: float = 60.0
+    #: Each wait for the other end to take more of a request body.
     write: float = 60.0
-    pool: float = 60.0
 
     @classmethod
     def of(cls, value: float | Timeouts | None) -> Timeouts:
@@ -23,7 +23,7 @@ class Timeouts:
             return DEFAULT_TIMEOUTS
         if isinstance(value, Timeouts):
             return value
-        return cls(connect=float(value), read=float(value), write=float(value), pool=float(value))
+        return cls(connect=float(value), read=float(value), write=float(value))
 
 
 DEFAULT_TIMEOUTS = Timeouts()

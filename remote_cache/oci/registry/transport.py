@@ -1,19 +1,17 @@
 """HTTP to one registry host: scheme, timeouts, the auth handshake, redirects, retries, error mapping.
 
-One :class:`RegistryTransport` talks to one registry host over two clients: requests without a
-body (manifests, tags, ``HEAD`` checks, tokens, blob bodies) over ``http.client`` in worker
-threads (:mod:`.threaded`: no GIL-bound event-loop hops per chunk, and no httpx import for a
-restore), requests with a body (uploads, manifest ``PUT``s) and ``DELETE``s over a pooled
-``httpx.AsyncClient`` made at the first of them (:mod:`.sending`). Both answer with a
-:class:`~.threaded.WireAnswer`, and everything else is done once, here:
+One :class:`RegistryTransport` talks to one registry host over ``http.client`` in worker
+threads (:mod:`.threaded`: no GIL-bound event-loop hop per chunk; why, measured, is there).
+Each request is answered with a :class:`~.threaded.WireAnswer`, and everything else is done
+once, here:
 
 * **Scheme**: https, unless the host is loopback or ``plain_http=True`` was asked. Under
   ``TlsOptions(verify=False)`` (skopeo's ``--tls-verify=false``) the first request finds out, as
   skopeo does: https if the registry speaks it, else plain http.
-* **Certificates** (:mod:`..certs`): httpx's default trust (``SSL_CERT_FILE``/``SSL_CERT_DIR``,
+* **Certificates** (:mod:`..certs`): httpx 0.28's default trust (``SSL_CERT_FILE``/``SSL_CERT_DIR``,
   else certifi) plus the CAs of ``--cert-dir`` or the host's certs.d directory, whose client
   certificates are presented too; or no verification.
-* **Timeouts** on every phase (connect/read/write/pool), see :mod:`.timeouts`.
+* **Timeouts** on every phase (connect/read/write), see :mod:`.timeouts`.
 * **Auth** (:mod:`.auth`): the request goes out, a 401's challenge is answered, and the request
   is sent once more with the new credentials.
 * **Redirects** (blob GETs to object storage) are followed by hand; ``Authorization`` is never
@@ -22,7 +20,7 @@ restore), requests with a body (uploads, manifest ``PUT``s) and ``DELETE``s over
   ``bytes``, so a retried request resends exactly the same body; callers turn retries off
   (``retry=False``) for steps of an upload session that cannot be replayed.
 * **Errors** (:mod:`.errors`): an answer outside ``ok`` raises the mapped error; the clients'
-  exceptions become :class:`~remote_cache.errors.RegistryUnreachable`. Nothing of either client
+  exceptions become :class:`~remote_cache.errors.RegistryUnreachable`. Nothing of the client
   leaves this package.
 """
 
@@ -33,7 +31,7 @@ import functools
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import anyio
@@ -52,9 +50,6 @@ from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
 from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of
 from .timeouts import Timeouts
-
-if TYPE_CHECKING:
-    from .sending import HttpxSender
 
 __all__ = ["RegistryTransport"]
 
@@ -107,9 +102,9 @@ class RegistryTransport:
             tls=self._tls,
             connect_timeout=self.timeouts.connect,
             read_timeout=self.timeouts.read,
+            write_timeout=self.timeouts.write,
             user_agent=TOOL,
         )
-        self._sender: HttpxSender | None = None
         self.auth = Authenticator(
             host, credentials, plain_http=self.plain_http, send=self._send_token, timeouts=self.timeouts
         )
@@ -128,8 +123,6 @@ class RegistryTransport:
     async def aclose(self) -> None:
         """Close the connection pools."""
         self._threads.close()
-        if self._sender is not None:
-            await self._sender.aclose()
 
     async def fetch_body(
         self,
@@ -206,32 +199,22 @@ class RegistryTransport:
         params: Mapping[str, str] | None,
         content: bytes | None,
     ) -> _Send:
-        """How one request goes out: without a body over http.client in a thread, else httpx."""
-        if content is None and method in ("GET", "HEAD"):
-            if params:
-                url += ("&" if urlsplit(url).query else "?") + urlencode(params)
+        """How one request goes out: over http.client, in a worker thread."""
+        if params:
+            url += ("&" if urlsplit(url).query else "?") + urlencode(params)
 
-            def in_thread(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
-                exchange = functools.partial(
-                    self._threads.exchange, method, url, {**headers, **auth}, limit=MAX_DOCUMENT_BYTES
-                )
-                return self._in_thread(exchange)
+        def in_thread(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
+            exchange = functools.partial(
+                self._threads.exchange,
+                method,
+                url,
+                {**headers, **auth},
+                content=content,
+                limit=MAX_DOCUMENT_BYTES,
+            )
+            return self._in_thread(exchange)
 
-            return in_thread
-        sender = self._httpx()
-
-        async def with_httpx(auth: dict[str, str]) -> WireAnswer | None:
-            with translated(self.host, self.timeouts, self.stalls):
-                return await sender.exchange(
-                    method,
-                    url,
-                    {**headers, **auth},
-                    params=params,
-                    content=content,
-                    limit=MAX_DOCUMENT_BYTES,
-                )
-
-        return with_httpx
+        return in_thread
 
     async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
@@ -265,24 +248,12 @@ class RegistryTransport:
         return await _run_stoppable(exchange)
 
     def _tls(self) -> ssl.SSLContext:
-        """This host's TLS context, for both clients: :func:`~..certs.tls_context`'s, else the
-        default trust, built at the first TLS connection (from worker threads too)."""
+        """This host's TLS context: :func:`~..certs.tls_context`'s, else the default trust, built
+        at the first TLS connection (from worker threads)."""
         with self._tls_lock:
             if self._tls_context is None:
                 self._tls_context = default_context()
             return self._tls_context
-
-    def _httpx(self) -> HttpxSender:
-        if self._sender is None:
-            from .sending import HttpxSender  # here: a restore never sends a body
-
-            self._sender = HttpxSender(
-                plain_http=self.plain_http,
-                tls=self._tls,
-                timeouts=self.timeouts,
-                max_connections=self._max_connections,
-            )
-        return self._sender
 
     async def _settle_scheme(self) -> None:
         """Under --tls-verify=false, once: keep https if the registry answers over TLS, else use
