@@ -79,7 +79,6 @@ _SMALL_BUFFER = 64 << 10  # documents, error answers
 # Request bodies up to this size go out with the head in one send; bigger ones one send() at a
 # time, each waiting at most the timeout for room (sendall's timeout bounds the whole body).
 _SMALL_BODY = 64 << 10
-_SEND_PIECE = 1 << 20
 
 
 class _Headers(dict[str, str]):
@@ -444,7 +443,7 @@ def _send_body(conn: http.client.HTTPConnection, content: bytes, stopper: Stoppe
         while sent < len(view):
             stopper.check()
             try:
-                sent += sock.send(view[sent : sent + _SEND_PIECE])
+                sent += sock.send(view[sent:])  # as much as the socket takes now
             except TimeoutError as exc:
                 raise WriteTimedOut(f"no byte of the request body was taken for {timeout:g}s") from exc
     finally:
