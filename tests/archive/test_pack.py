@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from remote_cache.archive.extract import Extractor
-from remote_cache.archive.pack import PackedLayer, pack_tree
+from remote_cache.archive.pack import ZSTD_MT_ABOVE, PackedLayer, pack_tree
 from remote_cache.archive.plan import scan_tree
 from remote_cache.archive.swap import replace_dir
 from remote_cache.archive.tar import DIR, HARDLINK
@@ -93,6 +93,20 @@ def test_deterministic_and_touch_changes_one_layer(nasty: Path, tmp_path: Path) 
     c = [x.digest for x in pack_tree(scan_tree(src, **kw))]
     assert len(c) == len(a)
     assert sum(x != y for x, y in zip(a, c, strict=True)) == 1
+
+
+def test_a_layer_bigger_than_the_threaded_size_packs_alike_on_any_number_of_cores(tmp_path: Path) -> None:
+    """One file over ZSTD_MT_ABOVE is a layer zstd compresses in its multi-threaded mode: the
+    blob must not depend on how many workers a machine has (nor must the small layers')."""
+    src = tmp_path / "src"
+    src.mkdir()
+    chunk = os.urandom(1 << 20) + b"compressible " * 80_000
+    (src / "big").write_bytes(chunk * ((ZSTD_MT_ABOVE >> 20) // 2 + 2))
+    (src / "small").write_bytes(chunk)
+    scan = scan_tree(src)
+    assert any(p.tar_bytes > ZSTD_MT_ABOVE for p in scan.layers)
+    digests = {threads: [x.digest for x in pack_tree(scan, threads=threads)] for threads in (1, 2, 3)}
+    assert digests[1] == digests[2] == digests[3]
 
 
 def test_adding_files_in_one_dir_changes_at_most_two_layers(nasty: Path, tmp_path: Path) -> None:
