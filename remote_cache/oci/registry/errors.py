@@ -140,8 +140,8 @@ def _timed_out(exc: BaseException) -> str | None:
 
 @contextmanager
 def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> Iterator[None]:
-    """Run a block of client calls; a client's error leaves it as :func:`unreachable`'s exception,
-    and so does a TLS alert that httpcore lets through unwrapped (a refused client certificate).
+    """Run a block of client calls; a client's error (a TLS alert included: a refused client
+    certificate) leaves it as :func:`unreachable`'s exception.
 
     With ``stalls``, a timeout counts against the host's stall budget (:mod:`..stalls`): over
     it, the error is final; a block that completes is progress.
