@@ -75,9 +75,23 @@ def nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
+def _cwd() -> Path | None:
+    """The resolved current directory; None when it has been removed (its path is gone)."""
+    try:
+        return Path(os.getcwd()).resolve()
+    except FileNotFoundError:
+        return None
+
+
 def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
     """How ``path`` will be restored into; UnsuitableTarget (with the fix) when it cannot be."""
     given = Path(path)
+    cwd = _cwd()
+    if cwd is None and not given.is_absolute():
+        raise UnsuitableTarget(
+            f"cannot restore into {given}: the current directory no longer exists (another process "
+            "removed or replaced it, e.g. a restore of the same target); change into it again"
+        )
     resolved = Path(os.path.realpath(given))
     if resolved.exists() and not resolved.is_dir():
         raise UnsuitableTarget(f"{given} is not a directory: remove it or restore somewhere else")
@@ -88,7 +102,7 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
         if not _writable(ancestor):
             raise UnsuitableTarget(f"cannot create {given}: {ancestor} is not writable")
         return RestoreTarget(resolved, in_place=False)
-    is_cwd = resolved == Path.cwd().resolve()
+    is_cwd = cwd is not None and resolved == cwd
     in_place = is_cwd or os.path.ismount(resolved) or not _writable(resolved.parent)
     if not _writable(resolved) and (in_place or not os.listdir(resolved)):
         raise UnsuitableTarget(f"cannot write into {given}: check its permissions")

@@ -105,6 +105,24 @@ def test_targets_that_cannot_work_are_refused(tmp_path: Path) -> None:
         plan_target(tmp_path / "file" / "below")
 
 
+def test_a_current_directory_removed_under_the_restore_is_said_so(tmp_path: Path) -> None:
+    """Another restore may exchange the directory a restore of "." runs in before it starts: the
+    process's current directory is then gone (getcwd fails). Say so; an absolute target still
+    works."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    back = os.getcwd()
+    os.chdir(gone)
+    try:
+        gone.rmdir()
+        with pytest.raises(UnsuitableTarget, match="current directory no longer exists"):
+            plan_target(Path("."), force=True)
+        target = plan_target(tmp_path / "elsewhere")
+        assert target.path == tmp_path / "elsewhere" and not target.in_place
+    finally:
+        os.chdir(back)
+
+
 def test_the_cli_refuses_a_bad_target_before_asking_the_store(cli: Run, tmp_path: Path) -> None:
     """A target that is a file: exit 2 with the reason, and the store was never read (a registry
     that does not exist would otherwise be the error)."""

@@ -240,6 +240,11 @@ def test_concurrent_restores_into_one_target_end_as_one_tree(
         )
         for proc in (a, b):
             _out, err = proc.communicate(timeout=120)
+            if proc is a and not b_in_place and proc.returncode == 2:
+                # b exchanged the directory a runs in before a began: a's current directory is
+                # gone, and a says so (b's tree stands whole).
+                assert b"current directory no longer exists" in err, err
+                continue
             assert proc.returncode == 0, err
         got = snapshot(target)
         ends.add(next((name for name, tree in expected.items() if tree == got), "mixed"))
