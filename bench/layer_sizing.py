@@ -1,0 +1,90 @@
+"""How much a ~1% addition re-uploads, over many additions: the distribution the benchmark's one
+"+1 package" case is a single sample of.
+
+    .venv/bin/python bench/layer_sizing.py DIR [--samples 56] [--min-mib 2 --max-mib 16]
+
+Walks DIR once, then for each sampled top-level directory (of ``node_modules`` when DIR has
+one) holding 0.4-2% of the tree, inserts a copy of it under a new name into the walk (in archive
+order, as a real copy would land) and cuts both trees into layers with the save's rule
+(:func:`remote_cache.archive.plan.split_members`). Reports the layer count and, over the
+samples, the share of the tree's tar bytes in layers that changed. Tar bytes, not compressed
+bytes; nothing is packed or uploaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+from pathlib import Path
+
+from remote_cache.archive.plan import split_members
+from remote_cache.archive.tar import DIR, Member
+from remote_cache.archive.walk import TreeStats, walk_tree
+
+__all__ = ["main"]
+
+
+def _order(m: Member) -> tuple[bytes, ...]:
+    return tuple(os.fsencode(part) for part in m.path.split("/"))
+
+
+def _copied(members: list[Member], top: str, suffix: str) -> list[Member]:
+    """``members`` plus a copy of directory ``top`` named ``top + suffix``, in archive order."""
+    new = [
+        Member(top + suffix + m.path[len(top) :], m.kind, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname)
+        for m in members
+        if m.path == top or m.path.startswith(top + "/")
+    ]
+    return sorted(members + new, key=_order)
+
+
+def _layer_keys(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[tuple[str, int], ...]]:
+    layers = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
+    return [tuple((m.path, m.size) for m in plan.members) for plan in layers]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--samples", type=int, default=56)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--min-mib", type=float, default=2)
+    parser.add_argument("--max-mib", type=float, default=16)
+    args = parser.parse_args()
+    min_bytes, max_bytes = int(args.min_mib * (1 << 20)), int(args.max_mib * (1 << 20))
+    members, _ = walk_tree(args.dir, TreeStats())
+    total = sum(m.tar_size for m in members)
+    prefix = "node_modules/" if (args.dir / "node_modules").is_dir() else ""
+    sizes: dict[str, int] = {}
+    for m in members:
+        if m.path.startswith(prefix) and m.path != prefix.rstrip("/"):
+            top = prefix + m.path[len(prefix) :].split("/", 1)[0]
+            sizes[top] = sizes.get(top, 0) + m.tar_size
+    dirs = {m.path for m in members if m.kind == DIR}
+    picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
+    random.Random(args.seed).shuffle(picks)
+    picks = picks[: args.samples]
+    before = _layer_keys(members, min_bytes, max_bytes)
+    known = set(before)
+    shares = []
+    for top in picks:
+        after_members = _copied(members, top, "-sizing-copy")
+        after = split_members(after_members, min_bytes=min_bytes, max_bytes=max_bytes)
+        changed = sum(p.tar_bytes for p in after if tuple((m.path, m.size) for m in p.members) not in known)
+        shares.append(100 * changed / sum(m.tar_size for m in after_members))
+    print(f"tree: {total / 1e6:.1f} MB of tar in {len(members)} entries, {len(before)} layers")
+    if not shares:
+        print("no top-level directory holds 0.4-2% of the tree")
+        return
+    shares.sort()
+    p90 = shares[min(len(shares) - 1, int(0.9 * len(shares)))]
+    print(
+        f"+1 directory ({len(shares)} samples): re-upload median {statistics.median(shares):.1f}%, "
+        f"mean {statistics.mean(shares):.1f}%, 90th percentile {p90:.1f}%, max {shares[-1]:.1f}%"
+    )
+
+
+if __name__ == "__main__":
+    main()
