@@ -52,6 +52,7 @@ __all__ = [
     "machine_name",
     "registry_available",
     "start_registry",
+    "throttled_relay",
 ]
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -825,3 +826,41 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@contextlib.contextmanager
+def throttled_relay(upstream: str, rate: int) -> Iterator[str]:
+    """A TCP relay to ``upstream`` (``host:port``) that passes what the client sends at ``rate``
+    bytes a second (a slow uplink, also under TLS, which an HTTP proxy cannot see into); the
+    answers pass at full speed. Yields the relay's ``127.0.0.1:port``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    host, port = upstream.rsplit(":", 1)
+
+    def pump(src: socket.socket, dst: socket.socket, throttled: bool) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                data = src.recv(16384)
+                if not data:
+                    break
+                dst.sendall(data)
+                if throttled:
+                    time.sleep(len(data) / rate)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                client, _ = listener.accept()
+                server = socket.create_connection((host, int(port)))
+                threading.Thread(target=pump, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=pump, args=(server, client, False), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()

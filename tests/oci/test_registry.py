@@ -29,10 +29,10 @@ from remote_cache.oci import (
 )
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.reference import parse_reference
-from remote_cache.oci.registry import RegistryStore
+from remote_cache.oci.registry import RegistryStore, Timeouts
 from remote_cache.oci.store import Store
 from tests.oci.blob_reading import read_all
-from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry
+from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry, throttled_relay
 
 ALL_MODES = ["registry", "auth_registry", "token_registry"]
 
@@ -480,6 +480,22 @@ async def test_tls_verifies_certificates_and_honours_ssl_cert_file(
     async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
         desc, _ = await push_image(store, "tls", b"over tls")
         assert await store.resolve("tls") == desc
+
+
+async def test_a_slow_upload_over_tls_is_not_a_stall(
+    tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write timeout bounds each wait for the registry to take more, under TLS too (an
+    ``SSLSocket.send`` writes its whole buffer under one deadline: the body goes in slices)."""
+    assert tls_registry.ca is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
+    data = os.urandom(24 << 20)
+    timeouts = Timeouts(connect=1, read=10, write=1)
+    with throttled_relay(tls_registry.host, 4_000_000) as relay:
+        async with RegistryStore(relay, repo_name, plain_http=False, retries=0, timeout=timeouts) as store:
+            started = time.monotonic()
+            assert await store.put_blob(blob(data), data) is True
+            assert time.monotonic() - started > 2.0  # it was slow
 
 
 @pytest.mark.usefixtures("via")

@@ -76,9 +76,11 @@ class TooManyRedirects(http.client.HTTPException):
 
 _BUFFER = 1 << 20  # blob bodies: bytes per read
 _SMALL_BUFFER = 64 << 10  # documents, error answers
-# Request bodies up to this size go out with the head in one send; bigger ones one send() at a
-# time, each waiting at most the timeout for room (sendall's timeout bounds the whole body).
+# Request bodies up to this size go out with the head in one send; bigger ones a slice at a time,
+# each send() waiting at most the write timeout (sendall's timeout bounds the whole body, and so
+# does an SSLSocket's send(), which writes all it is given under one deadline).
 _SMALL_BODY = 64 << 10
+_SEND_SLICE = 256 << 10
 
 
 class _Headers(dict[str, str]):
@@ -444,7 +446,7 @@ def _send_body(conn: http.client.HTTPConnection, content: bytes, stopper: Stoppe
         while sent < len(view):
             stopper.check()
             try:
-                sent += sock.send(view[sent:])  # as much as the socket takes now
+                sent += sock.send(view[sent : sent + _SEND_SLICE])
             except TimeoutError as exc:
                 raise WriteTimedOut(f"no byte of the request body was taken for {timeout:g}s") from exc
     finally:
