@@ -67,7 +67,6 @@ class RegistryStore:
         retries: int = 3,
         transport: RegistryTransport | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        max_connections: int = 16,
         mount_from: str | None = None,
         tls: TlsOptions | None = None,
     ) -> None:
@@ -81,7 +80,6 @@ class RegistryStore:
             plain_http=plain_http,
             timeout=timeout,
             retries=retries,
-            max_connections=max_connections,
             tls=tls,
         )
         self._pull = f"repository:{repository}:pull"

@@ -75,7 +75,6 @@ class RegistryTransport:
         plain_http: bool | None = None,
         timeout: float | Timeouts | None = None,
         retries: int = 3,
-        max_connections: int = 16,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         max_retry_after: float = 60.0,
@@ -95,7 +94,6 @@ class RegistryTransport:
         #: The host's stall budget, shared by every request (see :mod:`..stalls`).
         self.stalls = Stalls(self.timeouts.read)
         self.retry = RetryPolicy(max(0, retries), backoff, max_backoff, max_retry_after)
-        self._max_connections = max_connections
         self._tls_context = tls_context(host, self.tls)  # None: the default trust, built when needed
         self._tls_lock = threading.Lock()
         self._threads = ThreadClient(
