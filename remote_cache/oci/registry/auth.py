@@ -24,7 +24,7 @@ from ...errors import RegistryAuthError
 from ..credentials import Credentials
 from ..reference import is_loopback
 from .errors import error_for_response, translated
-from .threaded import WireAnswer
+from .threaded import WireAnswer, with_query
 from .timeouts import Timeouts
 
 __all__ = ["Authenticator", "TokenSend", "parse_challenge"]
@@ -153,9 +153,7 @@ class Authenticator:
             headers = {"Content-Type": "application/x-www-form-urlencoded"}
             return "POST", realm, headers, urlencode(form).encode()
         headers = {"Authorization": self._basic_header()} if creds is not None and creds.username else {}
-        if query:  # after any query the realm has (httpx merged them the same way)
-            realm += ("&" if urlsplit(realm).query else "?") + urlencode(query)
-        return "GET", realm, headers, None
+        return "GET", with_query(realm, query) if query else realm, headers, None
 
     async def _fetch_token(
         self, realm: str, service: str, scopes: list[str], action: str, stale: str | None

@@ -33,7 +33,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -46,6 +46,7 @@ __all__ = [
     "WireAnswer",
     "WriteTimedOut",
     "origin_of",
+    "with_query",
 ]
 
 MAX_ERROR_BODY = 64 << 10
@@ -54,6 +55,12 @@ REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 #: Scheme, lower-case host name and port: where ``Authorization`` may go.
 Origin = tuple[str, str, int]
+
+
+def with_query(url: str, params: Mapping[str, str] | list[tuple[str, str]]) -> str:
+    """``url`` with ``params`` appended to its query (what is there stays byte for byte: an
+    upload ``Location``'s state is opaque, and a token realm may carry its own parameters)."""
+    return url + ("&" if urlsplit(url).query else "?") + urlencode(params)
 
 
 def origin_of(url: str) -> Origin:

@@ -32,7 +32,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import anyio
 import anyio.to_thread
@@ -48,7 +48,7 @@ from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
 from .errors import check_stalls, error_for_response, translated
 from .retry import RetryPolicy
-from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of
+from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of, with_query
 from .timeouts import Timeouts
 
 __all__ = ["RegistryTransport"]
@@ -199,7 +199,7 @@ class RegistryTransport:
     ) -> _Send:
         """How one request goes out: over http.client, in a worker thread."""
         if params:
-            url += ("&" if urlsplit(url).query else "?") + urlencode(params)
+            url = with_query(url, params)
 
         def in_thread(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
             exchange = functools.partial(

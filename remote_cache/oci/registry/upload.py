@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import anyio
 import anyio.to_thread
@@ -160,11 +160,10 @@ class Uploader:
         return None if response.status_code == 201 else self._next_location(response)
 
     async def _finish(self, location: str, desc: Descriptor, data: bytes) -> None:
-        # The Location's query (upload state) is opaque: keep it byte for byte, add the digest.
-        separator = "&" if urlsplit(location).query else "?"
         await self._transport.request(
             "PUT",
-            f"{location}{separator}digest={quote(desc.digest, safe='')}",
+            location,
+            params={"digest": desc.digest},  # after the Location's own (opaque) query
             scopes=[self._push],
             action=f"upload {desc.digest} to {self._location}",
             headers={"Content-Type": "application/octet-stream"},
