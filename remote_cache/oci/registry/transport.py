@@ -174,7 +174,19 @@ class RegistryTransport:
         async def attempt() -> WireAnswer:
             await self._settle_scheme()
             url = self.url(path)
-            send = self._sender_for(method, url, headers or {}, params, content)
+            target = with_query(url, params) if params else url
+
+            def send(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
+                exchange = functools.partial(
+                    self._threads.exchange,
+                    method,
+                    target,
+                    {**(headers or {}), **auth},
+                    content=content,
+                    limit=MAX_DOCUMENT_BYTES,
+                )
+                return self._in_thread(exchange)
+
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
@@ -188,31 +200,6 @@ class RegistryTransport:
                 f"{MAX_DOCUMENT_BYTES} bytes"
             )
         return answer
-
-    def _sender_for(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        params: Mapping[str, str] | None,
-        content: bytes | None,
-    ) -> _Send:
-        """How one request goes out: over http.client, in a worker thread."""
-        if params:
-            url = with_query(url, params)
-
-        def in_thread(auth: dict[str, str]) -> Awaitable[WireAnswer | None]:
-            exchange = functools.partial(
-                self._threads.exchange,
-                method,
-                url,
-                {**headers, **auth},
-                content=content,
-                limit=MAX_DOCUMENT_BYTES,
-            )
-            return self._in_thread(exchange)
-
-        return in_thread
 
     async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
