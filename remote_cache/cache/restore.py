@@ -130,7 +130,7 @@ async def restore(
         key=key,
         tag=match.tag,
         digest=image.digest,
-        bytes=run.download_bytes,
+        bytes=image.compressed_size,  # every blob's size is checked
         size=stats.bytes,
         files=stats.files,
         seconds=time.monotonic() - started,
@@ -191,15 +191,13 @@ class _Restore:
         self._stats: ExtractStats | None = None
         self._window_start = 0
         self._progress_lock = threading.Lock()
-        #: The compressed bytes a restore downloads: every layer's (each blob's size is checked).
-        self.download_bytes = sum(d.size for d in image.layers)
 
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
         self._work = await anyio.to_thread.run_sync(self._make_work)
         self._staging.mkdir(mode=0o700)
         if self._progress is not None:
-            self._progress.start(self.download_bytes)
+            self._progress.start(self._image.compressed_size)
         ok = False
         try:
             self._open_spool(self._work.path / "spool")
