@@ -399,9 +399,9 @@ async def _pack_and_upload(
 ) -> tuple[int, int]:
     """Pack every layer without a slot (filling it in) and upload it; (layers, bytes) uploaded."""
     scan = plan.scan
+    total = sum(p.tar_bytes for p in scan.layers)
     if all(slot is not None for slot in slots):  # all reused (a save after a restore, as is)
         if progress is not None:
-            total = sum(p.tar_bytes for p in scan.layers)
             progress.start(total)
             progress.advance(total)
         return 0, 0
@@ -414,7 +414,7 @@ async def _pack_and_upload(
     packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path))
     uploads = _Uploads(store, jobs, progress)
     if progress is not None:
-        progress.start(sum(p.tar_bytes for p in scan.layers))
+        progress.start(total)
     try:
         async with anyio.create_task_group() as tg:
             for i, slot in enumerate(slots):
