@@ -68,8 +68,8 @@ def test_a_broken_per_host_directory_is_warned_about_once_and_skipped(
 def test_the_default_trust_is_what_httpx_trusts(
     env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Requests without a body go out over http.client (threaded.py) with default_context();
-    # requests with one over httpx with its own default: both must trust the same CAs.
+    # The registry client (http.client, threaded.py) trusts default_context(); it replaced httpx,
+    # so a user's CA set-up must mean the same as it did: the same CAs as httpx's default.
     import httpx
 
     ca = CertificateAuthority(tmp_path / "ca")

@@ -277,8 +277,8 @@ class RegistryStore:
             yield part
 
     async def download_blob(self, desc: Descriptor, sink: Sink) -> None:
-        """A blob's body into ``sink`` from a worker thread (see :mod:`.bodies`), checked; a broken
-        download resumes with ``Range`` under the same retry policy as :meth:`read_blob`."""
+        """A blob's body into ``sink`` from a worker thread (see :mod:`.threaded`), checked; a broken
+        download resumes with ``Range`` under the transport's retry policy."""
         check_digest(desc.digest)
         check = BlobCheck(desc.digest, desc.size, f"from {self.location}")
 
