@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target, swap_in
+from remote_cache.archive.workdirs import is_in_place_work
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, UnsuitableTarget
@@ -138,7 +139,7 @@ _SWAP_THEN_DIE = textwrap.dedent(
     from pathlib import Path
     from remote_cache.archive import swap
     from remote_cache.archive.target import IN_PLACE_PREFIX
-    from remote_cache.archive.workdirs import WorkDir
+    from remote_cache.archive.workdirs import WorkDir, is_in_place_work
 
     target, staged, after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     work = WorkDir(target, IN_PLACE_PREFIX)
@@ -155,7 +156,7 @@ _SWAP_THEN_DIE = textwrap.dedent(
         real_rename(a, b)
 
     os.rename = rename
-    swap.swap_entries(staging, target, work.path, keep=lambda n: n.startswith(IN_PLACE_PREFIX))
+    swap.swap_entries(staging, target, work.path, keep=is_in_place_work)
     """
 )
 
@@ -172,10 +173,10 @@ def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, afte
     subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
     proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
     assert proc.returncode == -9, "the swap was killed"
-    assert [p.name for p in target.iterdir() if p.name.startswith(IN_PLACE_PREFIX)], "its work is left"
+    assert [p.name for p in target.iterdir() if is_in_place_work(p.name)], "its work is left"
     clean_leftovers(plan_target(target))
     assert snapshot(target) == expected
-    assert not [p for p in target.iterdir() if p.name.startswith(IN_PLACE_PREFIX)]
+    assert not [p for p in target.iterdir() if is_in_place_work(p.name)]
 
 
 def test_a_restore_killed_before_its_swap_is_rolled_back(tmp_path: Path) -> None:
@@ -285,5 +286,5 @@ def test_a_work_directory_inside_an_archive_is_not_swapped_in(tmp_path: Path) ->
     work = tmp_path / "work"
     work.mkdir()
     swap_in(plan_target(target), staging, work)
-    assert not any(name.startswith(IN_PLACE_PREFIX) for name in os.listdir(target))
+    assert not any(is_in_place_work(name) for name in os.listdir(target))
     assert (target / "only-new").exists()
