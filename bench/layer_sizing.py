@@ -19,7 +19,7 @@ import random
 import statistics
 from pathlib import Path
 
-from remote_cache.archive.plan import split_members
+from remote_cache.archive.plan import LayerPlan, split_members
 from remote_cache.archive.tar import DIR, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
@@ -40,9 +40,9 @@ def _copied(members: list[Member], top: str, suffix: str) -> list[Member]:
     return sorted(members + new, key=_order)
 
 
-def _layer_keys(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[tuple[str, int], ...]]:
-    layers = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
-    return [tuple((m.path, m.size) for m in plan.members) for plan in layers]
+def _key(plan: LayerPlan) -> tuple[tuple[str, int], ...]:
+    """What makes a layer the same layer again: its members' paths and sizes."""
+    return tuple((m.path, m.size) for m in plan.members)
 
 
 def main() -> None:
@@ -66,13 +66,13 @@ def main() -> None:
     picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
     random.Random(args.seed).shuffle(picks)
     picks = picks[: args.samples]
-    before = _layer_keys(members, min_bytes, max_bytes)
-    known = set(before)
+    before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
+    known = {_key(plan) for plan in before}
     shares = []
     for top in picks:
         after_members = _copied(members, top, "-sizing-copy")
         after = split_members(after_members, min_bytes=min_bytes, max_bytes=max_bytes)
-        changed = sum(p.tar_bytes for p in after if tuple((m.path, m.size) for m in p.members) not in known)
+        changed = sum(p.tar_bytes for p in after if _key(p) not in known)
         shares.append(100 * changed / sum(m.tar_size for m in after_members))
     print(f"tree: {total / 1e6:.1f} MB of tar in {len(members)} entries, {len(before)} layers")
     if not shares:
