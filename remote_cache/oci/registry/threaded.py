@@ -37,8 +37,6 @@ from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 __all__ = [
     "MAX_ERROR_BODY",
-    "MAX_REDIRECTS",
-    "REDIRECT_STATUS",
     "ConnectTimedOut",
     "Origin",
     "Stopper",
@@ -50,8 +48,8 @@ __all__ = [
 ]
 
 MAX_ERROR_BODY = 64 << 10
-MAX_REDIRECTS = 5
-REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 #: Scheme, lower-case host name and port: where ``Authorization`` may go.
 Origin = tuple[str, str, int]
@@ -78,7 +76,7 @@ class WriteTimedOut(TimeoutError):
 
 
 class TooManyRedirects(http.client.HTTPException):
-    """More than :data:`MAX_REDIRECTS` redirects: an answer, not a network failure to retry."""
+    """More than ``_MAX_REDIRECTS`` redirects: an answer, not a network failure to retry."""
 
 
 _BUFFER = 1 << 20  # blob bodies: bytes per read
@@ -332,14 +330,14 @@ class ThreadClient:
         connection goes back to the pool when ``take`` read the answer to its end."""
         home = origin_of(url)
         send.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
-        for _hop in range(MAX_REDIRECTS + 1):
+        for _hop in range(_MAX_REDIRECTS + 1):
             if origin_of(url) != home:
                 send.pop("Authorization", None)  # never to another origin
             stopper.check()
             key, conn, response = self._send(method, url, send, content, stopper)
             try:
                 location = response.getheader("Location")
-                if method in ("GET", "HEAD") and response.status in REDIRECT_STATUS and location:
+                if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
                     response.read(MAX_ERROR_BODY)
                     url = urljoin(url, location)
                     continue
@@ -349,7 +347,7 @@ class ThreadClient:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
-        raise TooManyRedirects(f"redirected more than {MAX_REDIRECTS} times, the last time to {_shown(url)}")
+        raise TooManyRedirects(f"redirected more than {_MAX_REDIRECTS} times, the last time to {_shown(url)}")
 
     def _send(
         self, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
