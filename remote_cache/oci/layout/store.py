@@ -208,10 +208,10 @@ class LayoutStore:
             raise self._missing(desc) from None
         buffer = bytearray(_CHUNK)
         view = memoryview(buffer)
+        checked = check.feeding(sink)
         with fh:
             while n := fh.readinto(buffer):
-                check.update(view[:n])
-                sink(view[:n])
+                checked(view[:n])
         check.finish()
 
     def _missing(self, desc: Descriptor) -> StoreError:
