@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_GC_GRACE_SECONDS",
     "Sink",
-    "SinkFailed",
     "Store",
     "download_by_reading",
     "guarded",
@@ -37,7 +36,7 @@ __all__ = [
 Sink = Callable[[memoryview], None]
 
 
-class SinkFailed(Exception):
+class _SinkFailed(Exception):
     """A sink's own failure inside a download (a full disk, a bad digest): its cause is the error
     to raise, never to be taken for the network's. Stores wrap it with :func:`guarded` inside their
     client's call and unwrap it with :func:`sink_failures_as_themselves` outside their translation
@@ -45,24 +44,24 @@ class SinkFailed(Exception):
 
 
 def guarded(sink: Sink) -> Sink:
-    """``sink`` with its own failures wrapped in :class:`SinkFailed`."""
+    """``sink`` with its own failures wrapped in :class:`_SinkFailed`."""
 
     def call(chunk: memoryview) -> None:
         try:
             sink(chunk)
         except BaseException as exc:
-            raise SinkFailed() from exc
+            raise _SinkFailed() from exc
 
     return call
 
 
 @contextmanager
 def sink_failures_as_themselves() -> Iterator[None]:
-    """Around a store's translation of its client's errors: a :class:`SinkFailed` leaves as the
+    """Around a store's translation of its client's errors: a :class:`_SinkFailed` leaves as the
     sink's own error."""
     try:
         yield
-    except SinkFailed as failed:
+    except _SinkFailed as failed:
         assert failed.__cause__ is not None
         raise failed.__cause__ from failed.__cause__.__cause__
 

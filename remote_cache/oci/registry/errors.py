@@ -154,8 +154,8 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
         if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop
             raise RegistryError(f"registry {host} {exc}") from exc
         if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException):
-            # http.client's, in threaded.py (its sink's own errors come wrapped in SinkFailed,
-            # which passes through).
+            # http.client's, in threaded.py (a sink's own errors come wrapped by
+            # oci.store.guarded, which passes through).
             raise unreachable(host, exc, timeouts=timeouts) from exc
         raise
     if stalls is not None:
