@@ -419,24 +419,37 @@ def ensure_corpus(corpus: Path, script: str | None) -> None:
     subprocess.run([script, str(corpus)], check=True)
 
 
+def _paired(ctx: Context, method: str, step: str) -> tuple[float, str]:
+    """``method``'s time for ``step`` over raw's, round by round (the two ran side by side, so
+    the machine's drift between rounds cancels): the median ratio and the lowest-highest."""
+    ratios = sorted(
+        ours / raw
+        for ours, raw in zip(ctx.results[f"{method} {step}"], ctx.results[f"raw {step}"], strict=True)
+    )
+    return statistics.median(ratios), f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
 def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
     med = {name: statistics.median(values) for name, values in ctx.results.items()}
     lines = [
         f"store: {store}; corpus: {ctx.expected[0] / 1e6:.1f} MB in {ctx.expected[1]} entries; "
-        f"rounds: {rounds} (medians; alternating order)",
+        f"rounds: {rounds} (medians; alternating order; x raw: the median of each round's own "
+        "ratio, with the lowest and highest)",
         "",
-        f"| {'method':<24} | {'save s':>8} | {'x raw':>6} | {'restore s':>9} | {'x raw':>6} |",
-        f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 11}|{'-' * 8}|",
+        f"| {'method':<24} | {'save s':>8} | {'x raw':>6} | {'range':>11} | {'restore s':>9} "
+        f"| {'x raw':>6} | {'range':>11} |",
+        f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 11}|{'-' * 8}|{'-' * 13}|",
     ]
     labels = LABELS[store]
     for method in methods:
         save, restore = med[f"{method} save"], med[f"{method} restore"]
+        (rs, rs_range), (rr, rr_range) = (_paired(ctx, method, step) for step in ("save", "restore"))
         lines.append(
-            f"| {labels[method]:<24} | {save:8.2f} | {save / med['raw save']:6.2f} | {restore:9.2f} "
-            f"| {restore / med['raw restore']:6.2f} |"
+            f"| {labels[method]:<24} | {save:8.2f} | {rs:6.2f} | {rs_range:>11} | {restore:9.2f} "
+            f"| {rr:6.2f} | {rr_range:>11} |"
         )
     if "rc" in methods:
-        rs, rr = med["rc save"] / med["raw save"], med["rc restore"] / med["raw restore"]
+        rs, rr = _paired(ctx, "rc", "save")[0], _paired(ctx, "rc", "restore")[0]
         lines += [
             "",
             f"targets: save <= {TARGETS['save']}x raw: {'met' if rs <= TARGETS['save'] else 'MISSED'} "
