@@ -467,7 +467,7 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             "",
             "save after a restore, unchanged: "
             f"{med['rc save after restore, unchanged'] / med['rc save']:.0%} of a cold save (target <= 10%)",
-            f"remote-cache time inside the CLI (without interpreter start-up): save "
+            f"remote-cache time inside the core's save()/restore() (after start-up and imports): save "
             f"{statistics.median(ctx.extra['rc save, inside the CLI']):.2f} s, restore "
             f"{statistics.median(ctx.extra['rc restore, inside the CLI']):.2f} s",
             f"package added: {statistics.median(ctx.extra['re-save +1 package: MB added']):.2f} MB; "
