@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["BUDGET_PERIODS", "Stalls"]
+__all__ = ["BUDGET_PERIODS", "GIVING_UP", "Stalls"]
 
 #: Stall periods without progress after which a store is given up on.
 BUDGET_PERIODS = 2.0
+#: How every stalled request's final error ends, whichever kind of store stalled.
+GIVING_UP = "retries included: giving up (--timeout sets the stall timeout)"
 
 
 class Stalls:
@@ -46,4 +48,9 @@ class Stalls:
         stalled_for = time.monotonic() - self._since
         if stalled_for < self.budget:
             return None
-        return f"{who} has sent nothing for {stalled_for:.0f}s: giving up (--timeout sets the stall timeout)"
+        return f"{who} has sent nothing for {stalled_for:.0f}s, {GIVING_UP}"
+
+    def gave_up(self, error: str) -> str:
+        """``error`` (a request that waited out the stall timeout) as the final word on a store
+        that has now sent nothing for the whole budget."""
+        return f"{error}; it has sent nothing for {self.budget:g}s, {GIVING_UP}"

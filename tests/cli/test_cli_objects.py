@@ -148,6 +148,8 @@ def test_unreachable_or_stalled_bucket_fails_fast_with_a_clear_message(
     )
     assert stalled.returncode == 1, stalled.stderr
     assert "stopped answering" in stalled.stderr and time.monotonic() - started < 30
+    # Worded as a registry's stall is (tests/cli/test_cli.py), the fix included.
+    assert "retries included: giving up (--timeout sets the stall timeout)" in stalled.stderr, stalled.stderr
     assert not (tmp_path / "o2").exists()
     no_traceback(stalled)
 

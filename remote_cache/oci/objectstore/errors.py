@@ -114,8 +114,8 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
         temporary = name not in _PERMANENT_KINDS
         if name == "Timeout":  # connect, or a read that waited the whole stall period for bytes
             return StoreStalled(
-                f"cannot {action}: {location} stopped answering: no data within the timeout (--timeout "
-                f"sets it), retries included ({summary})",
+                f"cannot {action}: {location} stopped answering ({summary}): no data within the stall "
+                "timeout",
                 temporary=True,
             )
         hint = "; check the endpoint and that it is running" if name == "Connect" else ""

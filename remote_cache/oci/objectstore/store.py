@@ -44,7 +44,7 @@ from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
-from ..stalls import Stalls
+from ..stalls import GIVING_UP, Stalls
 from ..store import DEFAULT_GC_GRACE_SECONDS, Sink, download_by_reading, sink_failures_as_themselves
 from .calls import Calls
 from .client import build_client
@@ -97,11 +97,10 @@ class ObjectStore:
             with translated(self.location, action, self._secrets):
                 yield
         except StoreStalled as exc:
+            # obstore has retried the request already: this is the last word on it either way.
             if not self._stalls.stalled():
-                raise StoreUnreachable(
-                    f"{exc}; it has sent nothing for {self._stalls.budget:g}s: giving up", temporary=False
-                ) from exc
-            raise
+                raise StoreUnreachable(self._stalls.gave_up(str(exc)), temporary=False) from exc
+            raise StoreStalled(f"{exc}, {GIVING_UP}", temporary=exc.temporary) from exc
         self._stalls.progressed()
 
     @staticmethod

@@ -166,11 +166,7 @@ def _stalled(host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls |
     """A timeout as :func:`unreachable` says it; final once the host is over its stall budget."""
     error = unreachable(host, exc, timeouts=timeouts)
     if stalls is not None and not stalls.stalled():
-        error = RegistryUnreachable(
-            f"{error}; it has sent nothing for {stalls.budget:g}s, retries included: giving up "
-            "(--timeout sets the stall timeout)",
-            temporary=False,
-        )
+        error = RegistryUnreachable(stalls.gave_up(str(error)), temporary=False)
     return error
 
 
