@@ -142,14 +142,22 @@ async def restore(
 
 def _check_space(target: RestoreTarget, image: CacheImage) -> None:
     """Refuse before downloading when the work directory's filesystem cannot hold the new tree
-    (the old one stays until the swap) plus the biggest compressed layer."""
+    (the old one stays until the swap) plus the biggest compressed layer, or has fewer free
+    inodes than the tree has files."""
     if image.size is None:
         return  # a foreign image: its size is not known up front
     need = _space_needed(image)
     st = os.statvfs(nearest_existing(target.work_parent))
     free = st.f_bavail * st.f_frsize
     if free < need:
-        raise NoSpace(_space_message(target, need, free))
+        raise NoSpace(f"{_space_message(target, need)}, {format_bytes(free)} free there")
+    files = image.files
+    # A filesystem without an inode limit reports no inodes at all (f_files 0).
+    if files is not None and st.f_files and st.f_favail < files:
+        raise NoSpace(
+            f"not enough inodes to restore into {target.path}: its {files} files (and its directories) "
+            f"need one each in {target.work_parent}, {st.f_favail} free there"
+        )
 
 
 def _space_needed(image: CacheImage) -> int:
@@ -157,11 +165,10 @@ def _space_needed(image: CacheImage) -> int:
     return (image.size or 0) + max((d.size for d in image.layers), default=0)
 
 
-def _space_message(target: RestoreTarget, need: int, free: int | None = None) -> str:
-    have = f", {format_bytes(free)} free there" if free is not None else ""
+def _space_message(target: RestoreTarget, need: int) -> str:
     return (
         f"not enough space to restore into {target.path}: it needs about {format_bytes(need)} free in "
-        f"{target.work_parent} (the new tree while the old one stays until the swap){have}"
+        f"{target.work_parent} (the new tree while the old one stays until the swap)"
     )
 
 
@@ -345,7 +352,11 @@ def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -
     """The error as a user should read it: a full disk says how much is needed where; paths in
     the work directory are shown as the target's."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return NoSpace(_space_message(target, _space_needed(image)))
+        # Blocks or inodes: the OS says which only as "No space left on device".
+        return NoSpace(
+            f"{_space_message(target, _space_needed(image))}, and an inode for each file and "
+            f"directory: {exc.strerror} (its free space or its inodes ran out)"
+        )
     if isinstance(exc, OSError) and exc.filename is not None:
         shown = _shown_path(str(exc.filename), target)
         return type(exc)(exc.errno, f"{exc.strerror}: {shown}")

@@ -3,7 +3,6 @@ and a swap killed half-way (a real SIGKILL to a real process) that the next run 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
 from tests.cli.output import Run
+from tests.mounts import tmpfs
 from tests.trees import assert_same_tree, snapshot
 
 
@@ -31,27 +31,10 @@ def _tree(root: Path, text: str) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _tmpfs(point: Path, *options: str) -> Iterator[Path]:
-    """A real tmpfs mounted on ``point`` (made here) until the end of the block, with mount's
-    ``options`` (e.g. ``"size=1m"``). Root can mount here; elsewhere the test says why it cannot run."""
-    point.mkdir()
-    flags = ["-o", ",".join(options)] if options else []
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", *flags, "tmpfs", str(point)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 @pytest.fixture
 def mount_point(tmp_path: Path) -> Iterator[Path]:
     """A real tmpfs mount."""
-    with _tmpfs(tmp_path / "mnt") as point:
+    with tmpfs(tmp_path / "mnt") as point:
         yield point
 
 
@@ -220,7 +203,7 @@ async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
 def test_not_enough_space_is_refused_before_downloading_and_says_where(cli: Run, tmp_path: Path) -> None:
     """A 1 MiB tmpfs cannot take a 3 MB entry: exit 5 before any layer is fetched, naming the
     place and the size; the target is untouched and nothing is left there."""
-    with _tmpfs(tmp_path / "small", "size=1m") as small:
+    with tmpfs(tmp_path / "small", "size=1m") as small:
         src = tmp_path / "src"
         src.mkdir()
         (src / "big").write_bytes(os.urandom(3 << 20))
@@ -288,3 +271,44 @@ def test_a_work_directory_inside_an_archive_is_not_swapped_in(tmp_path: Path) ->
     swap_in(plan_target(target), staging, work)
     assert not any(is_in_place_work(name) for name in os.listdir(target))
     assert (target / "only-new").exists()
+
+
+def test_a_disk_that_fills_up_during_extraction_fails_cleanly(cli: Run, tmp_path: Path) -> None:
+    """Space runs out half-way through extracting (here the filesystem's inodes: 60 on a tmpfs with
+    plenty of bytes, for an entry of 90 directories and 10 files, which the check before the
+    download cannot count): exit 5 with the place and the OS's reason, the target as it was, and
+    nothing left beside it."""
+    with tmpfs(tmp_path / "small", "size=64m", "nr_inodes=60") as small:
+        src = tmp_path / "src"
+        for i in range(90):
+            (src / f"d{i:02}").mkdir(parents=True)
+        for i in range(10):
+            (src / f"d{i:02}" / "f").write_text(str(i))
+        layout = f"oci:{tmp_path / 'layout'}:k"
+        assert cli("save", str(src), layout, "-q").returncode == 0
+        (small / "old").mkdir()
+        (small / "old" / "kept").write_text("kept")
+        before = snapshot(small)
+        proc = cli("restore", layout, str(small / "old"))
+        assert proc.returncode == 5, proc.stderr
+        assert f"not enough space to restore into {small / 'old'}" in proc.stderr, proc.stderr
+        assert "No space left on device" in proc.stderr, proc.stderr
+        assert snapshot(small) == before
+
+
+def test_too_few_free_inodes_for_the_files_is_refused_before_downloading(cli: Run, tmp_path: Path) -> None:
+    """50 files and a filesystem with 20 inodes left: exit 5 before any layer is fetched, naming
+    the count and the place (not a misleading byte count); the target is untouched."""
+    with tmpfs(tmp_path / "small", "size=64m", "nr_inodes=24") as small:
+        src = tmp_path / "src"
+        src.mkdir()
+        for i in range(50):
+            (src / f"f{i:02}").write_text(str(i))
+        layout = f"oci:{tmp_path / 'layout'}:k"
+        assert cli("save", str(src), layout, "-q").returncode == 0
+        (small / "old").mkdir()
+        before = snapshot(small)
+        proc = cli("restore", layout, str(small / "old"))
+        assert proc.returncode == 5, proc.stderr
+        assert f"its 50 files (and its directories) need one each in {small}" in proc.stderr, proc.stderr
+        assert snapshot(small) == before
