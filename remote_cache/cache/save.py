@@ -11,6 +11,7 @@ key untouched.
 
 from __future__ import annotations
 
+import errno
 import logging
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
-from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, RemoteCacheError
+from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, NoSpace, RemoteCacheError
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
@@ -411,7 +412,7 @@ async def _pack_and_upload(
     from ..archive.pack import pack_tree  # here: a tree whose layers are all reused is not packed
 
     work = await anyio.to_thread.run_sync(_spool_dir)
-    packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path))
+    packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path), work.path)
     uploads = _Uploads(store, jobs, progress)
     if progress is not None:
         progress.start(total)
@@ -453,13 +454,27 @@ class _Packer:
     step is running: a cancelled wait for ``next`` does not stop the thread inside it, and
     closing a generator another thread is executing raises ValueError."""
 
-    def __init__(self, layers: Generator[PackedLayer, None, None]) -> None:
+    def __init__(self, layers: Generator[PackedLayer, None, None], spool: Path) -> None:
         self._layers = layers
+        self._spool = spool
         self._lock = threading.Lock()
 
     def next(self) -> PackedLayer | None:
         with self._lock:
-            return next(self._layers, None)
+            try:
+                return next(self._layers, None)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                from ..archive.pack import DEFAULT_SPOOL_BYTES
+
+                # Only the spool is written while packing (the layers over its threshold).
+                raise NoSpace(
+                    f"not enough space in {self._spool.parent}, the temporary directory, for the packed "
+                    f"layers waiting to be uploaded ({exc.strerror}): set TMPDIR to a directory with "
+                    f"more room (a layer over {format_bytes(DEFAULT_SPOOL_BYTES)} is kept there until "
+                    "it is uploaded)"
+                ) from exc
 
     def close(self) -> None:
         with self._lock:

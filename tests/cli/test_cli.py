@@ -39,6 +39,7 @@ from remote_cache.units import format_bytes, parse_duration, parse_size
 from remote_cache.version import VERSION
 from tests.cli.output import Run, json_line, no_traceback
 from tests.forward_proxy import ForwardProxy
+from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
 from tests.trees import assert_same_tree, one_file_tree, small_tree
@@ -822,3 +823,21 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
         urls = [url for _method, url in through.seen]
         assert any("/manifests/" in u for u in urls)
         assert all(any(layer in u for u in urls) for layer in layers)  # the bodies too
+
+
+def test_a_full_temporary_directory_fails_a_save_with_the_place_and_the_fix(cli: Run, tmp_path: Path) -> None:
+    """A layer over the spool threshold waits for its upload in TMPDIR: a full one is exit 5 naming
+    it and TMPDIR as the fix (it was a bare "[Errno 28] No space left on device", exit 1); nothing
+    is left there and the entry is not written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(66 << 20))  # incompressible: one layer over 64 MiB
+    layout = f"oci:{tmp_path / 'layout'}:k"
+    with tmpfs(tmp_path / "tmp", "size=1m") as tmp:
+        proc = cli("save", str(src), layout, env={"TMPDIR": str(tmp)})
+        assert proc.returncode == 5, proc.stderr
+        assert f"not enough space in {tmp}, the temporary directory" in proc.stderr, proc.stderr
+        assert "set TMPDIR to a directory with more room" in proc.stderr, proc.stderr
+        no_traceback(proc)
+        assert list(tmp.iterdir()) == []
+    assert cli("restore", layout, str(tmp_path / "out")).returncode == 3
