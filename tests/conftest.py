@@ -74,6 +74,21 @@ def _start(
 
 
 @pytest.fixture(autouse=True)
+def no_user_credentials(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process tests see no credentials or certificates of the user running them: every place
+    they are looked for (docker's and the containers tools' auth files, ``~/.config/containers/
+    certs.d``, ``~/.aws``) is an empty directory, as the CLI tests' environment has it
+    (:func:`tests.cli.output.clean_env`). Tests that need some set their own."""
+    user = tmp_path_factory.mktemp("user")  # beside tmp_path: tests may expect that one empty
+    for name in ("home", "docker-config", "run"):
+        (user / name).mkdir()
+    monkeypatch.setenv("HOME", str(user / "home"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(user / "docker-config"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(user / "run"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """This test's own machine-local state directory (``REMOTE_CACHE_STATE_DIR``), never the user's."""
     path = tmp_path / "state"
