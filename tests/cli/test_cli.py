@@ -841,3 +841,25 @@ def test_a_full_temporary_directory_fails_a_save_with_the_place_and_the_fix(cli:
         no_traceback(proc)
         assert list(tmp.iterdir()) == []
     assert cli("restore", layout, str(tmp_path / "out")).returncode == 3
+
+
+def test_a_layout_on_a_full_disk_fails_a_save_with_exit_5_and_keeps_its_entries(
+    cli: Run, tmp_path: Path
+) -> None:
+    """An OCI layout whose filesystem fills up during a save: exit 5 naming the layout and what to
+    do (it was exit 1 with a bare errno); the entry saved before is still there, whole."""
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    (small / "f").write_text("small")
+    big.mkdir()
+    (big / "f").write_bytes(os.urandom(3 << 20))
+    with tmpfs(tmp_path / "disk", "size=1m") as disk:
+        layout = f"oci:{disk / 'layout'}"
+        assert cli("save", str(small), f"{layout}:small", "-q").returncode == 0
+        proc = cli("save", str(big), f"{layout}:big")
+        assert proc.returncode == 5, proc.stderr
+        assert f"not enough space for the OCI layout {layout}" in proc.stderr, proc.stderr
+        no_traceback(proc)
+        assert cli("restore", f"{layout}:small", str(tmp_path / "out")).returncode == 0
+        assert_same_tree(small, tmp_path / "out")
+        assert cli("restore", f"{layout}:big", str(tmp_path / "out2")).returncode == 3

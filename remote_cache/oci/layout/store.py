@@ -8,6 +8,7 @@ annotation of an ``index.json`` entry. Writes are atomic and ``index.json`` chan
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ...errors import CacheMiss, EntryExists, ImageFormatError, IntegrityError, StoreError
+from ...errors import CacheMiss, EntryExists, ImageFormatError, IntegrityError, NoSpace, StoreError
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
@@ -55,6 +56,11 @@ class LayoutStore:
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
+            if exc.errno == errno.ENOSPC:
+                raise NoSpace(
+                    f"not enough space for the OCI layout {self.location} ({exc.strerror}): free some on "
+                    "its filesystem, or remove entries (`remote-cache prune`)"
+                ) from exc
             raise StoreError(f"cannot use the OCI layout {self.location}: {exc}") from exc
 
     # -- manifests and tags ----------------------------------------------------------------
