@@ -22,7 +22,6 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -47,24 +46,17 @@ from tests.object_servers import (
     start_s3rver,
 )
 from tests.registry_server import FaultProxy, RegistryServer, machine_name, registry_available, start_registry
+from tests.skips import unavailable
 from tests.trees import holes_work
 
 _SKIP_REASON = "/usr/bin/docker-registry (Debian package docker-registry) or openssl is not installed"
-
-
-def _unavailable(why: str) -> None:
-    """Skip a test whose server is not installed -- but fail under ``.ci/run``, which installs them
-    all (REMOTE_CACHE_REQUIRE_SERVERS=1): CI never passes by skipping."""
-    if os.environ.get("REMOTE_CACHE_REQUIRE_SERVERS") == "1":
-        pytest.fail(f"{why}; run .ci/setup")
-    pytest.skip(why)
 
 
 def _start(
     tmp_path_factory: pytest.TempPathFactory, label: str, auth: str, **options: object
 ) -> Iterator[RegistryServer]:
     if not registry_available():
-        _unavailable(_SKIP_REASON)
+        unavailable(_SKIP_REASON)
     workdir: Path = tmp_path_factory.mktemp(label)
     server = start_registry(workdir, auth=auth, **options)  # type: ignore[arg-type]
     try:
@@ -118,7 +110,7 @@ def _named() -> tuple[str, str]:
     """This machine's own name and address: what the client does not take for loopback."""
     found = machine_name()
     if found is None:
-        _unavailable("this machine has no host name that resolves to an IPv4 address")
+        unavailable("this machine has no host name that resolves to an IPv4 address")
     assert found is not None
     return found
 
@@ -213,7 +205,7 @@ def _object_server(
     tmp_path_factory: pytest.TempPathFactory, available: bool, start: Callable[[Path], ObjectServer], why: str
 ) -> Iterator[ObjectServer]:
     if not available:
-        _unavailable(why)
+        unavailable(why)
     server = start(tmp_path_factory.mktemp("object-server"))
     try:
         yield server

@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.skips import unavailable
 
 __all__ = ["tmpfs"]
 
@@ -15,14 +15,15 @@ __all__ = ["tmpfs"]
 @contextlib.contextmanager
 def tmpfs(point: Path, *options: str) -> Iterator[Path]:
     """A real tmpfs mounted on ``point`` (made here) until the end of the block, with mount's
-    ``options`` (e.g. ``"size=1m"``). Root can mount here; elsewhere the test says why it cannot run."""
+    ``options`` (e.g. ``"size=1m"``). Root can mount here; elsewhere the test says why it cannot
+    run (and fails under ``.ci/run``, see :func:`tests.skips.unavailable`)."""
     point.mkdir()
     flags = ["-o", ",".join(options)] if options else []
     done = subprocess.run(
         ["mount", "-t", "tmpfs", *flags, "tmpfs", str(point)], capture_output=True, text=True
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here (it takes root): {done.stderr.strip()}")
     try:
         yield point
     finally:
