@@ -42,11 +42,16 @@ class WorkDir:
         parent.mkdir(parents=True, exist_ok=True)
         self.path = parent / f"{prefix}{secrets.token_hex(6)}"
         self.path.mkdir(mode=0o700)
-        # Locked before it gets its name: a sweeper never sees an unlocked ``lock`` of a live run.
-        pending = self.path / f"{_LOCK}.new"
-        self._fd: int | None = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.rename(pending, self.path / _LOCK)
+        self._fd: int | None = None
+        try:
+            # Locked before it gets its name: a sweeper never sees an unlocked ``lock`` of a live run.
+            pending = self.path / f"{_LOCK}.new"
+            self._fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            os.rename(pending, self.path / _LOCK)
+        except BaseException:
+            self.close()  # without its lock no sweep would ever claim it (a full disk, say)
+            raise
 
     def close(self) -> None:
         """Remove the directory and release the lock; idempotent."""

@@ -3,6 +3,7 @@ and a swap killed half-way (a real SIGKILL to a real process) that the next run 
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -312,3 +313,15 @@ def test_too_few_free_inodes_for_the_files_is_refused_before_downloading(cli: Ru
         assert proc.returncode == 5, proc.stderr
         assert f"its 50 files (and its directories) need one each in {small}" in proc.stderr, proc.stderr
         assert snapshot(small) == before
+
+
+def test_a_work_directory_that_cannot_get_its_lock_is_not_left_behind(tmp_path: Path) -> None:
+    """The filesystem runs out of inodes between a work directory and its lock file: the error is
+    raised and the directory goes (a lock-less one would be left for good: no sweep claims it)."""
+    from remote_cache.archive.workdirs import WorkDir
+
+    with tmpfs(tmp_path / "tiny", "nr_inodes=2") as tiny:  # the root and one more
+        with pytest.raises(OSError) as info:
+            WorkDir(tiny, IN_PLACE_PREFIX)
+        assert info.value.errno == errno.ENOSPC
+        assert list(tiny.iterdir()) == []
