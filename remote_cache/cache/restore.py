@@ -153,16 +153,26 @@ def _check_space(target: RestoreTarget, image: CacheImage) -> None:
         raise NoSpace(f"{_space_message(target, need)}, {format_bytes(free)} free there")
     files = image.files
     # A filesystem without an inode limit reports no inodes at all (f_files 0).
-    if files is not None and st.f_files and st.f_favail < files:
-        raise NoSpace(
-            f"not enough inodes to restore into {target.path}: its {files} files (and its directories) "
-            f"need one each in {target.work_parent}, {st.f_favail} free there"
-        )
+    if files is not None and st.f_files and st.f_favail < files + _work_inodes(image):
+        raise NoSpace(f"{_inodes_message(target, image)}, {st.f_favail} free there")
 
 
 def _space_needed(image: CacheImage) -> int:
     """Bytes a restore of ``image`` needs free: the new tree and the biggest compressed layer."""
     return (image.size or 0) + max((d.size for d in image.layers), default=0)
+
+
+def _work_inodes(image: CacheImage) -> int:
+    """Inodes of the restore's own: its work directory, lock, staging and spool directories, and
+    a spool file per layer."""
+    return 4 + len(image.layers)
+
+
+def _inodes_message(target: RestoreTarget, image: CacheImage) -> str:
+    return (
+        f"not enough inodes to restore into {target.path}: its {image.files} files, its directories "
+        f"and {_work_inodes(image)} work files of the restore need one each in {target.work_parent}"
+    )
 
 
 def _space_message(target: RestoreTarget, need: int) -> str:
@@ -201,6 +211,12 @@ class _Restore:
 
     async def fetch_and_extract(self) -> ExtractStats:
         """Download every layer and extract them all into a new staging directory."""
+        try:
+            return await self._fetch_and_extract()
+        except OSError as exc:  # the work directory's making included
+            raise _user_facing(exc, self._target, self._image) from None
+
+    async def _fetch_and_extract(self) -> ExtractStats:
         self._work = await anyio.to_thread.run_sync(self._make_work)
         self._staging.mkdir(mode=0o700)
         if self._progress is not None:
@@ -217,7 +233,7 @@ class _Restore:
                         tg.start_soon(self._download, desc, feed)
                     tg.start_soon(self._extract)
             except BaseExceptionGroup as group:
-                raise _user_facing(first_error(group, ignore=(Aborted,)), self._target, self._image) from None
+                raise first_error(group, ignore=(Aborted,)) from None
             ok = True
         finally:
             self._close_feeds(ok)  # the spool files go with the work directory (close)
@@ -352,15 +368,21 @@ def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -
     """The error as a user should read it: a full disk says how much is needed where; paths in
     the work directory are shown as the target's."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        # Blocks or inodes: the OS says which only as "No space left on device".
-        return NoSpace(
-            f"{_space_message(target, _space_needed(image))}, and an inode for each file and "
-            f"directory: {exc.strerror} (its free space or its inodes ran out)"
-        )
+        return NoSpace(f"{_full_message(target, image)} ({exc.strerror})")
     if isinstance(exc, OSError) and exc.filename is not None:
         shown = _shown_path(str(exc.filename), target)
         return type(exc)(exc.errno, f"{exc.strerror}: {shown}")
     return exc
+
+
+def _full_message(target: RestoreTarget, image: CacheImage) -> str:
+    """What ran out when the disk filled up during the restore: the OS says only "No space left
+    on device" for both bytes and inodes, so ask the filesystem (the work directory is still there)."""
+    with contextlib.suppress(OSError):
+        st = os.statvfs(nearest_existing(target.work_parent))
+        if st.f_files and not st.f_favail and image.files is not None:
+            return f"{_inodes_message(target, image)}, and none is left"
+    return _space_message(target, _space_needed(image))
 
 
 def _shown_path(name: str, target: RestoreTarget) -> str:
