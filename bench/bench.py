@@ -420,8 +420,9 @@ def ensure_corpus(corpus: Path, script: str | None) -> None:
 
 
 def _paired(ctx: Context, method: str, step: str) -> tuple[float, str]:
-    """``method``'s time for ``step`` over raw's, round by round (the two ran side by side, so
-    the machine's drift between rounds cancels): the median ratio and the lowest-highest."""
+    """``method``'s time for ``step`` over raw's, round by round (the two ran in the same round,
+    next to each other in the default order, so the machine's drift between rounds cancels): the
+    median ratio and the lowest-highest."""
     ratios = sorted(
         ours / raw
         for ours, raw in zip(ctx.results[f"{method} {step}"], ctx.results[f"raw {step}"], strict=True)
