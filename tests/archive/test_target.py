@@ -204,18 +204,28 @@ async def test_a_live_runs_work_is_never_swept(tmp_path: Path) -> None:
 def test_not_enough_space_is_refused_before_downloading_and_says_where(cli: Run, tmp_path: Path) -> None:
     """A 1 MiB tmpfs cannot take a 3 MB entry: exit 5 before any layer is fetched, naming the
     place and the size; the target is untouched and nothing is left there."""
-    with tmpfs(tmp_path / "small", "size=1m") as small:
-        src = tmp_path / "src"
-        src.mkdir()
-        (src / "big").write_bytes(os.urandom(3 << 20))
-        layout = f"oci:{tmp_path / 'layout'}:k"
-        assert cli("save", str(src), layout, "-q").returncode == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    proc, small, untouched = _restore_onto_a_small_disk(cli, tmp_path, src, "size=1m")
+    assert proc.returncode == 5, proc.stderr
+    assert f"needs about 6.3 MB free in {small}" in proc.stderr, proc.stderr  # tree + biggest layer
+    assert untouched
+
+
+def _restore_onto_a_small_disk(
+    cli: Run, tmp_path: Path, src: Path, *options: str
+) -> tuple[subprocess.CompletedProcess[str], Path, bool]:
+    """Save ``src`` to a layout, then restore it into ``old`` (holding a file) on a tmpfs mounted
+    with ``options``: the process, the mount point, and whether the mount ended as it began."""
+    layout = f"oci:{tmp_path / 'layout'}:k"
+    assert cli("save", str(src), layout, "-q").returncode == 0
+    with tmpfs(tmp_path / "small", *options) as small:
         (small / "old").mkdir()
+        (small / "old" / "kept").write_text("kept")
         before = snapshot(small)
         proc = cli("restore", layout, str(small / "old"))
-        assert proc.returncode == 5, proc.stderr
-        assert f"needs about 6.3 MB free in {small}" in proc.stderr, proc.stderr  # tree + biggest layer
-        assert snapshot(small) == before
+        return proc, small, snapshot(small) == before
 
 
 def _work_dir_look_alike(parent: Path, mode: int = 0o700) -> Path:
@@ -279,23 +289,17 @@ def test_a_disk_that_fills_up_during_extraction_fails_cleanly(cli: Run, tmp_path
     plenty of bytes, for an entry of 90 directories and 10 files, which the check before the
     download cannot count): exit 5 with the place and the OS's reason, the target as it was, and
     nothing left beside it."""
-    with tmpfs(tmp_path / "small", "size=64m", "nr_inodes=60") as small:
-        src = tmp_path / "src"
-        for i in range(90):
-            (src / f"d{i:02}").mkdir(parents=True)
-        for i in range(10):
-            (src / f"d{i:02}" / "f").write_text(str(i))
-        layout = f"oci:{tmp_path / 'layout'}:k"
-        assert cli("save", str(src), layout, "-q").returncode == 0
-        (small / "old").mkdir()
-        (small / "old" / "kept").write_text("kept")
-        before = snapshot(small)
-        proc = cli("restore", layout, str(small / "old"))
-        assert proc.returncode == 5, proc.stderr
-        # The OS says "No space left on device" for bytes and inodes alike: the message says which.
-        assert f"not enough inodes to restore into {small / 'old'}" in proc.stderr, proc.stderr
-        assert "none is left (No space left on device)" in proc.stderr, proc.stderr
-        assert snapshot(small) == before
+    src = tmp_path / "src"
+    for i in range(90):
+        (src / f"d{i:02}").mkdir(parents=True)
+    for i in range(10):
+        (src / f"d{i:02}" / "f").write_text(str(i))
+    proc, small, untouched = _restore_onto_a_small_disk(cli, tmp_path, src, "size=64m", "nr_inodes=60")
+    assert proc.returncode == 5, proc.stderr
+    # The OS says "No space left on device" for bytes and inodes alike: the message says which.
+    assert f"not enough inodes to restore into {small / 'old'}" in proc.stderr, proc.stderr
+    assert "none is left (No space left on device)" in proc.stderr, proc.stderr
+    assert untouched
 
 
 @pytest.mark.parametrize(("files", "free"), [(50, 22), (3, 4)])
@@ -305,22 +309,20 @@ def test_too_few_free_inodes_is_refused_before_downloading(
     """Fewer free inodes than the entry's files, or than those plus the restore's own work files
     (4 then: the work directory failed to be made, a raw errno, exit 1): exit 5 before any layer is
     fetched, naming the counts and the place (not a byte count); the target is untouched."""
-    with tmpfs(tmp_path / "small", "size=64m", f"nr_inodes={free + 2}") as small:  # + root, old
-        src = tmp_path / "src"
-        src.mkdir()
-        for i in range(files):
-            (src / f"f{i:02}").write_text(str(i))
-        layout = f"oci:{tmp_path / 'layout'}:k"
-        assert cli("save", str(src), layout, "-q").returncode == 0
-        (small / "old").mkdir()
-        before = snapshot(small)
-        proc = cli("restore", layout, str(small / "old"))
-        assert proc.returncode == 5, proc.stderr
-        assert (
-            f"its {files} files, its directories and 5 work files of the restore need one each in {small}, "
-            f"{free} free there" in proc.stderr
-        ), proc.stderr
-        assert snapshot(small) == before
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(files):
+        (src / f"f{i:02}").write_text(str(i))
+    # The mount's own inodes: its root, old and the file in it.
+    proc, small, untouched = _restore_onto_a_small_disk(
+        cli, tmp_path, src, "size=64m", f"nr_inodes={free + 3}"
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert (
+        f"its {files} files, its directories and 5 work files of the restore need one each in {small}, "
+        f"{free} free there" in proc.stderr
+    ), proc.stderr
+    assert untouched
 
 
 def test_a_work_directory_that_cannot_get_its_lock_is_not_left_behind(tmp_path: Path) -> None:
