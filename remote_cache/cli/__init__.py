@@ -19,7 +19,8 @@ Exit codes:
     2  usage error: bad option, reference or key
     3  cache miss: restore or inspect of a key that has no entry
     4  authentication error: missing or wrong credentials
-    5  refused: e.g. the directory is over --max-size, or the store does not allow deletes
+    5  refused: e.g. the directory is over --max-size, not enough disk space (or inodes), or
+       the store does not allow deletes
 
 ``--fail-open`` turns every failure except a usage error (exit 2) into a warning on stderr and
 exit 0, a miss included, so an optional cache step never breaks a CI pipeline; the outcome is
