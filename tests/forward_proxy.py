@@ -1,14 +1,16 @@
 """A small forward HTTP proxy on 127.0.0.1 for the tests: what ``HTTP_PROXY`` points a client at.
 
 It takes absolute-form requests (``GET http://host:port/path``) for plain-HTTP targets, forwards
-them on a fresh connection and streams the answer back, and logs each request's method and URL.
-(CONNECT tunnels for HTTPS targets are not needed by the tests: the test registries speak HTTP.)
+them on a fresh connection and streams the answer back, and opens CONNECT tunnels for HTTPS
+targets (or answers them with ``connect_status``, e.g. 407); it logs each request's method and URL.
 """
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import select
+import socket
 import threading
 from urllib.parse import urlsplit
 
@@ -18,10 +20,12 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorizat
 
 
 class ForwardProxy:
-    """Runs in a thread; ``url`` is what HTTP_PROXY takes; ``seen`` lists ``(method, url)``."""
+    """Runs in a thread; ``url`` is what HTTP_PROXY takes; ``seen`` lists ``(method, url)``
+    (``("CONNECT", "host:port")`` for a tunnel); ``connect_status`` refuses tunnels with it."""
 
     def __init__(self, port: int = 0) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.connect_status: int | None = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -55,6 +59,20 @@ class ForwardProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _forward
 
+            def do_CONNECT(self) -> None:
+                proxy.seen.append(("CONNECT", self.path))
+                self.close_connection = True
+                if proxy.connect_status is not None:
+                    self.send_response(proxy.connect_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                host, _, port = self.path.rpartition(":")
+                with socket.create_connection((host, int(port)), timeout=60) as upstream:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    _pipe(self.connection, upstream)
+
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -63,3 +81,17 @@ class ForwardProxy:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    ends = {a: b, b: a}
+    while True:
+        ready, _, _ = select.select(list(ends), [], [], 60)
+        if not ready:
+            return
+        for sock in ready:
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            ends[sock].sendall(data)

@@ -863,3 +863,25 @@ def test_a_layout_on_a_full_disk_fails_a_save_with_exit_5_and_keeps_its_entries(
         assert cli("restore", f"{layout}:small", str(tmp_path / "out")).returncode == 0
         assert_same_tree(small, tmp_path / "out")
         assert cli("restore", f"{layout}:big", str(tmp_path / "out2")).returncode == 3
+
+
+def test_a_proxy_that_cannot_be_reached_is_named_not_the_registry(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """A proxy that is down or misspelt: the error names the proxy (without its credentials) and
+    the variables to check, not the registry, which is fine (it said "cannot connect to registry
+    H ... check the address and that it is running")."""
+    src = small_tree(tmp_path / "src")
+    ref = f"{registry.host}/{repo_name}:k"
+    assert cli("save", str(src), ref, "-q").returncode == 0
+    for proxy_url, shown in (
+        (f"http://user:hunter2@127.0.0.1:{free_port()}", "http://127.0.0.1:"),
+        ("http://no-such-proxy.invalid:3128", "http://no-such-proxy.invalid:3128"),
+    ):
+        env = {"HTTP_PROXY": proxy_url, "http_proxy": proxy_url, "NO_PROXY": "", "no_proxy": ""}
+        proc = cli("restore", ref, str(tmp_path / "out"), env=env)
+        assert proc.returncode == 1, proc.stderr
+        assert f"through the proxy {shown}" in proc.stderr, proc.stderr
+        assert "HTTP(S)_PROXY" in proc.stderr and "NO_PROXY" in proc.stderr, proc.stderr
+        assert "hunter2" not in proc.stderr and "user:" not in proc.stderr
+        no_traceback(proc)

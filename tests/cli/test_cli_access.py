@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.cli.output import Run, json_line, no_traceback, warnings
 from tests.credential_files import auths, write
+from tests.forward_proxy import ForwardProxy
 from tests.registry_server import CertificateAuthority, RegistryServer
 from tests.trees import assert_same_tree, one_file_tree
 
@@ -258,3 +260,36 @@ def test_tls_options_are_checked(cli: Run, tmp_path: Path) -> None:
         assert message in proc.stderr, (args, proc.stderr)
         no_traceback(proc)
     assert not (tmp_path / "layout").exists()
+
+
+def test_an_https_registry_through_a_proxy_tunnel_and_a_proxy_that_refuses_it(
+    cli: Run,
+    private_ca_registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    forward_proxy_factory: Callable[..., ForwardProxy],
+) -> None:
+    """HTTPS_PROXY: every request to an HTTPS registry goes through a CONNECT tunnel (TLS to the
+    registry inside it, checked against --cert-dir). A proxy that refuses the tunnel (407) is named
+    in the error, with the variables to check, and is not asked again."""
+    assert private_ca_registry.ca is not None
+    certs = cert_dir(tmp_path / "certs", private_ca_registry.ca)
+    src = one_file_tree(tmp_path / "src")
+    ref = f"{private_ca_registry.host}/{repo_name}:k"
+    proxy = forward_proxy_factory()
+    env = {"HTTPS_PROXY": proxy.url, "https_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    assert cli("save", str(src), ref, "--cert-dir", str(certs), "-q", env=env).returncode == 0
+    restored = cli("restore", ref, str(tmp_path / "out"), "--cert-dir", str(certs), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out")
+    assert proxy.seen and all(seen == ("CONNECT", private_ca_registry.host) for seen in proxy.seen)
+
+    proxy.seen.clear()
+    proxy.connect_status = 407
+    refused = cli("restore", ref, str(tmp_path / "out2"), "--cert-dir", str(certs), env=env)
+    assert refused.returncode == 1, refused.stderr
+    line = error_line(refused)
+    assert f"through the proxy {proxy.url} (Tunnel connection failed: 407" in line, line
+    assert "HTTP(S)_PROXY" in line, line
+    assert len(proxy.seen) == 1  # refused for good: no retry
+    no_traceback(refused)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut, TooManyRedirects, WireAnswer, WriteTimedOut
+from .threaded import ConnectTimedOut, ProxyFailed, TooManyRedirects, WireAnswer, WriteTimedOut
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
@@ -89,6 +89,12 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     if phase is not None:
         return RegistryUnreachable(
             _TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(timeouts, phase))
+        )
+    if isinstance(exc, ProxyFailed):
+        return RegistryUnreachable(
+            f"cannot connect to registry {host} {cause}: check that the proxy runs, or HTTP(S)_PROXY, "
+            "ALL_PROXY and NO_PROXY",
+            temporary=not exc.final,
         )
     if isinstance(exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror):
         # Refused, DNS, TLS: trying again only delays a clear error.

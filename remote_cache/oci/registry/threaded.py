@@ -39,6 +39,7 @@ __all__ = [
     "MAX_ERROR_BODY",
     "ConnectTimedOut",
     "Origin",
+    "ProxyFailed",
     "Stopper",
     "ThreadClient",
     "WireAnswer",
@@ -69,6 +70,15 @@ def origin_of(url: str) -> Origin:
 
 class ConnectTimedOut(TimeoutError):
     """No connection within the connect timeout (a read that times out raises TimeoutError)."""
+
+
+class ProxyFailed(ConnectionError):
+    """The proxy from the environment could not be reached, or would not open the tunnel: the
+    registry behind it was never asked. ``final``: refused or not found (asking again is no use)."""
+
+    def __init__(self, message: str, *, final: bool) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 class WriteTimedOut(TimeoutError):
@@ -429,6 +439,20 @@ class ThreadClient:
         except TimeoutError as exc:
             conn.http.close()
             raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
+        except ssl.SSLError:  # the registry's TLS, through the tunnel (none is spoken to a proxy)
+            conn.http.close()
+            raise
+        except OSError as exc:
+            conn.http.close()
+            if not proxy:
+                raise
+            # Everything before the TLS handshake was between us and the proxy.
+            raise ProxyFailed(
+                f"through the proxy {_shown(proxy)} ({exc})",
+                # Refused, not found, or a 4xx to CONNECT (http.client's words): asking again is no use.
+                final=isinstance(exc, ConnectionRefusedError | socket.gaierror)
+                or str(exc).startswith("Tunnel connection failed: 4"),
+            ) from exc
         sock = conn.http.sock
         assert sock is not None
         # After the connect: each read (and the send of a head) waits this long; a big body's
