@@ -13,8 +13,6 @@ or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import secrets
@@ -66,12 +64,12 @@ def discard_dir(path: Path) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with renameat2(RENAME_EXCHANGE) where Linux offers it."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
+    import ctypes  # here: most restores never exchange (a new target is renamed into place)
+
     try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        fn = libc.renameat2
+        # The process's own symbols include the C library's: no search for it (find_library runs
+        # ldconfig in a subprocess).
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     at_fdcwd = -100

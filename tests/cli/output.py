@@ -30,7 +30,8 @@ def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
         "REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE",
         "PYTHONDONTWRITEBYTECODE",
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    # No proxy either: the tests' registries are local (the proxy tests set their own).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip) and not k.lower().endswith("_proxy")}
     env.update(
         DOCKER_CONFIG=str(docker_config),
         HOME=str(home),

@@ -26,10 +26,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import os
 import socket
 import ssl
 import threading
-import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -511,6 +511,10 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
     """The proxy URL for ``scheme://host:port`` from the environment, as httpx read it:
     ``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY``, unless ``NO_PROXY`` names the host, the
     host with this port, or a domain of it (IP networks are not read)."""
+    if not any(name.lower().endswith("_proxy") for name in os.environ):
+        return None  # what urllib reads proxies from; without any, importing it is the only cost
+    import urllib.request
+
     proxies = urllib.request.getproxies()
     proxy = proxies.get(scheme) or proxies.get("all")
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # proxy_bypass tries both forms
