@@ -11,6 +11,7 @@ import http.client
 import http.server
 import select
 import socket
+import struct
 import threading
 from urllib.parse import urlsplit
 
@@ -21,11 +22,14 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorizat
 
 class ForwardProxy:
     """Runs in a thread; ``url`` is what HTTP_PROXY takes; ``seen`` lists ``(method, url)``
-    (``("CONNECT", "host:port")`` for a tunnel); ``connect_status`` refuses tunnels with it."""
+    (``("CONNECT", "host:port")`` for a tunnel); ``connect_status`` refuses tunnels with it,
+    ``drop_tunnels`` closes them once open."""
 
     def __init__(self, port: int = 0) -> None:
         self.seen: list[tuple[str, str]] = []
         self.connect_status: int | None = None
+        #: Open tunnels, then reset them when the client's first bytes arrive (nothing goes through).
+        self.drop_tunnels = False
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,7 +75,14 @@ class ForwardProxy:
                 with socket.create_connection((host, int(port)), timeout=60) as upstream:
                     self.send_response(200, "Connection established")
                     self.end_headers()
-                    _pipe(self.connection, upstream)
+                    if not proxy.drop_tunnels:
+                        _pipe(self.connection, upstream)
+                        return
+                    self.connection.recv(1 << 16)  # the client's first bytes (a TLS ClientHello)
+                    # Close with a reset, as a far end that gives up does (here, before the server
+                    # would shut the socket down with a FIN).
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"

@@ -5,8 +5,11 @@ for loopback and speaks HTTPS to them by default)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -289,7 +292,48 @@ def test_an_https_registry_through_a_proxy_tunnel_and_a_proxy_that_refuses_it(
     refused = cli("restore", ref, str(tmp_path / "out2"), "--cert-dir", str(certs), env=env)
     assert refused.returncode == 1, refused.stderr
     line = error_line(refused)
-    assert f"through the proxy {proxy.url} (Tunnel connection failed: 407" in line, line
-    assert "HTTP(S)_PROXY" in line, line
+    assert f"through the proxy {proxy.url}: it refused a tunnel to {private_ca_registry.host} (407" in line
+    assert "NO_PROXY" in line, line
     assert len(proxy.seen) == 1  # refused for good: no retry
     no_traceback(refused)
+
+    # The tunnel opens, then the far end resets it during the TLS handshake: not the proxy's doing.
+    proxy.connect_status, proxy.drop_tunnels = None, True
+    dropped = cli("restore", ref, str(tmp_path / "out3"), "--cert-dir", str(certs), env=env)
+    assert dropped.returncode == 1, dropped.stderr
+    assert "proxy" not in error_line(dropped), dropped.stderr
+
+
+def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
+    cli: Run, private_ca_registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """A proxy password with an unencoded '#' makes the URL invalid: said so, the password not
+    repeated (it leaked as "Port could not be cast to integer value as 's3cret'"). A proxy that
+    answers CONNECT with something that is not HTTP (a SOCKS proxy, say) is named too, in one
+    line (the raw answer broke the error over two)."""
+    ref = f"{private_ca_registry.host}/{repo_name}:k"
+    bad = "http://user:s3cret#x@127.0.0.1:3128"
+    env = {"HTTPS_PROXY": bad, "https_proxy": bad, "NO_PROXY": "", "no_proxy": ""}
+    proc = cli("restore", ref, str(tmp_path / "out"), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "is not valid: percent-encode" in error_line(proc) and "s3cret" not in proc.stderr, proc.stderr
+    no_traceback(proc)
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        garbage = f"http://127.0.0.1:{server.getsockname()[1]}"
+
+        def answer_garbage() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    peer, _ = server.accept()
+                    with peer:
+                        peer.recv(4096)
+                        peer.sendall(b"\x05\xff\x00\r\n\r\n")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        env = {"HTTPS_PROXY": garbage, "https_proxy": garbage, "NO_PROXY": "", "no_proxy": ""}
+        proc = cli("restore", ref, str(tmp_path / "out2"), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert f"through the proxy {garbage} (" in error_line(proc) and "speaks HTTP" in proc.stderr, proc.stderr

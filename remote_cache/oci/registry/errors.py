@@ -90,12 +90,8 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
         return RegistryUnreachable(
             _TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(timeouts, phase))
         )
-    if isinstance(exc, ProxyFailed):
-        return RegistryUnreachable(
-            f"cannot connect to registry {host} {cause}: check that the proxy runs, or HTTP(S)_PROXY, "
-            "ALL_PROXY and NO_PROXY",
-            temporary=not exc.final,
-        )
+    if isinstance(exc, ProxyFailed):  # its message says what to check
+        return RegistryUnreachable(f"cannot connect to registry {host} {cause}", temporary=not exc.final)
     if isinstance(exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror):
         # Refused, DNS, TLS: trying again only delays a clear error.
         if _is_client_certificate_refused(exc):

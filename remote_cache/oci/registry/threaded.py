@@ -73,12 +73,24 @@ class ConnectTimedOut(TimeoutError):
 
 
 class ProxyFailed(ConnectionError):
-    """The proxy from the environment could not be reached, or would not open the tunnel: the
-    registry behind it was never asked. ``final``: refused or not found (asking again is no use)."""
+    """The proxy from the environment could not be used: not a valid URL, not reached, not
+    speaking HTTP, or it would not open the tunnel; the registry behind it was never asked.
+    ``final``: asking again is no use (refused, not found, a 4xx to CONNECT, a bad URL)."""
 
     def __init__(self, message: str, *, final: bool) -> None:
         super().__init__(message)
         self.final = final
+
+
+class _TunnelConnection(http.client.HTTPSConnection):
+    """HTTPS through a proxy's CONNECT tunnel, knowing whether the tunnel opened: what fails
+    before is the proxy's doing, what fails after (the TLS handshake) the other end's."""
+
+    tunnelled = False
+
+    def _tunnel(self) -> None:  # http.client's step between the proxy's TCP and the TLS
+        super()._tunnel()  # type: ignore[misc]
+        self.tunnelled = True
 
 
 class WriteTimedOut(TimeoutError):
@@ -420,7 +432,7 @@ class ThreadClient:
             proxy_port = parts.port or (443 if parts.scheme == "https" else 80)
             auth = _proxy_authorization(parts.username, parts.password)
             if scheme == "https":
-                tunnel = http.client.HTTPSConnection(
+                tunnel = _TunnelConnection(
                     proxy_host, proxy_port, timeout=self._connect_timeout, context=self._tls()
                 )
                 tunnel.set_tunnel(host, port, headers=auth)
@@ -436,23 +448,14 @@ class ThreadClient:
             conn = _Conn(http.client.HTTPConnection(host, port, timeout=self._connect_timeout))
         try:
             conn.http.connect()
-        except TimeoutError as exc:
+        except BaseException as exc:
             conn.http.close()
-            raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
-        except ssl.SSLError:  # the registry's TLS, through the tunnel (none is spoken to a proxy)
-            conn.http.close()
+            if isinstance(exc, TimeoutError):
+                raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
+            tunnel_open = getattr(conn.http, "tunnelled", False)
+            if proxy and not tunnel_open and isinstance(exc, OSError | http.client.HTTPException):
+                raise _proxy_failure(exc, proxy, f"{host}:{port}") from exc
             raise
-        except OSError as exc:
-            conn.http.close()
-            if not proxy:
-                raise
-            # Everything before the TLS handshake was between us and the proxy.
-            raise ProxyFailed(
-                f"through the proxy {_shown(proxy)} ({exc})",
-                # Refused, not found, or a 4xx to CONNECT (http.client's words): asking again is no use.
-                final=isinstance(exc, ConnectionRefusedError | socket.gaierror)
-                or str(exc).startswith("Tunnel connection failed: 4"),
-            ) from exc
         sock = conn.http.sock
         assert sock is not None
         # After the connect: each read (and the send of a head) waits this long; a big body's
@@ -520,7 +523,35 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # proxy_bypass tries both forms
     if not proxy or urllib.request.proxy_bypass(netloc):
         return None
-    return proxy if "://" in proxy else f"http://{proxy}"
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    try:
+        urlsplit(proxy).port  # noqa: B018 - raises on what is not a URL
+    except ValueError:
+        # Never repeat it: the "port" urllib complains about is often part of a password.
+        raise ProxyFailed(
+            "through a proxy whose URL (HTTP(S)_PROXY or ALL_PROXY) is not valid: percent-encode any "
+            "'/', '#', '?' or '@' in its user name and password",
+            final=True,
+        ) from None
+    return proxy
+
+
+def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target: str) -> ProxyFailed:
+    """What a failure to connect through ``proxy`` (to ``target``), before any tunnel opened, says."""
+    shown = _shown(proxy)
+    if str(exc).startswith("Tunnel connection failed: 4"):  # http.client's words for a 4xx
+        answer = str(exc).removeprefix("Tunnel connection failed: ")
+        return ProxyFailed(
+            f"through the proxy {shown}: it refused a tunnel to {target} ({answer}); the proxy must "
+            "allow it (and take credentials in the proxy URL if it asks for them), or NO_PROXY exempt it",
+            final=True,
+        )
+    said = str(exc) if str(exc).isprintable() else repr(str(exc))  # one line, whatever it sent
+    return ProxyFailed(
+        f"through the proxy {shown} ({type(exc).__name__}: {said}): check that the proxy runs and "
+        "speaks HTTP, or HTTP(S)_PROXY, ALL_PROXY and NO_PROXY",
+        final=isinstance(exc, ConnectionRefusedError | socket.gaierror),
+    )
 
 
 def _shown(url: str) -> str:
