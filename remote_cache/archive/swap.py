@@ -13,6 +13,7 @@ or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -28,8 +29,13 @@ __all__ = [
     "finish_swap",
     "remove_tree_at",
     "replace_dir",
+    "sibling_stem",
     "swap_entries",
 ]
+
+#: Longest name (bytes) used as it is in the names of its siblings: NAME_MAX is 255, and a
+#: sibling adds up to 27 (".", ".remote-cache-", 12 hex digits).
+_STEM_BYTES = 200
 
 #: The swap journal's name in a work directory: the entries to move out and in, and the root's metadata.
 JOURNAL = "swap.json"
@@ -77,6 +83,15 @@ def _exchange(a: Path, b: Path) -> bool:
     return bool(rc == 0)
 
 
+def sibling_stem(name: str) -> str:
+    """``name`` as the part of a sibling's name that says whose it is (``.NAME.old-…``): itself,
+    or when that would make the sibling's name too long, its start and a hash of the whole."""
+    raw = os.fsencode(name)
+    if len(raw) <= _STEM_BYTES:
+        return name
+    return os.fsdecode(raw[:64]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Put the finished ``staging`` directory at ``target``, replacing what was there.
 
@@ -93,7 +108,7 @@ def replace_dir(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
         discard_dir(staging)  # now holds the old contents
         return
-    old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+    old = target.parent / f".{sibling_stem(target.name)}.old-{secrets.token_hex(6)}"
     os.rename(target, old)
     try:
         os.rename(staging, target)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsuitableTarget
-from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, swap_entries
+from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, sibling_stem, swap_entries
 from .workdirs import IN_PLACE_PREFIX, is_in_place_work, sweep_dead
 
 __all__ = [
@@ -60,7 +60,7 @@ class RestoreTarget:
 
 def _beside_prefix(path: Path) -> str:
     """Name prefix of a restore's work directory next to (not in) the target ``path``."""
-    return f".{path.name}.remote-cache-"
+    return f".{sibling_stem(path.name)}.remote-cache-"
 
 
 def _writable(path: Path) -> bool:

@@ -386,9 +386,10 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
 
 
 def _shown_path(name: str, target: RestoreTarget) -> str:
-    """A path under a work directory's ``new/`` shown where it will be in the target."""
+    """A path under a work directory's ``new/`` shown where it will be in the target; any other
+    path as it is (the work directory itself, its lock and spool files are real places)."""
     _head, sep, tail = name.partition(target.work_prefix)
-    if not sep:
-        return name
     rest = tail.split("/", 2)
-    return str(target.path / rest[2]) if len(rest) == 3 and rest[1] == "new" else str(target.path)
+    if not sep or len(rest) < 2 or rest[1] != "new":
+        return name
+    return str(target.path / rest[2]) if len(rest) == 3 else str(target.path)

@@ -335,3 +335,19 @@ def test_a_work_directory_that_cannot_get_its_lock_is_not_left_behind(tmp_path: 
             WorkDir(tiny, IN_PLACE_PREFIX)
         assert info.value.errno == errno.ENOSPC
         assert list(tiny.iterdir()) == []
+
+
+async def test_a_target_with_a_name_near_the_limit_is_restored(tmp_path: Path) -> None:
+    """A directory name of 240 bytes is valid (NAME_MAX is 255), but a work directory named
+    ``.<name>.remote-cache-<hex>`` beside it is not: the restore failed with "File name too long".
+    Such a name is shortened (its start and a hash of the whole) for whatever is named after it;
+    a new target and an existing one (exchanged whole) both work, and nothing is left beside them."""
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k", _tree(tmp_path / "src", "x"))
+    target = tmp_path / "t" / ("é" * 120)  # 240 bytes in UTF-8
+    target.parent.mkdir()
+    await restore(store, "k", target)
+    assert_same_tree(tmp_path / "src", target)
+    await restore(store, "k", target)  # over an existing tree
+    assert_same_tree(tmp_path / "src", target)
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
