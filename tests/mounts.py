@@ -23,7 +23,7 @@ def tmpfs(point: Path, *options: str) -> Iterator[Path]:
         ["mount", "-t", "tmpfs", *flags, "tmpfs", str(point)], capture_output=True, text=True
     )
     if done.returncode != 0:
-        unavailable(f"cannot mount a tmpfs here (it takes root): {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.strip()}", fix="run the tests as root")
     try:
         yield point
     finally:

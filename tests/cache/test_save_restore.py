@@ -16,13 +16,14 @@ import pytest
 from remote_cache.cache.image import build_image, load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, CacheTooLarge, IntegrityError, StoreError, UnsafeArchive
+from remote_cache.errors import CacheMiss, CacheTooLarge, IntegrityError, NoSpace, StoreError, UnsafeArchive
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import Run, json_line, warnings
+from tests.mounts import tmpfs
 from tests.stores import opened
 from tests.trees import allocated, assert_same_tree, make_tree, snapshot, socket_file
 
@@ -139,30 +140,23 @@ async def test_max_size_refuses_before_uploading(where: Reference, tmp_path: Pat
         assert len(list(blobs.iterdir())) == 1 + 2 + 2 + saved.layers_total
 
 
-class _DiskFull(LayoutStore):
-    """A layout whose disk fills up after ``allowed`` more blobs (fault injection)."""
-
-    allowed = 10**9
-
-    async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
-        if self.allowed <= 0:
-            raise StoreError(f"cannot write {desc.digest}: No space left on device")
-        self.allowed -= 1
-        return await super().put_blob(desc, source)
-
-
 async def test_failed_save_keeps_previous_entry_layout(tmp_path: Path, small_layers: None) -> None:
-    store = _DiskFull(tmp_path / "layout")
+    """A layout whose disk fills up during a save (a real tmpfs, filled by another file): NoSpace,
+    and the entry saved before is still the key's, whole."""
     src = _bulk(tmp_path / "src", count=10)
-    first = await save(store, "k", src)
-    pkg0_times = os.stat(src / "pkg0").st_atime_ns, os.stat(src / "pkg0").st_mtime_ns
-    (src / "pkg0" / "new.bin").write_bytes(os.urandom(300_000))
-    store.allowed = 1
-    with pytest.raises(StoreError, match="No space left"):
-        await save(store, "k", src)
-    assert (await store.resolve("k")).digest == first.digest
-    dest = tmp_path / "dest"
-    await restore(store, "k", dest)
+    with tmpfs(tmp_path / "disk", "size=8m") as disk:
+        store = LayoutStore(disk / "layout")
+        first = await save(store, "k", src)
+        pkg0_times = os.stat(src / "pkg0").st_atime_ns, os.stat(src / "pkg0").st_mtime_ns
+        (src / "pkg0" / "new.bin").write_bytes(os.urandom(300_000))
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(bytes(st.f_bavail * st.f_frsize - (64 << 10)))
+        with pytest.raises(NoSpace, match="not enough space for the OCI layout"):
+            await save(store, "k", src)
+        (disk / "filler").unlink()
+        assert (await store.resolve("k")).digest == first.digest
+        dest = tmp_path / "dest"
+        await restore(store, "k", dest)
     (src / "pkg0" / "new.bin").unlink()
     os.utime(src / "pkg0", ns=pkg0_times)  # the write and unlink may have crossed a second
     assert_same_tree(src, dest)

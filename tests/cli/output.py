@@ -17,6 +17,16 @@ CLI = Path(sys.executable).parent / "remote-cache"
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
+#: Where a user's own settings reach a run: credentials, their files, certificates, state.
+USER_SETTINGS = ("REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE")
+
+
+def is_user_setting(name: str) -> bool:
+    """Whether environment variable ``name`` brings the user's own settings in (or a proxy: the
+    tests' servers are local; the proxy tests set their own)."""
+    return name.startswith(USER_SETTINGS) or name.lower().endswith("_proxy")
+
+
 def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
     """An environment for the console script with no credentials, where every place credentials or
     certificates are looked for (docker's and the containers tools' auth files,
@@ -26,12 +36,7 @@ def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
     runtime_dir = tmp_path / "run"
     for directory in (docker_config, home, runtime_dir):
         directory.mkdir(exist_ok=True)
-    skip = (
-        "REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE",
-        "PYTHONDONTWRITEBYTECODE",
-    )  # fmt: skip
-    # No proxy either: the tests' registries are local (the proxy tests set their own).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(skip) and not k.lower().endswith("_proxy")}
+    env = {k: v for k, v in os.environ.items() if not is_user_setting(k) and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(
         DOCKER_CONFIG=str(docker_config),
         HOME=str(home),
