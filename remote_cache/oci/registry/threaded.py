@@ -382,7 +382,7 @@ class ThreadClient:
                 return key, pooled, self._request(pooled, method, url, headers, content, stopper)
             except _STALE:
                 pass  # closed: a new connection it is
-        conn = self._connect(url)
+        conn = self._connect(url, key)
         return key, conn, self._request(conn, method, url, headers, content, stopper)
 
     def _request(
@@ -422,8 +422,9 @@ class ThreadClient:
         scheme, host, port = origin_of(url)
         return (scheme, host, port), _proxy_for(scheme, host, port) or ""
 
-    def _connect(self, url: str) -> _Conn:
-        (scheme, host, port), proxy = self._key(url)
+    def _connect(self, url: str, key: _PoolKey) -> _Conn:
+        """A new connection to ``url``'s origin (through ``key``'s proxy, if any), connected."""
+        (scheme, host, port), proxy = key
         conn: _Conn
         if proxy:
             parts = urlsplit(proxy)
