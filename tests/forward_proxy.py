@@ -15,9 +15,15 @@ import struct
 import threading
 from urllib.parse import urlsplit
 
-__all__ = ["ForwardProxy"]
+__all__ = ["ForwardProxy", "proxy_env"]
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailers"}
+
+
+def proxy_env(name: str, url: str) -> dict[str, str]:
+    """``name`` (e.g. ``HTTPS_PROXY``) set to ``url`` in both cases, as tools read either. The CLI
+    tests' environment has no other proxy variable (:func:`tests.cli.output.clean_env`)."""
+    return {name.upper(): url, name.lower(): url}
 
 
 class ForwardProxy:

@@ -38,7 +38,7 @@ from remote_cache.oci.store import open_store
 from remote_cache.units import format_bytes, parse_duration, parse_size
 from remote_cache.version import VERSION
 from tests.cli.output import Run, json_line, no_traceback
-from tests.forward_proxy import ForwardProxy
+from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate
@@ -794,7 +794,7 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
     ref = f"{registry.host}/{repo_name}:k"
     assert cli("save", str(src), ref, "-q").returncode == 0
     proxy = forward_proxy_factory()
-    proxied = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    proxied = proxy_env("HTTP_PROXY", proxy.url)
     done = cli("restore", ref, str(tmp_path / "out"), env=proxied)
     assert done.returncode == 0, done.stderr
     assert_same_tree(src, tmp_path / "out")
@@ -804,21 +804,21 @@ def test_a_restore_goes_through_the_proxy_the_environment_names(
     proxy.seen.clear()
     host = registry.host.split(":")[0]
     for n, exempted in enumerate((host, registry.host)):  # the host, or the host with its port
-        exempt = {**proxied, "NO_PROXY": exempted, "no_proxy": exempted}
+        exempt = {**proxied, **proxy_env("NO_PROXY", exempted)}
         assert cli("restore", ref, str(tmp_path / f"exempt-{n}"), env=exempt).returncode == 0
         assert proxy.seen == []
     layers = [layer["digest"] for layer in json_line(cli("inspect", ref, "--json"))["layers"]]
     # The environment is read as httpx read it: ALL_PROXY alone is a proxy; an IP network in
     # NO_PROXY exempts nothing.
     cases = [
-        ({"ALL_PROXY": proxy.url, "all_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}, proxy),
-        ({**proxied, "NO_PROXY": "127.0.0.0/8", "no_proxy": "127.0.0.0/8"}, proxy),
+        (proxy_env("ALL_PROXY", proxy.url), proxy),
+        ({**proxied, **proxy_env("NO_PROXY", "127.0.0.0/8")}, proxy),
     ]
     with contextlib.suppress(OSError):  # port 80 needs root and a free port
         # A proxy URL without a port means 80 (as httpx, curl and urllib read it).
         on_80 = forward_proxy_factory(port=80)
         plain = "http://127.0.0.1"
-        cases.append(({"HTTP_PROXY": plain, "http_proxy": plain, "NO_PROXY": "", "no_proxy": ""}, on_80))
+        cases.append((proxy_env("HTTP_PROXY", plain), on_80))
     for n, (env, through) in enumerate(cases):
         through.seen.clear()
         assert cli("restore", ref, str(tmp_path / f"out-{n}"), env=env).returncode == 0
@@ -880,7 +880,7 @@ def test_a_proxy_that_cannot_be_reached_is_named_not_the_registry(
         (f"http://user:hunter2@127.0.0.1:{free_port()}", "http://127.0.0.1:"),
         ("http://no-such-proxy.invalid:3128", "http://no-such-proxy.invalid:3128"),
     ):
-        env = {"HTTP_PROXY": proxy_url, "http_proxy": proxy_url, "NO_PROXY": "", "no_proxy": ""}
+        env = proxy_env("HTTP_PROXY", proxy_url)
         proc = cli("restore", ref, str(tmp_path / "out"), env=env)
         assert proc.returncode == 1, proc.stderr
         assert f"through the proxy {shown}" in proc.stderr, proc.stderr

@@ -17,7 +17,7 @@ import pytest
 
 from tests.cli.output import Run, json_line, no_traceback, warnings
 from tests.credential_files import auths, write
-from tests.forward_proxy import ForwardProxy
+from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.registry_server import CertificateAuthority, RegistryServer
 from tests.trees import assert_same_tree, one_file_tree
 
@@ -280,7 +280,7 @@ def test_an_https_registry_through_a_proxy_tunnel_and_a_proxy_that_refuses_it(
     src = one_file_tree(tmp_path / "src")
     ref = f"{private_ca_registry.host}/{repo_name}:k"
     proxy = forward_proxy_factory()
-    env = {"HTTPS_PROXY": proxy.url, "https_proxy": proxy.url, "NO_PROXY": "", "no_proxy": ""}
+    env = proxy_env("HTTPS_PROXY", proxy.url)
     assert cli("save", str(src), ref, "--cert-dir", str(certs), "-q", env=env).returncode == 0
     restored = cli("restore", ref, str(tmp_path / "out"), "--cert-dir", str(certs), env=env)
     assert restored.returncode == 0, restored.stderr
@@ -313,7 +313,7 @@ def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
     line (the raw answer broke the error over two)."""
     ref = f"{private_ca_registry.host}/{repo_name}:k"
     bad = "http://user:s3cret#x@127.0.0.1:3128"
-    env = {"HTTPS_PROXY": bad, "https_proxy": bad, "NO_PROXY": "", "no_proxy": ""}
+    env = proxy_env("HTTPS_PROXY", bad)
     proc = cli("restore", ref, str(tmp_path / "out"), env=env)
     assert proc.returncode == 1, proc.stderr
     assert "is not valid: percent-encode" in error_line(proc) and "s3cret" not in proc.stderr, proc.stderr
@@ -333,7 +333,7 @@ def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
                         peer.sendall(b"\x05\xff\x00\r\n\r\n")
 
         threading.Thread(target=answer_garbage, daemon=True).start()
-        env = {"HTTPS_PROXY": garbage, "https_proxy": garbage, "NO_PROXY": "", "no_proxy": ""}
+        env = proxy_env("HTTPS_PROXY", garbage)
         proc = cli("restore", ref, str(tmp_path / "out2"), env=env)
     assert proc.returncode == 1, proc.stderr
     assert f"through the proxy {garbage} (" in error_line(proc) and "speaks HTTP" in proc.stderr, proc.stderr
