@@ -35,7 +35,7 @@ import pytest
 
 import remote_cache.archive.plan as layers_mod
 import remote_cache.cache.save as save_mod
-from tests.cli.output import CLI, Run, clean_env, is_user_setting
+from tests.cli.output import CLI, Run, clean_env, empty_user_dirs, is_user_setting
 from tests.forward_proxy import ForwardProxy
 from tests.object_servers import (
     ObjectServer,
@@ -68,21 +68,16 @@ def _start(
 
 @pytest.fixture(autouse=True)
 def no_user_credentials(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process tests see no credentials or certificates of the user running them: every place
-    they are looked for (docker's and the containers tools' auth files, ``~/.config/containers/
-    certs.d``, ``~/.aws``) is an empty directory, as the CLI tests' environment has it
-    (:func:`tests.cli.output.clean_env`). Tests that need some set their own."""
+    """In-process tests see no credentials or certificates of the user running them, as the CLI
+    tests' environment has it (:func:`tests.cli.output.clean_env`). Tests that need some set their own."""
     # The harness's own REMOTE_CACHE_ variables stay (REQUIRE_SERVERS, the state directory's).
     for name in [k for k in os.environ if is_user_setting(k) and not k.startswith("REMOTE_CACHE_")]:
         monkeypatch.delenv(name)
     for name in ("REMOTE_CACHE_USERNAME", "REMOTE_CACHE_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
-    user = tmp_path_factory.mktemp("user")  # beside tmp_path: tests may expect that one empty
-    for name in ("home", "docker-config", "run"):
-        (user / name).mkdir()
-    monkeypatch.setenv("HOME", str(user / "home"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(user / "docker-config"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(user / "run"))
+    # Beside tmp_path: tests may expect that one empty.
+    for name, value in empty_user_dirs(tmp_path_factory.mktemp("user")).items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLI", "Run", "clean_env", "json_line", "no_traceback", "warnings"]
+__all__ = [
+    "CLI", "USER_SETTINGS", "Run", "clean_env", "empty_user_dirs", "is_user_setting", "json_line",
+    "no_traceback", "warnings",
+]  # fmt: skip
 
 CLI = Path(sys.executable).parent / "remote-cache"
 
@@ -27,20 +30,23 @@ def is_user_setting(name: str) -> bool:
     return name.startswith(USER_SETTINGS) or name.lower().endswith("_proxy")
 
 
-def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
-    """An environment for the console script with no credentials, where every place credentials or
-    certificates are looked for (docker's and the containers tools' auth files,
-    ``~/.config/containers/certs.d``) is an empty directory under ``tmp_path``."""
-    docker_config = tmp_path / "docker-config"
-    home = tmp_path / "home"
-    runtime_dir = tmp_path / "run"
-    for directory in (docker_config, home, runtime_dir):
+def empty_user_dirs(root: Path) -> dict[str, str]:
+    """``HOME``, ``DOCKER_CONFIG`` and ``XDG_RUNTIME_DIR`` as empty directories under ``root``:
+    every place credentials or certificates are looked for (docker's and the containers tools'
+    auth files, ``~/.config/containers/certs.d``, ``~/.aws``) holds none."""
+    dirs = {"HOME": root / "home", "DOCKER_CONFIG": root / "docker-config", "XDG_RUNTIME_DIR": root / "run"}
+    for directory in dirs.values():
         directory.mkdir(exist_ok=True)
+    return {name: str(directory) for name, directory in dirs.items()}
+
+
+def clean_env(tmp_path: Path, pycache: Path) -> dict[str, str]:
+    """An environment for the console script with none of the user's settings
+    (:func:`is_user_setting`) and empty user directories under ``tmp_path``
+    (:func:`empty_user_dirs`)."""
     env = {k: v for k, v in os.environ.items() if not is_user_setting(k) and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(empty_user_dirs(tmp_path))
     env.update(
-        DOCKER_CONFIG=str(docker_config),
-        HOME=str(home),
-        XDG_RUNTIME_DIR=str(runtime_dir),
         PYTHONPYCACHEPREFIX=str(pycache),
         REMOTE_CACHE_STATE_DIR=str(tmp_path / "state"),  # never the user's own state
         # No progress lines (stderr is piped, as in CI): tests read the summary and the errors.
