@@ -442,15 +442,18 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
         f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 13}|{'-' * 11}|{'-' * 8}|{'-' * 13}|",
     ]
     labels = LABELS[store]
+    paired = {
+        (method, step): _paired(ctx, method, step) for method in methods for step in ("save", "restore")
+    }
     for method in methods:
         save, restore = med[f"{method} save"], med[f"{method} restore"]
-        (rs, rs_range), (rr, rr_range) = (_paired(ctx, method, step) for step in ("save", "restore"))
+        (rs, rs_range), (rr, rr_range) = paired[method, "save"], paired[method, "restore"]
         lines.append(
             f"| {labels[method]:<24} | {save:8.2f} | {rs:6.2f} | {rs_range:>11} | {restore:9.2f} "
             f"| {rr:6.2f} | {rr_range:>11} |"
         )
     if "rc" in methods:
-        rs, rr = _paired(ctx, "rc", "save")[0], _paired(ctx, "rc", "restore")[0]
+        rs, rr = paired["rc", "save"][0], paired["rc", "restore"][0]
         lines += [
             "",
             f"targets: save <= {TARGETS['save']}x raw: {'met' if rs <= TARGETS['save'] else 'MISSED'} "

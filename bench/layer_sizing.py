@@ -1,7 +1,7 @@
 """How much a ~1% addition re-uploads, over many additions: the distribution the benchmark's one
 "+1 package" case is a single sample of.
 
-    .venv/bin/python bench/layer_sizing.py DIR [--samples 56] [--min-mib 2 --max-mib 16]
+    .venv/bin/python bench/layer_sizing.py DIR [--samples 56] [--min-mib M --max-mib M]
 
 Walks DIR once, then for each sampled top-level directory (of ``node_modules`` when DIR has
 one) holding 0.4-2% of the tree, inserts a copy of it under a new name into the walk (in archive
@@ -19,7 +19,7 @@ import random
 import statistics
 from pathlib import Path
 
-from remote_cache.archive.plan import LayerPlan, split_members
+from remote_cache.archive.plan import MAX_LAYER_BYTES, MIN_LAYER_BYTES, LayerPlan, split_members
 from remote_cache.archive.tar import DIR, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--samples", type=int, default=56)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--min-mib", type=float, default=2)
-    parser.add_argument("--max-mib", type=float, default=16)
+    # The save's own sizes unless told otherwise.
+    parser.add_argument("--min-mib", type=float, default=MIN_LAYER_BYTES / (1 << 20))
+    parser.add_argument("--max-mib", type=float, default=MAX_LAYER_BYTES / (1 << 20))
     args = parser.parse_args()
     min_bytes, max_bytes = int(args.min_mib * (1 << 20)), int(args.max_mib * (1 << 20))
     members, _ = walk_tree(args.dir, TreeStats())
