@@ -159,12 +159,12 @@ def fault_proxy_factory() -> Iterator[Callable[[RegistryServer], FaultProxy]]:
 
 @pytest.fixture
 def forward_proxy_factory() -> Iterator[Callable[..., ForwardProxy]]:
-    """Make forward HTTP proxies (``make(port=0)``, see :class:`ForwardProxy`); all are closed after
-    the test."""
+    """Make forward HTTP proxies (``make(port=0, tls=None)``, see :class:`ForwardProxy`); all are
+    closed after the test."""
     proxies: list[ForwardProxy] = []
 
-    def make(port: int = 0) -> ForwardProxy:
-        proxy = ForwardProxy(port)
+    def make(port: int = 0, tls: tuple[Path, Path] | None = None) -> ForwardProxy:
+        proxy = ForwardProxy(port, tls)
         proxies.append(proxy)
         return proxy
 

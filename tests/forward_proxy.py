@@ -3,6 +3,7 @@
 It takes absolute-form requests (``GET http://host:port/path``) for plain-HTTP targets, forwards
 them on a fresh connection and streams the answer back, and opens CONNECT tunnels for HTTPS
 targets (or answers them with ``connect_status``, e.g. 407); it logs each request's method and URL.
+Given a certificate it speaks TLS itself (an ``https://`` proxy URL), tunnels included.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import http.client
 import http.server
 import select
 import socket
+import ssl
 import struct
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = ["ForwardProxy", "proxy_env"]
@@ -29,9 +32,10 @@ def proxy_env(name: str, url: str) -> dict[str, str]:
 class ForwardProxy:
     """Runs in a thread; ``url`` is what HTTP_PROXY takes; ``seen`` lists ``(method, url)``
     (``("CONNECT", "host:port")`` for a tunnel); ``connect_status`` refuses tunnels with it,
-    ``drop_tunnels`` closes them once open."""
+    ``drop_tunnels`` closes them once open; ``tls``, a certificate and its key, makes it an
+    ``https://`` proxy."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: tuple[Path, Path] | None = None) -> None:
         self.seen: list[tuple[str, str]] = []
         self.connect_status: int | None = None
         #: Open tunnels, then reset them when the client's first bytes arrive (nothing goes through).
@@ -91,7 +95,14 @@ class ForwardProxy:
                     self.connection.close()
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # The handshake runs in accept(); one that fails (an untrusted certificate) is dropped.
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -111,4 +122,7 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
             data = sock.recv(1 << 16)
             if not data:
                 return
+            # A TLS socket may hold decrypted bytes that select() cannot see: take them too.
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():
+                data += sock.recv(sock.pending())
             ends[sock].sendall(data)

@@ -125,12 +125,13 @@ def _imported(proc: subprocess.CompletedProcess[str]) -> set[str]:
 
 # Imports a restore pays for but never uses: the save's walk, planner and packer; httpx and
 # httpcore (the registry client is http.client); click, rich and pygments (no command needs
-# them at start-up); ctypes (only to exchange a target that exists) and urllib.request (only to
-# read proxies, when a *_proxy variable is set). A restore runs on every CI job, before any work.
+# them at start-up); ctypes (only to exchange a target that exists), urllib.request (only to
+# read proxies, when a *_proxy variable is set) and urllib3 (only for an https:// proxy). A
+# restore runs on every CI job, before any work.
 _NOT_FOR_A_RESTORE = {
     "remote_cache.cache.save", "remote_cache.archive.pack", "remote_cache.archive.walk",
     "remote_cache.archive.plan", "httpx", "httpcore", "click", "rich", "pygments", "ctypes",
-    "urllib.request",
+    "urllib.request", "urllib3",
 }  # fmt: skip
 
 

@@ -304,13 +304,62 @@ def test_an_https_registry_through_a_proxy_tunnel_and_a_proxy_that_refuses_it(
     assert "proxy" not in error_line(dropped), dropped.stderr
 
 
+def test_registries_through_an_https_proxy(
+    cli: Run,
+    private_ca_registry: RegistryServer,
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    forward_proxy_factory: Callable[..., ForwardProxy],
+) -> None:
+    """An ``https://`` proxy URL means TLS to the proxy itself (its certificate checked against
+    the default trust, here SSL_CERT_FILE), as httpx and curl take it: an HTTPS registry through a
+    CONNECT tunnel inside it (the registry's TLS inside the proxy's, checked against --cert-dir),
+    a plain-HTTP one with absolute-form requests. (It was spoken to in plain HTTP.) A proxy whose
+    certificate is not trusted is named, with the fix."""
+    assert private_ca_registry.ca is not None
+    proxy_ca = CertificateAuthority(tmp_path / "proxy-ca")
+    proxy = forward_proxy_factory(tls=proxy_ca.issue("proxy", sans=["IP:127.0.0.1"]))
+    assert proxy.url.startswith("https://")
+    certs = cert_dir(tmp_path / "certs", private_ca_registry.ca)
+    src = one_file_tree(tmp_path / "src")
+    env = {
+        **proxy_env("HTTPS_PROXY", proxy.url),
+        **proxy_env("HTTP_PROXY", proxy.url),
+        "SSL_CERT_FILE": str(proxy_ca.cert),
+    }
+    tls_ref = f"{private_ca_registry.host}/{repo_name}:k"
+    saved = cli("save", str(src), tls_ref, "--cert-dir", str(certs), "-q", env=env)
+    assert saved.returncode == 0, saved.stderr
+    restored = cli("restore", tls_ref, str(tmp_path / "out"), "--cert-dir", str(certs), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out")
+    assert proxy.seen and all(seen == ("CONNECT", private_ca_registry.host) for seen in proxy.seen)
+
+    proxy.seen.clear()
+    plain_ref = f"{registry.host}/{repo_name}:k"
+    assert cli("save", str(src), plain_ref, "-q", env=env).returncode == 0
+    restored = cli("restore", plain_ref, str(tmp_path / "out2"), env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert_same_tree(src, tmp_path / "out2")
+    assert proxy.seen and all(url.startswith(f"http://{registry.host}/v2/") for _method, url in proxy.seen)
+
+    untrusted = {**env, "SSL_CERT_FILE": str(private_ca_registry.ca.cert)}
+    proc = cli("restore", tls_ref, str(tmp_path / "out3"), "--cert-dir", str(certs), env=untrusted)
+    assert proc.returncode == 1, proc.stderr
+    line = error_line(proc)
+    assert f"through the proxy {proxy.url}: its certificate is not trusted" in line, line
+    assert "SSL_CERT_FILE" in line, line
+    no_traceback(proc)
+
+
 def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
     cli: Run, private_ca_registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:
     """A proxy password with an unencoded '#' makes the URL invalid: said so, the password not
     repeated (it leaked as "Port could not be cast to integer value as 's3cret'"). A proxy that
     answers CONNECT with something that is not HTTP (a SOCKS proxy, say) is named too, in one
-    line (the raw answer broke the error over two)."""
+    line (the raw answer broke the error over two). A SOCKS proxy is refused by name."""
     ref = f"{private_ca_registry.host}/{repo_name}:k"
     bad = "http://user:s3cret#x@127.0.0.1:3128"
     env = proxy_env("HTTPS_PROXY", bad)
@@ -337,3 +386,10 @@ def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
         proc = cli("restore", ref, str(tmp_path / "out2"), env=env)
     assert proc.returncode == 1, proc.stderr
     assert f"through the proxy {garbage} (" in error_line(proc) and "speaks HTTP" in proc.stderr, proc.stderr
+
+    # A SOCKS proxy is not spoken to as if it were an HTTP one: said so before any connection.
+    env = proxy_env("ALL_PROXY", "socks5://127.0.0.1:9")
+    proc = cli("restore", ref, str(tmp_path / "out3"), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "through the proxy socks5://127.0.0.1:9: socks5:// proxies are not supported" in error_line(proc)
+    no_traceback(proc)

@@ -16,7 +16,8 @@ What a request here does, as httpx did: follows redirects of ``GET`` and ``HEAD`
 (``Authorization`` never goes to another origin), asks for ``Range: bytes=N-`` when resuming (a
 server that ignores it is skipped to N), asks for the stored bytes (``Accept-Encoding:
 identity``) but decodes gzip or deflate if a proxy compressed anyway, goes through
-``HTTPS_PROXY``/``HTTP_PROXY`` unless ``NO_PROXY`` says otherwise (CONNECT tunnels for https),
+``HTTPS_PROXY``/``HTTP_PROXY`` unless ``NO_PROXY`` says otherwise (CONNECT tunnels for https;
+TLS to the proxy too when its URL is ``https://``, see :mod:`.proxytls`),
 reuses kept-alive connections per origin, and waits at most the stall timeout for each read
 and for each ``send`` of a request body (not for the whole body: a slow uplink is not a stall).
 """
@@ -34,6 +35,8 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
+
+from ..certs import default_context
 
 __all__ = [
     "MAX_ERROR_BODY",
@@ -73,9 +76,10 @@ class ConnectTimedOut(TimeoutError):
 
 
 class ProxyFailed(ConnectionError):
-    """The proxy from the environment could not be used: not a valid URL, not reached, not
-    speaking HTTP, or it would not open the tunnel; the registry behind it was never asked.
-    ``final``: asking again is no use (refused, not found, a 4xx to CONNECT, a bad URL)."""
+    """The proxy from the environment could not be used: not a valid URL or not an HTTP(S) one,
+    not reached, not speaking HTTP, not trusted (TLS), or it would not open the tunnel; the
+    registry behind it was never asked. ``final``: asking again is no use (refused, not found, a
+    4xx to CONNECT, a bad URL, an untrusted certificate)."""
 
     def __init__(self, message: str, *, final: bool) -> None:
         super().__init__(message)
@@ -286,6 +290,8 @@ class ThreadClient:
         self._write_timeout = write_timeout
         self._user_agent = user_agent
         self._pool = _Pool()
+        self._proxy_context: ssl.SSLContext | None = None  # an https:// proxy's trust, on first use
+        self._proxy_context_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.close()
@@ -427,20 +433,7 @@ class ThreadClient:
         (scheme, host, port), proxy = key
         conn: _Conn
         if proxy:
-            parts = urlsplit(proxy)
-            # No port in the proxy's URL: its scheme's, as httpx, curl and urllib take it.
-            proxy_host = parts.hostname or ""
-            proxy_port = parts.port or (443 if parts.scheme == "https" else 80)
-            auth = _proxy_authorization(parts.username, parts.password)
-            if scheme == "https":
-                tunnel = _TunnelConnection(
-                    proxy_host, proxy_port, timeout=self._connect_timeout, context=self._tls()
-                )
-                tunnel.set_tunnel(host, port, headers=auth)
-                conn = _Conn(tunnel)
-            else:
-                plain = http.client.HTTPConnection(proxy_host, proxy_port, timeout=self._connect_timeout)
-                conn = _Conn(plain, absolute=True, headers=auth)
+            conn = self._through(proxy, scheme, host, port)
         elif scheme == "https":
             conn = _Conn(
                 http.client.HTTPSConnection(host, port, timeout=self._connect_timeout, context=self._tls())
@@ -464,6 +457,41 @@ class ThreadClient:
         # body sent after its head does not wait for an ACK.
         sock.settimeout(self._read_timeout)
         return conn
+
+    def _through(self, proxy: str, scheme: str, host: str, port: int) -> _Conn:
+        """A connection (not yet connected) to ``host`` through ``proxy``: a CONNECT tunnel for
+        HTTPS, absolute-form requests for plain HTTP; TLS to the proxy itself when its URL says
+        ``https://`` (its certificate checked against the default trust, not ``--cert-dir``)."""
+        parts = urlsplit(proxy)
+        # No port in the proxy's URL: its scheme's, as httpx, curl and urllib take it.
+        proxy_host = parts.hostname or ""
+        proxy_tls = parts.scheme.lower() == "https"
+        proxy_port = parts.port or (443 if proxy_tls else 80)
+        auth = _proxy_authorization(parts.username, parts.password)
+        timeout = self._connect_timeout
+        if scheme == "https" and proxy_tls:
+            from .proxytls import ProxyTunnelConnection
+
+            tunnel: http.client.HTTPSConnection = ProxyTunnelConnection(
+                proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=self._proxy_tls()
+            )
+        elif scheme == "https":
+            tunnel = _TunnelConnection(proxy_host, proxy_port, timeout=timeout, context=self._tls())
+        elif proxy_tls:
+            tls = self._proxy_tls()
+            to_proxy = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=tls)
+            return _Conn(to_proxy, absolute=True, headers=auth)
+        else:
+            plain = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
+            return _Conn(plain, absolute=True, headers=auth)
+        tunnel.set_tunnel(host, port, headers=auth)
+        return _Conn(tunnel)
+
+    def _proxy_tls(self) -> ssl.SSLContext:
+        with self._proxy_context_lock:
+            if self._proxy_context is None:
+                self._proxy_context = default_context()
+            return self._proxy_context
 
 
 def _send_body(conn: http.client.HTTPConnection, content: bytes, stopper: Stopper, timeout: float) -> None:
@@ -526,7 +554,8 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
         return None
     proxy = proxy if "://" in proxy else f"http://{proxy}"
     try:
-        urlsplit(proxy).port  # noqa: B018 - raises on what is not a URL
+        parts = urlsplit(proxy)
+        parts.port  # noqa: B018 - raises on what is not a URL
     except ValueError:
         # Never repeat it: the "port" urllib complains about is often part of a password.
         raise ProxyFailed(
@@ -534,6 +563,12 @@ def _proxy_for(scheme: str, host: str, port: int) -> str | None:
             "'/', '#', '?' or '@' in its user name and password",
             final=True,
         ) from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ProxyFailed(
+            f"through the proxy {_shown(proxy)}: {parts.scheme}:// proxies are not supported; "
+            "HTTP(S)_PROXY and ALL_PROXY take an http:// or https:// proxy",
+            final=True,
+        )
     return proxy
 
 
@@ -545,6 +580,12 @@ def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target:
         return ProxyFailed(
             f"through the proxy {shown}: it refused a tunnel to {target} ({answer}); the proxy must "
             "allow it (and take credentials in the proxy URL if it asks for them), or NO_PROXY exempt it",
+            final=True,
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):  # an https:// proxy's own certificate
+        return ProxyFailed(
+            f"through the proxy {shown}: its certificate is not trusted ({exc.verify_message}); put the "
+            "proxy's CA certificate in SSL_CERT_FILE (or SSL_CERT_DIR), or fix HTTP(S)_PROXY",
             final=True,
         )
     said = str(exc) if str(exc).isprintable() else repr(str(exc))  # one line, whatever it sent
