@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -52,7 +53,7 @@ __all__ = [
     "machine_name",
     "registry_available",
     "start_registry",
-    "throttled_relay",
+    "tcp_relay",
 ]
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -828,23 +829,65 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
         proxy.close()
 
 
+@dataclass
+class TcpRelay:
+    """What :func:`tcp_relay` yields: where to connect, and how many connections it cut."""
+
+    host: str
+    cuts: int = 0
+
+
 @contextlib.contextmanager
-def throttled_relay(upstream: str, rate: int) -> Iterator[str]:
-    """A TCP relay to ``upstream`` (``host:port``) that passes what the client sends at ``rate``
-    bytes a second (a slow uplink, also under TLS, which an HTTP proxy cannot see into); the
-    answers pass at full speed. Yields the relay's ``127.0.0.1:port``."""
+def tcp_relay(
+    upstream: str,
+    *,
+    rate: int | None = None,
+    cut_answer_after: int | None = None,
+    close_idle_after: float | None = None,
+) -> Iterator[TcpRelay]:
+    """A TCP relay to ``upstream`` (``host:port``), which sees nothing of TLS inside: ``rate`` passes
+    what the client sends at that many bytes a second (a slow uplink); ``cut_answer_after`` resets
+    the first connection whose answers pass that many bytes (a connection cut mid-body, kept-alive
+    ones included); ``close_idle_after`` closes a connection the client sent nothing on for that
+    many seconds (as load balancers drop idle kept-alive connections)."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
     host, port = upstream.rsplit(":", 1)
+    relay = TcpRelay(f"127.0.0.1:{listener.getsockname()[1]}")
+    lock = threading.Lock()
 
-    def pump(src: socket.socket, dst: socket.socket, throttled: bool) -> None:
+    def pump(src: socket.socket, dst: socket.socket, upload: bool) -> None:
+        moved = 0
+        if upload and close_idle_after is not None:
+            src.settimeout(close_idle_after)
         with contextlib.suppress(OSError):
             while not stop.is_set():
-                data = src.recv(16384)
+                try:
+                    data = src.recv(16384)
+                except TimeoutError:
+                    # Idle too long: closed as abruptly as a balancer drops it (a reset).
+                    src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    for end in (src, dst):
+                        end.shutdown(socket.SHUT_RDWR)
+                        end.close()
+                    return
                 if not data:
                     break
+                moved += len(data)
+                if not upload and cut_answer_after is not None and moved > cut_answer_after:
+                    with lock:
+                        cut = relay.cuts == 0
+                        relay.cuts += cut
+                    if cut:
+                        # The client gets what came so far, then the end of the stream and a
+                        # reset (shutting down first wakes the pump reading the other way).
+                        dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        for end in (dst, src):
+                            end.shutdown(socket.SHUT_RDWR)
+                            end.close()
+                        return
                 dst.sendall(data)
-                if throttled:
+                if upload and rate is not None:
                     time.sleep(len(data) / rate)
         for s in (src, dst):
             with contextlib.suppress(OSError):
@@ -860,7 +903,7 @@ def throttled_relay(upstream: str, rate: int) -> Iterator[str]:
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
+        yield relay
     finally:
         stop.set()
         listener.close()

@@ -32,7 +32,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore, Timeouts
 from remote_cache.oci.store import Store
 from tests.oci.blob_reading import read_all
-from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry, throttled_relay
+from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry, tcp_relay
 
 ALL_MODES = ["registry", "auth_registry", "token_registry"]
 
@@ -491,11 +491,46 @@ async def test_a_slow_upload_over_tls_is_not_a_stall(
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
     data = os.urandom(24 << 20)
     timeouts = Timeouts(connect=1, read=10, write=1)
-    with throttled_relay(tls_registry.host, 4_000_000) as relay:
-        async with RegistryStore(relay, repo_name, plain_http=False, retries=0, timeout=timeouts) as store:
+    with tcp_relay(tls_registry.host, rate=4_000_000) as relay:
+        store = RegistryStore(relay.host, repo_name, plain_http=False, retries=0, timeout=timeouts)
+        async with store:
             started = time.monotonic()
             assert await store.put_blob(blob(data), data) is True
             assert time.monotonic() - started > 2.0  # it was slow
+
+
+@pytest.mark.usefixtures("via")
+async def test_a_tls_connection_cut_mid_body_is_not_reused_for_the_resume(
+    tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept-alive connection reset in the middle of a blob (under TLS, as every real registry
+    is) is dropped, not put back in the pool: the ``Range`` resume goes on a new one. (The dead
+    connection was pooled: the resume failed with SSLEOFError, reported as a failed TLS handshake.)"""
+    assert tls_registry.ca is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
+    data = os.urandom(8 << 20)
+    async with RegistryStore(tls_registry.host, repo_name, plain_http=False) as store:
+        await store.put_blob(blob(data), data)
+    with tcp_relay(tls_registry.host, cut_answer_after=2 << 20) as relay:
+        async with RegistryStore(relay.host, repo_name, plain_http=False, retries=2) as store:
+            assert await read_all(store, blob(data)) == data
+    assert relay.cuts == 1
+
+
+async def test_a_big_request_body_on_a_stale_tls_connection_goes_on_a_new_one(
+    tls_registry: RegistryServer, repo_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept-alive TLS connection the far end closed while idle (load balancers do) fails a
+    big body's write with SSLEOFError: a stale connection, tried again on a new one (a save
+    failed, final)."""
+    assert tls_registry.ca is not None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_registry.ca.cert))
+    with tcp_relay(tls_registry.host, close_idle_after=0.5) as relay:
+        async with RegistryStore(relay.host, repo_name, plain_http=False, retries=0) as store:
+            await store.put_blob(blob(b"warm"), b"warm")  # leaves a kept-alive connection
+            await asyncio.sleep(1.0)
+            data = os.urandom(1 << 20)
+            assert await store.put_blob(blob(data), data) is True
 
 
 @pytest.mark.usefixtures("via")

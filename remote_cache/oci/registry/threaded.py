@@ -267,8 +267,9 @@ class Stopper:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-#: A kept-alive connection the server has closed meanwhile fails like this on its next request.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+#: A kept-alive connection the server has closed meanwhile fails like this on its next request
+#: (under TLS, a write into a reset connection is an SSLEOFError).
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
 
 
 class ThreadClient:
@@ -363,15 +364,21 @@ class ThreadClient:
                 send.pop("Authorization", None)  # never to another origin
             stopper.check()
             key, conn, response = self._send(method, url, send, content, stopper)
+            read_whole = False
             try:
                 location = response.getheader("Location")
                 if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
                     response.read(MAX_ERROR_BODY)
+                    read_whole = True
                     url = urljoin(url, location)
                     continue
-                return take(response, url)
+                answer = take(response, url)
+                read_whole = True
+                return answer
             finally:
-                if response.isclosed() and not response.will_close:
+                # A body cut short is closed by http.client too: only an answer read to its end
+                # leaves a connection fit for the next request.
+                if read_whole and response.isclosed() and not response.will_close:
                     self._pool.give(key, conn)
                 else:
                     conn.http.close()
