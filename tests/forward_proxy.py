@@ -94,7 +94,14 @@ class ForwardProxy:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def verify_request(self, request: object, client_address: object) -> bool:
+                proxy.connections += 1
+                return True
+
+        #: Connections accepted (with ``tls``: those whose handshake succeeded).
+        self.connections = 0
+        self._server = Server(("127.0.0.1", port), Handler)
         scheme = "http"
         if tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -353,6 +353,53 @@ def test_registries_through_an_https_proxy(
     no_traceback(proc)
 
 
+def test_an_https_proxy_that_cannot_be_used_is_named_with_the_fix(
+    cli: Run,
+    private_ca_registry: RegistryServer,
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    forward_proxy_factory: Callable[..., ForwardProxy],
+) -> None:
+    """What goes wrong with an ``https://`` proxy is said as the proxy's, once, with what to fix:
+    a plain-HTTP proxy written as https:// (common: ``HTTPS_PROXY=https://squid:3128``), a
+    certificate issued for another name, CA certificates that cannot be loaded, and (any proxy) no
+    answer before the tunnel is up — which blamed the registry ("is it up?")."""
+    assert private_ca_registry.ca is not None
+    certs = cert_dir(tmp_path / "certs", private_ca_registry.ca)
+    tls_ref = f"{private_ca_registry.host}/{repo_name}:k"
+    plain = forward_proxy_factory()
+    proc = cli("restore", tls_ref, str(tmp_path / "o1"), "--cert-dir", str(certs),
+               env=proxy_env("HTTPS_PROXY", plain.url.replace("http://", "https://")))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "seems to speak plain HTTP: write http:// in the proxy URL" in error_line(proc), proc.stderr
+    assert plain.connections == 1  # final: not asked again
+
+    proxy_ca = CertificateAuthority(tmp_path / "proxy-ca")
+    other_name = forward_proxy_factory(tls=proxy_ca.issue("proxy", sans=["DNS:proxy.example"]))
+    env = {**proxy_env("HTTPS_PROXY", other_name.url), "SSL_CERT_FILE": str(proxy_ca.cert)}
+    proc = cli("restore", tls_ref, str(tmp_path / "o2"), "--cert-dir", str(certs), env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "its certificate is not for the name or address in the proxy URL" in error_line(proc)
+
+    env = {**proxy_env("HTTP_PROXY", other_name.url), "SSL_CERT_FILE": str(tmp_path / "absent.pem")}
+    proc = cli("restore", f"{registry.host}/{repo_name}:k", str(tmp_path / "o3"), env=env)
+    assert proc.returncode == 1, proc.stderr
+    line = error_line(proc)
+    assert f"through the proxy {other_name.url}: the CA certificates to check it with" in line, line
+    assert "SSL_CERT_FILE" in line and "registry" in line, line
+
+    with socket.socket() as silent:  # takes connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        env = proxy_env("HTTPS_PROXY", url)
+        proc = cli("restore", tls_ref, str(tmp_path / "o4"), "--cert-dir", str(certs), "--timeout=1", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert f"through the proxy {url}: no answer within 1s" in error_line(proc), proc.stderr
+    no_traceback(proc)
+
+
 def test_a_proxy_url_that_is_not_valid_or_a_proxy_that_is_not_http_is_named(
     cli: Run, private_ca_registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:

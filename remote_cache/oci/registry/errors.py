@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut, ProxyFailed, TooManyRedirects, WireAnswer, WriteTimedOut
+from .threaded import ConnectTimedOut, ProxyFailed, ProxyTimedOut, TooManyRedirects, WireAnswer, WriteTimedOut
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
@@ -86,6 +86,12 @@ def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> Registr
     """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``."""
     cause = str(exc) or type(exc).__name__
     phase = _timed_out(exc)
+    if isinstance(exc, ProxyTimedOut):
+        return RegistryUnreachable(
+            f"cannot connect to registry {host} through the proxy {exc.proxy}: no answer within "
+            f"{timeouts.connect:g}s (from the proxy, or from the registry it connects to); check that "
+            "the proxy runs, or HTTP(S)_PROXY, ALL_PROXY and NO_PROXY"
+        )
     if phase is not None:
         return RegistryUnreachable(
             _TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(timeouts, phase))

@@ -1,10 +1,11 @@
 """HTTPS through an ``https://`` proxy: TLS to the proxy itself, as curl and httpx speak it.
 
 The registry's TLS session runs inside a CONNECT tunnel inside the proxy's TLS session (a
-plain-HTTP registry needs no tunnel: see ``ThreadClient._through``). The standard library
-cannot put TLS over a TLS socket (``SSLContext.wrap_socket`` wants a real socket), so the inner
-session is urllib3's ``SSLTransport``, made for this (urllib3's own HTTPS proxies use it).
-Imported only when such a proxy is in the environment.
+plain-HTTP registry needs no tunnel: see ``ThreadClient._through``). ``SSLContext.wrap_socket``
+cannot put TLS over a TLS socket (it wants a real one; the standard library offers only the
+``SSLObject``/``MemoryBIO`` pieces to build that from), so the inner session is urllib3's
+``SSLTransport``, that layer, as urllib3's own HTTPS proxies use it. Imported only when such a
+proxy is in the environment.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ __all__ = [
     "ConnectTimedOut",
     "Origin",
     "ProxyFailed",
+    "ProxyTimedOut",
     "Stopper",
     "ThreadClient",
     "WireAnswer",
@@ -73,6 +74,15 @@ def origin_of(url: str) -> Origin:
 
 class ConnectTimedOut(TimeoutError):
     """No connection within the connect timeout (a read that times out raises TimeoutError)."""
+
+
+class ProxyTimedOut(ConnectTimedOut):
+    """The connect timeout ran out before the proxy's tunnel or TLS was up: the proxy (or the
+    registry it connects to) did not answer. ``proxy``: its URL as it may be shown."""
+
+    def __init__(self, message: str, *, proxy: str) -> None:
+        super().__init__(message)
+        self.proxy = proxy
 
 
 class ProxyFailed(ConnectionError):
@@ -440,7 +450,7 @@ class ThreadClient:
         (scheme, host, port), proxy = key
         conn: _Conn
         if proxy:
-            conn = self._through(proxy, scheme, host, port)
+            conn = self._through(proxy, scheme, host, port)  # may load the proxy's trust
         elif scheme == "https":
             conn = _Conn(
                 http.client.HTTPSConnection(host, port, timeout=self._connect_timeout, context=self._tls())
@@ -451,10 +461,13 @@ class ThreadClient:
             conn.http.connect()
         except BaseException as exc:
             conn.http.close()
+            before_tunnel = proxy and not getattr(conn.http, "tunnelled", False)
             if isinstance(exc, TimeoutError):
+                if before_tunnel:
+                    shown = _shown(proxy)
+                    raise ProxyTimedOut(f"timed out connecting through {shown}", proxy=shown) from exc
                 raise ConnectTimedOut(f"timed out connecting to {_shown(url)}") from exc
-            tunnel_open = getattr(conn.http, "tunnelled", False)
-            if proxy and not tunnel_open and isinstance(exc, OSError | http.client.HTTPException):
+            if before_tunnel and isinstance(exc, OSError | http.client.HTTPException):
                 raise _proxy_failure(exc, proxy, f"{host}:{port}") from exc
             raise
         sock = conn.http.sock
@@ -479,14 +492,15 @@ class ThreadClient:
         if scheme == "https" and proxy_tls:
             from .proxytls import ProxyTunnelConnection
 
+            trust = self._proxy_tls(proxy)
             tunnel: http.client.HTTPSConnection = ProxyTunnelConnection(
-                proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=self._proxy_tls()
+                proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=trust
             )
         elif scheme == "https":
             tunnel = _TunnelConnection(proxy_host, proxy_port, timeout=timeout, context=self._tls())
         elif proxy_tls:
-            tls = self._proxy_tls()
-            to_proxy = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=tls)
+            trust = self._proxy_tls(proxy)
+            to_proxy = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=trust)
             return _Conn(to_proxy, absolute=True, headers=auth)
         else:
             plain = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
@@ -494,10 +508,18 @@ class ThreadClient:
         tunnel.set_tunnel(host, port, headers=auth)
         return _Conn(tunnel)
 
-    def _proxy_tls(self) -> ssl.SSLContext:
+    def _proxy_tls(self, proxy: str) -> ssl.SSLContext:
+        """The trust an ``https://`` proxy's certificate is checked against, loaded once."""
         with self._proxy_context_lock:
             if self._proxy_context is None:
-                self._proxy_context = default_context()
+                try:
+                    self._proxy_context = default_context()
+                except (OSError, ssl.SSLError) as exc:
+                    raise ProxyFailed(
+                        f"through the proxy {_shown(proxy)}: the CA certificates to check it with could not "
+                        f"be loaded ({exc}); check SSL_CERT_FILE and SSL_CERT_DIR",
+                        final=True,
+                    ) from None
             return self._proxy_context
 
 
@@ -590,9 +612,26 @@ def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target:
             final=True,
         )
     if isinstance(exc, ssl.SSLCertVerificationError):  # an https:// proxy's own certificate
+        if exc.verify_code in _NAME_MISMATCH:
+            return ProxyFailed(
+                f"through the proxy {shown}: its certificate is not for the name or address in the "
+                f"proxy URL ({exc.verify_message}); use the name it was issued for in HTTP(S)_PROXY",
+                final=True,
+            )
         return ProxyFailed(
             f"through the proxy {shown}: its certificate is not trusted ({exc.verify_message}); put the "
             "proxy's CA certificate in SSL_CERT_FILE (or SSL_CERT_DIR), or fix HTTP(S)_PROXY",
+            final=True,
+        )
+    if isinstance(exc, ssl.SSLError):  # TLS with an https:// proxy failed: asking again is no use
+        plain = exc.reason in _PLAIN_HTTP_ANSWER
+        return ProxyFailed(
+            f"through the proxy {shown}: TLS with it failed ({exc.reason or exc}); "
+            + (
+                "it seems to speak plain HTTP: write http:// in the proxy URL"
+                if plain
+                else "check that it speaks TLS, or write http:// in the proxy URL if it does not"
+            ),
             final=True,
         )
     said = str(exc) if str(exc).isprintable() else repr(str(exc))  # one line, whatever it sent
@@ -601,6 +640,12 @@ def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target:
         "speaks HTTP, or HTTP(S)_PROXY, ALL_PROXY and NO_PROXY",
         final=isinstance(exc, ConnectionRefusedError | socket.gaierror),
     )
+
+
+#: OpenSSL's verify codes for a certificate valid but issued for another host name or address.
+_NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+#: What OpenSSL says when the other end answered the TLS hello in plain HTTP.
+_PLAIN_HTTP_ANSWER = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"})
 
 
 def _shown(url: str) -> str:
