@@ -829,6 +829,16 @@ def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
         proxy.close()
 
 
+def _reset(client: socket.socket, server: socket.socket) -> None:
+    """End a relayed connection: the client sees the end of the stream, then a reset (shutting
+    both down first wakes the pump reading the other way)."""
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    for end in (client, server):
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
+        end.close()
+
+
 @dataclass
 class TcpRelay:
     """What :func:`tcp_relay` yields: where to connect, and how many connections it cut."""
@@ -865,11 +875,7 @@ def tcp_relay(
                 try:
                     data = src.recv(16384)
                 except TimeoutError:
-                    # Idle too long: closed as abruptly as a balancer drops it (a reset).
-                    src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    for end in (src, dst):
-                        end.shutdown(socket.SHUT_RDWR)
-                        end.close()
+                    _reset(src, dst)  # idle too long: dropped as abruptly as a balancer does
                     return
                 if not data:
                     break
@@ -879,12 +885,7 @@ def tcp_relay(
                         cut = relay.cuts == 0
                         relay.cuts += cut
                     if cut:
-                        # The client gets what came so far, then the end of the stream and a
-                        # reset (shutting down first wakes the pump reading the other way).
-                        dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        for end in (dst, src):
-                            end.shutdown(socket.SHUT_RDWR)
-                            end.close()
+                        _reset(dst, src)  # the client gets what came so far, then the cut
                         return
                 dst.sendall(data)
                 if upload and rate is not None:
