@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
 from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
-from tests.registry_server import RegistryServer
+from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import backdate, opened
 from tests.trees import assert_same_tree
 
@@ -111,6 +112,26 @@ async def test_a_failure_while_reading_candidates_is_an_error_not_a_miss(
     proxy = fault_proxy_factory(registry)
     async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
         # The exact key misses (404 from the real registry); reading the candidate is refused.
-        proxy.fail(1, status=403, method="HEAD", path_contains=f"/manifests/{tag_for_key('npm-abc')}")
+        proxy.fail(1, status=403, method="GET", path_contains=f"/manifests/{tag_for_key('npm-abc')}")
         with pytest.raises(RegistryAuthError):
             await find_entry(store, "npm-zzz", ["npm-"])
+
+
+async def test_a_restore_reads_each_document_once(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """Round trips before the first blob are latency on every CI job: a hit reads its tag's index
+    (no HEAD before it) and the manifest; a fallback reads each candidate's once (the chosen
+    entry's index and manifest were fetched a second time to restore it)."""
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        await save(store, "npm-1", _tree(tmp_path / "src", b"one"))
+        proxy.requests.clear()
+        await restore(store, "npm-1", tmp_path / "hit")
+        assert proxy.count("HEAD") == 0
+        assert proxy.count("GET", "/manifests/") == 2
+        proxy.requests.clear()
+        fallback = await restore(store, "npm-2", tmp_path / "fallback", restore_keys=["npm-"])
+        assert fallback.status == "fallback"
+        assert proxy.count("GET", "/manifests/", status=200) == 2  # npm-1's index and manifest
+    assert_same_tree(tmp_path / "src", tmp_path / "fallback")
