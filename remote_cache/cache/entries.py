@@ -131,49 +131,44 @@ class Match:
     digest: str
     #: True: the exact key; False: a restore-key (prefix) fallback.
     exact: bool
-    #: The entry's image, when the lookup read it (a fallback always does; see ``find_entry``).
-    image: CacheImage | None = field(default=None, compare=False, repr=False)
 
 
-async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, CacheImage] | None:
-    """(real key, created, image) of the entry under ``tag``; None when gone or unreadable."""
+async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, str] | None:
+    """(real key, created, digest) of the entry under ``tag``; None when gone or unreadable."""
     try:
         image = await load_image(store, tag)
     except (CacheMiss, ImageFormatError, IntegrityError):
         return None  # deleted meanwhile, or not an image we can read: not a candidate
     # Auth and network errors propagate: a failure must not look like a miss.
-    return image.key or tag, image.created, image
+    return image.key or tag, image.created, image.digest
 
 
 async def find_entry(
-    store: Store, key: str, restore_keys: Sequence[str] = (), *, jobs: int = 8, with_image: bool = False
+    store: Store, key: str, restore_keys: Sequence[str] = (), *, jobs: int = 8, read_image: bool = False
 ) -> Match | None:
     """The entry to restore for ``key``, as in actions/cache; None on a miss.
 
     The exact key wins. Otherwise each restore key in order is a prefix: among entries whose
     real key starts with it, the newest by ``org.opencontainers.image.created`` wins (ties: the
     greater key; undated entries rank oldest). Tags are listed once; only tags that can hold a
-    matching key are read, ``jobs`` at a time. ``with_image``: read the exact key's image
-    instead of only resolving its tag, for a caller about to restore it (a registry then answers
-    one GET where a HEAD and a GET by digest were two round trips); a fallback's image is read
-    to rank it anyway, and kept.
+    matching key are read, ``jobs`` at a time. ``read_image``: read the exact key's image by its tag
+    instead of only resolving the tag, for a caller about to load it (a registry answers one GET
+    where a HEAD and then a GET by digest were two round trips; the store keeps what it read,
+    see :mod:`~remote_cache.oci.documents`).
     """
     validate_key(key)
     prefixes = validate_restore_keys(restore_keys)
     tag = tag_for_key(key)
     try:
-        if with_image:
-            image = await load_image(store, tag)
-            return Match(key=key, tag=tag, digest=image.digest, exact=True, image=image)
-        desc = await store.resolve(tag)
+        digest = (await load_image(store, tag)).digest if read_image else (await store.resolve(tag)).digest
     except CacheMiss:
         pass
     else:
-        return Match(key=key, tag=tag, digest=desc.digest, exact=True)
+        return Match(key=key, tag=tag, digest=digest, exact=True)
     if not prefixes:
         return None
     tags = await store.tags()
-    seen: dict[str, tuple[str, datetime | None, CacheImage] | None] = {}
+    seen: dict[str, tuple[str, datetime | None, str] | None] = {}
 
     async def read(candidate: str) -> None:
         seen[candidate] = await _peek(store, candidate)
@@ -182,7 +177,7 @@ async def find_entry(
         start = tag_prefix_for(prefix)
         wanted = [t for t in tags if t.startswith(start) and t not in seen]
         await for_each(wanted, read, jobs=jobs)
-        best: tuple[datetime, str, str, CacheImage] | None = None
+        best: tuple[datetime, str, str, str] | None = None
         for candidate in tags:
             info = seen.get(candidate)
             if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
@@ -191,8 +186,7 @@ async def find_entry(
             if best is None or rank[:2] > best[:2]:
                 best = rank
         if best is not None:
-            _created, real_key, chosen, image = best
-            return Match(key=real_key, tag=chosen, digest=image.digest, exact=False, image=image)
+            return Match(key=best[1], tag=best[2], digest=best[3], exact=False)
     return None
 
 

@@ -33,7 +33,7 @@ from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
 from ..oci.store import Store
-from ..tasks import first_error
+from ..tasks import first_error, for_each
 from ..units import counted, format_bytes, format_rate
 from ..version import TOOL
 from . import state
@@ -558,14 +558,18 @@ async def _same_entry(
         ):
             return None
         wanted = [(d.digest, d.size, d.media_type) for d in layers]
-        for manifest in manifests:
+        verdicts: list[bool] = []
+
+        async def check(manifest: Descriptor) -> None:
             mdesc, mbody = await store.get_manifest(manifest.digest)
             parsed = parse_manifest(mbody, mdesc.media_type or manifest.media_type)
             have = [(d.digest, d.size, d.media_type) for d in parsed.layers]
-            if have != wanted:
-                return None
-            if not await store.has_blob(parsed.config.digest):
-                return None
+            verdicts.append(have == wanted and await store.has_blob(parsed.config.digest))
+
+        # The platforms' manifests side by side: each read is a round trip to a remote store.
+        await for_each(manifests, check, jobs=len(manifests) or 1)
+        if not all(verdicts):
+            return None
     except RemoteCacheError:
         # Anything unreadable (a miss, a foreign image) simply means "not the same": save anew.
         return None

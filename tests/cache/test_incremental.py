@@ -104,6 +104,25 @@ def _writes(proxy: FaultProxy) -> int:
     return sum(proxy.count(m) for m in ("PUT", "POST", "PATCH", "DELETE"))
 
 
+async def test_the_save_after_a_restore_reads_each_document_once(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
+) -> None:
+    """A CI job's closing save reads the entry it may replace twice (what it can reuse, then
+    whether anything changed): each index and manifest crosses the network once (they are
+    content-addressed and verified), since every read is a round trip before the save can end."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(5000))
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        await save(store, "k", src)
+        await restore(store, "k", tmp_path / "out")
+        proxy.requests.clear()
+        result = await save(store, "k", tmp_path / "out")
+        assert result.unchanged
+        reads = [r.path for r in proxy.requests if r.method == "GET" and "/manifests/sha256:" in r.path]
+        assert reads and len(reads) == len(set(reads)), reads
+
+
 async def test_unchanged_resave_reads_and_pushes_nothing(
     registry: RegistryServer,
     repo_name: str,

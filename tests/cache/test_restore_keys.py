@@ -124,14 +124,17 @@ async def test_a_restore_reads_each_document_once(
     (no HEAD before it) and the manifest; a fallback reads each candidate's once (the chosen
     entry's index and manifest were fetched a second time to restore it)."""
     proxy = fault_proxy_factory(registry)
-    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+    ref = parse_reference(f"{proxy.host}/{repo_name}")
+    async with opened(ref) as store:
         await save(store, "npm-1", _tree(tmp_path / "src", b"one"))
-        proxy.requests.clear()
+    proxy.requests.clear()
+    async with opened(ref) as store:  # each restore is a command of its own, with a fresh store
         await restore(store, "npm-1", tmp_path / "hit")
-        assert proxy.count("HEAD") == 0
-        assert proxy.count("GET", "/manifests/") == 2
-        proxy.requests.clear()
+    assert proxy.count("HEAD") == 0
+    assert proxy.count("GET", "/manifests/") == 2
+    proxy.requests.clear()
+    async with opened(ref) as store:
         fallback = await restore(store, "npm-2", tmp_path / "fallback", restore_keys=["npm-"])
-        assert fallback.status == "fallback"
-        assert proxy.count("GET", "/manifests/", status=200) == 2  # npm-1's index and manifest
+    assert fallback.status == "fallback"
+    assert proxy.count("GET", "/manifests/", status=200) == 2  # npm-1's index and manifest
     assert_same_tree(tmp_path / "src", tmp_path / "fallback")
