@@ -70,8 +70,7 @@ async def candidate_layers(store: Store, keys: Sequence[str]) -> Candidates:
 
     async def load(key: str) -> None:
         try:
-            top = await store.resolve(tag_for_key(key))
-            image = await load_image(store, top.digest)
+            image = await load_image(store, tag_for_key(key))  # by tag: one round trip, not two
             diff_ids = await read_diff_ids(store, image)
         except RemoteCacheError:
             return  # absent or unreadable: nothing to learn from it

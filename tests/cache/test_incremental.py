@@ -109,7 +109,8 @@ async def test_the_save_after_a_restore_reads_each_document_once(
 ) -> None:
     """A CI job's closing save reads the entry it may replace twice (what it can reuse, then
     whether anything changed): each index and manifest crosses the network once (they are
-    content-addressed and verified), since every read is a round trip before the save can end."""
+    content-addressed and verified), and the tag is asked once by HEAD (first read by GET), since
+    every read is a round trip before the save can end."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_bytes(os.urandom(5000))
@@ -121,6 +122,7 @@ async def test_the_save_after_a_restore_reads_each_document_once(
         assert result.unchanged
         reads = [r.path for r in proxy.requests if r.method == "GET" and "/manifests/sha256:" in r.path]
         assert reads and len(reads) == len(set(reads)), reads
+        assert proxy.count("HEAD", "/manifests/") == 1  # the tag, once, just before deciding
 
 
 async def test_unchanged_resave_reads_and_pushes_nothing(
