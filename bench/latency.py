@@ -1,0 +1,133 @@
+"""Round trips, timed: a small entry's restore, restore-key fallback and the save after a restore,
+through a relay that adds network latency in front of a loopback docker-registry.
+
+Usage: python bench/latency.py [--delay-ms 20] [--rounds 4] [--other-tree DIR]
+
+On loopback a request costs almost nothing, so ``bench.py`` cannot show what a remote registry
+charges for each request made before the first blob: here every byte reaches the other side
+``--delay-ms`` later (both ways; bandwidth is not limited: chunks are queued, not slept on).
+``--other-tree DIR`` runs a second checkout's code (e.g. ``git worktree add DIR REV``) side by
+side, alternating, with the same relay. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = Path(sys.executable).with_name("remote-cache")
+
+
+def _delayed(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    """Copy ``src`` to ``dst``, each chunk sent ``delay`` seconds after it arrived."""
+    pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = pending.get()
+                if not data:
+                    break
+                time.sleep(max(0.0, due - time.monotonic()))
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=send, daemon=True).start()
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            pending.put((time.monotonic() + delay, data))
+    pending.put((0.0, b""))
+
+
+@contextlib.contextmanager
+def latency_relay(upstream: tuple[str, int], delay: float) -> Iterator[str]:
+    """A TCP relay to ``upstream`` adding ``delay`` seconds each way; yields its ``host:port``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                server = socket.create_connection(upstream)
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=_delayed, args=(a, b, delay), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def _run(tree: Path, *args: str) -> float:
+    env = dict(os.environ, PYTHONPATH=str(tree), REMOTE_CACHE_STATE_DIR=os.environ["BENCH_STATE"])
+    started = time.monotonic()
+    done = subprocess.run([str(CLI), *args, "-q"], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed: {done.stderr.strip()}")
+    return time.monotonic() - started
+
+
+def _round(tree: Path, host: str, name: str, src: Path, work: Path) -> tuple[float, float, float]:
+    """(restore, fallback restore, save after the restore) of a fresh entry, seconds."""
+    ref = f"{host}/latency/{name}"
+    _run(tree, "save", str(src), f"{ref}:k")
+    out = work / f"out-{name}"
+    restore = _run(tree, "restore", f"{ref}:k", str(out))
+    fallback = _run(tree, "restore", f"{ref}:absent", str(work / f"fb-{name}"), "--restore-key", "k")
+    save_after = _run(tree, "save", str(out), f"{ref}:k")
+    for done in (out, work / f"fb-{name}"):
+        shutil.rmtree(done, ignore_errors=True)
+    return restore, fallback, save_after
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--delay-ms", type=float, default=20.0, help="added each way")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--other-tree", type=Path, help="a second checkout to time side by side")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tests.registry_server import start_registry
+
+    trees = {"this": ROOT} | ({"other": args.other_tree.resolve()} if args.other_tree else {})
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
+        work = Path(tmp)
+        os.environ["BENCH_STATE"] = str(work / "state")
+        src = work / "src"
+        (src / "d").mkdir(parents=True)
+        for i in range(50):
+            (src / "d" / f"f{i}").write_bytes(os.urandom(2000))
+        registry = start_registry(work / "registry")
+        try:
+            host, port = registry.host.rsplit(":", 1)
+            with latency_relay((host, int(port)), args.delay_ms / 1000) as relay:
+                times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+                for n in range(args.rounds):
+                    for name, tree in trees.items():
+                        times[name].append(_round(tree, relay, f"{name}{n}", src, work))
+        finally:
+            registry.stop()
+    print(f"{args.delay_ms:g} ms each way, a 50-file entry, medians of {args.rounds} rounds (seconds):")
+    print(f"{'code':8s} {'restore':>8s} {'fallback':>9s} {'save after':>11s}")
+    for name, rows in times.items():
+        medians = [statistics.median(row[i] for row in rows) for i in range(3)]
+        print(f"{name:8s} {medians[0]:8.3f} {medians[1]:9.3f} {medians[2]:11.3f}")
+
+
+if __name__ == "__main__":
+    main()
