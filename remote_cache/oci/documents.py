@@ -12,22 +12,27 @@ from .descriptor import Descriptor
 
 __all__ = ["Documents"]
 
-#: Documents kept (each at most MAX_DOCUMENT_BYTES, in practice a few kB): a save or restore
-#: reads a handful; a listing reads two per entry.
-_KEPT = 256
+#: Bytes of documents kept: a save or restore reads a handful of a few kB each; a listing reads
+#: two per entry. The oldest go first; a document may be up to MAX_DOCUMENT_BYTES (4 MiB).
+_BUDGET = 16 << 20
 
 
 class Documents:
-    """Verified manifests by digest; the oldest go first past :data:`_KEPT`."""
+    """Verified manifests by digest, at most :data:`_BUDGET` bytes of them."""
 
     def __init__(self) -> None:
         self._kept: dict[str, tuple[Descriptor, bytes]] = {}
+        self._bytes = 0
 
     def get(self, digest: str) -> tuple[Descriptor, bytes] | None:
         return self._kept.get(digest)
 
     def keep(self, desc: Descriptor, body: bytes) -> None:
         """Keep ``body``, whose digest the caller verified (``desc.digest``)."""
-        if len(self._kept) >= _KEPT:
-            del self._kept[next(iter(self._kept))]
+        if desc.digest in self._kept or len(body) > _BUDGET // 4:
+            return
+        while self._kept and self._bytes + len(body) > _BUDGET:
+            _desc, dropped = self._kept.pop(next(iter(self._kept)))  # the oldest
+            self._bytes -= len(dropped)
         self._kept[desc.digest] = (desc, body)
+        self._bytes += len(body)
