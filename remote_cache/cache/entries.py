@@ -19,7 +19,7 @@ from ..oci.descriptor import Descriptor
 from ..oci.store import Store
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
-from .image import ANNOTATION_TOOL, CacheImage, load_image
+from .image import ANNOTATION_TOOL, CacheImage, load_image, read_document
 
 __all__ = [
     "Entry",
@@ -131,16 +131,18 @@ class Match:
     digest: str
     #: True: the exact key; False: a restore-key (prefix) fallback.
     exact: bool
+    #: The entry's image when the lookup read it (``find_entry(read_image=True)``).
+    image: CacheImage | None = field(default=None, compare=False, repr=False)
 
 
-async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, str] | None:
-    """(real key, created, digest) of the entry under ``tag``; None when gone or unreadable."""
+async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, CacheImage] | None:
+    """(real key, created, image) of the entry under ``tag``; None when gone or unreadable."""
     try:
-        image = await load_image(store, tag)
+        image = await load_image(store, tag)  # by tag: one round trip, where resolving first was two
     except (CacheMiss, ImageFormatError, IntegrityError):
         return None  # deleted meanwhile, or not an image we can read: not a candidate
     # Auth and network errors propagate: a failure must not look like a miss.
-    return image.key or tag, image.created, image.digest
+    return image.key or tag, image.created, image
 
 
 async def find_entry(
@@ -151,24 +153,27 @@ async def find_entry(
     The exact key wins. Otherwise each restore key in order is a prefix: among entries whose
     real key starts with it, the newest by ``org.opencontainers.image.created`` wins (ties: the
     greater key; undated entries rank oldest). Tags are listed once; only tags that can hold a
-    matching key are read, ``jobs`` at a time. ``read_image``: read the exact key's image by its tag
-    instead of only resolving the tag, for a caller about to load it (a registry answers one GET
-    where a HEAD and then a GET by digest were two round trips; the store keeps what it read,
-    see :mod:`~remote_cache.oci.documents`).
+    matching key are read, ``jobs`` at a time. ``read_image``: the match carries its image, for
+    a caller about to restore it (the exact key's is read by its tag: a registry answers one GET
+    where a HEAD and then a GET by digest were two round trips; a fallback's was read to rank it).
     """
     validate_key(key)
     prefixes = validate_restore_keys(restore_keys)
     tag = tag_for_key(key)
     try:
-        digest = (await load_image(store, tag)).digest if read_image else (await store.resolve(tag)).digest
+        top = await read_document(store, tag) if read_image else None
+        digest = top[0].digest if top is not None else (await store.resolve(tag)).digest
     except CacheMiss:
         pass
     else:
-        return Match(key=key, tag=tag, digest=digest, exact=True)
+        # Read outside the miss above: a manifest missing under an existing tag is a broken
+        # entry (its CacheMiss propagates), not an absent key to fall back from.
+        image = await load_image(store, tag, top) if top is not None else None
+        return Match(key=key, tag=tag, digest=digest, exact=True, image=image)
     if not prefixes:
         return None
     tags = await store.tags()
-    seen: dict[str, tuple[str, datetime | None, str] | None] = {}
+    seen: dict[str, tuple[str, datetime | None, CacheImage] | None] = {}
 
     async def read(candidate: str) -> None:
         seen[candidate] = await _peek(store, candidate)
@@ -177,7 +182,7 @@ async def find_entry(
         start = tag_prefix_for(prefix)
         wanted = [t for t in tags if t.startswith(start) and t not in seen]
         await for_each(wanted, read, jobs=jobs)
-        best: tuple[datetime, str, str, str] | None = None
+        best: tuple[datetime, str, str, CacheImage] | None = None
         for candidate in tags:
             info = seen.get(candidate)
             if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
@@ -186,7 +191,9 @@ async def find_entry(
             if best is None or rank[:2] > best[:2]:
                 best = rank
         if best is not None:
-            return Match(key=best[1], tag=best[2], digest=best[3], exact=False)
+            _created, real_key, chosen, image = best
+            kept = image if read_image else None
+            return Match(key=real_key, tag=chosen, digest=image.digest, exact=False, image=kept)
     return None
 
 

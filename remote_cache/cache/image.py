@@ -48,6 +48,7 @@ __all__ = [
     "parse_index",
     "parse_manifest",
     "read_diff_ids",
+    "read_document",
 ]
 
 #: Platforms a saved cache is published for: an engine on either can ``from_`` it.
@@ -296,7 +297,8 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-async def _fetch(store: Store, reference: str, what: str) -> tuple[Descriptor, bytes]:
+async def read_document(store: Store, reference: str, what: str = "manifest") -> tuple[Descriptor, bytes]:
+    """A manifest or index by tag or digest, no bigger than a cache image's documents are."""
     desc, body = await store.get_manifest(reference)
     if len(body) > MAX_DOCUMENT_BYTES or desc.size > MAX_DOCUMENT_BYTES:
         raise ImageFormatError(
@@ -315,19 +317,22 @@ def _kind(desc: Descriptor, body: bytes) -> str:
     return _media_type(obj, desc.media_type)
 
 
-async def load_image(store: Store, reference: str) -> CacheImage:
-    """Read the image at ``reference`` (tag or digest), descending from an index to one manifest.
+async def load_image(
+    store: Store, reference: str, read: tuple[Descriptor, bytes] | None = None
+) -> CacheImage:
+    """Read the image at ``reference`` (tag or digest), descending from an index to one manifest;
+    ``read``: its top document, already read (:func:`read_document`).
 
     Annotations come from the top level (our index carries them), falling back to the manifest's.
     """
-    top, body = await _fetch(store, reference, "manifest")
+    top, body = read if read is not None else await read_document(store, reference, "manifest")
     kind = _kind(top, body)
     if kind in INDEX_TYPES:
         manifests, annotations = parse_index(body, kind)
         chosen = _pick(manifests)
         if chosen.size > MAX_DOCUMENT_BYTES:
             raise ImageFormatError(f"the manifest {chosen.digest} is larger than {MAX_DOCUMENT_BYTES} bytes")
-        mdesc, mbody = await _fetch(store, chosen.digest, "manifest")
+        mdesc, mbody = await read_document(store, chosen.digest, "manifest")
         parsed = parse_manifest(mbody, _kind(mdesc, mbody))
         manifest = Descriptor(chosen.media_type, mdesc.digest, mdesc.size, platform=chosen.platform)
         merged = {**parsed.annotations, **annotations}

@@ -42,7 +42,7 @@ from ..units import counted, format_bytes, format_rate
 from . import state
 from .entries import find_entry
 from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, settle
-from .image import ANNOTATION_LISTING, CacheImage, load_image, read_diff_ids
+from .image import ANNOTATION_LISTING, CacheImage, read_diff_ids
 from .progress import Progress
 from .spool import Aborted, GrowingFile, caused_by_abort
 
@@ -108,13 +108,14 @@ async def restore(
     path = Path(path)
     target = plan_target(path, force=force)
     await anyio.to_thread.run_sync(clean_leftovers, target)
-    match = await find_entry(store, key, restore_keys, read_image=True)
+    try:
+        match = await find_entry(store, key, restore_keys, read_image=True)
+    except CacheMiss as exc:  # the key's entry names a manifest that is gone: a broken entry
+        raise CacheMiss(key, store.location) from exc
     if match is None:
         raise CacheMiss(key, store.location)
-    try:
-        image = await load_image(store, match.digest)  # read by the lookup: the store kept it
-    except CacheMiss as exc:  # a store that keeps nothing (a layout), changed since the lookup
-        raise CacheMiss(key, store.location) from exc
+    assert match.image is not None  # read by the lookup (read_image)
+    image = match.image
     await anyio.to_thread.run_sync(_check_space, target, image)
     run = _Restore(store, image, target, jobs=jobs, progress=progress, record_state=record_state)
     try:

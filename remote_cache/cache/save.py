@@ -545,11 +545,12 @@ async def _same_entry(
     saved without one (its files were too fresh) keeps the entry unchanged rather than re-pushed.
     """
     try:
-        current = await store.resolve(tag)
-        desc, body = await store.get_manifest(current.digest)
-        if desc.media_type not in INDEX_TYPES or len(body) > MAX_DOCUMENT_BYTES:
+        # The tag's current index by GET (one round trip, where resolving first was two), then
+        # its platforms' manifests side by side: all read now, none remembered from earlier.
+        current, body = await store.get_manifest(tag)
+        if current.media_type not in INDEX_TYPES or len(body) > MAX_DOCUMENT_BYTES:
             return None
-        manifests, annotations = parse_index(body, desc.media_type)
+        manifests, annotations = parse_index(body, current.media_type)
         if (
             annotations.get(ANNOTATION_KEY) != key
             or annotations.get(ANNOTATION_SIZE) != str(size)
@@ -566,7 +567,6 @@ async def _same_entry(
             have = [(d.digest, d.size, d.media_type) for d in parsed.layers]
             verdicts.append(have == wanted and await store.has_blob(parsed.config.digest))
 
-        # The platforms' manifests side by side: each read is a round trip to a remote store.
         await for_each(manifests, check, jobs=len(manifests) or 1)
         if not all(verdicts):
             return None

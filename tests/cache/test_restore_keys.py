@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from remote_cache.cache.entries import Match, find_entry
+from remote_cache.cache.image import load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
@@ -138,3 +139,17 @@ async def test_a_restore_reads_each_document_once(
     assert fallback.status == "fallback"
     assert proxy.count("GET", "/manifests/", status=200) == 2  # npm-1's index and manifest
     assert_same_tree(tmp_path / "src", tmp_path / "fallback")
+
+
+async def test_an_exact_key_whose_manifest_is_gone_is_a_miss_not_a_fallback(
+    registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """The exact key's tag exists but a manifest it names was deleted: a broken entry is a miss
+    for the key (as the Dagger module's lookup, which only resolves the tag, sees it), not an
+    absent key to fall back from."""
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
+        await save(store, "npm-old", _tree(tmp_path / "old", b"old"))
+        await save(store, "npm-new", _tree(tmp_path / "new", b"new"))
+        await store.delete((await load_image(store, "npm-new")).manifest.digest)
+        with pytest.raises(CacheMiss, match="npm-new"):
+            await restore(store, "npm-new", tmp_path / "out", restore_keys=["npm-"])

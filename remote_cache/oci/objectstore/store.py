@@ -42,7 +42,6 @@ from ...errors import (
 from ...tasks import first_error, for_each
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
-from ..documents import Documents
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
 from ..stalls import GIVING_UP, Stalls
@@ -81,7 +80,6 @@ class ObjectStore:
             uploads = build_client(reference, self.options, uploads=True)
         self._calls = Calls(client, uploads)
         self._conditional: bool | None = None  # does the server honour If-None-Match? (probed once)
-        self._documents = Documents()
         self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
         self._written: dict[str, bytes] = {}  # manifests written, to walk from a tag without GETs
         self._bucket_checked = False
@@ -153,11 +151,7 @@ class ObjectStore:
         return desc
 
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
-        """A manifest or index by tag or digest, its digest verified; CacheMiss when absent. One
-        read already made by digest is answered from memory (:mod:`..documents`)."""
-        kept = self._documents.get(reference) if is_digest(reference) else None
-        if kept is not None:
-            return kept
+        """A manifest or index by tag or digest, its digest verified; CacheMiss when absent."""
         if is_digest(reference):
             body = await self._read_small(self._blob_key(reference), f"manifest {reference}")
         else:
@@ -170,9 +164,7 @@ class ObjectStore:
             raise IntegrityError(
                 f"manifest {reference} in {self.location} has digest {digest}: it is corrupted"
             )
-        desc = Descriptor(_media_type(body), digest, len(body))
-        self._documents.keep(desc, body)
-        return desc, body
+        return Descriptor(_media_type(body), digest, len(body)), body
 
     async def put_manifest(
         self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False

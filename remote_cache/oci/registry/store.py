@@ -32,7 +32,6 @@ from ..certs import TlsOptions
 from ..credentials import Credentials
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
-from ..documents import Documents
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
 from ..store import Sink
@@ -85,7 +84,6 @@ class RegistryStore:
         )
         self._pull = f"repository:{repository}:pull"
         self._push = f"repository:{repository}:pull,push"
-        self._documents = Documents()
         self._uploader = Uploader(
             self._transport, repository, self.location, self.has_blob, chunk_size=chunk_size
         )
@@ -147,11 +145,7 @@ class RegistryStore:
         return desc
 
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
-        """Fetch a manifest by tag or digest, verifying its digest; CacheMiss when absent. One
-        read already made by digest is answered from memory (:mod:`..documents`)."""
-        kept = self._documents.get(reference) if is_digest(reference) else None
-        if kept is not None:
-            return kept
+        """Fetch a manifest by tag or digest, verifying its digest; CacheMiss when absent."""
         what = f"manifest {self.location}:{reference}"
         response = await self._transport.request(
             "GET",
@@ -174,9 +168,7 @@ class RegistryStore:
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "text/plain"):
             media_type = _media_type_from_body(body) or media_type
-        desc = Descriptor(media_type=media_type, digest=digest, size=len(body))
-        self._documents.keep(desc, body)
-        return desc, body
+        return Descriptor(media_type=media_type, digest=digest, size=len(body)), body
 
     async def put_manifest(
         self, body: bytes, media_type: str, *, tag: str | None = None, exclusive: bool = False
