@@ -77,12 +77,28 @@ def default_context(verify: bool = True) -> ssl.SSLContext:
         context.verify_mode = ssl.CERT_NONE
         return context
     if os.environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+        return _trusting("SSL_CERT_FILE")
     if os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+        return _trusting("SSL_CERT_DIR")
     import certifi  # here: loading it and its bundle is for TLS connections only
 
     return ssl.create_default_context(cafile=certifi.where())
+
+
+def _trusting(variable: str) -> ssl.SSLContext:
+    """A context trusting the CAs ``variable`` (``SSL_CERT_FILE`` or ``SSL_CERT_DIR``) names; one
+    that cannot be loaded is said so by name (the ssl module's error names neither)."""
+    where = os.environ[variable]
+    try:
+        if variable == "SSL_CERT_FILE":
+            return ssl.create_default_context(cafile=where)
+        return ssl.create_default_context(capath=where)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidConfigFile(
+            f"{variable}={where}: no CA certificates could be loaded from it ({reason}); "
+            "point it at a PEM file of CA certificates, or unset it"
+        ) from None
 
 
 def tls_context(host: str, options: TlsOptions) -> ssl.SSLContext | None:

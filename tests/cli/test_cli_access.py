@@ -363,8 +363,9 @@ def test_an_https_proxy_that_cannot_be_used_is_named_with_the_fix(
 ) -> None:
     """What goes wrong with an ``https://`` proxy is said as the proxy's, once, with what to fix:
     a plain-HTTP proxy written as https:// (common: ``HTTPS_PROXY=https://squid:3128``), a
-    certificate issued for another name, CA certificates that cannot be loaded, and (any proxy) no
-    answer before the tunnel is up — which blamed the registry ("is it up?")."""
+    certificate issued for another name, and (any proxy) no answer before the tunnel is up — which
+    blamed the registry ("is it up?"). An ``SSL_CERT_FILE`` that cannot be loaded is named, with
+    or without a proxy (it was "connection to registry … failed (FileNotFoundError …)")."""
     assert private_ca_registry.ca is not None
     certs = cert_dir(tmp_path / "certs", private_ca_registry.ca)
     tls_ref = f"{private_ca_registry.host}/{repo_name}:k"
@@ -382,12 +383,13 @@ def test_an_https_proxy_that_cannot_be_used_is_named_with_the_fix(
     assert proc.returncode == 1, proc.stderr
     assert "its certificate is not for the name or address in the proxy URL" in error_line(proc)
 
-    env = {**proxy_env("HTTP_PROXY", other_name.url), "SSL_CERT_FILE": str(tmp_path / "absent.pem")}
-    proc = cli("restore", f"{registry.host}/{repo_name}:k", str(tmp_path / "o3"), env=env)
-    assert proc.returncode == 1, proc.stderr
-    line = error_line(proc)
-    assert f"through the proxy {other_name.url}: the CA certificates to check it with" in line, line
-    assert "SSL_CERT_FILE" in line and "registry" in line, line
+    absent = tmp_path / "absent.pem"  # the proxy's trust, or (no proxy) an HTTPS registry's
+    for env in ({**proxy_env("HTTP_PROXY", other_name.url), "SSL_CERT_FILE": str(absent)},
+                {"SSL_CERT_FILE": str(absent)}):  # fmt: skip
+        ref = f"{registry.host}/{repo_name}:k" if "HTTP_PROXY" in env else tls_ref
+        proc = cli("restore", ref, str(tmp_path / "o3"), env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert f"SSL_CERT_FILE={absent}: no CA certificates could be loaded" in error_line(proc), proc.stderr
 
     with socket.socket() as silent:  # takes connections (the kernel's backlog), never answers
         silent.bind(("127.0.0.1", 0))

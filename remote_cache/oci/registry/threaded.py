@@ -492,14 +492,14 @@ class ThreadClient:
         if scheme == "https" and proxy_tls:
             from .proxytls import ProxyTunnelConnection
 
-            trust = self._proxy_tls(proxy)
+            trust = self._proxy_tls()
             tunnel: http.client.HTTPSConnection = ProxyTunnelConnection(
                 proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=trust
             )
         elif scheme == "https":
             tunnel = _TunnelConnection(proxy_host, proxy_port, timeout=timeout, context=self._tls())
         elif proxy_tls:
-            trust = self._proxy_tls(proxy)
+            trust = self._proxy_tls()
             to_proxy = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=trust)
             return _Conn(to_proxy, absolute=True, headers=auth)
         else:
@@ -508,18 +508,11 @@ class ThreadClient:
         tunnel.set_tunnel(host, port, headers=auth)
         return _Conn(tunnel)
 
-    def _proxy_tls(self, proxy: str) -> ssl.SSLContext:
+    def _proxy_tls(self) -> ssl.SSLContext:
         """The trust an ``https://`` proxy's certificate is checked against, loaded once."""
         with self._proxy_context_lock:
             if self._proxy_context is None:
-                try:
-                    self._proxy_context = default_context()
-                except (OSError, ssl.SSLError) as exc:
-                    raise ProxyFailed(
-                        f"through the proxy {_shown(proxy)}: the CA certificates to check it with could not "
-                        f"be loaded ({exc}); check SSL_CERT_FILE and SSL_CERT_DIR",
-                        final=True,
-                    ) from None
+                self._proxy_context = default_context()
             return self._proxy_context
 
 
