@@ -85,15 +85,17 @@ def _entry(tag: str, image: CacheImage) -> Entry:
 
 async def _read_entry(store: Store, tag: str) -> Entry | None:
     try:
-        desc = await store.resolve(tag)
+        top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
     except CacheMiss:
         return None  # deleted while we listed
+    except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
+        return Entry(key=tag, tag=tag, digest="", error=str(exc))
     try:
-        image = await load_image(store, desc.digest)
+        image = await load_image(store, tag, top)
     except CacheMiss:
         return None
     except RemoteCacheError as exc:
-        return Entry(key=tag, tag=tag, digest=desc.digest, error=str(exc))
+        return Entry(key=tag, tag=tag, digest=top[0].digest, error=str(exc))
     return _entry(tag, image)
 
 
@@ -202,10 +204,10 @@ async def inspect(store: Store, key: str) -> Entry:
     validate_key(key)
     tag = tag_for_key(key)
     try:
-        desc = await store.resolve(tag)
+        top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
     except CacheMiss as exc:
         raise CacheMiss(key, store.location) from exc
-    return _entry(tag, await load_image(store, desc.digest))
+    return _entry(tag, await load_image(store, tag, top))
 
 
 async def _delete(store: Store, tag: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_di
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store
+from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import backdate, opened
 
 
@@ -135,3 +137,22 @@ def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
     assert lines[1].split()[:1] == ["npm-a"] and "2.0 MB" in lines[1] and lines[1].split()[-1] == "npm-a"
     assert lines[2].split()[1:4] == ["-", "-", "-"] and "(not a cache image)" in lines[2]
     assert lines[1].index("npm-a", 5) == lines[0].index("TAG")
+
+
+async def test_listing_and_inspecting_read_each_tag_by_get(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """Each entry a listing (or ``inspect``) shows costs its tag's index and its manifest: by GET
+    of the tag, where a HEAD then a GET by digest were two round trips."""
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        for key in ("a", "b"):
+            src = tmp_path / key
+            src.mkdir()
+            (src / "f").write_bytes(key.encode())
+            await save(store, key, src)
+        proxy.requests.clear()
+        assert sorted(e.key for e in await list_entries(store)) == ["a", "b"]
+        assert (await inspect(store, "a")).key == "a"
+    assert proxy.count("HEAD", "/manifests/") == 0
+    assert proxy.count("GET", "/manifests/") == 6  # per entry listed or inspected: tag, manifest
