@@ -10,24 +10,23 @@ proxy is in the environment.
 
 from __future__ import annotations
 
-import http.client
 import socket
 import ssl
 
 from urllib3.util.ssltransport import SSLTransport
 
+from .threaded import TunnelConnection
+
 __all__ = ["ProxyTunnelConnection"]
 
 
-class ProxyTunnelConnection(http.client.HTTPSConnection):
+class ProxyTunnelConnection(TunnelConnection):
     """HTTPS to the registry through a CONNECT tunnel inside TLS to the proxy.
 
     Constructed for the proxy (host, port and ``proxy_context``) with ``set_tunnel`` naming the
-    registry; ``context`` checks the registry. ``tunnelled`` tells who failed: before it is set,
-    the proxy (its TLS, its answer to CONNECT); after, the registry's handshake.
+    registry; ``context`` checks the registry. ``tunnelled`` as in :class:`TunnelConnection`:
+    before it is set, the proxy failed (its TLS, its answer to CONNECT); after, the registry.
     """
-
-    tunnelled = False
 
     def __init__(
         self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, proxy_context: ssl.SSLContext
@@ -39,8 +38,7 @@ class ProxyTunnelConnection(http.client.HTTPSConnection):
         self.sock = socket.create_connection((self.host, self.port), self.timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = self._proxy_context.wrap_socket(self.sock, server_hostname=self.host)
-        self._tunnel()  # type: ignore[attr-defined]  # http.client's CONNECT, over self.sock
-        self.tunnelled = True
+        self._tunnel()  # http.client's CONNECT, over self.sock (sets ``tunnelled``)
         self.sock = _TLSInTLS(self.sock, self._context, server_hostname=self._tunnel_host)  # type: ignore[attr-defined]
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "ProxyTimedOut",
     "Stopper",
     "ThreadClient",
+    "TunnelConnection",
     "WireAnswer",
     "WriteTimedOut",
     "origin_of",
@@ -96,7 +97,7 @@ class ProxyFailed(ConnectionError):
         self.final = final
 
 
-class _TunnelConnection(http.client.HTTPSConnection):
+class TunnelConnection(http.client.HTTPSConnection):
     """HTTPS through a proxy's CONNECT tunnel, knowing whether the tunnel opened: what fails
     before is the proxy's doing, what fails after (the TLS handshake) the other end's."""
 
@@ -461,7 +462,7 @@ class ThreadClient:
             conn.http.connect()
         except BaseException as exc:
             conn.http.close()
-            before_tunnel = proxy and not getattr(conn.http, "tunnelled", False)
+            before_tunnel = bool(proxy) and not getattr(conn.http, "tunnelled", False)
             if isinstance(exc, TimeoutError):
                 if before_tunnel:
                     shown = _shown(proxy)
@@ -489,22 +490,24 @@ class ThreadClient:
         proxy_port = parts.port or (443 if proxy_tls else 80)
         auth = _proxy_authorization(parts.username, parts.password)
         timeout = self._connect_timeout
-        if scheme == "https" and proxy_tls:
+        if scheme != "https":  # a plain-HTTP registry: absolute-form requests to the proxy
+            to_proxy: http.client.HTTPConnection
+            if proxy_tls:
+                to_proxy = http.client.HTTPSConnection(
+                    proxy_host, proxy_port, timeout=timeout, context=self._proxy_tls()
+                )
+            else:
+                to_proxy = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
+            return _Conn(to_proxy, absolute=True, headers=auth)
+        tunnel: TunnelConnection
+        if proxy_tls:
             from .proxytls import ProxyTunnelConnection
 
-            trust = self._proxy_tls()
-            tunnel: http.client.HTTPSConnection = ProxyTunnelConnection(
-                proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=trust
+            tunnel = ProxyTunnelConnection(
+                proxy_host, proxy_port, timeout=timeout, context=self._tls(), proxy_context=self._proxy_tls()
             )
-        elif scheme == "https":
-            tunnel = _TunnelConnection(proxy_host, proxy_port, timeout=timeout, context=self._tls())
-        elif proxy_tls:
-            trust = self._proxy_tls()
-            to_proxy = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=trust)
-            return _Conn(to_proxy, absolute=True, headers=auth)
         else:
-            plain = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
-            return _Conn(plain, absolute=True, headers=auth)
+            tunnel = TunnelConnection(proxy_host, proxy_port, timeout=timeout, context=self._tls())
         tunnel.set_tunnel(host, port, headers=auth)
         return _Conn(tunnel)
 
