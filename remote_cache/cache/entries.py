@@ -162,16 +162,9 @@ async def find_entry(
     validate_key(key)
     prefixes = validate_restore_keys(restore_keys)
     tag = tag_for_key(key)
-    try:
-        top = await read_document(store, tag) if read_image else None
-        digest = top[0].digest if top is not None else (await store.resolve(tag)).digest
-    except CacheMiss:
-        pass
-    else:
-        # Read outside the miss above: a manifest missing under an existing tag is a broken
-        # entry (its CacheMiss propagates), not an absent key to fall back from.
-        image = await load_image(store, tag, top) if top is not None else None
-        return Match(key=key, tag=tag, digest=digest, exact=True, image=image)
+    exact = await _exact(store, key, tag, read_image)
+    if exact is not None:
+        return exact
     if not prefixes:
         return None
     tags = await store.tags()
@@ -197,6 +190,20 @@ async def find_entry(
             kept = image if read_image else None
             return Match(key=real_key, tag=chosen, digest=image.digest, exact=False, image=kept)
     return None
+
+
+async def _exact(store: Store, key: str, tag: str, read_image: bool) -> Match | None:
+    """The match for the exact key, None when its tag is absent (see :func:`find_entry`)."""
+    try:
+        if not read_image:
+            return Match(key=key, tag=tag, digest=(await store.resolve(tag)).digest, exact=True)
+        top = await read_document(store, tag)
+    except CacheMiss:
+        return None
+    # Read outside the miss above: a manifest missing under an existing tag is a broken entry
+    # (its CacheMiss propagates), not an absent key to fall back from.
+    image = await load_image(store, tag, top)
+    return Match(key=key, tag=tag, digest=image.digest, exact=True, image=image)
 
 
 async def inspect(store: Store, key: str) -> Entry:
