@@ -11,7 +11,7 @@ __all__ = ["unavailable"]
 
 def unavailable(why: str, fix: str = "run .ci/setup") -> None:
     """Skip a test whose server or facility is missing -- but fail under ``.ci/run``, which
-    installs them all and runs as root (REMOTE_CACHE_REQUIRE_SERVERS=1): CI never passes by
+    installs them all and must run as root (REMOTE_CACHE_REQUIRE_SERVERS=1): CI never passes by
     skipping."""
     if os.environ.get("REMOTE_CACHE_REQUIRE_SERVERS") == "1":
         pytest.fail(f"{why}; {fix}")

@@ -86,8 +86,9 @@ def default_context(verify: bool = True) -> ssl.SSLContext:
 
 
 def _trusting(variable: str) -> ssl.SSLContext:
-    """A context trusting the CAs ``variable`` (``SSL_CERT_FILE`` or ``SSL_CERT_DIR``) names; one
-    that cannot be loaded is said so by name (the ssl module's error names neither)."""
+    """A context trusting the CAs ``variable`` (``SSL_CERT_FILE`` or ``SSL_CERT_DIR``) names; a file
+    that cannot be loaded is said so by name (the ssl module's error names neither). A directory is
+    only searched when a certificate is checked: a wrong one shows as an untrusted certificate."""
     where = os.environ[variable]
     try:
         if variable == "SSL_CERT_FILE":
