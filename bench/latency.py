@@ -13,68 +13,21 @@ side, alternating, with the same relay. Not a test.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import queue
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).with_name("remote-cache")
 
 
-def _delayed(src: socket.socket, dst: socket.socket, delay: float) -> None:
-    """Copy ``src`` to ``dst``, each chunk sent ``delay`` seconds after it arrived."""
-    pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
-
-    def send() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                due, data = pending.get()
-                if not data:
-                    break
-                time.sleep(max(0.0, due - time.monotonic()))
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    threading.Thread(target=send, daemon=True).start()
-    with contextlib.suppress(OSError):
-        while data := src.recv(65536):
-            pending.put((time.monotonic() + delay, data))
-    pending.put((0.0, b""))
-
-
-@contextlib.contextmanager
-def latency_relay(upstream: tuple[str, int], delay: float) -> Iterator[str]:
-    """A TCP relay to ``upstream`` adding ``delay`` seconds each way; yields its ``host:port``."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = listener.accept()
-                server = socket.create_connection(upstream)
-                for a, b in ((client, server), (server, client)):
-                    threading.Thread(target=_delayed, args=(a, b, delay), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-
-
 def _run(tree: Path, *args: str) -> float:
-    env = dict(os.environ, PYTHONPATH=str(tree), REMOTE_CACHE_STATE_DIR=os.environ["BENCH_STATE"])
+    env = dict(os.environ, PYTHONPATH=str(tree))
     started = time.monotonic()
     done = subprocess.run([str(CLI), *args, "-q"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -102,24 +55,23 @@ def main() -> None:
     ap.add_argument("--other-tree", type=Path, help="a second checkout to time side by side")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tests.registry_server import start_registry
+    from tests.registry_server import start_registry, tcp_relay
 
     trees = {"this": ROOT} | ({"other": args.other_tree.resolve()} if args.other_tree else {})
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
         work = Path(tmp)
-        os.environ["BENCH_STATE"] = str(work / "state")
+        os.environ["REMOTE_CACHE_STATE_DIR"] = str(work / "state")  # the runs' own, not the user's
         src = work / "src"
         (src / "d").mkdir(parents=True)
         for i in range(50):
             (src / "d" / f"f{i}").write_bytes(os.urandom(2000))
         registry = start_registry(work / "registry")
         try:
-            host, port = registry.host.rsplit(":", 1)
-            with latency_relay((host, int(port)), args.delay_ms / 1000) as relay:
+            with tcp_relay(registry.host, delay=args.delay_ms / 1000) as relay:
                 times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
                 for n in range(args.rounds):
                     for name, tree in trees.items():
-                        times[name].append(_round(tree, relay, f"{name}{n}", src, work))
+                        times[name].append(_round(tree, relay.host, f"{name}{n}", src, work))
         finally:
             registry.stop()
     print(f"{args.delay_ms:g} ms each way, a 50-file entry, medians of {args.rounds} rounds (seconds):")

@@ -25,6 +25,7 @@ import contextlib
 import http.server
 import json
 import os
+import queue
 import re
 import shutil
 import socket
@@ -839,6 +840,29 @@ def _reset(client: socket.socket, server: socket.socket) -> None:
         end.close()
 
 
+def _delayed(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    """Copy ``src`` to ``dst``, each chunk sent ``delay`` seconds after it arrived (queued, not
+    slept on: latency without a bandwidth limit)."""
+    pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                due, data = pending.get()
+                if not data:
+                    break
+                time.sleep(max(0.0, due - time.monotonic()))
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=send, daemon=True).start()
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            pending.put((time.monotonic() + delay, data))
+    pending.put((0.0, b""))
+
+
 @dataclass
 class TcpRelay:
     """What :func:`tcp_relay` yields: where to connect, and how many connections it cut."""
@@ -854,12 +878,14 @@ def tcp_relay(
     rate: int | None = None,
     cut_answer_after: int | None = None,
     close_idle_after: float | None = None,
+    delay: float | None = None,
 ) -> Iterator[TcpRelay]:
     """A TCP relay to ``upstream`` (``host:port``), which sees nothing of TLS inside: ``rate`` passes
     what the client sends at that many bytes a second (a slow uplink); ``cut_answer_after`` resets
     the first connection whose answers pass that many bytes (a connection cut mid-body, kept-alive
     ones included); ``close_idle_after`` closes a connection the client sent nothing on for that
-    many seconds (as load balancers drop idle kept-alive connections)."""
+    many seconds (as load balancers drop idle kept-alive connections); ``delay`` (alone) delivers
+    every byte that many seconds later, each way (a remote server's latency)."""
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
     host, port = upstream.rsplit(":", 1)
@@ -899,6 +925,10 @@ def tcp_relay(
             while not stop.is_set():
                 client, _ = listener.accept()
                 server = socket.create_connection((host, int(port)))
+                if delay is not None:
+                    for a, b in ((client, server), (server, client)):
+                        threading.Thread(target=_delayed, args=(a, b, delay), daemon=True).start()
+                    continue
                 threading.Thread(target=pump, args=(client, server, True), daemon=True).start()
                 threading.Thread(target=pump, args=(server, client, False), daemon=True).start()
 
