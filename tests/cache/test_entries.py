@@ -19,6 +19,7 @@ from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import backdate, opened
+from tests.trees import one_file_tree
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -147,10 +148,7 @@ async def test_listing_and_inspecting_read_each_tag_by_get(
     proxy = fault_proxy_factory(registry)
     async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
         for key in ("a", "b"):
-            src = tmp_path / key
-            src.mkdir()
-            (src / "f").write_bytes(key.encode())
-            await save(store, key, src)
+            await save(store, key, one_file_tree(tmp_path / key))
         proxy.requests.clear()
         assert sorted(e.key for e in await list_entries(store)) == ["a", "b"]
         assert (await inspect(store, "a")).key == "a"

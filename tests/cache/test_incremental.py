@@ -104,15 +104,21 @@ def _writes(proxy: FaultProxy) -> int:
     return sum(proxy.count(m) for m in ("PUT", "POST", "PATCH", "DELETE"))
 
 
+def _one_random_file(root: Path) -> Path:
+    """``root`` with ``d/f``, 5000 random bytes, written just now (too fresh for the one-walk
+    shortcut an unchanged tree takes)."""
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(os.urandom(5000))
+    return root
+
+
 async def test_the_save_after_a_restore_asks_for_the_tag_by_get_only(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
 ) -> None:
     """A CI job's closing save reads the entry it may replace twice (what it can reuse, then, just
     before deciding, whether anything changed): each time by GET of the tag, where a HEAD then a
     GET by digest were two round trips before the save could end."""
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(os.urandom(5000))
+    src = _one_random_file(tmp_path / "src")
     async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
         await save(store, "k", src)
         await restore(store, "k", tmp_path / "out")
@@ -132,16 +138,14 @@ async def test_a_manifest_deleted_while_a_save_runs_is_not_taken_for_unchanged(
     """What the save read at its start is not trusted at its end: a platform manifest deleted
     meanwhile (registry GC of untagged children, a lifecycle rule) makes the entry different, so
     it is pushed again and stays restorable."""
-    src = tmp_path / "src"
-    (src / "d").mkdir(parents=True)
-    (src / "d" / "f").write_bytes(os.urandom(5000))
+    src = _one_random_file(tmp_path / "src")
     async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
         await save(store, "k", src, full=True)
-        index = await load_image(store, "k")
+        image = await load_image(store, "k")
         real_same_entry = save_mod._same_entry
 
         async def delete_first(*args: Any, **kwargs: Any) -> Any:
-            await store.delete(index.manifest.digest)
+            await store.delete(image.manifest.digest)
             return await real_same_entry(*args, **kwargs)
 
         monkeypatch.setattr(save_mod, "_same_entry", delete_first)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CLI", "USER_SETTINGS", "Run", "clean_env", "empty_user_dirs", "is_user_setting", "json_line",
+    "CLI", "Run", "clean_env", "empty_user_dirs", "is_user_setting", "json_line",
     "no_traceback", "warnings",
 ]  # fmt: skip
 
@@ -21,13 +21,13 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 #: Where a user's own settings reach a run: credentials, their files, certificates, state.
-USER_SETTINGS = ("REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE")
+_USER_SETTINGS = ("REMOTE_CACHE_", "DOCKER_", "AWS_", "AZURE_", "GOOGLE_", "XDG_", "REGISTRY_AUTH_FILE")
 
 
 def is_user_setting(name: str) -> bool:
     """Whether environment variable ``name`` brings the user's own settings in (or a proxy: the
     tests' servers are local; the proxy tests set their own)."""
-    return name.startswith(USER_SETTINGS) or name.lower().endswith("_proxy")
+    return name.startswith(_USER_SETTINGS) or name.lower().endswith("_proxy")
 
 
 def empty_user_dirs(root: Path) -> dict[str, str]:

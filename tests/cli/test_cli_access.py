@@ -384,9 +384,11 @@ def test_an_https_proxy_that_cannot_be_used_is_named_with_the_fix(
     assert "its certificate is not for the name or address in the proxy URL" in error_line(proc)
 
     absent = tmp_path / "absent.pem"  # the proxy's trust, or (no proxy) an HTTPS registry's
-    for env in ({**proxy_env("HTTP_PROXY", other_name.url), "SSL_CERT_FILE": str(absent)},
-                {"SSL_CERT_FILE": str(absent)}):  # fmt: skip
-        ref = f"{registry.host}/{repo_name}:k" if "HTTP_PROXY" in env else tls_ref
+    plain_ref = f"{registry.host}/{repo_name}:k"
+    for env, ref in [
+        ({**proxy_env("HTTP_PROXY", other_name.url), "SSL_CERT_FILE": str(absent)}, plain_ref),
+        ({"SSL_CERT_FILE": str(absent)}, tls_ref),
+    ]:
         proc = cli("restore", ref, str(tmp_path / "o3"), env=env)
         assert proc.returncode == 2, proc.stderr
         assert f"SSL_CERT_FILE={absent}: no CA certificates could be loaded" in error_line(proc), proc.stderr
