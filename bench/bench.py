@@ -63,6 +63,7 @@ class Registry:
 
     host: str
     stop: Callable[[], None]
+    pid: int
 
 
 def start_registry(workdir: Path) -> Registry:
@@ -75,7 +76,7 @@ def start_registry(workdir: Path) -> Registry:
     finally:
         sys.path.remove(str(REPO_ROOT))
     server = helper.start_registry(workdir)
-    return Registry(server.host, server.stop)
+    return Registry(server.host, server.stop, server.process.pid)
 
 
 def _start_registry_fallback(workdir: Path) -> Registry:
@@ -108,7 +109,7 @@ def _start_registry_fallback(workdir: Path) -> Registry:
         proc.wait(timeout=10)
         log.close()
 
-    return Registry(f"127.0.0.1:{port}", stop)
+    return Registry(f"127.0.0.1:{port}", stop, proc.pid)
 
 
 # -------------------------------------------------------------------------------------------
@@ -130,6 +131,13 @@ def timed(func: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = func()
     return time.perf_counter() - start, result
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_stats(root: Path) -> tuple[int, int]:
@@ -162,6 +170,8 @@ class Context:
     cli: Path
     expected: tuple[int, int]
     env: dict[str, str]
+    #: The store's server process: its CPU counts on the machine the methods run on.
+    server_pid: int
     #: The S3 bucket, with --store s3 (``host`` is then the endpoint's host:port).
     bucket: str = ""
     results: dict[str, list[float]] = field(default_factory=dict)
@@ -171,6 +181,14 @@ class Context:
 
     def record(self, name: str, seconds: float) -> None:
         self.results.setdefault(name, []).append(seconds)
+
+    def step(self, name: str, func: Callable[[], Any]) -> Any:
+        """Run ``func`` as the step ``name``: record its wall time and the store's CPU during it."""
+        before = process_cpu(self.server_pid)
+        seconds, result = timed(func)
+        self.record(name, seconds)
+        self.note(f"{name}: store CPU", process_cpu(self.server_pid) - before)
+        return result
 
     def note(self, name: str, value: float) -> None:
         self.extra.setdefault(name, []).append(value)
@@ -218,12 +236,10 @@ def raw(ctx: Context, rnd: int) -> None:
         )
         return digest
 
-    seconds, digest = timed(save)
-    ctx.record("raw save", seconds)
+    digest = ctx.step("raw save", save)
     blob.unlink()
     out = fresh_dir(ctx.work / "raw-out")
-    seconds, _ = timed(lambda: sh(f"curl -sSfL '{base}/{digest}' | zstd -q -d | tar -C '{out}' -xf -"))
-    ctx.record("raw restore", seconds)
+    ctx.step("raw restore", lambda: sh(f"curl -sSfL '{base}/{digest}' | zstd -q -d | tar -C '{out}' -xf -"))
     if rnd == 0:
         ctx.check("raw", out)
     shutil.rmtree(out)
@@ -242,37 +258,32 @@ def remote_cache(ctx: Context, rnd: int) -> None:
     wait = ctx.settled_at - time.monotonic()
     if wait > 0:
         time.sleep(wait)
-    seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
-    ctx.record("rc save", seconds)
+    data = ctx.step("rc save", lambda: run("save", str(ctx.corpus), ref))
     ctx.note("rc save, inside the CLI", data["seconds"])
     ctx.note("rc compressed MB", data["bytes_total"] / 1e6)
     ctx.note("rc layers", data["layers_total"])
     out = ctx.work / "rc-out"
     shutil.rmtree(out, ignore_errors=True)
-    seconds, data = timed(lambda: run("restore", ref, str(out)))
-    ctx.record("rc restore", seconds)
+    data = ctx.step("rc restore", lambda: run("restore", ref, str(out)))
     ctx.note("rc restore, inside the CLI", data["seconds"])
     if rnd == 0:
         ctx.check("remote-cache", out)
     # A CI job's end: save what it restored, unchanged, under the same key (this machine's state
     # knows the restore, as a fresh runner's would after its own restore).
-    seconds, data = timed(lambda: run("save", str(out), ref))
-    ctx.record("rc save after restore, unchanged", seconds)
+    data = ctx.step("rc save after restore, unchanged", lambda: run("save", str(out), ref))
     ctx.note("save after restore: MB uploaded", data["bytes_uploaded"] / 1e6)
     shutil.rmtree(out)
 
     # Issue-4 preview: re-save with nothing changed, then after adding one package.
-    seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
-    ctx.record("rc re-save, unchanged", seconds)
+    data = ctx.step("rc re-save, unchanged", lambda: run("save", str(ctx.corpus), ref))
     ctx.note("re-save unchanged: MB uploaded", data["bytes_uploaded"] / 1e6)
     added, added_bytes = add_package(ctx.corpus)
     ctx.note("re-save +1 package: MB added", added_bytes / 1e6)
     try:
-        seconds, data = timed(lambda: run("save", str(ctx.corpus), ref))
+        data = ctx.step("rc re-save, +1 package", lambda: run("save", str(ctx.corpus), ref))
     finally:
         shutil.rmtree(added)
         ctx.settled_at = time.monotonic() + FRESH_NS / 1e9
-    ctx.record("rc re-save, +1 package", seconds)
     ctx.note("re-save +1 package: MB uploaded", data["bytes_uploaded"] / 1e6)
 
 
@@ -302,8 +313,7 @@ def umoci_skopeo(ctx: Context, rnd: int) -> None:
         sh(["umoci", "insert", "--image", f"{layout}:t", str(ctx.corpus), "/"])
         sh(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:t", dest])
 
-    seconds, _ = timed(save)
-    ctx.record("umoci save", seconds)
+    ctx.step("umoci save", save)
     shutil.rmtree(layout)
     pulled = ctx.work / "umoci-pulled"
     bundle = ctx.work / "umoci-bundle"
@@ -314,8 +324,7 @@ def umoci_skopeo(ctx: Context, rnd: int) -> None:
         sh(["skopeo", "copy", "--quiet", "--src-tls-verify=false", dest, f"oci:{pulled}:t"])
         sh(["umoci", "unpack", "--image", f"{pulled}:t", str(bundle)])
 
-    seconds, _ = timed(restore)
-    ctx.record("umoci restore", seconds)
+    ctx.step("umoci restore", restore)
     if rnd == 0:
         ctx.check("umoci", bundle / "rootfs")
     shutil.rmtree(pulled)
@@ -344,13 +353,11 @@ def raw_s3(ctx: Context, rnd: int) -> None:
         _archive(ctx, blob)
         sh([*aws, str(blob), url], env=ctx.env)
 
-    seconds, _ = timed(save)
-    ctx.record("raw save", seconds)
+    ctx.step("raw save", save)
     blob.unlink()
     out = fresh_dir(ctx.work / "raw-out")
     download = " ".join([*aws, url, "-"])
-    seconds, _ = timed(lambda: sh(f"{download} | zstd -q -d | tar -C '{out}' -xf -", env=ctx.env))
-    ctx.record("raw restore", seconds)
+    ctx.step("raw restore", lambda: sh(f"{download} | zstd -q -d | tar -C '{out}' -xf -", env=ctx.env))
     if rnd == 0:
         ctx.check("raw", out)
     shutil.rmtree(out)
@@ -378,16 +385,14 @@ def boto3_s3(ctx: Context, rnd: int) -> None:
         _archive(ctx, blob)
         sh([*python, "up", f"http://{ctx.host}", ctx.bucket, key, str(blob)], env=ctx.env)
 
-    seconds, _ = timed(save)
-    ctx.record("boto3 save", seconds)
+    ctx.step("boto3 save", save)
     blob.unlink()
 
     def restore() -> None:
         sh([*python, "down", f"http://{ctx.host}", ctx.bucket, key, str(blob)], env=ctx.env)
         _unpack(ctx, blob, "boto3", rnd)
 
-    seconds, _ = timed(restore)
-    ctx.record("boto3 restore", seconds)
+    ctx.step("boto3 restore", restore)
     blob.unlink()
 
 
@@ -452,6 +457,7 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             f"| {labels[method]:<24} | {save:8.2f} | {rs:6.2f} | {rs_range:>11} | {restore:9.2f} "
             f"| {rr:6.2f} | {rr_range:>11} |"
         )
+    lines += _store_cpu(ctx, methods, labels)
     if "rc" in methods:
         rs, rr = paired["rc", "save"][0], paired["rc", "restore"][0]
         lines += [
@@ -481,12 +487,28 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
     return "\n".join(lines)
 
 
+def _store_cpu(ctx: Context, methods: list[str], labels: dict[str, str]) -> list[str]:
+    """The store's own CPU seconds per step (medians): it runs on the cores the methods run on, so
+    its work on many small requests is part of their wall times above."""
+    med = {name: statistics.median(values) for name, values in ctx.extra.items()}
+    lines = [
+        "",
+        f"| {'store CPU s':<24} | {'save':>8} | {'restore':>9} |",
+        f"|{'-' * 26}|{'-' * 10}|{'-' * 11}|",
+    ]
+    for method in methods:
+        save, restore = med[f"{method} save: store CPU"], med[f"{method} restore: store CPU"]
+        lines.append(f"| {labels[method]:<24} | {save:8.2f} | {restore:9.2f} |")
+    return [*lines, "(the store server's own CPU: on the methods' cores, so part of their times above)"]
+
+
 @dataclass
 class Server:
     """The store a run talks to: a loopback registry, or a loopback S3 with one bucket."""
 
     host: str
     stop: Callable[[], None]
+    pid: int
     bucket: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
@@ -494,7 +516,7 @@ class Server:
 def start_server(store: str, workdir: Path) -> Server:
     if store == "registry":
         registry = start_registry(workdir)
-        return Server(registry.host, registry.stop)
+        return Server(registry.host, registry.stop, registry.pid)
     sys.path.insert(0, str(REPO_ROOT))
     try:
         servers: Any = importlib.import_module("tests.object_servers")
@@ -503,7 +525,9 @@ def start_server(store: str, workdir: Path) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     moto = servers.start_moto(workdir)
     env = servers.object_env(moto)
-    return Server(moto.endpoint.removeprefix("http://"), moto.stop, servers.new_bucket(moto), env)
+    return Server(
+        moto.endpoint.removeprefix("http://"), moto.stop, moto.process.pid, servers.new_bucket(moto), env
+    )
 
 
 TOOLS = {
@@ -546,7 +570,14 @@ def main(argv: list[str] | None = None) -> int:
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
         env["REMOTE_CACHE_STATE_DIR"] = str(work / "state")  # this run's own, removed with it
         ctx = Context(
-            args.corpus.resolve(), work, server.host, cli, tree_stats(args.corpus), env, server.bucket
+            args.corpus.resolve(),
+            work,
+            server.host,
+            cli,
+            tree_stats(args.corpus),
+            env,
+            server.pid,
+            server.bucket,
         )
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
