@@ -51,6 +51,7 @@ __all__ = [
     "StoreError",
     "StoreStalled",
     "StoreUnreachable",
+    "TreeChanged",
     "UnsafeArchive",
     "UnsuitableTarget",
     "UnsupportedOperation",
@@ -182,6 +183,17 @@ class UnsuitableTarget(RemoteCacheError, ValueError):
 
 class NoSpace(RemoteCacheError):
     """Not enough free space where a restore or save writes; says how much is needed, and where."""
+
+
+class TreeChanged(RemoteCacheError):
+    """A file changed between the save's walk and its packing: what would be stored may be a state
+    the file never had (a shrunk file read to its old size, a rewrite read half-way)."""
+
+    def __init__(self, path: str, how: str) -> None:
+        super().__init__(
+            f"{path!r} changed while it was saved ({how}): the save stopped and the key keeps its "
+            "entry; save again once nothing writes to the directory"
+        )
 
 
 class Interrupted(RemoteCacheError):

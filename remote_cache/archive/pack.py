@@ -25,9 +25,10 @@ from pathlib import Path
 
 import zstandard
 
+from ..errors import TreeChanged
 from .codecs import Compression
 from .plan import LayerPlan, TreeScan, scan_tree
-from .tar import DIR, FILE, ZERO_BLOCK, tar_header
+from .tar import DIR, FILE, ZERO_BLOCK, Member, tar_header
 
 __all__ = [
     "DEFAULT_SPOOL_BYTES",
@@ -141,6 +142,17 @@ class _Sink:
             self.path.unlink(missing_ok=True)
 
 
+def _check_unchanged(fd: int, path: str, member: Member) -> None:
+    """TreeChanged unless the file read is the walk's: any write, truncation or chmod since moves
+    its ctime, and a replacement has another inode (the walk's size always counts: a member made
+    without a walk has no inode or ctime to compare)."""
+    st = os.fstat(fd)
+    if st.st_size != member.size or (
+        member.ctime_ns and (st.st_ino != member.ino or st.st_ctime_ns != member.ctime_ns)
+    ):
+        raise TreeChanged(path, "it was written to" if st.st_ino == member.ino else "it was replaced")
+
+
 class _TarBuffer:
     """The tar stream of one layer, gathered in a big buffer that goes to the sink when full."""
 
@@ -163,12 +175,13 @@ class _TarBuffer:
             pos += len(data)
         self.pos = pos
 
-    def put_file(self, path: str, size: int) -> None:
-        """Append the ``size`` bytes of the file at ``path``, read straight into the buffer."""
+    def put_file(self, path: str, member: Member) -> None:
+        """Append the data of ``member``, the file at ``path``, read straight into the buffer;
+        TreeChanged when the file is no longer what the walk saw."""
         mv, pos = self.mv, self.pos
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            left = size
+            left = member.size
             while left:
                 if pos == _BUF:
                     self.sink.write(mv)
@@ -176,12 +189,10 @@ class _TarBuffer:
                 want = min(left, _BUF - pos)
                 n = os.readv(fd, [mv[pos : pos + want]])
                 if n == 0:
-                    # The file shrank while we read it: zero-fill to keep the archive well-formed.
-                    # Packing expects a quiescent tree (callers compare listings).
-                    mv[pos : pos + want] = bytes(want)
-                    n = want
+                    raise TreeChanged(path, "it shrank")
                 pos += n
                 left -= n
+            _check_unchanged(fd, path, member)
         finally:
             os.close(fd)
             self.pos = pos
@@ -220,7 +231,7 @@ def pack_layer(
                 continue
             files += 1
             if e.size:
-                out.put_file(prefix + e.path, e.size)
+                out.put_file(prefix + e.path, e)
                 if e.size % 512:
                     out.put(ZERO_BLOCK[: -e.size % 512])
         out.put(ZERO_BLOCK * 2)

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,15 @@ import pytest
 from remote_cache.cache.image import build_image, load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, CacheTooLarge, IntegrityError, NoSpace, StoreError, UnsafeArchive
+from remote_cache.errors import (
+    CacheMiss,
+    CacheTooLarge,
+    IntegrityError,
+    NoSpace,
+    StoreError,
+    TreeChanged,
+    UnsafeArchive,
+)
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
@@ -240,6 +249,48 @@ class _Recorder:
 
     def advance(self, nbytes: int) -> None:
         self.steps.append(nbytes)
+
+
+class _ChangesTheTree(_Recorder):
+    """A Progress that runs ``change`` when told the total: the save has walked and cut the tree
+    then, and packs next."""
+
+    def __init__(self, change: Callable[[], None]) -> None:
+        super().__init__()
+        self.change = change
+
+    def start(self, total: int | None) -> None:
+        super().start(total)
+        self.change()
+
+
+def _shrink(path: Path) -> None:
+    os.truncate(path, 1000)
+
+
+def _grow(path: Path) -> None:
+    with path.open("ab") as f:
+        f.write(b"more")
+
+
+def _rewrite(path: Path) -> None:
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+@pytest.mark.parametrize("change", [_shrink, _grow, _rewrite])
+async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_entry(
+    tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    """A file that shrinks, grows or is rewritten between the walk and its packing: the save
+    stops naming it (it used to store a shrunk file padded with zeros, as a success), and the
+    key keeps its entry."""
+    store = LayoutStore(tmp_path / "layout")
+    first = await save(store, "k", _bulk(tmp_path / "before", count=2))
+    src = _bulk(tmp_path / "src", count=4)
+    victim = src / "pkg0" / "f0.bin"
+    with pytest.raises(TreeChanged, match=f"{victim}.* changed while it was saved"):
+        await save(store, "k", src, progress=_ChangesTheTree(lambda: change(victim)))
+    assert (await store.resolve("k")).digest == first.digest
 
 
 async def test_progress_reports_the_total_first_then_every_byte(tmp_path: Path, small_layers: None) -> None:
