@@ -3,11 +3,13 @@
 A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
 
 * a key that already is a valid tag is used unchanged (so ``2h`` stays ``2h`` and ttl.sh
-  still reads it as an expiry, and ``npm-`` prefixes still list as prefixes);
+  still reads it as an expiry, and ``npm-`` prefixes still list as prefixes), unless it ends as
+  a hashed tag does (``--`` and 16 lowercase hex digits): it could be another key's tag;
 * any other key becomes a readable prefix (invalid characters replaced by ``-``, a leading
   ``.``/``-`` prefixed with ``_``, cut to 109 characters) plus ``--`` and the first 16 hex
   digits of the key's SHA-256. Two different keys can only share a tag through a hash
-  collision; the original key is also recorded in the image's annotations.
+  collision; the original key is also recorded in the image's annotations, and a lookup takes
+  an entry recording another key for a miss.
 
 Keys must be non-empty, at most 1024 characters, with no control characters. Restore keys
 (prefixes to fall back to, as in actions/cache) follow the same rules.
@@ -36,6 +38,7 @@ MAX_KEY_LENGTH = 1024
 _PREFIX_LENGTH = 109  # 109 + len("--") + 16 hex digits = 127 <= 128
 _INVALID = re.compile(r"[^A-Za-z0-9._-]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HASHED_END = re.compile(r"--[0-9a-f]{16}\Z")
 
 
 def is_valid_tag(tag: str) -> bool:
@@ -68,9 +71,10 @@ def validate_restore_keys(prefixes: Iterable[str]) -> list[str]:
 
 
 def tag_for_key(key: str) -> str:
-    """The tag that stores ``key``: the key itself when valid, else prefix + hash."""
+    """The tag that stores ``key``: the key itself when a valid tag not shaped like a hashed one,
+    else prefix + hash."""
     validate_key(key)
-    if is_valid_tag(key):
+    if is_valid_tag(key) and not _HASHED_END.search(key):
         return key
     prefix = _INVALID.sub("-", key)
     if not re.match(r"[A-Za-z0-9_]", prefix):

@@ -47,6 +47,16 @@ def test_distinct_keys_get_distinct_tags() -> None:
     assert len({tag_for_key(k) for k in keys}) == len(keys)
 
 
+@pytest.mark.parametrize("other", ["npm/linux", "a" * 129, ".x"])
+def test_a_key_shaped_like_another_keys_tag_gets_a_tag_of_its_own(other: str) -> None:
+    """A valid tag that ends like a hashed one (``--`` and 16 hex digits) is hashed too, so no
+    key can take another key's tag (a probe restored one key's entry for another as a hit)."""
+    shaped = tag_for_key(other)
+    assert is_valid_tag(shaped)
+    assert tag_for_key(shaped) not in (shaped, tag_for_key(other))
+    assert tag_for_key(shaped).endswith("--" + hashlib.sha256(shaped.encode()).hexdigest()[:16])
+
+
 def test_deterministic() -> None:
     assert tag_for_key("x/y") == tag_for_key("x/y")
 

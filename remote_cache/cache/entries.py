@@ -19,7 +19,14 @@ from ..oci.descriptor import Descriptor
 from ..oci.store import Store
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
-from .image import ANNOTATION_TOOL, CacheImage, load_image, read_document
+from .image import (
+    ANNOTATION_KEY,
+    ANNOTATION_TOOL,
+    CacheImage,
+    document_annotations,
+    load_image,
+    read_document,
+)
 
 __all__ = [
     "Entry",
@@ -193,13 +200,16 @@ async def find_entry(
 
 
 async def _exact(store: Store, key: str, tag: str, read_image: bool) -> Match | None:
-    """The match for the exact key, None when its tag is absent (see :func:`find_entry`)."""
+    """The match for the exact key, None when its tag is absent or holds an entry recording
+    another key (a hash collision, or written there by other means; see :mod:`remote_cache.keys`)."""
     try:
-        if not read_image:
-            return Match(key=key, tag=tag, digest=(await store.resolve(tag)).digest, exact=True)
-        top = await read_document(store, tag)
+        top = await read_document(store, tag)  # by GET: as many round trips as resolving it
     except CacheMiss:
         return None
+    if document_annotations(*top).get(ANNOTATION_KEY, key) != key:
+        return None
+    if not read_image:
+        return Match(key=key, tag=tag, digest=top[0].digest, exact=True)
     # Read outside the miss above: a manifest missing under an existing tag is a broken entry
     # (its CacheMiss propagates), not an absent key to fall back from.
     image = await load_image(store, tag, top)

@@ -44,6 +44,7 @@ __all__ = [
     "CacheImage",
     "ParsedManifest",
     "build_image",
+    "document_annotations",
     "load_image",
     "parse_index",
     "parse_manifest",
@@ -315,6 +316,16 @@ def _kind(desc: Descriptor, body: bytes) -> str:
     if not isinstance(obj, dict):
         raise ImageFormatError(f"the manifest {desc.digest} is not a JSON object")
     return _media_type(obj, desc.media_type)
+
+
+def document_annotations(desc: Descriptor, body: bytes) -> dict[str, str]:
+    """The annotations of a top document: an index's own, or a manifest's ({} for anything else)."""
+    kind = _kind(desc, body)
+    if kind in INDEX_TYPES:
+        return parse_index(body, kind)[1]
+    if kind in MANIFEST_TYPES:
+        return parse_manifest(body, kind).annotations
+    return {}
 
 
 async def load_image(

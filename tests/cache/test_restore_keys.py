@@ -153,3 +153,26 @@ async def test_an_exact_key_whose_manifest_is_gone_is_a_miss_not_a_fallback(
         await store.delete((await load_image(store, "npm-new")).manifest.digest)
         with pytest.raises(CacheMiss, match="npm-new"):
             await restore(store, "npm-new", tmp_path / "out", restore_keys=["npm-"])
+
+
+async def test_a_key_shaped_like_another_keys_tag_does_not_take_its_entry(tmp_path: Path) -> None:
+    """``npm-linux--<16 hex>`` is a valid tag, and exactly ``npm/linux``'s: saved under it, it
+    used to replace that entry, and a restore of ``npm/linux`` returned it as a hit."""
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "npm/linux", _tree(tmp_path / "real", b"real"))
+    await save(store, tag_for_key("npm/linux"), _tree(tmp_path / "other", b"other"))
+    result = await restore(store, "npm/linux", tmp_path / "out")
+    assert (result.status, result.matched_key) == ("hit", "npm/linux")
+    assert_same_tree(tmp_path / "real", tmp_path / "out")
+
+
+async def test_an_entry_saved_for_another_key_under_the_tag_is_a_miss(tmp_path: Path) -> None:
+    """The exact key's tag holding an image whose key annotation names another key (a hash
+    collision, another tool's write): not this key's entry, so a miss, never a hit."""
+    store = LayoutStore(tmp_path / "layout")
+    saved = await save(store, "other", _tree(tmp_path / "other", b"other"))
+    desc, body = await store.get_manifest(saved.digest)
+    await store.put_manifest(body, desc.media_type, tag=tag_for_key("npm/linux"))
+    assert await find_entry(store, "npm/linux", ()) is None
+    with pytest.raises(CacheMiss):
+        await restore(store, "npm/linux", tmp_path / "out")
