@@ -130,11 +130,13 @@ class _Walk:
             inodes.append(st.st_ino)
             if stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count (TreeIdentity)
                 ctimes.append(0)
-                facts.extend((mode, 0, 0))
+                facts.extend((mode, 0, 0, 0))
                 self.stats.skipped.append(Special(f"{rel}/{d.name}" if rel else d.name, _special_kind(mode)))
                 continue
             ctimes.append(st.st_ctime_ns)
-            facts.extend((mode, st.st_size, st.st_mtime_ns))
+            # Seconds and nanoseconds apart: a date after 2262 or before 1678 (ext4 keeps them) is
+            # more nanoseconds than a signed 64-bit integer holds.
+            facts.extend((mode, st.st_size, *divmod(st.st_mtime_ns, 1_000_000_000)))
             if self.plan:
                 self._member(f"{rel}/{d.name}" if rel else d.name, d, st)
             elif stat.S_ISDIR(mode):
@@ -171,7 +173,7 @@ class _Walk:
             stats.symlinks += 1
 
     def identity(self) -> TreeIdentity:
-        h = hashlib.sha256(b"remote-cache tree v2\0")
+        h = hashlib.sha256(b"remote-cache tree v3\0")
         names_b = "\0".join(self.names).encode("utf-8", "surrogateescape")
         for part in (names_b, self.inodes.tobytes(), self.ctimes.tobytes(), self.facts.tobytes()):
             h.update(len(part).to_bytes(8, "little"))

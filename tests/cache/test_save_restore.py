@@ -9,6 +9,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from remote_cache.oci.store import Store, open_store
 from tests.cli.output import Run, json_line, warnings
 from tests.mounts import tmpfs
 from tests.stores import opened
-from tests.trees import allocated, assert_same_tree, make_tree, snapshot, socket_file
+from tests.trees import allocated, assert_same_tree, make_tree, one_file_tree, snapshot, socket_file
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -405,3 +406,19 @@ async def test_a_sparse_file_comes_back_sparse(sparse_dir: Path, tmp_path: Path)
         1_600_000_000,
     )
     assert allocated(back) < 1 << 20  # not 256 MiB
+
+
+@pytest.mark.parametrize("year", [1500, 2300])
+async def test_mtimes_outside_64_bit_nanoseconds_round_trip(tmp_path: Path, year: int) -> None:
+    """A file dated after 2262 or before 1678 (ext4 and tmpfs keep such dates): its nanoseconds
+    overflow a signed 64-bit integer, which made every save of the tree fail ("unexpected
+    OverflowError"). It is saved and comes back with its date, to the second."""
+    src = one_file_tree(tmp_path / "src")
+    seconds = int((datetime(year, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds())
+    os.utime(src / "f", ns=(seconds * 1_000_000_000,) * 2)
+    dated = os.stat(src / "f").st_mtime_ns  # a filesystem may clamp it to its own range
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k", src)
+    await restore(store, "k", tmp_path / "out")
+    assert os.stat(tmp_path / "out" / "f").st_mtime_ns == dated
+    assert (await save(store, "k", tmp_path / "out")).status == "unchanged"
