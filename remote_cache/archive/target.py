@@ -32,6 +32,7 @@ __all__ = [
     "IN_PLACE_PREFIX",
     "RestoreTarget",
     "clean_leftovers",
+    "finish_dead_swaps",
     "locked",
     "nearest_existing",
     "plan_target",
@@ -153,6 +154,16 @@ def clean_leftovers(target: RestoreTarget) -> list[Path]:
         if target.path.is_dir():
             removed += sweep_dead(target.path, IN_PLACE_PREFIX, recover=finish)
     return removed
+
+
+def finish_dead_swaps(path: Path) -> None:
+    """Finish, at the directory ``path``, the swaps of restores killed in place (their entries
+    half moved), as the next restore would: a save then reads one tree, not a mix of two."""
+    if not os.path.isdir(path):
+        return  # nothing to finish; the save says what is wrong with it
+    target = RestoreTarget(Path(os.path.realpath(path)), in_place=True)
+    with locked(target):  # a live restore's swap ends first
+        sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
 
 
 def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:

@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, NoSpace, RemoteCacheError
@@ -216,6 +217,7 @@ async def save(
         options,
         started,
     )
+    await anyio.to_thread.run_sync(finish_dead_swaps, path)
     # Taken before the walk: a file written from now on gets a ctime at or after it.
     bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)

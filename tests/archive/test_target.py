@@ -4,6 +4,7 @@ and a swap killed half-way (a real SIGKILL to a real process) that the next run 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
@@ -161,6 +162,25 @@ def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, afte
     assert not [p for p in target.iterdir() if is_in_place_work(p.name)]
 
 
+@pytest.mark.parametrize("after", [0, 3, 9])
+async def test_a_save_after_a_swap_killed_half_way_stores_one_tree(tmp_path: Path, after: int) -> None:
+    """The same kill, then a save of the target instead of a restore: it finishes the dead swap
+    first, as a restore would, and stores the new tree (the old one when killed before the
+    journal). It used to store the mix as it stood, and report it saved."""
+    new = _tree(tmp_path / "new", "new")
+    target = _tree(tmp_path / "target", "old")
+    expected = snapshot(new) if after > 0 else snapshot(target)
+    staged = tmp_path / "staged"
+    subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
+    proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
+    assert proc.returncode == -9, "the swap was killed"
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k", target)
+    await restore(store, "k", tmp_path / "out")
+    assert snapshot(tmp_path / "out") == expected
+    assert not [p for p in target.iterdir() if is_in_place_work(p.name)]
+
+
 def test_a_restore_killed_before_its_swap_is_rolled_back(tmp_path: Path) -> None:
     """Killed while staging (no journal yet): the next run discards the work; the old tree stays."""
     target = _tree(tmp_path / "target", "old")
@@ -243,13 +263,16 @@ async def test_a_work_directory_in_a_saved_tree_never_acts_on_a_restore(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Saved with the tree, restored with it, then swept by the next restore as a dead run's:
-    # its journal emptied the target, even on a miss. A save leaves such entries out.
+    # its journal emptied the target, even on a miss. A save leaves such entries out. (Its run
+    # is alive here: a dead one's swap the save would finish first, as a restore would.)
     store = LayoutStore(tmp_path / "layout")
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_text("mine")
-    _work_dir_look_alike(src)
-    await save(store, "k", src)
+    work = _work_dir_look_alike(src)
+    with (work / "lock").open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        await save(store, "k", src)
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
