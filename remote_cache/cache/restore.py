@@ -118,15 +118,20 @@ async def restore(
     image = match.image
     await anyio.to_thread.run_sync(_check_space, target, image)
     run = _Restore(store, image, target, jobs=jobs, progress=progress, record_state=record_state)
+    window: RestoreWindow | None = None
+    swapped = False
     try:
         stats = await run.fetch_and_extract()
         window = await run.window()
         await run.swap()
+        swapped = True
     finally:
-        with anyio.CancelScope(shield=True):  # a signal's cancellation must not skip the clean-up
+        # Shielded: a signal's cancellation must not skip the clean-up; and once the target holds
+        # the new tree the restore is done, so a signal from then on cannot make it "interrupted".
+        with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(run.close)
-    if window is not None:
-        await anyio.to_thread.run_sync(state.record_restore, path, window)
+            if swapped and window is not None:
+                await anyio.to_thread.run_sync(state.record_restore, path, window)
     return RestoreResult(
         key=key,
         tag=match.tag,

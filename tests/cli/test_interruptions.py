@@ -250,3 +250,42 @@ def test_concurrent_restores_into_one_target_end_as_one_tree(
         ends.add(next((name for name, tree in expected.items() if tree == got), "mixed"))
         assert _leftovers(target, target.parent) == []
     assert "mixed" not in ends, f"rounds ended as {ends}"
+
+
+def _signal_at_the_exchange(ref: str, target: Path, env: dict[str, str], signum: int) -> int:
+    """Restore ``ref`` over ``target`` and send ``signum`` once the directory is exchanged; the
+    exit code, checked against the target: 0 and the new tree, or interrupted and the old one."""
+    before, inode = snapshot(target), target.stat().st_ino
+    proc = _start(["restore", ref, str(target), "-q"], env)
+    _wait_for(lambda: target.stat().st_ino != inode or proc.poll() is not None, "the exchange", interval=0)
+    proc.send_signal(signum)
+    _out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        assert proc.returncode == 128 + signum, err
+        assert snapshot(target) == before, "interrupted, over the new tree"
+    assert _leftovers(target, target.parent) == []
+    return proc.returncode
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_the_new_tree_is_in_place_is_a_success(
+    tmp_path: Path, pycache: Path, signum: signal.Signals
+) -> None:
+    """The signal lands as the target directory is exchanged (the old tree, 6000 entries, still
+    being removed): the restore is done, and its exit code says so. It used to exit 130/143,
+    "interrupted", over a target already holding the new tree."""
+    env = _env(tmp_path, pycache)
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    new = _flat_tree(tmp_path / "new", "n")
+    assert _run(env, "save", str(new), ref, "-q") == 0
+    outcomes = []
+    for _round in range(3):
+        target = tmp_path / "target"
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+        old = _flat_tree(target, "o")
+        for i in range(3000):
+            (old / f"p{i:05d}").write_bytes(b"o")
+        outcomes.append(_signal_at_the_exchange(ref, target, env, signum))
+        if outcomes[-1] == 0:
+            assert snapshot(target) == snapshot(new)
+    assert 0 in outcomes, f"never signalled after the exchange: {outcomes}"
