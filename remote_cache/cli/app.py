@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import sys
 import traceback
@@ -180,12 +181,21 @@ CertDirOpt = Annotated[
         "there (*.cert + *.key), as in containers-certs.d(5) (default: the registry's certs.d directory).",
     ),
 ]
+def _finite(value: float | None) -> float | None:
+    """Refuse what a range check lets through (NaN compares false to any bound)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
 TimeoutOpt = Annotated[
     float | None,
     typer.Option(
         "--timeout",
         metavar="SECONDS",
         min=0.1,
+        max=86400.0,  # a day; the sockets' clocks cannot take much more (1e308 overflowed)
+        callback=_finite,
         help="Stall timeout: a store that sends nothing for this long has stalled (default 60).",
     ),
 ]
@@ -534,10 +544,10 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
 
     debug = os.environ.get(_DEBUG_ENV, "") not in ("", "0")
     _show_warnings()
+    deadline = parsed(_deadline_seconds, common.deadline, "--deadline")  # a usage error, exit 2
     try:
         common = _read_password(common)
-        deadline = parsed(parse_duration, common.deadline, "--deadline")
-        outcome = asyncio.run(_main(body, common, deadline.total_seconds() if deadline else None))
+        outcome = asyncio.run(_main(body, common, deadline))
     except Interrupted as exc:
         _stderr_line(f"{PROG}: {exc}")
         raise typer.Exit(128 + exc.signum) from None
@@ -552,6 +562,13 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         outcome = _failed_open(outcome, common)
     _report(command, outcome, common)
     raise typer.Exit(int(outcome.code))
+
+
+def _deadline_seconds(text: str) -> float:
+    seconds = parse_duration(text).total_seconds()
+    if seconds <= 0:
+        raise ValueError(f"{text!r} leaves the step no time: give it at least 1s, e.g. 10m")
+    return seconds
 
 
 def _report(command: str, outcome: Outcome, common: Common) -> None:

@@ -361,6 +361,10 @@ def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path
         (("save", ".", "localhost:5000/team/cache:../x"), "--key"),
         (("restore", "oci:layout:k", "a-file"), "not a directory"),
         (("save", ".", "oci:layout:k", "--deadline", "soon"), "not a duration"),
+        (("save", ".", "oci:layout:k", "--deadline", "0s"), "--deadline"),
+        (("save", ".", "oci:layout:k", "--timeout", "nan"), "--timeout"),
+        (("save", ".", "oci:layout:k", "--timeout", "inf"), "--timeout"),
+        (("restore", "oci:layout:k", "out", "--timeout", "1e308"), "--timeout"),
     ],
 )
 def test_usage_errors_exit_2_even_with_fail_open(
@@ -370,6 +374,7 @@ def test_usage_errors_exit_2_even_with_fail_open(
     proc = cli(*args, "--fail-open")
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert message in " ".join(proc.stderr.split()), proc.stderr
+    assert "unexpected" not in proc.stderr
     no_traceback(proc)
     assert not (tmp_path / "layout").exists()
 
