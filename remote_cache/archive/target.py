@@ -94,6 +94,8 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
             "removed or replaced it, e.g. a restore of the same target); change into it again"
         )
     resolved = Path(os.path.realpath(given))
+    if resolved.is_symlink():  # realpath stops at a link it cannot resolve: a loop
+        raise UnsuitableTarget(f"{given} leads through symlinks that loop: point it at a directory")
     if resolved.exists() and not resolved.is_dir():
         raise UnsuitableTarget(f"{given} is not a directory: remove it or restore somewhere else")
     if not resolved.exists():
