@@ -17,6 +17,7 @@ from remote_cache.errors import (
     IntegrityError,
     RegistryAuthError,
     RegistryUnreachable,
+    StoreError,
     UnsupportedOperation,
 )
 from remote_cache.oci import (
@@ -191,6 +192,20 @@ async def test_manifest_by_digest_only(registry: RegistryServer, repo_name: str)
         desc, body = await push_image(store, None, b"untagged")
         assert await store.get_manifest(desc.digest) == (desc, body)
         assert await store.tags() == []
+
+
+async def test_a_manifest_named_by_digest_is_written_with_an_at_sign_in_errors(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy]
+) -> None:
+    """A refused push of a manifest by digest names it as ``REPO@sha256:...`` (it read
+    ``REPO:sha256:...``, a tag that cannot exist), as resolving one already did."""
+    proxy = fault_proxy_factory(registry)
+    async with RegistryStore(proxy.host, repo_name) as store:
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST}).encode()
+        proxy.fail(1, status=403, method="PUT", path_contains="/manifests/")
+        with pytest.raises(StoreError) as info:
+            await store.put_manifest(body, OCI_MANIFEST)
+    assert f"{repo_name}@{sha256_digest(body)}" in str(info.value), info.value
 
 
 async def test_unknown_tag_is_a_cache_miss(server: RegistryServer, repo_name: str) -> None:

@@ -123,9 +123,13 @@ class RegistryStore:
 
     # -- manifests ---------------------------------------------------------------------------
 
+    def _named(self, reference: str) -> str:
+        """``REPO@DIGEST`` or ``REPO:TAG``, as a message names a manifest."""
+        return f"{self.location}{'@' if is_digest(reference) else ':'}{reference}"
+
     async def resolve(self, tag: str) -> Descriptor:
         """Descriptor of the manifest under ``tag`` (or digest); CacheMiss when there is none."""
-        what = f"resolve {self.location}@{tag}" if is_digest(tag) else f"resolve {self.location}:{tag}"
+        what = f"resolve {self._named(tag)}"
         response = await self._transport.request(
             "HEAD",
             self._path("manifests", tag),
@@ -146,7 +150,7 @@ class RegistryStore:
 
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
         """Fetch a manifest by tag or digest, verifying its digest; CacheMiss when absent."""
-        what = f"manifest {self.location}:{reference}"
+        what = f"manifest {self._named(reference)}"
         response = await self._transport.request(
             "GET",
             self._path("manifests", reference),
@@ -191,7 +195,7 @@ class RegistryStore:
             "PUT",
             self._path("manifests", ref),
             scopes=[self._push],
-            action=f"push manifest {self.location}:{ref}",
+            action=f"push manifest {self._named(ref)}",
             headers={"Content-Type": media_type},
             content=body,
             ok=(200, 201, 202),
@@ -211,7 +215,7 @@ class RegistryStore:
                 "DELETE",
                 self._path("manifests", digest),
                 scopes=[f"repository:{self.repository}:delete", self._push],
-                action=f"delete {self.location}:{reference}",
+                action=f"delete {self._named(reference)}",
                 ok=(200, 202, 404),
             )
         except RegistryError as exc:
