@@ -118,8 +118,9 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
 
 
 @contextlib.contextmanager
-def locked(target: RestoreTarget) -> Iterator[None]:
-    """Hold the target directory's exclusive lock (nothing to hold while it does not exist).
+def locked(target: RestoreTarget, *, wait: bool = True) -> Iterator[None]:
+    """Hold the target directory's exclusive lock (nothing to hold while it does not exist);
+    ``wait=False``: BlockingIOError at once when another process holds it.
 
     The lock is on the directory found at the path *after* locking: a restore that exchanged it
     meanwhile put a new directory there, which is locked instead.
@@ -131,7 +132,7 @@ def locked(target: RestoreTarget) -> Iterator[None]:
             yield
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             st, now = os.fstat(fd), os.stat(target.path)
         except FileNotFoundError:
             os.close(fd)
@@ -158,14 +159,23 @@ def clean_leftovers(target: RestoreTarget) -> list[Path]:
     return removed
 
 
-def finish_dead_swaps(path: Path) -> None:
+def finish_dead_swaps(path: Path) -> bool:
     """Finish, at the directory ``path``, the swaps of restores killed in place (their entries
-    half moved), as the next restore would: a save then reads one tree, not a mix of two."""
-    if not os.path.isdir(path):
-        return  # nothing to finish; the save says what is wrong with it
+    half moved), as the next restore would: a save then reads one tree, not a mix of two.
+
+    Only where a restore's work is (the directory's lock is left alone otherwise: ``flock DIR
+    CMD`` is a common way to guard a cache); False, having done nothing, while another process
+    holds that lock (a live restore swapping): try again.
+    """
+    if not _holds_work(path):
+        return True
     target = RestoreTarget(Path(os.path.realpath(path)), in_place=True)
-    with locked(target):  # a live restore's swap ends first
-        sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
+    try:
+        with locked(target, wait=False):
+            sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
+    except BlockingIOError:
+        return False
+    return True
 
 
 def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:

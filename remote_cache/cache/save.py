@@ -217,7 +217,8 @@ async def save(
         options,
         started,
     )
-    await anyio.to_thread.run_sync(finish_dead_swaps, path)
+    while not await anyio.to_thread.run_sync(finish_dead_swaps, path):
+        await anyio.sleep(0.1)  # a restore is swapping there: it ends first (a signal stops the wait)
     # Taken before the walk: a file written from now on gets a ctime at or after it.
     bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)

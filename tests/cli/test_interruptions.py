@@ -6,6 +6,7 @@ mid-transfer every time; the packing case polls for the save's spool directory i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -289,3 +290,39 @@ def test_a_signal_once_the_new_tree_is_in_place_is_a_success(
         if outcomes[-1] == 0:
             assert snapshot(target) == snapshot(new)
     assert 0 in outcomes, f"never signalled after the exchange: {outcomes}"
+
+
+def _under_flock(directory: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``flock DIRECTORY remote-cache ARGS``, its whole process group killed if it runs a minute."""
+    proc = subprocess.Popen(
+        ["flock", str(directory), str(CLI), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"remote-cache {' '.join(args)} hung under flock") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_a_save_does_not_wait_for_a_lock_on_its_directory(tmp_path: Path, pycache: Path) -> None:
+    """``flock DIR CMD`` guards a cache directory: a save of DIR run under it must not wait for
+    that lock (it hung, past --deadline and the first SIGTERM). Only a dead restore's unfinished
+    swap there makes it wait, and then --deadline stops it."""
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=20, big_bytes=1 << 20)
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    proc = _under_flock(src, ["save", str(src), ref, "-q"], env)
+    assert proc.returncode == 0, proc.stderr
+    work = src / ".remote-cache-restore-dead"  # what a restore killed in place leaves: 0700, free lock
+    work.mkdir(mode=0o700)
+    (work / "lock").write_text("")
+    proc = _under_flock(src, ["save", str(src), ref, "--deadline", "2s"], env)
+    assert proc.returncode == 1 and "--deadline" in proc.stderr, proc.stderr
