@@ -565,7 +565,10 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
 
 
 def _deadline_seconds(text: str) -> float:
-    seconds = parse_duration(text).total_seconds()
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except OverflowError:
+        raise ValueError(f"{text!r} is longer than any step can run: give e.g. 10m or 2h") from None
     if seconds <= 0:
         raise ValueError(f"{text!r} leaves the step no time: give it at least 1s, e.g. 10m")
     return seconds

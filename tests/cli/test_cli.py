@@ -362,6 +362,7 @@ def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path
         (("restore", "oci:layout:k", "a-file"), "not a directory"),
         (("save", ".", "oci:layout:k", "--deadline", "soon"), "not a duration"),
         (("save", ".", "oci:layout:k", "--deadline", "0s"), "--deadline"),
+        (("ls", "oci:layout", "--deadline", "99999999999999d"), "--deadline"),
         (("save", ".", "oci:layout:k", "--timeout", "nan"), "--timeout"),
         (("save", ".", "oci:layout:k", "--timeout", "inf"), "--timeout"),
         (("restore", "oci:layout:k", "out", "--timeout", "1e308"), "--timeout"),
