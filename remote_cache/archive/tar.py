@@ -61,7 +61,19 @@ _CONST_SUM = 8 * 32 + sum(_MID)
 class Member:
     """One tree member as it will be archived: relative path, kind and the stat fields tar keeps."""
 
-    __slots__ = ("ctime_ns", "gid", "ino", "kind", "linkname", "mode", "mtime", "path", "size", "uid")
+    __slots__ = (
+        "ctime_ns",
+        "gid",
+        "ino",
+        "kind",
+        "linkname",
+        "mode",
+        "mtime",
+        "mtime_ns",
+        "path",
+        "size",
+        "uid",
+    )
 
     def __init__(
         self,
@@ -75,6 +87,7 @@ class Member:
         linkname: str = "",
         ino: int = 0,
         ctime_ns: int = 0,
+        mtime_ns: int = 0,
     ) -> None:
         self.path = path  # relative, "/"-separated, str with surrogateescape for odd bytes
         self.kind = kind
@@ -84,9 +97,11 @@ class Member:
         self.size = size  # data bytes (0 unless FILE)
         self.mtime = mtime  # whole seconds
         self.linkname = linkname  # symlink target, or first path of a hard-linked inode
-        # Not archived: local evidence that a file is unchanged (see remote_cache.cache.evidence).
+        # Not archived: local evidence that a file is unchanged (see remote_cache.cache.evidence),
+        # and what packing checks the file it reads against (see remote_cache.archive.pack).
         self.ino = ino
         self.ctime_ns = ctime_ns
+        self.mtime_ns = mtime_ns
 
     @property
     def tar_size(self) -> int:

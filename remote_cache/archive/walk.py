@@ -158,7 +158,17 @@ class _Walk:
                 self.first_path[key] = path
             self.members.append(
                 Member(
-                    path, FILE, perm, st.st_uid, st.st_gid, st.st_size, mtime, "", st.st_ino, st.st_ctime_ns
+                    path,
+                    FILE,
+                    perm,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_size,
+                    mtime,
+                    "",
+                    st.st_ino,
+                    st.st_ctime_ns,
+                    st.st_mtime_ns,
                 )
             )
             stats.files += 1

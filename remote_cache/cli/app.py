@@ -181,6 +181,8 @@ CertDirOpt = Annotated[
         "there (*.cert + *.key), as in containers-certs.d(5) (default: the registry's certs.d directory).",
     ),
 ]
+
+
 def _finite(value: float | None) -> float | None:
     """Refuse what a range check lets through (NaN compares false to any bound)."""
     if value is not None and not math.isfinite(value):

@@ -278,7 +278,11 @@ def _rewrite(path: Path) -> None:
     path.write_bytes(os.urandom(path.stat().st_size))
 
 
-@pytest.mark.parametrize("change", [_shrink, _grow, _rewrite])
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("change", [_shrink, _grow, _rewrite, _remove])
 async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_entry(
     tmp_path: Path, change: Callable[[Path], None]
 ) -> None:
@@ -292,6 +296,23 @@ async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_ent
     with pytest.raises(TreeChanged, match=f"{victim}.* changed while it was saved"):
         await save(store, "k", src, progress=_ChangesTheTree(lambda: change(victim)))
     assert (await store.resolve("k")).digest == first.digest
+
+
+async def test_a_file_only_linked_or_chmodded_while_it_is_saved_is_saved(tmp_path: Path) -> None:
+    """A new hard link to a file (another install linking from a shared store) and a chmod move
+    its ctime, not its content: the save goes on (a ctime check stopped it, a review found)."""
+    store = LayoutStore(tmp_path / "layout")
+    src = _bulk(tmp_path / "src", count=4)
+    linked, chmodded = src / "pkg0" / "f0.bin", src / "pkg1" / "f1.bin"
+    expected = _snapshot(src)
+
+    def change() -> None:
+        os.link(linked, tmp_path / "elsewhere")
+        chmodded.chmod(0o600)
+
+    await save(store, "k", src, progress=_ChangesTheTree(change))
+    await restore(store, "k", tmp_path / "out")
+    assert _snapshot(tmp_path / "out") == expected  # as the walk saw it, the mode included
 
 
 async def test_progress_reports_the_total_first_then_every_byte(tmp_path: Path, small_layers: None) -> None:
