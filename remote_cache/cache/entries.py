@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import CacheMiss, ImageFormatError, IntegrityError, RemoteCacheError, UnsupportedOperation
-from ..keys import tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
+from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
 from ..tasks import for_each
@@ -168,8 +168,7 @@ async def find_entry(
     """
     validate_key(key)
     prefixes = validate_restore_keys(restore_keys)
-    tag = tag_for_key(key)
-    exact = await _exact(store, key, tag, read_image)
+    exact = await _exact(store, key, read_image)
     if exact is not None:
         return exact
     if not prefixes:
@@ -199,15 +198,35 @@ async def find_entry(
     return None
 
 
-async def _exact(store: Store, key: str, tag: str, read_image: bool) -> Match | None:
-    """The match for the exact key, None when its tag is absent or holds an entry recording
-    another key (a hash collision, or written there by other means; see :mod:`remote_cache.keys`)."""
-    try:
-        top = await read_document(store, tag)  # by GET: as many round trips as resolving it
-    except CacheMiss:
+async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]] | None:
+    """The tag holding ``key``'s entry and its top document (read by GET: as many round trips as
+    resolving it); None when there is none.
+
+    A key that is its own tag takes whatever is there (an entry copied there on purpose). Under a
+    tag made by hashing, an entry recording another key is not this key's (a hash collision, or
+    a key shaped like that tag saved by a version that used it as its own tag: see
+    :mod:`remote_cache.keys`), and such a key's own entries from those versions are found under
+    the key itself, when they record it.
+    """
+    tag = tag_for_key(key)
+    tries = [(tag, tag != key)] + ([(key, True)] if tag != key and is_valid_tag(key) else [])
+    for candidate, must_record in tries:
+        try:
+            top = await read_document(store, candidate)
+        except CacheMiss:
+            continue
+        recorded = document_annotations(*top).get(ANNOTATION_KEY)
+        if not must_record or recorded == key or (recorded is None and candidate == tag):
+            return candidate, top
+    return None
+
+
+async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
+    """The match for the exact key (see :func:`_find_key`), None when it has no entry."""
+    found = await _find_key(store, key)
+    if found is None:
         return None
-    if document_annotations(*top).get(ANNOTATION_KEY, key) != key:
-        return None
+    tag, top = found
     if not read_image:
         return Match(key=key, tag=tag, digest=top[0].digest, exact=True)
     # Read outside the miss above: a manifest missing under an existing tag is a broken entry
@@ -219,11 +238,10 @@ async def _exact(store: Store, key: str, tag: str, read_image: bool) -> Match | 
 async def inspect(store: Store, key: str) -> Entry:
     """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
     validate_key(key)
-    tag = tag_for_key(key)
-    try:
-        top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
-    except CacheMiss as exc:
-        raise CacheMiss(key, store.location) from exc
+    found = await _find_key(store, key)
+    if found is None:
+        raise CacheMiss(key, store.location)
+    tag, top = found
     return _entry(tag, await load_image(store, tag, top))
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from remote_cache.cache.entries import Match, find_entry
+from remote_cache.cache import save as save_module
+from remote_cache.cache.entries import Match, find_entry, inspect, remove
 from remote_cache.cache.image import load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
@@ -176,3 +177,35 @@ async def test_an_entry_saved_for_another_key_under_the_tag_is_a_miss(tmp_path: 
     assert await find_entry(store, "npm/linux", ()) is None
     with pytest.raises(CacheMiss):
         await restore(store, "npm/linux", tmp_path / "out")
+
+
+async def test_an_entry_copied_under_another_key_that_is_its_own_tag_is_found(tmp_path: Path) -> None:
+    """``skopeo copy …:k1 …:promoted``: a key that is its own tag takes whatever is there, by
+    every command (a review found the key check above making it a miss for restore only)."""
+    store = LayoutStore(tmp_path / "layout")
+    saved = await save(store, "k1", _tree(tmp_path / "src", b"k1"))
+    desc, body = await store.get_manifest(saved.digest)
+    await store.put_manifest(body, desc.media_type, tag="promoted")
+    result = await restore(store, "promoted", tmp_path / "out")
+    assert (result.status, result.digest) == ("hit", saved.digest)
+    assert (await inspect(store, "promoted")).digest == saved.digest
+
+
+async def test_a_key_shaped_like_a_hashed_tag_still_finds_what_older_versions_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions before the rule saved such a key under itself: restore (exact or as a fallback's
+    key, as the Dagger backends restore it), inspect and rm still find that entry."""
+    store = LayoutStore(tmp_path / "layout")
+    key = "go-build--0123456789abcdef"
+    with monkeypatch.context() as old_rule:
+        old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+        saved = await save(store, key, _tree(tmp_path / "src", b"old"))
+    assert saved.tag == key != tag_for_key(key)
+    assert (await restore(store, key, tmp_path / "out")).status == "hit"
+    match = await find_entry(store, "go-build--fedcba9876543210", ["go-build-"])
+    assert match is not None and match.key == key
+    assert (await restore(store, match.key, tmp_path / "again")).digest == saved.digest
+    assert (await inspect(store, key)).tag == key
+    await remove(store, key)
+    assert await find_entry(store, key, ()) is None
