@@ -18,6 +18,7 @@ target ends as one restore's tree or the other's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Callable, Iterator
@@ -94,8 +95,12 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
             "removed or replaced it, e.g. a restore of the same target); change into it again"
         )
     resolved = Path(os.path.realpath(given))
-    if resolved.is_symlink():  # realpath stops at a link it cannot resolve: a loop
-        raise UnsuitableTarget(f"{given} leads through symlinks that loop: point it at a directory")
+    try:
+        os.stat(resolved)  # realpath leaves a looping link (the target's or a parent's) unresolved
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            loop = f"{given} leads through symlinks that loop: point it at a directory"
+            raise UnsuitableTarget(loop) from None
     if resolved.exists() and not resolved.is_dir():
         raise UnsuitableTarget(f"{given} is not a directory: remove it or restore somewhere else")
     if not resolved.exists():

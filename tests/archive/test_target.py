@@ -91,8 +91,9 @@ def test_targets_that_cannot_work_are_refused(tmp_path: Path) -> None:
         plan_target(tmp_path / "file" / "below")
     (tmp_path / "l1").symlink_to("l2")
     (tmp_path / "l2").symlink_to("l1")
-    with pytest.raises(UnsuitableTarget, match="symlinks that loop"):  # was a raw ELOOP, exit 1
-        plan_target(tmp_path / "l1")
+    for looping in (tmp_path / "l1", tmp_path / "l1" / "below" / "deeper"):  # was a raw ELOOP, exit 1
+        with pytest.raises(UnsuitableTarget, match="symlinks that loop"):
+            plan_target(looping)
 
 
 def test_a_current_directory_removed_under_the_restore_is_said_so(
