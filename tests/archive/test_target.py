@@ -149,11 +149,9 @@ _SWAP_THEN_DIE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("after", [0, 1, 3, 5, 7, 9, 12])
-def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, after: int) -> None:
-    """SIGKILL after ``after`` renames of an in-place swap. The first rename puts the journal in
-    place: killed before it, the next run rolls back (the old tree); after it, the target is a mix
-    until the next run finishes the swap (the new tree). Never a mix after the next run."""
+def _killed_swap(tmp_path: Path, after: int) -> tuple[Path, dict[str, tuple[object, ...]]]:
+    """A target whose in-place swap was SIGKILLed after ``after`` renames, and what it must end
+    as: the new tree once the journal is in place (the first rename), else the old one."""
     new = _tree(tmp_path / "new", "new")
     target = _tree(tmp_path / "target", "old")
     expected = snapshot(new) if after > 0 else snapshot(target)
@@ -161,6 +159,15 @@ def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, afte
     subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
     proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
     assert proc.returncode == -9, "the swap was killed"
+    return target, expected
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 5, 7, 9, 12])
+def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, after: int) -> None:
+    """SIGKILL after ``after`` renames of an in-place swap. The first rename puts the journal in
+    place: killed before it, the next run rolls back (the old tree); after it, the target is a mix
+    until the next run finishes the swap (the new tree). Never a mix after the next run."""
+    target, expected = _killed_swap(tmp_path, after)
     assert [p.name for p in target.iterdir() if is_in_place_work(p.name)], "its work is left"
     clean_leftovers(plan_target(target))
     assert snapshot(target) == expected
@@ -172,13 +179,7 @@ async def test_a_save_after_a_swap_killed_half_way_stores_one_tree(tmp_path: Pat
     """The same kill, then a save of the target instead of a restore: it finishes the dead swap
     first, as a restore would, and stores the new tree (the old one when killed before the
     journal). It used to store the mix as it stood, and report it saved."""
-    new = _tree(tmp_path / "new", "new")
-    target = _tree(tmp_path / "target", "old")
-    expected = snapshot(new) if after > 0 else snapshot(target)
-    staged = tmp_path / "staged"
-    subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
-    proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
-    assert proc.returncode == -9, "the swap was killed"
+    target, expected = _killed_swap(tmp_path, after)
     store = LayoutStore(tmp_path / "layout")
     await save(store, "k", target)
     await restore(store, "k", tmp_path / "out")
