@@ -386,8 +386,10 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
     on device" for both bytes and inodes, so ask the filesystem (the work directory is still there)."""
     with contextlib.suppress(OSError):
         st = os.statvfs(nearest_existing(target.work_parent))
-        if st.f_files and not st.f_favail and image.files is not None:
-            return f"{_inodes_message(target, image)}, and none is left"
+        # The restore's own spool files may have gone since (the decompression runs ahead and
+        # removes each layer's once read): a few free inodes still mean they ran out.
+        if st.f_files and st.f_favail <= _work_inodes(image) and image.files is not None:
+            return f"{_inodes_message(target, image)}, and they ran out"
     return _space_message(target, _space_needed(image))
 
 

@@ -325,7 +325,7 @@ def test_a_disk_that_fills_up_during_extraction_fails_cleanly(cli: Run, tmp_path
     assert proc.returncode == 5, proc.stderr
     # The OS says "No space left on device" for bytes and inodes alike: the message says which.
     assert f"not enough inodes to restore into {small / 'old'}" in proc.stderr, proc.stderr
-    assert "none is left (No space left on device)" in proc.stderr, proc.stderr
+    assert "they ran out (No space left on device)" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(("files", "free"), [(50, 22), (3, 4)])
