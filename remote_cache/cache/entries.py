@@ -209,16 +209,25 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     the key itself, when they record it.
     """
     tag = tag_for_key(key)
-    tries = [(tag, tag != key)] + ([(key, True)] if tag != key and is_valid_tag(key) else [])
-    for candidate, must_record in tries:
-        try:
-            top = await read_document(store, candidate)
-        except CacheMiss:
-            continue
-        recorded = document_annotations(*top).get(ANNOTATION_KEY)
-        if not must_record or recorded == key or (recorded is None and candidate == tag):
-            return candidate, top
+    top = await _document_or_none(store, tag)
+    if top is not None and (tag == key or _recorded_key(top) in (None, key)):
+        return tag, top
+    if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
+        top = await _document_or_none(store, key)
+        if top is not None and _recorded_key(top) == key:
+            return key, top
     return None
+
+
+async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
+    try:
+        return await read_document(store, tag)
+    except CacheMiss:
+        return None
+
+
+def _recorded_key(top: tuple[Descriptor, bytes]) -> str | None:
+    return document_annotations(*top).get(ANNOTATION_KEY)
 
 
 async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
