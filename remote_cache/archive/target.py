@@ -156,11 +156,10 @@ def locked(target: RestoreTarget, *, wait: bool = True) -> Iterator[None]:
 
 def clean_leftovers(target: RestoreTarget) -> list[Path]:
     """Remove the work directories of dead runs at this target (finishing their journaled swaps)."""
-    finish = _finisher(target)
     with locked(target):
-        removed = sweep_dead(target.path.parent, _beside_prefix(target.path), recover=finish)
+        removed = sweep_dead(target.path.parent, _beside_prefix(target.path), recover=_finisher(target))
         if target.path.is_dir():
-            removed += sweep_dead(target.path, IN_PLACE_PREFIX, recover=finish)
+            removed += _sweep_in_place(target)
     return removed
 
 
@@ -177,10 +176,16 @@ def finish_dead_swaps(path: Path) -> bool:
     target = RestoreTarget(Path(os.path.realpath(path)), in_place=True)
     try:
         with locked(target, wait=False):
-            sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
+            _sweep_in_place(target)
     except BlockingIOError:
         return False
     return True
+
+
+def _sweep_in_place(target: RestoreTarget) -> list[Path]:
+    """Remove the dead runs' work directories inside the target, finishing their swaps first
+    (the caller holds the target's lock)."""
+    return sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
 
 
 def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:
