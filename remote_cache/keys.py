@@ -9,7 +9,7 @@ A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
   ``.``/``-`` prefixed with ``_``, cut to 109 characters) plus ``--`` and the first 16 hex
   digits of the key's SHA-256. Two different keys can only share a tag through a hash
   collision; the original key is also recorded in the image's annotations, and a lookup takes
-  an entry recording another key for a miss.
+  an entry under a hashed tag that records another key for a miss.
 
 Keys must be non-empty, at most 1024 characters, with no control characters. Restore keys
 (prefixes to fall back to, as in actions/cache) follow the same rules.

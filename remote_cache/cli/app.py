@@ -196,7 +196,7 @@ TimeoutOpt = Annotated[
         "--timeout",
         metavar="SECONDS",
         min=0.1,
-        max=86400.0,  # a day; the sockets' clocks cannot take much more (1e308 overflowed)
+        max=86400.0,  # a day, longer than any stall; 1e308 overflowed the sockets' clocks
         callback=_finite,
         help="Stall timeout: a store that sends nothing for this long has stalled (default 60).",
     ),
