@@ -286,7 +286,7 @@ def _remove(path: Path) -> None:
 async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_entry(
     tmp_path: Path, change: Callable[[Path], None]
 ) -> None:
-    """A file that shrinks, grows or is rewritten between the walk and its packing: the save
+    """A file that shrinks, grows, is rewritten or removed between the walk and its packing: the save
     stops naming it (it used to store a shrunk file padded with zeros, as a success), and the
     key keeps its entry."""
     store = LayoutStore(tmp_path / "layout")
