@@ -30,6 +30,7 @@ import argparse
 import importlib
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -441,6 +442,7 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
         f"store: {store}; corpus: {ctx.expected[0] / 1e6:.1f} MB in {ctx.expected[1]} entries; "
         f"rounds: {rounds} (medians; alternating order; x raw: the median of each round's own "
         "ratio, with the lowest and highest)",
+        f"remote-cache ran on Python {platform.python_version()} at {os.path.realpath(sys.executable)}",
         "",
         f"| {'method':<24} | {'save s':>8} | {'x raw':>6} | {'range':>11} | {'restore s':>9} "
         f"| {'x raw':>6} | {'range':>11} |",
