@@ -191,3 +191,32 @@ def test_keys_from_the_aws_shared_files_as_aws_tools_read_them(
     )  # fmt: skip
     assert nothing.returncode == 4, nothing.stderr
     assert "no credentials" in nothing.stderr and "AWS_ACCESS_KEY_ID" in nothing.stderr
+
+
+def test_an_error_body_that_echoes_the_session_token_is_one_line_without_it(
+    cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """AWS answers a bad signature with 403 ``SignatureDoesNotMatch`` whose XML body echoes the
+    canonical request, ``x-amz-security-token`` and its value included; Azure's errors span lines.
+    The message keeps the code and the message, on one line, and no credential from the
+    environment."""
+    token = "FQoGZXIvYXdzEXAMPLEsessionTOKEN0123456789"
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code>'
+        "<Message>The request signature we calculated does not match the signature you provided. "
+        "Check your key and signing method.</Message><AWSAccessKeyId>ASIAEXAMPLE</AWSAccessKeyId>"
+        "<StringToSign>AWS4-HMAC-SHA256\n20261127T000000Z</StringToSign><CanonicalRequest>GET\n/\n\n"
+        f"host:example\nx-amz-security-token:{token}\n\nhost;x-amz-security-token\nUNSIGNED"
+        "</CanonicalRequest><RequestId>4442587FB7D0A2F9</RequestId></Error>"
+    ).encode()
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    proxy.answer(403, body, times=1000)
+    env = {**object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}", "AWS_SESSION_TOKEN": token}
+    bucket = new_bucket(moto)
+    for args in (("ls", f"s3://{bucket}/p", "--json"), ("prune", f"s3://{bucket}/p", "--keep", "1")):
+        proc = cli(*args, env=env)
+        assert proc.returncode == 4, (args, proc.stderr)
+        assert token not in proc.stderr + proc.stdout, (args, proc.stderr)
+        assert "SignatureDoesNotMatch" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        no_traceback(proc)

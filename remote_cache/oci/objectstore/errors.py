@@ -10,6 +10,7 @@ debug dump; a store's own secrets are cut out anyway.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -62,10 +63,27 @@ def refuses_conditional(exc: BaseException) -> bool:
     return isinstance(exc, BaseError) and ("501" in text or "NotImplemented" in text)
 
 
+#: Where credentials read from the environment are: a server may echo one back (AWS's
+#: ``SignatureDoesNotMatch`` body holds the canonical request, ``x-amz-security-token`` included).
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY",
+                "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN",
+                "AZURE_CLIENT_SECRET", "GOOGLE_SERVICE_ACCOUNT_KEY")  # fmt: skip
+_XML_BODY = re.compile(r"<\?xml|<Error>")
+_XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
+
+
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
+    """obstore's first paragraph on one line; an XML error body the server sent reduced to its code
+    and message (the rest echoes the request); every credential cut out, the environment's too."""
     text = str(exc).split("\n\nDebug source", 1)[0].strip() or type(exc).__name__
-    for secret in secrets:
-        if secret:
+    if (body := _XML_BODY.search(text)) is not None:
+        found = [m.group(1).strip() for m in (_XML_CODE.search(text), _XML_MESSAGE.search(text)) if m]
+        text = text[: body.start()] + (": ".join(found) or "an XML error body")
+    text = " ".join(text.split())
+    for secret in (*secrets, *(os.environ.get(name, "") for name in _SECRET_VARS)):
+        if len(secret) >= 8:  # a shorter one would cut words out of the message, not a secret
             text = text.replace(secret, "***")
     return text
 
