@@ -330,3 +330,61 @@ def test_a_save_does_not_wait_for_a_lock_on_its_directory(tmp_path: Path, pycach
     (work / "lock").write_text("")
     proc = _under_flock(src, ["save", str(src), ref, "--deadline", "2s"], env)
     assert proc.returncode == 1 and "--deadline" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("stop", "extra", "code", "last_line"),
+    [
+        ("SIGTERM", (), 143, "remote-cache: interrupted by SIGTERM"),
+        ("SIGINT", ("--fail-open",), 130, "remote-cache: interrupted by SIGINT"),
+        ("deadline", ("--deadline", "2s"), 1, "--deadline 2s: stopped and cleaned up"),
+    ],
+)
+def test_a_bucket_request_that_stalls_does_not_hold_a_signal_or_the_deadline(
+    moto: Any,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    pycache: Path,
+    stop: str,
+    extra: tuple[str, ...],
+    code: int,
+    last_line: str,
+) -> None:
+    """obstore's calls block a worker thread until the request ends (up to the stall timeout, ten
+    times that for an upload): a signal or ``--deadline`` must not wait for them."""
+    from tests.object_servers import new_bucket, object_env
+
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    env = {**_env(tmp_path, pycache), **object_env(moto)}
+    ref = f"s3://{new_bucket(moto)}/c:k"
+    src = tmp_path / "src"
+    make_tree(src, small_files=50, big_bytes=1 << 20)
+    assert _run(env, "save", str(src), ref, "-q") == 0
+    via_proxy = {**env, "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    changed = tmp_path / "changed"
+    make_tree(changed, small_files=60, big_bytes=2 << 20)
+    target = tmp_path / "work" / "target"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("the old tree")
+    before = snapshot(target)
+    for method, args in (("GET", ["restore", ref, str(target)]), ("PUT", ["save", str(changed), ref])):
+        proxy.clear()
+        proxy.stall(after_bytes=1024 if method == "GET" else None, method=method, path_contains="/blobs/",
+                    times=100)  # fmt: skip
+        started = time.monotonic()
+        proc = _start([*args, "--timeout", "60", *extra], via_proxy)
+        _wait_for(_stalled(proxy, method), f"the {args[0]} to stall")
+        if stop != "deadline":
+            proc.send_signal(getattr(signal, stop))
+        try:
+            _out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+        assert proc.returncode == code, (args[0], err)
+        assert err.strip().splitlines()[-1].endswith(last_line), (args[0], err)
+        assert time.monotonic() - started < 15, (args[0], err)
+    assert snapshot(target) == before
+    assert _leftovers(target.parent, target, Path(env["TMPDIR"])) == []
+    out = tmp_path / "out"
+    assert _run(env, "restore", ref, str(out), "-q") == 0, "the interrupted save kept the entry"
+    assert_same_tree(src, out)

@@ -7,11 +7,18 @@ the process aborts (SIGABRT, exit 134): seen in about 5% of short runs against m
 in ``pyo3_async_runtimes::generic::set_result`` → ``take_gil`` (pyo3-async-runtimes issue #40).
 The blocking API finishes on the calling thread (GIL released meanwhile), so nothing calls into
 Python once the work is done: 0 aborts in 150 runs of the same script.
+
+A blocking call cannot be interrupted, and holds its thread until the request ends (the stall
+timeout; ten times that for an upload, see :mod:`.client`). So a cancelled caller (a signal,
+``--deadline``) does not wait for it: the thread is abandoned and finishes on its own, or dies
+with the process, which the CLI leaves with ``os._exit`` (no interpreter shutdown to race). A sink
+is never called once its caller has gone (:class:`_Gate`): the file it writes may be closed.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,7 +36,30 @@ _T = TypeVar("_T")
 
 
 async def _blocking(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
+
+
+class _Abandoned(Exception):
+    """Raised in an abandoned worker thread at its next chunk: nobody takes it any more."""
+
+
+class _Gate:
+    """A sink that a worker thread calls until :meth:`close`, which waits for a call in progress."""
+
+    def __init__(self, sink: Callable[[memoryview], None]) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._open = True
+
+    def __call__(self, chunk: memoryview) -> None:
+        with self._lock:
+            if not self._open:
+                raise _Abandoned()
+            self._sink(chunk)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 class Calls:
@@ -71,13 +101,16 @@ class Calls:
     async def stream_into(self, key: str, sink: Callable[[memoryview], None], chunk: int = 1 << 20) -> None:
         """The object's bytes into ``sink``, all in one worker thread."""
 
-        own = guarded(sink)
+        own = _Gate(guarded(sink))
 
         def run() -> None:
             for piece in obstore.get(self._client, key).stream(min_chunk_size=chunk):
                 own(memoryview(piece))
 
-        await _blocking(run)
+        try:
+            await _blocking(run)
+        finally:
+            own.close()  # a chunk being written ends first: the caller may close the sink's file
 
     async def stream(self, key: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes, about ``chunk`` at a time."""
