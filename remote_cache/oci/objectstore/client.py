@@ -60,7 +60,13 @@ def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None
 def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:
     allow_http = False
     if endpoint is not None:
-        parts = urlsplit(endpoint)
+        try:
+            parts = urlsplit(endpoint)
+            parts.port  # noqa: B018 - raises for a port out of range or not a number
+        except ValueError as exc:  # obstore would panic on it (InvalidPort)
+            raise InvalidReference(
+                f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
+            ) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidReference(
                 f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
@@ -74,8 +80,8 @@ def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, upload
         if parts.scheme == "http":
             if not (options.plain_http or is_loopback(parts.netloc)):
                 raise InvalidReference(
-                    f"endpoint {endpoint} is plain HTTP and not on this machine: pass --plain-http "
-                    "(plain_http=True) to allow it, or use https://"
+                    f"endpoint http://{parts.netloc} is plain HTTP and not on this machine: pass "
+                    "--plain-http (plain_http=True) to allow it, or use https://"
                 )
             allow_http = True
     stall = options.stall_seconds * (UPLOAD_STALL_FACTOR if uploads else 1)
