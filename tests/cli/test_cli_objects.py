@@ -110,6 +110,13 @@ def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any,
         (("save", str(src), "az://container/c:k", "--region", "westeurope"), "S3 options"),
         (("save", str(src), ref, "--storage-class", "GLACIER"), "never be restored"),
         (("save", str(src), ref, "--endpoint", "https://user:hunter2@minio.example"), "environment"),
+        (("save", str(src), ref, "--endpoint", "http://127.0.0.1:99999"), "not a valid URL"),
+        (("save", str(src), ref, "--endpoint", "http://127.0.0.1:notaport"), "not a valid URL"),
+        (("save", str(src), ref, "--endpoint", "http://[::1"), "not a valid URL"),
+        (
+            ("save", str(src), ref, "--endpoint", "http://10.1.2.3:9000/?X-Amz-Security-Token=hunter2"),
+            "plain HTTP",
+        ),
     ]
     for args, why in cases:
         proc = cli(*args, env={**env, "REMOTE_CACHE_PASSWORD": "pw"})
@@ -219,4 +226,25 @@ def test_an_error_body_that_echoes_the_session_token_is_one_line_without_it(
         assert token not in proc.stderr + proc.stdout, (args, proc.stderr)
         assert "SignatureDoesNotMatch" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        no_traceback(proc)
+
+
+def test_a_save_into_a_missing_bucket_or_container_says_so(
+    cli: Run, moto: ObjectServer, azurite: ObjectServer, tmp_path: Path
+) -> None:
+    """Whether or not this machine knows the tree (its state then lets the save look for blobs
+    first), a bucket or container that does not exist is named as such, on one line."""
+    src = small_tree(tmp_path / "src")
+    env = object_env(moto)
+    assert cli("save", str(src), f"s3://{new_bucket(moto)}/c:k", env=env).returncode == 0  # state known
+    for ref, server in (
+        ("s3://no-such-bucket-here/c:k", moto),
+        ("az://nosuchcontainer/c:k", azurite),
+        ("s3://no-such-bucket-here/other:k", moto),
+    ):
+        proc = cli("save", str(src), ref, env=object_env(server))
+        assert proc.returncode == 1, (ref, proc.stderr)
+        assert "does not exist" in proc.stderr, (ref, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (ref, proc.stderr)
+        assert "unexpected" not in proc.stderr
         no_traceback(proc)

@@ -96,7 +96,9 @@ def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Itera
     """
     try:
         yield
-    except NOT_FOUND:
+    except NOT_FOUND as exc:
+        if _missing_bucket(str(exc)):  # not a missing object: nothing can be read or written there
+            raise _no_bucket(location, action) from exc
         raise
     except RACE_LOST:
         raise
@@ -111,13 +113,19 @@ def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Itera
         raise StoreError(f"cannot {action}: {exc}") from exc
 
 
+def _missing_bucket(text: str) -> bool:
+    return "NoSuchBucket" in text or "ContainerNotFound" in text
+
+
+def _no_bucket(location: str, action: str) -> StoreError:
+    return StoreError(f"cannot {action}: the bucket of {location} does not exist (check its name and region)")
+
+
 def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str]) -> StoreError:
     summary = _summary(exc, secrets)
     kind = _KIND.search(str(exc))
-    if "NoSuchBucket" in summary or "ContainerNotFound" in summary:
-        return StoreError(
-            f"cannot {action}: the bucket of {location} does not exist (check its name and region)"
-        )
+    if _missing_bucket(summary):
+        return _no_bucket(location, action)
     if any(mark in summary for mark in _METADATA_MARKS):  # the last link of the credential chain
         return StoreAuthError(
             f"cannot {action}: no credentials for {location}: none in the environment or the shared "
