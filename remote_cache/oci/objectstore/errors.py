@@ -4,8 +4,9 @@ obstore reports a missing object as ``FileNotFoundError`` (or its ``NotFoundErro
 of a conditional write as ``AlreadyExistsError``/``PreconditionError``, refused credentials as
 ``PermissionDeniedError``/``UnauthenticatedError``, and everything else as ``GenericError``
 whose debug text names the HTTP failure's kind (``kind: Connect``, ``kind: Timeout``, ...).
-Messages keep obstore's first paragraph (method, URL, status: never a credential) and drop its
-debug dump; a store's own secrets are cut out anyway.
+Messages keep obstore's first paragraph (method, URL, status) on one line, an XML error body in it
+reduced to its code and message (the rest may echo the request), and drop the debug dump; the
+store's credentials and the environment's are cut out anyway.
 """
 
 from __future__ import annotations
