@@ -97,13 +97,16 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
+    return await _loaded(store, tag, tag, top)
+
+
+async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> Entry:
+    """The entry under ``tag`` whose top document is ``top``; one whose other documents cannot be
+    read (a manifest gone too: a sweep raced its save) is still an entry, with its error."""
     try:
-        image = await load_image(store, tag, top)
-    except CacheMiss:
-        return None
+        return _entry(tag, await load_image(store, tag, top))
     except RemoteCacheError as exc:
-        return Entry(key=tag, tag=tag, digest=top[0].digest, error=str(exc))
-    return _entry(tag, image)
+        return Entry(key=key, tag=tag, digest=top[0].digest, error=str(exc))
 
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
@@ -289,8 +292,14 @@ async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
 
 
 async def remove(store: Store, key: str, *, grace: timedelta | None = None, collect: bool = True) -> Entry:
-    """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry."""
-    entry = await inspect(store, key)
+    """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry.
+
+    A broken entry (its documents unreadable) is deleted too: ``rm`` is how one gets rid of it."""
+    validate_key(key)
+    found = await _find_key(store, key)
+    if found is None:
+        raise CacheMiss(key, store.location)
+    entry = await _loaded(store, key, *found)
     await _delete(store, entry.tag)
     if collect:
         await sweep(store, grace)

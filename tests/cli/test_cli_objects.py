@@ -3,6 +3,7 @@ subprocesses with credentials in the environment, as AWS and Azure tools take th
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,37 @@ def test_a_save_into_a_missing_bucket_or_container_says_so(
         assert len(proc.stderr.strip().splitlines()) == 1, (ref, proc.stderr)
         assert "unexpected" not in proc.stderr
         no_traceback(proc)
+
+
+def test_a_broken_entry_is_listed_with_its_error_and_rm_removes_it(
+    cli: Run, moto: ObjectServer, tmp_path: Path
+) -> None:
+    """An entry whose manifests are gone (a sweep raced its save, a hand-made delete) and a tag
+    object that is not an index: ``ls`` shows both with their error, and ``rm`` deletes them
+    (it is the one command that can)."""
+    env = object_env(moto)
+    bucket = new_bucket(moto)
+    src = small_tree(tmp_path / "src")
+    for key in ("gone", "garbage", "fine"):
+        assert cli("save", str(src), f"s3://{bucket}/c:{key}", env=env).returncode == 0
+    s3 = s3_client(moto)
+    index = json_line(cli("inspect", f"s3://{bucket}/c:gone", "--json", env=env))["digest"]
+    top = json.loads(s3.get_object(Bucket=bucket, Key="c/tags/gone")["Body"].read())
+    manifests = [m["digest"] for m in top["manifests"]]
+    assert index and manifests
+    for digest in manifests:
+        s3.delete_object(Bucket=bucket, Key=f"c/blobs/sha256/{digest.split(':')[1]}")
+    s3.put_object(Bucket=bucket, Key="c/tags/garbage", Body=b"not an index")
+    listed = cli("ls", f"s3://{bucket}/c", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["key"]: e for e in json_line(listed)["entries"]}
+    assert set(entries) == {"gone", "garbage", "fine"}, entries
+    assert (
+        entries["gone"].get("error") and entries["garbage"].get("error") and not entries["fine"].get("error")
+    )
+    for key in ("gone", "garbage"):
+        removed = cli("rm", f"s3://{bucket}/c:{key}", env=env)
+        assert removed.returncode == 0, (key, removed.stderr)
+        no_traceback(removed)
+    assert _keys(moto, bucket, "/tags/") == ["c/tags/fine"]
+    assert cli("restore", f"s3://{bucket}/c:fine", str(tmp_path / "o"), env=env).returncode == 0
