@@ -203,7 +203,8 @@ class Interrupted(RemoteCacheError):
         import signal
 
         self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signal = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.signal}")
 
 
 class DeadlineExceeded(RemoteCacheError):

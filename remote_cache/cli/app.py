@@ -551,11 +551,11 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         common = _read_password(common)
         outcome = asyncio.run(_main(body, common, deadline))
     except Interrupted as exc:
-        _stderr_line(f"{PROG}: {exc}")
-        raise typer.Exit(128 + exc.signum) from None
+        _interrupted(command, common, exc)
     except KeyboardInterrupt:  # before the handlers were in place
-        _stderr_line(f"{PROG}: interrupted by SIGINT")
-        raise typer.Exit(130) from None
+        import signal
+
+        _interrupted(command, common, Interrupted(signal.SIGINT))
     except Exception as exc:
         if debug:
             traceback.print_exc()
@@ -564,6 +564,16 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         outcome = _failed_open(outcome, common)
     _report(command, outcome, common)
     raise typer.Exit(int(outcome.code))
+
+
+def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
+    """Say which signal stopped the command (and, with --json, one object saying so); exit 128+N."""
+    code = 128 + exc.signum
+    if common.json:
+        data = {"command": command, "outcome": "interrupted", "signal": exc.signal, "exit_code": code}
+        sys.stdout.write(json.dumps(data) + "\n")
+    _stderr_line(f"{PROG}: {exc}")
+    raise typer.Exit(code)
 
 
 def _deadline_seconds(text: str) -> float:

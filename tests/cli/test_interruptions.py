@@ -6,6 +6,7 @@ mid-transfer every time; the packing case polls for the save's spool directory i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -335,7 +336,7 @@ def test_a_save_does_not_wait_for_a_lock_on_its_directory(tmp_path: Path, pycach
 @pytest.mark.parametrize(
     ("stop", "extra", "code", "last_line"),
     [
-        ("SIGTERM", (), 143, "remote-cache: interrupted by SIGTERM"),
+        ("SIGTERM", ("--json",), 143, "remote-cache: interrupted by SIGTERM"),
         ("SIGINT", ("--fail-open",), 130, "remote-cache: interrupted by SIGINT"),
         ("deadline", ("--deadline", "2s"), 1, "--deadline 2s: stopped and cleaned up"),
     ],
@@ -377,10 +378,13 @@ def test_a_bucket_request_that_stalls_does_not_hold_a_signal_or_the_deadline(
         if stop != "deadline":
             proc.send_signal(getattr(signal, stop))
         try:
-            _out, err = proc.communicate(timeout=20)
+            out, err = proc.communicate(timeout=20)
         finally:
             proc.kill()
         assert proc.returncode == code, (args[0], err)
+        if "--json" in extra:  # still one JSON object, saying what happened
+            assert json.loads(out) == {"command": args[0], "outcome": "interrupted", "signal": stop,
+                                       "exit_code": code}, out  # fmt: skip
         assert err.strip().splitlines()[-1].endswith(last_line), (args[0], err)
         assert time.monotonic() - started < 15, (args[0], err)
     assert snapshot(target) == before
