@@ -47,6 +47,7 @@ def main() -> None:
     import os
     import sys
 
+    code = 1
     try:
         app(prog_name=PROG)
         code = 0
@@ -54,9 +55,22 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 1  # a closed or full stdout is a failure to report what happened
-    os._exit(code)
+    except BaseException as exc:  # reporting failed (stdout on a full disk), or a native panic
+        _last_words(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}")
+    finally:
+        # Every path leaves here: an interpreter exit would also wait for worker threads that a
+        # cancelled command abandoned in a stalled request (remote_cache.oci.objectstore.calls).
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                code = code or 1  # a closed or full stdout is a failure to report what happened
+        os._exit(code)
+
+
+def _last_words(line: str) -> None:
+    import contextlib
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(line + "\n")

@@ -392,3 +392,36 @@ def test_a_bucket_request_that_stalls_does_not_hold_a_signal_or_the_deadline(
     out = tmp_path / "out"
     assert _run(env, "restore", ref, str(out), "-q") == 0, "the interrupted save kept the entry"
     assert_same_tree(src, out)
+
+
+def test_a_failure_to_report_still_leaves_at_once(
+    moto: Any, fault_proxy_factory: Any, tmp_path: Path, pycache: Path
+) -> None:
+    """The command leaves with ``os._exit`` on every path: stdout on a full disk makes reporting
+    fail, and a normal interpreter exit would join the worker thread still held by a stalled
+    bucket upload (ten times --timeout)."""
+    from tests.object_servers import new_bucket, object_env
+
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    proxy.stall(method="PUT", path_contains="/blobs/", times=100)
+    env = {**_env(tmp_path, pycache), **object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    src = tmp_path / "src"
+    make_tree(src, small_files=5, big_bytes=200_000)
+    started = time.monotonic()
+    with open("/dev/full", "w") as full:
+        args = [
+            "save",
+            str(src),
+            f"s3://{new_bucket(moto)}/c:k",
+            "--timeout",
+            "3",
+            "--deadline",
+            "1s",
+            "--json",
+        ]
+        proc = subprocess.run(
+            [str(CLI), *args], env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - started < 15, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
