@@ -63,7 +63,9 @@ def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, upload
         try:
             parts = urlsplit(endpoint)
             parts.port  # noqa: B018 - raises for a port out of range or not a number
-        except ValueError as exc:  # obstore would panic on it (InvalidPort)
+            if any(c.isspace() or not c.isprintable() for c in endpoint) or "%" in (parts.hostname or ""):
+                raise ValueError("a space, a control character or a zone id")
+        except ValueError as exc:  # obstore would panic on it (InvalidPort, InvalidUriChar, ...)
             raise InvalidReference(
                 f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
             ) from None
