@@ -97,7 +97,7 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
-    return await _loaded(store, tag, tag, top)
+    return await _loaded(store, _recorded_key(top) or tag, tag, top)
 
 
 async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> Entry:
@@ -230,7 +230,12 @@ async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] 
 
 
 def _recorded_key(top: tuple[Descriptor, bytes]) -> str | None:
-    return document_annotations(*top).get(ANNOTATION_KEY)
+    """The key a top document records; None when it records none or cannot be read (a broken
+    entry under a key's own tag is that key's to list and remove)."""
+    try:
+        return document_annotations(*top).get(ANNOTATION_KEY)
+    except RemoteCacheError:
+        return None
 
 
 async def _exact(store: Store, key: str, read_image: bool) -> Match | None:

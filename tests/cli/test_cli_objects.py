@@ -258,29 +258,31 @@ def test_a_broken_entry_is_listed_with_its_error_and_rm_removes_it(
     cli: Run, moto: ObjectServer, tmp_path: Path
 ) -> None:
     """An entry whose manifests are gone (a sweep raced its save, a hand-made delete) and a tag
-    object that is not an index: ``ls`` shows both with their error, and ``rm`` deletes them
-    (it is the one command that can)."""
+    object that is not an index, under keys that are their own tag and keys with a hashed tag:
+    ``ls`` shows each under its key with its error, and ``rm KEY`` deletes it (it is the one
+    command that can)."""
     env = object_env(moto)
     bucket = new_bucket(moto)
     src = small_tree(tmp_path / "src")
-    for key in ("gone", "garbage", "fine"):
+    tags = {}
+    for key in ("gone", "garbage", "feature/gone", "feature/garbage", "fine"):
         assert cli("save", str(src), f"s3://{bucket}/c:{key}", env=env).returncode == 0
+        tags[key] = json_line(cli("inspect", f"s3://{bucket}/c:{key}", "--json", env=env))["tag"]
+    assert tags["feature/gone"] != "feature/gone"  # a hashed tag
     s3 = s3_client(moto)
-    index = json_line(cli("inspect", f"s3://{bucket}/c:gone", "--json", env=env))["digest"]
-    top = json.loads(s3.get_object(Bucket=bucket, Key="c/tags/gone")["Body"].read())
-    manifests = [m["digest"] for m in top["manifests"]]
-    assert index and manifests
-    for digest in manifests:
-        s3.delete_object(Bucket=bucket, Key=f"c/blobs/sha256/{digest.split(':')[1]}")
-    s3.put_object(Bucket=bucket, Key="c/tags/garbage", Body=b"not an index")
+    for key in ("gone", "feature/gone"):
+        top = json.loads(s3.get_object(Bucket=bucket, Key=f"c/tags/{tags[key]}")["Body"].read())
+        for manifest in top["manifests"]:
+            s3.delete_object(Bucket=bucket, Key=f"c/blobs/sha256/{manifest['digest'].split(':')[1]}")
+    for key in ("garbage", "feature/garbage"):
+        s3.put_object(Bucket=bucket, Key=f"c/tags/{tags[key]}", Body=b"not an index")
     listed = cli("ls", f"s3://{bucket}/c", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     entries = {e["key"]: e for e in json_line(listed)["entries"]}
-    assert set(entries) == {"gone", "garbage", "fine"}, entries
-    assert (
-        entries["gone"].get("error") and entries["garbage"].get("error") and not entries["fine"].get("error")
-    )
-    for key in ("gone", "garbage"):
+    # A garbage document under a hashed tag names no key: it is listed under its tag.
+    assert set(entries) == {"gone", "garbage", "feature/gone", tags["feature/garbage"], "fine"}, entries
+    assert [k for k, e in entries.items() if not e.get("error")] == ["fine"], entries
+    for key in ("gone", "garbage", "feature/gone", "feature/garbage"):
         removed = cli("rm", f"s3://{bucket}/c:{key}", env=env)
         assert removed.returncode == 0, (key, removed.stderr)
         no_traceback(removed)
