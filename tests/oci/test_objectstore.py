@@ -4,6 +4,7 @@ what a healthy server does not do (stall, answer 503)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -397,3 +398,39 @@ async def test_a_missing_bucket_is_an_error_not_a_miss(
     with pytest.raises(StoreError, match="does not exist") as info:
         await restore(store, "k", tmp_path / "out")
     assert not isinstance(info.value, CacheMiss)
+
+
+async def test_a_cancelled_download_leaves_the_event_loop_free_while_its_sink_finishes(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None]
+) -> None:
+    """A download cancelled while its sink writes a chunk (a slow or hung disk) returns once that
+    chunk is written, and the event loop (a second signal's handler) keeps running meanwhile."""
+    from remote_cache.oci.objectstore.calls import Calls
+    from remote_cache.oci.objectstore.client import build_client
+
+    env_of(moto)
+    bucket = new_bucket(moto)
+    s3_client(moto).put_object(Bucket=bucket, Key="p/obj", Body=os.urandom(3 << 20))
+    ref = parse_reference(f"s3://{bucket}/p")
+    options = ObjectStoreOptions()
+    calls = Calls(build_client(ref, options), build_client(ref, options, uploads=True))
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        with anyio.move_on_after(0.5):
+            await calls.stream_into("obj", lambda chunk: time.sleep(2))
+        ticks.append(time.monotonic())  # the loop's last stretch: up to the download's return
+        tg.cancel_scope.cancel()
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5
+
+
+def test_a_stores_own_credentials_are_cut_out_of_messages_whatever_their_length() -> None:
+    from remote_cache.oci.objectstore.errors import _summary
+
+    assert _summary(Exception("403 for S3RVER at /p"), ["S3RVER"]) == "403 for *** at /p"

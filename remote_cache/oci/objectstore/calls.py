@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import anyio.to_thread
 import obstore
 
@@ -57,9 +58,13 @@ class _Gate:
                 raise _Abandoned()
             self._sink(chunk)
 
-    def close(self) -> None:
-        with self._lock:
-            self._open = False
+    def close(self, *, blocking: bool = True) -> bool:
+        """No call after this one; False (without ``blocking``) while a call is in progress."""
+        if not self._lock.acquire(blocking=blocking):
+            return False
+        self._open = False
+        self._lock.release()
+        return True
 
 
 class Calls:
@@ -110,7 +115,11 @@ class Calls:
         try:
             await _blocking(run)
         finally:
-            own.close()  # a chunk being written ends first: the caller may close the sink's file
+            # A chunk being written ends first (the caller may close the sink's file next), waited
+            # for in a thread so that the event loop, and a second signal, are not held meanwhile.
+            if not own.close(blocking=False):
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(own.close)
 
     async def stream(self, key: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes, about ``chunk`` at a time."""

@@ -83,9 +83,11 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
         found = [m.group(1).strip() for m in (_XML_CODE.search(text), _XML_MESSAGE.search(text)) if m]
         text = text[: body.start()] + (": ".join(found) or "an XML error body")
     text = " ".join(text.split())
-    for secret in (*secrets, *(os.environ.get(name, "") for name in _SECRET_VARS)):
-        if len(secret) >= 8:  # a shorter one would cut words out of the message, not a secret
-            text = text.replace(secret, "***")
+    # An environment value shorter than 8 would cut words out of the message, not a secret; the
+    # store's own credentials go whatever their length.
+    environment = (value for name in _SECRET_VARS if len(value := os.environ.get(name, "")) >= 8)
+    for secret in (*(s for s in secrets if s), *environment):
+        text = text.replace(secret, "***")
     return text
 
 
