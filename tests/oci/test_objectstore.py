@@ -434,3 +434,18 @@ def test_a_stores_own_credentials_are_cut_out_of_messages_whatever_their_length(
     from remote_cache.oci.objectstore.errors import _summary
 
     assert _summary(Exception("403 for S3RVER at /p"), ["S3RVER"]) == "403 for *** at /p"
+
+
+def test_only_a_501_or_not_implemented_answer_means_conditional_writes_are_refused() -> None:
+    """The texts obstore gives (the second as a real 501 through the fault proxy gave it): a
+    '501' inside an elapsed time or a key is not the status."""
+    from obstore.exceptions import GenericError
+
+    from remote_cache.oci.objectstore.errors import refuses_conditional
+
+    put = "Generic S3 error: Error performing PUT http://h/b/.remote-cache/probe-1501 in 1.501ms - "
+    assert not refuses_conditional(GenericError(put + "Server returned non-2xx status code: 400 Bad Request"))
+    assert refuses_conditional(
+        GenericError(put + "Server returned non-2xx status code: 501 Not Implemented: ")
+    )
+    assert refuses_conditional(GenericError(put + "status code: 400: <Code>NotImplemented</Code>"))

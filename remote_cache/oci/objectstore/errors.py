@@ -58,10 +58,14 @@ def _credentials_hint(location: str) -> str:
 _PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again cannot help soon
 
 
+#: A 501 status or S3's ``NotImplemented`` code (not "501" inside an elapsed time or a key).
+_NOT_IMPLEMENTED = re.compile(r"status(?: code)?:? 501\b|\bNotImplemented\b")
+
+
 def refuses_conditional(exc: BaseException) -> bool:
     """A server's answer that it does not implement a conditional write (501, NotImplemented)."""
     text = str(exc).split("\n\nDebug source", 1)[0]
-    return isinstance(exc, BaseError) and ("501" in text or "NotImplemented" in text)
+    return isinstance(exc, BaseError) and _NOT_IMPLEMENTED.search(text) is not None
 
 
 #: Where credentials read from the environment are: a server may echo one back (AWS's
