@@ -252,13 +252,18 @@ async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
     return Match(key=key, tag=tag, digest=image.digest, exact=True, image=image)
 
 
-async def inspect(store: Store, key: str) -> Entry:
-    """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
+async def _located(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]]:
+    """:func:`_find_key` for a key that must have an entry (``inspect``, ``rm``): CacheMiss if not."""
     validate_key(key)
     found = await _find_key(store, key)
     if found is None:
         raise CacheMiss(key, store.location)
-    tag, top = found
+    return found
+
+
+async def inspect(store: Store, key: str) -> Entry:
+    """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
+    tag, top = await _located(store, key)
     return _entry(tag, await load_image(store, tag, top))
 
 
@@ -300,11 +305,7 @@ async def remove(store: Store, key: str, *, grace: timedelta | None = None, coll
     """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry.
 
     A broken entry (its documents unreadable) is deleted too: ``rm`` is how one gets rid of it."""
-    validate_key(key)
-    found = await _find_key(store, key)
-    if found is None:
-        raise CacheMiss(key, store.location)
-    entry = await _loaded(store, key, *found)
+    entry = await _loaded(store, key, *await _located(store, key))
     await _delete(store, entry.tag)
     if collect:
         await sweep(store, grace)
