@@ -62,10 +62,14 @@ _PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again can
 _NOT_IMPLEMENTED = re.compile(r"status(?: code)?:? 501\b|\bNotImplemented\b")
 
 
+def _first_paragraph(exc: BaseException) -> str:
+    """obstore's message without the debug dump that follows it."""
+    return str(exc).split("\n\nDebug source", 1)[0]
+
+
 def refuses_conditional(exc: BaseException) -> bool:
     """A server's answer that it does not implement a conditional write (501, NotImplemented)."""
-    text = str(exc).split("\n\nDebug source", 1)[0]
-    return isinstance(exc, BaseError) and _NOT_IMPLEMENTED.search(text) is not None
+    return isinstance(exc, BaseError) and _NOT_IMPLEMENTED.search(_first_paragraph(exc)) is not None
 
 
 #: Where credentials read from the environment are: a server may echo one back (AWS's
@@ -82,7 +86,7 @@ _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     """obstore's first paragraph on one line; an XML error body the server sent reduced to its code
     and message (the rest echoes the request); every credential cut out, the environment's too."""
-    text = str(exc).split("\n\nDebug source", 1)[0].strip() or type(exc).__name__
+    text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
         found = [m.group(1).strip() for m in (_XML_CODE.search(text), _XML_MESSAGE.search(text)) if m]
         text = text[: body.start()] + (": ".join(found) or "an XML error body")
