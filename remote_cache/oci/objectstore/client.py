@@ -25,7 +25,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from ...errors import InvalidReference, StoreError
 from ...version import TOOL
@@ -57,28 +57,35 @@ def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None
     return None
 
 
+def _endpoint_parts(endpoint: str) -> SplitResult:
+    """The endpoint's parts, once it is an http(s) URL with a host that obstore will take (it
+    panics on a bad port or host at the first request) and no credentials in it."""
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+        if any(c.isspace() or not c.isprintable() for c in endpoint) or "%" in (parts.hostname or ""):
+            raise ValueError("a space, a control character or a zone id")
+    except ValueError as exc:  # obstore would panic on it (InvalidPort, InvalidUriChar, ...)
+        raise InvalidReference(
+            f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidReference(
+            f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
+            "https://minio.example:9000"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise InvalidReference(
+            f"endpoint {parts.scheme}://…@{parts.hostname}: credentials go in the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URL"
+        )
+    return parts
+
+
 def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:
     allow_http = False
     if endpoint is not None:
-        try:
-            parts = urlsplit(endpoint)
-            parts.port  # noqa: B018 - raises for a port out of range or not a number
-            if any(c.isspace() or not c.isprintable() for c in endpoint) or "%" in (parts.hostname or ""):
-                raise ValueError("a space, a control character or a zone id")
-        except ValueError as exc:  # obstore would panic on it (InvalidPort, InvalidUriChar, ...)
-            raise InvalidReference(
-                f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
-            ) from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidReference(
-                f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
-                "https://minio.example:9000"
-            )
-        if parts.username is not None or parts.password is not None:
-            raise InvalidReference(
-                f"endpoint {parts.scheme}://…@{parts.hostname}: credentials go in the environment "
-                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URL"
-            )
+        parts = _endpoint_parts(endpoint)
         if parts.scheme == "http":
             if not (options.plain_http or is_loopback(parts.netloc)):
                 raise InvalidReference(
