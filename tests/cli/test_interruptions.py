@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.cli.output import CLI, clean_env
+from tests.object_servers import new_bucket, object_env
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.trees import assert_same_tree, make_tree, snapshot
 
@@ -353,8 +354,6 @@ def test_a_bucket_request_that_stalls_does_not_hold_a_signal_or_the_deadline(
 ) -> None:
     """obstore's calls block a worker thread until the request ends (up to the stall timeout, ten
     times that for an upload): a signal or ``--deadline`` must not wait for them."""
-    from tests.object_servers import new_bucket, object_env
-
     proxy: FaultProxy = fault_proxy_factory(moto)
     env = {**_env(tmp_path, pycache), **object_env(moto)}
     ref = f"s3://{new_bucket(moto)}/c:k"
@@ -400,8 +399,6 @@ def test_a_failure_to_report_still_leaves_at_once(
     """The command leaves with ``os._exit`` on every path: stdout on a full disk makes reporting
     fail, and a normal interpreter exit would join the worker thread still held by a stalled
     bucket upload (ten times --timeout)."""
-    from tests.object_servers import new_bucket, object_env
-
     proxy: FaultProxy = fault_proxy_factory(moto)
     proxy.stall(method="PUT", path_contains="/blobs/", times=100)
     env = {**_env(tmp_path, pycache), **object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
