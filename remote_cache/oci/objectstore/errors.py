@@ -28,7 +28,14 @@ from obstore.exceptions import (
 
 from ...errors import StoreAuthError, StoreError, StoreStalled, StoreUnreachable
 
-__all__ = ["NOT_FOUND", "RACE_LOST", "UNSUPPORTED", "refuses_conditional", "translated"]
+__all__ = [
+    "NOT_FOUND",
+    "RACE_LOST",
+    "UNSUPPORTED",
+    "credentials_to_hide",
+    "refuses_conditional",
+    "translated",
+]
 
 #: Exceptions that mean "no such object" (callers turn it into a miss or a missing blob).
 NOT_FOUND = (FileNotFoundError, NotFoundError)
@@ -85,18 +92,22 @@ _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
 
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     """obstore's first paragraph on one line; an XML error body the server sent reduced to its code
-    and message (the rest echoes the request); every credential cut out, the environment's too."""
+    and message (the rest echoes the request); ``secrets`` (:func:`credentials_to_hide`) cut out."""
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
         found = [m.group(1).strip() for m in (_XML_CODE.search(text), _XML_MESSAGE.search(text)) if m]
         text = text[: body.start()] + (": ".join(found) or "an XML error body")
     text = " ".join(text.split())
-    # An environment value shorter than 8 would cut words out of the message, not a secret; the
-    # store's own credentials go whatever their length.
-    environment = (value for name in _SECRET_VARS if len(value := os.environ.get(name, "")) >= 8)
-    for secret in (*(s for s in secrets if s), *environment):
+    for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
+    """What messages must never show: a store's own credentials, whatever their length, and those
+    the environment holds (one shorter than 8 would cut words out of a message, not a secret)."""
+    environment = (value for name in _SECRET_VARS if len(value := os.environ.get(name, "")) >= 8)
+    return (*(s for s in explicit if s), *environment)
 
 
 @contextmanager

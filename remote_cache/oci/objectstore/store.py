@@ -48,7 +48,7 @@ from ..stalls import GIVING_UP, Stalls
 from ..store import DEFAULT_GC_GRACE_SECONDS, Sink, download_by_reading, sink_failures_as_themselves
 from .calls import Calls
 from .client import build_client
-from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, refuses_conditional, translated
+from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, credentials_to_hide, refuses_conditional, translated
 from .options import ObjectStoreOptions
 
 __all__ = ["ObjectStore"]
@@ -73,7 +73,7 @@ class ObjectStore:
         self.reference = reference
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
-        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+        self._secrets = credentials_to_hide((self.options.secret_access_key, self.options.session_token))
         self._stalls = Stalls(self.options.stall_seconds)
         with self._translated("set up the client"):
             client = build_client(reference, self.options)
