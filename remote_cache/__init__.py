@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import (
     MISS_MARKER,
+    BrokenEntry,
     CacheMiss,
     ImageFormatError,
     IntegrityError,
@@ -38,6 +39,7 @@ __version__ = VERSION
 
 __all__ = [
     "MISS_MARKER",
+    "BrokenEntry",
     "CacheMiss",
     "ImageFormatError",
     "IntegrityError",

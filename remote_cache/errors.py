@@ -5,6 +5,7 @@ RemoteCacheError
 ├── InvalidReference        a malformed HOST/REPO:KEY or oci:DIR:KEY
 ├── InvalidConfigFile       a credentials file or certificate directory named explicitly is unusable
 ├── CacheMiss               no entry under that key (not a failure)
+│   └── BrokenEntry         the key's entry names a document that is gone
 ├── CacheTooLarge           a directory over the size limit: refused before any upload
 ├── StoreError              talking to a store went wrong
 │   ├── StoreAuthError      missing or wrong credentials, or not allowed
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MISS_MARKER",
     "BlobsSwept",
+    "BrokenEntry",
     "CacheMiss",
     "CacheTooLarge",
     "DeadlineExceeded",
@@ -85,11 +87,31 @@ class InvalidConfigFile(RemoteCacheError, ValueError):
 class CacheMiss(RemoteCacheError):
     """No entry exists under the requested key. Not a failure: the caller starts cold."""
 
-    def __init__(self, key: str, where: str = "") -> None:
+    def __init__(self, key: str, where: str = "", reason: str = "") -> None:
         self.key = key
         self.where = where
         at = f" in {where}" if where else ""
-        super().__init__(f"{MISS_MARKER} no entry for key {key!r}{at}")
+        #: Why there is nothing to restore, for a summary line after the key.
+        self.reason = reason or f"no entry{at}"
+        super().__init__(
+            f"{MISS_MARKER} " + (f"key {key!r}: {reason}" if reason else f"no entry for key {key!r}{at}")
+        )
+
+
+class BrokenEntry(CacheMiss):
+    """The key has an entry, but a document it names is gone (a sweep raced its save, a blob
+    deleted by hand). A miss for a restore, which the next save under the key repairs; ``rm``
+    removes it."""
+
+    def __init__(self, key: str, where: str, missing: str) -> None:
+        #: What is gone, e.g. ``manifest sha256:...``.
+        self.missing = missing
+        super().__init__(
+            key,
+            where,
+            f"its entry in {where} is broken ({missing} is gone): the next save under the key "
+            "replaces it, `remote-cache rm` removes it",
+        )
 
 
 class CacheTooLarge(RemoteCacheError):

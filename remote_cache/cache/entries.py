@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..errors import CacheMiss, ImageFormatError, IntegrityError, RemoteCacheError, UnsupportedOperation
+from ..errors import (
+    BrokenEntry,
+    CacheMiss,
+    ImageFormatError,
+    IntegrityError,
+    RemoteCacheError,
+    UnsupportedOperation,
+)
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
@@ -105,6 +112,8 @@ async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes
     read (a manifest gone too: a sweep raced its save) is still an entry, with its error."""
     try:
         return _entry(tag, await load_image(store, tag, top))
+    except BrokenEntry as exc:
+        return Entry(key=key, tag=tag, digest=top[0].digest, error=f"broken: {exc.missing} is gone")
     except RemoteCacheError as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=str(exc))
 
@@ -247,8 +256,8 @@ async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
     if not read_image:
         return Match(key=key, tag=tag, digest=top[0].digest, exact=True)
     # Read outside the miss above: a manifest missing under an existing tag is a broken entry
-    # (its CacheMiss propagates), not an absent key to fall back from.
-    image = await load_image(store, tag, top)
+    # (BrokenEntry propagates), not an absent key to fall back from.
+    image = await _image_of(store, key, tag, top)
     return Match(key=key, tag=tag, digest=image.digest, exact=True, image=image)
 
 
@@ -261,10 +270,19 @@ async def _located(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes
     return found
 
 
+async def _image_of(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> CacheImage:
+    """The image of ``key``'s entry, found under ``tag``; BrokenEntry names the key, not the tag."""
+    try:
+        return await load_image(store, tag, top)
+    except BrokenEntry as exc:
+        raise BrokenEntry(key, store.location, exc.missing) from exc
+
+
 async def inspect(store: Store, key: str) -> Entry:
-    """The entry stored under ``key``, with its layers; CacheMiss when there is none."""
+    """The entry stored under ``key``, with its layers; CacheMiss when there is none (BrokenEntry
+    when it names a manifest that is gone)."""
     tag, top = await _located(store, key)
-    return _entry(tag, await load_image(store, tag, top))
+    return _entry(tag, await _image_of(store, key, tag, top))
 
 
 async def _delete(store: Store, tag: str) -> None:

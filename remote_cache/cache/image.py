@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import ImageFormatError
+from ..errors import BrokenEntry, CacheMiss, ImageFormatError
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.digest import sha256_digest
 from ..oci.media import (
@@ -335,6 +335,7 @@ async def load_image(
     ``read``: its top document, already read (:func:`read_document`).
 
     Annotations come from the top level (our index carries them), falling back to the manifest's.
+    CacheMiss when ``reference`` is absent; BrokenEntry when an index names a manifest that is not.
     """
     top, body = read if read is not None else await read_document(store, reference, "manifest")
     kind = _kind(top, body)
@@ -343,7 +344,10 @@ async def load_image(
         chosen = _pick(manifests)
         if chosen.size > MAX_DOCUMENT_BYTES:
             raise ImageFormatError(f"the manifest {chosen.digest} is larger than {MAX_DOCUMENT_BYTES} bytes")
-        mdesc, mbody = await read_document(store, chosen.digest, "manifest")
+        try:
+            mdesc, mbody = await read_document(store, chosen.digest, "manifest")
+        except CacheMiss as exc:  # the index is there, its manifest not: not an absent key
+            raise BrokenEntry(reference, store.location, f"manifest {chosen.digest}") from exc
         parsed = parse_manifest(mbody, _kind(mdesc, mbody))
         manifest = Descriptor(chosen.media_type, mdesc.digest, mdesc.size, platform=chosen.platform)
         merged = {**parsed.annotations, **annotations}

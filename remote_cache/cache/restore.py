@@ -108,10 +108,7 @@ async def restore(
     path = Path(path)
     target = plan_target(path, force=force)
     await anyio.to_thread.run_sync(clean_leftovers, target)
-    try:
-        match = await find_entry(store, key, restore_keys, read_image=True)
-    except CacheMiss as exc:  # the key's entry names a manifest that is gone: a broken entry
-        raise CacheMiss(key, store.location) from exc
+    match = await find_entry(store, key, restore_keys, read_image=True)  # BrokenEntry: a miss too
     if match is None:
         raise CacheMiss(key, store.location)
     assert match.image is not None  # read by the lookup (read_image)

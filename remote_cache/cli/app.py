@@ -605,10 +605,8 @@ def _report(command: str, outcome: Outcome, common: Common) -> None:
 def _failure(command: str, exc: Exception, common: Common) -> Outcome:
     if isinstance(exc, CacheMiss):
         # A miss (inspect/rm of an absent key) is a result, not an error.
-        where = f"no entry in {exc.where}" if exc.where else "no entry"
-        return Outcome(
-            ExitCode.MISS, f"{command} miss {exc.key}: {where}", {"outcome": "miss", "key": exc.key}
-        )
+        data = {"outcome": "miss", "key": exc.key, "reason": exc.reason}
+        return Outcome(ExitCode.MISS, f"{command} miss {exc.key}: {exc.reason}", data)
     code = exit_code_for(exc)
     message = _redact(str(exc) or type(exc).__name__, common)
     if not isinstance(exc, RemoteCacheError | OSError):

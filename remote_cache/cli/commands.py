@@ -226,9 +226,15 @@ def _restore(
                         force=force,
                         **given(jobs=jobs),
                     )
-            except CacheMiss:
-                data = {"outcome": "miss", "hit": False, "key": entry_key, "reference": str(reference)}
-                return Outcome(ExitCode.MISS, f"restore miss {entry_key}: no entry in {store.location}", data)
+            except CacheMiss as miss:
+                data = {
+                    "outcome": "miss",
+                    "hit": False,
+                    "key": entry_key,
+                    "reason": miss.reason,
+                    "reference": str(reference),
+                }
+                return Outcome(ExitCode.MISS, f"restore miss {entry_key}: {miss.reason}", data)
         exact = result.status == "hit"
         data = {**result.to_json(), "hit": exact, "reference": str(reference)}
         return Outcome(ExitCode.OK, result.summary(), data)

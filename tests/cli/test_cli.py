@@ -198,6 +198,41 @@ def test_miss_exits_3_and_leaves_the_target_alone(
     assert inspect.returncode == 3 and inspect.stderr.startswith("inspect miss absent: no entry in ")
 
 
+def test_a_broken_entry_is_named_as_broken_not_as_an_absent_digest(cli: Run, tmp_path: Path) -> None:
+    """An entry whose manifest is gone (a sweep raced its save, a blob deleted by hand) is still a
+    miss for a restore and inspect (exit 3; the next save replaces it), but every command says the
+    key's entry is broken and what is gone, never "no entry for sha256:..." as if it were a key."""
+    layout = tmp_path / "layout"
+    ref = f"oci:{layout}:k"
+    assert cli("save", str(small_tree(tmp_path / "src")), ref).returncode == 0
+    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
+    index = json.loads((layout / "blobs/sha256" / top.split(":")[1]).read_bytes())
+    manifest = index["manifests"][0]["digest"]
+    (layout / "blobs/sha256" / manifest.split(":")[1]).unlink()
+    out = one_file_tree(tmp_path / "out", "kept")
+    before = sorted(p.name for p in out.iterdir())
+
+    restored = cli("restore", ref, str(out), "--json")
+    assert restored.returncode == 3, restored.stderr
+    line = restored.stderr.strip()
+    assert line.startswith("restore miss k: ") and "broken" in line and manifest in line, line
+    assert "rm" in line, line  # the way out
+    assert json_line(restored)["outcome"] == "miss"
+    assert "broken" in json_line(restored)["reason"]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+    inspected = cli("inspect", ref)
+    assert inspected.returncode == 3, inspected.stderr
+    assert inspected.stderr.startswith("inspect miss k: ") and "broken" in inspected.stderr, inspected.stderr
+    assert "miss sha256:" not in inspected.stderr
+
+    listed = json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]
+    assert [e["key"] for e in listed] == ["k"]
+    assert listed[0]["error"].startswith("broken: ") and manifest in listed[0]["error"], listed
+    assert "cache miss" not in listed[0]["error"]
+    no_traceback(restored)
+
+
 def test_max_size_is_refused_with_exit_5(cli: Run, tmp_path: Path) -> None:
     src = small_tree(tmp_path / "src")
     (src / "big.bin").write_bytes(b"x" * 5000)
@@ -445,6 +480,7 @@ def test_every_command_takes_the_common_options_before_or_after_it(
         "command": "rm",
         "outcome": "miss",
         "key": "absent",
+        "reason": "no entry in oci:layout",
         "failed_open": True,
         "failed_exit_code": 3,
         "exit_code": 0,
