@@ -7,6 +7,7 @@ RemoteCacheError
 ├── CacheMiss               no entry under that key (not a failure)
 │   └── BrokenEntry         the key's entry names a document that is gone
 ├── CacheTooLarge           a directory over the size limit: refused before any upload
+├── TreeTooDeep             a directory nested deeper than the archive layer handles
 ├── StoreError              talking to a store went wrong
 │   ├── StoreAuthError      missing or wrong credentials, or not allowed
 │   │   └── RegistryAuthError   a registry's 401/403
@@ -54,6 +55,7 @@ __all__ = [
     "StoreStalled",
     "StoreUnreachable",
     "TreeChanged",
+    "TreeTooDeep",
     "UnsafeArchive",
     "UnsuitableTarget",
     "UnsupportedOperation",
@@ -125,6 +127,17 @@ class CacheTooLarge(RemoteCacheError):
             f"{format_bytes(max_size)} ({max_size} bytes); nothing was uploaded. Raise the limit "
             f"(--max-size {size_above(size)} on the command line, max_size in code) or clean the "
             "directory first"
+        )
+
+
+class TreeTooDeep(RemoteCacheError):
+    """A directory nests deeper than :data:`~remote_cache.archive.tar.MAX_DEPTH` levels: refused
+    before anything is uploaded (walks and removals recurse once per level)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        super().__init__(
+            f"{path!r} nests directories more than {limit} levels deep, which remote-cache does not "
+            "save; leave that subtree out of the cache directory"
         )
 
 

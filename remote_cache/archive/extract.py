@@ -42,7 +42,7 @@ from ..errors import ImageFormatError, UnsafeArchive
 from .decompress import EndOfLayers, Feeder
 from .reader import LayerReader
 from .swap import remove_tree_at
-from .tar import DIR, FILE, REGULAR_TYPES, SYMLINK, HeaderDecoder, display
+from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, HeaderDecoder, display
 
 __all__ = ["ExtractStats", "Extractor"]
 
@@ -66,12 +66,13 @@ class ExtractStats:
 
 
 def _clean(raw: bytes, member: bytes, *, allow_root: bool) -> bytes:
-    """Validate and normalise a member path: relative, no ``..``, no empty result."""
+    """Validate and normalise a member path: relative, no ``..``, no empty result, at most
+    MAX_DEPTH components."""
     if raw[:1] != b"/":
         n = raw.rstrip(b"/")
         # Fast path: no component starts with "." (so none is "." or ".."), no empty ones.
         if n and n[:1] != b"." and b"/." not in n and b"//" not in n:
-            return n
+            return _shallow(n, member)
     elif allow_root and not raw.strip(b"/"):
         return b""  # "/" as a directory member is the root (umoci insert writes one), like "./"
     else:
@@ -83,7 +84,16 @@ def _clean(raw: bytes, member: bytes, *, allow_root: bool) -> bytes:
         )
     if not parts and not allow_root:
         raise UnsafeArchive(f"archive member {display(member)!r} names the root directory; refusing")
-    return b"/".join(parts)
+    return _shallow(b"/".join(parts), member)
+
+
+def _shallow(path: bytes, member: bytes) -> bytes:
+    """``path``, unless it nests deeper than a save would walk (see MAX_DEPTH)."""
+    if path.count(b"/") >= MAX_DEPTH:
+        raise UnsafeArchive(
+            f"archive member {display(member)[:100]!r}... nests more than {MAX_DEPTH} levels deep; refusing"
+        )
+    return path
 
 
 def _umask() -> int | None:

@@ -24,6 +24,7 @@ __all__ = [
     "DIR",
     "FILE",
     "HARDLINK",
+    "MAX_DEPTH",
     "REGULAR_TYPES",
     "SYMLINK",
     "ZERO_BLOCK",
@@ -43,6 +44,10 @@ FILE, DIR, SYMLINK, HARDLINK = 0, 1, 2, 3
 _TYPEFLAG = {FILE: b"0", DIR: b"5", SYMLINK: b"2", HARDLINK: b"1"}
 #: Type flags of regular files (``\0`` is pre-POSIX, ``7`` contiguous).
 REGULAR_TYPES = (b"0", b"\0", b"7")
+#: The deepest member path (in components) a save walks or a restore extracts. Walks, removals
+#: and the extractor's directory lookups recurse once per level (the walk two frames a level),
+#: under Python's limit of 1000 frames; real caches nest a few dozen levels at most.
+MAX_DEPTH = 256
 #: Type flags of headers that describe the next member: PAX (local, global), GNU long name/link.
 _META_TYPES = (b"x", b"g", b"L", b"K")
 _MAX_META = 64 << 20

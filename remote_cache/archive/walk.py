@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
 
-from .tar import DIR, FILE, HARDLINK, SYMLINK, Member
+from ..errors import TreeTooDeep
+from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Member
 from .workdirs import is_in_place_work
 
 __all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
@@ -119,6 +120,8 @@ class _Walk:
         """Walk directory ``full`` (``rel`` from the root) and everything under it."""
         with os.scandir(full) as it:
             children = _sorted_by_name_bytes(list(it))
+        if children and rel.count("/") + 1 >= MAX_DEPTH:
+            raise TreeTooDeep(f"{rel}/{children[0].name}", MAX_DEPTH)
         if not rel:  # a restore's work directory inside the root is no part of the tree
             children = [d for d in children if not is_in_place_work(d.name)]
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts

@@ -15,6 +15,7 @@ from ..errors import (
     NoSpace,
     RemoteCacheError,
     StoreAuthError,
+    TreeTooDeep,
     UnsuitableTarget,
     UnsupportedOperation,
 )
@@ -24,7 +25,8 @@ __all__ = ["EXIT_HELP", "ExitCode", "UsageError", "exit_code_for"]
 EXIT_HELP = (
     "Exit codes: 0 ok; 1 error (store, network, integrity, --deadline); 2 usage error (also a "
     "target that cannot be restored into); 3 cache miss; 4 authentication error; 5 refused (over "
-    "--max-size, not enough disk space, deletes not allowed); 130/143 interrupted by SIGINT/SIGTERM. "
+    "--max-size or nested too deep, not enough disk space, deletes not allowed); 130/143 "
+    "interrupted by SIGINT/SIGTERM. "
     "--fail-open makes every failure but a usage error or an interruption a warning with exit 0."
 )
 
@@ -60,6 +62,6 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(exc, StoreAuthError):
         return ExitCode.AUTH
-    if isinstance(exc, UnsupportedOperation | CacheTooLarge | NoSpace):
+    if isinstance(exc, UnsupportedOperation | CacheTooLarge | TreeTooDeep | NoSpace):
         return ExitCode.REFUSED
     return ExitCode.ERROR

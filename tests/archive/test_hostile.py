@@ -101,6 +101,11 @@ CASES = {
     ],
     "file-twice": [_m("f"), _m("f")],
     "whiteout-dotdot": [_m("a/.wh...")],
+    # Nesting thousands deep (30 kB of tar) must not exhaust recursion in the extractor or in
+    # the clean-up that removes the staging directory (it was "unexpected RecursionError", and
+    # the work directory stayed, failing every later restore of an in-place target).
+    "too-deep-implicit": [_m("d/" * 2000 + "f")],
+    "too-deep-explicit": [_m("d/" * (i + 1), tarfile.DIRTYPE) for i in range(1500)],
 }
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from remote_cache.archive.plan import LayerPlan
-from remote_cache.archive.tar import DIR, FILE, HARDLINK, SYMLINK, Member
+from remote_cache.archive.tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 from remote_cache.cache.evidence import portable_listing
+from remote_cache.errors import TreeTooDeep
 
 _UTF8 = ["z", "~", "\x7f", "é", "日本", "Z", "A b", "-", ".x", "\u2139", "\U0001f600"]
 _ODD = [b"\xff", b"\xc3x", b"\xe6\x97", b"\xc3"]  # not UTF-8: surrogate-escaped in str
@@ -51,3 +53,26 @@ def test_the_listing_digest_is_format_v1() -> None:
         b"499162500\0\0d/l\0002 777 0 0 0 2\0../\xc3x\0d/h\0003 644 7 8 0 3\0d/\xc3\xa9 \xff\0"
     )
     assert portable_listing(plan) == "sha256:" + hashlib.sha256(v1).hexdigest()
+
+
+def test_a_tree_nested_deeper_than_the_limit_is_refused_by_name(tmp_path: Path) -> None:
+    """Walks and removals recurse once per level: a tree deeper than MAX_DEPTH is refused with a
+    message naming it (it was "unexpected RecursionError"); one at the limit is walked."""
+    at_limit = tmp_path / "ok" / os.path.join(*["d"] * (MAX_DEPTH - 1))
+    at_limit.mkdir(parents=True)
+    (at_limit / "f").write_bytes(b"x")
+    members, _ = walk_tree(tmp_path / "ok", TreeStats())
+    assert members[-1].path.count("/") == MAX_DEPTH - 1
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:  # made level by level: pathlib and os.makedirs recurse once per level themselves
+        for name in ["deep"] + ["d"] * 1200:
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+    finally:
+        os.close(fd)
+    try:
+        with pytest.raises(TreeTooDeep, match=f"more than {MAX_DEPTH} levels"):
+            walk_tree(tmp_path / "deep", TreeStats())
+    finally:  # not left to pytest's clean-up, whose removal recurses once per level
+        subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)
