@@ -12,7 +12,6 @@ or the new one, never a mix.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "JOURNAL",
@@ -52,20 +50,8 @@ def discard_dir(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-
-    def fix(func: Callable[..., Any], p: str, _exc: Any) -> None:
-        # A read-only parent blocks removal as non-root: open it up and retry once.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o700)
-        func(p)
-
-    if os.geteuid() != 0:
-        for dirpath, _dirs, _files in os.walk(path):
-            with contextlib.suppress(OSError):
-                os.chmod(dirpath, 0o700)
-    shutil.rmtree(path, onerror=fix)
+    _make_writable_tree(None, os.fspath(path))
+    shutil.rmtree(path)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -118,11 +104,15 @@ def replace_dir(staging: Path, target: Path) -> None:
     discard_dir(old)
 
 
-def _make_writable_tree(pfd: int, base: str) -> None:
+def _make_writable_tree(pfd: int | None, base: str) -> None:
     """Give directories under ``base`` owner rwx, so that a non-root rmtree can remove read-only trees."""
     if os.geteuid() == 0:
         return
-    fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+    try:
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+    except PermissionError:  # no read or search permission (mode 000): give it first
+        os.chmod(base, 0o700, dir_fd=pfd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
     try:
         os.fchmod(fd, 0o700)
         for name in os.listdir(fd):

@@ -9,11 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from remote_cache.archive.swap import discard_dir
 from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target, swap_in
 from remote_cache.archive.workdirs import WorkDir, is_in_place_work
 from remote_cache.cache.restore import restore
@@ -372,3 +373,44 @@ async def test_a_target_with_a_name_near_the_limit_is_restored(tmp_path: Path) -
     await restore(store, "k", target)  # over an existing tree
     assert_same_tree(tmp_path / "src", target)
     assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def _as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
+    """Run ``action`` in a forked child that works in ``cwd`` as uid/gid 65534; its error, or ''."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        os.close(read)
+        try:
+            os.chdir(cwd)  # before dropping privileges: the test's tmp_path is root's 0700
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            action()
+        except BaseException as exc:
+            os.write(write, f"{type(exc).__name__}: {exc}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        error = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return error
+
+
+def test_an_unreadable_directory_in_an_old_tree_is_removed_as_non_root(tmp_path: Path) -> None:
+    """A tree the tool itself restores as non-root (a 0555 directory holding a 000 one) is removed
+    when the next restore replaces it (it was "unexpected TypeError: open() missing required
+    argument 'flags'", after the new tree was in place, and the old tree stayed)."""
+    old = tmp_path / "old"
+    (old / "ro" / "sub").mkdir(parents=True)
+    (old / "ro" / "sub" / "f").write_bytes(b"1")
+    (old / "ro" / "g").write_bytes(b"2")
+    for p in (old, old / "ro", old / "ro" / "sub", old / "ro" / "sub" / "f", old / "ro" / "g"):
+        os.chown(p, 65534, 65534)
+    (old / "ro" / "sub").chmod(0o000)
+    (old / "ro").chmod(0o555)
+    os.chown(tmp_path, 65534, 65534)
+    assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
+    assert not old.exists()
