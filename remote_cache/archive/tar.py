@@ -52,6 +52,10 @@ MAX_DEPTH = 256
 _META_TYPES = (b"x", b"g", b"L", b"K")
 _MAX_META = 64 << 20
 
+#: Owner ids a header may carry (uid_t and gid_t are 32 bits; all ones means "no change").
+_MAX_ID = (1 << 32) - 2
+#: Modification times a header may carry: what a 64-bit time_t holds, in nanoseconds.
+_MIN_TIME_NS, _MAX_TIME_NS = -(1 << 63) * 1_000_000_000, (1 << 63) * 1_000_000_000 - 1
 _OCTAL_12 = 0o77777777777
 _OCTAL_8 = 0o7777777
 # ustar header: name mode uid gid size mtime chksum typeflag linkname magic [version uname
@@ -222,6 +226,22 @@ def _oct(field: bytes, name: bytes) -> int:
         return _num(field, display(name))
 
 
+def _id(field: bytes, name: bytes) -> int:
+    """An owner id field (base-256 may hold any number): in range, else IntegrityError."""
+    n = _oct(field, name)
+    if not 0 <= n <= _MAX_ID:
+        raise IntegrityError(f"tar member {display(name)!r} has an owner id out of range ({n})")
+    return n
+
+
+def _seconds(field: bytes, name: bytes) -> int:
+    """An mtime field in seconds (base-256 may hold any number): in range, else IntegrityError."""
+    n = _oct(field, name)
+    if not _MIN_TIME_NS <= n * 1_000_000_000 <= _MAX_TIME_NS:
+        raise IntegrityError(f"tar member {display(name)!r} has a modification time out of range")
+    return n
+
+
 def _parse_pax(data: bytes, member: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     pos = 0
@@ -250,6 +270,13 @@ def _pax_time_ns(value: bytes, member: str) -> int:
         return sign * (int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9]))
     except ValueError as exc:
         raise IntegrityError(f"bad PAX mtime {value!r} for {member!r}") from exc
+
+
+def _pax_int(pax: dict[str, bytes], key: str, member: str) -> int:
+    try:
+        return int(pax[key])
+    except ValueError as exc:
+        raise IntegrityError(f"tar member {member!r} has a malformed PAX {key} record") from exc
 
 
 def _cstr(b: bytes) -> bytes:
@@ -339,13 +366,13 @@ class HeaderDecoder:
                 mode = nums[mode_f] = _oct(mode_f, name_b)
             uid = nums.get(uid_f, -1)
             if uid < 0:
-                uid = nums[uid_f] = _oct(uid_f, name_b)
+                uid = nums[uid_f] = _id(uid_f, name_b)
             gid = nums.get(gid_f, -1)
             if gid < 0:
-                gid = nums[gid_f] = _oct(gid_f, name_b)
+                gid = nums[gid_f] = _id(gid_f, name_b)
             mtime = nums.get(mtime_f, -1)
             if mtime < 0:
-                mtime = nums[mtime_f] = _oct(mtime_f, name_b)
+                mtime = nums[mtime_f] = _seconds(mtime_f, name_b)
             if size < 0:
                 raise IntegrityError(f"tar member {display(name_b)!r} has a negative size")
             return typ, name_b, link_b, size, mode & 0o7777, uid, gid, mtime * 1_000_000_000
@@ -401,14 +428,25 @@ class HeaderDecoder:
         name_b = pax.get("path", name_b)
         link_b = pax.get("linkpath", link_b)
         member = display(name_b)
+        if b"\0" in name_b or b"\0" in link_b:  # a PAX value may hold one; no path can
+            raise IntegrityError(f"tar member {member!r} has a NUL byte in its path or link target")
+        if any(key.startswith("GNU.sparse.") for key in pax):
+            raise ImageFormatError(
+                f"tar member {member!r} is a GNU sparse file (PAX format), which remote-cache does not "
+                "restore (its own layers never hold one)"
+            )
         if "size" in pax:
-            size = int(pax["size"])
+            size = _pax_int(pax, "size", member)
         mode = _num(mode_f, member) & 0o7777
-        uid = int(pax["uid"]) if "uid" in pax else _num(uid_f, member)
-        gid = int(pax["gid"]) if "gid" in pax else _num(gid_f, member)
+        uid = _pax_int(pax, "uid", member) if "uid" in pax else _num(uid_f, member)
+        gid = _pax_int(pax, "gid", member) if "gid" in pax else _num(gid_f, member)
         mtime_ns = (
             _pax_time_ns(pax["mtime"], member) if "mtime" in pax else _num(mtime_f, member) * 1_000_000_000
         )
         if size < 0:
             raise IntegrityError(f"tar member {member!r} has a negative size")
+        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
+            raise IntegrityError(f"tar member {member!r} has an owner out of range ({uid}:{gid})")
+        if not _MIN_TIME_NS <= mtime_ns <= _MAX_TIME_NS:
+            raise IntegrityError(f"tar member {member!r} has a modification time out of range")
         return typ, name_b, link_b, size, mode, uid, gid, mtime_ns

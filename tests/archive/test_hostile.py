@@ -109,6 +109,53 @@ CASES = {
 }
 
 
+def _pax(name: str, **records: str) -> tuple[tarfile.TarInfo, bytes]:
+    info, data = _m(name)
+    info.pax_headers = records
+    return info, data
+
+
+#: PAX records a writer may put anything in: each is refused as a format or integrity error, not
+#: an "unexpected ValueError/OverflowError" (and a sparse file is not written as its raw map).
+PAX_CASES = {
+    "size-not-a-number": _pax("f", size="abc"),
+    "uid-not-a-number": _pax("f", uid="x1"),
+    "uid-too-big": _pax("f", uid="9" * 30),
+    "gid-negative": _pax("f", gid="-5"),
+    "mtime-too-big": _pax("f", mtime="9" * 30),
+    "nul-in-path": _pax("f", path="a\0b"),
+    "nul-in-linkpath": (lambda m: (m[0], b""))(_pax("l", linkpath="a\0b")),
+    "gnu-sparse-1.0": _pax(
+        "GNUSparseFile.0/s", **{"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s"}
+    ),
+    "gnu-sparse-0.1": _pax("s", **{"GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PAX_CASES))
+def test_odd_pax_records_are_refused_as_format_errors(sandbox: tuple[Path, Path], case: str) -> None:
+    box, target = sandbox
+    member = PAX_CASES[case]
+    if case == "nul-in-linkpath":
+        member[0].type = tarfile.SYMTYPE
+    assert _attempt(box, target, _tar(member)) in (ImageFormatError, IntegrityError, UnsafeArchive)
+
+
+@pytest.mark.parametrize(("field", "value"), [("uid", 1 << 40), ("gid", 1 << 40), ("mtime", 1 << 80)])
+def test_numbers_out_of_range_in_base_256_fields_are_refused(
+    sandbox: tuple[Path, Path], field: str, value: int
+) -> None:
+    """GNU base-256 fields hold any number: one no owner id or time can be is a format error."""
+    info, data = _m("f")
+    setattr(info, field, value)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    box, target = sandbox
+    assert _attempt(box, target, buf.getvalue()) is IntegrityError
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_archive_is_refused(sandbox: tuple[Path, Path], case: str) -> None:
     box, target = sandbox
