@@ -138,6 +138,7 @@ class Extractor:
         self._keep_bits = 0 if umask is None or _has_default_acl(self._root_fd) else 0o777 & ~umask
         self._fds: dict[bytes, int] = {b"": self._root_fd}
         self._kinds: dict[bytes, tuple[int, int]] = {}  # path -> (kind, layer index)
+        self._tree: dict[bytes, set[bytes]] | None = None  # see _index
         self._dirmeta: dict[bytes, _Meta] = {}
         self._root_meta: _Meta | None = None
         self._layer = -1
@@ -170,7 +171,7 @@ class Extractor:
                     self._keep_bits = 0
         except FileNotFoundError:
             os.mkdir(base, 0o700, dir_fd=pfd)
-            self._kinds[rel] = (DIR, self._layer)
+            self._record(rel, DIR)
             fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -190,13 +191,48 @@ class Extractor:
                 os.close(fd)
         self._fds = {b"": self._root_fd}
 
+    # -- what is where ----------------------------------------------------------------------
+
+    def _record(self, path: bytes, kind: int) -> None:
+        """``path`` is now a ``kind``, written by the current layer."""
+        self._kinds[path] = (kind, self._layer)
+        if self._tree is not None:
+            self._tree.setdefault(path.rpartition(b"/")[0], set()).add(path)
+
+    def _index(self) -> dict[bytes, set[bytes]]:
+        """Directory path -> the recorded paths directly in it: built when first needed (a
+        whiteout, a replaced member; most restores need neither), kept up to date from then on,
+        so that finding what is under a path costs that subtree, not the whole tree."""
+        if self._tree is None:
+            tree: dict[bytes, set[bytes]] = {}
+            for p in self._kinds:
+                tree.setdefault(p.rpartition(b"/")[0], set()).add(p)
+            self._tree = tree
+        return self._tree
+
+    def _subtree(self, path: bytes) -> list[bytes]:
+        """The recorded paths under ``path`` (not itself), each directory before its contents."""
+        tree = self._index()
+        out: list[bytes] = []
+        stack = [path]
+        while stack:
+            for child in tree.get(stack.pop(), ()):
+                out.append(child)
+                stack.append(child)
+        return out
+
     def _forget(self, path: bytes) -> None:
         """Drop bookkeeping for ``path`` and everything under it (after removing it)."""
-        prefix = path + b"/"
-        for table in (self._kinds, self._dirmeta):
-            for k in [k for k in table if k == path or k.startswith(prefix)]:
-                del table[k]
-        self._close_fds()
+        gone = [path, *self._subtree(path)]
+        tree = self._index()
+        for p in gone:
+            self._kinds.pop(p, None)
+            self._dirmeta.pop(p, None)
+            tree.pop(p, None)
+            fd = self._fds.pop(p, None)
+            if fd is not None:
+                os.close(fd)
+        tree.get(path.rpartition(b"/")[0], set()).discard(path)
 
     def _remove(self, pfd: int, base: bytes, path: bytes) -> None:
         try:
@@ -294,7 +330,9 @@ class Extractor:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
-        self._kinds[path] = (FILE, self._layer)
+        self._kinds[path] = (FILE, self._layer)  # _record, inlined: the hot path
+        if self._tree is not None:
+            self._tree.setdefault(parent, set()).add(path)
         self.stats.files += 1
         self.stats.bytes += size
 
@@ -303,26 +341,44 @@ class Extractor:
     ) -> None:
         self.stats.whiteouts += 1
         if base == b".wh..wh..opq":
-            self._opaque(parent)
+            self._hide_lower(parent, opaque=True)
         else:
             victim = base[4:]
-            vpath = parent + b"/" + victim if parent else victim
             if victim in (b"", b".", b".."):
                 raise UnsafeArchive(f"archive member {display(name_b)!r} is a malformed whiteout")
-            existing = self._kinds.get(vpath)
-            if existing is not None and existing[1] < self._layer:
-                self._remove(pfd, victim, vpath)
+            self._hide_lower(parent + b"/" + victim if parent else victim, opaque=False)
         r.data(-1, size, name_b)
 
-    def _opaque(self, parent: bytes) -> None:
-        prefix = parent + b"/" if parent else b""
-        lower = [
-            k
-            for k, (_kind, layer) in self._kinds.items()
-            if layer < self._layer and k.startswith(prefix) and b"/" not in k[len(prefix) :]
-        ]
-        for k in lower:
-            self._remove(self._dirfd(parent, k), k[len(prefix) :], k)
+    def _hide_lower(self, path: bytes, *, opaque: bool) -> None:
+        """Remove what lower layers put under ``path`` (and at it, unless ``opaque``: the marker of
+        an opaque directory), keeping what this layer wrote. A whiteout applies to lower layers
+        only, wherever it stands among its layer's members (OCI image spec, "Whiteouts")."""
+        layer = self._layer
+        own = None if opaque else self._kinds.get(path)
+        if not opaque and (own is None or (own[0] != DIR and own[1] == layer)):
+            return  # nothing there, or what this layer wrote
+        # This layer's entries under path stay, and so do the directories leading to them.
+        keep: set[bytes] = set()
+        for p in self._subtree(path):
+            if self._kinds[p][1] == layer:
+                while p != path and p not in keep:
+                    keep.add(p)
+                    p = p.rpartition(b"/")[0]
+        if own is not None and own[1] < layer and not keep:
+            self._remove_path(path)  # all of it from lower layers: one removal
+            return
+        tree = self._index()
+        pending = [path]
+        while pending:
+            for child in list(tree.get(pending.pop(), ())):
+                if child not in keep:
+                    self._remove_path(child)
+                elif self._kinds[child][0] == DIR:
+                    pending.append(child)
+
+    def _remove_path(self, path: bytes) -> None:
+        parent, _, base = path.rpartition(b"/")
+        self._remove(self._dirfd(parent, path), base, path)
 
     def _member(
         self, r: LayerReader, typ: bytes, name_b: bytes, link_b: bytes, size: int, meta: _Meta
@@ -372,7 +428,7 @@ class Extractor:
                     raise UnsafeArchive(
                         f"archive member {display(name_b)!r} collides with a non-directory"
                     ) from None
-        self._kinds[path] = (DIR, self._layer)
+        self._record(path, DIR)
         self._dirmeta[path] = meta
         self.stats.dirs += 1
 
@@ -382,7 +438,7 @@ class Extractor:
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
-        self._kinds[path] = (SYMLINK, self._layer)
+        self._record(path, SYMLINK)
         self.stats.symlinks += 1
 
     def _hardlink(self, name_b: bytes, path: bytes, base: bytes, link_b: bytes, parent: bytes) -> None:
@@ -402,7 +458,7 @@ class Extractor:
         tfd = self._dirfd(tparent, name_b)
         pfd = self._dirfd(parent, name_b)
         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-        self._kinds[path] = (tkind[0], self._layer)
+        self._record(path, tkind[0])
         self.stats.hardlinks += 1
 
     # -- finishing ---------------------------------------------------------------------------

@@ -87,6 +87,48 @@ def test_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
     }
 
 
+_LOWER = _tar(("d/", b"", "d"), ("d/sub/", b"", "d"), ("d/sub/old", b"o", "f"), ("d/gone", b"g", "f"))
+
+
+@pytest.mark.parametrize(
+    ("upper", "expected"),
+    [
+        # The opaque marker after a subdirectory this layer declares: lower content under it goes.
+        (
+            [("d/sub/", b"", "d"), ("d/sub/new", b"n", "f"), ("d/.wh..wh..opq", b"", "f")],
+            {"d": "dir", "d/sub": "dir", "d/sub/new": "n"},
+        ),
+        # ... after a file this layer wrote into a lower subdirectory: that file stays.
+        (
+            [("d/sub/new", b"n", "f"), ("d/.wh..wh..opq", b"", "f")],
+            {"d": "dir", "d/sub": "dir", "d/sub/new": "n"},
+        ),
+        # A whiteout of a directory after this layer wrote into it: what this layer wrote stays.
+        ([("d/new", b"n", "f"), (".wh.d", b"", "f")], {"d": "dir", "d/new": "n"}),
+        # The same with the markers first (the order the spec recommends), for comparison.
+        (
+            [("d/.wh..wh..opq", b"", "f"), ("d/sub/new", b"n", "f")],
+            {"d": "dir", "d/sub": "dir", "d/sub/new": "n"},
+        ),
+        ([(".wh.d", b"", "f"), ("d/new", b"n", "f")], {"d": "dir", "d/new": "n"}),
+    ],
+    ids=[
+        "opaque-after-own-subdir",
+        "opaque-after-own-file",
+        "whiteout-after-own-file",
+        "opaque-first",
+        "whiteout-first",
+    ],
+)
+def test_whiteouts_hide_lower_layers_only_wherever_they_stand(
+    tmp_path: Path, upper: list[tuple[str, bytes, str]], expected: dict[str, str]
+) -> None:
+    """OCI image spec, "Whiteouts": a whiteout applies to lower layers only, and its place among
+    its layer's members does not matter (moby fixed the same ordering bug, moby#17819)."""
+    _apply(tmp_path, _LOWER, _tar(*upper))
+    assert _listing(tmp_path) == expected
+
+
 def test_later_layer_replaces_entries(tmp_path: Path) -> None:
     lower = _tar(("x", b"old", "f"), ("d/", b"", "d"), ("d/f", b"f", "f"), ("s", b"x", "l"))
     upper = _tar(("x", b"new", "f"), ("d", b"x", "l"), ("s/", b"", "d"))
