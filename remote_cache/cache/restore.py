@@ -385,8 +385,12 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
         st = os.statvfs(nearest_existing(target.work_parent))
         # The restore's own spool files may have gone since (the decompression runs ahead and
         # removes each layer's once read): a few free inodes still mean they ran out.
-        if st.f_files and st.f_favail <= _work_inodes(image) and image.files is not None:
-            return f"{_inodes_message(target, image)}, and they ran out"
+        if st.f_files and st.f_favail <= _work_inodes(image):
+            if image.files is not None:
+                return f"{_inodes_message(target, image)}, and they ran out"
+            return f"not enough inodes to restore into {target.path}: {target.work_parent} ran out of them"
+    if image.size is None:  # another tool's image: how much it needs was never known
+        return f"not enough space to restore into {target.path}: {target.work_parent} filled up"
     return _space_message(target, _space_needed(image))
 
 

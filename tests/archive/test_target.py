@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -327,6 +329,57 @@ def test_a_disk_that_fills_up_during_extraction_fails_cleanly(cli: Run, tmp_path
     # The OS says "No space left on device" for bytes and inodes alike: the message says which.
     assert f"not enough inodes to restore into {small / 'old'}" in proc.stderr, proc.stderr
     assert "they ran out (No space left on device)" in proc.stderr, proc.stderr
+
+
+def _as_foreign(layout: Path, key: str) -> None:
+    """Make the entry under ``key`` look like another tool's image: the tag names the manifest
+    itself, with no annotations (so neither the tree's size nor its file count is known)."""
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_bytes())
+    blobs = layout / "blobs" / "sha256"
+    top = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    manifest = json.loads((blobs / top["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    manifest.pop("annotations", None)
+    body = json.dumps(manifest).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    (blobs / digest).write_bytes(body)
+    index["manifests"] = [
+        {
+            "mediaType": manifest["mediaType"],
+            "digest": f"sha256:{digest}",
+            "size": len(body),
+            "annotations": {"org.opencontainers.image.ref.name": key},
+        }
+    ]
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("runs_out", ["bytes", "inodes"])
+def test_a_foreign_image_that_fills_the_disk_says_what_ran_out(
+    cli: Run, tmp_path: Path, runs_out: str
+) -> None:
+    """An image that does not say its size (another tool's) cannot be checked before downloading;
+    when it fills the disk the message says what ran out, not "needs about" its compressed size."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if runs_out == "bytes":  # 24 MB that compress to almost nothing (and are not zeros: no holes)
+        (src / "big").write_bytes(os.urandom(4096) * 6000)
+        options = ("size=8m",)
+    else:
+        for i in range(200):
+            (src / f"f{i:03}").write_text(str(i))
+        options = ("size=64m", "nr_inodes=60")
+    layout = tmp_path / "layout"
+    assert cli("save", str(src), f"oci:{layout}:k", "-q").returncode == 0
+    _as_foreign(layout, "k")
+    with tmpfs(tmp_path / "small", *options) as small:
+        (small / "old").mkdir()
+        proc = cli("restore", f"oci:{layout}:k", str(small / "old"))
+        assert proc.returncode == 5, proc.stderr
+        assert "needs about" not in proc.stderr, proc.stderr
+        said = "not enough space" if runs_out == "bytes" else "not enough inodes"
+        assert f"{said} to restore into {small / 'old'}" in proc.stderr, proc.stderr
+        assert sorted(os.listdir(small)) == ["old"] and os.listdir(small / "old") == []
 
 
 @pytest.mark.parametrize(("files", "free"), [(50, 22), (3, 4)])
