@@ -270,14 +270,7 @@ class Extractor:
                 self._layer += 1
                 self._seen = {}
                 self.stats.layers += 1
-                try:
-                    self._extract(LayerReader(feeder, first))
-                except OSError as exc:
-                    if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
-                        raise UnsafeArchive(
-                            f"layer {self._layer} collides with what earlier members created: {exc}"
-                        ) from exc
-                    raise
+                self._extract(LayerReader(feeder, first))
         except BaseException:
             feeder.stop()
             raise
@@ -285,12 +278,27 @@ class Extractor:
 
     def _extract(self, r: LayerReader) -> None:
         decoder = HeaderDecoder(self._nums)
-        while (header := decoder.next(r)) is not None:
-            typ, name_b, link_b, size, mode, uid, gid, mtime_ns = header
-            if typ in REGULAR_TYPES:
-                self._file(r, name_b, size, mode, uid, gid, mtime_ns)
-            else:
-                self._member(r, typ, name_b, link_b, size, (mode, uid, gid, mtime_ns))
+        name_b = b""
+        try:
+            while (header := decoder.next(r)) is not None:
+                typ, name_b, link_b, size, mode, uid, gid, mtime_ns = header
+                if typ in REGULAR_TYPES:
+                    self._file(r, name_b, size, mode, uid, gid, mtime_ns)
+                else:
+                    self._member(r, typ, name_b, link_b, size, (mode, uid, gid, mtime_ns))
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+                raise UnsafeArchive(
+                    f"layer {self._layer} collides with what earlier members created: {exc}"
+                ) from exc
+            if exc.errno == errno.ENOSPC or not name_b:
+                raise  # a full disk is told by the restore, which knows where and how much
+            # The OS names at most the last path component, as bytes: name the member instead.
+            shown = display(name_b)
+            shown = shown if len(shown) <= 120 else shown[:120] + "..."
+            raise type(exc)(
+                exc.errno, f"{exc.strerror} (archive member {shown!r}, layer {self._layer})"
+            ) from exc
 
     # -- members -----------------------------------------------------------------------------
 
@@ -434,6 +442,10 @@ class Extractor:
 
     def _symlink(self, path: bytes, base: bytes, link_b: bytes, pfd: int, meta: _Meta) -> None:
         _mode, uid, gid, mtime_ns = meta
+        if not link_b:
+            raise ImageFormatError(
+                f"symlink {display(path)!r} has an empty target, which Linux does not allow"
+            )
         os.symlink(link_b, base, dir_fd=pfd)
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)

@@ -156,6 +156,19 @@ def test_numbers_out_of_range_in_base_256_fields_are_refused(
     assert _attempt(box, target, buf.getvalue()) is IntegrityError
 
 
+def test_what_this_filesystem_cannot_hold_is_named_by_member(sandbox: tuple[Path, Path]) -> None:
+    """A name over NAME_MAX, or a symlink with an empty target (Linux has none), fails naming the
+    archive member and its layer, not as a bare errno with a bytes name (b'nnn...', b'')."""
+    box, target = sandbox
+    assert _attempt(box, target, _tar(_m("l", tarfile.SYMTYPE, link=""))) is ImageFormatError
+    st = staging_dir(target)
+    ex = Extractor(st)
+    with pytest.raises(OSError, match=r"File name too long \(archive member 'ok/n{20}.*', layer 0\)"):
+        ex.add_layer(io.BytesIO(_tar(_m("ok/" + "n" * 300))), "tar")
+    ex.close()
+    discard_dir(st)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_archive_is_refused(sandbox: tuple[Path, Path], case: str) -> None:
     box, target = sandbox
