@@ -54,11 +54,19 @@ class WorkDir:
             raise
 
     def close(self) -> None:
-        """Remove the directory and release the lock; idempotent."""
-        discard_dir(self.path)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Remove the directory and release the lock; idempotent. The lock file goes last and is
+        released whatever happens: a directory that cannot be removed whole (a mount inside it)
+        keeps it, and the next run's sweep claims it."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.path):
+                    if name != _LOCK:
+                        discard_dir(self.path / name)
+            discard_dir(self.path)
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _claim(path: Path) -> int | None:

@@ -18,7 +18,7 @@ import pytest
 
 from remote_cache.archive.swap import discard_dir
 from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target, swap_in
-from remote_cache.archive.workdirs import WorkDir, is_in_place_work
+from remote_cache.archive.workdirs import WorkDir, is_in_place_work, sweep_dead
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, UnsuitableTarget
@@ -467,3 +467,18 @@ def test_an_unreadable_directory_in_an_old_tree_is_removed_as_non_root(tmp_path:
     os.chown(tmp_path, 65534, 65534)
     assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
     assert not old.exists()
+
+
+def test_a_work_directory_that_cannot_be_removed_whole_is_swept_later(tmp_path: Path) -> None:
+    """A work directory whose removal fails half-way (here a mount inside it: EBUSY) keeps its
+    lock file, released: the next run's sweep claims and removes it once it can. (The lock could
+    go first and stay held, leaving a directory no sweep would ever claim.)"""
+    work = WorkDir(tmp_path, "w-")
+    (work.path / "new").mkdir()
+    (work.path / "new" / "f").write_text("x")
+    with tmpfs(work.path / "new" / "m"):
+        with pytest.raises(OSError):
+            work.close()
+        assert (work.path / "lock").exists()
+    assert sweep_dead(tmp_path, "w-") == [work.path]
+    assert os.listdir(tmp_path) == []
