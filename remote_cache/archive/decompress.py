@@ -138,9 +138,14 @@ class _Tap:
         self.read = source._tap
 
 
+def _is_skippable(head: bytes) -> bool:
+    """A zstd skippable frame's magic (0x184D2A50-5F, little-endian): pzstd starts with one."""
+    return len(head) == 4 and head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+
+
 def _kind_of(expected: str | None, head: bytes) -> str:
     """What the stream is by its magic bytes; ImageFormatError when its label says otherwise."""
-    if head.startswith(_ZSTD_MAGIC):
+    if head.startswith(_ZSTD_MAGIC) or _is_skippable(head):
         magic = "zstd"
     elif head.startswith(_GZIP_MAGIC):
         magic = "gzip"

@@ -57,6 +57,8 @@ def _shapes() -> dict[str, tuple[bytes, set[int]]]:
             first + skip + second,
             {len(first), len(first) + len(skip)},
         ),
+        # pzstd starts its output with a skippable frame (the next frame's size).
+        "a skippable frame first": (skip + one, {len(skip)}),
     }
 
 
