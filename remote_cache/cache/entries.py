@@ -23,7 +23,7 @@ from ..errors import (
 )
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
-from ..oci.store import Store
+from ..oci.store import Store, sweeps_its_blobs
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import (
@@ -285,9 +285,10 @@ async def inspect(store: Store, key: str) -> Entry:
     return _entry(tag, await _image_of(store, key, tag, top))
 
 
-async def _delete(store: Store, tag: str) -> None:
+async def _delete(store: Store, entry: Entry) -> None:
+    """Delete ``entry`` as it was read: a key saved again since keeps its new entry (CacheMiss)."""
     try:
-        await store.delete(tag)
+        await store.delete(entry.tag, digest=entry.digest or None)
     except UnsupportedOperation as exc:
         raise UnsupportedOperation(
             f"{store.location} does not allow deleting cache entries ({exc}); enable deletes on the "
@@ -312,9 +313,9 @@ class Freed:
 async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
     """Free the blobs no entry uses and no save relied on within ``grace`` (default one hour),
     where the store does not do it itself (a layout, a bucket); None for a registry."""
-    gc = getattr(store, "gc", None)
-    if gc is None:
+    if not sweeps_its_blobs(store):
         return None
+    gc = store.gc  # type: ignore[attr-defined]
     blobs, nbytes = await gc(**({"grace_seconds": grace.total_seconds()} if grace is not None else {}))
     return Freed(blobs, nbytes)
 
@@ -324,7 +325,7 @@ async def remove(store: Store, key: str, *, grace: timedelta | None = None, coll
 
     A broken entry (its documents unreadable) is deleted too: ``rm`` is how one gets rid of it."""
     entry = await _loaded(store, key, *await _located(store, key))
-    await _delete(store, entry.tag)
+    await _delete(store, entry)
     if collect:
         await sweep(store, grace)
     return entry
@@ -363,7 +364,7 @@ async def prune(
     removed: list[Entry] = []
     for entry in candidates:
         try:
-            await _delete(store, entry.tag)
+            await _delete(store, entry)
         except CacheMiss:
             continue  # someone else removed it first
         removed.append(entry)

@@ -30,6 +30,7 @@ __all__ = [
     "guarded",
     "open_store",
     "sink_failures_as_themselves",
+    "sweeps_its_blobs",
 ]
 
 #: Where a downloaded blob's bytes go: called with each chunk, possibly from a worker thread.
@@ -129,13 +130,24 @@ class Store(Protocol):
         """Every tag in the repository (all pages)."""
         ...
 
-    async def delete(self, reference: str) -> None:
-        """Delete a manifest by tag or digest (UnsupportedOperation where the store cannot)."""
+    async def delete(self, reference: str, *, digest: str | None = None) -> None:
+        """Delete a manifest by tag or digest (UnsupportedOperation where the store cannot).
+
+        ``digest`` with a tag: only while the tag still names that digest (CacheMiss otherwise:
+        the key was saved again since it was looked at).
+        """
         ...
 
     async def aclose(self) -> None:
         """Release connections/files."""
         ...
+
+
+def sweeps_its_blobs(store: Store) -> bool:
+    """Whether this tool frees the store's unused blobs (it has ``gc``: a layout, a bucket; a
+    registry does it itself). A save must then mark every blob it relies on without uploading it,
+    even one a tag references: that tag may be removed, and its blobs swept, meanwhile."""
+    return getattr(store, "gc", None) is not None
 
 
 def open_store(

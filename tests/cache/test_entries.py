@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,10 +18,10 @@ from remote_cache.errors import CacheMiss
 from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
-from remote_cache.oci.store import Store
+from remote_cache.oci.store import Store, sweeps_its_blobs
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import backdate, opened
-from tests.trees import one_file_tree
+from tests.trees import assert_same_tree, one_file_tree
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -154,3 +156,71 @@ async def test_listing_and_inspecting_read_each_tag_by_get(
         assert (await inspect(store, "a")).key == "a"
     assert proxy.count("HEAD", "/manifests/") == 0
     assert proxy.count("GET", "/manifests/") == 6  # per entry listed or inspected: tag, manifest
+
+
+async def test_an_entry_saved_again_while_prune_lists_is_kept(
+    where: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prune deletes what it listed: a key saved again between its listing and its delete keeps
+    its new entry (the delete was by tag, removing whatever the tag named by then)."""
+    from remote_cache.cache import entries
+    from remote_cache.cache.restore import restore
+
+    async with opened(where) as store:
+        await save(store, "a", one_file_tree(tmp_path / "a1", "first"))
+        await save(store, "b", one_file_tree(tmp_path / "b", "b"))
+        listed = entries.list_entries
+        again = None
+
+        async def list_then_save(store: Store, **kw: Any) -> list[Entry]:
+            nonlocal again
+            found = await listed(store, **kw)
+            again = await save(store, "a", one_file_tree(tmp_path / "a2", "second"))
+            return found
+
+        monkeypatch.setattr(entries, "list_entries", list_then_save)
+        await prune(store, keep=1, grace=timedelta(0))  # a registry deletes the listed manifest
+        assert again is not None and (await inspect(store, "a")).digest == again.digest
+        out = tmp_path / "out"
+        await restore(store, "a", out)
+        assert (out / "f").read_text() == "second"
+
+
+async def test_a_save_that_reuses_a_removed_entrys_blobs_stays_restorable(
+    where: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save reusing layers of its base (unchanged files: this machine's evidence) while ``rm``
+    removes that base and sweeps its blobs: the save ends with an entry that restores (it finds
+    what was swept and packs it again), not one whose layers are gone."""
+    from remote_cache.cache.evidence import FRESH_NS
+    from remote_cache.cache.restore import restore
+
+    src = tmp_path / "src"
+    for i in range(40):  # 40 MB: several layers (16 MiB at most each), most of them reused
+        (src / f"d{i:02}").mkdir(parents=True)
+        (src / f"d{i:02}" / "f").write_bytes(os.urandom(1_000_000))
+    time.sleep(FRESH_NS / 1e9 + 0.2)  # settled files: the save records evidence for its layers
+    async with opened(where) as store:
+        await save(store, "base", src)
+        (src / "new").write_text("one more file")
+        put = store.put_blob
+        removed: list[str] = []
+
+        async def remove_base_first(desc: Any, source: Any) -> bool:
+            # The save has chosen what to reuse and uploads the rest: the sweep (no grace) frees
+            # every blob of the base that no tag references, those the save reuses included.
+            if not removed:  # uploads run concurrently: only the first removes
+                removed.append("base")
+                await remove(store, "base", grace=timedelta(0))
+            return await put(desc, source)
+
+        monkeypatch.setattr(store, "put_blob", remove_base_first)
+        result = await save(store, "next", src, base_key="base")
+        assert removed == ["base"]
+        if sweeps_its_blobs(store):  # the sweep took blobs the save had chosen to reuse
+            assert "packing and uploading again" in caplog.text, result.summary()
+        else:  # a registry frees nothing itself: the reused layers stay
+            assert result.layers_reused >= 1, result.summary()
+        out = tmp_path / "out"
+        await restore(store, "next", out)
+        assert_same_tree(src, out)

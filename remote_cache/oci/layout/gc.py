@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 
 from ..descriptor import referenced_digests
 from ..media import MAX_DOCUMENT_BYTES
@@ -17,10 +18,11 @@ from .directory import LayoutDirectory
 __all__ = ["collect_garbage", "reachable"]
 
 
-def reachable(layout: LayoutDirectory) -> set[str]:
-    """Every digest reachable from ``index.json`` (unreadable or huge blobs are leaves)."""
+def reachable(layout: LayoutDirectory, roots: Iterable[str] | None = None) -> set[str]:
+    """Every digest reachable from ``roots`` (default: every ``index.json`` entry); unreadable or
+    huge blobs are leaves."""
     seen: set[str] = set()
-    stack = [str(m.get("digest")) for m in layout.entries()]
+    stack = [str(m.get("digest")) for m in layout.entries()] if roots is None else list(roots)
     while stack:
         digest = stack.pop()
         if digest in seen:

@@ -19,13 +19,21 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ...errors import CacheMiss, EntryExists, ImageFormatError, IntegrityError, NoSpace, StoreError
+from ...errors import (
+    BlobsSwept,
+    CacheMiss,
+    EntryExists,
+    ImageFormatError,
+    IntegrityError,
+    NoSpace,
+    StoreError,
+)
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, Sink
 from .directory import LayoutDirectory, atomic_file, tag_of
-from .gc import collect_garbage
+from .gc import collect_garbage, reachable
 
 __all__ = ["LayoutStore"]
 
@@ -40,6 +48,7 @@ class LayoutStore:
         self.root = Path(root)
         self.location = f"oci:{self.root}"
         self._dir = LayoutDirectory(self.root)
+        self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
 
     def __repr__(self) -> str:
         return f"LayoutStore({str(self.root)!r})"
@@ -120,7 +129,18 @@ class LayoutStore:
         await self.put_blob(desc, body)
         if tag is not None:
             await self._run(self._set_tag, desc, tag, exclusive)
+            await self._run(self._check_reused, desc.digest)
         return desc
+
+    def _check_reused(self, top: str) -> None:
+        """After a tag write: the blobs it reaches that this store found present (rather than
+        wrote) must still be there. A sweep that looked at one just before this save marked it
+        may delete it just after; BlobsSwept then (the save packs again)."""
+        gone = sorted(
+            d for d in reachable(self._dir, [top]) & self._reused if not self._dir.blob_path(d).exists()
+        )
+        if gone:
+            raise BlobsSwept(gone, self.location)
 
     def _set_tag(self, desc: Descriptor, tag: str, exclusive: bool) -> None:
         self._dir.ensure()
@@ -142,7 +162,7 @@ class LayoutStore:
         entries = await self._run(self._dir.entries)
         return sorted({t for t in (tag_of(e) for e in entries) if t is not None})
 
-    def _delete(self, reference: str) -> None:
+    def _delete(self, reference: str, digest: str | None) -> None:
         if not (self.root / "index.json").exists():
             raise CacheMiss(reference, self.location)
         with self._dir.locked():
@@ -151,18 +171,23 @@ class LayoutStore:
             if is_digest(reference):
                 kept = [m for m in manifests if m.get("digest") != reference]
             else:
-                kept = [m for m in manifests if tag_of(m) != reference]
+                kept = [
+                    m
+                    for m in manifests
+                    if tag_of(m) != reference or (digest is not None and m.get("digest") != digest)
+                ]
             if len(kept) == len(manifests):
                 raise CacheMiss(reference, self.location)
             index["manifests"] = kept
             self._dir.write_index(index)
 
-    async def delete(self, reference: str) -> None:
-        """Remove the ``index.json`` entry for a tag (or every entry for a digest).
+    async def delete(self, reference: str, *, digest: str | None = None) -> None:
+        """Remove the ``index.json`` entry for a tag (or every entry for a digest); with ``digest``,
+        the tag's only while it names that digest (checked under the index lock).
 
         Blobs stay until :meth:`gc`; CacheMiss when nothing matched.
         """
-        await self._run(self._delete, reference)
+        await self._run(self._delete, reference, digest)
 
     # -- blobs -----------------------------------------------------------------------------
 
@@ -172,6 +197,7 @@ class LayoutStore:
             # Refresh the mtime: a concurrent gc() spares recently touched blobs, so a save that
             # reuses this blob (and has not tagged yet) cannot lose it.
             os.utime(path)
+            self._reused.add(digest)
             return True
         except FileNotFoundError:
             return False

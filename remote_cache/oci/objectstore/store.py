@@ -253,10 +253,14 @@ class ObjectStore:
             pages = await self._calls.list("tags/")
         return sorted(str(m["path"]).removeprefix("tags/") for m in pages if "/" not in str(m["path"])[5:])
 
-    async def delete(self, reference: str) -> None:
-        """Delete the tag object of a tag (or every tag naming a digest); blobs stay until :meth:`gc`."""
+    async def delete(self, reference: str, *, digest: str | None = None) -> None:
+        """Delete the tag object of a tag (or every tag naming a digest); with ``digest``, the tag's
+        only if it names that digest when read just before (buckets have no delete-if-unchanged:
+        a save landing between the two requests is the window left). Blobs stay until :meth:`gc`."""
         if is_digest(reference):
             doomed = [t for t in await self.tags() if (await self.resolve(t)).digest == reference]
+        elif digest is not None:
+            doomed = [reference] if (await self.resolve(reference)).digest == digest else []
         else:
             doomed = [reference] if await self._head(self._tag_key(reference), f"tag {reference}") else []
         if not doomed:

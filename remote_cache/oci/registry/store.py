@@ -207,9 +207,11 @@ class RegistryStore:
             )
         return Descriptor(media_type=media_type, digest=digest, size=len(body))
 
-    async def delete(self, reference: str) -> None:
-        """Delete the manifest under a tag or digest (every tag pointing at it goes too)."""
-        digest = reference if is_digest(reference) else (await self.resolve(reference)).digest
+    async def delete(self, reference: str, *, digest: str | None = None) -> None:
+        """Delete the manifest under a tag or digest (every tag pointing at it goes too); with
+        ``digest``, that manifest: a tag saved again since names another, which stays."""
+        if digest is None:
+            digest = reference if is_digest(reference) else (await self.resolve(reference)).digest
         try:
             response = await self._transport.request(
                 "DELETE",
