@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -176,3 +177,60 @@ def test_skopeo_reads_the_layout(tmp_path: Path) -> None:
         ["skopeo", "inspect", f"oci:{tmp_path / 'l'}:v1"], check=True, capture_output=True, text=True
     ).stdout
     assert json.loads(out)["Digest"] == desc.digest
+
+
+def _entry(tmp_path: Path) -> tuple[Path, str, Path]:
+    """A layout with one entry ``k`` made by the CLI: (layout, its top document's digest, a blob of it)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    layout = tmp_path / "layout"
+    cli = [sys.executable, "-m", "remote_cache"]
+    subprocess.run([*cli, "save", str(src), f"oci:{layout}:k", "-q"], check=True)
+    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
+    return layout, top, layout / "blobs" / "sha256" / top.split(":")[1]
+
+
+@pytest.mark.parametrize("what", ["index.json", "top document"])
+@pytest.mark.parametrize("hostile", ["fifo", "/dev/zero"])
+def test_a_file_of_the_layout_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, what: str, hostile: str
+) -> None:
+    """A FIFO (a read that never ends) or a link to /dev/zero (one that never stops) where the
+    layout has a file: restore and ls fail at once saying so; they hung, or read until memory ran out."""
+    layout, _top, blob = _entry(tmp_path)
+    path = layout / "index.json" if what == "index.json" else blob
+    path.unlink()
+    if hostile == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    for args in (["restore", f"oci:{layout}:k", str(tmp_path / "out")], ["ls", f"oci:{layout}"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "remote_cache", *args], capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 1, (args, done.stderr)
+        assert "not a regular file" in done.stderr, done.stderr
+
+
+def test_links_in_a_layout_write_nothing_outside_it(tmp_path: Path) -> None:
+    """A blob that links to a file elsewhere does not get that file's time changed by a save that
+    reuses it, and a lock file that links elsewhere does not create the file it names."""
+    layout, top, _blob = _entry(tmp_path)
+    blobs = layout / "blobs" / "sha256"
+    index = json.loads((blobs / top.split(":")[1]).read_bytes())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    blob = blobs / manifest["layers"][0]["digest"].split(":")[1]  # what a save of the same tree reuses
+    outside = tmp_path / "outside"
+    outside.write_bytes(blob.read_bytes())
+    os.utime(outside, (1_000_000_000, 1_000_000_000))
+    blob.unlink()
+    blob.symlink_to(outside)
+    (layout / "index.json.lock").unlink(missing_ok=True)
+    (layout / "index.json.lock").symlink_to(tmp_path / "created-by-lock")
+    src = tmp_path / "src"
+    subprocess.run(
+        [sys.executable, "-m", "remote_cache", "save", str(src), f"oci:{layout}:k2", "-q"], check=False
+    )
+    assert outside.stat().st_mtime == 1_000_000_000
+    assert not (tmp_path / "created-by-lock").exists()

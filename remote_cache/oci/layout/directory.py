@@ -8,9 +8,11 @@ processes can write into one layout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +22,31 @@ from ...errors import ImageFormatError, StoreError
 from ..digest import check_digest
 from ..media import ANNOTATION_REF_NAME, OCI_INDEX
 
-__all__ = ["LayoutDirectory", "atomic_file", "tag_of"]
+__all__ = ["MAX_INDEX_BYTES", "LayoutDirectory", "atomic_file", "open_regular", "read_regular", "tag_of"]
 
 _LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
+#: Largest ``index.json`` read (about 250,000 entries).
+MAX_INDEX_BYTES = 64 << 20
+
+
+def open_regular(path: Path) -> int:
+    """A descriptor to read ``path``, which must be a regular file (links are followed): a FIFO
+    or a device where a layout has a file would make a read wait, or never end. StoreError
+    otherwise; FileNotFoundError as it is."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no wait, had it changed since
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
+    return fd
+
+
+def read_regular(path: Path, limit: int) -> bytes | None:
+    """``path``'s bytes (see :func:`open_regular`); None when it holds more than ``limit``."""
+    with os.fdopen(open_regular(path), "rb") as fh:
+        data = fh.read(limit + 1)
+    return None if len(data) > limit else data
 
 
 @contextlib.contextmanager
@@ -75,20 +99,30 @@ class LayoutDirectory:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the layout's index lock (an exclusive ``flock``) for a read-modify-write."""
-        with open(self.root / "index.json.lock", "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        lock = self.root / "index.json.lock"
+        try:  # never through a link: that would create or lock a file outside the layout
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StoreError(
+                f"{lock} is a symbolic link; remove it (the layout's lock is a plain file)"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def read_index(self) -> dict[str, Any]:
         """``index.json`` (an empty index when absent); StoreError when it is damaged."""
         path = self.root / "index.json"
         try:
-            data = path.read_bytes()
+            data = read_regular(path, MAX_INDEX_BYTES)
         except FileNotFoundError:
             return _empty_index()
+        if data is None:
+            raise StoreError(f"{path} is larger than {MAX_INDEX_BYTES} bytes; the layout is damaged")
         try:
             obj = json.loads(data)
         except ValueError as exc:

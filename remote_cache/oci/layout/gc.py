@@ -11,9 +11,10 @@ import json
 import time
 from collections.abc import Iterable
 
+from ...errors import StoreError
 from ..descriptor import referenced_digests
 from ..media import MAX_DOCUMENT_BYTES
-from .directory import LayoutDirectory
+from .directory import LayoutDirectory, read_regular
 
 __all__ = ["collect_garbage", "reachable"]
 
@@ -28,12 +29,12 @@ def reachable(layout: LayoutDirectory, roots: Iterable[str] | None = None) -> se
         if digest in seen:
             continue
         seen.add(digest)
-        path = layout.blob_path(digest)
         try:
-            if path.stat().st_size > MAX_DOCUMENT_BYTES:
+            data = read_regular(layout.blob_path(digest), MAX_DOCUMENT_BYTES)
+            if data is None:
                 continue
-            obj = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+            obj = json.loads(data)
+        except (OSError, ValueError, StoreError):
             continue
         stack.extend(referenced_digests(obj))
     return seen
@@ -52,7 +53,7 @@ def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:
             if path.name in keep:
                 continue
             try:
-                st = path.stat()
+                st = path.lstat()  # a link is not followed (nor is it ever marked: see has_blob)
                 if now - st.st_mtime < grace:
                     continue  # possibly part of a save that has not tagged yet
                 path.unlink()

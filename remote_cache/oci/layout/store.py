@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +33,7 @@ from ..descriptor import Descriptor
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, Sink
-from .directory import LayoutDirectory, atomic_file, tag_of
+from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of
 from .gc import collect_garbage, reachable
 
 __all__ = ["LayoutStore"]
@@ -84,14 +85,15 @@ class LayoutStore:
         raise CacheMiss(tag, self.location)
 
     def _read_small(self, digest: str) -> bytes:
-        path = self._dir.blob_path(digest)
         try:
-            size = path.stat().st_size
+            body = read_regular(self._dir.blob_path(digest), MAX_DOCUMENT_BYTES)
         except FileNotFoundError:
             raise CacheMiss(digest, self.location) from None
-        if size > MAX_DOCUMENT_BYTES:
-            raise ImageFormatError(f"manifest {digest} in {self.location} is {size} bytes; too large")
-        return path.read_bytes()
+        if body is None:
+            raise ImageFormatError(
+                f"manifest {digest} in {self.location} is larger than {MAX_DOCUMENT_BYTES} bytes; too large"
+            )
+        return body
 
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
         """Read a manifest by tag or digest, verifying its digest."""
@@ -194,9 +196,11 @@ class LayoutStore:
     def _has_blob(self, digest: str) -> bool:
         path = self._dir.blob_path(digest)
         try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False  # a link (or worse): a save writes the blob over it, nothing elsewhere
             # Refresh the mtime: a concurrent gc() spares recently touched blobs, so a save that
             # reuses this blob (and has not tagged yet) cannot lose it.
-            os.utime(path)
+            os.utime(path, follow_symlinks=False)
             self._reused.add(digest)
             return True
         except FileNotFoundError:
@@ -212,7 +216,7 @@ class LayoutStore:
         """Stream a blob, checking size and digest; IntegrityError at the end on mismatch."""
         path = self._dir.blob_path(desc.digest)
         try:
-            fh = await anyio.open_file(path, "rb")
+            fh = await anyio.open_file(await self._run(open_regular, path), "rb")
         except FileNotFoundError:
             raise self._missing(desc) from None
         check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
@@ -235,7 +239,7 @@ class LayoutStore:
     def _download(self, desc: Descriptor, sink: Sink) -> None:
         check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
         try:
-            fh = open(self._dir.blob_path(desc.digest), "rb", buffering=0)  # noqa: SIM115
+            fh = open(open_regular(self._dir.blob_path(desc.digest)), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
             raise self._missing(desc) from None
         buffer = bytearray(_CHUNK)
