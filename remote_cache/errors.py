@@ -105,9 +105,11 @@ class BrokenEntry(CacheMiss):
     deleted by hand). A miss for a restore, which the next save under the key repairs; ``rm``
     removes it."""
 
-    def __init__(self, key: str, where: str, missing: str) -> None:
+    def __init__(self, key: str, where: str, missing: str, *, tag: str | None = None) -> None:
         #: What is gone, e.g. ``manifest sha256:...``.
         self.missing = missing
+        #: The tag the entry is under, when known and its document is what is gone.
+        self.tag = tag
         super().__init__(
             key,
             where,

@@ -100,6 +100,8 @@ def _entry(tag: str, image: CacheImage) -> Entry:
 async def _read_entry(store: Store, tag: str) -> Entry | None:
     try:
         top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
+    except BrokenEntry as exc:  # a layout's tag whose document is gone
+        return Entry(key=tag, tag=tag, digest="", error=f"broken: {exc.missing} is gone")
     except CacheMiss:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
@@ -221,19 +223,28 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     the key itself, when they record it.
     """
     tag = tag_for_key(key)
-    top = await _document_or_none(store, tag)
+    try:
+        top = await _document_or_none(store, tag)
+    except BrokenEntry as exc:  # the key's own tag, its document gone: the key's, broken
+        raise BrokenEntry(key, exc.where, exc.missing, tag=tag) from exc
     if top is not None and (tag == key or _recorded_key(top) in (None, key)):
         return tag, top
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
-        top = await _document_or_none(store, key)
+        top = await _document_or_none(store, key, broken_is_absent=True)
         if top is not None and _recorded_key(top) == key:
             return key, top
     return None
 
 
-async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
+async def _document_or_none(
+    store: Store, tag: str, *, broken_is_absent: bool = False
+) -> tuple[Descriptor, bytes] | None:
     try:
         return await read_document(store, tag)
+    except BrokenEntry:
+        if broken_is_absent:
+            return None
+        raise
     except CacheMiss:
         return None
 
@@ -323,8 +334,15 @@ async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
 async def remove(store: Store, key: str, *, grace: timedelta | None = None, collect: bool = True) -> Entry:
     """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry.
 
-    A broken entry (its documents unreadable) is deleted too: ``rm`` is how one gets rid of it."""
-    entry = await _loaded(store, key, *await _located(store, key))
+    A broken entry (its documents unreadable or gone) is deleted too: ``rm`` is how one gets rid of it."""
+    try:
+        entry = await _loaded(store, key, *await _located(store, key))
+    except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
+        if exc.tag is None:
+            raise
+        entry = Entry(key=key, tag=exc.tag, digest="", error=exc.reason)
+    except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
+        entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
     await _delete(store, entry)
     if collect:
         await sweep(store, grace)

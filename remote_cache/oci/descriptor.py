@@ -68,7 +68,9 @@ class Descriptor:
                     Platform(plat["os"], plat["architecture"], plat.get("variant", "")) if plat else None
                 ),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except KeyError as exc:
+            raise ImageFormatError(f"malformed descriptor {obj!r}: it has no {exc.args[0]!r}") from exc
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ImageFormatError(f"malformed descriptor {obj!r}: {exc}") from exc
 
 

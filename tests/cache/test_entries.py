@@ -224,3 +224,23 @@ async def test_a_save_that_reuses_a_removed_entrys_blobs_stays_restorable(
         out = tmp_path / "out"
         await restore(store, "next", out)
         assert_same_tree(src, out)
+
+
+async def test_entries_another_tool_wrote_unreadably_can_be_removed(tmp_path: Path) -> None:
+    """index.json entries this tool cannot read (a sha512 digest, no mediaType) are listed with
+    their error and rm removes them; the sweep after it carries on (rm failed, half-way)."""
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k1", one_file_tree(tmp_path / "src"))
+    index_path = tmp_path / "layout" / "index.json"
+    index = json.loads(index_path.read_bytes())
+    ref = "org.opencontainers.image.ref.name"
+    index["manifests"] += [
+        {"mediaType": OCI_MANIFEST, "digest": "sha512:" + "ab" * 64, "size": 10, "annotations": {ref: "k2"}},
+        {"digest": "sha256:" + "ab" * 32, "size": 10, "annotations": {ref: "k3"}},
+    ]
+    index_path.write_text(json.dumps(index))
+    listed = {e.key: e for e in await list_entries(store)}
+    assert listed["k2"].error and listed["k3"].error and not listed["k1"].error
+    for key in ("k2", "k3"):
+        assert (await remove(store, key)).key == key
+    assert [e.key for e in await list_entries(store)] == ["k1"]

@@ -198,6 +198,24 @@ def test_miss_exits_3_and_leaves_the_target_alone(
     assert inspect.returncode == 3 and inspect.stderr.startswith("inspect miss absent: no entry in ")
 
 
+def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: Run, tmp_path: Path) -> None:
+    """In a layout the tag lives in index.json and its document in blobs/: with that document
+    gone, ls lists the entry as broken (it hid it), restore and inspect say so (they said "no
+    entry"), and rm removes it (it was a miss, and the entry stayed)."""
+    layout = tmp_path / "layout"
+    assert cli("save", str(small_tree(tmp_path / "src")), f"oci:{layout}:k").returncode == 0
+    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
+    (layout / "blobs/sha256" / top.split(":")[1]).unlink()
+    listed = json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]
+    assert [e["key"] for e in listed] == ["k"] and "broken" in listed[0]["error"], listed
+    for command in (["restore", f"oci:{layout}:k", str(tmp_path / "out")], ["inspect", f"oci:{layout}:k"]):
+        done = cli(*command)
+        assert done.returncode == 3 and "is broken" in done.stderr and top in done.stderr, done.stderr
+    removed = cli("rm", f"oci:{layout}:k")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads((layout / "index.json").read_bytes())["manifests"] == []
+
+
 def test_a_broken_entry_is_named_as_broken_not_as_an_absent_digest(cli: Run, tmp_path: Path) -> None:
     """An entry whose manifest is gone (a sweep raced its save, a blob deleted by hand) is still a
     miss for a restore and inspect (exit 3; the next save replaces it), but every command says the

@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from ...errors import (
     BlobsSwept,
+    BrokenEntry,
     CacheMiss,
     EntryExists,
     ImageFormatError,
@@ -106,7 +107,13 @@ class LayoutStore:
         else:
             desc = await self.resolve(reference)
             digest, media_type = desc.digest, desc.media_type
-        body = await self._run(self._read_small, digest)
+        try:
+            body = await self._run(self._read_small, digest)
+        except CacheMiss as exc:
+            if is_digest(reference):
+                raise
+            # The tag is in index.json, its document not in blobs/: an entry, broken.
+            raise BrokenEntry(reference, self.location, f"document {digest}") from exc
         actual = sha256_digest(body)
         if actual != digest:
             raise IntegrityError(
