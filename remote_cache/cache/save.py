@@ -297,7 +297,7 @@ async def _save_tree(
     return SaveResult(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
         bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
-        files=plan.files, seconds=time.monotonic() - job.started, unchanged=unchanged,
+        files=plan.files, seconds=time.monotonic() - job.started, unchanged=unchanged and not uploaded_layers,
         layers_reused=len(reuse.slots), base_key=reuse.source, special=tuple(plan.scan.stats.skipped),
     )  # fmt: skip
 

@@ -46,10 +46,11 @@ def verify_bytes(data: bytes, digest: str, size: int | None = None) -> None:
 class BlobCheck:
     """Size and digest of a blob, checked while it streams: every store's reads end in :meth:`finish`."""
 
-    def __init__(self, digest: str, size: int, where: str) -> None:
+    def __init__(self, digest: str, size: int, where: str, fix: str = "") -> None:
         self._digest = digest
         self._size = size
         self._where = where  # e.g. "in oci:/x" or "from ghcr.io/acme/cache"
+        self._fix = f"; {fix}" if fix else ""  # what mends it, where the store knows
         self._hasher = hashlib.sha256()
         self.seen = 0
 
@@ -57,7 +58,9 @@ class BlobCheck:
         """Count and hash ``chunk``; IntegrityError as soon as the blob runs past its size."""
         self.seen += len(chunk)
         if self.seen > self._size:
-            raise IntegrityError(f"blob {self._digest} {self._where} is larger than its {self._size} bytes")
+            raise IntegrityError(
+                f"blob {self._digest} {self._where} is larger than its {self._size} bytes{self._fix}"
+            )
         self._hasher.update(chunk)
 
     def feeding(self, sink: Callable[[memoryview], None]) -> Callable[[memoryview], None]:
@@ -73,8 +76,10 @@ class BlobCheck:
         """IntegrityError unless exactly the blob's size and digest went through :meth:`update`."""
         if self.seen != self._size:
             raise IntegrityError(
-                f"blob {self._digest} {self._where} is {self.seen} bytes, expected {self._size}"
+                f"blob {self._digest} {self._where} is {self.seen} bytes, expected {self._size}{self._fix}"
             )
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self._digest:
-            raise IntegrityError(f"blob {self._digest} {self._where} has digest {actual}: it is corrupted")
+            raise IntegrityError(
+                f"blob {self._digest} {self._where} has digest {actual}: it is corrupted{self._fix}"
+            )

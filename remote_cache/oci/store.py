@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_GC_GRACE_SECONDS",
+    "REPACK_FIX",
     "Sink",
     "Store",
     "download_by_reading",
@@ -32,6 +33,10 @@ __all__ = [
     "sink_failures_as_themselves",
     "sweeps_its_blobs",
 ]
+
+#: What mends an entry whose blob is gone or damaged in a store this tool writes (a layout, a
+#: bucket): a save that packs again, as a plain save of an unchanged directory trusts the entry.
+REPACK_FIX = "`remote-cache save --full` of the directory stores it again"
 
 #: Where a downloaded blob's bytes go: called with each chunk, possibly from a worker thread.
 Sink = Callable[[memoryview], None]

@@ -216,6 +216,33 @@ def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: 
     assert json.loads((layout / "index.json").read_bytes())["manifests"] == []
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_layer_is_repaired_by_the_save_the_error_names(
+    cli: Run, tmp_path: Path, damage: str
+) -> None:
+    """A layer blob gone or cut short in a layout: the restore fails naming the fix, and that fix
+    works. (It said "save the entry again", and that save found the directory unchanged; a
+    truncated blob was not replaced even by --full, which found the file there.)"""
+    layout = tmp_path / "layout"
+    src = small_tree(tmp_path / "src")
+    assert cli("save", str(src), f"oci:{layout}:k").returncode == 0
+    blobs = layout / "blobs" / "sha256"
+    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
+    index = json.loads((blobs / top.split(":")[1]).read_bytes())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    blob = blobs / manifest["layers"][-1]["digest"].split(":")[1]
+    if damage == "missing":
+        blob.unlink()
+    else:
+        blob.write_bytes(blob.read_bytes()[:100])
+    failed = cli("restore", f"oci:{layout}:k", str(tmp_path / "out"))
+    assert failed.returncode == 1 and "save --full" in failed.stderr, failed.stderr
+    repaired = cli("save", str(src), f"oci:{layout}:k", "--full", "--json")
+    assert repaired.returncode == 0 and json_line(repaired)["outcome"] == "saved", repaired.stderr
+    assert cli("restore", f"oci:{layout}:k", str(tmp_path / "out")).returncode == 0
+    assert_same_tree(src, tmp_path / "out")
+
+
 def test_a_broken_entry_is_named_as_broken_not_as_an_absent_digest(cli: Run, tmp_path: Path) -> None:
     """An entry whose manifest is gone (a sweep raced its save, a blob deleted by hand) is still a
     miss for a restore and inspect (exit 3; the next save replaces it), but every command says the

@@ -288,3 +288,27 @@ def test_a_broken_entry_is_listed_with_its_error_and_rm_removes_it(
         no_traceback(removed)
     assert _keys(moto, bucket, "/tags/") == ["c/tags/fine"]
     assert cli("restore", f"s3://{bucket}/c:fine", str(tmp_path / "o"), env=env).returncode == 0
+
+
+def test_a_layer_cut_short_in_a_bucket_is_replaced_by_a_full_save(
+    cli: Run, moto: ObjectServer, tmp_path: Path
+) -> None:
+    """A layer object cut short: the restore fails naming ``save --full``, which writes it again
+    (it found an object under that key and kept it)."""
+    env = object_env(moto)
+    bucket = new_bucket(moto)
+    src = small_tree(tmp_path / "src")
+    ref = f"s3://{bucket}/c:k"
+    assert cli("save", str(src), ref, env=env).returncode == 0
+    s3 = s3_client(moto)
+    layers = [
+        k
+        for k in _keys(moto, bucket, "/blobs/")
+        if s3.head_object(Bucket=bucket, Key=k)["ContentLength"] > 1000
+    ]
+    s3.put_object(Bucket=bucket, Key=layers[0], Body=b"cut")
+    failed = cli("restore", ref, str(tmp_path / "out"), env=env)
+    assert failed.returncode == 1 and "save --full" in failed.stderr, failed.stderr
+    assert cli("save", str(src), ref, "--full", env=env).returncode == 0
+    assert cli("restore", ref, str(tmp_path / "out"), env=env).returncode == 0
+    assert_same_tree(src, tmp_path / "out")

@@ -33,7 +33,7 @@ from ...errors import (
 from ..descriptor import Descriptor
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
-from ..store import DEFAULT_GC_GRACE_SECONDS, Sink
+from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
 from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of
 from .gc import collect_garbage, reachable
 
@@ -200,11 +200,14 @@ class LayoutStore:
 
     # -- blobs -----------------------------------------------------------------------------
 
-    def _has_blob(self, digest: str) -> bool:
+    def _has_blob(self, digest: str, size: int | None = None) -> bool:
         path = self._dir.blob_path(digest)
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
                 return False  # a link (or worse): a save writes the blob over it, nothing elsewhere
+            if size is not None and st.st_size != size:
+                return False  # cut short (or grown): a save writes it again
             # Refresh the mtime: a concurrent gc() spares recently touched blobs, so a save that
             # reuses this blob (and has not tagged yet) cannot lose it.
             os.utime(path, follow_symlinks=False)
@@ -226,7 +229,7 @@ class LayoutStore:
             fh = await anyio.open_file(await self._run(open_regular, path), "rb")
         except FileNotFoundError:
             raise self._missing(desc) from None
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
         try:
             while True:
                 chunk = await fh.read(_CHUNK)
@@ -244,7 +247,7 @@ class LayoutStore:
         await anyio.to_thread.run_sync(self._download, desc, sink)
 
     def _download(self, desc: Descriptor, sink: Sink) -> None:
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
         try:
             fh = open(open_regular(self._dir.blob_path(desc.digest)), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
@@ -259,13 +262,12 @@ class LayoutStore:
 
     def _missing(self, desc: Descriptor) -> StoreError:
         return StoreError(
-            f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; "
-            "save the entry again"
+            f"blob {desc.digest} is missing from {self.location}: the layout is incomplete; {REPACK_FIX}"
         )
 
     def _put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
         path = self._dir.blob_path(desc.digest)
-        if self._has_blob(desc.digest):
+        if self._has_blob(desc.digest, desc.size):
             return False
         self._dir.ensure()
         hasher = hashlib.sha256()

@@ -45,7 +45,13 @@ from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
 from ..stalls import GIVING_UP, Stalls
-from ..store import DEFAULT_GC_GRACE_SECONDS, Sink, download_by_reading, sink_failures_as_themselves
+from ..store import (
+    DEFAULT_GC_GRACE_SECONDS,
+    REPACK_FIX,
+    Sink,
+    download_by_reading,
+    sink_failures_as_themselves,
+)
 from .calls import Calls
 from .client import build_client
 from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, credentials_to_hide, refuses_conditional, translated
@@ -289,8 +295,9 @@ class ObjectStore:
             raise IntegrityError(
                 f"blob {desc.digest}: {len(source)} bytes given, descriptor says {desc.size}"
             )
-        if await self._head(key, f"blob {desc.digest}") is not None and await self.has_blob(desc.digest):
-            return False
+        there = await self._head(key, f"blob {desc.digest}")
+        if there is not None and there["size"] == desc.size and await self.has_blob(desc.digest):
+            return False  # (one of another size was cut short: it is written again)
         attributes = {"Storage-Class": self.options.storage_class} if self.options.storage_class else None
         with self._translated(f"upload blob {desc.digest}"):
             await self._calls.upload(
@@ -310,7 +317,7 @@ class ObjectStore:
         stopped (obstore does it, within its retries).
         """
         key = self._blob_key(desc.digest)
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
         pieces = self._ranges(key, desc) if desc.size > RANGED_ABOVE else self._stream(key, desc)
         async for chunk in pieces:
             check.update(chunk)
@@ -324,7 +331,7 @@ class ObjectStore:
             await download_by_reading(self, desc, sink)
             return
         key = self._blob_key(desc.digest)
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}")
+        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
 
         with sink_failures_as_themselves(), self._translated(f"read blob {desc.digest}"):
             try:
@@ -369,7 +376,7 @@ class ObjectStore:
 
     def _missing(self, desc: Descriptor) -> StoreError:
         return StoreError(
-            f"blob {desc.digest} is missing from {self.location}: the entry is incomplete; save it again"
+            f"blob {desc.digest} is missing from {self.location}: the entry is incomplete; {REPACK_FIX}"
         )
 
     async def aclose(self) -> None:
