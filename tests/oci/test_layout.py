@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -234,3 +236,38 @@ def test_links_in_a_layout_write_nothing_outside_it(tmp_path: Path) -> None:
     )
     assert outside.stat().st_mtime == 1_000_000_000
     assert not (tmp_path / "created-by-lock").exists()
+
+
+async def test_temporary_files_a_killed_save_left_are_removed_by_the_next(tmp_path: Path) -> None:
+    """A save killed while writing a blob or index.json leaves a ``.tmp-*`` file (megabytes): the
+    next save that writes into the layout removes it, but not one a live writer holds or one
+    made a moment ago (they stayed until an rm or prune with an expired grace, or for ever
+    in the layout's root)."""
+    store = LayoutStore(tmp_path / "layout")
+    config = _blob(b"{}")
+    await store.put_blob(config, b"{}")
+    blobs = tmp_path / "layout" / "blobs" / "sha256"
+    old = time.time() - 120
+    made: dict[Path, Path] = {}
+    for where in (blobs, tmp_path / "layout"):
+        for name in (".tmp-dead", ".tmp-live", ".tmp-young"):
+            made[where / name] = where / name
+            (where / name).write_bytes(b"partial blob")
+            if name != ".tmp-young":
+                os.utime(where / name, (old, old))
+    held = [os.open(p, os.O_RDONLY) for p in made if p.name == ".tmp-live"]
+    for fd in held:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        later = LayoutStore(tmp_path / "layout")  # the next run
+        await later.put_blob(_blob(b"new"), b"new")
+        left = sorted(str(p.relative_to(tmp_path)) for p in made if p.exists())
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert left == [
+        "layout/.tmp-live",
+        "layout/.tmp-young",
+        "layout/blobs/sha256/.tmp-live",
+        "layout/blobs/sha256/.tmp-young",
+    ]

@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +23,15 @@ from ...errors import ImageFormatError, StoreError
 from ..digest import check_digest
 from ..media import ANNOTATION_REF_NAME, OCI_INDEX
 
-__all__ = ["MAX_INDEX_BYTES", "LayoutDirectory", "atomic_file", "open_regular", "read_regular", "tag_of"]
+__all__ = [
+    "MAX_INDEX_BYTES",
+    "LayoutDirectory",
+    "atomic_file",
+    "open_regular",
+    "read_regular",
+    "sweep_dead_temps",
+    "tag_of",
+]
 
 _LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 #: Largest ``index.json`` read (about 250,000 entries).
@@ -49,11 +58,20 @@ def read_regular(path: Path, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
+_TEMP_PREFIX = ".tmp-"
+#: A temporary file younger than this is never swept (between its creation and its lock).
+_TEMP_SETTLE_SECONDS = 60
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A file to write ``path``'s new content into; it replaces ``path`` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    """A file to write ``path``'s new content into; it replaces ``path`` only if the block succeeds.
+
+    The temporary file is locked (``flock``) while it is written: one a killed run left is
+    unlocked, and :func:`sweep_dead_temps` removes it."""
+    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -66,6 +84,26 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         raise
 
 
+def sweep_dead_temps(directory: Path) -> None:
+    """Remove the temporary files in ``directory`` that a killed writer left: unlocked, and older
+    than a minute (a live writer locks its file at once). Anything unexpected is left alone."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(_TEMP_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _TEMP_SETTLE_SECONDS:
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer's
+                os.unlink(directory / name)
+            finally:
+                os.close(fd)
+
+
 def _empty_index() -> dict[str, Any]:
     return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
 
@@ -75,6 +113,7 @@ class LayoutDirectory:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._swept = False  # by the first write (see ensure)
 
     def blob_path(self, digest: str) -> Path:
         """``blobs/sha256/<hex>``; StoreError for a malformed digest."""
@@ -85,7 +124,12 @@ class LayoutDirectory:
         return self.root / "blobs" / "sha256" / digest.removeprefix("sha256:")
 
     def ensure(self) -> None:
-        """Create the layout (``blobs/sha256``, ``oci-layout``, an empty ``index.json``) if missing."""
+        """Create the layout (``blobs/sha256``, ``oci-layout``, an empty ``index.json``) if missing;
+        in one that exists, remove what killed writers left (:func:`sweep_dead_temps`)."""
+        if not self._swept:
+            self._swept = True
+            sweep_dead_temps(self.root)
+            sweep_dead_temps(self.root / "blobs" / "sha256")
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
         marker = self.root / "oci-layout"
         if not marker.exists():
