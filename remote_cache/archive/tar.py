@@ -364,11 +364,13 @@ class HeaderDecoder:
             mode = nums.get(mode_f, -1)
             if mode < 0:
                 mode = nums[mode_f] = _oct(mode_f, name_b)
+            # The cache is keyed by raw bytes, shared with the mode field: a value it holds may
+            # not have been range-checked as an owner id.
             uid = nums.get(uid_f, -1)
-            if uid < 0:
+            if not 0 <= uid <= _MAX_ID:
                 uid = nums[uid_f] = _id(uid_f, name_b)
             gid = nums.get(gid_f, -1)
-            if gid < 0:
+            if not 0 <= gid <= _MAX_ID:
                 gid = nums[gid_f] = _id(gid_f, name_b)
             mtime = nums.get(mtime_f, -1)
             if mtime < 0:

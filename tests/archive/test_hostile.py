@@ -169,6 +169,27 @@ def test_what_this_filesystem_cannot_hold_is_named_by_member(sandbox: tuple[Path
     discard_dir(st)
 
 
+def test_an_owner_id_out_of_range_is_refused_whatever_field_held_the_same_bytes_before(
+    sandbox: tuple[Path, Path],
+) -> None:
+    """The decoder caches numbers by their raw field: a mode field holding the same base-256 bytes
+    as the uid field must not let the uid past its range check (it ended as 'unexpected
+    OverflowError' from fchown)."""
+    info, data = _m("f")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    raw = bytearray(buf.getvalue())
+    big = b"\x80" + (1 << 40).to_bytes(7, "big")
+    raw[100:108] = big  # mode
+    raw[108:116] = big  # uid
+    raw[148:156] = b" " * 8
+    raw[148:156] = b"%06o\0 " % sum(raw[:512])
+    box, target = sandbox
+    assert _attempt(box, target, bytes(raw)) is IntegrityError
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_archive_is_refused(sandbox: tuple[Path, Path], case: str) -> None:
     box, target = sandbox
