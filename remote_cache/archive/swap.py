@@ -12,6 +12,7 @@ or the new one, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -108,13 +109,19 @@ def _make_writable_tree(pfd: int | None, base: str) -> None:
     """Give directories under ``base`` owner rwx, so that a non-root rmtree can remove read-only trees."""
     if os.geteuid() == 0:
         return
+    # Best effort: a directory another user owns cannot be changed, but may not need to be
+    # (0777); rmtree reports what really cannot be removed.
     try:
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
     except PermissionError:  # no read or search permission (mode 000): give it first
-        os.chmod(base, 0o700, dir_fd=pfd)
-        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            os.chmod(base, 0o700, dir_fd=pfd)
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        except OSError:
+            return
     try:
-        os.fchmod(fd, 0o700)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o700)
         for name in os.listdir(fd):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):

@@ -482,3 +482,18 @@ def test_a_work_directory_that_cannot_be_removed_whole_is_swept_later(tmp_path: 
         assert (work.path / "lock").exists()
     assert sweep_dead(tmp_path, "w-") == [work.path]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_directory_of_another_owner_in_an_old_tree_is_removed_as_non_root(tmp_path: Path) -> None:
+    """An old tree holding a directory another user owns but lets us write (0777): making it
+    owner-writable fails (EPERM) but is not needed, and the tree is removed (it failed the restore
+    after the swap and left the old tree beside the target)."""
+    old = tmp_path / "old"
+    (old / "shared").mkdir(parents=True)
+    (old / "shared" / "f").write_bytes(b"1")
+    for p in (old, old / "shared" / "f"):
+        os.chown(p, 65534, 65534)
+    (old / "shared").chmod(0o777)  # root's
+    os.chown(tmp_path, 65534, 65534)
+    assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
+    assert not old.exists()
