@@ -271,3 +271,37 @@ async def test_temporary_files_a_killed_save_left_are_removed_by_the_next(tmp_pa
         "layout/blobs/sha256/.tmp-live",
         "layout/blobs/sha256/.tmp-young",
     ]
+
+
+async def test_a_layout_shared_by_a_group_stays_writable_by_the_group(tmp_path: Path) -> None:
+    """The index lock is created as other files are (0666 less the umask): with umask 002 the
+    group can lock it (it became 0644, and a second user of the group could not save)."""
+    old = os.umask(0o002)
+    try:
+        store = LayoutStore(tmp_path / "layout")
+        await store.put_manifest(b'{"schemaVersion": 2}', OCI_MANIFEST, tag="t")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "layout" / "index.json.lock").stat().st_mode & 0o777 == 0o664
+
+
+async def test_rm_removes_every_duplicate_of_a_tag(tmp_path: Path) -> None:
+    """A foreign tool may list a tag twice (the last one wins): rm removes the tag, not only the
+    entry it read, or the older one would restore as a hit afterwards."""
+    from remote_cache.cache.entries import remove
+    from remote_cache.cache.save import save
+
+    store = LayoutStore(tmp_path / "layout")
+    for text in ("v1", "v2"):
+        src = tmp_path / text
+        src.mkdir()
+        (src / "f").write_text(text)
+        await save(store, text, src)
+    index_path = tmp_path / "layout" / "index.json"
+    index = json.loads(index_path.read_bytes())
+    for entry in index["manifests"]:
+        entry["annotations"][REF_NAME] = "k"
+    index_path.write_text(json.dumps(index))
+    await remove(store, "k")
+    with pytest.raises(CacheMiss):
+        await store.resolve("k")

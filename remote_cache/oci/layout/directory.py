@@ -70,8 +70,9 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     The temporary file is locked (``flock``) while it is written: one a killed run left is
     unlocked, and :func:`sweep_dead_temps` removes it."""
     fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
+    lock = os.dup(fd)  # the lock stays held until the file is in place (see sweep_dead_temps)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -82,6 +83,8 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(lock)
 
 
 def sweep_dead_temps(directory: Path) -> None:
@@ -145,7 +148,7 @@ class LayoutDirectory:
         """Hold the layout's index lock (an exclusive ``flock``) for a read-modify-write."""
         lock = self.root / "index.json.lock"
         try:  # never through a link: that would create or lock a file outside the layout
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)  # less umask
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
