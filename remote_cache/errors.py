@@ -138,8 +138,8 @@ class TreeTooDeep(RemoteCacheError):
 
     def __init__(self, path: str, limit: int) -> None:
         super().__init__(
-            f"{path!r} nests directories more than {limit} levels deep, which remote-cache does not "
-            "save; leave that subtree out of the cache directory"
+            f"{path!r} is more than {limit} levels deep (path components), which remote-cache does "
+            "not save; leave that subtree out of the cache directory"
         )
 
 

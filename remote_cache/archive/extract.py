@@ -91,7 +91,7 @@ def _shallow(path: bytes, member: bytes) -> bytes:
     """``path``, unless it nests deeper than a save would walk (see MAX_DEPTH)."""
     if path.count(b"/") >= MAX_DEPTH:
         raise UnsafeArchive(
-            f"archive member {display(member)[:100]!r}... nests more than {MAX_DEPTH} levels deep; refusing"
+            f"archive member {display(member)[:100]!r}... is more than {MAX_DEPTH} levels deep; refusing"
         )
     return path
 

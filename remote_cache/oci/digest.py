@@ -46,11 +46,16 @@ def verify_bytes(data: bytes, digest: str, size: int | None = None) -> None:
 class BlobCheck:
     """Size and digest of a blob, checked while it streams: every store's reads end in :meth:`finish`."""
 
-    def __init__(self, digest: str, size: int, where: str, fix: str = "") -> None:
+    def __init__(
+        self, digest: str, size: int, where: str, fix: str = "", corrupt_fix: str | None = None
+    ) -> None:
         self._digest = digest
         self._size = size
         self._where = where  # e.g. "in oci:/x" or "from ghcr.io/acme/cache"
-        self._fix = f"; {fix}" if fix else ""  # what mends it, where the store knows
+        # What mends it, where the store knows: a blob of the wrong size, and one of the right
+        # size with other bytes (which a store may not tell from the right one without reading it).
+        self._fix = f"; {fix}" if fix else ""
+        self._corrupt_fix = self._fix if corrupt_fix is None else f"; {corrupt_fix}"
         self._hasher = hashlib.sha256()
         self.seen = 0
 
@@ -81,5 +86,5 @@ class BlobCheck:
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self._digest:
             raise IntegrityError(
-                f"blob {self._digest} {self._where} has digest {actual}: it is corrupted{self._fix}"
+                f"blob {self._digest} {self._where} has digest {actual}: it is corrupted{self._corrupt_fix}"
             )

@@ -72,7 +72,7 @@ def test_a_tree_nested_deeper_than_the_limit_is_refused_by_name(tmp_path: Path) 
     finally:
         os.close(fd)
     try:
-        with pytest.raises(TreeTooDeep, match=f"more than {MAX_DEPTH} levels"):
+        with pytest.raises(TreeTooDeep, match=f"more than {MAX_DEPTH} levels deep"):
             walk_tree(tmp_path / "deep", TreeStats())
     finally:  # not left to pytest's clean-up, whose removal recurses once per level
         subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)

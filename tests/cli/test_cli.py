@@ -216,7 +216,7 @@ def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: 
     assert json.loads((layout / "index.json").read_bytes())["manifests"] == []
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "changed in place"])
 def test_a_damaged_layer_is_repaired_by_the_save_the_error_names(
     cli: Run, tmp_path: Path, damage: str
 ) -> None:
@@ -233,8 +233,12 @@ def test_a_damaged_layer_is_repaired_by_the_save_the_error_names(
     blob = blobs / manifest["layers"][-1]["digest"].split(":")[1]
     if damage == "missing":
         blob.unlink()
-    else:
+    elif damage == "truncated":
         blob.write_bytes(blob.read_bytes()[:100])
+    else:  # the same size, other bytes
+        body = bytearray(blob.read_bytes())
+        body[-20] ^= 0xFF
+        blob.write_bytes(bytes(body))
     failed = cli("restore", f"oci:{layout}:k", str(tmp_path / "out"))
     assert failed.returncode == 1 and "save --full" in failed.stderr, failed.stderr
     repaired = cli("save", str(src), f"oci:{layout}:k", "--full", "--json")

@@ -312,3 +312,28 @@ def test_a_layer_cut_short_in_a_bucket_is_replaced_by_a_full_save(
     assert cli("save", str(src), ref, "--full", env=env).returncode == 0
     assert cli("restore", ref, str(tmp_path / "out"), env=env).returncode == 0
     assert_same_tree(src, tmp_path / "out")
+
+
+def test_a_layer_changed_in_place_in_a_bucket_names_what_mends_it(
+    cli: Run, moto: ObjectServer, tmp_path: Path
+) -> None:
+    """A layer object rewritten with other bytes of the same size: a save cannot tell it from the
+    right one without reading it back, so the error says to delete that object (it named a
+    `save --full` that would find the object there and keep it)."""
+    env = object_env(moto)
+    bucket = new_bucket(moto)
+    src = small_tree(tmp_path / "src")
+    ref = f"s3://{bucket}/c:k"
+    assert cli("save", str(src), ref, env=env).returncode == 0
+    s3 = s3_client(moto)
+    sizes = {k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in _keys(moto, bucket, "/blobs/")}
+    layer = max(sizes, key=lambda k: sizes[k])
+    body = bytearray(s3.get_object(Bucket=bucket, Key=layer)["Body"].read())
+    body[-20] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=layer, Body=bytes(body))
+    failed = cli("restore", ref, str(tmp_path / "out"), env=env)
+    assert failed.returncode == 1 and f"delete {layer.split('/', 1)[1]}" in failed.stderr, failed.stderr
+    s3.delete_object(Bucket=bucket, Key=layer)  # as told
+    assert cli("save", str(src), ref, "--full", env=env).returncode == 0
+    assert cli("restore", ref, str(tmp_path / "out"), env=env).returncode == 0
+    assert_same_tree(src, tmp_path / "out")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 
 from ...errors import StoreError
 from ..descriptor import referenced_digests
@@ -19,18 +18,20 @@ from .directory import LayoutDirectory, read_regular
 __all__ = ["collect_garbage", "reachable"]
 
 
-def reachable(layout: LayoutDirectory, roots: Iterable[str] | None = None) -> set[str]:
-    """Every digest reachable from ``roots`` (default: every ``index.json`` entry); unreadable or
-    huge blobs are leaves."""
+def reachable(layout: LayoutDirectory) -> set[str]:
+    """Every digest reachable from ``index.json``; unreadable or huge blobs are leaves."""
     seen: set[str] = set()
-    stack = [str(m.get("digest")) for m in layout.entries()] if roots is None else list(roots)
+    stack = [str(m.get("digest")) for m in layout.entries()]
     while stack:
         digest = stack.pop()
         if digest in seen:
             continue
         seen.add(digest)
         try:
-            data = read_regular(layout.blob_path(digest), MAX_DOCUMENT_BYTES)
+            path = layout.blob_path(digest)
+            if path.stat().st_size > MAX_DOCUMENT_BYTES:
+                continue  # a layer, most likely: not read
+            data = read_regular(path, MAX_DOCUMENT_BYTES)
             if data is None:
                 continue
             obj = json.loads(data)

@@ -30,17 +30,30 @@ from ...errors import (
     NoSpace,
     StoreError,
 )
-from ..descriptor import Descriptor
+from ..descriptor import Descriptor, referenced_digests
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
 from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of
-from .gc import collect_garbage, reachable
+from .gc import collect_garbage
 
 __all__ = ["LayoutStore"]
 
 _CHUNK = 1024 * 1024
 _T = TypeVar("_T")
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether the blob file at ``path`` has ``digest``: one changed in place is written again (a
+    local read of a blob the save has just packed itself; what REPACK_FIX promises)."""
+    hasher = hashlib.sha256()
+    try:
+        with os.fdopen(open_regular(path), "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                hasher.update(chunk)
+    except (OSError, StoreError):
+        return False
+    return "sha256:" + hasher.hexdigest() == digest
 
 
 class LayoutStore:
@@ -51,6 +64,7 @@ class LayoutStore:
         self.location = f"oci:{self.root}"
         self._dir = LayoutDirectory(self.root)
         self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written
+        self._written: dict[str, bytes] = {}  # documents this store wrote, by digest
 
     def __repr__(self) -> str:
         return f"LayoutStore({str(self.root)!r})"
@@ -136,18 +150,29 @@ class LayoutStore:
         """
         desc = Descriptor(media_type, sha256_digest(body), len(body))
         await self.put_blob(desc, body)
+        self._written[desc.digest] = body
         if tag is not None:
             await self._run(self._set_tag, desc, tag, exclusive)
-            await self._run(self._check_reused, desc.digest)
+            await self._run(self._check_reused, body)
         return desc
 
-    def _check_reused(self, top: str) -> None:
+    def _check_reused(self, top: bytes) -> None:
         """After a tag write: the blobs it reaches that this store found present (rather than
         wrote) must still be there. A sweep that looked at one just before this save marked it
-        may delete it just after; BlobsSwept then (the save packs again)."""
-        gone = sorted(
-            d for d in reachable(self._dir, [top]) & self._reused if not self._dir.blob_path(d).exists()
-        )
+        may delete it just after; BlobsSwept then (the save packs again). What the tag reaches
+        is read from the documents this store wrote, not from the layout's files."""
+        reached: set[str] = set()
+        pending = [top]
+        while pending:
+            try:
+                children = referenced_digests(json.loads(pending.pop()))
+            except ValueError:
+                continue
+            for digest in set(children) - reached:
+                reached.add(digest)
+                if digest in self._written:
+                    pending.append(self._written[digest])
+        gone = sorted(d for d in reached & self._reused if not self._dir.blob_path(d).exists())
         if gone:
             raise BlobsSwept(gone, self.location)
 
@@ -180,11 +205,12 @@ class LayoutStore:
             if is_digest(reference):
                 kept = [m for m in manifests if m.get("digest") != reference]
             else:
-                kept = [
-                    m
-                    for m in manifests
-                    if tag_of(m) != reference or (digest is not None and m.get("digest") != digest)
-                ]
+                named = [m for m in manifests if tag_of(m) == reference]
+                # The last of a tag's entries is the one read (a foreign tool may list a tag
+                # twice): when it is what the caller read, the tag goes, duplicates and all.
+                if digest is not None and named and named[-1].get("digest") != digest:
+                    raise CacheMiss(reference, self.location)
+                kept = [m for m in manifests if tag_of(m) != reference]
             if len(kept) == len(manifests):
                 raise CacheMiss(reference, self.location)
             index["manifests"] = kept
@@ -267,7 +293,7 @@ class LayoutStore:
 
     def _put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
         path = self._dir.blob_path(desc.digest)
-        if self._has_blob(desc.digest, desc.size):
+        if self._has_blob(desc.digest, desc.size) and _holds(path, desc.digest):
             return False
         self._dir.ensure()
         hasher = hashlib.sha256()

@@ -317,7 +317,7 @@ class ObjectStore:
         stopped (obstore does it, within its retries).
         """
         key = self._blob_key(desc.digest)
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
+        check = self._check(desc)
         pieces = self._ranges(key, desc) if desc.size > RANGED_ABOVE else self._stream(key, desc)
         async for chunk in pieces:
             check.update(chunk)
@@ -331,7 +331,7 @@ class ObjectStore:
             await download_by_reading(self, desc, sink)
             return
         key = self._blob_key(desc.digest)
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
+        check = self._check(desc)
 
         with sink_failures_as_themselves(), self._translated(f"read blob {desc.digest}"):
             try:
@@ -373,6 +373,12 @@ class ObjectStore:
                 into[start] = await self._calls.get_range(key, start, end)
             except NOT_FOUND:
                 raise self._missing(desc) from None
+
+    def _check(self, desc: Descriptor) -> BlobCheck:
+        """The check of a blob read from here: a save writes one of the wrong size again, but one of
+        the right size it cannot tell from the right blob without reading it back."""
+        corrupt = f"delete {self._blob_key(desc.digest)} under {self.location} and save again"
+        return BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX, corrupt)
 
     def _missing(self, desc: Descriptor) -> StoreError:
         return StoreError(
