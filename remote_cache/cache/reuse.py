@@ -19,7 +19,7 @@ from ..archive.walk import TreeStats, tree_identity
 from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
-from ..oci.store import Store, sweeps_its_blobs
+from ..oci.store import Store
 from .evidence import Evidence, LayerRecord, LocalLayer, TreeRecord, dir_id, tree_fingerprint, window_hits
 from .image import load_image, read_diff_ids
 
@@ -142,12 +142,11 @@ async def reusable_layers(
 ) -> Reuse:
     """Layers to reuse without reading their files: vouched for by evidence, and still in the store."""
     hits = await anyio.to_thread.run_sync(_vouched, path, scan, local, evidence, media_type)
-    # Blobs that the key's (or the base's) entry references are in a registry: it takes a
-    # manifest only once its blobs are in, and keeps the blobs a tag references. A store this
-    # tool sweeps is asked (has_blob marks each as relied on, see sweeps_its_blobs).
-    referenced = (
-        set() if sweeps_its_blobs(store) else {digest for _, layers in candidates for digest in layers}
-    )
+    # Blobs that the key's (or the base's) entry references are in the store: a registry takes
+    # a manifest only once its blobs are in and keeps the blobs a tag references; a layout or
+    # bucket is told before the new tag is written (Store.rely_on), which marks them and looks
+    # at them again after it (that entry may be removed, and its blobs swept, meanwhile).
+    referenced = {digest for _, layers in candidates for digest in layers}
     unknown = [rec.digest for rec in hits.values() if rec.digest not in referenced]
     have = referenced | (await _present(store, unknown, jobs) if unknown else set())
     slots = {

@@ -289,8 +289,9 @@ async def _save_tree(
     stored = [slot for slot in slots if slot is not None]
     try:
         digest, unchanged = await _publish(
-            store, tag, key, plan, stored, job.platforms, exclusive=exclusive, republish=republish
-        )
+            store, tag, key, plan, stored, job.platforms, exclusive=exclusive, republish=republish,
+            relied=[desc.digest for desc, _ in reuse.slots.values()],
+        )  # fmt: skip
     except EntryExists:  # another save wrote the key first
         return _skipped(key, tag, "immutable key exists", job.started, await _current(store, tag) or "")
     await _record(job.path, evidence, plan, slots, where=(store.location, tag, job.options, digest))
@@ -497,10 +498,12 @@ async def _publish(
     *,
     exclusive: bool,
     republish: bool = False,
+    relied: Sequence[str] = (),
 ) -> tuple[str, bool]:
     """Push configs, manifests and the tagged index; (digest, unchanged) -- unchanged when the
     tag already names exactly this content (then nothing is pushed, unless ``republish``).
-    ``exclusive``: the tag is written only if it does not exist (EntryExists otherwise)."""
+    ``exclusive``: the tag is written only if it does not exist (EntryExists otherwise).
+    ``relied``: reused blobs the store was not asked about (see Store.rely_on)."""
     descriptors = [d for d, _ in stored]
     existing = (
         None
@@ -509,6 +512,8 @@ async def _publish(
     )
     if existing is not None:
         return existing, True
+    if relied:
+        await store.rely_on(relied)
     image = build_image(
         descriptors,
         [diff_id for _, diff_id in stored],

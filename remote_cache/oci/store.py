@@ -8,7 +8,7 @@ Every read checks size and digest; a tag moves only through :meth:`Store.put_man
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -112,6 +112,13 @@ class Store(Protocol):
         A store that collects its own garbage (layout, bucket) first marks the blob as just
         relied on, so a sweep running meanwhile spares it.
         """
+        ...
+
+    async def rely_on(self, digests: Sequence[str]) -> None:
+        """Mark blobs a tag about to be written references without this save having uploaded or
+        looked at them (another entry's layers): a store that collects its own garbage (layout,
+        bucket) marks them, as :meth:`has_blob` does, and looks at them again once the tag is
+        written; a registry keeps what a tag references itself."""
         ...
 
     def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:

@@ -8,12 +8,13 @@ annotation of an ``index.json`` entry. Writes are atomic and ``index.json`` chan
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -247,6 +248,16 @@ class LayoutStore:
     async def has_blob(self, digest: str) -> bool:
         """True when the blob file exists."""
         return await self._run(self._has_blob, digest)
+
+    async def rely_on(self, digests: Sequence[str]) -> None:
+        """Mark blobs a tag about to be written references (see Store.rely_on): checked after it."""
+        await self._run(self._rely_on, list(digests))
+
+    def _rely_on(self, digests: list[str]) -> None:
+        for digest in digests:
+            self._reused.add(digest)  # a missing one is found by the check after the tag write
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self._dir.blob_path(digest), follow_symlinks=False)
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob, checking size and digest; IntegrityError at the end on mismatch."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -275,6 +275,12 @@ class ObjectStore:
             await self._calls.delete([self._tag_key(t) for t in doomed])
 
     # -- blobs -----------------------------------------------------------------------------------
+
+    async def rely_on(self, digests: Sequence[str]) -> None:
+        """Mark blobs a tag about to be written references (see Store.rely_on): a sweep spares
+        them, and the tag write looks at them again (``_check_reused``)."""
+        self._reused.update(digests)
+        await for_each(list(digests), self._touch, jobs=RANGE_WINDOW * 4)
 
     async def has_blob(self, digest: str) -> bool:
         """True when the blob is stored, marking it as just relied on first (a sweep spares it)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -261,6 +261,9 @@ class RegistryStore:
             ) from exc
 
     # -- blobs -------------------------------------------------------------------------------
+
+    async def rely_on(self, digests: Sequence[str]) -> None:
+        """Nothing to do: a registry keeps the blobs a manifest references (see Store.rely_on)."""
 
     async def has_blob(self, digest: str) -> bool:
         """True when the repository already has the blob (``HEAD``)."""
