@@ -32,7 +32,7 @@ from ..archive.extract import Extractor, ExtractStats
 from ..archive.sparse import write_all
 from ..archive.target import RestoreTarget, clean_leftovers, locked, nearest_existing, plan_target, swap_in
 from ..archive.workdirs import WorkDir
-from ..errors import CacheMiss, NoSpace, RemoteCacheError
+from ..errors import CacheMiss, ImageFormatError, IntegrityError, NoSpace, RemoteCacheError, UnsafeArchive
 from ..keys import validate_key
 from ..oci.descriptor import Descriptor
 from ..oci.media import LAYER_COMPRESSION
@@ -207,6 +207,7 @@ class _Restore:
         self._record = record_state
         self._work: WorkDir | None = None
         self._feeds: list[GrowingFile] = []
+        self._reading = 0  # the layer the extraction reads (see _layers)
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
         self._window_start = 0
@@ -319,7 +320,8 @@ class _Restore:
     def _layers(self) -> Iterator[tuple[BinaryIO, str | None]]:
         # Iterated in the extractor's decompression thread, which runs ahead into the next layer
         # while the current one is written out.
-        for desc, feed in zip(self._image.layers, self._feeds, strict=True):
+        for i, (desc, feed) in enumerate(zip(self._image.layers, self._feeds, strict=True)):
+            self._reading = i
             yield cast(BinaryIO, feed), LAYER_COMPRESSION.get(desc.media_type)
             feed.close()  # fully read and verified: free the disk as we go
             feed.path.unlink(missing_ok=True)
@@ -335,7 +337,21 @@ class _Restore:
         except BaseException as exc:
             if caused_by_abort(exc):
                 return  # the failing download raises the real error in the task group
+            if (
+                isinstance(exc, ImageFormatError | IntegrityError | UnsafeArchive)
+                and await self._download_failed()
+            ):
+                return  # bytes that fail their download's check: that check's error says why
             raise
+
+    async def _download_failed(self) -> bool:
+        """Whether a layer the extraction has read from failed its download (after waiting for the
+        downloads of those layers to end: the extraction reads bytes before they are verified)."""
+        feeds = self._feeds[: self._reading + 1]
+        outcomes = await anyio.to_thread.run_sync(
+            lambda: [f.outcome() for f in feeds], abandon_on_cancel=True
+        )
+        return any(error is not None for error in outcomes)
 
     # -- record and clean up ------------------------------------------------------------------
 

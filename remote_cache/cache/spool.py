@@ -45,6 +45,13 @@ class GrowingFile:
             self._error = error
             self._cond.notify_all()
 
+    def outcome(self) -> BaseException | None:
+        """Wait until the writer finished; its error, or None (a worker thread's call)."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+            return self._error
+
     # reader side (extraction thread)
     def readable(self) -> bool:
         return True

@@ -443,3 +443,32 @@ async def test_mtimes_outside_64_bit_nanoseconds_round_trip(tmp_path: Path, year
     await restore(store, "k", tmp_path / "out")
     assert os.stat(tmp_path / "out" / "f").st_mtime_ns == dated
     assert (await save(store, "k", tmp_path / "out")).status == "unchanged"
+
+
+async def test_a_damaged_layer_is_reported_as_its_download_fails_not_as_what_its_bytes_look_like(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer cut to a few bytes: the extraction, reading them as they arrive, may fail on them
+    first ("not zstd-compressed") while the download's own check (the size) comes a moment later.
+    The download's error is the one reported: it names what is wrong and what mends it (which
+    one came first was a race; CI saw the other)."""
+    import anyio
+
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k", one_file_tree(tmp_path / "src", "x" * 100_000))
+    image = await load_image(store, tag_for_key("k"))
+    layer = image.layers[-1]
+    (tmp_path / "layout" / "blobs" / "sha256" / layer.digest.split(":")[1]).write_bytes(b"cut")
+    download = store.download_blob
+
+    async def check_late(desc: Descriptor, sink: Callable[[memoryview], None]) -> None:
+        try:
+            await download(desc, sink)
+        except IntegrityError:
+            await anyio.sleep(0.5)  # the check lands after the extraction looked at the bytes
+            raise
+
+    monkeypatch.setattr(store, "download_blob", check_late)
+    with pytest.raises(IntegrityError, match="is 3 bytes, expected"):
+        await restore(store, "k", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -290,23 +290,28 @@ def test_a_broken_entry_is_listed_with_its_error_and_rm_removes_it(
     assert cli("restore", f"s3://{bucket}/c:fine", str(tmp_path / "o"), env=env).returncode == 0
 
 
-def test_a_layer_cut_short_in_a_bucket_is_replaced_by_a_full_save(
+def _saved_with_its_biggest_layer(
     cli: Run, moto: ObjectServer, tmp_path: Path
-) -> None:
-    """A layer object cut short: the restore fails naming ``save --full``, which writes it again
-    (it found an object under that key and kept it)."""
+) -> tuple[dict[str, str], Path, str, Any, str]:
+    """A small tree saved to a new bucket: (env, the tree, its ref, an S3 client, the key of its
+    biggest layer object)."""
     env = object_env(moto)
     bucket = new_bucket(moto)
     src = small_tree(tmp_path / "src")
     ref = f"s3://{bucket}/c:k"
     assert cli("save", str(src), ref, env=env).returncode == 0
     s3 = s3_client(moto)
-    layers = [
-        k
-        for k in _keys(moto, bucket, "/blobs/")
-        if s3.head_object(Bucket=bucket, Key=k)["ContentLength"] > 1000
-    ]
-    s3.put_object(Bucket=bucket, Key=layers[0], Body=b"cut")
+    sizes = {k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in _keys(moto, bucket, "/blobs/")}
+    return env, src, ref, s3, max(sizes, key=lambda k: sizes[k])
+
+
+def test_a_layer_cut_short_in_a_bucket_is_replaced_by_a_full_save(
+    cli: Run, moto: ObjectServer, tmp_path: Path
+) -> None:
+    """A layer object cut short: the restore fails naming ``save --full``, which writes it again
+    (it found an object under that key and kept it)."""
+    env, src, ref, s3, layer = _saved_with_its_biggest_layer(cli, moto, tmp_path)
+    s3.put_object(Bucket=ref.split("/")[2], Key=layer, Body=b"cut")
     failed = cli("restore", ref, str(tmp_path / "out"), env=env)
     assert failed.returncode == 1 and "save --full" in failed.stderr, failed.stderr
     assert cli("save", str(src), ref, "--full", env=env).returncode == 0
@@ -320,14 +325,8 @@ def test_a_layer_changed_in_place_in_a_bucket_names_what_mends_it(
     """A layer object rewritten with other bytes of the same size: a save cannot tell it from the
     right one without reading it back, so the error says to delete that object (it named a
     `save --full` that would find the object there and keep it)."""
-    env = object_env(moto)
-    bucket = new_bucket(moto)
-    src = small_tree(tmp_path / "src")
-    ref = f"s3://{bucket}/c:k"
-    assert cli("save", str(src), ref, env=env).returncode == 0
-    s3 = s3_client(moto)
-    sizes = {k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"] for k in _keys(moto, bucket, "/blobs/")}
-    layer = max(sizes, key=lambda k: sizes[k])
+    env, src, ref, s3, layer = _saved_with_its_biggest_layer(cli, moto, tmp_path)
+    bucket = ref.split("/")[2]
     body = bytearray(s3.get_object(Bucket=bucket, Key=layer)["Body"].read())
     body[-20] ^= 0xFF
     s3.put_object(Bucket=bucket, Key=layer, Body=bytes(body))
