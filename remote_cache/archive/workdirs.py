@@ -39,6 +39,9 @@ class WorkDir:
     """A fresh private (0700) directory ``parent/PREFIX<random>``, locked while this object lives."""
 
     def __init__(self, parent: Path, prefix: str) -> None:
+        #: Directories made for it (the missing ones above ``parent`` and ``parent``), deepest
+        #: first: close() removes those left empty, so a failed restore leaves no new parents.
+        self._made = [p for p in (parent, *parent.parents) if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
         self.path = parent / f"{prefix}{secrets.token_hex(6)}"
         self.path.mkdir(mode=0o700)
@@ -67,6 +70,12 @@ class WorkDir:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+        for made in self._made:
+            try:
+                os.rmdir(made)
+            except OSError:
+                break  # not empty (the restored target is there), or not ours to remove
+        self._made = []
 
 
 def _claim(path: Path) -> int | None:

@@ -497,3 +497,21 @@ def test_a_directory_of_another_owner_in_an_old_tree_is_removed_as_non_root(tmp_
     os.chown(tmp_path, 65534, 65534)
     assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
     assert not old.exists()
+
+
+async def test_a_failed_restore_leaves_no_parent_it_made(tmp_path: Path) -> None:
+    """A restore into ``a/b/c/target`` that fails (here: a damaged layer) leaves no ``a/b/c``
+    behind: it made them for its work directory, and the target was not there before."""
+    from remote_cache.cache.image import load_image
+    from remote_cache.errors import IntegrityError
+
+    store = LayoutStore(tmp_path / "layout")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x" * 10_000)
+    await save(store, "k", src)
+    image = await load_image(store, "k")
+    (tmp_path / "layout" / "blobs" / "sha256" / image.layers[-1].digest.split(":")[1]).write_bytes(b"cut")
+    with pytest.raises(IntegrityError):
+        await restore(store, "k", tmp_path / "a" / "b" / "c" / "target")
+    assert not (tmp_path / "a").exists()
