@@ -157,8 +157,8 @@ class Store(Protocol):
 
 def sweeps_its_blobs(store: Store) -> bool:
     """Whether this tool frees the store's unused blobs (it has ``gc``: a layout, a bucket; a
-    registry does it itself). A save must then mark every blob it relies on without uploading it,
-    even one a tag references: that tag may be removed, and its blobs swept, meanwhile."""
+    registry does it itself), which is why such a store marks what a save relies on
+    (:meth:`Store.has_blob`, :meth:`Store.rely_on`)."""
     return getattr(store, "gc", None) is not None
 
 

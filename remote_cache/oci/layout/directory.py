@@ -43,12 +43,16 @@ def open_regular(path: Path) -> int:
     or a device where a layout has a file would make a read wait, or never end. StoreError
     otherwise; FileNotFoundError as it is."""
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
+        raise _not_regular(path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no wait, had it changed since
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
+        raise _not_regular(path)
     return fd
+
+
+def _not_regular(path: Path) -> StoreError:
+    return StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
 
 
 def read_regular(path: Path, limit: int) -> bytes | None:
