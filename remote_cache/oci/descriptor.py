@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ImageFormatError
-from .digest import check_digest
+from .digest import check_digest, sha256_digest
 
-__all__ = ["Descriptor", "Platform", "referenced_digests"]
+__all__ = ["Descriptor", "Platform", "reached_through", "referenced_digests"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,24 @@ class Descriptor:
             raise ImageFormatError(f"malformed descriptor {obj!r}: it has no {exc.args[0]!r}") from exc
         except (TypeError, ValueError, AttributeError) as exc:
             raise ImageFormatError(f"malformed descriptor {obj!r}: {exc}") from exc
+
+
+def reached_through(top: bytes, known: Mapping[str, bytes]) -> set[str]:
+    """The digests document ``top`` refers to, and those its referred documents in ``known`` (bodies
+    by digest: the ones a save wrote) refer to in turn; ``top``'s own digest included."""
+    reached = {sha256_digest(top)}
+    pending = [top]
+    while pending:
+        try:
+            document = json.loads(pending.pop())
+        except ValueError:
+            continue
+        for digest in referenced_digests(document):
+            if digest not in reached:
+                reached.add(digest)
+                if digest in known:
+                    pending.append(known[digest])
+    return reached
 
 
 def referenced_digests(document: Any) -> list[str]:

@@ -31,7 +31,7 @@ from ...errors import (
     NoSpace,
     StoreError,
 )
-from ..descriptor import Descriptor, referenced_digests
+from ..descriptor import Descriptor, reached_through
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
@@ -162,18 +162,8 @@ class LayoutStore:
         wrote) must still be there. A sweep that looked at one just before this save marked it
         may delete it just after; BlobsSwept then (the save packs again). What the tag reaches
         is read from the documents this store wrote, not from the layout's files."""
-        reached: set[str] = set()
-        pending = [top]
-        while pending:
-            try:
-                children = referenced_digests(json.loads(pending.pop()))
-            except ValueError:
-                continue
-            for digest in set(children) - reached:
-                reached.add(digest)
-                if digest in self._written:
-                    pending.append(self._written[digest])
-        gone = sorted(d for d in reached & self._reused if not self._dir.blob_path(d).exists())
+        reused = reached_through(top, self._written) & self._reused
+        gone = sorted(d for d in reused if not self._dir.blob_path(d).exists())
         if gone:
             raise BlobsSwept(gone, self.location)
 

@@ -40,7 +40,7 @@ from ...errors import (
     StoreUnreachable,
 )
 from ...tasks import first_error, for_each
-from ..descriptor import Descriptor
+from ..descriptor import Descriptor, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
@@ -192,15 +192,7 @@ class ObjectStore:
         uploaded) must still be there. A sweep that looked at one just before this save marked it
         may delete it just after (its look and its delete are two requests); BlobsSwept then.
         Blobs uploaded by this save are fresh, so no sweep within the grace period touches them."""
-        from .gc import children
-
-        reached = {sha256_digest(top)}
-        pending = [top]
-        while pending:
-            docs, leaves = children(pending.pop())
-            reached.update(docs, leaves)
-            pending.extend(self._written[d] for d in docs if d in self._written)
-        reused = sorted(reached & self._reused)
+        reused = sorted(reached_through(top, self._written) & self._reused)
         gone: list[str] = []
 
         async def check(digest: str) -> None:
