@@ -117,6 +117,11 @@ class BrokenEntry(CacheMiss):
             "replaces it, `remote-cache rm` removes it",
         )
 
+    @property
+    def listed(self) -> str:
+        """How ``ls`` shows it: ``broken: manifest sha256:... is gone``."""
+        return f"broken: {self.missing} is gone"
+
 
 class CacheTooLarge(RemoteCacheError):
     """The directory is larger than the ``max_size`` the caller allowed; nothing was uploaded."""

@@ -23,7 +23,7 @@ from ..errors import (
 )
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor
-from ..oci.store import Store, sweeps_its_blobs
+from ..oci.store import Store
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import (
@@ -101,7 +101,7 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
     try:
         top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
     except BrokenEntry as exc:  # a layout's tag whose document is gone
-        return Entry(key=tag, tag=tag, digest="", error=f"broken: {exc.missing} is gone")
+        return Entry(key=tag, tag=tag, digest="", error=exc.listed)
     except CacheMiss:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
@@ -115,7 +115,7 @@ async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes
     try:
         return _entry(tag, await load_image(store, tag, top))
     except BrokenEntry as exc:
-        return Entry(key=key, tag=tag, digest=top[0].digest, error=f"broken: {exc.missing} is gone")
+        return Entry(key=key, tag=tag, digest=top[0].digest, error=exc.listed)
     except RemoteCacheError as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=str(exc))
 
@@ -324,9 +324,9 @@ class Freed:
 async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
     """Free the blobs no entry uses and no save relied on within ``grace`` (default one hour),
     where the store does not do it itself (a layout, a bucket); None for a registry."""
-    if not sweeps_its_blobs(store):
+    gc = getattr(store, "gc", None)
+    if gc is None:
         return None
-    gc = store.gc  # type: ignore[attr-defined]
     blobs, nbytes = await gc(**({"grace_seconds": grace.total_seconds()} if grace is not None else {}))
     return Freed(blobs, nbytes)
 

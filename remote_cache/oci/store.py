@@ -31,7 +31,6 @@ __all__ = [
     "guarded",
     "open_store",
     "sink_failures_as_themselves",
-    "sweeps_its_blobs",
 ]
 
 #: What mends an entry whose blob is gone or damaged in a store this tool writes (a layout, a
@@ -153,13 +152,6 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Release connections/files."""
         ...
-
-
-def sweeps_its_blobs(store: Store) -> bool:
-    """Whether this tool frees the store's unused blobs (it has ``gc``: a layout, a bucket; a
-    registry does it itself), which is why such a store marks what a save relies on
-    (:meth:`Store.has_blob`, :meth:`Store.rely_on`)."""
-    return getattr(store, "gc", None) is not None
 
 
 def open_store(

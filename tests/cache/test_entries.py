@@ -18,7 +18,7 @@ from remote_cache.errors import CacheMiss
 from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
-from remote_cache.oci.store import Store, sweeps_its_blobs
+from remote_cache.oci.store import Store
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.stores import backdate, opened
 from tests.trees import assert_same_tree, one_file_tree
@@ -217,7 +217,7 @@ async def test_a_save_that_reuses_a_removed_entrys_blobs_stays_restorable(
         monkeypatch.setattr(store, "put_blob", remove_base_first)
         result = await save(store, "next", src, base_key="base")
         assert removed == ["base"]
-        if sweeps_its_blobs(store):  # the sweep took blobs the save had chosen to reuse
+        if hasattr(store, "gc"):  # a store this tool sweeps: the sweep took blobs the save reused
             assert "packing and uploading again" in caplog.text, result.summary()
         else:  # a registry frees nothing itself: the reused layers stay
             assert result.layers_reused >= 1, result.summary()
