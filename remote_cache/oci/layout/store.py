@@ -47,14 +47,11 @@ _T = TypeVar("_T")
 def _holds(path: Path, digest: str) -> bool:
     """Whether the blob file at ``path`` has ``digest``: one changed in place is written again (a
     local read of a blob the save has just packed itself; what REPACK_FIX promises)."""
-    hasher = hashlib.sha256()
     try:
         with os.fdopen(open_regular(path), "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                hasher.update(chunk)
+            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest() == digest
     except (OSError, StoreError):
         return False
-    return "sha256:" + hasher.hexdigest() == digest
 
 
 class LayoutStore:
@@ -256,7 +253,7 @@ class LayoutStore:
             fh = await anyio.open_file(await self._run(open_regular, path), "rb")
         except FileNotFoundError:
             raise self._missing(desc) from None
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
+        check = self._check(desc)
         try:
             while True:
                 chunk = await fh.read(_CHUNK)
@@ -274,7 +271,7 @@ class LayoutStore:
         await anyio.to_thread.run_sync(self._download, desc, sink)
 
     def _download(self, desc: Descriptor, sink: Sink) -> None:
-        check = BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
+        check = self._check(desc)
         try:
             fh = open(open_regular(self._dir.blob_path(desc.digest)), "rb", buffering=0)  # noqa: SIM115
         except FileNotFoundError:
@@ -286,6 +283,10 @@ class LayoutStore:
             while n := fh.readinto(buffer):
                 checked(view[:n])
         check.finish()
+
+    def _check(self, desc: Descriptor) -> BlobCheck:
+        """The check of a blob read from here (a save writes a damaged one again: REPACK_FIX)."""
+        return BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX)
 
     def _missing(self, desc: Descriptor) -> StoreError:
         return StoreError(
