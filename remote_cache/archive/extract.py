@@ -91,9 +91,15 @@ def _shallow(path: bytes, member: bytes) -> bytes:
     """``path``, unless it nests deeper than a save would walk (see MAX_DEPTH)."""
     if path.count(b"/") >= MAX_DEPTH:
         raise UnsafeArchive(
-            f"archive member {display(member)[:100]!r}... is more than {MAX_DEPTH} levels deep; refusing"
+            f"archive member {_shortened(member)!r} is more than {MAX_DEPTH} levels deep; refusing"
         )
     return path
+
+
+def _shortened(name: bytes) -> str:
+    """A member's name for a message, its first 120 characters when it is longer."""
+    shown = display(name)
+    return shown if len(shown) <= 120 else shown[:120] + "..."
 
 
 def _umask() -> int | None:
@@ -294,10 +300,8 @@ class Extractor:
             if exc.errno == errno.ENOSPC or not name_b:
                 raise  # a full disk is told by the restore, which knows where and how much
             # The OS names at most the last path component, as bytes: name the member instead.
-            shown = display(name_b)
-            shown = shown if len(shown) <= 120 else shown[:120] + "..."
             raise type(exc)(
-                exc.errno, f"{exc.strerror} (archive member {shown!r}, layer {self._layer})"
+                exc.errno, f"{exc.strerror} (archive member {_shortened(name_b)!r}, layer {self._layer})"
             ) from exc
 
     # -- members -----------------------------------------------------------------------------
