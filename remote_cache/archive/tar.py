@@ -226,19 +226,29 @@ def _oct(field: bytes, name: bytes) -> int:
         return _num(field, display(name))
 
 
-def _id(field: bytes, name: bytes) -> int:
-    """An owner id field (base-256 may hold any number): in range, else IntegrityError."""
-    n = _oct(field, name)
+def _owner(n: int, name: bytes) -> int:
+    """Owner id ``n`` of member ``name`` (base-256 and PAX may hold any number), if in range."""
     if not 0 <= n <= _MAX_ID:
         raise IntegrityError(f"tar member {display(name)!r} has an owner id out of range ({n})")
     return n
 
 
-def _seconds(field: bytes, name: bytes) -> int:
-    """An mtime field in seconds (base-256 may hold any number): in range, else IntegrityError."""
-    n = _oct(field, name)
-    if not _MIN_TIME_NS <= n * 1_000_000_000 <= _MAX_TIME_NS:
+def _time_ns(ns: int, name: bytes) -> int:
+    """Modification time ``ns`` of member ``name``, if a time_t holds it."""
+    if not _MIN_TIME_NS <= ns <= _MAX_TIME_NS:
         raise IntegrityError(f"tar member {display(name)!r} has a modification time out of range")
+    return ns
+
+
+def _id(field: bytes, name: bytes) -> int:
+    """An owner id field, checked (:func:`_owner`)."""
+    return _owner(_oct(field, name), name)
+
+
+def _seconds(field: bytes, name: bytes) -> int:
+    """An mtime field in seconds, checked (:func:`_time_ns`)."""
+    n = _oct(field, name)
+    _time_ns(n * 1_000_000_000, name)
     return n
 
 
@@ -440,15 +450,12 @@ class HeaderDecoder:
         if "size" in pax:
             size = _pax_int(pax, "size", member)
         mode = _num(mode_f, member) & 0o7777
-        uid = _pax_int(pax, "uid", member) if "uid" in pax else _num(uid_f, member)
-        gid = _pax_int(pax, "gid", member) if "gid" in pax else _num(gid_f, member)
-        mtime_ns = (
-            _pax_time_ns(pax["mtime"], member) if "mtime" in pax else _num(mtime_f, member) * 1_000_000_000
+        uid = _owner(_pax_int(pax, "uid", member) if "uid" in pax else _num(uid_f, member), name_b)
+        gid = _owner(_pax_int(pax, "gid", member) if "gid" in pax else _num(gid_f, member), name_b)
+        mtime_ns = _time_ns(
+            _pax_time_ns(pax["mtime"], member) if "mtime" in pax else _num(mtime_f, member) * 1_000_000_000,
+            name_b,
         )
         if size < 0:
             raise IntegrityError(f"tar member {member!r} has a negative size")
-        if not (0 <= uid <= _MAX_ID and 0 <= gid <= _MAX_ID):
-            raise IntegrityError(f"tar member {member!r} has an owner out of range ({uid}:{gid})")
-        if not _MIN_TIME_NS <= mtime_ns <= _MAX_TIME_NS:
-            raise IntegrityError(f"tar member {member!r} has a modification time out of range")
         return typ, name_b, link_b, size, mode, uid, gid, mtime_ns
