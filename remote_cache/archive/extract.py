@@ -152,6 +152,11 @@ class Extractor:
         self._nums: dict[bytes, int] = {}  # header number field -> value (see HeaderDecoder)
         self.stats = ExtractStats()
 
+    @property
+    def layers_begun(self) -> int:
+        """How many layers extraction has begun: the failing one's number (from 1) after an error."""
+        return self._layer + 1
+
     # -- directory descriptors --------------------------------------------------------------
 
     def _dirfd(self, rel: bytes, member: bytes) -> int:
@@ -295,13 +300,13 @@ class Extractor:
         except OSError as exc:
             if exc.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
                 raise UnsafeArchive(
-                    f"layer {self._layer} collides with what earlier members created: {exc}"
+                    f"archive member {_shortened(name_b)!r} collides with what earlier members created: {exc}"
                 ) from exc
             if exc.errno == errno.ENOSPC or not name_b:
                 raise  # a full disk is told by the restore, which knows where and how much
             # The OS names at most the last path component, as bytes: name the member instead.
             raise type(exc)(
-                exc.errno, f"{exc.strerror} (archive member {_shortened(name_b)!r}, layer {self._layer})"
+                exc.errno, f"{exc.strerror} (archive member {_shortened(name_b)!r}, layer {self._layer + 1})"
             ) from exc
 
     # -- members -----------------------------------------------------------------------------

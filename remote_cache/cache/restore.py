@@ -328,7 +328,10 @@ class _Restore:
 
     def _extract_all(self) -> ExtractStats:
         with Extractor(self._staging) as extractor:
-            extractor.add_layers(self._layers())
+            try:
+                extractor.add_layers(self._layers())
+            except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
+                raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             return extractor.finish()
 
     async def _extract(self) -> None:
@@ -381,6 +384,13 @@ class _Restore:
             # Wake an extraction thread still waiting on a feed (the task group was cancelled).
             feed.finish(None if ok else Aborted())
             feed.close()
+
+
+def _in_layer(exc: RemoteCacheError, image: CacheImage, number: int) -> RemoteCacheError:
+    """``exc`` (what is wrong with a layer's bytes) saying which layer: ``layer 2 of 3 (sha256:...)``."""
+    if not 1 <= number <= len(image.layers):
+        return exc
+    return type(exc)(f"layer {number} of {len(image.layers)} ({image.layers[number - 1].digest}): {exc}")
 
 
 def _user_facing(exc: BaseException, target: RestoreTarget, image: CacheImage) -> BaseException:

@@ -21,6 +21,7 @@ from remote_cache.cache.save import save
 from remote_cache.errors import (
     CacheMiss,
     CacheTooLarge,
+    ImageFormatError,
     IntegrityError,
     NoSpace,
     StoreError,
@@ -28,7 +29,7 @@ from remote_cache.errors import (
     UnsafeArchive,
 )
 from remote_cache.keys import tag_for_key
-from remote_cache.oci import OCI_LAYER_GZIP, Descriptor, sha256_digest
+from remote_cache.oci import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store, open_store
@@ -236,6 +237,34 @@ async def test_unsafe_archive_leaves_target_untouched(tmp_path: Path) -> None:
     assert _snapshot(dest) == before
     assert not (tmp_path / "work" / "escaped.txt").exists()
     assert _siblings(dest) == ["dest"]
+
+
+async def test_a_layer_whose_bytes_are_not_what_its_label_says_is_named(tmp_path: Path) -> None:
+    """A foreign image of three layers whose second says zstd and holds gzip (its digest is
+    right): the error names that layer, by place and digest, not only what is wrong with it."""
+    store = LayoutStore(tmp_path / "layout")
+    layers, diff_ids = [], []
+    for i, label in enumerate((OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_LAYER_GZIP)):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo(f"file-{i}")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"ok"))
+        blob = gzip.compress(raw.getvalue(), mtime=0)
+        layers.append(Descriptor(label, sha256_digest(blob), len(blob)))
+        diff_ids.append(sha256_digest(raw.getvalue()))
+        await store.put_blob(layers[-1], blob)
+    image = build_image(layers, diff_ids, key="mislabelled", size=6, files=3)
+    for part in image.configs:
+        await store.put_blob(part.descriptor, part.body)
+    for part in image.manifests:
+        await store.put_manifest(part.body, part.descriptor.media_type)
+    await store.put_manifest(image.index.body, image.index.descriptor.media_type, tag="mislabelled")
+    with pytest.raises(ImageFormatError) as info:
+        await restore(store, "mislabelled", tmp_path / "dest")
+    assert str(info.value).startswith(f"layer 2 of 3 ({layers[1].digest}): ")
+    assert "labelled zstd but is not zstd-compressed" in str(info.value)
+    assert not (tmp_path / "dest").exists()
 
 
 class _Recorder:
