@@ -110,13 +110,15 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
 
 
 async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> Entry:
-    """The entry under ``tag`` whose top document is ``top``; one whose other documents cannot be
-    read (a manifest gone too: a sweep raced its save) is still an entry, with its error."""
+    """The entry under ``tag`` whose top document is ``top``; one whose other documents are gone
+    (a sweep raced its save) or unreadable as an image is still an entry, with its error. A store
+    that fails to answer raises: an entry it hid is not broken, and ``prune`` must not rank it
+    as undated (the oldest) and delete it."""
     try:
         return _entry(tag, await load_image(store, tag, top))
     except BrokenEntry as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=exc.listed)
-    except RemoteCacheError as exc:
+    except (ImageFormatError, IntegrityError) as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=str(exc))
 
 

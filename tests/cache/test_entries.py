@@ -14,7 +14,7 @@ import pytest
 
 from remote_cache.cache.entries import Entry, format_table, inspect, list_entries, prune, remove
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss
+from remote_cache.errors import CacheMiss, RemoteCacheError
 from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
@@ -130,6 +130,33 @@ async def test_prune_on_registry(registry: Any, repo_name: str, tmp_path: Path) 
         removed = await prune(store, keep=1)
         assert len(removed) == 1
         assert [e.key for e in await list_entries(store)] == [({"k-old", "k-new"} - {removed[0].key}).pop()]
+
+
+async def test_prune_removes_nothing_when_a_store_error_hides_an_entry(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """The newest entry's manifest answers 503 while ``prune --keep 2`` lists: that entry is not
+    broken, only unread, so prune fails and deletes nothing. (It was ranked as undated, the
+    oldest, and deleted: healthy and newest.)"""
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        for key in ("k1", "k2", "k3"):
+            await save(store, key, one_file_tree(tmp_path / key, key))
+            time.sleep(1.1)  # created times a second apart: k3 is the newest
+        newest = await inspect(store, "k3")
+        manifests = {e.key: e for e in await list_entries(store)}
+        assert list(manifests) == ["k3", "k2", "k1"]
+        from remote_cache.cache.image import load_image
+        from remote_cache.keys import tag_for_key
+
+        manifest = (await load_image(store, tag_for_key("k3"))).manifest.digest
+        proxy.fail(1000, 503, method="GET", path_contains=manifest.split(":")[1])
+        with pytest.raises(RemoteCacheError) as info:
+            await prune(store, keep=2)
+        assert not isinstance(info.value, CacheMiss)
+        proxy.clear()
+        assert (await inspect(store, "k3")).digest == newest.digest
+        assert sorted(e.key for e in await list_entries(store)) == ["k1", "k2", "k3"]
 
 
 def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
