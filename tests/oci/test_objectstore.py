@@ -9,15 +9,24 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from remote_cache.cache.entries import remove
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, IntegrityError, StoreAuthError, StoreError, StoreUnreachable
+from remote_cache.errors import (
+    CacheMiss,
+    ImageFormatError,
+    IntegrityError,
+    StoreAuthError,
+    StoreError,
+    StoreUnreachable,
+)
 from remote_cache.keys import tag_for_key
 from remote_cache.oci.objectstore import ObjectStore, ObjectStoreOptions
 from remote_cache.oci.reference import parse_reference
@@ -385,6 +394,32 @@ async def test_a_sweep_that_cannot_read_a_manifest_deletes_nothing(
             await store.gc(grace_seconds=0)
         proxy.clear()
         await restore(store, "k", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("answer", ["html", "cut", "empty", "not-an-object"])
+async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
+    moto: ObjectServer,
+    env_of: Callable[[ObjectServer], None],
+    tmp_path: Path,
+    fault_proxy_factory: Any,
+    answer: str,
+) -> None:
+    """A tag read answered 200 with something that is not the tag's document (an error page, a
+    body cut short, nothing): the sweep cannot tell what that entry reaches, so it stops. (It
+    kept nothing for that tag and freed its blobs: the entry lost.)"""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    src = tree(tmp_path / "src", 41)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}", retries=0) as store:
+        await save(store, "keep", src)
+        await save(store, "gone", tree(tmp_path / "other", 42))
+        _desc, index = await store.get_manifest(tag_for_key("keep"))
+        body = {"html": b"<html>busy</html>", "cut": index[:100], "empty": b"", "not-an-object": b"[]"}[answer]
+        proxy.answer(200, body, method="GET", path_contains="/tags/keep", times=100)
+        with pytest.raises(ImageFormatError, match="tags/keep|keep"):
+            await remove(store, "gone", grace=timedelta(0))
+        proxy.clear()
+        await restore(store, "keep", tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
 
 

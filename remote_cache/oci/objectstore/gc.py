@@ -25,7 +25,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ...errors import CacheMiss
+from ...errors import CacheMiss, ImageFormatError
 from ...tasks import for_each
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
@@ -38,14 +38,19 @@ _DOCUMENT_TYPES = MANIFEST_TYPES | INDEX_TYPES
 log = logging.getLogger("remote_cache")
 
 
-def children(body: bytes) -> tuple[list[str], list[str]]:
-    """(documents to read, leaves) that an index or manifest refers to."""
+def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
+    """(documents to read, leaves) that an index or manifest refers to; ImageFormatError when
+    ``body`` (``what``, for the message) is not a JSON object: not knowing what it refers to, a
+    sweep must delete nothing (a tag answered with an error page, or cut short)."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return [], []
+        doc = None
     if not isinstance(doc, dict):
-        return [], []
+        raise ImageFormatError(
+            f"{what} is not a readable image document ({len(body)} bytes); the sweep deletes nothing "
+            "while it cannot tell what that entry uses (remove the entry if it is not one)"
+        )
     refs: list[Any] = []
     for name in ("manifests", "layers", "blobs"):
         if isinstance(doc.get(name), list):
@@ -64,19 +69,19 @@ def children(body: bytes) -> tuple[list[str], list[str]]:
 async def reachable(store: ObjectStore) -> set[str]:
     """Every digest a tag reaches: its own document, nested manifests, configs and layers."""
     keep: set[str] = set()
-    pending: list[tuple[str, bytes]] = []
+    pending: list[tuple[str, str, bytes]] = []  # (digest, what it is, body)
     for tag in await store.tags():
         try:
             desc, body = await store.get_manifest(tag)
         except CacheMiss:
             continue  # removed meanwhile
-        pending.append((desc.digest, body))
+        pending.append((desc.digest, f"tag {tag} in {store.location}", body))
     while pending:
-        digest, body = pending.pop()
+        digest, what, body = pending.pop()
         if digest in keep:
             continue
         keep.add(digest)
-        docs, leaves = children(body)
+        docs, leaves = children(body, what)
         keep.update(leaves)
         for child in docs:
             if child in keep:
@@ -88,7 +93,7 @@ async def reachable(store: ObjectStore) -> set[str]:
                 continue
             # Any other failure (a 503, a timeout) leaves: not knowing what a manifest reaches,
             # the sweep must not delete anything.
-            pending.append((child, child_body))
+            pending.append((child, f"manifest {child} in {store.location}", child_body))
     return keep
 
 
