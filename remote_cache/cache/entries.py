@@ -8,6 +8,8 @@ enabled) and raises :class:`~remote_cache.errors.UnsupportedOperation` otherwise
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +49,8 @@ __all__ = [
     "remove",
     "sweep",
 ]
+
+log = logging.getLogger("remote_cache")
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,10 @@ async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
     """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
+    return _matching(await _all_entries(store, jobs), prefix)
+
+
+async def _all_entries(store: Store, jobs: int = 8) -> list[Entry]:
     tags = await store.tags()
     found: list[Entry] = []
 
@@ -133,8 +141,11 @@ async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list
             found.append(entry)
 
     await for_each(tags, one, jobs=jobs)
-    selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
-    return _newest_first(selected)
+    return found
+
+
+def _matching(entries: list[Entry], prefix: str) -> list[Entry]:
+    return _newest_first([e for e in entries if e.key.startswith(prefix) or e.tag.startswith(prefix)])
 
 
 #: Where an entry with no creation time ranks: the oldest.
@@ -333,10 +344,35 @@ async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
     return Freed(blobs, nbytes)
 
 
-async def remove(store: Store, key: str, *, grace: timedelta | None = None, collect: bool = True) -> Entry:
+async def _copies(store: Store, entry: Entry) -> list[str]:
+    """The other tags naming ``entry``'s manifest, where deleting it deletes them too (a registry)."""
+    if not store.deletes_every_tag or not entry.digest:
+        return []
+    found: list[str] = []
+
+    async def one(tag: str) -> None:
+        with contextlib.suppress(CacheMiss):  # deleted meanwhile
+            if tag != entry.tag and (await store.resolve(tag)).digest == entry.digest:
+                found.append(tag)
+
+    await for_each(await store.tags(), one, jobs=8)
+    return sorted(found)
+
+
+async def remove(
+    store: Store,
+    key: str,
+    *,
+    grace: timedelta | None = None,
+    collect: bool = True,
+    with_copies: bool = False,
+) -> Entry:
     """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry.
 
-    A broken entry (its documents unreadable or gone) is deleted too: ``rm`` is how one gets rid of it."""
+    A broken entry (its documents unreadable or gone) is deleted too: ``rm`` is how one gets rid of it.
+    Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
+    another tag names as well (a copy: ``skopeo copy ...:a ...:b``) is refused
+    (UnsupportedOperation) unless ``with_copies``."""
     try:
         entry = await _loaded(store, key, *await _located(store, key))
     except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
@@ -345,6 +381,13 @@ async def remove(store: Store, key: str, *, grace: timedelta | None = None, coll
         entry = Entry(key=key, tag=exc.tag, digest="", error=exc.reason)
     except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
+    copies = await _copies(store, entry)
+    if copies and not with_copies:
+        raise UnsupportedOperation(
+            f"the entry of {key} in {store.location} is also the entry of {', '.join(copies)} (a copy "
+            "of the same manifest), and the registry deletes a manifest with every tag naming it: "
+            "remove them together with --with-copies, or keep them"
+        )
     await _delete(store, entry)
     if collect:
         await sweep(store, grace)
@@ -374,23 +417,50 @@ async def prune(
     if keep is not None and keep < 0:
         raise ValueError("keep must be >= 0")
     moment = now or datetime.now(UTC)
-    entries = await list_entries(store, prefix=prefix)
+    everything = await _all_entries(store)
+    entries = _matching(everything, prefix)
     candidates = entries[keep:] if keep is not None else entries
     if older_than is not None:
         cutoff = moment - older_than
         candidates = [e for e in candidates if e.created is not None and e.created < cutoff]
+    if store.deletes_every_tag:
+        candidates = _without_kept_copies(candidates, everything)
     if dry_run:
         return candidates
     removed: list[Entry] = []
+    gone: set[str] = set()  # manifests deleted: their other tags went with them
     for entry in candidates:
+        if entry.digest and entry.digest in gone:
+            removed.append(entry)
+            continue
         try:
             await _delete(store, entry)
         except CacheMiss:
             continue  # someone else removed it first
+        gone.add(entry.digest)
         removed.append(entry)
     if removed and collect:
         await sweep(store, grace)
     return removed
+
+
+def _without_kept_copies(candidates: list[Entry], everything: list[Entry]) -> list[Entry]:
+    """``candidates`` less those whose manifest an entry prune keeps names too (deleting it would
+    delete that one: a registry deletes a manifest with every tag naming it), each with a warning."""
+    chosen = {e.tag for e in candidates}
+    out: list[Entry] = []
+    for entry in candidates:
+        kept = sorted(e.tag for e in everything if e.digest == entry.digest and e.tag not in chosen)
+        if entry.digest and kept:
+            log.warning(
+                "prune keeps %s: its manifest is also the entry of %s, which this prune keeps (the "
+                "registry would delete them together)",
+                entry.key,
+                ", ".join(kept),
+            )
+            continue
+        out.append(entry)
+    return out
 
 
 def format_table(found: Sequence[Entry]) -> str:

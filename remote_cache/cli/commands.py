@@ -315,6 +315,14 @@ def _rm(
     grace: GraceOpt = "1h",
     sse: SseOpt = None,
     sse_kms_key_id: SseKeyOpt = None,
+    with_copies: Annotated[
+        bool,
+        typer.Option(
+            "--with-copies",
+            help="On a registry, also remove the other tags naming the same manifest (copies made "
+            "with skopeo copy): a registry deletes them together, so without this rm refuses (exit 5).",
+        ),
+    ] = False,
 ) -> Body:
     """Remove the entry REF; exit 3 when there is none. (``--sse``: for a bucket whose policy wants
     it on every write: the sweep writes a scratch object to read the server's clock.)"""
@@ -325,7 +333,7 @@ def _rm(
         from ..cache.entries import remove, sweep
 
         async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
-            await remove(store, entry_key, collect=False)
+            await remove(store, entry_key, collect=False, with_copies=with_copies)
             freed = await sweep(store, grace_period)
         data = {"outcome": "removed", "key": entry_key, "reference": str(reference), **_freed_json(freed)}
         line = f"rm removed {entry_key} from {reference.location}{_freed_text(freed, grace)}"

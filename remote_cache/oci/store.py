@@ -82,6 +82,9 @@ class Store(Protocol):
 
     #: Human-readable location for messages, e.g. ``localhost:5000/team/cache`` or ``oci:/tmp/l``.
     location: str
+    #: A delete removes the manifest, and with it every tag naming it (a registry: the
+    #: distribution API deletes by digest); else only the tag deleted (a layout, a bucket).
+    deletes_every_tag: bool
 
     async def resolve(self, tag: str) -> Descriptor:
         """Descriptor (media type, digest, size) of the manifest tagged ``tag``.

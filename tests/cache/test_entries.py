@@ -159,6 +159,39 @@ async def test_prune_removes_nothing_when_a_store_error_hides_an_entry(
         assert sorted(e.key for e in await list_entries(store)) == ["k1", "k2", "k3"]
 
 
+async def test_an_entry_copied_to_another_tag_is_never_removed_with_the_copy(
+    where: Reference, tmp_path: Path
+) -> None:
+    """``skopeo copy ...:main-1 ...:release-1`` makes two tags of one manifest. Removing one must
+    not remove the other: a registry deletes a manifest with every tag naming it, so there rm
+    refuses (exit 5) unless told to remove the copies too, and prune leaves an entry whose
+    manifest an entry it keeps shares. (rm release-1 removed main-1 as well, saying nothing.)"""
+    from remote_cache.errors import UnsupportedOperation
+
+    async with opened(where) as store:
+        saved = await save(store, "main-1", one_file_tree(tmp_path / "a", "a"))
+        desc, body = await store.get_manifest(saved.tag)
+        await store.put_manifest(body, desc.media_type, tag="release-1")
+        time.sleep(1.1)  # created a second later: "other" is the newest
+        await save(store, "other", one_file_tree(tmp_path / "b", "b"))
+        together = where.transport == "registry"  # a registry deletes the manifest, so every tag of it
+        if together:
+            with pytest.raises(UnsupportedOperation, match=r"main-1.*--with-copies"):
+                await remove(store, "release-1")
+            assert await prune(store, prefix="release-") == []
+        else:
+            await remove(store, "release-1")
+        assert (await inspect(store, "main-1")).digest == saved.digest
+        if together:
+            removed = await prune(store, keep=1)  # "other" is the newest; both tags of main-1 go
+            assert sorted(e.tag for e in removed) == ["main-1", "release-1"]
+            assert [e.key for e in await list_entries(store)] == ["other"]
+            await store.put_manifest(body, desc.media_type, tag="main-1")
+            await store.put_manifest(body, desc.media_type, tag="release-1")
+            await remove(store, "release-1", with_copies=True)
+            assert [e.key for e in await list_entries(store)] == ["other"]
+
+
 def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
     known = Entry(key="npm-a", tag="npm-a", digest="sha256:" + "0" * 64, size=2_000_000, files=3)
     foreign = Entry(key="x", tag="x", digest="sha256:" + "1" * 64, error="not a cache image")
@@ -196,16 +229,16 @@ async def test_an_entry_saved_again_while_prune_lists_is_kept(
     async with opened(where) as store:
         await save(store, "a", one_file_tree(tmp_path / "a1", "first"))
         await save(store, "b", one_file_tree(tmp_path / "b", "b"))
-        listed = entries.list_entries
+        listed = entries._all_entries
         again = None
 
-        async def list_then_save(store: Store, **kw: Any) -> list[Entry]:
+        async def list_then_save(store: Store, *args: Any) -> list[Entry]:
             nonlocal again
-            found = await listed(store, **kw)
+            found = await listed(store, *args)
             again = await save(store, "a", one_file_tree(tmp_path / "a2", "second"))
             return found
 
-        monkeypatch.setattr(entries, "list_entries", list_then_save)
+        monkeypatch.setattr(entries, "_all_entries", list_then_save)
         await prune(store, keep=1, grace=timedelta(0))  # a registry deletes the listed manifest
         assert again is not None and (await inspect(store, "a")).digest == again.digest
         out = tmp_path / "out"

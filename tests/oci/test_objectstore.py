@@ -414,9 +414,10 @@ async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
         await save(store, "keep", src)
         await save(store, "gone", tree(tmp_path / "other", 42))
         _desc, index = await store.get_manifest(tag_for_key("keep"))
-        body = {"html": b"<html>busy</html>", "cut": index[:100], "empty": b"", "not-an-object": b"[]"}[answer]
+        answers = {"html": b"<html>busy</html>", "cut": index[:100], "empty": b"", "not-an-object": b"[]"}
+        body = answers[answer]
         proxy.answer(200, body, method="GET", path_contains="/tags/keep", times=100)
-        with pytest.raises(ImageFormatError, match="tags/keep|keep"):
+        with pytest.raises(ImageFormatError, match="tag keep"):
             await remove(store, "gone", grace=timedelta(0))
         proxy.clear()
         await restore(store, "keep", tmp_path / "out")

@@ -57,6 +57,8 @@ def _holds(path: Path, digest: str) -> bool:
 class LayoutStore:
     """An OCI image layout on the local filesystem, created on first write."""
 
+    deletes_every_tag = False  # see Store
+
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.location = f"oci:{self.root}"

@@ -71,6 +71,8 @@ RANGE_WINDOW = 4
 class ObjectStore:
     """One cache location in a bucket, e.g. ``s3://ci-caches/team``."""
 
+    deletes_every_tag = False  # see Store
+
     def __init__(
         self,
         reference: Reference,

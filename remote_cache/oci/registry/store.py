@@ -56,6 +56,8 @@ class RegistryStore:
     directories (``--tls-verify``, ``--cert-dir``).
     """
 
+    deletes_every_tag = True  # see Store
+
     def __init__(
         self,
         host: str,
