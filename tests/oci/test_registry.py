@@ -16,6 +16,7 @@ from remote_cache.errors import (
     ImageFormatError,
     IntegrityError,
     RegistryAuthError,
+    RegistryError,
     RegistryUnreachable,
     StoreError,
     UnsupportedOperation,
@@ -33,7 +34,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore, Timeouts
 from remote_cache.oci.store import Store
 from tests.oci.blob_reading import read_all
-from tests.registry_server import FaultProxy, RegistryServer, free_port, start_registry, tcp_relay
+from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port, start_registry, tcp_relay
 
 ALL_MODES = ["registry", "auth_registry", "token_registry"]
 
@@ -236,6 +237,32 @@ async def test_tags_paginate(
         assert sorted(await store.tags(page_size=2)) == names
         assert proxy.count("GET", "/tags/list") == 3
         assert sorted(await store.tags()) == names
+
+
+@pytest.mark.parametrize("link", ["itself", "ever new"])
+async def test_tag_pages_that_never_end_are_refused_at_once(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Callable[..., FaultProxy],
+    link: str,
+) -> None:
+    """A tag list whose ``Link`` names a page already read, or new pages that bring no new tag:
+    the listing fails at the first repeat, where it made ~1,000 requests a second until its
+    100,000-page bound, keeping every page's tags (gigabytes)."""
+    proxy = fault_proxy_factory(registry)
+    body = json.dumps({"name": repo_name, "tags": ["main-1", "main-2"]}).encode()
+    next_page = f"/v2/{repo_name}/tags/list?n=2&last=main-2"
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        if link == "itself":
+            proxy.add(Fault("status", status=200, body=body, path_contains="/tags/list", times=10**6,
+                            headers={"Link": f'<{next_page}>; rel="next"'}))  # fmt: skip
+        else:
+            for i in range(10**4):
+                proxy.add(Fault("status", status=200, body=body, path_contains="/tags/list",
+                                headers={"Link": f'<{next_page}&page={i}>; rel="next"'}))  # fmt: skip
+        with pytest.raises(RegistryError, match="tag pages"):
+            await store.tags()
+        assert proxy.count("GET", "/tags/list") <= 3
 
 
 @pytest.mark.parametrize("what", ["tag list", "manifest"])

@@ -45,6 +45,10 @@ __all__ = ["RegistryStore"]
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 
 
+#: Tags a listing reads at most (a registry could page without end).
+_MAX_TAGS = 1_000_000
+
+
 class RegistryStore:
     """One repository on an OCI registry, e.g. ``localhost:5000/team/cache``.
 
@@ -238,21 +242,34 @@ class RegistryStore:
         """Every tag in the repository, following ``Link`` pages; [] when the repository is new."""
         params = {"n": str(page_size)} if page_size else None
         path = self._path("tags", "list")
-        found: list[str] = []
-        for _page in range(100_000):
+        found: dict[str, None] = {}  # in order, each once
+        pages: set[str] = set()
+        while True:
             response = await self._transport.request(
                 "GET", path, scopes=[self._pull], action=f"list tags of {self.location}", params=params,
                 ok=(200, 404),
             )  # fmt: skip
             if response.status_code == 404:
-                return found
-            found.extend(self._page_tags(response))
+                return list(found)
+            known = len(found)
+            found.update(dict.fromkeys(self._page_tags(response)))
             match = _LINK_NEXT.search(response.headers.get("Link", ""))
             if not match:
-                return found
-            path = urljoin(response.url, match.group(1))
-            params = None
-        raise RegistryError(f"registry {self.host} sent endless tag pages for {self.location}")
+                return list(found)
+            path, params = urljoin(response.url, match.group(1)), None
+            # A page named twice, or one that brought no new tag, would go on for ever: a listing
+            # that stops short is no answer either (prune would rank what it saw), so it fails.
+            if len(found) > _MAX_TAGS:
+                raise RegistryError(
+                    f"registry {self.host} lists more than {_MAX_TAGS} tags for {self.location}; "
+                    "a cache repository that large is not supported"
+                )
+            if path in pages or len(found) == known:
+                raise RegistryError(
+                    f"registry {self.host} sent tag pages for {self.location} that never end (the "
+                    f"page after {len(found)} tags repeats what it sent); list the tags with another tool"
+                )
+            pages.add(path)
 
     def _page_tags(self, response: WireAnswer) -> list[str]:
         try:
