@@ -60,6 +60,13 @@ def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None
 def _endpoint_parts(endpoint: str) -> SplitResult:
     """The endpoint's parts, once it is an http(s) URL with a host that obstore will take (it
     panics on a bad port or host at the first request) and no credentials in it."""
+    if "@" in endpoint:
+        # Checked before parsing: a secret holding "/", "?" or "#" ends the URL's authority early,
+        # and the parser's complaint about the "port" would quote part of it.
+        raise InvalidReference(
+            "endpoint holds an '@' (user:password@host?): credentials go in the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URL"
+        )
     try:
         parts = urlsplit(endpoint)
         parts.port  # noqa: B018 - raises for a port out of range or not a number
@@ -73,11 +80,6 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
         raise InvalidReference(
             f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
             "https://minio.example:9000"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise InvalidReference(
-            f"endpoint {parts.scheme}://…@{parts.hostname}: credentials go in the environment "
-            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in the URL"
         )
     return parts
 
