@@ -476,6 +476,17 @@ def _redact(text: str, common: Common) -> str:
     return text
 
 
+def _debug_traceback(common: Common) -> None:
+    """The traceback (REMOTE_CACHE_DEBUG), with every credential cut out: a chained store error
+    keeps what the server sent, which may echo a token (AWS's SignatureDoesNotMatch body does)."""
+    from ..oci.objectstore.errors import credentials_to_hide
+
+    text = traceback.format_exc()
+    for secret in credentials_to_hide([common.password]):
+        text = text.replace(secret, "***")
+    sys.stderr.write(text)
+
+
 def _show_warnings() -> None:
     """The core's warnings (``logging``, logger ``remote_cache``) as ``remote-cache: warning:`` lines."""
     import logging
@@ -558,7 +569,7 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         _interrupted(command, common, Interrupted(signal.SIGINT))
     except Exception as exc:
         if debug:
-            traceback.print_exc()
+            _debug_traceback(common)
         outcome = _failure(command, exc, common)
     if common.fail_open and outcome.code not in (ExitCode.OK, ExitCode.USAGE):
         outcome = _failed_open(outcome, common)
