@@ -213,9 +213,14 @@ async def find_entry(
         best: tuple[datetime, str, str, CacheImage] | None = None
         for candidate in tags:
             info = seen.get(candidate)
-            if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
+            if info is None or not candidate.startswith(start):
                 continue
-            rank = (info[1] or _OLDEST, info[0], candidate, info[2])
+            # A key that is its own tag takes whatever is there (see _find_key): an entry copied
+            # to ``release-1`` is release-1's, whatever key it records.
+            real_key = candidate if tag_for_key(candidate) == candidate else info[0]
+            if not real_key.startswith(prefix):
+                continue
+            rank = (info[1] or _OLDEST, real_key, candidate, info[2])
             if best is None or rank[:2] > best[:2]:
                 best = rank
         if best is not None:

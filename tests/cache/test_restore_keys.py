@@ -189,6 +189,11 @@ async def test_an_entry_copied_under_another_key_that_is_its_own_tag_is_found(tm
     result = await restore(store, "promoted", tmp_path / "out")
     assert (result.status, result.digest) == ("hit", saved.digest)
     assert (await inspect(store, "promoted")).digest == saved.digest
+    # A restore key finds it under that key too (it looked at the key the copy records, k1).
+    match = await find_entry(store, "promoted-2", ["promo"])
+    assert match is not None and (match.key, match.tag, match.exact) == ("promoted", "promoted", False)
+    fallback = await restore(store, "promoted-2", tmp_path / "out2", restore_keys=["promo"])
+    assert (fallback.status, fallback.matched_key, fallback.digest) == ("fallback", "promoted", saved.digest)
 
 
 async def test_a_key_shaped_like_a_hashed_tag_still_finds_what_older_versions_saved(
