@@ -424,6 +424,22 @@ async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
     assert_same_tree(src, tmp_path / "out")
 
 
+async def test_an_immutable_save_whose_tag_write_answer_is_lost_says_saved(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """The conditional tag write lands but its answer is lost; obstore's retry then meets its own
+    tag (412). That is this save's entry: "saved", not "skipped: immutable key exists"."""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    src = tree(tmp_path / "src", 43)
+    async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}") as store:
+        proxy.cut(None, method="PUT", path_contains="/tags/")
+        result = await save(store, "k", src, immutable=True)
+        assert (result.status, result.skipped) == ("saved", None)
+        assert (await store.resolve(tag_for_key("k"))).digest == result.digest
+        again = await save(store, "k", tree(tmp_path / "other", 44), immutable=True)
+        assert again.status == "skipped"
+
+
 async def test_a_missing_bucket_is_an_error_not_a_miss(
     moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
 ) -> None:

@@ -218,7 +218,10 @@ class ObjectStore:
                     key, body, attributes=attributes, mode="create" if exclusive else "overwrite"
                 )
             except RACE_LOST as exc:
-                raise EntryExists(tag, self.location) from exc
+                # The create may have landed with its answer lost, the client's retry then
+                # meeting this very tag: that is this save's entry, not another's.
+                if await self._read_small(key, f"tag {tag}") != body:
+                    raise EntryExists(tag, self.location) from exc
 
     async def _honours_conditional_writes(self) -> bool:
         """Whether a create-only PUT fails when the object exists (probed on a scratch object)."""
