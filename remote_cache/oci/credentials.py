@@ -175,8 +175,13 @@ class _Malformed(Exception):
 
 
 def _from_auths(entry: Any, key: str) -> Credentials | None:
-    if not isinstance(entry, dict):
+    if entry is None:
         return None
+    if not isinstance(entry, dict):
+        raise _Malformed(f"its entry for {key} is not a JSON object (log in to {key} again)")
+    for field in ("auth", "identitytoken", "username", "password"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise _Malformed(f"its {field!r} entry for {key} is not a string (log in to {key} again)")
     token = entry.get("identitytoken")
     username = entry.get("username")
     password = entry.get("password")

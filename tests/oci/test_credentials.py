@@ -89,6 +89,19 @@ def test_config_auths_base64(tmp_path: Path) -> None:
         resolve_credentials("other.io", environ={}, auth_file=config)
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [{"auth": 12345}, {"auth": ["x"]}, "user:pw", {"username": "u", "password": 7}, {"identitytoken": 1}],
+)
+def test_an_auth_entry_of_the_wrong_type_is_a_malformed_file(tmp_path: Path, entry: object) -> None:
+    """A registry's entry that is not an object, or whose auth, username, password or identity
+    token is not a string, is malformed (exit 2 when named, a warning when found by searching).
+    It was skipped without a word, and the command went on anonymously."""
+    config = write_config(tmp_path, {"auths": {HOST: entry}})
+    with pytest.raises(InvalidConfigFile, match=HOST):
+        resolve_credentials(HOST, environ={}, auth_file=config)
+
+
 def test_config_found_through_docker_config_env(tmp_path: Path) -> None:
     write_config(tmp_path / "dc", auths(HOST, "u", "p"))
     env = {"DOCKER_CONFIG": str(tmp_path / "dc")}
