@@ -179,9 +179,9 @@ def _from_auths(entry: Any, key: str) -> Credentials | None:
         return None
     if not isinstance(entry, dict):
         raise _Malformed(f"its entry for {key} is not a JSON object (log in to {key} again)")
-    for field in ("auth", "identitytoken", "username", "password"):
-        if entry.get(field) is not None and not isinstance(entry[field], str):
-            raise _Malformed(f"its {field!r} entry for {key} is not a string (log in to {key} again)")
+    for name in ("auth", "identitytoken", "username", "password"):
+        if entry.get(name) is not None and not isinstance(entry[name], str):
+            raise _Malformed(f"its {name!r} entry for {key} is not a string (log in to {key} again)")
     token = entry.get("identitytoken")
     username = entry.get("username")
     password = entry.get("password")
