@@ -236,6 +236,8 @@ def _parse_object(text: str, scheme: str, rest: str) -> Reference:
             f"{bucket!r} is not a bucket name (3-63 of a-z 0-9 . -, starting and ending with a letter "
             "or digit)",
         )
+    if scheme == "az" and ("." in bucket or "--" in bucket):
+        raise _invalid(text, f"{bucket!r} is not an Azure container name (a-z 0-9 and single '-', no '.')")
     prefix = prefix.rstrip("/")
     parts = prefix.split("/") if prefix else []
     if not all(_PREFIX_COMPONENT.fullmatch(part) and part not in (".", "..") for part in parts):

@@ -109,6 +109,9 @@ def test_with_key_replaces_key_and_drops_digest() -> None:
         ("s3://bucket/a/../b:k", "prefix"),
         ("s3://bucket/a b:k", "prefix"),
         ("s3://bucket:", "empty"),
+        # Azure container names: no dots, no "--" (S3's rule let them through to a bare 400).
+        ("az://my.container:k", "container"),
+        ("az://my--container:k", "container"),
         ("oci:", "missing"),
         ("oci:dir:", "empty"),
         ("bad_host.io:x/repo", "host"),
