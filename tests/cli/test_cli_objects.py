@@ -209,6 +209,18 @@ def test_keys_from_the_aws_shared_files_as_aws_tools_read_them(
     assert "no credentials" in nothing.stderr and "AWS_ACCESS_KEY_ID" in nothing.stderr
 
 
+def test_an_azure_container_without_an_account_name_is_an_auth_error_naming_the_variable(
+    cli: Run, azurite: ObjectServer, tmp_path: Path
+) -> None:
+    """Without AZURE_STORAGE_ACCOUNT_NAME the client cannot be set up: exit 4 naming the variable
+    (it was exit 1, "Generic MicrosoftAzure error: Account must be specified")."""
+    env = {k: v for k, v in object_env(azurite).items() if k != "AZURE_STORAGE_ACCOUNT_NAME"}
+    proc = cli("ls", "az://somecontainer/c", env={**env, "HOME": str(tmp_path)})
+    assert proc.returncode == 4, proc.stderr
+    assert "AZURE_STORAGE_ACCOUNT_NAME" in proc.stderr and "Generic" not in proc.stderr, proc.stderr
+    no_traceback(proc)
+
+
 def test_an_error_body_that_echoes_the_session_token_is_one_line_without_it(
     cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
 ) -> None:

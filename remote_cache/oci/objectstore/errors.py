@@ -62,6 +62,7 @@ def _credentials_hint(location: str) -> str:
     return _CREDENTIALS.get(location.split("://", 1)[0], _CREDENTIALS["s3"])
 
 
+_NO_AZURE_ACCOUNT = "Account must be specified"
 _PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again cannot help soon
 
 
@@ -152,6 +153,11 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
         return StoreAuthError(
             f"cannot {action}: no credentials for {location}: none in the environment or the shared "
             f"files, and no instance or container metadata service answered; {_credentials_hint(location)}"
+        )
+    if _NO_AZURE_ACCOUNT in summary:  # obstore's client builder, with no account anywhere
+        return StoreAuthError(
+            f"cannot {action}: no storage account for {location}: set AZURE_STORAGE_ACCOUNT_NAME (and "
+            "AZURE_STORAGE_ACCOUNT_KEY, a SAS or an identity)"
         )
     if any(code in summary for code in _REFUSED_CODES):
         return StoreAuthError(
