@@ -294,7 +294,8 @@ async def _save_tree(
         )  # fmt: skip
     except EntryExists:  # another save wrote the key first
         return _skipped(key, tag, "immutable key exists", job.started, await _current(store, tag) or "")
-    await _record(job.path, evidence, plan, slots, where=(store.location, tag, job.options, digest))
+    with anyio.CancelScope(shield=True):  # after the tag write: see _publish
+        await _record(job.path, evidence, plan, slots, where=(store.location, tag, job.options, digest))
     return SaveResult(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
         bytes_total=sum(d.size for d, _ in stored), bytes_uploaded=uploaded_bytes, size=plan.size,
@@ -532,9 +533,12 @@ async def _publish(
                 tg.start_soon(store.put_manifest, manifest.body, manifest.descriptor.media_type)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    index = await store.put_manifest(
-        image.index.body, image.index.descriptor.media_type, tag=tag, exclusive=exclusive
-    )
+    # The tag write commits the save: once begun, a signal lets it (and the record) finish, as
+    # a restore's swap does, rather than leave "interrupted" over an entry that was replaced.
+    with anyio.CancelScope(shield=True):
+        index = await store.put_manifest(
+            image.index.body, image.index.descriptor.media_type, tag=tag, exclusive=exclusive
+        )
     return index.digest, False
 
 

@@ -130,6 +130,30 @@ def test_a_signal_during_a_save_cleans_up_and_keeps_the_entry(
     assert _run(env, "restore", f"{repo}:k", str(tmp_path / "o")) == 3, "an interrupted save moved no tag"
 
 
+def test_a_signal_while_the_tag_is_written_lets_the_save_finish(
+    served: Any, tmp_path: Path, pycache: Path
+) -> None:
+    """The tag write is where a save commits: a signal arriving during it lets it finish, "saved"
+    and exit 0, as a restore's swap does. (It said "interrupted", exit 143, with the entry
+    replaced all the same once the write had gone out.)"""
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=20, big_bytes=1 << 16)
+    proxy.slow_upload(100, method="PUT", path_contains="/manifests/k")  # the tag: ~10 s to send
+    proc = _start(["save", str(src), f"{repo}:k"], env)
+    platforms = lambda: sum(r.method == "PUT" and "/manifests/sha256:" in r.path for r in proxy.requests)  # noqa: E731
+    _wait_for(lambda: platforms() == 2, "the save to write its platforms' manifests")
+    time.sleep(0.5)  # the tag's PUT is under way
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines()[-1].startswith("save saved k:"), err
+    proxy.clear()
+    assert _run(env, "restore", f"{repo}:k", str(tmp_path / "o")) == 0
+    assert_same_tree(src, tmp_path / "o")
+
+
 def test_ctrl_c_while_packing_never_says_unexpected(tmp_path: Path, pycache: Path) -> None:
     """A Ctrl-C that lands while layers are being packed (into a layout: no network to wait on)."""
     env = _env(tmp_path, pycache)
