@@ -28,6 +28,7 @@ import base64
 import contextlib
 import http.client
 import os
+import re
 import socket
 import ssl
 import threading
@@ -325,8 +326,9 @@ class ThreadClient:
         def take(response: http.client.HTTPResponse, url: str) -> WireAnswer | None:
             if response.status not in (200, 206):
                 return _answer(response, url, response.read(MAX_ERROR_BODY))
+            skip = offset if response.status == 200 else _resumed_skip(response, offset)
             stopper.deliver()
-            _copy(response, offset if response.status == 200 else 0, sink, stopper.check)
+            _copy(response, skip, sink, stopper.check)
             return None
 
         send = dict(headers)
@@ -656,6 +658,24 @@ def _proxy_authorization(user: str | None, password: str | None) -> dict[str, st
         return {}
     token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
     return {"Proxy-Authorization": f"Basic {token}"}
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)")
+
+
+def _resumed_skip(response: http.client.HTTPResponse, offset: int) -> int:
+    """How many bytes of a 206 answer to ``Range: bytes=offset-`` come before ``offset``: storage
+    may answer from an earlier byte than asked, and says so in ``Content-Range``. An answer from a
+    later byte (or one that does not say) cannot continue the body: the connection's fault."""
+    header = response.getheader("Content-Range") or ""
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not offset:
+        return 0
+    if match is None or int(match.group(1)) > offset:
+        raise http.client.HTTPException(
+            f"a resume from byte {offset} was answered with Content-Range {header[:80]!r}"
+        )
+    return offset - int(match.group(1))
 
 
 def _copy(
