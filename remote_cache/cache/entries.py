@@ -9,6 +9,7 @@ enabled) and raises :class:`~remote_cache.errors.UnsupportedOperation` otherwise
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
-from ..oci.descriptor import Descriptor
+from ..oci.descriptor import Descriptor, referenced_digests
 from ..oci.store import Store
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
@@ -87,9 +88,16 @@ class Entry:
         return out
 
 
+def _key_of(tag: str, recorded: str | None) -> str:
+    """The key of the entry under ``tag``: the tag itself when it is a key's own tag (a key that
+    is its own tag takes whatever is there, see :func:`_find_key`: an entry copied to
+    ``release-1`` is release-1's), else the key the entry records (else the tag)."""
+    return tag if tag_for_key(tag) == tag else (recorded or tag)
+
+
 def _entry(tag: str, image: CacheImage) -> Entry:
     return Entry(
-        key=image.key or tag,
+        key=_key_of(tag, image.key),
         tag=tag,
         digest=image.digest,
         created=image.created,
@@ -110,7 +118,7 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
-    return await _loaded(store, _recorded_key(top) or tag, tag, top)
+    return await _loaded(store, _key_of(tag, _recorded_key(top)), tag, top)
 
 
 async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> Entry:
@@ -128,10 +136,6 @@ async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
     """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
-    return _matching(await _all_entries(store, jobs), prefix)
-
-
-async def _all_entries(store: Store, jobs: int = 8) -> list[Entry]:
     tags = await store.tags()
     found: list[Entry] = []
 
@@ -141,11 +145,8 @@ async def _all_entries(store: Store, jobs: int = 8) -> list[Entry]:
             found.append(entry)
 
     await for_each(tags, one, jobs=jobs)
-    return found
-
-
-def _matching(entries: list[Entry], prefix: str) -> list[Entry]:
-    return _newest_first([e for e in entries if e.key.startswith(prefix) or e.tag.startswith(prefix)])
+    selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
+    return _newest_first(selected)
 
 
 #: Where an entry with no creation time ranks: the oldest.
@@ -178,7 +179,7 @@ async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, CacheImag
     except (CacheMiss, ImageFormatError, IntegrityError):
         return None  # deleted meanwhile, or not an image we can read: not a candidate
     # Auth and network errors propagate: a failure must not look like a miss.
-    return image.key or tag, image.created, image
+    return _key_of(tag, image.key), image.created, image
 
 
 async def find_entry(
@@ -213,14 +214,9 @@ async def find_entry(
         best: tuple[datetime, str, str, CacheImage] | None = None
         for candidate in tags:
             info = seen.get(candidate)
-            if info is None or not candidate.startswith(start):
+            if info is None or not candidate.startswith(start) or not info[0].startswith(prefix):
                 continue
-            # A key that is its own tag takes whatever is there (see _find_key): an entry copied
-            # to ``release-1`` is release-1's, whatever key it records.
-            real_key = candidate if tag_for_key(candidate) == candidate else info[0]
-            if not real_key.startswith(prefix):
-                continue
-            rank = (info[1] or _OLDEST, real_key, candidate, info[2])
+            rank = (info[1] or _OLDEST, info[0], candidate, info[2])
             if best is None or rank[:2] > best[:2]:
                 best = rank
         if best is not None:
@@ -349,19 +345,30 @@ async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
     return Freed(blobs, nbytes)
 
 
-async def _copies(store: Store, entry: Entry) -> list[str]:
-    """The other tags naming ``entry``'s manifest, where deleting it deletes them too (a registry)."""
-    if not store.deletes_every_tag or not entry.digest:
-        return []
-    found: list[str] = []
+async def _users(store: Store, digests: set[str]) -> dict[str, set[str]]:
+    """Where a delete takes every tag of a manifest along (a registry): for each of ``digests``,
+    the tags whose entry is that manifest or an index listing it (copies: ``skopeo copy --all``
+    copies our index, plain ``skopeo copy`` one platform's manifest out of it). Deleting the
+    manifest removes or breaks all of them. Every tag's top document is read (one GET each)."""
+    users: dict[str, set[str]] = {d: set() for d in digests if d}
+    if not store.deletes_every_tag or not users:
+        return users
 
     async def one(tag: str) -> None:
         with contextlib.suppress(CacheMiss):  # deleted meanwhile
-            if tag != entry.tag and (await store.resolve(tag)).digest == entry.digest:
-                found.append(tag)
+            desc, body = await store.get_manifest(tag)
+            for digest in ({desc.digest} | _listed(body)) & users.keys():
+                users[digest].add(tag)
 
     await for_each(await store.tags(), one, jobs=8)
-    return sorted(found)
+    return users
+
+
+def _listed(body: bytes) -> set[str]:
+    try:
+        return set(referenced_digests(json.loads(body)))
+    except ValueError:
+        return set()
 
 
 async def remove(
@@ -386,14 +393,19 @@ async def remove(
         entry = Entry(key=key, tag=exc.tag, digest="", error=exc.reason)
     except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
-    copies = await _copies(store, entry)
+    copies = sorted((await _users(store, {entry.digest})).get(entry.digest, set()) - {entry.tag})
     if copies and not with_copies:
         raise UnsupportedOperation(
-            f"the entry of {key} in {store.location} is also the entry of {', '.join(copies)} (a copy "
-            "of the same manifest), and the registry deletes a manifest with every tag naming it: "
-            "remove them together with --with-copies, or keep them"
+            f"the manifest of {key} in {store.location} is also the entry of {', '.join(copies)} (or "
+            "part of it: a copy), and the registry deletes a manifest with every tag naming it: remove "
+            "them together (remote-cache rm --with-copies), or keep them"
         )
     await _delete(store, entry)
+    for tag in copies:  # those naming it went with it; an index that listed it goes too
+        with contextlib.suppress(CacheMiss):
+            await store.delete(tag)
+    if copies:
+        log.warning("removed with %s: %s (copies of its manifest)", key, ", ".join(copies))
     if collect:
         await sweep(store, grace)
     return entry
@@ -422,20 +434,19 @@ async def prune(
     if keep is not None and keep < 0:
         raise ValueError("keep must be >= 0")
     moment = now or datetime.now(UTC)
-    everything = await _all_entries(store)
-    entries = _matching(everything, prefix)
+    entries = await list_entries(store, prefix=prefix)
     candidates = entries[keep:] if keep is not None else entries
     if older_than is not None:
         cutoff = moment - older_than
         candidates = [e for e in candidates if e.created is not None and e.created < cutoff]
     if store.deletes_every_tag:
-        candidates = _without_kept_copies(candidates, everything)
+        candidates = _without_kept_copies(candidates, await _users(store, {e.digest for e in candidates}))
     if dry_run:
         return candidates
     removed: list[Entry] = []
-    gone: set[str] = set()  # manifests deleted: their other tags went with them
+    gone: set[str] = set()  # manifests a registry deleted: their other tags went with them
     for entry in candidates:
-        if entry.digest and entry.digest in gone:
+        if store.deletes_every_tag and entry.digest and entry.digest in gone:
             removed.append(entry)
             continue
         try:
@@ -449,18 +460,18 @@ async def prune(
     return removed
 
 
-def _without_kept_copies(candidates: list[Entry], everything: list[Entry]) -> list[Entry]:
-    """``candidates`` less those whose manifest an entry prune keeps names too (deleting it would
-    delete that one: a registry deletes a manifest with every tag naming it), each with a warning."""
+def _without_kept_copies(candidates: list[Entry], users: dict[str, set[str]]) -> list[Entry]:
+    """``candidates`` less those whose manifest an entry prune keeps uses too (see :func:`_users`:
+    deleting it would remove or break that one), each with a warning."""
     chosen = {e.tag for e in candidates}
     out: list[Entry] = []
     for entry in candidates:
-        kept = sorted(e.tag for e in everything if e.digest == entry.digest and e.tag not in chosen)
-        if entry.digest and kept:
+        kept = sorted(users.get(entry.digest, set()) - chosen)
+        if kept:
             log.warning(
-                "prune keeps %s: its manifest is also the entry of %s, which this prune keeps (the "
-                "registry would delete them together)",
-                entry.key,
+                "prune keeps %s: its manifest is also the entry of %s (or part of it), which this prune "
+                "keeps (the registry would delete or break them together)",
+                entry.tag,
                 ", ".join(kept),
             )
             continue

@@ -159,37 +159,57 @@ async def test_prune_removes_nothing_when_a_store_error_hides_an_entry(
         assert sorted(e.key for e in await list_entries(store)) == ["k1", "k2", "k3"]
 
 
+@pytest.mark.parametrize("copy", ["index", "one platform"])
 async def test_an_entry_copied_to_another_tag_is_never_removed_with_the_copy(
-    where: Reference, tmp_path: Path
+    where: Reference, tmp_path: Path, copy: str
 ) -> None:
-    """``skopeo copy ...:main-1 ...:release-1`` makes two tags of one manifest. Removing one must
-    not remove the other: a registry deletes a manifest with every tag naming it, so there rm
-    refuses (exit 5) unless told to remove the copies too, and prune leaves an entry whose
-    manifest an entry it keeps shares. (rm release-1 removed main-1 as well, saying nothing.)"""
+    """``skopeo copy ...:main-1 ...:release-1`` makes a second tag: of our index (``--all``), or of
+    one platform's manifest out of it (plain). Removing one entry must not remove or break the
+    other: a registry deletes a manifest with every tag naming it, so there rm refuses (exit 5)
+    unless told to remove the copies too, and prune leaves an entry whose manifest an entry it
+    keeps uses. The copy is release-1's entry (its own tag), for prune's prefix too. (rm
+    release-1 removed main-1 or broke it, saying nothing; on a layout or a bucket prune counted
+    main-1 as removed along with its copy and left it.)"""
+    from remote_cache.cache.image import load_image
     from remote_cache.errors import UnsupportedOperation
 
-    async with opened(where) as store:
-        saved = await save(store, "main-1", one_file_tree(tmp_path / "a", "a"))
-        desc, body = await store.get_manifest(saved.tag)
+    src = one_file_tree(tmp_path / "a", "a")
+
+    async def main_and_its_copy(store: Store) -> str:
+        saved = await save(store, "main-1", src)
+        image = await load_image(store, saved.tag)
+        desc, body = await store.get_manifest(saved.digest if copy == "index" else image.manifest.digest)
         await store.put_manifest(body, desc.media_type, tag="release-1")
+        return saved.digest
+
+    async with opened(where) as store:
+        digest = await main_and_its_copy(store)
         time.sleep(1.1)  # created a second later: "other" is the newest
         await save(store, "other", one_file_tree(tmp_path / "b", "b"))
-        together = where.transport == "registry"  # a registry deletes the manifest, so every tag of it
-        if together:
+        assert {e.tag: e.key for e in await list_entries(store)}["release-1"] == "release-1"
+        main_only = [e.tag for e in await prune(store, prefix="main-", dry_run=True)]
+        if where.transport == "registry":  # it deletes the manifest, so every tag of it
+            # Deleting main-1's index leaves a copy of one of its manifests whole, not a copy of it.
+            assert main_only == ([] if copy == "index" else ["main-1"])
             with pytest.raises(UnsupportedOperation, match=r"main-1.*--with-copies"):
                 await remove(store, "release-1")
             assert await prune(store, prefix="release-") == []
-        else:
-            await remove(store, "release-1")
-        assert (await inspect(store, "main-1")).digest == saved.digest
-        if together:
-            removed = await prune(store, keep=1)  # "other" is the newest; both tags of main-1 go
+            assert (await inspect(store, "main-1")).digest == digest
+            removed = await prune(store, keep=1)  # "other" is the newest; main-1 and its copy go
             assert sorted(e.tag for e in removed) == ["main-1", "release-1"]
             assert [e.key for e in await list_entries(store)] == ["other"]
-            await store.put_manifest(body, desc.media_type, tag="main-1")
-            await store.put_manifest(body, desc.media_type, tag="release-1")
+            await main_and_its_copy(store)
             await remove(store, "release-1", with_copies=True)
-            assert [e.key for e in await list_entries(store)] == ["other"]
+            with pytest.raises(CacheMiss):
+                await inspect(store, "main-1")  # gone with it, or broken (its manifest gone)
+        else:  # only the tag goes
+            assert main_only == ["main-1"]
+            await remove(store, "release-1")
+            assert (await inspect(store, "main-1")).digest == digest
+            await main_and_its_copy(store)
+            removed = await prune(store, keep=1)
+            assert sorted(e.tag for e in removed) == ["main-1", "release-1"]
+        assert [e.key for e in await list_entries(store)] == ["other"]
 
 
 def test_format_table_aligns_columns_and_marks_what_is_unknown() -> None:
@@ -229,16 +249,16 @@ async def test_an_entry_saved_again_while_prune_lists_is_kept(
     async with opened(where) as store:
         await save(store, "a", one_file_tree(tmp_path / "a1", "first"))
         await save(store, "b", one_file_tree(tmp_path / "b", "b"))
-        listed = entries._all_entries
+        listed = entries.list_entries
         again = None
 
-        async def list_then_save(store: Store, *args: Any) -> list[Entry]:
+        async def list_then_save(store: Store, **kw: Any) -> list[Entry]:
             nonlocal again
-            found = await listed(store, *args)
+            found = await listed(store, **kw)
             again = await save(store, "a", one_file_tree(tmp_path / "a2", "second"))
             return found
 
-        monkeypatch.setattr(entries, "_all_entries", list_then_save)
+        monkeypatch.setattr(entries, "list_entries", list_then_save)
         await prune(store, keep=1, grace=timedelta(0))  # a registry deletes the listed manifest
         assert again is not None and (await inspect(store, "a")).digest == again.digest
         out = tmp_path / "out"
