@@ -16,12 +16,14 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
@@ -294,7 +296,7 @@ async def _save_tree(
         )  # fmt: skip
     except EntryExists:  # another save wrote the key first
         return _skipped(key, tag, "immutable key exists", job.started, await _current(store, tag) or "")
-    with anyio.CancelScope(shield=True):  # after the tag write: see _publish
+    with anyio.CancelScope(shield=True):  # the entry is written (see _committing); local and quick
         await _record(job.path, evidence, plan, slots, where=(store.location, tag, job.options, digest))
     return SaveResult(
         key=key, tag=tag, digest=digest, layers_total=len(stored), layers_uploaded=uploaded_layers,
@@ -533,13 +535,24 @@ async def _publish(
                 tg.start_soon(store.put_manifest, manifest.body, manifest.descriptor.media_type)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    # The tag write commits the save: once begun, a signal lets it (and the record) finish, as
-    # a restore's swap does, rather than leave "interrupted" over an entry that was replaced.
-    with anyio.CancelScope(shield=True):
+    async with _committing():
         index = await store.put_manifest(
             image.index.body, image.index.descriptor.media_type, tag=tag, exclusive=exclusive
         )
     return index.digest, False
+
+
+@asynccontextmanager
+async def _committing() -> AsyncIterator[None]:
+    """The tag write commits the save: a signal arriving meanwhile lets it finish, as a restore's
+    swap does, rather than leave "interrupted" over an entry that was replaced. A deadline still
+    ends it (``--deadline`` bounds the whole step); one that passed before, or a signal that came
+    before, stops it at once (the effective deadline of a cancelled scope is -inf)."""
+    with anyio.CancelScope(shield=True, deadline=anyio.current_effective_deadline()) as scope:
+        yield
+    if scope.cancelled_caught:  # the deadline passed: let the step's own scope end the save
+        await anyio.lowlevel.checkpoint()
+        raise TimeoutError("the deadline passed while the tag was written")
 
 
 async def _same_entry(

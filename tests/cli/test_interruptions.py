@@ -154,6 +154,25 @@ def test_a_signal_while_the_tag_is_written_lets_the_save_finish(
     assert_same_tree(src, tmp_path / "o")
 
 
+def test_the_deadline_still_ends_a_save_whose_tag_write_stalls(
+    served: Any, tmp_path: Path, pycache: Path
+) -> None:
+    """A signal lets the tag write finish; ``--deadline`` does not wait for it (it bounds the
+    whole step): a stalled tag write ends at the deadline, not at the stall timeout."""
+    proxy, repo = served
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    make_tree(src, small_files=20, big_bytes=1 << 16)
+    proxy.stall(method="PUT", path_contains="/manifests/k", times=10)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(CLI), "save", str(src), f"{repo}:k", "--timeout", "20", "--deadline", "3s"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert time.monotonic() - started < 10, proc.stderr
+    assert proc.returncode == 1 and "--deadline" in proc.stderr, proc.stderr
+
+
 def test_ctrl_c_while_packing_never_says_unexpected(tmp_path: Path, pycache: Path) -> None:
     """A Ctrl-C that lands while layers are being packed (into a layout: no network to wait on)."""
     env = _env(tmp_path, pycache)
