@@ -479,12 +479,9 @@ def _redact(text: str, common: Common) -> str:
 def _debug_traceback(common: Common) -> None:
     """The traceback (REMOTE_CACHE_DEBUG), with every credential cut out: a chained store error
     keeps what the server sent, which may echo a token (AWS's SignatureDoesNotMatch body does)."""
-    from ..oci.objectstore.errors import credentials_to_hide
+    from ..oci.objectstore.errors import hidden_in_traceback
 
-    text = traceback.format_exc()
-    for secret in credentials_to_hide([common.password]):
-        text = text.replace(secret, "***")
-    sys.stderr.write(text)
+    sys.stderr.write(hidden_in_traceback(traceback.format_exc(), [common.password]))
 
 
 def _show_warnings() -> None:

@@ -252,7 +252,20 @@ def test_an_error_body_that_echoes_the_session_token_is_one_line_without_it(
     # it is shown with the credentials cut out too.
     debug = cli("ls", f"s3://{bucket}/p", env={**env, "REMOTE_CACHE_DEBUG": "1"})
     assert debug.returncode == 4 and "Traceback" in debug.stderr, debug.stderr
-    assert token not in debug.stderr and "x-amz-security-token:***" in debug.stderr, debug.stderr
+    assert token not in debug.stderr and "SignatureDoesNotMatch" in debug.stderr, debug.stderr
+    # Credentials from a profile are not in the environment: what the server echoes goes all the same.
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text(
+        f"[default]\naws_access_key_id = ASIAEXAMPLE\naws_secret_access_key = sEcReTfRoMfIlE0123456789\n"
+        f"aws_session_token = {token}PROFILE\n"
+    )
+    proxy.clear()
+    proxy.answer(403, body.replace(token.encode(), f"{token}PROFILE".encode()), times=1000)
+    files = {"HOME": str(home), "AWS_ENDPOINT_URL": f"http://{proxy.host}", "REMOTE_CACHE_DEBUG": "1"}
+    from_profile = cli("ls", f"s3://{bucket}/p", env=files)
+    assert from_profile.returncode == 4 and "Traceback" in from_profile.stderr, from_profile.stderr
+    assert token not in from_profile.stderr, from_profile.stderr
 
 
 def test_a_save_into_a_missing_bucket_or_container_says_so(

@@ -104,6 +104,30 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     return text
 
 
+_XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
+_SIGNED = re.compile(
+    r"(x-amz-security-token|x-amz-signature|signature|authorization)([:=]\s*)[^\s&<\"']+", re.I
+)
+
+
+def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
+    """A traceback (REMOTE_CACHE_DEBUG) fit to show: every XML error body a server sent reduced to
+    its code and message (the rest echoes the signed request), signature and token values cut,
+    and the credentials :func:`credentials_to_hide` knows replaced, as in messages. Credentials
+    found elsewhere (a profile, the metadata service) are not known here: the first two rules
+    catch what a server echoes of them."""
+
+    def reduced(match: re.Match[str]) -> str:
+        body = match.group(0)
+        found = [m.group(1).strip() for m in (_XML_CODE.search(body), _XML_MESSAGE.search(body)) if m]
+        return ": ".join(found) or "an XML error body"
+
+    text = _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _XML_ERROR.sub(reduced, text))
+    for secret in credentials_to_hide(explicit):
+        text = text.replace(secret, "***")
+    return text
+
+
 def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
     """What messages must never show: a store's own credentials, whatever their length, and those
     the environment holds (one shorter than 8 would cut words out of a message, not a secret)."""
