@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..errors import CacheMiss
+from ..errors import CacheMiss, RemoteCacheError
 from ..units import counted, format_bytes, parse_duration, parse_size
 from .app import (
     Body,
@@ -27,10 +29,13 @@ from .app import (
 )
 from .exit_codes import ExitCode
 
+log = logging.getLogger("remote_cache")
+
 if TYPE_CHECKING:
     from rich.console import Console
 
     from ..cache.entries import Freed
+    from ..oci.store import Store
 
 __all__: list[str] = []
 
@@ -330,16 +335,28 @@ def _rm(
     writes = _writes(sse, sse_kms_key_id)
 
     async def body(common: Common) -> Outcome:
-        from ..cache.entries import remove, sweep
+        from ..cache.entries import remove
 
         async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
             await remove(store, entry_key, collect=False, with_copies=with_copies)
-            freed = await sweep(store, grace_period)
+            freed = await _swept(store, grace_period, f"{entry_key} was removed")
         data = {"outcome": "removed", "key": entry_key, "reference": str(reference), **_freed_json(freed)}
         line = f"rm removed {entry_key} from {reference.location}{_freed_text(freed, grace)}"
         return Outcome(ExitCode.OK, line, data)
 
     return body
+
+
+async def _swept(store: Store, grace: timedelta | None, done: str) -> Freed | None:
+    """:func:`~remote_cache.cache.entries.sweep`, saying first what was ``done`` when it fails (the
+    error alone reads as if nothing had been)."""
+    from ..cache.entries import sweep
+
+    try:
+        return await sweep(store, grace)
+    except RemoteCacheError:
+        log.warning("%s; freeing the blobs no entry uses failed:", done)
+        raise
 
 
 def _freed_json(freed: Freed | None) -> dict[str, int]:
@@ -385,13 +402,14 @@ def _prune(
     writes = _writes(sse, sse_kms_key_id)
 
     async def body(common: Common) -> Outcome:
-        from ..cache.entries import prune, sweep
+        from ..cache.entries import prune
 
         async with open_repository(repo, common, writes) as (reference, store):
             pruned = await prune(
                 store, older_than=age, keep=keep, prefix=prefix or "", dry_run=dry_run, collect=False
             )
-            freed = None if dry_run else await sweep(store, grace_period)
+            done = f"{counted(len(pruned), 'entry')} removed" if pruned else "nothing removed"
+            freed = None if dry_run else await _swept(store, grace_period, done)
         rows = [e.to_json() for e in pruned]
         verb = "would remove" if dry_run else "removed"
 

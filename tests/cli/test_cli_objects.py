@@ -321,6 +321,7 @@ def test_a_broken_entry_is_listed_with_its_error_and_rm_removes_it(
     # not knowing what that one uses, it must free nothing.
     first = cli("rm", f"s3://{bucket}/c:garbage", env=env)
     assert first.returncode == 1 and "is not a readable image document" in first.stderr, first.stderr
+    assert "warning: garbage was removed; freeing the blobs no entry uses failed" in first.stderr
     no_traceback(first)
     for key in ("feature/garbage", "gone", "feature/gone"):
         removed = cli("rm", f"s3://{bucket}/c:{key}", env=env)

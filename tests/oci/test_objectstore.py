@@ -424,6 +424,24 @@ async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
     assert_same_tree(src, tmp_path / "out")
 
 
+async def test_an_object_under_tags_that_no_tag_can_name_is_no_entry(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """A placeholder such as ``tags/.keep`` (no OCI tag is named so, nothing this tool or another
+    wrote as an entry) is not listed and does not stop the sweep, which it did for good: it could
+    not be read as a tag document, and ``rm`` could not name it."""
+    async with bucket_store(moto, env_of) as store:
+        await save(store, "keep", tree(tmp_path / "a", 45))
+        await save(store, "gone", tree(tmp_path / "b", 46))
+        client = s3_client(moto)
+        bucket = store.reference.bucket
+        client.put_object(Bucket=bucket, Key=f"{store.reference.prefix}/tags/.keep", Body=b"")
+        assert sorted(await store.tags()) == [tag_for_key("gone"), tag_for_key("keep")]
+        await remove(store, "gone", grace=timedelta(0))
+        await restore(store, "keep", tmp_path / "out")
+    assert_same_tree(tmp_path / "a", tmp_path / "out")
+
+
 async def test_an_immutable_save_whose_tag_write_answer_is_lost_says_saved(
     moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
 ) -> None:

@@ -49,7 +49,8 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
     if not isinstance(doc, dict):
         raise ImageFormatError(
             f"{what} is not a readable image document ({len(body)} bytes); the sweep deletes nothing "
-            "while it cannot tell what that entry uses (remove the entry if it is not one)"
+            "while it cannot tell what that entry uses (if it is not one, remove it: `remote-cache rm` "
+            "of its key, or delete that object)"
         )
     refs: list[Any] = []
     for name in ("manifests", "layers", "blobs"):

@@ -39,6 +39,7 @@ from ...errors import (
     StoreStalled,
     StoreUnreachable,
 )
+from ...keys import is_valid_tag
 from ...tasks import first_error, for_each
 from ..descriptor import Descriptor, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
@@ -251,10 +252,12 @@ class ObjectStore:
         return self._conditional
 
     async def tags(self) -> list[str]:
-        """Every tag (one object each under ``tags/``)."""
+        """Every tag (one object each under ``tags/``). An object there that no tag can name (a
+        ``.keep`` placeholder) is no entry: not listed, and no sweep stops at it."""
         with self._translated("list tags"):
             pages = await self._calls.list("tags/")
-        return sorted(str(m["path"]).removeprefix("tags/") for m in pages if "/" not in str(m["path"])[5:])
+        names = (str(m["path"]).removeprefix("tags/") for m in pages)
+        return sorted(name for name in names if is_valid_tag(name))
 
     async def delete(self, reference: str, *, digest: str | None = None) -> None:
         """Delete the tag object of a tag (or every tag naming a digest); with ``digest``, the tag's
