@@ -9,7 +9,6 @@ enabled) and raises :class:`~remote_cache.errors.UnsupportedOperation` otherwise
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..errors import (
     UnsupportedOperation,
 )
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
-from ..oci.descriptor import Descriptor, referenced_digests
+from ..oci.descriptor import Descriptor, referenced_by
 from ..oci.store import Store
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
@@ -357,18 +356,11 @@ async def _users(store: Store, digests: set[str]) -> dict[str, set[str]]:
     async def one(tag: str) -> None:
         with contextlib.suppress(CacheMiss):  # deleted meanwhile
             desc, body = await store.get_manifest(tag)
-            for digest in ({desc.digest} | _listed(body)) & users.keys():
+            for digest in ({desc.digest, *referenced_by(body)}) & users.keys():
                 users[digest].add(tag)
 
     await for_each(await store.tags(), one, jobs=8)
     return users
-
-
-def _listed(body: bytes) -> set[str]:
-    try:
-        return set(referenced_digests(json.loads(body)))
-    except ValueError:
-        return set()
 
 
 async def remove(

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import ImageFormatError
 from .digest import check_digest, sha256_digest
 
-__all__ = ["Descriptor", "Platform", "reached_through", "referenced_digests"]
+__all__ = ["Descriptor", "Platform", "reached_through", "referenced_by", "referenced_digests", "references"]
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,7 @@ def reached_through(top: bytes, known: Mapping[str, bytes]) -> set[str]:
     reached = {sha256_digest(top)}
     pending = [top]
     while pending:
-        try:
-            document = json.loads(pending.pop())
-        except ValueError:
-            continue
-        for digest in referenced_digests(document):
+        for digest in referenced_by(pending.pop()):
             if digest not in reached:
                 reached.add(digest)
                 if digest in known:
@@ -94,10 +90,10 @@ def reached_through(top: bytes, known: Mapping[str, bytes]) -> set[str]:
     return reached
 
 
-def referenced_digests(document: Any) -> list[str]:
-    """Digests a manifest, index or other OCI JSON document refers to (``manifests``, ``layers``,
-    ``blobs``, ``config``, ``subject``): what a garbage collector must keep when it keeps the
-    document. Anything that is not such a document refers to nothing."""
+def references(document: Any) -> list[dict[str, Any]]:
+    """The descriptors (with a digest) a manifest, index or other OCI JSON document refers to:
+    ``manifests``, ``layers``, ``blobs``, ``config``, ``subject``. Anything that is not such a
+    document refers to nothing."""
     if not isinstance(document, dict):
         return []
     found: list[Any] = []
@@ -108,4 +104,18 @@ def referenced_digests(document: Any) -> list[str]:
     for name in ("config", "subject"):
         if isinstance(document.get(name), dict):
             found.append(document[name])
-    return [c["digest"] for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
+    return [c for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
+
+
+def referenced_digests(document: Any) -> list[str]:
+    """Digests a document refers to (see :func:`references`): what a garbage collector must keep
+    when it keeps the document."""
+    return [c["digest"] for c in references(document)]
+
+
+def referenced_by(body: bytes) -> list[str]:
+    """:func:`referenced_digests` of a document's bytes; none when they are not JSON."""
+    try:
+        return referenced_digests(json.loads(body))
+    except ValueError:
+        return []

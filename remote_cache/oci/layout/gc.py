@@ -7,11 +7,10 @@ see ``LayoutStore.has_blob``). The sweep runs under the index lock, so no tag mo
 
 from __future__ import annotations
 
-import json
 import time
 
 from ...errors import StoreError
-from ..descriptor import referenced_digests
+from ..descriptor import referenced_by
 from ..media import MAX_DOCUMENT_BYTES
 from .directory import LayoutDirectory, read_regular
 
@@ -32,12 +31,10 @@ def reachable(layout: LayoutDirectory) -> set[str]:
             if path.stat().st_size > MAX_DOCUMENT_BYTES:
                 continue  # a layer, most likely: not read
             data = read_regular(path, MAX_DOCUMENT_BYTES)
-            if data is None:
-                continue
-            obj = json.loads(data)
-        except (OSError, ValueError, StoreError):
+        except (OSError, StoreError):
             continue
-        stack.extend(referenced_digests(obj))
+        if data is not None:
+            stack.extend(referenced_by(data))
     return seen
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import CacheMiss, ImageFormatError
 from ...tasks import for_each
+from ..descriptor import references
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
 if TYPE_CHECKING:
@@ -52,18 +53,10 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
             "while it cannot tell what that entry uses (if it is not one, remove it: `remote-cache rm` "
             "of its key, or delete that object)"
         )
-    refs: list[Any] = []
-    for name in ("manifests", "layers", "blobs"):
-        if isinstance(doc.get(name), list):
-            refs.extend(doc[name])
-    for name in ("config", "subject"):
-        if isinstance(doc.get(name), dict):
-            refs.append(doc[name])
     docs: list[str] = []
     leaves: list[str] = []
-    for ref in refs:
-        if isinstance(ref, dict) and isinstance(ref.get("digest"), str):
-            (docs if ref.get("mediaType") in _DOCUMENT_TYPES else leaves).append(ref["digest"])
+    for ref in references(doc):
+        (docs if ref.get("mediaType") in _DOCUMENT_TYPES else leaves).append(ref["digest"])
     return docs, leaves
 
 
