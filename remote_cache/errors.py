@@ -105,17 +105,19 @@ class BrokenEntry(CacheMiss):
     deleted by hand). A miss for a restore, which the next save under the key repairs; ``rm``
     removes it."""
 
-    def __init__(self, key: str, where: str, missing: str, *, tag: str | None = None) -> None:
+    def __init__(self, key: str, where: str, missing: str) -> None:
         #: What is gone, e.g. ``manifest sha256:...``.
         self.missing = missing
-        #: The tag the entry is under, when known and its document is what is gone.
-        self.tag = tag
         super().__init__(
             key,
             where,
             f"its entry in {where} is broken ({missing} is gone): the next save under the key "
             "replaces it, `remote-cache rm` removes it",
         )
+
+    def for_key(self, key: str) -> BrokenEntry:
+        """The same breakage, named by the key whose entry it is (found under its tag)."""
+        return BrokenEntry(key, self.where, self.missing)
 
     @property
     def listed(self) -> str:

@@ -239,24 +239,25 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     try:
         top = await _document_or_none(store, tag)
     except BrokenEntry as exc:  # the key's own tag, its document gone: the key's, broken
-        raise BrokenEntry(key, exc.where, exc.missing, tag=tag) from exc
+        raise exc.for_key(key) from exc
     if top is not None and (tag == key or _recorded_key(top) in (None, key)):
         return tag, top
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
-        top = await _document_or_none(store, key, broken_is_absent=True)
-        if top is not None and _recorded_key(top) == key:
-            return key, top
+        try:
+            older = await _document_or_none(store, key)
+        except BrokenEntry:  # records no key: none of this key's
+            return None
+        if older is not None and _recorded_key(older) == key:
+            return key, older
     return None
 
 
-async def _document_or_none(
-    store: Store, tag: str, *, broken_is_absent: bool = False
-) -> tuple[Descriptor, bytes] | None:
+async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
+    """The top document under ``tag``; None when there is no tag (BrokenEntry when its document
+    is gone: a tag that is there)."""
     try:
         return await read_document(store, tag)
     except BrokenEntry:
-        if broken_is_absent:
-            return None
         raise
     except CacheMiss:
         return None
@@ -299,7 +300,7 @@ async def _image_of(store: Store, key: str, tag: str, top: tuple[Descriptor, byt
     try:
         return await load_image(store, tag, top)
     except BrokenEntry as exc:
-        raise BrokenEntry(key, store.location, exc.missing) from exc
+        raise exc.for_key(key) from exc
 
 
 async def inspect(store: Store, key: str) -> Entry:
@@ -380,9 +381,7 @@ async def remove(
     try:
         entry = await _loaded(store, key, *await _located(store, key))
     except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
-        if exc.tag is None:
-            raise
-        entry = Entry(key=key, tag=exc.tag, digest="", error=exc.reason)
+        entry = Entry(key=key, tag=tag_for_key(key), digest="", error=exc.reason)
     except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
     copies = sorted((await _users(store, {entry.digest})).get(entry.digest, set()) - {entry.tag})
