@@ -234,6 +234,12 @@ class Extractor:
 
     def _forget(self, path: bytes) -> None:
         """Drop bookkeeping for ``path`` and everything under it (after removing it)."""
+        recorded = self._kinds.get(path)
+        if recorded is not None and recorded[0] != DIR:  # nothing under it: no index needed
+            del self._kinds[path]
+            if self._tree is not None:
+                self._tree.get(path.rpartition(b"/")[0], set()).discard(path)
+            return
         gone = [path, *self._subtree(path)]
         tree = self._index()
         for p in gone:
@@ -324,11 +330,10 @@ class Extractor:
         if pfd is None:
             pfd = self._dirfd(parent, name_b)
         if base.startswith(b".wh."):
-            self._whiteout(r, name_b, parent, base, pfd, size)
+            self._whiteout(r, name_b, parent, base, size)
             return
         if path in self._kinds:
-            self._remove(pfd, base, path)
-            pfd = self._dirfd(parent, name_b)
+            self._remove(pfd, base, path)  # (the parent's descriptor stays open)
         mode &= self._mode_mask
         chown = self._owner and (uid, gid) != self._new_ids
         if mode & ~self._keep_bits:
@@ -353,9 +358,7 @@ class Extractor:
         self.stats.files += 1
         self.stats.bytes += size
 
-    def _whiteout(
-        self, r: LayerReader, name_b: bytes, parent: bytes, base: bytes, pfd: int, size: int
-    ) -> None:
+    def _whiteout(self, r: LayerReader, name_b: bytes, parent: bytes, base: bytes, size: int) -> None:
         self.stats.whiteouts += 1
         if base == b".wh..wh..opq":
             self._hide_lower(parent, opaque=True)
@@ -374,6 +377,9 @@ class Extractor:
         own = None if opaque else self._kinds.get(path)
         if not opaque and (own is None or (own[0] != DIR and own[1] == layer)):
             return  # nothing there, or what this layer wrote
+        if own is not None and own[0] != DIR:
+            self._remove_path(path)  # a lower layer's file or link: nothing under it to keep
+            return
         # This layer's entries under path stay, and so do the directories leading to them.
         keep: set[bytes] = set()
         for p in self._subtree(path):
@@ -420,12 +426,11 @@ class Extractor:
         parent, _, base = path.rpartition(b"/")
         pfd = self._dirfd(parent, name_b)
         if base.startswith(b".wh."):
-            self._whiteout(r, name_b, parent, base, pfd, size)
+            self._whiteout(r, name_b, parent, base, size)
             return
         existing = self._kinds.get(path)
         if existing is not None and not (existing[0] == kind == DIR):
             self._remove(pfd, base, path)
-            pfd = self._dirfd(parent, name_b)
             existing = None
         if kind == DIR:
             self._directory(name_b, path, base, pfd, existing is None, meta)
