@@ -96,9 +96,17 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     and message (the rest echoes the request); ``secrets`` (:func:`credentials_to_hide`) cut out."""
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
-        found = [m.group(1).strip() for m in (_XML_CODE.search(text), _XML_MESSAGE.search(text)) if m]
-        text = text[: body.start()] + (": ".join(found) or "an XML error body")
-    text = " ".join(text.split())
+        text = text[: body.start()] + _code_and_message(text)
+    return _cut(" ".join(text.split()), secrets)
+
+
+def _code_and_message(xml: str) -> str:
+    """``Code: Message`` of an XML error body (the rest of it echoes the signed request)."""
+    found = [m.group(1).strip() for m in (_XML_CODE.search(xml), _XML_MESSAGE.search(xml)) if m]
+    return ": ".join(found) or "an XML error body"
+
+
+def _cut(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
@@ -116,16 +124,9 @@ def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
     and the credentials :func:`credentials_to_hide` knows replaced, as in messages. Credentials
     found elsewhere (a profile, the metadata service) are not known here: the first two rules
     catch what a server echoes of them."""
-
-    def reduced(match: re.Match[str]) -> str:
-        body = match.group(0)
-        found = [m.group(1).strip() for m in (_XML_CODE.search(body), _XML_MESSAGE.search(body)) if m]
-        return ": ".join(found) or "an XML error body"
-
-    text = _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _XML_ERROR.sub(reduced, text))
-    for secret in credentials_to_hide(explicit):
-        text = text.replace(secret, "***")
-    return text
+    text = _XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text)
+    text = _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    return _cut(text, credentials_to_hide(explicit))
 
 
 def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
