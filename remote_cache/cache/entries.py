@@ -108,7 +108,17 @@ def _entry(tag: str, image: CacheImage) -> Entry:
     )
 
 
-async def _read_entry(store: Store, tag: str) -> Entry | None:
+#: Per tag, the digests its top document is or lists (see :func:`_users`), or the error that
+#: reading it raised.
+_Refs = dict[str, "set[str] | RemoteCacheError"]
+
+
+def _refs_of(top: tuple[Descriptor, bytes]) -> set[str]:
+    return {top[0].digest, *referenced_by(top[1])}
+
+
+async def _read_entry(store: Store, tag: str, refs: _Refs) -> Entry | None:
+    """The entry under ``tag`` (None when gone meanwhile), noting in ``refs`` what it refers to."""
     try:
         top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
     except BrokenEntry as exc:  # a layout's tag whose document is gone
@@ -116,7 +126,9 @@ async def _read_entry(store: Store, tag: str) -> Entry | None:
     except CacheMiss:
         return None  # deleted while we listed
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
+        refs[tag] = exc
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
+    refs[tag] = _refs_of(top)
     return await _loaded(store, _key_of(tag, _recorded_key(top)), tag, top)
 
 
@@ -135,17 +147,23 @@ async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
     """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
+    return (await _listing(store, prefix, jobs))[0]
+
+
+async def _listing(store: Store, prefix: str, jobs: int = 8) -> tuple[list[Entry], _Refs]:
+    """:func:`list_entries`, and what every tag's top document refers to (prune's copies)."""
     tags = await store.tags()
     found: list[Entry] = []
+    refs: _Refs = {}
 
     async def one(tag: str) -> None:
-        entry = await _read_entry(store, tag)
+        entry = await _read_entry(store, tag, refs)
         if entry is not None:
             found.append(entry)
 
     await for_each(tags, one, jobs=jobs)
     selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
-    return _newest_first(selected)
+    return _newest_first(selected), refs
 
 
 #: Where an entry with no creation time ranks: the oldest.
@@ -345,23 +363,33 @@ async def sweep(store: Store, grace: timedelta | None = None) -> Freed | None:
     return Freed(blobs, nbytes)
 
 
-async def _users(store: Store, digests: set[str]) -> dict[str, set[str]]:
+def _users(refs: _Refs, digests: set[str]) -> dict[str, set[str]]:
     """Where a delete takes every tag of a manifest along (a registry): for each of ``digests``,
     the tags whose entry is that manifest or an index listing it (copies: ``skopeo copy --all``
     copies our index, plain ``skopeo copy`` one platform's manifest out of it). Deleting the
-    manifest removes or breaks all of them. Every tag's top document is read (one GET each)."""
+    manifest removes or breaks all of them. A tag whose document could not be read might be
+    one: its error is raised."""
     users: dict[str, set[str]] = {d: set() for d in digests if d}
-    if not store.deletes_every_tag or not users:
+    if not users:
         return users
+    for tag, found in refs.items():
+        if isinstance(found, RemoteCacheError):
+            raise found
+        for digest in found & users.keys():
+            users[digest].add(tag)
+    return users
+
+
+async def _every_tags_refs(store: Store) -> _Refs:
+    """What every tag's top document refers to (one GET each)."""
+    refs: _Refs = {}
 
     async def one(tag: str) -> None:
         with contextlib.suppress(CacheMiss):  # deleted meanwhile
-            desc, body = await store.get_manifest(tag)
-            for digest in ({desc.digest, *referenced_by(body)}) & users.keys():
-                users[digest].add(tag)
+            refs[tag] = _refs_of(await store.get_manifest(tag))
 
     await for_each(await store.tags(), one, jobs=8)
-    return users
+    return refs
 
 
 async def remove(
@@ -384,7 +412,10 @@ async def remove(
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=exc.reason)
     except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
-    copies = sorted((await _users(store, {entry.digest})).get(entry.digest, set()) - {entry.tag})
+    copies: list[str] = []
+    if store.deletes_every_tag and entry.digest:
+        users = _users(await _every_tags_refs(store), {entry.digest})
+        copies = sorted(users[entry.digest] - {entry.tag})
     if copies and not with_copies:
         raise UnsupportedOperation(
             f"the manifest of {key} in {store.location} is also the entry of {', '.join(copies)} (or "
@@ -425,13 +456,13 @@ async def prune(
     if keep is not None and keep < 0:
         raise ValueError("keep must be >= 0")
     moment = now or datetime.now(UTC)
-    entries = await list_entries(store, prefix=prefix)
+    entries, refs = await _listing(store, prefix)
     candidates = entries[keep:] if keep is not None else entries
     if older_than is not None:
         cutoff = moment - older_than
         candidates = [e for e in candidates if e.created is not None and e.created < cutoff]
     if store.deletes_every_tag:
-        candidates = _without_kept_copies(candidates, await _users(store, {e.digest for e in candidates}))
+        candidates = _without_kept_copies(candidates, _users(refs, {e.digest for e in candidates}))
     if dry_run:
         return candidates
     removed: list[Entry] = []

@@ -238,6 +238,21 @@ async def test_listing_and_inspecting_read_each_tag_by_get(
     assert proxy.count("GET", "/manifests/") == 6  # per entry listed or inspected: tag, manifest
 
 
+async def test_prune_on_a_registry_reads_each_tag_once(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], tmp_path: Path
+) -> None:
+    """Finding copies (see the copies test below) takes what the listing read: one tag list and
+    one GET per tag, not a second round of each."""
+    proxy = fault_proxy_factory(registry)
+    async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
+        for key in ("k1", "k2", "k3"):
+            await save(store, key, one_file_tree(tmp_path / key, key))
+        proxy.requests.clear()
+        await prune(store, keep=1, dry_run=True)
+    assert proxy.count("GET", "/tags/list") == 1
+    assert sum(r.method == "GET" and "/manifests/k" in r.path for r in proxy.requests) == 3
+
+
 async def test_an_entry_saved_again_while_prune_lists_is_kept(
     where: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,16 +264,16 @@ async def test_an_entry_saved_again_while_prune_lists_is_kept(
     async with opened(where) as store:
         await save(store, "a", one_file_tree(tmp_path / "a1", "first"))
         await save(store, "b", one_file_tree(tmp_path / "b", "b"))
-        listed = entries.list_entries
+        listed = entries._listing
         again = None
 
-        async def list_then_save(store: Store, **kw: Any) -> list[Entry]:
+        async def list_then_save(store: Store, *args: Any) -> Any:
             nonlocal again
-            found = await listed(store, **kw)
+            found = await listed(store, *args)
             again = await save(store, "a", one_file_tree(tmp_path / "a2", "second"))
             return found
 
-        monkeypatch.setattr(entries, "list_entries", list_then_save)
+        monkeypatch.setattr(entries, "_listing", list_then_save)
         await prune(store, keep=1, grace=timedelta(0))  # a registry deletes the listed manifest
         assert again is not None and (await inspect(store, "a")).digest == again.digest
         out = tmp_path / "out"
