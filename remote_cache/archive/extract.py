@@ -312,7 +312,8 @@ class Extractor:
                 raise  # a full disk is told by the restore, which knows where and how much
             # The OS names at most the last path component, as bytes: name the member instead.
             raise type(exc)(
-                exc.errno, f"{exc.strerror} (archive member {_shortened(name_b)!r}, layer {self._layer + 1})"
+                exc.errno,
+                f"{exc.strerror} (archive member {_shortened(name_b)!r}, layer {self.layers_begun})",
             ) from exc
 
     # -- members -----------------------------------------------------------------------------

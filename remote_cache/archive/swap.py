@@ -51,8 +51,7 @@ def discard_dir(path: Path) -> None:
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    _make_writable_tree(None, os.fspath(path))
-    shutil.rmtree(path)
+    remove_tree_at(None, os.fspath(path))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -130,8 +129,9 @@ def _make_writable_tree(pfd: int | None, base: str) -> None:
         os.close(fd)
 
 
-def remove_tree_at(pfd: int, name: str) -> None:
-    """Remove directory ``name`` under directory ``pfd`` and everything in it, read-only parts included."""
+def remove_tree_at(pfd: int | None, name: str) -> None:
+    """Remove directory ``name`` under directory ``pfd`` (None: a path) and everything in it,
+    read-only parts included."""
     _make_writable_tree(pfd, name)
     shutil.rmtree(name, dir_fd=pfd)
 

@@ -48,8 +48,7 @@ class GrowingFile:
     def outcome(self) -> BaseException | None:
         """Wait until the writer finished; its error, or None (a worker thread's call)."""
         with self._cond:
-            while not self._done:
-                self._cond.wait()
+            self._cond.wait_for(lambda: self._done)
             return self._error
 
     # reader side (extraction thread)

@@ -667,10 +667,10 @@ def _resumed_skip(response: http.client.HTTPResponse, offset: int) -> int:
     """How many bytes of a 206 answer to ``Range: bytes=offset-`` come before ``offset``: storage
     may answer from an earlier byte than asked, and says so in ``Content-Range``. An answer from a
     later byte (or one that does not say) cannot continue the body: the connection's fault."""
-    header = response.getheader("Content-Range") or ""
-    match = _CONTENT_RANGE.fullmatch(header.strip())
     if not offset:
         return 0
+    header = response.getheader("Content-Range") or ""
+    match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None or int(match.group(1)) > offset:
         raise http.client.HTTPException(
             f"a resume from byte {offset} was answered with Content-Range {header[:80]!r}"
