@@ -22,6 +22,13 @@ async def opened(ref: Reference) -> AsyncIterator[Store]:
         await store.aclose()
 
 
+async def copy_tag(store: Store, reference: str, tag: str) -> None:
+    """Tag the document at ``reference`` (a tag or digest) as ``tag`` too, as ``skopeo copy`` does
+    within one repository."""
+    desc, body = await store.get_manifest(reference)
+    await store.put_manifest(body, desc.media_type, tag=tag)
+
+
 async def backdate(store: Store, key: str, days_ago: float, now: datetime | None = None) -> str:
     """Re-tag ``key``'s index with a creation time ``days_ago`` days back from ``now`` (default:
     the clock) as if saved then. Returns the new index digest.

@@ -20,7 +20,7 @@ from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import backdate, opened
+from tests.stores import backdate, copy_tag, opened
 from tests.trees import assert_same_tree, one_file_tree
 
 
@@ -178,8 +178,7 @@ async def test_an_entry_copied_to_another_tag_is_never_removed_with_the_copy(
     async def main_and_its_copy(store: Store) -> str:
         saved = await save(store, "main-1", src)
         image = await load_image(store, saved.tag)
-        desc, body = await store.get_manifest(saved.digest if copy == "index" else image.manifest.digest)
-        await store.put_manifest(body, desc.media_type, tag="release-1")
+        await copy_tag(store, saved.digest if copy == "index" else image.manifest.digest, "release-1")
         return saved.digest
 
     async with opened(where) as store:

@@ -19,7 +19,7 @@ from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import backdate, opened
+from tests.stores import backdate, copy_tag, opened
 from tests.trees import assert_same_tree
 
 
@@ -172,8 +172,7 @@ async def test_an_entry_saved_for_another_key_under_the_tag_is_a_miss(tmp_path: 
     collision, another tool's write): not this key's entry, so a miss, never a hit."""
     store = LayoutStore(tmp_path / "layout")
     saved = await save(store, "other", _tree(tmp_path / "other", b"other"))
-    desc, body = await store.get_manifest(saved.digest)
-    await store.put_manifest(body, desc.media_type, tag=tag_for_key("npm/linux"))
+    await copy_tag(store, saved.digest, tag_for_key("npm/linux"))
     assert await find_entry(store, "npm/linux", ()) is None
     with pytest.raises(CacheMiss):
         await restore(store, "npm/linux", tmp_path / "out")
@@ -184,8 +183,7 @@ async def test_an_entry_copied_under_another_key_that_is_its_own_tag_is_found(tm
     every command (a review found the key check above making it a miss for restore only)."""
     store = LayoutStore(tmp_path / "layout")
     saved = await save(store, "k1", _tree(tmp_path / "src", b"k1"))
-    desc, body = await store.get_manifest(saved.digest)
-    await store.put_manifest(body, desc.media_type, tag="promoted")
+    await copy_tag(store, saved.digest, "promoted")
     result = await restore(store, "promoted", tmp_path / "out")
     assert (result.status, result.digest) == ("hit", saved.digest)
     assert (await inspect(store, "promoted")).digest == saved.digest
