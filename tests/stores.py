@@ -6,11 +6,28 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import ANNOTATION_CREATED
 from remote_cache.oci.reference import Reference
 from remote_cache.oci.store import Store, open_store
+
+
+def layout_blob(layout: Path, digest: str) -> Path:
+    """Where the OCI layout ``layout`` keeps blob ``digest``."""
+    return layout / "blobs" / "sha256" / digest.split(":")[1]
+
+
+def layout_top(layout: Path) -> str:
+    """The digest of the first entry listed in ``layout``'s ``index.json``."""
+    return str(json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"])
+
+
+def layout_document(layout: Path, digest: str) -> Any:
+    """The JSON document ``layout`` keeps as blob ``digest``."""
+    return json.loads(layout_blob(layout, digest).read_bytes())
 
 
 @asynccontextmanager

@@ -25,6 +25,7 @@ from remote_cache.errors import CacheMiss, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
 from tests.cli.output import Run
 from tests.mounts import tmpfs
+from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, snapshot
 
 
@@ -336,13 +337,12 @@ def _as_foreign(layout: Path, key: str) -> None:
     itself, with no annotations (so neither the tree's size nor its file count is known)."""
     index_path = layout / "index.json"
     index = json.loads(index_path.read_bytes())
-    blobs = layout / "blobs" / "sha256"
-    top = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
-    manifest = json.loads((blobs / top["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    top = layout_document(layout, layout_top(layout))
+    manifest = layout_document(layout, top["manifests"][0]["digest"])
     manifest.pop("annotations", None)
     body = json.dumps(manifest).encode()
     digest = hashlib.sha256(body).hexdigest()
-    (blobs / digest).write_bytes(body)
+    layout_blob(layout, f"sha256:{digest}").write_bytes(body)
     index["manifests"] = [
         {
             "mediaType": manifest["mediaType"],

@@ -42,7 +42,7 @@ from tests.cli.output import Run, json_line, no_traceback
 from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
-from tests.stores import backdate
+from tests.stores import backdate, layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree, small_tree
 
 
@@ -204,8 +204,8 @@ def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: 
     entry"), and rm removes it (it was a miss, and the entry stayed)."""
     layout = tmp_path / "layout"
     assert cli("save", str(small_tree(tmp_path / "src")), f"oci:{layout}:k").returncode == 0
-    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
-    (layout / "blobs/sha256" / top.split(":")[1]).unlink()
+    top = layout_top(layout)
+    layout_blob(layout, top).unlink()
     listed = json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]
     assert [e["key"] for e in listed] == ["k"] and "broken" in listed[0]["error"], listed
     for command in (["restore", f"oci:{layout}:k", str(tmp_path / "out")], ["inspect", f"oci:{layout}:k"]):
@@ -226,11 +226,9 @@ def test_a_damaged_layer_is_repaired_by_the_save_the_error_names(
     layout = tmp_path / "layout"
     src = small_tree(tmp_path / "src")
     assert cli("save", str(src), f"oci:{layout}:k").returncode == 0
-    blobs = layout / "blobs" / "sha256"
-    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
-    index = json.loads((blobs / top.split(":")[1]).read_bytes())
-    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
-    blob = blobs / manifest["layers"][-1]["digest"].split(":")[1]
+    index = layout_document(layout, layout_top(layout))
+    manifest = layout_document(layout, index["manifests"][0]["digest"])
+    blob = layout_blob(layout, manifest["layers"][-1]["digest"])
     if damage == "missing":
         blob.unlink()
     elif damage == "truncated":
@@ -254,10 +252,9 @@ def test_a_broken_entry_is_named_as_broken_not_as_an_absent_digest(cli: Run, tmp
     layout = tmp_path / "layout"
     ref = f"oci:{layout}:k"
     assert cli("save", str(small_tree(tmp_path / "src")), ref).returncode == 0
-    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
-    index = json.loads((layout / "blobs/sha256" / top.split(":")[1]).read_bytes())
+    index = layout_document(layout, layout_top(layout))
     manifest = index["manifests"][0]["digest"]
-    (layout / "blobs/sha256" / manifest.split(":")[1]).unlink()
+    layout_blob(layout, manifest).unlink()
     out = one_file_tree(tmp_path / "out", "kept")
     before = sorted(p.name for p in out.iterdir())
 

@@ -18,6 +18,7 @@ from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descripto
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
+from tests.stores import layout_blob, layout_top
 
 
 def _blob(data: bytes) -> Descriptor:
@@ -189,8 +190,8 @@ def _entry(tmp_path: Path) -> tuple[Path, str, Path]:
     layout = tmp_path / "layout"
     cli = [sys.executable, "-m", "remote_cache"]
     subprocess.run([*cli, "save", str(src), f"oci:{layout}:k", "-q"], check=True)
-    top = json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"]
-    return layout, top, layout / "blobs" / "sha256" / top.split(":")[1]
+    top = layout_top(layout)
+    return layout, top, layout_blob(layout, top)
 
 
 @pytest.mark.parametrize("what", ["index.json", "top document"])
