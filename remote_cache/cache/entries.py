@@ -420,7 +420,8 @@ async def remove(
         raise UnsupportedOperation(
             f"the manifest of {key} in {store.location} is also the entry of {', '.join(copies)} (or "
             "part of it: a copy), and the registry deletes a manifest with every tag naming it: remove "
-            "them together (remote-cache rm --with-copies), or keep them"
+            "them together (remote-cache rm --with-copies; the Dagger module's remove --with-copies), "
+            "or keep them"
         )
     await _delete(store, entry)
     for tag in copies:  # those naming it went with it; an index that listed it goes too

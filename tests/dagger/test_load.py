@@ -362,9 +362,11 @@ def test_backends_match_the_backend_interface(loaded_module: Load, backend_type:
     assert _fn(backend, backend_type, "resolve")["cache_policy"] == "PerSession"
     assert _fn(backend, backend_type, "export")["cache_policy"] == "Never"
     grace = {"grace": "String!"} if backend_type == "S3Bucket" else {}
+    # Only a registry deletes a manifest with every tag naming it (copies): see Registry.remove.
+    copies = {"with_copies": "Boolean!"} if backend_type == "Registry" else {}
     housekeeping = {
         "entries": {"prefix": "String!", "json": "Boolean!"},
-        "remove": {"key": "String!", **grace},
+        "remove": {"key": "String!", **grace, **copies},
         "prune": {
             "older_than": "String!", "keep": "Int!", "prefix": "String!", "dry_run": "Boolean!", **grace
         },

@@ -735,6 +735,37 @@ async def test_registry_entries_remove_prune(
         await reg.prune(older_than="a week")
 
 
+async def test_registry_remove_with_copies(
+    offline: OfflineSession, backend_module: Any, registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """A registry deletes a manifest with every tag naming it: remove refuses an entry another tag
+    copies, naming the argument that removes them together, as the CLI's rm does."""
+    from remote_cache.errors import UnsupportedOperation
+    from remote_cache.keys import tag_for_key
+    from remote_cache.oci.reference import parse_reference
+    from remote_cache.oci.registry import RegistryStore
+    from tests.stores import copy_tag
+
+    await _save_entry(registry.host, repo_name, "main-1", tmp_path / "a")
+    await _save_entry(registry.host, repo_name, "other", tmp_path / "b")
+    store = RegistryStore.from_reference(parse_reference(f"{registry.host}/{repo_name}"), plain_http=True)
+    try:
+        await copy_tag(store, tag_for_key("main-1"), "release-1")  # as skopeo copy ...:main-1 ...:release-1
+    finally:
+        await store.aclose()
+    reg = await _reg(backend_module, registry.host, repo_name)
+
+    with pytest.raises(UnsupportedOperation, match=r"main-1.*remove --with-copies"):
+        await reg.remove("release-1")
+    assert sorted(json.loads(x)["key"] for x in (await reg.entries(json_=True)).splitlines()) == [
+        "main-1",
+        "other",
+        "release-1",
+    ]
+    assert "removed release-1" in await reg.remove("release-1", with_copies=True)
+    assert [json.loads(x)["key"] for x in (await reg.entries(json_=True)).splitlines()] == ["other"]
+
+
 async def test_registry_that_refuses_deletes_says_so(
     offline: OfflineSession, backend_module: Any, tmp_path: Path
 ) -> None:

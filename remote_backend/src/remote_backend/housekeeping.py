@@ -45,10 +45,12 @@ async def listed(store: Store, prefix: str, json_: bool) -> str:
     return core_entries.format_table(found)
 
 
-async def removed(store: Store, key: str, grace: timedelta | None) -> str:
-    """Delete the entry under ``key``, then free what no entry uses (where the store must)."""
+async def removed(store: Store, key: str, grace: timedelta | None, *, with_copies: bool = False) -> str:
+    """Delete the entry under ``key`` (and its copies, ``with_copies``), then free what no entry
+    uses (where the store must)."""
     validate_key(key)
-    entry = await core_entries.remove(store, key, collect=False)  # a miss passes as it is
+    # a miss passes as it is
+    entry = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
     try:
         freed = await core_entries.sweep(store, grace)
     except RemoteCacheError as exc:

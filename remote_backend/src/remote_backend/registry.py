@@ -129,10 +129,20 @@ class Registry:
             return await listed(store, prefix, json_)
 
     @sdk.function(cache="never")
-    async def remove(self, key: Annotated[str, Doc("Cache key of the entry to delete")]) -> str:
-        """Delete the entry under ``key`` (the registry must allow deletes)."""
+    async def remove(
+        self,
+        key: Annotated[str, Doc("Cache key of the entry to delete")],
+        with_copies: Annotated[
+            bool, Doc("Also remove the other tags naming the same manifest (copies made with skopeo copy)")
+        ] = False,
+    ) -> str:
+        """Delete the entry under ``key`` (the registry must allow deletes).
+
+        A registry deletes a manifest with every tag naming it, so an entry another tag copies is
+        refused unless ``with_copies``, which removes them together.
+        """
         async with aclosing(await self._store()) as store:
-            return await removed(store, key, None)
+            return await removed(store, key, None, with_copies=with_copies)
 
     @sdk.function(cache="never")
     async def prune(
