@@ -263,7 +263,7 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
         try:
             older = await _document_or_none(store, key)
-        except BrokenEntry:  # records no key: none of this key's
+        except (BrokenEntry, ImageFormatError, IntegrityError):  # records no key: none of this key's
             return None
         if older is not None and _recorded_key(older) == key:
             return key, older
@@ -406,6 +406,7 @@ async def remove(
     Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
     another tag names as well (a copy: ``skopeo copy ...:a ...:b``) is refused
     (UnsupportedOperation) unless ``with_copies``."""
+    # Only the read under the key's own tag raises these (see _find_key; _loaded keeps its tag).
     try:
         entry = await _loaded(store, key, *await _located(store, key))
     except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete

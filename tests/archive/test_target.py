@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from tests.cli.output import Run
 from tests.mounts import tmpfs
 from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, snapshot
+from tests.users import as_nobody_in
 
 
 def _tree(root: Path, text: str) -> Path:
@@ -428,30 +429,6 @@ async def test_a_target_with_a_name_near_the_limit_is_restored(tmp_path: Path) -
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
-def _as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
-    """Run ``action`` in a forked child that works in ``cwd`` as uid/gid 65534; its error, or ''."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to become another user")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
-        os.close(read)
-        try:
-            os.chdir(cwd)  # before dropping privileges: the test's tmp_path is root's 0700
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            action()
-        except BaseException as exc:
-            os.write(write, f"{type(exc).__name__}: {exc}".encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        error = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return error
-
-
 def test_an_unreadable_directory_in_an_old_tree_is_removed_as_non_root(tmp_path: Path) -> None:
     """A tree the tool itself restores as non-root (a 0555 directory holding a 000 one) is removed
     when the next restore replaces it (it was "unexpected TypeError: open() missing required
@@ -465,7 +442,7 @@ def test_an_unreadable_directory_in_an_old_tree_is_removed_as_non_root(tmp_path:
     (old / "ro" / "sub").chmod(0o000)
     (old / "ro").chmod(0o555)
     os.chown(tmp_path, 65534, 65534)
-    assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
+    assert as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
     assert not old.exists()
 
 
@@ -495,7 +472,7 @@ def test_a_directory_of_another_owner_in_an_old_tree_is_removed_as_non_root(tmp_
         os.chown(p, 65534, 65534)
     (old / "shared").chmod(0o777)  # root's
     os.chown(tmp_path, 65534, 65534)
-    assert _as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
+    assert as_nobody_in(tmp_path, lambda: discard_dir(Path("old"))) == ""
     assert not old.exists()
 
 

@@ -19,7 +19,7 @@ from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import backdate, copy_tag, opened
+from tests.stores import backdate, copy_tag, layout_blob, opened
 from tests.trees import assert_same_tree
 
 
@@ -212,3 +212,27 @@ async def test_a_key_shaped_like_a_hashed_tag_still_finds_what_older_versions_sa
     assert (await inspect(store, key)).tag == key
     await remove(store, key)
     assert await find_entry(store, key, ()) is None
+
+
+async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key shaped like a hashed tag, saved under itself by an older version, whose document
+    there is damaged, while its own tag (as a key, saved under itself too) holds another key's
+    entry: rm finds no entry of that key and deletes nothing. (It deleted the other key's entry:
+    the damaged document's error was taken for one under the key's own tag.)"""
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    key = "go-build--0123456789abcdef"
+    other = tag_for_key(key)  # a key too, shaped like a hashed tag as well
+    with monkeypatch.context() as old_rule:
+        old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+        damaged = await save(store, key, _tree(tmp_path / "src", b"damaged"))
+        await save(store, other, _tree(tmp_path / "other", b"other"))
+    blob = layout_blob(root, damaged.digest)
+    blob.write_bytes(blob.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    with pytest.raises(CacheMiss):
+        await remove(store, key)
+    assert await store.tags() == sorted([key, other])
+    assert (await restore(store, other, tmp_path / "out")).status == "hit"
+    assert_same_tree(tmp_path / "other", tmp_path / "out")

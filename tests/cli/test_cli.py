@@ -216,6 +216,36 @@ def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: 
     assert json.loads((layout / "index.json").read_bytes())["manifests"] == []
 
 
+def test_rm_in_a_layout_whose_sweep_cannot_read_a_document_says_what_it_removed(
+    cli: Run, tmp_path: Path
+) -> None:
+    """Another entry's manifest is there but cannot be read (a directory where its file was): rm
+    removes its entry, then its sweep stops naming that manifest (exit 1), frees nothing, and
+    says the entry was removed. (The sweep freed that entry's layers and config.)"""
+    layout = tmp_path / "layout"
+    src = small_tree(tmp_path / "src")
+    assert cli("save", str(src), f"oci:{layout}:keep").returncode == 0
+    assert cli("save", str(one_file_tree(tmp_path / "other")), f"oci:{layout}:gone").returncode == 0
+    manifests = [m["digest"] for m in layout_document(layout, layout_top(layout))["manifests"]]
+    for digest in manifests:
+        layout_blob(layout, digest).rename(tmp_path / digest)
+        layout_blob(layout, digest).mkdir()
+    blobs = sorted(os.listdir(layout / "blobs" / "sha256"))
+    removed = cli("rm", f"oci:{layout}:gone", "--grace", "0s")
+    assert removed.returncode == 1, removed.stderr
+    assert "warning: gone was removed; freeing the blobs no entry uses failed" in removed.stderr
+    assert "deletes nothing" in removed.stderr and any(d in removed.stderr for d in manifests)
+    no_traceback(removed)
+    assert sorted(os.listdir(layout / "blobs" / "sha256")) == blobs
+    index = json.loads((layout / "index.json").read_bytes())["manifests"]
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index] == ["keep"]
+    for digest in manifests:
+        layout_blob(layout, digest).rmdir()
+        (tmp_path / digest).rename(layout_blob(layout, digest))
+    assert cli("restore", f"oci:{layout}:keep", str(tmp_path / "out")).returncode == 0
+    assert_same_tree(src, tmp_path / "out")
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "changed in place"])
 def test_a_damaged_layer_is_repaired_by_the_save_the_error_names(
     cli: Run, tmp_path: Path, damage: str

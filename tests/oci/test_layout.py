@@ -19,6 +19,8 @@ from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
 from tests.stores import layout_blob, layout_top
+from tests.trees import assert_same_tree, one_file_tree
+from tests.users import as_nobody_in
 
 
 def _blob(data: bytes) -> Descriptor:
@@ -306,3 +308,55 @@ async def test_rm_removes_every_duplicate_of_a_tag(tmp_path: Path) -> None:
     await remove(store, "k")
     with pytest.raises(CacheMiss):
         await store.resolve("k")
+
+
+@pytest.mark.parametrize("damage", ["fifo", "unreadable"])
+def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
+    tmp_path: Path, damage: str
+) -> None:
+    """An entry's document that is there but cannot be read (a FIFO where its file was; a file
+    the sweeping user may not read): the sweep stops, naming it, and deletes nothing. (It took
+    the document for a leaf and freed everything it lists: the entry's manifests and layers.)"""
+    from remote_cache.cache.entries import remove
+    from remote_cache.cache.restore import restore
+    from remote_cache.cache.save import save
+
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    src = one_file_tree(tmp_path / "src", "kept")
+
+    async def setup() -> None:
+        await save(store, "keep", src)
+        await save(store, "gone", one_file_tree(tmp_path / "other", "gone"))
+        await remove(store, "gone", collect=False)
+
+    anyio.run(setup)
+    top = layout_top(root)  # keep's index, the only entry left
+    path = layout_blob(root, top)
+    before = sorted(os.listdir(root / "blobs" / "sha256"))
+
+    def sweep(layout: Path) -> None:
+        anyio.run(lambda: LayoutStore(layout).gc(grace_seconds=0))
+
+    if damage == "fifo":
+        path.rename(tmp_path / "aside")
+        os.mkfifo(path)
+        with pytest.raises(StoreError) as caught:
+            sweep(root)
+        error = str(caught.value)
+        path.unlink()
+        (tmp_path / "aside").rename(path)
+    else:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [".", *dirnames, *filenames]:
+                os.chown(os.path.join(dirpath, name), 65534, 65534)
+        os.chown(tmp_path, 65534, 65534)
+        path.chmod(0o000)
+        error = as_nobody_in(tmp_path, lambda: sweep(Path("layout")))
+        path.chmod(0o644)
+    assert top in error and "deletes nothing" in error, error
+    assert sorted(os.listdir(root / "blobs" / "sha256")) == before
+    anyio.run(restore, store, "keep", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+    removed, _freed = anyio.run(lambda: store.gc(grace_seconds=0))
+    assert removed > 0  # gone's blobs, once every document can be read

@@ -18,7 +18,9 @@ __all__ = ["collect_garbage", "reachable"]
 
 
 def reachable(layout: LayoutDirectory) -> set[str]:
-    """Every digest reachable from ``index.json``; unreadable or huge blobs are leaves."""
+    """Every digest reachable from ``index.json``; a blob that is gone or too large to be a
+    document is a leaf. StoreError when one that is there cannot be read: not knowing what it
+    refers to, a sweep must delete nothing."""
     seen: set[str] = set()
     stack = [str(m.get("digest")) for m in layout.entries()]
     while stack:
@@ -28,14 +30,28 @@ def reachable(layout: LayoutDirectory) -> set[str]:
         seen.add(digest)
         try:
             path = layout.blob_path(digest)
+        except StoreError:
+            continue  # not a sha256 digest: no blob of blobs/sha256 has that name
+        try:
             if path.stat().st_size > MAX_DOCUMENT_BYTES:
                 continue  # a layer, most likely: not read
             data = read_regular(path, MAX_DOCUMENT_BYTES)
-        except (OSError, StoreError):
-            continue
+        except FileNotFoundError:
+            continue  # gone: its entry is broken, nothing more to keep
+        except (OSError, StoreError) as exc:
+            raise _unreadable(layout, digest, exc) from exc
         if data is not None:
             stack.extend(referenced_by(data))
     return seen
+
+
+def _unreadable(layout: LayoutDirectory, digest: str, exc: Exception) -> StoreError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StoreError(
+        f"blob {digest} in oci:{layout.root}, which an entry uses, cannot be read ({why}); the sweep "
+        "deletes nothing while it cannot tell what that blob refers to (make it readable; if it is "
+        "damaged, move it out of blobs/sha256, then `remote-cache rm` the entries that used it)"
+    )
 
 
 def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:

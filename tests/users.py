@@ -1,0 +1,35 @@
+"""Run part of a test as another user: what root may do, ``nobody`` may not (read a 000 file)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+__all__ = ["as_nobody_in"]
+
+
+def as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
+    """Run ``action`` in a forked child that works in ``cwd`` as uid/gid 65534; its error, or ''."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        os.close(read)
+        try:
+            os.chdir(cwd)  # before dropping privileges: the test's tmp_path is root's 0700
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            action()
+        except BaseException as exc:
+            os.write(write, f"{type(exc).__name__}: {exc}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        error = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return error
