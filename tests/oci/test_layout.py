@@ -360,3 +360,15 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
     assert_same_tree(src, tmp_path / "out")
     removed, _freed = anyio.run(lambda: store.gc(grace_seconds=0))
     assert removed > 0  # gone's blobs, once every document can be read
+
+
+def test_a_layout_the_user_cannot_read_says_so(tmp_path: Path) -> None:
+    """A read refused by the layout's mode is not reported as a write (it said "permission denied
+    writing"): the message names the file and what the user needs."""
+    root = tmp_path / "layout"
+    anyio.run(lambda: LayoutStore(root).put_manifest(b"{}", OCI_MANIFEST, tag="t"))
+    root.chmod(0o700)
+    tmp_path.chmod(0o755)
+    error = as_nobody_in(tmp_path, lambda: print(anyio.run(LayoutStore(Path("layout")).tags)))
+    assert "writing" not in error and "layout/index.json" in error, error
+    assert "must be able to read the layout" in error and "owner and mode" in error, error

@@ -74,9 +74,10 @@ class LayoutStore:
         try:
             return await anyio.to_thread.run_sync(func, *args)
         except PermissionError as exc:
+            # Reads and writes alike come here: say what each needs rather than guess which it was.
             raise StoreError(
-                f"permission denied writing {self.location} ({exc.filename}): check the directory's owner "
-                "and mode"
+                f"permission denied on {self.location} ({exc.filename}): this user must be able to read "
+                "the layout, and to write it to save, rm or prune: check the directory's owner and mode"
             ) from exc
         except OSError as exc:
             if isinstance(exc, FileNotFoundError):
