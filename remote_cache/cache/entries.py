@@ -263,7 +263,7 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
         try:
             older = await _document_or_none(store, key)
-        except (BrokenEntry, ImageFormatError, IntegrityError):  # records no key: none of this key's
+        except BrokenEntry:  # records no key: none of this key's
             return None
         if older is not None and _recorded_key(older) == key:
             return key, older
@@ -406,13 +406,12 @@ async def remove(
     Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
     another tag names as well (a copy: ``skopeo copy ...:a ...:b``) is refused
     (UnsupportedOperation) unless ``with_copies``."""
-    # Only the read under the key's own tag raises these (see _find_key; _loaded keeps its tag).
     try:
         entry = await _loaded(store, key, *await _located(store, key))
     except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
         entry = Entry(key=key, tag=tag_for_key(key), digest="", error=exc.reason)
     except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
-        entry = Entry(key=key, tag=tag_for_key(key), digest="", error=str(exc))
+        entry = Entry(key=key, tag=await _unreadable_tag(store, key), digest="", error=str(exc))
     copies: list[str] = []
     if store.deletes_every_tag and entry.digest:
         users = _users(await _every_tags_refs(store), {entry.digest})
@@ -433,6 +432,18 @@ async def remove(
     if collect:
         await sweep(store, grace)
     return entry
+
+
+async def _unreadable_tag(store: Store, key: str) -> str:
+    """The tag whose top document :func:`_find_key` could not read for ``key``: the key's own tag,
+    or else the key itself (where earlier versions saved such a key), as ``ls`` lists it. (Taking
+    the key's own tag for granted deleted another key's healthy entry there.)"""
+    tag = tag_for_key(key)
+    try:
+        await _document_or_none(store, tag)
+    except (BrokenEntry, ImageFormatError, IntegrityError):
+        return tag
+    return key
 
 
 async def prune(

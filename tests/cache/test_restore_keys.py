@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from remote_cache.cache import save as save_module
-from remote_cache.cache.entries import Match, find_entry, inspect, remove
+from remote_cache.cache.entries import Match, find_entry, inspect, list_entries, remove
 from remote_cache.cache.image import load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, InvalidKey, RegistryAuthError
+from remote_cache.errors import CacheMiss, IntegrityError, InvalidKey, RegistryAuthError
 from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
@@ -219,8 +219,9 @@ async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_ent
 ) -> None:
     """A key shaped like a hashed tag, saved under itself by an older version, whose document
     there is damaged, while its own tag (as a key, saved under itself too) holds another key's
-    entry: rm finds no entry of that key and deletes nothing. (It deleted the other key's entry:
-    the damaged document's error was taken for one under the key's own tag.)"""
+    entry: a restore of it says the entry is damaged, and rm removes that entry, as ls lists it,
+    and not the other. (rm deleted the other key's entry: the damaged document's error was taken
+    for one under the key's own tag.)"""
     root = tmp_path / "layout"
     store = LayoutStore(root)
     key = "go-build--0123456789abcdef"
@@ -231,8 +232,10 @@ async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_ent
         await save(store, other, _tree(tmp_path / "other", b"other"))
     blob = layout_blob(root, damaged.digest)
     blob.write_bytes(blob.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
-    with pytest.raises(CacheMiss):
-        await remove(store, key)
-    assert await store.tags() == sorted([key, other])
+    with pytest.raises(IntegrityError):
+        await restore(store, key, tmp_path / "damaged")
+    assert [e.tag for e in await list_entries(store) if e.error] == [key]
+    assert (await remove(store, key)).tag == key
+    assert await store.tags() == [other]
     assert (await restore(store, other, tmp_path / "out")).status == "hit"
     assert_same_tree(tmp_path / "other", tmp_path / "out")
