@@ -31,5 +31,7 @@ def as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
         error = pipe.read().decode()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
+    if not error and status:  # killed, or left without a word: not a clean run either
+        error = f"the child ended with wait status {status}"
     return error
