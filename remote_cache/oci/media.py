@@ -16,6 +16,7 @@ __all__ = [
     "INDEX_TYPES",
     "LAYER_COMPRESSION",
     "LAYER_TYPES",
+    "LEAF_TYPES",
     "MANIFEST_ACCEPT",
     "MANIFEST_TYPES",
     "MAX_DOCUMENT_BYTES",
@@ -49,6 +50,8 @@ LAYER_COMPRESSION = {
     DOCKER_LAYER_GZIP: "gzip",
 }
 LAYER_TYPES = frozenset(LAYER_COMPRESSION)
+#: Blobs that refer to nothing, whatever their bytes: a garbage collector need not read them.
+LEAF_TYPES = LAYER_TYPES | {OCI_CONFIG, DOCKER_CONFIG}
 #: Accept header for manifest requests: everything we can read.
 MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
 

@@ -18,7 +18,7 @@ from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descripto
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
-from tests.stores import layout_blob, layout_top
+from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree
 from tests.users import as_nobody_in
 
@@ -310,13 +310,14 @@ async def test_rm_removes_every_duplicate_of_a_tag(tmp_path: Path) -> None:
         await store.resolve("k")
 
 
-@pytest.mark.parametrize("damage", ["fifo", "unreadable"])
+@pytest.mark.parametrize("damage", ["fifo", "unreadable", "dangling-link"])
 def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
     tmp_path: Path, damage: str
 ) -> None:
     """An entry's document that is there but cannot be read (a FIFO where its file was; a file
-    the sweeping user may not read): the sweep stops, naming it, and deletes nothing. (It took
-    the document for a leaf and freed everything it lists: the entry's manifests and layers.)"""
+    the sweeping user may not read; a link to nothing): the sweep stops, naming it and its entry,
+    and deletes nothing. (It took the document for a leaf and freed everything it lists: the
+    entry's manifests and layers.)"""
     from remote_cache.cache.entries import remove
     from remote_cache.cache.restore import restore
     from remote_cache.cache.save import save
@@ -338,9 +339,12 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
     def sweep(layout: Path) -> None:
         anyio.run(lambda: LayoutStore(layout).gc(grace_seconds=0))
 
-    if damage == "fifo":
+    if damage in ("fifo", "dangling-link"):
         path.rename(tmp_path / "aside")
-        os.mkfifo(path)
+        if damage == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to(tmp_path / "nowhere")
         with pytest.raises(StoreError) as caught:
             sweep(root)
         error = str(caught.value)
@@ -354,12 +358,86 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
         path.chmod(0o000)
         error = as_nobody_in(tmp_path, lambda: sweep(Path("layout")))
         path.chmod(0o644)
-    assert top in error and "deletes nothing" in error, error
+    assert top in error and "entry keep" in error and "deletes nothing" in error, error
     assert sorted(os.listdir(root / "blobs" / "sha256")) == before
     anyio.run(restore, store, "keep", tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
     removed, _freed = anyio.run(lambda: store.gc(grace_seconds=0))
     assert removed > 0  # gone's blobs, once every document can be read
+
+
+def test_a_sweep_does_not_read_layers_and_configs(tmp_path: Path) -> None:
+    """A layer (or config) refers to nothing, whatever its bytes: one the sweeping user cannot
+    read does not stop the sweep, which frees what no entry uses and keeps that layer."""
+    from remote_cache.cache.entries import remove
+    from remote_cache.cache.save import save
+
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+
+    async def setup() -> None:
+        await save(store, "keep", one_file_tree(tmp_path / "src", "kept"))
+        await save(store, "gone", one_file_tree(tmp_path / "other", "gone"))
+        await remove(store, "gone", collect=False)
+
+    anyio.run(setup)
+    top = layout_document(root, layout_top(root))
+    manifest = layout_document(root, top["manifests"][0]["digest"])
+    layer = layout_blob(root, manifest["layers"][0]["digest"])
+    config = layout_blob(root, manifest["config"]["digest"])
+    before = set(os.listdir(root / "blobs" / "sha256"))
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), 65534, 65534)
+    os.chown(tmp_path, 65534, 65534)
+    layer.chmod(0o000)
+    config.chmod(0o000)
+
+    def sweep() -> None:
+        anyio.run(lambda: LayoutStore(Path("layout")).gc(grace_seconds=0))
+
+    error = as_nobody_in(tmp_path, sweep)
+    assert error == "", error
+    after = set(os.listdir(root / "blobs" / "sha256"))
+    assert after < before and {layer.name, config.name} <= after
+
+
+def test_a_sweep_keeps_what_a_sha512_document_refers_to(tmp_path: Path) -> None:
+    """A foreign tool's manifest stored under a sha512 digest (``blobs/sha512``) is read like
+    any other: the sha256 blobs it lists stay. (It was a leaf, and they were freed.)"""
+    import hashlib
+
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    layer_bytes, config_bytes = b"foreign layer", b"{}"
+    layer, config = _blob(layer_bytes), _blob(config_bytes)
+
+    async def write_blobs() -> None:
+        await store.put_blob(layer, layer_bytes)
+        await store.put_blob(config, config_bytes)
+
+    anyio.run(write_blobs)
+    body = _manifest(layer, config)
+    hexdigest = hashlib.sha512(body).hexdigest()
+    (root / "blobs" / "sha512").mkdir()
+    (root / "blobs" / "sha512" / hexdigest).write_bytes(body)
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_bytes())
+    index["manifests"].append(
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": f"sha512:{hexdigest}",
+            "size": len(body),
+            "annotations": {REF_NAME: "foreign"},
+        }
+    )
+    index_path.write_text(json.dumps(index))
+    old = time.time() - 7200
+    for blob in (layout_blob(root, layer.digest), layout_blob(root, config.digest)):
+        os.utime(blob, (old, old))
+    removed, _freed = anyio.run(lambda: store.gc(grace_seconds=3600))
+    assert removed == 0
+    assert layout_blob(root, layer.digest).exists() and layout_blob(root, config.digest).exists()
 
 
 def test_a_layout_the_user_cannot_read_says_so(tmp_path: Path) -> None:

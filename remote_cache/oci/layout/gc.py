@@ -7,50 +7,73 @@ see ``LayoutStore.has_blob``). The sweep runs under the index lock, so no tag mo
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 import time
+from pathlib import Path
 
 from ...errors import StoreError
-from ..descriptor import referenced_by
-from ..media import MAX_DOCUMENT_BYTES
-from .directory import LayoutDirectory, read_regular
+from ..descriptor import references
+from ..media import LEAF_TYPES, MAX_DOCUMENT_BYTES
+from .directory import LayoutDirectory, read_regular, tag_of
+
+_SHA512 = re.compile(r"sha512:([a-f0-9]{128})")
 
 __all__ = ["collect_garbage", "reachable"]
 
 
 def reachable(layout: LayoutDirectory) -> set[str]:
-    """Every digest reachable from ``index.json``; a blob that is gone or too large to be a
-    document is a leaf. StoreError when one that is there cannot be read: not knowing what it
-    refers to, a sweep must delete nothing."""
+    """Every digest reachable from ``index.json``. A blob that is gone, a layer or config (by its
+    descriptor's media type) or too large to be a document is a leaf. StoreError when a document
+    that is there cannot be read: not knowing what it refers to, a sweep must delete nothing."""
     seen: set[str] = set()
-    stack = [str(m.get("digest")) for m in layout.entries()]
+    # (descriptor, the entry it belongs to: named in an error)
+    stack = [(m, tag_of(m) or str(m.get("digest"))) for m in layout.entries()]
     while stack:
-        digest = stack.pop()
+        desc, entry = stack.pop()
+        digest = str(desc.get("digest"))
         if digest in seen:
             continue
         seen.add(digest)
-        try:
-            path = layout.blob_path(digest)
-        except StoreError:
-            continue  # not a sha256 digest: no blob of blobs/sha256 has that name
+        path = _document_path(layout, digest)
+        if path is None or desc.get("mediaType") in LEAF_TYPES:
+            continue
         try:
             if path.stat().st_size > MAX_DOCUMENT_BYTES:
                 continue  # a layer, most likely: not read
             data = read_regular(path, MAX_DOCUMENT_BYTES)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if os.path.lexists(path):  # a link to nothing: what it stood for is unknown
+                raise _unreadable(layout, digest, entry, exc) from exc
             continue  # gone: its entry is broken, nothing more to keep
         except (OSError, StoreError) as exc:
-            raise _unreadable(layout, digest, exc) from exc
+            raise _unreadable(layout, digest, entry, exc) from exc
         if data is not None:
-            stack.extend(referenced_by(data))
+            with contextlib.suppress(ValueError):  # not JSON: refers to nothing
+                stack.extend((child, entry) for child in references(json.loads(data)))
     return seen
 
 
-def _unreadable(layout: LayoutDirectory, digest: str, exc: Exception) -> StoreError:
+def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:
+    """Where a blob of ``digest`` would be; None for a malformed digest (no file has that name).
+    Foreign tools may store documents under sha512 (``blobs/sha512``): those are read too."""
+    match = _SHA512.fullmatch(digest)
+    if match is not None:
+        return layout.root / "blobs" / "sha512" / match.group(1)
+    try:
+        return layout.blob_path(digest)
+    except StoreError:
+        return None
+
+
+def _unreadable(layout: LayoutDirectory, digest: str, entry: str, exc: Exception) -> StoreError:
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return StoreError(
-        f"blob {digest} in oci:{layout.root}, which an entry uses, cannot be read ({why}); the sweep "
-        "deletes nothing while it cannot tell what that blob refers to (make it readable; if it is "
-        "damaged, move it out of blobs/sha256, then `remote-cache rm` the entries that used it)"
+        f"blob {digest} in oci:{layout.root}, which entry {entry} uses, cannot be read ({why}); the "
+        "sweep deletes nothing while it cannot tell what that blob refers to (make it readable; if it "
+        f"is damaged, move it out of the layout's blobs, then remove entry {entry} with `remote-cache rm`)"
     )
 
 
