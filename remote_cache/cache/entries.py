@@ -255,19 +255,38 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     """
     tag = tag_for_key(key)
     try:
-        top = await _document_or_none(store, tag)
+        top = await _top(store, tag)
     except BrokenEntry as exc:  # the key's own tag, its document gone: the key's, broken
         raise exc.for_key(key) from exc
     if top is not None and (tag == key or _recorded_key(top) in (None, key)):
         return tag, top
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
+        # Whose an entry there is that cannot be read is unknown: as ``ls`` lists it, the key's
+        # (an error for restore and inspect, what rm removes), not a miss to fall back from.
         try:
-            older = await _document_or_none(store, key)
-        except BrokenEntry:  # records no key: none of this key's
-            return None
-        if older is not None and _recorded_key(older) == key:
+            older = await _top(store, key)
+        except BrokenEntry as exc:
+            raise _Unreadable(key, exc.for_key(key)) from exc
+        if older is not None and _recorded_key(older, strict_under=key) == key:
             return key, older
     return None
+
+
+class _Unreadable(Exception):
+    """A top document :func:`_find_key` found under ``tag`` but could not read (``error``, what
+    restore and inspect raise); ``rm`` deletes that tag."""
+
+    def __init__(self, tag: str, error: RemoteCacheError) -> None:
+        super().__init__(tag, error)
+        self.tag, self.error = tag, error
+
+
+async def _top(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
+    """:func:`_document_or_none`, a document that cannot be read raised as :class:`_Unreadable`."""
+    try:
+        return await _document_or_none(store, tag)
+    except (ImageFormatError, IntegrityError) as exc:
+        raise _Unreadable(tag, exc) from exc
 
 
 async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
@@ -281,18 +300,21 @@ async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] 
         return None
 
 
-def _recorded_key(top: tuple[Descriptor, bytes]) -> str | None:
+def _recorded_key(top: tuple[Descriptor, bytes], *, strict_under: str | None = None) -> str | None:
     """The key a top document records; None when it records none or cannot be read (a broken
-    entry under a key's own tag is that key's to list and remove)."""
+    entry under a key's own tag is that key's to list and remove), or with ``strict_under``
+    (its tag) :class:`_Unreadable` for one that cannot be read."""
     try:
         return document_annotations(*top).get(ANNOTATION_KEY)
-    except RemoteCacheError:
+    except RemoteCacheError as exc:
+        if strict_under is not None:
+            raise _Unreadable(strict_under, exc) from exc
         return None
 
 
 async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
     """The match for the exact key (see :func:`_find_key`), None when it has no entry."""
-    found = await _find_key(store, key)
+    found = await _found(store, key)
     if found is None:
         return None
     tag, top = found
@@ -307,10 +329,18 @@ async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
 async def _located(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]]:
     """:func:`_find_key` for a key that must have an entry (``inspect``, ``rm``): CacheMiss if not."""
     validate_key(key)
-    found = await _find_key(store, key)
+    found = await _found(store, key)
     if found is None:
         raise CacheMiss(key, store.location)
     return found
+
+
+async def _found(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]] | None:
+    """:func:`_find_key`, a top document it could not read raised as what is wrong with it."""
+    try:
+        return await _find_key(store, key)
+    except _Unreadable as exc:
+        raise exc.error from exc
 
 
 async def _image_of(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> CacheImage:
@@ -406,12 +436,16 @@ async def remove(
     Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
     another tag names as well (a copy: ``skopeo copy ...:a ...:b``) is refused
     (UnsupportedOperation) unless ``with_copies``."""
+    validate_key(key)
     try:
-        entry = await _loaded(store, key, *await _located(store, key))
+        found = await _find_key(store, key)
+        if found is None:
+            raise CacheMiss(key, store.location)
+        entry = await _loaded(store, key, *found)
     except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
-        entry = Entry(key=key, tag=tag_for_key(key), digest="", error=exc.reason)
-    except (ImageFormatError, IntegrityError) as exc:  # its tag names what cannot be read at all
-        entry = Entry(key=key, tag=await _unreadable_tag(store, key), digest="", error=str(exc))
+        entry = await _unreadable(store, key, tag_for_key(key), exc)
+    except _Unreadable as exc:  # a tag that names what cannot be read at all
+        entry = await _unreadable(store, key, exc.tag, exc.error)
     copies: list[str] = []
     if store.deletes_every_tag and entry.digest:
         users = _users(await _every_tags_refs(store), {entry.digest})
@@ -434,16 +468,15 @@ async def remove(
     return entry
 
 
-async def _unreadable_tag(store: Store, key: str) -> str:
-    """The tag whose top document :func:`_find_key` could not read for ``key``: the key's own tag,
-    or else the key itself (where earlier versions saved such a key), as ``ls`` lists it. (Taking
-    the key's own tag for granted deleted another key's healthy entry there.)"""
-    tag = tag_for_key(key)
-    try:
-        await _document_or_none(store, tag)
-    except (BrokenEntry, ImageFormatError, IntegrityError):
-        return tag
-    return key
+async def _unreadable(store: Store, key: str, tag: str, error: RemoteCacheError) -> Entry:
+    """The entry to delete under ``tag``, whose top document could not be read, with the digest
+    the tag names where the store still says it: the delete is then of that document only, and
+    a registry's copies of it are found (a store that cannot say leaves it blank)."""
+    digest = ""
+    with contextlib.suppress(RemoteCacheError):
+        digest = (await store.resolve(tag)).digest
+    reason = error.reason if isinstance(error, CacheMiss) else str(error)
+    return Entry(key=key, tag=tag, digest=digest, error=reason)
 
 
 async def prune(

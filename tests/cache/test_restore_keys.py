@@ -239,3 +239,59 @@ async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_ent
     assert await store.tags() == [other]
     assert (await restore(store, other, tmp_path / "out")).status == "hit"
     assert_same_tree(tmp_path / "other", tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "gone"])
+async def test_an_older_entry_that_cannot_be_read_is_an_error_and_rm_removes_it(
+    where: Reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    """A hashed-looking key's entry saved under the key itself by an older version, whose top
+    document is not a readable image document (bytes that are not one; a document that is gone),
+    while the key's own tag holds another key's entry: on every store, restore fails (no fallback
+    to a restore key) and rm removes that entry, as ls lists it, not the other. (On a bucket,
+    whose tags are not checked against a digest, it was a miss and rm could not remove it; a
+    gone document was a miss everywhere.)"""
+    from remote_cache.errors import BrokenEntry, ImageFormatError
+    from remote_cache.oci.media import OCI_INDEX
+
+    key = "go-build--0123456789abcdef"
+    other = tag_for_key(key)
+    async with opened(where) as store:
+        with monkeypatch.context() as old_rule:
+            old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+            damaged = await save(store, key, _tree(tmp_path / "src", b"damaged"))
+            await save(store, other, _tree(tmp_path / "other", b"other"))
+        await save(store, "go-build-main", _tree(tmp_path / "main", b"main"))
+        if where.transport == "registry":
+            pytest.skip("a registry keeps only valid manifests, and no tag without its manifest")
+        if damage == "gone":
+            if where.transport != "layout":
+                pytest.skip("a bucket's tag holds its top document: it cannot be gone under the tag")
+            layout_blob(Path(where.path), damaged.digest).unlink()
+        else:
+            await store.put_manifest(b"not an image document", OCI_INDEX, tag=key)
+        expected = BrokenEntry if damage == "gone" else (ImageFormatError, IntegrityError)
+        with pytest.raises(expected):
+            await restore(store, key, tmp_path / "out")
+        with pytest.raises(expected):
+            await find_entry(store, key, ["go-build-"])
+        assert key in [e.tag for e in await list_entries(store) if e.error]
+        assert (await remove(store, key)).tag == key
+        assert sorted(await store.tags()) == sorted([other, "go-build-main"])
+        assert (await restore(store, other, tmp_path / "again")).status == "hit"
+
+
+async def test_rm_of_a_key_whose_own_entry_cannot_be_read_removes_that_entry(tmp_path: Path) -> None:
+    """A key whose own tag (here a hashed one) names a document that cannot be read (its bytes
+    no longer match its digest): rm removes that tag, and nothing else."""
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    key = "npm/linux"
+    saved = await save(store, key, _tree(tmp_path / "src", b"a"))
+    await save(store, "kept", _tree(tmp_path / "kept", b"k"))
+    blob = layout_blob(root, saved.digest)
+    blob.write_bytes(blob.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    with pytest.raises(IntegrityError):
+        await restore(store, key, tmp_path / "out")
+    assert (await remove(store, key)).tag == tag_for_key(key)
+    assert await store.tags() == ["kept"]
