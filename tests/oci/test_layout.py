@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from remote_cache.errors import CacheMiss, IntegrityError, StoreError
-from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, sha256_digest
+from remote_cache.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
@@ -358,7 +359,7 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
         path.chmod(0o000)
         error = as_nobody_in(tmp_path, lambda: sweep(Path("layout")))
         path.chmod(0o644)
-    assert top in error and "entry keep" in error and "deletes nothing" in error, error
+    assert top in error and "entry tagged keep" in error and "deletes nothing" in error, error
     assert sorted(os.listdir(root / "blobs" / "sha256")) == before
     anyio.run(restore, store, "keep", tmp_path / "out")
     assert_same_tree(src, tmp_path / "out")
@@ -438,6 +439,65 @@ def test_a_sweep_keeps_what_a_sha512_document_refers_to(tmp_path: Path) -> None:
     removed, _freed = anyio.run(lambda: store.gc(grace_seconds=3600))
     assert removed == 0
     assert layout_blob(root, layer.digest).exists() and layout_blob(root, config.digest).exists()
+
+
+def _foreign_entry(root: Path, store: LayoutStore, descriptor_type: Any, tag: str | None) -> Descriptor:
+    """A foreign tool's entry: an index whose one child manifest's descriptor says
+    ``descriptor_type``, the manifest listing a layer and a config, all two hours old. Returns
+    the layer."""
+    layer_bytes, config_bytes = b"foreign layer", b"{}"
+    layer, config = _blob(layer_bytes), _blob(config_bytes)
+    manifest = _manifest(layer, config)
+    child = Descriptor(OCI_MANIFEST, sha256_digest(manifest), len(manifest)).to_json()
+    child["mediaType"] = descriptor_type
+    index = json.dumps({"schemaVersion": 2, "manifests": [child]}).encode()
+
+    async def write() -> None:
+        for data in (layer_bytes, config_bytes, manifest, index):
+            await store.put_blob(_blob(data), data)
+
+    anyio.run(write)
+    entry: dict[str, Any] = {"mediaType": OCI_INDEX, "digest": sha256_digest(index), "size": len(index)}
+    if tag is not None:
+        entry["annotations"] = {REF_NAME: tag}
+    index_path = root / "index.json"
+    listed = json.loads(index_path.read_bytes())
+    listed["manifests"].append(entry)
+    index_path.write_text(json.dumps(listed))
+    old = time.time() - 7200
+    for data in (layer_bytes, config_bytes, manifest, index):
+        os.utime(layout_blob(root, sha256_digest(data)), (old, old))
+    return layer
+
+
+@pytest.mark.parametrize("descriptor_type", [OCI_CONFIG, {"not": "a string"}, None])
+def test_a_sweep_follows_a_foreign_document_whatever_its_descriptor_says(
+    tmp_path: Path, descriptor_type: Any
+) -> None:
+    """A foreign index whose manifest's descriptor gives it a config's media type, or one that is
+    not a string, or none: the sweep still reads that manifest and keeps its layer. (It freed
+    the layer, taking the manifest for a leaf; a media type that is not a string made every
+    sweep fail with a TypeError.)"""
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    layer = _foreign_entry(root, store, descriptor_type, "foreign")
+    removed, _freed = anyio.run(lambda: store.gc(grace_seconds=3600))
+    assert removed == 0 and layout_blob(root, layer.digest).exists()
+
+
+def test_a_sweep_stopped_by_an_untagged_entry_says_so(tmp_path: Path) -> None:
+    """An untagged index.json entry whose document cannot be read: the error says to remove that
+    entry from index.json (``rm`` cannot name it)."""
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+    _foreign_entry(root, store, OCI_MANIFEST, None)
+    manifest = layout_document(root, layout_top(root))["manifests"][0]["digest"]
+    path = layout_blob(root, manifest)
+    path.unlink()
+    os.mkfifo(path)
+    wanted = r"untagged entry of index\.json .* remove that entry from index\.json"
+    with pytest.raises(StoreError, match=wanted):
+        anyio.run(lambda: store.gc(grace_seconds=0))
 
 
 def test_a_layout_the_user_cannot_read_says_so(tmp_path: Path) -> None:

@@ -519,3 +519,24 @@ def test_only_a_501_or_not_implemented_answer_means_conditional_writes_are_refus
         GenericError(put + "Server returned non-2xx status code: 501 Not Implemented: ")
     )
     assert refuses_conditional(GenericError(put + "status code: 400: <Code>NotImplemented</Code>"))
+
+
+def test_a_bucket_sweep_takes_a_media_type_that_is_not_a_string_for_a_leaf() -> None:
+    """A descriptor whose media type is not a string (a foreign or damaged document) is kept as
+    a leaf; it made the sweep fail with a TypeError (unhashable type)."""
+    import json
+
+    from remote_cache.oci.objectstore.gc import children
+
+    layer = "sha256:" + "a" * 64
+    manifest = "sha256:" + "b" * 64
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {"mediaType": {"not": "a string"}, "digest": layer, "size": 1},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest, "size": 1},
+            ],
+        }
+    ).encode()
+    assert children(body, "a tag") == ([manifest], [layer])

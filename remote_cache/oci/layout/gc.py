@@ -13,6 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from ...errors import StoreError
 from ..descriptor import references
@@ -25,35 +26,42 @@ __all__ = ["collect_garbage", "reachable"]
 
 
 def reachable(layout: LayoutDirectory) -> set[str]:
-    """Every digest reachable from ``index.json``. A blob that is gone, a layer or config (by its
-    descriptor's media type) or too large to be a document is a leaf. StoreError when a document
-    that is there cannot be read: not knowing what it refers to, a sweep must delete nothing."""
+    """Every digest reachable from ``index.json``. A blob that is gone or too large to be a
+    document is a leaf; one that is not JSON refers to nothing. StoreError when a document that
+    is there cannot be read: not knowing what it refers to, a sweep must delete nothing. A layer
+    or config (by its descriptor's media type) that cannot be read is a leaf: it refers to
+    nothing (one that can be read is followed all the same, should a foreign tool's descriptor
+    have called a document that)."""
     seen: set[str] = set()
-    # (descriptor, the entry it belongs to: named in an error)
-    stack = [(m, tag_of(m) or str(m.get("digest"))) for m in layout.entries()]
+    done: set[str] = set()  # read, or known to be gone
+    # (descriptor, the index.json entry it belongs to: named in an error)
+    stack: list[tuple[dict[str, Any], dict[str, Any]]] = [(m, m) for m in layout.entries()]
     while stack:
         desc, entry = stack.pop()
         digest = str(desc.get("digest"))
-        if digest in seen:
-            continue
         seen.add(digest)
         path = _document_path(layout, digest)
-        if path is None or desc.get("mediaType") in LEAF_TYPES:
+        if digest in done or path is None:
             continue
         try:
-            if path.stat().st_size > MAX_DOCUMENT_BYTES:
-                continue  # a layer, most likely: not read
-            data = read_regular(path, MAX_DOCUMENT_BYTES)
-        except FileNotFoundError as exc:
-            if os.path.lexists(path):  # a link to nothing: what it stood for is unknown
-                raise _unreadable(layout, digest, entry, exc) from exc
-            continue  # gone: its entry is broken, nothing more to keep
+            small = path.stat().st_size <= MAX_DOCUMENT_BYTES  # else a layer, most likely: not read
+            data = read_regular(path, MAX_DOCUMENT_BYTES) if small else None
         except (OSError, StoreError) as exc:
-            raise _unreadable(layout, digest, entry, exc) from exc
+            if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):  # not a link to nothing
+                done.add(digest)
+            elif not _is_leaf(desc):
+                raise _unreadable(layout, digest, entry, exc) from exc
+            continue
+        done.add(digest)
         if data is not None:
             with contextlib.suppress(ValueError):  # not JSON: refers to nothing
                 stack.extend((child, entry) for child in references(json.loads(data)))
     return seen
+
+
+def _is_leaf(desc: dict[str, Any]) -> bool:
+    media_type = desc.get("mediaType")
+    return isinstance(media_type, str) and media_type in LEAF_TYPES
 
 
 def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:
@@ -68,12 +76,18 @@ def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:
         return None
 
 
-def _unreadable(layout: LayoutDirectory, digest: str, entry: str, exc: Exception) -> StoreError:
+def _unreadable(layout: LayoutDirectory, digest: str, entry: dict[str, Any], exc: Exception) -> StoreError:
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    tag = tag_of(entry)
+    whose, fix = (
+        (f"the entry tagged {tag}", "remove that entry (`remote-cache ls` shows its key)")
+        if tag
+        else (f"an untagged entry of index.json ({entry.get('digest')})", "remove that entry from index.json")
+    )
     return StoreError(
-        f"blob {digest} in oci:{layout.root}, which entry {entry} uses, cannot be read ({why}); the "
-        "sweep deletes nothing while it cannot tell what that blob refers to (make it readable; if it "
-        f"is damaged, move it out of the layout's blobs, then remove entry {entry} with `remote-cache rm`)"
+        f"blob {digest} in oci:{layout.root}, which {whose} uses, cannot be read ({why}); the sweep "
+        "deletes nothing while it cannot tell what that blob refers to (make it readable; if it is "
+        f"damaged, move it out of the layout's blobs, then {fix})"
     )
 
 

@@ -56,7 +56,9 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
     docs: list[str] = []
     leaves: list[str] = []
     for ref in references(doc):
-        (docs if ref.get("mediaType") in _DOCUMENT_TYPES else leaves).append(ref["digest"])
+        media_type = ref.get("mediaType")
+        is_document = isinstance(media_type, str) and media_type in _DOCUMENT_TYPES
+        (docs if is_document else leaves).append(ref["digest"])
     return docs, leaves
 
 
