@@ -411,12 +411,17 @@ def _users(refs: _Refs, digests: set[str]) -> dict[str, set[str]]:
 
 
 async def _every_tags_refs(store: Store) -> _Refs:
-    """What every tag's top document refers to (one GET each)."""
+    """What every tag's top document refers to (one GET each); a document that cannot be read
+    is kept as its error (a store that fails to answer raises)."""
     refs: _Refs = {}
 
     async def one(tag: str) -> None:
-        with contextlib.suppress(CacheMiss):  # deleted meanwhile
+        try:
             refs[tag] = _refs_of(await store.get_manifest(tag))
+        except CacheMiss:  # deleted meanwhile
+            pass
+        except (ImageFormatError, IntegrityError) as exc:
+            refs[tag] = exc
 
     await for_each(await store.tags(), one, jobs=8)
     return refs
@@ -448,8 +453,7 @@ async def remove(
         entry = await _unreadable(store, key, exc.tag, exc.error)
     copies: list[str] = []
     if store.deletes_every_tag and entry.digest:
-        users = _users(await _every_tags_refs(store), {entry.digest})
-        copies = sorted(users[entry.digest] - {entry.tag})
+        copies = await _copies(store, key, entry, with_copies)
     if copies and not with_copies:
         raise UnsupportedOperation(
             f"the manifest of {key} in {store.location} is also the entry of {', '.join(copies)} (or "
@@ -466,6 +470,23 @@ async def remove(
     if collect:
         await sweep(store, grace)
     return entry
+
+
+async def _copies(store: Store, key: str, entry: Entry, with_copies: bool) -> list[str]:
+    """The other tags whose entry is ``entry``'s manifest or lists it (see :func:`_users`). A tag
+    whose document cannot be read might be one: that stops a removal, unless ``with_copies``
+    (whatever it is, it goes with the manifest, or is left as broken as it was)."""
+    refs = await _every_tags_refs(store)
+    unreadable = sorted((t, e) for t, e in refs.items() if isinstance(e, RemoteCacheError) and t != entry.tag)
+    if unreadable and not with_copies:
+        tag, exc = unreadable[0]
+        raise type(exc)(
+            f"cannot tell whether {tag} is a copy of the manifest of {key} in {store.location} ({exc}); "
+            "the registry deletes a manifest with every tag naming it, so nothing was removed: repair or "
+            f"delete {tag}, or remove {key} with --with-copies (any copy goes with it)"
+        ) from exc
+    readable: _Refs = {t: r for t, r in refs.items() if not isinstance(r, RemoteCacheError)}
+    return sorted(_users(readable, {entry.digest})[entry.digest] - {entry.tag})
 
 
 async def _unreadable(store: Store, key: str, tag: str, error: RemoteCacheError) -> Entry:

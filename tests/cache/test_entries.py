@@ -338,3 +338,27 @@ async def test_entries_another_tool_wrote_unreadably_can_be_removed(tmp_path: Pa
     for key in ("k2", "k3"):
         assert (await remove(store, key)).key == key
     assert [e.key for e in await list_entries(store)] == ["k1"]
+
+
+async def test_rm_on_a_registry_that_cannot_read_another_tag_says_why_and_with_copies_goes_on(
+    registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """On a registry (which deletes a manifest with every tag naming it), rm must know whether
+    another tag is a copy; one whose document cannot be read stops it, saying so and what to
+    do, and --with-copies removes the entry anyway. (It failed with that tag's bare integrity
+    error, --with-copies too, and the entry could not be removed.)"""
+    from remote_cache.errors import IntegrityError
+
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
+        saved = await save(store, "release-1", one_file_tree(tmp_path / "a", "a"))
+        await save(store, "other", one_file_tree(tmp_path / "b", "b"))
+        other = (await store.resolve("other")).digest
+        path = registry.blob_data_path(other)
+        path.write_bytes(path.read_bytes().replace(b'"size":', b'"size": ', 1))  # valid JSON, other bytes
+        with pytest.raises(
+            IntegrityError, match=r"cannot tell whether other .*nothing was removed.*--with-copies"
+        ):
+            await remove(store, "release-1")
+        assert sorted(await store.tags()) == ["other", "release-1"]
+        assert (await remove(store, "release-1", with_copies=True)).digest == saved.digest
+        assert await store.tags() == ["other"]
