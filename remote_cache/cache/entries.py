@@ -251,53 +251,43 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
     tag made by hashing, an entry recording another key is not this key's (a hash collision, or
     a key shaped like that tag saved by a version that used it as its own tag: see
     :mod:`remote_cache.keys`), and such a key's own entries from those versions are found under
-    the key itself, when they record it.
+    the key itself, when they record it. A tag there whose document is gone or cannot be read
+    raises :class:`_Unreadable`.
     """
     tag = tag_for_key(key)
-    try:
-        top = await _top(store, tag)
-    except BrokenEntry as exc:  # the key's own tag, its document gone: the key's, broken
-        raise exc.for_key(key) from exc
+    top = await _top(store, tag, key)
     if top is not None and (tag == key or _recorded_key(top) in (None, key)):
         return tag, top
     if tag != key and is_valid_tag(key):  # where earlier versions saved such a key
         # Whose an entry there is that cannot be read is unknown: as ``ls`` lists it, the key's
         # (an error for restore and inspect, what rm removes), not a miss to fall back from.
-        try:
-            older = await _top(store, key)
-        except BrokenEntry as exc:
-            raise _Unreadable(key, exc.for_key(key)) from exc
+        older = await _top(store, key, key)
         if older is not None and _recorded_key(older, strict_under=key) == key:
             return key, older
     return None
 
 
 class _Unreadable(Exception):
-    """A top document :func:`_find_key` found under ``tag`` but could not read (``error``, what
-    restore and inspect raise); ``rm`` deletes that tag."""
+    """A top document :func:`_find_key` found under ``tag`` but could not read, or whose document
+    is gone (``error``: what restore and inspect raise); ``rm`` deletes that tag."""
 
     def __init__(self, tag: str, error: RemoteCacheError) -> None:
         super().__init__(tag, error)
         self.tag, self.error = tag, error
 
 
-async def _top(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
-    """:func:`_document_or_none`, a document that cannot be read raised as :class:`_Unreadable`."""
-    try:
-        return await _document_or_none(store, tag)
-    except (ImageFormatError, IntegrityError) as exc:
-        raise _Unreadable(tag, exc) from exc
-
-
-async def _document_or_none(store: Store, tag: str) -> tuple[Descriptor, bytes] | None:
-    """The top document under ``tag``; None when there is no tag (BrokenEntry when its document
-    is gone: a tag that is there)."""
+async def _top(store: Store, tag: str, key: str) -> tuple[Descriptor, bytes] | None:
+    """The top document under ``tag``, looked up for ``key``; None when there is no such tag. A
+    tag whose document is gone (a broken entry, named by ``key``) or cannot be read raises
+    :class:`_Unreadable`."""
     try:
         return await read_document(store, tag)
-    except BrokenEntry:
-        raise
+    except BrokenEntry as exc:
+        raise _Unreadable(tag, exc.for_key(key)) from exc
     except CacheMiss:
         return None
+    except (ImageFormatError, IntegrityError) as exc:
+        raise _Unreadable(tag, exc) from exc
 
 
 def _recorded_key(top: tuple[Descriptor, bytes], *, strict_under: str | None = None) -> str | None:
@@ -314,7 +304,10 @@ def _recorded_key(top: tuple[Descriptor, bytes], *, strict_under: str | None = N
 
 async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
     """The match for the exact key (see :func:`_find_key`), None when it has no entry."""
-    found = await _found(store, key)
+    try:
+        found = await _find_key(store, key)
+    except _Unreadable as exc:
+        raise exc.error from exc
     if found is None:
         return None
     tag, top = found
@@ -327,20 +320,13 @@ async def _exact(store: Store, key: str, read_image: bool) -> Match | None:
 
 
 async def _located(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]]:
-    """:func:`_find_key` for a key that must have an entry (``inspect``, ``rm``): CacheMiss if not."""
+    """:func:`_find_key` for a key that must have an entry (``inspect``, ``rm``): CacheMiss if not
+    (and :class:`_Unreadable` as it raises it)."""
     validate_key(key)
-    found = await _found(store, key)
+    found = await _find_key(store, key)
     if found is None:
         raise CacheMiss(key, store.location)
     return found
-
-
-async def _found(store: Store, key: str) -> tuple[str, tuple[Descriptor, bytes]] | None:
-    """:func:`_find_key`, a top document it could not read raised as what is wrong with it."""
-    try:
-        return await _find_key(store, key)
-    except _Unreadable as exc:
-        raise exc.error from exc
 
 
 async def _image_of(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> CacheImage:
@@ -354,7 +340,10 @@ async def _image_of(store: Store, key: str, tag: str, top: tuple[Descriptor, byt
 async def inspect(store: Store, key: str) -> Entry:
     """The entry stored under ``key``, with its layers; CacheMiss when there is none (BrokenEntry
     when it names a manifest that is gone)."""
-    tag, top = await _located(store, key)
+    try:
+        tag, top = await _located(store, key)
+    except _Unreadable as exc:
+        raise exc.error from exc
     return _entry(tag, await _image_of(store, key, tag, top))
 
 
@@ -441,16 +430,10 @@ async def remove(
     Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
     another tag names as well (a copy: ``skopeo copy ...:a ...:b``) is refused
     (UnsupportedOperation) unless ``with_copies``."""
-    validate_key(key)
     try:
-        found = await _find_key(store, key)
-        if found is None:
-            raise CacheMiss(key, store.location)
-        entry = await _loaded(store, key, *found)
-    except BrokenEntry as exc:  # its top document is gone: the tag is all there is to delete
-        entry = await _unreadable(store, key, tag_for_key(key), exc)
-    except _Unreadable as exc:  # a tag that names what cannot be read at all
-        entry = await _unreadable(store, key, exc.tag, exc.error)
+        entry = await _loaded(store, key, *await _located(store, key))
+    except _Unreadable as exc:  # a tag naming what is gone or cannot be read: the tag is all there is
+        entry = await _unreadable_entry(store, key, exc.tag, exc.error)
     copies: list[str] = []
     if store.deletes_every_tag and entry.digest:
         copies = await _copies(store, key, entry, with_copies)
@@ -489,7 +472,7 @@ async def _copies(store: Store, key: str, entry: Entry, with_copies: bool) -> li
     return sorted(_users(readable, {entry.digest})[entry.digest] - {entry.tag})
 
 
-async def _unreadable(store: Store, key: str, tag: str, error: RemoteCacheError) -> Entry:
+async def _unreadable_entry(store: Store, key: str, tag: str, error: RemoteCacheError) -> Entry:
     """The entry to delete under ``tag``, whose top document could not be read, with the digest
     the tag names where the store still says it: the delete is then of that document only, and
     a registry's copies of it are found (a store that cannot say leaves it blank)."""
