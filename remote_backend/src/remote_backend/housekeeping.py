@@ -8,7 +8,6 @@ from datetime import timedelta
 
 from remote_cache.cache import entries as core_entries
 from remote_cache.errors import RemoteCacheError
-from remote_cache.keys import validate_key
 from remote_cache.oci.store import Store
 from remote_cache.units import parse_duration
 
@@ -48,8 +47,7 @@ async def listed(store: Store, prefix: str, json_: bool) -> str:
 async def removed(store: Store, key: str, grace: timedelta | None, *, with_copies: bool = False) -> str:
     """Delete the entry under ``key`` (and its copies, ``with_copies``), then free what no entry
     uses (where the store must)."""
-    validate_key(key)
-    # a miss passes as it is
+    # The core checks the key first; a miss passes as it is.
     entry = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
     try:
         freed = await core_entries.sweep(store, grace)
