@@ -10,7 +10,15 @@ from typing import Any
 from ..errors import ImageFormatError
 from .digest import check_digest, sha256_digest
 
-__all__ = ["Descriptor", "Platform", "reached_through", "referenced_by", "referenced_digests", "references"]
+__all__ = [
+    "Descriptor",
+    "Platform",
+    "media_type_of",
+    "reached_through",
+    "referenced_by",
+    "referenced_digests",
+    "references",
+]
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,13 @@ def references(document: Any) -> list[dict[str, Any]]:
         if isinstance(document.get(name), dict):
             found.append(document[name])
     return [c for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
+
+
+def media_type_of(descriptor: dict[str, Any]) -> str | None:
+    """A descriptor's ``mediaType`` when it is a string (a foreign or damaged document may hold
+    anything there, or nothing)."""
+    media_type = descriptor.get("mediaType")
+    return media_type if isinstance(media_type, str) else None
 
 
 def referenced_digests(document: Any) -> list[str]:

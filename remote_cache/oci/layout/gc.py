@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import StoreError
-from ..descriptor import references
+from ..descriptor import media_type_of, references
 from ..media import LEAF_TYPES, MAX_DOCUMENT_BYTES
 from .directory import LayoutDirectory, read_regular, tag_of
 
@@ -49,7 +49,7 @@ def reachable(layout: LayoutDirectory) -> set[str]:
         except (OSError, StoreError) as exc:
             if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):  # not a link to nothing
                 done.add(digest)
-            elif not _is_leaf(desc):
+            elif media_type_of(desc) not in LEAF_TYPES:
                 raise _unreadable(layout, digest, entry, exc) from exc
             continue
         done.add(digest)
@@ -57,11 +57,6 @@ def reachable(layout: LayoutDirectory) -> set[str]:
             with contextlib.suppress(ValueError):  # not JSON: refers to nothing
                 stack.extend((child, entry) for child in references(json.loads(data)))
     return seen
-
-
-def _is_leaf(desc: dict[str, Any]) -> bool:
-    media_type = desc.get("mediaType")
-    return isinstance(media_type, str) and media_type in LEAF_TYPES
 
 
 def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:

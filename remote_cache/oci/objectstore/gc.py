@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import CacheMiss, ImageFormatError
 from ...tasks import for_each
-from ..descriptor import references
+from ..descriptor import media_type_of, references
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
 if TYPE_CHECKING:
@@ -56,9 +56,7 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
     docs: list[str] = []
     leaves: list[str] = []
     for ref in references(doc):
-        media_type = ref.get("mediaType")
-        is_document = isinstance(media_type, str) and media_type in _DOCUMENT_TYPES
-        (docs if is_document else leaves).append(ref["digest"])
+        (docs if media_type_of(ref) in _DOCUMENT_TYPES else leaves).append(ref["digest"])
     return docs, leaves
 
 
