@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["as_nobody_in"]
+__all__ = ["as_nobody_in", "give_to_nobody"]
 
 
 def as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
@@ -35,3 +35,12 @@ def as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:
     if not error and status:  # killed, or left without a word: not a clean run either
         error = f"the child ended with wait status {status}"
     return error
+
+
+def give_to_nobody(tree: Path, *dirs: Path) -> None:
+    """Make uid/gid 65534 the owner of ``tree`` and everything in it, and of each of ``dirs``."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [".", *dirnames, *filenames]:
+            os.chown(os.path.join(dirpath, name), 65534, 65534)
+    for path in dirs:
+        os.chown(path, 65534, 65534)

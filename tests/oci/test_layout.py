@@ -21,7 +21,7 @@ from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
 from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree
-from tests.users import as_nobody_in
+from tests.users import as_nobody_in, give_to_nobody
 
 
 def _blob(data: bytes) -> Descriptor:
@@ -352,10 +352,7 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
         path.unlink()
         (tmp_path / "aside").rename(path)
     else:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in [".", *dirnames, *filenames]:
-                os.chown(os.path.join(dirpath, name), 65534, 65534)
-        os.chown(tmp_path, 65534, 65534)
+        give_to_nobody(root, tmp_path)
         path.chmod(0o000)
         error = as_nobody_in(tmp_path, lambda: sweep(Path("layout")))
         path.chmod(0o644)
@@ -387,10 +384,7 @@ def test_a_sweep_does_not_read_layers_and_configs(tmp_path: Path) -> None:
     layer = layout_blob(root, manifest["layers"][0]["digest"])
     config = layout_blob(root, manifest["config"]["digest"])
     before = set(os.listdir(root / "blobs" / "sha256"))
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [".", *dirnames, *filenames]:
-            os.chown(os.path.join(dirpath, name), 65534, 65534)
-    os.chown(tmp_path, 65534, 65534)
+    give_to_nobody(root, tmp_path)
     layer.chmod(0o000)
     config.chmod(0o000)
 
