@@ -397,3 +397,54 @@ def test_example_registration(loaded_module: Load) -> None:
     _, got = loaded_module("example")
     for fn in ("check_cache", "prime_cache"):  # the SDK registers Python names
         _fn(got, "Example", fn)
+
+
+def _cli_flag(name: str) -> str:
+    """The flag ``dagger call`` makes of a function argument: the SDK registers the Python name,
+    the CLI kebab-cases it (``cmd/dagger/module_inspect.go`` ``cliName``: ``strcase.ToKebab``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _readme_backend_calls(readme: str) -> list[list[str]]:
+    """The README's ``dagger call -m ./remote_backend ...`` commands, split into words (without
+    ``-m`` and the module), continuation lines joined and comments cut."""
+    import shlex
+
+    text = readme.replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        if line.startswith("dagger call -m ./remote_backend "):
+            calls.append(shlex.split(line.split(" #")[0])[4:])
+    return calls
+
+
+def test_the_readme_names_only_flags_the_backend_module_has(loaded_module: Load) -> None:
+    """Every flag in the README's ``dagger call`` examples of the backend module, and in its
+    mentions of a backend function with a flag (``remove --with-copies``, which the core's
+    refusal names too), is one the loaded module has, spelled as the CLI spells it; a Boolean
+    takes no value."""
+    import re
+
+    _, backend = loaded_module("remote-backend")
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    calls = _readme_backend_calls(readme)
+    assert len(calls) >= 4, calls
+    for words in calls:
+        obj, fn, i = "RemoteBackend", words[0], 1
+        flags = {_cli_flag(n): a["type"] for n, a in _fn(backend, obj, fn)["args"].items()}
+        while i < len(words):
+            word = words[i]
+            if word == "...":  # the constructor's flags, given in the line before
+                i += 1
+            elif word.startswith("--"):
+                assert word in flags, (words, word, sorted(flags))
+                i += 1 if flags[word] == "Boolean!" else 2
+            else:  # the next function, on the object the last one returned
+                obj, fn = _fn(backend, obj, fn)["returns"].rstrip("!"), word
+                flags = {_cli_flag(n): a["type"] for n, a in _fn(backend, obj, fn)["args"].items()}
+                i += 1
+    mentions = re.findall(r"`(remove|prune|entries) (--[a-z-]+)", readme)
+    assert ("remove", "--with-copies") in mentions
+    for fn, flag in mentions:
+        names = {_cli_flag(n) for obj in ("Registry", "S3Bucket") for n in _fn(backend, obj, fn)["args"]}
+        assert flag in names, (fn, flag)
