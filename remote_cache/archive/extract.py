@@ -223,6 +223,9 @@ class Extractor:
 
     def _subtree(self, path: bytes) -> list[bytes]:
         """The recorded paths under ``path`` (not itself), each directory before its contents."""
+        recorded = self._kinds.get(path)
+        if recorded is not None and recorded[0] != DIR:
+            return []  # a file or link: nothing under it, and no index to build
         tree = self._index()
         out: list[bytes] = []
         stack = [path]
@@ -234,22 +237,18 @@ class Extractor:
 
     def _forget(self, path: bytes) -> None:
         """Drop bookkeeping for ``path`` and everything under it (after removing it)."""
-        recorded = self._kinds.get(path)
-        if recorded is not None and recorded[0] != DIR:  # nothing under it: no index needed
-            del self._kinds[path]
-            if self._tree is not None:
-                self._tree.get(path.rpartition(b"/")[0], set()).discard(path)
-            return
         gone = [path, *self._subtree(path)]
-        tree = self._index()
+        tree = self._tree  # (built by _subtree when path was a directory)
         for p in gone:
             self._kinds.pop(p, None)
             self._dirmeta.pop(p, None)
-            tree.pop(p, None)
+            if tree is not None:
+                tree.pop(p, None)
             fd = self._fds.pop(p, None)
             if fd is not None:
                 os.close(fd)
-        tree.get(path.rpartition(b"/")[0], set()).discard(path)
+        if tree is not None:
+            tree.get(path.rpartition(b"/")[0], set()).discard(path)
 
     def _remove(self, pfd: int, base: bytes, path: bytes) -> None:
         try:
@@ -378,9 +377,6 @@ class Extractor:
         own = None if opaque else self._kinds.get(path)
         if not opaque and (own is None or (own[0] != DIR and own[1] == layer)):
             return  # nothing there, or what this layer wrote
-        if own is not None and own[0] != DIR:
-            self._remove_path(path)  # a lower layer's file or link: nothing under it to keep
-            return
         # This layer's entries under path stay, and so do the directories leading to them.
         keep: set[bytes] = set()
         for p in self._subtree(path):
