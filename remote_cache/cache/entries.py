@@ -459,8 +459,8 @@ async def _copies(store: Store, key: str, entry: Entry, with_copies: bool) -> li
     """The other tags whose entry is ``entry``'s manifest or lists it (see :func:`_users`). A tag
     whose document cannot be read might be one: that stops a removal, unless ``with_copies``
     (whatever it is, it goes with the manifest, or is left as broken as it was)."""
-    refs = await _every_tags_refs(store)
-    unreadable = sorted((t, e) for t, e in refs.items() if isinstance(e, RemoteCacheError) and t != entry.tag)
+    others = {t: r for t, r in (await _every_tags_refs(store)).items() if t != entry.tag}
+    unreadable = sorted((t, r) for t, r in others.items() if isinstance(r, RemoteCacheError))
     if unreadable and not with_copies:
         tag, exc = unreadable[0]
         raise type(exc)(
@@ -468,8 +468,7 @@ async def _copies(store: Store, key: str, entry: Entry, with_copies: bool) -> li
             "the registry deletes a manifest with every tag naming it, so nothing was removed: repair or "
             f"delete {tag}, or remove {key} with --with-copies (any copy goes with it)"
         ) from exc
-    readable: _Refs = {t: r for t, r in refs.items() if not isinstance(r, RemoteCacheError)}
-    return sorted(_users(readable, {entry.digest})[entry.digest] - {entry.tag})
+    return sorted(t for t, r in others.items() if isinstance(r, set) and entry.digest in r)
 
 
 async def _unreadable_entry(store: Store, key: str, tag: str, error: RemoteCacheError) -> Entry:

@@ -40,8 +40,7 @@ def reachable(layout: LayoutDirectory) -> set[str]:
         desc, entry = stack.pop()
         digest = str(desc.get("digest"))
         seen.add(digest)
-        path = _document_path(layout, digest)
-        if digest in done or path is None:
+        if digest in done or (path := _document_path(layout, digest)) is None:
             continue
         try:
             small = path.stat().st_size <= MAX_DOCUMENT_BYTES  # else a layer, most likely: not read
