@@ -186,7 +186,7 @@ def _from_auths(entry: Any, key: str) -> Credentials | None:
     username = entry.get("username")
     password = entry.get("password")
     auth = entry.get("auth")
-    if isinstance(auth, str) and auth:
+    if auth:
         try:
             decoded = base64.b64decode(auth, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
@@ -197,8 +197,8 @@ def _from_auths(entry: Any, key: str) -> Credentials | None:
         username, sep, password = decoded.partition(":")
         if not sep:
             raise _Malformed(f"its 'auth' entry for {key} has no ':' (log in to {key} again)")
-    if isinstance(token, str) and token:
-        return Credentials(username=str(username or ""), password="", identity_token=token)
+    if token:  # (each of the four is a string or None by now)
+        return Credentials(username=username or "", password="", identity_token=token)
     if isinstance(username, str) and isinstance(password, str) and (username or password):
         return Credentials(username=username, password=password)
     return None
