@@ -142,7 +142,8 @@ async def test_prune_removes_nothing_when_a_store_error_hides_an_entry(
     async with opened(parse_reference(f"{proxy.host}/{repo_name}")) as store:
         for key in ("k1", "k2", "k3"):
             await save(store, key, one_file_tree(tmp_path / key, key))
-            time.sleep(1.1)  # created times a second apart: k3 is the newest
+        await backdate(store, "k1", 2)  # created days apart: k3 is the newest
+        await backdate(store, "k2", 1)
         newest = await inspect(store, "k3")
         manifests = {e.key: e for e in await list_entries(store)}
         assert list(manifests) == ["k3", "k2", "k1"]
@@ -183,8 +184,8 @@ async def test_an_entry_copied_to_another_tag_is_never_removed_with_the_copy(
 
     async with opened(where) as store:
         digest = await main_and_its_copy(store)
-        time.sleep(1.1)  # created a second later: "other" is the newest
         await save(store, "other", one_file_tree(tmp_path / "b", "b"))
+        await backdate(store, "other", -1)  # created a day later: "other" is the newest
         assert {e.tag: e.key for e in await list_entries(store)}["release-1"] == "release-1"
         main_only = [e.tag for e in await prune(store, prefix="main-", dry_run=True)]
         if where.transport == "registry":  # it deletes the manifest, so every tag of it
