@@ -311,16 +311,10 @@ async def test_rm_removes_every_duplicate_of_a_tag(tmp_path: Path) -> None:
         await store.resolve("k")
 
 
-@pytest.mark.parametrize("damage", ["fifo", "unreadable", "dangling-link"])
-def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
-    tmp_path: Path, damage: str
-) -> None:
-    """An entry's document that is there but cannot be read (a FIFO where its file was; a file
-    the sweeping user may not read; a link to nothing): the sweep stops, naming it and its entry,
-    and deletes nothing. (It took the document for a leaf and freed everything it lists: the
-    entry's manifests and layers.)"""
+def _keep_and_gone(tmp_path: Path) -> tuple[Path, LayoutStore, Path]:
+    """A layout holding entry "keep" (of the tree returned) and the blobs of entry "gone", which
+    was removed without a sweep: (the layout, its store, keep's tree)."""
     from remote_cache.cache.entries import remove
-    from remote_cache.cache.restore import restore
     from remote_cache.cache.save import save
 
     root = tmp_path / "layout"
@@ -333,6 +327,20 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
         await remove(store, "gone", collect=False)
 
     anyio.run(setup)
+    return root, store, src
+
+
+@pytest.mark.parametrize("damage", ["fifo", "unreadable", "dangling-link"])
+def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
+    tmp_path: Path, damage: str
+) -> None:
+    """An entry's document that is there but cannot be read (a FIFO where its file was; a file
+    the sweeping user may not read; a link to nothing): the sweep stops, naming it and its entry,
+    and deletes nothing. (It took the document for a leaf and freed everything it lists: the
+    entry's manifests and layers.)"""
+    from remote_cache.cache.restore import restore
+
+    root, store, src = _keep_and_gone(tmp_path)
     top = layout_top(root)  # keep's index, the only entry left
     path = layout_blob(root, top)
     before = sorted(os.listdir(root / "blobs" / "sha256"))
@@ -367,18 +375,8 @@ def test_a_sweep_that_cannot_read_a_document_an_entry_uses_deletes_nothing(
 def test_a_sweep_does_not_read_layers_and_configs(tmp_path: Path) -> None:
     """A layer (or config) refers to nothing, whatever its bytes: one the sweeping user cannot
     read does not stop the sweep, which frees what no entry uses and keeps that layer."""
-    from remote_cache.cache.entries import remove
-    from remote_cache.cache.save import save
 
-    root = tmp_path / "layout"
-    store = LayoutStore(root)
-
-    async def setup() -> None:
-        await save(store, "keep", one_file_tree(tmp_path / "src", "kept"))
-        await save(store, "gone", one_file_tree(tmp_path / "other", "gone"))
-        await remove(store, "gone", collect=False)
-
-    anyio.run(setup)
+    root, _store, _src = _keep_and_gone(tmp_path)
     top = layout_document(root, layout_top(root))
     manifest = layout_document(root, top["manifests"][0]["digest"])
     layer = layout_blob(root, manifest["layers"][0]["digest"])
@@ -416,20 +414,9 @@ def test_a_sweep_keeps_what_a_sha512_document_refers_to(tmp_path: Path) -> None:
     hexdigest = hashlib.sha512(body).hexdigest()
     (root / "blobs" / "sha512").mkdir()
     (root / "blobs" / "sha512" / hexdigest).write_bytes(body)
-    index_path = root / "index.json"
-    index = json.loads(index_path.read_bytes())
-    index["manifests"].append(
-        {
-            "mediaType": OCI_MANIFEST,
-            "digest": f"sha512:{hexdigest}",
-            "size": len(body),
-            "annotations": {REF_NAME: "foreign"},
-        }
-    )
-    index_path.write_text(json.dumps(index))
-    old = time.time() - 7200
-    for blob in (layout_blob(root, layer.digest), layout_blob(root, config.digest)):
-        os.utime(blob, (old, old))
+    entry = {"mediaType": OCI_MANIFEST, "digest": f"sha512:{hexdigest}", "size": len(body)}
+    _list_in_index(root, entry, "foreign")
+    _age(layout_blob(root, layer.digest), layout_blob(root, config.digest))
     removed, _freed = anyio.run(lambda: store.gc(grace_seconds=3600))
     assert removed == 0
     assert layout_blob(root, layer.digest).exists() and layout_blob(root, config.digest).exists()
@@ -451,17 +438,26 @@ def _foreign_entry(root: Path, store: LayoutStore, descriptor_type: Any, tag: st
             await store.put_blob(_blob(data), data)
 
     anyio.run(write)
-    entry: dict[str, Any] = {"mediaType": OCI_INDEX, "digest": sha256_digest(index), "size": len(index)}
-    if tag is not None:
-        entry["annotations"] = {REF_NAME: tag}
-    index_path = root / "index.json"
-    listed = json.loads(index_path.read_bytes())
-    listed["manifests"].append(entry)
-    index_path.write_text(json.dumps(listed))
-    old = time.time() - 7200
-    for data in (layer_bytes, config_bytes, manifest, index):
-        os.utime(layout_blob(root, sha256_digest(data)), (old, old))
+    _list_in_index(root, {"mediaType": OCI_INDEX, "digest": sha256_digest(index), "size": len(index)}, tag)
+    _age(*(layout_blob(root, sha256_digest(data)) for data in (layer_bytes, config_bytes, manifest, index)))
     return layer
+
+
+def _list_in_index(root: Path, entry: dict[str, Any], tag: str | None) -> None:
+    """Add ``entry`` (tagged ``tag``, if any) to the layout's ``index.json``, as a foreign tool would."""
+    if tag is not None:
+        entry = {**entry, "annotations": {REF_NAME: tag}}
+    index_path = root / "index.json"
+    index = json.loads(index_path.read_bytes())
+    index["manifests"].append(entry)
+    index_path.write_text(json.dumps(index))
+
+
+def _age(*blobs: Path) -> None:
+    """Make ``blobs`` two hours old: outside any grace period the tests give."""
+    old = time.time() - 7200
+    for blob in blobs:
+        os.utime(blob, (old, old))
 
 
 @pytest.mark.parametrize("descriptor_type", [OCI_CONFIG, {"not": "a string"}, None])
