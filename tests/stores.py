@@ -20,6 +20,12 @@ def layout_blob(layout: Path, digest: str) -> Path:
     return layout / "blobs" / "sha256" / digest.split(":")[1]
 
 
+def damage_layout_blob(layout: Path, digest: str) -> None:
+    """Change a document blob of ``layout`` so that its bytes no longer match ``digest``."""
+    path = layout_blob(layout, digest)
+    path.write_bytes(path.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+
+
 def layout_top(layout: Path) -> str:
     """The digest of the first entry listed in ``layout``'s ``index.json``."""
     return str(json.loads((layout / "index.json").read_bytes())["manifests"][0]["digest"])

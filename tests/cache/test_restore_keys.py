@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from remote_cache.keys import tag_for_key, tag_prefix_for
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import backdate, copy_tag, layout_blob, opened
+from tests.stores import backdate, copy_tag, damage_layout_blob, layout_blob, opened
 from tests.trees import assert_same_tree
 
 
@@ -194,6 +195,14 @@ async def test_an_entry_copied_under_another_key_that_is_its_own_tag_is_found(tm
     assert (fallback.status, fallback.matched_key, fallback.digest) == ("fallback", "promoted", saved.digest)
 
 
+@contextmanager
+def saved_as_older_versions(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Saves inside are made as versions before the hashed-tag rule made them: under the key itself."""
+    with monkeypatch.context() as old_rule:
+        old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+        yield
+
+
 async def test_a_key_shaped_like_a_hashed_tag_still_finds_what_older_versions_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,8 +210,7 @@ async def test_a_key_shaped_like_a_hashed_tag_still_finds_what_older_versions_sa
     key, as the Dagger backends restore it), inspect and rm still find that entry."""
     store = LayoutStore(tmp_path / "layout")
     key = "go-build--0123456789abcdef"
-    with monkeypatch.context() as old_rule:
-        old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+    with saved_as_older_versions(monkeypatch):
         saved = await save(store, key, _tree(tmp_path / "src", b"old"))
     assert saved.tag == key != tag_for_key(key)
     assert (await restore(store, key, tmp_path / "out")).status == "hit"
@@ -226,12 +234,10 @@ async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_ent
     store = LayoutStore(root)
     key = "go-build--0123456789abcdef"
     other = tag_for_key(key)  # a key too, shaped like a hashed tag as well
-    with monkeypatch.context() as old_rule:
-        old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+    with saved_as_older_versions(monkeypatch):
         damaged = await save(store, key, _tree(tmp_path / "src", b"damaged"))
         await save(store, other, _tree(tmp_path / "other", b"other"))
-    blob = layout_blob(root, damaged.digest)
-    blob.write_bytes(blob.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    damage_layout_blob(root, damaged.digest)
     with pytest.raises(IntegrityError):
         await restore(store, key, tmp_path / "damaged")
     assert [e.tag for e in await list_entries(store) if e.error] == [key]
@@ -263,8 +269,7 @@ async def test_an_older_entry_that_cannot_be_read_is_an_error_and_rm_removes_it(
     key = "go-build--0123456789abcdef"
     other = tag_for_key(key)
     async with opened(where) as store:
-        with monkeypatch.context() as old_rule:
-            old_rule.setattr(save_module, "tag_for_key", lambda k: k)
+        with saved_as_older_versions(monkeypatch):
             damaged = await save(store, key, _tree(tmp_path / "src", b"damaged"))
             await save(store, other, _tree(tmp_path / "other", b"other"))
         await save(store, "go-build-main", _tree(tmp_path / "main", b"main"))
@@ -292,8 +297,7 @@ async def test_rm_of_a_key_whose_own_entry_cannot_be_read_removes_that_entry(tmp
     key = "npm/linux"
     saved = await save(store, key, _tree(tmp_path / "src", b"a"))
     await save(store, "kept", _tree(tmp_path / "kept", b"k"))
-    blob = layout_blob(root, saved.digest)
-    blob.write_bytes(blob.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    damage_layout_blob(root, saved.digest)
     with pytest.raises(IntegrityError):
         await restore(store, key, tmp_path / "out")
     assert (await remove(store, key)).tag == tag_for_key(key)

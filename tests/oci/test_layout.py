@@ -19,7 +19,7 @@ from remote_cache.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
-from tests.stores import layout_blob, layout_document, layout_top
+from tests.stores import damage_layout_blob, layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree
 from tests.users import as_nobody_in, give_to_nobody
 
@@ -110,8 +110,7 @@ async def test_tags_move_and_manifests_verify(tmp_path: Path) -> None:
     assert (desc.digest, desc.media_type) == (m1.digest, OCI_MANIFEST)
     assert body == _manifest(layer1, config)
     # A manifest blob that was tampered with is refused.
-    path = tmp_path / "blobs" / "sha256" / m2.digest.removeprefix("sha256:")
-    path.write_bytes(path.read_bytes().replace(b"schemaVersion", b"schemaVersiom"))
+    damage_layout_blob(tmp_path, m2.digest)
     with pytest.raises(IntegrityError):
         await store.get_manifest("t")
 
