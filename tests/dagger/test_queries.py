@@ -743,16 +743,12 @@ async def test_registry_remove_with_copies(
     from remote_cache.errors import UnsupportedOperation
     from remote_cache.keys import tag_for_key
     from remote_cache.oci.reference import parse_reference
-    from remote_cache.oci.registry import RegistryStore
-    from tests.stores import copy_tag
+    from tests.stores import copy_tag, opened
 
     await _save_entry(registry.host, repo_name, "main-1", tmp_path / "a")
     await _save_entry(registry.host, repo_name, "other", tmp_path / "b")
-    store = RegistryStore.from_reference(parse_reference(f"{registry.host}/{repo_name}"), plain_http=True)
-    try:
+    async with opened(parse_reference(f"{registry.host}/{repo_name}")) as store:
         await copy_tag(store, tag_for_key("main-1"), "release-1")  # as skopeo copy ...:main-1 ...:release-1
-    finally:
-        await store.aclose()
     reg = await _reg(backend_module, registry.host, repo_name)
 
     with pytest.raises(UnsupportedOperation, match=r"main-1.*remove --with-copies"):
