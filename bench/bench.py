@@ -290,7 +290,7 @@ def remote_cache(ctx: Context, rnd: int) -> None:
 
     # The floor of any save in a fresh process: a one-file tree, saved unchanged. Set up once,
     # untimed: a save records the tree's fingerprint (the unchanged save's shortcut) only for a
-    # tree left alone for FRESH_NS, so it is saved again once that long has passed.
+    # tree left alone for FRESH_NS, so its first save waits that long.
     tiny, tiny_ref = ctx.work / "one-file", ctx.ref("rc-one-file")
     if not tiny.is_dir():
         tiny.mkdir()
