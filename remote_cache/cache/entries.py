@@ -41,6 +41,7 @@ __all__ = [
     "Entry",
     "Freed",
     "Match",
+    "Removed",
     "find_entry",
     "format_table",
     "inspect",
@@ -416,6 +417,18 @@ async def _every_tags_refs(store: Store) -> _Refs:
     return refs
 
 
+@dataclass(frozen=True)
+class Removed:
+    """What :func:`remove` deleted: the entry, and the other tags that went with its manifest."""
+
+    entry: Entry
+    copies: tuple[str, ...] = ()
+
+    def copies_text(self) -> str:
+        """`` with its copies a, b`` for a summary line (nothing without copies)."""
+        return f" with its copies {', '.join(self.copies)}" if self.copies else ""
+
+
 async def remove(
     store: Store,
     key: str,
@@ -423,8 +436,8 @@ async def remove(
     grace: timedelta | None = None,
     collect: bool = True,
     with_copies: bool = False,
-) -> Entry:
-    """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; returns the entry.
+) -> Removed:
+    """Delete the entry under ``key`` and, with ``collect``, :func:`sweep`; says what went.
 
     A broken entry (its documents unreadable or gone) is deleted too: ``rm`` is how one gets rid of it.
     Where a delete takes every tag of the manifest along (a registry), an entry whose manifest
@@ -448,11 +461,9 @@ async def remove(
     for tag in copies:  # those naming it went with it; an index that listed it goes too
         with contextlib.suppress(CacheMiss):
             await store.delete(tag)
-    if copies:
-        log.warning("removed with %s: %s (copies of its manifest)", key, ", ".join(copies))
     if collect:
         await sweep(store, grace)
-    return entry
+    return Removed(entry, tuple(copies))
 
 
 async def _copies(store: Store, key: str, entry: Entry, with_copies: bool) -> list[str]:

@@ -338,10 +338,17 @@ def _rm(
         from ..cache.entries import remove
 
         async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
-            await remove(store, entry_key, collect=False, with_copies=with_copies)
-            freed = await _swept(store, grace_period, f"{entry_key} was removed")
-        data = {"outcome": "removed", "key": entry_key, "reference": str(reference), **_freed_json(freed)}
-        line = f"rm removed {entry_key} from {reference.location}{_freed_text(freed, grace)}"
+            removed = await remove(store, entry_key, collect=False, with_copies=with_copies)
+            what = f"{entry_key}{removed.copies_text()}"
+            freed = await _swept(store, grace_period, f"{what} was removed")
+        data = {
+            "outcome": "removed",
+            "key": entry_key,
+            "copies": list(removed.copies),
+            "reference": str(reference),
+            **_freed_json(freed),
+        }
+        line = f"rm removed {what} from {reference.location}{_freed_text(freed, grace)}"
         return Outcome(ExitCode.OK, line, data)
 
     return body

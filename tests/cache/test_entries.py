@@ -58,7 +58,7 @@ async def _list_inspect_remove(store: Store, tmp_path: Path) -> None:
         await inspect(store, "absent")
 
     removed = await remove(store, "npm linux")
-    assert removed.digest == a.digest
+    assert removed.entry.digest == a.digest and removed.copies == ()
     assert [e.key for e in await list_entries(store)] == ["pip-3.12"]
     with pytest.raises(CacheMiss):
         await remove(store, "npm linux")
@@ -199,7 +199,7 @@ async def test_an_entry_copied_to_another_tag_is_never_removed_with_the_copy(
             assert sorted(e.tag for e in removed) == ["main-1", "release-1"]
             assert [e.key for e in await list_entries(store)] == ["other"]
             await main_and_its_copy(store)
-            await remove(store, "release-1", with_copies=True)
+            assert (await remove(store, "release-1", with_copies=True)).copies == ("main-1",)
             with pytest.raises(CacheMiss):
                 await inspect(store, "main-1")  # gone with it, or broken (its manifest gone)
         else:  # only the tag goes
@@ -337,7 +337,7 @@ async def test_entries_another_tool_wrote_unreadably_can_be_removed(tmp_path: Pa
     listed = {e.key: e for e in await list_entries(store)}
     assert listed["k2"].error and listed["k3"].error and not listed["k1"].error
     for key in ("k2", "k3"):
-        assert (await remove(store, key)).key == key
+        assert (await remove(store, key)).entry.key == key
     assert [e.key for e in await list_entries(store)] == ["k1"]
 
 
@@ -361,5 +361,5 @@ async def test_rm_on_a_registry_that_cannot_read_another_tag_says_why_and_with_c
         ):
             await remove(store, "release-1")
         assert sorted(await store.tags()) == ["other", "release-1"]
-        assert (await remove(store, "release-1", with_copies=True)).digest == saved.digest
+        assert (await remove(store, "release-1", with_copies=True)).entry.digest == saved.digest
         assert await store.tags() == ["other"]

@@ -241,7 +241,7 @@ async def test_rm_of_a_key_whose_older_entry_cannot_be_read_removes_no_other_ent
     with pytest.raises(IntegrityError):
         await restore(store, key, tmp_path / "damaged")
     assert [e.tag for e in await list_entries(store) if e.error] == [key]
-    assert (await remove(store, key)).tag == key
+    assert (await remove(store, key)).entry.tag == key
     assert await store.tags() == [other]
     assert (await restore(store, other, tmp_path / "out")).status == "hit"
     assert_same_tree(tmp_path / "other", tmp_path / "out")
@@ -284,7 +284,7 @@ async def test_an_older_entry_that_cannot_be_read_is_an_error_and_rm_removes_it(
         with pytest.raises(expected):
             await find_entry(store, key, ["go-build-"])
         assert key in [e.tag for e in await list_entries(store) if e.error]
-        assert (await remove(store, key)).tag == key
+        assert (await remove(store, key)).entry.tag == key
         assert sorted(await store.tags()) == sorted([other, "go-build-main"])
         assert (await restore(store, other, tmp_path / "again")).status == "hit"
 
@@ -300,5 +300,5 @@ async def test_rm_of_a_key_whose_own_entry_cannot_be_read_removes_that_entry(tmp
     damage_layout_blob(root, saved.digest)
     with pytest.raises(IntegrityError):
         await restore(store, key, tmp_path / "out")
-    assert (await remove(store, key)).tag == tag_for_key(key)
+    assert (await remove(store, key)).entry.tag == tag_for_key(key)
     assert await store.tags() == ["kept"]

@@ -357,6 +357,35 @@ async def test_ls_inspect_rm(cli: Run, registry: RegistryServer, repo_name: str,
     assert cli("restore", f"{repo}:pip-3.12", str(tmp_path / "gone")).returncode == 3
 
 
+def test_rm_with_copies_says_which_tags_went_with_the_entry(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """An entry skopeo copied to another tag: rm refuses (exit 5); --with-copies removes both and
+    says which tags went with it, in the summary line and in --json (they were only logged)."""
+    repo = f"{registry.host}/{repo_name}"
+    assert cli("save", str(small_tree(tmp_path / "src")), f"{repo}:main-1").returncode == 0
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            f"docker://{repo}:main-1",
+            f"docker://{repo}:release-1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert cli("rm", f"{repo}:release-1").returncode == 5
+    removed = cli("rm", f"{repo}:release-1", "--with-copies", "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert json_line(removed)["copies"] == ["main-1"]
+    assert "rm removed release-1 with its copies main-1 from" in removed.stderr
+    assert json_line(cli("ls", repo, "--json"))["entries"] == []
+
+
 async def test_prune_older_than_keep_and_dry_run(
     cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path
 ) -> None:

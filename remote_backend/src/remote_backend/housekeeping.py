@@ -48,12 +48,14 @@ async def removed(store: Store, key: str, grace: timedelta | None, *, with_copie
     """Delete the entry under ``key`` (and its copies, ``with_copies``), then free what no entry
     uses (where the store must)."""
     # The core checks the key first; a miss passes as it is.
-    entry = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
+    removed = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
+    what = f"{key!r}{removed.copies_text()}"
     try:
         freed = await core_entries.sweep(store, grace)
     except RemoteCacheError as exc:
-        raise RemoteCacheError(f"remote-cache: removed {key!r}, then cannot free its blobs: {exc}") from exc
-    line = f"removed {entry.key} (tag {entry.tag}, {entry.digest})"
+        raise RemoteCacheError(f"remote-cache: removed {what}, then cannot free its blobs: {exc}") from exc
+    entry = removed.entry
+    line = f"removed {entry.key} (tag {entry.tag}, {entry.digest}){removed.copies_text()}"
     return line if freed is None else f"{line}; {freed.summary()}"
 
 
