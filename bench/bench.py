@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import layer_sizing  # this directory's, as the script's own
+
 from remote_cache.cache.evidence import FRESH_NS
 
 __all__ = ["main"]
@@ -180,6 +182,8 @@ class Context:
     extra: dict[str, list[float]] = field(default_factory=dict)
     #: time.monotonic() after which the corpus counts as settled (see remote_cache())
     settled_at: float = 0.0
+    #: The +1 directory re-upload shares of the corpus (bench/layer_sizing.py), in %.
+    sizing: list[float] = field(default_factory=list)
 
     def record(self, name: str, seconds: float) -> None:
         self.results.setdefault(name, []).append(seconds)
@@ -500,6 +504,9 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             f"package added: {statistics.median(ctx.extra['re-save +1 package: MB added']):.2f} MB; "
             f"full entry: {statistics.median(ctx.extra['rc compressed MB']):.1f} MB compressed in "
             f"{statistics.median(ctx.extra['rc layers']):.0f} layers",
+            # The row above is one draw (the package nearest 1%); the planner's spread over many:
+            f"+1 directory re-upload over {len(ctx.sizing)} draws (bench/layer_sizing.py, tar bytes): "
+            + (layer_sizing.summary(ctx.sizing) if ctx.sizing else "no directory holds 0.4-2% of the tree"),
         ]
     return "\n".join(lines)
 
@@ -596,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             server.pid,
             server.bucket,
         )
+        ctx.sizing = layer_sizing.reupload_shares(ctx.corpus)[3]
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
         warm = work / "warm-up"

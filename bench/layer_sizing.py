@@ -23,7 +23,7 @@ from remote_cache.archive.plan import MAX_LAYER_BYTES, MIN_LAYER_BYTES, LayerPla
 from remote_cache.archive.tar import DIR, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
-__all__ = ["main"]
+__all__ = ["main", "reupload_shares", "summary"]
 
 
 def _order(m: Member) -> tuple[bytes, ...]:
@@ -45,6 +45,47 @@ def _key(plan: LayerPlan) -> tuple[tuple[str, int], ...]:
     return tuple((m.path, m.size) for m in plan.members)
 
 
+def reupload_shares(
+    root: Path,
+    *,
+    samples: int = 56,
+    seed: int = 7,
+    min_bytes: int = MIN_LAYER_BYTES,
+    max_bytes: int = MAX_LAYER_BYTES,
+) -> tuple[int, int, int, list[float]]:
+    """The tree's tar bytes, entries and layers, and for each sampled +1 directory the share (%)
+    of the tree's tar bytes in layers that changed (sorted; empty when no directory fits)."""
+    members, _ = walk_tree(root, TreeStats())
+    total = sum(m.tar_size for m in members)
+    prefix = "node_modules/" if (root / "node_modules").is_dir() else ""
+    sizes: dict[str, int] = {}
+    for m in members:
+        if m.path.startswith(prefix) and m.path != prefix.rstrip("/"):
+            top = prefix + m.path[len(prefix) :].split("/", 1)[0]
+            sizes[top] = sizes.get(top, 0) + m.tar_size
+    dirs = {m.path for m in members if m.kind == DIR}
+    picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
+    random.Random(seed).shuffle(picks)
+    before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
+    known = {_key(plan) for plan in before}
+    shares = []
+    for top in picks[:samples]:
+        after_members = _copied(members, top, "-sizing-copy")
+        after = split_members(after_members, min_bytes=min_bytes, max_bytes=max_bytes)
+        changed = sum(p.tar_bytes for p in after if _key(p) not in known)
+        shares.append(100 * changed / sum(m.tar_size for m in after_members))
+    return total, len(members), len(before), sorted(shares)
+
+
+def summary(shares: list[float]) -> str:
+    """``median 3.4%, mean 4.6%, 90th percentile 11.1%, max 11.1%`` of the shares."""
+    p90 = shares[min(len(shares) - 1, int(0.9 * len(shares)))]
+    return (
+        f"median {statistics.median(shares):.1f}%, mean {statistics.mean(shares):.1f}%, "
+        f"90th percentile {p90:.1f}%, max {shares[-1]:.1f}%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("dir", type=Path)
@@ -54,37 +95,18 @@ def main() -> None:
     parser.add_argument("--min-mib", type=float, default=MIN_LAYER_BYTES / (1 << 20))
     parser.add_argument("--max-mib", type=float, default=MAX_LAYER_BYTES / (1 << 20))
     args = parser.parse_args()
-    min_bytes, max_bytes = int(args.min_mib * (1 << 20)), int(args.max_mib * (1 << 20))
-    members, _ = walk_tree(args.dir, TreeStats())
-    total = sum(m.tar_size for m in members)
-    prefix = "node_modules/" if (args.dir / "node_modules").is_dir() else ""
-    sizes: dict[str, int] = {}
-    for m in members:
-        if m.path.startswith(prefix) and m.path != prefix.rstrip("/"):
-            top = prefix + m.path[len(prefix) :].split("/", 1)[0]
-            sizes[top] = sizes.get(top, 0) + m.tar_size
-    dirs = {m.path for m in members if m.kind == DIR}
-    picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
-    random.Random(args.seed).shuffle(picks)
-    picks = picks[: args.samples]
-    before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
-    known = {_key(plan) for plan in before}
-    shares = []
-    for top in picks:
-        after_members = _copied(members, top, "-sizing-copy")
-        after = split_members(after_members, min_bytes=min_bytes, max_bytes=max_bytes)
-        changed = sum(p.tar_bytes for p in after if _key(p) not in known)
-        shares.append(100 * changed / sum(m.tar_size for m in after_members))
-    print(f"tree: {total / 1e6:.1f} MB of tar in {len(members)} entries, {len(before)} layers")
+    total, entries, layers, shares = reupload_shares(
+        args.dir,
+        samples=args.samples,
+        seed=args.seed,
+        min_bytes=int(args.min_mib * (1 << 20)),
+        max_bytes=int(args.max_mib * (1 << 20)),
+    )
+    print(f"tree: {total / 1e6:.1f} MB of tar in {entries} entries, {layers} layers")
     if not shares:
         print("no top-level directory holds 0.4-2% of the tree")
         return
-    shares.sort()
-    p90 = shares[min(len(shares) - 1, int(0.9 * len(shares)))]
-    print(
-        f"+1 directory ({len(shares)} samples): re-upload median {statistics.median(shares):.1f}%, "
-        f"mean {statistics.mean(shares):.1f}%, 90th percentile {p90:.1f}%, max {shares[-1]:.1f}%"
-    )
+    print(f"+1 directory ({len(shares)} samples): re-upload {summary(shares)}")
 
 
 if __name__ == "__main__":
