@@ -489,6 +489,33 @@ def test_a_sweep_stopped_by_an_untagged_entry_says_so(tmp_path: Path) -> None:
         anyio.run(lambda: store.gc(grace_seconds=0))
 
 
+def test_a_sweep_leaves_what_is_not_a_blob_and_frees_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A directory and a FIFO in blobs/sha256 that no entry uses (no save writes such things):
+    the sweep leaves them, says so in one warning naming both, and frees every blob no entry
+    uses. (The directory stopped it half-way with "Is a directory", some blobs deleted.)"""
+    root, store, src = _keep_and_gone(tmp_path)
+    blobs = root / "blobs" / "sha256"
+    kept = {layout_top(root).split(":")[1]}
+    kept |= {d["digest"].split(":")[1] for d in layout_document(root, layout_top(root))["manifests"]}
+    directory, fifo = blobs / ("0" * 64), blobs / ("f" * 64)
+    directory.mkdir()
+    (directory / "inside").write_bytes(b"someone else's")
+    os.mkfifo(fifo)
+    removed, _freed = anyio.run(lambda: store.gc(grace_seconds=0))
+    assert removed > 0 and directory.is_dir() and fifo.exists()
+    left = os.listdir(blobs)  # keep's index, 2 manifests, 2 configs and layer; the two strays
+    assert kept <= set(left) and len(left) == 1 + 2 + 2 + 1 + 2, left
+    warnings = [r.getMessage() for r in caplog.records if directory.name in r.getMessage()]
+    assert len(warnings) == 1 and fifo.name in warnings[0], caplog.text
+    anyio.run(lambda: LayoutStore(root).gc(grace_seconds=0))  # nothing more to free: no error
+    from remote_cache.cache.restore import restore
+
+    anyio.run(restore, store, "keep", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+
+
 def test_a_layout_the_user_cannot_read_says_so(tmp_path: Path) -> None:
     """A read refused by the layout's mode is not reported as a write (it said "permission denied
     writing"): the message names the file and what the user needs."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from .directory import LayoutDirectory, read_regular, tag_of
 _SHA512 = re.compile(r"sha512:([a-f0-9]{128})")
 
 __all__ = ["collect_garbage", "reachable"]
+
+log = logging.getLogger("remote_cache")
 
 
 def reachable(layout: LayoutDirectory) -> set[str]:
@@ -86,11 +90,15 @@ def _unreadable(layout: LayoutDirectory, digest: str, entry: dict[str, Any], exc
 
 
 def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:
-    """Delete unreferenced blobs untouched for ``grace`` seconds; (blobs removed, bytes freed)."""
+    """Delete unreferenced blobs untouched for ``grace`` seconds; (blobs removed, bytes freed).
+
+    What is neither a file nor a link (a directory, a FIFO) is no blob a save wrote: it is
+    left where it is, named in one warning."""
     blobs = layout.root / "blobs" / "sha256"
     if not blobs.is_dir():
         return 0, 0
     removed = freed = 0
+    strays: list[str] = []
     now = time.time()
     with layout.locked():
         keep = {d.removeprefix("sha256:") for d in reachable(layout)}
@@ -99,6 +107,9 @@ def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:
                 continue
             try:
                 st = path.lstat()  # a link is not followed (nor is it ever marked: see has_blob)
+                if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                    strays.append(path.name)
+                    continue
                 if now - st.st_mtime < grace:
                     continue  # possibly part of a save that has not tagged yet
                 path.unlink()
@@ -106,4 +117,11 @@ def collect_garbage(layout: LayoutDirectory, grace: float) -> tuple[int, int]:
                 continue
             removed += 1
             freed += st.st_size
+    if strays:
+        log.warning(
+            "the sweep left %s in %s: not blobs (no save writes a directory or a FIFO there), so not "
+            "its to delete; remove them if nothing else uses them",
+            ", ".join(sorted(strays)),
+            blobs,
+        )
     return removed, freed
