@@ -14,6 +14,10 @@ from remote_cache.oci import ANNOTATION_CREATED
 from remote_cache.oci.reference import Reference
 from remote_cache.oci.store import Store, open_store
 
+#: Valid JSON nested 100,000 deep (an image document nests a few levels): ``json.loads`` raises
+#: RecursionError on it, not ValueError.
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
 
 def layout_blob(layout: Path, digest: str) -> Path:
     """Where the OCI layout ``layout`` keeps blob ``digest``."""

@@ -122,6 +122,7 @@ async def _read_entry(store: Store, tag: str, refs: _Refs) -> Entry | None:
     """The entry under ``tag`` (None when gone meanwhile), noting in ``refs`` what it refers to."""
     try:
         top = await read_document(store, tag)  # by tag: one round trip, where resolving it was two
+        refs[tag] = _refs_of(top)
     except BrokenEntry as exc:  # a layout's tag whose document is gone
         return Entry(key=tag, tag=tag, digest="", error=exc.listed)
     except CacheMiss:
@@ -129,7 +130,6 @@ async def _read_entry(store: Store, tag: str, refs: _Refs) -> Entry | None:
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
         refs[tag] = exc
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
-    refs[tag] = _refs_of(top)
     return await _loaded(store, _key_of(tag, _recorded_key(top)), tag, top)
 
 

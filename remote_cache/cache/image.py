@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import BrokenEntry, CacheMiss, ImageFormatError
-from ..oci.descriptor import Descriptor, Platform
+from ..oci.descriptor import Descriptor, Platform, parse_json
 from ..oci.digest import sha256_digest
 from ..oci.media import (
     ANNOTATION_CREATED,
@@ -166,8 +166,8 @@ def _load_json(body: bytes, what: str) -> dict[str, Any]:
             "this is not a cache image"
         )
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = parse_json(body)
+    except ValueError as exc:
         raise ImageFormatError(f"the {what} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise ImageFormatError(f"the {what} is not a JSON object")
@@ -310,7 +310,7 @@ async def read_document(store: Store, reference: str, what: str = "manifest") ->
 
 def _kind(desc: Descriptor, body: bytes) -> str:
     try:
-        obj = json.loads(body)
+        obj = parse_json(body)
     except ValueError as exc:
         raise ImageFormatError(f"the manifest {desc.digest} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):

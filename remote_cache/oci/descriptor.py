@@ -12,13 +12,29 @@ from .digest import check_digest, sha256_digest
 
 __all__ = [
     "Descriptor",
+    "JSONTooDeep",
     "Platform",
     "media_type_of",
+    "parse_json",
     "reached_through",
     "referenced_by",
     "referenced_digests",
     "references",
 ]
+
+
+class JSONTooDeep(ValueError):
+    """JSON nested too deeply to parse: unlike bytes that are not JSON, it may hold anything."""
+
+
+def parse_json(body: bytes | str) -> Any:
+    """The JSON value of a document or answer a store holds or sends (the stores and the cache
+    image parse theirs here). ValueError when it is not JSON, :class:`JSONTooDeep` when it nests
+    too deeply to parse (``json`` raises RecursionError there, which ``except ValueError`` misses)."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise JSONTooDeep("its arrays and objects nest too deeply to parse") from None
 
 
 @dataclass(frozen=True)
@@ -129,8 +145,11 @@ def referenced_digests(document: Any) -> list[str]:
 
 
 def referenced_by(body: bytes) -> list[str]:
-    """:func:`referenced_digests` of a document's bytes; none when they are not JSON."""
+    """:func:`referenced_digests` of a document's bytes; none when they are not JSON.
+    ImageFormatError when they nest too deeply to parse: what they refer to cannot be told."""
     try:
-        return referenced_digests(json.loads(body))
+        return referenced_digests(parse_json(body))
+    except JSONTooDeep as exc:
+        raise ImageFormatError(f"the document {sha256_digest(body)} cannot be read: {exc}") from exc
     except ValueError:
         return []

@@ -15,12 +15,12 @@ import pytest
 from remote_cache.cache.entries import Entry, format_table, inspect, list_entries, prune, remove
 from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, RemoteCacheError
-from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, sha256_digest
+from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import backdate, copy_tag, opened
+from tests.stores import DEEP_JSON, backdate, copy_tag, opened
 from tests.trees import assert_same_tree, one_file_tree
 
 
@@ -338,6 +338,25 @@ async def test_entries_another_tool_wrote_unreadably_can_be_removed(tmp_path: Pa
     assert listed["k2"].error and listed["k3"].error and not listed["k1"].error
     for key in ("k2", "k3"):
         assert (await remove(store, key)).entry.key == key
+    assert [e.key for e in await list_entries(store)] == ["k1"]
+
+
+async def test_an_entry_whose_document_nests_too_deeply_is_listed_with_its_error(tmp_path: Path) -> None:
+    """A tag whose document is JSON nested too deeply to parse: ls lists it with its error beside
+    the other entries, and rm removes it. (json's RecursionError failed both, "unexpected".)"""
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k1", one_file_tree(tmp_path / "src"))
+    deep = Descriptor(OCI_MANIFEST, sha256_digest(DEEP_JSON), len(DEEP_JSON))
+    await store.put_blob(deep, DEEP_JSON)
+    index_path = tmp_path / "layout" / "index.json"  # as another tool would list it
+    index = json.loads(index_path.read_bytes())
+    index["manifests"].append(
+        {**deep.to_json(), "annotations": {"org.opencontainers.image.ref.name": "deep"}}
+    )
+    index_path.write_text(json.dumps(index))
+    listed = {e.key: e for e in await list_entries(store)}
+    assert not listed["k1"].error and "too deeply" in str(listed["deep"].error), listed
+    assert (await remove(store, "deep", grace=timedelta(0))).key == "deep"
     assert [e.key for e in await list_entries(store)] == ["k1"]
 
 

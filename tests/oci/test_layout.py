@@ -19,7 +19,7 @@ from remote_cache.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
-from tests.stores import damage_layout_blob, layout_blob, layout_document, layout_top
+from tests.stores import DEEP_JSON, damage_layout_blob, layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree
 from tests.users import as_nobody_in, give_to_nobody
 
@@ -487,6 +487,57 @@ def test_a_sweep_stopped_by_an_untagged_entry_says_so(tmp_path: Path) -> None:
     wanted = r"untagged entry of index\.json .* remove that entry from index\.json"
     with pytest.raises(StoreError, match=wanted):
         anyio.run(lambda: store.gc(grace_seconds=0))
+
+
+@pytest.mark.parametrize("where", ["an entry's document", "a manifest an index lists", "a config"])
+def test_json_nested_too_deeply_stops_a_sweep_that_must_read_it(tmp_path: Path, where: str) -> None:
+    """A document an entry uses that is JSON nested too deeply to parse: the sweep stops as for
+    one it cannot read, naming it and its entry, and deletes nothing; a config (a leaf) does not
+    stop it. (json raised RecursionError out of the sweep: "unexpected", naming neither.)"""
+    root, store, _src = _keep_and_gone(tmp_path)
+    blobs = root / "blobs" / "sha256"
+    before = set(os.listdir(blobs))
+    deep = Descriptor(
+        OCI_CONFIG if where == "a config" else OCI_MANIFEST, sha256_digest(DEEP_JSON), len(DEEP_JSON)
+    )
+    written = {
+        "an entry's document": [DEEP_JSON],
+        "a manifest an index lists": [DEEP_JSON, _index(deep)],
+        "a config": [DEEP_JSON, b"layer", _manifest(_blob(b"layer"), deep)],
+    }[where]
+
+    async def write() -> None:
+        for data in written:
+            await store.put_blob(_blob(data), data)
+
+    anyio.run(write)
+    top = written[-1]  # what index.json lists under "deep"
+    _list_in_index(root, {"mediaType": OCI_MANIFEST, "digest": sha256_digest(top), "size": len(top)}, "deep")
+    if where == "a config":
+        assert anyio.run(lambda: store.gc(grace_seconds=0))[0] > 0
+        assert layout_blob(root, deep.digest).exists()
+        return
+    with pytest.raises(StoreError) as caught:
+        anyio.run(lambda: store.gc(grace_seconds=0))
+    error = str(caught.value)
+    assert deep.digest in error and "entry tagged deep" in error and "deletes nothing" in error, error
+    assert before <= set(os.listdir(blobs))
+
+
+def _index(manifest: Descriptor) -> bytes:
+    return json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [manifest.to_json()]}
+    ).encode()
+
+
+def test_an_index_json_nested_too_deeply_is_damaged(tmp_path: Path) -> None:
+    """index.json holding JSON nested too deeply to parse is damaged, as one that is not JSON is,
+    and said so. (json's RecursionError came out "unexpected".)"""
+    root = tmp_path / "layout"
+    anyio.run(lambda: LayoutStore(root).put_manifest(b"{}", OCI_MANIFEST, tag="t"))
+    (root / "index.json").write_bytes(DEEP_JSON)
+    with pytest.raises(StoreError, match=r"index\.json is not valid JSON .*damaged"):
+        anyio.run(LayoutStore(root).tags)
 
 
 def test_a_sweep_leaves_what_is_not_a_blob_and_frees_the_rest(

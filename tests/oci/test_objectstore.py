@@ -33,6 +33,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
 from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
 from tests.registry_server import FaultProxy
+from tests.stores import DEEP_JSON
 from tests.trees import assert_same_tree
 
 
@@ -397,7 +398,7 @@ async def test_a_sweep_that_cannot_read_a_manifest_deletes_nothing(
     assert_same_tree(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("answer", ["html", "cut", "empty", "not-an-object"])
+@pytest.mark.parametrize("answer", ["html", "cut", "empty", "not-an-object", "too-deep"])
 async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
     moto: ObjectServer,
     env_of: Callable[[ObjectServer], None],
@@ -406,8 +407,9 @@ async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
     answer: str,
 ) -> None:
     """A tag read answered 200 with something that is not the tag's document (an error page, a
-    body cut short, nothing): the sweep cannot tell what that entry reaches, so it stops. (It
-    kept nothing for that tag and freed its blobs: the entry lost.)"""
+    body cut short, nothing, JSON nested too deeply to parse): the sweep cannot tell what that
+    entry reaches, so it stops. (It kept nothing for that tag and freed its blobs: the entry
+    lost; JSON nested too deeply raised RecursionError, "unexpected".)"""
     proxy: FaultProxy = fault_proxy_factory(moto)
     src = tree(tmp_path / "src", 41)
     async with bucket_store(moto, env_of, endpoint=f"http://{proxy.host}", retries=0) as store:
@@ -415,7 +417,7 @@ async def test_a_sweep_that_reads_a_tag_it_cannot_parse_deletes_nothing(
         await save(store, "gone", tree(tmp_path / "other", 42))
         _desc, index = await store.get_manifest(tag_for_key("keep"))
         answers = {"html": b"<html>busy</html>", "cut": index[:100], "empty": b"", "not-an-object": b"[]"}
-        body = answers[answer]
+        body = answers.get(answer, DEEP_JSON)
         proxy.answer(200, body, method="GET", path_contains="/tags/keep", times=100)
         with pytest.raises(ImageFormatError, match="tag keep"):
             await remove(store, "gone", grace=timedelta(0))

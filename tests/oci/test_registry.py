@@ -35,6 +35,7 @@ from remote_cache.oci.registry import RegistryStore, Timeouts
 from remote_cache.oci.store import Store
 from tests.oci.blob_reading import read_all
 from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port, start_registry, tcp_relay
+from tests.stores import DEEP_JSON
 
 ALL_MODES = ["registry", "auth_registry", "token_registry"]
 
@@ -284,6 +285,31 @@ async def test_oversized_documents_are_refused(
             proxy.answer(200, huge, path_contains="/manifests/")
             with pytest.raises(ImageFormatError, match=f"larger than {MAX_DOCUMENT_BYTES} bytes"):
                 await store.get_manifest("big")
+
+
+@pytest.mark.parametrize("what", ["tag list", "manifest", "error answer"])
+async def test_json_nested_too_deeply_is_read_as_unreadable_json(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Callable[..., FaultProxy], what: str
+) -> None:
+    """An answer of JSON nested too deeply to parse is taken as one that is not JSON: a tag list
+    that cannot be read, a manifest whose media type is the one served, an error without the
+    spec's codes. (json raised RecursionError, which came out "unexpected".)"""
+    from remote_cache.cache.image import load_image
+
+    proxy = fault_proxy_factory(registry)
+    async with make_store(registry, repo_name, host=proxy.host) as store:
+        if what == "tag list":
+            proxy.answer(200, DEEP_JSON, path_contains="/tags/list")
+            with pytest.raises(RegistryError, match="unreadable tag list"):
+                await store.tags()
+        elif what == "manifest":
+            proxy.answer(200, DEEP_JSON, path_contains="/manifests/deep")
+            with pytest.raises(ImageFormatError, match="not valid JSON"):
+                await load_image(store, "deep")
+        else:
+            proxy.answer(400, DEEP_JSON, path_contains="/manifests/deep")
+            with pytest.raises(RegistryError, match="400"):
+                await store.get_manifest("deep")
 
 
 async def test_tags_of_new_repository_is_empty(server: RegistryServer, repo_name: str) -> None:

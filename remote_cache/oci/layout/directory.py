@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...errors import ImageFormatError, StoreError
+from ..descriptor import parse_json
 from ..digest import check_digest
 from ..media import ANNOTATION_REF_NAME, OCI_INDEX
 
@@ -175,7 +176,7 @@ class LayoutDirectory:
         if data is None:
             raise StoreError(f"{path} is larger than {MAX_INDEX_BYTES} bytes; the layout is damaged")
         try:
-            obj = json.loads(data)
+            obj = parse_json(data)
         except ValueError as exc:
             raise StoreError(f"{path} is not valid JSON ({exc}); the layout is damaged") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("manifests", []), list):

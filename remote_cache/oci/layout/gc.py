@@ -7,8 +7,6 @@ see ``LayoutStore.has_blob``). The sweep runs under the index lock, so no tag mo
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
@@ -18,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import StoreError
-from ..descriptor import media_type_of, references
+from ..descriptor import JSONTooDeep, media_type_of, parse_json, references
 from ..media import LEAF_TYPES, MAX_DOCUMENT_BYTES
 from .directory import LayoutDirectory, read_regular, tag_of
 
@@ -32,10 +30,10 @@ log = logging.getLogger("remote_cache")
 def reachable(layout: LayoutDirectory) -> set[str]:
     """Every digest reachable from ``index.json``. A blob that is gone or too large to be a
     document is a leaf; one that is not JSON refers to nothing. StoreError when a document that
-    is there cannot be read: not knowing what it refers to, a sweep must delete nothing. A layer
-    or config (by its descriptor's media type) that cannot be read is a leaf: it refers to
-    nothing (one that can be read is followed all the same, should a foreign tool's descriptor
-    have called a document that)."""
+    is there cannot be read, or is JSON nested too deeply to parse: not knowing what it refers
+    to, a sweep must delete nothing. A layer or config (by its descriptor's media type) that
+    cannot be read is a leaf: it refers to nothing (one that can be read is followed all the
+    same, should a foreign tool's descriptor have called a document that)."""
     seen: set[str] = set()
     done: set[str] = set()  # read, or known to be gone
     # (descriptor, the index.json entry it belongs to: named in an error)
@@ -47,19 +45,31 @@ def reachable(layout: LayoutDirectory) -> set[str]:
         if digest in done or (path := _document_path(layout, digest)) is None:
             continue
         try:
-            small = path.stat().st_size <= MAX_DOCUMENT_BYTES  # else a layer, most likely: not read
-            data = read_regular(path, MAX_DOCUMENT_BYTES) if small else None
-        except (OSError, StoreError) as exc:
+            children = _references_in(path)
+        except (OSError, StoreError, JSONTooDeep) as exc:
             if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):  # not a link to nothing
                 done.add(digest)
             elif media_type_of(desc) not in LEAF_TYPES:
                 raise _unreadable(layout, digest, entry, exc) from exc
             continue
         done.add(digest)
-        if data is not None:
-            with contextlib.suppress(ValueError):  # not JSON: refers to nothing
-                stack.extend((child, entry) for child in references(json.loads(data)))
+        stack.extend((child, entry) for child in children)
     return seen
+
+
+def _references_in(path: Path) -> list[dict[str, Any]]:
+    """The descriptors the blob at ``path`` refers to: none when it is too large to be a document
+    (a layer, most likely: not read) or is not JSON. OSError or StoreError when it cannot be
+    read, JSONTooDeep when it nests too deeply to parse (it may refer to anything)."""
+    if path.stat().st_size > MAX_DOCUMENT_BYTES:
+        return []
+    data = read_regular(path, MAX_DOCUMENT_BYTES)
+    try:
+        return references(parse_json(data)) if data is not None else []
+    except JSONTooDeep:
+        raise
+    except ValueError:  # not JSON: refers to nothing
+        return []
 
 
 def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:

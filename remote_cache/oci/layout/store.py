@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -31,7 +30,7 @@ from ...errors import (
     NoSpace,
     StoreError,
 )
-from ..descriptor import Descriptor, reached_through
+from ..descriptor import Descriptor, parse_json, reached_through
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
@@ -135,7 +134,7 @@ class LayoutStore:
                 f"manifest {digest} in {self.location} has digest {actual}: the layout is corrupted"
             )
         try:
-            own = json.loads(body).get("mediaType")
+            own = parse_json(body).get("mediaType")
         except (ValueError, AttributeError):
             own = None
         if isinstance(own, str) and (own in MANIFEST_TYPES or own in INDEX_TYPES):

@@ -20,14 +20,13 @@ saved entry otherwise keeps its blobs as long as a save takes less than the grac
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ...errors import CacheMiss, ImageFormatError
 from ...tasks import for_each
-from ..descriptor import media_type_of, references
+from ..descriptor import media_type_of, parse_json, references
 from ..media import INDEX_TYPES, MANIFEST_TYPES
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
     ``body`` (``what``, for the message) is not a JSON object: not knowing what it refers to, a
     sweep must delete nothing (a tag answered with an error page, or cut short)."""
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
     except ValueError:
         doc = None
     if not isinstance(doc, dict):

@@ -18,7 +18,6 @@ found by a probe (once per store) and gets check-then-write instead, with a warn
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -41,7 +40,7 @@ from ...errors import (
 )
 from ...keys import is_valid_tag
 from ...tasks import first_error, for_each
-from ..descriptor import Descriptor, reached_through
+from ..descriptor import Descriptor, parse_json, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
@@ -442,7 +441,7 @@ class ObjectStore:
 def _media_type(body: bytes) -> str:
     """The document's own ``mediaType``; an OCI index when it has none we know."""
     try:
-        value = json.loads(body).get("mediaType")
+        value = parse_json(body).get("mediaType")
     except (ValueError, AttributeError):
         return OCI_INDEX
     return value if isinstance(value, str) and value in (MANIFEST_TYPES | INDEX_TYPES) else OCI_INDEX

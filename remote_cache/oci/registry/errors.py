@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 
 from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
 from ..credentials import PASS_CREDENTIALS, Credentials
+from ..descriptor import parse_json
 from ..stalls import Stalls
 from .threaded import ConnectTimedOut, ProxyFailed, ProxyTimedOut, TooManyRedirects, WireAnswer, WriteTimedOut
 from .timeouts import Timeouts
@@ -32,7 +32,7 @@ __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
 def _spec_errors(body: bytes) -> list[tuple[str, str]]:
     """``(code, message)`` pairs of a spec error body ``{"errors": [{"code", "message"}]}``."""
     try:
-        data = json.loads(body)
+        data = parse_json(body)
         return [
             (str(e.get("code", "")), str(e.get("message", "")))
             for e in data.get("errors", [])

@@ -11,7 +11,6 @@ descriptor's size and sha256 while streaming. Many transfers may run concurrentl
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from ...errors import (
 )
 from ..certs import TlsOptions
 from ..credentials import Credentials
-from ..descriptor import Descriptor
+from ..descriptor import Descriptor, parse_json
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
@@ -273,7 +272,7 @@ class RegistryStore:
 
     def _page_tags(self, response: WireAnswer) -> list[str]:
         try:
-            return [str(t) for t in (json.loads(response.body).get("tags") or [])]
+            return [str(t) for t in (parse_json(response.body).get("tags") or [])]
         except (ValueError, AttributeError, TypeError) as exc:
             raise RegistryError(
                 f"registry {self.host} sent an unreadable tag list for {self.location}"
@@ -342,7 +341,7 @@ class RegistryStore:
 
 def _media_type_from_body(body: bytes) -> str | None:
     try:
-        value = json.loads(body).get("mediaType")
+        value = parse_json(body).get("mediaType")
     except (ValueError, AttributeError):
         return None
     return str(value) if isinstance(value, str) else None
