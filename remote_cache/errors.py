@@ -15,6 +15,7 @@ RemoteCacheError
 │   │   └── RegistryUnreachable the registry could not be reached
 │   ├── RegistryError       any other error response of a registry (carries code/status)
 │   ├── EntryExists         an exclusive write found the tag there already (immutable keys)
+│   ├── BlobUnreadable      a document the store holds cannot be read (not a file, not readable)
 │   └── UnsupportedOperation the store cannot do that (e.g. no deletes)
 ├── IntegrityError          a blob or manifest does not match its digest/size
 ├── UnsafeArchive           an archive tries to escape the target or holds devices
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISS_MARKER",
+    "BlobUnreadable",
     "BlobsSwept",
     "BrokenEntry",
     "CacheMiss",
@@ -188,6 +190,26 @@ class EntryExists(StoreError):
     def __init__(self, tag: str, where: str) -> None:
         self.tag = tag
         super().__init__(f"{where} already holds an entry under {tag!r}")
+
+
+class BlobUnreadable(StoreError):
+    """A document the store holds but cannot read: in a layout, a blob this user may not read,
+    or a directory or FIFO in its place. The entry using it is not known to be broken (another
+    user may read it): ``ls`` lists it as broken, ``prune`` stops at it, ``rm`` removes it."""
+
+    def __init__(self, digest: str, where: str, why: str) -> None:
+        self.digest = digest
+        #: What went wrong, e.g. ``Permission denied``.
+        self.why = why
+        super().__init__(
+            f"blob {digest} in {where} cannot be read ({why}): make it readable by this user, or "
+            "remove the entry using it (`remote-cache rm`; `remote-cache ls` lists it as broken)"
+        )
+
+    @property
+    def listed(self) -> str:
+        """How ``ls`` shows it: ``broken: blob sha256:... cannot be read (Permission denied)``."""
+        return f"broken: blob {self.digest} cannot be read ({self.why})"
 
 
 class BlobsSwept(StoreError):

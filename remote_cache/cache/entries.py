@@ -16,11 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import (
+    BlobUnreadable,
     BrokenEntry,
     CacheMiss,
     ImageFormatError,
     IntegrityError,
     RemoteCacheError,
+    StoreError,
     UnsupportedOperation,
 )
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
@@ -56,7 +58,8 @@ log = logging.getLogger("remote_cache")
 
 @dataclass(frozen=True)
 class Entry:
-    """One cache entry. Fields a foreign image lacks are None; ``error`` says why it is unreadable."""
+    """One cache entry. Fields a foreign image lacks are None; ``error`` says why it is unreadable
+    (``unread``: because the store would not let it be read, see :func:`_unread`)."""
 
     key: str
     tag: str
@@ -68,6 +71,7 @@ class Entry:
     tool: str | None = None
     layers: tuple[Descriptor, ...] = field(default=(), compare=False)
     error: str | None = None
+    unread: BlobUnreadable | None = field(default=None, compare=False, repr=False)
 
     def to_json(self, *, with_layers: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict (``created`` as RFC 3339)."""
@@ -130,20 +134,32 @@ async def _read_entry(store: Store, tag: str, refs: _Refs) -> Entry | None:
     except (ImageFormatError, IntegrityError) as exc:  # there, but not a document we can read
         refs[tag] = exc
         return Entry(key=tag, tag=tag, digest="", error=str(exc))
+    except BlobUnreadable as exc:
+        refs[tag] = exc
+        return _unread(tag, tag, "", exc)
     return await _loaded(store, _key_of(tag, _recorded_key(top)), tag, top)
 
 
 async def _loaded(store: Store, key: str, tag: str, top: tuple[Descriptor, bytes]) -> Entry:
     """The entry under ``tag`` whose top document is ``top``; one whose other documents are gone
-    (a sweep raced its save) or unreadable as an image is still an entry, with its error. A store
-    that fails to answer raises: an entry it hid is not broken, and ``prune`` must not rank it
-    as undated (the oldest) and delete it."""
+    (a sweep raced its save), unreadable as an image or unread (see :func:`_unread`) is still an
+    entry, with its error. A store that fails to answer raises: an entry it hid is not broken,
+    and ``prune`` must not rank it as undated (the oldest) and delete it."""
     try:
         return _entry(tag, await load_image(store, tag, top))
     except BrokenEntry as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=exc.listed)
     except (ImageFormatError, IntegrityError) as exc:
         return Entry(key=key, tag=tag, digest=top[0].digest, error=str(exc))
+    except BlobUnreadable as exc:
+        return _unread(key, tag, top[0].digest, exc)
+
+
+def _unread(key: str, tag: str, digest: str, exc: BlobUnreadable) -> Entry:
+    """The entry under ``tag`` when the store holds one of its documents but would not let it be
+    read (a layout's blob this user may not read, a directory in its place): listed as broken,
+    removed by ``rm``, but not known to be broken, so ``prune`` stops at it (:func:`_refuse_unread`)."""
+    return Entry(key=key, tag=tag, digest=digest, error=exc.listed, unread=exc)
 
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
@@ -287,7 +303,7 @@ async def _top(store: Store, tag: str, key: str) -> tuple[Descriptor, bytes] | N
         raise _Unreadable(tag, exc.for_key(key)) from exc
     except CacheMiss:
         return None
-    except (ImageFormatError, IntegrityError) as exc:
+    except (ImageFormatError, IntegrityError, BlobUnreadable) as exc:
         raise _Unreadable(tag, exc) from exc
 
 
@@ -508,8 +524,9 @@ async def prune(
 
     A criterion left as None does not protect anything; with neither given, every entry matching
     ``prefix`` goes (a non-empty prefix is then required). Entries with no creation time are
-    never removed by age and rank as the oldest for ``keep``. Returns the removed entries; with
-    ``collect``, :func:`sweep` follows.
+    never removed by age and rank as the oldest for ``keep``; one the store would not let be
+    read stops it (:func:`_refuse_unread`). Returns the removed entries; with ``collect``,
+    :func:`sweep` follows.
     """
     if older_than is None and keep is None and not prefix:
         raise ValueError("prune needs older_than, keep or a prefix; refusing to delete every entry")
@@ -517,6 +534,7 @@ async def prune(
         raise ValueError("keep must be >= 0")
     moment = now or datetime.now(UTC)
     entries, refs = await _listing(store, prefix)
+    _refuse_unread(entries, store.location)
     candidates = entries[keep:] if keep is not None else entries
     if older_than is not None:
         cutoff = moment - older_than
@@ -540,6 +558,20 @@ async def prune(
     if removed and collect:
         await sweep(store, grace)
     return removed
+
+
+def _refuse_unread(entries: list[Entry], where: str) -> None:
+    """StoreError, before anything is deleted, for the first of ``entries`` that the store would
+    not let be read: its age is unknown, and ranked as undated (the oldest) it could be the
+    newest entry deleted; as when a store fails to answer (see :func:`_loaded`), prune stops."""
+    for entry in entries:
+        if entry.unread is not None:
+            raise StoreError(
+                f"prune removed nothing: the entry {entry.key} in {where} cannot be read (blob "
+                f"{entry.unread.digest}: {entry.unread.why}), so its age is unknown; make that blob "
+                f"readable by this user, or remove the entry (`remote-cache rm` of key {entry.key}), "
+                "then prune again"
+            ) from entry.unread
 
 
 def _without_kept_copies(candidates: list[Entry], users: dict[str, set[str]]) -> list[Entry]:

@@ -10,18 +10,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from remote_cache.cache.entries import Entry, format_table, inspect, list_entries, prune, remove
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, RemoteCacheError
+from remote_cache.errors import CacheMiss, RemoteCacheError, StoreError
 from remote_cache.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, sha256_digest
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.reference import Reference, parse_reference
 from remote_cache.oci.store import Store
 from tests.registry_server import FaultProxy, RegistryServer
-from tests.stores import DEEP_JSON, backdate, copy_tag, opened
+from tests.stores import DEEP_JSON, backdate, copy_tag, layout_blob, layout_document, opened
 from tests.trees import assert_same_tree, one_file_tree
+from tests.users import as_nobody_in, give_to_nobody
 
 
 def _tree(root: Path, content: bytes) -> Path:
@@ -358,6 +360,52 @@ async def test_an_entry_whose_document_nests_too_deeply_is_listed_with_its_error
     assert not listed["k1"].error and "too deeply" in str(listed["deep"].error), listed
     assert (await remove(store, "deep", grace=timedelta(0))).key == "deep"
     assert [e.key for e in await list_entries(store)] == ["k1"]
+
+
+@pytest.mark.parametrize("document", ["index", "manifest"])
+@pytest.mark.parametrize("damage", ["directory", "fifo", "unreadable"])
+def test_an_entry_whose_document_cannot_be_read_is_listed_as_broken_and_stops_prune(
+    tmp_path: Path, document: str, damage: str
+) -> None:
+    """The newest entry's index or manifest is there but cannot be read (a directory or a FIFO in
+    its place, a file this user may not read): ls lists it as broken beside the other entry;
+    prune, which cannot tell how old it is, stops naming it and the way out, removing nothing;
+    rm removes it. (ls, prune and rm all failed on the file, naming no entry.)"""
+    root = tmp_path / "layout"
+    store = LayoutStore(root)
+
+    async def setup() -> str:
+        await save(store, "k1", one_file_tree(tmp_path / "a", "a"))
+        await backdate(store, "k1", 2)
+        top = (await save(store, "k2", one_file_tree(tmp_path / "b", "b"))).digest
+        return top if document == "index" else layout_document(root, top)["manifests"][0]["digest"]
+
+    digest = anyio.run(setup)
+    path = layout_blob(root, digest)
+    if damage == "unreadable":
+        give_to_nobody(root, tmp_path)
+        path.chmod(0o000)
+    else:
+        path.unlink()
+        path.mkdir() if damage == "directory" else os.mkfifo(path)
+    blobs = sorted(os.listdir(root / "blobs" / "sha256"))
+
+    async def list_and_prune(layout: Path) -> None:
+        store = LayoutStore(layout)
+        listed = {e.key: e for e in await list_entries(store)}
+        assert listed["k1"].error is None and listed["k1"].created is not None, listed
+        assert str(listed["k2"].error).startswith("broken: ") and digest in str(listed["k2"].error), listed
+        with pytest.raises(StoreError, match=r"k2 .*cannot be read.*remote-cache rm"):
+            await prune(store, keep=1)
+        assert sorted(await store.tags()) == ["k1", "k2"]
+        assert sorted(os.listdir(layout / "blobs" / "sha256")) == blobs
+
+    if damage == "unreadable":  # (nobody cannot write here: pytest's directories above are root's)
+        assert as_nobody_in(tmp_path, lambda: anyio.run(list_and_prune, Path("layout"))) == ""
+    else:
+        anyio.run(list_and_prune, root)
+    assert anyio.run(lambda: remove(store, "k2", grace=timedelta(0))).key == "k2"
+    assert [e.key for e in anyio.run(list_entries, store)] == ["k1"]
 
 
 async def test_rm_on_a_registry_that_cannot_read_another_tag_says_why_and_with_copies_goes_on(

@@ -216,6 +216,33 @@ def test_a_layout_entry_whose_top_document_is_gone_is_listed_and_removable(cli: 
     assert json.loads((layout / "index.json").read_bytes())["manifests"] == []
 
 
+def test_a_layout_entry_whose_manifest_cannot_be_read_is_listed_and_prune_says_what_to_do(
+    cli: Run, tmp_path: Path
+) -> None:
+    """An entry's manifest that is there but cannot be read (a directory in its place): ls lists
+    the other entries and that one as broken (exit 0); prune stops with one error naming the
+    entry and rm (exit 1), removing nothing; rm removes it and says what its sweep left. (ls and
+    prune failed with the file's path only, and so did rm.)"""
+    layout = tmp_path / "layout"
+    assert cli("save", str(one_file_tree(tmp_path / "a", "a")), f"oci:{layout}:k1").returncode == 0
+    assert cli("save", str(one_file_tree(tmp_path / "b", "b")), f"oci:{layout}:k2").returncode == 0
+    manifest = layout_document(layout, layout_top(layout))["manifests"][0]["digest"]  # k1's
+    layout_blob(layout, manifest).unlink()
+    layout_blob(layout, manifest).mkdir()
+    listed = cli("ls", f"oci:{layout}", "--json")
+    assert listed.returncode == 0, listed.stderr
+    errors = {e["key"]: e.get("error") for e in json_line(listed)["entries"]}
+    assert errors["k2"] is None and errors["k1"].startswith("broken: ") and manifest in errors["k1"], errors
+    pruned = cli("prune", f"oci:{layout}", "--keep", "1")
+    assert pruned.returncode == 1 and "remote-cache: error: " in pruned.stderr, pruned.stderr
+    assert "k1" in pruned.stderr and "remote-cache rm" in pruned.stderr, pruned.stderr
+    no_traceback(pruned)
+    assert len(json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]) == 2
+    removed = cli("rm", f"oci:{layout}:k1", "--grace", "0s")
+    assert removed.returncode == 0 and manifest.split(":")[1] in removed.stderr, removed.stderr
+    assert [e["key"] for e in json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]] == ["k2"]
+
+
 def test_rm_in_a_layout_whose_sweep_cannot_read_a_document_says_what_it_removed(
     cli: Run, tmp_path: Path
 ) -> None:

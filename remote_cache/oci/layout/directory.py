@@ -32,6 +32,7 @@ __all__ = [
     "read_regular",
     "sweep_dead_temps",
     "tag_of",
+    "unreadable_reason",
 ]
 
 _LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
@@ -44,16 +45,27 @@ def open_regular(path: Path) -> int:
     or a device where a layout has a file would make a read wait, or never end. StoreError
     otherwise; FileNotFoundError as it is."""
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise _not_regular(path)
+        raise _NotRegular(path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # no wait, had it changed since
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise _not_regular(path)
+        raise _NotRegular(path)
     return fd
 
 
-def _not_regular(path: Path) -> StoreError:
-    return StoreError(f"{path} is not a regular file: the layout is damaged, or not an OCI layout")
+class _NotRegular(StoreError):
+    reason = "not a regular file"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is {self.reason}: the layout is damaged, or not an OCI layout")
+
+
+def unreadable_reason(exc: Exception) -> str:
+    """Why a file of the layout could not be read, in a few words for a message that names it:
+    ``not a regular file``, the system's reason (``Permission denied``), else the error's."""
+    if isinstance(exc, _NotRegular):
+        return exc.reason
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def read_regular(path: Path, limit: int) -> bytes | None:

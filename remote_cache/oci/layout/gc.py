@@ -18,7 +18,7 @@ from typing import Any
 from ...errors import StoreError
 from ..descriptor import JSONTooDeep, media_type_of, parse_json, references
 from ..media import LEAF_TYPES, MAX_DOCUMENT_BYTES
-from .directory import LayoutDirectory, read_regular, tag_of
+from .directory import LayoutDirectory, read_regular, tag_of, unreadable_reason
 
 _SHA512 = re.compile(r"sha512:([a-f0-9]{128})")
 
@@ -85,17 +85,19 @@ def _document_path(layout: LayoutDirectory, digest: str) -> Path | None:
 
 
 def _unreadable(layout: LayoutDirectory, digest: str, entry: dict[str, Any], exc: Exception) -> StoreError:
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     tag = tag_of(entry)
     whose, fix = (
-        (f"the entry tagged {tag}", "remove that entry (`remote-cache ls` shows its key)")
+        (
+            f"the entry tagged {tag}",
+            "remove that entry (`remote-cache rm`; `remote-cache ls` lists it as broken)",
+        )
         if tag
         else (f"an untagged entry of index.json ({entry.get('digest')})", "remove that entry from index.json")
     )
     return StoreError(
-        f"blob {digest} in oci:{layout.root}, which {whose} uses, cannot be read ({why}); the sweep "
-        "deletes nothing while it cannot tell what that blob refers to (make it readable; if it is "
-        f"damaged, move it out of the layout's blobs, then {fix})"
+        f"blob {digest} in oci:{layout.root}, which {whose} uses, cannot be read ({unreadable_reason(exc)}); "
+        "the sweep deletes nothing while it cannot tell what that blob refers to (make it readable; if "
+        f"it is damaged, {fix})"
     )
 
 

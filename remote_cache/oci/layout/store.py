@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from ...errors import (
     BlobsSwept,
+    BlobUnreadable,
     BrokenEntry,
     CacheMiss,
     EntryExists,
@@ -34,7 +35,7 @@ from ..descriptor import Descriptor, parse_json, reached_through
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
-from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of
+from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of, unreadable_reason
 from .gc import collect_garbage
 
 __all__ = ["LayoutStore"]
@@ -100,10 +101,13 @@ class LayoutStore:
         raise CacheMiss(tag, self.location)
 
     def _read_small(self, digest: str) -> bytes:
+        path = self._dir.blob_path(digest)
         try:
-            body = read_regular(self._dir.blob_path(digest), MAX_DOCUMENT_BYTES)
+            body = read_regular(path, MAX_DOCUMENT_BYTES)
         except FileNotFoundError:
             raise CacheMiss(digest, self.location) from None
+        except (OSError, StoreError) as exc:  # there, but not a file this user can read
+            raise BlobUnreadable(digest, self.location, unreadable_reason(exc)) from exc
         if body is None:
             raise ImageFormatError(
                 f"manifest {digest} in {self.location} is larger than {MAX_DOCUMENT_BYTES} bytes; too large"
