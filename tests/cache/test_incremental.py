@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from remote_cache.archive import pack as pack_mod
 from remote_cache.archive import walk as walk_mod
 from remote_cache.cache import evidence as state_mod
+from remote_cache.cache import restore as restore_mod
 from remote_cache.cache import save as save_mod
 from remote_cache.cache import state
 from remote_cache.cache.image import ANNOTATION_LISTING, load_image
@@ -494,6 +497,103 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     assert state.record_restore(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
     pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
+
+
+async def test_directories_swapped_after_a_restore_are_saved_not_the_restored_layer(
+    store: Store, tmp_path: Path
+) -> None:
+    """Renaming a directory moves its own ctime, not those of the files inside: two directories
+    with the same listing (same names, sizes and modes; npm's fixed mtimes) swapped after a restore
+    still hold files whose ctimes lie in the restore window, each under the other's path. The
+    layer's listing is unchanged, so only the files' identities can tell the tree changed."""
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            (src / name / f"f{i}").write_bytes(f"{name}{i}".encode() * 1000)
+    _backdate(src, 499162860)  # npm's fixed 1985-10-26 mtime
+    await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work)
+    (work / "a").rename(work / "swap")
+    (work / "b").rename(work / "a")
+    (work / "swap").rename(work / "b")
+    second = await save(store, "k", work)
+    assert not second.unchanged
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert (out / "a" / "f0").read_bytes() == b"b0" * 1000
+    assert_same_tree(work, out)
+
+
+async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s_tree(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two restores of different entries into one in-place target (the current directory, a mount
+    point) at once: the target's inode is both windows' root, and each restore records its window
+    after its swap and after removing its work directory (the old tree), outside the target's
+    lock. When the restore whose tree was swapped out records last, the files that stayed -- their
+    ctimes inside that window too, the extractions ran side by side -- must not be taken for its
+    layers."""
+
+    def entry(root: Path, version: bytes) -> Path:
+        (root / "pkg").mkdir(parents=True)
+        (root / "pkg" / "package.json").write_bytes(b'{"version":"' + version + b'"}')
+        (root / "pkg" / "index.js").write_bytes(b"module.exports = 1\n")
+        _backdate(root, 499162860)  # npm: same size, same mtime, other bytes
+        return root
+
+    a = await save(store, "a", entry(tmp_path / "a", b"1.0.0"), full=True)
+    await save(store, "b", entry(tmp_path / "b", b"2.0.0"), full=True)
+    target = tmp_path / "target"
+    target.mkdir()
+    monkeypatch.chdir(target)  # restored in place, as a mount point is
+
+    # The interleaving a slow clean-up of a's old tree gives: a extracts while b extracts, a swaps,
+    # then b swaps, b records, and a records last.
+    b_extracted, a_swapped = anyio.Event(), anyio.Event()
+    b_recorded = threading.Event()
+    real_window, real_swap, real_record = (
+        restore_mod._Restore.window,
+        restore_mod._Restore.swap,
+        state.record_restore,
+    )
+
+    async def window(self: Any) -> Any:
+        if self._image.digest == a.digest:
+            await b_extracted.wait()
+        else:
+            b_extracted.set()
+            await a_swapped.wait()
+        return await real_window(self)
+
+    async def swap(self: Any) -> None:
+        await real_swap(self)
+        if self._image.digest == a.digest:
+            a_swapped.set()
+
+    def record(path: Path, window: Any) -> bool:
+        if any(rec.digest in a_layers for rec in window.layers.values()):
+            b_recorded.wait(10)
+            return real_record(path, window)
+        done = real_record(path, window)
+        b_recorded.set()
+        return done
+
+    a_layers = {layer.digest for layer in (await load_image(store, "a")).layers}
+    with monkeypatch.context() as m:
+        m.setattr(restore_mod._Restore, "window", window)
+        m.setattr(restore_mod._Restore, "swap", swap)
+        m.setattr(state, "record_restore", record)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: restore(store, "a", Path("."), force=True))
+            tg.start_soon(lambda: restore(store, "b", Path("."), force=True))
+    assert (target / "pkg" / "package.json").read_bytes() == b'{"version":"2.0.0"}'  # b's tree
+    await save(store, "c", target)
+    out = tmp_path / "out"
+    await restore(store, "c", out)
+    assert (out / "pkg" / "package.json").read_bytes() == b'{"version":"2.0.0"}'
+    assert_same_tree(target, out)
 
 
 @pytest.fixture
