@@ -127,6 +127,22 @@ def test_a_file_changed_after_the_scan_never_matches_what_was_recorded(tmp_path:
     assert again.local != recorded.local
 
 
+def test_a_whole_second_ctime_in_the_bound_s_second_is_not_settled_beside_finer_ones(tmp_path: Path) -> None:
+    """A tree spanning two filesystems (a whole-second one mounted inside a nanosecond one): a file
+    on the coarse one written in the bound's second (ctime = that second) can be written again
+    after the scan, in the same second, and keep that ctime -- with npm's fixed mtime and the same
+    size its local listing stays the same, and the next save would reuse the stale layer. The
+    finer files beside it do not make its ctime any finer. (Seen on a loop-mounted ``ext4 -I 128``
+    inside a tmpfs tree: ``probe/mixed.py``.)"""
+    s = 1_000_000_000
+    bound = 100 * s + s // 2  # clock_ns() before the scan: half-way through second 100
+    # (mtimes put back long before, as npm does: second 1 here)
+    fine = Member("a.js", FILE, 0o644, 0, 0, 20, 1, ino=5, ctime_ns=50 * s + 123_456_789)
+    coarse = Member("m/package.json", FILE, 0o644, 0, 0, 20, 1, ino=6, ctime_ns=100 * s)
+    scan = TreeScan(tmp_path, (LayerPlan(0, (fine, coarse), 2048),), TreeStats())
+    assert not local_layers(scan, bound, mtime_bound=100)[0].settled
+
+
 def _window(root: tuple[int, int] = (1, 2), start: int = 10, end: int = 20) -> evidence.RestoreWindow:
     return evidence.RestoreWindow(start, end, root, {(_LOCAL, OCI_LAYER_ZSTD): _record(7)})
 
