@@ -151,6 +151,10 @@ class Extractor:
         self._seen: dict[bytes, int] = {}
         self._nums: dict[bytes, int] = {}  # header number field -> value (see HeaderDecoder)
         self.stats = ExtractStats()
+        #: Per layer, the directories (paths from the root; b"" is the root) it wrote regular
+        #: files into: a restore records their inodes (``remote_cache.cache.evidence``).
+        self.file_parents: list[set[bytes]] = []
+        self._parents: set[bytes] = set()
 
     @property
     def layers_begun(self) -> int:
@@ -285,6 +289,8 @@ class Extractor:
             while not isinstance(first := feeder.get(), EndOfLayers):
                 self._layer += 1
                 self._seen = {}
+                self._parents = set()
+                self.file_parents.append(self._parents)
                 self.stats.layers += 1
                 self._extract(LayerReader(feeder, first))
         except BaseException:
@@ -332,6 +338,7 @@ class Extractor:
         if base.startswith(b".wh."):
             self._whiteout(r, name_b, parent, base, size)
             return
+        self._parents.add(parent)
         if path in self._kinds:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
         mode &= self._mode_mask

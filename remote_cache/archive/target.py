@@ -188,9 +188,12 @@ def _sweep_in_place(target: RestoreTarget) -> list[Path]:
     return sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
 
 
-def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:
+def swap_in(
+    target: RestoreTarget, staging: Path, work: Path, then: Callable[[], object] | None = None
+) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
-    another run works inside the target), else the directory exchanged whole."""
+    another run works inside the target), else the directory exchanged whole; then call ``then``
+    under the same lock (what the swap must be followed by before another run's swap)."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
@@ -199,6 +202,8 @@ def swap_in(target: RestoreTarget, staging: Path, work: Path) -> None:
             swap_entries(staging, target.path, work, keep=is_in_place_work)
         else:
             replace_dir(staging, target.path)
+        if then is not None:
+            then()
 
 
 def _holds_work(path: Path) -> bool:

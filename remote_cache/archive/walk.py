@@ -177,7 +177,8 @@ class _Walk:
             stats.files += 1
             stats.bytes += st.st_size
         elif stat.S_ISDIR(m):
-            self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime))
+            # (The inode: whether a restored file is still in the directory it was written into.)
+            self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime, "", st.st_ino))
             stats.dirs += 1
             self.visit(path, d.path)
         else:

@@ -12,14 +12,18 @@ evidence recorded on this machine, of one of two kinds:
   layers carrying a portable listing and the interval ``[start, end)`` during which it
   extracted them. ``start`` comes from :func:`clock_ns` before extraction, ``end`` from
   :func:`settle` once every file was written, before the staging directory is swapped into
-  place. A planned layer whose portable listing equals a recorded layer's and whose regular
-  files all have ``start <= ctime < end`` is that layer, because: the staging directory is
-  0700 and private during the window, so only the extraction wrote files there; a file
-  modified after the swap gets a ctime at or after ``end``; a file moved or linked in later
-  gets a new ctime too (Linux stamps ctime on rename and link). The restored directory's
-  device and inode are recorded as well, so a different directory moved onto the target
-  path is not mistaken for it. On filesystems with whole-second ctimes the bounds are
-  rounded down to their second (a file written in ``end``'s second is not trusted).
+  place. A planned layer whose portable listing equals a recorded layer's, whose regular
+  files all have ``start <= ctime < end`` and whose files' directories are the inodes the
+  restore wrote them into is that layer, because: the staging directory is 0700 and private
+  during the window, so only the extraction wrote files there; a file modified after the swap
+  gets a ctime at or after ``end``; a file moved or linked in later gets a new ctime too
+  (Linux stamps ctime on rename and link); but a directory moved (two swapped by renames)
+  takes its files along with their ctimes, so each layer also records the (path, inode) of
+  the directories its files are in (:func:`parents_digest`). The restored directory's device
+  and inode are recorded as well, so a different directory moved onto the target path is not
+  mistaken for it. A whole-second ctime (a filesystem that keeps no finer ones, maybe mounted
+  inside the tree) is compared with the bounds rounded down to their second (a file written
+  in ``end``'s second is not trusted).
 
 Whole-tree shortcut (save -> save with nothing changed): after a save, the state also keeps a
 *tree fingerprint* (every entry's name, inode, ctime, mode, size and mtime, taken by the scan) with
@@ -46,11 +50,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..archive.tar import FILE
+from ..archive.tar import DIR, FILE
 from ..oci.descriptor import Descriptor
 
 if TYPE_CHECKING:  # a restore records evidence without importing the save's walk and planner
     from ..archive.plan import LayerPlan, TreeScan
+    from ..archive.tar import Member
     from ..archive.walk import TreeIdentity
 
 __all__ = [
@@ -63,6 +68,7 @@ __all__ = [
     "clock_ns",
     "dir_id",
     "local_layers",
+    "parents_digest",
     "portable_listing",
     "records_for",
     "settle",
@@ -143,21 +149,22 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
     """Compute each layer's :class:`LocalLayer` from the inode and ctime the scan saw.
 
     ``bound_ns`` must come from :func:`clock_ns` (or :func:`settle`) taken *before* the scan.
-    ``mtime_bound`` (whole seconds) additionally requires every entry's mtime before it. On a
-    filesystem with whole-second ctimes the bound is rounded down to its second. No re-stat is
-    needed: a file changed after the scan has a newer ctime, so a later scan cannot match.
+    ``mtime_bound`` (whole seconds) additionally requires every entry's mtime before it. A
+    whole-second ctime is compared with the bound rounded down to its second: a filesystem that
+    keeps no finer ones (maybe one mounted inside the tree) gives a file changed again within
+    that second the same ctime. No re-stat is needed: a file changed after the scan has a newer
+    ctime, so a later scan cannot match.
     """
     files = [[e for e in plan.members if e.kind == FILE] for plan in scan.layers]
-    if all(e.ctime_ns % _SECOND == 0 for layer in files for e in layer):
-        bound_ns -= bound_ns % _SECOND
+    coarse_bound = bound_ns - bound_ns % _SECOND
     out: list[LocalLayer] = []
     for plan, layer_files in zip(scan.layers, files, strict=True):
         listing = portable_listing(plan)
         h = hashlib.sha256(b"remote-cache local listing v1\0" + listing.encode() + b"\0")
         h.update("".join(f"{e.ino} {e.ctime_ns}\0" for e in layer_files).encode())
-        settled = all(e.ctime_ns < bound_ns for e in layer_files) and (
-            mtime_bound is None or all(e.mtime < mtime_bound for e in plan.members)
-        )
+        settled = all(
+            e.ctime_ns < (coarse_bound if e.ctime_ns % _SECOND == 0 else bound_ns) for e in layer_files
+        ) and (mtime_bound is None or all(e.mtime < mtime_bound for e in plan.members))
         out.append(LocalLayer(listing, "sha256:" + h.hexdigest(), settled))
     return out
 
@@ -204,6 +211,17 @@ class RestoreWindow:
     root: tuple[int, int]
     #: (portable listing, media type) -> the image layer with that listing annotation.
     layers: dict[tuple[str, str], LayerRecord]
+    #: (portable listing, media type) -> :func:`parents_digest` of the directories the restore
+    #: wrote that layer's regular files into.
+    parents: dict[tuple[str, str], str]
+
+
+def parents_digest(dirs: dict[bytes, int]) -> str:
+    """SHA-256 over (path from the root, inode) of the directories a layer's regular files are
+    in (the root itself left out: its identity is checked on its own). Directories swapped after
+    a restore keep their files' ctimes, not their inodes at those paths."""
+    text = b"".join(path + b"\0" + str(ino).encode() + b"\0" for path, ino in sorted(dirs.items()))
+    return "sha256:" + hashlib.sha256(b"remote-cache parents v1\0" + text).hexdigest()
 
 
 def dir_id(path: Path) -> tuple[int, int]:
@@ -217,26 +235,47 @@ def window_hits(
 ) -> dict[int, LayerRecord]:
     """Planned layers (by position) that ``window`` vouches for; see the module docstring.
 
-    A layer qualifies when its portable listing equals a recorded layer's (same media type) and
-    every regular file's ctime lies in the window. The caller checks that the scanned directory
+    A layer qualifies when its portable listing equals a recorded layer's (same media type),
+    every regular file's ctime lies in the window and its files' directories are the ones the
+    restore wrote them into (:attr:`RestoreWindow.parents`). The caller checks that the scanned directory
     is the one restored (:attr:`RestoreWindow.root`) and that the store still has the blob.
     """
     if window is None or not window.layers:
         return {}
     start, end = window.start_ns, window.end_ns
-    if all(e.ctime_ns % _SECOND == 0 for plan in scan.layers for e in plan.members if e.kind == FILE):
-        # Whole-second ctimes are floored: a file written in start's second still has ctime >=
-        # floor(start); one written in end's second may be a later change, so it is not trusted.
-        start -= start % _SECOND
-        end -= end % _SECOND
+    # Whole-second ctimes against floored bounds: a file written in start's second still has
+    # ctime >= floor(start); one written in end's second may be a later change: not trusted.
+    coarse = (start - start % _SECOND, end - end % _SECOND)
+    dirs = {os.fsencode(m.path): m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
     out: dict[int, LayerRecord] = {}
     for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
-        rec = window.layers.get((layer.listing, media_type))
+        key = (layer.listing, media_type)
+        rec = window.layers.get(key)
         if rec is None:
             continue
-        if all(start <= e.ctime_ns < end for e in plan.members if e.kind == FILE):
+        files = [e for e in plan.members if e.kind == FILE]
+        if all(_in_window(e.ctime_ns, start, end, coarse) for e in files) and window.parents.get(
+            key
+        ) == _parents_of(files, dirs):
             out[i] = rec
     return out
+
+
+def _in_window(ctime_ns: int, start: int, end: int, coarse: tuple[int, int]) -> bool:
+    if ctime_ns % _SECOND == 0:
+        start, end = coarse
+    return start <= ctime_ns < end
+
+
+def _parents_of(files: list[Member], dirs: dict[bytes, int]) -> str | None:
+    """:func:`parents_digest` of the directories ``files`` are in, with the inodes the scan saw."""
+    found: dict[bytes, int] = {}
+    for path in {os.fsencode(e.path).rpartition(b"/")[0] for e in files}:
+        if path:
+            if path not in dirs:
+                return None
+            found[path] = dirs[path]
+    return parents_digest(found)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -41,7 +41,7 @@ from ..tasks import first_error
 from ..units import counted, format_bytes, format_rate
 from . import state
 from .entries import find_entry
-from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, settle
+from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, parents_digest, settle
 from .image import ANNOTATION_LISTING, CacheImage, read_diff_ids
 from .progress import Progress
 from .spool import Aborted, GrowingFile, caused_by_abort
@@ -115,20 +115,17 @@ async def restore(
     image = match.image
     await anyio.to_thread.run_sync(_check_space, target, image)
     run = _Restore(store, image, target, jobs=jobs, progress=progress, record_state=record_state)
-    window: RestoreWindow | None = None
-    swapped = False
     try:
         stats = await run.fetch_and_extract()
         window = await run.window()
-        await run.swap()
-        swapped = True
+        # Recorded under the target's lock, with the swap: of two restores into one target, the
+        # window of the tree that stays is the one recorded last.
+        await run.swap(None if window is None else lambda: state.record_restore(path, window))
     finally:
         # Shielded: a signal's cancellation must not skip the clean-up; and once the target holds
         # the new tree the restore is done, so a signal from then on cannot make it "interrupted".
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(run.close)
-            if swapped and window is not None:
-                await anyio.to_thread.run_sync(state.record_restore, path, window)
     return RestoreResult(
         key=key,
         tag=match.tag,
@@ -210,6 +207,7 @@ class _Restore:
         self._reading = 0  # the layer the extraction reads (see _layers)
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
+        self._file_parents: list[set[bytes]] = []
         self._window_start = 0
         self._progress_lock = threading.Lock()
 
@@ -274,10 +272,11 @@ class _Restore:
         # before the window's end, every later change's at or after it.
         return await anyio.to_thread.run_sync(self._make_window)
 
-    async def swap(self) -> None:
-        """Put the staging directory in place of the target, or its entries in the target's."""
+    async def swap(self, then: Callable[[], object] | None) -> None:
+        """Put the staging directory in place of the target, or its entries in the target's; then
+        call ``then`` (still holding the target's lock)."""
         assert self._work is not None
-        await anyio.to_thread.run_sync(swap_in, self._target, self._staging, self._work.path)
+        await anyio.to_thread.run_sync(swap_in, self._target, self._staging, self._work.path, then)
 
     def close(self) -> None:
         """Remove the work directory (the staging, or after an exchange the old tree) and unlock."""
@@ -332,6 +331,7 @@ class _Restore:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
+            self._file_parents = extractor.file_parents
             return extractor.finish()
 
     async def _extract(self) -> None:
@@ -362,28 +362,39 @@ class _Restore:
         """Only layers with a portable listing annotation (saved by us, not racy) can be matched
         by a later save. None when there are none, or the directory cannot be identified."""
         image, diff_ids = self._image, self._diff_ids
-        layers: dict[tuple[str, str], LayerRecord] = {}
-        for desc, diff_id in zip(image.layers, diff_ids, strict=False):
-            listing = desc.annotations.get(ANNOTATION_LISTING)
-            if listing:
-                layers.setdefault(
-                    (listing, desc.media_type), LayerRecord(desc.media_type, desc.digest, desc.size, diff_id)
-                )
-        if not layers or len(diff_ids) != len(image.layers):
+        if len(diff_ids) != len(image.layers) or len(self._file_parents) != len(image.layers):
             return None
-        end_ns = settle(time.time_ns())
+        written = time.time_ns()  # every file is written: settle past this (the stats write nothing)
         try:
+            inodes = _inodes(self._staging, set().union(*self._file_parents) - {b""})
             # In place, the target keeps its own inode (only its entries move in).
             root = dir_id(self._target.path if self._target.in_place else self._staging)
         except OSError:
             return None
-        return RestoreWindow(self._window_start, end_ns, root, layers)
+        layers: dict[tuple[str, str], LayerRecord] = {}
+        parents: dict[tuple[str, str], str] = {}
+        for desc, diff_id, dirs in zip(image.layers, diff_ids, self._file_parents, strict=True):
+            listing = desc.annotations.get(ANNOTATION_LISTING)
+            if listing and (listing, desc.media_type) not in layers:
+                layers[listing, desc.media_type] = LayerRecord(
+                    desc.media_type, desc.digest, desc.size, diff_id
+                )
+                parents[listing, desc.media_type] = parents_digest({d: inodes[d] for d in dirs if d})
+        if not layers:
+            return None
+        return RestoreWindow(self._window_start, settle(written), root, layers, parents)
 
     def _close_feeds(self, ok: bool) -> None:
         for feed in self._feeds:
             # Wake an extraction thread still waiting on a feed (the task group was cancelled).
             feed.finish(None if ok else Aborted())
             feed.close()
+
+
+def _inodes(root: Path, dirs: set[bytes]) -> dict[bytes, int]:
+    """The inode of each directory in ``dirs`` (paths from ``root``); OSError when one is gone."""
+    base = os.fsencode(root) + b"/"
+    return {d: os.lstat(base + d).st_ino for d in dirs}
 
 
 def _in_layer(exc: RemoteCacheError, image: CacheImage, number: int) -> RemoteCacheError:

@@ -41,7 +41,8 @@ STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
 MAX_RECORDS = 2048
 #: A state file larger than this is ignored (and rewritten by the next restore or save).
 MAX_STATE_BYTES = 2 << 20
-_FORMAT = "remote-cache-state/2"
+#: /3: a restore window records each layer's directories (``parents``); older files are ignored.
+_FORMAT = "remote-cache-state/3"
 
 
 def state_dir() -> Path:
@@ -119,12 +120,16 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
     ):
         return None
     out: dict[tuple[str, str], LayerRecord] = {}
+    parents: dict[tuple[str, str], str] = {}
     for item in layers:
         parsed = _layer_record(item, "listing")
-        if parsed is None:
+        dirs = item.get("parents") if isinstance(item, dict) else None
+        if parsed is None or not (isinstance(dirs, str) and is_digest(dirs)):
             return None
-        out.setdefault((parsed[0], parsed[1].media_type), parsed[1])
-    return RestoreWindow(start, end, (root[0], root[1]), out)
+        key = (parsed[0], parsed[1].media_type)
+        if key not in out:
+            out[key], parents[key] = parsed[1], dirs
+    return RestoreWindow(start, end, (root[0], root[1]), out, parents)
 
 
 def _parse_tree(raw: Any) -> TreeRecord | None:
@@ -200,11 +205,11 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
             "root": list(window.root),
             # A malformed annotation is dropped here rather than spoil the whole file.
             "layers": [
-                item
-                for item in (
-                    _layer_json("listing", listing, rec) for (listing, _), rec in window.layers.items()
+                {**item, "parents": window.parents[key]}
+                for key, item in (
+                    (key, _layer_json("listing", key[0], rec)) for key, rec in window.layers.items()
                 )
-                if _layer_record(item, "listing") is not None
+                if _layer_record(item, "listing") is not None and key in window.parents
             ][:MAX_RECORDS],
         }
     return doc

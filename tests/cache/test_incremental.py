@@ -16,13 +16,16 @@ import pytest
 
 from remote_cache.archive import pack as pack_mod
 from remote_cache.archive import walk as walk_mod
+from remote_cache.archive.tar import FILE
 from remote_cache.cache import evidence as state_mod
 from remote_cache.cache import restore as restore_mod
 from remote_cache.cache import save as save_mod
 from remote_cache.cache import state
+from remote_cache.cache.evidence import local_layers
 from remote_cache.cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
+from remote_cache.oci.media import OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.registry_server import FaultProxy, RegistryServer
@@ -496,7 +499,24 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     state.state_path(a).unlink()
     assert state.record_restore(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
     pack_calls.clear()
+    assert (await save(store, "k", a)).layers_reused < total  # its directories are not a's either
+    state.state_path(a).unlink()
+    assert state.record_restore(
+        a, dataclasses.replace(wide, root=state_mod.dir_id(a), parents=_parents_now(a))
+    )
+    pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
+
+
+def _parents_now(root: Path) -> dict[tuple[str, str], str]:
+    """What a restore of the tree at ``root`` would record as each layer's parents (by lstat)."""
+    scan = save_mod.scan_tree(root)  # (cut as the save cuts it here: see small_layers)
+    out = {}
+    for plan, layer in zip(scan.layers, local_layers(scan, state_mod.clock_ns()), strict=True):
+        dirs = {os.path.dirname(m.path) for m in plan.members if m.kind == FILE} - {""}
+        inodes = {os.fsencode(d): os.lstat(root / d).st_ino for d in dirs}
+        out[layer.listing, OCI_LAYER_ZSTD] = state_mod.parents_digest(inodes)
+    return out
 
 
 async def test_directories_swapped_after_a_restore_are_saved_not_the_restored_layer(
@@ -567,14 +587,14 @@ async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s
             await a_swapped.wait()
         return await real_window(self)
 
-    async def swap(self: Any) -> None:
-        await real_swap(self)
+    async def swap(self: Any, then: Any) -> None:
+        await real_swap(self, then)
         if self._image.digest == a.digest:
             a_swapped.set()
 
     def record(path: Path, window: Any) -> bool:
         if any(rec.digest in a_layers for rec in window.layers.values()):
-            b_recorded.wait(10)
+            b_recorded.wait(3)  # (it never comes where recording goes with the swap, under its lock)
             return real_record(path, window)
         done = real_record(path, window)
         b_recorded.set()

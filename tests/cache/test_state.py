@@ -48,7 +48,7 @@ def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:
     assert state.record_save(target, state.load(target), [(_LOCAL, _record())])
     assert state.load(target).records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
     doc = json.loads(state_path(target).read_text())
-    assert doc["format"] == "remote-cache-state/2" and doc["path"] == str(target.resolve())
+    assert doc["format"] == "remote-cache-state/3" and doc["path"] == str(target.resolve())
     many = [("sha256:" + f"{i:064x}", _record(i)) for i in range(state.MAX_RECORDS + 50)]
     assert state.record_save(target, state.load(target), many)
     kept = state.load(target).records
@@ -144,7 +144,14 @@ def test_a_whole_second_ctime_in_the_bound_s_second_is_not_settled_beside_finer_
 
 
 def _window(root: tuple[int, int] = (1, 2), start: int = 10, end: int = 20) -> evidence.RestoreWindow:
-    return evidence.RestoreWindow(start, end, root, {(_LOCAL, OCI_LAYER_ZSTD): _record(7)})
+    key = (_LOCAL, OCI_LAYER_ZSTD)
+    return evidence.RestoreWindow(start, end, root, {key: _record(7)}, {key: evidence.parents_digest({})})
+
+
+def _parents_on_disk(root: Path, files: list[str]) -> str:
+    """The parents digest of ``files`` as a restore takes it: each one's directory, by lstat."""
+    dirs = {os.path.dirname(f) for f in files} - {""}
+    return evidence.parents_digest({os.fsencode(d): os.lstat(root / d).st_ino for d in dirs})
 
 
 def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
@@ -161,7 +168,7 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
     assert state.load(tmp_path).window == _window(start=30, end=40)
     bad = dataclasses.replace(_window(), layers={("not a digest", OCI_LAYER_ZSTD): _record(8)})
     assert state.record_restore(tmp_path, bad)  # a malformed annotation is dropped, not fatal
-    assert state.load(tmp_path).window == dataclasses.replace(bad, layers={})
+    assert state.load(tmp_path).window == dataclasses.replace(bad, layers={}, parents={})
     assert len(state.load(tmp_path).records) == 2
 
 
@@ -172,6 +179,21 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
         {"start": 1, "end": 10, "root": [1], "layers": []},
         {"start": "1", "end": 10, "root": [1, 2], "layers": []},
         {"start": 1, "end": 10, "root": [1, 2], "layers": [{"listing": "x"}]},
+        # an older format's layer: no parents (its directories unknown)
+        {
+            "start": 1,
+            "end": 10,
+            "root": [1, 2],
+            "layers": [
+                {
+                    "listing": _LOCAL,
+                    "mediaType": OCI_LAYER_ZSTD,
+                    "digest": _DIGEST,
+                    "size": 1,
+                    "diffID": _DIGEST,
+                }
+            ],
+        },
         [],
     ],
 )
@@ -202,7 +224,10 @@ def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -
     scan = scan_tree(root)
     layers = local_layers(scan, end)
     rec = _record(3)
-    window = evidence.RestoreWindow(start, end, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): rec})
+    key = (layers[0].listing, OCI_LAYER_ZSTD)
+    window = evidence.RestoreWindow(
+        start, end, (0, 0), {key: rec}, {key: _parents_on_disk(root, ["d/a", "b"])}
+    )
     assert evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {0: rec}
     assert evidence.window_hits(scan, layers, window, "application/other") == {}
     assert evidence.window_hits(scan, layers, None, OCI_LAYER_ZSTD) == {}
@@ -225,8 +250,9 @@ def test_whole_second_ctimes_round_the_window_down(tmp_path: Path) -> None:
         entry = Member("f", FILE, 0o644, 0, 0, 1, 1, ino=5, ctime_ns=ctime_s * s)
         scan = TreeScan(tmp_path, (LayerPlan(0, (entry,), 1024),), TreeStats())
         layers = local_layers(scan, 100 * s)
+        key = (layers[0].listing, OCI_LAYER_ZSTD)
         window = evidence.RestoreWindow(
-            10 * s + s // 2, 20 * s + s // 2, (0, 0), {(layers[0].listing, OCI_LAYER_ZSTD): _record()}
+            10 * s + s // 2, 20 * s + s // 2, (0, 0), {key: _record()}, {key: evidence.parents_digest({})}
         )
         return bool(evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD))
 
