@@ -106,6 +106,16 @@ def test_bucket_usage_errors_exit_2(cli: Run, moto: ObjectServer, registry: Any,
         (("save", str(src), ref, "--sse-kms-key-id", "k1"), "aws:kms"),
         (("save", str(src), ref, "--endpoint", "http://cache.example:9000"), "plain HTTP"),
         (("save", str(src), ref, "--endpoint", "ftp://cache.example"), "http(s)"),
+        # No scheme: the parser takes the host (or an IP's first part) for one, and the message
+        # said "endpoint ://..." or "minio.example://...".
+        (
+            ("save", str(src), ref, "--endpoint", "127.0.0.1:9000"),
+            "has no scheme: give http://127.0.0.1:9000",
+        ),
+        (
+            ("save", str(src), ref, "--endpoint", "minio.example:9000"),
+            "give http://minio.example:9000 or https://",
+        ),
         (("restore", "s3://Not_A_Bucket:k", str(tmp_path / "o")), "bucket"),
         (("save", str(src), "gs://some-bucket/c:k", "--sse", "AES256"), "S3 options"),
         (("save", str(src), "az://container/c:k", "--region", "westeurope"), "S3 options"),

@@ -76,6 +76,9 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
         raise InvalidReference(
             f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
         ) from None
+    if "://" not in endpoint:  # the parser took the host (or an IP's first part) for a scheme
+        given = "" if "@" in endpoint else f": give http://{endpoint} or https://{endpoint}"
+        raise InvalidReference(f"endpoint has no scheme{given}, e.g. https://minio.example:9000")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidReference(
             f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
