@@ -245,8 +245,8 @@ def window_hits(
     start, end = window.start_ns, window.end_ns
     # Whole-second ctimes against floored bounds: a file written in start's second still has
     # ctime >= floor(start); one written in end's second may be a later change: not trusted.
-    coarse = (start - start % _SECOND, end - end % _SECOND)
-    dirs = {os.fsencode(m.path): m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
+    cstart, cend = start - start % _SECOND, end - end % _SECOND
+    dirs = {m.path: m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
     out: dict[int, LayerRecord] = {}
     for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
         key = (layer.listing, media_type)
@@ -254,27 +254,23 @@ def window_hits(
         if rec is None:
             continue
         files = [e for e in plan.members if e.kind == FILE]
-        if all(_in_window(e.ctime_ns, start, end, coarse) for e in files) and window.parents.get(
-            key
-        ) == _parents_of(files, dirs):
+        in_window = all(
+            (start <= c < end) if (c := e.ctime_ns) % _SECOND else (cstart <= c < cend) for e in files
+        )
+        if in_window and window.parents.get(key) == _parents_of(files, dirs):
             out[i] = rec
     return out
 
 
-def _in_window(ctime_ns: int, start: int, end: int, coarse: tuple[int, int]) -> bool:
-    if ctime_ns % _SECOND == 0:
-        start, end = coarse
-    return start <= ctime_ns < end
-
-
-def _parents_of(files: list[Member], dirs: dict[bytes, int]) -> str | None:
+def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:
     """:func:`parents_digest` of the directories ``files`` are in, with the inodes the scan saw."""
     found: dict[bytes, int] = {}
-    for path in {os.fsencode(e.path).rpartition(b"/")[0] for e in files}:
+    for path in {e.path.rpartition("/")[0] for e in files}:
         if path:
-            if path not in dirs:
+            ino = dirs.get(path)
+            if ino is None:
                 return None
-            found[path] = dirs[path]
+            found[os.fsencode(path)] = ino
     return parents_digest(found)
 
 
