@@ -40,6 +40,12 @@ class Stalls:
             self._since = now - self.period  # the stall began a period ago
         return now - self._since < self.budget
 
+    def spent(self) -> None:
+        """Record a request that waited out the stall timeout through retries taking the whole
+        budget (an object store's client retries within it itself): nothing more is tried."""
+        now = time.monotonic()
+        self._since = now - self.budget if self._since is None else min(self._since, now - self.budget)
+
     def refusal(self, who: str) -> str | None:
         """Why a request must not even be sent, once the store has been stalled past the budget
         (the message starts with ``who``, e.g. ``registry ghcr.io``); None until then."""

@@ -180,6 +180,30 @@ def test_unreachable_or_stalled_bucket_fails_fast_with_a_clear_message(
     no_traceback(stalled)
 
 
+def test_a_bucket_that_never_answers_fails_a_save_and_a_restore_within_the_stall_budget(
+    cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """As a registry's (tests/cli/test_cli.py): about two stall periods, whichever request meets
+    the stall. (A save took four: its first request, the lookup of the key's entry, spent two
+    inside obstore's own retries, was counted as stalled for one, and the next request got two
+    more.)"""
+    src = small_tree(tmp_path / "src")
+    env = object_env(moto)
+    ref = f"s3://{new_bucket(moto)}/c:k"
+    assert cli("save", str(src), ref, env=env).returncode == 0
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    proxy.stall(times=10_000)  # every request hangs, forever
+    hanging = {**env, "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    for args in (("save", str(src), ref), ("restore", ref, str(tmp_path / "out"))):
+        started = time.monotonic()
+        proc = cli(*args, "--timeout", "2", env=hanging)
+        elapsed = time.monotonic() - started
+        assert proc.returncode == 1, proc.stderr
+        assert "retries included: giving up (--timeout sets the stall timeout)" in proc.stderr, proc.stderr
+        assert elapsed < 2 * 2 + 4, f"{args[0]}: --timeout 2 took {elapsed:.1f}s to give up"
+        no_traceback(proc)
+
+
 def test_keys_from_the_aws_shared_files_as_aws_tools_read_them(
     cli: Run, moto: ObjectServer, tmp_path: Path, fault_proxy_factory: Any
 ) -> None:

@@ -4,6 +4,7 @@ what a healthy server does not do (stall, answer 503)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -284,6 +285,14 @@ async def test_a_stalled_or_failing_server_fails_within_the_timeout_with_a_clear
             await store.resolve(tag_for_key("k"))
         assert time.monotonic() - started < 15
         proxy.clear()
+        # The stall spent the store's budget (obstore retried within it): it is given up on.
+        with pytest.raises(StoreUnreachable, match="sent nothing for 4s, retries included: giving up"):
+            await store.resolve(tag_for_key("k"))
+        assert proxy.requests == []
+        options = ObjectStoreOptions(endpoint=endpoint, stall_seconds=2, retries=1)
+        ref = store.reference
+    store = ObjectStore(ref, options)  # the next command's
+    async with contextlib.aclosing(store):
         proxy.fail(10, 503, path_contains="/tags/")
         with pytest.raises(StoreError, match="503"):
             await store.resolve(tag_for_key("k"))

@@ -44,7 +44,7 @@ from ..descriptor import Descriptor, parse_json, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
-from ..stalls import GIVING_UP, Stalls
+from ..stalls import Stalls
 from ..store import (
     DEFAULT_GC_GRACE_SECONDS,
     REPACK_FIX,
@@ -105,10 +105,10 @@ class ObjectStore:
             with translated(self.location, action, self._secrets):
                 yield
         except StoreStalled as exc:
-            # obstore has retried the request already: this is the last word on it either way.
-            if not self._stalls.stalled():
-                raise StoreUnreachable(self._stalls.gave_up(str(exc)), temporary=False) from exc
-            raise StoreStalled(f"{exc}, {GIVING_UP}", temporary=exc.temporary) from exc
+            # obstore has retried the request within the whole stall budget already (its
+            # retry_timeout, see .client): the store has sent nothing for the budget.
+            self._stalls.spent()
+            raise StoreUnreachable(self._stalls.gave_up(str(exc)), temporary=False) from exc
         self._stalls.progressed()
 
     @staticmethod
