@@ -358,7 +358,7 @@ async def test_an_entry_whose_document_nests_too_deeply_is_listed_with_its_error
     index_path.write_text(json.dumps(index))
     listed = {e.key: e for e in await list_entries(store)}
     assert not listed["k1"].error and "too deeply" in str(listed["deep"].error), listed
-    assert (await remove(store, "deep", grace=timedelta(0))).key == "deep"
+    assert (await remove(store, "deep", grace=timedelta(0))).entry.key == "deep"
     assert [e.key for e in await list_entries(store)] == ["k1"]
 
 
@@ -404,7 +404,7 @@ def test_an_entry_whose_document_cannot_be_read_is_listed_as_broken_and_stops_pr
         assert as_nobody_in(tmp_path, lambda: anyio.run(list_and_prune, Path("layout"))) == ""
     else:
         anyio.run(list_and_prune, root)
-    assert anyio.run(lambda: remove(store, "k2", grace=timedelta(0))).key == "k2"
+    assert anyio.run(lambda: remove(store, "k2", grace=timedelta(0))).entry.key == "k2"
     assert [e.key for e in anyio.run(list_entries, store)] == ["k1"]
 
 
