@@ -155,6 +155,9 @@ class Extractor:
         #: files into: a restore records their inodes (``remote_cache.cache.evidence``).
         self.file_parents: list[set[bytes]] = []
         self._parents: set[bytes] = set()
+        #: Layers (by index) something of which a later layer replaced or removed: the tree no
+        #: longer holds all they wrote, whatever their listing says.
+        self.rewritten: set[int] = set()
 
     @property
     def layers_begun(self) -> int:
@@ -244,7 +247,9 @@ class Extractor:
         gone = [path, *self._subtree(path)]
         tree = self._tree  # (built by _subtree when path was a directory)
         for p in gone:
-            self._kinds.pop(p, None)
+            recorded = self._kinds.pop(p, None)
+            if recorded is not None and recorded[1] != self._layer:
+                self.rewritten.add(recorded[1])
             self._dirmeta.pop(p, None)
             if tree is not None:
                 tree.pop(p, None)

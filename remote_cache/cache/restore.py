@@ -208,6 +208,7 @@ class _Restore:
         self._diff_ids: list[str] = []
         self._stats: ExtractStats | None = None
         self._file_parents: list[set[bytes]] = []
+        self._rewritten: set[int] = set()
         self._window_start = 0
         self._progress_lock = threading.Lock()
 
@@ -331,7 +332,7 @@ class _Restore:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
-            self._file_parents = extractor.file_parents
+            self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
             return extractor.finish()
 
     async def _extract(self) -> None:
@@ -359,29 +360,36 @@ class _Restore:
     # -- record and clean up ------------------------------------------------------------------
 
     def _make_window(self) -> RestoreWindow | None:
-        """Only layers with a portable listing annotation (saved by us, not racy) can be matched
-        by a later save. None when there are none, or the directory cannot be identified."""
+        """Only layers with a portable listing annotation (saved by us, not racy) that no later
+        layer rewrote can be matched by a later save. None when there are none, or the directory
+        cannot be identified."""
         image, diff_ids = self._image, self._diff_ids
         if len(diff_ids) != len(image.layers) or len(self._file_parents) != len(image.layers):
             return None
         written = time.time_ns()  # every file is written: settle past this (the stats write nothing)
+        # A layer a later one rewrote (a foreign tool's appended layer) no longer is in the tree.
+        vouched = [
+            (i, listing)
+            for i, desc in enumerate(image.layers)
+            if (listing := desc.annotations.get(ANNOTATION_LISTING)) and i not in self._rewritten
+        ]
+        if not vouched:
+            return None
         try:
-            inodes = _inodes(self._staging, set().union(*self._file_parents) - {b""})
+            dirs = set().union(*(self._file_parents[i] for i, _ in vouched)) - {b""}
+            inodes = _inodes(self._staging, dirs)
             # In place, the target keeps its own inode (only its entries move in).
             root = dir_id(self._target.path if self._target.in_place else self._staging)
         except OSError:
             return None
         layers: dict[tuple[str, str], LayerRecord] = {}
         parents: dict[tuple[str, str], str] = {}
-        for desc, diff_id, dirs in zip(image.layers, diff_ids, self._file_parents, strict=True):
-            listing = desc.annotations.get(ANNOTATION_LISTING)
-            if listing and (listing, desc.media_type) not in layers:
-                layers[listing, desc.media_type] = LayerRecord(
-                    desc.media_type, desc.digest, desc.size, diff_id
-                )
-                parents[listing, desc.media_type] = parents_digest({d: inodes[d] for d in dirs if d})
-        if not layers:
-            return None
+        for i, listing in vouched:
+            desc = image.layers[i]
+            key = (listing, desc.media_type)
+            if key not in layers:
+                layers[key] = LayerRecord(desc.media_type, desc.digest, desc.size, diff_ids[i])
+                parents[key] = parents_digest({d: inodes[d] for d in self._file_parents[i] if d})
         return RestoreWindow(self._window_start, settle(written), root, layers, parents)
 
     def _close_feeds(self, ok: bool) -> None:
