@@ -550,11 +550,12 @@ async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two restores of different entries into one in-place target (the current directory, a mount
-    point) at once: the target's inode is both windows' root, and each restore records its window
-    after its swap and after removing its work directory (the old tree), outside the target's
-    lock. When the restore whose tree was swapped out records last, the files that stayed -- their
-    ctimes inside that window too, the extractions ran side by side -- must not be taken for its
-    layers."""
+    point) at once, extracting side by side: the target's inode is both windows' root, and the
+    files of the tree that stays have ctimes inside the other's window too. That window must not
+    vouch for them: the tree's directories are other inodes (and its root entries were renamed in
+    at the swap). Each restore records its window with its swap, under the target's lock, so the
+    window recorded last is that of the tree in place (it was recorded after the old tree's
+    removal, outside the lock: the other's could come last)."""
 
     def entry(root: Path, version: bytes) -> Path:
         (root / "pkg").mkdir(parents=True)
@@ -564,20 +565,28 @@ async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s
         return root
 
     a = await save(store, "a", entry(tmp_path / "a", b"1.0.0"), full=True)
-    await save(store, "b", entry(tmp_path / "b", b"2.0.0"), full=True)
+    b = await save(store, "b", entry(tmp_path / "b", b"2.0.0"), full=True)
     target = tmp_path / "target"
     target.mkdir()
     monkeypatch.chdir(target)  # restored in place, as a mount point is
 
-    # The interleaving a slow clean-up of a's old tree gives: a extracts while b extracts, a swaps,
-    # then b swaps, b records, and a records last.
-    b_extracted, a_swapped = anyio.Event(), anyio.Event()
-    b_recorded = threading.Event()
-    real_window, real_swap, real_record = (
-        restore_mod._Restore.window,
-        restore_mod._Restore.swap,
-        state.record_restore,
-    )
+    # a extracts while b extracts, then a swaps, then b; a's clean-up of the old tree (slow, say)
+    # ends only after b's window is recorded.
+    b_extracted, a_swapped, b_recorded = anyio.Event(), anyio.Event(), threading.Event()
+    real_window, real_swap = restore_mod._Restore.window, restore_mod._Restore.swap
+    real_close, real_record = restore_mod._Restore.close, state.record_restore
+    windows: dict[str, Any] = {}
+
+    def record(path: Path, made: Any) -> bool:
+        done = real_record(path, made)
+        if made is windows.get(b.digest):
+            b_recorded.set()
+        return done
+
+    def close(self: Any) -> None:
+        if self._image.digest == a.digest:
+            b_recorded.wait(10)
+        real_close(self)
 
     async def window(self: Any) -> Any:
         if self._image.digest == a.digest:
@@ -585,30 +594,26 @@ async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s
         else:
             b_extracted.set()
             await a_swapped.wait()
-        return await real_window(self)
+        windows[self._image.digest] = made = await real_window(self)
+        return made
 
     async def swap(self: Any, then: Any) -> None:
         await real_swap(self, then)
         if self._image.digest == a.digest:
             a_swapped.set()
 
-    def record(path: Path, window: Any) -> bool:
-        if any(rec.digest in a_layers for rec in window.layers.values()):
-            b_recorded.wait(3)  # (it never comes where recording goes with the swap, under its lock)
-            return real_record(path, window)
-        done = real_record(path, window)
-        b_recorded.set()
-        return done
-
-    a_layers = {layer.digest for layer in (await load_image(store, "a")).layers}
     with monkeypatch.context() as m:
         m.setattr(restore_mod._Restore, "window", window)
         m.setattr(restore_mod._Restore, "swap", swap)
+        m.setattr(restore_mod._Restore, "close", close)
         m.setattr(state, "record_restore", record)
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: restore(store, "a", Path("."), force=True))
             tg.start_soon(lambda: restore(store, "b", Path("."), force=True))
     assert (target / "pkg" / "package.json").read_bytes() == b'{"version":"2.0.0"}'  # b's tree
+    assert state.load(target).window == windows[b.digest]  # recorded last, with the last swap
+    # Had a's window been recorded last, it must not vouch for b's tree all the same:
+    assert state.record_restore(target, windows[a.digest])
     await save(store, "c", target)
     out = tmp_path / "out"
     await restore(store, "c", out)
