@@ -32,6 +32,7 @@ from remote_cache.oci import (
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.registry import RegistryStore, Timeouts
+from remote_cache.oci.registry.auth import Authenticator
 from remote_cache.oci.store import Store
 from tests.oci.blob_reading import read_all
 from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port, start_registry, tcp_relay
@@ -712,3 +713,11 @@ async def test_credentials_never_go_to_another_origin_named_by_the_registry(
             await store.put_blob(blob(data), data)
     assert front.requests and all(r.headers.get("authorization") for r in front.requests[-2:])
     assert elsewhere.requests and not [r for r in elsewhere.requests if "authorization" in r.headers]
+
+
+def test_a_token_answer_nested_too_deeply_is_no_usable_token() -> None:
+    """Like a tag list, manifest or error body (commit 2780ba7), a token realm's answer nested too
+    deeply to parse is one that is not JSON: "sent no usable token", not RecursionError."""
+    auth = Authenticator("registry.example", None, plain_http=False, send=None, timeouts=Timeouts())  # type: ignore[arg-type]
+    with pytest.raises(RegistryAuthError, match="no usable token"):
+        auth._parse_token(DEEP_JSON[:1_000_000])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -22,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 
 from ...errors import RegistryAuthError
 from ..credentials import Credentials
+from ..descriptor import parse_json
 from ..reference import is_loopback
 from .errors import error_for_response, translated
 from .threaded import WireAnswer, with_query
@@ -182,7 +182,7 @@ class Authenticator:
         if len(body) > _MAX_TOKEN_BODY:
             raise RegistryAuthError(f"the token realm of registry {self.host} sent an oversized answer")
         try:
-            data: Any = json.loads(body)
+            data: Any = parse_json(body)
             value = data.get("token") or data.get("access_token")
             expires_in = int(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError) as exc:
