@@ -106,8 +106,11 @@ class LayoutStore:
             body = read_regular(path, MAX_DOCUMENT_BYTES)
         except FileNotFoundError:
             raise CacheMiss(digest, self.location) from None
-        except (OSError, StoreError) as exc:  # there, but not a file this user can read
+        except PermissionError as exc:
             raise BlobUnreadable(digest, self.location, unreadable_reason(exc)) from exc
+        except (IsADirectoryError, StoreError) as exc:  # a directory, a FIFO, a device in its place
+            fix = "put the blob's file back in its place"
+            raise BlobUnreadable(digest, self.location, unreadable_reason(exc), fix) from exc
         if body is None:
             raise ImageFormatError(
                 f"manifest {digest} in {self.location} is larger than {MAX_DOCUMENT_BYTES} bytes; too large"
