@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,7 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
             f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
         ) from None
     if "://" not in endpoint:  # the parser took the host (or an IP's first part) for a scheme
-        given = "" if "@" in endpoint else f": give http://{endpoint} or https://{endpoint}"
+        given = f": give http://{endpoint} or https://{endpoint}" if _HOST_PORT.fullmatch(endpoint) else ""
         raise InvalidReference(f"endpoint has no scheme{given}, e.g. https://minio.example:9000")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidReference(
@@ -85,6 +86,10 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
             "https://minio.example:9000"
         )
     return parts
+
+
+#: A bare ``HOST[:PORT]`` (what an endpoint without its scheme usually is).
+_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
 def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:
