@@ -231,6 +231,41 @@ def test_a_format_2_file_keeps_its_records_and_loses_its_window(tmp_path: Path) 
     assert loaded.window is None and loaded.records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
 
 
+def test_a_format_2_save_record_is_not_trusted_under_format_3_s_settle_rule(tmp_path: Path) -> None:
+    """Format 2 save records were made under the old settle rule (changed with the bump to format 3,
+    commit 5d93ef1): a whole-second ctime in the bound's second beside finer ones counted as
+    settled, so a format-2 file can hold a record whose file was rewritten later in that second,
+    keeping its ctime, size and npm mtime: its local listing still matches and the record vouches
+    for the stale layer (reproduced end to end with a loop-mounted ``ext4 -I 128`` inside the tree:
+    the next save stored the old bytes). Such a record cannot be told apart: a format-2 file's
+    records must not be trusted. (fails: defect)"""
+    s = 1_000_000_000
+    bound = 100 * s + s // 2
+    fine = Member("a.js", FILE, 0o644, 0, 0, 20, 1, ino=5, ctime_ns=50 * s + 123_456_789)
+    coarse = Member("m/package.json", FILE, 0o644, 0, 0, 20, 1, ino=6, ctime_ns=100 * s)
+    scan = TreeScan(tmp_path, (LayerPlan(0, (fine, coarse), 2048),), TreeStats())
+    layer = local_layers(scan, bound, mtime_bound=100)[0]
+    assert not layer.settled and layer.local is not None  # format 3 would not record it
+    # ... but format 2's rule did (it floored the bound only when every ctime was whole-second):
+    doc = {
+        "format": "remote-cache-state/2",
+        "path": str(tmp_path.resolve()),
+        "updated": int(time.time()),
+        "layers": [
+            {
+                "local": layer.local,
+                "mediaType": OCI_LAYER_ZSTD,
+                "digest": _record().digest,
+                "size": _record().size,
+                "diffID": _record().diff_id,
+            }
+        ],
+    }
+    state_path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    state_path(tmp_path).write_text(json.dumps(doc))
+    assert state.load(tmp_path).records == {}
+
+
 def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -> None:
     start = evidence.clock_ns()
     root = _tree(tmp_path / "t")
