@@ -1064,3 +1064,32 @@ def test_a_proxy_that_cannot_be_reached_is_named_not_the_registry(
         assert "HTTP(S)_PROXY" in proc.stderr and "NO_PROXY" in proc.stderr, proc.stderr
         assert "hunter2" not in proc.stderr and "user:" not in proc.stderr
         no_traceback(proc)
+
+
+@pytest.mark.parametrize("damage", ["symlink-loop", "link-through-a-file"])
+def test_a_layout_entry_whose_manifest_is_a_bad_link_is_listed_and_removable(
+    cli: Run, tmp_path: Path, damage: str
+) -> None:
+    """An entry's manifest whose place holds a link that leads to no file (a loop: ELOOP; through
+    a file: ENOTDIR), like a directory or FIFO there, is not a file in its place: ls lists the other
+    entries and that one as broken (exit 0) and rm removes it. Since 07f2239 only PermissionError
+    and IsADirectoryError become BlobUnreadable: ls, prune and rm all fail with 'cannot use the OCI
+    layout' for the whole layout, and the entry cannot be removed. (fails: defect)"""
+    layout = tmp_path / "layout"
+    assert cli("save", str(one_file_tree(tmp_path / "a", "a")), f"oci:{layout}:k1").returncode == 0
+    assert cli("save", str(one_file_tree(tmp_path / "b", "b")), f"oci:{layout}:k2").returncode == 0
+    manifest = layout_document(layout, layout_top(layout))["manifests"][0]["digest"]  # k1's
+    path = layout_blob(layout, manifest)
+    path.unlink()
+    if damage == "symlink-loop":
+        path.symlink_to(path.name)
+    else:
+        (tmp_path / "plain").write_bytes(b"x")
+        path.symlink_to(tmp_path / "plain" / "blob")
+    listed = cli("ls", f"oci:{layout}", "--json")
+    assert listed.returncode == 0, listed.stderr
+    errors = {e["key"]: e.get("error") for e in json_line(listed)["entries"]}
+    assert errors["k2"] is None and errors["k1"].startswith("broken: ") and manifest in errors["k1"], errors
+    removed = cli("rm", f"oci:{layout}:k1", "--grace", "0s")
+    no_traceback(removed)
+    assert [e["key"] for e in json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]] == ["k2"]
