@@ -721,3 +721,20 @@ def test_a_token_answer_nested_too_deeply_is_no_usable_token() -> None:
     auth = Authenticator("registry.example", None, plain_http=False, send=None, timeouts=Timeouts())  # type: ignore[arg-type]
     with pytest.raises(RegistryAuthError, match="no usable token"):
         auth._parse_token(DEEP_JSON[:1_000_000])
+
+
+@pytest.mark.parametrize("expires_in", [b"1e999", b"Infinity", b"1" * 400])
+def test_a_token_answer_with_an_unbounded_lifetime_is_no_usable_token(expires_in: bytes) -> None:
+    """Like JSON nested too deeply (ef9219c), an ``expires_in`` no int or float holds is a token
+    answer the realm got wrong: "sent no usable token" (or a token with a bounded lifetime), not
+    "unexpected OverflowError". ``1e999`` and ``Infinity`` overflow int() inside _parse_token;
+    a 400-digit int overflows float when the lifetime is added to the clock. (fails: defect)"""
+    import time
+
+    auth = Authenticator("registry.example", None, plain_http=False, send=None, timeouts=Timeouts())  # type: ignore[arg-type]
+    try:
+        _value, expires_in_s = auth._parse_token(b'{"token":"t","expires_in":' + expires_in + b"}")
+    except RegistryAuthError as exc:
+        assert "no usable token" in str(exc)
+        return
+    time.monotonic() + max(expires_in_s - 30, 1.0)  # what Authenticator does with it
