@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -551,3 +552,17 @@ def test_a_bucket_sweep_takes_a_media_type_that_is_not_a_string_for_a_leaf() -> 
         }
     ).encode()
     assert children(body, "a tag") == ([manifest], [layer])
+
+
+@pytest.mark.parametrize("endpoint", ["minio_1:9000", "[::1]:9000", "minio.example:9000/"])
+def test_an_endpoint_without_a_scheme_is_told_how_to_write_it(endpoint: str) -> None:
+    """A host with an underscore (docker-compose's ``project_minio_1``, which resolves), a
+    bracketed IPv6 address and a trailing slash are endpoints without their scheme as much as
+    ``minio.example:9000``, and http://ENDPOINT is accepted for each: 6b34f83 told them
+    'give http://ENDPOINT or https://ENDPOINT', 3bb37b5 (_HOST_PORT) dropped it. (fails: defect)"""
+    from remote_cache.errors import InvalidReference
+    from remote_cache.oci.objectstore.client import _endpoint_parts
+
+    _endpoint_parts(f"http://{endpoint}")  # accepted with its scheme
+    with pytest.raises(InvalidReference, match=f"give http://{re.escape(endpoint)} or https://"):
+        _endpoint_parts(endpoint)
