@@ -4,7 +4,7 @@ State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache`
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
 restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
-older-format state file (before format 2) means "no evidence" (the layer is packed), never an
+older-format state file means "no evidence" (the layer is packed), never an
 error; a state that cannot be written (read-only home, full disk) only means the next save packs.
 """
 
@@ -41,10 +41,10 @@ STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
 MAX_RECORDS = 2048
 #: A state file larger than this is ignored (and rewritten by the next restore or save).
 MAX_STATE_BYTES = 2 << 20
-#: /3: a restore window records each layer's directories (``parents``); a /2 file's window is
-#: dropped (its records and tree record stand), older files are ignored.
+#: /3: a restore window records each layer's directories (``parents``), and a whole-second ctime
+#: settles against the bound floored to its second: a /2 file's records may have been made under
+#: the old rule, so older files are ignored whole.
 _FORMAT = "remote-cache-state/3"
-_WINDOWLESS_FORMAT = "remote-cache-state/2"
 
 
 def state_dir() -> Path:
@@ -150,7 +150,7 @@ def _parse_tree(raw: Any) -> TreeRecord | None:
 
 def _parse(raw: Any, target: Path) -> Evidence:
     """The evidence in a state document; none at all when anything about it is off."""
-    if not isinstance(raw, dict) or raw.get("format") not in (_FORMAT, _WINDOWLESS_FORMAT):
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
         return Evidence()
     if raw.get("path") != _resolved(target):
         return Evidence()  # another directory's state (a copied file, a hash collision)
@@ -164,7 +164,7 @@ def _parse(raw: Any, target: Path) -> Evidence:
             return Evidence()  # one bad record: trust none of the file
         records.setdefault((parsed[0], parsed[1].media_type), parsed[1])
     window = None
-    if raw.get("window") is not None and raw["format"] == _FORMAT:
+    if raw.get("window") is not None:
         window = _parse_window(raw["window"])
         if window is None:
             return Evidence()

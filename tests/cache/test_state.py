@@ -217,20 +217,6 @@ def test_state_of_another_path_and_older_format_is_ignored(tmp_path: Path) -> No
     assert state.load(tmp_path / "a").window is None
 
 
-def test_a_format_2_file_keeps_its_records_and_loses_its_window(tmp_path: Path) -> None:
-    """Format 2 windows lack the directories of each layer (``parents``): an upgrade drops the
-    window (the next save packs what it would have vouched for) but keeps the save records."""
-    assert state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
-    assert state.record_restore(tmp_path, _window())
-    doc = json.loads(state_path(tmp_path).read_text())
-    doc["format"] = "remote-cache-state/2"
-    for layer in doc["window"]["layers"]:
-        del layer["parents"]
-    state_path(tmp_path).write_text(json.dumps(doc))
-    loaded = state.load(tmp_path)
-    assert loaded.window is None and loaded.records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
-
-
 def test_a_format_2_save_record_is_not_trusted_under_format_3_s_settle_rule(tmp_path: Path) -> None:
     """Format 2 save records were made under the old settle rule (changed with the bump to format 3,
     commit 5d93ef1): a whole-second ctime in the bound's second beside finer ones counted as
