@@ -40,6 +40,10 @@ from .gc import collect_garbage
 
 __all__ = ["LayoutStore"]
 
+#: What stands in a blob's place when opening it fails so: a directory, a link looping or
+#: leading through a file (a FIFO, device or socket is refused before opening).
+_NOT_A_FILE = frozenset((errno.EISDIR, errno.ELOOP, errno.ENOTDIR))
+
 _CHUNK = 1024 * 1024
 _T = TypeVar("_T")
 
@@ -108,7 +112,9 @@ class LayoutStore:
             raise CacheMiss(digest, self.location) from None
         except PermissionError as exc:
             raise BlobUnreadable(digest, self.location, unreadable_reason(exc)) from exc
-        except (IsADirectoryError, StoreError) as exc:  # a directory, a FIFO, a device in its place
+        except (OSError, StoreError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in _NOT_A_FILE:
+                raise  # the system's trouble (EIO, EMFILE, ...), not this blob's
             fix = "put the blob's file back in its place"
             raise BlobUnreadable(digest, self.location, unreadable_reason(exc), fix) from exc
         if body is None:
