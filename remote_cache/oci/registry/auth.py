@@ -36,6 +36,19 @@ TokenSend = Callable[[str, str, Mapping[str, str], bytes | None, int], Awaitable
 _MAX_TOKEN_BODY = 1 << 20  # a token response is a few KiB; refuse to buffer more than 1 MiB
 _TOKEN_MARGIN = 10.0  # refresh a token this many seconds before it expires
 _DEFAULT_TOKEN_LIFETIME = 60  # the token spec's default when expires_in is absent
+#: Longer is taken for this long (an infinite or 400-digit expires_in overflowed the clock).
+_MAX_TOKEN_LIFETIME = 86_400
+
+
+def _lifetime(expires_in: Any) -> int:
+    """A token's ``expires_in`` as seconds, at most :data:`_MAX_TOKEN_LIFETIME`; ValueError or
+    TypeError when it is no number."""
+    try:
+        return min(int(expires_in), _MAX_TOKEN_LIFETIME)
+    except OverflowError:  # inf (JSON 1e999, Infinity)
+        return _MAX_TOKEN_LIFETIME
+
+
 _PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 
 
@@ -184,7 +197,7 @@ class Authenticator:
         try:
             data: Any = parse_json(body)
             value = data.get("token") or data.get("access_token")
-            expires_in = int(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+            expires_in = _lifetime(data.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError) as exc:
             raise RegistryAuthError(f"the token realm of registry {self.host} sent no usable token") from exc
         if not isinstance(value, str) or not value:
