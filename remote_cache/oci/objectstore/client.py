@@ -78,6 +78,10 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
             f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
         ) from None
     if "://" not in endpoint:  # the parser took the host (or an IP's first part) for a scheme
+        if _MISWRITTEN_SCHEME.match(endpoint):
+            raise InvalidReference(
+                f"endpoint {endpoint!r}: write its scheme as http:// or https://, e.g. https://minio.example:9000"
+            )
         given = f": give http://{endpoint} or https://{endpoint}" if _HOST_PORT.fullmatch(endpoint) else ""
         raise InvalidReference(f"endpoint has no scheme{given}, e.g. https://minio.example:9000")
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -88,8 +92,11 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
     return parts
 
 
-#: A bare ``HOST[:PORT]`` (what an endpoint without its scheme usually is).
-_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+#: A bare ``HOST[:PORT][/PATH]`` (what an endpoint without its scheme usually is): a name (with
+#: docker-compose's underscores), an IPv4 address or a bracketed IPv6 one.
+_HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s]*)?")
+#: ``http:/host``, ``https//host``: a scheme written wrong, not left out.
+_MISWRITTEN_SCHEME = re.compile(r"https?(:/?|//)[^/]", re.IGNORECASE)
 
 
 def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:
