@@ -229,3 +229,61 @@ def test_quick_identity_equals_the_scans_and_tracks_every_change(nasty: Path, tm
         digest = tree_identity(tree).digest
         assert digest not in seen
         seen.add(digest)
+
+
+def _pack_or_refuse(src: Path) -> list[PackedLayer] | None:
+    """The packed layers, or None when packing refused the tree with one of our errors."""
+    from remote_cache.errors import RemoteCacheError
+
+    try:
+        return list(pack_tree(scan_tree(src)))
+    except RemoteCacheError:
+        return None
+
+
+def test_a_file_named_like_a_whiteout_comes_back_or_is_refused(tmp_path: Path) -> None:
+    # A cache may hold files named ".wh.*" (nothing stops a tool from making them); a save
+    # writes them as ordinary members, but the extractor takes them for OCI whiteouts and
+    # drops them: the restore "hits" with a different tree.
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / ".wh.secret").write_bytes(b"a file, not a whiteout")
+    (src / "sub" / ".wh..wh..opq").write_bytes(b"neither is this")
+    (src / "sub" / "keep").write_bytes(b"keep")
+    layers = _pack_or_refuse(src)
+    if layers is None:
+        return  # a clear refusal is fine too
+    _restore(layers, tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_a_file_named_like_a_whiteout_does_not_delete_other_files(tmp_path: Path) -> None:
+    # In a tree of several layers, "d/.wh.-pkg" (sorted after "d/-pkg", in a later layer)
+    # deletes what earlier layers wrote under d/-pkg: data loss on a restore that says "hit".
+    src = tmp_path / "src"
+    (src / "d" / "-pkg").mkdir(parents=True)
+    (src / "d" / "-pkg" / "big").write_bytes(os.urandom(17 << 20))  # a forced cut after it
+    (src / "d" / "-pkg" / "small").write_bytes(b"small")
+    (src / "d" / ".wh.-pkg").write_bytes(b"a file, not a whiteout")
+    layers = _pack_or_refuse(src)
+    if layers is None:
+        return  # a clear refusal is fine too
+    assert len(layers) > 2
+    _restore(layers, tmp_path / "out")
+    assert (tmp_path / "out" / "d" / "-pkg" / "big").read_bytes() == (src / "d" / "-pkg" / "big").read_bytes()
+    assert_same_tree(src, tmp_path / "out")
+
+
+def test_the_roots_mode_and_mtime_come_back(tmp_path: Path) -> None:
+    # The walk gives the root no member, and the extractor makes a root without one 0755: a
+    # private (0700) cache directory comes back readable by everyone, its mtime that of the restore.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "key").write_bytes(b"secret")
+    (src / "key").chmod(0o600)
+    src.chmod(0o700)
+    os.utime(src, (1_500_000_000, 1_500_000_000))
+    out = tmp_path / "out"
+    _restore(list(pack_tree(src)), out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert int(out.stat().st_mtime) == 1_500_000_000
