@@ -76,3 +76,21 @@ def test_a_tree_nested_deeper_than_the_limit_is_refused_by_name(tmp_path: Path) 
             walk_tree(tmp_path / "deep", TreeStats())
     finally:  # not left to pytest's clean-up, whose removal recurses once per level
         subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)
+
+
+@pytest.mark.parametrize(
+    "mtime_ns, second",
+    [
+        (1_700_000_000_999_999_999, 1_700_000_000),  # float seconds round this up to ...001
+        (-1_500_000_000, -2),  # int() truncates toward zero: -1, a second after the file's
+        (-86_400_500_000_000, -86_401),
+    ],
+)
+def test_a_members_mtime_is_the_second_the_files_mtime_falls_in(tmp_path: Path, mtime_ns: int, second: int) -> None:
+    # "mtimes are kept to the second": the member must carry floor(mtime), as tar does
+    # (GNU tar stores 1700000000 for the first); int(st_mtime) goes through a float.
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    os.utime(f, ns=(mtime_ns, mtime_ns))
+    (member,) = walk_tree(tmp_path, TreeStats())[0]
+    assert member.mtime == second
