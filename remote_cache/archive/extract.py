@@ -42,10 +42,11 @@ from ..errors import ImageFormatError, UnsafeArchive
 from .decompress import EndOfLayers, Feeder
 from .reader import LayerReader
 from .swap import remove_tree_at
-from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, HeaderDecoder, display
+from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, WHITEOUT_PREFIX, HeaderDecoder, display
 
 __all__ = ["ExtractStats", "Extractor"]
 
+_WHITEOUT = WHITEOUT_PREFIX.encode()
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 256
@@ -126,7 +127,11 @@ def _has_default_acl(fd: int) -> bool:
 class Extractor:
     """Apply layers, in order, to a fresh staging directory ``dest``; call finish() at the end."""
 
-    def __init__(self, dest: Path, *, preserve_owner: bool | None = None) -> None:
+    def __init__(
+        self, dest: Path, *, preserve_owner: bool | None = None, root_mode: int | None = None
+    ) -> None:
+        """``root_mode``: ``dest``'s mode at the end when the layers give it none (an entry of
+        ours holds no member for its root); None: what ``mkdir`` would give (0777 less the umask)."""
         self.dest = Path(dest)
         self._is_root = os.geteuid() == 0
         self._owner = self._is_root if preserve_owner is None else preserve_owner
@@ -142,6 +147,7 @@ class Extractor:
         # ACL replaces the umask (and only ever narrows the mode): then always fchmod.
         umask = _umask()
         self._keep_bits = 0 if umask is None or _has_default_acl(self._root_fd) else 0o777 & ~umask
+        self._root_mode = root_mode if root_mode is not None else 0o777 & ~(0o022 if umask is None else umask)
         self._fds: dict[bytes, int] = {b"": self._root_fd}
         self._kinds: dict[bytes, tuple[int, int]] = {}  # path -> (kind, layer index)
         self._tree: dict[bytes, set[bytes]] | None = None  # see _index
@@ -340,7 +346,7 @@ class Extractor:
         pfd = self._fds.get(parent)
         if pfd is None:
             pfd = self._dirfd(parent, name_b)
-        if base.startswith(b".wh."):
+        if base.startswith(_WHITEOUT):
             self._whiteout(r, name_b, parent, base, size)
             return
         self._parents.add(parent)
@@ -434,7 +440,7 @@ class Extractor:
         self._seen[path] = kind
         parent, _, base = path.rpartition(b"/")
         pfd = self._dirfd(parent, name_b)
-        if base.startswith(b".wh."):
+        if base.startswith(_WHITEOUT):
             self._whiteout(r, name_b, parent, base, size)
             return
         existing = self._kinds.get(path)
@@ -516,7 +522,7 @@ class Extractor:
             if self._root_meta is not None:
                 self._apply_dir(self._root_fd, *self._root_meta)
             else:
-                os.fchmod(self._root_fd, 0o755)
+                os.fchmod(self._root_fd, self._root_mode)
         finally:
             self.close()
         return self.stats

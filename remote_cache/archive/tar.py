@@ -27,6 +27,7 @@ __all__ = [
     "MAX_DEPTH",
     "REGULAR_TYPES",
     "SYMLINK",
+    "WHITEOUT_PREFIX",
     "ZERO_BLOCK",
     "Header",
     "HeaderDecoder",
@@ -48,6 +49,8 @@ REGULAR_TYPES = (b"0", b"\0", b"7")
 #: and the extractor's directory lookups recurse once per level (the walk two frames a level),
 #: under Python's limit of 1000 frames; real caches nest a few dozen levels at most.
 MAX_DEPTH = 256
+#: A name starting so is an OCI whiteout (image-spec layer.md), ``.wh..wh..opq`` an opaque one.
+WHITEOUT_PREFIX = ".wh."
 #: Type flags of headers that describe the next member: PAX (local, global), GNU long name/link.
 _META_TYPES = (b"x", b"g", b"L", b"K")
 _MAX_META = 64 << 20

@@ -21,7 +21,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from ..errors import TreeTooDeep
-from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Member
+from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, WHITEOUT_PREFIX, Member
 from .workdirs import is_in_place_work
 
 __all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
@@ -38,6 +38,9 @@ class Special:
 
 #: File types a walk archives (as FILE, DIR or SYMLINK members); any other is a special file.
 _ARCHIVED = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
+#: What an entry named like an OCI whiteout is called where it is left out: every OCI extractor
+#: (ours too) would take it for one, drop it and delete what earlier layers put at its name.
+_WHITEOUT_KIND = "named like an OCI whiteout"
 
 
 def _special_kind(mode: int) -> str:
@@ -131,10 +134,12 @@ class _Walk:
             mode = st.st_mode
             names.append(d.name)
             inodes.append(st.st_ino)
-            if stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count (TreeIdentity)
+            whiteout = d.name.startswith(WHITEOUT_PREFIX)
+            if whiteout or stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count
                 ctimes.append(0)
                 facts.extend((mode, 0, 0, 0))
-                self.stats.skipped.append(Special(f"{rel}/{d.name}" if rel else d.name, _special_kind(mode)))
+                kind = _WHITEOUT_KIND if whiteout else _special_kind(mode)
+                self.stats.skipped.append(Special(f"{rel}/{d.name}" if rel else d.name, kind))
                 continue
             ctimes.append(st.st_ctime_ns)
             # Seconds and nanoseconds apart: a date after 2262 or before 1678 (ext4 keeps them) is
@@ -149,7 +154,9 @@ class _Walk:
     def _member(self, path: str, d: os.DirEntry[str], st: os.stat_result) -> None:
         """Add the member for a regular file, directory or symlink (walking into a directory)."""
         m, stats = st.st_mode, self.stats
-        perm, mtime = stat.S_IMODE(m), int(st.st_mtime)
+        # The second the mtime falls in (int(st_mtime) rounds through a float: .999999999 up,
+        # and toward zero before 1970).
+        perm, mtime = stat.S_IMODE(m), st.st_mtime_ns // 1_000_000_000
         if stat.S_ISREG(m):
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -327,7 +328,7 @@ class _Restore:
             feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
-        with Extractor(self._staging) as extractor:
+        with Extractor(self._staging, root_mode=_kept_mode(self._target)) as extractor:
             try:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
@@ -397,6 +398,16 @@ class _Restore:
             # Wake an extraction thread still waiting on a feed (the task group was cancelled).
             feed.finish(None if ok else Aborted())
             feed.close()
+
+
+def _kept_mode(target: RestoreTarget) -> int | None:
+    """The mode of the directory a restore replaces, which the new one keeps (an entry holds no
+    member for its root: like ``tar -x`` into it, the directory stays as it was); None when there
+    is none yet (it is made as ``mkdir`` makes it)."""
+    try:
+        return stat.S_IMODE(os.stat(target.path).st_mode)
+    except OSError:
+        return None
 
 
 def _inodes(root: Path, dirs: set[bytes]) -> dict[bytes, int]:

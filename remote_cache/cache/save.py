@@ -244,7 +244,8 @@ def _warn_special(path: Path, result: SaveResult) -> SaveResult:
     """Warn once when the save left special files out (a caller may print no summary)."""
     if result.special:
         log.warning(
-            "%s: skipped %s: a cache holds only files, directories and symlinks",
+            "%s: skipped %s: a cache holds only files, directories and symlinks, none named .wh.* "
+            "(what OCI layers use for whiteouts)",
             path,
             _special_note(result.special),
         )

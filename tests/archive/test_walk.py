@@ -86,7 +86,9 @@ def test_a_tree_nested_deeper_than_the_limit_is_refused_by_name(tmp_path: Path) 
         (-86_400_500_000_000, -86_401),
     ],
 )
-def test_a_members_mtime_is_the_second_the_files_mtime_falls_in(tmp_path: Path, mtime_ns: int, second: int) -> None:
+def test_a_members_mtime_is_the_second_the_files_mtime_falls_in(
+    tmp_path: Path, mtime_ns: int, second: int
+) -> None:
     # "mtimes are kept to the second": the member must carry floor(mtime), as tar does
     # (GNU tar stores 1700000000 for the first); int(st_mtime) goes through a float.
     f = tmp_path / "f"

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -120,9 +121,11 @@ async def test_restore_replaces_existing_target(tmp_path: Path, small_layers: No
     dest = tmp_path / "dest"
     (dest / "stale" / "deep").mkdir(parents=True)
     (dest / "stale" / "deep" / "old.txt").write_text("old")
+    dest.chmod(0o700)  # a private cache directory: it stays private (it came back 0755)
     result = await restore(store, "k", dest)
     assert result.layers > 1
     assert_same_tree(src, dest)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700
 
 
 async def test_miss_raises_cache_miss_and_leaves_target(where: Reference, tmp_path: Path) -> None:
