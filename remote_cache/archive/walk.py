@@ -2,7 +2,7 @@
 
 The walk is depth-first, each directory's entries sorted by their name's bytes, so every
 directory comes right before its children and a subtree (an npm package) is contiguous. The root
-comes first, as ``.``. Hard links: the first path of an inode (in walk order) carries the data,
+itself gets no member. Hard links: the first path of an inode (in walk order) carries the data,
 every later path becomes a hard-link member naming it.
 
 Special files (FIFOs, sockets, devices) cannot be archived (the extractor refuses them too): they
@@ -88,13 +88,6 @@ _BY_NAME = attrgetter("name")
 _UTF8_NAMES = sys.getfilesystemencoding() == "utf-8"
 
 
-def _root_member(top: os.stat_result) -> Member:
-    """The root's own member, first (``./``, as ``tar -C ROOT -c .`` writes it): its mode, owner
-    and mtime come back with the tree (a private 0700 cache directory stays private)."""
-    mtime = top.st_mtime_ns // 1_000_000_000
-    return Member(".", DIR, stat.S_IMODE(top.st_mode), top.st_uid, top.st_gid, 0, mtime, "", top.st_ino)
-
-
 def _by_name_bytes(d: os.DirEntry[str]) -> bytes:
     return os.fsencode(d.name)
 
@@ -119,7 +112,7 @@ class _Walk:
         top = os.lstat(root)
         self.stats = stats
         self.plan = plan
-        self.members: list[Member] = [_root_member(top)] if plan else []
+        self.members: list[Member] = []
         self.first_path: dict[tuple[int, int], str] = {}
         self.names: list[str] = []
         self.inodes = array("Q", (top.st_dev, top.st_ino))

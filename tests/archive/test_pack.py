@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import shutil
@@ -276,33 +275,15 @@ def test_a_file_named_like_a_whiteout_does_not_delete_other_files(tmp_path: Path
     _without_whiteout_names(src, tmp_path / "out")
 
 
-def test_the_roots_mode_and_mtime_come_back(tmp_path: Path) -> None:
-    # The walk gave the root no member and the extractor made every root 0755: a private (0700)
-    # cache directory came back readable by everyone, its mtime the restore's. The root is the
-    # entry's first member now ("./", as tar -C ROOT -c . writes it).
+def test_a_restored_directory_keeps_the_mode_of_the_one_it_replaces(tmp_path: Path) -> None:
+    # An entry holds no member for its root, and the extractor made every root 0755: a private
+    # (0700) cache directory came back readable by everyone. It keeps the replaced directory's
+    # mode now (like tar -x into it), and a new one gets mkdir's.
     src = tmp_path / "src"
     src.mkdir()
     (src / "key").write_bytes(b"secret")
     (src / "key").chmod(0o600)
-    src.chmod(0o700)
-    os.utime(src, (1_500_000_000, 1_500_000_000))
-    out = tmp_path / "out"
-    _restore(list(pack_tree(scan_tree(src))), out)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o700
-    assert int(out.stat().st_mtime) == 1_500_000_000
-
-
-def test_without_a_root_member_a_restored_directory_keeps_the_replaced_ones_mode(tmp_path: Path) -> None:
-    # An image with no member for its root (another tool's, or ours before it had one): the
-    # directory keeps the mode of the one it replaces (like tar -x into it); a new one gets mkdir's.
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "key").write_bytes(b"secret")
-    scan = scan_tree(src)
-    plan = scan.layers[0]
-    rootless = dataclasses.replace(scan, layers=(dataclasses.replace(plan, members=plan.members[1:]),))
-    assert plan.members[0].path == "." and plan.members[1].path == "key"
-    layers = list(pack_tree(rootless))
+    layers = list(pack_tree(scan_tree(src)))
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     with Extractor(private, root_mode=0o700) as extractor:

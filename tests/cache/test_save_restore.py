@@ -117,11 +117,11 @@ async def test_restore_replaces_existing_target(tmp_path: Path, small_layers: No
     store = LayoutStore(tmp_path / "layout")
     src = _bulk(tmp_path / "src", count=12)
     make_tree(src / "mixed", small_files=150, big_bytes=1 << 20)
-    src.chmod(0o700)  # a private cache directory comes back private (it came back 0755)
     await save(store, "k", src)
     dest = tmp_path / "dest"
     (dest / "stale" / "deep").mkdir(parents=True)
     (dest / "stale" / "deep" / "old.txt").write_text("old")
+    dest.chmod(0o700)  # a private cache directory: it stays private (it came back 0755)
     result = await restore(store, "k", dest)
     assert result.layers > 1
     assert_same_tree(src, dest)
