@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,11 @@ from .workdirs import IN_PLACE_PREFIX, is_in_place_work, sweep_dead
 
 __all__ = [
     "IN_PLACE_PREFIX",
+    "KeptRoot",
     "RestoreTarget",
     "clean_leftovers",
     "finish_dead_swaps",
+    "kept_root",
     "locked",
     "nearest_existing",
     "plan_target",
@@ -188,12 +191,37 @@ def _sweep_in_place(target: RestoreTarget) -> list[Path]:
     return sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
 
 
+@dataclass(frozen=True)
+class KeptRoot:
+    """The mode and owner of the directory a restore replaces, which the new one keeps: an entry
+    holds no member for its root, and like ``tar -x`` into it, the directory stays as it was."""
+
+    mode: int
+    uid: int
+    gid: int
+
+
+def kept_root(target: RestoreTarget) -> KeptRoot | None:
+    """The target directory's :class:`KeptRoot`; None when there is none yet (the new one is
+    made as ``mkdir`` makes it)."""
+    try:
+        st = os.stat(target.path)
+    except OSError:
+        return None
+    return KeptRoot(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+
+
 def swap_in(
-    target: RestoreTarget, staging: Path, work: Path, then: Callable[[], object] | None = None
+    target: RestoreTarget,
+    staging: Path,
+    work: Path,
+    then: Callable[[], object] | None = None,
+    kept: KeptRoot | None = None,
 ) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
-    another run works inside the target), else the directory exchanged whole; then call ``then``
-    under the same lock (what the swap must be followed by before another run's swap)."""
+    another run works inside the target), else the directory exchanged whole; give the directory
+    ``kept``'s mode (and, as root, owner); then call ``then`` under the same lock (what the swap
+    must be followed by before another run's swap)."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
@@ -202,6 +230,10 @@ def swap_in(
             swap_entries(staging, target.path, work, keep=is_in_place_work)
         else:
             replace_dir(staging, target.path)
+        if kept is not None:
+            if os.geteuid() == 0:
+                os.chown(target.path, kept.uid, kept.gid)
+            os.chmod(target.path, kept.mode)
         if then is not None:
             then()
 

@@ -31,7 +31,15 @@ import anyio.to_thread
 
 from ..archive.extract import Extractor, ExtractStats
 from ..archive.sparse import write_all
-from ..archive.target import RestoreTarget, clean_leftovers, locked, nearest_existing, plan_target, swap_in
+from ..archive.target import (
+    RestoreTarget,
+    clean_leftovers,
+    kept_root,
+    locked,
+    nearest_existing,
+    plan_target,
+    swap_in,
+)
 from ..archive.workdirs import WorkDir
 from ..errors import CacheMiss, ImageFormatError, IntegrityError, NoSpace, RemoteCacheError, UnsafeArchive
 from ..keys import validate_key
@@ -210,6 +218,8 @@ class _Restore:
         self._stats: ExtractStats | None = None
         self._file_parents: list[set[bytes]] = []
         self._rewritten: set[int] = set()
+        #: The replaced directory's mode and owner (an entry holds none for its root), if any.
+        self._kept = kept_root(target)
         self._window_start = 0
         self._progress_lock = threading.Lock()
 
@@ -278,7 +288,9 @@ class _Restore:
         """Put the staging directory in place of the target, or its entries in the target's; then
         call ``then`` (still holding the target's lock)."""
         assert self._work is not None
-        await anyio.to_thread.run_sync(swap_in, self._target, self._staging, self._work.path, then)
+        await anyio.to_thread.run_sync(
+            swap_in, self._target, self._staging, self._work.path, then, self._kept
+        )
 
     def close(self) -> None:
         """Remove the work directory (the staging, or after an exchange the old tree) and unlock."""
@@ -328,7 +340,11 @@ class _Restore:
             feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
-        with Extractor(self._staging, root_mode=_kept_mode(self._target)) as extractor:
+        # Writable by its owner until it is in place (a directory is moved to another parent
+        # only by one who may write it); swap_in gives it the replaced directory's mode after.
+        kept = self._kept
+        root_mode = None if kept is None else kept.mode | stat.S_IRWXU
+        with Extractor(self._staging, root_mode=root_mode) as extractor:
             try:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
@@ -398,16 +414,6 @@ class _Restore:
             # Wake an extraction thread still waiting on a feed (the task group was cancelled).
             feed.finish(None if ok else Aborted())
             feed.close()
-
-
-def _kept_mode(target: RestoreTarget) -> int | None:
-    """The mode of the directory a restore replaces, which the new one keeps (an entry holds no
-    member for its root: like ``tar -x`` into it, the directory stays as it was); None when there
-    is none yet (it is made as ``mkdir`` makes it)."""
-    try:
-        return stat.S_IMODE(os.stat(target.path).st_mode)
-    except OSError:
-        return None
 
 
 def _inodes(root: Path, dirs: set[bytes]) -> dict[bytes, int]:
