@@ -166,6 +166,11 @@ class Extractor:
         self.rewritten: set[int] = set()
 
     @property
+    def root_given(self) -> bool:
+        """Whether the layers held a member for the root (``./``), whose mode and times it got."""
+        return self._root_meta is not None
+
+    @property
     def layers_begun(self) -> int:
         """How many layers extraction has begun: the failing one's number (from 1) after an error."""
         return self._layer + 1

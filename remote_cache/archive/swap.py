@@ -140,17 +140,14 @@ def swap_entries(staging: Path, target: Path, work: Path, *, keep: Callable[[str
     """Replace ``target``'s entries by ``staging``'s, keeping ``target`` itself (its inode).
 
     ``work`` (on the target's filesystem) receives the journal and, in ``old/``, the entries moved
-    out; entries of ``target`` for which ``keep(name)`` is true (work directories) stay. The root's
-    mode and times are copied from ``staging``. See :func:`finish_swap`.
+    out; entries of ``target`` for which ``keep(name)`` is true (work directories) stay. ``target``
+    itself keeps its mode, owner and times (they were copied from ``staging``: an in-place target
+    not ours to chmod failed the restore after the swap). See :func:`finish_swap`.
     """
-    st = os.stat(staging)
     journal = {
         "staging": os.path.relpath(staging, work),
         "old": sorted(n for n in os.listdir(target) if not keep(n)),
         "new": sorted(os.listdir(staging)),
-        "mode": stat.S_IMODE(st.st_mode),
-        "times_ns": [st.st_atime_ns, st.st_mtime_ns],
-        "owner": [st.st_uid, st.st_gid],
     }
     (work / "old").mkdir(exist_ok=True)
     pending = work / f"{JOURNAL}.new"
@@ -180,7 +177,3 @@ def finish_swap(work: Path, target: Path) -> None:
     for name in journal["new"]:
         if os.path.lexists(staging / name):
             os.rename(staging / name, target / name)
-    if os.geteuid() == 0:
-        os.chown(target, *journal["owner"])
-    os.chmod(target, journal["mode"])
-    os.utime(target, ns=tuple(journal["times_ns"]))

@@ -219,21 +219,21 @@ def swap_in(
     kept: KeptRoot | None = None,
 ) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
-    another run works inside the target), else the directory exchanged whole; give the directory
-    ``kept``'s mode (and, as root, owner); then call ``then`` under the same lock (what the swap
-    must be followed by before another run's swap)."""
+    another run works inside the target: the directory stays as it is), else the directory
+    exchanged whole and given ``kept``'s mode (and, as root, owner); then call ``then`` under the
+    same lock (what the swap must be followed by before another run's swap)."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
     with locked(target):
         if target.in_place or _holds_work(target.path):
-            swap_entries(staging, target.path, work, keep=is_in_place_work)
+            swap_entries(staging, target.path, work, keep=is_in_place_work)  # the directory stays
         else:
             replace_dir(staging, target.path)
-        if kept is not None:
-            if os.geteuid() == 0:
-                os.chown(target.path, kept.uid, kept.gid)
-            os.chmod(target.path, kept.mode)
+            if kept is not None:
+                if os.geteuid() == 0:
+                    os.chown(target.path, kept.uid, kept.gid)
+                os.chmod(target.path, kept.mode)
         if then is not None:
             then()
 

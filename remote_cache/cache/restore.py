@@ -350,6 +350,8 @@ class _Restore:
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
+            if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
+                self._kept = None
             return extractor.finish()
 
     async def _extract(self) -> None:

@@ -602,3 +602,32 @@ async def test_an_in_place_restore_leaves_the_targets_own_mode_and_owner(tmp_pat
         # it had been)
         assert (stat.S_IMODE(after.st_mode), after.st_uid, after.st_gid) == (0o750, 65534, 65534)
         assert sorted(os.listdir(mnt)) == ["a", "g"]
+
+
+def test_an_in_place_restore_into_a_directory_of_another_owner_succeeds() -> None:
+    with _reachable_dir() as tmp_path:
+        _in_place_not_ours(tmp_path)
+
+
+def _in_place_not_ours(tmp_path: Path) -> None:
+    import anyio
+
+    from tests.users import as_nobody_in, give_to_nobody
+
+    src = _private_tree(tmp_path / "src", 0o755)
+    store = LayoutStore(tmp_path / "layout")
+    anyio.run(save, store, "k", src)
+    give_to_nobody(tmp_path / "layout", tmp_path)
+    with tmpfs(tmp_path / "mnt", "mode=0777") as mnt:  # root's, writable by all (a shared mount)
+        (mnt / "old.txt").write_text("old")
+        (mnt / "old.txt").chmod(0o666)
+
+        async def restore_in_place() -> None:
+            await restore(LayoutStore(Path("layout")), "k", Path("mnt"))
+
+        # (the swap copied the staging directory's mode onto the mount point, which only its
+        # owner may chmod: "Operation not permitted" after the entries were swapped)
+        assert as_nobody_in(tmp_path, lambda: anyio.run(restore_in_place)) == ""
+        after = mnt.stat()
+        assert (stat.S_IMODE(after.st_mode), after.st_uid) == (0o777, 0)
+        assert sorted(os.listdir(mnt)) == ["a", "g"]
