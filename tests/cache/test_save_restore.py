@@ -567,23 +567,34 @@ def test_a_failed_in_place_restore_of_a_read_only_root_keeps_the_old_tree() -> N
         _read_only_in_place(tmp_path)
 
 
-def _read_only_in_place(tmp_path: Path) -> None:
+def _saved_for_nobody(tmp_path: Path, mode: int) -> None:
+    """Save a small tree whose root has ``mode`` as key k of a layout uid 65534 may read."""
     import anyio
 
-    from tests.users import as_nobody_in, give_to_nobody
+    from tests.users import give_to_nobody
 
-    src = _private_tree(tmp_path / "src", 0o500)
-    store = LayoutStore(tmp_path / "layout")
-    anyio.run(save, store, "k", src)
+    anyio.run(save, LayoutStore(tmp_path / "layout"), "k", _private_tree(tmp_path / "src", mode))
     give_to_nobody(tmp_path / "layout", tmp_path)
+
+
+def _nobody_restores_into(tmp_path: Path, target: str) -> str:
+    """Restore key k into ``target`` (relative to ``tmp_path``) as uid 65534; its error, or ""."""
+    import anyio
+
+    from tests.users import as_nobody_in
+
+    async def restore_it() -> None:
+        await restore(LayoutStore(Path("layout")), "k", Path(target))
+
+    return as_nobody_in(tmp_path, lambda: anyio.run(restore_it))
+
+
+def _read_only_in_place(tmp_path: Path) -> None:
+    _saved_for_nobody(tmp_path, 0o500)
     with tmpfs(tmp_path / "mnt", "uid=65534", "gid=65534", "mode=0755") as mnt:
         (mnt / "old.txt").write_text("precious")
         os.chown(mnt / "old.txt", 65534, 65534)
-
-        async def restore_in_place() -> None:
-            await restore(LayoutStore(Path("layout")), "k", Path("mnt"))
-
-        error = as_nobody_in(tmp_path, lambda: anyio.run(restore_in_place))
+        error = _nobody_restores_into(tmp_path, "mnt")
         names = sorted(os.listdir(mnt))
         # (with a 0500 staging root the swap moved old.txt out, could not move the new entries in,
         # and the clean-up removed both: the mount point was left empty)
@@ -610,24 +621,13 @@ def test_an_in_place_restore_into_a_directory_of_another_owner_succeeds() -> Non
 
 
 def _in_place_not_ours(tmp_path: Path) -> None:
-    import anyio
-
-    from tests.users import as_nobody_in, give_to_nobody
-
-    src = _private_tree(tmp_path / "src", 0o755)
-    store = LayoutStore(tmp_path / "layout")
-    anyio.run(save, store, "k", src)
-    give_to_nobody(tmp_path / "layout", tmp_path)
+    _saved_for_nobody(tmp_path, 0o755)
     with tmpfs(tmp_path / "mnt", "mode=0777") as mnt:  # root's, writable by all (a shared mount)
         (mnt / "old.txt").write_text("old")
         (mnt / "old.txt").chmod(0o666)
-
-        async def restore_in_place() -> None:
-            await restore(LayoutStore(Path("layout")), "k", Path("mnt"))
-
         # (the swap copied the staging directory's mode onto the mount point, which only its
         # owner may chmod: "Operation not permitted" after the entries were swapped)
-        assert as_nobody_in(tmp_path, lambda: anyio.run(restore_in_place)) == ""
+        assert _nobody_restores_into(tmp_path, "mnt") == ""
         after = mnt.stat()
         assert (stat.S_IMODE(after.st_mode), after.st_uid) == (0o777, 0)
         assert sorted(os.listdir(mnt)) == ["a", "g"]
