@@ -41,6 +41,8 @@ _ARCHIVED = frozenset((stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
 #: What an entry named like an OCI whiteout is called where it is left out: every OCI extractor
 #: (ours too) would take it for one, drop it and delete what earlier layers put at its name.
 _WHITEOUT_KIND = "named like an OCI whiteout"
+#: The least name above every name starting with WHITEOUT_PREFIX (its last character, ".", + 1).
+_AFTER_WHITEOUTS = WHITEOUT_PREFIX[:-1] + "/"
 
 
 def _special_kind(mode: int) -> str:
@@ -134,7 +136,7 @@ class _Walk:
             mode = st.st_mode
             names.append(d.name)
             inodes.append(st.st_ino)
-            whiteout = d.name.startswith(WHITEOUT_PREFIX)
+            whiteout = WHITEOUT_PREFIX <= d.name < _AFTER_WHITEOUTS  # startswith, without a call
             if whiteout or stat.S_IFMT(mode) not in _ARCHIVED:  # left out: its times do not count
                 ctimes.append(0)
                 facts.extend((mode, 0, 0, 0))
