@@ -127,11 +127,7 @@ def _has_default_acl(fd: int) -> bool:
 class Extractor:
     """Apply layers, in order, to a fresh staging directory ``dest``; call finish() at the end."""
 
-    def __init__(
-        self, dest: Path, *, preserve_owner: bool | None = None, root_mode: int | None = None
-    ) -> None:
-        """``root_mode``: ``dest``'s mode at the end when the layers give it none (an entry of
-        ours holds no member for its root); None: what ``mkdir`` would give (0777 less the umask)."""
+    def __init__(self, dest: Path, *, preserve_owner: bool | None = None) -> None:
         self.dest = Path(dest)
         self._is_root = os.geteuid() == 0
         self._owner = self._is_root if preserve_owner is None else preserve_owner
@@ -147,7 +143,8 @@ class Extractor:
         # ACL replaces the umask (and only ever narrows the mode): then always fchmod.
         umask = _umask()
         self._keep_bits = 0 if umask is None or _has_default_acl(self._root_fd) else 0o777 & ~umask
-        self._root_mode = root_mode if root_mode is not None else 0o777 & ~(0o022 if umask is None else umask)
+        # A root the layers give no member (ours never do) ends as mkdir makes a directory.
+        self._root_mode = 0o777 & ~(0o022 if umask is None else umask)
         self._fds: dict[bytes, int] = {b"": self._root_fd}
         self._kinds: dict[bytes, tuple[int, int]] = {}  # path -> (kind, layer index)
         self._tree: dict[bytes, set[bytes]] | None = None  # see _index

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -340,11 +339,9 @@ class _Restore:
             feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
-        # Writable by its owner until it is in place (a directory is moved to another parent
-        # only by one who may write it); swap_in gives it the replaced directory's mode after.
-        kept = self._kept
-        root_mode = None if kept is None else kept.mode | stat.S_IRWXU
-        with Extractor(self._staging, root_mode=root_mode) as extractor:
+        # (Its root ends as mkdir makes it, writable by its owner: a directory is moved to another
+        # parent only by one who may write it; swap_in gives it the replaced one's mode after.)
+        with Extractor(self._staging) as extractor:
             try:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
