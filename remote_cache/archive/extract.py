@@ -143,8 +143,10 @@ class Extractor:
         # ACL replaces the umask (and only ever narrows the mode): then always fchmod.
         umask = _umask()
         self._keep_bits = 0 if umask is None or _has_default_acl(self._root_fd) else 0o777 & ~umask
-        # A root the layers give no member (ours never do) ends as mkdir makes a directory.
-        self._root_mode = 0o777 & ~(0o022 if umask is None else umask)
+        # A root the layers give no member (ours never do) ends as mkdir makes a directory, but
+        # always writable by its owner: a directory is moved to another parent only by one who
+        # may write it (a restore exchanges it into place, then gives it the replaced one's mode).
+        self._root_mode = 0o777 & ~(0o022 if umask is None else umask) | stat.S_IRWXU
         self._fds: dict[bytes, int] = {b"": self._root_fd}
         self._kinds: dict[bytes, tuple[int, int]] = {}  # path -> (kind, layer index)
         self._tree: dict[bytes, set[bytes]] | None = None  # see _index

@@ -339,8 +339,6 @@ class _Restore:
             feed.path.unlink(missing_ok=True)
 
     def _extract_all(self) -> ExtractStats:
-        # (Its root ends as mkdir makes it, writable by its owner: a directory is moved to another
-        # parent only by one who may write it; swap_in gives it the replaced one's mode after.)
         with Extractor(self._staging) as extractor:
             try:
                 extractor.add_layers(self._layers())
