@@ -279,8 +279,13 @@ async def _find_key(store: Store, key: str) -> tuple[str, tuple[Descriptor, byte
         # Whose an entry there is that cannot be read is unknown: as ``ls`` lists it, the key's
         # (an error for restore and inspect, what rm removes), not a miss to fall back from.
         older = await _top(store, key, key)
-        if older is not None and _recorded_key(older, strict_under=key) == key:
-            return key, older
+        if older is not None:
+            try:  # (unlike under the key's own tag, an entry that cannot be read is no miss here)
+                recorded = document_annotations(*older).get(ANNOTATION_KEY)
+            except RemoteCacheError as exc:
+                raise _Unreadable(key, exc) from exc
+            if recorded == key:
+                return key, older
     return None
 
 
@@ -307,15 +312,12 @@ async def _top(store: Store, tag: str, key: str) -> tuple[Descriptor, bytes] | N
         raise _Unreadable(tag, exc) from exc
 
 
-def _recorded_key(top: tuple[Descriptor, bytes], *, strict_under: str | None = None) -> str | None:
+def _recorded_key(top: tuple[Descriptor, bytes]) -> str | None:
     """The key a top document records; None when it records none or cannot be read (a broken
-    entry under a key's own tag is that key's to list and remove), or with ``strict_under``
-    (its tag) :class:`_Unreadable` for one that cannot be read."""
+    entry under a key's own tag is that key's to list and remove)."""
     try:
         return document_annotations(*top).get(ANNOTATION_KEY)
-    except RemoteCacheError as exc:
-        if strict_under is not None:
-            raise _Unreadable(strict_under, exc) from exc
+    except RemoteCacheError:
         return None
 
 
