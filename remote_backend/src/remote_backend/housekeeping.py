@@ -48,14 +48,15 @@ async def removed(store: Store, key: str, grace: timedelta | None, *, with_copie
     """Delete the entry under ``key`` (and its copies, ``with_copies``), then free what no entry
     uses (where the store must)."""
     # The core checks the key first; a miss passes as it is.
-    removed = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
-    what = f"{key!r}{removed.copies_text()}"
+    gone = await core_entries.remove(store, key, collect=False, with_copies=with_copies)
+    copies = gone.copies_text()
     try:
         freed = await core_entries.sweep(store, grace)
     except RemoteCacheError as exc:
-        raise RemoteCacheError(f"remote-cache: removed {what}, then cannot free its blobs: {exc}") from exc
-    entry = removed.entry
-    line = f"removed {entry.key} (tag {entry.tag}, {entry.digest}){removed.copies_text()}"
+        raise RemoteCacheError(
+            f"remote-cache: removed {key!r}{copies}, then cannot free its blobs: {exc}"
+        ) from exc
+    line = f"removed {gone.entry.key} (tag {gone.entry.tag}, {gone.entry.digest}){copies}"
     return line if freed is None else f"{line}; {freed.summary()}"
 
 
