@@ -4,8 +4,8 @@ State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache`
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
 restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
-older-format state file means "no evidence" (the layer is packed), never an
-error; a state that cannot be written (read-only home, full disk) only means the next save packs.
+older-format state file means "no evidence" (the layer is packed), never an error; a state that
+cannot be written (read-only home, full disk) only means the next save packs.
 """
 
 from __future__ import annotations
