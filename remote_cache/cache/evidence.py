@@ -155,10 +155,10 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
     that second the same ctime. No re-stat is needed: a file changed after the scan has a newer
     ctime, so a later scan cannot match.
     """
-    files = [[e for e in plan.members if e.kind == FILE] for plan in scan.layers]
     coarse_bound = bound_ns - bound_ns % _SECOND
     out: list[LocalLayer] = []
-    for plan, layer_files in zip(scan.layers, files, strict=True):
+    for plan in scan.layers:
+        layer_files = [e for e in plan.members if e.kind == FILE]
         listing = portable_listing(plan)
         h = hashlib.sha256(b"remote-cache local listing v1\0" + listing.encode() + b"\0")
         h.update("".join(f"{e.ino} {e.ctime_ns}\0" for e in layer_files).encode())
@@ -246,7 +246,7 @@ def window_hits(
     # Whole-second ctimes against floored bounds: a file written in start's second still has
     # ctime >= floor(start); one written in end's second may be a later change: not trusted.
     cstart, cend = start - start % _SECOND, end - end % _SECOND
-    dirs = {m.path: m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
+    dirs: dict[str, int] | None = None  # the scan's directories' inodes, once a layer needs them
     out: dict[int, LayerRecord] = {}
     for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
         key = (layer.listing, media_type)
@@ -257,7 +257,11 @@ def window_hits(
         in_window = all(
             (start <= c < end) if (c := e.ctime_ns) % _SECOND else (cstart <= c < cend) for e in files
         )
-        if in_window and window.parents.get(key) == _parents_of(files, dirs):
+        if not in_window:
+            continue
+        if dirs is None:
+            dirs = {m.path: m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
+        if window.parents.get(key) == _parents_of(files, dirs):
             out[i] = rec
     return out
 
