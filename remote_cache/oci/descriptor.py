@@ -15,6 +15,7 @@ __all__ = [
     "JSONTooDeep",
     "Platform",
     "media_type_of",
+    "own_media_type",
     "parse_json",
     "reached_through",
     "referenced_by",
@@ -129,6 +130,16 @@ def references(document: Any) -> list[dict[str, Any]]:
         if isinstance(document.get(name), dict):
             found.append(document[name])
     return [c for c in found if isinstance(c, dict) and isinstance(c.get("digest"), str)]
+
+
+def own_media_type(body: bytes) -> str | None:
+    """The ``mediaType`` a document's bytes state for themselves, when they are a JSON object
+    stating a string there (the stores read it to label what they serve)."""
+    try:
+        value = parse_json(body).get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def media_type_of(descriptor: dict[str, Any]) -> str | None:

@@ -31,7 +31,7 @@ from ...errors import (
     NoSpace,
     StoreError,
 )
-from ..descriptor import Descriptor, parse_json, reached_through
+from ..descriptor import Descriptor, own_media_type, reached_through
 from ..digest import BlobCheck, is_digest, sha256_digest
 from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
@@ -146,11 +146,8 @@ class LayoutStore:
             raise IntegrityError(
                 f"manifest {digest} in {self.location} has digest {actual}: the layout is corrupted"
             )
-        try:
-            own = parse_json(body).get("mediaType")
-        except (ValueError, AttributeError):
-            own = None
-        if isinstance(own, str) and (own in MANIFEST_TYPES or own in INDEX_TYPES):
+        own = own_media_type(body)
+        if own in MANIFEST_TYPES or own in INDEX_TYPES:
             media_type = own
         return Descriptor(media_type, digest, len(body)), body
 

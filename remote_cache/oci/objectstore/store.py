@@ -40,7 +40,7 @@ from ...errors import (
 )
 from ...keys import is_valid_tag
 from ...tasks import first_error, for_each
-from ..descriptor import Descriptor, parse_json, reached_through
+from ..descriptor import Descriptor, own_media_type, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
 from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
@@ -440,8 +440,5 @@ class ObjectStore:
 
 def _media_type(body: bytes) -> str:
     """The document's own ``mediaType``; an OCI index when it has none we know."""
-    try:
-        value = parse_json(body).get("mediaType")
-    except (ValueError, AttributeError):
-        return OCI_INDEX
-    return value if isinstance(value, str) and value in (MANIFEST_TYPES | INDEX_TYPES) else OCI_INDEX
+    value = own_media_type(body)
+    return value if value in (MANIFEST_TYPES | INDEX_TYPES) else OCI_INDEX

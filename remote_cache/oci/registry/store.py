@@ -29,7 +29,7 @@ from ...errors import (
 )
 from ..certs import TlsOptions
 from ..credentials import Credentials
-from ..descriptor import Descriptor, parse_json
+from ..descriptor import Descriptor, own_media_type, parse_json
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest, verify_bytes
 from ..media import MANIFEST_ACCEPT
 from ..reference import Reference
@@ -176,7 +176,7 @@ class RegistryStore:
             raise IntegrityError(f"{what} has digest {digest}, but the registry said {announced}")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         if not media_type or media_type in ("application/json", "text/plain"):
-            media_type = _media_type_from_body(body) or media_type
+            media_type = own_media_type(body) or media_type
         return Descriptor(media_type=media_type, digest=digest, size=len(body)), body
 
     async def put_manifest(
@@ -337,11 +337,3 @@ class RegistryStore:
         """
         check_digest(desc.digest)
         return await self._uploader.put(desc, source, mount_from or self.mount_from)
-
-
-def _media_type_from_body(body: bytes) -> str | None:
-    try:
-        value = parse_json(body).get("mediaType")
-    except (ValueError, AttributeError):
-        return None
-    return str(value) if isinstance(value, str) else None
