@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MISS_MARKER",
+    "RM_A_BROKEN_ENTRY",
     "BlobUnreadable",
     "BlobsSwept",
     "BrokenEntry",
@@ -192,6 +193,10 @@ class EntryExists(StoreError):
         super().__init__(f"{where} already holds an entry under {tag!r}")
 
 
+#: How a user gets rid of an entry whose documents cannot be read (said in several messages).
+RM_A_BROKEN_ENTRY = "`remote-cache rm`; `remote-cache ls` lists it as broken"
+
+
 class BlobUnreadable(StoreError):
     """A document the store holds but cannot read: in a layout, a blob this user may not read,
     or a directory or FIFO in its place. The entry using it is not known to be broken (another
@@ -203,7 +208,7 @@ class BlobUnreadable(StoreError):
         self.why = why
         super().__init__(
             f"blob {digest} in {where} cannot be read ({why}): {fix}, or remove the entry using it "
-            "(`remote-cache rm`; `remote-cache ls` lists it as broken)"
+            f"({RM_A_BROKEN_ENTRY})"
         )
 
     @property

@@ -47,6 +47,7 @@ from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, WHITEOUT_PREFIX, 
 __all__ = ["ExtractStats", "Extractor"]
 
 _WHITEOUT = WHITEOUT_PREFIX.encode()
+_OPAQUE = _WHITEOUT + _WHITEOUT + b".opq"  # .wh..wh..opq: the directory hides all lower content
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 256
@@ -382,10 +383,10 @@ class Extractor:
 
     def _whiteout(self, r: LayerReader, name_b: bytes, parent: bytes, base: bytes, size: int) -> None:
         self.stats.whiteouts += 1
-        if base == b".wh..wh..opq":
+        if base == _OPAQUE:
             self._hide_lower(parent, opaque=True)
         else:
-            victim = base[4:]
+            victim = base[len(_WHITEOUT) :]
             if victim in (b"", b".", b".."):
                 raise UnsafeArchive(f"archive member {display(name_b)!r} is a malformed whiteout")
             self._hide_lower(parent + b"/" + victim if parent else victim, opaque=False)

@@ -28,6 +28,7 @@ import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
@@ -244,10 +245,11 @@ def _warn_special(path: Path, result: SaveResult) -> SaveResult:
     """Warn once when the save left special files out (a caller may print no summary)."""
     if result.special:
         log.warning(
-            "%s: skipped %s: a cache holds only files, directories and symlinks, none named .wh.* "
+            "%s: skipped %s: a cache holds only files, directories and symlinks, none named %s* "
             "(what OCI layers use for whiteouts)",
             path,
             _special_note(result.special),
+            WHITEOUT_PREFIX,
         )
     return result
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ...errors import StoreError
+from ...errors import RM_A_BROKEN_ENTRY, StoreError
 from ..descriptor import JSONTooDeep, media_type_of, parse_json, references
 from ..media import LEAF_TYPES, MAX_DOCUMENT_BYTES
 from .directory import LayoutDirectory, read_regular, tag_of, unreadable_reason
@@ -89,7 +89,7 @@ def _unreadable(layout: LayoutDirectory, digest: str, entry: dict[str, Any], exc
     whose, fix = (
         (
             f"the entry tagged {tag}",
-            "remove that entry (`remote-cache rm`; `remote-cache ls` lists it as broken)",
+            f"remove that entry ({RM_A_BROKEN_ENTRY})",
         )
         if tag
         else (f"an untagged entry of index.json ({entry.get('digest')})", "remove that entry from index.json")

@@ -74,24 +74,22 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
         if any(c.isspace() or not c.isprintable() for c in endpoint) or "%" in (parts.hostname or ""):
             raise ValueError("a space, a control character or a zone id")
     except ValueError as exc:  # obstore would panic on it (InvalidPort, InvalidUriChar, ...)
-        raise InvalidReference(
-            f"endpoint is not a valid URL ({exc}), e.g. https://minio.example:9000"
-        ) from None
+        raise InvalidReference(f"endpoint is not a valid URL ({exc}), e.g. {_EXAMPLE}") from None
     if "://" not in endpoint:  # the parser took the host (or an IP's first part) for a scheme
         if _MISWRITTEN_SCHEME.match(endpoint):
             raise InvalidReference(
-                f"endpoint {endpoint!r}: write its scheme as http:// or https://, e.g. https://minio.example:9000"
+                f"endpoint {endpoint!r}: write its scheme as http:// or https://, e.g. {_EXAMPLE}"
             )
         given = f": give http://{endpoint} or https://{endpoint}" if _HOST_PORT.fullmatch(endpoint) else ""
-        raise InvalidReference(f"endpoint has no scheme{given}, e.g. https://minio.example:9000")
+        raise InvalidReference(f"endpoint has no scheme{given}, e.g. {_EXAMPLE}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidReference(
-            f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. "
-            "https://minio.example:9000"
+            f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. {_EXAMPLE}"
         )
     return parts
 
 
+_EXAMPLE = "https://minio.example:9000"
 #: A bare ``HOST[:PORT][/PATH]`` (what an endpoint without its scheme usually is): a name (with
 #: docker-compose's underscores), an IPv4 address or a bracketed IPv6 one.
 _HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s]*)?")
