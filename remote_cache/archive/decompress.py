@@ -37,7 +37,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 class _Source:
     """Reads decompressed bytes from a layer blob; errors become IntegrityError."""
 
-    def __init__(self, fileobj: BinaryIO, expected: str | None, zstd: zstandard.ZstdDecompressor) -> None:
+    def __init__(self, fileobj: BinaryIO, expected: str | None) -> None:
         self._f = fileobj
         head = self._raw_read(4)
         self._head = head
@@ -53,7 +53,7 @@ class _Source:
             # writing thread keeps running; FrameCheck catches what it would let through: a
             # stream cut inside a frame.
             self._frames = FrameCheck()
-            self._zr = zstd.stream_reader(
+            self._zr = zstandard.ZstdDecompressor().stream_reader(
                 cast(BinaryIO, _Tap(self)), read_size=_READ_COMPRESSED, read_across_frames=True
             )
             self._out = _ZSTD_FIRST
@@ -96,8 +96,8 @@ class _Source:
         if not out:
             self._frames.finish()
             self._eof = True
-            # The reader reaches back to this source (_Tap): let it go now, not at the next
-            # cycle collection, with the input it holds.
+            # The reader reaches back to this source (_Tap): let it go now, with its window
+            # (megabytes), not at the next cycle collection.
             self._zr = None
         return out
 
@@ -199,12 +199,9 @@ class Feeder:
         return False
 
     def _run(self, layers: Iterator[tuple[BinaryIO, str | None]]) -> None:
-        # One decompression context for every layer, one after another (python-zstandard allows
-        # reuse, not overlap): its window buffer (megabytes) is allocated once, not per layer.
-        zstd = zstandard.ZstdDecompressor()
         try:
             for fileobj, expected in layers:
-                src = _Source(fileobj, expected, zstd)
+                src = _Source(fileobj, expected)
                 while True:
                     chunk = src.read()
                     if not chunk:
