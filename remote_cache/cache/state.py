@@ -4,8 +4,9 @@ State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache`
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
 restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
-older-format state file means "no evidence" (the layer is packed), never an error; a state that
-cannot be written (read-only home, full disk) only means the next save packs.
+older-format state file, or one another user owns, means "no evidence" (the layer is packed),
+never an error; a state that cannot be written (read-only home, full disk) only means the next
+save packs.
 """
 
 from __future__ import annotations
@@ -176,6 +177,10 @@ def load(target: Path) -> Evidence:
     """What this machine recorded about directory ``target`` (empty when nothing usable)."""
     try:
         with open(state_path(target), "rb") as fh:
+            # In a shared state directory another user could plant evidence for layers whose
+            # files changed since: only this user's own files count.
+            if os.fstat(fh.fileno()).st_uid != os.geteuid():
+                return Evidence()
             body = fh.read(MAX_STATE_BYTES + 1)
         if len(body) > MAX_STATE_BYTES:
             return Evidence()

@@ -217,6 +217,20 @@ def test_state_of_another_path_and_older_format_is_ignored(tmp_path: Path) -> No
     assert state.load(tmp_path / "a").window is None
 
 
+def test_a_state_file_someone_else_owns_is_ignored(tmp_path: Path) -> None:
+    # A shared REMOTE_CACHE_STATE_DIR (a CI cache mount, /tmp): another user could plant a file
+    # vouching for layers whose files have changed since, and the next save would reuse stale
+    # blobs. Evidence counts only in files this user owns, as ssh trusts only its own keys.
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    state.record_restore(tmp_path, _window())
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    assert state.load(tmp_path).window is not None and state.load(tmp_path).records
+    os.chown(state_path(tmp_path), 65534, 65534)
+    planted = state.load(tmp_path)
+    assert planted.window is None and planted.records == {} and planted.tree is None
+
+
 def test_a_format_2_save_record_is_not_trusted_under_format_3_s_settle_rule(tmp_path: Path) -> None:
     """Format 2 save records were made under the old settle rule (changed with the bump to format 3,
     commit 5d93ef1): a whole-second ctime in the bound's second beside finer ones counted as
