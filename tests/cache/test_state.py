@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -229,6 +230,28 @@ def test_a_state_file_someone_else_owns_is_ignored(tmp_path: Path) -> None:
     os.chown(state_path(tmp_path), 65534, 65534)
     planted = state.load(tmp_path)
     assert planted.window is None and planted.records == {} and planted.tree is None
+
+
+def test_a_fifo_or_a_link_at_the_state_path_is_no_evidence_and_no_hang(tmp_path: Path) -> None:
+    # Opening a FIFO for reading waits for a writer: one planted at the state path (a shared
+    # state directory) hung every save and restore of that directory.
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    path = state_path(tmp_path)
+    kept = path.with_name("kept.json")
+    path.rename(kept)
+    os.mkfifo(path)
+    loaded: list[state.Evidence] = []
+    reader = threading.Thread(target=lambda: loaded.append(state.load(tmp_path)), daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():
+        with open(path, "wb"):  # let the stuck reader go
+            pass
+        pytest.fail("state.load waited on a FIFO at the state path")
+    assert loaded[0].records == {}
+    path.unlink()
+    path.symlink_to(kept)  # the state file is only ever a regular file written by a save
+    assert state.load(tmp_path).records == {}
 
 
 def test_a_format_2_save_record_is_not_trusted_under_format_3_s_settle_rule(tmp_path: Path) -> None:
