@@ -4,9 +4,9 @@ State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache`
 ``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
 restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
-older-format state file, or one another user owns or that is no regular file, means "no evidence"
-(the layer is packed), never an error; a state that cannot be written (read-only home, full disk)
-only means the next save packs.
+older-format state file, or one that is no regular file, another user owns or others can write,
+means "no evidence" (the layer is packed), never an error; a state that cannot be written
+(read-only home, full disk) only means the next save packs.
 """
 
 from __future__ import annotations
@@ -177,13 +177,16 @@ def _parse(raw: Any, target: Path) -> Evidence:
 def load(target: Path) -> Evidence:
     """What this machine recorded about directory ``target`` (empty when nothing usable)."""
     try:
-        # Without blocking (a FIFO there would wait for a writer) or following a link: a save
-        # writes only regular files. In a shared state directory another user could plant
-        # evidence for layers whose files changed since: only this user's own files count.
-        fd = os.open(state_path(target), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Without blocking (a FIFO there would wait for a writer), following a link or taking
+        # a terminal: a save writes only regular files, 0600. In a shared state directory
+        # another user could plant evidence for layers whose files changed since: only this
+        # user's own files that no one else can write count (a file others can write, they
+        # may also hard-link: Linux's protected_hardlinks allows it).
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(state_path(target), flags)
         with open(fd, "rb") as fh:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
                 return Evidence()
             body = fh.read(MAX_STATE_BYTES + 1)
         if len(body) > MAX_STATE_BYTES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -230,6 +231,19 @@ def test_a_state_file_someone_else_owns_is_ignored(tmp_path: Path) -> None:
     os.chown(state_path(tmp_path), 65534, 65534)
     planted = state.load(tmp_path)
     assert planted.window is None and planted.records == {} and planted.tree is None
+
+
+def test_a_state_file_others_can_write_is_ignored(tmp_path: Path) -> None:
+    # Our own file, but group- or world-writable: another user may hard-link it (Linux's
+    # protected_hardlinks allows that for a file they can write) or write into it, and plant
+    # evidence (a review did: a changed file then saved as "unchanged"). A save writes 0600.
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    assert stat.S_IMODE(state_path(tmp_path).stat().st_mode) == 0o600
+    for mode in (0o620, 0o602, 0o666):
+        state_path(tmp_path).chmod(mode)
+        assert state.load(tmp_path).records == {}, oct(mode)
+    state_path(tmp_path).chmod(0o644)
+    assert state.load(tmp_path).records
 
 
 def test_a_fifo_or_a_link_at_the_state_path_is_no_evidence_and_no_hang(tmp_path: Path) -> None:
