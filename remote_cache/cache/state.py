@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -37,6 +38,8 @@ __all__ = [
     "state_dir",
     "state_path",
 ]
+
+log = logging.getLogger("remote_cache")
 
 STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
 #: Records kept per target directory (newest first); each is about 300 bytes of JSON.
@@ -230,9 +233,11 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
 
 
 def _write(target: Path, evidence: Evidence) -> bool:
-    """Replace ``target``'s state file atomically; False, without raising, when it cannot be written."""
+    """Replace ``target``'s state file atomically; False, with one warning, when it cannot be written."""
+    where = "the state directory"
     try:
         path = state_path(target)
+        where = str(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=path.parent)
         try:
@@ -243,7 +248,18 @@ def _write(target: Path, evidence: Evidence) -> bool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Silent, this left users wondering why every save read every file (a state directory
+        # made by root under sudo, a read-only home); pip warns about its cache the same way.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        log.warning(
+            "cannot record what this run learned about %s in %s (%s): the next save of it reads "
+            "every file; set %s to a directory you can write",
+            target,
+            where,
+            reason,
+            STATE_DIR_ENV,
+        )
         return False
     return True
 

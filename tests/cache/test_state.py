@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import stat
 import threading
@@ -59,12 +60,20 @@ def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:
     assert [p.name for p in state_path(target).parent.iterdir()] == [state_path(target).name]
 
 
-def test_unwritable_state_dir_is_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_state_dir_is_not_an_error_but_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Silent, it left a user wondering why every save read every file (a state directory root
+    # made under sudo, a read-only home): one warning with the fix, as pip does for its cache.
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(blocker / "state"))
-    assert state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())]) is False
+    with caplog.at_level(logging.WARNING, logger="remote_cache"):
+        assert state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())]) is False
     assert state.load(tmp_path).records == {}
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "remote_cache"]
+    assert str(blocker / "state") in warning and "REMOTE_CACHE_STATE_DIR" in warning, warning
+    assert "reads every file" in warning, warning
 
 
 @pytest.mark.parametrize(
