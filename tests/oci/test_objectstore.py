@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import anyio
 import pytest
@@ -270,6 +271,43 @@ async def test_wrong_credentials_are_an_auth_error_and_the_secret_is_never_sent_
         await bad.resolve("k")
     assert secret not in str(info.value) and "AWS_ACCESS_KEY_ID" in str(info.value)
     assert not any(secret in str(r.headers) or secret in r.path for r in proxy.requests)
+
+
+async def test_credentials_a_server_echoes_url_encoded_are_not_shown_either(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path, fault_proxy_factory: Any
+) -> None:
+    """Only the raw values were cut out of messages: a server that echoes the request's query
+    (URL-encoded, as in a presigned URL) showed the secret and the session token (a probe did)."""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    env_of(moto)
+    ref = parse_reference(f"s3://{new_bucket(moto)}/cache")
+    secret, token = "Probe/Secret+Key=abcdefghijklmnopqrstuv", "IQoJb3JpZ2luX2Vj/Probe+Session=Token/abcdef"
+    options = ObjectStoreOptions(
+        endpoint=f"http://{proxy.host}",
+        access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_access_key=secret,
+        session_token=token,
+    )
+    store = ObjectStore(ref, options)
+    try:
+        await save(store, "k", tree(tmp_path / "src", 3))
+        echoes = {
+            "plain": f"X-Amz-Security-Token={quote(token, safe='')}&k={quote_plus(secret)}".encode(),
+            "xml": (
+                "<?xml version='1.0'?><Error><Code>InvalidToken</Code><Message>The provided token is "
+                f"malformed: {quote(token, safe='')} ({quote(secret)})</Message></Error>"
+            ).encode(),
+        }
+        for kind, body in echoes.items():
+            proxy.answer(400, body, method="GET", path_contains="/tags/")
+            with pytest.raises(StoreError) as info:
+                await store.resolve("k")
+            shown = str(info.value)
+            for value in (secret, token):
+                for form in (value, quote(value), quote(value, safe=""), quote_plus(value)):
+                    assert form not in shown, (kind, shown)
+    finally:
+        await store.aclose()
 
 
 async def test_a_stalled_or_failing_server_fails_within_the_timeout_with_a_clear_message(

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from urllib.parse import quote, quote_plus
 
 from obstore.exceptions import (
     AlreadyExistsError,
@@ -89,6 +90,10 @@ _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKE
 _XML_BODY = re.compile(r"<\?xml|<Error>")
 _XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
+#: A signature or token value a server echoes (in a query, a header, a canonical request).
+_SIGNED = re.compile(
+    r"(x-amz-security-token|x-amz-signature|signature|authorization)([:=]\s*)[^\s&<\"']+", re.I
+)
 
 
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
@@ -97,7 +102,7 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
         text = text[: body.start()] + _code_and_message(text)
-    return _cut(" ".join(text.split()), secrets)
+    return _cut(" ".join(_unsigned(text).split()), secrets)
 
 
 def _code_and_message(xml: str) -> str:
@@ -106,16 +111,20 @@ def _code_and_message(xml: str) -> str:
     return ": ".join(found) or "an XML error body"
 
 
+def _unsigned(text: str) -> str:
+    """``text`` with every signature and token value it shows cut out."""
+    return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+
+
 def _cut(text: str, secrets: Iterable[str]) -> str:
+    """``text`` without ``secrets``, raw or URL-encoded (a server may echo a request's query)."""
     for secret in secrets:
-        text = text.replace(secret, "***")
+        for form in {secret, quote(secret), quote(secret, safe=""), quote_plus(secret)}:
+            text = text.replace(form, "***")
     return text
 
 
 _XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
-_SIGNED = re.compile(
-    r"(x-amz-security-token|x-amz-signature|signature|authorization)([:=]\s*)[^\s&<\"']+", re.I
-)
 
 
 def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
@@ -125,8 +134,7 @@ def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
     found elsewhere (a profile, the metadata service) are not known here: the first two rules
     catch what a server echoes of them."""
     text = _XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text)
-    text = _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-    return _cut(text, credentials_to_hide(explicit))
+    return _cut(_unsigned(text), credentials_to_hide(explicit))
 
 
 def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
