@@ -381,8 +381,13 @@ class ObjectStore:
 
     def _check(self, desc: Descriptor) -> BlobCheck:
         """The check of a blob read from here: a save writes one of the wrong size again, but one of
-        the right size it cannot tell from the right blob without reading it back."""
-        corrupt = f"delete {self._blob_key(desc.digest)} under {self.location} and save again"
+        the right size it cannot tell from the right blob without reading it back. Bytes damaged
+        on the way (a proxy, a ranged read) look the same as bytes damaged here: deleting a good
+        blob would break the entry, so the advice is to read once more first."""
+        corrupt = (
+            f"bytes damaged on the way look the same: if another try gives the same digest, delete "
+            f"{self._blob_key(desc.digest)} under {self.location} and save again"
+        )
         return BlobCheck(desc.digest, desc.size, f"in {self.location}", REPACK_FIX, corrupt)
 
     def _missing(self, desc: Descriptor) -> StoreError:
