@@ -24,7 +24,7 @@ RemoteCacheError
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .units import format_bytes, size_above
@@ -63,6 +63,7 @@ __all__ = [
     "UnsuitableTarget",
     "UnsupportedOperation",
     "causes",
+    "without_secrets",
 ]
 
 #: Prefix of a miss message. Errors cross Dagger module boundaries as text only, so a
@@ -303,3 +304,15 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def without_secrets(text: str, secrets: Iterable[str | None]) -> str:
+    """``text`` with each of ``secrets`` cut out, raw or URL-encoded: a server may echo a request
+    (its query, its headers) in the error it answers with."""
+    from urllib.parse import quote, quote_plus  # (only on an error's way out)
+
+    for secret in secrets:
+        if secret:
+            for form in {secret, quote(secret), quote(secret, safe=""), quote_plus(secret)}:
+                text = text.replace(form, "***")
+    return text

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypedDict, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError
+from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, without_secrets
 from ..units import parse_duration
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
@@ -471,9 +471,7 @@ def _stderr_line(text: str) -> None:
 
 def _redact(text: str, common: Common) -> str:
     # Belt and braces: the core never puts a secret in a message, and we make sure of it.
-    if common.password:
-        text = text.replace(common.password, "***")
-    return text
+    return without_secrets(text, [common.password])
 
 
 def _debug_traceback(common: Common) -> None:

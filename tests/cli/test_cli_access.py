@@ -5,6 +5,7 @@ for loopback and speaks HTTPS to them by default)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -12,13 +13,14 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import pytest
 
 from tests.cli.output import Run, json_line, no_traceback, warnings
 from tests.credential_files import auths, write
 from tests.forward_proxy import ForwardProxy, proxy_env
-from tests.registry_server import CertificateAuthority, RegistryServer
+from tests.registry_server import CertificateAuthority, FaultProxy, RegistryServer
 from tests.trees import assert_same_tree, one_file_tree
 
 #: A secret-looking value planted in broken files: it must never be printed.
@@ -44,6 +46,49 @@ PLACES = {
     "~/.config auth.json": "home/.config/containers/auth.json",
     "REGISTRY_AUTH_FILE": "elsewhere/auth.json",
 }
+
+
+@pytest.mark.parametrize("given", ["environment", "auth file"])
+@pytest.mark.parametrize("echo", ["error body", "token realm"])
+def test_credentials_a_registry_echoes_are_never_shown(
+    cli: Run,
+    registry: RegistryServer,
+    fault_proxy_factory: Callable[[RegistryServer], FaultProxy],
+    tmp_path: Path,
+    given: str,
+    echo: str,
+) -> None:
+    """A registry, or a proxy before it, may echo the request: the password (raw, URL-encoded, or
+    as the Basic header) reached stderr and --json when it came from the environment or an auth
+    file — only --username's was cut, and only raw (a probe found it)."""
+    user, password = "bot", "p/a+s=s%w&o?r d-\u00fcn\u00ef"
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    forms = [password, quote(password), quote(password, safe=""), quote_plus(password), basic]
+    proxy = fault_proxy_factory(registry)
+    if echo == "error body":
+        message = " | ".join(forms)
+        body = json.dumps({"errors": [{"code": "DENIED", "message": message}]}).encode()
+        proxy.answer(403, body, times=1000)
+    else:
+        realm = f'Bearer realm="gopher://tokens.example/{quote(password, safe="")}",service="x"'
+        proxy.answer(401, b"", headers={"WWW-Authenticate": realm}, times=1000)
+    env: dict[str, str] = {}
+    if given == "environment":
+        env = {"REMOTE_CACHE_USERNAME": user, "REMOTE_CACHE_PASSWORD": password}
+    else:
+        write(tmp_path / PLACES["docker config.json"], auths(proxy.host, user, password))
+    for args in (
+        ("restore", f"{proxy.host}/team/cache:k", "out"),
+        ("restore", "--json", f"{proxy.host}/team/cache:k", "out"),
+    ):
+        proc = cli(*args, env=env)
+        assert proc.returncode == 4, proc.stderr
+        shown = proc.stderr + proc.stdout
+        shown += json.dumps(json.loads(proc.stdout)) if proc.stdout.strip() else ""  # \u-escaped forms too
+        for form in forms:
+            assert form not in shown and form not in json.loads(json.dumps(shown)), (form, shown)
+        if "--json" in args:
+            assert not any(form in json.loads(proc.stdout)["error"] for form in forms), proc.stdout
 
 
 @pytest.mark.parametrize("place", list(PLACES))

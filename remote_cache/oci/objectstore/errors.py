@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from urllib.parse import quote, quote_plus
 
 from obstore.exceptions import (
     AlreadyExistsError,
@@ -27,7 +26,7 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
-from ...errors import StoreAuthError, StoreError, StoreStalled, StoreUnreachable
+from ...errors import StoreAuthError, StoreError, StoreStalled, StoreUnreachable, without_secrets
 
 __all__ = [
     "NOT_FOUND",
@@ -102,7 +101,7 @@ def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
         text = text[: body.start()] + _code_and_message(text)
-    return _cut(" ".join(_unsigned(text).split()), secrets)
+    return without_secrets(" ".join(_unsigned(text).split()), secrets)
 
 
 def _code_and_message(xml: str) -> str:
@@ -116,14 +115,6 @@ def _unsigned(text: str) -> str:
     return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
 
 
-def _cut(text: str, secrets: Iterable[str]) -> str:
-    """``text`` without ``secrets``, raw or URL-encoded (a server may echo a request's query)."""
-    for secret in secrets:
-        for form in {secret, quote(secret), quote(secret, safe=""), quote_plus(secret)}:
-            text = text.replace(form, "***")
-    return text
-
-
 _XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
 
 
@@ -134,7 +125,7 @@ def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
     found elsewhere (a profile, the metadata service) are not known here: the first two rules
     catch what a server echoes of them."""
     text = _XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text)
-    return _cut(_unsigned(text), credentials_to_hide(explicit))
+    return without_secrets(_unsigned(text), credentials_to_hide(explicit))
 
 
 def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from ...errors import RegistryAuthError
+from ...errors import RegistryAuthError, without_secrets
 from ..credentials import Credentials
 from ..descriptor import parse_json
 from ..reference import is_loopback
@@ -140,13 +140,23 @@ class Authenticator:
         raw = f"{self.credentials.username}:{self.credentials.password}".encode()
         return "Basic " + base64.b64encode(raw).decode("ascii")
 
+    def secrets(self) -> list[str]:
+        """What no message may show: the password, the identity token, the Basic header's value
+        and every token fetched (a registry, or a proxy before it, may echo a request)."""
+        found = [token.value for token in self._tokens.values()]
+        if self.credentials is not None:
+            creds = self.credentials
+            found += [creds.password, creds.identity_token or "", self._basic_header().removeprefix("Basic ")]
+        return [secret for secret in found if secret]
+
     def _check_realm(self, realm: str) -> None:
         parts = urlsplit(realm)
+        shown = without_secrets(realm, self.secrets())
         if parts.scheme not in ("http", "https"):
-            raise RegistryAuthError(f"registry {self.host} sent an unusable token realm {realm!r}")
+            raise RegistryAuthError(f"registry {self.host} sent an unusable token realm {shown!r}")
         if parts.scheme == "http" and not (self.plain_http or is_loopback(parts.netloc)):
             raise RegistryAuthError(
-                f"registry {self.host} wants credentials sent to a plain-HTTP realm {realm}; refusing"
+                f"registry {self.host} wants credentials sent to a plain-HTTP realm {shown}; refusing"
             )
 
     def _token_request(
@@ -186,7 +196,13 @@ class Authenticator:
             with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
                 answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
             if answer.status_code != 200:
-                raise error_for_response(answer, host=self.host, credentials=self.credentials, action=action)
+                raise error_for_response(
+                    answer,
+                    host=self.host,
+                    credentials=self.credentials,
+                    action=action,
+                    secrets=self.secrets(),
+                )
             value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)

@@ -16,10 +16,17 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from ...errors import RegistryAuthError, RegistryError, RegistryUnreachable, StoreError, causes
+from ...errors import (
+    RegistryAuthError,
+    RegistryError,
+    RegistryUnreachable,
+    StoreError,
+    causes,
+    without_secrets,
+)
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..descriptor import parse_json
 from ..stalls import Stalls
@@ -48,15 +55,18 @@ def error_for_response(
     host: str,
     credentials: Credentials | None,
     action: str,
+    secrets: Iterable[str],
 ) -> StoreError:
     """The exception for an error response: auth (401/403), or RegistryError(status, code).
 
-    ``action`` says what we tried (``"read manifest team/cache:npm"``) and starts the message.
+    ``action`` says what we tried (``"read manifest team/cache:npm"``) and starts the message;
+    what the registry said goes in without ``secrets`` (it may echo the request).
     """
     status = response.status_code
     errors = _spec_errors(response.body)
     code = errors[0][0] if errors else ""
-    detail = "; ".join(f"{c}: {m}" if m else c for c, m in errors) or response.reason_phrase or ""
+    said = "; ".join(f"{c}: {m}" if m else c for c, m in errors) or response.reason_phrase or ""
+    detail = without_secrets(said, secrets)
     if status in (401, 403):
         if credentials is None:
             return RegistryAuthError(
