@@ -151,10 +151,11 @@ class Authenticator:
 
     def _check_realm(self, realm: str) -> None:
         parts = urlsplit(realm)
-        shown = without_secrets(realm, self.secrets())
         if parts.scheme not in ("http", "https"):
+            shown = without_secrets(realm, self.secrets())
             raise RegistryAuthError(f"registry {self.host} sent an unusable token realm {shown!r}")
         if parts.scheme == "http" and not (self.plain_http or is_loopback(parts.netloc)):
+            shown = without_secrets(realm, self.secrets())
             raise RegistryAuthError(
                 f"registry {self.host} wants credentials sent to a plain-HTTP realm {shown}; refusing"
             )
