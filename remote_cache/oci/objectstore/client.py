@@ -58,6 +58,14 @@ def endpoint_of(reference: Reference, options: ObjectStoreOptions) -> str | None
     return None
 
 
+_EXAMPLE = "https://minio.example:9000"
+#: A bare ``HOST[:PORT][/PATH]`` (what an endpoint without its scheme usually is): a name (with
+#: docker-compose's underscores), an IPv4 address or a bracketed IPv6 one.
+_HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s]*)?")
+#: ``http:/host``, ``https//host``: a scheme written wrong, not left out.
+_MISWRITTEN_SCHEME = re.compile(r"https?(:/?|//)[^/]", re.IGNORECASE)
+
+
 def _endpoint_parts(endpoint: str) -> SplitResult:
     """The endpoint's parts, once it is an http(s) URL with a host that obstore will take (it
     panics on a bad port or host at the first request) and no credentials in it."""
@@ -87,14 +95,6 @@ def _endpoint_parts(endpoint: str) -> SplitResult:
             f"endpoint {parts.scheme}://{parts.hostname or ''}... is not an http(s):// URL, e.g. {_EXAMPLE}"
         )
     return parts
-
-
-_EXAMPLE = "https://minio.example:9000"
-#: A bare ``HOST[:PORT][/PATH]`` (what an endpoint without its scheme usually is): a name (with
-#: docker-compose's underscores), an IPv4 address or a bracketed IPv6 one.
-_HOST_PORT = re.compile(r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[^\s]*)?")
-#: ``http:/host``, ``https//host``: a scheme written wrong, not left out.
-_MISWRITTEN_SCHEME = re.compile(r"https?(:/?|//)[^/]", re.IGNORECASE)
 
 
 def _client_options(endpoint: str | None, options: ObjectStoreOptions, *, uploads: bool) -> dict[str, Any]:

@@ -89,6 +89,7 @@ _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKE
 _XML_BODY = re.compile(r"<\?xml|<Error>")
 _XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
+_XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
 #: A signature or token value a server echoes (in a query, a header, a canonical request).
 _SIGNED = re.compile(
     r"(x-amz-security-token|x-amz-signature|signature|authorization)([:=]\s*)[^\s&<\"']+", re.I
@@ -113,9 +114,6 @@ def _code_and_message(xml: str) -> str:
 def _unsigned(text: str) -> str:
     """``text`` with every signature and token value it shows cut out."""
     return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-
-
-_XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
 
 
 def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
