@@ -20,6 +20,7 @@ from ..oci.descriptor import Descriptor, Platform, parse_json
 from ..oci.digest import sha256_digest
 from ..oci.media import (
     ANNOTATION_CREATED,
+    DOCUMENT_TYPES,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
@@ -179,7 +180,7 @@ def _media_type(obj: dict[str, Any], declared: str) -> str:
     own = obj.get("mediaType")
     if isinstance(own, str) and own:
         return own
-    if declared in MANIFEST_TYPES or declared in INDEX_TYPES:
+    if declared in DOCUMENT_TYPES:
         return declared
     # OCI allows omitting mediaType; older umoci does.
     if "manifests" in obj:

@@ -13,6 +13,7 @@ __all__ = [
     "DOCKER_LAYER_GZIP",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
+    "DOCUMENT_TYPES",
     "INDEX_TYPES",
     "LAYER_COMPRESSION",
     "LAYER_TYPES",
@@ -42,6 +43,8 @@ DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+#: Documents (manifests and indexes), as against the blobs they refer to.
+DOCUMENT_TYPES = MANIFEST_TYPES | INDEX_TYPES
 #: Layer media type -> the compression of its tar stream.
 LAYER_COMPRESSION = {
     OCI_LAYER_TAR: "tar",

@@ -33,7 +33,7 @@ from ...errors import (
 )
 from ..descriptor import Descriptor, own_media_type, reached_through
 from ..digest import BlobCheck, is_digest, sha256_digest
-from ..media import ANNOTATION_REF_NAME, INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES
+from ..media import ANNOTATION_REF_NAME, DOCUMENT_TYPES, MAX_DOCUMENT_BYTES
 from ..store import DEFAULT_GC_GRACE_SECONDS, REPACK_FIX, Sink
 from .directory import LayoutDirectory, atomic_file, open_regular, read_regular, tag_of, unreadable_reason
 from .gc import collect_garbage
@@ -147,7 +147,7 @@ class LayoutStore:
                 f"manifest {digest} in {self.location} has digest {actual}: the layout is corrupted"
             )
         own = own_media_type(body)
-        if own in MANIFEST_TYPES or own in INDEX_TYPES:
+        if own in DOCUMENT_TYPES:
             media_type = own
         return Descriptor(media_type, digest, len(body)), body
 

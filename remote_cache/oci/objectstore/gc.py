@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 from ...errors import CacheMiss, ImageFormatError
 from ...tasks import for_each
 from ..descriptor import media_type_of, parse_json, references
-from ..media import INDEX_TYPES, MANIFEST_TYPES
+from ..media import DOCUMENT_TYPES
 
 if TYPE_CHECKING:
     from .store import ObjectStore
 
 __all__ = ["children", "collect_garbage", "reachable"]
 
-_DOCUMENT_TYPES = MANIFEST_TYPES | INDEX_TYPES
 log = logging.getLogger("remote_cache")
 
 
@@ -55,7 +54,7 @@ def children(body: bytes, what: str) -> tuple[list[str], list[str]]:
     docs: list[str] = []
     leaves: list[str] = []
     for ref in references(doc):
-        (docs if media_type_of(ref) in _DOCUMENT_TYPES else leaves).append(ref["digest"])
+        (docs if media_type_of(ref) in DOCUMENT_TYPES else leaves).append(ref["digest"])
     return docs, leaves
 
 

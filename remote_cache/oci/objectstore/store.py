@@ -42,7 +42,7 @@ from ...keys import is_valid_tag
 from ...tasks import first_error, for_each
 from ..descriptor import Descriptor, own_media_type, reached_through
 from ..digest import BlobCheck, check_digest, is_digest, sha256_digest
-from ..media import INDEX_TYPES, MANIFEST_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
+from ..media import DOCUMENT_TYPES, MAX_DOCUMENT_BYTES, OCI_INDEX
 from ..reference import Reference
 from ..stalls import Stalls
 from ..store import (
@@ -446,4 +446,4 @@ class ObjectStore:
 def _media_type(body: bytes) -> str:
     """The document's own ``mediaType``; an OCI index when it has none we know."""
     value = own_media_type(body)
-    return value if value in (MANIFEST_TYPES | INDEX_TYPES) else OCI_INDEX
+    return value if value in DOCUMENT_TYPES else OCI_INDEX
