@@ -63,6 +63,7 @@ __all__ = [
     "UnsuitableTarget",
     "UnsupportedOperation",
     "causes",
+    "os_reason",
     "without_secrets",
 ]
 
@@ -304,6 +305,12 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def os_reason(exc: BaseException) -> str:
+    """Why ``exc`` happened, in a few words: the system's reason (``Permission denied``) for an
+    OSError that has one, else its message."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def without_secrets(text: str, secrets: Iterable[str | None]) -> str:

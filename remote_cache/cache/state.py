@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from ..errors import os_reason
 from ..oci.digest import is_digest
 from ..oci.media import LAYER_TYPES
 from .evidence import Evidence, LayerRecord, RestoreWindow, TreeRecord
@@ -251,13 +252,12 @@ def _write(target: Path, evidence: Evidence) -> bool:
     except (OSError, RuntimeError, ValueError) as exc:
         # Silent, this left users wondering why every save read every file (a state directory
         # made by root under sudo, a read-only home); pip warns about its cache the same way.
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         log.warning(
             "cannot record what this run learned about %s in %s (%s): the next save of it reads "
             "every file; set %s to a directory you can write",
             target,
             where,
-            reason,
+            os_reason(exc),
             STATE_DIR_ENV,
         )
         return False

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidConfigFile
+from ..errors import InvalidConfigFile, os_reason
 
 __all__ = ["CertDir", "TlsOptions", "default_context", "find_cert_dir", "per_host_cert_dirs", "tls_context"]
 
@@ -95,7 +95,7 @@ def _trusting(variable: str) -> ssl.SSLContext:
             return ssl.create_default_context(cafile=where)
         return ssl.create_default_context(capath=where)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = os_reason(exc)
         raise InvalidConfigFile(
             f"{variable}={where}: no CA certificates could be loaded from it ({reason}); "
             "point it at a PEM file of CA certificates, or unset it"

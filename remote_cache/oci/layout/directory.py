@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ...errors import ImageFormatError, StoreError
+from ...errors import ImageFormatError, StoreError, os_reason
 from ..descriptor import parse_json
 from ..digest import check_digest
 from ..media import ANNOTATION_REF_NAME, OCI_INDEX
@@ -65,7 +65,7 @@ def unreadable_reason(exc: Exception) -> str:
     ``not a regular file``, the system's reason (``Permission denied``), else the error's."""
     if isinstance(exc, _NotRegular):
         return exc.reason
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return os_reason(exc)
 
 
 def read_regular(path: Path, limit: int) -> bytes | None:
