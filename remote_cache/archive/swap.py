@@ -36,7 +36,7 @@ __all__ = [
 #: sibling adds up to 27 (".", ".remote-cache-", 12 hex digits).
 _STEM_BYTES = 200
 
-#: The swap journal's name in a work directory: the entries to move out and in, and the root's metadata.
+#: The swap journal's name in a work directory: the entries to move out and in.
 JOURNAL = "swap.json"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
