@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from ...errors import RegistryAuthError, without_secrets
+from ...errors import RegistryAuthError, StoreError, without_secrets
 from ..credentials import Credentials
 from ..descriptor import parse_json
 from ..reference import is_loopback
@@ -149,6 +149,13 @@ class Authenticator:
             found += [creds.password, creds.identity_token or "", self._basic_header().removeprefix("Basic ")]
         return [secret for secret in found if secret]
 
+    def error(self, answer: WireAnswer, action: str) -> StoreError:
+        """The error for ``answer`` from this registry or its token realm: what it said goes in
+        without any credential it echoes (:meth:`secrets`)."""
+        return error_for_response(
+            answer, host=self.host, credentials=self.credentials, action=action, secrets=self.secrets()
+        )
+
     def _check_realm(self, realm: str) -> None:
         parts = urlsplit(realm)
         if parts.scheme not in ("http", "https"):
@@ -197,13 +204,7 @@ class Authenticator:
             with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
                 answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
             if answer.status_code != 200:
-                raise error_for_response(
-                    answer,
-                    host=self.host,
-                    credentials=self.credentials,
-                    action=action,
-                    secrets=self.secrets(),
-                )
+                raise self.error(answer, action)
             value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)

@@ -37,7 +37,7 @@ from urllib.parse import urljoin
 import anyio
 import anyio.to_thread
 
-from ...errors import ImageFormatError, RegistryUnreachable, StoreError
+from ...errors import ImageFormatError, RegistryUnreachable
 from ...version import TOOL
 from ..certs import TlsOptions, default_context, tls_context
 from ..credentials import Credentials
@@ -46,7 +46,7 @@ from ..reference import is_loopback
 from ..stalls import Stalls
 from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
-from .errors import check_stalls, error_for_response, translated
+from .errors import check_stalls, translated
 from .retry import RetryPolicy
 from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of, with_query
 from .timeouts import Timeouts
@@ -150,7 +150,7 @@ class RegistryTransport:
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
-            raise self._error(answer, action)
+            raise self.auth.error(answer, action)
 
     async def request(
         self,
@@ -190,7 +190,7 @@ class RegistryTransport:
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
-                raise self._error(answer, action)
+                raise self.auth.error(answer, action)
             return answer
 
         answer = await (self.retry.call(attempt) if retry else attempt())
@@ -200,12 +200,6 @@ class RegistryTransport:
                 f"{MAX_DOCUMENT_BYTES} bytes"
             )
         return answer
-
-    def _error(self, answer: WireAnswer, action: str) -> StoreError:
-        """The error for ``answer`` (what the registry said, less any credential it echoes)."""
-        return error_for_response(
-            answer, host=self.host, credentials=self.credentials, action=action, secrets=self.auth.secrets()
-        )
 
     async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
