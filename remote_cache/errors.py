@@ -204,10 +204,12 @@ class BlobUnreadable(StoreError):
     or a directory or FIFO in its place. The entry using it is not known to be broken (another
     user may read it): ``ls`` lists it as broken, ``prune`` stops at it, ``rm`` removes it."""
 
-    def __init__(self, digest: str, where: str, why: str, fix: str = "make it readable by this user") -> None:
+    def __init__(
+        self, digest: str, where: str, why: str, fix: str = "make the blob readable by this user"
+    ) -> None:
         self.digest = digest
-        #: What went wrong, e.g. ``Permission denied``.
-        self.why = why
+        #: What went wrong, e.g. ``Permission denied``, and what mends it.
+        self.why, self.fix = why, fix
         super().__init__(
             f"blob {digest} in {where} cannot be read ({why}): {fix}, or remove the entry using it "
             f"({RM_A_BROKEN_ENTRY})"

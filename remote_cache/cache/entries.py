@@ -570,8 +570,8 @@ def _refuse_unread(entries: list[Entry], where: str) -> None:
         if entry.unread is not None:
             raise StoreError(
                 f"prune removed nothing: the entry {entry.key} in {where} cannot be read (blob "
-                f"{entry.unread.digest}: {entry.unread.why}), so its age is unknown; make that blob "
-                f"readable by this user, or remove the entry (`remote-cache rm` of key {entry.key}), "
+                f"{entry.unread.digest}: {entry.unread.why}), so its age is unknown; {entry.unread.fix}, "
+                f"or remove the entry (`remote-cache rm` of key {entry.key}), "
                 "then prune again"
             ) from entry.unread
 

@@ -395,8 +395,11 @@ def test_an_entry_whose_document_cannot_be_read_is_listed_as_broken_and_stops_pr
         listed = {e.key: e for e in await list_entries(store)}
         assert listed["k1"].error is None and listed["k1"].created is not None, listed
         assert str(listed["k2"].error).startswith("broken: ") and digest in str(listed["k2"].error), listed
-        with pytest.raises(StoreError, match=r"k2 .*cannot be read.*remote-cache rm"):
+        with pytest.raises(StoreError, match=r"k2 .*cannot be read.*remote-cache rm") as info:
             await prune(store, keep=1)
+        # The way out fits the damage: chmod cannot mend a directory or a FIFO in a blob's place.
+        wanted = "readable by this user" if damage == "unreadable" else "file back in its place"
+        assert wanted in str(info.value), info.value
         assert sorted(await store.tags()) == ["k1", "k2"]
         assert sorted(os.listdir(layout / "blobs" / "sha256")) == blobs
 
