@@ -32,11 +32,9 @@ from .workdirs import IN_PLACE_PREFIX, is_in_place_work, sweep_dead
 
 __all__ = [
     "IN_PLACE_PREFIX",
-    "KeptRoot",
     "RestoreTarget",
     "clean_leftovers",
     "finish_dead_swaps",
-    "kept_root",
     "locked",
     "nearest_existing",
     "plan_target",
@@ -191,37 +189,20 @@ def _sweep_in_place(target: RestoreTarget) -> list[Path]:
     return sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
 
 
-@dataclass(frozen=True)
-class KeptRoot:
-    """The mode and owner of the directory a restore replaces, which the new one keeps: an entry
-    holds no member for its root, and like ``tar -x`` into it, the directory stays as it was."""
-
-    mode: int
-    uid: int
-    gid: int
-
-
-def kept_root(target: RestoreTarget) -> KeptRoot | None:
-    """The target directory's :class:`KeptRoot`; None when there is none yet (the new one is
-    made as ``mkdir`` makes it)."""
-    try:
-        st = os.stat(target.path)
-    except OSError:
-        return None
-    return KeptRoot(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
-
-
 def swap_in(
     target: RestoreTarget,
     staging: Path,
     work: Path,
     then: Callable[[], object] | None = None,
-    kept: KeptRoot | None = None,
+    *,
+    keep_root: bool = True,
 ) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
     another run works inside the target: the directory stays as it is), else the directory
-    exchanged whole and given ``kept``'s mode (and, as root, owner); then call ``then`` under the
-    same lock (what the swap must be followed by before another run's swap)."""
+    exchanged whole and, with ``keep_root``, given the mode (and, as root, owner) of the one it
+    replaces — an entry holds no member for its root: like ``tar -x`` into it, the directory stays
+    as it was; a new one is as ``mkdir`` makes it. Then call ``then`` under the same lock (what
+    the swap must be followed by before another run's swap)."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
@@ -229,13 +210,22 @@ def swap_in(
         if target.in_place or _holds_work(target.path):
             swap_entries(staging, target.path, work, keep=is_in_place_work)  # the directory stays
         else:
+            # Read under the lock, just before the exchange: what the directory is now.
+            kept = _stat_or_none(target.path) if keep_root else None
             replace_dir(staging, target.path)
             if kept is not None:
                 if os.geteuid() == 0:
-                    os.chown(target.path, kept.uid, kept.gid)
-                os.chmod(target.path, kept.mode)
+                    os.chown(target.path, kept.st_uid, kept.st_gid)
+                os.chmod(target.path, stat.S_IMODE(kept.st_mode))
         if then is not None:
             then()
+
+
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:  # none there yet
+        return None
 
 
 def _holds_work(path: Path) -> bool:

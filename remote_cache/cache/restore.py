@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
@@ -33,7 +34,6 @@ from ..archive.sparse import write_all
 from ..archive.target import (
     RestoreTarget,
     clean_leftovers,
-    kept_root,
     locked,
     nearest_existing,
     plan_target,
@@ -217,8 +217,8 @@ class _Restore:
         self._stats: ExtractStats | None = None
         self._file_parents: list[set[bytes]] = []
         self._rewritten: set[int] = set()
-        #: The replaced directory's mode and owner (an entry holds none for its root), if any.
-        self._kept = kept_root(target)
+        #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
+        self._keep_root = True
         self._window_start = 0
         self._progress_lock = threading.Lock()
 
@@ -288,7 +288,11 @@ class _Restore:
         call ``then`` (still holding the target's lock)."""
         assert self._work is not None
         await anyio.to_thread.run_sync(
-            swap_in, self._target, self._staging, self._work.path, then, self._kept
+            functools.partial(swap_in, keep_root=self._keep_root),
+            self._target,
+            self._staging,
+            self._work.path,
+            then,
         )
 
     def close(self) -> None:
@@ -346,7 +350,7 @@ class _Restore:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
-                self._kept = None
+                self._keep_root = False
             return extractor.finish()
 
     async def _extract(self) -> None:

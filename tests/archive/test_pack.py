@@ -18,7 +18,7 @@ from remote_cache.archive.pack import ZSTD_MT_ABOVE, PackedLayer, pack_tree
 from remote_cache.archive.plan import scan_tree
 from remote_cache.archive.swap import replace_dir
 from remote_cache.archive.tar import DIR, HARDLINK
-from remote_cache.archive.target import RestoreTarget, kept_root, swap_in
+from remote_cache.archive.target import RestoreTarget, swap_in
 from remote_cache.archive.walk import Special, tree_identity
 from remote_cache.cache.evidence import settle
 from tests.trees import assert_same_tree, make_tree, snapshot, socket_file, staging_dir
@@ -293,14 +293,13 @@ def test_a_restored_directory_keeps_the_mode_of_the_one_it_replaces(tmp_path: Pa
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     target = RestoreTarget(private, in_place=False)
-    kept = kept_root(target)
     staging = staging_dir(private)
     with Extractor(staging) as extractor:
         for layer in layers:
             data = layer.data if isinstance(layer.data, bytes) else layer.data.read_bytes()
             extractor.add_layer(io.BytesIO(data), layer.compression)
         extractor.finish()
-    swap_in(target, staging, staging.parent, kept=kept)
+    swap_in(target, staging, staging.parent)
     assert stat.S_IMODE(private.stat().st_mode) == 0o700 and (private / "key").read_bytes() == b"secret"
     fresh = tmp_path / "fresh"
     _restore(layers, fresh)

@@ -131,6 +131,32 @@ async def test_restore_replaces_existing_target(tmp_path: Path, small_layers: No
     assert stat.S_IMODE(dest.stat().st_mode) == 0o700
 
 
+class _ChmodWhenStarted:
+    """A progress that changes the target's mode (another process, say) once downloads start."""
+
+    def __init__(self, target: Path, mode: int) -> None:
+        self.target, self.mode = target, mode
+
+    def start(self, total: int | None) -> None:
+        self.target.chmod(self.mode)
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+
+async def test_the_restored_directory_keeps_the_mode_it_has_when_swapped(tmp_path: Path) -> None:
+    # The replaced directory's mode was read before the download (minutes, on a big entry) and
+    # put back after the swap: a chmod made meanwhile was undone (a review found it).
+    store = LayoutStore(tmp_path / "layout")
+    src = _bulk(tmp_path / "src", count=3)
+    await save(store, "k", src)
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o755)
+    await restore(store, "k", dest, progress=_ChmodWhenStarted(dest, 0o700))
+    assert_same_tree(src, dest)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700
+
+
 async def test_miss_raises_cache_miss_and_leaves_target(where: Reference, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
