@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import quote, quote_plus
 
 from .units import format_bytes, size_above
 
@@ -318,8 +319,6 @@ def os_reason(exc: BaseException) -> str:
 def without_secrets(text: str, secrets: Iterable[str | None]) -> str:
     """``text`` with each of ``secrets`` cut out, raw or URL-encoded: a server may echo a request
     (its query, its headers) in the error it answers with."""
-    from urllib.parse import quote, quote_plus  # (only on an error's way out)
-
     for secret in secrets:
         if secret:
             for form in {secret, quote(secret), quote(secret, safe=""), quote_plus(secret)}:
