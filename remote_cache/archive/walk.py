@@ -84,6 +84,8 @@ class TreeIdentity:
 
     digest: str
     ctimes: array[int]
+    #: The names in the root directory, in walk order (the first ctime is the root's own).
+    top: tuple[str, ...] = ()
 
 
 _BY_NAME = attrgetter("name")
@@ -120,6 +122,7 @@ class _Walk:
         self.inodes = array("Q", (top.st_dev, top.st_ino))
         self.ctimes = array("q", (top.st_ctime_ns,))
         self.facts = array("q")
+        self.top: tuple[str, ...] = ()
 
     def visit(self, rel: str, full: str) -> None:
         """Walk directory ``full`` (``rel`` from the root) and everything under it."""
@@ -129,6 +132,7 @@ class _Walk:
             raise TreeTooDeep(f"{rel}/{children[0].name}", MAX_DEPTH)
         if not rel:  # a restore's work directory inside the root is no part of the tree
             children = [d for d in children if not is_in_place_work(d.name)]
+            self.top = tuple(d.name for d in children)
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
         names.append("\0/")  # a directory's entries start
         for d in children:
@@ -201,7 +205,7 @@ class _Walk:
         for part in (names_b, self.inodes.tobytes(), self.ctimes.tobytes(), self.facts.tobytes()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-        return TreeIdentity("sha256:" + h.hexdigest(), self.ctimes)
+        return TreeIdentity("sha256:" + h.hexdigest(), self.ctimes, self.top)
 
 
 def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]:

@@ -35,6 +35,16 @@ fingerprint (it may still be changing, and coarse timestamps could hide the next
 Writes through a shared memory mapping may not move a ctime; neither this nor the per-layer
 evidence sees them (``--full`` does).
 
+Whole-tree shortcut after a restore (restore -> save with nothing changed): a restore that wrote a
+whole entry of ours into a directory it then swapped into place records, with its window, what it
+restored (:class:`RestoredTree`) and the names it put in the directory. A later save of that
+directory, for the same store, tag, key, compression and platforms, whose walk finds every entry
+but the directory itself with a ctime in the window, those same names, the same directory (device
+and inode) and the tag still naming the restored digest, is unchanged without planning: only the
+extraction wrote in the window, and any later change, addition, removal or rename below the
+directory moves some entry's ctime out of it. The directory's own ctime moved at the swap, so its
+entries are compared by name.
+
 The evidence of a directory is kept on disk by :mod:`.state`.
 """
 
@@ -42,16 +52,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..archive.tar import DIR, FILE
 from ..oci.descriptor import Descriptor
+from ..version import TOOL
 
 if TYPE_CHECKING:  # a restore records evidence without importing the save's walk and planner
     from ..archive.plan import LayerPlan, TreeScan
@@ -64,15 +76,19 @@ __all__ = [
     "LayerRecord",
     "LocalLayer",
     "RestoreWindow",
+    "RestoredTree",
     "TreeRecord",
     "clock_ns",
     "dir_id",
+    "entry_shape",
     "local_layers",
+    "names_digest",
     "parents_digest",
     "portable_listing",
     "records_for",
     "settle",
     "tree_fingerprint",
+    "untouched_since",
     "window_hits",
 ]
 
@@ -199,6 +215,40 @@ def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
 
 
 @dataclass(frozen=True)
+class RestoredTree:
+    """The entry a restore wrote whole into its directory (see the module docstring)."""
+
+    location: str
+    tag: str
+    key: str
+    #: :func:`entry_shape`: the tool, layer media type and platforms the entry was saved with.
+    shape: str
+    digest: str
+    #: :func:`names_digest` of the names the restore put in the directory.
+    names: str
+    size: int
+    files: int
+    layers: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def entry_shape(media_type: str, platforms: Sequence[str]) -> str:
+    """What an entry's image depends on besides the tree, as a save compares it with a restored
+    one: this tool, the layers' media type and the index's platforms, in order. (Not the level:
+    a save reuses the restored layers whatever level it was asked for.)"""
+    return f"{TOOL} {media_type} platforms={','.join(platforms)}"
+
+
+def names_digest(names: Iterable[str]) -> str:
+    """SHA-256 over a directory's entry names, sorted by their bytes."""
+    text = b"".join(name + b"\0" for name in sorted(os.fsencode(n) for n in names))
+    return "sha256:" + hashlib.sha256(b"remote-cache names v1\0" + text).hexdigest()
+
+
+@dataclass(frozen=True)
 class RestoreWindow:
     """What a restore recorded for its target: the image layers it extracted, and when."""
 
@@ -214,6 +264,8 @@ class RestoreWindow:
     #: (portable listing, media type) -> :func:`parents_digest` of the directories the restore
     #: wrote that layer's regular files into.
     parents: dict[tuple[str, str], str]
+    #: The whole entry, when the restore wrote one of ours into a directory it swapped in whole.
+    tree: RestoredTree | None = None
 
 
 def parents_digest(dirs: dict[bytes, int]) -> str:
@@ -242,10 +294,6 @@ def window_hits(
     """
     if window is None or not window.layers:
         return {}
-    start, end = window.start_ns, window.end_ns
-    # Whole-second ctimes against floored bounds: a file written in start's second still has
-    # ctime >= floor(start); one written in end's second may be a later change: not trusted.
-    cstart, cend = start - start % _SECOND, end - end % _SECOND
     dirs: dict[str, int] | None = None  # the scan's directories' inodes, once a layer needs them
     out: dict[int, LayerRecord] = {}
     for i, (plan, layer) in enumerate(zip(scan.layers, layers, strict=True)):
@@ -254,16 +302,34 @@ def window_hits(
         if rec is None:
             continue
         files = [e for e in plan.members if e.kind == FILE]
-        in_window = all(
-            (start <= c < end) if (c := e.ctime_ns) % _SECOND else (cstart <= c < cend) for e in files
-        )
-        if not in_window:
+        if not _in_window(window, (e.ctime_ns for e in files)):
             continue
         if dirs is None:
             dirs = {m.path: m.ino for plan in scan.layers for m in plan.members if m.kind == DIR}
         if window.parents.get(key) == _parents_of(files, dirs):
             out[i] = rec
     return out
+
+
+def _in_window(window: RestoreWindow, ctimes: Iterable[int]) -> bool:
+    """Whether every ctime lies in ``[start, end)``. Whole-second ctimes against floored bounds:
+    a file written in start's second still has ctime >= floor(start); one written in end's
+    second may be a later change: not trusted."""
+    start, end = window.start_ns, window.end_ns
+    cstart, cend = start - start % _SECOND, end - end % _SECOND
+    return all((start <= c < end) if c % _SECOND else (cstart <= c < cend) for c in ctimes)
+
+
+def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[int, int]) -> bool:
+    """Whether the walked tree (``identity``; ``root`` its directory's device and inode) is the
+    one the window's restore wrote whole and nothing changed since (see the module docstring)."""
+    tree = window.tree
+    return (
+        tree is not None
+        and root == window.root
+        and names_digest(identity.top) == tree.names
+        and _in_window(window, itertools.islice(identity.ctimes, 1, None))  # [0]: the root's
+    )
 
 
 def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:

@@ -266,6 +266,8 @@ class CacheImage:
     annotations: dict[str, str]
     #: The chosen manifest's config (its ``rootfs.diff_ids`` pair up with ``layers``).
     config: Descriptor | None = None
+    #: The platforms of the index's manifests, in order (none when the top is a manifest).
+    platforms: tuple[str, ...] = ()
 
     @property
     def digest(self) -> str:
@@ -353,17 +355,24 @@ async def load_image(
         manifest = Descriptor(chosen.media_type, mdesc.digest, mdesc.size, platform=chosen.platform)
         merged = {**parsed.annotations, **annotations}
         top = Descriptor(kind, top.digest, top.size)
+        platforms = tuple(str(m.platform) for m in manifests)
     elif kind in MANIFEST_TYPES:
         parsed = parse_manifest(body, kind)
         manifest = Descriptor(kind, top.digest, top.size)
         merged = parsed.annotations
         top = manifest
+        platforms = ()
     else:
         raise ImageFormatError(
             f"{reference} in {store.location} has media type {kind!r}, not an image index or manifest"
         )
     return CacheImage(
-        descriptor=top, manifest=manifest, layers=parsed.layers, annotations=merged, config=parsed.config
+        descriptor=top,
+        manifest=manifest,
+        layers=parsed.layers,
+        annotations=merged,
+        config=parsed.config,
+        platforms=platforms,
     )
 
 

@@ -47,10 +47,21 @@ from ..oci.media import LAYER_COMPRESSION
 from ..oci.store import Store
 from ..tasks import first_error
 from ..units import counted, format_bytes, format_rate
+from ..version import TOOL
 from . import state
 from .entries import find_entry
-from .evidence import LayerRecord, RestoreWindow, clock_ns, dir_id, parents_digest, settle
-from .image import ANNOTATION_LISTING, CacheImage, read_diff_ids
+from .evidence import (
+    LayerRecord,
+    RestoredTree,
+    RestoreWindow,
+    clock_ns,
+    dir_id,
+    entry_shape,
+    names_digest,
+    parents_digest,
+    settle,
+)
+from .image import ANNOTATION_LISTING, ANNOTATION_TOOL, CacheImage, read_diff_ids
 from .progress import Progress
 from .spool import Aborted, GrowingFile, caused_by_abort
 
@@ -122,7 +133,9 @@ async def restore(
     assert match.image is not None  # read by the lookup (read_image)
     image = match.image
     await anyio.to_thread.run_sync(_check_space, target, image)
-    run = _Restore(store, image, target, jobs=jobs, progress=progress, record_state=record_state)
+    run = _Restore(
+        store, image, target, tag=match.tag, jobs=jobs, progress=progress, record_state=record_state
+    )
     try:
         stats = await run.fetch_and_extract()
         window = await run.window()
@@ -200,6 +213,7 @@ class _Restore:
         image: CacheImage,
         target: RestoreTarget,
         *,
+        tag: str,
         jobs: int,
         progress: Progress | None,
         record_state: bool,
@@ -207,6 +221,7 @@ class _Restore:
         self._store = store
         self._image = image
         self._target = target
+        self._tag = tag
         self._limiter = anyio.Semaphore(max(1, jobs))
         self._progress = progress
         self._record = record_state
@@ -398,6 +413,7 @@ class _Restore:
             inodes = _inodes(self._staging, dirs)
             # In place, the target keeps its own inode (only its entries move in).
             root = dir_id(self._target.path if self._target.in_place else self._staging)
+            tree = self._restored_tree(len(vouched))
         except OSError:
             return None
         layers: dict[tuple[str, str], LayerRecord] = {}
@@ -408,7 +424,37 @@ class _Restore:
             if key not in layers:
                 layers[key] = LayerRecord(desc.media_type, desc.digest, desc.size, diff_ids[i])
                 parents[key] = parents_digest({d: inodes[d] for d in self._file_parents[i] if d})
-        return RestoreWindow(self._window_start, settle(written), root, layers, parents)
+        return RestoreWindow(self._window_start, settle(written), root, layers, parents, tree)
+
+    def _restored_tree(self, vouched: int) -> RestoredTree | None:
+        """The whole entry, for a save that finds the tree untouched (see :mod:`.evidence`): only
+        an entry this tool saved, every layer vouched for, counts matching what was extracted, and
+        a staging directory swapped in whole (in place, the entries move in after the window)."""
+        image, stats = self._image, self._stats
+        media_types = {desc.media_type for desc in image.layers}
+        if (
+            self._target.in_place
+            or stats is None
+            or vouched != len(image.layers)
+            or len(media_types) != 1
+            or not image.platforms
+            or image.key is None
+            or image.annotations.get(ANNOTATION_TOOL) != TOOL
+            or (image.size, image.files) != (stats.bytes, stats.files)
+        ):
+            return None
+        return RestoredTree(
+            location=self._store.location,
+            tag=self._tag,
+            key=image.key,
+            shape=entry_shape(media_types.pop(), image.platforms),
+            digest=image.digest,
+            names=names_digest(os.listdir(self._staging)),
+            size=stats.bytes,
+            files=stats.files,
+            layers=len(image.layers),
+            bytes=image.compressed_size,
+        )
 
     def _close_feeds(self, ok: bool) -> None:
         for feed in self._feeds:

@@ -20,7 +20,17 @@ from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
-from .evidence import Evidence, LayerRecord, LocalLayer, TreeRecord, dir_id, tree_fingerprint, window_hits
+from .evidence import (
+    Evidence,
+    LayerRecord,
+    LocalLayer,
+    RestoredTree,
+    TreeRecord,
+    dir_id,
+    tree_fingerprint,
+    untouched_since,
+    window_hits,
+)
 from .image import load_image, read_diff_ids
 
 __all__ = ["Candidates", "Reuse", "candidate_layers", "reusable_layers", "unchanged_tree"]
@@ -30,31 +40,56 @@ async def unchanged_tree(
     store: Store,
     path: Path,
     tag: str,
-    options: str,
     bound: int,
-    recorded: TreeRecord | None,
+    evidence: Evidence,
     stats: TreeStats | None = None,
-) -> bool:
-    """True when ``recorded`` (the last save of ``path`` here) still describes it: nothing in the
-    tree changed since (a walk) and ``tag`` still names what that save produced (one request).
-    The walk lists the special files it found in ``stats``."""
-    if recorded is None or (recorded.location, recorded.tag, recorded.options) != (
+    *,
+    key: str,
+    options: str,
+    shape: str,
+) -> TreeRecord | RestoredTree | None:
+    """The record of what ``tag`` holds when the tree is known to be exactly that, else None.
+
+    Either the last save of ``path`` here (its tree record, for the same ``options``) still
+    describes the tree, or the last restore into it wrote the whole entry (for the same ``key``
+    and ``shape``) and nothing changed since; and ``tag`` still names that record's digest. One
+    walk and one request (see :mod:`.evidence`). The walk lists the special files it found in
+    ``stats``."""
+    window = evidence.window
+    saved, restored = evidence.tree, window.tree if window is not None else None
+    if saved is not None and (saved.location, saved.tag, saved.options) != (store.location, tag, options):
+        saved = None
+    if restored is not None and (restored.location, restored.tag, restored.key, restored.shape) != (
         store.location,
         tag,
-        options,
+        key,
+        shape,
     ):
-        return False
+        restored = None
+    if saved is None and restored is None:
+        return None
     try:
         identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
+        root = dir_id(path) if restored is not None else None
     except OSError:
-        return False  # the scan reports what is wrong with the directory
-    if tree_fingerprint(identity, bound) != recorded.fingerprint:
-        return False
+        return None  # the scan reports what is wrong with the directory
+    same: TreeRecord | RestoredTree | None = None
+    if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
+        same = saved
+    elif (
+        window is not None
+        and restored is not None
+        and root is not None
+        and untouched_since(window, identity, root)
+    ):
+        same = restored
+    if same is None:
+        return None
     try:
         current = await store.resolve(tag)
     except CacheMiss:
-        return False
-    return current.digest == recorded.digest
+        return None
+    return same if current.digest == same.digest else None
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.

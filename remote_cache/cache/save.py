@@ -39,9 +39,18 @@ from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
 from ..oci.store import Store
 from ..tasks import first_error, for_each
 from ..units import counted, format_bytes, format_rate
-from ..version import TOOL
 from . import state
-from .evidence import Evidence, LocalLayer, TreeRecord, clock_ns, local_layers, records_for, tree_fingerprint
+from .evidence import (
+    Evidence,
+    LocalLayer,
+    RestoredTree,
+    TreeRecord,
+    clock_ns,
+    entry_shape,
+    local_layers,
+    records_for,
+    tree_fingerprint,
+)
 from .image import (
     ANNOTATION_FILES,
     ANNOTATION_KEY,
@@ -202,9 +211,8 @@ async def save(
     check_level(codec, level)
     # Everything the image depends on besides the tree; the tool's version stands for the
     # packing rules, so an upgrade that changes them cannot keep answering "unchanged".
-    options = (
-        f"{TOOL} {layer_media_type(codec)} level={level} platforms={','.join(str(p) for p in platforms)}"
-    )
+    shape = entry_shape(layer_media_type(codec), [str(p) for p in platforms])
+    options = f"{shape} level={level}"
     job = _Job(
         store,
         key,
@@ -226,11 +234,15 @@ async def save(
     bound = clock_ns()
     evidence = Evidence() if full else await anyio.to_thread.run_sync(state.load, path)
     walked = TreeStats()
-    if not full and await unchanged_tree(store, path, tag, options, bound, evidence.tree, walked):
-        assert evidence.tree is not None
-        if max_size is not None and evidence.tree.size > max_size:
-            raise CacheTooLarge(path, evidence.tree.size, max_size)
-        return _warn_special(path, _unchanged(key, evidence.tree, started, walked.skipped))
+    same = None
+    if not full:
+        same = await unchanged_tree(
+            store, path, tag, bound, evidence, walked, key=key, options=options, shape=shape
+        )
+    if same is not None:
+        if max_size is not None and same.size > max_size:
+            raise CacheTooLarge(path, same.size, max_size)
+        return _warn_special(path, _unchanged(key, same, started, walked.skipped))
     try:
         result = await _save_tree(job, evidence, bound, full=full, exclusive=immutable)
     except BlobsSwept as swept:
@@ -327,9 +339,11 @@ def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") 
     )  # fmt: skip
 
 
-def _unchanged(key: str, same: TreeRecord, started: float, special: Sequence[Special]) -> SaveResult:
-    """The result of a save that found, by its tree record, nothing to do (``special``: what the
-    walk that proved it left out)."""
+def _unchanged(
+    key: str, same: TreeRecord | RestoredTree, started: float, special: Sequence[Special]
+) -> SaveResult:
+    """The result of a save that found, by the record of its last save or restore, nothing to do
+    (``special``: what the walk that proved it left out)."""
     return SaveResult(
         key=key, tag=same.tag, digest=same.digest, layers_total=same.layers, layers_uploaded=0,
         bytes_total=same.bytes, bytes_uploaded=0, size=same.size, files=same.files,

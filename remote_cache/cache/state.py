@@ -22,12 +22,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 from ..errors import os_reason
 from ..oci.digest import is_digest
 from ..oci.media import LAYER_TYPES
-from .evidence import Evidence, LayerRecord, RestoreWindow, TreeRecord
+from .evidence import Evidence, LayerRecord, RestoredTree, RestoreWindow, TreeRecord
 
 __all__ = [
     "MAX_RECORDS",
@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("remote_cache")
+_R = TypeVar("_R", TreeRecord, RestoredTree)
 
 STATE_DIR_ENV = "REMOTE_CACHE_STATE_DIR"
 #: Records kept per target directory (newest first); each is about 300 bytes of JSON.
@@ -137,21 +138,35 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
         key = (parsed[0], parsed[1].media_type)
         if key not in out:
             out[key], parents[key] = parsed[1], dirs
-    return RestoreWindow(start, end, (root[0], root[1]), out, parents)
+    tree = None
+    if raw.get("tree") is not None and (tree := _parse_restored(raw["tree"])) is None:
+        return None
+    return RestoreWindow(start, end, (root[0], root[1]), out, parents, tree)
 
 
-def _parse_tree(raw: Any) -> TreeRecord | None:
+def _parse_record(raw: Any, cls: type[_R], text: tuple[str, ...], digests: tuple[str, ...]) -> _R | None:
+    """A record of dataclass ``cls`` from JSON: exactly its fields, ``text`` ones strings (``digests``
+    among them digests), every other one a non-negative int; None when anything is off."""
     if not isinstance(raw, dict):
         return None
-    fields = TreeRecord.__dataclass_fields__
-    text = ("fingerprint", "location", "tag", "options", "digest")
+    fields = cls.__dataclass_fields__
     if set(raw) != set(fields) or not all(isinstance(raw[k], str) for k in text):
         return None
     if not all(_int(raw[k]) for k in fields if k not in text):
         return None
-    if not (is_digest(raw["fingerprint"]) and is_digest(raw["digest"])):
+    if not all(is_digest(raw[k]) for k in digests):
         return None
-    return TreeRecord(**raw)
+    return cls(**raw)
+
+
+def _parse_tree(raw: Any) -> TreeRecord | None:
+    text = ("fingerprint", "location", "tag", "options", "digest")
+    return _parse_record(raw, TreeRecord, text, ("fingerprint", "digest"))
+
+
+def _parse_restored(raw: Any) -> RestoredTree | None:
+    text = ("location", "tag", "key", "shape", "digest", "names")
+    return _parse_record(raw, RestoredTree, text, ("digest", "names"))
 
 
 def _parse(raw: Any, target: Path) -> Evidence:
@@ -230,6 +245,8 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
                 if _layer_record(item, "listing") is not None and key in window.parents
             ][:MAX_RECORDS],
         }
+        if window.tree is not None:
+            doc["window"]["tree"] = window.tree.to_json()
     return doc
 
 

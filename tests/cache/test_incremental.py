@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -442,7 +443,12 @@ async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
     again = await save(store, "k", work)
     assert again.unchanged and again.digest == first.digest
     assert again.layers_reused == again.layers_total == first.layers_total
-    # That save recorded local listings: the next one reuses on those, the window aside.
+    assert state.load(work).records == {}  # the whole tree was the restore's: nothing to learn
+    # A FIFO at the top (left out of the entry) stops the whole-tree shortcut, not the layers':
+    # each is reused on the window, and that save records local listings the next one reuses.
+    os.mkfifo(work / "pipe")
+    third = await save(store, "k", work)
+    assert third.unchanged and third.layers_reused == first.layers_total
     assert len(state.load(work).records) == first.layers_total
     assert (await save(store, "k", work)).layers_reused == first.layers_total
 
@@ -491,7 +497,8 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     # The same check in isolation: a window wide enough to cover any ctime, but another root.
     window = state.load(a).window
     assert window is not None
-    wide = dataclasses.replace(window, start_ns=0, end_ns=1 << 62)
+    # (Without the whole restored tree: that check, wide open, would vouch for any tree here.)
+    wide = dataclasses.replace(window, start_ns=0, end_ns=1 << 62, tree=None)
     state.state_path(a).unlink()  # drop the local listings the last save recorded
     assert state.record_restore(a, wide)
     pack_calls.clear()
@@ -764,3 +771,103 @@ def test_a_tree_changed_lately_gets_no_fingerprint(tmp_path: Path) -> None:
     assert state_mod.FRESH_NS >= 2_000_000_000  # FAT rounds timestamps to 2 s
     assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS) is None
     assert state_mod.tree_fingerprint(identity, newest + state_mod.FRESH_NS + 1) == identity.digest
+
+
+# -------------------------------------------------------------------------------------------
+# The save right after a restore: the restored tree as a whole, when nothing touched it.
+
+
+async def test_an_untouched_restored_tree_saves_with_one_request_and_no_scan(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CI job's closing save when the job left the restored tree alone: its entries are too
+    fresh for the tree fingerprint, but each one's ctime still lies in the restore's window, the
+    restored directory holds the names the restore gave it, and the tag still names the entry
+    restored: nothing to walk but the tree's inodes, nothing to ask but the tag."""
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        for _ in range(2):  # the window keeps vouching until something changes
+            with monkeypatch.context() as m:
+                _refuse_scanning(m)
+                proxy.clear()
+                again = await save(store, "k", work)
+            assert again.unchanged and again.digest == first.digest
+            assert (again.layers_total, again.bytes_total, again.size, again.files) == (
+                first.layers_total,
+                first.bytes_total,
+                first.size,
+                first.files,
+            )
+            assert [r.method for r in proxy.requests] == ["HEAD"]  # does the tag still name it?
+
+        # Another compression is another image; another key (a fallback restore's) another entry.
+        gzip = await save(store, "k", work, compression="gzip")
+        assert not gzip.unchanged and gzip.digest != first.digest
+        other = tmp_path / "other"
+        fallback = await restore(store, "k2", other, restore_keys=["k"])
+        assert fallback.status == "fallback"
+        saved = await save(store, "k2", other)
+        assert not saved.unchanged and saved.layers_uploaded == 0
+
+
+def _drop_top_level_entry(root: Path) -> None:
+    shutil.rmtree(root / "pkg7")  # only the root's ctime moves, and the root moved at the swap
+
+
+def _drop_nested_file(root: Path) -> None:
+    (root / "pkg2" / "f3.bin").unlink()
+
+
+def _add_top_level_file(root: Path) -> None:
+    (root / "new.bin").write_bytes(b"new")
+    os.utime(root / "new.bin", (_PAST, _PAST))
+
+
+def _rename_top_level_entry(root: Path) -> None:
+    (root / "pkg1").rename(root / "pkgX")
+
+
+def _replace_a_directory_with_an_edited_copy(root: Path) -> None:
+    """Same names, sizes, modes and mtimes; one file's bytes differ."""
+    shutil.copytree(root / "pkg4", root / "copy", copy_function=shutil.copy2)
+    (root / "copy" / "f6.bin").write_bytes(b"E" * 8000)
+    shutil.rmtree(root / "pkg4")
+    (root / "copy").rename(root / "pkg4")
+    _backdate(root / "pkg4")
+
+
+def _chmod_nested_directory(root: Path) -> None:
+    os.chmod(root / "pkg5", 0o700)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _drop_top_level_entry,
+        _drop_nested_file,
+        _add_top_level_file,
+        _rename_top_level_entry,
+        _replace_a_directory_with_an_edited_copy,
+        _chmod_nested_directory,
+    ],
+)
+async def test_any_change_to_a_restored_tree_is_saved(
+    store: Store, tmp_path: Path, edit: Callable[[Path], None]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work)
+    edit(work)
+    second = await save(store, "k", work)
+    assert not second.unchanged and second.digest != first.digest
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert_same_tree(work, out)

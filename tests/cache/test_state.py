@@ -15,7 +15,7 @@ import pytest
 
 from remote_cache.archive.plan import LayerPlan, TreeScan, scan_tree
 from remote_cache.archive.tar import FILE, Member
-from remote_cache.archive.walk import TreeStats
+from remote_cache.archive.walk import TreeStats, tree_identity
 from remote_cache.cache import evidence, state
 from remote_cache.cache.evidence import LayerRecord, local_layers
 from remote_cache.cache.state import state_path
@@ -181,6 +181,71 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
     assert state.record_restore(tmp_path, bad)  # a malformed annotation is dropped, not fatal
     assert state.load(tmp_path).window == dataclasses.replace(bad, layers={}, parents={})
     assert len(state.load(tmp_path).records) == 2
+
+
+def _restored(names: str = _LOCAL) -> evidence.RestoredTree:
+    return evidence.RestoredTree(
+        "registry.example/repo",
+        "k",
+        "k",
+        "remote-cache/x zstd platforms=linux/amd64",
+        _DIGEST,
+        names,
+        1,
+        2,
+        3,
+        4,
+    )
+
+
+def test_the_restored_tree_round_trips_with_its_window(tmp_path: Path) -> None:
+    window = dataclasses.replace(_window(), tree=_restored())
+    assert state.record_restore(tmp_path, window)
+    assert state.load(tmp_path).window == window
+    assert state.record_save(tmp_path, state.load(tmp_path), [])  # a save keeps it, with the window
+    assert state.load(tmp_path).window == window
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {**dataclasses.asdict(_restored()), "names": "not a digest"},
+        {**dataclasses.asdict(_restored()), "size": -1},
+        {**dataclasses.asdict(_restored()), "extra": 1},
+        {k: v for k, v in dataclasses.asdict(_restored()).items() if k != "key"},
+        [],
+    ],
+)
+def test_a_bad_restored_tree_spoils_the_whole_file(tmp_path: Path, tree: object) -> None:
+    state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
+    assert state.record_restore(tmp_path, dataclasses.replace(_window(), tree=_restored()))
+    doc = json.loads(state_path(tmp_path).read_text())
+    doc["window"]["tree"] = tree
+    state_path(tmp_path).write_text(json.dumps(doc))
+    assert state.load(tmp_path).records == {} and state.load(tmp_path).window is None
+
+
+def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"f")
+    (tmp_path / "g").write_bytes(b"g")
+    identity = tree_identity(tmp_path)
+    root = evidence.dir_id(tmp_path)
+    ctimes = sorted(identity.ctimes[1:])
+    restored = _restored(evidence.names_digest(["g", "d"]))
+    window = dataclasses.replace(_window(root, ctimes[0], ctimes[-1] + 1), tree=restored)
+    assert evidence.untouched_since(window, identity, root)
+    assert not evidence.untouched_since(dataclasses.replace(window, tree=None), identity, root)
+    assert not evidence.untouched_since(window, identity, (root[0], root[1] + 1))  # another directory
+    assert not evidence.untouched_since(window, identity, (root[0] + 1, root[1]))
+    other_names = dataclasses.replace(restored, names=evidence.names_digest(["g", "d", "e"]))
+    assert not evidence.untouched_since(dataclasses.replace(window, tree=other_names), identity, root)
+    # An entry changed at the window's end or later, or before its start, is outside it.
+    assert not evidence.untouched_since(dataclasses.replace(window, end_ns=ctimes[-1]), identity, root)
+    assert not evidence.untouched_since(dataclasses.replace(window, start_ns=ctimes[0] + 1), identity, root)
+    # The root's own ctime is not compared: the swap moved it after the window.
+    os.utime(tmp_path, (1, 1))
+    assert evidence.untouched_since(window, tree_identity(tmp_path), root)
 
 
 @pytest.mark.parametrize(
