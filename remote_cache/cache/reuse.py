@@ -7,6 +7,7 @@ from, never vouch for content.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
+from ..tasks import first_error
 from .evidence import (
     Evidence,
     LayerRecord,
@@ -53,8 +55,8 @@ async def unchanged_tree(
     Either the last save of ``path`` here (its tree record, for the same ``options``) still
     describes the tree, or the last restore into it wrote the whole entry (for the same ``key``
     and ``shape``) and nothing changed since; and ``tag`` still names that record's digest. One
-    walk and one request (see :mod:`.evidence`). The walk lists the special files it found in
-    ``stats``."""
+    walk and, beside it, one request (see :mod:`.evidence`). The walk lists the special files it
+    found in ``stats``."""
     window = evidence.window
     saved, restored = evidence.tree, window.tree if window is not None else None
     if saved is not None and (saved.location, saved.tag, saved.options) != (store.location, tag, options):
@@ -68,11 +70,22 @@ async def unchanged_tree(
         restored = None
     if saved is None and restored is None:
         return None
+    current: list[str] = []
+
+    async def look_up() -> None:
+        with contextlib.suppress(CacheMiss):
+            current.append((await store.resolve(tag)).digest)
+
     try:
-        identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
-        root = dir_id(path) if restored is not None else None
-    except OSError:
-        return None  # the scan reports what is wrong with the directory
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(look_up)  # the request's round trip overlaps the walk
+            identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
+            root = dir_id(path) if restored is not None else None
+    except BaseExceptionGroup as group:
+        error = first_error(group)
+        if isinstance(error, OSError):
+            return None  # the scan reports what is wrong with the directory
+        raise error from None
     same: TreeRecord | RestoredTree | None = None
     if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
         same = saved
@@ -83,13 +96,7 @@ async def unchanged_tree(
         and untouched_since(window, identity, root)
     ):
         same = restored
-    if same is None:
-        return None
-    try:
-        current = await store.resolve(tag)
-    except CacheMiss:
-        return None
-    return same if current.digest == same.digest else None
+    return same if same is not None and current == [same.digest] else None
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.
