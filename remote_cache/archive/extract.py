@@ -164,6 +164,9 @@ class Extractor:
         #: Layers (by index) something of which a later layer replaced or removed: the tree no
         #: longer holds all they wrote, whatever their listing says.
         self.rewritten: set[int] = set()
+        #: Whether every member got the mode bits and owner its header gives (not so when a user
+        #: other than root extracts root's files, or set-ID and sticky bits).
+        self.exact = True
 
     @property
     def root_given(self) -> bool:
@@ -357,6 +360,8 @@ class Extractor:
         self._parents.add(parent)
         if path in self._kinds:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
+        if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
+            self.exact = False  # _check_exact, inlined: the hot path
         mode &= self._mode_mask
         chown = self._owner and (uid, gid) != self._new_ids
         if mode & ~self._keep_bits:
@@ -472,6 +477,7 @@ class Extractor:
                     ) from None
         self._record(path, DIR)
         self._dirmeta[path] = meta
+        self._check_exact(meta[0], meta[1], meta[2])
         self.stats.dirs += 1
 
     def _symlink(self, path: bytes, base: bytes, link_b: bytes, pfd: int, meta: _Meta) -> None:
@@ -481,6 +487,7 @@ class Extractor:
                 f"symlink {display(path)!r} has an empty target, which Linux does not allow"
             )
         os.symlink(link_b, base, dir_fd=pfd)
+        self._check_exact(0, uid, gid)  # (a symlink's own mode bits are always 0777 on Linux)
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
@@ -506,6 +513,11 @@ class Extractor:
         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         self._record(path, tkind[0])
         self.stats.hardlinks += 1
+
+    def _check_exact(self, mode: int, uid: int, gid: int) -> None:
+        """Note a member whose mode bits or owner this extraction cannot give (see ``exact``)."""
+        if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
+            self.exact = False
 
     # -- finishing ---------------------------------------------------------------------------
 

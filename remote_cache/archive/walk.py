@@ -86,6 +86,8 @@ class TreeIdentity:
     ctimes: array[int]
     #: The names in the root directory, in walk order (the first ctime is the root's own).
     top: tuple[str, ...] = ()
+    #: Per entry below the root, in walk order: mode, size, mtime's seconds and nanoseconds.
+    facts: array[int] = field(default_factory=lambda: array("q"))
 
 
 _BY_NAME = attrgetter("name")
@@ -205,7 +207,7 @@ class _Walk:
         for part in (names_b, self.inodes.tobytes(), self.ctimes.tobytes(), self.facts.tobytes()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
-        return TreeIdentity("sha256:" + h.hexdigest(), self.ctimes, self.top)
+        return TreeIdentity("sha256:" + h.hexdigest(), self.ctimes, self.top, self.facts)
 
 
 def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]:

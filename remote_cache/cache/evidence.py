@@ -43,7 +43,15 @@ but the directory itself with a ctime in the window, those same names, the same 
 and inode) and the tag still naming the restored digest, is unchanged without planning: only the
 extraction wrote in the window, and any later change, addition, removal or rename below the
 directory moves some entry's ctime out of it. The directory's own ctime moved at the swap, so its
-entries are compared by name.
+entries are compared by name. Only a restore that gave every entry the mode bits and owner the
+entry holds records it (a user other than root restoring root's files does not), and the walk's
+counts of entries and regular files and their bytes must agree too.
+
+Limit, for this and the restore window: the window's bounds come from this machine's clock. A
+filesystem that stamps ctimes from another clock running behind it (a network filesystem's
+server), or this clock stepped back after a restore, can give a change made within that
+difference a ctime inside the window; the counts and listings catch most such changes, not a
+same-size edit. ``--full`` reads every file.
 
 The evidence of a directory is kept on disk by :mod:`.state`.
 """
@@ -54,6 +62,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -226,6 +235,8 @@ class RestoredTree:
     digest: str
     #: :func:`names_digest` of the names the restore put in the directory.
     names: str
+    #: Entries below the directory (files, directories, symlinks), regular files and their bytes.
+    entries: int
     size: int
     files: int
     layers: int
@@ -324,11 +335,19 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
     """Whether the walked tree (``identity``; ``root`` its directory's device and inode) is the
     one the window's restore wrote whole and nothing changed since (see the module docstring)."""
     tree = window.tree
+    if tree is None or root != window.root or len(identity.ctimes) - 1 != tree.entries:
+        return False  # (the identity's first ctime is the root's own)
+    # Counts and bytes, though ctimes alone decide on a local filesystem: a second line against
+    # a clock that stamps ctimes behind this one (see the module docstring).
+    sizes = [
+        size
+        for mode, size in zip(identity.facts[0::4], identity.facts[1::4], strict=True)
+        if stat.S_ISREG(mode)
+    ]
     return (
-        tree is not None
-        and root == window.root
+        (len(sizes), sum(sizes)) == (tree.files, tree.size)
         and names_digest(identity.top) == tree.names
-        and _in_window(window, itertools.islice(identity.ctimes, 1, None))  # [0]: the root's
+        and _in_window(window, itertools.islice(identity.ctimes, 1, None))
     )
 
 

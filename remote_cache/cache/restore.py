@@ -232,6 +232,7 @@ class _Restore:
         self._stats: ExtractStats | None = None
         self._file_parents: list[set[bytes]] = []
         self._rewritten: set[int] = set()
+        self._exact = False  # whether the extraction gave every member its mode bits and owner
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
         self._window_start = 0
@@ -364,6 +365,7 @@ class _Restore:
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
+            self._exact = extractor.exact
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
                 self._keep_root = False
             return extractor.finish()
@@ -428,13 +430,17 @@ class _Restore:
 
     def _restored_tree(self, vouched: int) -> RestoredTree | None:
         """The whole entry, for a save that finds the tree untouched (see :mod:`.evidence`): only
-        an entry this tool saved, every layer vouched for, counts matching what was extracted, and
-        a staging directory swapped in whole (in place, the entries move in after the window)."""
+        an entry this tool saved, every layer vouched for, counts matching what was extracted, no
+        hard links (the save's count of bytes would differ), every mode and owner as the entry
+        gives them (not so for another user's files), and a staging directory swapped in whole
+        (in place, the entries move in after the window)."""
         image, stats = self._image, self._stats
         media_types = {desc.media_type for desc in image.layers}
         if (
             self._target.in_place
+            or not (self._exact and self._keep_root)
             or stats is None
+            or stats.hardlinks
             or vouched != len(image.layers)
             or len(media_types) != 1
             or not image.platforms
@@ -450,6 +456,7 @@ class _Restore:
             shape=entry_shape(media_types.pop(), image.platforms),
             digest=image.digest,
             names=names_digest(os.listdir(self._staging)),
+            entries=stats.files + stats.dirs + stats.symlinks,
             size=stats.bytes,
             files=stats.files,
             layers=len(image.layers),

@@ -79,8 +79,8 @@ async def unchanged_tree(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(look_up)  # the request's round trip overlaps the walk
+            root = dir_id(path) if restored is not None else None  # the directory walked next
             identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
-            root = dir_id(path) if restored is not None else None
     except BaseExceptionGroup as group:
         error = first_error(group)
         if isinstance(error, OSError):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -871,3 +873,50 @@ async def test_any_change_to_a_restored_tree_is_saved(
     out = tmp_path / "out"
     await restore(store, "k", out)
     assert_same_tree(work, out)
+
+
+def test_a_tree_restored_without_its_owners_is_no_copy_of_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user other than root restoring root's files gets them as its own: the tree is not what
+    the entry holds, and its save stores what it holds (the whole-tree shortcut took it for the
+    entry)."""
+    from tests.users import as_nobody_in, give_to_nobody
+
+    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
+    try:
+        base.chmod(0o755)
+        src = _bulk(base / "src")  # root's files
+        anyio.run(
+            functools.partial(save, full=True),
+            open_store(parse_reference(f"oci:{base / 'layout'}")),
+            "k",
+            src,
+        )
+        give_to_nobody(base / "layout", base)
+        (base / "state").mkdir(mode=0o700)
+        os.chown(base / "state", 65534, 65534)
+        monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(base / "state"))
+
+        async def restore_then_save() -> None:
+            store = open_store(parse_reference("oci:layout"))
+            await restore(store, "k", Path("work"))
+            again = await save(store, "k", Path("work"))
+            assert not again.unchanged, "the restored tree was taken for the entry"
+
+        assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
+
+        # Its own files, but a sticky directory: only root may give it that bit back.
+        async def sticky_round_trip() -> None:
+            (Path("own") / "tmp").mkdir(parents=True)
+            (Path("own") / "tmp" / "f").write_bytes(b"f")
+            os.chmod(Path("own") / "tmp", 0o1777)
+            _backdate(Path("own"))
+            _settle()
+            store = open_store(parse_reference("oci:layout"))
+            await save(store, "own", Path("own"), full=True)
+            await restore(store, "own", Path("own-work"))
+            again = await save(store, "own", Path("own-work"))
+            assert not again.unchanged, "the restored tree was taken for the entry"
+
+        assert as_nobody_in(base, lambda: anyio.run(sticky_round_trip)) == ""
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

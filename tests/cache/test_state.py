@@ -184,17 +184,19 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
 
 
 def _restored(names: str = _LOCAL) -> evidence.RestoredTree:
+    """A restored tree of three entries: two 1-byte files and a directory."""
     return evidence.RestoredTree(
-        "registry.example/repo",
-        "k",
-        "k",
-        "remote-cache/x zstd platforms=linux/amd64",
-        _DIGEST,
-        names,
-        1,
-        2,
-        3,
-        4,
+        location="registry.example/repo",
+        tag="k",
+        key="k",
+        shape="remote-cache/x zstd platforms=linux/amd64",
+        digest=_DIGEST,
+        names=names,
+        entries=3,
+        size=2,
+        files=2,
+        layers=1,
+        bytes=40,
     )
 
 
@@ -240,6 +242,9 @@ def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_
     assert not evidence.untouched_since(window, identity, (root[0] + 1, root[1]))
     other_names = dataclasses.replace(restored, names=evidence.names_digest(["g", "d", "e"]))
     assert not evidence.untouched_since(dataclasses.replace(window, tree=other_names), identity, root)
+    for counts in ({"entries": 4}, {"files": 1}, {"size": 3}):  # what the walk counts must agree
+        other = dataclasses.replace(restored, **counts)
+        assert not evidence.untouched_since(dataclasses.replace(window, tree=other), identity, root)
     # An entry changed at the window's end or later, or before its start, is outside it.
     assert not evidence.untouched_since(dataclasses.replace(window, end_ns=ctimes[-1]), identity, root)
     assert not evidence.untouched_since(dataclasses.replace(window, start_ns=ctimes[0] + 1), identity, root)
