@@ -27,7 +27,7 @@ from remote_cache.cache import state
 from remote_cache.cache.evidence import local_layers
 from remote_cache.cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.cache.restore import restore
-from remote_cache.cache.save import save
+from remote_cache.cache.save import SaveResult, save
 from remote_cache.oci.media import OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
@@ -643,6 +643,18 @@ def _refuse_scanning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(save_mod, "scan_tree", refuse)
 
 
+def _assert_unchanged_after_one_head(again: SaveResult, first: SaveResult, proxy: FaultProxy) -> None:
+    """``again`` is ``first``'s entry, found so by one request: does the tag still name it?"""
+    assert again.unchanged and again.digest == first.digest
+    assert (again.layers_total, again.bytes_total, again.size, again.files) == (
+        first.layers_total,
+        first.bytes_total,
+        first.size,
+        first.files,
+    )
+    assert [r.method for r in proxy.requests] == ["HEAD"]
+
+
 @pytest.mark.usefixtures("fresh_is_settled")
 async def test_unchanged_tree_costs_one_request_and_no_scan(
     registry: RegistryServer,
@@ -659,14 +671,7 @@ async def test_unchanged_tree_costs_one_request_and_no_scan(
             _refuse_scanning(m)
             proxy.clear()
             again = await save(store, "k", src)
-        assert again.unchanged and again.digest == first.digest
-        assert (again.layers_total, again.bytes_total, again.size, again.files) == (
-            first.layers_total,
-            first.bytes_total,
-            first.size,
-            first.files,
-        )
-        assert [r.method for r in proxy.requests] == ["HEAD"]  # does the tag still name it?
+        _assert_unchanged_after_one_head(again, first, proxy)
 
         # Another option (here gzip) is another image: the shortcut does not apply.
         proxy.clear()
@@ -800,14 +805,7 @@ async def test_an_untouched_restored_tree_saves_with_one_request_and_no_scan(
                 _refuse_scanning(m)
                 proxy.clear()
                 again = await save(store, "k", work)
-            assert again.unchanged and again.digest == first.digest
-            assert (again.layers_total, again.bytes_total, again.size, again.files) == (
-                first.layers_total,
-                first.bytes_total,
-                first.size,
-                first.files,
-            )
-            assert [r.method for r in proxy.requests] == ["HEAD"]  # does the tag still name it?
+            _assert_unchanged_after_one_head(again, first, proxy)
 
         # Another compression is another image; another key (a fallback restore's) another entry.
         gzip = await save(store, "k", work, compression="gzip")
