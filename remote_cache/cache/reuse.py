@@ -7,7 +7,6 @@ from, never vouch for content.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from .evidence import (
     LayerRecord,
     LocalLayer,
     RestoredTree,
+    RestoreWindow,
     TreeRecord,
     dir_id,
     tree_fingerprint,
@@ -57,46 +57,61 @@ async def unchanged_tree(
     and ``shape``) and nothing changed since; and ``tag`` still names that record's digest. One
     walk and, beside it, one request (see :mod:`.evidence`). The walk lists the special files it
     found in ``stats``."""
-    window = evidence.window
-    saved, restored = evidence.tree, window.tree if window is not None else None
+    saved, window = evidence.tree, evidence.window
     if saved is not None and (saved.location, saved.tag, saved.options) != (store.location, tag, options):
         saved = None
-    if restored is not None and (restored.location, restored.tag, restored.key, restored.shape) != (
+    restored = window.tree if window is not None else None
+    if restored is None or (restored.location, restored.tag, restored.key, restored.shape) != (
         store.location,
         tag,
         key,
         shape,
     ):
-        restored = None
-    if saved is None and restored is None:
+        window = None  # no whole tree of this entry to compare with
+    if saved is None and window is None:
         return None
-    current: list[str] = []
+    looked_up: list[str | None] = []
+    failed: list[RemoteCacheError] = []
 
     async def look_up() -> None:
-        with contextlib.suppress(CacheMiss):
-            current.append((await store.resolve(tag)).digest)
+        try:
+            looked_up.append((await store.resolve(tag)).digest)
+        except CacheMiss:
+            looked_up.append(None)
+        except RemoteCacheError as exc:
+            failed.append(exc)  # it matters only if the tree is unchanged
 
+    same: TreeRecord | RestoredTree | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(look_up)  # the request's round trip overlaps the walk
-            root = dir_id(path) if restored is not None else None  # the directory walked next
-            identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
+            same = await _same_tree(path, bound, saved, window, stats)
+            if same is None:
+                tg.cancel_scope.cancel()  # changed: the save reads the tag its own way
     except BaseExceptionGroup as group:
-        error = first_error(group)
-        if isinstance(error, OSError):
-            return None  # the scan reports what is wrong with the directory
-        raise error from None
-    same: TreeRecord | RestoredTree | None = None
+        raise first_error(group) from None
+    if same is None:
+        return None
+    if failed:
+        raise failed[0]
+    return same if looked_up == [same.digest] else None
+
+
+async def _same_tree(
+    path: Path, bound: int, saved: TreeRecord | None, window: RestoreWindow | None, stats: TreeStats | None
+) -> TreeRecord | RestoredTree | None:
+    """The record the walked tree still is exactly: ``saved`` by its fingerprint, or ``window``'s
+    whole restored tree (see :mod:`.evidence`); None when neither."""
+    try:
+        root = dir_id(path) if window is not None else None  # the directory walked next
+        identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
+    except OSError:
+        return None  # the scan reports what is wrong with the directory
     if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
-        same = saved
-    elif (
-        window is not None
-        and restored is not None
-        and root is not None
-        and untouched_since(window, identity, root)
-    ):
-        same = restored
-    return same if same is not None and current == [same.digest] else None
+        return saved
+    if window is not None and root is not None and untouched_since(window, identity, root):
+        return window.tree
+    return None
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.

@@ -918,3 +918,26 @@ def test_a_tree_restored_without_its_owners_is_no_copy_of_the_entry(monkeypatch:
         assert as_nobody_in(base, lambda: anyio.run(sticky_round_trip)) == ""
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("fault", ["fail", "stall"])
+async def test_the_tag_request_beside_the_walk_cannot_fail_or_hold_a_changed_tree_s_save(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, fault: str
+) -> None:
+    """The tag's HEAD goes out beside the walk; when the walk finds the tree changed, what became
+    of it does not matter (the save reads the tag again its own way): a registry refusing HEADs,
+    or one that never answers one, fails or holds no save that reads the tag by GET."""
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        (work / "pkg1" / "f1.bin").write_bytes(b"changed")
+        if fault == "fail":
+            proxy.fail(20, status=405, method="HEAD", path_contains="/manifests/")
+        else:
+            proxy.stall(method="HEAD", path_contains="/manifests/")
+        started = time.monotonic()
+        changed = await save(store, "k", work)
+        assert not changed.unchanged and changed.digest != first.digest
+        assert time.monotonic() - started < 10  # (a stalled HEAD held it for the read timeout)
