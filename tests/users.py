@@ -41,6 +41,6 @@ def give_to_nobody(tree: Path, *dirs: Path) -> None:
     """Make uid/gid 65534 the owner of ``tree`` and everything in it, and of each of ``dirs``."""
     for dirpath, dirnames, filenames in os.walk(tree):
         for name in [".", *dirnames, *filenames]:
-            os.chown(os.path.join(dirpath, name), 65534, 65534)
+            os.chown(os.path.join(dirpath, name), 65534, 65534, follow_symlinks=False)
     for path in dirs:
         os.chown(path, 65534, 65534)

@@ -167,6 +167,11 @@ class Extractor:
         #: Whether every member got the mode bits and owner its header gives (not so when a user
         #: other than root extracts root's files, or set-ID and sticky bits).
         self.exact = True
+        #: Sums over the files, directories and symlinks written of the permission bits and the
+        #: mtimes (ns) their headers give: what a walk of the tree must find again, whatever the
+        #: filesystem or the kernel made of them (``remote_cache.cache.evidence``).
+        self.modes_given = 0
+        self.mtimes_given = 0
 
     @property
     def root_given(self) -> bool:
@@ -362,6 +367,8 @@ class Extractor:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
         if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
             self.exact = False  # _check_exact, inlined: the hot path
+        self.modes_given += mode
+        self.mtimes_given += mtime_ns
         mode &= self._mode_mask
         chown = self._owner and (uid, gid) != self._new_ids
         if mode & ~self._keep_bits:
@@ -478,6 +485,8 @@ class Extractor:
         self._record(path, DIR)
         self._dirmeta[path] = meta
         self._check_exact(meta[0], meta[1], meta[2])
+        self.modes_given += meta[0]
+        self.mtimes_given += meta[3]
         self.stats.dirs += 1
 
     def _symlink(self, path: bytes, base: bytes, link_b: bytes, pfd: int, meta: _Meta) -> None:
@@ -488,6 +497,8 @@ class Extractor:
             )
         os.symlink(link_b, base, dir_fd=pfd)
         self._check_exact(0, uid, gid)  # (a symlink's own mode bits are always 0777 on Linux)
+        self.modes_given += 0o777
+        self.mtimes_given += mtime_ns
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)

@@ -45,13 +45,15 @@ extraction wrote in the window, and any later change, addition, removal or renam
 directory moves some entry's ctime out of it. The directory's own ctime moved at the swap, so its
 entries are compared by name. Only a restore that gave every entry the mode bits and owner the
 entry holds records it (a user other than root restoring root's files does not), and the walk's
-counts of entries and regular files and their bytes must agree too.
+counts of entries and regular files, their bytes, and the sums of the modes and mtimes must agree
+with what the restore gave (a filesystem may keep another mtime, the kernel clear a set-ID bit).
 
 Limit, for this and the restore window: the window's bounds come from this machine's clock. A
 filesystem that stamps ctimes from another clock running behind it (a network filesystem's
 server), or this clock stepped back after a restore, can give a change made within that
-difference a ctime inside the window; the counts and listings catch most such changes, not a
-same-size edit. ``--full`` reads every file.
+difference a ctime inside the window; the counts, bytes, modes and mtimes (and, per layer, the
+listings) catch most such changes, not a same-size edit with its mtime put back. ``--full``
+reads every file.
 
 The evidence of a directory is kept on disk by :mod:`.state`.
 """
@@ -90,6 +92,7 @@ __all__ = [
     "clock_ns",
     "dir_id",
     "entry_shape",
+    "facts_digest",
     "local_layers",
     "names_digest",
     "parents_digest",
@@ -235,6 +238,8 @@ class RestoredTree:
     digest: str
     #: :func:`names_digest` of the names the restore put in the directory.
     names: str
+    #: :func:`facts_digest` of the modes and mtimes the restore gave the entries below it.
+    facts: str
     #: Entries below the directory (files, directories, symlinks), regular files and their bytes.
     entries: int
     size: int
@@ -257,6 +262,14 @@ def names_digest(names: Iterable[str]) -> str:
     """SHA-256 over a directory's entry names, sorted by their bytes."""
     text = b"".join(name + b"\0" for name in sorted(os.fsencode(n) for n in names))
     return "sha256:" + hashlib.sha256(b"remote-cache names v1\0" + text).hexdigest()
+
+
+def facts_digest(entries: int, files: int, symlinks: int, permissions: int, mtimes_ns: int) -> str:
+    """SHA-256 over the modes (file type and permission bits) and the mtimes of a tree's entries,
+    summed: what a restore gave them, or what a walk finds (whatever order either sees them in)."""
+    dirs = entries - files - symlinks
+    modes = permissions + files * stat.S_IFREG + dirs * stat.S_IFDIR + symlinks * stat.S_IFLNK
+    return "sha256:" + hashlib.sha256(f"remote-cache facts v1\0{modes} {mtimes_ns}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -337,18 +350,27 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
     tree = window.tree
     if tree is None or root != window.root or len(identity.ctimes) - 1 != tree.entries:
         return False  # (the identity's first ctime is the root's own)
-    # Counts and bytes, though ctimes alone decide on a local filesystem: a second line against
-    # a clock that stamps ctimes behind this one (see the module docstring).
-    sizes = [
-        size
-        for mode, size in zip(identity.facts[0::4], identity.facts[1::4], strict=True)
-        if stat.S_ISREG(mode)
-    ]
+    # Counts, bytes, modes and mtimes, though ctimes alone decide where this clock stamps them:
+    # what the filesystem or kernel did not keep (an mtime out of its range, a set-group-ID bit
+    # cleared), and most changes a clock stamping ctimes behind this one hides (module docstring).
+    facts = identity.facts
+    modes = facts[0::4]
+    sizes = [size for mode, size in zip(modes, facts[1::4], strict=True) if stat.S_ISREG(mode)]
+    mtimes = sum(facts[2::4]) * _SECOND + sum(facts[3::4])
     return (
         (len(sizes), sum(sizes)) == (tree.files, tree.size)
+        and _walked_facts(modes, mtimes) == tree.facts
         and names_digest(identity.top) == tree.names
         and _in_window(window, itertools.islice(identity.ctimes, 1, None))
     )
+
+
+def _walked_facts(modes: Sequence[int], mtimes_ns: int) -> str:
+    """:func:`facts_digest` of walked entries, from their modes as the walk saw them."""
+    kinds = [stat.S_IFMT(m) for m in modes]
+    files, symlinks = kinds.count(stat.S_IFREG), kinds.count(stat.S_IFLNK)
+    permissions = sum(stat.S_IMODE(m) for m in modes)
+    return facts_digest(len(modes), files, symlinks, permissions, mtimes_ns)
 
 
 def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:

@@ -57,6 +57,7 @@ from .evidence import (
     clock_ns,
     dir_id,
     entry_shape,
+    facts_digest,
     names_digest,
     parents_digest,
     settle,
@@ -233,6 +234,7 @@ class _Restore:
         self._file_parents: list[set[bytes]] = []
         self._rewritten: set[int] = set()
         self._exact = False  # whether the extraction gave every member its mode bits and owner
+        self._given = (0, 0)  # the sums of the permission bits and mtimes it gave them
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
         self._window_start = 0
@@ -366,6 +368,7 @@ class _Restore:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
             self._exact = extractor.exact
+            self._given = (extractor.modes_given, extractor.mtimes_given)
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
                 self._keep_root = False
             return extractor.finish()
@@ -449,6 +452,7 @@ class _Restore:
             or (image.size, image.files) != (stats.bytes, stats.files)
         ):
             return None
+        entries = stats.files + stats.dirs + stats.symlinks
         return RestoredTree(
             location=self._store.location,
             tag=self._tag,
@@ -456,7 +460,8 @@ class _Restore:
             shape=entry_shape(media_types.pop(), image.platforms),
             digest=image.digest,
             names=names_digest(os.listdir(self._staging)),
-            entries=stats.files + stats.dirs + stats.symlinks,
+            facts=facts_digest(entries, stats.files, stats.symlinks, *self._given),
+            entries=entries,
             size=stats.bytes,
             files=stats.files,
             layers=len(image.layers),

@@ -165,8 +165,8 @@ def _parse_tree(raw: Any) -> TreeRecord | None:
 
 
 def _parse_restored(raw: Any) -> RestoredTree | None:
-    text = ("location", "tag", "key", "shape", "digest", "names")
-    return _parse_record(raw, RestoredTree, text, ("digest", "names"))
+    text = ("location", "tag", "key", "shape", "digest", "names", "facts")
+    return _parse_record(raw, RestoredTree, text, ("digest", "names", "facts"))
 
 
 def _parse(raw: Any, target: Path) -> Evidence:

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -941,3 +943,138 @@ async def test_the_tag_request_beside_the_walk_cannot_fail_or_hold_a_changed_tre
         changed = await save(store, "k", work)
         assert not changed.unchanged and changed.digest != first.digest
         assert time.monotonic() - started < 10  # (a stalled HEAD held it for the read timeout)
+
+
+async def test_an_mtime_the_target_filesystem_cannot_hold_is_no_copy_of_the_entry(
+    store: Store, tmp_path: Path
+) -> None:
+    """ext4 keeps mtimes from 1901 on: restored there, an entry's 1811 mtime becomes 1901, and
+    the tree is not what the entry holds (the whole-tree shortcut took it for the entry)."""
+    from tests.mounts import tmpfs
+
+    probe = tmp_path / "probe"
+    probe.touch()
+    os.utime(probe, ns=(-5_000_000_000 * 10**9, -5_000_000_000 * 10**9))
+    if probe.stat().st_mtime_ns == -5_000_000_000 * 10**9:
+        pytest.skip("this test's directory keeps an 1811 mtime: no filesystem here clamps it")
+    with tmpfs(tmp_path / "mnt") as mnt:  # tmpfs keeps it
+        src = _bulk(mnt / "src")
+        os.utime(src / "pkg3" / "f4.bin", ns=(-5_000_000_000 * 10**9, -5_000_000_000 * 10**9))
+        first = await save(store, "k", src, full=True)
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        assert (work / "pkg3" / "f4.bin").stat().st_mtime_ns != -5_000_000_000 * 10**9
+        again = await save(store, "k", work)
+        assert not again.unchanged and again.digest != first.digest
+
+
+async def test_a_set_group_id_bit_the_kernel_cleared_is_no_copy_of_the_entry(
+    store: Store, tmp_path: Path
+) -> None:
+    """Root without CAP_FSETID (a hardened container) cannot give a file of a group it is not in
+    its set-group-ID bit: the kernel clears it, and the tree is not what the entry holds."""
+    gid = next(g for g in range(12345, 13000) if g not in os.getgroups() and g != os.getegid())
+    src = _bulk(tmp_path / "src")
+    tool = src / "pkg2" / "f0.bin"
+    os.chown(tool, -1, gid)
+    os.chmod(tool, 0o2755)
+    _backdate(src)
+    _settle()
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    command = [
+        sys.executable,
+        "-m",
+        "remote_cache",
+        "restore",
+        "-q",
+        f"oci:{tmp_path / 'layout'}:k",
+        str(work),
+    ]
+    restored = subprocess.run(
+        ["setpriv", "--bounding-set=-fsetid", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert not (work / "pkg2" / "f0.bin").stat().st_mode & 0o2000  # (what this test is about)
+    again = await save(store, "k", work)
+    assert not again.unchanged and again.digest != first.digest
+
+
+def _old_tool(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
+    monkeypatch.setattr("remote_cache.cache.image.TOOL", "remote-cache/0.0.1")  # saved by another version
+
+
+def _hard_link(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
+    os.link(src / "pkg1" / "f1.bin", src / "pkg1" / "linked.bin")
+    _backdate(src)
+    _settle()
+
+
+def _a_fresh_file(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
+    """A file written in the save's second (or later): its layer gets no listing."""
+    os.utime(src / "pkg5" / "f5.bin", (time.time() + 5, time.time() + 5))
+
+
+@pytest.mark.parametrize("variant", [None, _old_tool, _hard_link, _a_fresh_file, "in place"])
+async def test_what_a_restore_records_no_whole_tree_for(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: Any
+) -> None:
+    """Only an entry this version saved, without hard links, every layer with a listing, restored
+    into a directory swapped in whole, is recorded whole (``None``: such an entry)."""
+    src = _bulk(tmp_path / "src")
+    with monkeypatch.context() as m:
+        if callable(variant):
+            variant(m, src)
+        await save(store, "k", src, full=True)
+    if variant == "in place":
+        from tests.mounts import tmpfs
+
+        with tmpfs(tmp_path / "mnt") as work:
+            await restore(store, "k", work)
+            window = state.load(work).window
+    else:
+        await restore(store, "k", tmp_path / "work")
+        window = state.load(tmp_path / "work").window
+    assert window is not None  # (a layer with a listing, at least, is vouched for)
+    assert (window.tree is not None) == (variant is None)
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_root_owned_member_among_the_users_own_is_no_copy_of_the_entry(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """uid 65534's tree with one member root owns: restored by 65534, that member is 65534's."""
+    from tests.users import as_nobody_in, give_to_nobody
+
+    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
+    try:
+        base.chmod(0o755)
+        src = _bulk(base / "src")
+        give_to_nobody(src)
+        if kind == "file":
+            os.chown(src / "pkg4" / "f2.bin", 0, 0)
+        else:
+            os.lchown(src / "pkg0" / "link", 0, 0)
+        anyio.run(
+            functools.partial(save, full=True),
+            open_store(parse_reference(f"oci:{base / 'layout'}")),
+            "k",
+            src,
+        )
+        give_to_nobody(base / "layout", base)
+        (base / "state").mkdir(mode=0o700)
+        os.chown(base / "state", 65534, 65534)
+        monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(base / "state"))
+
+        async def restore_then_save() -> None:
+            store = open_store(parse_reference("oci:layout"))
+            await restore(store, "k", Path("work"))
+            again = await save(store, "k", Path("work"))
+            assert not again.unchanged, "the restored tree was taken for the entry"
+
+        assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

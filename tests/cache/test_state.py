@@ -183,7 +183,7 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
     assert len(state.load(tmp_path).records) == 2
 
 
-def _restored(names: str = _LOCAL) -> evidence.RestoredTree:
+def _restored(names: str = _LOCAL, facts: str = _DIGEST) -> evidence.RestoredTree:
     """A restored tree of three entries: two 1-byte files and a directory."""
     return evidence.RestoredTree(
         location="registry.example/repo",
@@ -192,6 +192,7 @@ def _restored(names: str = _LOCAL) -> evidence.RestoredTree:
         shape="remote-cache/x zstd platforms=linux/amd64",
         digest=_DIGEST,
         names=names,
+        facts=facts,
         entries=3,
         size=2,
         files=2,
@@ -234,7 +235,7 @@ def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_
     identity = tree_identity(tmp_path)
     root = evidence.dir_id(tmp_path)
     ctimes = sorted(identity.ctimes[1:])
-    restored = _restored(evidence.names_digest(["g", "d"]))
+    restored = _restored(evidence.names_digest(["g", "d"]), _facts_now(tmp_path))
     window = dataclasses.replace(_window(root, ctimes[0], ctimes[-1] + 1), tree=restored)
     assert evidence.untouched_since(window, identity, root)
     assert not evidence.untouched_since(dataclasses.replace(window, tree=None), identity, root)
@@ -251,6 +252,22 @@ def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_
     # The root's own ctime is not compared: the swap moved it after the window.
     os.utime(tmp_path, (1, 1))
     assert evidence.untouched_since(window, tree_identity(tmp_path), root)
+    # Modes and mtimes are compared with what the restore gave, whatever the ctimes say (a
+    # clock stamping them behind this one; a filesystem that kept another mtime or mode).
+    open_ended = dataclasses.replace(window, end_ns=1 << 62)
+    os.chmod(tmp_path / "g", 0o600)
+    assert not evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
+    os.chmod(tmp_path / "g", stat.S_IMODE(os.lstat(tmp_path / "d" / "f").st_mode))
+    assert evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
+    os.utime(tmp_path / "d" / "f", ns=(1, 1))
+    assert not evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
+
+
+def _facts_now(root: Path) -> str:
+    """:func:`evidence.facts_digest` of the tree made above (a directory d, files d/f and g)."""
+    found = [os.lstat(root / name) for name in ("d", "d/f", "g")]
+    permissions = sum(stat.S_IMODE(st.st_mode) for st in found)
+    return evidence.facts_digest(3, 2, 0, permissions, sum(st.st_mtime_ns for st in found))
 
 
 @pytest.mark.parametrize(
