@@ -167,9 +167,10 @@ class Extractor:
         #: Whether every member got the mode bits and owner its header gives (not so when a user
         #: other than root extracts root's files, or set-ID and sticky bits).
         self.exact = True
-        #: Sums over the files, directories and symlinks written of the permission bits and the
-        #: mtimes (ns) their headers give: what a walk of the tree must find again, whatever the
-        #: filesystem or the kernel made of them (``remote_cache.cache.evidence``).
+        #: Sums over the file, directory and symlink members of the permission bits and the
+        #: mtimes (ns) their headers give (a member a later layer replaced counts too: such a
+        #: restore vouches for no whole tree): what a walk of the tree must find again, whatever
+        #: the filesystem or the kernel made of them (``remote_cache.cache.evidence``).
         self.modes_given = 0
         self.mtimes_given = 0
 

@@ -43,7 +43,8 @@ but the directory itself with a ctime in the window, those same names, the same 
 and inode) and the tag still naming the restored digest, is unchanged without planning: only the
 extraction wrote in the window, and any later change, addition, removal or rename below the
 directory moves some entry's ctime out of it. The directory's own ctime moved at the swap, so its
-entries are compared by name. Only a restore that gave every entry the mode bits and owner the
+entries are compared by name; and nothing may be mounted below it (a mount shows other inodes
+and moves no ctime: :func:`mounts_below`). Only a restore that gave every entry the mode bits and owner the
 entry holds records it (a user other than root restoring root's files does not), and the walk's
 counts of entries and regular files, their bytes, and the sums of the modes and mtimes must agree
 with what the restore gave (a filesystem may keep another mtime, the kernel clear a set-ID bit).
@@ -64,6 +65,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import re
 import stat
 import sys
 import time
@@ -94,6 +96,7 @@ __all__ = [
     "entry_shape",
     "facts_digest",
     "local_layers",
+    "mounts_below",
     "names_digest",
     "parents_digest",
     "portable_listing",
@@ -363,6 +366,23 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
         and names_digest(identity.top) == tree.names
         and _in_window(window, itertools.islice(identity.ctimes, 1, None))
     )
+
+
+#: An octal escape in /proc/self/mountinfo.
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def mounts_below(path: Path) -> bool:
+    """Whether anything is mounted below directory ``path`` (Linux's ``/proc/self/mountinfo``);
+    True when that cannot be told. A mount shows another tree's inodes, and moves no ctime."""
+    prefix = os.fsencode(os.path.realpath(path)).rstrip(b"/") + b"/"
+    try:
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            # Field 5 is the mount point, with space, tab, newline and backslash as octal escapes.
+            points = [line.split(b" ", 5)[4] for line in mountinfo]
+    except (OSError, IndexError):
+        return True
+    return any(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), p).startswith(prefix) for p in points)
 
 
 def _walked_facts(modes: Sequence[int], mtimes_ns: int) -> str:

@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 
 from ..archive.plan import TreeScan
-from ..archive.walk import TreeStats, tree_identity
+from ..archive.walk import TreeIdentity, TreeStats, tree_identity
 from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
@@ -29,6 +29,7 @@ from .evidence import (
     RestoreWindow,
     TreeRecord,
     dir_id,
+    mounts_below,
     tree_fingerprint,
     untouched_since,
     window_hits,
@@ -71,14 +72,14 @@ async def unchanged_tree(
     if saved is None and window is None:
         return None
     looked_up: list[str | None] = []
-    failed: list[RemoteCacheError] = []
+    failed: list[Exception] = []
 
     async def look_up() -> None:
         try:
             looked_up.append((await store.resolve(tag)).digest)
         except CacheMiss:
             looked_up.append(None)
-        except RemoteCacheError as exc:
+        except Exception as exc:  # (a cancellation is none: it passes)
             failed.append(exc)  # it matters only if the tree is unchanged
 
     same: TreeRecord | RestoredTree | None = None
@@ -103,15 +104,24 @@ async def _same_tree(
     """The record the walked tree still is exactly: ``saved`` by its fingerprint, or ``window``'s
     whole restored tree (see :mod:`.evidence`); None when neither."""
     try:
-        root = dir_id(path) if window is not None else None  # the directory walked next
-        identity = await anyio.to_thread.run_sync(tree_identity, path, stats)
+        root, identity, mounted = await anyio.to_thread.run_sync(_walk, path, stats, window is not None)
     except OSError:
         return None  # the scan reports what is wrong with the directory
     if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
         return saved
-    if window is not None and root is not None and untouched_since(window, identity, root):
+    if window is not None and not mounted and root is not None and untouched_since(window, identity, root):
         return window.tree
     return None
+
+
+def _walk(
+    path: Path, stats: TreeStats | None, restored: bool
+) -> tuple[tuple[int, int] | None, TreeIdentity, bool]:
+    """The tree's identity; with ``restored``, also its directory's (taken first) and whether
+    anything is mounted below it (taken last)."""
+    root = dir_id(path) if restored else None
+    identity = tree_identity(path, stats)
+    return root, identity, restored and mounts_below(path)
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.

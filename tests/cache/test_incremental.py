@@ -30,10 +30,11 @@ from remote_cache.cache.evidence import local_layers
 from remote_cache.cache.image import ANNOTATION_LISTING, load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import SaveResult, save
-from remote_cache.oci.media import OCI_LAYER_ZSTD
+from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
-from tests.registry_server import FaultProxy, RegistryServer
+from tests.registry_server import Fault, FaultProxy, RegistryServer
+from tests.skips import unavailable
 from tests.stores import opened
 from tests.trees import assert_same_tree, socket_file
 
@@ -881,6 +882,8 @@ def test_a_tree_restored_without_its_owners_is_no_copy_of_the_entry(monkeypatch:
     entry)."""
     from tests.users import as_nobody_in, give_to_nobody
 
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
     base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
     try:
         base.chmod(0o755)
@@ -973,11 +976,17 @@ async def test_a_set_group_id_bit_the_kernel_cleared_is_no_copy_of_the_entry(
 ) -> None:
     """Root without CAP_FSETID (a hardened container) cannot give a file of a group it is not in
     its set-group-ID bit: the kernel clears it, and the tree is not what the entry holds."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give a file another group")
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is not installed", fix="apt-get install util-linux")
     gid = next(g for g in range(12345, 13000) if g not in os.getgroups() and g != os.getegid())
     src = _bulk(tmp_path / "src")
     tool = src / "pkg2" / "f0.bin"
     os.chown(tool, -1, gid)
     os.chmod(tool, 0o2755)
+    if not tool.stat().st_mode & 0o2000:
+        pytest.skip("this process cannot set a set-group-ID bit either (no CAP_FSETID)")
     _backdate(src)
     _settle()
     first = await save(store, "k", src, full=True)
@@ -1049,6 +1058,9 @@ def test_a_root_owned_member_among_the_users_own_is_no_copy_of_the_entry(
     """uid 65534's tree with one member root owns: restored by 65534, that member is 65534's."""
     from tests.users import as_nobody_in, give_to_nobody
 
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+
     base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
     try:
         base.chmod(0o755)
@@ -1078,3 +1090,45 @@ def test_a_root_owned_member_among_the_users_own_is_no_copy_of_the_entry(
         assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_directory_mounted_inside_a_restored_tree_is_saved(store: Store, tmp_path: Path) -> None:
+    """A bind mount shows another directory's inodes, which the restore wrote too, and moves no
+    ctime: the tree is not the entry any more (the whole-tree shortcut took it for the entry)."""
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await restore(store, "k", work)
+    done = subprocess.run(
+        ["mount", "--bind", str(work / "pkg1"), str(work / "pkg2")], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        unavailable(f"cannot bind-mount here: {done.stderr.strip()}", fix="run the tests as root")
+    try:
+        again = await save(store, "k", work)
+        assert not again.unchanged and again.digest != first.digest
+        out = tmp_path / "out"
+        await restore(store, "k", out)
+        assert_same_tree(work, out)
+    finally:
+        subprocess.run(["umount", "-l", str(work / "pkg2")], check=False)
+
+
+async def test_a_head_answer_with_an_unreadable_length_is_read_again_by_get(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
+) -> None:
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)
+        work = tmp_path / "work"
+        await restore(store, "k", work)
+        headers = {
+            "Docker-Content-Digest": first.digest,
+            "Content-Type": OCI_INDEX,
+            "Content-Length": "twelve",
+        }
+        proxy.add(Fault("status", status=200, headers=headers, method="HEAD", path_contains="/manifests/"))
+        proxy.requests.clear()
+        again = await save(store, "k", work)  # (ValueError from int() before)
+        assert again.unchanged and again.digest == first.digest
+        assert proxy.count("GET", "/manifests/k") == 1

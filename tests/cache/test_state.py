@@ -255,9 +255,10 @@ def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_
     # Modes and mtimes are compared with what the restore gave, whatever the ctimes say (a
     # clock stamping them behind this one; a filesystem that kept another mtime or mode).
     open_ended = dataclasses.replace(window, end_ns=1 << 62)
-    os.chmod(tmp_path / "g", 0o600)
+    mode = stat.S_IMODE(os.lstat(tmp_path / "g").st_mode)
+    os.chmod(tmp_path / "g", mode ^ 0o100)
     assert not evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
-    os.chmod(tmp_path / "g", stat.S_IMODE(os.lstat(tmp_path / "d" / "f").st_mode))
+    os.chmod(tmp_path / "g", mode)
     assert evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
     os.utime(tmp_path / "d" / "f", ns=(1, 1))
     assert not evidence.untouched_since(open_ended, tree_identity(tmp_path), root)

@@ -147,10 +147,10 @@ class RegistryStore:
             raise CacheMiss(tag, self.location)
         digest = response.headers.get("Docker-Content-Digest")
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-        length = response.headers.get("Content-Length")
-        if digest and media_type and length is not None and is_digest(digest):
+        length = response.headers.get("Content-Length", "")
+        if digest and media_type and length.isascii() and length.isdigit() and is_digest(digest):
             return Descriptor(media_type=media_type, digest=digest, size=int(length))
-        desc, _body = await self.get_manifest(tag)
+        desc, _body = await self.get_manifest(tag)  # (a HEAD answer short of these, read by GET)
         return desc
 
     async def get_manifest(self, reference: str) -> tuple[Descriptor, bytes]:
