@@ -37,6 +37,7 @@ from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
 from tests.trees import assert_same_tree, socket_file
+from tests.users import as_nobody_in, give_to_nobody
 
 pytestmark = pytest.mark.usefixtures("small_layers")
 
@@ -876,18 +877,47 @@ async def test_any_change_to_a_restored_tree_is_saved(
     assert_same_tree(work, out)
 
 
-def test_a_tree_restored_without_its_owners_is_no_copy_of_the_entry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A user other than root restoring root's files gets them as its own: the tree is not what
-    the entry holds, and its save stores what it holds (the whole-tree shortcut took it for the
-    entry)."""
-    from tests.users import as_nobody_in, give_to_nobody
+def _roots_files(src: Path) -> None:
+    pass
 
+
+def _a_root_owned_file_among_its_own(src: Path) -> None:
+    give_to_nobody(src)
+    os.chown(src / "pkg4" / "f2.bin", 0, 0)
+
+
+def _a_root_owned_symlink_among_its_own(src: Path) -> None:
+    give_to_nobody(src)
+    os.lchown(src / "pkg0" / "link", 0, 0)
+
+
+def _a_sticky_directory_of_its_own(src: Path) -> None:
+    give_to_nobody(src)
+    os.chmod(src / "pkg3", 0o1777)  # only root may give it that bit back
+
+
+@pytest.mark.parametrize(
+    "prepare",
+    [
+        _roots_files,
+        _a_root_owned_file_among_its_own,
+        _a_root_owned_symlink_among_its_own,
+        _a_sticky_directory_of_its_own,
+    ],
+)
+def test_a_tree_restored_by_a_user_without_its_owners_or_bits_is_no_copy_of_the_entry(
+    monkeypatch: pytest.MonkeyPatch, prepare: Callable[[Path], None]
+) -> None:
+    """uid 65534 restoring what root saved gets the files as its own, without set-ID or sticky
+    bits: the tree is not what the entry holds, and its save stores what it holds (the whole-tree
+    shortcut took it for the entry)."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to become another user")
     base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
     try:
         base.chmod(0o755)
-        src = _bulk(base / "src")  # root's files
+        src = _bulk(base / "src")
+        prepare(src)
         anyio.run(
             functools.partial(save, full=True),
             open_store(parse_reference(f"oci:{base / 'layout'}")),
@@ -906,21 +936,6 @@ def test_a_tree_restored_without_its_owners_is_no_copy_of_the_entry(monkeypatch:
             assert not again.unchanged, "the restored tree was taken for the entry"
 
         assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
-
-        # Its own files, but a sticky directory: only root may give it that bit back.
-        async def sticky_round_trip() -> None:
-            (Path("own") / "tmp").mkdir(parents=True)
-            (Path("own") / "tmp" / "f").write_bytes(b"f")
-            os.chmod(Path("own") / "tmp", 0o1777)
-            _backdate(Path("own"))
-            _settle()
-            store = open_store(parse_reference("oci:layout"))
-            await save(store, "own", Path("own"), full=True)
-            await restore(store, "own", Path("own-work"))
-            again = await save(store, "own", Path("own-work"))
-            assert not again.unchanged, "the restored tree was taken for the entry"
-
-        assert as_nobody_in(base, lambda: anyio.run(sticky_round_trip)) == ""
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -1049,47 +1064,6 @@ async def test_what_a_restore_records_no_whole_tree_for(
         window = state.load(tmp_path / "work").window
     assert window is not None  # (a layer with a listing, at least, is vouched for)
     assert (window.tree is not None) == (variant is None)
-
-
-@pytest.mark.parametrize("kind", ["file", "symlink"])
-def test_a_root_owned_member_among_the_users_own_is_no_copy_of_the_entry(
-    monkeypatch: pytest.MonkeyPatch, kind: str
-) -> None:
-    """uid 65534's tree with one member root owns: restored by 65534, that member is 65534's."""
-    from tests.users import as_nobody_in, give_to_nobody
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to become another user")
-
-    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
-    try:
-        base.chmod(0o755)
-        src = _bulk(base / "src")
-        give_to_nobody(src)
-        if kind == "file":
-            os.chown(src / "pkg4" / "f2.bin", 0, 0)
-        else:
-            os.lchown(src / "pkg0" / "link", 0, 0)
-        anyio.run(
-            functools.partial(save, full=True),
-            open_store(parse_reference(f"oci:{base / 'layout'}")),
-            "k",
-            src,
-        )
-        give_to_nobody(base / "layout", base)
-        (base / "state").mkdir(mode=0o700)
-        os.chown(base / "state", 65534, 65534)
-        monkeypatch.setenv("REMOTE_CACHE_STATE_DIR", str(base / "state"))
-
-        async def restore_then_save() -> None:
-            store = open_store(parse_reference("oci:layout"))
-            await restore(store, "k", Path("work"))
-            again = await save(store, "k", Path("work"))
-            assert not again.unchanged, "the restored tree was taken for the entry"
-
-        assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_a_directory_mounted_inside_a_restored_tree_is_saved(store: Store, tmp_path: Path) -> None:
