@@ -366,12 +366,13 @@ class Extractor:
         self._parents.add(parent)
         if path in self._kinds:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
-        if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
-            self.exact = False  # _check_exact, inlined: the hot path
+        foreign = (uid, gid) != self._new_ids
+        if mode & ~self._mode_mask or (foreign and not self._owner):
+            self.exact = False  # _given, inlined: the hot path
         self.modes_given += mode
         self.mtimes_given += mtime_ns
         mode &= self._mode_mask
-        chown = self._owner and (uid, gid) != self._new_ids
+        chown = self._owner and foreign
         if mode & ~self._keep_bits:
             # Bits the umask would drop, or setuid/setgid/sticky (which chown would clear).
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
@@ -485,9 +486,7 @@ class Extractor:
                     ) from None
         self._record(path, DIR)
         self._dirmeta[path] = meta
-        self._check_exact(meta[0], meta[1], meta[2])
-        self.modes_given += meta[0]
-        self.mtimes_given += meta[3]
+        self._given(*meta)
         self.stats.dirs += 1
 
     def _symlink(self, path: bytes, base: bytes, link_b: bytes, pfd: int, meta: _Meta) -> None:
@@ -497,9 +496,7 @@ class Extractor:
                 f"symlink {display(path)!r} has an empty target, which Linux does not allow"
             )
         os.symlink(link_b, base, dir_fd=pfd)
-        self._check_exact(0, uid, gid)  # (a symlink's own mode bits are always 0777 on Linux)
-        self.modes_given += 0o777
-        self.mtimes_given += mtime_ns
+        self._given(0o777, uid, gid, mtime_ns)  # (a symlink's own mode bits are 0777 on Linux)
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
@@ -526,10 +523,13 @@ class Extractor:
         self._record(path, tkind[0])
         self.stats.hardlinks += 1
 
-    def _check_exact(self, mode: int, uid: int, gid: int) -> None:
-        """Note a member whose mode bits or owner this extraction cannot give (see ``exact``)."""
+    def _given(self, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
+        """Count what a member's header gives (``modes_given``, ``mtimes_given``), and note one whose
+        mode bits or owner this extraction cannot give (``exact``)."""
         if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
             self.exact = False
+        self.modes_given += mode
+        self.mtimes_given += mtime_ns
 
     # -- finishing ---------------------------------------------------------------------------
 

@@ -85,9 +85,9 @@ class TreeIdentity:
     digest: str
     ctimes: array[int]
     #: The names in the root directory, in walk order (the first ctime is the root's own).
-    top: tuple[str, ...] = ()
+    top: tuple[str, ...]
     #: Per entry below the root, in walk order: mode, size, mtime's seconds and nanoseconds.
-    facts: array[int] = field(default_factory=lambda: array("q"))
+    facts: array[int]
 
 
 _BY_NAME = attrgetter("name")

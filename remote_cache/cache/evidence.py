@@ -96,6 +96,7 @@ __all__ = [
     "entry_shape",
     "facts_digest",
     "local_layers",
+    "mount_points",
     "mounts_below",
     "names_digest",
     "parents_digest",
@@ -375,14 +376,25 @@ _OCTAL = re.compile(rb"\\([0-7]{3})")
 def mounts_below(path: Path) -> bool:
     """Whether anything is mounted below directory ``path`` (Linux's ``/proc/self/mountinfo``);
     True when that cannot be told. A mount shows another tree's inodes, and moves no ctime."""
-    prefix = os.fsencode(os.path.realpath(path)).rstrip(b"/") + b"/"
     try:
         with open("/proc/self/mountinfo", "rb") as mountinfo:
-            # Field 5 is the mount point, with space, tab, newline and backslash as octal escapes.
-            points = [line.split(b" ", 5)[4] for line in mountinfo]
-    except (OSError, IndexError):
+            points = mount_points(mountinfo.read())
+    except (OSError, ValueError):
         return True
-    return any(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), p).startswith(prefix) for p in points)
+    prefix = os.fsencode(os.path.realpath(path)).rstrip(b"/") + b"/"
+    return any(point.startswith(prefix) for point in points)
+
+
+def mount_points(mountinfo: bytes) -> list[bytes]:
+    """The mount points a ``/proc/<pid>/mountinfo`` lists (its fifth field, where space, tab,
+    newline and backslash are octal escapes); ValueError for a line without one."""
+    points = []
+    for line in mountinfo.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) < 5:
+            raise ValueError(f"not a mountinfo line: {line!r}")
+        points.append(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4]))
+    return points
 
 
 def _walked_facts(modes: Sequence[int], mtimes_ns: int) -> str:

@@ -418,9 +418,9 @@ class _Restore:
             inodes = _inodes(self._staging, dirs)
             # In place, the target keeps its own inode (only its entries move in).
             root = dir_id(self._target.path if self._target.in_place else self._staging)
-            tree = self._restored_tree(len(vouched))
         except OSError:
             return None
+        tree = self._restored_tree(len(vouched))
         layers: dict[tuple[str, str], LayerRecord] = {}
         parents: dict[tuple[str, str], str] = {}
         for i, listing in vouched:
@@ -452,6 +452,10 @@ class _Restore:
             or (image.size, image.files) != (stats.bytes, stats.files)
         ):
             return None
+        try:
+            names = names_digest(os.listdir(self._staging))
+        except OSError:
+            return None  # (the window still vouches for the layers)
         entries = stats.files + stats.dirs + stats.symlinks
         return RestoredTree(
             location=self._store.location,
@@ -459,7 +463,7 @@ class _Restore:
             key=image.key,
             shape=entry_shape(media_types.pop(), image.platforms),
             digest=image.digest,
-            names=names_digest(os.listdir(self._staging)),
+            names=names,
             facts=facts_digest(entries, stats.files, stats.symlinks, *self._given),
             entries=entries,
             size=stats.bytes,

@@ -20,7 +20,6 @@ from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
-from ..tasks import first_error
 from .evidence import (
     Evidence,
     LayerRecord,
@@ -56,8 +55,8 @@ async def unchanged_tree(
     Either the last save of ``path`` here (its tree record, for the same ``options``) still
     describes the tree, or the last restore into it wrote the whole entry (for the same ``key``
     and ``shape``) and nothing changed since; and ``tag`` still names that record's digest. One
-    walk and, beside it, one request (see :mod:`.evidence`). The walk lists the special files it
-    found in ``stats``."""
+    walk, then one request (see :mod:`.evidence`). The walk lists the special files it found in
+    ``stats``."""
     saved, window = evidence.tree, evidence.window
     if saved is not None and (saved.location, saved.tag, saved.options) != (store.location, tag, options):
         saved = None
@@ -71,31 +70,16 @@ async def unchanged_tree(
         window = None  # no whole tree of this entry to compare with
     if saved is None and window is None:
         return None
-    looked_up: list[str | None] = []
-    failed: list[Exception] = []
-
-    async def look_up() -> None:
-        try:
-            looked_up.append((await store.resolve(tag)).digest)
-        except CacheMiss:
-            looked_up.append(None)
-        except Exception as exc:  # (a cancellation is none: it passes)
-            failed.append(exc)  # it matters only if the tree is unchanged
-
-    same: TreeRecord | RestoredTree | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(look_up)  # the request's round trip overlaps the walk
-            same = await _same_tree(path, bound, saved, window, stats)
-            if same is None:
-                tg.cancel_scope.cancel()  # changed: the save reads the tag its own way
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
+    same = await _same_tree(path, bound, saved, window, stats)
     if same is None:
         return None
-    if failed:
-        raise failed[0]
-    return same if looked_up == [same.digest] else None
+    # Asked only now: beside the walk, the request of a tree found changed had to be stopped, and
+    # one stalled or failing in a way its stop missed held or failed a save that needed none.
+    try:
+        current = await store.resolve(tag)
+    except CacheMiss:
+        return None
+    return same if current.digest == same.digest else None
 
 
 async def _same_tree(

@@ -941,12 +941,12 @@ def test_a_tree_restored_by_a_user_without_its_owners_or_bits_is_no_copy_of_the_
 
 
 @pytest.mark.parametrize("fault", ["fail", "stall"])
-async def test_the_tag_request_beside_the_walk_cannot_fail_or_hold_a_changed_tree_s_save(
+async def test_a_changed_tree_s_save_asks_no_head_that_could_fail_or_hold_it(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path, fault: str
 ) -> None:
-    """The tag's HEAD goes out beside the walk; when the walk finds the tree changed, what became
-    of it does not matter (the save reads the tag again its own way): a registry refusing HEADs,
-    or one that never answers one, fails or holds no save that reads the tag by GET."""
+    """A save that finds the tree changed reads the tag its own way (by GET) and asks nothing
+    by HEAD: a registry refusing HEADs, or never answering one, fails or holds no such save (when
+    the HEAD went out beside the walk, they did)."""
     src = _bulk(tmp_path / "src")
     async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
         first = await save(store, "k", src, full=True)
