@@ -51,6 +51,7 @@ _OPAQUE = _WHITEOUT + _WHITEOUT + b".opq"  # .wh..wh..opq: the directory hides a
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 256
+_S_IFREG = stat.S_IFREG
 _Meta = tuple[int, int, int, int]  # mode, uid, gid, mtime (ns)
 
 
@@ -65,6 +66,15 @@ class ExtractStats:
     hardlinks: int = 0
     whiteouts: int = 0
     bytes: int = 0
+    #: Sums over the file, directory and symlink members of the modes (type and permission bits)
+    #: and the mtimes (ns) their headers give: what a walk of the tree must find again, whatever
+    #: the filesystem or the kernel made of them (``remote_cache.cache.evidence``). A member a
+    #: later layer replaced counts too: such a restore vouches for no whole tree.
+    modes: int = 0
+    mtimes_ns: int = 0
+    #: Whether every member got the mode bits and owner its header gives (not so when a user
+    #: other than root extracts root's files, or set-ID and sticky bits).
+    exact: bool = True
 
 
 def _clean(raw: bytes, member: bytes, *, allow_root: bool) -> bytes:
@@ -164,15 +174,6 @@ class Extractor:
         #: Layers (by index) something of which a later layer replaced or removed: the tree no
         #: longer holds all they wrote, whatever their listing says.
         self.rewritten: set[int] = set()
-        #: Whether every member got the mode bits and owner its header gives (not so when a user
-        #: other than root extracts root's files, or set-ID and sticky bits).
-        self.exact = True
-        #: Sums over the file, directory and symlink members of the permission bits and the
-        #: mtimes (ns) their headers give (a member a later layer replaced counts too: such a
-        #: restore vouches for no whole tree): what a walk of the tree must find again, whatever
-        #: the filesystem or the kernel made of them (``remote_cache.cache.evidence``).
-        self.modes_given = 0
-        self.mtimes_given = 0
 
     @property
     def root_given(self) -> bool:
@@ -367,10 +368,11 @@ class Extractor:
         if path in self._kinds:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
         foreign = (uid, gid) != self._new_ids
+        stats = self.stats  # (_given, inlined: the hot path)
         if mode & ~self._mode_mask or (foreign and not self._owner):
-            self.exact = False  # _given, inlined: the hot path
-        self.modes_given += mode
-        self.mtimes_given += mtime_ns
+            stats.exact = False
+        stats.modes += _S_IFREG | mode
+        stats.mtimes_ns += mtime_ns
         mode &= self._mode_mask
         chown = self._owner and foreign
         if mode & ~self._keep_bits:
@@ -486,7 +488,7 @@ class Extractor:
                     ) from None
         self._record(path, DIR)
         self._dirmeta[path] = meta
-        self._given(*meta)
+        self._given(stat.S_IFDIR | meta[0], *meta[1:])
         self.stats.dirs += 1
 
     def _symlink(self, path: bytes, base: bytes, link_b: bytes, pfd: int, meta: _Meta) -> None:
@@ -496,7 +498,7 @@ class Extractor:
                 f"symlink {display(path)!r} has an empty target, which Linux does not allow"
             )
         os.symlink(link_b, base, dir_fd=pfd)
-        self._given(0o777, uid, gid, mtime_ns)  # (a symlink's own mode bits are 0777 on Linux)
+        self._given(stat.S_IFLNK | 0o777, uid, gid, mtime_ns)  # (its own bits are 0777 on Linux)
         if self._owner and (uid, gid) != self._new_ids:
             os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
@@ -524,12 +526,13 @@ class Extractor:
         self.stats.hardlinks += 1
 
     def _given(self, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
-        """Count what a member's header gives (``modes_given``, ``mtimes_given``), and note one whose
-        mode bits or owner this extraction cannot give (``exact``)."""
-        if mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
-            self.exact = False
-        self.modes_given += mode
-        self.mtimes_given += mtime_ns
+        """Count the mode (with its type) and mtime a member's header gives, and note one whose
+        mode bits or owner this extraction cannot give (see :class:`ExtractStats`)."""
+        stats = self.stats
+        if stat.S_IMODE(mode) & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids):
+            stats.exact = False
+        stats.modes += mode
+        stats.mtimes_ns += mtime_ns
 
     # -- finishing ---------------------------------------------------------------------------
 

@@ -268,11 +268,9 @@ def names_digest(names: Iterable[str]) -> str:
     return "sha256:" + hashlib.sha256(b"remote-cache names v1\0" + text).hexdigest()
 
 
-def facts_digest(entries: int, files: int, symlinks: int, permissions: int, mtimes_ns: int) -> str:
-    """SHA-256 over the modes (file type and permission bits) and the mtimes of a tree's entries,
-    summed: what a restore gave them, or what a walk finds (whatever order either sees them in)."""
-    dirs = entries - files - symlinks
-    modes = permissions + files * stat.S_IFREG + dirs * stat.S_IFDIR + symlinks * stat.S_IFLNK
+def facts_digest(modes: int, mtimes_ns: int) -> str:
+    """SHA-256 over the sums of the modes (type and permission bits) and of the mtimes of a tree's
+    entries: what a restore gave them, or what a walk finds (whatever order either sees them in)."""
     return "sha256:" + hashlib.sha256(f"remote-cache facts v1\0{modes} {mtimes_ns}".encode()).hexdigest()
 
 
@@ -363,7 +361,7 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
     mtimes = sum(facts[2::4]) * _SECOND + sum(facts[3::4])
     return (
         (len(sizes), sum(sizes)) == (tree.files, tree.size)
-        and _walked_facts(modes, mtimes) == tree.facts
+        and facts_digest(sum(modes), mtimes) == tree.facts
         and names_digest(identity.top) == tree.names
         and _in_window(window, itertools.islice(identity.ctimes, 1, None))
     )
@@ -395,14 +393,6 @@ def mount_points(mountinfo: bytes) -> list[bytes]:
             raise ValueError(f"not a mountinfo line: {line!r}")
         points.append(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4]))
     return points
-
-
-def _walked_facts(modes: Sequence[int], mtimes_ns: int) -> str:
-    """:func:`facts_digest` of walked entries, from their modes as the walk saw them."""
-    kinds = [stat.S_IFMT(m) for m in modes]
-    files, symlinks = kinds.count(stat.S_IFREG), kinds.count(stat.S_IFLNK)
-    permissions = sum(stat.S_IMODE(m) for m in modes)
-    return facts_digest(len(modes), files, symlinks, permissions, mtimes_ns)
 
 
 def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:

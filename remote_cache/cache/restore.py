@@ -233,8 +233,6 @@ class _Restore:
         self._stats: ExtractStats | None = None
         self._file_parents: list[set[bytes]] = []
         self._rewritten: set[int] = set()
-        self._exact = False  # whether the extraction gave every member its mode bits and owner
-        self._given = (0, 0)  # the sums of the permission bits and mtimes it gave them
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
         self._window_start = 0
@@ -367,8 +365,6 @@ class _Restore:
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
                 raise _in_layer(exc, self._image, extractor.layers_begun) from exc
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
-            self._exact = extractor.exact
-            self._given = (extractor.modes_given, extractor.mtimes_given)
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
                 self._keep_root = False
             return extractor.finish()
@@ -441,8 +437,8 @@ class _Restore:
         media_types = {desc.media_type for desc in image.layers}
         if (
             self._target.in_place
-            or not (self._exact and self._keep_root)
             or stats is None
+            or not (stats.exact and self._keep_root)
             or stats.hardlinks
             or vouched != len(image.layers)
             or len(media_types) != 1
@@ -464,7 +460,7 @@ class _Restore:
             shape=entry_shape(media_types.pop(), image.platforms),
             digest=image.digest,
             names=names,
-            facts=facts_digest(entries, stats.files, stats.symlinks, *self._given),
+            facts=facts_digest(stats.modes, stats.mtimes_ns),
             entries=entries,
             size=stats.bytes,
             files=stats.files,
