@@ -88,24 +88,22 @@ async def _same_tree(
     """The record the walked tree still is exactly: ``saved`` by its fingerprint, or ``window``'s
     whole restored tree (see :mod:`.evidence`); None when neither."""
     try:
-        root, identity, mounted = await anyio.to_thread.run_sync(_walk, path, stats, window is not None)
+        identity, untouched = await anyio.to_thread.run_sync(_walk, path, stats, window)
     except OSError:
         return None  # the scan reports what is wrong with the directory
     if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
         return saved
-    if window is not None and not mounted and root is not None and untouched_since(window, identity, root):
-        return window.tree
-    return None
+    return window.tree if untouched and window is not None else None
 
 
-def _walk(
-    path: Path, stats: TreeStats | None, restored: bool
-) -> tuple[tuple[int, int] | None, TreeIdentity, bool]:
-    """The tree's identity; with ``restored``, also its directory's (taken first) and whether
-    anything is mounted below it (taken last)."""
-    root = dir_id(path) if restored else None
+def _walk(path: Path, stats: TreeStats | None, window: RestoreWindow | None) -> tuple[TreeIdentity, bool]:
+    """The tree's identity, and whether it is still what ``window``'s restore wrote whole: its
+    directory taken before the walk, what is mounted below it after."""
+    if window is None:
+        return tree_identity(path, stats), False
+    root = dir_id(path)
     identity = tree_identity(path, stats)
-    return root, identity, restored and mounts_below(path)
+    return identity, untouched_since(window, identity, root) and not mounts_below(path)
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.
