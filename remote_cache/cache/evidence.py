@@ -70,9 +70,9 @@ import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..archive.tar import DIR, FILE
 from ..oci.descriptor import Descriptor
@@ -216,9 +216,6 @@ class TreeRecord:
     layers: int
     bytes: int
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
     """The identity's digest, unless an entry changed shortly before ``bound_ns`` (from
@@ -250,9 +247,6 @@ class RestoredTree:
     files: int
     layers: int
     bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def entry_shape(media_type: str, platforms: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 
@@ -144,15 +144,13 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
     return RestoreWindow(start, end, (root[0], root[1]), out, parents, tree)
 
 
-def _parse_record(raw: Any, cls: type[_R], text: tuple[str, ...], digests: tuple[str, ...]) -> _R | None:
-    """A record of dataclass ``cls`` from JSON: exactly its fields, ``text`` ones strings (``digests``
-    among them digests), every other one a non-negative int; None when anything is off."""
-    if not isinstance(raw, dict):
+def _parse_record(raw: Any, cls: type[_R], digests: tuple[str, ...]) -> _R | None:
+    """A record of dataclass ``cls`` from JSON: exactly its fields, each a string where the class
+    says ``str`` (``digests`` digests) and a non-negative int elsewhere; None when anything is off."""
+    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(cls)}:
         return None
-    fields = cls.__dataclass_fields__
-    if set(raw) != set(fields) or not all(isinstance(raw[k], str) for k in text):
-        return None
-    if not all(_int(raw[k]) for k in fields if k not in text):
+    text = {f.name for f in fields(cls) if f.type in (str, "str")}
+    if not all(isinstance(raw[k], str) if k in text else _int(raw[k]) for k in raw):
         return None
     if not all(is_digest(raw[k]) for k in digests):
         return None
@@ -160,13 +158,11 @@ def _parse_record(raw: Any, cls: type[_R], text: tuple[str, ...], digests: tuple
 
 
 def _parse_tree(raw: Any) -> TreeRecord | None:
-    text = ("fingerprint", "location", "tag", "options", "digest")
-    return _parse_record(raw, TreeRecord, text, ("fingerprint", "digest"))
+    return _parse_record(raw, TreeRecord, ("fingerprint", "digest"))
 
 
 def _parse_restored(raw: Any) -> RestoredTree | None:
-    text = ("location", "tag", "key", "shape", "digest", "names", "facts")
-    return _parse_record(raw, RestoredTree, text, ("digest", "names", "facts"))
+    return _parse_record(raw, RestoredTree, ("digest", "names", "facts"))
 
 
 def _parse(raw: Any, target: Path) -> Evidence:
@@ -229,7 +225,7 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
         ],
     }
     if evidence.tree is not None:
-        doc["tree"] = evidence.tree.to_json()
+        doc["tree"] = asdict(evidence.tree)
     window = evidence.window
     if window is not None:
         doc["window"] = {
@@ -246,7 +242,7 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
             ][:MAX_RECORDS],
         }
         if window.tree is not None:
-            doc["window"]["tree"] = window.tree.to_json()
+            doc["window"]["tree"] = asdict(window.tree)
     return doc
 
 
