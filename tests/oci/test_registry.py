@@ -374,7 +374,7 @@ async def test_wrong_password_is_an_auth_error_without_the_secret(
     assert secret not in message
     assert server.username is not None and server.username in message
     assert "refused the credentials" in message
-    assert secret not in repr(store.transport.credentials)
+    assert secret not in repr(store.transport.auth.credentials)
 
 
 @pytest.mark.parametrize("mode", ["auth_registry", "token_registry"])

@@ -107,11 +107,6 @@ class RegistryTransport:
             host, credentials, plain_http=self.plain_http, send=self._send_token, timeouts=self.timeouts
         )
 
-    @property
-    def credentials(self) -> Credentials | None:
-        """The credentials requests are made with, if any."""
-        return self.auth.credentials
-
     def url(self, path: str) -> str:
         """Absolute URL for ``path`` (``/v2/...``), or ``path`` itself if already absolute."""
         if path.startswith(("http://", "https://")):
