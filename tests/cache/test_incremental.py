@@ -33,6 +33,7 @@ from remote_cache.cache.save import SaveResult, save
 from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
+from tests.mounts import bind, tmpfs
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
@@ -963,25 +964,27 @@ async def test_a_changed_tree_s_save_asks_no_head_that_could_fail_or_hold_it(
         assert time.monotonic() - started < 10  # (a stalled HEAD held it for the read timeout)
 
 
+#: An mtime in 1811: tmpfs keeps it, ext4 (from 1901 on) cannot.
+_1811_NS = -5_000_000_000 * 10**9
+
+
 async def test_an_mtime_the_target_filesystem_cannot_hold_is_no_copy_of_the_entry(
     store: Store, tmp_path: Path
 ) -> None:
     """ext4 keeps mtimes from 1901 on: restored there, an entry's 1811 mtime becomes 1901, and
     the tree is not what the entry holds (the whole-tree shortcut took it for the entry)."""
-    from tests.mounts import tmpfs
-
     probe = tmp_path / "probe"
     probe.touch()
-    os.utime(probe, ns=(-5_000_000_000 * 10**9, -5_000_000_000 * 10**9))
-    if probe.stat().st_mtime_ns == -5_000_000_000 * 10**9:
+    os.utime(probe, ns=(_1811_NS, _1811_NS))
+    if probe.stat().st_mtime_ns == _1811_NS:
         pytest.skip("this test's directory keeps an 1811 mtime: no filesystem here clamps it")
     with tmpfs(tmp_path / "mnt") as mnt:  # tmpfs keeps it
         src = _bulk(mnt / "src")
-        os.utime(src / "pkg3" / "f4.bin", ns=(-5_000_000_000 * 10**9, -5_000_000_000 * 10**9))
+        os.utime(src / "pkg3" / "f4.bin", ns=(_1811_NS, _1811_NS))
         first = await save(store, "k", src, full=True)
         work = tmp_path / "work"
         await restore(store, "k", work)
-        assert (work / "pkg3" / "f4.bin").stat().st_mtime_ns != -5_000_000_000 * 10**9
+        assert (work / "pkg3" / "f4.bin").stat().st_mtime_ns != _1811_NS
         again = await save(store, "k", work)
         assert not again.unchanged and again.digest != first.digest
 
@@ -1054,8 +1057,6 @@ async def test_what_a_restore_records_no_whole_tree_for(
             variant(m, src)
         await save(store, "k", src, full=True)
     if variant == "in place":
-        from tests.mounts import tmpfs
-
         with tmpfs(tmp_path / "mnt") as work:
             await restore(store, "k", work)
             window = state.load(work).window
@@ -1073,19 +1074,12 @@ async def test_a_directory_mounted_inside_a_restored_tree_is_saved(store: Store,
     first = await save(store, "k", src, full=True)
     work = tmp_path / "work"
     await restore(store, "k", work)
-    done = subprocess.run(
-        ["mount", "--bind", str(work / "pkg1"), str(work / "pkg2")], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        unavailable(f"cannot bind-mount here: {done.stderr.strip()}", fix="run the tests as root")
-    try:
+    with bind(work / "pkg1", work / "pkg2"):
         again = await save(store, "k", work)
         assert not again.unchanged and again.digest != first.digest
         out = tmp_path / "out"
         await restore(store, "k", out)
         assert_same_tree(work, out)
-    finally:
-        subprocess.run(["umount", "-l", str(work / "pkg2")], check=False)
 
 
 async def test_a_head_answer_with_an_unreadable_length_is_read_again_by_get(
