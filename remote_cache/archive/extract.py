@@ -394,8 +394,8 @@ class Extractor:
         self._kinds[path] = (FILE, self._layer)  # _record, inlined: the hot path
         if self._tree is not None:
             self._tree.setdefault(parent, set()).add(path)
-        self.stats.files += 1
-        self.stats.bytes += size
+        stats.files += 1
+        stats.bytes += size
 
     def _whiteout(self, r: LayerReader, name_b: bytes, parent: bytes, base: bytes, size: int) -> None:
         self.stats.whiteouts += 1
