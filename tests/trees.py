@@ -9,7 +9,8 @@ content, symlink targets, hard-link groups and empty directories. ``holes_work(d
 whether files there can be sparse; ``allocated(path)`` is the bytes a file takes on disk;
 ``staging_dir(target)`` makes a private directory to extract into next to ``target``;
 ``socket_file(path)`` leaves a UNIX socket there (a special file a save leaves out);
-``one_file_tree(root, text)`` is the smallest tree, one file.
+``one_file_tree(root, text)`` is the smallest tree, one file; ``settle_ctimes()`` waits until
+what was written so far is before a save's bound.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import random
 import secrets
 import socket
 import stat
+import time
 import unicodedata
 import zlib
 from pathlib import Path
+
+from remote_cache.cache.evidence import clock_ns
 
 __all__ = [
     "allocated",
@@ -30,6 +34,7 @@ __all__ = [
     "holes_work",
     "make_tree",
     "one_file_tree",
+    "settle_ctimes",
     "small_tree",
     "snapshot",
     "socket_file",
@@ -236,3 +241,13 @@ def socket_file(path: Path) -> Path:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
     return path
+
+
+def settle_ctimes() -> int:
+    """Wait (a clock tick or so) until the clock a save takes its bound from
+    (:func:`~remote_cache.cache.evidence.clock_ns`) is past now, and return it: files written so
+    far have ctimes before it, files changed later ctimes at or after it."""
+    after, deadline = time.time_ns(), time.monotonic() + 1.0
+    while (now := clock_ns()) <= after and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return now

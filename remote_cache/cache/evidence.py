@@ -10,9 +10,10 @@ evidence recorded on this machine, of one of two kinds:
   to one recorded right after a save that stored exactly those bytes (save -> save);
 * a *restore window* (restore -> save): the restore recorded, for its target, the image
   layers carrying a portable listing and the interval ``[start, end)`` during which it
-  extracted them. ``start`` comes from :func:`clock_ns` before extraction, ``end`` from
-  :func:`settle` once every file was written, before the staging directory is swapped into
-  place. A planned layer whose portable listing equals a recorded layer's, whose regular
+  extracted them, both read from the target filesystem's own clock (:func:`fs_clock_ns`, the
+  ctime it gives a probe file in the restore's work directory): ``start`` before extraction,
+  ``end`` from :func:`fs_settle` once every file was written, before the staging directory is
+  swapped into place. A planned layer whose portable listing equals a recorded layer's, whose regular
   files all have ``start <= ctime < end`` and whose files' directories are the inodes the
   restore wrote them into is that layer, because: the staging directory is 0700 and private
   during the window, so only the extraction wrote files there; a file modified after the swap
@@ -49,12 +50,17 @@ entry holds records it (a user other than root restoring root's files does not),
 counts of entries and regular files, their bytes, and the sums of the modes and mtimes must agree
 with what the restore gave (a filesystem may keep another mtime, the kernel clear a set-ID bit).
 
-Limit, for this and the restore window: the window's bounds come from this machine's clock. A
-filesystem that stamps ctimes from another clock running behind it (a network filesystem's
-server), or this clock stepped back after a restore, can give a change made within that
-difference a ctime inside the window; the counts, bytes, modes and mtimes (and, per layer, the
-listings) catch most such changes, not a same-size edit with its mtime put back. ``--full``
-reads every file.
+The restore window's bounds are ctimes the target filesystem gave, never this machine's clock: a
+filesystem that stamps ctimes from another clock (a network filesystem's server) gets a window in
+its own time, so a change made after the restore lies outside it however far the clocks differ.
+A filesystem clock stepped back after a restore stays a limit: a change could then get a ctime
+inside the window; the counts, bytes, modes and mtimes (and, per layer, the listings) catch most
+such changes, not a same-size edit with its mtime put back. ``--full`` reads every file. A save's
+own bound (:func:`clock_ns`, for the local listings and the tree fingerprint) is this machine's
+clock: the save writes nothing on the tree's filesystem to read it from. With a filesystem clock
+behind it, a file changed twice within one of that filesystem's timestamp ticks around a save's
+walk could keep its ctime (where reading a ctime makes the next one finer, as on Linux 6.13 and
+later for local filesystems, it cannot).
 
 The evidence of a directory is kept on disk by :mod:`.state`.
 """
@@ -95,6 +101,8 @@ __all__ = [
     "dir_id",
     "entry_shape",
     "facts_digest",
+    "fs_clock_ns",
+    "fs_settle",
     "local_layers",
     "mount_points",
     "mounts_below",
@@ -102,7 +110,6 @@ __all__ = [
     "parents_digest",
     "portable_listing",
     "records_for",
-    "settle",
     "tree_fingerprint",
     "untouched_since",
     "window_hits",
@@ -125,18 +132,34 @@ def clock_ns() -> int:
     return time.time_ns() - _MARGIN_NS
 
 
-def settle(after_ns: int) -> int:
-    """Wait (a tick or so) until :func:`clock_ns` is past ``after_ns``; return that bound.
+def fs_clock_ns(probe: Path) -> int:
+    """The clock ``probe``'s filesystem stamps ctimes with: the ctime it gives ``probe`` (made if
+    missing, in a directory of ours) as it is touched now. A file changed from then on gets a
+    ctime at or after it, whatever this machine's clock says."""
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.utime(fd)
+        return os.fstat(fd).st_ctime_ns
+    finally:
+        os.close(fd)
 
-    Files written up to ``after_ns`` then have ctimes strictly before the bound, and any later
-    write gets a ctime at or after it, so the two can never be confused.
-    """
+
+def fs_settle(probe: Path) -> int:
+    """A bound between the ctimes ``probe``'s filesystem gave so far and those it gives later:
+    the probe's ctime, touched again until it moves on (a clock tick; at once where reading a
+    ctime makes the next one finer). Files written before have ctimes at or below the first
+    reading, so when it does not move (a whole-second ctime, or no tick within a second) the first
+    reading is the bound: a file stamped with it is not trusted, a later change is not either."""
+    first = fs_clock_ns(probe)
+    if first % _SECOND == 0:
+        return first
     deadline = time.monotonic() + 1.0
-    while True:
-        now = clock_ns()
-        if now > after_ns or time.monotonic() > deadline:
+    while time.monotonic() < deadline:
+        now = fs_clock_ns(probe)
+        if now > first:
             return now
-        time.sleep(0.002)
+        time.sleep(0.001)
+    return first
 
 
 @dataclass(frozen=True)
@@ -180,7 +203,7 @@ def portable_listing(plan: LayerPlan) -> str:
 def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = None) -> list[LocalLayer]:
     """Compute each layer's :class:`LocalLayer` from the inode and ctime the scan saw.
 
-    ``bound_ns`` must come from :func:`clock_ns` (or :func:`settle`) taken *before* the scan.
+    ``bound_ns`` must come from :func:`clock_ns` taken *before* the scan.
     ``mtime_bound`` (whole seconds) additionally requires every entry's mtime before it. A
     whole-second ctime is compared with the bound rounded down to its second: a filesystem that
     keeps no finer ones (maybe one mounted inside the tree) gives a file changed again within
@@ -272,10 +295,10 @@ def facts_digest(modes: int, mtimes_ns: int) -> str:
 class RestoreWindow:
     """What a restore recorded for its target: the image layers it extracted, and when."""
 
-    #: :func:`clock_ns` before extraction began: every extracted file's ctime is at or after it.
+    #: :func:`fs_clock_ns` before extraction began: every extracted file's ctime is at or after it.
     start_ns: int
-    #: :func:`settle` after the last file was written, before the swap: every extracted file's
-    #: ctime is before it, every later change's at or after it.
+    #: :func:`fs_settle` after the last file was written, before the swap: every extracted file
+    #: trusted has a ctime before it, every later change one at or after it.
     end_ns: int
     #: (st_dev, st_ino) of the restored directory (the staging directory swapped into place).
     root: tuple[int, int]

@@ -54,13 +54,13 @@ from .evidence import (
     LayerRecord,
     RestoredTree,
     RestoreWindow,
-    clock_ns,
     dir_id,
     entry_shape,
     facts_digest,
+    fs_clock_ns,
+    fs_settle,
     names_digest,
     parents_digest,
-    settle,
 )
 from .image import ANNOTATION_LISTING, ANNOTATION_TOOL, CacheImage, read_diff_ids
 from .progress import Progress
@@ -235,7 +235,8 @@ class _Restore:
         self._rewritten: set[int] = set()
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
-        self._window_start = 0
+        #: The target filesystem's time before extraction (:func:`fs_clock_ns`); None unread.
+        self._window_start: int | None = None
         self._progress_lock = threading.Lock()
 
     async def fetch_and_extract(self) -> ExtractStats:
@@ -254,7 +255,8 @@ class _Restore:
         try:
             self._open_spool(self._work.path / "spool")
             # Every file the extraction writes gets a ctime at or after this.
-            self._window_start = clock_ns()
+            with contextlib.suppress(OSError):  # (then no window: saves read the tree)
+                self._window_start = fs_clock_ns(self._clock_probe)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._fetch_diff_ids)
@@ -280,6 +282,13 @@ class _Restore:
             self._feeds.append(GrowingFile(part))
 
     @property
+    def _clock_probe(self) -> Path:
+        """The file whose ctime tells the target filesystem's time (in the work directory, on the
+        target's filesystem)."""
+        assert self._work is not None
+        return self._work.path / "clock"
+
+    @property
     def _staging(self) -> Path:
         """The directory the layers are extracted into, in the work directory."""
         assert self._work is not None
@@ -293,7 +302,12 @@ class _Restore:
 
     async def window(self) -> RestoreWindow | None:
         """The restore window to record, taken before the swap (see :mod:`.evidence`), if any."""
-        if not self._record or not self._diff_ids or (self._stats is not None and self._stats.whiteouts):
+        if (
+            not self._record
+            or not self._diff_ids
+            or self._window_start is None
+            or (self._stats is not None and self._stats.whiteouts)
+        ):
             return None
         # While the staging directory is still private: every extracted file's ctime is then
         # before the window's end, every later change's at or after it.
@@ -400,7 +414,6 @@ class _Restore:
         image, diff_ids = self._image, self._diff_ids
         if len(diff_ids) != len(image.layers) or len(self._file_parents) != len(image.layers):
             return None
-        written = time.time_ns()  # every file is written: settle past this (the stats write nothing)
         # A layer a later one rewrote (a foreign tool's appended layer) no longer is in the tree.
         vouched = [
             (i, listing)
@@ -425,7 +438,12 @@ class _Restore:
             if key not in layers:
                 layers[key] = LayerRecord(desc.media_type, desc.digest, desc.size, diff_ids[i])
                 parents[key] = parents_digest({d: inodes[d] for d in self._file_parents[i] if d})
-        return RestoreWindow(self._window_start, settle(written), root, layers, parents, tree)
+        assert self._window_start is not None
+        try:
+            end = fs_settle(self._clock_probe)  # every file is written (the stats wrote nothing)
+        except OSError:
+            return None
+        return RestoreWindow(self._window_start, end, root, layers, parents, tree)
 
     def _restored_tree(self, vouched: int) -> RestoredTree | None:
         """The whole entry, for a save that finds the tree untouched (see :mod:`.evidence`): only

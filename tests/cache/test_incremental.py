@@ -33,11 +33,12 @@ from remote_cache.cache.save import SaveResult, save
 from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
+from tests.cli.output import CLI, empty_user_dirs, is_user_setting
 from tests.mounts import bind, tmpfs
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
-from tests.trees import assert_same_tree, socket_file
+from tests.trees import assert_same_tree, settle_ctimes, socket_file
 from tests.users import as_nobody_in, give_to_nobody
 
 pytestmark = pytest.mark.usefixtures("small_layers")
@@ -94,7 +95,7 @@ def _bulk(root: Path, count: int = 8) -> Path:
 
 def _settle() -> None:
     """Let the ctime clock move past what was just written (a save records only settled files)."""
-    state_mod.settle(time.time_ns())
+    settle_ctimes()
 
 
 def _fake_npm_edit(path: Path, content: bytes) -> None:
@@ -1100,3 +1101,68 @@ async def test_a_head_answer_with_an_unreadable_length_is_read_again_by_get(
         again = await save(store, "k", work)  # (ValueError from int() before)
         assert again.unchanged and again.digest == first.digest
         assert proxy.count("GET", "/manifests/k") == 1
+
+
+# -------------------------------------------------------------------------------------------
+# The restore window is the target filesystem's time, not the restoring process's clock (a
+# network filesystem's server stamps ctimes from its own). faketime shifts the process's clock
+# only: the kernel still stamps ctimes from its own.
+
+
+def _restore_with_clock(offset: str, ref: str, target: Path, *options: str) -> None:
+    """Restore ``ref`` into ``target`` with the console script, its clock ``offset`` (faketime's
+    ``+2s``/``-30s``) off the one the filesystem stamps ctimes with; the state goes where this
+    test's own saves look (``REMOTE_CACHE_STATE_DIR``)."""
+    if shutil.which("faketime") is None:
+        unavailable("faketime is not installed")
+    env = {k: v for k, v in os.environ.items() if not is_user_setting(k)}
+    env.update(empty_user_dirs(target.parent), REMOTE_CACHE_STATE_DIR=os.environ["REMOTE_CACHE_STATE_DIR"])
+    proc = subprocess.run(
+        ["faketime", "-f", offset, str(CLI), "restore", "-q", *options, ref, str(target)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("offset", ["+30s", "-30s"])
+async def test_a_restore_whose_clock_is_off_the_filesystems_still_vouches_for_the_tree(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: str
+) -> None:
+    """Windows read from the process's clock lay 30 s off the ctimes the restore gave: no
+    file was ever inside one, and every save after a restore read the whole tree."""
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    work = tmp_path / "work"
+    await anyio.to_thread.run_sync(_restore_with_clock, offset, f"oci:{tmp_path / 'layout'}:k", work)
+    with monkeypatch.context() as m:
+        _refuse_scanning(m)
+        again = await save(store, "k", work)
+    assert again.unchanged and again.digest == first.digest
+
+
+async def test_an_edit_right_after_a_restore_whose_clock_runs_ahead_is_saved(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: Any, tmp_path: Path
+) -> None:
+    """A restore whose clock runs 2 s ahead of the filesystem's, and whose last layer arrives
+    late (its first answer stalls for 3 s, then is resumed): a window read from that clock ended
+    2 s after the restore did, so the last layer's files lay inside it and so did an npm-style
+    edit (same size, mtime put back) made at once after the restore -- the save reused the stale
+    layer unread."""
+    src = _bulk(tmp_path / "src")
+    async with proxied(registry, repo_name, fault_proxy_factory) as (store, proxy):
+        first = await save(store, "k", src, full=True)
+        last = (await load_image(store, "k")).layers[-1]
+        proxy.add(Fault("stall", after_bytes=0, method="GET", path_contains=last.digest))
+        work = tmp_path / "work"
+        ref = f"{proxy.host}/{repo_name}:k"
+        await anyio.to_thread.run_sync(_restore_with_clock, "+2s", ref, work, "--timeout", "3")
+        _fake_npm_edit(work / "pkg7" / "f9.bin", b"E" * 8000)  # the last layer's last file
+        second = await save(store, "k", work)
+        assert not second.unchanged and second.digest != first.digest
+        out = tmp_path / "out"
+        await restore(store, "k", out)
+        assert_same_tree(work, out)

@@ -20,6 +20,7 @@ from remote_cache.cache import evidence, state
 from remote_cache.cache.evidence import LayerRecord, local_layers
 from remote_cache.cache.state import state_path
 from remote_cache.oci import OCI_LAYER_ZSTD
+from tests.trees import settle_ctimes
 
 _DIGEST = "sha256:" + "ab" * 32
 _LOCAL = "sha256:" + "cd" * 32
@@ -102,7 +103,7 @@ def _tree(root: Path) -> Path:
 
 def test_local_listing_follows_ctime_not_mtime(tmp_path: Path) -> None:
     root = _tree(tmp_path / "t")
-    evidence.settle(time.time_ns())
+    settle_ctimes()
     bound = evidence.clock_ns()
     before = local_layers(scan_tree(root), bound)
     assert len(before) == 1 and before[0].settled and before[0].local is not None
@@ -121,19 +122,19 @@ def test_files_changed_since_the_bound_are_not_settled(tmp_path: Path) -> None:
     root = _tree(tmp_path / "t")
     layer = local_layers(scan_tree(root), bound)[0]
     assert layer.local is not None and not layer.settled
-    assert not local_layers(scan_tree(root), evidence.settle(time.time_ns()), mtime_bound=0)[0].settled
+    assert not local_layers(scan_tree(root), settle_ctimes(), mtime_bound=0)[0].settled
 
 
 def test_a_file_changed_after_the_scan_never_matches_what_was_recorded(tmp_path: Path) -> None:
     # A save records the listing its scan saw; a file written after that scan (say while the
     # layer was being packed) has a newer ctime, so no later scan can match the record.
     root = _tree(tmp_path / "t")
-    recorded = local_layers(scan_tree(root), evidence.settle(time.time_ns()))[0]
+    recorded = local_layers(scan_tree(root), settle_ctimes())[0]
     f = root / "b"
     st = f.stat()
     f.write_bytes(b"y" * st.st_size)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = local_layers(scan_tree(root), evidence.settle(time.time_ns()))[0]
+    again = local_layers(scan_tree(root), settle_ctimes())[0]
     assert again.listing == recorded.listing
     assert again.local != recorded.local
 
@@ -399,10 +400,22 @@ def test_a_format_2_save_record_is_not_trusted_under_format_3_s_settle_rule(tmp_
     assert state.load(tmp_path).records == {}
 
 
+def test_the_filesystem_s_clock_settles_between_earlier_and_later_ctimes(tmp_path: Path) -> None:
+    """The restore window's bounds: a ctime read from a probe file, then one it moves on to."""
+    probe = tmp_path / "clock"
+    start = evidence.fs_clock_ns(probe)
+    (tmp_path / "early").write_bytes(b"e")
+    bound = evidence.fs_settle(probe)
+    (tmp_path / "late").write_bytes(b"l")
+    early, late = ((tmp_path / name).stat().st_ctime_ns for name in ("early", "late"))
+    assert start <= early < bound <= late
+
+
 def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -> None:
-    start = evidence.clock_ns()
+    probe = tmp_path / "clock"
+    start = evidence.fs_clock_ns(probe)
     root = _tree(tmp_path / "t")
-    end = evidence.settle(time.time_ns())
+    end = evidence.fs_settle(probe)
     scan = scan_tree(root)
     layers = local_layers(scan, end)
     rec = _record(3)
