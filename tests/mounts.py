@@ -1,4 +1,5 @@
-"""Real mounts for tests: a tmpfs (a small or separate filesystem: full disks, mount points), a bind mount."""
+"""Real mounts for tests: a tmpfs (a small or separate filesystem: full disks, mount points), a bind
+mount, an overlayfs (a container's root filesystem)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from tests.skips import unavailable
 
-__all__ = ["bind", "tmpfs"]
+__all__ = ["bind", "overlay", "tmpfs"]
 
 
 @contextlib.contextmanager
@@ -27,6 +28,20 @@ def tmpfs(point: Path, *options: str) -> Iterator[Path]:
 def bind(source: Path, point: Path) -> Iterator[Path]:
     """``source`` bind-mounted on ``point`` (an existing directory) until the end of the block."""
     with _mounted(["--bind", str(source)], point, "a bind mount"):
+        yield point
+
+
+@contextlib.contextmanager
+def overlay(lower: Path, point: Path) -> Iterator[Path]:
+    """An overlayfs on ``point`` (made here) over the read-only ``lower`` directory, as a
+    container sees its image, with the upper and work directories beside ``point``; mounted
+    with the kernel's defaults (no ``redirect_dir`` unless the kernel was built with it, as
+    Docker's overlay2 mounts it: a directory from ``lower`` then cannot be renamed, EXDEV)."""
+    upper, work = point.with_name(point.name + ".upper"), point.with_name(point.name + ".work")
+    for directory in (point, upper, work):
+        directory.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    with _mounted(["-t", "overlay", "-o", options, "overlay"], point, "an overlayfs"):
         yield point
 
 

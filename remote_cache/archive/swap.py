@@ -5,14 +5,15 @@ it in only when everything was extracted and verified. Next to an ordinary targe
 ``renameat2(RENAME_EXCHANGE)`` exchanges the two atomically where Linux offers it
 (:func:`replace_dir`). A target that cannot be renamed — a mount point, the current directory, a
 directory whose parent is not writable — keeps its inode: its entries are swapped instead
-(:func:`swap_entries`), under a journal written once the staging is complete, so that a run
-killed half-way is finished by the next (:func:`finish_swap`): the target ends as the old tree
-or the new one, never a mix.
+(:func:`swap_entries`; also one overlayfs cannot rename, see :mod:`.target`), under a journal
+written once the staging is complete, so that a run killed half-way is finished by the next
+(:func:`finish_swap`): the target ends as the old tree or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -136,18 +137,23 @@ def remove_tree_at(pfd: int | None, name: str) -> None:
     shutil.rmtree(name, dir_fd=pfd)
 
 
-def swap_entries(staging: Path, target: Path, work: Path, *, keep: Callable[[str], bool]) -> None:
+def swap_entries(
+    staging: Path, target: Path, work: Path, *, keep: Callable[[str], bool], remove_old: bool = False
+) -> None:
     """Replace ``target``'s entries by ``staging``'s, keeping ``target`` itself (its inode).
 
     ``work`` (on the target's filesystem) receives the journal and, in ``old/``, the entries moved
-    out; entries of ``target`` for which ``keep(name)`` is true (work directories) stay. ``target``
-    itself keeps its mode, owner and times (they were copied from ``staging``: an in-place target
-    not ours to chmod failed the restore after the swap). See :func:`finish_swap`.
+    out -- or with ``remove_old`` none: they are removed where they are (on overlayfs a directory
+    from a lower layer cannot be renamed, and renaming a file copies its data up first); entries
+    of ``target`` for which ``keep(name)`` is true (work directories) stay. ``target`` itself
+    keeps its mode, owner and times (they were copied from ``staging``: an in-place target not
+    ours to chmod failed the restore after the swap). See :func:`finish_swap`.
     """
     journal = {
         "staging": os.path.relpath(staging, work),
         "old": sorted(n for n in os.listdir(target) if not keep(n)),
         "new": sorted(os.listdir(staging)),
+        "remove_old": remove_old,
     }
     (work / "old").mkdir(exist_ok=True)
     pending = work / f"{JOURNAL}.new"
@@ -168,12 +174,21 @@ def finish_swap(work: Path, target: Path) -> None:
     journal = json.loads((work / JOURNAL).read_text())
     staging, old = work / journal["staging"], work / "old"
     new_names = set(journal["new"])
+    remove = journal.get("remove_old") is True  # (journals of earlier versions: False)
     for name in journal["old"]:
         if not os.path.lexists(target / name) or os.path.lexists(old / name):
             continue
         if name in new_names and not os.path.lexists(staging / name):
             continue  # moved in already: this is the new one
-        os.rename(target / name, old / name)
+        if not remove:
+            try:
+                os.rename(target / name, old / name)
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # overlayfs without redirect_dir: a directory from a lower layer cannot move
+        discard_dir(target / name)  # a kill half-way leaves part of it: removed on the next run
     for name in journal["new"]:
         if os.path.lexists(staging / name):
             os.rename(staging / name, target / name)

@@ -4,7 +4,9 @@ A target that is a symlink to a directory is restored into what it points to (``
 /cache``). An existing directory that cannot be renamed — a mount point (a Docker ``-v`` volume,
 a tmpfs), the current directory, or one whose parent is not writable — is restored *in place*:
 staged inside itself and its entries swapped (:func:`~.swap.swap_entries`). Any other target is
-staged next to itself and exchanged atomically. What cannot work is refused with the reason: a
+staged next to itself and exchanged atomically -- or, where renaming it fails with EXDEV (a
+directory from a lower layer of an overlayfs: a cache baked into a container's image), its
+entries are swapped as in place. What cannot work is refused with the reason: a
 file, a directory we cannot write, a non-empty current directory unless asked (``force``).
 Leftovers of runs that died are cleaned first (:mod:`.workdirs`), finishing a journaled swap.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from ..errors import UnsuitableTarget
 from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, sibling_stem, swap_entries
-from .workdirs import IN_PLACE_PREFIX, is_in_place_work, sweep_dead
+from .workdirs import IN_PLACE_PREFIX, WorkDir, is_in_place_work, sweep_dead
 
 __all__ = [
     "IN_PLACE_PREFIX",
@@ -212,13 +214,34 @@ def swap_in(
         else:
             # Read under the lock, just before the exchange: what the directory is now.
             kept = _stat_or_none(target.path) if keep_root else None
-            replace_dir(staging, target.path)
-            if kept is not None:
-                if os.geteuid() == 0:
-                    os.chown(target.path, kept.st_uid, kept.st_gid)
-                os.chmod(target.path, stat.S_IMODE(kept.st_mode))
+            try:
+                replace_dir(staging, target.path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _swap_into_unmovable(staging, target)  # (the directory stays as it is)
+            else:
+                if kept is not None:
+                    if os.geteuid() == 0:
+                        os.chown(target.path, kept.st_uid, kept.st_gid)
+                    os.chmod(target.path, stat.S_IMODE(kept.st_mode))
         if then is not None:
             then()
+
+
+def _swap_into_unmovable(staging: Path, target: RestoreTarget) -> None:
+    """Swap ``staging``'s entries into a target directory that cannot be renamed though its
+    parent is writable: on overlayfs without ``redirect_dir`` (Docker's overlay2), a directory
+    from a lower layer -- a cache baked into a container's image -- gives EXDEV. Staging moves
+    into an in-place work directory first, where the journal goes, so that a kill half-way is
+    finished by the next restore or save as any in-place swap is; the old entries are removed,
+    not moved (a lower directory cannot be moved either)."""
+    work = WorkDir(target.path, IN_PLACE_PREFIX)
+    try:
+        os.rename(staging, work.path / "new")
+        swap_entries(work.path / "new", target.path, work.path, keep=is_in_place_work, remove_old=True)
+    finally:
+        work.close()
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:

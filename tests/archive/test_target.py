@@ -24,7 +24,7 @@ from remote_cache.cache.save import save
 from remote_cache.errors import CacheMiss, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
 from tests.cli.output import Run
-from tests.mounts import tmpfs
+from tests.mounts import overlay, tmpfs
 from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, snapshot
 from tests.users import as_nobody_in
@@ -55,6 +55,34 @@ async def test_restore_into_a_mount_point_keeps_the_mount(tmp_path: Path, mount_
     await restore(store, "k", mount_point)
     assert os.path.ismount(mount_point)
     assert_same_tree(src, mount_point)
+
+
+@pytest.mark.parametrize("where", ["beside", "cwd"])
+async def test_a_directory_from_a_containers_image_is_restored_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A cache directory baked into a container's image (``pip install`` in a Dockerfile leaves
+    ``~/.cache/pip``): on overlayfs without ``redirect_dir`` (Docker's overlay2) a directory from
+    the lower layer cannot be renamed. Restoring over it failed after the whole download with
+    ``[Errno 18] Invalid cross-device link`` and an internal path; restoring into it as the
+    current directory (in place) failed the same way during the swap, at the first lower
+    directory (what sorted before it already moved out). Now its entries are swapped, the old
+    ones removed where they are."""
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    lower = _tree(tmp_path / "image" / "cache", "old").parent
+    (lower / "cache" / "d9" / "deep").mkdir(parents=True)  # a lower directory the entry lacks
+    with overlay(lower, tmp_path / "root") as root:
+        target = root / "cache"
+        if where == "cwd":
+            monkeypatch.chdir(target)
+        for _ in range(2):  # the second time over the restored directory, the container's own
+            await restore(store, "k", Path(".") if where == "cwd" else target, force=True)
+            assert_same_tree(src, target)
+            assert sorted(os.listdir(root)) == ["cache"]  # no work directory left beside it
+            again = await save(store, "k", target)
+            assert again.unchanged
 
 
 async def test_restore_through_a_symlink_fills_what_it_points_to(tmp_path: Path) -> None:
@@ -135,56 +163,73 @@ _SWAP_THEN_DIE = textwrap.dedent(
     from remote_cache.archive.workdirs import WorkDir, is_in_place_work
 
     target, staged, after = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    remove_old = sys.argv[4] == "remove"
     work = WorkDir(target, IN_PLACE_PREFIX)
     staging = work.path / "new"
     os.rename(staged, staging)
-    renames = 0
-    real_rename = os.rename
+    steps = 0
+    real_rename, real_discard = os.rename, swap.discard_dir
 
     def rename(a, b):
-        global renames
-        if renames == after:
+        global steps
+        if steps == after:
             os.kill(os.getpid(), signal.SIGKILL)
-        renames += 1
+        steps += 1
         real_rename(a, b)
 
-    os.rename = rename
-    swap.swap_entries(staging, target, work.path, keep=is_in_place_work)
+    def discard(path):
+        global steps
+        if steps == after:  # half-way through removing a directory: one file gone
+            if path.is_dir():
+                next(f for f in path.rglob("*") if f.is_file()).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        steps += 1
+        real_discard(path)
+
+    os.rename, swap.discard_dir = rename, discard
+    swap.swap_entries(staging, target, work.path, keep=is_in_place_work, remove_old=remove_old)
     """
 )
 
 
-def _killed_swap(tmp_path: Path, after: int) -> tuple[Path, dict[str, tuple[object, ...]]]:
-    """A target whose in-place swap was SIGKILLed after ``after`` renames, and what it must end
+def _killed_swap(tmp_path: Path, after: int, how: str = "move") -> tuple[Path, dict[str, tuple[object, ...]]]:
+    """A target whose in-place swap was SIGKILLed after ``after`` steps (renames; with ``how``
+    "remove", the old entries' removals too, the last one cut half-way), and what it must end
     as: the new tree once the journal is in place (the first rename), else the old one."""
     new = _tree(tmp_path / "new", "new")
     target = _tree(tmp_path / "target", "old")
     expected = snapshot(new) if after > 0 else snapshot(target)
     staged = tmp_path / "staged"
     subprocess.run(["cp", "-a", str(new), str(staged)], check=True)
-    proc = subprocess.run([sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after)])
+    script = [sys.executable, "-c", _SWAP_THEN_DIE, str(target), str(staged), str(after), how]
+    proc = subprocess.run(script)
     assert proc.returncode == -9, "the swap was killed"
     return target, expected
 
 
+@pytest.mark.parametrize("how", ["move", "remove"])
 @pytest.mark.parametrize("after", [0, 1, 3, 5, 7, 9, 12])
-def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, after: int) -> None:
-    """SIGKILL after ``after`` renames of an in-place swap. The first rename puts the journal in
+def test_a_swap_killed_half_way_is_finished_by_the_next_run(tmp_path: Path, after: int, how: str) -> None:
+    """SIGKILL after ``after`` steps of an in-place swap. The first rename puts the journal in
     place: killed before it, the next run rolls back (the old tree); after it, the target is a mix
-    until the next run finishes the swap (the new tree). Never a mix after the next run."""
-    target, expected = _killed_swap(tmp_path, after)
+    until the next run finishes the swap (the new tree). Never a mix after the next run. (How the
+    old entries go: moved aside, or removed where they are, as for an overlayfs lower directory.)"""
+    target, expected = _killed_swap(tmp_path, after, how)
     assert [p.name for p in target.iterdir() if is_in_place_work(p.name)], "its work is left"
     clean_leftovers(plan_target(target))
     assert snapshot(target) == expected
     assert not [p for p in target.iterdir() if is_in_place_work(p.name)]
 
 
+@pytest.mark.parametrize("how", ["move", "remove"])
 @pytest.mark.parametrize("after", [0, 3, 9])
-async def test_a_save_after_a_swap_killed_half_way_stores_one_tree(tmp_path: Path, after: int) -> None:
+async def test_a_save_after_a_swap_killed_half_way_stores_one_tree(
+    tmp_path: Path, after: int, how: str
+) -> None:
     """The same kill, then a save of the target instead of a restore: it finishes the dead swap
     first, as a restore would, and stores the new tree (the old one when killed before the
     journal). It used to store the mix as it stood, and report it saved."""
-    target, expected = _killed_swap(tmp_path, after)
+    target, expected = _killed_swap(tmp_path, after, how)
     store = LayoutStore(tmp_path / "layout")
     await save(store, "k", target)
     await restore(store, "k", tmp_path / "out")
