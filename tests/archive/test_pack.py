@@ -7,7 +7,6 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,7 @@ from remote_cache.archive.swap import replace_dir
 from remote_cache.archive.tar import DIR, HARDLINK
 from remote_cache.archive.target import RestoreTarget, swap_in
 from remote_cache.archive.walk import Special, tree_identity
-from remote_cache.cache.evidence import settle
-from tests.trees import assert_same_tree, make_tree, snapshot, socket_file, staging_dir
+from tests.trees import assert_same_tree, make_tree, settle_ctimes, snapshot, socket_file, staging_dir
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +224,7 @@ def test_quick_identity_equals_the_scans_and_tracks_every_change(nasty: Path, tm
     ]
     seen = {before}
     for change in changes:
-        settle(time.time_ns())  # so the ctime of what changes really moves
+        settle_ctimes()  # so the ctime of what changes really moves
         change()
         digest = tree_identity(tree).digest
         assert digest not in seen
