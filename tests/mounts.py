@@ -1,5 +1,5 @@
 """Real mounts for tests: a tmpfs (a small or separate filesystem: full disks, mount points), a bind
-mount, an overlayfs (a container's root filesystem)."""
+mount, an overlayfs (a container's root filesystem), an ext4 keeping whole-second times."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.skips import unavailable
 
-__all__ = ["bind", "overlay", "tmpfs"]
+__all__ = ["bind", "overlay", "tmpfs", "whole_seconds"]
 
 
 @contextlib.contextmanager
@@ -42,6 +42,21 @@ def overlay(lower: Path, point: Path) -> Iterator[Path]:
         directory.mkdir()
     options = f"lowerdir={lower},upperdir={upper},workdir={work}"
     with _mounted(["-t", "overlay", "-o", options, "overlay"], point, "an overlayfs"):
+        yield point
+
+
+@contextlib.contextmanager
+def whole_seconds(point: Path) -> Iterator[Path]:
+    """An ext4 with 128-byte inodes (no room for nanoseconds: whole-second ctimes and mtimes), 16 MB
+    in a file beside ``point`` (made here), loop-mounted there until the end of the block."""
+    image = point.with_name(point.name + ".img")
+    with open(image, "wb") as out:
+        out.truncate(16 << 20)
+    done = subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], capture_output=True, text=True)
+    if done.returncode != 0:
+        unavailable(f"cannot make an ext4 image here: {done.stderr.strip()}", fix="install e2fsprogs")
+    point.mkdir()
+    with _mounted(["-o", "loop", str(image)], point, "a loop device"):
         yield point
 
 

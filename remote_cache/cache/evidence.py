@@ -52,7 +52,9 @@ with what the restore gave (a filesystem may keep another mtime, the kernel clea
 
 The restore window's bounds are ctimes the target filesystem gave, never this machine's clock: a
 filesystem that stamps ctimes from another clock (a network filesystem's server) gets a window in
-its own time, so a change made after the restore lies outside it however far the clocks differ.
+its own time, so a change made after the restore lies outside it however far the clocks differ --
+where one clock stamps every ctime (not so where each client stamps its own, as some distributed
+filesystems let them).
 A filesystem clock stepped back after a restore stays a limit: a change could then get a ctime
 inside the window; the counts, bytes, modes and mtimes (and, per layer, the listings) catch most
 such changes, not a same-size edit with its mtime put back. ``--full`` reads every file. A save's

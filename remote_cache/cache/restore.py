@@ -185,9 +185,9 @@ def _space_needed(image: CacheImage) -> int:
 
 
 def _work_inodes(image: CacheImage) -> int:
-    """Inodes of the restore's own: its work directory, lock, staging and spool directories, and
-    a spool file per layer."""
-    return 4 + len(image.layers)
+    """Inodes of the restore's own: its work directory, lock, clock probe, staging and spool
+    directories, and a spool file per layer."""
+    return 5 + len(image.layers)
 
 
 def _inodes_message(target: RestoreTarget, image: CacheImage) -> str:
@@ -438,12 +438,15 @@ class _Restore:
             if key not in layers:
                 layers[key] = LayerRecord(desc.media_type, desc.digest, desc.size, diff_ids[i])
                 parents[key] = parents_digest({d: inodes[d] for d in self._file_parents[i] if d})
-        assert self._window_start is not None
+        start = self._window_start
+        assert start is not None
         try:
             end = fs_settle(self._clock_probe)  # every file is written (the stats wrote nothing)
         except OSError:
             return None
-        return RestoreWindow(self._window_start, end, root, layers, parents, tree)
+        if end <= start:  # whole-second ctimes, all in one second: no file could be trusted
+            return None
+        return RestoreWindow(start, end, root, layers, parents, tree)
 
     def _restored_tree(self, vouched: int) -> RestoredTree | None:
         """The whole entry, for a save that finds the tree untouched (see :mod:`.evidence`): only

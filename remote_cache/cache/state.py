@@ -50,8 +50,9 @@ MAX_RECORDS = 2048
 MAX_STATE_BYTES = 2 << 20
 #: /3: a restore window records each layer's directories (``parents``), and a whole-second ctime
 #: settles against the bound floored to its second: a /2 file's records may have been made under
-#: the old rule, so older files are ignored whole.
-_FORMAT = "remote-cache-state/3"
+#: the old rule, so older files are ignored whole. /4: a restore window's bounds are the target
+#: filesystem's ctimes; a /3 window's came from the machine's clock and could hold a later edit.
+_FORMAT = "remote-cache-state/4"
 
 
 def state_dir() -> Path:

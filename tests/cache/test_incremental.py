@@ -34,7 +34,7 @@ from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import CLI, empty_user_dirs, is_user_setting
-from tests.mounts import bind, tmpfs
+from tests.mounts import bind, tmpfs, whole_seconds
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
@@ -455,6 +455,7 @@ async def test_restore_scans_nothing_and_an_untouched_tree_saves_unread(
     # A FIFO at the top (left out of the entry) stops the whole-tree shortcut, not the layers':
     # each is reused on the window, and that save records local listings the next one reuses.
     os.mkfifo(work / "pipe")
+    settle_ctimes()  # (a save records listings of files changed before its clock's last tick)
     third = await save(store, "k", work)
     assert third.unchanged and third.layers_reused == first.layers_total
     assert len(state.load(work).records) == first.layers_total
@@ -1163,6 +1164,26 @@ async def test_an_edit_right_after_a_restore_whose_clock_runs_ahead_is_saved(
         _fake_npm_edit(work / "pkg7" / "f9.bin", b"E" * 8000)  # the last layer's last file
         second = await save(store, "k", work)
         assert not second.unchanged and second.digest != first.digest
+        assert second.layers_reused == second.layers_total - 1  # the window vouched for the rest
         out = tmp_path / "out"
         await restore(store, "k", out)
         assert_same_tree(work, out)
+
+
+async def test_a_restore_onto_a_whole_second_filesystem_keeps_the_directory_s_records(
+    store: Store, tmp_path: Path
+) -> None:
+    """On a filesystem keeping whole-second ctimes (ext4 with 128-byte inodes) a restore within one
+    second read the same probe ctime at both ends: it recorded the window [t, t), which the state
+    loader takes for a damaged file -- and then trusts none of it, the directory's local records
+    lost too. Such a restore records no window (no file could be trusted in it anyway)."""
+    with whole_seconds(tmp_path / "ext4") as fs:
+        work = _bulk(fs / "work")
+        time.sleep(1.1)  # whole-second ctimes settle only once their second is over
+        await save(store, "k", work, full=True)
+        records = state.load(work).records
+        assert records
+        while time.time() % 1 > 0.2:  # the restore's few ms all inside one second
+            time.sleep(0.01)
+        await restore(store, "k", work)
+        assert state.load(work).records == records

@@ -52,7 +52,7 @@ def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:
     assert state.record_save(target, state.load(target), [(_LOCAL, _record())])
     assert state.load(target).records == {(_LOCAL, OCI_LAYER_ZSTD): _record()}
     doc = json.loads(state_path(target).read_text())
-    assert doc["format"] == "remote-cache-state/3" and doc["path"] == str(target.resolve())
+    assert doc["format"] == "remote-cache-state/4" and doc["path"] == str(target.resolve())
     many = [("sha256:" + f"{i:064x}", _record(i)) for i in range(state.MAX_RECORDS + 50)]
     assert state.record_save(target, state.load(target), many)
     kept = state.load(target).records
@@ -478,3 +478,23 @@ def test_only_what_is_mounted_below_a_directory_counts(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "a b" / "y"):  # a name with a space (escaped in mountinfo)
         assert evidence.mounts_below(tmp_path / "a b")
         assert evidence.mounts_below(tmp_path / "a b" / ".." / "a b")  # (the path resolved)
+
+
+def test_a_format_3_window_from_the_machine_s_clock_is_not_trusted(tmp_path: Path) -> None:
+    """Format 3 restore windows took their bounds from the restoring process's clock: one running
+    ahead of the filesystem's ended after the restore did, and an npm-style edit made within that
+    difference lies inside it (reproduced end to end with faketime: the next save reused the stale
+    layer, then recorded it under the edited file's local listing). Such a window cannot be told
+    apart from a sound one: a format-3 file is not trusted."""
+    probe = tmp_path / "clock"
+    root = _tree(tmp_path / "t")
+    start = evidence.fs_clock_ns(probe)
+    key = (_LOCAL, OCI_LAYER_ZSTD)
+    window = evidence.RestoreWindow(
+        start, evidence.fs_settle(probe), evidence.dir_id(root), {key: _record()}, {key: _DIGEST}
+    )
+    assert state.record_restore(root, window)
+    assert state.load(root).window == window
+    doc = json.loads(state_path(root).read_text())
+    state_path(root).write_text(json.dumps({**doc, "format": "remote-cache-state/3"}))
+    assert state.load(root).window is None
