@@ -257,6 +257,12 @@ class UnsuitableTarget(RemoteCacheError, ValueError):
     """A restore target that cannot work (a file, not writable, a non-empty current directory)."""
 
 
+class UnfinishedSwap(RemoteCacheError):
+    """A restore stopped half-way through replacing a target's entries (after its journal was
+    written, so never undone): the target holds part of the old tree and part of the new one
+    until a run finishes the replacement."""
+
+
 class NoSpace(RemoteCacheError):
     """Not enough free space where a restore or save writes; says how much is needed, and where."""
 

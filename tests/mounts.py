@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.skips import unavailable
 
-__all__ = ["bind", "overlay", "tmpfs", "whole_seconds"]
+__all__ = ["bind", "overlay", "overlay_upper", "tmpfs", "whole_seconds"]
 
 
 @contextlib.contextmanager
@@ -32,17 +32,29 @@ def bind(source: Path, point: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def overlay(lower: Path, point: Path) -> Iterator[Path]:
+def overlay(lower: Path, point: Path, *upper_options: str) -> Iterator[Path]:
     """An overlayfs on ``point`` (made here) over the read-only ``lower`` directory, as a
-    container sees its image, with the upper and work directories beside ``point``; mounted
-    with the kernel's defaults (no ``redirect_dir`` unless the kernel was built with it, as
-    Docker's overlay2 mounts it: a directory from ``lower`` then cannot be renamed, EXDEV)."""
-    upper, work = point.with_name(point.name + ".upper"), point.with_name(point.name + ".work")
-    for directory in (point, upper, work):
-        directory.mkdir()
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    with _mounted(["-t", "overlay", "-o", options, "overlay"], point, "an overlayfs"):
-        yield point
+    container sees its image, with its upper and work directories beside ``point`` (on a tmpfs
+    mounted with ``upper_options`` when given, e.g. ``"nr_inodes=100"``); mounted with the
+    kernel's defaults (no ``redirect_dir`` unless the kernel was built with it, as Docker's
+    overlay2 mounts it: a directory from ``lower`` then cannot be renamed, EXDEV)."""
+    with contextlib.ExitStack() as stack:
+        layers = overlay_upper(point)
+        if upper_options:
+            stack.enter_context(tmpfs(layers, *upper_options))
+        else:
+            layers.mkdir()
+        upper, work = layers / "upper", layers / "work"
+        for directory in (point, upper, work):
+            directory.mkdir()
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        with _mounted(["-t", "overlay", "-o", options, "overlay"], point, "an overlayfs"):
+            yield point
+
+
+def overlay_upper(point: Path) -> Path:
+    """The directory holding the upper and work directories of :func:`overlay` at ``point``."""
+    return point.with_name(point.name + ".layers")
 
 
 @contextlib.contextmanager

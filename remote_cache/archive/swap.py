@@ -192,3 +192,4 @@ def finish_swap(work: Path, target: Path) -> None:
     for name in journal["new"]:
         if os.path.lexists(staging / name):
             os.rename(staging / name, target / name)
+    os.unlink(work / JOURNAL)  # finished: the work directory may go (see WorkDir.close)

@@ -6,9 +6,13 @@ a tmpfs), the current directory, or one whose parent is not writable — is rest
 staged inside itself and its entries swapped (:func:`~.swap.swap_entries`). Any other target is
 staged next to itself and exchanged atomically -- or, where renaming it fails with EXDEV (a
 directory from a lower layer of an overlayfs: a cache baked into a container's image), its
-entries are swapped as in place. What cannot work is refused with the reason: a
-file, a directory we cannot write, a non-empty current directory unless asked (``force``).
-Leftovers of runs that died are cleaned first (:mod:`.workdirs`), finishing a journaled swap.
+entries are swapped as in place. What cannot work is refused with the reason: a file, a
+directory we cannot write, a non-empty current directory unless asked (``force``), a directory
+with something mounted inside it (removing the old tree would empty the mount), and for a user
+other than root an old tree holding a directory neither ours nor writable. Leftovers of runs
+that died are cleaned first (:mod:`.workdirs`), finishing a journaled swap; a swap that cannot be
+finished (or another user's, which cannot be looked into) is UnfinishedSwap for every restore
+and save of the target until one can.
 
 Restores into one target at once: each holds an exclusive ``flock`` on the target directory
 while it cleans leftovers, makes an in-place work directory and swaps (:func:`locked`), so two
@@ -28,7 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UnsuitableTarget
+from ..errors import UnfinishedSwap, UnsuitableTarget
+from .mounts import filesystem_type, mount_points_now, mounts_below
 from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, sibling_stem, swap_entries
 from .workdirs import IN_PLACE_PREFIX, WorkDir, is_in_place_work, sweep_dead
 
@@ -80,6 +85,12 @@ def nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
+def _is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point: by its device (another filesystem's root), or as
+    mountinfo lists it (a bind mount from the same filesystem, which keeps the device)."""
+    return os.path.ismount(path) or os.fsencode(path) in (mount_points_now() or ())
+
+
 def _cwd() -> Path | None:
     """The resolved current directory; None when it has been removed (its path is gone)."""
     try:
@@ -114,9 +125,16 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
             raise UnsuitableTarget(f"cannot create {given}: {ancestor} is not writable")
         return RestoreTarget(resolved, in_place=False)
     is_cwd = cwd is not None and resolved == cwd
-    in_place = is_cwd or os.path.ismount(resolved) or not _writable(resolved.parent)
+    mounted = mounts_below(resolved)
+    if mounted:  # removing the old tree would empty what is mounted there, not unmount it
+        raise UnsuitableTarget(
+            f"cannot restore into {given}: {os.fsdecode(mounted[0])} is mounted inside it, and a "
+            "restore replaces everything in the directory; unmount it, or restore somewhere else"
+        )
+    in_place = is_cwd or _is_mount_point(resolved) or not _writable(resolved.parent)
     if not _writable(resolved) and (in_place or not os.listdir(resolved)):
         raise UnsuitableTarget(f"cannot write into {given}: check its permissions")
+    _check_removable(resolved)
     if is_cwd and not force and any(not is_in_place_work(n) for n in os.listdir(resolved)):
         raise UnsuitableTarget(
             f"{given} is the current directory and not empty: a restore replaces everything in it; "
@@ -187,8 +205,17 @@ def finish_dead_swaps(path: Path) -> bool:
 
 def _sweep_in_place(target: RestoreTarget) -> list[Path]:
     """Remove the dead runs' work directories inside the target, finishing their swaps first
-    (the caller holds the target's lock)."""
-    return sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
+    (the caller holds the target's lock). Another user's cannot be looked into: its run may have
+    died half-way through a swap, leaving a mix only that user can finish, so UnfinishedSwap."""
+    removed = sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
+    for name in os.listdir(target.path):
+        if is_in_place_work(name) and (owner := os.lstat(target.path / name).st_uid) != os.geteuid():
+            raise UnfinishedSwap(
+                f"{target.path} holds the work of a restore by another user (uid {owner}, {name}), "
+                "which is running or stopped half-way through replacing its entries; let it finish, "
+                "or run the restore again as that user, or remove the directory"
+            )
+    return removed
 
 
 def swap_in(
@@ -210,7 +237,13 @@ def swap_in(
             discard_dir(staging / name)
     with locked(target):
         if target.in_place or _holds_work(target.path):
-            swap_entries(staging, target.path, work, keep=is_in_place_work)  # the directory stays
+            # On overlayfs old entries are removed where they are: a directory from a lower layer
+            # cannot be moved, and moving a file would copy its data up first.
+            remove_old = filesystem_type(target.path) == "overlay"
+            if not remove_old:
+                _check_movable(target.path)
+            with _finishing(target):
+                swap_entries(staging, target.path, work, keep=is_in_place_work, remove_old=remove_old)
         else:
             # Read under the lock, just before the exchange: what the directory is now.
             kept = _stat_or_none(target.path) if keep_root else None
@@ -239,9 +272,79 @@ def _swap_into_unmovable(staging: Path, target: RestoreTarget) -> None:
     work = WorkDir(target.path, IN_PLACE_PREFIX)
     try:
         os.rename(staging, work.path / "new")
-        swap_entries(work.path / "new", target.path, work.path, keep=is_in_place_work, remove_old=True)
+        with _finishing(target):
+            swap_entries(work.path / "new", target.path, work.path, keep=is_in_place_work, remove_old=True)
     finally:
-        work.close()
+        work.close()  # (kept while its journal says the swap is unfinished)
+
+
+def _check_removable(path: Path) -> None:
+    """As a user other than root, refuse (UnsuitableTarget) an existing tree with a directory
+    below it that is neither ours (to make writable) nor writable: its entries could not be
+    removed, and the restore would fail after the swap, or half-way through one in place."""
+    if os.geteuid() == 0:
+        return
+    for parent, dirs, _ in os.walk(path, onerror=_raise):
+        for name in dirs:
+            _refuse_unless(path, Path(parent, name), os.R_OK | os.W_OK | os.X_OK)
+
+
+def _check_movable(path: Path) -> None:
+    """As a user other than root, refuse (UnsuitableTarget) a target whose top-level entries an
+    in-place swap cannot move out: a directory not writable (rename to another parent updates
+    its ``..``), or one of another user's entries in a sticky directory not ours."""
+    if os.geteuid() == 0:
+        return
+    top = os.stat(path)
+    for name in os.listdir(path):
+        entry = path / name
+        if is_in_place_work(name):
+            continue
+        st = os.lstat(entry)
+        if top.st_mode & stat.S_ISVTX and os.geteuid() not in (st.st_uid, top.st_uid):
+            _refuse(path, entry, st, "is another user's in a sticky directory")
+        if stat.S_ISDIR(st.st_mode):
+            _refuse_unless(path, entry, os.W_OK)
+
+
+def _refuse_unless(target: Path, d: Path, mode: int) -> None:
+    """Refuse unless directory ``d`` is ours or allows ``mode`` (a symlink to one never matters)."""
+    st = os.lstat(d)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid != os.geteuid() and not os.access(d, mode):
+        _refuse(target, d, st, "is not writable")
+
+
+def _refuse(target: Path, entry: Path, st: os.stat_result, why: str) -> None:
+    raise UnsuitableTarget(
+        f"cannot restore into {target}: {entry} (owner uid {st.st_uid}) {why} by this user (uid "
+        f"{os.geteuid()}), and a restore replaces everything in the directory; give it to this "
+        "user, or restore somewhere else"
+    )
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+@contextlib.contextmanager
+def _finishing(target: RestoreTarget) -> Iterator[None]:
+    """Turn an error after a swap's journal was written into UnfinishedSwap: never undone, the
+    swap is finished by the next run once the cause is gone (see :func:`_finisher`)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _unfinished(target, exc) from exc
+
+
+def _unfinished(target: RestoreTarget, exc: OSError) -> UnfinishedSwap:
+    reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        reason += f": {exc.filename}"
+    return UnfinishedSwap(
+        f"a restore into {target.path} stopped half-way through replacing its entries ({reason}); "
+        "it holds part of the old tree and part of the new one. Fix that and run the restore again "
+        f"(it finishes the replacement first), or remove {target.path}"
+    )
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -261,6 +364,9 @@ def _holds_work(path: Path) -> bool:
 def _finisher(target: RestoreTarget) -> Callable[[Path], None]:
     def finish(work: Path) -> None:
         if (work / JOURNAL).exists():
-            finish_swap(work, target.path)
+            try:
+                finish_swap(work, target.path)
+            except OSError as exc:  # not swallowed by the sweep: the target is a mix until then
+                raise _unfinished(target, exc) from exc
 
     return finish

@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .swap import discard_dir
+from .swap import JOURNAL, discard_dir
 
 __all__ = ["IN_PLACE_PREFIX", "WorkDir", "is_in_place_work", "sweep_dead"]
 
@@ -59,8 +59,11 @@ class WorkDir:
     def close(self) -> None:
         """Remove the directory and release the lock; idempotent. The lock file goes last and is
         released whatever happens: a directory that cannot be removed whole (a mount inside it)
-        keeps it, and the next run's sweep claims it."""
+        keeps it, and the next run's sweep claims it. So does one holding the journal of a swap
+        that failed half-way: the next run finishes it (:func:`~.swap.finish_swap`)."""
         try:
+            if os.path.lexists(self.path / JOURNAL):
+                return
             with contextlib.suppress(FileNotFoundError):
                 for name in os.listdir(self.path):
                     if name != _LOCK:

@@ -45,8 +45,9 @@ and inode) and the tag still naming the restored digest, is unchanged without pl
 extraction wrote in the window, and any later change, addition, removal or rename below the
 directory moves some entry's ctime out of it. The directory's own ctime moved at the swap, so its
 entries are compared by name; and nothing may be mounted below it (a mount shows other inodes
-and moves no ctime: :func:`mounts_below`). Only a restore that gave every entry the mode bits and owner the
-entry holds records it (a user other than root restoring root's files does not), and the walk's
+and moves no ctime: :func:`~remote_cache.archive.mounts.mounts_below`). Only a restore that gave
+every entry the mode bits and owner the entry holds records it (a user other than root restoring
+root's files does not), and the walk's
 counts of entries and regular files, their bytes, and the sums of the modes and mtimes must agree
 with what the restore gave (a filesystem may keep another mtime, the kernel clear a set-ID bit).
 
@@ -73,7 +74,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import re
 import stat
 import sys
 import time
@@ -106,8 +106,6 @@ __all__ = [
     "fs_clock_ns",
     "fs_settle",
     "local_layers",
-    "mount_points",
-    "mounts_below",
     "names_digest",
     "parents_digest",
     "portable_listing",
@@ -387,31 +385,6 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
 
 
 #: An octal escape in /proc/self/mountinfo.
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
-def mounts_below(path: Path) -> bool:
-    """Whether anything is mounted below directory ``path`` (Linux's ``/proc/self/mountinfo``);
-    True when that cannot be told. A mount shows another tree's inodes, and moves no ctime."""
-    try:
-        with open("/proc/self/mountinfo", "rb") as mountinfo:
-            points = mount_points(mountinfo.read())
-    except (OSError, ValueError):
-        return True
-    prefix = os.fsencode(os.path.realpath(path)).rstrip(b"/") + b"/"
-    return any(point.startswith(prefix) for point in points)
-
-
-def mount_points(mountinfo: bytes) -> list[bytes]:
-    """The mount points a ``/proc/<pid>/mountinfo`` lists (its fifth field, where space, tab,
-    newline and backslash are octal escapes); ValueError for a line without one."""
-    points = []
-    for line in mountinfo.splitlines():
-        fields = line.split(b" ", 5)
-        if len(fields) < 5:
-            raise ValueError(f"not a mountinfo line: {line!r}")
-        points.append(_OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4]))
-    return points
 
 
 def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:

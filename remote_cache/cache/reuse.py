@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from ..archive.mounts import mounts_below
 from ..archive.plan import TreeScan
 from ..archive.walk import TreeIdentity, TreeStats, tree_identity
 from ..errors import CacheMiss, RemoteCacheError
@@ -28,7 +29,6 @@ from .evidence import (
     RestoreWindow,
     TreeRecord,
     dir_id,
-    mounts_below,
     tree_fingerprint,
     untouched_since,
     window_hits,
@@ -103,7 +103,7 @@ def _walk(path: Path, stats: TreeStats | None, window: RestoreWindow | None) -> 
         return tree_identity(path, stats), False
     root = dir_id(path)
     identity = tree_identity(path, stats)
-    return identity, untouched_since(window, identity, root) and not mounts_below(path)
+    return identity, untouched_since(window, identity, root) and mounts_below(path) == []
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.

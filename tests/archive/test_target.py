@@ -8,12 +8,16 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from remote_cache.archive.swap import discard_dir
@@ -21,13 +25,13 @@ from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_t
 from remote_cache.archive.workdirs import WorkDir, is_in_place_work, sweep_dead
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
-from remote_cache.errors import CacheMiss, UnsuitableTarget
+from remote_cache.errors import CacheMiss, UnfinishedSwap, UnsuitableTarget
 from remote_cache.oci.layout import LayoutStore
 from tests.cli.output import Run
-from tests.mounts import overlay, tmpfs
+from tests.mounts import bind, overlay, overlay_upper, tmpfs
 from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, snapshot
-from tests.users import as_nobody_in
+from tests.users import as_nobody_in, give_to_nobody
 
 
 def _tree(root: Path, text: str) -> Path:
@@ -537,3 +541,136 @@ async def test_a_failed_restore_leaves_no_parent_it_made(tmp_path: Path) -> None
     with pytest.raises(IntegrityError):
         await restore(store, "k", tmp_path / "a" / "b" / "c" / "target")
     assert not (tmp_path / "a").exists()
+
+
+# -------------------------------------------------------------------------------------------
+# Targets a swap could not finish: refused before anything changes where that can be known;
+# otherwise the journal stays, and the target is reported (never saved) until a run finishes it.
+
+
+@pytest.mark.parametrize("what", ["a directory", "a file"])
+async def test_a_mount_inside_the_target_is_refused_before_anything_changes(
+    tmp_path: Path, what: str
+) -> None:
+    """A volume mounted inside a cache directory (a BuildKit cache mount under ``~/.cache/pip``,
+    a ``settings.xml`` bound into ``~/.m2``): the old tree was exchanged, then removing it emptied
+    the mounted volume and failed with EBUSY, the run exit 1 and a work directory left holding
+    the mount. Now refused before any download, the volume and the target as they were."""
+    store = LayoutStore(tmp_path / "layout")
+    await save(store, "k", _tree(tmp_path / "src", "new"))
+    target = _tree(tmp_path / "cache", "old")
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "precious").write_text("keep")
+    if what == "a directory":
+        source, point = host, target / "vol"
+        point.mkdir()
+    else:
+        source, point = host / "precious", target / "settings.xml"
+        point.write_text("")
+    before = snapshot(target)
+    with bind(source, point):
+        with pytest.raises(UnsuitableTarget, match=f"{point} is mounted inside it"):
+            await restore(store, "k", target)
+        assert (host / "precious").read_text() == "keep"
+    assert snapshot(target) == before
+    assert sorted(os.listdir(tmp_path)) == ["cache", "host", "layout", "src", "state"]
+
+
+async def test_a_bind_mount_from_the_same_filesystem_is_restored_in_place(tmp_path: Path) -> None:
+    """``-v /srv/ci/npm:/ci/npm`` beside ``-v /srv/ci:/ci``: a bind mount keeps its filesystem's
+    device, so it was not seen as a mount point; the exchange failed with EBUSY after the whole
+    download. Mountinfo says it is one: restored in place, into the bound directory."""
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    host = _tree(tmp_path / "host", "old")
+    point = tmp_path / "ci" / "npm"
+    point.mkdir(parents=True)
+    with bind(host, point):
+        assert plan_target(point).in_place
+        await restore(store, "k", point)
+        assert_same_tree(src, point)
+    assert_same_tree(src, host)
+
+
+def _shared_base() -> Path:
+    """A directory other users can reach (pytest's tmp_path is root's 0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
+    base.chmod(0o755)
+    return base
+
+
+def _as_nobody(base: Path, command: Any, target: Path) -> str:
+    """``command`` (restore or save) of key k in ``base/layout`` and ``target``, as uid 65534."""
+    return as_nobody_in(base, lambda: anyio.run(command, LayoutStore(Path("layout")), "k", target))
+
+
+def test_a_restore_as_another_user_that_could_not_empty_the_target_is_refused_first() -> None:
+    """uid 65534 restoring into a shared volume (a mount point: in place) holding a directory of
+    root's it cannot write: moving it out of the target needs that (rename updates its ``..``).
+    The swap failed half-way, the entries before it already gone and no journal left to finish
+    it. Now refused before any download, naming the directory; the target as it was."""
+    base = _shared_base()
+    try:
+        anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
+        give_to_nobody(base / "layout")
+        with tmpfs(base / "mnt", "mode=777") as mnt:
+            (mnt / "aa").mkdir()
+            (mnt / "aa" / "f").write_text("a")
+            give_to_nobody(mnt / "aa")
+            (mnt / "rootowned").mkdir()
+            (mnt / "zz").write_text("z")
+            before = snapshot(mnt)
+            error = _as_nobody(base, restore, Path("mnt"))
+            assert error.startswith("UnsuitableTarget") and "rootowned (owner uid 0)" in error, error
+            assert snapshot(mnt) == before
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("after", [3, 9])
+def test_another_users_swap_killed_half_way_is_not_saved_as_the_mix(tmp_path: Path, after: int) -> None:
+    """Root's in-place restore killed half-way through its swap, then a save by uid 65534, which
+    cannot look into root's work directory to finish it: the save stored the mix and said saved.
+    Now it refuses, saying whose work it is; root's next run finishes it."""
+    base = _shared_base()
+    try:
+        target, expected = _killed_swap(base, after)
+        give_to_nobody(target)
+        [work] = [p for p in target.iterdir() if is_in_place_work(p.name)]
+        subprocess.run(["chown", "-R", "0:0", str(work)], check=True)  # root's run's, as it was
+        os.chown(base, 65534, 65534)
+        error = _as_nobody(base, save, Path("target"))
+        assert error.startswith("UnfinishedSwap") and "another user (uid 0" in error, error
+        clean_leftovers(plan_target(target))
+        assert snapshot(target) == expected
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_swap_that_fails_half_way_is_reported_and_finished_by_the_next_run(tmp_path: Path) -> None:
+    """A container's cache directory from its image (overlayfs: entries removed where they are)
+    whose upper layer runs out of inodes half-way through the removals (each makes a whiteout):
+    the error went up, the work directory with its journal and the staged tree was removed, and
+    the target stayed a mix of the old tree's rest and nothing new, for good. Now the journal
+    stays: the restore and a save say the target is half-replaced, and once there is room the
+    next restore finishes the replacement, then does its own."""
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    await save(store, "k", src)
+    lower = _tree(tmp_path / "image" / "cache", "old").parent
+    for i in range(300):
+        (lower / "cache" / "d0" / f"many{i}").write_text("x")
+    with overlay(lower, tmp_path / "root", "nr_inodes=150") as root:
+        target = root / "cache"
+        with pytest.raises(UnfinishedSwap, match="stopped half-way through replacing its entries"):
+            await restore(store, "k", target)
+        with pytest.raises(UnfinishedSwap):
+            await save(store, "k", target)
+        subprocess.run(["mount", "-o", "remount,nr_inodes=10000", str(overlay_upper(root))], check=True)
+        await restore(store, "k", target)
+        assert_same_tree(src, target)
+        assert sorted(os.listdir(root)) == ["cache"]

@@ -454,32 +454,6 @@ def test_whole_second_ctimes_round_the_window_down(tmp_path: Path) -> None:
     assert [hits(t) for t in (9, 10, 19, 20, 21)] == [False, True, True, False, False]
 
 
-def test_mount_points_are_read_with_their_escapes() -> None:
-    mountinfo = (
-        b"22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
-        b"30 22 0:26 / /dev/shm rw shared:5 - tmpfs tmpfs rw\n"
-        b"41 22 0:40 / /srv/a\\040b\\011c\\012d\\134e rw - tmpfs tmpfs rw\n"
-    )
-    assert evidence.mount_points(mountinfo) == [b"/", b"/dev/shm", b"/srv/a b\tc\nd\\e"]
-    with pytest.raises(ValueError):
-        evidence.mount_points(b"22 1 254:0 /\n")
-
-
-def test_only_what_is_mounted_below_a_directory_counts(tmp_path: Path) -> None:
-    (tmp_path / "a b").mkdir()
-    (tmp_path / "a bc").mkdir()
-    assert not evidence.mounts_below(tmp_path / "a b")
-    from tests.mounts import tmpfs
-
-    with tmpfs(tmp_path / "a bc" / "x"):  # a sibling whose name starts the same: not below
-        assert not evidence.mounts_below(tmp_path / "a b")
-        assert evidence.mounts_below(tmp_path / "a bc")
-        assert evidence.mounts_below(tmp_path)
-    with tmpfs(tmp_path / "a b" / "y"):  # a name with a space (escaped in mountinfo)
-        assert evidence.mounts_below(tmp_path / "a b")
-        assert evidence.mounts_below(tmp_path / "a b" / ".." / "a b")  # (the path resolved)
-
-
 def test_a_format_3_window_from_the_machine_s_clock_is_not_trusted(tmp_path: Path) -> None:
     """Format 3 restore windows took their bounds from the restoring process's clock: one running
     ahead of the filesystem's ended after the restore did, and an npm-style edit made within that
