@@ -12,6 +12,7 @@ means "no evidence" (the layer is packed), never an error; a state that cannot b
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
 
 from ..errors import os_reason
+from ..home import home
 from ..oci.digest import is_digest
 from ..oci.media import LAYER_TYPES
 from .evidence import Evidence, LayerRecord, RestoredTree, RestoreWindow, TreeRecord
@@ -63,7 +65,10 @@ def state_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "remote-cache"
-    return Path.home() / ".cache" / "remote-cache"
+    user = home()
+    if user is None:  # (the state is then not written, with one warning)
+        raise OSError(errno.ENOENT, "no home directory")
+    return user / ".cache" / "remote-cache"
 
 
 def state_path(target: Path) -> Path:

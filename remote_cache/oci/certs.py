@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidConfigFile, os_reason
+from ..home import home
 
 __all__ = ["CertDir", "TlsOptions", "default_context", "find_cert_dir", "per_host_cert_dirs", "tls_context"]
 
@@ -118,8 +119,9 @@ def tls_context(host: str, options: TlsOptions) -> ssl.SSLContext | None:
 def per_host_cert_dirs(host: str, environ: Mapping[str, str] | None = None) -> list[Path]:
     """Where containers/image looks for ``host``'s certificates, in order (``host`` is ``HOST[:PORT]``)."""
     env = os.environ if environ is None else environ
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    return [base / host for base in (home / ".config/containers/certs.d", *_SYSTEM_CERT_DIRS)]
+    user = home(env)
+    per_user = () if user is None else (user / ".config/containers/certs.d",)
+    return [base / host for base in (*per_user, *_SYSTEM_CERT_DIRS)]
 
 
 def find_cert_dir(host: str, options: TlsOptions, environ: Mapping[str, str] | None = None) -> CertDir | None:

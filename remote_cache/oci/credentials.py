@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidConfigFile, RegistryAuthError
+from ..home import home
 
 __all__ = [
     "ENV_AUTH_FILE",
@@ -84,18 +85,15 @@ class Credentials:
     identity_token: str | None = field(default=None, repr=False)
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME")
-    return Path(home) if home else Path.home()
-
-
-def docker_config_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where docker keeps ``config.json``: ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``."""
+def docker_config_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where docker keeps ``config.json``: ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``
+    (None without either: no home directory)."""
     env = os.environ if environ is None else environ
     base = env.get("DOCKER_CONFIG")
     if base:
         return Path(base) / "config.json"
-    return _home(env) / ".docker" / "config.json"
+    user = home(env)
+    return None if user is None else user / ".docker" / "config.json"
 
 
 def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -112,12 +110,15 @@ def auth_files(environ: Mapping[str, str] | None = None) -> list[Path]:
         return [Path(override)]
     runtime = env.get("XDG_RUNTIME_DIR")
     primary = Path(runtime) if runtime else Path("/run/containers") / str(os.getuid())
-    config_home = Path(env.get("XDG_CONFIG_HOME") or _home(env) / ".config")
-    return [
+    user = home(env)
+    xdg = env.get("XDG_CONFIG_HOME")
+    config_home = Path(xdg) if xdg else None if user is None else user / ".config"
+    found = [
         primary / ("containers/auth.json" if runtime else "auth.json"),
-        config_home / "containers" / "auth.json",
+        None if config_home is None else config_home / "containers" / "auth.json",
         docker_config_path(env),
     ]
+    return [path for path in found if path is not None]
 
 
 def _host_aliases(host: str) -> list[str]:

@@ -6,8 +6,10 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 
 from remote_cache.archive.pack import DEFAULT_SPOOL_BYTES
 from remote_cache.cache.save import save
+from remote_cache.cache.state import STATE_DIR_ENV
 from remote_cache.cli import ExitCode, app, exit_code_for
 from remote_cache.cli.progress import TransferProgress
 from remote_cache.errors import (
@@ -38,7 +41,7 @@ from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
 from remote_cache.units import format_bytes, parse_duration, parse_size
 from remote_cache.version import VERSION
-from tests.cli.output import Run, json_line, no_traceback
+from tests.cli.output import CLI, Run, clean_env, json_line, no_traceback, warnings
 from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
@@ -1093,3 +1096,30 @@ def test_a_layout_entry_whose_manifest_is_a_bad_link_is_listed_and_removable(
     removed = cli("rm", f"oci:{layout}:k1", "--grace", "0s")
     no_traceback(removed)
     assert [e["key"] for e in json_line(cli("ls", f"oci:{layout}", "--json"))["entries"]] == ["k2"]
+
+
+def test_a_user_with_no_home_directory_restores_from_a_registry(
+    cli: Run, registry: RegistryServer, repo_name: str, tmp_path: Path, pycache: Path
+) -> None:
+    """A container run as a uid the image has no passwd entry for, without HOME (``docker run -u
+    12345``): every registry command failed with "unexpected RuntimeError: Could not determine
+    home directory." before asking anything. There are no per-user files to read then, and the
+    state cannot be recorded (one warning)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become a uid with no passwd entry")
+    ref = f"{registry.host}/{repo_name}:k"
+    assert cli("save", str(small_tree(tmp_path / "src")), ref, "-q").returncode == 0
+    base = Path(tempfile.mkdtemp(prefix="rc-nohome-"))
+    try:
+        base.chmod(0o777)
+        env = {k: v for k, v in clean_env(tmp_path, pycache).items() if k not in ("HOME", STATE_DIR_ENV)}
+        as_12345 = ["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups"]
+        proc = subprocess.run(
+            [*as_12345, str(CLI), "restore", "-q", ref, "out"],
+            capture_output=True, text=True, env=env, cwd=base, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert warnings(proc.stderr) and "no home directory" in proc.stderr
+        assert_same_tree(tmp_path / "src", base / "out")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

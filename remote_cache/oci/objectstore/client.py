@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
 from ...errors import InvalidReference, StoreError
+from ...home import home
 from ...version import TOOL
 from ..reference import Reference, is_loopback
 from ..stalls import BUDGET_PERIODS
@@ -195,12 +196,13 @@ def _env_region() -> str | None:
 
 def _shared_files() -> bool:
     """Whether an AWS shared credentials or config file is there to read."""
-    home = Path.home() / ".aws"
+    user = home()
+    aws = None if user is None else user / ".aws"
     files = (
-        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials",
-        os.environ.get("AWS_CONFIG_FILE") or home / "config",
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or (aws and aws / "credentials"),
+        os.environ.get("AWS_CONFIG_FILE") or (aws and aws / "config"),
     )
-    return any(Path(f).is_file() for f in files)
+    return any(f and Path(f).is_file() for f in files)
 
 
 def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
