@@ -31,6 +31,7 @@ check above still runs, in the one writing thread, in archive order.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Iterable
@@ -43,6 +44,8 @@ from .decompress import EndOfLayers, Feeder
 from .reader import LayerReader
 from .swap import remove_tree_at
 from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, WHITEOUT_PREFIX, HeaderDecoder, display
+
+log = logging.getLogger("remote_cache")
 
 __all__ = ["ExtractStats", "Extractor"]
 
@@ -385,7 +388,10 @@ class Extractor:
         try:
             r.data(fd, size, name_b)
             if chown:
-                os.fchown(fd, uid, gid)
+                try:
+                    os.fchown(fd, uid, gid)
+                except OSError as exc:
+                    self._cannot_chown(exc)
             if chmod:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -500,7 +506,10 @@ class Extractor:
         os.symlink(link_b, base, dir_fd=pfd)
         self._given(stat.S_IFLNK | 0o777, uid, gid, mtime_ns)  # (its own bits are 0777 on Linux)
         if self._owner and (uid, gid) != self._new_ids:
-            os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            try:
+                os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            except OSError as exc:
+                self._cannot_chown(exc)
         os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
         self._record(path, SYMLINK)
         self.stats.symlinks += 1
@@ -524,6 +533,21 @@ class Extractor:
         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         self._record(path, tkind[0])
         self.stats.hardlinks += 1
+
+    def _cannot_chown(self, exc: OSError) -> None:
+        """Root that may not give owners (a user namespace whose map lacks the id: EINVAL; no
+        CAP_CHOWN: EPERM) restores as any other user does: the files are its own from here on,
+        with one warning, and the tree is no exact copy of the entry."""
+        if exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise exc
+        self._owner = False
+        self.stats.exact = False
+        log.warning(
+            "cannot give restored files the owners the entry holds (%s): they are this user's, as "
+            "in a restore by a user other than root (no CAP_CHOWN, or a user namespace without "
+            "those ids)",
+            os.strerror(exc.errno),
+        )
 
     def _given(self, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
         """Count the mode (with its type) and mtime a member's header gives, and note one whose
@@ -561,7 +585,10 @@ class Extractor:
 
     def _apply_dir(self, fd: int, mode: int, uid: int, gid: int, mtime_ns: int) -> None:
         if self._owner:
-            os.fchown(fd, uid, gid)
+            try:
+                os.fchown(fd, uid, gid)
+            except OSError as exc:
+                self._cannot_chown(exc)
         os.fchmod(fd, mode & self._mode_mask)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
 

@@ -256,7 +256,13 @@ def swap_in(
             else:
                 if kept is not None:
                     if os.geteuid() == 0:
-                        os.chown(target.path, kept.st_uid, kept.st_gid)
+                        # Root without CAP_CHOWN, or in a user namespace without that id: the
+                        # directory stays ours (as for any other user), its mode still given.
+                        try:
+                            os.chown(target.path, kept.st_uid, kept.st_gid)
+                        except OSError as exc:
+                            if exc.errno not in (errno.EPERM, errno.EINVAL):
+                                raise
                     os.chmod(target.path, stat.S_IMODE(kept.st_mode))
         if then is not None:
             then()

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1123,3 +1124,36 @@ def test_a_user_with_no_home_directory_restores_from_a_registry(
         assert_same_tree(tmp_path / "src", base / "out")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "as_root_without_chown",
+    [["unshare", "-Ur"], ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]],
+    ids=["user-namespace", "no-capabilities"],
+)
+def test_root_that_may_not_give_owners_restores_as_any_user_does(
+    cli: Run, tmp_path: Path, pycache: Path, as_root_without_chown: list[str]
+) -> None:
+    """Root in a user namespace mapping only itself (rootless containers: EINVAL for another
+    id), or root with its capabilities dropped (``--cap-drop=ALL``: EPERM): the restore failed on
+    the first file of another owner, and over a directory of another owner failed after the swap
+    with its mode lost. Now the files are root's own (one warning), their modes and the replaced
+    directory's mode as they should be."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    src = small_tree(tmp_path / "src")
+    subprocess.run(["chown", "-R", "-h", "1000:1000", str(src)], check=True)
+    layout = f"oci:{tmp_path / 'layout'}:k"
+    assert cli("save", str(src), layout, "-q").returncode == 0
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chown(target, 1000, 1000)
+    target.chmod(0o2777)
+    proc = subprocess.run(
+        [*as_root_without_chown, str(CLI), "restore", "-q", layout, str(target)],
+        capture_output=True, text=True, env=clean_env(tmp_path, pycache), timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert any("cannot give restored files the owners" in w for w in warnings(proc.stderr))
+    assert_same_tree(src, target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o2777
