@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -435,7 +436,7 @@ async def _pack_and_upload(
     )
     from ..archive.pack import pack_tree  # here: a tree whose layers are all reused is not packed
 
-    work = await anyio.to_thread.run_sync(_spool_dir)
+    work = await anyio.to_thread.run_sync(_spool_dir, scan.root)
     packed = _Packer(pack_tree(to_pack, compression=compression, level=level, spool_dir=work.path), work.path)
     uploads = _Uploads(store, jobs, progress)
     if progress is not None:
@@ -466,9 +467,21 @@ async def _pack_and_upload(
 SPOOL_PREFIX = "remote-cache-save-"
 
 
-def _spool_dir() -> WorkDir:
+def _spool_dir(tree: Path) -> WorkDir:
     """A fresh spool directory in the temporary directory, after removing those of dead saves."""
-    tmp = Path(tempfile.gettempdir())
+    fix = "set TMPDIR to a directory this user can write, outside the directory saved"
+    try:
+        tmp = Path(tempfile.gettempdir())
+    except FileNotFoundError:  # none of TMPDIR, /tmp, /var/tmp, /usr/tmp and the current directory
+        raise RemoteCacheError(f"no writable temporary directory: {fix}") from None
+    # Without TMPDIR and with /tmp, /var/tmp and /usr/tmp unwritable, Python's last resort is the
+    # current directory: not when that is in the tree saved (the spool would be read with it).
+    resolved, root = os.path.realpath(tmp), os.path.realpath(tree)
+    if resolved == root or resolved.startswith(root.rstrip("/") + "/"):
+        raise RemoteCacheError(
+            f"no writable temporary directory outside {tree} (/tmp, /var/tmp and /usr/tmp are not "
+            f"writable, and the current directory is in it): {fix}"
+        )
     sweep_dead(tmp, SPOOL_PREFIX)
     return WorkDir(tmp, SPOOL_PREFIX)
 

@@ -47,7 +47,7 @@ from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate, layout_blob, layout_document, layout_top
-from tests.trees import assert_same_tree, one_file_tree, small_tree
+from tests.trees import assert_same_tree, one_file_tree, small_tree, snapshot
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:
@@ -1157,3 +1157,34 @@ def test_root_that_may_not_give_owners_restores_as_any_user_does(
     assert any("cannot give restored files the owners" in w for w in warnings(proc.stderr))
     assert_same_tree(src, target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o2777
+
+
+def test_a_save_never_spools_into_the_tree_it_saves(tmp_path: Path, pycache: Path) -> None:
+    """No TMPDIR, and /tmp and /var/tmp not writable (a read-only root filesystem): Python's last
+    resort for temporary files is the current directory, so a save run in the tree it saves
+    spooled its layers there (killed, it left them in the cache, and the next save failed: a file
+    "changed while it was saved"). Now it says to set TMPDIR; run from elsewhere, it saves."""
+    if os.geteuid() != 0 or not os.path.isdir("/dev/shm"):
+        pytest.skip("needs root (a mount namespace) and /dev/shm (outside /tmp)")
+    base = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        small_tree(base / "tree")
+        env = {k: v for k, v in clean_env(tmp_path, pycache).items() if k not in ("TMPDIR", "TEMP", "TMP")}
+        read_only_tmp = 'mount -t tmpfs -o ro tmpfs /tmp && mount -t tmpfs -o ro tmpfs /var/tmp && exec "$@"'
+
+        def save_from(cwd: Path, tree: str) -> subprocess.CompletedProcess[str]:
+            command = [str(CLI), "save", "-q", tree, f"oci:{base / 'layout'}:k"]
+            return subprocess.run(
+                ["unshare", "-m", "sh", "-c", read_only_tmp, "sh", *command],
+                capture_output=True, text=True, env=env, cwd=cwd, timeout=120, check=False,
+            )  # fmt: skip
+
+        before = snapshot(base / "tree")
+        inside = save_from(base / "tree", ".")
+        assert inside.returncode == 1 and "set TMPDIR" in inside.stderr, inside.stderr
+        assert snapshot(base / "tree") == before
+        outside = save_from(base, "tree")
+        assert outside.returncode == 0, outside.stderr
+        assert sorted(os.listdir(base)) == ["layout", "tree"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
