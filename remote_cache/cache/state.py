@@ -1,7 +1,8 @@
 """This machine's evidence about directories (:mod:`.evidence`), kept in one small file per directory.
 
-State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_CACHE_HOME/remote-cache``, else
-``~/.cache/remote-cache``: one JSON file per target directory, named after the SHA-256 of its
+State lives in ``$REMOTE_CACHE_STATE_DIR``, else ``$XDG_STATE_HOME/remote-cache``, else
+``~/.local/state/remote-cache`` (not under ``~/.cache``, which users save whole: each save would
+write into the tree it saved): one JSON file per target directory, named after the SHA-256 of its
 resolved absolute path, written atomically, at most :data:`MAX_RECORDS` local records and one
 restore window of at most :data:`MAX_RECORDS` layers. An unreadable, corrupt, foreign or
 older-format state file, or one that is no regular file, another user owns or others can write,
@@ -58,17 +59,18 @@ _FORMAT = "remote-cache-state/4"
 
 
 def state_dir() -> Path:
-    """Where state files live: ``$REMOTE_CACHE_STATE_DIR``, else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+    """Where state files live: ``$REMOTE_CACHE_STATE_DIR``, else under ``$XDG_STATE_HOME`` or
+    ``~/.local/state``."""
     explicit = os.environ.get(STATE_DIR_ENV)
     if explicit:
         return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    xdg = os.environ.get("XDG_STATE_HOME")
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "remote-cache"
     user = home()
     if user is None:  # (the state is then not written, with one warning)
         raise OSError(errno.ENOENT, "no home directory")
-    return user / ".cache" / "remote-cache"
+    return user / ".local" / "state" / "remote-cache"
 
 
 def state_path(target: Path) -> Path:

@@ -38,11 +38,11 @@ def test_state_dir_from_env_then_xdg_then_home(
     assert state_path(target).parent == state_dir
     assert state_path(tmp_path / "." / "vol") == state_path(target)  # keyed by the resolved path
     monkeypatch.delenv("REMOTE_CACHE_STATE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert state.state_dir() == tmp_path / "xdg" / "remote-cache"
-    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert state.state_dir() == tmp_path / "home" / ".cache" / "remote-cache"
+    assert state.state_dir() == tmp_path / "home" / ".local" / "state" / "remote-cache"
 
 
 def test_write_then_load_round_trips_and_is_bounded(tmp_path: Path) -> None:

@@ -1188,3 +1188,21 @@ def test_a_save_never_spools_into_the_tree_it_saves(tmp_path: Path, pycache: Pat
         assert sorted(os.listdir(base)) == ["layout", "tree"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_save_of_the_whole_cache_directory_is_unchanged_when_nothing_changed(
+    cli: Run, tmp_path: Path
+) -> None:
+    """Saving all of ``~/.cache`` (pip's, go-build, ...): the state lived in ``~/.cache/remote-cache``,
+    so each save wrote a file into the tree it had just saved -- the next save never came out
+    unchanged, and the entry carried this machine's state to the next. State is no cache: it
+    lives under ``~/.local/state`` (XDG_STATE_HOME) now."""
+    home = tmp_path / "user"
+    small_tree(home / ".cache" / "pip")
+    env = {"HOME": str(home), "REMOTE_CACHE_STATE_DIR": ""}
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    assert cli("save", "-q", str(home / ".cache"), ref, env=env).returncode == 0
+    again = json_line(cli("save", str(home / ".cache"), ref, "--json", env=env))
+    assert again["outcome"] == "unchanged"
+    assert os.listdir(home / ".cache") == ["pip"]
+    assert os.listdir(home / ".local" / "state" / "remote-cache")
