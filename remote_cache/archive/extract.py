@@ -147,6 +147,7 @@ class Extractor:
         self._owner = self._is_root if preserve_owner is None else preserve_owner
         self._mode_mask = 0o7777 if self._is_root else 0o777
         self._root_fd = os.open(self.dest, _DIR_FLAGS)
+        self._stopped: BaseException | None = None
         # New members get our euid and, since dest's group is our egid and the directories we
         # make inherit it (setgid or grpid mounts) or take the egid, our egid: chown to exactly
         # these ids is a no-op and is skipped. Otherwise always chown.
@@ -332,6 +333,8 @@ class Extractor:
         name_b = b""
         try:
             while (header := decoder.next(r)) is not None:
+                if self._stopped is not None:
+                    raise self._stopped
                 typ, name_b, link_b, size, mode, uid, gid, mtime_ns = header
                 if typ in REGULAR_TYPES:
                     self._file(r, name_b, size, mode, uid, gid, mtime_ns)
@@ -533,6 +536,11 @@ class Extractor:
         os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         self._record(path, tkind[0])
         self.stats.hardlinks += 1
+
+    def stop(self, reason: BaseException) -> None:
+        """Make the extraction raise ``reason`` before its next member (from another thread: a
+        cancel that must not wait for what was already downloaded and decompressed)."""
+        self._stopped = reason
 
     def _cannot_chown(self, exc: OSError) -> None:
         """Root that may not give owners (a user namespace whose map lacks the id: EINVAL; no

@@ -237,6 +237,9 @@ class _Restore:
         self._keep_root = True
         #: The target filesystem's time before extraction (:func:`fs_clock_ns`); None unread.
         self._window_start: int | None = None
+        #: The extraction, once it runs; stopped by a cancel (see _stop_extraction_on_cancel).
+        self._extractor: Extractor | None = None
+        self._stopped = False
         self._progress_lock = threading.Lock()
 
     async def fetch_and_extract(self) -> ExtractStats:
@@ -262,7 +265,9 @@ class _Restore:
                     tg.start_soon(self._fetch_diff_ids)
                     for desc, feed in zip(self._image.layers, self._feeds, strict=True):
                         tg.start_soon(self._download, desc, feed)
-                    tg.start_soon(self._extract)
+                    extracted = anyio.Event()
+                    tg.start_soon(self._stop_extraction_on_cancel, extracted)
+                    tg.start_soon(self._extract, extracted)
             except BaseExceptionGroup as group:
                 raise first_error(group, ignore=(Aborted,)) from None
             ok = True
@@ -374,6 +379,9 @@ class _Restore:
 
     def _extract_all(self) -> ExtractStats:
         with Extractor(self._staging) as extractor:
+            self._extractor = extractor
+            if self._stopped:
+                extractor.stop(Aborted())
             try:
                 extractor.add_layers(self._layers())
             except (ImageFormatError, IntegrityError, UnsafeArchive) as exc:
@@ -383,18 +391,35 @@ class _Restore:
                 self._keep_root = False
             return extractor.finish()
 
-    async def _extract(self) -> None:
+    async def _extract(self, extracted: anyio.Event) -> None:
         try:
             self._stats = await anyio.to_thread.run_sync(self._extract_all)
         except BaseException as exc:
             if caused_by_abort(exc):
-                return  # the failing download raises the real error in the task group
+                return  # the failing download (or the cancel) raises the real error in the group
             if (
                 isinstance(exc, ImageFormatError | IntegrityError | UnsafeArchive)
                 and await self._download_failed()
             ):
                 return  # bytes that fail their download's check: that check's error says why
             raise
+        finally:
+            extracted.set()
+
+    async def _stop_extraction_on_cancel(self, extracted: anyio.Event) -> None:
+        """On a cancel (a signal, ``--deadline``, a failed download), stop the extraction before
+        its next member and fail every feed, downloaded or not: the extraction thread cannot be
+        cancelled, and went on through every layer already downloaded (and the chunks decompressed
+        ahead) before the cancel could end the restore."""
+        try:
+            await extracted.wait()
+        finally:
+            if not extracted.is_set():
+                self._stopped = True
+                if self._extractor is not None:
+                    self._extractor.stop(Aborted())  # before its next member
+                for feed in self._feeds:
+                    feed.finish(Aborted())  # a read waiting for a download, or the next one
 
     async def _download_failed(self) -> bool:
         """Whether a layer the extraction has read from failed its download (after waiting for the
