@@ -86,7 +86,10 @@ def _claim(path: Path) -> int | None:
     uid, with a lock nobody holds); else None (a live run, or not a work directory of ours)."""
     try:
         st = os.lstat(path)
-        fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:  # a run killed before naming its lock: it locked it first
+            fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None  # not ours, or still being created: leave it
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:

@@ -674,3 +674,21 @@ async def test_a_swap_that_fails_half_way_is_reported_and_finished_by_the_next_r
         await restore(store, "k", target)
         assert_same_tree(src, target)
         assert sorted(os.listdir(root)) == ["cache"]
+
+
+def test_a_run_killed_before_naming_its_lock_is_swept(tmp_path: Path) -> None:
+    """Killed between locking ``lock.new`` and naming it ``lock`` (found with a SIGKILL there):
+    no sweep ever claimed the directory, and inside a target it made every later restore swap
+    entries in place. Its ``lock.new`` says whether its run is alive, as ``lock`` would."""
+    dead = tmp_path / f"{IN_PLACE_PREFIX}dead"
+    dead.mkdir(mode=0o700)
+    (dead / "lock.new").write_text("")
+    live = tmp_path / f"{IN_PLACE_PREFIX}live"
+    live.mkdir(mode=0o700)
+    fd = os.open(live / "lock.new", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert sweep_dead(tmp_path, IN_PLACE_PREFIX) == [dead]
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(fd)
