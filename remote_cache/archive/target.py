@@ -222,7 +222,7 @@ def swap_in(
     target: RestoreTarget,
     staging: Path,
     work: Path,
-    then: Callable[[], object] | None = None,
+    then: Callable[[bool], object] | None = None,
     *,
     keep_root: bool = True,
 ) -> None:
@@ -230,12 +230,14 @@ def swap_in(
     another run works inside the target: the directory stays as it is), else the directory
     exchanged whole and, with ``keep_root``, given the mode (and, as root, owner) of the one it
     replaces — an entry holds no member for its root: like ``tar -x`` into it, the directory stays
-    as it was; a new one is as ``mkdir`` makes it. Then call ``then`` under the same lock (what
-    the swap must be followed by before another run's swap)."""
+    as it was; a new one is as ``mkdir`` makes it. Then call ``then(whole)`` under the same lock
+    (what the swap must be followed by before another run's swap): ``whole`` when the staging
+    directory itself became the target, not its entries moved into the directory there."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
     with locked(target):
+        whole = False
         if target.in_place or _holds_work(target.path):
             # On overlayfs old entries are removed where they are: a directory from a lower layer
             # cannot be moved, and moving a file would copy its data up first.
@@ -254,6 +256,7 @@ def swap_in(
                     raise
                 _swap_into_unmovable(staging, target)  # (the directory stays as it is)
             else:
+                whole = True
                 if kept is not None:
                     if os.geteuid() == 0:
                         # Root without CAP_CHOWN, or in a user namespace without that id: the
@@ -265,7 +268,7 @@ def swap_in(
                                 raise
                     os.chmod(target.path, stat.S_IMODE(kept.st_mode))
         if then is not None:
-            then()
+            then(whole)
 
 
 def _swap_into_unmovable(staging: Path, target: RestoreTarget) -> None:

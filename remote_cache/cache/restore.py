@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
 
@@ -142,7 +142,7 @@ async def restore(
         window = await run.window()
         # Recorded under the target's lock, with the swap: of two restores into one target, the
         # window of the tree that stays is the one recorded last.
-        await run.swap(None if window is None else lambda: state.record_restore(path, window))
+        await run.swap(None if window is None else functools.partial(run.record, path, window))
     finally:
         # Shielded: a signal's cancellation must not skip the clean-up; and once the target holds
         # the new tree the restore is done, so a signal from then on cannot make it "interrupted".
@@ -318,7 +318,18 @@ class _Restore:
         # before the window's end, every later change's at or after it.
         return await anyio.to_thread.run_sync(self._make_window)
 
-    async def swap(self, then: Callable[[], object] | None) -> None:
+    def record(self, path: Path, window: RestoreWindow, whole: bool) -> None:
+        """Record ``window`` for ``path`` once swapped. Its entries moved into the directory there
+        (in place, or one overlayfs cannot rename): that directory is the root, the entries are
+        no whole entry (they moved after the window; what is below them did not)."""
+        if not whole:
+            try:
+                window = replace(window, root=dir_id(self._target.path), tree=None)
+            except OSError:
+                return
+        state.record_restore(path, window)
+
+    async def swap(self, then: Callable[[bool], object] | None) -> None:
         """Put the staging directory in place of the target, or its entries in the target's; then
         call ``then`` (still holding the target's lock)."""
         assert self._work is not None

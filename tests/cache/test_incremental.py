@@ -1187,3 +1187,26 @@ async def test_a_restore_onto_a_whole_second_filesystem_keeps_the_directory_s_re
             time.sleep(0.01)
         await restore(store, "k", work)
         assert state.load(work).records == records
+
+
+async def test_a_restore_into_a_directory_from_a_container_image_vouches_for_its_layers(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a directory from an overlayfs lower layer the restore swaps entries into it (it cannot
+    be renamed); its window named the staging directory as the root, which the target never is:
+    every save after such a restore packed the whole tree again. The window now names the
+    target, as an in-place restore's does (entries moved in after the window are not vouched
+    for; the files below them are)."""
+    from tests.mounts import overlay
+
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src, full=True)
+    lower = tmp_path / "image"
+    (lower / "cache" / "old").mkdir(parents=True)
+    with overlay(lower, tmp_path / "root") as root:
+        work = root / "cache"
+        await restore(store, "k", work)
+        _refuse_packing(monkeypatch)
+        again = await save(store, "k", work)
+        assert again.unchanged and again.digest == first.digest
+        assert again.layers_reused == again.layers_total
