@@ -17,6 +17,7 @@ import fcntl
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +82,11 @@ class WorkDir:
         self._made = []
 
 
+#: A work directory whose lock is still unnamed this long after its last change belongs to a run
+#: killed while making it (naming the lock takes microseconds).
+_NAMING_SECONDS = 60
+
+
 def _claim(path: Path) -> int | None:
     """The locked ``lock`` fd of ``path`` when it is a dead run's work directory (ours: 0700, our
     uid, with a lock nobody holds); else None (a live run, or not a work directory of ours)."""
@@ -88,7 +94,11 @@ def _claim(path: Path) -> int | None:
         st = os.lstat(path)
         try:
             fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:  # a run killed before naming its lock: it locked it first
+        except FileNotFoundError:
+            # A run killed before naming its lock (it locked it first) -- or one being made now,
+            # between creating ``lock.new`` and locking it: only an old directory is dead.
+            if time.time() - st.st_mtime < _NAMING_SECONDS:
+                return None
             fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None  # not ours, or still being created: leave it

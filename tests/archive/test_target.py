@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -679,16 +680,24 @@ async def test_a_swap_that_fails_half_way_is_reported_and_finished_by_the_next_r
 def test_a_run_killed_before_naming_its_lock_is_swept(tmp_path: Path) -> None:
     """Killed between locking ``lock.new`` and naming it ``lock`` (found with a SIGKILL there):
     no sweep ever claimed the directory, and inside a target it made every later restore swap
-    entries in place. Its ``lock.new`` says whether its run is alive, as ``lock`` would."""
+    entries in place. Its ``lock.new`` says whether its run is alive, as ``lock`` would -- once
+    the directory is old: a run making one now has not locked it yet (a racing save's sweep took
+    such a directory from under it: seen once in the suite, 'lock.new' -> 'lock' ENOENT)."""
     dead = tmp_path / f"{IN_PLACE_PREFIX}dead"
     dead.mkdir(mode=0o700)
     (dead / "lock.new").write_text("")
+    being_made = tmp_path / f"{IN_PLACE_PREFIX}new"  # between creating lock.new and locking it
+    being_made.mkdir(mode=0o700)
+    (being_made / "lock.new").write_text("")
     live = tmp_path / f"{IN_PLACE_PREFIX}live"
     live.mkdir(mode=0o700)
     fd = os.open(live / "lock.new", os.O_RDWR | os.O_CREAT, 0o600)
+    an_hour_ago = time.time() - 3600
+    for old in (dead, live):
+        os.utime(old, (an_hour_ago, an_hour_ago))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         assert sweep_dead(tmp_path, IN_PLACE_PREFIX) == [dead]
-        assert not dead.exists() and live.exists()
+        assert not dead.exists() and live.exists() and being_made.exists()
     finally:
         os.close(fd)
