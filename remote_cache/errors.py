@@ -8,6 +8,10 @@ RemoteCacheError
 │   └── BrokenEntry         the key's entry names a document that is gone
 ├── CacheTooLarge           a directory over the size limit: refused before any upload
 ├── TreeTooDeep             a directory nested deeper than the archive layer handles
+├── UnsuitableTarget        a restore target that cannot work (said before any download)
+├── UnfinishedSwap          a target left half-replaced by a swap that could not finish
+├── NoSpace                 not enough room where a restore or save writes
+├── TreeChanged             a file changed while a save read it
 ├── StoreError              talking to a store went wrong
 │   ├── StoreAuthError      missing or wrong credentials, or not allowed
 │   │   └── RegistryAuthError   a registry's 401/403
@@ -60,6 +64,7 @@ __all__ = [
     "StoreUnreachable",
     "TreeChanged",
     "TreeTooDeep",
+    "UnfinishedSwap",
     "UnsafeArchive",
     "UnsuitableTarget",
     "UnsupportedOperation",

@@ -395,6 +395,7 @@ class Extractor:
                     os.fchown(fd, uid, gid)
                 except OSError as exc:
                     self._cannot_chown(exc)
+                    mode &= self._mode_mask  # (no set-ID bits on a file of ours)
             if chmod:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
@@ -545,10 +546,11 @@ class Extractor:
     def _cannot_chown(self, exc: OSError) -> None:
         """Root that may not give owners (a user namespace whose map lacks the id: EINVAL; no
         CAP_CHOWN: EPERM) restores as any other user does: the files are its own from here on,
-        with one warning, and the tree is no exact copy of the entry."""
+        without set-ID or sticky bits, with one warning, and the tree is no exact copy."""
         if exc.errno not in (errno.EPERM, errno.EINVAL):
             raise exc
         self._owner = False
+        self._mode_mask = 0o777  # as tar does: no set-ID or sticky bits without the owner
         self.stats.exact = False
         log.warning(
             "cannot give restored files the owners the entry holds (%s): they are this user's, as "

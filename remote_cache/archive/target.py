@@ -134,7 +134,8 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
     in_place = is_cwd or _is_mount_point(resolved) or not _writable(resolved.parent)
     if not _writable(resolved) and (in_place or not os.listdir(resolved)):
         raise UnsuitableTarget(f"cannot write into {given}: check its permissions")
-    _check_removable(resolved)
+    if in_place:
+        _check_movable(resolved)
     if is_cwd and not force and any(not is_in_place_work(n) for n in os.listdir(resolved)):
         raise UnsuitableTarget(
             f"{given} is the current directory and not empty: a restore replaces everything in it; "
@@ -209,12 +210,21 @@ def _sweep_in_place(target: RestoreTarget) -> list[Path]:
     died half-way through a swap, leaving a mix only that user can finish, so UnfinishedSwap."""
     removed = sweep_dead(target.path, IN_PLACE_PREFIX, recover=_finisher(target))
     for name in os.listdir(target.path):
-        if is_in_place_work(name) and (owner := os.lstat(target.path / name).st_uid) != os.geteuid():
-            raise UnfinishedSwap(
-                f"{target.path} holds the work of a restore by another user (uid {owner}, {name}), "
-                "which is running or stopped half-way through replacing its entries; let it finish, "
-                "or run the restore again as that user, or remove the directory"
-            )
+        if not is_in_place_work(name):
+            continue
+        try:
+            if (owner := os.lstat(target.path / name).st_uid) == os.geteuid():
+                continue
+            os.lstat(target.path / name / JOURNAL)
+        except FileNotFoundError:
+            continue  # gone (its run ended), or not swapping: it downloads, or died before
+        except OSError:
+            pass  # cannot be looked into: it may be swapping
+        raise UnfinishedSwap(
+            f"{target.path} holds the work of a restore by another user (uid {owner}, {name}) that "
+            "may be half-way through replacing its entries; let it finish, or run the restore "
+            "again as that user"
+        )
     return removed
 
 
@@ -237,15 +247,15 @@ def swap_in(
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
     with locked(target):
+        # A swap another run journaled and could not finish goes first: finished after ours, it
+        # would put part of its tree over ours.
+        if target.path.is_dir():
+            _sweep_in_place(target)
         whole = False
-        if target.in_place or _holds_work(target.path):
-            # On overlayfs old entries are removed where they are: a directory from a lower layer
-            # cannot be moved, and moving a file would copy its data up first.
-            remove_old = filesystem_type(target.path) == "overlay"
-            if not remove_old:
-                _check_movable(target.path)
-            with _finishing(target):
-                swap_entries(staging, target.path, work, keep=is_in_place_work, remove_old=remove_old)
+        if target.in_place:
+            _swap_entries(staging, target, work, remove_old=_on_overlay(target.path))
+        elif _holds_work(target.path):
+            _swap_into_unmovable(staging, target, remove_old=_on_overlay(target.path))
         else:
             # Read under the lock, just before the exchange: what the directory is now.
             kept = _stat_or_none(target.path) if keep_root else None
@@ -254,7 +264,7 @@ def swap_in(
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                _swap_into_unmovable(staging, target)  # (the directory stays as it is)
+                _swap_into_unmovable(staging, target, remove_old=True)  # (the directory stays)
             else:
                 whole = True
                 if kept is not None:
@@ -271,31 +281,54 @@ def swap_in(
             then(whole)
 
 
-def _swap_into_unmovable(staging: Path, target: RestoreTarget) -> None:
-    """Swap ``staging``'s entries into a target directory that cannot be renamed though its
-    parent is writable: on overlayfs without ``redirect_dir`` (Docker's overlay2), a directory
-    from a lower layer -- a cache baked into a container's image -- gives EXDEV. Staging moves
-    into an in-place work directory first, where the journal goes, so that a kill half-way is
-    finished by the next restore or save as any in-place swap is; the old entries are removed,
-    not moved (a lower directory cannot be moved either)."""
+def _on_overlay(path: Path) -> bool:
+    """Whether ``path`` is on overlayfs, where old entries are removed where they are: a directory
+    from a lower layer cannot be moved, and moving a file would copy its data up first."""
+    return filesystem_type(path) == "overlay"
+
+
+def _swap_into_unmovable(staging: Path, target: RestoreTarget, *, remove_old: bool) -> None:
+    """Swap ``staging``'s entries into a target directory that is not to be exchanged whole:
+    one overlayfs without ``redirect_dir`` (Docker's overlay2) cannot rename (EXDEV: a directory
+    from a lower layer, a cache baked into a container's image), or one holding another run's
+    work. Staging moves into an in-place work directory first, where the journal goes (where a
+    save and the next restore look), as for any in-place swap."""
     work = WorkDir(target.path, IN_PLACE_PREFIX)
     try:
         os.rename(staging, work.path / "new")
-        with _finishing(target):
-            swap_entries(work.path / "new", target.path, work.path, keep=is_in_place_work, remove_old=True)
+        _swap_entries(work.path / "new", target, work.path, remove_old=remove_old)
     finally:
         work.close()  # (kept while its journal says the swap is unfinished)
 
 
+def _swap_entries(staging: Path, target: RestoreTarget, work: Path, *, remove_old: bool) -> None:
+    """The entry swap, after the checks that can refuse it with nothing changed yet."""
+    if remove_old:
+        _check_removable(target.path)
+    else:
+        _check_movable(target.path)
+    try:
+        swap_entries(staging, target.path, work, keep=is_in_place_work, remove_old=remove_old)
+    except OSError as exc:
+        if not os.path.lexists(work / JOURNAL):
+            raise  # before the journal: nothing changed
+        # Never undone: the next run finishes it once the cause is gone (see _finisher).
+        raise _unfinished(target, exc) from exc
+
+
 def _check_removable(path: Path) -> None:
-    """As a user other than root, refuse (UnsuitableTarget) an existing tree with a directory
-    below it that is neither ours (to make writable) nor writable: its entries could not be
-    removed, and the restore would fail after the swap, or half-way through one in place."""
+    """As a user other than root, refuse (UnsuitableTarget) a target whose entries are to be
+    removed where they are with a directory below it neither ours (to make writable) nor
+    writable: the swap would fail half-way. (Work directories are no entries; what vanishes or
+    cannot be read meanwhile is left to the removal itself.)"""
     if os.geteuid() == 0:
         return
-    for parent, dirs, _ in os.walk(path, onerror=_raise):
+    for parent, dirs, _ in os.walk(path):
+        if parent == os.fspath(path):
+            dirs[:] = [d for d in dirs if not is_in_place_work(d)]
         for name in dirs:
-            _refuse_unless(path, Path(parent, name), os.R_OK | os.W_OK | os.X_OK)
+            with contextlib.suppress(FileNotFoundError):
+                _refuse_unless(path, Path(parent, name), os.R_OK | os.W_OK | os.X_OK)
 
 
 def _check_movable(path: Path) -> None:
@@ -311,7 +344,7 @@ def _check_movable(path: Path) -> None:
             continue
         st = os.lstat(entry)
         if top.st_mode & stat.S_ISVTX and os.geteuid() not in (st.st_uid, top.st_uid):
-            _refuse(path, entry, st, "is another user's in a sticky directory")
+            _refuse(path, entry, st, "is another user's, in a sticky directory not this user's")
         if stat.S_ISDIR(st.st_mode):
             _refuse_unless(path, entry, os.W_OK)
 
@@ -320,29 +353,15 @@ def _refuse_unless(target: Path, d: Path, mode: int) -> None:
     """Refuse unless directory ``d`` is ours or allows ``mode`` (a symlink to one never matters)."""
     st = os.lstat(d)
     if stat.S_ISDIR(st.st_mode) and st.st_uid != os.geteuid() and not os.access(d, mode):
-        _refuse(target, d, st, "is not writable")
+        _refuse(target, d, st, "is not writable by this user")
 
 
 def _refuse(target: Path, entry: Path, st: os.stat_result, why: str) -> None:
     raise UnsuitableTarget(
-        f"cannot restore into {target}: {entry} (owner uid {st.st_uid}) {why} by this user (uid "
-        f"{os.geteuid()}), and a restore replaces everything in the directory; give it to this "
-        "user, or restore somewhere else"
+        f"cannot restore into {target} as uid {os.geteuid()}: {entry} (owner uid {st.st_uid}) {why}, "
+        "and a restore replaces everything in the directory; give it to this user, or restore "
+        "somewhere else"
     )
-
-
-def _raise(exc: OSError) -> None:
-    raise exc
-
-
-@contextlib.contextmanager
-def _finishing(target: RestoreTarget) -> Iterator[None]:
-    """Turn an error after a swap's journal was written into UnfinishedSwap: never undone, the
-    swap is finished by the next run once the cause is gone (see :func:`_finisher`)."""
-    try:
-        yield
-    except OSError as exc:
-        raise _unfinished(target, exc) from exc
 
 
 def _unfinished(target: RestoreTarget, exc: OSError) -> UnfinishedSwap:

@@ -478,10 +478,9 @@ def _spool_dir(tree: Path) -> WorkDir:
     # current directory: not when that is in the tree saved (the spool would be read with it).
     resolved, root = os.path.realpath(tmp), os.path.realpath(tree)
     if resolved == root or resolved.startswith(root.rstrip("/") + "/"):
-        raise RemoteCacheError(
-            f"no writable temporary directory outside {tree} (/tmp, /var/tmp and /usr/tmp are not "
-            f"writable, and the current directory is in it): {fix}"
-        )
+        named = next((f"${v}" for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)), None)
+        why = f"{named} names it" if named else "/tmp, /var/tmp and /usr/tmp are not writable"
+        raise RemoteCacheError(f"the temporary directory {tmp} is inside {tree} ({why}): {fix}")
     sweep_dead(tmp, SPOOL_PREFIX)
     return WorkDir(tmp, SPOOL_PREFIX)
 

@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 from remote_cache.archive.swap import discard_dir
-from remote_cache.archive.target import IN_PLACE_PREFIX, clean_leftovers, plan_target, swap_in
+from remote_cache.archive.target import IN_PLACE_PREFIX, RestoreTarget, clean_leftovers, plan_target, swap_in
 from remote_cache.archive.workdirs import WorkDir, is_in_place_work, sweep_dead
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
@@ -701,3 +701,62 @@ def test_a_run_killed_before_naming_its_lock_is_swept(tmp_path: Path) -> None:
         assert not dead.exists() and live.exists() and being_made.exists()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("after", [3, 9])
+def test_a_swap_left_journaled_is_finished_before_another_restore_swaps(tmp_path: Path, after: int) -> None:
+    """A restore's swap stopped half-way with its journal kept (here: killed), while another
+    restore of the same target, begun before, was extracting: that one swapped its tree in
+    without finishing the first, which the next run then finished over it -- a mix of the two,
+    which a save stored. The journaled swap is finished first, under the lock."""
+    target, _ = _killed_swap(tmp_path, after)
+    later = _tree(tmp_path / "later", "later")
+    expected = snapshot(later)
+    work = WorkDir(tmp_path, ".target.remote-cache-")
+    try:
+        staging = work.path / "new"
+        os.rename(later, staging)
+        swap_in(RestoreTarget(target, in_place=False), staging, work.path)
+    finally:
+        work.close()
+    clean_leftovers(plan_target(target))  # what the next run does first
+    assert snapshot(target) == expected
+
+
+def test_another_users_work_without_a_journal_does_not_stop_root(tmp_path: Path) -> None:
+    """A dead (or downloading) restore of uid 65534 left its work in the target, no journal: it
+    never began to swap. Root's restore and save refused ("another user ... half-way"), though
+    root can see there is nothing to finish. Now they go on, leaving that work alone."""
+    store = LayoutStore(tmp_path / "layout")
+    src = _tree(tmp_path / "src", "new")
+    anyio.run(save, store, "k", src)
+    target = _tree(tmp_path / "target", "old")
+    foreign = target / f"{IN_PLACE_PREFIX}0123456789ab"
+    foreign.mkdir(mode=0o700)
+    (foreign / "lock").write_text("")
+    give_to_nobody(foreign)
+    anyio.run(restore, store, "k", target)
+    assert sorted(p.name for p in target.iterdir() if not is_in_place_work(p.name)) == sorted(
+        p.name for p in src.iterdir()
+    )
+    assert foreign.exists()
+    assert anyio.run(save, store, "k", target).unchanged
+
+
+def test_a_directory_of_ones_own_that_one_cannot_read_is_no_reason_to_refuse() -> None:
+    """uid 65534 restoring over its own tree holding a directory it made unreadable (mode 000):
+    the check before downloading raised a raw EACCES (exit 1), where the restore used to make it
+    writable and remove it. It does again (the check walked every directory of the old tree,
+    seconds on big trees, and raced other restores swapping the tree away)."""
+    base = _shared_base()
+    try:
+        anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
+        give_to_nobody(base / "layout")
+        old = _tree(base / "t1", "old")
+        (old / "sub" / "locked").mkdir(parents=True)
+        give_to_nobody(old)
+        (old / "sub" / "locked").chmod(0o000)
+        assert _as_nobody(base, restore, Path("t1")) == ""
+        assert_same_tree(base / "src", base / "t1")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -1137,12 +1137,15 @@ def test_root_that_may_not_give_owners_restores_as_any_user_does(
     """Root in a user namespace mapping only itself (rootless containers: EINVAL for another
     id), or root with its capabilities dropped (``--cap-drop=ALL``: EPERM): the restore failed on
     the first file of another owner, and over a directory of another owner failed after the swap
-    with its mode lost. Now the files are root's own (one warning), their modes and the replaced
-    directory's mode as they should be."""
+    with its mode lost. Now the files are root's own (one warning), without set-ID bits, their
+    modes and the replaced directory's mode as they should be."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     src = small_tree(tmp_path / "src")
+    (src / "suid").write_text("#!/bin/sh\n")
+    (src / "suid").chmod(0o4755)
     subprocess.run(["chown", "-R", "-h", "1000:1000", str(src)], check=True)
+    (src / "suid").chmod(0o4755)  # (chown clears it)
     layout = f"oci:{tmp_path / 'layout'}:k"
     assert cli("save", str(src), layout, "-q").returncode == 0
     target = tmp_path / "target"
@@ -1155,6 +1158,10 @@ def test_root_that_may_not_give_owners_restores_as_any_user_does(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert any("cannot give restored files the owners" in w for w in warnings(proc.stderr))
+    # Root's own now, so without its set-user-ID bit (it kept it: a setuid-root file).
+    assert stat.S_IMODE((target / "suid").stat().st_mode) == 0o755
+    (src / "suid").unlink()
+    (target / "suid").unlink()
     assert_same_tree(src, target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o2777
 
