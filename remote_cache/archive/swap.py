@@ -165,6 +165,21 @@ def swap_entries(
     finish_swap(work, target)
 
 
+def _move(src: Path, dst: Path) -> None:
+    """Rename ``src`` into another directory. A directory moves to another parent only if its
+    mover may write it (its ``..`` changes), its owner too: one of ours without that bit (a Go
+    module cache's 0555) gets it for the move (a kill right then leaves it writable)."""
+    try:
+        os.rename(src, dst)
+    except PermissionError:
+        st = os.lstat(src)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & stat.S_IWUSR:
+            raise
+        os.chmod(src, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+        os.rename(src, dst)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+
+
 def finish_swap(work: Path, target: Path) -> None:
     """Carry out (or finish, after a kill) the swap journaled in ``work``; every step is idempotent.
 
@@ -182,7 +197,7 @@ def finish_swap(work: Path, target: Path) -> None:
             continue  # moved in already: this is the new one
         if not remove:
             try:
-                os.rename(target / name, old / name)
+                _move(target / name, old / name)
                 continue
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
@@ -191,5 +206,5 @@ def finish_swap(work: Path, target: Path) -> None:
         discard_dir(target / name)  # a kill half-way leaves part of it: removed on the next run
     for name in journal["new"]:
         if os.path.lexists(staging / name):
-            os.rename(staging / name, target / name)
+            _move(staging / name, target / name)
     os.unlink(work / JOURNAL)  # finished: the work directory may go (see WorkDir.close)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -759,4 +760,30 @@ def test_a_directory_of_ones_own_that_one_cannot_read_is_no_reason_to_refuse() -
         assert _as_nobody(base, restore, Path("t1")) == ""
         assert_same_tree(base / "src", base / "t1")
     finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_read_only_directories_of_ones_own_are_swapped_in_place_as_another_user() -> None:
+    """uid 65534 restoring in place (its own volume) an entry whose top level holds a 0555
+    directory, over a tree holding one too (a Go module cache's read-only directories): moving a
+    directory to another parent needs write permission on it, its owner's too, so the swap failed
+    after its journal, and every later restore and save of the volume refused. The owner gives
+    itself that bit for the move, and the directory keeps its mode."""
+    base = _shared_base()
+    try:
+        src = _tree(base / "src", "new")
+        (src / "mod" / "x").mkdir(parents=True)
+        give_to_nobody(src)
+        (src / "mod").chmod(0o555)
+        anyio.run(save, LayoutStore(base / "layout"), "k", src)
+        give_to_nobody(base / "layout")
+        with tmpfs(base / "mnt", "mode=755", "uid=65534") as mnt:
+            (mnt / "gomod" / "y").mkdir(parents=True)
+            give_to_nobody(mnt / "gomod")
+            (mnt / "gomod").chmod(0o555)
+            assert _as_nobody(base, restore, Path("mnt")) == ""
+            assert_same_tree(src, mnt)
+            assert stat.S_IMODE((mnt / "mod").stat().st_mode) == 0o555
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
         shutil.rmtree(base, ignore_errors=True)
