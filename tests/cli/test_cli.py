@@ -1177,7 +1177,10 @@ def test_a_save_never_spools_into_the_tree_it_saves(tmp_path: Path, pycache: Pat
     try:
         small_tree(base / "tree")
         env = {k: v for k, v in clean_env(tmp_path, pycache).items() if k not in ("TMPDIR", "TEMP", "TMP")}
-        read_only_tmp = 'mount -t tmpfs -o ro tmpfs /tmp && mount -t tmpfs -o ro tmpfs /var/tmp && exec "$@"'
+        read_only_tmp = (  # (kept readable: a checkout, its venv, may live under /tmp)
+            "for d in /tmp /var/tmp; do mount --bind $d $d && mount -o remount,bind,ro $d || exit 9; done"
+            ' && exec "$@"'
+        )
 
         def save_from(cwd: Path, tree: str) -> subprocess.CompletedProcess[str]:
             command = [str(CLI), "save", "-q", tree, f"oci:{base / 'layout'}:k"]
