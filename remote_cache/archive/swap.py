@@ -16,12 +16,17 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from ..errors import os_reason
+
+log = logging.getLogger("remote_cache")
 
 __all__ = [
     "JOURNAL",
@@ -92,17 +97,34 @@ def replace_dir(staging: Path, target: Path) -> None:
         return
     if target.is_symlink() or not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory; remove it or pick another path")
-    if _exchange(staging, target):
-        discard_dir(staging)  # now holds the old contents
-        return
     old = target.parent / f".{sibling_stem(target.name)}.old-{secrets.token_hex(6)}"
+    if _exchange(staging, target):
+        _discard_old(staging, old)  # staging now holds the old contents
+        return
     os.rename(target, old)
     try:
         os.rename(staging, target)
     except BaseException:
         os.rename(old, target)
         raise
-    discard_dir(old)
+    _discard_old(old, old)
+
+
+def _discard_old(path: Path, aside: Path) -> None:
+    """Remove the replaced tree at ``path``; where that fails (a user other than root meeting
+    another user's directory in it) the new tree is in place all the same: the old one is left
+    at ``aside``, named in a warning, not failing the restore."""
+    try:
+        discard_dir(path)
+    except OSError as exc:
+        if path != aside:
+            _move(path, aside)  # out of the work directory, which goes
+        log.warning(
+            "the new tree is in place, but the old one could not be removed (%s): it is left at %s; "
+            "remove it as its owner",
+            os_reason(exc),
+            aside,
+        )
 
 
 def _make_writable_tree(pfd: int | None, base: str) -> None:

@@ -787,3 +787,27 @@ def test_read_only_directories_of_ones_own_are_swapped_in_place_as_another_user(
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_old_tree_another_user_partly_owns_is_left_aside_with_a_warning() -> None:
+    """uid 65534 restoring over its own cache directory holding a directory of root's with files
+    in it (a step run as root wrote there): the new tree went in place, then removing the old
+    one failed -- exit 1 with the new tree in place, and the old tree left in a work directory
+    no sweep could remove. The restore succeeds now, leaving the old tree beside the target,
+    named in a warning."""
+    base = _shared_base()
+    try:
+        anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
+        give_to_nobody(base / "layout")
+        home = base / "home"
+        old = _tree(home / "cache", "old")
+        give_to_nobody(home)
+        (old / "roots").mkdir()
+        (old / "roots" / "f").write_text("root's")
+        assert _as_nobody(base, restore, Path("home/cache")) == ""
+        assert_same_tree(base / "src", home / "cache")
+        [aside] = [p for p in home.iterdir() if p.name.startswith(".cache.old-")]
+        assert (aside / "roots" / "f").read_text() == "root's"
+        assert [p.name for p in home.iterdir() if "remote-cache" in p.name] == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
