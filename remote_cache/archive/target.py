@@ -9,7 +9,7 @@ directory from a lower layer of an overlayfs: a cache baked into a container's i
 entries are swapped as in place. What cannot work is refused with the reason: a file, a
 directory we cannot write, a non-empty current directory unless asked (``force``), a directory
 with something mounted inside it (removing the old tree would empty the mount), and for a user
-other than root an old tree holding a directory neither ours nor writable. Leftovers of runs
+other than root an in-place target with a top-level entry it cannot move out. Leftovers of runs
 that died are cleaned first (:mod:`.workdirs`), finishing a journaled swap; a swap that cannot be
 finished (or another user's, which cannot be looked into) is UnfinishedSwap for every restore
 and save of the target until one can.

@@ -13,8 +13,8 @@ evidence recorded on this machine, of one of two kinds:
   extracted them, both read from the target filesystem's own clock (:func:`fs_clock_ns`, the
   ctime it gives a probe file in the restore's work directory): ``start`` before extraction,
   ``end`` from :func:`fs_settle` once every file was written, before the staging directory is
-  swapped into place. A planned layer whose portable listing equals a recorded layer's, whose regular
-  files all have ``start <= ctime < end`` and whose files' directories are the inodes the
+  swapped into place. A planned layer whose portable listing equals a recorded layer's, whose
+  regular files all have ``start <= ctime < end`` and whose files' directories are the inodes the
   restore wrote them into is that layer, because: the staging directory is 0700 and private
   during the window, so only the extraction wrote files there; a file modified after the swap
   gets a ctime at or after ``end``; a file moved or linked in later gets a new ctime too
@@ -47,23 +47,22 @@ directory moves some entry's ctime out of it. The directory's own ctime moved at
 entries are compared by name; and nothing may be mounted below it (a mount shows other inodes
 and moves no ctime: :func:`~remote_cache.archive.mounts.mounts_below`). Only a restore that gave
 every entry the mode bits and owner the entry holds records it (a user other than root restoring
-root's files does not), and the walk's
-counts of entries and regular files, their bytes, and the sums of the modes and mtimes must agree
-with what the restore gave (a filesystem may keep another mtime, the kernel clear a set-ID bit).
+root's files does not), and the walk's counts of entries and regular files, their bytes, and the
+sums of the modes and mtimes must agree with what the restore gave (a filesystem may keep another
+mtime, the kernel clear a set-ID bit).
 
 The restore window's bounds are ctimes the target filesystem gave, never this machine's clock: a
 filesystem that stamps ctimes from another clock (a network filesystem's server) gets a window in
 its own time, so a change made after the restore lies outside it however far the clocks differ --
 where one clock stamps every ctime (not so where each client stamps its own, as some distributed
-filesystems let them).
-A filesystem clock stepped back after a restore stays a limit: a change could then get a ctime
-inside the window; the counts, bytes, modes and mtimes (and, per layer, the listings) catch most
-such changes, not a same-size edit with its mtime put back. ``--full`` reads every file. A save's
-own bound (:func:`clock_ns`, for the local listings and the tree fingerprint) is this machine's
-clock: the save writes nothing on the tree's filesystem to read it from. With a filesystem clock
-behind it, a file changed twice within one of that filesystem's timestamp ticks around a save's
-walk could keep its ctime (where reading a ctime makes the next one finer, as on Linux 6.13 and
-later for local filesystems, it cannot).
+filesystems let them). A filesystem clock stepped back after a restore stays a limit: a change
+could then get a ctime inside the window; the counts, bytes, modes and mtimes (and, per layer, the
+listings) catch most such changes, not a same-size edit with its mtime put back. ``--full`` reads
+every file. A save's own bound (:func:`clock_ns`, for the local listings and the tree fingerprint)
+is this machine's clock: the save writes nothing on the tree's filesystem to read it from. With a
+filesystem clock behind it, a file changed twice within one of that filesystem's timestamp ticks
+around a save's walk could keep its ctime (where reading a ctime makes the next one finer, as on
+Linux 6.13 and later for local filesystems, it cannot).
 
 The evidence of a directory is kept on disk by :mod:`.state`.
 """
@@ -300,7 +299,8 @@ class RestoreWindow:
     #: :func:`fs_settle` after the last file was written, before the swap: every extracted file
     #: trusted has a ctime before it, every later change one at or after it.
     end_ns: int
-    #: (st_dev, st_ino) of the restored directory (the staging directory swapped into place).
+    #: (st_dev, st_ino) of the restored directory: the staging directory swapped into place, or
+    #: the directory there when the entries moved into it (in place).
     root: tuple[int, int]
     #: (portable listing, media type) -> the image layer with that listing annotation.
     layers: dict[tuple[str, str], LayerRecord]
@@ -382,9 +382,6 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
         and names_digest(identity.top) == tree.names
         and _in_window(window, itertools.islice(identity.ctimes, 1, None))
     )
-
-
-#: An octal escape in /proc/self/mountinfo.
 
 
 def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:
