@@ -1,5 +1,5 @@
-"""What Linux says is mounted where (``/proc/self/mountinfo``): whether anything is mounted below
-a directory, and the type of the filesystem a directory is on."""
+"""What Linux says is mounted where (``/proc/self/mountinfo``): whether a directory is a mount
+point, whether anything is mounted below it, and the type of the filesystem it is on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["filesystem_type", "mount_points", "mount_points_now", "mounts", "mounts_below"]
+__all__ = ["filesystem_type", "is_mount_point", "mount_points", "mounts", "mounts_below"]
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 _MOUNTINFO = "/proc/self/mountinfo"
@@ -44,10 +44,13 @@ def _read() -> list[tuple[bytes, str]] | None:
         return None
 
 
-def mount_points_now() -> list[bytes] | None:
-    """This process's mount points now; None when they cannot be read (no ``/proc``)."""
+def is_mount_point(path: Path) -> bool:
+    """Whether ``path`` (resolved) is a mount point: by its device (another filesystem's root),
+    or as mountinfo lists it (a bind mount from the same filesystem keeps the device)."""
+    if os.path.ismount(path):
+        return True
     found = _read()
-    return None if found is None else [point for point, _ in found]
+    return found is not None and any(point == os.fsencode(path) for point, _ in found)
 
 
 def mounts_below(path: Path) -> list[bytes] | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnfinishedSwap, UnsuitableTarget
-from .mounts import filesystem_type, mount_points_now, mounts_below
+from .mounts import filesystem_type, is_mount_point, mounts_below
 from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, sibling_stem, swap_entries
 from .workdirs import IN_PLACE_PREFIX, WorkDir, is_in_place_work, sweep_dead
 
@@ -85,12 +85,6 @@ def nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
-def _is_mount_point(path: Path) -> bool:
-    """Whether ``path`` is a mount point: by its device (another filesystem's root), or as
-    mountinfo lists it (a bind mount from the same filesystem, which keeps the device)."""
-    return os.path.ismount(path) or os.fsencode(path) in (mount_points_now() or ())
-
-
 def _cwd() -> Path | None:
     """The resolved current directory; None when it has been removed (its path is gone)."""
     try:
@@ -131,7 +125,7 @@ def plan_target(path: Path, *, force: bool = False) -> RestoreTarget:
             f"cannot restore into {given}: {os.fsdecode(mounted[0])} is mounted inside it, and a "
             "restore replaces everything in the directory; unmount it, or restore somewhere else"
         )
-    in_place = is_cwd or _is_mount_point(resolved) or not _writable(resolved.parent)
+    in_place = is_cwd or is_mount_point(resolved) or not _writable(resolved.parent)
     if not _writable(resolved) and (in_place or not os.listdir(resolved)):
         raise UnsuitableTarget(f"cannot write into {given}: check its permissions")
     if in_place:
