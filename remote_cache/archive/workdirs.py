@@ -88,8 +88,9 @@ _NAMING_SECONDS = 60
 
 
 def _claim(path: Path) -> int | None:
-    """The locked ``lock`` fd of ``path`` when it is a dead run's work directory (ours: 0700, our
-    uid, with a lock nobody holds); else None (a live run, or not a work directory of ours)."""
+    """The locked ``lock`` (or, a minute old, ``lock.new``) fd of ``path`` when it is a dead
+    run's work directory (ours: 0700, our uid, with a lock nobody holds); else None (a live run,
+    or not a work directory of ours)."""
     try:
         st = os.lstat(path)
         try:

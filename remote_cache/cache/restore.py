@@ -527,7 +527,7 @@ class _Restore:
 
     def _close_feeds(self, ok: bool) -> None:
         for feed in self._feeds:
-            # Wake an extraction thread still waiting on a feed (the task group was cancelled).
+            # Wake a decompression thread still waiting on a feed (a cancel's task did already).
             feed.finish(None if ok else Aborted())
             feed.close()
 
