@@ -42,7 +42,7 @@ from typing import BinaryIO
 from ..errors import ImageFormatError, UnsafeArchive
 from .decompress import EndOfLayers, Feeder
 from .reader import LayerReader
-from .swap import remove_tree_at
+from .swap import owner_refused, remove_tree_at
 from .tar import DIR, FILE, MAX_DEPTH, REGULAR_TYPES, SYMLINK, WHITEOUT_PREFIX, HeaderDecoder, display
 
 log = logging.getLogger("remote_cache")
@@ -544,10 +544,10 @@ class Extractor:
         self._stopped = reason
 
     def _cannot_chown(self, exc: OSError) -> None:
-        """Root that may not give owners (a user namespace whose map lacks the id: EINVAL; no
-        CAP_CHOWN: EPERM) restores as any other user does: the files are its own from here on,
+        """Root that may not give owners (:func:`~.swap.owner_refused`) restores as any other user
+        does: the files are its own from here on,
         without set-ID or sticky bits, with one warning, and the tree is no exact copy."""
-        if exc.errno not in (errno.EPERM, errno.EINVAL):
+        if not owner_refused(exc):
             raise exc
         self._owner = False
         self._mode_mask = 0o777  # as tar does: no set-ID or sticky bits without the owner
@@ -556,7 +556,7 @@ class Extractor:
             "cannot give restored files the owners the entry holds (%s): they are this user's, as "
             "in a restore by a user other than root (no CAP_CHOWN, or a user namespace without "
             "those ids)",
-            os.strerror(exc.errno),
+            exc.strerror,
         )
 
     def _given(self, mode: int, uid: int, gid: int, mtime_ns: int) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "JOURNAL",
     "discard_dir",
     "finish_swap",
+    "owner_refused",
     "remove_tree_at",
     "replace_dir",
     "sibling_stem",
@@ -107,18 +108,26 @@ def replace_dir(staging: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    _discard_old(old, old)
+    _discard_old(old)
 
 
-def _discard_old(path: Path, aside: Path) -> None:
+def owner_refused(exc: OSError) -> bool:
+    """Whether a chown failed because root may not give that owner here: a user namespace whose
+    map lacks the id (EINVAL), no CAP_CHOWN (EPERM)."""
+    return exc.errno in (errno.EPERM, errno.EINVAL)
+
+
+def _discard_old(path: Path, aside: Path | None = None) -> None:
     """Remove the replaced tree at ``path``; where that fails (a user other than root meeting
     another user's directory in it) the new tree is in place all the same: the old one is left
-    at ``aside``, named in a warning, not failing the restore."""
+    there (moved to ``aside`` first, when given), named in a warning, not failing the restore."""
     try:
         discard_dir(path)
     except OSError as exc:
-        if path != aside:
+        if aside is not None:
             _move(path, aside)  # out of the work directory, which goes
+        else:
+            aside = path
         log.warning(
             "the new tree is in place, but the old one could not be removed (%s): it is left at %s; "
             "remove it as its owner",

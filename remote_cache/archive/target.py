@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..errors import UnfinishedSwap, UnsuitableTarget
 from .mounts import filesystem_type, is_mount_point, mounts_below
-from .swap import JOURNAL, discard_dir, finish_swap, replace_dir, sibling_stem, swap_entries
+from .swap import JOURNAL, discard_dir, finish_swap, owner_refused, replace_dir, sibling_stem, swap_entries
 from .workdirs import IN_PLACE_PREFIX, WorkDir, is_in_place_work, sweep_dead
 
 __all__ = [
@@ -230,8 +230,9 @@ def swap_in(
     *,
     keep_root: bool = True,
 ) -> None:
-    """Put the finished ``staging`` tree at the target: its entries swapped in (in place, or while
-    another run works inside the target: the directory stays as it is), else the directory
+    """Put the finished ``staging`` tree at the target: its entries swapped in (in place, while
+    another run works inside the target, or where overlayfs cannot rename the directory: it
+    stays as it is), else the directory
     exchanged whole and, with ``keep_root``, given the mode (and, as root, owner) of the one it
     replaces — an entry holds no member for its root: like ``tar -x`` into it, the directory stays
     as it was; a new one is as ``mkdir`` makes it. Then call ``then(whole)`` under the same lock
@@ -268,7 +269,7 @@ def swap_in(
                         try:
                             os.chown(target.path, kept.st_uid, kept.st_gid)
                         except OSError as exc:
-                            if exc.errno not in (errno.EPERM, errno.EINVAL):
+                            if not owner_refused(exc):
                                 raise
                     os.chmod(target.path, stat.S_IMODE(kept.st_mode))
         if then is not None:
