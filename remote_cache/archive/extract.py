@@ -373,14 +373,13 @@ class Extractor:
         self._parents.add(parent)
         if path in self._kinds:
             self._remove(pfd, base, path)  # (the parent's descriptor stays open)
-        foreign = (uid, gid) != self._new_ids
-        stats = self.stats  # (_given, inlined: the hot path)
-        if mode & ~self._mode_mask or (foreign and not self._owner):
+        stats = self.stats  # (_given, inlined: the hot path; once not exact, nothing to test)
+        if stats.exact and (mode & ~self._mode_mask or (not self._owner and (uid, gid) != self._new_ids)):
             stats.exact = False
         stats.modes += _S_IFREG | mode
         stats.mtimes_ns += mtime_ns
         mode &= self._mode_mask
-        chown = self._owner and foreign
+        chown = self._owner and (uid, gid) != self._new_ids
         if mode & ~self._keep_bits:
             # Bits the umask would drop, or setuid/setgid/sticky (which chown would clear).
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
