@@ -89,13 +89,8 @@ def _bulk(root: Path, count: int = 8) -> Path:
             (pkg / f"f{j}.bin").write_bytes(bytes([i, j]) * 4000)
     (root / "pkg0" / "link").symlink_to("f0.bin")
     _backdate(root)
-    _settle()
-    return root
-
-
-def _settle() -> None:
-    """Let the ctime clock move past what was just written (a save records only settled files)."""
     settle_ctimes()
+    return root
 
 
 def _fake_npm_edit(path: Path, content: bytes) -> None:
@@ -190,7 +185,7 @@ async def test_unchanged_resave_reads_and_pushes_nothing(
         # Move the root's ctime (its mtime is put back): the tree shortcut no longer applies,
         # so this exercises the per-layer local listings.
         os.utime(src, (_PAST, _PAST))
-        _settle()
+        settle_ctimes()
         proxy.clear()
         again = await save(store, "k", src)
         assert proxy.count("GET", "/manifests/") > 0  # the long way: the entry was compared
@@ -387,7 +382,7 @@ async def test_damaged_state_means_packing_never_an_error(
         state_file.write_bytes(b" " * (state.MAX_STATE_BYTES + 1) + body)
     target = src / "pkg1" / "f1.bin"
     _fake_npm_edit(target, b"Q" * 8000)
-    _settle()  # so that this save may record the edited layer too
+    settle_ctimes()  # so that this save may record the edited layer too
     pack_calls.clear()
     again = await save(store, "k", src)
     assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
@@ -693,7 +688,7 @@ async def test_an_npm_style_edit_defeats_the_tree_shortcut(
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
     _fake_npm_edit(src / "pkg3" / "f4.bin", b"Z" * 8000)  # same size, same mtime: only ctime moves
-    _settle()
+    settle_ctimes()
     second = await save(store, "k", src)
     assert not second.unchanged and second.digest != first.digest
     out = tmp_path / "out"
@@ -726,7 +721,7 @@ async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
     pipe = src / "pkg0" / "pipe"
     os.mkfifo(pipe)
     socket_file(src / "pkg1" / "s.sock")
-    _settle()
+    settle_ctimes()
     first = await save(store, "k", src)
     assert [s.path for s in first.special] == ["pkg0/pipe", "pkg1/s.sock"]
 
@@ -740,7 +735,7 @@ async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
     finally:
         os.close(fd)
     assert pipe.stat().st_ctime_ns > ctime
-    _settle()
+    settle_ctimes()
     with monkeypatch.context() as m:
         _refuse_scanning(m)
         again = await save(store, "k", src)
@@ -749,7 +744,7 @@ async def test_special_files_neither_defeat_nor_escape_the_tree_shortcut(
 
     # A new one is not hidden: its directory changed, and the save names it.
     os.mkfifo(src / "pkg2" / "new-pipe")
-    _settle()
+    settle_ctimes()
     third = await save(store, "k", src)
     assert not third.unchanged and third.digest != first.digest
     assert [s.path for s in third.special] == ["pkg0/pipe", "pkg1/s.sock", "pkg2/new-pipe"]
@@ -766,10 +761,10 @@ async def test_fresh_entries_or_a_restore_leave_no_tree_record(store: Store, tmp
     before = state_mod.clock_ns()
     (src / "pkg1" / "new.bin").write_bytes(b"new")  # a ctime at or after the bound
     assert _fingerprint(src, before) is None
-    _settle()
+    settle_ctimes()
     after = _fingerprint(src, state_mod.clock_ns())
     os.chmod(src / "pkg1" / "new.bin", 0o600)  # metadata only: the ctime still moves
-    _settle()
+    settle_ctimes()
     assert after is not None and _fingerprint(src, state_mod.clock_ns()) not in (None, after)
 
     await save(store, "k", src)
@@ -1008,7 +1003,7 @@ async def test_a_set_group_id_bit_the_kernel_cleared_is_no_copy_of_the_entry(
     if not tool.stat().st_mode & 0o2000:
         pytest.skip("this process cannot set a set-group-ID bit either (no CAP_FSETID)")
     _backdate(src)
-    _settle()
+    settle_ctimes()
     first = await save(store, "k", src, full=True)
     work = tmp_path / "work"
     command = [
@@ -1039,7 +1034,7 @@ def _old_tool(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
 def _hard_link(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
     os.link(src / "pkg1" / "f1.bin", src / "pkg1" / "linked.bin")
     _backdate(src)
-    _settle()
+    settle_ctimes()
 
 
 def _a_fresh_file(monkeypatch: pytest.MonkeyPatch, src: Path) -> None:
