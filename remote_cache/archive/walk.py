@@ -111,6 +111,21 @@ def _sorted_by_name_bytes(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[s
     return sorted(entries, key=_by_name_bytes)
 
 
+def _listed(full: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+    """The entries of directory ``full`` in name-bytes order, each with its ``lstat``.
+
+    The directory is opened once and its entries are looked at relative to it (``fstatat``): a
+    stat by full path resolves every component again, ~20% of an identity walk on tmpfs. All
+    are looked at before the walk goes into any of them, so one descriptor is open at a time.
+    """
+    fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            return [(d, d.stat(follow_symlinks=False)) for d in _sorted_by_name_bytes(list(it))]
+    finally:
+        os.close(fd)
+
+
 class _Walk:
     """One walk: members (unless only the identity is wanted), stats and the identity's parts."""
 
@@ -128,17 +143,15 @@ class _Walk:
 
     def visit(self, rel: str, full: str) -> None:
         """Walk directory ``full`` (``rel`` from the root) and everything under it."""
-        with os.scandir(full) as it:
-            children = _sorted_by_name_bytes(list(it))
+        children = _listed(full)
         if children and rel.count("/") + 1 >= MAX_DEPTH:
-            raise TreeTooDeep(f"{rel}/{children[0].name}", MAX_DEPTH)
+            raise TreeTooDeep(f"{rel}/{children[0][0].name}", MAX_DEPTH)
         if not rel:  # a restore's work directory inside the root is no part of the tree
-            children = [d for d in children if not is_in_place_work(d.name)]
-            self.top = tuple(d.name for d in children)
+            children = [(d, st) for d, st in children if not is_in_place_work(d.name)]
+            self.top = tuple(d.name for d, _ in children)
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
         names.append("\0/")  # a directory's entries start
-        for d in children:
-            st = d.stat(follow_symlinks=False)
+        for d, st in children:
             mode = st.st_mode
             names.append(d.name)
             inodes.append(st.st_ino)
@@ -154,12 +167,12 @@ class _Walk:
             # more nanoseconds than a signed 64-bit integer holds.
             facts.extend((mode, st.st_size, *divmod(st.st_mtime_ns, 1_000_000_000)))
             if self.plan:
-                self._member(f"{rel}/{d.name}" if rel else d.name, d, st)
+                self._member(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name), st)
             elif stat.S_ISDIR(mode):
-                self.visit(f"{rel}/{d.name}" if rel else d.name, d.path)
+                self.visit(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name))
         names.append("\0\\")  # and end
 
-    def _member(self, path: str, d: os.DirEntry[str], st: os.stat_result) -> None:
+    def _member(self, path: str, full: str, st: os.stat_result) -> None:
         """Add the member for a regular file, directory or symlink (walking into a directory)."""
         m, stats = st.st_mode, self.stats
         # The second the mtime falls in (int(st_mtime) rounds through a float: .999999999 up,
@@ -195,9 +208,9 @@ class _Walk:
             # (The inode: whether a restored file is still in the directory it was written into.)
             self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime, "", st.st_ino))
             stats.dirs += 1
-            self.visit(path, d.path)
+            self.visit(path, full)
         else:
-            target = os.readlink(d.path)
+            target = os.readlink(full)
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
 
