@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,23 @@ def test_a_tree_nested_deeper_than_the_limit_is_refused_by_name(tmp_path: Path) 
             walk_tree(tmp_path / "deep", TreeStats())
     finally:  # not left to pytest's clean-up, whose removal recurses once per level
         subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)
+
+
+def test_a_walk_holds_one_directory_open_at_a_time(tmp_path: Path) -> None:
+    """A walk opens each directory to look at its entries relative to it (fstatat) and closes
+    it before going into them: a tree at the depth limit is walked under a limit of 32 open
+    files (a descriptor held per level would need MAX_DEPTH)."""
+    deep = tmp_path / "t" / os.path.join(*["d"] * (MAX_DEPTH - 1))
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"x")
+    code = (
+        "import resource, sys; from pathlib import Path\n"
+        "from remote_cache.archive.walk import TreeStats, tree_identity, walk_tree\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))\n"
+        "members, identity = walk_tree(Path(sys.argv[1]), TreeStats())\n"
+        "assert tree_identity(Path(sys.argv[1])) == identity and len(members) == int(sys.argv[2])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "t"), str(MAX_DEPTH)], check=True)
 
 
 @pytest.mark.parametrize(
