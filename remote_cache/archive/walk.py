@@ -122,6 +122,9 @@ def _listed(full: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
     try:
         with os.scandir(fd) as it:
             return [(d, d.stat(follow_symlinks=False)) for d in _sorted_by_name_bytes(list(it))]
+    except OSError as exc:  # it names the entry alone (or the descriptor): name the whole path
+        exc.filename = os.path.join(full, exc.filename) if isinstance(exc.filename, str) else full
+        raise
     finally:
         os.close(fd)
 

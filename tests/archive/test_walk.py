@@ -13,9 +13,10 @@ import pytest
 
 from remote_cache.archive.plan import LayerPlan
 from remote_cache.archive.tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Member
-from remote_cache.archive.walk import TreeStats, walk_tree
+from remote_cache.archive.walk import TreeStats, tree_identity, walk_tree
 from remote_cache.cache.evidence import portable_listing
 from remote_cache.errors import TreeTooDeep
+from tests.users import as_nobody_in, give_to_nobody
 
 _UTF8 = ["z", "~", "\x7f", "é", "日本", "Z", "A b", "-", ".x", "\u2139", "\U0001f600"]
 _ODD = [b"\xff", b"\xc3x", b"\xe6\x97", b"\xc3"]  # not UTF-8: surrogate-escaped in str
@@ -94,6 +95,26 @@ def test_a_walk_holds_one_directory_open_at_a_time(tmp_path: Path) -> None:
         "assert tree_identity(Path(sys.argv[1])) == identity and len(members) == int(sys.argv[2])"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "t"), str(MAX_DEPTH)], check=True)
+
+
+def test_an_entry_the_walk_cannot_look_at_is_named_by_its_path(tmp_path: Path) -> None:
+    """Entries are looked at relative to their directory; an error still names the whole path
+    (it named the bare entry, ``'f'``, which says nothing about where it is)."""
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "f").write_bytes(b"x")
+    (tmp_path / "tree" / "sub").chmod(0o644)  # listable, not searchable: no stat of what is in it
+    give_to_nobody(tmp_path / "tree", tmp_path)
+
+    def walk() -> None:
+        for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
+            try:
+                look(Path("tree"))
+            except PermissionError as exc:
+                assert exc.filename == os.path.join("tree", "sub", "f"), exc.filename
+            else:
+                raise AssertionError("walked a directory it may not search")
+
+    assert as_nobody_in(tmp_path, walk) == ""
 
 
 @pytest.mark.parametrize(
