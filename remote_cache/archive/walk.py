@@ -111,20 +111,43 @@ def _sorted_by_name_bytes(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[s
     return sorted(entries, key=_by_name_bytes)
 
 
-def _listed(full: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
-    """The entries of directory ``full`` in name-bytes order, each with its ``lstat``.
+#: Bytes a path may have, with its terminating NUL (Linux's PATH_MAX): longer ones fail (ENAMETOOLONG).
+_PATH_MAX = 4096
+#: Bytes a name may have (NAME_MAX on every filesystem Linux mounts).
+_NAME_MAX = 255
+
+
+def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
+    """The entries of directory ``full`` (``rel`` from the root) in name-bytes order, each with
+    its ``lstat``; at the root, without an in-place restore's work directory.
 
     The directory is opened once and its entries are looked at relative to it (``fstatat``): a
     stat by full path resolves every component again, ~20% of an identity walk on tmpfs. All
     are looked at before the walk goes into any of them, so one descriptor is open at a time.
+    Only what the walk keeps is looked at: past the depth limit nothing, and never a restore's
+    work directory (it may go at any moment). In a directory whose entries' paths may be too
+    long for the system, they are looked at by full path, as packing opens them, so that such a
+    path fails the walk, before anything is uploaded.
     """
     fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with os.scandir(fd) as it:
-            return [(d, d.stat(follow_symlinks=False)) for d in _sorted_by_name_bytes(list(it))]
-    except OSError as exc:  # it names the entry alone (or the descriptor): name the whole path
-        exc.filename = os.path.join(full, exc.filename) if isinstance(exc.filename, str) else full
-        raise
+        try:
+            with os.scandir(fd) as it:
+                children = _sorted_by_name_bytes(list(it))
+        except OSError as exc:  # given a descriptor, it names no path
+            exc.filename = full
+            raise
+        if children and rel.count("/") + 1 >= MAX_DEPTH:
+            raise TreeTooDeep(f"{rel}/{children[0].name}", MAX_DEPTH)
+        if not rel:
+            children = [d for d in children if not is_in_place_work(d.name)]
+        if len(os.fsencode(full)) + 1 + _NAME_MAX >= _PATH_MAX:
+            return [(d, os.lstat(os.path.join(full, d.name))) for d in children]
+        try:
+            return [(d, d.stat(follow_symlinks=False)) for d in children]
+        except OSError as exc:  # it names the entry alone: name the whole path
+            exc.filename = os.path.join(full, exc.filename)
+            raise
     finally:
         os.close(fd)
 
@@ -146,11 +169,8 @@ class _Walk:
 
     def visit(self, rel: str, full: str) -> None:
         """Walk directory ``full`` (``rel`` from the root) and everything under it."""
-        children = _listed(full)
-        if children and rel.count("/") + 1 >= MAX_DEPTH:
-            raise TreeTooDeep(f"{rel}/{children[0][0].name}", MAX_DEPTH)
-        if not rel:  # a restore's work directory inside the root is no part of the tree
-            children = [(d, st) for d, st in children if not is_in_place_work(d.name)]
+        children = _listed(full, rel)
+        if not rel:
             self.top = tuple(d.name for d, _ in children)
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
         names.append("\0/")  # a directory's entries start

@@ -3,6 +3,7 @@ bytes, listing annotations), so faster code must give exactly the same order and
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -115,6 +116,56 @@ def test_an_entry_the_walk_cannot_look_at_is_named_by_its_path(tmp_path: Path) -
                 raise AssertionError("walked a directory it may not search")
 
     assert as_nobody_in(tmp_path, walk) == ""
+
+
+def test_a_restores_work_directory_in_the_root_is_not_looked_at(tmp_path: Path) -> None:
+    """An in-place restore's work directory at the root is no part of the tree, and it may go at
+    any moment (that restore ends, or sweeps a dead run's): the walk leaves it out without a stat
+    of it, which here, in a root it may list but not search, would be refused."""
+    (tmp_path / "tree" / ".remote-cache-restore-abc").mkdir(parents=True)
+    (tmp_path / "tree").chmod(0o444)
+    give_to_nobody(tmp_path / "tree", tmp_path)
+
+    def walk() -> None:
+        members, identity = walk_tree(Path("tree"), TreeStats())
+        assert members == [] and identity.top == () and tree_identity(Path("tree")) == identity
+
+    assert as_nobody_in(tmp_path, walk) == ""
+
+
+def test_too_deep_is_said_before_the_deepest_entries_are_looked_at(tmp_path: Path) -> None:
+    """The depth limit names the entry past it (a refusal, exit 5), whatever else is wrong with
+    it: here the deepest directory may be listed, not searched."""
+    deepest = tmp_path / "t" / os.path.join(*["d"] * MAX_DEPTH)
+    deepest.mkdir(parents=True)
+    (deepest / "f").write_bytes(b"x")
+    deepest.chmod(0o644)
+    give_to_nobody(tmp_path / "t", tmp_path)
+
+    def walk() -> None:
+        for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
+            with pytest.raises(TreeTooDeep, match=f"more than {MAX_DEPTH} levels deep"):
+                look(Path("t"))
+
+    assert as_nobody_in(tmp_path, walk) == ""
+
+
+def test_a_path_too_long_for_the_system_fails_the_walk(tmp_path: Path) -> None:
+    """Packing opens files by their whole path: one longer than the system takes (ENAMETOOLONG)
+    fails the walk, before anything is uploaded, as it did when the walk looked by whole path."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:  # made level by level: the whole path is too long for any call to take
+        for name in ["t"] + ["d" * 200] * 20:
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+        os.close(os.open("f" * 200, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
+        with pytest.raises(OSError) as raised:
+            look(tmp_path / "t")
+        assert raised.value.errno == errno.ENAMETOOLONG
 
 
 @pytest.mark.parametrize(
