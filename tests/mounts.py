@@ -1,16 +1,20 @@
 """Real mounts for tests: a tmpfs (a small or separate filesystem: full disks, mount points), a bind
-mount, an overlayfs (a container's root filesystem), an ext4 keeping whole-second times."""
+mount, an overlayfs (a container's root filesystem), an ext4 keeping whole-second times, a FUSE
+filesystem with names longer than 255 bytes."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.skips import unavailable
 
-__all__ = ["bind", "overlay", "overlay_upper", "tmpfs", "whole_seconds"]
+__all__ = ["bind", "long_names", "overlay", "overlay_upper", "tmpfs", "whole_seconds"]
 
 
 @contextlib.contextmanager
@@ -70,6 +74,36 @@ def whole_seconds(point: Path) -> Iterator[Path]:
     point.mkdir()
     with _mounted(["-o", "loop", str(image)], point, "a loop device"):
         yield point
+
+
+@contextlib.contextmanager
+def long_names(point: Path, depth: int) -> Iterator[Path]:
+    """The FUSE filesystem of ``tests/fuse_long_names.py`` (``depth`` directories named ``d`` * 200,
+    the deepest holding a file named ``n`` * 500) mounted on ``point`` (made here) until the end of
+    the block; it needs ``/dev/fuse``, root, libfuse2 and fusepy."""
+    point.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("fuse_long_names.py")), str(point), str(depth)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(point):
+            if server.poll() is not None or time.monotonic() > deadline:
+                why = (
+                    server.stderr.read()
+                    if server.poll() is not None and server.stderr
+                    else "no mount in 10 s"
+                )
+                unavailable(
+                    f"cannot mount a FUSE filesystem here: {why.strip()}", fix="run .ci/setup as root"
+                )
+            time.sleep(0.02)
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+        server.terminate()
+        server.wait(10)
 
 
 @contextlib.contextmanager

@@ -113,8 +113,9 @@ def _sorted_by_name_bytes(entries: list[os.DirEntry[str]]) -> list[os.DirEntry[s
 
 #: Bytes a path may have, with its terminating NUL (Linux's PATH_MAX): longer ones fail (ENAMETOOLONG).
 _PATH_MAX = 4096
-#: Bytes a name may have (NAME_MAX on every filesystem Linux mounts).
-_NAME_MAX = 255
+#: Bytes a character of a name may take in the filesystem's encoding (UTF-8; an undecodable byte
+#: comes back as one).
+_MAX_CHAR_BYTES = 4
 
 
 def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]]:
@@ -141,7 +142,9 @@ def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]
             raise TreeTooDeep(f"{rel}/{children[0].name}", MAX_DEPTH)
         if not rel:
             children = [d for d in children if not is_in_place_work(d.name)]
-        if len(os.fsencode(full)) + 1 + _NAME_MAX >= _PATH_MAX:
+        # (From the names themselves: FUSE, CIFS and others take names longer than 255 bytes.)
+        longest = max((len(d.name) for d in children), default=0) * _MAX_CHAR_BYTES
+        if len(os.fsencode(full)) + 1 + longest >= _PATH_MAX:
             return [(d, os.lstat(os.path.join(full, d.name))) for d in children]
         try:
             return [(d, d.stat(follow_symlinks=False)) for d in children]

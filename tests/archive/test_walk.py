@@ -17,6 +17,7 @@ from remote_cache.archive.tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Me
 from remote_cache.archive.walk import TreeStats, tree_identity, walk_tree
 from remote_cache.cache.evidence import portable_listing
 from remote_cache.errors import TreeTooDeep
+from tests.mounts import long_names
 from tests.users import as_nobody_in, give_to_nobody
 
 _UTF8 = ["z", "~", "\x7f", "é", "日本", "Z", "A b", "-", ".x", "\u2139", "\U0001f600"]
@@ -166,6 +167,20 @@ def test_a_path_too_long_for_the_system_fails_the_walk(tmp_path: Path) -> None:
         with pytest.raises(OSError) as raised:
             look(tmp_path / "t")
         assert raised.value.errno == errno.ENAMETOOLONG
+
+
+def test_a_name_longer_than_255_bytes_counts_toward_the_path_limit(tmp_path: Path) -> None:
+    """FUSE, CIFS and others take names over 255 bytes: a path too long for the system only by its
+    last name fails the walk too (a bound of 255 bytes a name let it be walked, then packing,
+    which opens by the whole path, failed after uploads)."""
+    depth = 18
+    with long_names(tmp_path / "fuse", depth) as root:
+        deepest = os.path.join(root, *["d" * 200] * depth)
+        assert len(os.fsencode(deepest)) + 1 + 255 < 4096 <= len(os.fsencode(deepest)) + 1 + 500
+        for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
+            with pytest.raises(OSError) as raised:
+                look(root)
+            assert raised.value.errno == errno.ENAMETOOLONG
 
 
 @pytest.mark.parametrize(
