@@ -193,13 +193,14 @@ class _Walk:
             # more nanoseconds than a signed 64-bit integer holds.
             facts.extend((mode, st.st_size, *divmod(st.st_mtime_ns, 1_000_000_000)))
             if self.plan:
-                self._member(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name), st)
+                self._member(f"{rel}/{d.name}" if rel else d.name, full, d.name, st)
             elif stat.S_ISDIR(mode):
                 self.visit(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name))
         names.append("\0\\")  # and end
 
-    def _member(self, path: str, full: str, st: os.stat_result) -> None:
-        """Add the member for a regular file, directory or symlink (walking into a directory)."""
+    def _member(self, path: str, parent: str, name: str, st: os.stat_result) -> None:
+        """Add the member for a regular file, directory or symlink ``name`` in directory ``parent``
+        (walking into a directory; a file's full path is not needed, so not made: the hot path)."""
         m, stats = st.st_mode, self.stats
         # The second the mtime falls in (int(st_mtime) rounds through a float: .999999999 up,
         # and toward zero before 1970).
@@ -234,9 +235,9 @@ class _Walk:
             # (The inode: whether a restored file is still in the directory it was written into.)
             self.members.append(Member(path, DIR, perm, st.st_uid, st.st_gid, 0, mtime, "", st.st_ino))
             stats.dirs += 1
-            self.visit(path, full)
+            self.visit(path, os.path.join(parent, name))
         else:
-            target = os.readlink(full)
+            target = os.readlink(os.path.join(parent, name))
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
 
