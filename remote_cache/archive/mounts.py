@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["filesystem_type", "is_mount_point", "mount_points", "mounts", "mounts_below"]
+__all__ = ["filesystem_type", "is_mount_point", "mounts", "mounts_below"]
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 _MOUNTINFO = "/proc/self/mountinfo"
@@ -29,11 +29,6 @@ def mounts(mountinfo: bytes) -> list[tuple[bytes, str]]:
             fstype = ""
         out.append((point, fstype))
     return out
-
-
-def mount_points(mountinfo: bytes) -> list[bytes]:
-    """The mount points a ``/proc/<pid>/mountinfo`` lists (see :func:`mounts`)."""
-    return [point for point, _ in mounts(mountinfo)]
 
 
 def _read() -> list[tuple[bytes, str]] | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_cache.archive.mounts import filesystem_type, mount_points, mounts, mounts_below
+from remote_cache.archive.mounts import filesystem_type, mounts, mounts_below
 from tests.mounts import overlay, tmpfs
 
 
@@ -17,9 +17,9 @@ def test_mount_points_are_read_with_their_escapes() -> None:
         b"30 22 0:26 / /dev/shm rw shared:5 - tmpfs tmpfs rw\n"
         b"41 22 0:40 / /srv/a\\040b\\011c\\012d\\134e rw - tmpfs tmpfs rw\n"
     )
-    assert mount_points(mountinfo) == [b"/", b"/dev/shm", b"/srv/a b\tc\nd\\e"]
+    assert [point for point, _ in mounts(mountinfo)] == [b"/", b"/dev/shm", b"/srv/a b\tc\nd\\e"]
     with pytest.raises(ValueError):
-        mount_points(b"22 1 254:0 /\n")
+        mounts(b"22 1 254:0 /\n")
 
 
 def test_only_what_is_mounted_below_a_directory_counts(tmp_path: Path) -> None:
