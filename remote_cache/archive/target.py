@@ -252,28 +252,40 @@ def swap_in(
         elif _holds_work(target.path):
             _swap_into_unmovable(staging, target, remove_old=_on_overlay(target.path))
         else:
-            # Read under the lock, just before the exchange: what the directory is now.
-            kept = _stat_or_none(target.path) if keep_root else None
-            try:
-                replace_dir(staging, target.path)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                _swap_into_unmovable(staging, target, remove_old=True)  # (the directory stays)
-            else:
-                whole = True
-                if kept is not None:
-                    if os.geteuid() == 0:
-                        # Root without CAP_CHOWN, or in a user namespace without that id: the
-                        # directory stays ours (as for any other user), its mode still given.
-                        try:
-                            os.chown(target.path, kept.st_uid, kept.st_gid)
-                        except OSError as exc:
-                            if not owner_refused(exc):
-                                raise
-                    os.chmod(target.path, stat.S_IMODE(kept.st_mode))
+            whole = _exchange_whole(staging, target, keep_root=keep_root)
         if then is not None:
             then(whole)
+
+
+def _exchange_whole(staging: Path, target: RestoreTarget, *, keep_root: bool) -> bool:
+    """Exchange the target directory for ``staging`` and, with ``keep_root``, give it the
+    replaced one's mode and owner; where overlayfs cannot rename the directory (EXDEV), swap its
+    entries instead. Whether the directory was exchanged whole."""
+    # Read under the lock, just before the exchange: what the directory is now.
+    kept = _stat_or_none(target.path) if keep_root else None
+    try:
+        replace_dir(staging, target.path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _swap_into_unmovable(staging, target, remove_old=True)  # (the directory stays)
+        return False
+    if kept is not None:
+        _give_root(target.path, kept)
+    return True
+
+
+def _give_root(path: Path, kept: os.stat_result) -> None:
+    """Give directory ``path`` the mode and, as root, the owner of ``kept``. Root without
+    CAP_CHOWN, or in a user namespace without that id: the directory stays ours (as for any other
+    user), its mode still given."""
+    if os.geteuid() == 0:
+        try:
+            os.chown(path, kept.st_uid, kept.st_gid)
+        except OSError as exc:
+            if not owner_refused(exc):
+                raise
+    os.chmod(path, stat.S_IMODE(kept.st_mode))
 
 
 def _on_overlay(path: Path) -> bool:
