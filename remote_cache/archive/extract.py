@@ -10,9 +10,11 @@ from the staging root down, and files are created with ``O_EXCL | O_NOFOLLOW``, 
 be written outside the staging directory even if the checks had a hole.
 
 Metadata: modes are kept exactly, except that setuid/setgid/sticky bits are dropped unless we
-run as root (a restored cache should not grow privileges for whoever restores it); numeric
-uid/gid are applied only as root; mtimes are set on files, symlinks and (last, deepest first)
-directories. Directories are created owner-writable and get their real mode at ``finish()``.
+run as root that may give owners (a restored cache should not grow privileges for whoever restores
+it); numeric uid/gid are applied only as such root (without CAP_CHOWN, or in a user namespace
+without those ids, the files are ours, with one warning); mtimes are set on files, symlinks and
+(last, deepest first) directories. Directories are created owner-writable and get their real mode
+at ``finish()``.
 Holes: tar records none, so a file's runs of zeros (whole aligned 4 KiB blocks, 32 KiB or more)
 are left as holes (:mod:`.sparse`), as ``cp --sparse=always`` does: a sparse file stays sparse.
 

@@ -369,9 +369,10 @@ def untouched_since(window: RestoreWindow, identity: TreeIdentity, root: tuple[i
     tree = window.tree
     if tree is None or root != window.root or len(identity.ctimes) - 1 != tree.entries:
         return False  # (the identity's first ctime is the root's own)
-    # Counts, bytes, modes and mtimes, though ctimes alone decide where this clock stamps them:
-    # what the filesystem or kernel did not keep (an mtime out of its range, a set-group-ID bit
-    # cleared), and most changes a clock stamping ctimes behind this one hides (module docstring).
+    # Counts, bytes, modes and mtimes, though ctimes alone decide where the filesystem's clock
+    # only moves on: what the filesystem or kernel did not keep (an mtime out of its range, a
+    # set-group-ID bit cleared), and most changes a filesystem clock stepped back after the
+    # restore hides (module docstring).
     facts = identity.facts
     modes = facts[0::4]
     sizes = [size for mode, size in zip(modes, facts[1::4], strict=True) if stat.S_ISREG(mode)]
