@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UnfinishedSwap, UnsuitableTarget
+from ..errors import UnfinishedSwap, UnsuitableTarget, os_reason
 from .mounts import filesystem_type, is_mount_point, mounts_below
 from .swap import JOURNAL, discard_dir, finish_swap, owner_refused, replace_dir, sibling_stem, swap_entries
 from .workdirs import IN_PLACE_PREFIX, WorkDir, is_in_place_work, sweep_dead
@@ -334,8 +334,9 @@ def _check_removable(path: Path) -> None:
         if parent == os.fspath(path):
             dirs[:] = [d for d in dirs if not is_in_place_work(d)]
         for name in dirs:
+            d = Path(parent, name)
             with contextlib.suppress(FileNotFoundError):
-                _refuse_unless(path, Path(parent, name), os.R_OK | os.W_OK | os.X_OK)
+                _refuse_unless(path, d, os.lstat(d), os.R_OK | os.W_OK | os.X_OK)
 
 
 def _check_movable(path: Path) -> None:
@@ -352,13 +353,12 @@ def _check_movable(path: Path) -> None:
         st = os.lstat(entry)
         if top.st_mode & stat.S_ISVTX and os.geteuid() not in (st.st_uid, top.st_uid):
             _refuse(path, entry, st, "is another user's, in a sticky directory not this user's")
-        if stat.S_ISDIR(st.st_mode):
-            _refuse_unless(path, entry, os.W_OK)
+        _refuse_unless(path, entry, st, os.W_OK)
 
 
-def _refuse_unless(target: Path, d: Path, mode: int) -> None:
-    """Refuse unless directory ``d`` is ours or allows ``mode`` (a symlink to one never matters)."""
-    st = os.lstat(d)
+def _refuse_unless(target: Path, d: Path, st: os.stat_result, mode: int) -> None:
+    """Refuse unless ``d`` (``st`` its lstat) is no directory (a symlink to one never matters),
+    or is ours, or allows ``mode``."""
     if stat.S_ISDIR(st.st_mode) and st.st_uid != os.geteuid() and not os.access(d, mode):
         _refuse(target, d, st, "is not writable by this user")
 
@@ -372,7 +372,7 @@ def _refuse(target: Path, entry: Path, st: os.stat_result, why: str) -> None:
 
 
 def _unfinished(target: RestoreTarget, exc: OSError) -> UnfinishedSwap:
-    reason = exc.strerror or str(exc)
+    reason = os_reason(exc)
     if exc.filename is not None:
         reason += f": {exc.filename}"
     return UnfinishedSwap(
