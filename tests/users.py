@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["as_nobody_in", "give_to_nobody"]
+__all__ = ["as_nobody_in", "give_to_nobody", "reachable_dir"]
+
+
+@contextlib.contextmanager
+def reachable_dir() -> Iterator[Path]:
+    """A scratch directory uid 65534 can reach (pytest's tmp_path is under root's 0700
+    directory), removed after the block; the test is skipped where it cannot become that user."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to become another user")
+    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def as_nobody_in(cwd: Path, action: Callable[[], None]) -> str:

@@ -8,11 +8,9 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from tests.cli.output import Run
 from tests.mounts import bind, overlay, overlay_upper, tmpfs
 from tests.stores import layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, snapshot
-from tests.users import as_nobody_in, give_to_nobody
+from tests.users import as_nobody_in, give_to_nobody, reachable_dir
 
 
 def _tree(root: Path, text: str) -> Path:
@@ -596,15 +594,6 @@ async def test_a_bind_mount_from_the_same_filesystem_is_restored_in_place(tmp_pa
     assert_same_tree(src, host)
 
 
-def _shared_base() -> Path:
-    """A directory other users can reach (pytest's tmp_path is root's 0700)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to become another user")
-    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
-    base.chmod(0o755)
-    return base
-
-
 def _as_nobody(base: Path, command: Any, target: Path) -> str:
     """``command`` (restore or save) of key k in ``base/layout`` and ``target``, as uid 65534."""
     return as_nobody_in(base, lambda: anyio.run(command, LayoutStore(Path("layout")), "k", target))
@@ -615,8 +604,7 @@ def test_a_restore_as_another_user_that_could_not_empty_the_target_is_refused_fi
     root's it cannot write: moving it out of the target needs that (rename updates its ``..``).
     The swap failed half-way, the entries before it already gone and no journal left to finish
     it. Now refused before any download, naming the directory; the target as it was."""
-    base = _shared_base()
-    try:
+    with reachable_dir() as base:
         anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
         give_to_nobody(base / "layout")
         with tmpfs(base / "mnt", "mode=777") as mnt:
@@ -629,8 +617,6 @@ def test_a_restore_as_another_user_that_could_not_empty_the_target_is_refused_fi
             error = _as_nobody(base, restore, Path("mnt"))
             assert error.startswith("UnsuitableTarget") and "rootowned (owner uid 0)" in error, error
             assert snapshot(mnt) == before
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("after", [3, 9])
@@ -638,8 +624,7 @@ def test_another_users_swap_killed_half_way_is_not_saved_as_the_mix(tmp_path: Pa
     """Root's in-place restore killed half-way through its swap, then a save by uid 65534, which
     cannot look into root's work directory to finish it: the save stored the mix and said saved.
     Now it refuses, saying whose work it is; root's next run finishes it."""
-    base = _shared_base()
-    try:
+    with reachable_dir() as base:
         target, expected = _killed_swap(base, after)
         give_to_nobody(target)
         [work] = [p for p in target.iterdir() if is_in_place_work(p.name)]
@@ -649,8 +634,6 @@ def test_another_users_swap_killed_half_way_is_not_saved_as_the_mix(tmp_path: Pa
         assert error.startswith("UnfinishedSwap") and "another user (uid 0" in error, error
         clean_leftovers(plan_target(target))
         assert snapshot(target) == expected
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def test_a_swap_that_fails_half_way_is_reported_and_finished_by_the_next_run(tmp_path: Path) -> None:
@@ -749,8 +732,7 @@ def test_a_directory_of_ones_own_that_one_cannot_read_is_no_reason_to_refuse() -
     the check before downloading raised a raw EACCES (exit 1), where the restore used to make it
     writable and remove it. It does again (the check walked every directory of the old tree,
     seconds on big trees, and raced other restores swapping the tree away)."""
-    base = _shared_base()
-    try:
+    with reachable_dir() as base:
         anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
         give_to_nobody(base / "layout")
         old = _tree(base / "t1", "old")
@@ -759,8 +741,6 @@ def test_a_directory_of_ones_own_that_one_cannot_read_is_no_reason_to_refuse() -
         (old / "sub" / "locked").chmod(0o000)
         assert _as_nobody(base, restore, Path("t1")) == ""
         assert_same_tree(base / "src", base / "t1")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_read_only_directories_of_ones_own_are_swapped_in_place_as_another_user() -> None:
@@ -769,24 +749,23 @@ def test_read_only_directories_of_ones_own_are_swapped_in_place_as_another_user(
     directory to another parent needs write permission on it, its owner's too, so the swap failed
     after its journal, and every later restore and save of the volume refused. The owner gives
     itself that bit for the move, and the directory keeps its mode."""
-    base = _shared_base()
-    try:
-        src = _tree(base / "src", "new")
-        (src / "mod" / "x").mkdir(parents=True)
-        give_to_nobody(src)
-        (src / "mod").chmod(0o555)
-        anyio.run(save, LayoutStore(base / "layout"), "k", src)
-        give_to_nobody(base / "layout")
-        with tmpfs(base / "mnt", "mode=755", "uid=65534") as mnt:
-            (mnt / "gomod" / "y").mkdir(parents=True)
-            give_to_nobody(mnt / "gomod")
-            (mnt / "gomod").chmod(0o555)
-            assert _as_nobody(base, restore, Path("mnt")) == ""
-            assert_same_tree(src, mnt)
-            assert stat.S_IMODE((mnt / "mod").stat().st_mode) == 0o555
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    with reachable_dir() as base:
+        try:
+            src = _tree(base / "src", "new")
+            (src / "mod" / "x").mkdir(parents=True)
+            give_to_nobody(src)
+            (src / "mod").chmod(0o555)
+            anyio.run(save, LayoutStore(base / "layout"), "k", src)
+            give_to_nobody(base / "layout")
+            with tmpfs(base / "mnt", "mode=755", "uid=65534") as mnt:
+                (mnt / "gomod" / "y").mkdir(parents=True)
+                give_to_nobody(mnt / "gomod")
+                (mnt / "gomod").chmod(0o555)
+                assert _as_nobody(base, restore, Path("mnt")) == ""
+                assert_same_tree(src, mnt)
+                assert stat.S_IMODE((mnt / "mod").stat().st_mode) == 0o555
+        finally:
+            subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
 
 
 def test_an_old_tree_another_user_partly_owns_is_left_aside_with_a_warning() -> None:
@@ -795,8 +774,7 @@ def test_an_old_tree_another_user_partly_owns_is_left_aside_with_a_warning() -> 
     one failed -- exit 1 with the new tree in place, and the old tree left in a work directory
     no sweep could remove. The restore succeeds now, leaving the old tree beside the target,
     named in a warning."""
-    base = _shared_base()
-    try:
+    with reachable_dir() as base:
         anyio.run(save, LayoutStore(base / "layout"), "k", _tree(base / "src", "new"))
         give_to_nobody(base / "layout")
         home = base / "home"
@@ -809,5 +787,3 @@ def test_an_old_tree_another_user_partly_owns_is_left_aside_with_a_warning() -> 
         [aside] = [p for p in home.iterdir() if p.name.startswith(".cache.old-")]
         assert (aside / "roots" / "f").read_text() == "root's"
         assert [p.name for p in home.iterdir() if "remote-cache" in p.name] == []
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

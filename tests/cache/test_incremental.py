@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,7 +38,7 @@ from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
 from tests.trees import assert_same_tree, settle_ctimes, socket_file
-from tests.users import as_nobody_in, give_to_nobody
+from tests.users import as_nobody_in, give_to_nobody, reachable_dir
 
 pytestmark = pytest.mark.usefixtures("small_layers")
 
@@ -909,11 +908,7 @@ def test_a_tree_restored_by_a_user_without_its_owners_or_bits_is_no_copy_of_the_
     """uid 65534 restoring what root saved gets the files as its own, without set-ID or sticky
     bits: the tree is not what the entry holds, and its save stores what it holds (the whole-tree
     shortcut took it for the entry)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root, to become another user")
-    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
-    try:
-        base.chmod(0o755)
+    with reachable_dir() as base:
         src = _bulk(base / "src")
         prepare(src)
         anyio.run(
@@ -934,8 +929,6 @@ def test_a_tree_restored_by_a_user_without_its_owners_or_bits_is_no_copy_of_the_
             assert not again.unchanged, "the restored tree was taken for the entry"
 
         assert as_nobody_in(base, lambda: anyio.run(restore_then_save)) == ""
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("fault", ["fail", "stall"])

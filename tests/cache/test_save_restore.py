@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
-import shutil
 import stat
 import tarfile
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from tests.cli.output import Run, json_line, warnings
 from tests.mounts import tmpfs
 from tests.stores import opened
 from tests.trees import allocated, assert_same_tree, make_tree, one_file_tree, snapshot, socket_file
+from tests.users import reachable_dir
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes | str | None]]:
@@ -538,17 +536,6 @@ async def test_a_damaged_layer_is_reported_as_its_download_fails_not_as_what_its
 # -- the restored directory itself (an entry holds no member for its root) -----------------
 
 
-@contextlib.contextmanager
-def _reachable_dir() -> Iterator[Path]:
-    """A scratch directory uid 65534 can reach (pytest's tmp_path is under root's 0700 directory)."""
-    base = Path(tempfile.mkdtemp(prefix="rc-nobody-"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def _private_tree(root: Path, mode: int) -> Path:
     (root / "a").mkdir(parents=True)
     (root / "a" / "f").write_text("hi")
@@ -558,7 +545,7 @@ def _private_tree(root: Path, mode: int) -> Path:
 
 
 def test_a_read_only_cache_directory_is_replaced_by_its_user_and_stays_read_only() -> None:
-    with _reachable_dir() as tmp_path:
+    with reachable_dir() as tmp_path:
         _read_only_round_trip(tmp_path)
 
 
@@ -589,7 +576,7 @@ def _read_only_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_failed_in_place_restore_of_a_read_only_root_keeps_the_old_tree() -> None:
-    with _reachable_dir() as tmp_path:
+    with reachable_dir() as tmp_path:
         _read_only_in_place(tmp_path)
 
 
@@ -642,7 +629,7 @@ async def test_an_in_place_restore_leaves_the_targets_own_mode_and_owner(tmp_pat
 
 
 def test_an_in_place_restore_into_a_directory_of_another_owner_succeeds() -> None:
-    with _reachable_dir() as tmp_path:
+    with reachable_dir() as tmp_path:
         _in_place_not_ours(tmp_path)
 
 
