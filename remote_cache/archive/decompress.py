@@ -39,7 +39,9 @@ class _Source:
 
     def __init__(self, fileobj: BinaryIO, expected: str | None) -> None:
         self._f = fileobj
-        head = self._raw_read(4)
+        head = b""
+        while len(head) < 4 and (more := self._raw_read(4 - len(head))):
+            head += more  # (a read of a growing file returns what is there: maybe 1 byte)
         self._head = head
         kind = _kind_of(expected, head)
         self._zd: Any = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import gzip
 import io
 import os
 import tarfile
@@ -302,6 +303,18 @@ def test_odd_read_sizes_plain_tar(tmp_path: Path, step: int) -> None:
     assert (tmp_path / "d/big").read_bytes() == big
     assert (tmp_path / "d/small").read_bytes() == b"s" * 513
     assert (tmp_path / "d/empty").read_bytes() == b""
+
+
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_odd_read_sizes_compressed(tmp_path: Path, kind: str, step: int) -> None:
+    """A layer read as it downloads may come a byte at a time: its magic bytes too."""
+    raw = _tar(("d/", b"", "d"), ("d/f", b"data" * 300, "f"))
+    blob = zstandard.ZstdCompressor().compress(raw) if kind == "zstd" else gzip.compress(raw)
+    ex = Extractor(tmp_path)
+    ex.add_layer(_Dribble(blob, step), kind)  # type: ignore[arg-type]
+    ex.finish()
+    assert (tmp_path / "d/f").read_bytes() == b"data" * 300
 
 
 def _mode_tar(modes: dict[str, int]) -> bytes:
