@@ -20,7 +20,7 @@ from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
 from tests.oci import blob_reading
 from tests.oci.blob_reading import read_all
-from tests.registry_server import Fault, FaultProxy, RegistryServer
+from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port
 
 ProxyFactory = Callable[[RegistryServer], FaultProxy]
 
@@ -306,6 +306,29 @@ async def test_a_redirect_loop_names_no_signature(
     assert "SECRET" not in str(info.value) and "redirected more than 5 times" in str(info.value)
     # An answer, not a network failure: not asked again (1 + 5 redirects, one of them the front's).
     assert front.count("GET", "/blobs/") + storage.count("GET", "/blobs/") == 6
+
+
+@pytest.mark.usefixtures("via")
+async def test_a_redirect_to_a_place_that_cannot_be_reached_names_that_place(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """A registry that sends blob downloads to storage elsewhere (S3, a CDN) while that storage
+    cannot be reached (a firewall lets the registry through, not its storage): the error names
+    the storage's origin and the registry that sent the download there, without the signed query.
+    (It said it could not connect to the registry, which answered fine.)"""
+    data = os.urandom(1000)
+    desc = await _stored(registry, repo_name, data)
+    front = fault_proxy_factory(registry)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    front.redirect(
+        f"http://{dead}/blobs/{desc.digest}?X-Amz-Signature=SECRETsig", method="GET", path_contains="/blobs/"
+    )
+    async with store_via(front, registry, repo_name, retries=0) as store:
+        with pytest.raises(RegistryUnreachable) as info:
+            await read_all(store, desc)
+    said = str(info.value)
+    assert f"http://{dead}" in said and f"registry {front.host} sent" in said, said
+    assert f"cannot connect to registry {front.host}" not in said and "SECRET" not in said, said
 
 
 @pytest.mark.usefixtures("via")

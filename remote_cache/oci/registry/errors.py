@@ -30,7 +30,15 @@ from ...errors import (
 from ..credentials import PASS_CREDENTIALS, Credentials
 from ..descriptor import parse_json
 from ..stalls import Stalls
-from .threaded import ConnectTimedOut, ProxyFailed, ProxyTimedOut, TooManyRedirects, WireAnswer, WriteTimedOut
+from .threaded import (
+    ConnectTimedOut,
+    ProxyFailed,
+    ProxyTimedOut,
+    TooManyRedirects,
+    WireAnswer,
+    WriteTimedOut,
+    redirected_to,
+)
 from .timeouts import Timeouts
 
 __all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
@@ -93,7 +101,22 @@ def error_for_response(
 
 
 def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
-    """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``."""
+    """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``, or the place the
+    registry redirected the request to when that is where it failed (its blob storage)."""
+    error = _at_registry(host, exc, timeouts)
+    where = redirected_to(exc)
+    if where is None:
+        return error
+    phase = _timed_out(exc)
+    failure = f"no answer for {getattr(timeouts, phase):g}s" if phase else str(exc) or type(exc).__name__
+    return RegistryUnreachable(
+        f"registry {host} sent the request on to {where}, which failed ({failure}): this machine must "
+        f"reach {where} too (a firewall or proxy that lets the registry through may stop its storage)",
+        temporary=error.temporary,
+    )
+
+
+def _at_registry(host: str, exc: BaseException, timeouts: Timeouts) -> RegistryUnreachable:
     cause = str(exc) or type(exc).__name__
     phase = _timed_out(exc)
     if isinstance(exc, ProxyTimedOut):

@@ -51,12 +51,16 @@ __all__ = [
     "WireAnswer",
     "WriteTimedOut",
     "origin_of",
+    "redirected_to",
     "with_query",
 ]
 
 MAX_ERROR_BODY = 64 << 10
 _MAX_REDIRECTS = 5
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+
+#: The attribute a failed request's exception gets naming where a redirect had sent it.
+_REDIRECTED_TO = "remote_cache_redirected_to"
 
 #: Scheme, lower-case host name and port: where ``Authorization`` may go.
 Origin = tuple[str, str, int]
@@ -373,29 +377,50 @@ class ThreadClient:
         home = origin_of(url)
         send.update({"User-Agent": self._user_agent, "Accept-Encoding": "identity"})
         for _hop in range(_MAX_REDIRECTS + 1):
-            if origin_of(url) != home:
+            away = origin_of(url) != home
+            if away:
                 send.pop("Authorization", None)  # never to another origin
-            stopper.check()
-            key, conn, response = self._send(method, url, send, content, stopper)
-            read_whole = False
             try:
-                location = response.getheader("Location")
-                if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
-                    response.read(MAX_ERROR_BODY)
-                    read_whole = True
-                    url = urljoin(url, location)
-                    continue
-                answer = take(response, url)
-                read_whole = True
+                answer, onward = self._hop(method, url, send, content, stopper, take)
+            except (OSError, http.client.HTTPException) as exc:
+                if away:  # the registry answered; the place it sent the request to did not
+                    setattr(exc, _REDIRECTED_TO, _origin_shown(url))
+                raise
+            if onward is None:
                 return answer
-            finally:
-                # A body cut short is closed by http.client too: only an answer read to its end
-                # leaves a connection fit for the next request.
-                if read_whole and response.isclosed() and not response.will_close:
-                    self._pool.give(key, conn)
-                else:
-                    conn.http.close()
+            url = onward
         raise TooManyRedirects(f"redirected more than {_MAX_REDIRECTS} times, the last time to {_shown(url)}")
+
+    def _hop(
+        self,
+        method: str,
+        url: str,
+        send: dict[str, str],
+        content: bytes | None,
+        stopper: Stopper,
+        take: Callable[[http.client.HTTPResponse, str], WireAnswer | None],
+    ) -> tuple[WireAnswer | None, str | None]:
+        """One request of :meth:`_run`: the answer ``take`` made of it, or the URL a redirect
+        sends it on to. Its connection goes back to the pool when the answer was read to its end."""
+        stopper.check()
+        key, conn, response = self._send(method, url, send, content, stopper)
+        read_whole = False
+        try:
+            location = response.getheader("Location")
+            if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
+                response.read(MAX_ERROR_BODY)
+                read_whole = True
+                return None, urljoin(url, location)
+            answer = take(response, url)
+            read_whole = True
+            return answer, None
+        finally:
+            # A body cut short is closed by http.client too: only an answer read to its end
+            # leaves a connection fit for the next request.
+            if read_whole and response.isclosed() and not response.will_close:
+                self._pool.give(key, conn)
+            else:
+                conn.http.close()
 
     def _send(
         self, method: str, url: str, headers: Mapping[str, str], content: bytes | None, stopper: Stopper
@@ -644,6 +669,18 @@ def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target:
 _NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 #: What OpenSSL says when the other end answered the TLS hello in plain HTTP.
 _PLAIN_HTTP_ANSWER = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"})
+
+
+def redirected_to(exc: BaseException) -> str | None:
+    """Where (``scheme://host[:port]``) a registry had redirected the request that failed with
+    ``exc``, when that was another origin (its blob storage); None when it failed at the registry."""
+    where = getattr(exc, _REDIRECTED_TO, None)
+    return where if isinstance(where, str) else None
+
+
+def _origin_shown(url: str) -> str:
+    scheme, host, port = origin_of(url)
+    return f"{scheme}://{host}" + ("" if port == (443 if scheme == "https" else 80) else f":{port}")
 
 
 def _shown(url: str) -> str:
