@@ -7,20 +7,20 @@ import errno
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
 
-from remote_cache.errors import CacheMiss, RegistryError, RegistryUnreachable
+from remote_cache.errors import CacheMiss, RegistryAuthError, RegistryError, RegistryUnreachable, StoreError
 from remote_cache.oci import OCI_LAYER_TAR, Descriptor, sha256_digest
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
 from tests.oci import blob_reading
 from tests.oci.blob_reading import read_all
-from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port
+from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port, start_registry
 
 ProxyFactory = Callable[[RegistryServer], FaultProxy]
 
@@ -308,27 +308,65 @@ async def test_a_redirect_loop_names_no_signature(
     assert front.count("GET", "/blobs/") + storage.count("GET", "/blobs/") == 6
 
 
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A registry serving HTTPS with a certificate of a CA nobody here trusts."""
+    server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
+    yield server
+    server.stop()
+
+
+_S3_EXPIRED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Request has expired</Message><RequestId>R1</RequestId></Error>"
+)
+
+
 @pytest.mark.usefixtures("via")
-async def test_a_redirect_to_a_place_that_cannot_be_reached_names_that_place(
-    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+@pytest.mark.parametrize("storage", ["refused", "untrusted", "expired", "bad-url"])
+async def test_a_failure_where_the_registry_redirected_names_that_place(
+    registry: RegistryServer,
+    repo_name: str,
+    fault_proxy_factory: ProxyFactory,
+    request: pytest.FixtureRequest,
+    storage: str,
 ) -> None:
-    """A registry that sends blob downloads to storage elsewhere (S3, a CDN) while that storage
-    cannot be reached (a firewall lets the registry through, not its storage): the error names
-    the storage's origin and the registry that sent the download there, without the signed query.
-    (It said it could not connect to the registry, which answered fine.)"""
+    """A registry that sends blob downloads to storage elsewhere (S3, a CDN): a failure there
+    names that place and the registry that sent the request, with the advice that fits, never
+    the signed query. (All were blamed on the registry, which answered fine: "cannot connect
+    to registry", its certificate, "requires credentials" for an expired signed URL; and a
+    Location http.client refused was quoted whole, signature included.)"""
     data = os.urandom(1000)
     desc = await _stored(registry, repo_name, data)
     front = fault_proxy_factory(registry)
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
-    front.redirect(
-        f"http://{dead}/blobs/{desc.digest}?X-Amz-Signature=SECRETsig", method="GET", path_contains="/blobs/"
-    )
+    signed = "X-Amz-Signature=SECRETsig"
+    if storage == "refused":
+        place = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    elif storage == "untrusted":
+        place = f"https://{request.getfixturevalue('tls_registry').host}"
+    elif storage == "expired":
+        elsewhere = fault_proxy_factory(registry)
+        elsewhere.answer(403, _S3_EXPIRED, method="GET", path_contains="/blobs/")
+        place = elsewhere.url
+    else:  # a place that answers, sent a URL with a space
+        place = fault_proxy_factory(registry).url
+    path = f"/v2/{repo_name}/blobs/{desc.digest}" + (" x" if storage == "bad-url" else "")
+    front.redirect(f"{place}{path}?{signed}", method="GET", path_contains="/blobs/")
     async with store_via(front, registry, repo_name, retries=0) as store:
-        with pytest.raises(RegistryUnreachable) as info:
+        with pytest.raises(StoreError) as info:
             await read_all(store, desc)
     said = str(info.value)
-    assert f"http://{dead}" in said and f"registry {front.host} sent" in said, said
-    assert f"cannot connect to registry {front.host}" not in said and "SECRET" not in said, said
+    assert f"{place} (where registry {front.host} sent the request)" in said, said
+    assert "SECRET" not in said and "credentials" not in said, said
+    assert f"connect to registry {front.host}" not in said and f"of registry {front.host}" not in said, said
+    advice = {
+        "refused": "this machine must reach",
+        "untrusted": "--cert-dir",
+        "expired": "AccessDenied: Request has expired; the signed URL the registry gave may have expired",
+        "bad-url": "not a valid URL",
+    }[storage]
+    assert advice in said, said
+    assert not isinstance(info.value, RegistryAuthError), said  # no credentials of ours went there
 
 
 @pytest.mark.usefixtures("via")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import ssl
 from collections.abc import Iterable, Iterator
@@ -37,11 +38,12 @@ from .threaded import (
     TooManyRedirects,
     WireAnswer,
     WriteTimedOut,
+    origin_shown,
     redirected_to,
 )
 from .timeouts import Timeouts
 
-__all__ = ["check_stalls", "error_for_response", "translated", "unreachable"]
+__all__ = ["check_stalls", "error_for_response", "error_from_elsewhere", "translated", "unreachable"]
 
 
 def _spec_errors(body: bytes) -> list[tuple[str, str]]:
@@ -100,73 +102,102 @@ def error_for_response(
     )
 
 
-def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
-    """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc``, or the place the
-    registry redirected the request to when that is where it failed (its blob storage)."""
-    error = _at_registry(host, exc, timeouts)
-    where = redirected_to(exc)
-    if where is None:
-        return error
-    phase = _timed_out(exc)
-    failure = f"no answer for {getattr(timeouts, phase):g}s" if phase else str(exc) or type(exc).__name__
-    return RegistryUnreachable(
-        f"registry {host} sent the request on to {where}, which failed ({failure}): this machine must "
-        f"reach {where} too (a firewall or proxy that lets the registry through may stop its storage)",
-        temporary=error.temporary,
+#: An object store's XML error (S3, GCS, Azure): its code and message.
+_STORAGE_ERROR = re.compile(rb"<Code>([^<]{1,100})</Code>(?:.*?<Message>([^<]{1,300})</Message>)?", re.S)
+
+
+def error_from_elsewhere(response: WireAnswer, *, host: str, action: str) -> RegistryError:
+    """The exception for an error answer from where the registry redirected the request (its
+    blob storage): it names that place and what it said, and gives no credential advice (ours
+    never go there). The status stays, so a retry or a missing blob is told as from the registry."""
+    status = response.status_code
+    found = _STORAGE_ERROR.search(response.body)
+    if found is None:
+        said = response.reason_phrase
+    else:
+        said = ": ".join(part.decode(errors="replace").strip() for part in found.groups() if part)
+    hint = (
+        "; the signed URL the registry gave may have expired (is this machine's clock right?)"
+        if status in (400, 401, 403)
+        else ""
+    )
+    return RegistryError(
+        f"cannot {action}: {origin_shown(response.url)} (where registry {host} sent the request) "
+        f"answered {status} {said}{hint}",
+        status=status,
+        retry_after=response.headers.get("Retry-After"),
     )
 
 
-def _at_registry(host: str, exc: BaseException, timeouts: Timeouts) -> RegistryUnreachable:
+def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
+    """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc`` — or, when the
+    registry had redirected the request and it failed there (its blob storage), that place."""
+    where = redirected_to(exc)
+    if where is None:
+        return _unreachable(f"registry {host}", exc, timeouts)
+    return _unreachable(
+        f"{where} (where registry {host} sent the request)",
+        exc,
+        timeouts,
+        f"this machine must reach {where} too (a firewall or proxy letting the registry through may stop it)",
+    )
+
+
+def _unreachable(
+    who: str, exc: BaseException, timeouts: Timeouts, reach: str | None = None
+) -> RegistryUnreachable:
+    """The error for ``who`` (``registry HOST``, or a place it redirected to); ``reach``: the
+    advice when connecting there failed (a redirect's), if not the registry's own."""
     cause = str(exc) or type(exc).__name__
     phase = _timed_out(exc)
     if isinstance(exc, ProxyTimedOut):
         return RegistryUnreachable(
-            f"cannot connect to registry {host} through the proxy {exc.proxy}: no answer within "
-            f"{timeouts.connect:g}s (from the proxy, or from the registry it connects to); check that "
+            f"cannot connect to {who} through the proxy {exc.proxy}: no answer within "
+            f"{timeouts.connect:g}s (from the proxy, or from the place it connects to); check that "
             "the proxy runs, or HTTP(S)_PROXY, ALL_PROXY and NO_PROXY"
         )
     if phase is not None:
-        return RegistryUnreachable(
-            _TIMEOUT_MESSAGES[phase].format(host=host, seconds=getattr(timeouts, phase))
-        )
+        message = _TIMEOUT_MESSAGES[phase].format(who=who, seconds=getattr(timeouts, phase))
+        return RegistryUnreachable(f"{message}; {reach}" if phase == "connect" and reach else message)
     if isinstance(exc, ProxyFailed):  # its message says what to check
-        return RegistryUnreachable(f"cannot connect to registry {host} {cause}", temporary=not exc.final)
+        return RegistryUnreachable(f"cannot connect to {who} {cause}", temporary=not exc.final)
     if isinstance(exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror):
         # Refused, DNS, TLS: trying again only delays a clear error.
         if _is_client_certificate_refused(exc):
             return RegistryUnreachable(
-                f"registry {host} refused the TLS connection ({cause}): it wants a client certificate "
+                f"{who} refused the TLS connection ({cause}): it wants a client certificate "
                 "it trusts; put it in the --cert-dir directory as NAME.cert with its key as NAME.key",
                 temporary=False,
             )
         if _is_certificate_error(exc):
             return RegistryUnreachable(
-                f"the TLS certificate of registry {host} is not trusted ({cause}); give its CA "
+                f"the TLS certificate of {who} is not trusted ({cause}); give its CA "
                 "certificate with --cert-dir DIR (a directory of *.crt files), or skip verification "
                 "with --tls-verify=false",
                 temporary=False,
             )
         if _is_tls_error(exc):
             return RegistryUnreachable(
-                f"TLS handshake with registry {host} failed ({cause}); if it serves plain HTTP, "
+                f"TLS handshake with {who} failed ({cause}); if it serves plain HTTP, "
                 "pass --plain-http (or --tls-verify=false)",
                 temporary=False,
             )
-        return RegistryUnreachable(
-            f"cannot connect to registry {host} ({cause}); check the address and that it is running",
-            temporary=False,
-        )
-    temporary = isinstance(exc, ConnectionError | http.client.HTTPException)
+        advice = reach or "check the address and that it is running"
+        return RegistryUnreachable(f"cannot connect to {who} ({cause}); {advice}", temporary=False)
+    # A URL http.client will not send (a redirect's): asking again gets the same URL.
+    temporary = isinstance(exc, ConnectionError | http.client.HTTPException) and not isinstance(
+        exc, http.client.InvalidURL
+    )
     return RegistryUnreachable(
-        f"connection to registry {host} failed ({type(exc).__name__}: {cause})", temporary=temporary
+        f"connection to {who} failed ({type(exc).__name__}: {cause})", temporary=temporary
     )
 
 
 #: What each wait that ran out says (the seconds are the :class:`Timeouts` field of that name).
 _TIMEOUT_MESSAGES = {
-    "connect": "registry {host}: connecting timed out after {seconds:g}s; is it up?",
-    "read": "registry {host} stopped sending data for {seconds:g}s (read timeout)",
-    "write": "registry {host} stopped accepting data for {seconds:g}s (write timeout)",
+    "connect": "{who}: connecting timed out after {seconds:g}s; is it up?",
+    "read": "{who} stopped sending data for {seconds:g}s (read timeout)",
+    "write": "{who} stopped accepting data for {seconds:g}s (write timeout)",
 }
 
 

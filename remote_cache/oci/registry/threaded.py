@@ -51,6 +51,7 @@ __all__ = [
     "WireAnswer",
     "WriteTimedOut",
     "origin_of",
+    "origin_shown",
     "redirected_to",
     "with_query",
 ]
@@ -384,7 +385,7 @@ class ThreadClient:
                 answer, onward = self._hop(method, url, send, content, stopper, take)
             except (OSError, http.client.HTTPException) as exc:
                 if away:  # the registry answered; the place it sent the request to did not
-                    setattr(exc, _REDIRECTED_TO, _origin_shown(url))
+                    setattr(exc, _REDIRECTED_TO, origin_shown(url))
                 raise
             if onward is None:
                 return answer
@@ -403,14 +404,22 @@ class ThreadClient:
         """One request of :meth:`_run`: the answer ``take`` made of it, or the URL a redirect
         sends it on to. Its connection goes back to the pool when the answer was read to its end."""
         stopper.check()
-        key, conn, response = self._send(method, url, send, content, stopper)
+        try:
+            key, conn, response = self._send(method, url, send, content, stopper)
+        except http.client.InvalidURL:  # its message quotes the URL, a signed query too
+            raise http.client.InvalidURL(f"cannot send a request to {_shown(url)}: not a valid URL") from None
         read_whole = False
         try:
             location = response.getheader("Location")
             if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
                 response.read(MAX_ERROR_BODY)
                 read_whole = True
-                return None, urljoin(url, location)
+                onward = urljoin(url, location)
+                try:
+                    origin_of(onward)
+                except ValueError:  # a port that is no number
+                    raise http.client.InvalidURL(f"redirected to {_shown(onward)}: not a valid URL") from None
+                return None, onward
             answer = take(response, url)
             read_whole = True
             return answer, None
@@ -678,16 +687,15 @@ def redirected_to(exc: BaseException) -> str | None:
     return where if isinstance(where, str) else None
 
 
-def _origin_shown(url: str) -> str:
-    scheme, host, port = origin_of(url)
-    return f"{scheme}://{host}" + ("" if port == (443 if scheme == "https" else 80) else f":{port}")
+def origin_shown(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, as written there (an IPv6 address in brackets)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _shown(url: str) -> str:
     """``url`` without user info and query: a presigned storage URL's query holds its signature."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    return f"{origin_shown(url)}{urlsplit(url).path}"
 
 
 def _proxy_authorization(user: str | None, password: str | None) -> dict[str, str]:

@@ -37,7 +37,7 @@ from urllib.parse import urljoin
 import anyio
 import anyio.to_thread
 
-from ...errors import ImageFormatError, RegistryUnreachable
+from ...errors import ImageFormatError, RegistryUnreachable, StoreError
 from ...version import TOOL
 from ..certs import TlsOptions, default_context, tls_context
 from ..credentials import Credentials
@@ -46,7 +46,7 @@ from ..reference import is_loopback
 from ..stalls import Stalls
 from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
-from .errors import check_stalls, translated
+from .errors import check_stalls, error_from_elsewhere, translated
 from .retry import RetryPolicy
 from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of, with_query
 from .timeouts import Timeouts
@@ -145,7 +145,7 @@ class RegistryTransport:
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
-            raise self.auth.error(answer, action)
+            raise self._error(answer, action, url)
 
     async def request(
         self,
@@ -185,7 +185,7 @@ class RegistryTransport:
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
-                raise self.auth.error(answer, action)
+                raise self._error(answer, action, url)
             return answer
 
         answer = await (self.retry.call(attempt) if retry else attempt())
@@ -195,6 +195,14 @@ class RegistryTransport:
                 f"{MAX_DOCUMENT_BYTES} bytes"
             )
         return answer
+
+    def _error(self, answer: WireAnswer, action: str, url: str) -> StoreError:
+        """The error for an answer to a request sent to ``url`` that is not the one wanted: the
+        registry's (or the host's it named, by a ``Link`` or ``Location``), or that of the place
+        a redirect sent the request on to."""
+        if answer.origin != origin_of(url):
+            return error_from_elsewhere(answer, host=self.host, action=action)
+        return self.auth.error(answer, action)
 
     async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
