@@ -28,16 +28,22 @@ class Stalls:
         self.period = period
         self.budget = period * BUDGET_PERIODS
         self._since: float | None = None
+        #: Where the stall that began the count happened, when not at the store itself (a place
+        #: a registry redirected to); None otherwise.
+        self.place: str | None = None
 
     def progressed(self) -> None:
         """Something arrived: the store is not stalled."""
         self._since = None
+        self.place = None
 
-    def stalled(self) -> bool:
-        """Record a request that waited out the stall timeout; True while retrying may still help."""
+    def stalled(self, place: str | None = None) -> bool:
+        """Record a request that waited out the stall timeout (at ``place``, when it was not the
+        store itself); True while retrying may still help."""
         now = time.monotonic()
         if self._since is None:
             self._since = now - self.period  # the stall began a period ago
+            self.place = place
         return now - self._since < self.budget
 
     def spent(self) -> None:

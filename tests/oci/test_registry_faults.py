@@ -369,6 +369,28 @@ async def test_a_failure_where_the_registry_redirected_names_that_place(
     assert not isinstance(info.value, RegistryAuthError), said  # no credentials of ours went there
 
 
+async def test_a_stall_where_the_registry_redirected_is_named_when_later_requests_are_refused(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """Storage that stalls every download the registry sends it: once the stall budget is spent,
+    the registry's next request is refused, naming the storage that stalled (it said the
+    registry "has sent nothing", which had answered every request)."""
+    data = os.urandom(1000)
+    desc = await _stored(registry, repo_name, data)
+    front, storage = fault_proxy_factory(registry), fault_proxy_factory(registry)
+    storage.stall(after_bytes=0, method="GET", path_contains="/blobs/", times=100)
+    front.redirect(
+        f"{storage.url}/v2/{repo_name}/blobs/{desc.digest}", method="GET", path_contains="/blobs/", times=100
+    )
+    async with store_via(front, registry, repo_name, timeout=Timeouts(connect=0.5, read=0.5)) as store:
+        with pytest.raises(RegistryUnreachable, match="giving up"):
+            await read_all(store, desc)
+        with pytest.raises(RegistryUnreachable) as info:
+            await store.resolve("latest")
+    said = str(info.value)
+    assert f"{storage.url} (where registry {front.host} sent requests) has sent nothing" in said, said
+
+
 @pytest.mark.usefixtures("via")
 async def test_bytes_moving_between_two_stalls_refill_the_budget(
     registry: RegistryServer,

@@ -237,14 +237,19 @@ def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> I
 def _stalled(host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls | None) -> RegistryUnreachable:
     """A timeout as :func:`unreachable` says it; final once the host is over its stall budget."""
     error = unreachable(host, exc, timeouts=timeouts)
-    if stalls is not None and not stalls.stalled():
+    if stalls is not None and not stalls.stalled(redirected_to(exc)):
         error = RegistryUnreachable(stalls.gave_up(str(error)), temporary=False)
     return error
 
 
 def check_stalls(host: str, stalls: Stalls) -> None:
     """Before a request: fail at once when the host has been stalled past its budget."""
-    refusal = stalls.refusal(f"registry {host}")
+    who = (
+        f"registry {host}"
+        if stalls.place is None
+        else f"{stalls.place} (where registry {host} sent requests)"
+    )
+    refusal = stalls.refusal(who)
     if refusal is not None:
         raise RegistryUnreachable(refusal, temporary=False)
 
