@@ -60,6 +60,8 @@ MAX_ERROR_BODY = 64 << 10
 _MAX_REDIRECTS = 5
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
+#: What makes the final answer of a request (:meth:`ThreadClient._run`) out of the response.
+_Take = Callable[[http.client.HTTPResponse, str], "WireAnswer | None"]
 #: The attribute a failed request's exception gets naming where a redirect had sent it.
 _REDIRECTED_TO = "remote_cache_redirected_to"
 
@@ -371,7 +373,7 @@ class ThreadClient:
         send: dict[str, str],
         content: bytes | None,
         stopper: Stopper,
-        take: Callable[[http.client.HTTPResponse, str], WireAnswer | None],
+        take: _Take,
     ) -> WireAnswer | None:
         """Send, following redirects of GET and HEAD, and hand the final answer to ``take``; its
         connection goes back to the pool when ``take`` read the answer to its end."""
@@ -399,7 +401,7 @@ class ThreadClient:
         send: dict[str, str],
         content: bytes | None,
         stopper: Stopper,
-        take: Callable[[http.client.HTTPResponse, str], WireAnswer | None],
+        take: _Take,
     ) -> tuple[WireAnswer | None, str | None]:
         """One request of :meth:`_run`: the answer ``take`` made of it, or the URL a redirect
         sends it on to. Its connection goes back to the pool when the answer was read to its end."""
