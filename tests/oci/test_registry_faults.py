@@ -289,6 +289,28 @@ async def test_a_token_the_registry_no_longer_accepts_is_renewed_once(
         assert token_registry.tokens_issued - before == 1
 
 
+@pytest.mark.parametrize("order", ["bearer first", "basic first"])
+async def test_a_challenge_offering_bearer_and_basic_gets_a_token(
+    token_registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory, order: str
+) -> None:
+    """A 401 whose ``WWW-Authenticate`` offers two schemes (RFC 7235 allows several challenges in
+    one header, and repeated headers read as one): the bearer challenge is met with its own realm,
+    as docker's client prefers it. (Its realm was read from the Basic challenge after it, a token
+    asked of "basic-realm"; with Basic first, Basic was sent to a registry wanting tokens.)"""
+    issuer = token_registry.token_issuer
+    assert issuer is not None
+    bearer = f'Bearer realm="{issuer.realm}",service="{issuer.service}"'
+    challenges = [bearer, 'Basic realm="basic-realm"']
+    header = ", ".join(challenges if order == "bearer first" else challenges[::-1])
+    proxy = fault_proxy_factory(token_registry)
+    proxy.add(Fault("status", status=401, headers={"WWW-Authenticate": header}, method="HEAD", times=1))
+    before = token_registry.tokens_issued
+    async with store_via(proxy, token_registry, repo_name) as store:
+        with pytest.raises(CacheMiss):
+            await store.resolve("absent")  # answered (a miss) once a token was fetched and sent
+    assert token_registry.tokens_issued > before
+
+
 @pytest.mark.usefixtures("via")
 async def test_a_redirect_loop_names_no_signature(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory

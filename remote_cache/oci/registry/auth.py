@@ -27,7 +27,7 @@ from .errors import error_for_response, translated
 from .threaded import WireAnswer, with_query
 from .timeouts import Timeouts
 
-__all__ = ["Authenticator", "TokenSend", "parse_challenge"]
+__all__ = ["Authenticator", "TokenSend", "parse_challenge", "parse_challenges"]
 
 #: How the authenticator sends a token request: ``(method, url, headers, form body, cap)`` ->
 #: the answer with at most ``cap + 1`` bytes of body (no redirects followed; network errors raise).
@@ -49,17 +49,37 @@ def _lifetime(expires_in: Any) -> int:
         return _MAX_TOKEN_LIFETIME
 
 
-_PARAM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+# A parameter (``name=value``, the value quoted or not) or, not followed by ``=``, a scheme that
+# starts the next challenge (RFC 7235: one header may hold several, and repeated headers are
+# read joined by ", ").
+_ITEM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))|([^\s,=]+)')
+#: The schemes we can answer, the most wanted first (as docker's client: a token over Basic).
+_PREFERRED = ("bearer", "basic")
+
+
+def parse_challenges(header: str) -> list[tuple[str, dict[str, str]]]:
+    """Split ``Bearer realm="...",service="...", Basic realm="..."`` into
+    ``[("bearer", {"realm": ..., "service": ...}), ("basic", {"realm": ...})]``."""
+    found: list[tuple[str, dict[str, str]]] = []
+    for m in _ITEM.finditer(header):
+        if m.group(4) is not None:
+            found.append((m.group(4).lower(), {}))
+        elif found:
+            value = m.group(2) if m.group(2) is not None else m.group(3) or ""
+            found[-1][1][m.group(1).lower()] = value.replace('\\"', '"')
+    return found
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """Split ``Bearer realm="...",service="..."`` into ``("bearer", {"realm": ..., ...})``."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {
-        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3) or "").replace('\\"', '"')
-        for m in _PARAM.finditer(rest)
-    }
-    return scheme.lower(), params
+    """The challenge of ``header`` to answer: the most wanted scheme it offers (see
+    :data:`_PREFERRED`; a bearer one only with its realm), else its first; ``("", {})`` for an
+    empty header."""
+    found = parse_challenges(header)
+    for scheme in _PREFERRED:
+        for challenge in found:
+            if challenge[0] == scheme and (scheme != "bearer" or challenge[1].get("realm")):
+                return challenge
+    return found[0] if found else ("", {})
 
 
 @dataclass
