@@ -391,6 +391,22 @@ async def test_a_failure_where_the_registry_redirected_names_that_place(
     assert not isinstance(info.value, RegistryAuthError), said  # no credentials of ours went there
 
 
+async def test_an_upload_location_on_a_host_that_cannot_be_reached_names_that_host(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """A registry behind a proxy that names its own internal address in upload ``Location``s (a
+    wrong ``http.host``): the error names that address and the registry that gave it (it said
+    the registry could not be reached, which had just answered the upload's POST)."""
+    front = fault_proxy_factory(registry)
+    front.location_origin = internal = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    data = os.urandom(1000)
+    async with store_via(front, registry, repo_name, retries=0) as store:
+        with pytest.raises(RegistryUnreachable) as info:
+            await store.put_blob(blob(data), data)
+    said = str(info.value)
+    assert f"cannot connect to {internal} (where registry {front.host} sent the request)" in said, said
+
+
 async def test_a_stall_where_the_registry_redirected_is_named_when_later_requests_are_refused(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
 ) -> None:

@@ -40,6 +40,7 @@ from .threaded import (
     WriteTimedOut,
     origin_shown,
     redirected_to,
+    sent_elsewhere,
 )
 from .timeouts import Timeouts
 
@@ -211,16 +212,21 @@ def _timed_out(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def translated(host: str, timeouts: Timeouts, stalls: Stalls | None = None) -> Iterator[None]:
+def translated(
+    host: str, timeouts: Timeouts, stalls: Stalls | None = None, *, elsewhere: str | None = None
+) -> Iterator[None]:
     """Run a block of client calls; a client's error (a TLS alert included: a refused client
     certificate) leaves it as :func:`unreachable`'s exception.
 
     With ``stalls``, a timeout counts against the host's stall budget (:mod:`..stalls`): over
-    it, the error is final; a block that completes is progress.
+    it, the error is final; a block that completes is progress. ``elsewhere``: the URL the block
+    sends to, when not the registry's (an upload ``Location`` or a ``Link`` naming another host).
     """
     try:
         yield
     except BaseException as exc:
+        if elsewhere is not None and isinstance(exc, OSError | http.client.HTTPException):
+            sent_elsewhere(exc, elsewhere)
         if _timed_out(exc) is not None:
             raise _stalled(host, exc, timeouts, stalls) from exc
         if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop

@@ -53,6 +53,7 @@ __all__ = [
     "origin_of",
     "origin_shown",
     "redirected_to",
+    "sent_elsewhere",
     "with_query",
 ]
 
@@ -387,7 +388,7 @@ class ThreadClient:
                 answer, onward = self._hop(method, url, send, content, stopper, take)
             except (OSError, http.client.HTTPException) as exc:
                 if away:  # the registry answered; the place it sent the request to did not
-                    setattr(exc, _REDIRECTED_TO, origin_shown(url))
+                    sent_elsewhere(exc, url)
                 raise
             if onward is None:
                 return answer
@@ -682,9 +683,16 @@ _NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR
 _PLAIN_HTTP_ANSWER = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"})
 
 
+def sent_elsewhere(exc: BaseException, url: str) -> None:
+    """Record on ``exc`` that the request it ended went to ``url``, not to the registry (a place
+    a redirect, an upload ``Location`` or a ``Link`` named); the first place recorded stays."""
+    if redirected_to(exc) is None:
+        setattr(exc, _REDIRECTED_TO, origin_shown(url))
+
+
 def redirected_to(exc: BaseException) -> str | None:
-    """Where (``scheme://host[:port]``) a registry had redirected the request that failed with
-    ``exc``, when that was another origin (its blob storage); None when it failed at the registry."""
+    """Where (``scheme://host[:port]``) the request that failed with ``exc`` went when that was
+    not the registry (its blob storage, see :func:`sent_elsewhere`); None when it was."""
     where = getattr(exc, _REDIRECTED_TO, None)
     return where if isinstance(where, str) else None
 

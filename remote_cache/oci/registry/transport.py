@@ -141,7 +141,7 @@ class RegistryTransport:
 
         def send(headers: dict[str, str]) -> Awaitable[WireAnswer | None]:
             fetch = functools.partial(self._threads.fetch, url, headers, offset=offset, sink=guarded(arrived))
-            return self._in_thread(fetch)
+            return self._in_thread(fetch, url)
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
@@ -180,7 +180,7 @@ class RegistryTransport:
                     content=content,
                     limit=MAX_DOCUMENT_BYTES,
                 )
-                return self._in_thread(exchange)
+                return self._in_thread(exchange, target)
 
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
@@ -222,10 +222,14 @@ class RegistryTransport:
             return answer
         raise AssertionError("unreachable: the second pass returns")
 
-    async def _in_thread(self, call: Callable[..., _T]) -> _T:
-        """``call(stopper=...)`` in a worker thread, its network errors translated; a sink's own
-        failure leaves as itself."""
-        with sink_failures_as_themselves(), translated(self.host, self.timeouts, self.stalls):
+    async def _in_thread(self, call: Callable[..., _T], url: str | None = None) -> _T:
+        """``call(stopper=...)`` in a worker thread, its network errors translated (naming ``url``'s
+        host when that is not the registry's); a sink's own failure leaves as itself."""
+        elsewhere = url if url is not None and origin_of(url) != origin_of(self.base_url) else None
+        with (
+            sink_failures_as_themselves(),
+            translated(self.host, self.timeouts, self.stalls, elsewhere=elsewhere),
+        ):
             return await _run_stoppable(call)
 
     async def _send_token(
