@@ -28,8 +28,8 @@ class Stalls:
         self.period = period
         self.budget = period * BUDGET_PERIODS
         self._since: float | None = None
-        #: Where the stall that began the count happened, when not at the store itself (a place
-        #: a registry redirected to); None otherwise.
+        #: Where the latest stall happened, when not at the store itself (a place a registry
+        #: sent requests to); None otherwise.
         self.place: str | None = None
 
     def progressed(self) -> None:
@@ -43,7 +43,7 @@ class Stalls:
         now = time.monotonic()
         if self._since is None:
             self._since = now - self.period  # the stall began a period ago
-            self.place = place
+        self.place = place  # (where the latest was: what a refusal after it names)
         return now - self._since < self.budget
 
     def spent(self) -> None:

@@ -379,16 +379,73 @@ async def test_a_failure_where_the_registry_redirected_names_that_place(
             await read_all(store, desc)
     said = str(info.value)
     assert f"{place} (where registry {front.host} sent the request)" in said, said
-    assert "SECRET" not in said and "credentials" not in said, said
+    assert "SECRET" not in said and "requires credentials" not in said and "docker login" not in said, said
     assert f"connect to registry {front.host}" not in said and f"of registry {front.host}" not in said, said
     advice = {
         "refused": "this machine must reach",
         "untrusted": "--cert-dir",
-        "expired": "AccessDenied: Request has expired; the signed URL the registry gave may have expired",
+        "expired": "AccessDenied: Request has expired; this tool's credentials go to the registry only",
         "bad-url": "not a valid URL",
     }[storage]
     assert advice in said, said
     assert not isinstance(info.value, RegistryAuthError), said  # no credentials of ours went there
+
+
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:port", "http://[::1"])
+@pytest.mark.parametrize("where", ["redirect", "upload Location"])
+async def test_a_url_from_the_registry_that_is_no_url_is_its_error(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory, where: str, bad: str
+) -> None:
+    """A redirect or an upload ``Location`` that cannot be parsed (a port that is no number, a
+    broken IPv6 address): the registry's error, said once (not retried) and without the URL,
+    which may hold a signature. (A bare ValueError escaped every translation.)"""
+    data = os.urandom(1000)
+    front = fault_proxy_factory(registry)
+    async with store_via(front, registry, repo_name) as store:
+        if where == "redirect":
+            desc = await _stored(registry, repo_name, data)
+            front.redirect(
+                f"{bad}/x?X-Amz-Signature=SECRETsig", method="GET", path_contains="/blobs/", times=5
+            )
+            with pytest.raises(RegistryError) as info:
+                await read_all(store, desc)
+        else:
+            front.location_origin = bad
+            with pytest.raises(RegistryError) as info:
+                await store.put_blob(blob(data), data)
+    said = str(info.value)
+    assert f"registry {front.host} " in said and "not a valid URL" in said and "SECRET" not in said, said
+    assert front.count("GET" if where == "redirect" else "POST") == 1
+
+
+async def test_what_a_storage_error_says_is_shown_on_one_line_with_its_code(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """Storage answering with a terminal's escape sequences and line breaks in its message: shown
+    as printable text on one line, cut short when long; a spec error body keeps its code."""
+    data = os.urandom(1000)
+    desc = await _stored(registry, repo_name, data)
+    front, elsewhere = fault_proxy_factory(registry), fault_proxy_factory(registry)
+    hostile = (
+        b"<Error><Code>Bad</Code><Message>\x1b]0;pwned\x07 line1\nline2" + b"x" * 400 + b"</Message></Error>"
+    )
+    spec = b'{"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry"}]}'
+    elsewhere.answer(400, hostile, method="GET", path_contains="/blobs/")
+    elsewhere.answer(404, spec, method="GET", path_contains="/blobs/")
+    front.redirect(
+        f"{elsewhere.url}/v2/{repo_name}/blobs/{desc.digest}", method="GET", path_contains="/blobs/", times=2
+    )
+    async with store_via(front, registry, repo_name, retries=0) as store:
+        with pytest.raises(RegistryError) as first:
+            await read_all(store, desc)
+        with pytest.raises(RegistryError) as second:
+            await read_all(store, desc)
+    said = str(first.value)
+    assert "400 Bad: ]0;pwned line1 line2xxx" in said and said.count("x") < 330 and "..." in said, said
+    assert all(c.isprintable() for c in said), said
+    assert second.value.code == "BLOB_UNKNOWN" and "404 BLOB_UNKNOWN: blob unknown to registry" in str(
+        second.value
+    )
 
 
 async def test_an_upload_location_on_a_host_that_cannot_be_reached_names_that_host(
@@ -427,6 +484,30 @@ async def test_a_stall_where_the_registry_redirected_is_named_when_later_request
             await store.resolve("latest")
     said = str(info.value)
     assert f"{storage.url} (where registry {front.host} sent requests) has sent nothing" in said, said
+
+
+async def test_a_refusal_after_stalls_names_where_the_latest_stall_was(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """Storage stalls once, then the registry itself stalls and spends the budget: the request
+    refused after that names the registry, as the error just before it did (it named the storage,
+    whose stall had begun the count)."""
+    data = os.urandom(1000)
+    desc = await _stored(registry, repo_name, data)
+    front, storage = fault_proxy_factory(registry), fault_proxy_factory(registry)
+    storage.stall(after_bytes=0, method="GET", times=1)
+    front.redirect(f"{storage.url}/v2/{repo_name}/blobs/{desc.digest}", method="GET", path_contains="/blobs/")
+    front.stall(after_bytes=None, method="HEAD", times=10)  # (no answer at all)
+    async with store_via(
+        front, registry, repo_name, retries=0, timeout=Timeouts(connect=0.5, read=0.5)
+    ) as store:
+        with pytest.raises(RegistryUnreachable, match="where registry"):
+            await read_all(store, desc)
+        with pytest.raises(RegistryUnreachable, match=f"^registry {front.host} stopped sending data"):
+            await store.resolve("x")
+        with pytest.raises(RegistryUnreachable) as info:
+            await store.resolve("y")
+    assert str(info.value).startswith(f"registry {front.host} has sent nothing"), info.value
 
 
 @pytest.mark.usefixtures("via")

@@ -32,6 +32,7 @@ from ..credentials import PASS_CREDENTIALS, Credentials
 from ..descriptor import parse_json
 from ..stalls import Stalls
 from .threaded import (
+    BadRedirect,
     ConnectTimedOut,
     ProxyFailed,
     ProxyTimedOut,
@@ -104,30 +105,46 @@ def error_for_response(
 
 
 #: An object store's XML error (S3, GCS, Azure): its code and message.
-_STORAGE_ERROR = re.compile(rb"<Code>([^<]{1,100})</Code>(?:.*?<Message>([^<]{1,300})</Message>)?", re.S)
+_STORAGE_ERROR = re.compile(rb"<Code>([^<]{1,100})</Code>(?:.*?<Message>([^<]*)</Message>)?", re.S)
+#: What of a message from elsewhere is shown, at most.
+_SHOWN_CHARS = 300
 
 
 def error_from_elsewhere(response: WireAnswer, *, host: str, action: str) -> RegistryError:
-    """The exception for an error answer from where the registry redirected the request (its
-    blob storage): it names that place and what it said, and gives no credential advice (ours
-    never go there). The status stays, so a retry or a missing blob is told as from the registry."""
+    """The exception for an error answer from a place other than the registry that the registry
+    sent the request to (its blob storage by a redirect; a host an upload ``Location`` or a
+    ``Link`` named): it names that place and what it said, and gives no credential advice (ours
+    go to the registry only). The status and a spec error code stay, so retries and missing
+    blobs are told as from the registry."""
     status = response.status_code
+    errors = _spec_errors(response.body)
     found = _STORAGE_ERROR.search(response.body)
-    if found is None:
-        said = response.reason_phrase
+    if errors:
+        said = "; ".join(f"{c}: {m}" if m else c for c, m in errors)
+    elif found is not None:
+        said = ": ".join(part.decode(errors="replace") for part in found.groups() if part)
     else:
-        said = ": ".join(part.decode(errors="replace").strip() for part in found.groups() if part)
+        said = response.reason_phrase
     hint = (
-        "; the signed URL the registry gave may have expired (is this machine's clock right?)"
+        "; this tool's credentials go to the registry only (a URL the registry signed may have "
+        "expired: is this machine's clock right?)"
         if status in (400, 401, 403)
         else ""
     )
     return RegistryError(
         f"cannot {action}: {origin_shown(response.url)} (where registry {host} sent the request) "
-        f"answered {status} {said}{hint}",
+        f"answered {status} {_printable(said)}{hint}",
         status=status,
+        code=errors[0][0] if errors else "",
         retry_after=response.headers.get("Retry-After"),
     )
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line of printable characters (a terminal's escapes, line breaks become
+    spaces), cut to :data:`_SHOWN_CHARS` with "..." when longer."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return flat if len(flat) <= _SHOWN_CHARS else flat[: _SHOWN_CHARS - 3] + "..."
 
 
 def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
@@ -229,7 +246,7 @@ def translated(
             sent_elsewhere(exc, elsewhere)
         if _timed_out(exc) is not None:
             raise _stalled(host, exc, timeouts, stalls) from exc
-        if isinstance(exc, TooManyRedirects):  # final: asking again gets the same loop
+        if isinstance(exc, TooManyRedirects | BadRedirect):  # final: asking again gets the same
             raise RegistryError(f"registry {host} {exc}") from exc
         if isinstance(exc, ssl.SSLError | OSError | http.client.HTTPException):
             # http.client's, in threaded.py (a sink's own errors come wrapped by

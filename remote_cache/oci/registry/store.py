@@ -255,7 +255,13 @@ class RegistryStore:
             match = _LINK_NEXT.search(response.headers.get("Link", ""))
             if not match:
                 return list(found)
-            path, params = urljoin(response.url, match.group(1)), None
+            try:
+                path, params = urljoin(response.url, match.group(1)), None
+            except ValueError:  # a broken IPv6 address
+                raise RegistryError(
+                    f"registry {self.host} named something that is not a valid URL as the next page of "
+                    f"the tags of {self.location}"
+                ) from None
             # A page named twice, or one that brought no new tag, would go on for ever: a listing
             # that stops short is no answer either (prune would rank what it saw), so it fails.
             if len(found) > _MAX_TAGS:

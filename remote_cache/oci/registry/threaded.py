@@ -41,6 +41,7 @@ from ..certs import default_context
 
 __all__ = [
     "MAX_ERROR_BODY",
+    "BadRedirect",
     "ConnectTimedOut",
     "Origin",
     "ProxyFailed",
@@ -123,6 +124,10 @@ class WriteTimedOut(TimeoutError):
 
 class TooManyRedirects(http.client.HTTPException):
     """More than ``_MAX_REDIRECTS`` redirects: an answer, not a network failure to retry."""
+
+
+class BadRedirect(http.client.HTTPException):
+    """A redirect to something that is not a URL: an answer, not a network failure to retry."""
 
 
 _BUFFER = 1 << 20  # blob bodies: bytes per read
@@ -417,11 +422,12 @@ class ThreadClient:
             if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
                 response.read(MAX_ERROR_BODY)
                 read_whole = True
-                onward = urljoin(url, location)
                 try:
+                    onward = urljoin(url, location)
                     origin_of(onward)
-                except ValueError:  # a port that is no number
-                    raise http.client.InvalidURL(f"redirected to {_shown(onward)}: not a valid URL") from None
+                except ValueError:  # a port that is no number, a broken IPv6 address
+                    # (not quoted: it may hold a signature, and cannot be split to leave it out)
+                    raise BadRedirect("redirected to something that is not a valid URL") from None
                 return None, onward
             answer = take(response, url)
             read_whole = True

@@ -37,7 +37,7 @@ from urllib.parse import urljoin
 import anyio
 import anyio.to_thread
 
-from ...errors import ImageFormatError, RegistryUnreachable, StoreError
+from ...errors import ImageFormatError, RegistryError, RegistryUnreachable, StoreError
 from ...version import TOOL
 from ..certs import TlsOptions, default_context, tls_context
 from ..credentials import Credentials
@@ -48,7 +48,7 @@ from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
 from .errors import check_stalls, error_from_elsewhere, translated
 from .retry import RetryPolicy
-from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of, with_query
+from .threaded import MAX_ERROR_BODY, Origin, Stopper, ThreadClient, WireAnswer, origin_of, with_query
 from .timeouts import Timeouts
 
 __all__ = ["RegistryTransport"]
@@ -145,7 +145,7 @@ class RegistryTransport:
 
         answer = await self._answered(url, list(scopes), action, send)
         if answer is not None:
-            raise self._error(answer, action, url)
+            raise self._error(answer, action)
 
     async def request(
         self,
@@ -185,7 +185,7 @@ class RegistryTransport:
             answer = await self._answered(url, scope_list, action, send)
             assert answer is not None  # only a body fetch hands its body elsewhere
             if answer.status_code not in ok_set:
-                raise self._error(answer, action, url)
+                raise self._error(answer, action)
             return answer
 
         answer = await (self.retry.call(attempt) if retry else attempt())
@@ -196,20 +196,29 @@ class RegistryTransport:
             )
         return answer
 
-    def _error(self, answer: WireAnswer, action: str, url: str) -> StoreError:
-        """The error for an answer to a request sent to ``url`` that is not the one wanted: the
-        registry's (or the host's it named, by a ``Link`` or ``Location``), or that of the place
-        a redirect sent the request on to."""
-        if answer.origin != origin_of(url):
+    def _error(self, answer: WireAnswer, action: str) -> StoreError:
+        """The error for an answer that is not the one wanted: the registry's, or that of the
+        place it sent the request to (a redirect's, a host a ``Location`` or ``Link`` named)."""
+        if answer.origin != self._origin(self.base_url):
             return error_from_elsewhere(answer, host=self.host, action=action)
         return self.auth.error(answer, action)
+
+    def _origin(self, url: str) -> Origin:
+        """``url``'s origin; a RegistryError when it has none (a ``Location`` or ``Link`` the
+        registry sent that is not a valid URL: not quoted, it may hold a signature)."""
+        try:
+            return origin_of(url)
+        except ValueError:  # a port that is no number, a broken IPv6 address
+            raise RegistryError(
+                f"registry {self.host} named something that is not a valid URL (an upload Location or a Link)"
+            ) from None
 
     async def _answered(self, url: str, scopes: list[str], action: str, send: _Send) -> WireAnswer | None:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
         absolute ``Link`` or upload ``Location`` may name another host: it gets none); a 401 from
         the registry itself is answered (a token fetched, or Basic) and the request sent once more."""
-        home = origin_of(self.base_url)
-        ours = origin_of(url) == home
+        home = self._origin(self.base_url)
+        ours = self._origin(url) == home
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
             sent = self.auth.header(scopes) if ours else None
@@ -225,7 +234,7 @@ class RegistryTransport:
     async def _in_thread(self, call: Callable[..., _T], url: str | None = None) -> _T:
         """``call(stopper=...)`` in a worker thread, its network errors translated (naming ``url``'s
         host when that is not the registry's); a sink's own failure leaves as itself."""
-        elsewhere = url if url is not None and origin_of(url) != origin_of(self.base_url) else None
+        elsewhere = url if url is not None and self._origin(url) != self._origin(self.base_url) else None
         with (
             sink_failures_as_themselves(),
             translated(self.host, self.timeouts, self.stalls, elsewhere=elsewhere),

@@ -179,4 +179,10 @@ class Uploader:
                 f"registry {self._transport.host} started an upload for {self._location} without a "
                 "Location header"
             )
-        return urljoin(response.url, location)
+        try:
+            return urljoin(response.url, location)
+        except ValueError:  # a broken IPv6 address (not quoted: it may hold a signature)
+            raise RegistryError(
+                f"registry {self._transport.host} named something that is not a valid URL as the "
+                f"Location of an upload for {self._location}"
+            ) from None
