@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urljoin
 
 from ...errors import (
     CacheMiss,
@@ -255,13 +254,8 @@ class RegistryStore:
             match = _LINK_NEXT.search(response.headers.get("Link", ""))
             if not match:
                 return list(found)
-            try:
-                path, params = urljoin(response.url, match.group(1)), None
-            except ValueError:  # a broken IPv6 address
-                raise RegistryError(
-                    f"registry {self.host} named something that is not a valid URL as the next page of "
-                    f"the tags of {self.location}"
-                ) from None
+            page = f"the next page of the tags of {self.location}"
+            path, params = self._transport.resolve(response.url, match.group(1), page), None
             # A page named twice, or one that brought no new tag, would go on for ever: a listing
             # that stops short is no answer either (prune would rank what it saw), so it fails.
             if len(found) > _MAX_TAGS:

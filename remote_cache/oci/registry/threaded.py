@@ -54,6 +54,7 @@ __all__ = [
     "origin_of",
     "origin_shown",
     "redirected_to",
+    "resolved",
     "sent_elsewhere",
     "with_query",
 ]
@@ -422,12 +423,9 @@ class ThreadClient:
             if method in ("GET", "HEAD") and response.status in _REDIRECT_STATUS and location:
                 response.read(MAX_ERROR_BODY)
                 read_whole = True
-                try:
-                    onward = urljoin(url, location)
-                    origin_of(onward)
-                except ValueError:  # a port that is no number, a broken IPv6 address
-                    # (not quoted: it may hold a signature, and cannot be split to leave it out)
-                    raise BadRedirect("redirected to something that is not a valid URL") from None
+                onward = resolved(url, location)
+                if onward is None:  # (not quoted: it may hold a signature, and cannot be split)
+                    raise BadRedirect("redirected to something that is not a valid URL")
                 return None, onward
             answer = take(response, url)
             read_whole = True
@@ -687,6 +685,17 @@ def _proxy_failure(exc: OSError | http.client.HTTPException, proxy: str, target:
 _NAME_MISMATCH = frozenset({62, 64})  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 #: What OpenSSL says when the other end answered the TLS hello in plain HTTP.
 _PLAIN_HTTP_ANSWER = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE"})
+
+
+def resolved(base: str, reference: str) -> str | None:
+    """``reference`` (a ``Location`` or ``Link`` in the answer from ``base``) as an absolute URL;
+    None when it is none (a port that is no number, a broken IPv6 address)."""
+    try:
+        url = urljoin(base, reference)
+        origin_of(url)
+    except ValueError:
+        return None
+    return url
 
 
 def sent_elsewhere(exc: BaseException, url: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urljoin
 
 import anyio
 import anyio.to_thread
@@ -179,10 +178,6 @@ class Uploader:
                 f"registry {self._transport.host} started an upload for {self._location} without a "
                 "Location header"
             )
-        try:
-            return urljoin(response.url, location)
-        except ValueError:  # a broken IPv6 address (not quoted: it may hold a signature)
-            raise RegistryError(
-                f"registry {self._transport.host} named something that is not a valid URL as the "
-                f"Location of an upload for {self._location}"
-            ) from None
+        return self._transport.resolve(
+            response.url, location, f"the Location of an upload for {self._location}"
+        )
