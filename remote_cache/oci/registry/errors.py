@@ -40,8 +40,8 @@ from .threaded import (
     WireAnswer,
     WriteTimedOut,
     origin_shown,
-    redirected_to,
     sent_elsewhere,
+    sent_to,
 )
 from .timeouts import Timeouts
 
@@ -77,7 +77,7 @@ def error_for_response(
     status = response.status_code
     errors = _spec_errors(response.body)
     code = errors[0][0] if errors else ""
-    said = "; ".join(f"{c}: {m}" if m else c for c, m in errors) or response.reason_phrase or ""
+    said = _said(errors) or response.reason_phrase or ""
     detail = without_secrets(said, secrets)
     if status in (401, 403):
         if credentials is None:
@@ -118,13 +118,11 @@ def error_from_elsewhere(response: WireAnswer, *, host: str, action: str) -> Reg
     blobs are told as from the registry."""
     status = response.status_code
     errors = _spec_errors(response.body)
-    found = _STORAGE_ERROR.search(response.body)
-    if errors:
-        said = "; ".join(f"{c}: {m}" if m else c for c, m in errors)
-    elif found is not None:
+    found = None if errors else _STORAGE_ERROR.search(response.body)
+    if found is not None:
         said = ": ".join(part.decode(errors="replace") for part in found.groups() if part)
     else:
-        said = response.reason_phrase
+        said = _said(errors) or response.reason_phrase
     hint = (
         "; this tool's credentials go to the registry only (a URL the registry signed may have "
         "expired: is this machine's clock right?)"
@@ -132,12 +130,23 @@ def error_from_elsewhere(response: WireAnswer, *, host: str, action: str) -> Reg
         else ""
     )
     return RegistryError(
-        f"cannot {action}: {origin_shown(response.url)} (where registry {host} sent the request) "
-        f"answered {status} {_printable(said)}{hint}",
+        f"cannot {action}: {_elsewhere(origin_shown(response.url), host)} answered {status} "
+        f"{_printable(said)}{hint}",
         status=status,
         code=errors[0][0] if errors else "",
         retry_after=response.headers.get("Retry-After"),
     )
+
+
+def _said(errors: list[tuple[str, str]]) -> str:
+    """Spec errors as ``CODE: message; CODE`` ("" for none)."""
+    return "; ".join(f"{c}: {m}" if m else c for c, m in errors)
+
+
+def _elsewhere(place: str, host: str, sent: str = "the request") -> str:
+    """A place registry ``host`` sent requests to, named in a message: ``X (where registry H sent
+    the request)``."""
+    return f"{place} (where registry {host} sent {sent})"
 
 
 def _printable(text: str) -> str:
@@ -150,11 +159,11 @@ def _printable(text: str) -> str:
 def unreachable(host: str, exc: BaseException, *, timeouts: Timeouts) -> RegistryUnreachable:
     """A :class:`RegistryUnreachable` naming ``host`` and the cause of ``exc`` — or, when the
     registry had redirected the request and it failed there (its blob storage), that place."""
-    where = redirected_to(exc)
+    where = sent_to(exc)
     if where is None:
         return _unreachable(f"registry {host}", exc, timeouts)
     return _unreachable(
-        f"{where} (where registry {host} sent the request)",
+        _elsewhere(where, host),
         exc,
         timeouts,
         f"this machine must reach {where} too (a firewall or proxy letting the registry through may stop it)",
@@ -260,18 +269,14 @@ def translated(
 def _stalled(host: str, exc: BaseException, timeouts: Timeouts, stalls: Stalls | None) -> RegistryUnreachable:
     """A timeout as :func:`unreachable` says it; final once the host is over its stall budget."""
     error = unreachable(host, exc, timeouts=timeouts)
-    if stalls is not None and not stalls.stalled(redirected_to(exc)):
+    if stalls is not None and not stalls.stalled(sent_to(exc)):
         error = RegistryUnreachable(stalls.gave_up(str(error)), temporary=False)
     return error
 
 
 def check_stalls(host: str, stalls: Stalls) -> None:
     """Before a request: fail at once when the host has been stalled past its budget."""
-    who = (
-        f"registry {host}"
-        if stalls.place is None
-        else f"{stalls.place} (where registry {host} sent requests)"
-    )
+    who = f"registry {host}" if stalls.place is None else _elsewhere(stalls.place, host, "requests")
     refusal = stalls.refusal(who)
     if refusal is not None:
         raise RegistryUnreachable(refusal, temporary=False)

@@ -53,9 +53,9 @@ __all__ = [
     "WriteTimedOut",
     "origin_of",
     "origin_shown",
-    "redirected_to",
     "resolved",
     "sent_elsewhere",
+    "sent_to",
     "with_query",
 ]
 
@@ -65,8 +65,8 @@ _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 #: What makes the final answer of a request (:meth:`ThreadClient._run`) out of the response.
 _Take = Callable[[http.client.HTTPResponse, str], "WireAnswer | None"]
-#: The attribute a failed request's exception gets naming where a redirect had sent it.
-_REDIRECTED_TO = "remote_cache_redirected_to"
+#: The attribute a failed request's exception gets naming where it went, not the registry.
+_SENT_TO = "remote_cache_sent_to"
 
 #: Scheme, lower-case host name and port: where ``Authorization`` may go.
 Origin = tuple[str, str, int]
@@ -701,14 +701,14 @@ def resolved(base: str, reference: str) -> str | None:
 def sent_elsewhere(exc: BaseException, url: str) -> None:
     """Record on ``exc`` that the request it ended went to ``url``, not to the registry (a place
     a redirect, an upload ``Location`` or a ``Link`` named); the first place recorded stays."""
-    if redirected_to(exc) is None:
-        setattr(exc, _REDIRECTED_TO, origin_shown(url))
+    if sent_to(exc) is None:
+        setattr(exc, _SENT_TO, origin_shown(url))
 
 
-def redirected_to(exc: BaseException) -> str | None:
+def sent_to(exc: BaseException) -> str | None:
     """Where (``scheme://host[:port]``) the request that failed with ``exc`` went when that was
     not the registry (its blob storage, see :func:`sent_elsewhere`); None when it was."""
-    where = getattr(exc, _REDIRECTED_TO, None)
+    where = getattr(exc, _SENT_TO, None)
     return where if isinstance(where, str) else None
 
 
