@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -502,6 +503,58 @@ class ProxiedRequest:
     headers: dict[str, str] = field(default_factory=dict)  # request headers, lower-case names
 
 
+#: How long the proxy waits on the real server for a connection or bytes before giving up on a
+#: request (the client then sees its connection closed): no test waits this long on purpose.
+_UPSTREAM_TIMEOUT = 120
+
+
+class _Upstream:
+    """The proxy's connection to the real server: a blocking socket driven from worker threads,
+    not from the proxy's event loop. Twice the suite hung for a whole read timeout with the
+    server's complete answer unread in this socket while the loop slept, the socket absent from
+    the loop's epoll set (seen in ``ss`` and ``/proc/PID/fdinfo``; how its registration went is
+    unknown). A blocking read waits on the socket itself, and for ``_UPSTREAM_TIMEOUT`` at most."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+
+    @classmethod
+    async def open(cls, address: tuple[str, int]) -> _Upstream:
+        return cls(await asyncio.to_thread(socket.create_connection, address, _UPSTREAM_TIMEOUT))
+
+    async def send(self, data: bytes) -> None:
+        await asyncio.to_thread(self._sock.sendall, data)
+
+    async def read(self, limit: int = 65536) -> bytes:
+        """Up to ``limit`` bytes; b"" at the end."""
+        if self._buf:
+            data, self._buf = self._buf[:limit], self._buf[limit:]
+            return data
+        return await asyncio.to_thread(self._sock.recv, limit)
+
+    async def readuntil(self, separator: bytes) -> bytes:
+        while separator not in self._buf:
+            data = await asyncio.to_thread(self._sock.recv, 65536)
+            if not data:
+                raise asyncio.IncompleteReadError(self._buf, None)
+            self._buf += data
+        end = self._buf.index(separator) + len(separator)
+        head, self._buf = self._buf[:end], self._buf[end:]
+        return head
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while data := await self.read():
+            parts.append(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a read still waiting in a thread
+        self._sock.close()
+
+
 class FaultProxy:
     """An HTTP/1.1 proxy on 127.0.0.1 in front of ``upstream`` ("127.0.0.1:PORT").
 
@@ -604,16 +657,20 @@ class FaultProxy:
 
     async def _main(self, started: threading.Event) -> None:
         self._stop = asyncio.Event()
+        # Upstream reads wait in threads (see _Upstream): enough for every request in flight.
+        self._loop.set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="fault-proxy"))
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = int(server.sockets[0].getsockname()[1])
         started.set()
         async with server:
             await self._stop.wait()
             server.close()
-        # Cancel hanging handlers (stalls) so the loop can finish.
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
+        # Cancel hanging handlers (stalls, connections a client kept idle) and let them close
+        # their sockets here, rather than leave them to a garbage collection in another thread.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def _take_fault(self, method: str, path: str, *, slow: bool = False) -> Fault | None:
         with self._lock:
@@ -643,8 +700,8 @@ class FaultProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve_one(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # (a client or the server went away, or the server sent nothing for too long)
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
@@ -716,14 +773,13 @@ class FaultProxy:
             await self._paginated_tags(path, out_headers, writer, seen)
             return
 
-        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        upstream = await _Upstream.open(self._upstream)
         try:
-            up_writer.write(
+            await upstream.send(
                 (f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(out_headers) + "\r\n\r\n").encode("latin-1")
                 + body
             )
-            await up_writer.drain()
-            resp_head = await up_reader.readuntil(b"\r\n\r\n")
+            resp_head = await upstream.readuntil(b"\r\n\r\n")
             status = int(resp_head.split(b" ", 2)[1])
             # Log before the client can see the answer: tests read the log from another thread.
             self._log(method, path, "forwarded" if fault is None else fault.kind, status, seen)
@@ -744,14 +800,14 @@ class FaultProxy:
                 )
             writer.write(resp_head)
             if fault is None:
-                while chunk := await up_reader.read(65536):
+                while chunk := await upstream.read():
                     writer.write(chunk)
                     await writer.drain()
                 return
             limit = fault.after_bytes or 0
             sent = 0
             while sent < limit:
-                chunk = await up_reader.read(min(65536, limit - sent))
+                chunk = await upstream.read(min(65536, limit - sent))
                 if not chunk:
                     break
                 writer.write(chunk)
@@ -761,8 +817,7 @@ class FaultProxy:
                 await asyncio.Event().wait()
             # "cut": fall through and close both sides with the body incomplete.
         finally:
-            with contextlib.suppress(Exception):
-                up_writer.close()
+            upstream.close()
 
     async def _paginated_tags(
         self, path: str, headers: list[str], writer: asyncio.StreamWriter, seen: dict[str, str]
@@ -773,15 +828,14 @@ class FaultProxy:
         query = parse_qs(parts.query)
         n = int(query["n"][0])
         last = query.get("last", [""])[0]
-        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        upstream = await _Upstream.open(self._upstream)
         try:
-            up_writer.write(
+            await upstream.send(
                 (f"GET {parts.path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
             )
-            await up_writer.drain()
-            raw = await up_reader.read()
+            raw = await upstream.read_all()
         finally:
-            up_writer.close()
+            upstream.close()
         head, _, body = raw.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
         self._log("GET", path, "paginated", status, seen)
