@@ -508,46 +508,68 @@ class ProxiedRequest:
 _UPSTREAM_TIMEOUT = 120
 
 
-class _Upstream:
-    """The proxy's connection to the real server: a blocking socket driven from worker threads,
-    not from the proxy's event loop. Twice the suite hung for a whole read timeout with the
-    server's complete answer unread in this socket while the loop slept, the socket absent from
-    the loop's epoll set (seen in ``ss`` and ``/proc/PID/fdinfo``; how its registration went is
-    unknown). A blocking read waits on the socket itself, and for ``_UPSTREAM_TIMEOUT`` at most."""
+class _Connection:
+    """One of the proxy's connections (a client's, or its own to the real server): a blocking
+    socket read and written from worker threads, never registered with the proxy's event loop.
+    Twice the suite hung for a whole read timeout with the server's complete answer unread in the
+    proxy's socket while its loop slept, the socket absent from the loop's epoll set (``ss`` and
+    ``/proc/PID/fdinfo``). A selector keeps its key when a registered descriptor is closed behind
+    its back, and a new socket given that number is then never watched: ``add_reader`` finds the
+    key, and the epoll selector's ``modify`` with unchanged events only swaps the callback
+    (``selectors._PollLikeSelector.modify``; cpython#88968 is one such hang). Who closed a
+    descriptor here is not known; a blocking read waits on the socket itself."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buf = b""
+        self._out: list[bytes] = []
 
     @classmethod
-    async def open(cls, address: tuple[str, int]) -> _Upstream:
+    async def open(cls, address: tuple[str, int]) -> _Connection:
         return cls(await asyncio.to_thread(socket.create_connection, address, _UPSTREAM_TIMEOUT))
 
-    async def send(self, data: bytes) -> None:
-        await asyncio.to_thread(self._sock.sendall, data)
+    async def _more(self) -> bytes:
+        data = await asyncio.to_thread(self._sock.recv, 65536)
+        if not data:
+            raise asyncio.IncompleteReadError(self._buf, None)
+        self._buf += data
+        return data
 
     async def read(self, limit: int = 65536) -> bytes:
         """Up to ``limit`` bytes; b"" at the end."""
-        if self._buf:
-            data, self._buf = self._buf[:limit], self._buf[limit:]
-            return data
-        return await asyncio.to_thread(self._sock.recv, limit)
+        if not self._buf:
+            return await asyncio.to_thread(self._sock.recv, limit)
+        data, self._buf = self._buf[:limit], self._buf[limit:]
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            await self._more()
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
 
     async def readuntil(self, separator: bytes) -> bytes:
         while separator not in self._buf:
-            data = await asyncio.to_thread(self._sock.recv, 65536)
-            if not data:
-                raise asyncio.IncompleteReadError(self._buf, None)
-            self._buf += data
-        end = self._buf.index(separator) + len(separator)
-        head, self._buf = self._buf[:end], self._buf[end:]
-        return head
+            await self._more()
+        return await self.readexactly(self._buf.index(separator) + len(separator))
 
     async def read_all(self) -> bytes:
         parts = []
         while data := await self.read():
             parts.append(data)
         return b"".join(parts)
+
+    def write(self, data: bytes) -> None:
+        self._out.append(bytes(data))
+
+    async def drain(self) -> None:
+        if self._out:
+            data, self._out = b"".join(self._out), []
+            await asyncio.to_thread(self._sock.sendall, data)
+
+    async def send(self, data: bytes) -> None:
+        self.write(data)
+        await self.drain()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -579,6 +601,8 @@ class FaultProxy:
         #: registries that omit optional headers such as Docker-Content-Digest.
         self.strip_response_headers: set[str] = set()
         self.requests: list[ProxiedRequest] = []
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = int(self._listener.getsockname()[1])
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         started = threading.Event()
@@ -586,6 +610,7 @@ class FaultProxy:
         self._thread.start()
         if not started.wait(10):
             raise RuntimeError("fault proxy did not start")
+        threading.Thread(target=self._accept, daemon=True).start()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
 
@@ -644,6 +669,9 @@ class FaultProxy:
             )
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._listener.close()
         if self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=10)
@@ -657,20 +685,30 @@ class FaultProxy:
 
     async def _main(self, started: threading.Event) -> None:
         self._stop = asyncio.Event()
-        # Upstream reads wait in threads (see _Upstream): enough for every request in flight.
-        self._loop.set_default_executor(ThreadPoolExecutor(64, thread_name_prefix="fault-proxy"))
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(server.sockets[0].getsockname()[1])
+        # Every read and write waits in a thread (see _Connection): enough for all in flight,
+        # idle connections a client keeps included.
+        self._loop.set_default_executor(ThreadPoolExecutor(256, thread_name_prefix="fault-proxy"))
         started.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
+        await self._stop.wait()
         # Cancel hanging handlers (stalls, connections a client kept idle) and let them close
         # their sockets here, rather than leave them to a garbage collection in another thread.
         others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+
+    def _accept(self) -> None:
+        """Hand each connection to the loop, until the listener is closed."""
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(self._serve(_Connection(sock)), self._loop)
+            except RuntimeError:  # the loop has stopped
+                sock.close()
+                return
 
     def _take_fault(self, method: str, path: str, *, slow: bool = False) -> Fault | None:
         with self._lock:
@@ -687,7 +725,7 @@ class FaultProxy:
             self.requests.append(ProxiedRequest(method, path, outcome, status, headers or {}))
 
     @staticmethod
-    async def _read_slowly(reader: asyncio.StreamReader, length: int, rate: int) -> bytes:
+    async def _read_slowly(reader: _Connection, length: int, rate: int) -> bytes:
         parts: list[bytes] = []
         left = length
         while left:
@@ -697,16 +735,16 @@ class FaultProxy:
             await asyncio.sleep(len(part) / rate)
         return b"".join(parts)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, client: _Connection) -> None:
         try:
-            await self._serve_one(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await self._serve_one(client, client)
+            await client.drain()
+        except (OSError, asyncio.IncompleteReadError):
             pass  # (a client or the server went away, or the server sent nothing for too long)
         finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+            client.close()
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_one(self, reader: _Connection, writer: _Connection) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _version = lines[0].split(" ", 2)
@@ -773,7 +811,7 @@ class FaultProxy:
             await self._paginated_tags(path, out_headers, writer, seen)
             return
 
-        upstream = await _Upstream.open(self._upstream)
+        upstream = await _Connection.open(self._upstream)
         try:
             await upstream.send(
                 (f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(out_headers) + "\r\n\r\n").encode("latin-1")
@@ -820,7 +858,7 @@ class FaultProxy:
             upstream.close()
 
     async def _paginated_tags(
-        self, path: str, headers: list[str], writer: asyncio.StreamWriter, seen: dict[str, str]
+        self, path: str, headers: list[str], writer: _Connection, seen: dict[str, str]
     ) -> None:
         from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -828,7 +866,7 @@ class FaultProxy:
         query = parse_qs(parts.query)
         n = int(query["n"][0])
         last = query.get("last", [""])[0]
-        upstream = await _Upstream.open(self._upstream)
+        upstream = await _Connection.open(self._upstream)
         try:
             await upstream.send(
                 (f"GET {parts.path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
@@ -862,7 +900,7 @@ class FaultProxy:
         await writer.drain()
 
     @staticmethod
-    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    async def _read_chunked(reader: _Connection) -> bytes:
         parts: list[bytes] = []
         while True:
             size_line = await reader.readuntil(b"\r\n")
