@@ -116,6 +116,13 @@ def _named() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """An anonymous registry serving HTTPS on 127.0.0.1 with a certificate of its own test CA
+    (``.ca``), which nothing here trusts unless told."""
+    yield from _start(tmp_path_factory, "tls-registry", "none", tls=True)
+
+
+@pytest.fixture(scope="session")
 def private_ca_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """An anonymous registry serving HTTPS under this machine's name, its certificate from ``.ca``."""
     yield from _start(tmp_path_factory, "private-ca-registry", "none", tls=True, name=_named())

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -525,16 +525,6 @@ async def test_registry_refusing_mounts_gets_head_and_plain_uploads(
         assert await read_all(store, blob(second)) == second
     assert proxy.count("POST", "mount=") == 1  # refused once, then never tried again
     assert proxy.count("PUT") == 2
-
-
-@pytest.fixture(scope="module")
-def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """A docker-registry serving HTTPS on 127.0.0.1 with a certificate of its own test CA."""
-    server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_tls_verifies_certificates_and_honours_ssl_cert_file(

@@ -7,7 +7,7 @@ import errno
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -20,7 +20,7 @@ from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.registry import RegistryStore, RegistryTransport, Timeouts
 from tests.oci import blob_reading
 from tests.oci.blob_reading import read_all
-from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port, start_registry
+from tests.registry_server import Fault, FaultProxy, RegistryServer, free_port
 
 ProxyFactory = Callable[[RegistryServer], FaultProxy]
 
@@ -328,14 +328,6 @@ async def test_a_redirect_loop_names_no_signature(
     assert "SECRET" not in str(info.value) and "redirected more than 5 times" in str(info.value)
     # An answer, not a network failure: not asked again (1 + 5 redirects, one of them the front's).
     assert front.count("GET", "/blobs/") + storage.count("GET", "/blobs/") == 6
-
-
-@pytest.fixture(scope="module")
-def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """A registry serving HTTPS with a certificate of a CA nobody here trusts."""
-    server = start_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
-    yield server
-    server.stop()
 
 
 _S3_EXPIRED = (
