@@ -528,12 +528,11 @@ class _Connection:
     async def open(cls, address: tuple[str, int]) -> _Connection:
         return cls(await asyncio.to_thread(socket.create_connection, address, _UPSTREAM_TIMEOUT))
 
-    async def _more(self) -> bytes:
+    async def _more(self) -> None:
         data = await asyncio.to_thread(self._sock.recv, 65536)
         if not data:
             raise asyncio.IncompleteReadError(self._buf, None)
         self._buf += data
-        return data
 
     async def read(self, limit: int = 65536) -> bytes:
         """Up to ``limit`` bytes; b"" at the end."""
@@ -725,11 +724,11 @@ class FaultProxy:
             self.requests.append(ProxiedRequest(method, path, outcome, status, headers or {}))
 
     @staticmethod
-    async def _read_slowly(reader: _Connection, length: int, rate: int) -> bytes:
+    async def _read_slowly(client: _Connection, length: int, rate: int) -> bytes:
         parts: list[bytes] = []
         left = length
         while left:
-            part = await reader.readexactly(min(left, 16384))
+            part = await client.readexactly(min(left, 16384))
             parts.append(part)
             left -= len(part)
             await asyncio.sleep(len(part) / rate)
@@ -737,15 +736,15 @@ class FaultProxy:
 
     async def _serve(self, client: _Connection) -> None:
         try:
-            await self._serve_one(client, client)
+            await self._serve_one(client)
             await client.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass  # (a client or the server went away, or the server sent nothing for too long)
         finally:
             client.close()
 
-    async def _serve_one(self, reader: _Connection, writer: _Connection) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+    async def _serve_one(self, client: _Connection) -> None:
+        head = await client.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, path, _version = lines[0].split(" ", 2)
         headers = [line for line in lines[1:] if line]
@@ -765,9 +764,9 @@ class FaultProxy:
         out_headers.append("Connection: close")
         slow = self._take_fault(method, path, slow=True)
         if slow is not None and not chunked:
-            body = await self._read_slowly(reader, length, slow.rate)
+            body = await self._read_slowly(client, length, slow.rate)
         else:
-            body = await (self._read_chunked(reader) if chunked else reader.readexactly(length))
+            body = await (self._read_chunked(client) if chunked else client.readexactly(length))
         if chunked:
             out_headers = [h for h in out_headers if not h.lower().startswith("transfer-encoding")]
             out_headers.append(f"Content-Length: {len(body)}")
@@ -779,11 +778,11 @@ class FaultProxy:
         fault = self._take_fault(method, path)
         if fault is not None and fault.kind == "redirect":
             self._log(method, path, "redirect", 307, seen)
-            writer.write(
+            client.write(
                 f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {fault.location}\r\n"
                 "Content-Length: 0\r\nConnection: close\r\n\r\n".encode("latin-1")
             )
-            await writer.drain()
+            await client.drain()
             return
         if fault is not None and fault.kind == "status":
             self._log(method, path, f"status {fault.status}", fault.status, seen)
@@ -793,14 +792,14 @@ class FaultProxy:
                     {"errors": [{"code": "UNAVAILABLE", "message": "injected fault", "detail": None}]}
                 ).encode()
             extra = "".join(f"{k}: {v}\r\n" for k, v in fault.headers.items())
-            writer.write(
+            client.write(
                 (
                     f"HTTP/1.1 {fault.status} Injected\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(payload)}\r\n{extra}Connection: close\r\n\r\n"
                 ).encode("latin-1")
                 + payload
             )
-            await writer.drain()
+            await client.drain()
             return
         if fault is not None and fault.kind == "stall" and fault.after_bytes is None:
             self._log(method, path, "stall", 0, seen)
@@ -808,7 +807,7 @@ class FaultProxy:
             return
 
         if self.paginate_tags and method == "GET" and "/tags/list?" in path and "n=" in path:
-            await self._paginated_tags(path, out_headers, writer, seen)
+            await self._paginated_tags(path, out_headers, client, seen)
             return
 
         upstream = await _Connection.open(self._upstream)
@@ -836,11 +835,11 @@ class FaultProxy:
                     lambda m: m.group(1) + self.location_origin.encode() + m.group(2),
                     resp_head,
                 )
-            writer.write(resp_head)
+            client.write(resp_head)
             if fault is None:
                 while chunk := await upstream.read():
-                    writer.write(chunk)
-                    await writer.drain()
+                    client.write(chunk)
+                    await client.drain()
                 return
             limit = fault.after_bytes or 0
             sent = 0
@@ -848,9 +847,9 @@ class FaultProxy:
                 chunk = await upstream.read(min(65536, limit - sent))
                 if not chunk:
                     break
-                writer.write(chunk)
+                client.write(chunk)
                 sent += len(chunk)
-            await writer.drain()
+            await client.drain()
             if fault.kind == "stall":
                 await asyncio.Event().wait()
             # "cut": fall through and close both sides with the body incomplete.
@@ -858,7 +857,7 @@ class FaultProxy:
             upstream.close()
 
     async def _paginated_tags(
-        self, path: str, headers: list[str], writer: _Connection, seen: dict[str, str]
+        self, path: str, headers: list[str], client: _Connection, seen: dict[str, str]
     ) -> None:
         from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -878,8 +877,8 @@ class FaultProxy:
         status = int(head.split(b" ", 2)[1])
         self._log("GET", path, "paginated", status, seen)
         if status != 200:
-            writer.write(raw)
-            await writer.drain()
+            client.write(raw)
+            await client.drain()
             return
         listing = json.loads(body)
         tags = sorted(listing.get("tags") or [])
@@ -890,26 +889,26 @@ class FaultProxy:
             query = urlencode({"n": n, "last": page[-1]})
             link = f'Link: <{self.link_origin}{parts.path}?{query}>; rel="next"\r\n'
         payload = json.dumps({"name": listing.get("name"), "tags": page}).encode()
-        writer.write(
+        client.write(
             (
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(payload)}\r\n{link}Connection: close\r\n\r\n"
             ).encode("latin-1")
             + payload
         )
-        await writer.drain()
+        await client.drain()
 
     @staticmethod
-    async def _read_chunked(reader: _Connection) -> bytes:
+    async def _read_chunked(client: _Connection) -> bytes:
         parts: list[bytes] = []
         while True:
-            size_line = await reader.readuntil(b"\r\n")
+            size_line = await client.readuntil(b"\r\n")
             size = int(size_line.split(b";")[0].strip(), 16)
             if size == 0:
-                await reader.readuntil(b"\r\n")  # trailer end (no trailers expected)
+                await client.readuntil(b"\r\n")  # trailer end (no trailers expected)
                 return b"".join(parts)
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+            parts.append(await client.readexactly(size))
+            await client.readexactly(2)
 
 
 @contextlib.contextmanager
