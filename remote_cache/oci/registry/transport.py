@@ -48,7 +48,16 @@ from ..store import guarded, sink_failures_as_themselves
 from .auth import Authenticator
 from .errors import check_stalls, error_from_elsewhere, translated
 from .retry import RetryPolicy
-from .threaded import MAX_ERROR_BODY, Stopper, ThreadClient, WireAnswer, origin_of, resolved, with_query
+from .threaded import (
+    MAX_ERROR_BODY,
+    Origin,
+    Stopper,
+    ThreadClient,
+    WireAnswer,
+    origin_of,
+    resolved,
+    with_query,
+)
 from .timeouts import Timeouts
 
 __all__ = ["RegistryTransport"]
@@ -199,9 +208,13 @@ class RegistryTransport:
     def _error(self, answer: WireAnswer, action: str) -> StoreError:
         """The error for an answer that is not the one wanted: the registry's, or that of the
         place it sent the request to (a redirect's, a host a ``Location`` or ``Link`` named)."""
-        if answer.origin != origin_of(self.base_url):
+        if answer.origin != self._home():
             return error_from_elsewhere(answer, host=self.host, action=action)
         return self.auth.error(answer, action)
+
+    def _home(self) -> Origin:
+        """The registry's own origin: where credentials go (``base_url`` may move to plain HTTP)."""
+        return origin_of(self.base_url)
 
     def resolve(self, base: str, reference: str, what: str) -> str:
         """``reference``, a ``Location`` or ``Link`` in the answer from ``base``, as an absolute
@@ -216,7 +229,7 @@ class RegistryTransport:
         """``send`` with the credentials for ``scopes`` when ``url`` is the registry's own (an
         absolute ``Link`` or upload ``Location`` may name another host: it gets none); a 401 from
         the registry itself is answered (a token fetched, or Basic) and the request sent once more."""
-        home = origin_of(self.base_url)
+        home = self._home()
         ours = origin_of(url) == home
         for challenge in (True, False):
             check_stalls(self.host, self.stalls)
@@ -233,7 +246,7 @@ class RegistryTransport:
     async def _in_thread(self, call: Callable[..., _T], url: str | None = None) -> _T:
         """``call(stopper=...)`` in a worker thread, its network errors translated (naming ``url``'s
         host when that is not the registry's); a sink's own failure leaves as itself."""
-        elsewhere = url if url is not None and origin_of(url) != origin_of(self.base_url) else None
+        elsewhere = url if url is not None and origin_of(url) != self._home() else None
         with (
             sink_failures_as_themselves(),
             translated(self.host, self.timeouts, self.stalls, elsewhere=elsewhere),
