@@ -114,8 +114,9 @@ def split_members(
         cur_size += e.tar_size
         if e.kind == FILE:
             layer_of_path[e.path] = len(groups)
-            grown = cur_size >= 2 * min_bytes
-            if cur_size >= max_bytes or (cur_size >= min_bytes and _is_cut_point(e, grown)):
+            if cur_size >= max_bytes or (
+                cur_size >= min_bytes and _is_cut_point(e, grown=cur_size >= 2 * min_bytes)
+            ):
                 groups.append(cur)
                 sizes.append(cur_size)
                 cur, cur_size = [], 0
