@@ -27,7 +27,7 @@ from .errors import error_for_response, translated
 from .threaded import WireAnswer, with_query
 from .timeouts import Timeouts
 
-__all__ = ["Authenticator", "TokenSend", "parse_challenge", "parse_challenges"]
+__all__ = ["Authenticator", "TokenSend", "parse_challenge"]
 
 #: How the authenticator sends a token request: ``(method, url, headers, form body, cap)`` ->
 #: the answer with at most ``cap + 1`` bytes of body (no redirects followed; network errors raise).
@@ -57,7 +57,7 @@ _ITEM = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\
 _PREFERRED = ("bearer", "basic")
 
 
-def parse_challenges(header: str) -> list[tuple[str, dict[str, str]]]:
+def _challenges(header: str) -> list[tuple[str, dict[str, str]]]:
     """Split ``Bearer realm="...",service="...", Basic realm="..."`` into
     ``[("bearer", {"realm": ..., "service": ...}), ("basic", {"realm": ...})]``."""
     found: list[tuple[str, dict[str, str]]] = []
@@ -74,7 +74,7 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """The challenge of ``header`` to answer: the most wanted scheme it offers (see
     :data:`_PREFERRED`; a bearer one only with its realm), else its first; ``("", {})`` for an
     empty header."""
-    found = parse_challenges(header)
+    found = _challenges(header)
     for scheme in _PREFERRED:
         for challenge in found:
             if challenge[0] == scheme and (scheme != "bearer" or challenge[1].get("realm")):
