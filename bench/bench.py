@@ -32,6 +32,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -144,6 +145,13 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every finished child process so far, and of theirs (a
+    shell's pipeline counts once the shell has waited for it)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def tree_stats(root: Path) -> tuple[int, int]:
     """(regular-file bytes, entries) under root, symlinks not followed."""
     size = count = 0
@@ -189,11 +197,13 @@ class Context:
         self.results.setdefault(name, []).append(seconds)
 
     def step(self, name: str, func: Callable[[], Any]) -> Any:
-        """Run ``func`` as the step ``name``: record its wall time and the store's CPU during it."""
-        before = process_cpu(self.server_pid)
+        """Run ``func`` as the step ``name``: record its wall time, the CPU of the processes it ran
+        and the store's CPU during it."""
+        store, own = process_cpu(self.server_pid), children_cpu()
         seconds, result = timed(func)
         self.record(name, seconds)
-        self.note(f"{name}: store CPU", process_cpu(self.server_pid) - before)
+        self.note(f"{name}: own CPU", children_cpu() - own)
+        self.note(f"{name}: store CPU", process_cpu(self.server_pid) - store)
         return result
 
     def note(self, name: str, value: float) -> None:
@@ -480,7 +490,7 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             f"| {labels[method]:<24} | {save:8.2f} | {rs:6.2f} | {rs_range:>11} | {restore:9.2f} "
             f"| {rr:6.2f} | {rr_range:>11} |"
         )
-    lines += _store_cpu(ctx, methods, labels)
+    lines += _cpu(ctx, methods, labels)
     if "rc" in methods:
         rs, rr = paired["rc", "save"][0], paired["rc", "restore"][0]
         floor, tiny_restore = med["rc re-save, one-file tree"], med["rc restore, one-file entry"]
@@ -517,19 +527,26 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
     return "\n".join(lines)
 
 
-def _store_cpu(ctx: Context, methods: list[str], labels: dict[str, str]) -> list[str]:
-    """The store's own CPU seconds per step (medians): it runs on the cores the methods run on, so
-    its work on many small requests is part of their wall times above."""
+def _cpu(ctx: Context, methods: list[str], labels: dict[str, str]) -> list[str]:
+    """CPU seconds per step (medians): the method's own processes, and the store server's, which
+    runs on the same cores, so that its work on many small requests is part of the times above."""
     med = {name: statistics.median(values) for name, values in ctx.extra.items()}
     lines = [
         "",
-        f"| {'store CPU s':<24} | {'save':>8} | {'restore':>9} |",
-        f"|{'-' * 26}|{'-' * 10}|{'-' * 11}|",
+        f"| {'CPU s (own / store)':<24} | {'save':>11} | {'restore':>11} |",
+        f"|{'-' * 26}|{'-' * 13}|{'-' * 13}|",
     ]
     for method in methods:
-        save, restore = med[f"{method} save: store CPU"], med[f"{method} restore: store CPU"]
-        lines.append(f"| {labels[method]:<24} | {save:8.2f} | {restore:9.2f} |")
-    return [*lines, "(the store server's own CPU: on the methods' cores, so part of their times above)"]
+        save, restore = (
+            f"{med[f'{method} {step}: own CPU']:.2f} / {med[f'{method} {step}: store CPU']:.2f}"
+            for step in ("save", "restore")
+        )
+        lines.append(f"| {labels[method]:<24} | {save:>11} | {restore:>11} |")
+    return [
+        *lines,
+        f"(own: the method's processes; store: the server's; on the {os.cpu_count()} cores the "
+        "times above were measured on)",
+    ]
 
 
 @dataclass
