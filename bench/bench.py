@@ -192,6 +192,8 @@ class Context:
     settled_at: float = 0.0
     #: The +1 directory re-upload shares of the corpus (bench/layer_sizing.py), in %.
     sizing: list[float] = field(default_factory=list)
+    #: The same for +1% in new files scattered over the tree (a hash-sharded cache's growth).
+    scattered: list[float] = field(default_factory=list)
 
     def record(self, name: str, seconds: float) -> None:
         self.results.setdefault(name, []).append(seconds)
@@ -523,6 +525,9 @@ def report(ctx: Context, rounds: int, methods: list[str], store: str) -> str:
             # The row above is one draw (the package nearest 1%); the planner's spread over many:
             f"+1 directory re-upload over {len(ctx.sizing)} draws (bench/layer_sizing.py, tar bytes): "
             + (layer_sizing.summary(ctx.sizing) if ctx.sizing else "no directory holds 0.4-2% of the tree"),
+            f"+1% in new files scattered over the tree, as a hash-sharded cache grows (Go's build "
+            f"cache, npm's _cacache), over {len(ctx.scattered)} draws: "
+            + (layer_sizing.summary(ctx.scattered) if ctx.scattered else "no files"),
         ]
     return "\n".join(lines)
 
@@ -627,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             server.bucket,
         )
         ctx.sizing = layer_sizing.reupload_shares(ctx.corpus)[3]
+        ctx.scattered = layer_sizing.scattered_shares(ctx.corpus)
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
         warm = work / "warm-up"

@@ -1,14 +1,17 @@
 """How much a ~1% addition re-uploads, over many additions: the distribution the benchmark's one
-"+1 package" case is a single sample of.
+"+1 package" case is a single sample of, and the same for an addition scattered over the tree.
 
     .venv/bin/python bench/layer_sizing.py DIR [--samples 56] [--min-mib M --max-mib M]
 
 Walks DIR once, then for each sampled top-level directory (of ``node_modules`` when DIR has
 one) holding 0.4-2% of the tree, inserts a copy of it under a new name into the walk (in archive
 order, as a real copy would land) and cuts both trees into layers with the save's rule
-(:func:`remote_cache.archive.plan.split_members`). Reports the layer count and, over the
-samples, the share of the tree's tar bytes in layers that changed. Tar bytes, not compressed
-bytes; nothing is packed or uploaded.
+(:func:`remote_cache.archive.plan.split_members`). Then, in as many draws, it adds ~1% of the
+tree as new files next to randomly chosen files (copies of them under new random names): how a
+hash-sharded cache grows (Go's build cache, npm's ``_cacache``), every new entry in a
+directory its hash picks. Reports the layer count and, over the samples, the share of
+the tree's tar bytes in layers that changed. Tar bytes, not compressed bytes; nothing is packed
+or uploaded.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import statistics
 from pathlib import Path
 
 from remote_cache.archive.plan import MAX_LAYER_BYTES, MIN_LAYER_BYTES, LayerPlan, split_members
-from remote_cache.archive.tar import DIR, Member
+from remote_cache.archive.tar import DIR, FILE, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
-__all__ = ["main", "reupload_shares", "summary"]
+__all__ = ["main", "reupload_shares", "scattered_shares", "summary"]
 
 
 def _order(m: Member) -> tuple[bytes, ...]:
@@ -66,15 +69,55 @@ def reupload_shares(
     dirs = {m.path for m in members if m.kind == DIR}
     picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
     random.Random(seed).shuffle(picks)
-    before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
-    known = {_key(plan) for plan in before}
+    cut = _Cut(members, min_bytes, max_bytes)
+    shares = sorted(cut.changed(_copied(members, top, "-sizing-copy")) for top in picks[:samples])
+    return total, len(members), cut.layers, shares
+
+
+def scattered_shares(
+    root: Path,
+    *,
+    share: float = 0.01,
+    samples: int = 20,
+    seed: int = 7,
+    min_bytes: int = MIN_LAYER_BYTES,
+    max_bytes: int = MAX_LAYER_BYTES,
+) -> list[float]:
+    """For each of ``samples`` draws of new files worth ``share`` of the tree's tar bytes, each
+    beside a randomly chosen file, the share (%) of the tree's tar bytes in layers that changed
+    (sorted; empty for a tree without files)."""
+    members, _ = walk_tree(root, TreeStats())
+    files = [m for m in members if m.kind == FILE]
+    if not files:
+        return []
+    total = sum(m.tar_size for m in members)
+    cut = _Cut(members, min_bytes, max_bytes)
+    rng = random.Random(seed)
     shares = []
-    for top in picks[:samples]:
-        after_members = _copied(members, top, "-sizing-copy")
-        after = split_members(after_members, min_bytes=min_bytes, max_bytes=max_bytes)
-        changed = sum(p.tar_bytes for p in after if _key(p) not in known)
-        shares.append(100 * changed / sum(m.tar_size for m in after_members))
-    return total, len(members), len(before), sorted(shares)
+    for _ in range(samples):
+        new: list[Member] = []
+        while sum(m.tar_size for m in new) < share * total:
+            m = rng.choice(files)
+            name = f"{m.path.rpartition('/')[0]}/{rng.getrandbits(128):032x}-a".lstrip("/")
+            new.append(Member(name, FILE, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname))
+        shares.append(cut.changed(sorted(members + new, key=_order)))
+    return sorted(shares)
+
+
+class _Cut:
+    """A tree's layers by the save's rule, and how much of another tree's are not among them."""
+
+    def __init__(self, members: list[Member], min_bytes: int, max_bytes: int) -> None:
+        self._sizes = (min_bytes, max_bytes)
+        before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
+        self.layers = len(before)
+        self._known = {_key(plan) for plan in before}
+
+    def changed(self, members: list[Member]) -> float:
+        """The share (%) of ``members``' tar bytes in layers that are not the tree's."""
+        after = split_members(members, min_bytes=self._sizes[0], max_bytes=self._sizes[1])
+        changed = sum(p.tar_bytes for p in after if _key(p) not in self._known)
+        return 100 * changed / sum(m.tar_size for m in members)
 
 
 def summary(shares: list[float]) -> str:
@@ -95,18 +138,16 @@ def main() -> None:
     parser.add_argument("--min-mib", type=float, default=MIN_LAYER_BYTES / (1 << 20))
     parser.add_argument("--max-mib", type=float, default=MAX_LAYER_BYTES / (1 << 20))
     args = parser.parse_args()
-    total, entries, layers, shares = reupload_shares(
-        args.dir,
-        samples=args.samples,
-        seed=args.seed,
-        min_bytes=int(args.min_mib * (1 << 20)),
-        max_bytes=int(args.max_mib * (1 << 20)),
-    )
+    sizes = {"min_bytes": int(args.min_mib * (1 << 20)), "max_bytes": int(args.max_mib * (1 << 20))}
+    total, entries, layers, shares = reupload_shares(args.dir, samples=args.samples, seed=args.seed, **sizes)
     print(f"tree: {total / 1e6:.1f} MB of tar in {entries} entries, {layers} layers")
-    if not shares:
+    if shares:
+        print(f"+1 directory ({len(shares)} samples): re-upload {summary(shares)}")
+    else:
         print("no top-level directory holds 0.4-2% of the tree")
-        return
-    print(f"+1 directory ({len(shares)} samples): re-upload {summary(shares)}")
+    scattered = scattered_shares(args.dir, seed=args.seed, **sizes)
+    if scattered:
+        print(f"+1% in new files scattered ({len(scattered)} samples): re-upload {summary(scattered)}")
 
 
 if __name__ == "__main__":
