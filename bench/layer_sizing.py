@@ -96,10 +96,12 @@ def scattered_shares(
     shares = []
     for _ in range(samples):
         new: list[Member] = []
-        while sum(m.tar_size for m in new) < share * total:
+        added = 0
+        while added < share * total:
             m = rng.choice(files)
             name = f"{m.path.rpartition('/')[0]}/{rng.getrandbits(128):032x}-a".lstrip("/")
             new.append(Member(name, FILE, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname))
+            added += m.tar_size
         shares.append(cut.changed(sorted(members + new, key=_order)))
     return sorted(shares)
 
