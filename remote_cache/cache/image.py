@@ -9,7 +9,9 @@ platform-independent for us, so any platform's manifest will do; ``linux/amd64``
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +37,7 @@ from ..version import TOOL
 
 __all__ = [
     "ANNOTATION_FILES",
+    "ANNOTATION_GENERATIONS",
     "ANNOTATION_KEY",
     "ANNOTATION_LISTING",
     "ANNOTATION_SIZE",
@@ -44,8 +47,10 @@ __all__ = [
     "BuiltImage",
     "CacheImage",
     "ParsedManifest",
+    "bounds_text",
     "build_image",
     "document_annotations",
+    "generation_bounds",
     "load_image",
     "parse_index",
     "parse_manifest",
@@ -65,6 +70,13 @@ ANNOTATION_TOOL = "dev.remote-cache.tool"
 #: Layer descriptor annotation: SHA-256 of the layer's listing (paths and tar-header fields, no
 #: contents), so a later save can reuse the layer without reading its files.
 ANNOTATION_LISTING = "dev.remote-cache.listing"
+#: The generation bounds the layers were cut at (mtimes in seconds, comma-separated, increasing;
+#: see remote_cache.archive.plan, rule 7): the next save of the key cuts at them too.
+ANNOTATION_GENERATIONS = "dev.remote-cache.generations"
+#: More bounds than a save ever writes: an annotation holding more is not ours, and is ignored.
+_MAX_BOUNDS = 64
+#: ASCII decimal integers (seconds, before 1970 too), comma-separated: what :func:`bounds_text` writes.
+_BOUNDS = re.compile(r"-?[0-9]{1,18}(?:,-?[0-9]{1,18})*", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -97,8 +109,10 @@ def build_image(
     files: int,
     platforms: Sequence[Platform] = DEFAULT_PLATFORMS,
     created: datetime | None = None,
+    generations: Sequence[int] = (),
 ) -> BuiltImage:
-    """Build the configs, per-platform manifests and index of a cache image over ``layers``."""
+    """Build the configs, per-platform manifests and index of a cache image over ``layers``
+    (``generations``: the bounds they were cut at, written when there are any)."""
     if len(layers) != len(diff_ids):
         raise ValueError("one diff_id per layer is required")
     if not platforms:
@@ -111,6 +125,8 @@ def build_image(
         ANNOTATION_FILES: str(files),
         ANNOTATION_TOOL: TOOL,
     }
+    if generations:
+        annotations[ANNOTATION_GENERATIONS] = bounds_text(generations)
     history: list[dict[str, Any]] = [
         {"created": stamp, "created_by": f"{TOOL} save", "comment": f"layer {i + 1} of {len(layers)}"}
         for i in range(len(layers))
@@ -292,6 +308,24 @@ class CacheImage:
     @property
     def compressed_size(self) -> int:
         return sum(layer.size for layer in self.layers)
+
+
+def bounds_text(bounds: Sequence[int]) -> str:
+    """Generation bounds as :data:`ANNOTATION_GENERATIONS` holds them."""
+    return ",".join(str(bound) for bound in bounds)
+
+
+def generation_bounds(annotations: dict[str, str]) -> tuple[int, ...]:
+    """The generation bounds an entry's annotations carry; none when absent or not as a save
+    writes them (integers, strictly increasing, at most a few dozen): a store's documents are
+    not trusted to be ours."""
+    text = annotations.get(ANNOTATION_GENERATIONS)
+    if not text or len(text) > 20 * _MAX_BOUNDS or not _BOUNDS.fullmatch(text):
+        return ()
+    bounds = tuple(int(part) for part in text.split(","))
+    if len(bounds) > _MAX_BOUNDS or any(b <= a for a, b in itertools.pairwise(bounds)):
+        return ()
+    return bounds
 
 
 def _int(text: str | None) -> int | None:

@@ -33,7 +33,7 @@ from .evidence import (
     untouched_since,
     window_hits,
 )
-from .image import load_image, read_diff_ids
+from .image import generation_bounds, load_image, read_diff_ids
 
 __all__ = ["Candidates", "Reuse", "candidate_layers", "reusable_layers", "unchanged_tree"]
 
@@ -110,12 +110,14 @@ def _walk(path: Path, stats: TreeStats | None, window: RestoreWindow | None) -> 
 Candidates = list[tuple[str, dict[str, tuple[Descriptor, str]]]]
 
 
-async def candidate_layers(store: Store, keys: Sequence[str]) -> Candidates:
-    """The layers of each existing entry among ``keys`` (absent or unreadable ones are skipped).
+async def candidate_layers(store: Store, keys: Sequence[str]) -> tuple[Candidates, tuple[int, ...]]:
+    """The layers of each existing entry among ``keys`` (absent or unreadable ones are skipped),
+    and the generation bounds of the first (see remote_cache.archive.plan, rule 7).
 
-    Only says where reused layers came from (``SaveResult.base_key``), and that the store has them.
+    The layers only say where reused layers came from (``SaveResult.base_key``), and that the
+    store has them; the bounds are where the entry's layers were cut, to cut there again.
     """
-    found: dict[str, dict[str, tuple[Descriptor, str]]] = {}
+    found: dict[str, tuple[dict[str, tuple[Descriptor, str]], tuple[int, ...]]] = {}
 
     async def load(key: str) -> None:
         try:
@@ -123,12 +125,14 @@ async def candidate_layers(store: Store, keys: Sequence[str]) -> Candidates:
             diff_ids = await read_diff_ids(store, image)
         except RemoteCacheError:
             return  # absent or unreadable: nothing to learn from it
-        found[key] = {d.digest: (d, diff_id) for d, diff_id in zip(image.layers, diff_ids, strict=True)}
+        layers = {d.digest: (d, diff_id) for d, diff_id in zip(image.layers, diff_ids, strict=True)}
+        found[key] = (layers, generation_bounds(image.annotations))
 
     async with anyio.create_task_group() as tg:
         for key in dict.fromkeys(keys):
             tg.start_soon(load, key)
-    return [(key, found[key]) for key in dict.fromkeys(keys) if key in found]
+    existing = [key for key in dict.fromkeys(keys) if key in found]
+    return [(key, found[key][0]) for key in existing], (found[existing[0]][1] if existing else ())
 
 
 async def _present(store: Store, digests: Sequence[str], jobs: int) -> set[str]:

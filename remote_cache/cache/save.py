@@ -28,7 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
-from ..archive.plan import LayerPlan, TreeScan, scan_tree
+from ..archive.plan import LayerPlan, TreeScan, scan_tree, settle_bounds
 from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
@@ -54,10 +54,12 @@ from .evidence import (
 )
 from .image import (
     ANNOTATION_FILES,
+    ANNOTATION_GENERATIONS,
     ANNOTATION_KEY,
     ANNOTATION_LISTING,
     ANNOTATION_SIZE,
     DEFAULT_PLATFORMS,
+    bounds_text,
     build_image,
     parse_index,
     parse_manifest,
@@ -292,8 +294,8 @@ async def _save_tree(
     """Plan, reuse what the evidence vouches for, pack and upload the rest, publish, record.
     ``republish``: write the tag even when it already names this content."""
     store, key, tag = job.store, job.key, job.tag
-    candidates = [] if full else [key, *([job.base_key] if job.base_key else [])]
-    plan = await _plan(store, job.path, candidates, bound, job.max_size)
+    # The entries are read even for a full save: their generation bounds say where to cut.
+    plan = await _plan(store, job.path, [key, *([job.base_key] if job.base_key else [])], bound, job.max_size)
     reuse = Reuse({}, None)
     if not full:
         reuse = await reusable_layers(
@@ -361,12 +363,16 @@ def _racy(plan: LayerPlan, after: int) -> bool:
 
 
 async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size: int | None) -> _Plan:
-    """Walk and cut the tree (in a thread) while the entries under ``keys`` are read (network)."""
+    """Walk and cut the tree (in a thread) while the entries under ``keys`` are read (network),
+    then cut it again at the first entry's generation bounds where they split it otherwise."""
     mtime_bound = bound // 1_000_000_000
     candidates: Candidates = []
+    base: list[int] = []
 
     async def find_candidates() -> None:
-        candidates.extend(await candidate_layers(store, keys))
+        found, bounds = await candidate_layers(store, keys)
+        candidates.extend(found)
+        base.extend(bounds)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -378,6 +384,10 @@ async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size:
             local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+    cut = await anyio.to_thread.run_sync(lambda: scan.cut(settle_bounds(scan.members, base)))
+    if cut.layers is not scan.layers:
+        local = await anyio.to_thread.run_sync(lambda: local_layers(cut, bound, mtime_bound=mtime_bound))
+    scan = cut
     annotations = [
         {} if _racy(plan, mtime_bound) else {ANNOTATION_LISTING: layer.listing}
         for plan, layer in zip(scan.layers, local, strict=True)
@@ -537,11 +547,7 @@ async def _publish(
     ``exclusive``: the tag is written only if it does not exist (EntryExists otherwise).
     ``relied``: reused blobs the store was not asked about (see Store.rely_on)."""
     descriptors = [d for d, _ in stored]
-    existing = (
-        None
-        if republish
-        else await _same_entry(store, tag, key, descriptors, plan.size, plan.files, platforms)
-    )
+    existing = None if republish else await _same_entry(store, tag, key, descriptors, plan, platforms)
     if existing is not None:
         return existing, True
     if relied:
@@ -553,6 +559,7 @@ async def _publish(
         size=plan.size,
         files=plan.files,
         platforms=platforms,
+        generations=plan.scan.bounds,
     )
     try:
         async with anyio.create_task_group() as tg:
@@ -589,8 +596,7 @@ async def _same_entry(
     tag: str,
     key: str,
     layers: Sequence[Descriptor],
-    size: int,
-    files: int,
+    plan: _Plan,
     platforms: Sequence[Platform],
 ) -> str | None:
     """The current digest under ``tag`` when it already holds exactly this content, else None.
@@ -605,10 +611,12 @@ async def _same_entry(
         if current.media_type not in INDEX_TYPES or len(body) > MAX_DOCUMENT_BYTES:
             return None
         manifests, annotations = parse_index(body, current.media_type)
+        bounds = bounds_text(plan.scan.bounds) or None
         if (
             annotations.get(ANNOTATION_KEY) != key
-            or annotations.get(ANNOTATION_SIZE) != str(size)
-            or annotations.get(ANNOTATION_FILES) != str(files)
+            or annotations.get(ANNOTATION_SIZE) != str(plan.size)
+            or annotations.get(ANNOTATION_FILES) != str(plan.files)
+            or annotations.get(ANNOTATION_GENERATIONS) != bounds
             or [str(m.platform) for m in manifests] != [str(p) for p in platforms]
         ):
             return None

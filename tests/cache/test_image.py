@@ -11,11 +11,13 @@ import pytest
 
 from remote_cache.cache.image import (
     ANNOTATION_FILES,
+    ANNOTATION_GENERATIONS,
     ANNOTATION_KEY,
     ANNOTATION_SIZE,
     ANNOTATION_TOOL,
     DEFAULT_PLATFORMS,
     build_image,
+    generation_bounds,
     load_image,
     parse_index,
     parse_manifest,
@@ -87,6 +89,37 @@ def test_build_annotations_on_index_and_manifests() -> None:
     assert index["annotations"] == expected
     for manifest in manifests:
         assert manifest["annotations"] == expected
+
+
+def test_generation_bounds_are_written_and_read_back() -> None:
+    img = build_image([LAYER_A], DIFF_IDS[:1], key="k", size=1, files=1, generations=(-5, 10, 1795790365))
+    for doc in (img.index, *img.manifests):
+        annotations = json.loads(doc.body)["annotations"]
+        assert annotations[ANNOTATION_GENERATIONS] == "-5,10,1795790365"
+        assert generation_bounds(annotations) == (-5, 10, 1795790365)
+    plain = build_image([LAYER_A], DIFF_IDS[:1], key="k", size=1, files=1)
+    assert ANNOTATION_GENERATIONS not in json.loads(plain.index.body)["annotations"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "abc",
+        "1,,2",
+        "1, 2",
+        "3,2",
+        "2,2",
+        "0x10",
+        "1.5",
+        "\uff11\uff12",  # digits int() takes, that no save writes
+        "9" * 40,
+        ",".join(str(n) for n in range(65)),
+        "1," * 2000 + "2",
+    ],
+)
+def test_generation_bounds_not_as_a_save_writes_them_are_ignored(text: str) -> None:
+    assert generation_bounds({ANNOTATION_GENERATIONS: text}) == ()
 
 
 def test_build_custom_platforms_and_manifest_config_match() -> None:

@@ -26,7 +26,7 @@ from remote_cache.cache import restore as restore_mod
 from remote_cache.cache import save as save_mod
 from remote_cache.cache import state
 from remote_cache.cache.evidence import local_layers
-from remote_cache.cache.image import ANNOTATION_LISTING, load_image
+from remote_cache.cache.image import ANNOTATION_GENERATIONS, ANNOTATION_LISTING, load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import SaveResult, save
 from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
@@ -205,7 +205,7 @@ async def test_one_changed_file_packs_and_uploads_one_layer(
         pack_calls.clear()
         target = src / "pkg5" / "f3.bin"
         target.write_bytes(b"X" * 8000)  # same size, so the layer cuts stay where they were
-        os.utime(target, (_PAST + 5, _PAST + 5))
+        os.utime(target, (_PAST - 5, _PAST - 5))  # (not newer than the tree was: see the next test)
         proxy.clear()
         changed = await save(store, "k", src)
         assert len(pack_calls) == 1
@@ -216,6 +216,85 @@ async def test_one_changed_file_packs_and_uploads_one_layer(
         out = tmp_path / "out"
         await restore(store, "k", out)
         assert_same_tree(src, out)
+
+
+def _scatter(root: Path, when: int) -> list[Path]:
+    """New files beside old ones in every package, as a hash-sharded cache (Go's, npm's
+    ``_cacache``) grows: each new entry lands in a directory its hash picks."""
+    added = []
+    for pkg in sorted(root.glob("pkg*")):
+        new = pkg / "fresh.bin"
+        new.write_bytes(pkg.name.encode() * 500)
+        for path in (new, pkg):
+            os.utime(path, (when, when))
+        added.append(new)
+    return added
+
+
+async def test_new_files_scattered_over_the_tree_pack_only_a_new_generation(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    assert (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS] == str(_PAST)
+    _scatter(src, _PAST + 60)  # written after the save, in every package
+    settle_ctimes()
+    pack_calls.clear()
+    grown = await save(store, "k", src)
+    # The directories' layer (their mtimes moved) and the new files' generation; every other
+    # layer as it was. One generation (the rule before) repacked every layer but one here.
+    assert pack_calls == ["pkg0", "pkg0/fresh.bin"]
+    assert grown.layers_reused == first.layers_total - 1
+    assert grown.layers_total == first.layers_total + 1
+    bounds = (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS]
+    assert bounds == f"{_PAST},{_PAST + 60}"
+    # Saved again as it is: the same cut, the same entry.
+    os.utime(src, (_PAST, _PAST))  # (a new root ctime: the long way, not the tree shortcut)
+    settle_ctimes()
+    pack_calls.clear()
+    again = await save(store, "k", src)
+    assert again.unchanged and again.digest == grown.digest and pack_calls == []
+    # --full reads every file but cuts where the entry was cut: nothing new to upload.
+    full = await save(store, "k", src, full=True)
+    assert full.digest == grown.digest and full.bytes_uploaded == 0
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert_same_tree(src, out)
+
+
+async def test_a_file_rewritten_later_moves_to_the_new_generation(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    first = await save(store, "k", src)
+    target = src / "pkg5" / "f3.bin"
+    target.write_bytes(b"X" * 8000)
+    os.utime(target, (_PAST + 5, _PAST + 5))
+    pack_calls.clear()
+    changed = await save(store, "k", src)
+    # The layer it left is cut again, and the next until the cuts meet the old ones (one here),
+    # and it makes a generation of its own; the other layers are reused.
+    assert pack_calls == ["pkg4/f7.bin", "pkg6/f4.bin", "pkg5/f3.bin"]
+    assert changed.layers_reused == changed.layers_total - 3 == first.layers_total - 3
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert_same_tree(src, out)
+
+
+async def test_generations_merge_newest_first_and_stay_few(store: Store, tmp_path: Path) -> None:
+    src = _bulk(tmp_path / "src")
+    await save(store, "k", src)
+    seen = []
+    for n in range(1, 6):
+        (src / "pkg1" / f"n{n}.bin").write_bytes(bytes([n]) * 4000)
+        os.utime(src / "pkg1" / f"n{n}.bin", (_PAST + 10 * n, _PAST + 10 * n))
+        await save(store, "k", src)
+        seen.append((await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS].count(",") + 1)
+    # Equal additions: a generation as big as the one before merges into it (a binary counter).
+    assert seen == [2, 2, 3, 2, 3]
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert_same_tree(src, out)
 
 
 async def test_full_rereads_everything(store: Store, tmp_path: Path, pack_calls: list[str]) -> None:
@@ -261,7 +340,7 @@ async def test_new_key_reuses_layers_of_the_restored_fallback(
         assert restored.status == "fallback" and restored.matched_key == "npm-aaa"
         target = work / "pkg2" / "f7.bin"
         target.write_bytes(b"Y" * 8000)
-        os.utime(target, (_PAST + 9, _PAST + 9))
+        os.utime(target, (_PAST - 9, _PAST - 9))  # (in the entry's generation: one layer changes)
         pack_calls.clear()
         proxy.clear()
         new = await save(store, "npm-bbb", work, base_key=restored.matched_key)
