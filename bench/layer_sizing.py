@@ -6,12 +6,12 @@
 Walks DIR once, then for each sampled top-level directory (of ``node_modules`` when DIR has
 one) holding 0.4-2% of the tree, inserts a copy of it under a new name into the walk (in archive
 order, as a real copy would land) and cuts both trees into layers with the save's rule
-(:func:`remote_cache.archive.plan.split_members`). Then, in as many draws, it adds ~1% of the
-tree as new files next to randomly chosen files (copies of them under new random names): how a
-hash-sharded cache grows (Go's build cache, npm's ``_cacache``), every new entry in a
-directory its hash picks. Reports the layer count and, over the samples, the share of
-the tree's tar bytes in layers that changed. Tar bytes, not compressed bytes; nothing is packed
-or uploaded.
+(:func:`remote_cache.archive.plan.split_members`, with the generation bounds a save would
+write). Then, in as many draws, it adds ~1% of the tree as new files next to randomly chosen
+files (copies of them under new random names, written after the save): how a hash-sharded
+cache grows (Go's build cache, npm's ``_cacache``), every new entry in a directory its hash
+picks. Reports the layer count and, over the samples, the share of the tree's tar bytes in
+layers that changed. Tar bytes, not compressed bytes; nothing is packed or uploaded.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import random
 import statistics
 from pathlib import Path
 
-from remote_cache.archive.plan import MAX_LAYER_BYTES, MIN_LAYER_BYTES, LayerPlan, split_members
+from remote_cache.archive.plan import (
+    MAX_LAYER_BYTES,
+    MIN_LAYER_BYTES,
+    LayerPlan,
+    settle_bounds,
+    split_members,
+)
 from remote_cache.archive.tar import DIR, FILE, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
@@ -93,6 +99,7 @@ def scattered_shares(
     total = sum(m.tar_size for m in members)
     cut = _Cut(members, min_bytes, max_bytes)
     rng = random.Random(seed)
+    later = max(m.mtime for m in files) + 60  # written after the tree was saved
     shares = []
     for _ in range(samples):
         new: list[Member] = []
@@ -100,24 +107,26 @@ def scattered_shares(
         while added < share * total:
             m = rng.choice(files)
             name = f"{m.path.rpartition('/')[0]}/{rng.getrandbits(128):032x}-a".lstrip("/")
-            new.append(Member(name, FILE, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname))
+            new.append(Member(name, FILE, m.mode, m.uid, m.gid, m.size, later, m.linkname))
             added += m.tar_size
         shares.append(cut.changed(sorted(members + new, key=_order)))
     return sorted(shares)
 
 
 class _Cut:
-    """A tree's layers by the save's rule, and how much of another tree's are not among them."""
+    """A tree's layers by the save's rule (at the generation bounds its save writes), and how
+    much of a later tree's are not among them (cut at the bounds the next save would write)."""
 
     def __init__(self, members: list[Member], min_bytes: int, max_bytes: int) -> None:
-        self._sizes = (min_bytes, max_bytes)
-        before = split_members(members, min_bytes=min_bytes, max_bytes=max_bytes)
+        self._sizes = {"min_bytes": min_bytes, "max_bytes": max_bytes}
+        self._bounds = settle_bounds(members)
+        before = split_members(members, bounds=self._bounds, **self._sizes)
         self.layers = len(before)
         self._known = {_key(plan) for plan in before}
 
     def changed(self, members: list[Member]) -> float:
         """The share (%) of ``members``' tar bytes in layers that are not the tree's."""
-        after = split_members(members, min_bytes=self._sizes[0], max_bytes=self._sizes[1])
+        after = split_members(members, bounds=settle_bounds(members, self._bounds), **self._sizes)
         changed = sum(p.tar_bytes for p in after if _key(p) not in self._known)
         return 100 * changed / sum(m.tar_size for m in members)
 
