@@ -281,6 +281,32 @@ async def test_a_file_rewritten_later_moves_to_the_new_generation(
     assert_same_tree(src, out)
 
 
+async def test_a_fresh_runner_restores_generations_and_packs_only_what_it_added(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    await save(store, "k", src)
+    _scatter(src, _PAST + 60)
+    await save(store, "k", src)  # two generations now
+    work = tmp_path / "work"  # another machine: only the restore's evidence
+    await restore(store, "k", work)
+    (work / "pkg3" / "later.bin").write_bytes(b"L" * 3000)
+    os.utime(work / "pkg3" / "later.bin", (_PAST + 120, _PAST + 120))
+    os.utime(work / "pkg3", (_PAST + 120, _PAST + 120))
+    settle_ctimes()
+    pack_calls.clear()
+    third = await save(store, "k", work)
+    # The directories' layer and a third generation (smaller than the second: not merged); both
+    # restored generations' layers reused on the restore's evidence, unread.
+    assert pack_calls == ["pkg0", "pkg3/later.bin"]
+    assert third.layers_reused == third.layers_total - 2
+    bounds = (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS]
+    assert bounds == f"{_PAST},{_PAST + 60},{_PAST + 120}"
+    out = tmp_path / "out"
+    await restore(store, "k", out)
+    assert_same_tree(work, out)
+
+
 async def test_generations_merge_newest_first_and_stay_few(store: Store, tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
     await save(store, "k", src)
