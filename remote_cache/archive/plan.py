@@ -137,10 +137,27 @@ def split_members(
 def _generations(members: Sequence[Member], bounds: tuple[int, ...]) -> list[list[Member]]:
     """The non-directory members of each non-empty generation (rule 7), oldest first, in walk order."""
     generations: list[list[Member]] = [[] for _ in range(len(bounds) + 1)]
-    for e in members:
-        if e.kind != DIR:
-            generations[bisect_left(bounds, e.mtime)].append(e)
+    for e, g in _placed(members, bounds):
+        generations[g].append(e)
     return [g for g in generations if g]
+
+
+def _placed(members: Sequence[Member], bounds: tuple[int, ...]) -> list[tuple[Member, int]]:
+    """Each non-directory member with its generation: by its mtime, or a hard link by its target's
+    (tar needs the target earlier in the same layer; their mtimes differ only if the inode's
+    changed during the walk, which the packer then refuses as a changed tree)."""
+    of_path: dict[str, int] = {}
+    placed = []
+    for e in members:
+        if e.kind == DIR:
+            continue
+        g = of_path.get(e.linkname) if e.kind == HARDLINK else None
+        if g is None:
+            g = bisect_left(bounds, e.mtime)
+        if e.kind == FILE:
+            of_path[e.path] = g
+        placed.append((e, g))
+    return placed
 
 
 def _cut(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[list[Member], int]]:
@@ -180,15 +197,16 @@ def settle_bounds(members: Sequence[Member], base: Sequence[int] = ()) -> tuple[
     """The generation bounds a save of ``members`` writes, from those of the entry it follows
     (``base``, strictly increasing): the newest generation closed at the newest mtime, then
     generations merged by rule 7. The same members and the result give the result again."""
-    bounds = list(base)
     newest = max((e.mtime for e in members if e.kind != DIR), default=None)
-    if newest is not None and (not bounds or newest > bounds[-1]):
-        bounds.append(newest)
+    if newest is None:
+        return ()
+    # Bounds at or after the newest mtime split nothing that is there: dropped, so that a file
+    # once dated in the future (or a store's word) cannot hold every later file in one generation.
+    bounds = [b for b in base if b < newest] + [newest]
     sizes = [0] * (len(bounds) + 1)
-    for e in members:
-        if e.kind != DIR:
-            sizes[bisect_left(bounds, e.mtime)] += e.tar_size
-    sizes.pop()  # after the last bound: nothing (it is the newest mtime, or later)
+    for e, g in _placed(members, tuple(bounds)):
+        sizes[g] += e.tar_size
+    sizes.pop()  # after the last bound: nothing (it is the newest mtime)
     while len(bounds) > 1 and (sizes[-1] >= sizes[-2] or len(bounds) > MAX_GENERATIONS):
         del bounds[-2]
         merged = sizes.pop()

@@ -309,6 +309,9 @@ class RestoreWindow:
     parents: dict[tuple[str, str], str]
     #: The whole entry, when the restore wrote one of ours into a directory it swapped in whole.
     tree: RestoredTree | None = None
+    #: The generation bounds the entry's layers were cut at (remote_cache.archive.plan, rule 7):
+    #: a save under a key with no entry cuts there, so that the restored layers are its own.
+    bounds: tuple[int, ...] = ()
 
 
 def parents_digest(dirs: dict[bytes, int]) -> str:

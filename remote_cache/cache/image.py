@@ -49,6 +49,7 @@ __all__ = [
     "ParsedManifest",
     "bounds_text",
     "build_image",
+    "checked_bounds",
     "document_annotations",
     "generation_bounds",
     "load_image",
@@ -322,10 +323,16 @@ def generation_bounds(annotations: dict[str, str]) -> tuple[int, ...]:
     text = annotations.get(ANNOTATION_GENERATIONS)
     if not text or len(text) > 20 * _MAX_BOUNDS or not _BOUNDS.fullmatch(text):
         return ()
-    bounds = tuple(int(part) for part in text.split(","))
-    if len(bounds) > _MAX_BOUNDS or any(b <= a for a, b in itertools.pairwise(bounds)):
+    return checked_bounds([int(part) for part in text.split(",")])
+
+
+def checked_bounds(values: Sequence[object]) -> tuple[int, ...]:
+    """``values`` as generation bounds when they are what a save writes (integers of at most 18
+    digits, strictly increasing, at most a few dozen), else none."""
+    if len(values) > _MAX_BOUNDS or not all(type(v) is int and abs(v) < 10**18 for v in values):
         return ()
-    return bounds
+    bounds = tuple(v for v in values if type(v) is int)
+    return () if any(b <= a for a, b in itertools.pairwise(bounds)) else bounds
 
 
 def _int(text: str | None) -> int | None:

@@ -62,7 +62,7 @@ from .evidence import (
     names_digest,
     parents_digest,
 )
-from .image import ANNOTATION_LISTING, ANNOTATION_TOOL, CacheImage, read_diff_ids
+from .image import ANNOTATION_LISTING, ANNOTATION_TOOL, CacheImage, generation_bounds, read_diff_ids
 from .progress import Progress
 from .spool import Aborted, GrowingFile, caused_by_abort
 
@@ -482,7 +482,7 @@ class _Restore:
             return None
         if end <= start:  # whole-second ctimes, all in one second: no file could be trusted
             return None
-        return RestoreWindow(start, end, root, layers, parents, tree)
+        return RestoreWindow(start, end, root, layers, parents, tree, generation_bounds(image.annotations))
 
     def _restored_tree(self, vouched: int) -> RestoredTree | None:
         """The whole entry, for a save that finds the tree untouched (see :mod:`.evidence`): only

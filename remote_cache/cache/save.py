@@ -294,8 +294,11 @@ async def _save_tree(
     """Plan, reuse what the evidence vouches for, pack and upload the rest, publish, record.
     ``republish``: write the tag even when it already names this content."""
     store, key, tag = job.store, job.key, job.tag
-    # The entries are read even for a full save: their generation bounds say where to cut.
-    plan = await _plan(store, job.path, [key, *([job.base_key] if job.base_key else [])], bound, job.max_size)
+    # The entries are read even for a full save: their generation bounds say where to cut (else
+    # the bounds of the entry a restore wrote here, from another key).
+    keys = [key, *([job.base_key] if job.base_key else [])]
+    restored = evidence.window.bounds if evidence.window is not None else ()
+    plan = await _plan(store, job.path, keys, bound, job.max_size, restored)
     reuse = Reuse({}, None)
     if not full:
         reuse = await reusable_layers(
@@ -362,9 +365,12 @@ def _racy(plan: LayerPlan, after: int) -> bool:
     return any(e.mtime >= after for e in plan.members)
 
 
-async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size: int | None) -> _Plan:
+async def _plan(
+    store: Store, path: Path, keys: list[str], bound: int, max_size: int | None, restored: Sequence[int] = ()
+) -> _Plan:
     """Walk and cut the tree (in a thread) while the entries under ``keys`` are read (network),
-    then cut it again at the first entry's generation bounds where they split it otherwise."""
+    then cut it again at the first entry's generation bounds (``restored`` when none has any)
+    where they split it otherwise."""
     mtime_bound = bound // 1_000_000_000
     candidates: Candidates = []
     base: list[int] = []
@@ -384,7 +390,7 @@ async def _plan(store: Store, path: Path, keys: list[str], bound: int, max_size:
             local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    cut = await anyio.to_thread.run_sync(lambda: scan.cut(settle_bounds(scan.members, base)))
+    cut = await anyio.to_thread.run_sync(lambda: scan.cut(settle_bounds(scan.members, base or restored)))
     if cut.layers is not scan.layers:
         local = await anyio.to_thread.run_sync(lambda: local_layers(cut, bound, mtime_bound=mtime_bound))
     scan = cut

@@ -31,6 +31,7 @@ from ..home import home
 from ..oci.digest import is_digest
 from ..oci.media import LAYER_TYPES
 from .evidence import Evidence, LayerRecord, RestoredTree, RestoreWindow, TreeRecord
+from .image import checked_bounds
 
 __all__ = [
     "MAX_RECORDS",
@@ -149,7 +150,9 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
     tree = None
     if raw.get("tree") is not None and (tree := _parse_restored(raw["tree"])) is None:
         return None
-    return RestoreWindow(start, end, (root[0], root[1]), out, parents, tree)
+    bounds = raw.get("bounds", [])  # (a cut hint, no evidence: ignored when not as written)
+    bounds = checked_bounds(bounds) if isinstance(bounds, list) else ()
+    return RestoreWindow(start, end, (root[0], root[1]), out, parents, tree, bounds)
 
 
 def _parse_record(raw: Any, cls: type[_R], digests: tuple[str, ...]) -> _R | None:
@@ -251,6 +254,8 @@ def _document(target: Path, evidence: Evidence) -> dict[str, Any]:
         }
         if window.tree is not None:
             doc["window"]["tree"] = asdict(window.tree)
+        if window.bounds:
+            doc["window"]["bounds"] = list(window.bounds)
     return doc
 
 

@@ -71,7 +71,7 @@ def test_settling_twice_changes_nothing() -> None:
     members = _walk({d * 100 for d in range(8)})
     once = settle_bounds(members, (OLD,))
     assert settle_bounds(members, once) == once
-    assert settle_bounds([Member("d", DIR, 0o755, 0, 0, 0, OLD)], (5,)) == (5,)
+    assert settle_bounds([Member("d", DIR, 0o755, 0, 0, 0, OLD)], (5,)) == ()  # nothing to split
     assert settle_bounds([], ()) == ()
 
 
@@ -112,3 +112,20 @@ def test_a_scan_is_cut_again_only_where_the_bounds_split_it_otherwise(tmp_path: 
     scan = scan_tree(tmp_path, **SMALL)
     two = scan.cut((newest, newest + 5))  # that file alone in a generation: cut again
     assert two.layers is not scan.layers and _paths(list(two.layers))[-1] == [first]
+
+
+def test_bounds_at_or_after_the_newest_file_are_dropped() -> None:
+    members = _walk({0, 1})  # two files newer than the rest
+    # A file once dated a year ahead (deleted since), or a store's word: later files must still
+    # make a generation of their own.
+    assert settle_bounds(members, (OLD, OLD + 10**7)) == (OLD, NEW)
+    assert settle_bounds(members, (10**17,)) == (NEW,)
+    assert settle_bounds(members, (NEW + 1,)) == (NEW,)
+
+
+def test_a_hard_link_goes_with_its_target_whatever_its_own_mtime() -> None:
+    members = _walk()
+    members.insert(13, Member("d0/target", FILE, 0o644, 0, 0, 1000, NEW))
+    members.insert(14, Member("d0/link", HARDLINK, 0o644, 0, 0, 0, OLD, "d0/target"))
+    layers = _paths(split_members(members, bounds=(OLD, NEW), **SMALL))
+    assert layers[-1] == ["d0/target", "d0/link"]

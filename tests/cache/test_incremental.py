@@ -307,6 +307,25 @@ async def test_a_fresh_runner_restores_generations_and_packs_only_what_it_added(
     assert_same_tree(work, out)
 
 
+async def test_a_new_key_after_a_fallback_cuts_where_the_restored_entry_was_cut(
+    store: Store, tmp_path: Path, pack_calls: list[str]
+) -> None:
+    src = _bulk(tmp_path / "src")
+    await save(store, "main", src)
+    _scatter(src, _PAST + 60)
+    await save(store, "main", src)  # two generations
+    work = tmp_path / "work"
+    restored = await restore(store, "branch", work, restore_keys=["main"])
+    assert restored.status == "fallback"
+    pack_calls.clear()
+    # No --base: the restore's record says where the entry it wrote was cut.
+    branch = await save(store, "branch", work)
+    assert pack_calls == [] and branch.bytes_uploaded == 0
+    assert branch.layers_reused == branch.layers_total
+    bounds = (await load_image(store, "branch")).annotations[ANNOTATION_GENERATIONS]
+    assert bounds == f"{_PAST},{_PAST + 60}"
+
+
 async def test_generations_merge_newest_first_and_stay_few(store: Store, tmp_path: Path) -> None:
     src = _bulk(tmp_path / "src")
     await save(store, "k", src)

@@ -202,6 +202,19 @@ def _restored(names: str = _LOCAL, facts: str = _DIGEST) -> evidence.RestoredTre
     )
 
 
+def test_the_restored_entry_s_generation_bounds_round_trip_with_its_window(tmp_path: Path) -> None:
+    window = dataclasses.replace(_window(), bounds=(-7, 1795790365))
+    assert state.record_restore(tmp_path, window)
+    assert state.load(tmp_path).window == window
+    # Not as a save writes them: only the bounds are dropped (a cut hint, not evidence).
+    path = state.state_path(tmp_path)
+    for bad in ([3, 2], ["1"], [True], [10**19], list(range(65)), "1,2"):
+        doc = json.loads(path.read_text())
+        doc["window"]["bounds"] = bad
+        path.write_text(json.dumps(doc))
+        assert state.load(tmp_path).window == _window(), bad
+
+
 def test_the_restored_tree_round_trips_with_its_window(tmp_path: Path) -> None:
     window = dataclasses.replace(_window(), tree=_restored())
     assert state.record_restore(tmp_path, window)
