@@ -54,6 +54,7 @@ from .walk import TreeIdentity, TreeStats, walk_tree
 
 __all__ = [
     "CUT_MODULUS",
+    "FUTURE_SLACK",
     "MAX_GENERATIONS",
     "MAX_LAYER_BYTES",
     "MIN_LAYER_BYTES",
@@ -74,6 +75,10 @@ CUT_MODULUS = 256
 UNIT_BYTES = 64 << 10
 #: At most this many generations (rule 7): the newest two are merged beyond it.
 MAX_GENERATIONS = 8
+#: A save closes its newest generation at the newest mtime up to this far past its clock: files
+#: dated later (a year ahead, a bad archive's stamp) would otherwise hold every file written
+#: until then in one generation; a clock that trails by less than this changes nothing.
+FUTURE_SLACK = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -193,11 +198,15 @@ def _cut(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[li
     return [(g + links.get(i, []), sizes[i]) for i, g in enumerate(groups)]
 
 
-def settle_bounds(members: Sequence[Member], base: Sequence[int] = ()) -> tuple[int, ...]:
+def settle_bounds(
+    members: Sequence[Member], base: Sequence[int] = (), *, future: int | None = None
+) -> tuple[int, ...]:
     """The generation bounds a save of ``members`` writes, from those of the entry it follows
-    (``base``, strictly increasing): the newest generation closed at the newest mtime, then
-    generations merged by rule 7. The same members and the result give the result again."""
-    newest = max((e.mtime for e in members if e.kind != DIR), default=None)
+    (``base``, strictly increasing): the newest generation closed at the newest mtime not after
+    ``future`` (files dated later stay in a generation after it), then generations merged by rule
+    7. The same members and the result give the result again."""
+    dated = (e.mtime for e in members if e.kind != DIR)
+    newest = max((m for m in dated if future is None or m <= future), default=None)
     if newest is None:
         return ()
     # Bounds at or after the newest mtime split nothing that is there: dropped, so that a file
@@ -206,7 +215,7 @@ def settle_bounds(members: Sequence[Member], base: Sequence[int] = ()) -> tuple[
     sizes = [0] * (len(bounds) + 1)
     for e, g in _placed(members, tuple(bounds)):
         sizes[g] += e.tar_size
-    sizes.pop()  # after the last bound: nothing (it is the newest mtime)
+    sizes.pop()  # after the last bound: only files dated in the future, which merge with nothing
     while len(bounds) > 1 and (sizes[-1] >= sizes[-2] or len(bounds) > MAX_GENERATIONS):
         del bounds[-2]
         merged = sizes.pop()

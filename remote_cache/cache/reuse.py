@@ -112,7 +112,7 @@ Candidates = list[tuple[str, dict[str, tuple[Descriptor, str]]]]
 
 async def candidate_layers(store: Store, keys: Sequence[str]) -> tuple[Candidates, tuple[int, ...]]:
     """The layers of each existing entry among ``keys`` (absent or unreadable ones are skipped),
-    and the generation bounds of the first (see remote_cache.archive.plan, rule 7).
+    and the first generation bounds one of them carries (see remote_cache.archive.plan, rule 7).
 
     The layers only say where reused layers came from (``SaveResult.base_key``), and that the
     store has them; the bounds are where the entry's layers were cut, to cut there again.
@@ -132,7 +132,8 @@ async def candidate_layers(store: Store, keys: Sequence[str]) -> tuple[Candidate
         for key in dict.fromkeys(keys):
             tg.start_soon(load, key)
     existing = [key for key in dict.fromkeys(keys) if key in found]
-    return [(key, found[key][0]) for key in existing], (found[existing[0]][1] if existing else ())
+    bounds = next((found[key][1] for key in existing if found[key][1]), ())
+    return [(key, found[key][0]) for key in existing], bounds
 
 
 async def _present(store: Store, digests: Sequence[str], jobs: int) -> set[str]:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
-from ..archive.plan import LayerPlan, TreeScan, scan_tree, settle_bounds
+from ..archive.plan import FUTURE_SLACK, LayerPlan, TreeScan, scan_tree, settle_bounds
 from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
@@ -47,6 +47,7 @@ from .evidence import (
     RestoredTree,
     TreeRecord,
     clock_ns,
+    dir_id,
     entry_shape,
     local_layers,
     records_for,
@@ -295,10 +296,9 @@ async def _save_tree(
     ``republish``: write the tag even when it already names this content."""
     store, key, tag = job.store, job.key, job.tag
     # The entries are read even for a full save: their generation bounds say where to cut (else
-    # the bounds of the entry a restore wrote here, from another key).
+    # those of the entry last restored or saved here, whatever its key).
     keys = [key, *([job.base_key] if job.base_key else [])]
-    restored = evidence.window.bounds if evidence.window is not None else ()
-    plan = await _plan(store, job.path, keys, bound, job.max_size, restored)
+    plan = await _plan(store, job.path, keys, bound, job.max_size, await _bounds_here(job.path, evidence))
     reuse = Reuse({}, None)
     if not full:
         reuse = await reusable_layers(
@@ -365,12 +365,25 @@ def _racy(plan: LayerPlan, after: int) -> bool:
     return any(e.mtime >= after for e in plan.members)
 
 
+async def _bounds_here(path: Path, evidence: Evidence) -> tuple[int, ...]:
+    """The generation bounds of the entry last restored or saved into ``path`` (none when the
+    record is of another directory that was at this path)."""
+    window = evidence.window
+    if window is None or not window.bounds:
+        return ()
+    try:
+        same = await anyio.to_thread.run_sync(dir_id, path) == window.root
+    except OSError:
+        return ()
+    return window.bounds if same else ()
+
+
 async def _plan(
-    store: Store, path: Path, keys: list[str], bound: int, max_size: int | None, restored: Sequence[int] = ()
+    store: Store, path: Path, keys: list[str], bound: int, max_size: int | None, here: Sequence[int] = ()
 ) -> _Plan:
     """Walk and cut the tree (in a thread) while the entries under ``keys`` are read (network),
-    then cut it again at the first entry's generation bounds (``restored`` when none has any)
-    where they split it otherwise."""
+    then cut it again at the first generation bounds one of them carries (else ``here``) where
+    they split it otherwise."""
     mtime_bound = bound // 1_000_000_000
     candidates: Candidates = []
     base: list[int] = []
@@ -390,7 +403,8 @@ async def _plan(
             local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    cut = await anyio.to_thread.run_sync(lambda: scan.cut(settle_bounds(scan.members, base or restored)))
+    bounds = settle_bounds(scan.members, base or here, future=mtime_bound + FUTURE_SLACK)
+    cut = await anyio.to_thread.run_sync(scan.cut, bounds)
     if cut.layers is not scan.layers:
         local = await anyio.to_thread.run_sync(lambda: local_layers(cut, bound, mtime_bound=mtime_bound))
     scan = cut
@@ -662,4 +676,6 @@ async def _record(
         stored = [slot for slot in slots if slot is not None]
         total = sum(d.size for d, _ in stored)
         tree = TreeRecord(plan.fingerprint, *where, plan.size, plan.files, len(stored), total)
+    if before.window is not None:  # the bounds of the entry now here, for a save under another key
+        before = replace(before, window=replace(before.window, bounds=plan.scan.bounds))
     await anyio.to_thread.run_sync(state.record_save, path, before, records_for(plan.local, slots), tree)

@@ -129,3 +129,12 @@ def test_a_hard_link_goes_with_its_target_whatever_its_own_mtime() -> None:
     members.insert(14, Member("d0/link", HARDLINK, 0o644, 0, 0, 0, OLD, "d0/target"))
     layers = _paths(split_members(members, bounds=(OLD, NEW), **SMALL))
     assert layers[-1] == ["d0/target", "d0/link"]
+
+
+def test_files_dated_in_the_future_do_not_close_the_newest_generation() -> None:
+    members = _walk({0})
+    members.append(Member("d7/ahead", FILE, 0o644, 0, 0, 1000, NEW + 10**8))
+    assert settle_bounds(members, (OLD,), future=NEW + 100) == (OLD, NEW)
+    layers = _paths(split_members(members, bounds=(OLD, NEW), **SMALL))
+    assert layers[-1] == ["d7/ahead"]  # a generation after the last bound, of its own
+    assert settle_bounds(members, (OLD,)) == (OLD, NEW + 10**8)  # (no clock given: as dated)
