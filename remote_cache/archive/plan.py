@@ -37,7 +37,9 @@ The rule, so that a small change in a big tree re-uploads only one or two layers
    with one generation, 1% with two (``bench/layer_sizing.py``). Generations are merged, newest
    into the one before, while the newer is as big (a binary counter: a file is re-packed about
    log2(additions) times) or there are more than ``MAX_GENERATIONS``. Bounds are whole seconds,
-   like the mtimes tar keeps; a file whose mtime is put back (npm's 1985) lands in the oldest.
+   like the mtimes tar keeps; a file whose mtime is put back (npm's 1985) lands in the oldest,
+   and one dated more than ``FUTURE_SLACK`` past the save's clock in a generation after the
+   newest, which it does not close. Which bounds a save starts from: remote_cache.cache.save.
 """
 
 from __future__ import annotations
