@@ -225,18 +225,13 @@ def settle_bounds(
     return tuple(bounds)
 
 
-def scan_tree(
-    root: Path,
-    *,
-    bounds: Sequence[int] = (),
-    min_bytes: int = MIN_LAYER_BYTES,
-    max_bytes: int = MAX_LAYER_BYTES,
-) -> TreeScan:
-    """Walk ``root`` (not following symlinks) and plan its layers; see the module docstring."""
+def scan_tree(root: Path, *, min_bytes: int = MIN_LAYER_BYTES, max_bytes: int = MAX_LAYER_BYTES) -> TreeScan:
+    """Walk ``root`` (not following symlinks) and plan its layers as one generation; see the
+    module docstring (:meth:`TreeScan.cut` cuts it at other bounds)."""
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory; nothing to pack")
     stats = TreeStats()
     members, identity = walk_tree(root, stats)
-    layers = tuple(split_members(members, bounds=bounds, min_bytes=min_bytes, max_bytes=max_bytes))
-    return TreeScan(root, layers, stats, identity, tuple(members), tuple(bounds), (min_bytes, max_bytes))
+    layers = tuple(split_members(members, min_bytes=min_bytes, max_bytes=max_bytes))
+    return TreeScan(root, layers, stats, identity, tuple(members), sizes=(min_bytes, max_bytes))
