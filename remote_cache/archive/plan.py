@@ -201,12 +201,14 @@ def _cut(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[li
 
 
 def settle_bounds(
-    members: Sequence[Member], base: Sequence[int] = (), *, future: int | None = None
+    members: Sequence[Member], base: Sequence[int] = (), *, clock: int | None = None
 ) -> tuple[int, ...]:
     """The generation bounds a save of ``members`` writes, from those of the entry it follows
-    (``base``, strictly increasing): the newest generation closed at the newest mtime not after
-    ``future`` (files dated later stay in a generation after it), then generations merged by rule
-    7. The same members and the result give the result again."""
+    (``base``, strictly increasing): the newest generation closed at the newest mtime not more
+    than ``FUTURE_SLACK`` past ``clock`` (the save's, in seconds; files dated later stay in a
+    generation after it), then generations merged by rule 7. The same members and the result
+    give the result again."""
+    future = None if clock is None else clock + FUTURE_SLACK
     dated = (e.mtime for e in members if e.kind != DIR)
     newest = max((m for m in dated if future is None or m <= future), default=None)
     if newest is None:

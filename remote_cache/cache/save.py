@@ -28,7 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
-from ..archive.plan import FUTURE_SLACK, LayerPlan, TreeScan, scan_tree, settle_bounds
+from ..archive.plan import LayerPlan, TreeScan, scan_tree, settle_bounds
 from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
@@ -403,7 +403,7 @@ async def _plan(
             local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    bounds = settle_bounds(scan.members, base or here, future=mtime_bound + FUTURE_SLACK)
+    bounds = settle_bounds(scan.members, base or here, clock=mtime_bound)
     cut = await anyio.to_thread.run_sync(scan.cut, bounds)
     if cut.layers is not scan.layers:
         local = await anyio.to_thread.run_sync(lambda: local_layers(cut, bound, mtime_bound=mtime_bound))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from remote_cache.archive.plan import MAX_GENERATIONS, scan_tree, settle_bounds, split_members
+from remote_cache.archive.plan import FUTURE_SLACK, MAX_GENERATIONS, scan_tree, settle_bounds, split_members
 from remote_cache.archive.tar import DIR, FILE, HARDLINK, Member
 
 SMALL = {"min_bytes": 8 << 10, "max_bytes": 32 << 10}
@@ -134,7 +134,7 @@ def test_a_hard_link_goes_with_its_target_whatever_its_own_mtime() -> None:
 def test_files_dated_in_the_future_do_not_close_the_newest_generation() -> None:
     members = _walk({0})
     members.append(Member("d7/ahead", FILE, 0o644, 0, 0, 1000, NEW + 10**8))
-    assert settle_bounds(members, (OLD,), future=NEW + 100) == (OLD, NEW)
+    assert settle_bounds(members, (OLD,), clock=NEW + 100 - FUTURE_SLACK) == (OLD, NEW)
     layers = _paths(split_members(members, bounds=(OLD, NEW), **SMALL))
     assert layers[-1] == ["d7/ahead"]  # a generation after the last bound, of its own
     assert settle_bounds(members, (OLD,)) == (OLD, NEW + 10**8)  # (no clock given: as dated)
