@@ -111,6 +111,7 @@ __all__ = [
     "records_for",
     "tree_fingerprint",
     "untouched_since",
+    "window_here",
     "window_hits",
 ]
 
@@ -326,6 +327,17 @@ def dir_id(path: Path) -> tuple[int, int]:
     """(st_dev, st_ino) of directory ``path``, symlinks followed; raises OSError."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+def window_here(path: Path, window: RestoreWindow | None) -> RestoreWindow | None:
+    """``window`` when it is the record of the directory now at ``path`` (not of another one
+    that was there, nor when ``path`` cannot be read), else None."""
+    if window is None:
+        return None
+    try:
+        return window if dir_id(path) == window.root else None
+    except OSError:
+        return None
 
 
 def window_hits(

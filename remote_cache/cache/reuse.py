@@ -31,6 +31,7 @@ from .evidence import (
     dir_id,
     tree_fingerprint,
     untouched_since,
+    window_here,
     window_hits,
 )
 from .image import generation_bounds, load_image, read_diff_ids
@@ -160,14 +161,7 @@ def _vouched(
 ) -> dict[int, LayerRecord]:
     """Planned layers (by position) the evidence vouches for: a restore window into this very
     directory, or a local listing recorded after a save."""
-    window = evidence.window
-    if window is not None:
-        try:
-            if dir_id(path) != window.root:
-                window = None  # another directory now sits at this path
-        except OSError:
-            window = None
-    hits = window_hits(scan, local, window, media_type)
+    hits = window_hits(scan, local, window_here(path, evidence.window), media_type)
     for i, planned in enumerate(local):
         if planned.local is not None and (planned.local, media_type) in evidence.records:
             hits.setdefault(i, evidence.records[(planned.local, media_type)])

@@ -47,11 +47,11 @@ from .evidence import (
     RestoredTree,
     TreeRecord,
     clock_ns,
-    dir_id,
     entry_shape,
     local_layers,
     records_for,
     tree_fingerprint,
+    window_here,
 )
 from .image import (
     ANNOTATION_FILES,
@@ -298,7 +298,8 @@ async def _save_tree(
     # The entries are read even for a full save: their generation bounds say where to cut (else
     # those of the entry last restored or saved here, whatever its key).
     keys = [key, *([job.base_key] if job.base_key else [])]
-    plan = await _plan(store, job.path, keys, bound, job.max_size, await _bounds_here(job.path, evidence))
+    here = await anyio.to_thread.run_sync(window_here, job.path, evidence.window)
+    plan = await _plan(store, job.path, keys, bound, job.max_size, here.bounds if here else ())
     reuse = Reuse({}, None)
     if not full:
         reuse = await reusable_layers(
@@ -363,19 +364,6 @@ def _unchanged(
 
 def _racy(plan: LayerPlan, after: int) -> bool:
     return any(e.mtime >= after for e in plan.members)
-
-
-async def _bounds_here(path: Path, evidence: Evidence) -> tuple[int, ...]:
-    """The generation bounds of the entry last restored or saved into ``path`` (none when the
-    record is of another directory that was at this path)."""
-    window = evidence.window
-    if window is None or not window.bounds:
-        return ()
-    try:
-        same = await anyio.to_thread.run_sync(dir_id, path) == window.root
-    except OSError:
-        return ()
-    return window.bounds if same else ()
 
 
 async def _plan(
