@@ -373,24 +373,21 @@ async def _plan(
     then cut it again at the first generation bounds one of them carries (else ``here``) where
     they split it otherwise."""
     mtime_bound = bound // 1_000_000_000
-    candidates: Candidates = []
-    base: list[int] = []
+    entries: list[tuple[Candidates, tuple[int, ...]]] = []  # (the task group's one result)
 
-    async def find_candidates() -> None:
-        found, bounds = await candidate_layers(store, keys)
-        candidates.extend(found)
-        base.extend(bounds)
+    async def read_entries() -> None:
+        entries.append(await candidate_layers(store, keys))
 
     try:
         async with anyio.create_task_group() as tg:
-            if keys:
-                tg.start_soon(find_candidates)
+            tg.start_soon(read_entries)
             scan = await anyio.to_thread.run_sync(scan_tree, path)
             if max_size is not None and scan.stats.bytes > max_size:
                 raise CacheTooLarge(path, scan.stats.bytes, max_size)
             local = await anyio.to_thread.run_sync(lambda: local_layers(scan, bound, mtime_bound=mtime_bound))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
+    candidates, base = entries[0]
     bounds = settle_bounds(scan.members, base or here, clock=mtime_bound)
     cut = await anyio.to_thread.run_sync(scan.cut, bounds)
     if cut.layers is not scan.layers:
