@@ -80,6 +80,18 @@ def _backdate(root: Path, when: int = _PAST) -> None:
     os.utime(root, (when, when))
 
 
+async def _restored(store: Store, key: str, tmp_path: Path) -> Path:
+    """``key`` restored into a fresh ``out`` directory under ``tmp_path``."""
+    out = tmp_path / "out"
+    await restore(store, key, out)
+    return out
+
+
+async def _bounds(store: Store, key: str) -> str:
+    """The generation bounds ``key``'s entry carries, as written ("" when none)."""
+    return (await load_image(store, key)).annotations.get(ANNOTATION_GENERATIONS, "")
+
+
 def _backdate_dirs(root: Path, when: int = _PAST) -> None:
     for path in (root, *(p for p in root.rglob("*") if p.is_dir())):
         os.utime(path, (when, when))
@@ -218,8 +230,7 @@ async def test_one_changed_file_packs_and_uploads_one_layer(
         assert not changed.unchanged and changed.digest != first.digest
         # One layer blob plus the two new per-platform configs went up.
         assert proxy.count("POST", "/blobs/uploads/") == 3
-        out = tmp_path / "out"
-        await restore(store, "k", out)
+        out = await _restored(store, "k", tmp_path)
         assert_same_tree(src, out)
 
 
@@ -241,7 +252,7 @@ async def test_new_files_scattered_over_the_tree_pack_only_a_new_generation(
 ) -> None:
     src = _bulk(tmp_path / "src")
     first = await save(store, "k", src)
-    assert (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS] == str(_PAST)
+    assert await _bounds(store, "k") == str(_PAST)
     _scatter(src, _PAST + 60)  # written after the save, in every package
     settle_ctimes()
     pack_calls.clear()
@@ -251,7 +262,7 @@ async def test_new_files_scattered_over_the_tree_pack_only_a_new_generation(
     assert pack_calls == ["pkg0", "pkg0/fresh.bin"]
     assert grown.layers_reused == first.layers_total - 1
     assert grown.layers_total == first.layers_total + 1
-    bounds = (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS]
+    bounds = await _bounds(store, "k")
     assert bounds == f"{_PAST},{_PAST + 60}"
     # Saved again as it is: the same cut, the same entry.
     os.utime(src, (_PAST, _PAST))  # (a new root ctime: the long way, not the tree shortcut)
@@ -262,8 +273,7 @@ async def test_new_files_scattered_over_the_tree_pack_only_a_new_generation(
     # --full reads every file but cuts where the entry was cut: nothing new to upload.
     full = await save(store, "k", src, full=True)
     assert full.digest == grown.digest and full.bytes_uploaded == 0
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert_same_tree(src, out)
 
 
@@ -281,8 +291,7 @@ async def test_a_file_rewritten_later_moves_to_the_new_generation(
     # and it makes a generation of its own; the other layers are reused.
     assert pack_calls == ["pkg4/f7.bin", "pkg6/f4.bin", "pkg5/f3.bin"]
     assert changed.layers_reused == changed.layers_total - 3 == first.layers_total - 3
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert_same_tree(src, out)
 
 
@@ -305,10 +314,9 @@ async def test_a_fresh_runner_restores_generations_and_packs_only_what_it_added(
     # restored generations' layers reused on the restore's evidence, unread.
     assert pack_calls == ["pkg0", "pkg3/later.bin"]
     assert third.layers_reused == third.layers_total - 2
-    bounds = (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS]
+    bounds = await _bounds(store, "k")
     assert bounds == f"{_PAST},{_PAST + 60},{_PAST + 120}"
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert_same_tree(work, out)
 
 
@@ -327,7 +335,7 @@ async def test_a_new_key_after_a_fallback_cuts_where_the_restored_entry_was_cut(
     branch = await save(store, "branch", work)
     assert pack_calls == [] and branch.bytes_uploaded == 0
     assert branch.layers_reused == branch.layers_total
-    bounds = (await load_image(store, "branch")).annotations[ANNOTATION_GENERATIONS]
+    bounds = await _bounds(store, "branch")
     assert bounds == f"{_PAST},{_PAST + 60}"
 
 
@@ -369,7 +377,7 @@ async def test_saves_under_new_keys_cut_where_the_last_save_here_cut(
     pack_calls.clear()
     run2 = await save(store, "run2", work)  # cut where run1 was, not where main was
     assert pack_calls == ["pkg0", "pkg0/later.bin"] and run2.layers_reused == run2.layers_total - 2
-    bounds = (await load_image(store, "run2")).annotations[ANNOTATION_GENERATIONS]
+    bounds = await _bounds(store, "run2")
     assert bounds == f"{_PAST},{_PAST + 60},{_PAST + 120}"
 
 
@@ -384,12 +392,12 @@ async def test_the_first_bounds_among_the_key_and_the_base_count(
     with monkeypatch.context() as old_version:  # an entry written before generations
         old_version.setattr(save_mod, "settle_bounds", lambda *a, **k: ())
         await save(store, "k", src)
-    assert ANNOTATION_GENERATIONS not in (await load_image(store, "k")).annotations
+    assert await _bounds(store, "k") == ""
     (src / "pkg1" / "later.bin").write_bytes(b"L" * 3000)
     os.utime(src / "pkg1" / "later.bin", (_PAST + 120, _PAST + 120))
     again = await save(store, "k", src, base_key="base")
     assert again.layers_reused >= again.layers_total - 3
-    bounds = (await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS]
+    bounds = await _bounds(store, "k")
     assert bounds == f"{_PAST},{_PAST + 60},{_PAST + 120}"
 
 
@@ -404,7 +412,7 @@ async def test_a_record_of_another_directory_there_gives_no_bounds(store: Store,
     shutil.rmtree(work)
     shutil.copytree(src, work)  # another directory now, the old one's record still there
     await save(store, "other", work)
-    assert (await load_image(store, "other")).annotations[ANNOTATION_GENERATIONS] == str(_PAST + 60)
+    assert await _bounds(store, "other") == str(_PAST + 60)
 
 
 async def test_generations_merge_newest_first_and_stay_few(store: Store, tmp_path: Path) -> None:
@@ -415,11 +423,10 @@ async def test_generations_merge_newest_first_and_stay_few(store: Store, tmp_pat
         (src / "pkg1" / f"n{n}.bin").write_bytes(bytes([n]) * 4000)
         os.utime(src / "pkg1" / f"n{n}.bin", (_PAST + 10 * n, _PAST + 10 * n))
         await save(store, "k", src)
-        seen.append((await load_image(store, "k")).annotations[ANNOTATION_GENERATIONS].count(",") + 1)
+        seen.append((await _bounds(store, "k")).count(",") + 1)
     # Equal additions: a generation as big as the one before merges into it (a binary counter).
     assert seen == [2, 2, 3, 2, 3]
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert_same_tree(src, out)
 
 
@@ -478,8 +485,7 @@ async def test_new_key_reuses_layers_of_the_restored_fallback(
         fresh = await save(store, "npm-ccc", work)
         assert fresh.layers_reused >= fresh.layers_total - 1 and fresh.base_key is None
         assert fresh.bytes_uploaded == 0  # any packed layer is already there
-        out = tmp_path / "out"
-        await restore(store, "npm-bbb", out)
+        out = await _restored(store, "npm-bbb", tmp_path)
         assert_same_tree(work, out)
         assert old.digest != new.digest
 
@@ -505,8 +511,7 @@ async def test_npm_style_edit_after_restore_is_saved_not_the_stale_layer(
         second = await save(store, "npm", work)
         assert len(pack_calls) == 1 and second.layers_reused == second.layers_total - 1
         assert not second.unchanged and second.digest != first.digest
-        out = tmp_path / "out"
-        await restore(store, "npm", out)
+        out = await _restored(store, "npm", tmp_path)
         assert (out / "pkg3" / "package.json").read_bytes() == b'{"version": "1.0.1"}'
         assert_same_tree(work, out)
 
@@ -521,8 +526,7 @@ async def test_npm_style_edit_between_two_saves_is_saved(
     pack_calls.clear()
     second = await save(store, "k", src)
     assert len(pack_calls) == 1 and second.digest != first.digest
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert (out / "pkg6" / "f2.bin").read_bytes() == b"Z" * 8000
     assert_same_tree(src, out)
 
@@ -590,8 +594,7 @@ async def test_damaged_state_means_packing_never_an_error(
     pack_calls.clear()
     again = await save(store, "k", src)
     assert again.layers_reused == 0 and len(pack_calls) == first.layers_total
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert (out / "pkg1" / "f1.bin").read_bytes() == b"Q" * 8000
     assert_same_tree(src, out)
     # The save rewrote a good state file: the next one reuses again.
@@ -606,8 +609,7 @@ async def test_state_is_not_trusted_when_the_blob_is_gone(tmp_path: Path, pack_c
     pack_calls.clear()
     moved = await save(other, "k", src)  # same directory, a store that has none of its blobs
     assert moved.layers_reused == 0 and len(pack_calls) == first.layers_total
-    out = tmp_path / "out"
-    await restore(other, "k", out)
+    out = await _restored(other, "k", tmp_path)
     assert_same_tree(src, out)
 
 
@@ -673,8 +675,7 @@ async def test_edit_after_restore_with_size_and_mtime_kept_is_repacked(
     second = await save(store, "k", work)
     assert len(pack_calls) == 1 and second.layers_reused == first.layers_total - 1
     assert not second.unchanged and second.digest != first.digest
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert (out / "pkg4" / "f6.bin").read_bytes() == b"E" * 8000
     assert_same_tree(work, out)
 
@@ -755,8 +756,7 @@ async def test_directories_swapped_after_a_restore_are_saved_not_the_restored_la
     (work / "swap").rename(work / "b")
     second = await save(store, "k", work)
     assert not second.unchanged
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert (out / "a" / "f0").read_bytes() == b"b0" * 1000
     assert_same_tree(work, out)
 
@@ -830,8 +830,7 @@ async def test_two_restores_into_one_in_place_target_never_vouch_for_the_other_s
     # Had a's window been recorded last, it must not vouch for b's tree all the same:
     assert state.record_restore(target, windows[a.digest])
     await save(store, "c", target)
-    out = tmp_path / "out"
-    await restore(store, "c", out)
+    out = await _restored(store, "c", tmp_path)
     assert (out / "pkg" / "package.json").read_bytes() == b'{"version":"2.0.0"}'
     assert_same_tree(target, out)
 
@@ -895,8 +894,7 @@ async def test_an_npm_style_edit_defeats_the_tree_shortcut(
     settle_ctimes()
     second = await save(store, "k", src)
     assert not second.unchanged and second.digest != first.digest
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert (out / "pkg3" / "f4.bin").read_bytes() == b"Z" * 8000
 
 
@@ -1074,8 +1072,7 @@ async def test_any_change_to_a_restored_tree_is_saved(
     edit(work)
     second = await save(store, "k", work)
     assert not second.unchanged and second.digest != first.digest
-    out = tmp_path / "out"
-    await restore(store, "k", out)
+    out = await _restored(store, "k", tmp_path)
     assert_same_tree(work, out)
 
 
@@ -1272,8 +1269,7 @@ async def test_a_directory_mounted_inside_a_restored_tree_is_saved(store: Store,
     with bind(work / "pkg1", work / "pkg2"):
         again = await save(store, "k", work)
         assert not again.unchanged and again.digest != first.digest
-        out = tmp_path / "out"
-        await restore(store, "k", out)
+        out = await _restored(store, "k", tmp_path)
         assert_same_tree(work, out)
 
 
@@ -1358,8 +1354,7 @@ async def test_an_edit_right_after_a_restore_whose_clock_runs_ahead_is_saved(
         second = await save(store, "k", work)
         assert not second.unchanged and second.digest != first.digest
         assert second.layers_reused == second.layers_total - 1  # the window vouched for the rest
-        out = tmp_path / "out"
-        await restore(store, "k", out)
+        out = await _restored(store, "k", tmp_path)
         assert_same_tree(work, out)
 
 
