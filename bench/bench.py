@@ -631,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             server.pid,
             server.bucket,
         )
-        ctx.sizing = layer_sizing.reupload_shares(ctx.corpus)[3]
-        ctx.scattered = layer_sizing.scattered_shares(ctx.corpus)
+        spread = layer_sizing.reupload_spread(ctx.corpus)
+        ctx.sizing, ctx.scattered = spread.directory, spread.scattered
         # Warm up: compile every module a save and a restore import (untimed), as a real
         # install's first run would have done.
         warm = work / "warm-up"

@@ -20,6 +20,7 @@ import argparse
 import os
 import random
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from remote_cache.archive.plan import (
@@ -32,7 +33,7 @@ from remote_cache.archive.plan import (
 from remote_cache.archive.tar import DIR, FILE, Member
 from remote_cache.archive.walk import TreeStats, walk_tree
 
-__all__ = ["main", "reupload_shares", "scattered_shares", "summary"]
+__all__ = ["Spread", "main", "reupload_spread", "summary"]
 
 
 def _order(m: Member) -> tuple[bytes, ...]:
@@ -54,57 +55,73 @@ def _key(plan: LayerPlan) -> tuple[tuple[str, int], ...]:
     return tuple((m.path, m.size) for m in plan.members)
 
 
-def reupload_shares(
+@dataclass(frozen=True)
+class Spread:
+    """A tree's tar bytes, entries and layers, and the re-upload shares (%, sorted) of each kind
+    of draw: a +1 directory copied in (empty when no directory fits), and +1% in new files
+    scattered over the tree (empty for a tree without files)."""
+
+    total: int
+    entries: int
+    layers: int
+    directory: list[float]
+    scattered: list[float]
+
+
+def reupload_spread(
     root: Path,
     *,
     samples: int = 56,
+    scattered: int = 20,
     seed: int = 7,
     min_bytes: int = MIN_LAYER_BYTES,
     max_bytes: int = MAX_LAYER_BYTES,
-) -> tuple[int, int, int, list[float]]:
-    """The tree's tar bytes, entries and layers, and for each sampled +1 directory the share (%)
-    of the tree's tar bytes in layers that changed (sorted; empty when no directory fits)."""
+) -> Spread:
+    """Walk ``root`` once and cut it as its save would, then draw up to ``samples`` +1
+    directories and ``scattered`` +1% of new files (see the module docstring)."""
     members, _ = walk_tree(root, TreeStats())
-    total = sum(m.tar_size for m in members)
+    cut = _Cut(members, min_bytes, max_bytes)
     prefix = "node_modules/" if (root / "node_modules").is_dir() else ""
+    return Spread(
+        cut.total,
+        len(members),
+        cut.layers,
+        _directory_draws(members, cut, prefix, samples, seed),
+        _scattered_draws(members, cut, scattered, seed),
+    )
+
+
+def _directory_draws(members: list[Member], cut: _Cut, prefix: str, samples: int, seed: int) -> list[float]:
+    """For each sampled top-level directory (under ``prefix``) holding 0.4-2% of the tree, a copy
+    of it inserted under a new name: the share of tar bytes in layers that changed."""
     sizes: dict[str, int] = {}
     for m in members:
         if m.path.startswith(prefix) and m.path != prefix.rstrip("/"):
             top = prefix + m.path[len(prefix) :].split("/", 1)[0]
             sizes[top] = sizes.get(top, 0) + m.tar_size
     dirs = {m.path for m in members if m.kind == DIR}
+    total = cut.total
     picks = [t for t, s in sorted(sizes.items()) if t in dirs and 0.004 * total <= s <= 0.02 * total]
     random.Random(seed).shuffle(picks)
-    cut = _Cut(members, min_bytes, max_bytes)
-    shares = sorted(cut.changed(_copied(members, top, "-sizing-copy")) for top in picks[:samples])
-    return total, len(members), cut.layers, shares
+    return sorted(cut.changed(_copied(members, top, "-sizing-copy")) for top in picks[:samples])
 
 
-def scattered_shares(
-    root: Path,
-    *,
-    share: float = 0.01,
-    samples: int = 20,
-    seed: int = 7,
-    min_bytes: int = MIN_LAYER_BYTES,
-    max_bytes: int = MAX_LAYER_BYTES,
+def _scattered_draws(
+    members: list[Member], cut: _Cut, samples: int, seed: int, share: float = 0.01
 ) -> list[float]:
     """For each of ``samples`` draws of new files worth ``share`` of the tree's tar bytes, each
-    beside a randomly chosen file, the share (%) of the tree's tar bytes in layers that changed
-    (sorted; empty for a tree without files)."""
-    members, _ = walk_tree(root, TreeStats())
+    beside a randomly chosen file and written after the save: the share of tar bytes in layers
+    that changed."""
     files = [m for m in members if m.kind == FILE]
     if not files:
         return []
-    total = sum(m.tar_size for m in members)
-    cut = _Cut(members, min_bytes, max_bytes)
     rng = random.Random(seed)
     later = max(m.mtime for m in files) + 60  # written after the tree was saved
     shares = []
     for _ in range(samples):
         new: list[Member] = []
         added = 0
-        while added < share * total:
+        while added < share * cut.total:
             m = rng.choice(files)
             name = f"{m.path.rpartition('/')[0]}/{rng.getrandbits(128):032x}-a".lstrip("/")
             new.append(Member(name, FILE, m.mode, m.uid, m.gid, m.size, later, m.linkname))
@@ -119,6 +136,7 @@ class _Cut:
 
     def __init__(self, members: list[Member], min_bytes: int, max_bytes: int) -> None:
         self._sizes = {"min_bytes": min_bytes, "max_bytes": max_bytes}
+        self.total = sum(m.tar_size for m in members)
         self._bounds = settle_bounds(members)
         before = split_members(members, bounds=self._bounds, **self._sizes)
         self.layers = len(before)
@@ -149,16 +167,21 @@ def main() -> None:
     parser.add_argument("--min-mib", type=float, default=MIN_LAYER_BYTES / (1 << 20))
     parser.add_argument("--max-mib", type=float, default=MAX_LAYER_BYTES / (1 << 20))
     args = parser.parse_args()
-    sizes = {"min_bytes": int(args.min_mib * (1 << 20)), "max_bytes": int(args.max_mib * (1 << 20))}
-    total, entries, layers, shares = reupload_shares(args.dir, samples=args.samples, seed=args.seed, **sizes)
-    print(f"tree: {total / 1e6:.1f} MB of tar in {entries} entries, {layers} layers")
-    if shares:
-        print(f"+1 directory ({len(shares)} samples): re-upload {summary(shares)}")
+    spread = reupload_spread(
+        args.dir,
+        samples=args.samples,
+        seed=args.seed,
+        min_bytes=int(args.min_mib * (1 << 20)),
+        max_bytes=int(args.max_mib * (1 << 20)),
+    )
+    print(f"tree: {spread.total / 1e6:.1f} MB of tar in {spread.entries} entries, {spread.layers} layers")
+    if spread.directory:
+        print(f"+1 directory ({len(spread.directory)} samples): re-upload {summary(spread.directory)}")
     else:
         print("no top-level directory holds 0.4-2% of the tree")
-    scattered = scattered_shares(args.dir, seed=args.seed, **sizes)
-    if scattered:
-        print(f"+1% in new files scattered ({len(scattered)} samples): re-upload {summary(scattered)}")
+    if spread.scattered:
+        shares = spread.scattered
+        print(f"+1% in new files scattered ({len(shares)} samples): re-upload {summary(shares)}")
 
 
 if __name__ == "__main__":
