@@ -45,9 +45,10 @@ The rule, so that a small change in a big tree re-uploads only one or two layers
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -108,7 +109,10 @@ class TreeScan:
     def cut(self, bounds: Sequence[int]) -> TreeScan:
         """The same tree cut at generation ``bounds`` (itself when they split it the same way)."""
         bounds = tuple(bounds)
-        if _generations(self.members, bounds) == _generations(self.members, self.bounds):
+        # Generations are ranges of the members' placing mtimes: two sets of bounds split the tree
+        # alike when they separate the same neighbours among those mtimes, sorted.
+        mtimes = sorted(_bytes_by_mtime(self.members))
+        if _splits(mtimes, bounds) == _splits(mtimes, self.bounds):
             return replace(self, bounds=bounds)
         layers = split_members(
             list(self.members), bounds=bounds, min_bytes=self.sizes[0], max_bytes=self.sizes[1]
@@ -144,27 +148,37 @@ def split_members(
 def _generations(members: Sequence[Member], bounds: tuple[int, ...]) -> list[list[Member]]:
     """The non-directory members of each non-empty generation (rule 7), oldest first, in walk order."""
     generations: list[list[Member]] = [[] for _ in range(len(bounds) + 1)]
-    for e, g in _placed(members, bounds):
-        generations[g].append(e)
+    for e, mtime in _placing(members):
+        generations[bisect_left(bounds, mtime)].append(e)
     return [g for g in generations if g]
 
 
-def _placed(members: Sequence[Member], bounds: tuple[int, ...]) -> list[tuple[Member, int]]:
-    """Each non-directory member with its generation: by its mtime, or a hard link by its target's
-    (tar needs the target earlier in the same layer; their mtimes differ only if the inode's
-    changed during the walk, which the packer then refuses as a changed tree)."""
+def _placing(members: Sequence[Member]) -> Iterator[tuple[Member, int]]:
+    """Each non-directory member with the mtime that places it in a generation: its own, or a hard
+    link's target's (tar needs the target earlier in the same layer; their mtimes differ only if
+    the inode's changed during the walk, which the packer then refuses as a changed tree)."""
     of_path: dict[str, int] = {}
-    placed = []
     for e in members:
         if e.kind == DIR:
             continue
-        g = of_path.get(e.linkname) if e.kind == HARDLINK else None
-        if g is None:
-            g = bisect_left(bounds, e.mtime)
+        mtime = of_path.get(e.linkname, e.mtime) if e.kind == HARDLINK else e.mtime
         if e.kind == FILE:
-            of_path[e.path] = g
-        placed.append((e, g))
-    return placed
+            of_path[e.path] = mtime
+        yield e, mtime
+
+
+def _bytes_by_mtime(members: Sequence[Member]) -> dict[int, int]:
+    """The non-directory members' tar bytes by the mtime that places them (see :func:`_placing`)."""
+    sizes: dict[int, int] = {}
+    for e, mtime in _placing(members):
+        sizes[mtime] = sizes.get(mtime, 0) + e.tar_size
+    return sizes
+
+
+def _splits(mtimes: Sequence[int], bounds: tuple[int, ...]) -> list[bool]:
+    """For each pair of neighbours in sorted ``mtimes``: whether ``bounds`` put them apart."""
+    generations = [bisect_left(bounds, mtime) for mtime in mtimes]
+    return [a != b for a, b in itertools.pairwise(generations)]
 
 
 def _cut(members: list[Member], min_bytes: int, max_bytes: int) -> list[tuple[list[Member], int]]:
@@ -217,8 +231,8 @@ def settle_bounds(
     # once dated in the future (or a store's word) cannot hold every later file in one generation.
     bounds = [b for b in base if b < newest] + [newest]
     sizes = [0] * (len(bounds) + 1)
-    for e, g in _placed(members, tuple(bounds)):
-        sizes[g] += e.tar_size
+    for mtime, size in _bytes_by_mtime(members).items():
+        sizes[bisect_left(bounds, mtime)] += size
     sizes.pop()  # after the last bound: only files dated in the future, which merge with nothing
     while len(bounds) > 1 and (sizes[-1] >= sizes[-2] or len(bounds) > MAX_GENERATIONS):
         del bounds[-2]
