@@ -329,9 +329,9 @@ def generation_bounds(annotations: dict[str, str]) -> tuple[int, ...]:
 def checked_bounds(values: Sequence[object]) -> tuple[int, ...]:
     """``values`` as generation bounds when they are what a save writes (integers of at most 18
     digits, strictly increasing, at most a few dozen), else none."""
-    if len(values) > _MAX_BOUNDS or not all(type(v) is int and abs(v) < 10**18 for v in values):
+    bounds = tuple(v for v in values if type(v) is int and abs(v) < 10**18)
+    if len(bounds) != len(values) or len(bounds) > _MAX_BOUNDS:
         return ()
-    bounds = tuple(v for v in values if type(v) is int)
     return () if any(b <= a for a, b in itertools.pairwise(bounds)) else bounds
 
 
