@@ -388,17 +388,25 @@ async def _plan(
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     candidates, base = entries[0]
-    bounds = settle_bounds(scan.members, base or here, clock=mtime_bound)
-    cut = await anyio.to_thread.run_sync(scan.cut, bounds)
-    if cut.layers is not scan.layers:
-        local = await anyio.to_thread.run_sync(lambda: local_layers(cut, bound, mtime_bound=mtime_bound))
-    scan = cut
+    scan, local = await anyio.to_thread.run_sync(_at_bounds, scan, local, base or here, bound)
     annotations = [
         {} if _racy(plan, mtime_bound) else {ANNOTATION_LISTING: layer.listing}
         for plan, layer in zip(scan.layers, local, strict=True)
     ]
     fingerprint = tree_fingerprint(scan.identity, bound) if scan.identity is not None else None
     return _Plan(scan, local, annotations, candidates, fingerprint)
+
+
+def _at_bounds(
+    scan: TreeScan, local: list[LocalLayer], base: Sequence[int], bound: int
+) -> tuple[TreeScan, list[LocalLayer]]:
+    """``scan`` cut at the generation bounds its save writes after ``base``'s, with its layers'
+    local listings (those given, when the bounds split the tree as the scan did)."""
+    mtime_bound = bound // 1_000_000_000
+    cut = scan.cut(settle_bounds(scan.members, base, clock=mtime_bound))
+    if cut.layers is scan.layers:
+        return cut, local
+    return cut, local_layers(cut, bound, mtime_bound=mtime_bound)
 
 
 # -- pack and upload --------------------------------------------------------------------------
