@@ -50,6 +50,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from .tar import DIR, FILE, HARDLINK, Member
@@ -106,12 +107,21 @@ class TreeScan:
     bounds: tuple[int, ...] = ()
     sizes: tuple[int, int] = field(default=(0, 0), repr=False)
 
+    @cached_property
+    def _bytes_by_mtime(self) -> dict[int, int]:
+        # Both what a save's bounds settle on and whether they cut the tree anew (one pass).
+        return _bytes_by_mtime(self.members)
+
+    def settle(self, base: Sequence[int] = (), *, clock: int | None = None) -> tuple[int, ...]:
+        """:func:`settle_bounds` of the scanned members."""
+        return _settled(self.members, self._bytes_by_mtime, base, clock)
+
     def cut(self, bounds: Sequence[int]) -> TreeScan:
         """The same tree cut at generation ``bounds`` (itself when they split it the same way)."""
         bounds = tuple(bounds)
         # Generations are ranges of the members' placing mtimes: two sets of bounds split the tree
         # alike when they separate the same neighbours among those mtimes, sorted.
-        mtimes = sorted(_bytes_by_mtime(self.members))
+        mtimes = sorted(self._bytes_by_mtime)
         if _splits(mtimes, bounds) == _splits(mtimes, self.bounds):
             return replace(self, bounds=bounds)
         layers = split_members(
@@ -222,6 +232,13 @@ def settle_bounds(
     than ``FUTURE_SLACK`` past ``clock`` (the save's, in seconds; files dated later stay in a
     generation after it), then generations merged by rule 7. The same members and the result
     give the result again."""
+    return _settled(members, _bytes_by_mtime(members), base, clock)
+
+
+def _settled(
+    members: Sequence[Member], by_mtime: dict[int, int], base: Sequence[int], clock: int | None
+) -> tuple[int, ...]:
+    """:func:`settle_bounds`, given the members' tar bytes by placing mtime (``by_mtime``)."""
     future = None if clock is None else clock + FUTURE_SLACK
     dated = (e.mtime for e in members if e.kind != DIR)
     newest = max((m for m in dated if future is None or m <= future), default=None)
@@ -231,7 +248,7 @@ def settle_bounds(
     # once dated in the future (or a store's word) cannot hold every later file in one generation.
     bounds = [b for b in base if b < newest] + [newest]
     sizes = [0] * (len(bounds) + 1)
-    for mtime, size in _bytes_by_mtime(members).items():
+    for mtime, size in by_mtime.items():
         sizes[bisect_left(bounds, mtime)] += size
     sizes.pop()  # after the last bound: only files dated in the future, which merge with nothing
     while len(bounds) > 1 and (sizes[-1] >= sizes[-2] or len(bounds) > MAX_GENERATIONS):

@@ -28,7 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..archive.codecs import Compression, check_compression, check_level
-from ..archive.plan import LayerPlan, TreeScan, scan_tree, settle_bounds
+from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
@@ -403,7 +403,7 @@ def _at_bounds(
     """``scan`` cut at the generation bounds its save writes after ``base``'s, with its layers'
     local listings (those given, when the bounds split the tree as the scan did)."""
     mtime_bound = bound // 1_000_000_000
-    cut = scan.cut(settle_bounds(scan.members, base, clock=mtime_bound))
+    cut = scan.cut(scan.settle(base, clock=mtime_bound))
     if cut.layers is scan.layers:
         return cut, local
     return cut, local_layers(cut, bound, mtime_bound=mtime_bound)

@@ -20,6 +20,7 @@ import pytest
 
 from remote_cache.archive import pack as pack_mod
 from remote_cache.archive import walk as walk_mod
+from remote_cache.archive.plan import TreeScan
 from remote_cache.archive.tar import FILE
 from remote_cache.cache import evidence as state_mod
 from remote_cache.cache import restore as restore_mod
@@ -390,7 +391,7 @@ async def test_the_first_bounds_among_the_key_and_the_base_count(
     settle_ctimes()
     await save(store, "base", src)
     with monkeypatch.context() as old_version:  # an entry written before generations
-        old_version.setattr(save_mod, "settle_bounds", lambda *a, **k: ())
+        old_version.setattr(TreeScan, "settle", lambda *a, **k: ())
         await save(store, "k", src)
     assert await _bounds(store, "k") == ""
     (src / "pkg1" / "later.bin").write_bytes(b"L" * 3000)
