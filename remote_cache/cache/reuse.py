@@ -14,9 +14,8 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
-from ..archive.mounts import mounts_below
 from ..archive.plan import TreeScan
-from ..archive.walk import TreeIdentity, TreeStats, tree_identity
+from ..archive.walk import TreeStats
 from ..errors import CacheMiss, RemoteCacheError
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
@@ -28,13 +27,13 @@ from .evidence import (
     RestoredTree,
     RestoreWindow,
     TreeRecord,
-    dir_id,
     tree_fingerprint,
     untouched_since,
     window_here,
     window_hits,
 )
 from .image import generation_bounds, load_image, read_diff_ids
+from .prewalk import PreWalk, walk
 
 __all__ = ["Candidates", "Reuse", "candidate_layers", "reusable_layers", "unchanged_tree"]
 
@@ -50,14 +49,15 @@ async def unchanged_tree(
     key: str,
     options: str,
     shape: str,
+    prewalk: PreWalk | None = None,
 ) -> TreeRecord | RestoredTree | None:
     """The record of what ``tag`` holds when the tree is known to be exactly that, else None.
 
     Either the last save of ``path`` here (its tree record, for the same ``options``) still
     describes the tree, or the last restore into it wrote the whole entry (for the same ``key``
     and ``shape``) and nothing changed since; and ``tag`` still names that record's digest. One
-    walk, then one request (see :mod:`.evidence`). The walk lists the special files it found in
-    ``stats``."""
+    walk (``prewalk``'s when it has one, see :mod:`.prewalk`), then one request (see
+    :mod:`.evidence`). The walk lists the special files it found in ``stats``."""
     saved, window = evidence.tree, evidence.window
     if saved is not None and (saved.location, saved.tag, saved.options) != (store.location, tag, options):
         saved = None
@@ -71,7 +71,7 @@ async def unchanged_tree(
         window = None  # no whole tree of this entry to compare with
     if saved is None and window is None:
         return None
-    same = await _same_tree(path, bound, saved, window, stats)
+    same = await _same_tree(path, bound, saved, window, stats, prewalk)
     if same is None:
         return None
     # Asked only now: beside the walk, the request of a tree found changed had to be stopped, and
@@ -84,27 +84,30 @@ async def unchanged_tree(
 
 
 async def _same_tree(
-    path: Path, bound: int, saved: TreeRecord | None, window: RestoreWindow | None, stats: TreeStats | None
+    path: Path,
+    bound: int,
+    saved: TreeRecord | None,
+    window: RestoreWindow | None,
+    stats: TreeStats | None,
+    prewalk: PreWalk | None,
 ) -> TreeRecord | RestoredTree | None:
     """The record the walked tree still is exactly: ``saved`` by its fingerprint, or ``window``'s
     whole restored tree (see :mod:`.evidence`); None when neither."""
-    try:
-        identity, untouched = await anyio.to_thread.run_sync(_walk, path, stats, window)
-    except OSError:
-        return None  # the scan reports what is wrong with the directory
-    if saved is not None and tree_fingerprint(identity, bound) == saved.fingerprint:
+    walked = await prewalk.result() if prewalk is not None else None
+    if walked is None:
+        try:
+            walked = await anyio.to_thread.run_sync(walk, path)
+        except OSError:
+            return None  # the scan reports what is wrong with the directory
+    if stats is not None:
+        stats.skipped.extend(walked.skipped)
+    identity = walked.identity
+    # (The walk's own bound: a child's walk began before this save read ``bound``.)
+    if saved is not None and tree_fingerprint(identity, min(bound, walked.bound)) == saved.fingerprint:
         return saved
-    return window.tree if untouched and window is not None else None
-
-
-def _walk(path: Path, stats: TreeStats | None, window: RestoreWindow | None) -> tuple[TreeIdentity, bool]:
-    """The tree's identity, and whether it is still what ``window``'s restore wrote whole: its
-    directory taken before the walk, what is mounted below it after."""
-    if window is None:
-        return tree_identity(path, stats), False
-    root = dir_id(path)
-    identity = tree_identity(path, stats)
-    return identity, untouched_since(window, identity, root) and mounts_below(path) == []
+    if window is None or walked.mounts != ():
+        return None  # (a mount below shows other inodes and moves no ctime)
+    return window.tree if untouched_since(window, identity, walked.root) else None
 
 
 #: (key, digest -> (descriptor, diff_id)) of each existing entry among some keys.

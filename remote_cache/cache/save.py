@@ -65,6 +65,7 @@ from .image import (
     parse_index,
     parse_manifest,
 )
+from .prewalk import PreWalk
 from .progress import Progress
 from .reuse import Candidates, Reuse, candidate_layers, reusable_layers, unchanged_tree
 
@@ -184,6 +185,7 @@ async def save(
     full: bool = False,
     immutable: bool = False,
     read_only: bool = False,
+    prewalk: PreWalk | None = None,
 ) -> SaveResult:
     """Pack ``path`` and store it under ``key``; the tag moves only once everything else is stored.
 
@@ -201,6 +203,8 @@ async def save(
     and one manifest request. ``immutable``: an existing entry under ``key`` is never replaced
     (``skipped``). ``read_only``: do nothing at all (``skipped``), for untrusted runs. Special
     files are left out (``SaveResult.special``), with one warning on the ``remote_cache`` logger.
+    ``prewalk``: a walk of ``path`` started before the call (:mod:`.prewalk`), taken for the
+    unchanged check; closed once that is done (the caller closes it too: closing is idempotent).
     """
     started = time.monotonic()
     validate_key(key)
@@ -240,9 +244,12 @@ async def save(
     walked = TreeStats()
     same = None
     if not full:
+        mine = prewalk if prewalk is not None and prewalk.path == path else None
         same = await unchanged_tree(
-            store, path, tag, bound, evidence, walked, key=key, options=options, shape=shape
+            store, path, tag, bound, evidence, walked, key=key, options=options, shape=shape, prewalk=mine
         )
+    if prewalk is not None:
+        prewalk.close()  # (a child still walking for a save that no longer needs it)
     if same is not None:
         if max_size is not None and same.size > max_size:
             raise CacheTooLarge(path, same.size, max_size)

@@ -162,26 +162,35 @@ def _save(
 
     platforms = parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
     limit = parsed(parse_size, max_size, "--max-size")
+    from ..cache.prewalk import PreWalk
+
+    # The save's first walk, on another core while the rest of the tool loads (a child process).
+    prewalk = None if full or read_only else PreWalk.start(path)
 
     async def body(common: Common) -> Outcome:
         from ..cache.save import save
 
-        async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
-            with progress_bar(common, f"save {entry_key}") as bar:
-                result = await save(
-                    store,
-                    entry_key,
-                    path,
-                    compression=compression,
-                    level=level,
-                    max_size=limit,
-                    progress=bar,
-                    base_key=base_key,
-                    full=full,
-                    immutable=immutable,
-                    read_only=read_only,
-                    **given(platforms=platforms, jobs=jobs),
-                )
+        try:
+            async with open_entry(ref, key, common, writes) as (reference, entry_key, store):
+                with progress_bar(common, f"save {entry_key}") as bar:
+                    result = await save(
+                        store,
+                        entry_key,
+                        path,
+                        compression=compression,
+                        level=level,
+                        max_size=limit,
+                        progress=bar,
+                        base_key=base_key,
+                        full=full,
+                        immutable=immutable,
+                        read_only=read_only,
+                        prewalk=prewalk,
+                        **given(platforms=platforms, jobs=jobs),
+                    )
+        finally:
+            if prewalk is not None:
+                prewalk.close()
         data = {**result.to_json(), "reference": str(reference)}
         return Outcome(ExitCode.OK, result.summary(), data)
 

@@ -378,6 +378,59 @@ def test_a_save_does_not_wait_for_a_lock_on_its_directory(tmp_path: Path, pycach
     assert proc.returncode == 1 and "--deadline" in proc.stderr, proc.stderr
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z``...), ``-`` once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return "-"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
+def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Path, pycache: Path) -> None:
+    """The save's first walk runs in a child process (remote_cache.cache.prewalk). Stopped
+    (SIGSTOP: as a walk stuck on a dead mount), it must not hold the save past a signal, nor
+    outlive it."""
+    env = _env(tmp_path, pycache)
+    src = tmp_path / "src"
+    src.mkdir()
+    an_hour_ago = time.time() - 3600  # (files of the save's own second get no listing: no evidence)
+    for i in range(5_000):  # a walk long enough to be caught mid-way
+        os.close(os.open(src / f"f{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
+        os.utime(src / f"f{i:04d}", (an_hour_ago, an_hour_ago))
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    restored = tmp_path / "restored"
+    assert _run(env, "save", str(src), ref, "-q") == 0
+    assert _run(env, "restore", ref, str(restored), "-q") == 0  # evidence: its save walks first
+    proc = _start(["save", str(restored), ref], env)
+    _wait_for(lambda: _children(proc.pid) != [] or proc.poll() is not None, "the walking child", interval=0)
+    [child] = _children(proc.pid)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        _wait_for(lambda: _process_state(child) != "R", "the stop to land", interval=0.001)
+        assert _process_state(child) == "T", "the child ended before it could be stopped"
+        time.sleep(0.5)  # the save waits for the walk
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:  # (a failure here must not leave either behind)
+        if _process_state(child) == "T":
+            os.kill(child, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "remote-cache: interrupted by SIGTERM"
+    assert _process_state(child) == "-"
+    assert _leftovers(Path(env["TMPDIR"])) == []
+
+
 @pytest.mark.parametrize(
     ("stop", "extra", "code", "last_line"),
     [

@@ -1,0 +1,186 @@
+"""The save's walk in a forked child (:mod:`remote_cache.cache.prewalk`): what it finds, that a
+save takes it, and that no child outlives what asked for it.
+
+Each case runs in a fresh interpreter: a process with other threads (pytest's, anyio's idle
+workers) never forks, by design.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.trees import socket_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2, reason="forks only on Linux with 2+ CPUs"
+)
+
+_PRELUDE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import anyio
+from remote_cache.cache.prewalk import PreWalk, walk
+
+def children():
+    return [int(p) for p in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]
+
+def state(pid):
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+
+def gone(pid):
+    return not Path(f"/proc/{pid}").exists()
+"""
+
+
+def _in_fresh_process(code: str, *args: str) -> str:
+    """Run ``code`` (after the prelude) in a new interpreter; its stdout, or the test fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _awkward_tree(root: Path) -> Path:
+    for i in range(300):
+        d = root / f"d{i % 7}" / f"e{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(b"x" * i)
+    (root / "link").symlink_to("d0")
+    os.mkfifo(root / "d1" / "pipe")
+    socket_file(root / "d2" / "s.sock")
+    (root / ".wh.hidden").write_text("named like a whiteout")
+    (root / os.fsdecode(b"not-utf8-\xff")).write_text("a name that is not UTF-8")
+    return root
+
+
+def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
+    tree = _awkward_tree(tmp_path / "tree")
+    out = _in_fresh_process(
+        """
+        tree = Path(sys.argv[1])
+        pre = PreWalk.start(tree)
+        assert pre is not None and len(children()) == 1
+        got = anyio.run(pre.result)
+        here = walk(tree)
+        assert got is not None
+        assert got.identity.digest == here.identity.digest
+        assert (got.identity.ctimes, got.identity.facts, got.identity.top) == (
+            here.identity.ctimes, here.identity.facts, here.identity.top)
+        assert (got.root, got.mounts, got.skipped) == (here.root, here.mounts, here.skipped)
+        assert got.bound <= here.bound
+        assert children() == []  # reaped
+        print(sorted(s.kind for s in got.skipped))
+        """,
+        str(tree),
+    )
+    assert out.split("\n")[0] == "['fifo', 'named like an OCI whiteout', 'socket']"
+
+
+def test_a_walk_that_fails_in_the_child_is_none(tmp_path: Path) -> None:
+    _in_fresh_process(
+        """
+        pre = PreWalk.start(Path(sys.argv[1]))
+        assert pre is not None
+        assert anyio.run(pre.result) is None  # the save then walks itself, and says what is wrong
+        assert children() == []
+        """,
+        str(tmp_path / "missing"),
+    )
+
+
+def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
+    """A child stopped mid-walk (SIGSTOP: as one stuck on a dead mount) is killed and reaped by
+    close(), and a result() waited for under a deadline gives up instead of hanging."""
+    _in_fresh_process(
+        """
+        tree = Path(sys.argv[1])
+        for stop_first in ("close", "cancel"):
+            pre = PreWalk.start(tree)
+            [pid] = children()
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            if stop_first == "close":
+                pre.close()
+            else:
+                async def ask():
+                    with anyio.move_on_after(0.3):
+                        await pre.result()
+                        raise AssertionError("a stopped child answered")
+                anyio.run(ask)
+            assert time.monotonic() - started < 5
+            assert children() == [] and gone(pid), stop_first
+            assert anyio.run(pre.result) is None  # asked again: nothing, and no hang
+        """,
+        str(tmp_path),
+    )
+
+
+def test_no_child_while_other_threads_run(tmp_path: Path) -> None:
+    _in_fresh_process(
+        """
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait)
+        other.start()
+        try:
+            assert PreWalk.start(Path(sys.argv[1])) is None and children() == []
+        finally:
+            stop.set()
+            other.join()
+        assert PreWalk.start(Path(sys.argv[1])) is not None
+        """,
+        str(tmp_path),
+    )
+
+
+def test_a_save_takes_the_tree_its_prewalk_saw(tmp_path: Path) -> None:
+    """The child's walk is what the save judges: a change made after the child walked (here while
+    it waits to be read) is not seen by that save, as one made just after a save's own walk would
+    not be; the next save sees it."""
+    tree = tmp_path / "tree"
+    (tree / "a").mkdir(parents=True)
+    (tree / "a" / "f").write_text("first")
+    saves = """
+        from remote_cache.cache import evidence
+        from remote_cache.cache.save import save
+        from remote_cache.oci.reference import parse_reference
+        from tests.stores import opened
+        from tests.trees import settle_ctimes
+
+        evidence.FRESH_NS = 0  # a tree written a moment ago may get a fingerprint
+        tree, layout, first = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "first"
+        settle_ctimes()
+        # Forked before the saves: their worker threads would stop it.
+        pre = None if first else PreWalk.start(tree)
+
+        async def main():
+            async with opened(parse_reference(f"oci:{layout}")) as store:
+                if first:
+                    print((await save(store, "k", tree)).unchanged)
+                    return
+                while state(children()[0]) != "Z":
+                    time.sleep(0.005)  # the child has walked, written its answer and ended
+                (tree / "a" / "f").write_text("second")
+                taken = await save(store, "k", tree, prewalk=pre)
+                assert children() == []
+                again = await save(store, "k", tree)
+                print(taken.unchanged, again.unchanged)
+
+        anyio.run(main)
+        """
+    layout = str(tmp_path / "layout")
+    assert _in_fresh_process(saves, str(tree), layout, "first").split() == ["False"]
+    assert _in_fresh_process(saves, str(tree), layout, "then").split() == ["True", "False"]
