@@ -28,6 +28,13 @@ import os, signal, sys, threading, time
 from pathlib import Path
 import anyio
 from remote_cache.cache.prewalk import PreWalk, walk
+from remote_cache.cache.state import state_path
+
+def known(path):
+    # A state file for the path: what a save or restore there leaves, what makes a prewalk worth it.
+    state_path(path).parent.mkdir(parents=True, exist_ok=True)
+    state_path(path).touch()
+    return path
 
 def children():
     return [int(p) for p in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]
@@ -40,8 +47,9 @@ def gone(pid):
 """
 
 
-def _in_fresh_process(code: str, *args: str) -> str:
-    """Run ``code`` (after the prelude) in a new interpreter; its stdout, or the test fails."""
+def _in_fresh_process(code: str, *args: str, state: Path) -> str:
+    """Run ``code`` (after the prelude) in a new interpreter keeping its state in ``state``; its
+    stdout, or the test fails."""
     done = subprocess.run(
         [sys.executable, "-c", _PRELUDE + textwrap.dedent(code), *args],
         capture_output=True,
@@ -49,6 +57,7 @@ def _in_fresh_process(code: str, *args: str) -> str:
         timeout=60,
         check=False,
         cwd=ROOT,
+        env={**os.environ, "REMOTE_CACHE_STATE_DIR": str(state)},
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -71,7 +80,7 @@ def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
     tree = _awkward_tree(tmp_path / "tree")
     out = _in_fresh_process(
         """
-        tree = Path(sys.argv[1])
+        tree = known(Path(sys.argv[1]))
         pre = PreWalk.start(tree)
         assert pre is not None and len(children()) == 1
         got = anyio.run(pre.result)
@@ -86,6 +95,7 @@ def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
         print(sorted(s.kind for s in got.skipped))
         """,
         str(tree),
+        state=tmp_path / "state",
     )
     assert out.split("\n")[0] == "['fifo', 'named like an OCI whiteout', 'socket']"
 
@@ -93,25 +103,33 @@ def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
 def test_a_walk_that_fails_in_the_child_is_none(tmp_path: Path) -> None:
     _in_fresh_process(
         """
-        pre = PreWalk.start(Path(sys.argv[1]))
+        pre = PreWalk.start(known(Path(sys.argv[1])))
         assert pre is not None
         assert anyio.run(pre.result) is None  # the save then walks itself, and says what is wrong
         assert children() == []
         """,
         str(tmp_path / "missing"),
+        state=tmp_path / "state",
     )
 
 
 def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
     """A child stopped mid-walk (SIGSTOP: as one stuck on a dead mount) is killed and reaped by
     close(), and a result() waited for under a deadline gives up instead of hanging."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(5_000):  # a walk long enough to be caught mid-way
+        os.close(os.open(tree / f"f{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
     _in_fresh_process(
         """
-        tree = Path(sys.argv[1])
+        tree = known(Path(sys.argv[1]))
         for stop_first in ("close", "cancel"):
             pre = PreWalk.start(tree)
             [pid] = children()
             os.kill(pid, signal.SIGSTOP)
+            while state(pid) == "R":
+                time.sleep(0.001)
+            assert state(pid) == "T", "the child ended before it could be stopped"
             started = time.monotonic()
             if stop_first == "close":
                 pre.close()
@@ -125,24 +143,29 @@ def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
             assert children() == [] and gone(pid), stop_first
             assert anyio.run(pre.result) is None  # asked again: nothing, and no hang
         """,
-        str(tmp_path),
+        str(tree),
+        state=tmp_path / "state",
     )
 
 
-def test_no_child_while_other_threads_run(tmp_path: Path) -> None:
+def test_no_child_while_other_threads_run_or_nothing_is_known(tmp_path: Path) -> None:
     _in_fresh_process(
         """
+        tree = Path(sys.argv[1])
+        assert PreWalk.start(tree) is None and children() == []  # no state file: nothing to vouch for it
+        known(tree)
         stop = threading.Event()
         other = threading.Thread(target=stop.wait)
         other.start()
         try:
-            assert PreWalk.start(Path(sys.argv[1])) is None and children() == []
+            assert PreWalk.start(tree) is None and children() == []
         finally:
             stop.set()
             other.join()
-        assert PreWalk.start(Path(sys.argv[1])) is not None
+        assert PreWalk.start(tree) is not None
         """,
         str(tmp_path),
+        state=tmp_path / "state",
     )
 
 
@@ -181,6 +204,6 @@ def test_a_save_takes_the_tree_its_prewalk_saw(tmp_path: Path) -> None:
 
         anyio.run(main)
         """
-    layout = str(tmp_path / "layout")
-    assert _in_fresh_process(saves, str(tree), layout, "first").split() == ["False"]
-    assert _in_fresh_process(saves, str(tree), layout, "then").split() == ["True", "False"]
+    layout, state = str(tmp_path / "layout"), tmp_path / "state"
+    assert _in_fresh_process(saves, str(tree), layout, "first", state=state).split() == ["False"]
+    assert _in_fresh_process(saves, str(tree), layout, "then", state=state).split() == ["True", "False"]
