@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -24,7 +25,18 @@ from ..errors import TreeTooDeep
 from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, WHITEOUT_PREFIX, Member
 from .workdirs import is_in_place_work
 
-__all__ = ["Special", "TreeIdentity", "TreeStats", "tree_identity", "walk_tree"]
+__all__ = [
+    "IdentityPart",
+    "Special",
+    "TreeIdentity",
+    "TreeSplit",
+    "TreeStats",
+    "identity_of",
+    "split_tree",
+    "tree_identity",
+    "walk_part",
+    "walk_tree",
+]
 
 
 @dataclass(frozen=True)
@@ -155,24 +167,29 @@ def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]
         os.close(fd)
 
 
-class _Walk:
-    """One walk: members (unless only the identity is wanted), stats and the identity's parts."""
+_Listing = list[tuple[os.DirEntry[str], os.stat_result]]
 
-    def __init__(self, root: str, stats: TreeStats, plan: bool) -> None:
-        top = os.lstat(root)
+
+class _Walk:
+    """One walk: members (unless only the identity is wanted), stats and the identity's parts
+    (from the root's own inode and ctime, given ``top``, the root's ``lstat``)."""
+
+    def __init__(self, root: str, stats: TreeStats, plan: bool, top: os.stat_result | None) -> None:
         self.stats = stats
         self.plan = plan
         self.members: list[Member] = []
         self.first_path: dict[tuple[int, int], str] = {}
         self.names: list[str] = []
-        self.inodes = array("Q", (top.st_dev, top.st_ino))
-        self.ctimes = array("q", (top.st_ctime_ns,))
+        self.inodes = array("Q", () if top is None else (top.st_dev, top.st_ino))
+        self.ctimes = array("q", () if top is None else (top.st_ctime_ns,))
         self.facts = array("q")
         self.top: tuple[str, ...] = ()
 
-    def visit(self, rel: str, full: str) -> None:
-        """Walk directory ``full`` (``rel`` from the root) and everything under it."""
-        children = _listed(full, rel)
+    def visit(self, rel: str, full: str, children: _Listing | None = None) -> None:
+        """Walk directory ``full`` (``rel`` from the root; its entries ``children`` when already
+        listed) and everything under it."""
+        if children is None:
+            children = _listed(full, rel)
         if not rel:
             self.top = tuple(d.name for d, _ in children)
         names, inodes, ctimes, facts = self.names, self.inodes, self.ctimes, self.facts
@@ -195,8 +212,12 @@ class _Walk:
             if self.plan:
                 self._member(f"{rel}/{d.name}" if rel else d.name, full, d.name, st)
             elif stat.S_ISDIR(mode):
-                self.visit(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name))
+                self.descend(f"{rel}/{d.name}" if rel else d.name, os.path.join(full, d.name))
         names.append("\0\\")  # and end
+
+    def descend(self, rel: str, full: str) -> None:
+        """Walk the directory below an entry (see :class:`_Spliced`)."""
+        self.visit(rel, full)
 
     def _member(self, path: str, parent: str, name: str, st: os.stat_result) -> None:
         """Add the member for a regular file, directory or symlink ``name`` in directory ``parent``
@@ -241,6 +262,10 @@ class _Walk:
             self.members.append(Member(path, SYMLINK, perm, st.st_uid, st.st_gid, 0, mtime, target))
             stats.symlinks += 1
 
+    def part(self, rel: str) -> IdentityPart:
+        """What this walk found, as the part of a split walk's identity below ``rel``."""
+        return IdentityPart(rel, self.names, self.inodes, self.ctimes, self.facts, self.stats.skipped)
+
     def identity(self) -> TreeIdentity:
         h = hashlib.sha256(b"remote-cache tree v3\0")
         names_b = "\0".join(self.names).encode("utf-8", "surrogateescape")
@@ -252,7 +277,7 @@ class _Walk:
 
 def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]:
     """The members of the tree at ``root`` in archive order (counted into ``stats``), and its identity."""
-    walk = _Walk(os.fspath(root), stats, plan=True)
+    walk = _Walk(os.fspath(root), stats, plan=True, top=os.lstat(root))
     walk.visit("", os.fspath(root))
     return walk.members, walk.identity()
 
@@ -262,6 +287,102 @@ def tree_identity(root: Path, stats: TreeStats | None = None) -> TreeIdentity:
 
     Only ``stats.skipped`` is filled in (the special files), when ``stats`` is given.
     """
-    walk = _Walk(os.fspath(root), TreeStats() if stats is None else stats, plan=False)
-    walk.visit("", os.fspath(root))
-    return walk.identity()
+    split = split_tree(root, parts=1)
+    return identity_of(split, [walk_part(split, rel) for rel in split.parts], stats)
+
+
+# -- The identity walk in parts -------------------------------------------------------------
+# A tree split into subtrees (whole directories below a few listed ahead) that other processes can
+# walk, their parts then spliced back in walk order: the same identity as one walk, which is
+# what one walk does too (tree_identity), so that there is only one way to make it.
+
+
+@dataclass(frozen=True)
+class TreeSplit:
+    """A tree split for walking: its root's ``lstat``, the directories listed ahead (by path
+    from the root, ``""`` the root) and the subtrees below them left to walk, in walk order."""
+
+    root: str
+    top: os.stat_result
+    listed: dict[str, _Listing]
+    parts: list[str]
+
+
+@dataclass(frozen=True)
+class IdentityPart:
+    """The identity's parts from the walk of the directory at ``rel`` and all below it."""
+
+    rel: str
+    names: list[str]
+    inodes: array[int]
+    ctimes: array[int]
+    facts: array[int]
+    skipped: list[Special]
+
+
+#: Levels below the root a split lists ahead, at most.
+_SPLIT_LEVELS = 8
+
+
+def split_tree(root: Path, parts: int) -> TreeSplit:
+    """``root`` looked at (raises OSError, or TreeTooDeep) and split into at least ``parts``
+    subtrees where it can be: directories are listed ahead a level at a time (the root, then
+    all the directories in it, ...) while there are fewer."""
+    path = os.fspath(root)
+    top = os.lstat(path)
+    listed = {"": _listed(path, "")}
+    subtrees = _directories(listed[""], "")
+    for _ in range(_SPLIT_LEVELS):
+        if not subtrees or len(subtrees) >= parts:
+            break
+        for rel in subtrees:
+            listed[rel] = _listed(os.path.join(path, rel), rel)
+        subtrees = [sub for rel in subtrees for sub in _directories(listed[rel], rel)]
+    return TreeSplit(path, top, listed, subtrees)
+
+
+def _directories(children: _Listing, rel: str) -> list[str]:
+    """The paths of the directories among ``children`` (of the directory at ``rel``) that a walk
+    goes into: not those named like a whiteout (left out)."""
+    return [
+        f"{rel}/{d.name}" if rel else d.name
+        for d, st in children
+        if stat.S_ISDIR(st.st_mode) and not WHITEOUT_PREFIX <= d.name < _AFTER_WHITEOUTS
+    ]
+
+
+def walk_part(split: TreeSplit, rel: str) -> IdentityPart:
+    """Walk the subtree ``rel`` of ``split`` (one of its ``parts``) for the identity."""
+    walk = _Walk(split.root, TreeStats(), plan=False, top=None)
+    walk.visit(rel, os.path.join(split.root, rel))
+    return walk.part(rel)
+
+
+def identity_of(
+    split: TreeSplit, parts: Iterable[IdentityPart], stats: TreeStats | None = None
+) -> TreeIdentity:
+    """The identity of the tree ``split`` from every one of its ``parts`` walked (KeyError when
+    one is missing); the special files go into ``stats``."""
+    spliced = _Spliced(split, {part.rel: part for part in parts}, TreeStats() if stats is None else stats)
+    spliced.visit("", split.root, split.listed[""])
+    return spliced.identity()
+
+
+class _Spliced(_Walk):
+    """A walk of a split tree's listed directories that splices in its parts where they go."""
+
+    def __init__(self, split: TreeSplit, parts: dict[str, IdentityPart], stats: TreeStats) -> None:
+        super().__init__(split.root, stats, plan=False, top=split.top)
+        self.listed, self.parts = split.listed, parts
+
+    def descend(self, rel: str, full: str) -> None:
+        children = self.listed.get(rel)
+        if children is not None:
+            self.visit(rel, full, children)
+            return
+        part = self.parts[rel]
+        self.names += part.names
+        self.inodes += part.inodes
+        self.ctimes += part.ctimes
+        self.facts += part.facts
+        self.stats.skipped += part.skipped

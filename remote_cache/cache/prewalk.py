@@ -3,47 +3,74 @@
 A save of a tree unchanged since its last save or restore here is, after the start-up, one walk
 of the tree and one request (:func:`~.reuse.unchanged_tree`). The start-up (imports, the event
 loop, opening the store) keeps one core busy and leaves the other idle: a child forked when the
-command line is parsed walks the tree on that core meanwhile, and the save takes the child's
-:class:`Walked` instead of walking. Measured (an unchanged save after a restore, interleaved
-whole commands): the Go-cache shape 124 -> 106 ms, a 322 MB node_modules 179 -> 137 ms. A thread
-gains nothing (the walk and the imports both hold the GIL: 1.03-1.04x as long), and
-``multiprocessing`` costs ~5 ms to import, so the child is a plain ``fork`` writing its result to
-a pipe (``marshal``: builtin, no import).
+command line is parsed walks the tree on that core meanwhile, and the save takes the walk
+(:class:`Walked`) instead of walking. The tree is split into subtrees
+(:func:`~remote_cache.archive.walk.split_tree`) dealt out in chunks through a pipe of tokens: the
+child takes them one by one, and the save, once it wants the walk, takes those still left, so a
+tree that outlasts the start-up is walked on both cores (a child that walked them all sends the
+identity made, not its parts). Measured, an unchanged save after a restore beside the code before
+(interleaved whole commands, 15-21 pairs): the Go-cache shape 127 -> 108 ms (its walk done before
+the save wants it), a 322 MB node_modules 181 -> 143 ms (152 when the child walked it all alone).
+A thread gains nothing (the walk and the imports both hold the GIL: 1.03-1.04x as long), and
+``multiprocessing`` costs ~5 ms to import: the child is a plain ``fork`` writing to a pipe
+(``marshal``: builtin, no import).
 
-The child's walk is a snapshot taken at its time, with its bound (:func:`~.evidence.clock_ns`)
-read before it, as a walk in the save would be. The evidence the save compares it with is read
-later, but it states facts about trees (this identity had that content; entries with ctimes in
-that window were that restore), not about the time they are read, so the save reports what the
-tree was when walked: the same as a walk done in the save just before a change landed.
+The walk is a snapshot taken at its time, its bound (:func:`~.evidence.clock_ns`) and the root's
+identity read before it, as a walk in the save would be. The evidence the save compares it with
+is read later, but it states facts about trees (this identity had that content; entries with
+ctimes in that window were that restore), not about the time they are read, so the save reports
+what the tree was when walked: the same as a walk done in the save just before a change landed.
 
 Only a single-threaded process on Linux with two or more CPUs forks (``fork`` copies no other
-thread, so none may hold a lock the child needs); any failure of the child means the save walks
-itself, as before. The child writes nothing but the pipe and ends with ``os._exit``; the save
-kills and reaps it once its answer is read or no longer wanted (:meth:`PreWalk.close`).
+thread, so none may hold a lock the child needs), and only where a state file for the tree
+exists; any failure of the child means the save walks itself. The child writes nothing but its
+pipe and ends with ``os._exit``; the save kills and reaps it once its parts are read or no longer
+wanted (:meth:`PreWalk.close`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import marshal
+import math
 import os
 import signal
 import sys
 import threading
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from ..archive.mounts import mounts_below
-from ..archive.walk import Special, TreeIdentity, TreeStats, tree_identity
+from ..archive.walk import (
+    IdentityPart,
+    Special,
+    TreeIdentity,
+    TreeSplit,
+    TreeStats,
+    identity_of,
+    split_tree,
+    tree_identity,
+    walk_part,
+)
+from ..errors import RemoteCacheError
 from .evidence import clock_ns, dir_id
 from .state import state_path
 
 __all__ = ["PreWalk", "Walked", "walk"]
 
 #: Bumped with any change to what the child sends: the parent reads only its own version.
-_FORMAT = 1
+_FORMAT = 3
+#: Subtrees a split looks for (listing a level further while it has fewer: a save's tree is often
+#: one directory, node_modules or _cacache, holding the rest): more would list whole trees ahead.
+_PARTS = 8
+#: The subtrees are dealt out in at most this many chunks (one token byte each).
+_CHUNKS = 64
+#: The pipe the child's parts go through holds this much (the most Linux lets any process ask).
+_PIPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,41 +88,77 @@ class Walked:
 
 def walk(path: Path) -> Walked:
     """Walk ``path`` here (raises OSError, or TreeTooDeep)."""
-    bound = clock_ns()
-    root = dir_id(path)
+    bound, root = clock_ns(), dir_id(path)
     stats = TreeStats()
-    identity = tree_identity(path, stats)
-    mounts = mounts_below(path)
+    return _walked(path, tree_identity(path, stats), stats, root, bound)
+
+
+def _walked(
+    path: Path, identity: TreeIdentity, stats: TreeStats, root: tuple[int, int], bound: int
+) -> Walked:
+    mounts = mounts_below(path)  # (after the walk)
     return Walked(identity, root, None if mounts is None else tuple(mounts), tuple(stats.skipped), bound)
 
 
-def _encode(walked: Walked) -> bytes:
-    identity = walked.identity
-    return marshal.dumps(
-        (
-            _FORMAT,
-            identity.digest,
-            identity.ctimes.tobytes(),
-            identity.top,
-            identity.facts.tobytes(),
-            walked.root,
-            walked.mounts,
-            tuple((s.path, s.kind) for s in walked.skipped),
-            walked.bound,
+#: What the child answers: the identity it made from every part (it walked them all), with the
+#: special files; or the parts it walked, when the save walked some too.
+_Answer = tuple[TreeIdentity, list[Special]] | list[IdentityPart]
+
+
+def _encode(split: TreeSplit, parts: list[IdentityPart]) -> bytes:
+    if len(parts) == len(split.parts):  # all of them: made here, beside the save's start-up
+        stats = TreeStats()
+        identity = identity_of(split, parts, stats)
+        specials = [(s.path, s.kind) for s in stats.skipped]
+        return marshal.dumps(
+            (
+                _FORMAT,
+                "whole",
+                identity.digest,
+                identity.ctimes.tobytes(),
+                identity.top,
+                identity.facts.tobytes(),
+                specials,
+            )
         )
-    )
+    encoded = [
+        (
+            p.rel,
+            p.names,
+            p.inodes.tobytes(),
+            p.ctimes.tobytes(),
+            p.facts.tobytes(),
+            [(s.path, s.kind) for s in p.skipped],
+        )
+        for p in parts
+    ]
+    return marshal.dumps((_FORMAT, "parts", encoded))
 
 
-def _decode(data: bytes) -> Walked | None:
-    """The child's walk, or None for anything else (it failed, died half-way or sent nothing)."""
+def _decode(data: bytes) -> _Answer | None:
+    """The child's answer, or None for anything else (it failed, died half-way or sent nothing)."""
     try:
-        fmt, digest, ctimes, top, facts, root, mounts, skipped, bound = marshal.loads(data)
+        fmt, kind, *fields = marshal.loads(data)
+        if fmt != _FORMAT:
+            return None
+        if kind == "whole":
+            digest, ctimes, top, facts, specials = fields
+            identity = TreeIdentity(digest, array("q", ctimes), top, array("q", facts))
+            return identity, [Special(path, what) for path, what in specials]
+        [parts] = fields
+        return [
+            IdentityPart(
+                rel,
+                names,
+                array("Q", inodes),
+                array("q", ctimes),
+                array("q", facts),
+                [Special(path, what) for path, what in skipped],
+            )
+            for rel, names, inodes, ctimes, facts, skipped in parts
+        ]
     except (EOFError, ValueError, TypeError):
         return None
-    if fmt != _FORMAT:
-        return None
-    identity = TreeIdentity(digest, array("q", ctimes), top, array("q", facts))
-    return Walked(identity, root, mounts, tuple(Special(p, k) for p, k in skipped), bound)
 
 
 def _may_fork() -> bool:
@@ -104,11 +167,32 @@ def _may_fork() -> bool:
     return sys.platform == "linux" and threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
-def _child(path: Path, out: int) -> NoReturn:
-    """The forked child: walk, write the result (nothing when the walk failed), exit."""
+def _chunks(parts: list[str]) -> list[list[str]]:
+    """``parts`` in at most _CHUNKS runs, in order."""
+    size = max(1, math.ceil(len(parts) / _CHUNKS))
+    return [parts[i : i + size] for i in range(0, len(parts), size)]
+
+
+def _taken(tokens: int) -> Iterator[int]:
+    """The chunks this process takes from the token pipe, one at a time, until none is left."""
+    while token := os.read(tokens, 1):
+        yield token[0]
+
+
+def _walk_taken(split: TreeSplit, chunks: list[list[str]], tokens: int) -> list[IdentityPart]:
+    """Walk the chunks taken from ``tokens`` until none is left (then closes ``tokens``)."""
+    try:
+        return [walk_part(split, rel) for chunk in _taken(tokens) for rel in chunks[chunk]]
+    finally:
+        os.close(tokens)
+
+
+def _child(split: TreeSplit, chunks: list[list[str]], tokens: int, out: int) -> NoReturn:
+    """The forked child: walk chunks while there are some, write their parts (nothing when a
+    walk failed), exit."""
     try:
         try:
-            data = _encode(walk(path))
+            data = _encode(split, _walk_taken(split, chunks, tokens))
         except Exception:
             data = b""  # the save walks itself, and reports what is wrong
         view = memoryview(data)
@@ -129,13 +213,35 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-class PreWalk:
-    """The walk of ``path`` running in a child process (:meth:`start`); :meth:`result` once."""
+def _dealt(count: int) -> int:
+    """A pipe holding one token byte per chunk, its writing end closed: its reading end."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, bytes(range(count)))  # (at most _CHUNKS bytes: the pipe holds them)
+    finally:
+        os.close(write_end)
+    return read_end
 
-    def __init__(self, path: Path, pid: int, fd: int) -> None:
+
+@dataclass
+class _Started:
+    """What the walk began with, in the parent: read before the fork."""
+
+    bound: int
+    root: tuple[int, int]
+    split: TreeSplit
+    chunks: list[list[str]]
+
+
+class PreWalk:
+    """The walk of ``path`` begun in a child process (:meth:`start`); :meth:`result` once."""
+
+    def __init__(self, path: Path, started: _Started, pid: int, tokens: int, parts: int) -> None:
         self.path = path
+        self._started = started
         self._pid: int | None = pid
-        self._fd: int | None = fd
+        self._tokens: int | None = tokens
+        self._parts: int | None = parts
 
     @classmethod
     def start(cls, path: Path) -> PreWalk | None:
@@ -148,35 +254,62 @@ class PreWalk:
         try:
             if not state_path(path).is_file():
                 return None
-        except OSError:
+            bound, root = clock_ns(), dir_id(path)
+            split = split_tree(path, _PARTS)
+        except (OSError, RemoteCacheError):  # the save walks itself and says what is wrong
             return None
-        read_end, write_end = os.pipe()  # (not inherited by anything the parent runs later)
+        started = _Started(bound, root, split, _chunks(split.parts))
+        tokens = _dealt(len(started.chunks))
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):  # room for a small tree's parts: the child ends at once
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         try:
             pid = os.fork()
         except OSError:
-            os.close(read_end)
-            os.close(write_end)
+            for fd in (tokens, read_end, write_end):
+                os.close(fd)
             return None
         if pid == 0:
             os.close(read_end)
-            _child(path, write_end)
+            _child(split, started.chunks, tokens, write_end)
         os.close(write_end)
-        return cls(path, pid, read_end)
+        return cls(path, started, pid, tokens, read_end)
 
     async def result(self) -> Walked | None:
-        """The child's walk; None when it failed, died, or was already asked or closed (the
-        caller walks itself then). Cancellable: the child is killed."""
+        """The walk: the chunks still left walked here, the child's parts read; None when the
+        child failed or died, or this was already asked or closed (the caller walks itself
+        then). Cancellable: the child is killed (a walk here ends in its own time)."""
         import anyio.to_thread
 
-        if self._fd is None:
+        if self._tokens is None or self._parts is None:
             return None
-        fd, self._fd = self._fd, None  # the reading thread closes it
+        start = self._started
+        tokens, self._tokens = self._tokens, None  # each thread closes the pipe it reads
         try:
-            # Abandoned on a cancel: close() below kills the child, which ends the read.
-            data = await anyio.to_thread.run_sync(_read_all, fd, abandon_on_cancel=True)
+            try:
+                # Abandoned on a cancel (then close() below kills the child, which ends the read).
+                mine = await anyio.to_thread.run_sync(
+                    _walk_taken, start.split, start.chunks, tokens, abandon_on_cancel=True
+                )
+            except OSError:
+                mine = None  # (the save's own walk says what is wrong)
+            parts, self._parts = self._parts, None
+            theirs = _decode(await anyio.to_thread.run_sync(_read_all, parts, abandon_on_cancel=True))
         finally:
             self.close()
-        return _decode(data)
+        if mine is None or theirs is None:
+            return None
+        stats = TreeStats()
+        if isinstance(theirs, list):
+            try:
+                identity = identity_of(start.split, [*theirs, *mine], stats)
+            except KeyError:  # a part the child took but never sent
+                return None
+        elif mine:
+            return None  # (cannot be: the child walked every part)
+        else:
+            identity, stats.skipped = theirs
+        return _walked(self.path, identity, stats, start.root, start.bound)
 
     def close(self) -> None:
         """Kill the child if it still runs and reap it; nothing once done."""
@@ -187,6 +320,7 @@ class PreWalk:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._pid, 0)
             self._pid = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in (self._tokens, self._parts):
+            if fd is not None:
+                os.close(fd)
+        self._tokens = self._parts = None

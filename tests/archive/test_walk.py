@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ import pytest
 
 from remote_cache.archive.plan import LayerPlan
 from remote_cache.archive.tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, Member
-from remote_cache.archive.walk import TreeStats, tree_identity, walk_tree
+from remote_cache.archive.walk import TreeStats, identity_of, split_tree, tree_identity, walk_part, walk_tree
 from remote_cache.cache.evidence import portable_listing
 from remote_cache.errors import TreeTooDeep
 from tests.mounts import long_names
+from tests.trees import make_tree
 from tests.users import as_nobody_in, give_to_nobody
 
 _UTF8 = ["z", "~", "\x7f", "é", "日本", "Z", "A b", "-", ".x", "\u2139", "\U0001f600"]
@@ -201,3 +203,28 @@ def test_a_members_mtime_is_the_second_the_files_mtime_falls_in(
     os.utime(f, ns=(mtime_ns, mtime_ns))
     (member,) = walk_tree(tmp_path, TreeStats())[0]
     assert member.mtime == second
+
+
+@pytest.mark.parametrize("parts", [1, 2, 8, 1000])
+def test_a_split_walk_gives_the_identity_of_one_walk(tmp_path: Path, parts: int) -> None:
+    """The identity's parts, walked apart in any order (other processes do: a save's prewalk) and
+    spliced back, are the identity one walk gives; a part left out is refused, not skipped."""
+    root = tmp_path / "tree"
+    make_tree(root, small_files=400, big_bytes=1 << 16)
+    (root / "one" / "only").mkdir(parents=True)  # a chain the split lists a level further into
+    (root / "one" / "only" / "f").write_text("x")
+    os.mkfifo(root / "many" / "pipe")
+    (root / ".wh.x").mkdir()  # a directory named like a whiteout: left out, not walked
+    (root / ".wh.x" / "inside").write_text("x")
+    stats = TreeStats()
+    _, whole = walk_tree(root, stats)
+    split = split_tree(root, parts)
+    walked = [walk_part(split, rel) for rel in split.parts]
+    random.Random(parts).shuffle(walked)
+    spliced = TreeStats()
+    assert identity_of(split, walked, spliced) == whole
+    assert sorted(spliced.skipped, key=str) == sorted(stats.skipped, key=str)
+    assert tree_identity(root) == whole
+    if walked:
+        with pytest.raises(KeyError):
+            identity_of(split, walked[1:])

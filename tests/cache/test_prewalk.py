@@ -76,6 +76,16 @@ def _awkward_tree(root: Path) -> Path:
     return root
 
 
+def _subtrees(root: Path, dirs: int = 50, files: int = 100) -> Path:
+    """A tree of ``dirs`` directories of ``files`` empty files: a walk long enough to be caught
+    mid-way, in parts a split deals out."""
+    for i in range(dirs):
+        (root / f"d{i:02d}").mkdir(parents=True)
+        for j in range(files):
+            os.close(os.open(root / f"d{i:02d}" / f"f{j:03d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return root
+
+
 def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
     tree = _awkward_tree(tmp_path / "tree")
     out = _in_fresh_process(
@@ -100,15 +110,40 @@ def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
     assert out.split("\n")[0] == "['fifo', 'named like an OCI whiteout', 'socket']"
 
 
-def test_a_walk_that_fails_in_the_child_is_none(tmp_path: Path) -> None:
+def test_a_walk_the_save_shares_is_the_same_walk(tmp_path: Path) -> None:
+    """The child stopped as soon as it is forked: the save takes every part still left and walks
+    them, then reads the child's (none, or the one it took) once it goes on."""
+    tree = _subtrees(tmp_path / "tree")
     _in_fresh_process(
         """
-        pre = PreWalk.start(known(Path(sys.argv[1])))
-        assert pre is not None
-        assert anyio.run(pre.result) is None  # the save then walks itself, and says what is wrong
+        tree = known(Path(sys.argv[1]))
+        pre = PreWalk.start(tree)
+        [pid] = children()
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(0.5, os.kill, (pid, signal.SIGCONT)).start()
+        got = anyio.run(pre.result)
+        assert got is not None and got.identity == walk(tree).identity
         assert children() == []
         """,
-        str(tmp_path / "missing"),
+        str(tree),
+        state=tmp_path / "state",
+    )
+
+
+def test_a_child_that_dies_gives_none(tmp_path: Path) -> None:
+    """A tree that cannot be looked at forks nothing, and a child that dies before it answers
+    gives nothing: the save then walks itself (and reports what is wrong)."""
+    tree = _subtrees(tmp_path / "tree")
+    _in_fresh_process(
+        """
+        assert PreWalk.start(known(Path(sys.argv[1]) / "missing")) is None and children() == []
+        pre = PreWalk.start(known(Path(sys.argv[1])))
+        [pid] = children()
+        os.kill(pid, signal.SIGKILL)
+        assert anyio.run(pre.result) is None
+        assert children() == []
+        """,
+        str(tree),
         state=tmp_path / "state",
     )
 
@@ -116,10 +151,7 @@ def test_a_walk_that_fails_in_the_child_is_none(tmp_path: Path) -> None:
 def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
     """A child stopped mid-walk (SIGSTOP: as one stuck on a dead mount) is killed and reaped by
     close(), and a result() waited for under a deadline gives up instead of hanging."""
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(5_000):  # a walk long enough to be caught mid-way
-        os.close(os.open(tree / f"f{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    tree = _subtrees(tmp_path / "tree")
     _in_fresh_process(
         """
         tree = known(Path(sys.argv[1]))
@@ -127,7 +159,7 @@ def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
             pre = PreWalk.start(tree)
             [pid] = children()
             os.kill(pid, signal.SIGSTOP)
-            while state(pid) == "R":
+            while state(pid) not in ("T", "Z"):  # (a stop lands on a sleeping child when it wakes)
                 time.sleep(0.001)
             assert state(pid) == "T", "the child ended before it could be stopped"
             started = time.monotonic()
