@@ -421,6 +421,12 @@ class Evidence:
     window: RestoreWindow | None = None
     tree: TreeRecord | None = None
 
+    def has_tree_for(self, tag: str) -> bool:
+        """Whether a whole tree is recorded for ``tag`` (a save's or a restore's): what the
+        unchanged shortcut needs first (:func:`~.reuse.unchanged_tree` checks the rest)."""
+        restored = self.window.tree if self.window is not None else None
+        return any(record is not None and record.tag == tag for record in (self.tree, restored))
+
 
 def records_for(
     layers: Sequence[LocalLayer], stored: Sequence[tuple[Descriptor, str] | None]

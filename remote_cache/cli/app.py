@@ -50,6 +50,7 @@ __all__ = [
     "Writes",
     "app",
     "command",
+    "entry_key",
     "given",
     "open_entry",
     "open_repository",
@@ -434,6 +435,13 @@ async def open_entry(
     assert ref.key is not None
     async with _store(ref, common, writes) as store:
         yield ref, ref.key, store
+
+
+def entry_key(text: str, key: str | None) -> str:
+    """The key of the entry REF (or REF with --key) names, checked as :func:`open_entry` does."""
+    ref = _reference(text, key, need_key=True)
+    assert ref.key is not None
+    return ref.key
 
 
 @asynccontextmanager

@@ -20,6 +20,7 @@ from .app import (
     RepoArg,
     Writes,
     command,
+    entry_key,
     given,
     open_entry,
     open_repository,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..cache.entries import Freed
+    from ..cache.prewalk import PreWalk
     from ..oci.store import Store
 
 __all__: list[str] = []
@@ -130,6 +132,18 @@ def _writes(sse: str | None, kms_key_id: str | None, storage_class: str | None =
     return Writes(encryption=sse or "", kms_key_id=kms_key_id or "", storage_class=storage_class or "")
 
 
+def _prewalk(path: Path, ref: str, key: str | None) -> PreWalk | None:
+    """A walk of ``path`` begun in a child process for the save under REF's key (none when REF
+    is wrong: the save says so)."""
+    from ..cache.prewalk import PreWalk
+    from ..keys import tag_for_key
+
+    try:
+        return PreWalk.start(path, tag_for_key(entry_key(ref, key)))
+    except RemoteCacheError:  # (a usage error, an invalid reference or key)
+        return None
+
+
 @command("save")
 def _save(
     path: SavePathArg,
@@ -162,10 +176,8 @@ def _save(
 
     platforms = parsed(lambda ps: tuple(Platform.parse(p) for p in ps), platform or None, "--platform")
     limit = parsed(parse_size, max_size, "--max-size")
-    from ..cache.prewalk import PreWalk
-
     # The save's first walk, on another core while the rest of the tool loads (a child process).
-    prewalk = None if full or read_only else PreWalk.start(path)
+    prewalk = None if full or read_only else _prewalk(path, ref, key)
 
     async def body(common: Common) -> Outcome:
         from ..cache.save import save

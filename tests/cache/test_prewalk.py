@@ -27,13 +27,15 @@ _PRELUDE = """
 import os, signal, sys, threading, time
 from pathlib import Path
 import anyio
+from remote_cache.cache import state as state_file
+from remote_cache.cache.evidence import Evidence, TreeRecord
 from remote_cache.cache.prewalk import PreWalk, walk
-from remote_cache.cache.state import state_path
 
-def known(path):
-    # A state file for the path: what a save or restore there leaves, what makes a prewalk worth it.
-    state_path(path).parent.mkdir(parents=True, exist_ok=True)
-    state_path(path).touch()
+def known(path, tag="k"):
+    # A whole tree recorded for the path under the tag (as a save there leaves): a prewalk's cue.
+    digest = "sha256:" + "0" * 64
+    record = TreeRecord(digest, "oci:elsewhere", tag, "options", digest, 0, 0, 0, 0)
+    assert state_file.record_save(path, Evidence(), [], record)
     return path
 
 def children():
@@ -91,7 +93,7 @@ def test_the_child_finds_what_a_walk_here_finds(tmp_path: Path) -> None:
     out = _in_fresh_process(
         """
         tree = known(Path(sys.argv[1]))
-        pre = PreWalk.start(tree)
+        pre = PreWalk.start(tree, "k")
         assert pre is not None and len(children()) == 1
         got = anyio.run(pre.result)
         here = walk(tree)
@@ -117,7 +119,7 @@ def test_a_walk_the_save_shares_is_the_same_walk(tmp_path: Path) -> None:
     _in_fresh_process(
         """
         tree = known(Path(sys.argv[1]))
-        pre = PreWalk.start(tree)
+        pre = PreWalk.start(tree, "k")
         [pid] = children()
         os.kill(pid, signal.SIGSTOP)
         threading.Timer(0.5, os.kill, (pid, signal.SIGCONT)).start()
@@ -136,8 +138,8 @@ def test_a_child_that_dies_gives_none(tmp_path: Path) -> None:
     tree = _subtrees(tmp_path / "tree")
     _in_fresh_process(
         """
-        assert PreWalk.start(known(Path(sys.argv[1]) / "missing")) is None and children() == []
-        pre = PreWalk.start(known(Path(sys.argv[1])))
+        assert PreWalk.start(known(Path(sys.argv[1]) / "missing"), "k") is None and children() == []
+        pre = PreWalk.start(known(Path(sys.argv[1])), "k")
         [pid] = children()
         os.kill(pid, signal.SIGKILL)
         assert anyio.run(pre.result) is None
@@ -156,7 +158,7 @@ def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
         """
         tree = known(Path(sys.argv[1]))
         for stop_first in ("close", "cancel"):
-            pre = PreWalk.start(tree)
+            pre = PreWalk.start(tree, "k")
             [pid] = children()
             os.kill(pid, signal.SIGSTOP)
             while state(pid) not in ("T", "Z"):  # (a stop lands on a sleeping child when it wakes)
@@ -180,21 +182,23 @@ def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
     )
 
 
-def test_no_child_while_other_threads_run_or_nothing_is_known(tmp_path: Path) -> None:
+def test_no_child_while_other_threads_run_or_no_tree_is_known_for_the_tag(tmp_path: Path) -> None:
     _in_fresh_process(
         """
         tree = Path(sys.argv[1])
-        assert PreWalk.start(tree) is None and children() == []  # no state file: nothing to vouch for it
+        assert PreWalk.start(tree, "k") is None and children() == []  # nothing recorded here
+        known(tree, "other")
+        assert PreWalk.start(tree, "k") is None and children() == []  # a tree, but for another tag
         known(tree)
         stop = threading.Event()
         other = threading.Thread(target=stop.wait)
         other.start()
         try:
-            assert PreWalk.start(tree) is None and children() == []
+            assert PreWalk.start(tree, "k") is None and children() == []
         finally:
             stop.set()
             other.join()
-        assert PreWalk.start(tree) is not None
+        assert PreWalk.start(tree, "k") is not None
         """,
         str(tmp_path),
         state=tmp_path / "state",
@@ -219,7 +223,7 @@ def test_a_save_takes_the_tree_its_prewalk_saw(tmp_path: Path) -> None:
         tree, layout, first = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "first"
         settle_ctimes()
         # Forked before the saves: their worker threads would stop it.
-        pre = None if first else PreWalk.start(tree)
+        pre = None if first else PreWalk.start(tree, "k")
 
         async def main():
             async with opened(parse_reference(f"oci:{layout}")) as store:
