@@ -42,6 +42,7 @@ __all__ = [
     "RestoreTarget",
     "clean_leftovers",
     "finish_dead_swaps",
+    "holds_restore_work",
     "locked",
     "nearest_existing",
     "plan_target",
@@ -187,7 +188,7 @@ def finish_dead_swaps(path: Path) -> bool:
     CMD`` is a common way to guard a cache); False, having done nothing, while another process
     holds that lock (a live restore swapping): try again.
     """
-    if not _holds_work(path):
+    if not holds_restore_work(path):
         return True
     target = RestoreTarget(Path(os.path.realpath(path)), in_place=True)
     try:
@@ -249,7 +250,7 @@ def swap_in(
         whole = False
         if target.in_place:
             _swap_entries(staging, target, work, remove_old=_on_overlay(target.path))
-        elif _holds_work(target.path):
+        elif holds_restore_work(target.path):
             _swap_into_unmovable(staging, target, remove_old=_on_overlay(target.path))
         else:
             whole = _exchange_whole(staging, target, keep_root=keep_root)
@@ -389,7 +390,8 @@ def _stat_or_none(path: Path) -> os.stat_result | None:
         return None
 
 
-def _holds_work(path: Path) -> bool:
+def holds_restore_work(path: Path) -> bool:
+    """Whether directory ``path`` holds an in-place restore's work (a live or a dead one's)."""
     try:
         return any(is_in_place_work(name) for name in os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):

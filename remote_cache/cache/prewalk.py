@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import marshal
 import math
 import os
@@ -40,12 +41,13 @@ import signal
 import sys
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from ..archive.mounts import mounts_below
+from ..archive.target import holds_restore_work
 from ..archive.walk import (
     IdentityPart,
     Special,
@@ -63,6 +65,10 @@ from .evidence import clock_ns, dir_id
 
 __all__ = ["PreWalk", "Walked", "walk"]
 
+log = logging.getLogger("remote_cache")
+
+#: Signals a CLI stops on: blocked around the fork, a child's own default again.
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 #: Bumped with any change to what the child sends: the parent reads only its own version.
 _FORMAT = 3
 #: Subtrees a split looks for (listing a level further while it has fewer: a save's tree is often
@@ -174,26 +180,45 @@ def _chunks(parts: list[str]) -> list[list[str]]:
     return [parts[i : i + size] for i in range(0, len(parts), size)]
 
 
-def _taken(tokens: int) -> Iterator[int]:
-    """The chunks this process takes from the token pipe, one at a time, until none is left."""
-    while token := os.read(tokens, 1):
-        yield token[0]
-
-
-def _walk_taken(split: TreeSplit, chunks: list[list[str]], tokens: int) -> list[IdentityPart]:
-    """Walk the chunks taken from ``tokens`` until none is left (then closes ``tokens``)."""
+def _dealt(count: int) -> int:
+    """A pipe holding one token byte per chunk, its writing end closed: its reading end."""
+    read_end, write_end = os.pipe()
     try:
-        return [walk_part(split, rel) for chunk in _taken(tokens) for rel in chunks[chunk]]
+        os.write(write_end, bytes(range(count)))  # (at most _CHUNKS bytes: the pipe holds them)
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def _walk_taken(
+    split: TreeSplit, chunks: list[list[str]], tokens: int, go_on: Callable[[], bool]
+) -> list[IdentityPart]:
+    """Walk the chunks taken from the token pipe, one at a time, while there are some and
+    ``go_on()`` says so (then closes ``tokens``)."""
+    parts: list[IdentityPart] = []
+    try:
+        while go_on() and (token := os.read(tokens, 1)):
+            parts += (walk_part(split, rel) for rel in chunks[token[0]])
     finally:
         os.close(tokens)
+    return parts
 
 
-def _child(split: TreeSplit, chunks: list[list[str]], tokens: int, out: int) -> NoReturn:
-    """The forked child: walk chunks while there are some, write their parts (nothing when a
-    walk failed), exit."""
+def _child(split: TreeSplit, chunks: list[list[str]], tokens: int, out: int, parent: int) -> NoReturn:
+    """The forked child: walk chunks while there are some and its parent lives, write their
+    parts (nothing when a walk failed), exit."""
     try:
+        # A signal to the process group kills the child outright (not a KeyboardInterrupt in the
+        # parent's code); it holds none of the caller's streams, so none stays open after the
+        # parent ends.
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         try:
-            data = _encode(split, _walk_taken(split, chunks, tokens))
+            data = _encode(split, _walk_taken(split, chunks, tokens, lambda: os.getppid() == parent))
         except Exception:
             data = b""  # the save walks itself, and reports what is wrong
         view = memoryview(data)
@@ -214,16 +239,6 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-def _dealt(count: int) -> int:
-    """A pipe holding one token byte per chunk, its writing end closed: its reading end."""
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, bytes(range(count)))  # (at most _CHUNKS bytes: the pipe holds them)
-    finally:
-        os.close(write_end)
-    return read_end
-
-
 @dataclass
 class _Started:
     """What the walk began with, in the parent: read before the fork."""
@@ -235,72 +250,91 @@ class _Started:
 
 
 class PreWalk:
-    """The walk of ``path`` begun in a child process (:meth:`start`); :meth:`result` once."""
+    """The walk of ``path`` begun beside the start-up (:meth:`start`); :meth:`result` once.
 
-    def __init__(self, path: Path, started: _Started, pid: int, tokens: int, parts: int) -> None:
+    The two pipes' reading ends are handed over under a lock: to the worker thread that reads
+    one (which closes it), or to :meth:`close`, never to both (a closed number can be reused)."""
+
+    def __init__(self, path: Path, started: _Started, pid: int | None, tokens: int | None, parts: int | None):
         self.path = path
         self._started = started
-        self._pid: int | None = pid
-        self._tokens: int | None = tokens
-        self._parts: int | None = parts
+        self._pid = pid
+        self._fds = {"tokens": tokens, "parts": parts}
+        self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def start(cls, path: Path, tag: str) -> PreWalk | None:
-        """Fork a child walking ``path`` for a save under ``tag``; None where forking is not safe,
-        or not worth it: unless this machine recorded a whole tree for ``tag`` there, the save
-        plans without walking first (and a fork costs the parent copied pages while the child
-        lives: a save that packed node_modules took 1.015x as long with a child it killed)."""
+        """Begin walking ``path`` for a save under ``tag`` in a forked child; None where forking
+        is not safe, or not worth it: unless this machine recorded a whole tree for ``tag``
+        there, the save plans without walking first (and a fork costs the parent copied pages
+        while the child lives: a save that packed node_modules took 1.015x as long with a child
+        it killed); nor while a restore's work is in the directory (its swap may come after the
+        walk: the save finishes or waits for it, then walks). A root with no directory in it is
+        walked here: listing it was the walk."""
         if not _may_fork():
             return None
         try:
-            if not state.load(path).has_tree_for(tag):
+            if not state.load(path).has_tree_for(tag) or holds_restore_work(path):
                 return None
-            bound, root = clock_ns(), dir_id(path)
-            split = split_tree(path, _PARTS)
+            started = _Started(clock_ns(), dir_id(path), split_tree(path, _PARTS), [])
         except (OSError, RemoteCacheError):  # the save walks itself and says what is wrong
             return None
-        started = _Started(bound, root, split, _chunks(split.parts))
+        if not started.split.parts:
+            return cls(path, started, None, None, None)
+        started.chunks = _chunks(started.split.parts)
+        return cls._forked(path, started)
+
+    @classmethod
+    def _forked(cls, path: Path, started: _Started) -> PreWalk | None:
         tokens = _dealt(len(started.chunks))
         read_end, write_end = os.pipe()
         with contextlib.suppress(OSError):  # room for a small tree's parts: the child ends at once
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        parent = os.getpid()
+        # Signals wait until each side is ready for them: a Ctrl-C during the fork reaches the
+        # parent as a KeyboardInterrupt after it (not inside an at-fork hook, where it was lost).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             pid = os.fork()
+            if pid == 0:
+                os.close(read_end)
+                _child(started.split, started.chunks, tokens, write_end, parent)
         except OSError:
-            for fd in (tokens, read_end, write_end):
+            for fd in (tokens, read_end):
                 os.close(fd)
             return None
-        if pid == 0:
-            os.close(read_end)
-            _child(split, started.chunks, tokens, write_end)
-        os.close(write_end)
+        finally:
+            os.close(write_end)  # (the child never gets here)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return cls(path, started, pid, tokens, read_end)
 
     async def result(self) -> Walked | None:
         """The walk: the chunks still left walked here, the child's parts read; None when the
         child failed or died, or this was already asked or closed (the caller walks itself
-        then). Cancellable: the child is killed (a walk here ends in its own time)."""
+        then). Cancellable: the child is killed, and a walk here stops after its subtree."""
         import anyio.to_thread
 
-        if self._tokens is None or self._parts is None:
-            return None
         start = self._started
-        tokens, self._tokens = self._tokens, None  # each thread closes the pipe it reads
+        stats = TreeStats()
         try:
-            try:
-                # Abandoned on a cancel (then close() below kills the child, which ends the read).
-                mine = await anyio.to_thread.run_sync(
-                    _walk_taken, start.split, start.chunks, tokens, abandon_on_cancel=True
-                )
-            except OSError:
-                mine = None  # (the save's own walk says what is wrong)
-            parts, self._parts = self._parts, None
-            theirs = _decode(await anyio.to_thread.run_sync(_read_all, parts, abandon_on_cancel=True))
+            if self._pid is None and not self._closed:  # walked at the start
+                identity = identity_of(start.split, [], stats)
+                return _walked(self.path, identity, stats, start.root, start.bound)
+            # Abandoned on a cancel (then close() below kills the child, which ends the read).
+            mine = await anyio.to_thread.run_sync(self._walk_share, abandon_on_cancel=True)
+            if mine is None:
+                return None  # (failed or closed: the save's own walk says what is wrong)
+            theirs = _decode(await anyio.to_thread.run_sync(self._read_answer, abandon_on_cancel=True))
         finally:
             self.close()
-        if mine is None or theirs is None:
+        log.debug(
+            "the save's first walk: %d of %d parts walked here, the rest by its child",
+            len(mine),
+            len(start.split.parts),
+        )
+        if theirs is None:
             return None
-        stats = TreeStats()
         if isinstance(theirs, list):
             try:
                 identity = identity_of(start.split, [*theirs, *mine], stats)
@@ -312,8 +346,31 @@ class PreWalk:
             identity, stats.skipped = theirs
         return _walked(self.path, identity, stats, start.root, start.bound)
 
+    def _take(self, name: str) -> int | None:
+        """Pipe ``name``'s reading end, if no one took it yet (then the taker closes it)."""
+        with self._lock:
+            fd, self._fds[name] = self._fds[name], None
+            return fd
+
+    def _walk_share(self) -> list[IdentityPart] | None:
+        """(In a worker thread.) The chunks the child has not taken, walked; None when closed or failed."""
+        tokens = self._take("tokens")
+        if tokens is None:
+            return None
+        try:
+            return _walk_taken(self._started.split, self._started.chunks, tokens, lambda: not self._closed)
+        except OSError:
+            return None
+
+    def _read_answer(self) -> bytes:
+        """(In a worker thread.) The child's answer; nothing when closed."""
+        fd = self._take("parts")
+        return b"" if fd is None else _read_all(fd)
+
     def close(self) -> None:
-        """Kill the child if it still runs and reap it; nothing once done."""
+        """Kill the child if it still runs and reap it, stop a walk here after its subtree, and
+        close what no thread took; nothing once done."""
+        self._closed = True
         if self._pid is not None:
             # Ours until reaped, so the pid cannot name another process yet.
             with contextlib.suppress(ProcessLookupError):
@@ -321,7 +378,7 @@ class PreWalk:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._pid, 0)
             self._pid = None
-        for fd in (self._tokens, self._parts):
+        for name in self._fds:
+            fd = self._take(name)
             if fd is not None:
                 os.close(fd)
-        self._tokens = self._parts = None

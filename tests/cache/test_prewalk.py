@@ -8,6 +8,7 @@ workers) never forks, by design.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -46,14 +47,32 @@ def state(pid):
 
 def gone(pid):
     return not Path(f"/proc/{pid}").exists()
+
+def stopped_child(tree):
+    # A prewalk whose child is stopped mid-walk (SIGSTOP: as one stuck on a dead mount); a child
+    # that ended before the stop landed is reaped and another one started.
+    for _ in range(50):
+        pre = PreWalk.start(tree, "k")
+        [pid] = children()
+        os.kill(pid, signal.SIGSTOP)
+        while state(pid) not in ("T", "Z"):  # (a stop lands on a sleeping child when it wakes)
+            time.sleep(0.001)
+        if state(pid) == "T":
+            return pre, pid
+        pre.close()
+    raise AssertionError("no child could be stopped mid-walk")
 """
+
+
+_END = "\nsys.stdout.flush()\nos._exit(0)\n"
 
 
 def _in_fresh_process(code: str, *args: str, state: Path) -> str:
     """Run ``code`` (after the prelude) in a new interpreter keeping its state in ``state``; its
     stdout, or the test fails."""
     done = subprocess.run(
-        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code), *args],
+        # (Ended by os._exit as the CLI is: no wait for idle worker threads.)
+        [sys.executable, "-c", _PRELUDE + textwrap.dedent(code) + _END, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -116,12 +135,13 @@ def test_a_walk_the_save_shares_is_the_same_walk(tmp_path: Path) -> None:
     """The child stopped as soon as it is forked: the save takes every part still left and walks
     them, then reads the child's (none, or the one it took) once it goes on."""
     tree = _subtrees(tmp_path / "tree")
-    _in_fresh_process(
+    out = _in_fresh_process(
         """
+        import logging
+        logging.getLogger("remote_cache").addHandler(logging.StreamHandler(sys.stdout))
+        logging.getLogger("remote_cache").setLevel(logging.DEBUG)
         tree = known(Path(sys.argv[1]))
-        pre = PreWalk.start(tree, "k")
-        [pid] = children()
-        os.kill(pid, signal.SIGSTOP)
+        pre, pid = stopped_child(tree)
         threading.Timer(0.5, os.kill, (pid, signal.SIGCONT)).start()
         got = anyio.run(pre.result)
         assert got is not None and got.identity == walk(tree).identity
@@ -130,6 +150,10 @@ def test_a_walk_the_save_shares_is_the_same_walk(tmp_path: Path) -> None:
         str(tree),
         state=tmp_path / "state",
     )
+    here, total = re.fullmatch(
+        r"the save's first walk: (\d+) of (\d+) parts walked here, the rest by its child", out.strip()
+    ).groups()
+    assert 0 < int(here) <= int(total) == 50
 
 
 def test_a_child_that_dies_gives_none(tmp_path: Path) -> None:
@@ -139,8 +163,7 @@ def test_a_child_that_dies_gives_none(tmp_path: Path) -> None:
     _in_fresh_process(
         """
         assert PreWalk.start(known(Path(sys.argv[1]) / "missing"), "k") is None and children() == []
-        pre = PreWalk.start(known(Path(sys.argv[1])), "k")
-        [pid] = children()
+        pre, pid = stopped_child(known(Path(sys.argv[1])))
         os.kill(pid, signal.SIGKILL)
         assert anyio.run(pre.result) is None
         assert children() == []
@@ -158,12 +181,7 @@ def test_close_kills_a_child_that_never_answers(tmp_path: Path) -> None:
         """
         tree = known(Path(sys.argv[1]))
         for stop_first in ("close", "cancel"):
-            pre = PreWalk.start(tree, "k")
-            [pid] = children()
-            os.kill(pid, signal.SIGSTOP)
-            while state(pid) not in ("T", "Z"):  # (a stop lands on a sleeping child when it wakes)
-                time.sleep(0.001)
-            assert state(pid) == "T", "the child ended before it could be stopped"
+            pre, pid = stopped_child(tree)
             started = time.monotonic()
             if stop_first == "close":
                 pre.close()
@@ -230,8 +248,8 @@ def test_a_save_takes_the_tree_its_prewalk_saw(tmp_path: Path) -> None:
                 if first:
                     print((await save(store, "k", tree)).unchanged)
                     return
-                while state(children()[0]) != "Z":
-                    time.sleep(0.005)  # the child has walked, written its answer and ended
+                while any(state(child) != "Z" for child in children()):
+                    time.sleep(0.005)  # the child (if the tree needs one) has walked, answered, ended
                 (tree / "a" / "f").write_text("second")
                 taken = await save(store, "k", tree, prewalk=pre)
                 assert children() == []

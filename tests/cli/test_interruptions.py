@@ -13,11 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from remote_cache.archive.swap import JOURNAL
+from remote_cache.archive.target import IN_PLACE_PREFIX
 from tests.cli.output import CLI, clean_env
 from tests.mounts import tmpfs
 from tests.object_servers import new_bucket, object_env
@@ -393,29 +396,69 @@ def _process_state(pid: int) -> str:
         return "-"
 
 
+def _restored_for_a_prewalk(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """A tree restored from an entry (the evidence that makes its save walk first, in a child:
+    remote_cache.cache.prewalk) with 50 directories of 100 files (a walk that lasts a while), and
+    the entry's reference."""
+    src = tmp_path / "src"
+    an_hour_ago = time.time() - 3600  # (files of the save's own second get no listing: no evidence)
+    for i in range(50):
+        (src / f"d{i:02d}").mkdir(parents=True)
+        for j in range(100):
+            os.close(os.open(src / f"d{i:02d}" / f"f{j:03d}", os.O_CREAT | os.O_WRONLY, 0o644))
+            os.utime(src / f"d{i:02d}" / f"f{j:03d}", (an_hour_ago, an_hour_ago))
+        os.utime(src / f"d{i:02d}", (an_hour_ago, an_hour_ago))
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    assert _run(env, "save", str(src), ref, "-q") == 0
+    assert _run(env, "restore", ref, str(tmp_path / "restored"), "-q") == 0
+    return tmp_path / "restored", ref
+
+
+def _with_its_child_stopped(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+    """The CLI started, and the child it forked for the save's walk stopped mid-walk (SIGSTOP:
+    as one stuck on a dead mount); a run whose child ended first is let finish, and run again."""
+    for _ in range(20):
+        proc = _start(args, env)
+        child = _first_child(proc)
+        if child and _walking(child):
+            os.kill(child, signal.SIGSTOP)
+            _wait_for(partial(_stop_landed, child), "the stop to land", interval=0.001)
+            if _process_state(child) == "T":
+                return proc, child
+        proc.communicate(timeout=30)
+    raise AssertionError("no child could be stopped mid-walk")
+
+
+def _first_child(proc: subprocess.Popen[str]) -> int:
+    """The first child process ``proc`` forks, as soon as it appears; 0 if it ends without one."""
+    while proc.poll() is None:
+        if children := _children(proc.pid):
+            return children[0]
+    return 0
+
+
+def _walking(pid: int) -> bool:
+    """Wait until the child has let go of the streams it shared with its parent (its first
+    step): True, or False when it ended first."""
+    while True:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/1") == os.devnull:
+                return True
+        except OSError:
+            return False
+
+
+def _stop_landed(pid: int) -> bool:
+    return _process_state(pid) in "TZ-"
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
 def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Path, pycache: Path) -> None:
-    """The save's first walk runs in a child process (remote_cache.cache.prewalk). Stopped
-    (SIGSTOP: as a walk stuck on a dead mount), it must not hold the save past a signal, nor
-    outlive it."""
+    """A stopped child must not hold the save past a signal, nor outlive it."""
     env = _env(tmp_path, pycache)
-    src = tmp_path / "src"
-    src.mkdir()
-    an_hour_ago = time.time() - 3600  # (files of the save's own second get no listing: no evidence)
-    for i in range(5_000):  # a walk long enough to be caught mid-way
-        os.close(os.open(src / f"f{i:04d}", os.O_CREAT | os.O_WRONLY, 0o644))
-        os.utime(src / f"f{i:04d}", (an_hour_ago, an_hour_ago))
-    ref = f"oci:{tmp_path / 'layout'}:k"
-    restored = tmp_path / "restored"
-    assert _run(env, "save", str(src), ref, "-q") == 0
-    assert _run(env, "restore", ref, str(restored), "-q") == 0  # evidence: its save walks first
-    proc = _start(["save", str(restored), ref], env)
-    _wait_for(lambda: _children(proc.pid) != [] or proc.poll() is not None, "the walking child", interval=0)
-    [child] = _children(proc.pid)
-    os.kill(child, signal.SIGSTOP)
+    restored, ref = _restored_for_a_prewalk(tmp_path, env)
+    proc, child = _with_its_child_stopped(["save", str(restored), ref], env)
     try:
-        _wait_for(lambda: _process_state(child) in "TZ-", "the stop to land", interval=0.001)
-        assert _process_state(child) == "T", "the child ended before it could be stopped"
         time.sleep(0.5)  # the save waits for the walk
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
@@ -429,6 +472,51 @@ def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Pa
     assert err.strip().splitlines()[-1] == "remote-cache: interrupted by SIGTERM"
     assert _process_state(child) == "-"
     assert _leftovers(Path(env["TMPDIR"])) == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
+def test_a_save_that_ends_before_its_walk_leaves_no_child_behind(tmp_path: Path, pycache: Path) -> None:
+    """A usage error found after the child was forked ends the save at once: the caller's pipes
+    close with it (the child holds none of its streams), and the child, left alone, ends too."""
+    env = _env(tmp_path, pycache)
+    restored, ref = _restored_for_a_prewalk(tmp_path, env)
+    proc, child = _with_its_child_stopped(["save", str(restored), ref, "--username", "bob"], env)
+    try:
+        _out, err = proc.communicate(timeout=10)  # (hung while the child held stdout and stderr)
+        assert proc.returncode == 2 and "needs a password" in err, err
+        assert _process_state(child) == "T"  # alive, stopped: its parent is gone
+        os.kill(child, signal.SIGCONT)
+        _wait_for(lambda: _process_state(child) in "Z-", "the child to see its parent gone", timeout=5)
+    finally:
+        if _process_state(child) in "TRSD":
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_save_reads_the_tree_a_dead_swap_it_finishes_leaves(tmp_path: Path, pycache: Path) -> None:
+    """A restore killed in place once its swap was journaled: the save finishes the swap, then
+    saves what it left (the new tree), not the tree a walk before it would have seen (its first
+    walk, which may run before, is not taken then)."""
+    env = _env(tmp_path, pycache)
+    src, target = tmp_path / "src", tmp_path / "target"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "f").write_text("old")
+    an_hour_ago = time.time() - 3600  # (files of the save's own second get no listing: no evidence)
+    for path in (src / "a" / "f", src / "a"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    ref = f"oci:{tmp_path / 'layout'}:k"
+    assert _run(env, "save", str(src), ref, "-q") == 0
+    assert _run(env, "restore", ref, str(target), "-q") == 0  # a whole tree recorded for k
+    work = target / f"{IN_PLACE_PREFIX}killed"  # what the killed restore left, lock free
+    (work / "staging" / "a").mkdir(parents=True)
+    (work / "staging" / "a" / "f").write_text("new")
+    (work / "old").mkdir()
+    (work / "lock").write_text("")
+    (work / JOURNAL).write_text('{"staging": "staging", "old": ["a"], "new": ["a"], "remove_old": false}')
+    work.chmod(0o700)
+    assert _run(env, "save", str(target), ref, "-q") == 0
+    assert (target / "a" / "f").read_text() == "new" and not work.exists()
+    assert _run(env, "restore", ref, str(tmp_path / "check"), "-q") == 0
+    assert (tmp_path / "check" / "a" / "f").read_text() == "new"
 
 
 @pytest.mark.parametrize(
