@@ -31,6 +31,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import UnfinishedSwap, UnsuitableTarget, os_reason
 from .mounts import filesystem_type, is_mount_point, mounts_below
@@ -180,23 +181,24 @@ def clean_leftovers(target: RestoreTarget) -> list[Path]:
     return removed
 
 
-def finish_dead_swaps(path: Path) -> bool:
+def finish_dead_swaps(path: Path) -> Literal["none", "finished", "busy"]:
     """Finish, at the directory ``path``, the swaps of restores killed in place (their entries
     half moved), as the next restore would: a save then reads one tree, not a mix of two.
 
     Only where a restore's work is (the directory's lock is left alone otherwise: ``flock DIR
-    CMD`` is a common way to guard a cache); False, having done nothing, while another process
-    holds that lock (a live restore swapping): try again.
+    CMD`` is a common way to guard a cache): "none" when there is none, "finished" once the dead
+    ones are done, "busy", having done nothing, while another process holds that lock (a live
+    restore swapping): try again.
     """
     if not holds_restore_work(path):
-        return True
+        return "none"
     target = RestoreTarget(Path(os.path.realpath(path)), in_place=True)
     try:
         with locked(target, wait=False):
             _sweep_in_place(target)
     except BlockingIOError:
-        return False
-    return True
+        return "busy"
+    return "finished"
 
 
 def _sweep_in_place(target: RestoreTarget) -> list[Path]:

@@ -270,8 +270,9 @@ class PreWalk:
         there, the save plans without walking first (and a fork costs the parent copied pages
         while the child lives: a save that packed node_modules took 1.015x as long with a child
         it killed); nor while a restore's work is in the directory (its swap may come after the
-        walk: the save finishes or waits for it, then walks). A root with no directory in it is
-        walked here: listing it was the walk."""
+        walk: the save finishes or waits for it, then walks). A tree the split lists whole (a
+        level at a time while it holds fewer than _PARTS directories) is walked here: listing it
+        was the walk."""
         if not _may_fork():
             return None
         try:
@@ -287,27 +288,40 @@ class PreWalk:
 
     @classmethod
     def _forked(cls, path: Path, started: _Started) -> PreWalk | None:
-        tokens = _dealt(len(started.chunks))
-        read_end, write_end = os.pipe()
-        with contextlib.suppress(OSError):  # room for a small tree's parts: the child ends at once
-            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-        parent = os.getpid()
-        # Signals wait until each side is ready for them: a Ctrl-C during the fork reaches the
-        # parent as a KeyboardInterrupt after it (not inside an at-fork hook, where it was lost).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        # SIGINT and SIGTERM wait until each side is ready for them: a Ctrl-C during the fork
+        # reaches the parent as a KeyboardInterrupt after it (not inside an at-fork hook, where it
+        # was lost), once the PreWalk exists to kill the child.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (reads it: a signal here finds nothing made)
+        fds: list[int] = []
+        pre = None
         try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            fds.append(tokens := _dealt(len(started.chunks)))
+            read_end, write_end = os.pipe()
+            fds += (read_end, write_end)
+            with contextlib.suppress(OSError):  # room for a small tree's parts: the child ends at once
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+            parent = os.getpid()
             pid = os.fork()
             if pid == 0:
                 os.close(read_end)
                 _child(started.split, started.chunks, tokens, write_end, parent)
+            os.close(write_end)
+            fds.remove(write_end)
+            pre = cls(path, started, pid, tokens, read_end)
         except OSError:
-            for fd in (tokens, read_end):
-                os.close(fd)
-            return None
+            pass  # (no pipe or no fork: the save walks itself)
         finally:
-            os.close(write_end)  # (the child never gets here)
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return cls(path, started, pid, tokens, read_end)
+            if pre is None:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            except BaseException:  # a signal held back during the fork
+                if pre is not None:
+                    pre.close()
+                raise
+        return pre
 
     async def result(self) -> Walked | None:
         """The walk: the chunks still left walked here, the child's parts read; None when the

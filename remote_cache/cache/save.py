@@ -30,7 +30,7 @@ import anyio.to_thread
 from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
 from ..archive.tar import WHITEOUT_PREFIX
-from ..archive.target import finish_dead_swaps, holds_restore_work
+from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, NoSpace, RemoteCacheError
@@ -236,10 +236,12 @@ async def save(
         options,
         started,
     )
-    if prewalk is not None and await anyio.to_thread.run_sync(_swapping, path):
-        prewalk.close()  # (a restore's swap there, dead or live, may come after the child's walk)
-        prewalk = None
-    while not await anyio.to_thread.run_sync(finish_dead_swaps, path):
+    while (swaps := await anyio.to_thread.run_sync(finish_dead_swaps, path)) != "none":
+        if prewalk is not None:  # (a swap finished or waited for here may postdate the child's walk)
+            prewalk.close()
+            prewalk = None
+        if swaps == "finished":
+            break
         await anyio.sleep(0.1)  # a restore is swapping there: it ends first (a signal stops the wait)
     # Taken before the walk: a file written from now on gets a ctime at or after it.
     bound = clock_ns()
@@ -265,14 +267,6 @@ async def save(
         log.warning("%s; packing and uploading again", swept)
         result = await _save_tree(job, evidence, clock_ns(), full=True, republish=True)
     return _warn_special(path, result)
-
-
-def _swapping(path: Path) -> bool:
-    """Whether a restore's work is in directory ``path`` (unsure counts as yes)."""
-    try:
-        return holds_restore_work(path)
-    except OSError:
-        return True
 
 
 def _warn_special(path: Path, result: SaveResult) -> SaveResult:

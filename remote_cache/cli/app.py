@@ -672,9 +672,14 @@ def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
 
     def register(plan: Callable[..., Body]) -> Callable[..., None]:
         def command(ctx: typer.Context, **options: Any) -> None:
-            given = Common(*(options.pop(p.name) for p in _COMMON_PARAMS))
-            body = plan(**options)
-            _run(name, _merged(ctx, given), body)
+            common = _merged(ctx, Common(*(options.pop(p.name) for p in _COMMON_PARAMS)))
+            try:
+                body = plan(**options)
+            except KeyboardInterrupt:  # (a save forks while it plans: a Ctrl-C may land there)
+                import signal
+
+                _interrupted(name, common, Interrupted(signal.SIGINT))
+            _run(name, common, body)
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         own = inspect.signature(plan, eval_str=True).parameters.values()

@@ -261,3 +261,73 @@ def test_a_save_takes_the_tree_its_prewalk_saw(tmp_path: Path) -> None:
     layout, state = str(tmp_path / "layout"), tmp_path / "state"
     assert _in_fresh_process(saves, str(tree), layout, "first", state=state).split() == ["False"]
     assert _in_fresh_process(saves, str(tree), layout, "then", state=state).split() == ["True", "False"]
+
+
+def test_a_signal_during_the_fork_leaves_no_child_and_no_blocked_signal(tmp_path: Path) -> None:
+    """A Ctrl-C landing while the child is forked (here sent from an at-fork hook) reaches the
+    parent once the fork is done, as a KeyboardInterrupt, with the child killed and reaped, its
+    pipes closed and the signal mask as it was."""
+    tree = _subtrees(tmp_path / "tree")
+    _in_fresh_process(
+        """
+        tree = known(Path(sys.argv[1]))
+        fds = sorted(os.listdir("/proc/self/fd"))
+        os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGINT))
+        try:
+            PreWalk.start(tree, "k")
+            raise AssertionError("the Ctrl-C was lost")
+        except KeyboardInterrupt:
+            pass
+        assert children() == []
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, ()) == set()
+        """,
+        str(tree),
+        state=tmp_path / "state",
+    )
+
+
+def test_a_swap_finished_by_the_save_drops_its_prewalk(tmp_path: Path) -> None:
+    """A restore killed in place once its swap was journaled, its work appearing after the child
+    walked: the save finishes the swap and saves the tree it left, not the child's walk."""
+    tree = _subtrees(tmp_path / "tree", dirs=10, files=2)
+    (tree / "d00" / "f000").write_text("old")
+    saves = """
+        from remote_cache.archive.swap import JOURNAL
+        from remote_cache.archive.target import IN_PLACE_PREFIX
+        from remote_cache.cache import evidence
+        from remote_cache.cache.save import save
+        from remote_cache.oci.reference import parse_reference
+        from tests.stores import opened
+        from tests.trees import settle_ctimes
+
+        evidence.FRESH_NS = 0  # a tree written a moment ago may get a fingerprint
+        tree, layout, first = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "first"
+        settle_ctimes()
+        pre = None if first else PreWalk.start(tree, "k")  # (before the save's threads)
+        assert first or children() != [], "no child to test"
+
+        async def main():
+            async with opened(parse_reference(f"oci:{layout}")) as store:
+                if first:
+                    await save(store, "k", tree)
+                    return
+                while any(state(child) != "Z" for child in children()):
+                    time.sleep(0.005)  # the child has walked the tree as it was
+                work = tree / f"{IN_PLACE_PREFIX}killed"  # then a killed restore's work appears
+                (work / "staging" / "d00").mkdir(parents=True)
+                (work / "staging" / "d00" / "f000").write_text("new")
+                (work / "old").mkdir()
+                (work / "lock").write_text("")
+                (work / JOURNAL).write_text(
+                    '{"staging": "staging", "old": ["d00"], "new": ["d00"], "remove_old": false}'
+                )
+                work.chmod(0o700)
+                saved = await save(store, "k", tree, prewalk=pre)
+                print(saved.unchanged, (tree / "d00" / "f000").read_text())
+
+        anyio.run(main)
+        """
+    layout, state = str(tmp_path / "layout"), tmp_path / "state"
+    _in_fresh_process(saves, str(tree), layout, "first", state=state)
+    assert _in_fresh_process(saves, str(tree), layout, "then", state=state).split() == ["False", "new"]
