@@ -50,7 +50,7 @@ __all__ = [
     "Writes",
     "app",
     "command",
-    "entry_key",
+    "entry_reference",
     "given",
     "open_entry",
     "open_repository",
@@ -431,17 +431,16 @@ async def open_entry(
 ) -> AsyncIterator[tuple[Reference, str, Store]]:
     """The entry REF (or REF with --key) checked, its key, and its store opened with the common
     options (and, for a bucket, ``writes``: encryption and storage class of what is saved)."""
-    ref = _reference(text, key, need_key=True)
-    assert ref.key is not None
+    ref, entry = entry_reference(text, key)
     async with _store(ref, common, writes) as store:
-        yield ref, ref.key, store
+        yield ref, entry, store
 
 
-def entry_key(text: str, key: str | None) -> str:
-    """The key of the entry REF (or REF with --key) names, checked as :func:`open_entry` does."""
+def entry_reference(text: str, key: str | None) -> tuple[Reference, str]:
+    """The entry REF (or REF with --key) names, checked, and its key."""
     ref = _reference(text, key, need_key=True)
     assert ref.key is not None
-    return ref.key
+    return ref, ref.key
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ from .app import (
     RepoArg,
     Writes,
     command,
-    entry_key,
+    entry_reference,
     given,
     open_entry,
     open_repository,
@@ -139,7 +139,7 @@ def _prewalk(path: Path, ref: str, key: str | None) -> PreWalk | None:
     from ..keys import tag_for_key
 
     try:
-        return PreWalk.start(path, tag_for_key(entry_key(ref, key)))
+        return PreWalk.start(path, tag_for_key(entry_reference(ref, key)[1]))
     except RemoteCacheError:  # (a usage error, an invalid reference or key)
         return None
 
