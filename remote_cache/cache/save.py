@@ -236,10 +236,13 @@ async def save(
         options,
         started,
     )
+    # A walk that must not be taken is closed (a closed one gives none): another tree's, or one
+    # that a swap finished or waited for here may postdate.
+    if prewalk is not None and prewalk.path != path:
+        prewalk.close()
     while (swaps := await anyio.to_thread.run_sync(finish_dead_swaps, path)) != "none":
-        if prewalk is not None:  # (a swap finished or waited for here may postdate the child's walk)
+        if prewalk is not None:
             prewalk.close()
-            prewalk = None
         if swaps == "finished":
             break
         await anyio.sleep(0.1)  # a restore is swapping there: it ends first (a signal stops the wait)
@@ -249,9 +252,8 @@ async def save(
     walked = TreeStats()
     same = None
     if not full:
-        mine = prewalk if prewalk is not None and prewalk.path == path else None
         same = await unchanged_tree(
-            store, path, tag, bound, evidence, walked, key=key, options=options, shape=shape, prewalk=mine
+            store, path, tag, bound, evidence, walked, key=key, options=options, shape=shape, prewalk=prewalk
         )
     if prewalk is not None:
         prewalk.close()  # (a child still walking for a save that no longer needs it)
