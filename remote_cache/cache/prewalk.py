@@ -116,7 +116,6 @@ def _encode(split: TreeSplit, parts: list[IdentityPart]) -> bytes:
     if len(parts) == len(split.parts):  # all of them: made here, beside the save's start-up
         stats = TreeStats()
         identity = identity_of(split, parts, stats)
-        specials = [(s.path, s.kind) for s in stats.skipped]
         return marshal.dumps(
             (
                 _FORMAT,
@@ -125,7 +124,7 @@ def _encode(split: TreeSplit, parts: list[IdentityPart]) -> bytes:
                 identity.ctimes.tobytes(),
                 identity.top,
                 identity.facts.tobytes(),
-                specials,
+                _plain(stats.skipped),
             )
         )
     encoded = [
@@ -135,7 +134,7 @@ def _encode(split: TreeSplit, parts: list[IdentityPart]) -> bytes:
             p.inodes.tobytes(),
             p.ctimes.tobytes(),
             p.facts.tobytes(),
-            [(s.path, s.kind) for s in p.skipped],
+            _plain(p.skipped),
         )
         for p in parts
     ]
@@ -151,7 +150,7 @@ def _decode(data: bytes) -> _Answer | None:
         if kind == "whole":
             digest, ctimes, top, facts, specials = fields
             identity = TreeIdentity(digest, array("q", ctimes), top, array("q", facts))
-            return identity, [Special(path, what) for path, what in specials]
+            return identity, _specials(specials)
         [parts] = fields
         return [
             IdentityPart(
@@ -160,12 +159,20 @@ def _decode(data: bytes) -> _Answer | None:
                 array("Q", inodes),
                 array("q", ctimes),
                 array("q", facts),
-                [Special(path, what) for path, what in skipped],
+                _specials(skipped),
             )
             for rel, names, inodes, ctimes, facts, skipped in parts
         ]
     except (EOFError, ValueError, TypeError):
         return None
+
+
+def _plain(specials: list[Special]) -> list[tuple[str, str]]:
+    return [(s.path, s.kind) for s in specials]
+
+
+def _specials(plain: list[tuple[str, str]]) -> list[Special]:
+    return [Special(path, kind) for path, kind in plain]
 
 
 def _may_fork() -> bool:
@@ -239,7 +246,7 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Started:
     """What the walk began with, in the parent: read before the fork."""
 
@@ -278,12 +285,12 @@ class PreWalk:
         try:
             if not state.load(path).has_tree_for(tag) or holds_restore_work(path):
                 return None
-            started = _Started(clock_ns(), dir_id(path), split_tree(path, _PARTS), [])
+            bound, root, split = clock_ns(), dir_id(path), split_tree(path, _PARTS)
         except (OSError, RemoteCacheError):  # the save walks itself and says what is wrong
             return None
-        if not started.split.parts:
+        started = _Started(bound, root, split, _chunks(split.parts))
+        if not started.chunks:
             return cls(path, started, None, None, None)
-        started.chunks = _chunks(started.split.parts)
         return cls._forked(path, started)
 
     @classmethod
