@@ -172,16 +172,16 @@ _Listing = list[tuple[os.DirEntry[str], os.stat_result]]
 
 class _Walk:
     """One walk: members (unless only the identity is wanted), stats and the identity's parts
-    (from the root's own inode and ctime, given ``top``, the root's ``lstat``)."""
+    (from the root's own inode and ctime, given ``root_st``, the root's ``lstat``)."""
 
-    def __init__(self, root: str, stats: TreeStats, plan: bool, top: os.stat_result | None) -> None:
+    def __init__(self, root: str, stats: TreeStats, plan: bool, root_st: os.stat_result | None) -> None:
         self.stats = stats
         self.plan = plan
         self.members: list[Member] = []
         self.first_path: dict[tuple[int, int], str] = {}
         self.names: list[str] = []
-        self.inodes = array("Q", () if top is None else (top.st_dev, top.st_ino))
-        self.ctimes = array("q", () if top is None else (top.st_ctime_ns,))
+        self.inodes = array("Q", () if root_st is None else (root_st.st_dev, root_st.st_ino))
+        self.ctimes = array("q", () if root_st is None else (root_st.st_ctime_ns,))
         self.facts = array("q")
         self.top: tuple[str, ...] = ()
 
@@ -277,7 +277,7 @@ class _Walk:
 
 def walk_tree(root: Path, stats: TreeStats) -> tuple[list[Member], TreeIdentity]:
     """The members of the tree at ``root`` in archive order (counted into ``stats``), and its identity."""
-    walk = _Walk(os.fspath(root), stats, plan=True, top=os.lstat(root))
+    walk = _Walk(os.fspath(root), stats, plan=True, root_st=os.lstat(root))
     walk.visit("", os.fspath(root))
     return walk.members, walk.identity()
 
@@ -303,7 +303,7 @@ class TreeSplit:
     from the root, ``""`` the root) and the subtrees below them left to walk, in walk order."""
 
     root: str
-    top: os.stat_result
+    root_st: os.stat_result
     listed: dict[str, _Listing]
     parts: list[str]
 
@@ -329,7 +329,7 @@ def split_tree(root: Path, parts: int) -> TreeSplit:
     subtrees where it can be: directories are listed ahead a level at a time (the root, then
     all the directories in it, ...) while there are fewer."""
     path = os.fspath(root)
-    top = os.lstat(path)
+    root_st = os.lstat(path)
     listed = {"": _listed(path, "")}
     subtrees = _directories(listed[""], "")
     for _ in range(_SPLIT_LEVELS):
@@ -338,7 +338,7 @@ def split_tree(root: Path, parts: int) -> TreeSplit:
         for rel in subtrees:
             listed[rel] = _listed(os.path.join(path, rel), rel)
         subtrees = [sub for rel in subtrees for sub in _directories(listed[rel], rel)]
-    return TreeSplit(path, top, listed, subtrees)
+    return TreeSplit(path, root_st, listed, subtrees)
 
 
 def _directories(children: _Listing, rel: str) -> list[str]:
@@ -353,7 +353,7 @@ def _directories(children: _Listing, rel: str) -> list[str]:
 
 def walk_part(split: TreeSplit, rel: str) -> IdentityPart:
     """Walk the subtree ``rel`` of ``split`` (one of its ``parts``) for the identity."""
-    walk = _Walk(split.root, TreeStats(), plan=False, top=None)
+    walk = _Walk(split.root, TreeStats(), plan=False, root_st=None)
     walk.visit(rel, os.path.join(split.root, rel))
     return walk.part(rel)
 
@@ -372,7 +372,7 @@ class _Spliced(_Walk):
     """A walk of a split tree's listed directories that splices in its parts where they go."""
 
     def __init__(self, split: TreeSplit, parts: dict[str, IdentityPart], stats: TreeStats) -> None:
-        super().__init__(split.root, stats, plan=False, top=split.top)
+        super().__init__(split.root, stats, plan=False, root_st=split.root_st)
         self.listed, self.parts = split.listed, parts
 
     def descend(self, rel: str, full: str) -> None:
