@@ -39,14 +39,13 @@ def known(path, tag="k"):
     assert state_file.record_save(path, Evidence(), [], record)
     return path
 
-def children():
-    return [int(p) for p in Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()]
+from tests.processes import children as children_of, process_state as state
 
-def state(pid):
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+def children():
+    return children_of(os.getpid())
 
 def gone(pid):
-    return not Path(f"/proc/{pid}").exists()
+    return state(pid) == "-"
 
 def stopped_child(tree):
     # A prewalk whose child is stopped mid-walk (SIGSTOP: as one stuck on a dead mount); a child

@@ -24,6 +24,7 @@ from remote_cache.archive.target import IN_PLACE_PREFIX
 from tests.cli.output import CLI, clean_env
 from tests.mounts import tmpfs
 from tests.object_servers import new_bucket, object_env
+from tests.processes import children, process_state
 from tests.registry_server import FaultProxy, RegistryServer
 from tests.trees import assert_same_tree, make_tree, snapshot
 
@@ -381,21 +382,6 @@ def test_a_save_does_not_wait_for_a_lock_on_its_directory(tmp_path: Path, pycach
     assert proc.returncode == 1 and "--deadline" in proc.stderr, proc.stderr
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _process_state(pid: int) -> str:
-    """The one-letter state of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z``...), ``-`` once gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return "-"
-
-
 def _restored_for_a_prewalk(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
     """A tree restored from an entry (the evidence that makes its save walk first, in a child:
     remote_cache.cache.prewalk) with 50 directories of 100 files (a walk that lasts a while), and
@@ -423,7 +409,7 @@ def _with_its_child_stopped(args: list[str], env: dict[str, str]) -> tuple[subpr
         if child and _walking(child):
             os.kill(child, signal.SIGSTOP)
             _wait_for(partial(_stop_landed, child), "the stop to land", interval=0.001)
-            if _process_state(child) == "T":
+            if process_state(child) == "T":
                 return proc, child
         proc.communicate(timeout=30)
     raise AssertionError("no child could be stopped mid-walk")
@@ -432,8 +418,8 @@ def _with_its_child_stopped(args: list[str], env: dict[str, str]) -> tuple[subpr
 def _first_child(proc: subprocess.Popen[str]) -> int:
     """The first child process ``proc`` forks, as soon as it appears; 0 if it ends without one."""
     while proc.poll() is None:
-        if children := _children(proc.pid):
-            return children[0]
+        if forked := children(proc.pid):
+            return forked[0]
     return 0
 
 
@@ -449,7 +435,7 @@ def _walking(pid: int) -> bool:
 
 
 def _stop_landed(pid: int) -> bool:
-    return _process_state(pid) in "TZ-"
+    return process_state(pid) in "TZ-"
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
@@ -464,13 +450,13 @@ def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Pa
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     finally:  # (a failure here must not leave either behind)
-        if _process_state(child) == "T":
+        if process_state(child) == "T":
             os.kill(child, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == "remote-cache: interrupted by SIGTERM"
-    assert _process_state(child) == "-"
+    assert process_state(child) == "-"
     assert _leftovers(Path(env["TMPDIR"])) == []
 
 
@@ -484,11 +470,11 @@ def test_a_save_that_ends_before_its_walk_leaves_no_child_behind(tmp_path: Path,
     try:
         _out, err = proc.communicate(timeout=10)  # (hung while the child held stdout and stderr)
         assert proc.returncode == 2 and "needs a password" in err, err
-        assert _process_state(child) == "T"  # alive, stopped: its parent is gone
+        assert process_state(child) == "T"  # alive, stopped: its parent is gone
         os.kill(child, signal.SIGCONT)
-        _wait_for(lambda: _process_state(child) in "Z-", "the child to see its parent gone", timeout=5)
+        _wait_for(lambda: process_state(child) in "Z-", "the child to see its parent gone", timeout=5)
     finally:
-        if _process_state(child) in "TRSD":
+        if process_state(child) in "TRSD":
             os.kill(child, signal.SIGKILL)
 
 
