@@ -339,7 +339,7 @@ class PreWalk:
         start = self._started
         stats = TreeStats()
         try:
-            if self._pid is None and not self._closed:  # walked at the start
+            if not start.chunks and not self._closed:  # the split listed it all: that was the walk
                 identity = identity_of(start.split, [], stats)
                 return _walked(self.path, identity, stats, start.root, start.bound)
             # Abandoned on a cancel (then close() below kills the child, which ends the read).
