@@ -1,6 +1,7 @@
 """The layers of ``remote_cache`` and their dependency directions, checked by import and by source.
 
-* shared: ``errors``, ``home``, ``keys``, ``units``, ``tasks``, ``version`` -- import nothing else of ours;
+* shared: ``cpus``, ``errors``, ``home``, ``keys``, ``units``, ``tasks``, ``version`` -- import nothing
+  else of ours;
 * ``oci/`` -- the OCI vocabulary and the stores: knows nothing of caches, archives, the CLI or Dagger;
 * ``archive/`` -- the archive format: knows nothing of OCI, HTTP, caches, the CLI or Dagger;
 * ``cache/`` -- cache semantics over both: knows nothing of the CLI or Dagger;
@@ -26,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "remote_cache"
 BACKEND = ROOT / "remote_backend" / "src" / "remote_backend"
-SHARED = {"errors", "home", "keys", "units", "tasks", "version"}
+SHARED = {"cpus", "errors", "home", "keys", "units", "tasks", "version"}
 #: Layer -> the layers of ours it may import (besides itself and the shared modules).
 ALLOWED: dict[str, set[str]] = {
     "shared": set(),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import zstandard
 
+from ..cpus import usable_cpus
 from ..errors import TreeChanged
 from .codecs import Compression
 from .plan import LayerPlan, TreeScan, scan_tree
@@ -266,7 +267,8 @@ def pack_tree(
     spool_dir: Path | None = None,
     spool_bytes: int = DEFAULT_SPOOL_BYTES,
 ) -> Generator[PackedLayer, None, None]:
-    """Yield the tree's layers in order, packing up to ``threads`` (0: one per CPU) at once.
+    """Yield the tree's layers in order, packing up to ``threads`` at once (0: one per CPU the
+    process may use, :mod:`..cpus`).
 
     Pass a :class:`~remote_cache.archive.plan.TreeScan` (from ``scan_tree``) to see the stats; a
     plain path is scanned here. Layers bigger than ``spool_bytes`` are spooled to files in
@@ -274,7 +276,7 @@ def pack_tree(
     packing not started yet and deletes the spool files of layers packed but not yielded.
     """
     scan = tree if isinstance(tree, TreeScan) else scan_tree(Path(tree))
-    workers = threads if threads > 0 else (os.cpu_count() or 1)
+    workers = threads if threads > 0 else usable_cpus()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pack") as pool:
         queue: deque[Future[PackedLayer]] = deque()
         try:

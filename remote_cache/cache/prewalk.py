@@ -21,12 +21,12 @@ is read later, but it states facts about trees (this identity had that content; 
 ctimes in that window were that restore), not about the time they are read, so the save reports
 what the tree was when walked: the same as a walk done in the save just before a change landed.
 
-Only a single-threaded process on Linux with two or more CPUs forks (``fork`` copies no other
-thread, so none may hold a lock the child needs), and only where this machine recorded a whole
-tree under the tag being saved (what the unchanged shortcut needs first); any failure of the
-child means the save walks itself. The child writes nothing but its pipe and ends with
-``os._exit``; the save kills and reaps it once its parts are read or no longer wanted
-(:meth:`PreWalk.close`).
+Only a single-threaded process on Linux with two or more CPUs to use (:mod:`..cpus`) forks
+(``fork`` copies no other thread, so none may hold a lock the child needs), and only where this
+machine recorded a whole tree under the tag being saved (what the unchanged shortcut needs
+first); any failure of the child means the save walks itself. The child writes nothing but its
+pipe and ends with ``os._exit``; the save kills and reaps it once its parts are read or no longer
+wanted (:meth:`PreWalk.close`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from ..archive.walk import (
     tree_identity,
     walk_part,
 )
+from ..cpus import usable_cpus
 from ..errors import RemoteCacheError
 from . import state
 from .evidence import clock_ns, dir_id
@@ -177,8 +178,8 @@ def _specials(plain: list[tuple[str, str]]) -> list[Special]:
 
 def _may_fork() -> bool:
     """Whether forking is safe here and can run beside the caller: Linux (a fork without exec
-    elsewhere can break system libraries), one thread, two CPUs or more."""
-    return sys.platform == "linux" and threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
+    elsewhere can break system libraries), one thread, two CPUs or more to use (a quota counts)."""
+    return sys.platform == "linux" and threading.active_count() == 1 and usable_cpus() > 1
 
 
 def _chunks(parts: list[str]) -> list[list[str]]:
