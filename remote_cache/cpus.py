@@ -2,10 +2,13 @@
 
 ``os.cpu_count()`` counts the machine's CPUs: in a CI container limited to 2 CPUs on a 64-core
 host it says 64, and a save packed 64 layers at once (each held in memory until uploaded) on
-2 CPUs' worth of time. Read as Go's runtime (1.25, its default ``GOMAXPROCS``) and the JVM
-read it: the affinity mask, then the smallest quota of the process's cgroup and its ancestors
-(v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), rounded up. Unreadable
-or absent files mean no quota.
+2 CPUs' worth of time. Read much as Go's runtime (1.25, its default ``GOMAXPROCS``) reads it:
+the affinity mask, then the CPU quota of the process's cgroup (v2 ``cpu.max``, v1
+``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), rounded up -- but, unlike Go, the smallest
+along the group's ancestors too (a pod's quota above its container's), the group found below
+the mount's root (Docker on cgroup v1 mounts the container's own group), and no floor of 2
+(one CPU to use means no second process). Unreadable, absent or strange files mean no quota:
+the count is advice, and nothing here may fail a command.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ def cgroup_cpu_quota(proc: str = "/proc/self", root: str = "") -> float | None:
     along its ancestors; None without one. ``proc`` and ``root`` (prefixed to the mount points)
     let a test read a tree it made."""
     try:
-        with open(f"{proc}/cgroup", encoding="utf-8") as f:
+        # (bytes the kernel does not escape, in a mount point or a group's name, must not fail)
+        with open(f"{proc}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
             memberships = [line.rstrip("\n").split(":", 2) for line in f]
-        with open(f"{proc}/mountinfo", encoding="utf-8") as f:
+        with open(f"{proc}/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             mounts = [m for m in map(_cpu_mount, f) if m is not None]
     except OSError:
         return None
@@ -56,14 +60,16 @@ def cgroup_cpu_quota(proc: str = "/proc/self", root: str = "") -> float | None:
 def _cpu_mount(line: str) -> tuple[bool, str, str] | None:
     """(whether cgroup v2, root, mount point) of a mountinfo line's mount where CPU quotas can
     be (cgroup2, or a v1 hierarchy with the ``cpu`` controller); None for other mounts."""
-    fields = line.split()
+    # Split on spaces only, as the kernel writes it (it escapes spaces, tabs, newlines and
+    # backslashes in paths; other whitespace in a mount point must not make fields).
+    fields = line.rstrip("\n").split(" ")
     try:
         sep = fields.index("-")
-        fstype, options = fields[sep + 1], fields[sep + 3]
+        fstype, options, root, point = fields[sep + 1], fields[sep + 3], fields[3], fields[4]
     except (ValueError, IndexError):
         return None
     if fstype == "cgroup2" or (fstype == "cgroup" and "cpu" in options.split(",")):
-        return fstype == "cgroup2", _unescape(fields[3]), _unescape(fields[4])
+        return fstype == "cgroup2", _unescape(root), _unescape(point)
     return None
 
 
@@ -101,9 +107,9 @@ def _quota(directory: str, v2: bool) -> float | None:
             with open(os.path.join(directory, "cpu.cfs_period_us"), encoding="ascii") as f:
                 period = f.read()
         q, p = (None if quota.strip() in ("max", "-1") else int(quota)), int(period)
-    except (OSError, ValueError):
+        return q / p if q is not None and q > 0 and p > 0 else None
+    except (OSError, ValueError, OverflowError):  # (ValueError: also bytes that are not text)
         return None
-    return q / p if q is not None and q > 0 and p > 0 else None
 
 
 def _unescape(field: str) -> str:

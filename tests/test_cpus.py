@@ -70,6 +70,8 @@ def _cpu_cgroup(quota_us: int, period_us: int = 100_000) -> Iterator[Path]:
     hierarchy = _cpu_hierarchy()
     if hierarchy is None:
         pytest.skip("no cgroup CPU controller to make a group in")
+    if cgroup_cpu_quota() is not None:
+        pytest.skip("this test process runs under a CPU quota, which a group made here may inherit")
     parent, v2 = hierarchy
     group = parent / f"remote-cache-test-{os.getpid()}"
     files = (
@@ -178,3 +180,51 @@ def test_unreadable_or_strange_files_mean_no_quota(tmp_path: Path) -> None:
     proc = _proc(tmp_path, "0::/a\n", _V2_MOUNT)
     _write(tmp_path, {"/sys/fs/cgroup/a/cpu.max": "lots 100000\n"})
     assert cgroup_cpu_quota(proc, str(tmp_path)) is None
+
+
+def test_hybrid_named_and_escaped_layouts(tmp_path: Path) -> None:
+    # A hybrid host: cpu on a v1 hierarchy (with optional fields before "-"), systemd's named
+    # one, the unified tree without a quota; the group deeper than a bind mount's root; a
+    # mount point with an escaped space.
+    proc = _proc(
+        tmp_path,
+        "9:name=systemd:/ci/job\n4:cpu,cpuacct:/ci/job/step\n0::/ci/job\n",
+        "25 20 0:22 / /sys/fs/cgroup/systemd rw shared:9 - cgroup cgroup rw,xattr,name=systemd\n"
+        "26 20 0:23 /ci /sys/fs/cgroup/cpu\\040acct rw shared:10 master:3 - cgroup cgroup rw,cpu,cpuacct\n"
+        "27 20 0:24 / /sys/fs/cgroup/unified rw shared:11 - cgroup2 cgroup2 rw\n"
+        "28 20 0:25 / /sys/fs/cgroup/cpuset rw shared:12 - cgroup cgroup rw,cpuset\n",
+    )
+    _write(
+        tmp_path,
+        {
+            "/sys/fs/cgroup/cpu acct/job/cpu.cfs_quota_us": "300000\n",
+            "/sys/fs/cgroup/cpu acct/job/cpu.cfs_period_us": "100000\n",
+            "/sys/fs/cgroup/cpu acct/job/step/cpu.cfs_quota_us": "-1\n",
+            "/sys/fs/cgroup/cpu acct/job/step/cpu.cfs_period_us": "100000\n",
+            "/sys/fs/cgroup/systemd/ci/job/cpu.cfs_quota_us": "10000\n",  # (not the cpu hierarchy)
+            "/sys/fs/cgroup/systemd/ci/job/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    assert cgroup_cpu_quota(proc, str(tmp_path)) == 3.0
+
+
+def test_bytes_and_lines_no_kernel_writes_mean_no_quota(tmp_path: Path) -> None:
+    # Bytes that are not UTF-8 in a mount point and a group name, a cut mountinfo line, a
+    # mount point holding other whitespace than spaces (no field boundary for the kernel), a
+    # number too big for a float.
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_bytes(b"0::/caf\xe9\n")
+    (proc / "mountinfo").write_bytes(
+        b"40 20 0:30 / /media/caf\xe9 rw - vfat /dev/sdb1 rw\n"
+        b"41 20 0:31 / /x - cgroup2\n"
+        b"42 20 0:32 / /tmp/x\xe3\x80\x80-\xe3\x80\x80cgroup2\xe3\x80\x80y rw - tmpfs none rw\n"
+        b"43 20 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    )
+    _write(tmp_path, {"/tmp/x/cpu.max": "10000 100000\n"})
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "sys/fs/cgroup/cpu.max").write_text("1" + "0" * 400 + " 1\n")
+    assert cgroup_cpu_quota(str(proc), str(tmp_path)) is None
+    (tmp_path / "sys/fs/cgroup" / "caf\udce9").mkdir()
+    (tmp_path / "sys/fs/cgroup" / "caf\udce9" / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(str(proc), str(tmp_path)) == 1.5

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from remote_cache.cpus import usable_cpus
 from tests.trees import socket_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2, reason="forks only on Linux with 2+ CPUs"
+    sys.platform != "linux" or usable_cpus() < 2, reason="forks only on Linux with 2+ CPUs to use"
 )
 
 _PRELUDE = """
