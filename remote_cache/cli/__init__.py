@@ -29,11 +29,23 @@ still in the summary line and in ``--json``. Set ``REMOTE_CACHE_DEBUG=1`` for tr
 
 from __future__ import annotations
 
-from . import commands as _commands  # noqa: F401 - registers the commands on the app
-from .app import PROG, app
-from .exit_codes import ExitCode, exit_code_for
+from typing import TYPE_CHECKING
 
-__all__ = ["ExitCode", "app", "exit_code_for", "main"]
+if TYPE_CHECKING:
+    from typer import Typer
+
+__all__ = ["PROG", "application", "main"]
+
+PROG = "remote-cache"
+
+
+def application() -> Typer:
+    """The typer application with its commands, imported when asked for: :func:`main` imports
+    it under its handling of a Ctrl-C."""
+    from . import commands  # noqa: F401 - registers the commands on the app
+    from .app import app
+
+    return app
 
 
 def main() -> None:
@@ -43,18 +55,30 @@ def main() -> None:
     stores closed) and only the interpreter's own shutdown is left: tearing down modules and
     thread pools took 0.04-0.06 s of every command. So the streams are flushed and the process
     exits with ``os._exit`` (also never racing a native library's threads at shutdown).
+
+    A Ctrl-C before the command runs (while the tool loads, or typer reads the command line)
+    ends it as one during the command does, with exit 130 and the one line (no JSON: the
+    options may not be read yet); typer alone exits 130 in silence or lets a traceback out.
     """
     import os
+    import signal
     import sys
 
     code = 1
     try:
-        app(prog_name=PROG)
+        from .app import interruption_reported
+
+        application()(prog_name=PROG)
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
+        if code == 128 + signal.SIGINT and not interruption_reported():  # typer's, for a Ctrl-C
+            _interrupted_early()
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+        _interrupted_early()
     except BaseException as exc:  # reporting failed (stdout on a full disk), or a native panic
         _last_words(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}")
     finally:
@@ -66,6 +90,14 @@ def main() -> None:
             except (OSError, ValueError):
                 code = code or 1  # a closed or full stdout is a failure to report what happened
         os._exit(code)
+
+
+def _interrupted_early() -> None:
+    import signal
+
+    from ..errors import Interrupted
+
+    _last_words(f"{PROG}: {Interrupted(signal.SIGINT)}")
 
 
 def _last_words(line: str) -> None:

@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, without_secrets
 from ..units import parse_duration
+from . import PROG
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
 
@@ -59,7 +60,6 @@ __all__ = [
     "progress_bar",
 ]
 
-PROG = "remote-cache"
 _DEBUG_ENV = "REMOTE_CACHE_DEBUG"
 _PASSWORD_ENV = "REMOTE_CACHE_PASSWORD"
 
@@ -581,12 +581,22 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
 
 def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
     """Say which signal stopped the command (and, with --json, one object saying so); exit 128+N."""
+    global _reported
+    _reported = True
     code = 128 + exc.signum
     if common.json:
         data = {"command": command, "outcome": "interrupted", "signal": exc.signal, "exit_code": code}
         sys.stdout.write(json.dumps(data) + "\n")
     _stderr_line(f"{PROG}: {exc}")
     raise typer.Exit(code)
+
+
+_reported = False
+
+
+def interruption_reported() -> bool:
+    """Whether the command said it was interrupted (else a 130 exit is typer's, for a Ctrl-C)."""
+    return _reported
 
 
 def _deadline_seconds(text: str) -> float:

@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from remote_cache.archive.pack import DEFAULT_SPOOL_BYTES
 from remote_cache.cache.save import save
 from remote_cache.cache.state import STATE_DIR_ENV
-from remote_cache.cli import ExitCode, app, exit_code_for
+from remote_cache.cli import application
+from remote_cache.cli.exit_codes import ExitCode, exit_code_for
 from remote_cache.cli.progress import TransferProgress
 from remote_cache.errors import (
     CacheMiss,
@@ -48,6 +49,8 @@ from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
 from tests.stores import backdate, layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree, small_tree, snapshot
+
+app = application()  # the object the console script runs
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:

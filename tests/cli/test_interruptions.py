@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from functools import partial
@@ -21,6 +22,7 @@ import pytest
 
 from remote_cache.archive.swap import JOURNAL
 from remote_cache.archive.target import IN_PLACE_PREFIX
+from remote_cache.cpus import usable_cpus
 from tests.cli.output import CLI, clean_env
 from tests.mounts import tmpfs
 from tests.object_servers import new_bucket, object_env
@@ -438,7 +440,7 @@ def _stop_landed(pid: int) -> bool:
     return process_state(pid) in "TZ-"
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
+@pytest.mark.skipif(usable_cpus() < 2, reason="the save walks in a child only with 2+ CPUs to use")
 def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Path, pycache: Path) -> None:
     """A stopped child must not hold the save past a signal, nor outlive it."""
     env = _env(tmp_path, pycache)
@@ -460,7 +462,7 @@ def test_a_signal_while_the_save_waits_for_its_walk_leaves_no_child(tmp_path: Pa
     assert _leftovers(Path(env["TMPDIR"])) == []
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the save walks in a child only with 2+ CPUs")
+@pytest.mark.skipif(usable_cpus() < 2, reason="the save walks in a child only with 2+ CPUs to use")
 def test_a_save_that_ends_before_its_walk_leaves_no_child_behind(tmp_path: Path, pycache: Path) -> None:
     """A usage error found after the child was forked ends the save at once: the caller's pipes
     close with it (the child holds none of its streams), and the child, left alone, ends too."""
@@ -627,3 +629,61 @@ def test_a_signal_during_extraction_stops_it_without_extracting_the_rest(
         assert proc.returncode == 143, err
         assert after < 0.4 * whole, f"{after:.2f} s to stop, {whole:.2f} s to restore it all"
         assert os.listdir(target) == [] and _leftovers(target.parent) == []
+
+
+#: Where a Ctrl-C is sent from, before the command runs: a hook at that point of the start-up.
+_EARLY_HOOKS = {
+    # while the tool's modules load (an import finder that sees the commands' module asked for)
+    "loading": """
+        class Hook:
+            def find_spec(self, name, path=None, target=None):
+                if name == "remote_cache.cli.commands":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+        sys.meta_path.insert(0, Hook())
+    """,
+    # while typer builds the commands from their signatures (outside click's own handling)
+    "building": """
+        import typer.main
+        build = typer.main.get_command
+        def hooked(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return build(*args)
+        typer.main.get_command = hooked
+    """,
+    # while click reads the command line (where typer turns a KeyboardInterrupt into exit 130)
+    "parsing": """
+        from remote_cache.cli import app
+        spell = app._flag_values
+        def hooked(args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return spell(args)
+        app._flag_values = hooked
+    """,
+}
+
+
+@pytest.mark.parametrize("where", sorted(_EARLY_HOOKS))
+def test_a_ctrl_c_before_the_command_runs_is_an_interruption(
+    where: str, tmp_path: Path, pycache: Path
+) -> None:
+    """A Ctrl-C while the tool loads, while typer builds its commands or while it reads the
+    command line ends the command as one during it does: exit 130 and its one line -- not a
+    traceback, typer's silent 130, or an "unexpected KeyboardInterrupt" error (exit 1)."""
+    src = tmp_path / "src"
+    make_tree(src, small_files=3)
+    code = "\n".join(
+        [
+            "import os, signal, sys",
+            textwrap.dedent(_EARLY_HOOKS[where]),
+            "sys.argv[0] = 'remote-cache'",
+            "from remote_cache.cli import main",
+            "main()",
+        ]
+    )
+    args = ["save", str(src), f"oci:{tmp_path / 'layout'}:k", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], env=_env(tmp_path, pycache), capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout) == (130, ""), proc.stderr
+    assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
