@@ -66,16 +66,17 @@ def main() -> None:
 
     code = 1
     try:
-        from .app import interruption_reported
-
         application()(prog_name=PROG)
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
-        if code == 128 + signal.SIGINT and not interruption_reported():  # typer's, for a Ctrl-C
-            _interrupted_early()
+        if code == 128 + signal.SIGINT:
+            from .app import interruption_reported
+
+            if not interruption_reported():  # typer's own exit for a Ctrl-C
+                _interrupted_early()
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT
         _interrupted_early()
