@@ -565,14 +565,11 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         outcome = asyncio.run(_main(body, common, deadline))
     except Interrupted as exc:
         _interrupted(command, common, exc)
-    except KeyboardInterrupt:  # before the handlers were in place
-        import signal
-
-        _interrupted(command, common, Interrupted(signal.SIGINT))
     except Exception as exc:
         if debug:
             _debug_traceback(common)
         outcome = _failure(command, exc, common)
+    _settled()
     if common.fail_open and outcome.code not in (ExitCode.OK, ExitCode.USAGE):
         outcome = _failed_open(outcome, common)
     _report(command, outcome, common)
@@ -582,6 +579,7 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
 def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
     """Say which signal stopped the command (and, with --json, one object saying so); exit 128+N."""
     global _reported
+    _settled()
     _reported = True
     code = 128 + exc.signum
     if common.json:
@@ -589,6 +587,14 @@ def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
         sys.stdout.write(json.dumps(data) + "\n")
     _stderr_line(f"{PROG}: {exc}")
     raise typer.Exit(code)
+
+
+def _settled() -> None:
+    """The outcome is settled and its report comes next: a Ctrl-C now would only contradict it
+    (the work it reports is done), so it is ignored; a SIGTERM still ends the process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _reported = False
@@ -683,12 +689,11 @@ def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
         def command(ctx: typer.Context, **options: Any) -> None:
             common = _merged(ctx, Common(*(options.pop(p.name) for p in _COMMON_PARAMS)))
             try:
-                body = plan(**options)
-            except KeyboardInterrupt:  # (a save forks while it plans: a Ctrl-C may land there)
+                _run(name, common, plan(**options))
+            except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers are in (or after)
                 import signal
 
                 _interrupted(name, common, Interrupted(signal.SIGINT))
-            _run(name, common, body)
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         own = inspect.signature(plan, eval_str=True).parameters.values()

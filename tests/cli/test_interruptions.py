@@ -653,7 +653,8 @@ _EARLY_HOOKS = {
     """,
     # while click reads the command line (where typer turns a KeyboardInterrupt into exit 130)
     "parsing": """
-        from remote_cache.cli import app
+        import importlib
+        app = importlib.import_module("remote_cache.cli.app")
         spell = app._flag_values
         def hooked(args):
             os.kill(os.getpid(), signal.SIGINT)
@@ -663,6 +664,25 @@ _EARLY_HOOKS = {
 }
 
 
+def _save_with_hook(hook: str, tmp_path: Path, pycache: Path) -> subprocess.CompletedProcess[str]:
+    """``remote-cache save ... --json`` in a fresh interpreter, ``hook`` run first."""
+    src = tmp_path / "src"
+    make_tree(src, small_files=3)
+    code = "\n".join(
+        [
+            "import os, signal, sys",
+            textwrap.dedent(hook),
+            "sys.argv[0] = 'remote-cache'",
+            "from remote_cache.cli import main",
+            "main()",
+        ]
+    )
+    args = ["save", str(src), f"oci:{tmp_path / 'layout'}:k", "--json"]
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=_env(tmp_path, pycache), capture_output=True, text=True
+    )
+
+
 @pytest.mark.parametrize("where", sorted(_EARLY_HOOKS))
 def test_a_ctrl_c_before_the_command_runs_is_an_interruption(
     where: str, tmp_path: Path, pycache: Path
@@ -670,20 +690,41 @@ def test_a_ctrl_c_before_the_command_runs_is_an_interruption(
     """A Ctrl-C while the tool loads, while typer builds its commands or while it reads the
     command line ends the command as one during it does: exit 130 and its one line -- not a
     traceback, typer's silent 130, or an "unexpected KeyboardInterrupt" error (exit 1)."""
-    src = tmp_path / "src"
-    make_tree(src, small_files=3)
-    code = "\n".join(
-        [
-            "import os, signal, sys",
-            textwrap.dedent(_EARLY_HOOKS[where]),
-            "sys.argv[0] = 'remote-cache'",
-            "from remote_cache.cli import main",
-            "main()",
-        ]
-    )
-    args = ["save", str(src), f"oci:{tmp_path / 'layout'}:k", "--json"]
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], env=_env(tmp_path, pycache), capture_output=True, text=True
-    )
+    proc = _save_with_hook(_EARLY_HOOKS[where], tmp_path, pycache)
     assert (proc.returncode, proc.stdout) == (130, ""), proc.stderr
     assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
+
+
+def test_a_ctrl_c_once_the_options_are_read_gets_its_json(tmp_path: Path, pycache: Path) -> None:
+    """Sent while the command starts its event loop (asyncio imported), the Ctrl-C is reported
+    with the JSON object --json asked for."""
+    hook = """
+        class Hook:
+            def find_spec(self, name, path=None, target=None):
+                if name == "asyncio":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+        sys.meta_path.insert(0, Hook())
+    """
+    proc = _save_with_hook(hook, tmp_path, pycache)
+    assert proc.returncode == 130, proc.stderr
+    assert json.loads(proc.stdout)["outcome"] == "interrupted", proc.stdout
+    assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
+
+
+def test_a_ctrl_c_while_the_outcome_is_reported_changes_nothing(tmp_path: Path, pycache: Path) -> None:
+    """The save is done when its report is written: a Ctrl-C then neither changes its exit code
+    nor adds a line saying it was interrupted."""
+    hook = """
+        import importlib
+        app = importlib.import_module("remote_cache.cli.app")
+        report = app._report
+        def hooked(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return report(*args)
+        app._report = hooked
+    """
+    proc = _save_with_hook(hook, tmp_path, pycache)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outcome"] == "saved", proc.stdout
+    assert "interrupted" not in proc.stderr, proc.stderr
