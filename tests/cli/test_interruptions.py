@@ -631,17 +631,22 @@ def test_a_signal_during_extraction_stops_it_without_extracting_the_rest(
         assert os.listdir(target) == [] and _leftovers(target.parent) == []
 
 
-#: Where a Ctrl-C is sent from, before the command runs: a hook at that point of the start-up.
-_EARLY_HOOKS = {
-    # while the tool's modules load (an import finder that sees the commands' module asked for)
-    "loading": """
+def _sigint_when_imported(module: str) -> str:
+    """A hook sending SIGINT when ``module`` is about to be imported (an import finder's look)."""
+    return f"""
         class Hook:
             def find_spec(self, name, path=None, target=None):
-                if name == "remote_cache.cli.commands":
+                if name == {module!r}:
                     os.kill(os.getpid(), signal.SIGINT)
                 return None
         sys.meta_path.insert(0, Hook())
-    """,
+    """
+
+
+#: Where a Ctrl-C is sent from, before the command runs: a hook at that point of the start-up.
+_EARLY_HOOKS = {
+    # while the tool's modules load
+    "loading": _sigint_when_imported("remote_cache.cli.commands"),
     # while typer builds the commands from their signatures (outside click's own handling)
     "building": """
         import typer.main
@@ -698,15 +703,7 @@ def test_a_ctrl_c_before_the_command_runs_is_an_interruption(
 def test_a_ctrl_c_once_the_options_are_read_gets_its_json(tmp_path: Path, pycache: Path) -> None:
     """Sent while the command starts its event loop (asyncio imported), the Ctrl-C is reported
     with the JSON object --json asked for."""
-    hook = """
-        class Hook:
-            def find_spec(self, name, path=None, target=None):
-                if name == "asyncio":
-                    os.kill(os.getpid(), signal.SIGINT)
-                return None
-        sys.meta_path.insert(0, Hook())
-    """
-    proc = _save_with_hook(hook, tmp_path, pycache)
+    proc = _save_with_hook(_sigint_when_imported("asyncio"), tmp_path, pycache)
     assert proc.returncode == 130, proc.stderr
     assert json.loads(proc.stdout)["outcome"] == "interrupted", proc.stdout
     assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
