@@ -7,13 +7,14 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,6 +52,16 @@ from tests.stores import backdate, layout_blob, layout_document, layout_top
 from tests.trees import assert_same_tree, one_file_tree, small_tree, snapshot
 
 app = application()  # the object the console script runs
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_kept() -> Iterator[None]:
+    """A command ignores SIGINT once its outcome is settled (the CLI runs one command per
+    process): put pytest's own handler back after each in-process run, or every later test's
+    subprocesses would start with SIGINT ignored."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 async def _save(ref_text: str, key: str, tmp_path: Path, *, days_ago: int = 0) -> None:

@@ -676,6 +676,9 @@ def _save_with_hook(hook: str, tmp_path: Path, pycache: Path) -> subprocess.Comp
     code = "\n".join(
         [
             "import os, signal, sys",
+            # A Ctrl-C as a terminal delivers it: a shell's background job starts with SIGINT
+            # ignored, and Python then leaves it ignored until the command's loop takes it.
+            "signal.signal(signal.SIGINT, signal.default_int_handler)",
             textwrap.dedent(hook),
             "sys.argv[0] = 'remote-cache'",
             "from remote_cache.cli import main",
