@@ -125,6 +125,11 @@ def _proc(tmp_path: Path, cgroup: str, mountinfo: str) -> str:
     return str(proc)
 
 
+def _v1_quota(group: str, quota_us: int) -> dict[str, str]:
+    """A v1 group's quota files (a period of 100 ms), for :func:`_write`."""
+    return {f"{group}/cpu.cfs_quota_us": f"{quota_us}\n", f"{group}/cpu.cfs_period_us": "100000\n"}
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name.lstrip("/")
@@ -165,13 +170,7 @@ def test_a_container_sees_its_own_group_at_the_mount_root(tmp_path: Path) -> Non
         "700 690 0:40 /docker/abc /sys/fs/cgroup/cpu,cpuacct ro,nosuid - cgroup cgroup rw,cpu,cpuacct\n"
         "701 690 0:41 /docker/abc /sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory\n",
     )
-    _write(
-        tmp_path,
-        {
-            "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "200000\n",
-            "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
-        },
-    )
+    _write(tmp_path, _v1_quota("/sys/fs/cgroup/cpu,cpuacct", 200_000))
     assert cgroup_cpu_quota(proc, str(tmp_path)) == 2.0
 
 
@@ -197,12 +196,9 @@ def test_hybrid_named_and_escaped_layouts(tmp_path: Path) -> None:
     _write(
         tmp_path,
         {
-            "/sys/fs/cgroup/cpu acct/job/cpu.cfs_quota_us": "300000\n",
-            "/sys/fs/cgroup/cpu acct/job/cpu.cfs_period_us": "100000\n",
-            "/sys/fs/cgroup/cpu acct/job/step/cpu.cfs_quota_us": "-1\n",
-            "/sys/fs/cgroup/cpu acct/job/step/cpu.cfs_period_us": "100000\n",
-            "/sys/fs/cgroup/systemd/ci/job/cpu.cfs_quota_us": "10000\n",  # (not the cpu hierarchy)
-            "/sys/fs/cgroup/systemd/ci/job/cpu.cfs_period_us": "100000\n",
+            **_v1_quota("/sys/fs/cgroup/cpu acct/job", 300_000),
+            **_v1_quota("/sys/fs/cgroup/cpu acct/job/step", -1),
+            **_v1_quota("/sys/fs/cgroup/systemd/ci/job", 10_000),  # (not the cpu hierarchy)
         },
     )
     assert cgroup_cpu_quota(proc, str(tmp_path)) == 3.0

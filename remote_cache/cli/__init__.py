@@ -73,9 +73,9 @@ def main() -> None:
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
         if code == 128 + signal.SIGINT:
-            from .app import interruption_reported
+            from .app import outcome_settled
 
-            if not interruption_reported():  # typer's own exit for a Ctrl-C
+            if not outcome_settled():  # typer's own exit for a Ctrl-C
                 _interrupted_early()
     except KeyboardInterrupt:
         code = 128 + signal.SIGINT

@@ -569,7 +569,7 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
         if debug:
             _debug_traceback(common)
         outcome = _failure(command, exc, common)
-    _settled()
+    _settle()
     if common.fail_open and outcome.code not in (ExitCode.OK, ExitCode.USAGE):
         outcome = _failed_open(outcome, common)
     _report(command, outcome, common)
@@ -578,9 +578,7 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
 
 def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
     """Say which signal stopped the command (and, with --json, one object saying so); exit 128+N."""
-    global _reported
-    _settled()
-    _reported = True
+    _settle()
     code = 128 + exc.signum
     if common.json:
         data = {"command": command, "outcome": "interrupted", "signal": exc.signal, "exit_code": code}
@@ -589,20 +587,23 @@ def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _settled() -> None:
+_settled = False
+
+
+def _settle() -> None:
     """The outcome is settled and its report comes next: a Ctrl-C now would only contradict it
     (the work it reports is done), so it is ignored; a SIGTERM still ends the process."""
+    global _settled
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _settled = True
 
 
-_reported = False
-
-
-def interruption_reported() -> bool:
-    """Whether the command said it was interrupted (else a 130 exit is typer's, for a Ctrl-C)."""
-    return _reported
+def outcome_settled() -> bool:
+    """Whether the command reached its report (an exit of 130 then is its own interruption's,
+    reported; else typer's, for a Ctrl-C before the command ran)."""
+    return _settled
 
 
 def _deadline_seconds(text: str) -> float:
