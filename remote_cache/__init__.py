@@ -3,7 +3,8 @@
 The package, by layer (``tests/test_boundaries.py`` holds the directions):
 
 * the engine-independent core, importing no ``dagger``:
-  :mod:`.cpus`, :mod:`.errors`, :mod:`.keys`, :mod:`.units`, :mod:`.tasks`, :mod:`.version` (shared by all),
+  :mod:`.cpus`, :mod:`.errors`, :mod:`.keys`, :mod:`.records`, :mod:`.units`, :mod:`.tasks`,
+  :mod:`.version` (shared by all),
   :mod:`.oci` (the OCI vocabulary, references, credentials, the layout and registry stores),
   :mod:`.archive` (a directory tree as deterministic layer tars, and back; no OCI),
   :mod:`.cache` (the cache image, save, restore, entries, this machine's evidence);

@@ -1,7 +1,7 @@
 """The layers of ``remote_cache`` and their dependency directions, checked by import and by source.
 
-* shared: ``cpus``, ``errors``, ``home``, ``keys``, ``units``, ``tasks``, ``version`` -- import nothing
-  else of ours;
+* shared: ``cpus``, ``errors``, ``home``, ``keys``, ``records``, ``units``, ``tasks``,
+  ``version`` -- import nothing else of ours;
 * ``oci/`` -- the OCI vocabulary and the stores: knows nothing of caches, archives, the CLI or Dagger;
 * ``archive/`` -- the archive format: knows nothing of OCI, HTTP, caches, the CLI or Dagger;
 * ``cache/`` -- cache semantics over both: knows nothing of the CLI or Dagger;
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "remote_cache"
 BACKEND = ROOT / "remote_backend" / "src" / "remote_backend"
-SHARED = {"cpus", "errors", "home", "keys", "units", "tasks", "version"}
+SHARED = {"cpus", "errors", "home", "keys", "records", "units", "tasks", "version"}
 #: Layer -> the layers of ours it may import (besides itself and the shared modules).
 ALLOWED: dict[str, set[str]] = {
     "shared": set(),
@@ -48,9 +48,10 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "dagger": {"typer", "rich"},
     "package": {"dagger", "typer", "rich"},
 }
-#: Third-party packages no layer imports: the registry client is http.client
-#: (oci/registry/threaded.py), httpx measured slower.
-FORBIDDEN_EVERYWHERE = {"httpx"}
+#: Packages no layer imports: the registry client is http.client (oci/registry/threaded.py),
+#: httpx measured slower; record classes are msgspec Structs (records.py): a dataclass is compiled
+#: when its module is imported, which every command paid for.
+FORBIDDEN_EVERYWHERE = {"httpx", "dataclasses"}
 #: (file, enclosing function, imported layer) allowed anyway: the runtime finds the main object
 #: as `remote_cache:RemoteCache`, and `python -m remote_cache` runs the CLI.
 EXCEPTIONS = {("__init__.py", "__getattr__", "dagger"), ("__main__.py", "", "cli")}
@@ -131,6 +132,7 @@ def test_imports_follow_the_layers(path: Path) -> None:
     [
         ("remote_cache.archive.pack", "from ..oci.media import OCI_LAYER_ZSTD\n", "layer oci"),
         ("remote_cache.archive.pack", "import httpx\n", "imports httpx"),
+        ("remote_cache.oci.descriptor", "from dataclasses import dataclass\n", "imports dataclasses"),
         ("remote_cache.oci.registry.transport", "def f():\n    import httpx\n", "imports httpx"),
         ("remote_cache.oci.store", "def f():\n    from ..cache import save\n", "layer cache"),
         ("remote_cache.oci.registry.store", "from ...archive.tar import Member\n", "layer archive"),

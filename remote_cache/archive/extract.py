@@ -37,9 +37,10 @@ import logging
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from msgspec import Struct
 
 from ..errors import ImageFormatError, UnsafeArchive
 from .decompress import EndOfLayers, Feeder
@@ -60,8 +61,7 @@ _S_IFREG = stat.S_IFREG
 _Meta = tuple[int, int, int, int]  # mode, uid, gid, mtime (ns)
 
 
-@dataclass
-class ExtractStats:
+class ExtractStats(Struct):
     """What an extraction wrote."""
 
     layers: int = 0

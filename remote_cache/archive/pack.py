@@ -21,10 +21,10 @@ import zlib
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+from msgspec import Struct
 
 from ..cpus import usable_cpus
 from ..errors import TreeChanged
@@ -49,8 +49,7 @@ ZSTD_MT_ABOVE = 32 << 20
 _BUF = 4 << 20  # feed the compressor and hashes in chunks of this size
 
 
-@dataclass(frozen=True)
-class PackedLayer:
+class PackedLayer(Struct, frozen=True):
     """One compressed layer blob: its compression, digest, size, diff_id, and the bytes (or spool file)."""
 
     compression: Compression

@@ -49,10 +49,13 @@ import itertools
 import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
+from msgspec import Struct
+from msgspec.structs import replace
+
+from ..records import shown
 from .tar import DIR, FILE, HARDLINK, Member
 from .walk import TreeIdentity, TreeStats, walk_tree
 
@@ -85,8 +88,7 @@ MAX_GENERATIONS = 8
 FUTURE_SLACK = 24 * 3600
 
 
-@dataclass(frozen=True)
-class LayerPlan:
+class LayerPlan(Struct, frozen=True):
     """The members of one layer, in archive order, and their tar size (without the end blocks)."""
 
     index: int
@@ -94,8 +96,7 @@ class LayerPlan:
     tar_bytes: int
 
 
-@dataclass(frozen=True)
-class TreeScan:
+class TreeScan(Struct, frozen=True, dict=True):  # dict: a cached_property
     """A scanned tree: its root, the layer plans in order, the stats and its identity; the walked
     members and the sizes they were cut with, to cut them again at other generation bounds."""
 
@@ -105,7 +106,10 @@ class TreeScan:
     identity: TreeIdentity | None = None
     members: tuple[Member, ...] = ()
     bounds: tuple[int, ...] = ()
-    sizes: tuple[int, int] = field(default=(0, 0), repr=False)
+    sizes: tuple[int, int] = (0, 0)
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"sizes"})
 
     @cached_property
     def _bytes_by_mtime(self) -> dict[int, int]:

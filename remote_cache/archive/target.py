@@ -29,9 +29,10 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from msgspec import Struct
 
 from ..errors import UnfinishedSwap, UnsuitableTarget, os_reason
 from .mounts import filesystem_type, is_mount_point, mounts_below
@@ -53,8 +54,7 @@ __all__ = [
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
-class RestoreTarget:
+class RestoreTarget(Struct, frozen=True):
     """Where to restore: ``path`` (symlinks resolved), and where the work directory goes."""
 
     path: Path

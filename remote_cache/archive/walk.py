@@ -17,9 +17,10 @@ import stat
 import sys
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
+
+from msgspec import Struct, field
 
 from ..errors import TreeTooDeep
 from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, WHITEOUT_PREFIX, Member
@@ -39,8 +40,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Special:
+class Special(Struct, frozen=True):
     """A special file the walk left out: its path (from the root) and what it is."""
 
     path: str
@@ -69,8 +69,7 @@ def _special_kind(mode: int) -> str:
     return "special file"  # none other on Linux; a door or whiteout elsewhere
 
 
-@dataclass
-class TreeStats:
+class TreeStats(Struct):
     """What a walk found: counts, data bytes, and the special files it left out."""
 
     files: int = 0
@@ -81,8 +80,7 @@ class TreeStats:
     skipped: list[Special] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class TreeIdentity:
+class TreeIdentity(Struct, frozen=True):
     """Every entry's name, inode, ctime, mode, size and mtime, in walk order, digested; and the
     ctimes (to tell whether any was still fresh).
 
@@ -297,8 +295,7 @@ def tree_identity(root: Path, stats: TreeStats | None = None) -> TreeIdentity:
 # what one walk does too (tree_identity), so that there is only one way to make it.
 
 
-@dataclass(frozen=True)
-class TreeSplit:
+class TreeSplit(Struct, frozen=True):
     """A tree split for walking: its root's ``lstat``, the directories listed ahead (by path
     from the root, ``""`` the root) and the subtrees below them left to walk, in walk order."""
 
@@ -308,8 +305,7 @@ class TreeSplit:
     parts: list[str]
 
 
-@dataclass(frozen=True)
-class IdentityPart:
+class IdentityPart(Struct, frozen=True):
     """The identity's parts from the walk of the directory at ``rel`` and all below it."""
 
     rel: str

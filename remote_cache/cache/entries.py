@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from msgspec import Struct
 
 from ..errors import (
     BlobUnreadable,
@@ -28,6 +29,7 @@ from ..errors import (
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor, referenced_by
 from ..oci.store import Store
+from ..records import compared, shown
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import (
@@ -56,8 +58,7 @@ __all__ = [
 log = logging.getLogger("remote_cache")
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Struct, frozen=True):
     """One cache entry. Fields a foreign image lacks are None; ``error`` says why it is unreadable
     (``unread``: because the store would not let it be read, see :func:`_unread`)."""
 
@@ -69,9 +70,20 @@ class Entry:
     files: int | None = None
     compressed_size: int | None = None
     tool: str | None = None
-    layers: tuple[Descriptor, ...] = field(default=(), compare=False)
+    layers: tuple[Descriptor, ...] = ()
     error: str | None = None
-    unread: BlobUnreadable | None = field(default=None, compare=False, repr=False)
+    unread: BlobUnreadable | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return compared(self, {"layers", "unread"}) == compared(other, {"layers", "unread"})
+
+    def __hash__(self) -> int:
+        return hash(compared(self, {"layers", "unread"}))
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"unread"})
 
     def to_json(self, *, with_layers: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict (``created`` as RFC 3339)."""
@@ -191,8 +203,7 @@ def _newest_first(entries: list[Entry]) -> list[Entry]:
     return sorted(entries, key=lambda e: (e.created or _OLDEST, e.tag), reverse=True)
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(Struct, frozen=True):
     """The entry a lookup chose: by the exact key, or by a restore-key prefix (a fallback)."""
 
     #: The entry's real key (its ``dev.remote-cache.key`` annotation, else the tag).
@@ -203,7 +214,18 @@ class Match:
     #: True: the exact key; False: a restore-key (prefix) fallback.
     exact: bool
     #: The entry's image when the lookup read it (``find_entry(read_image=True)``).
-    image: CacheImage | None = field(default=None, compare=False, repr=False)
+    image: CacheImage | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return compared(self, {"image"}) == compared(other, {"image"})
+
+    def __hash__(self) -> int:
+        return hash(compared(self, {"image"}))
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"image"})
 
 
 async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, CacheImage] | None:
@@ -379,8 +401,7 @@ async def _delete(store: Store, entry: Entry) -> None:
         ) from exc
 
 
-@dataclass(frozen=True)
-class Freed:
+class Freed(Struct, frozen=True):
     """What a sweep freed: blobs no entry used any more (and no save relied on lately)."""
 
     blobs: int
@@ -435,8 +456,7 @@ async def _every_tags_refs(store: Store) -> _Refs:
     return refs
 
 
-@dataclass(frozen=True)
-class Removed:
+class Removed(Struct, frozen=True):
     """What :func:`remove` deleted: the entry, and the other tags that went with its manifest."""
 
     entry: Entry

@@ -77,9 +77,10 @@ import stat
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from msgspec import Struct, field
 
 from ..archive.tar import DIR, FILE
 from ..oci.descriptor import Descriptor
@@ -162,8 +163,7 @@ def fs_settle(probe: Path) -> int:
     return first
 
 
-@dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(Struct, frozen=True):
     """A stored layer as a state file remembers it: enough to put it in a manifest unread."""
 
     media_type: str
@@ -176,8 +176,7 @@ class LayerRecord:
         return Descriptor(self.media_type, self.digest, self.size, annotations=annotations or {})
 
 
-@dataclass(frozen=True)
-class LocalLayer:
+class LocalLayer(Struct, frozen=True):
     """A planned layer's listings: portable (for the annotation) and local (the state key)."""
 
     #: SHA-256 of the portable listing (what the ``dev.remote-cache.listing`` annotation holds).
@@ -224,8 +223,7 @@ def local_layers(scan: TreeScan, bound_ns: int, *, mtime_bound: int | None = Non
     return out
 
 
-@dataclass(frozen=True)
-class TreeRecord:
+class TreeRecord(Struct, frozen=True):
     """What the last save of a directory produced, under the tree fingerprint it started from."""
 
     fingerprint: str
@@ -250,8 +248,7 @@ def tree_fingerprint(identity: TreeIdentity, bound_ns: int) -> str | None:
     return identity.digest
 
 
-@dataclass(frozen=True)
-class RestoredTree:
+class RestoredTree(Struct, frozen=True):
     """The entry a restore wrote whole into its directory (see the module docstring)."""
 
     location: str
@@ -291,8 +288,7 @@ def facts_digest(modes: int, mtimes_ns: int) -> str:
     return "sha256:" + hashlib.sha256(f"remote-cache facts v1\0{modes} {mtimes_ns}".encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class RestoreWindow:
+class RestoreWindow(Struct, frozen=True):
     """What a restore recorded for its target: the image layers it extracted, and when."""
 
     #: :func:`fs_clock_ns` before extraction began: every extracted file's ctime is at or after it.
@@ -412,8 +408,7 @@ def _parents_of(files: list[Member], dirs: dict[str, int]) -> str | None:
     return parents_digest(found)
 
 
-@dataclass(frozen=True)
-class Evidence:
+class Evidence(Struct, frozen=True):
     """Everything this machine recorded about one directory (empty when it recorded nothing)."""
 
     #: (local listing digest, media type) -> the stored layer it was saved as.

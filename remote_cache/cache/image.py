@@ -13,9 +13,10 @@ import itertools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from msgspec import Struct, field
 
 from ..errors import BrokenEntry, CacheMiss, ImageFormatError
 from ..oci.descriptor import Descriptor, Platform, parse_json
@@ -80,16 +81,14 @@ _MAX_BOUNDS = 64
 _BOUNDS = re.compile(r"-?[0-9]{1,18}(?:,-?[0-9]{1,18})*", re.ASCII)
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(Struct, frozen=True):
     """A small JSON document (config, manifest, index) with its descriptor."""
 
     descriptor: Descriptor
     body: bytes
 
 
-@dataclass(frozen=True)
-class BuiltImage:
+class BuiltImage(Struct, frozen=True):
     """Everything a save pushes besides the layers: configs, manifests, then the index (tagged)."""
 
     configs: tuple[Blob, ...]
@@ -226,8 +225,7 @@ def parse_index(body: bytes, media_type: str = OCI_INDEX) -> tuple[list[Descript
     return [Descriptor.from_json(m) for m in raw], _annotations(obj)
 
 
-@dataclass(frozen=True)
-class ParsedManifest:
+class ParsedManifest(Struct, frozen=True):
     """An image manifest reduced to what a restore needs."""
 
     config: Descriptor
@@ -273,8 +271,7 @@ def _pick(manifests: Sequence[Descriptor]) -> Descriptor:
     return candidates[0]
 
 
-@dataclass(frozen=True)
-class CacheImage:
+class CacheImage(Struct, frozen=True):
     """A cache entry as read from a store: the top-level digest, the chosen manifest, its layers."""
 
     descriptor: Descriptor

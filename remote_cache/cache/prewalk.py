@@ -42,9 +42,10 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+from msgspec import Struct
 
 from ..archive.mounts import mounts_below
 from ..archive.target import holds_restore_work
@@ -81,8 +82,7 @@ _CHUNKS = 64
 _PIPE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Walked:
+class Walked(Struct, frozen=True):
     """A tree as the unchanged check needs it: its identity, its directory (device, inode) taken
     before the walk, what is mounted below it taken after (None: unknown) and the special files
     the walk left out; ``bound`` is :func:`~.evidence.clock_ns` read before the walk."""
@@ -247,8 +247,7 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(frozen=True)
-class _Started:
+class _Started(Struct, frozen=True):
     """What the walk began with, in the parent: read before the fork."""
 
     bound: int

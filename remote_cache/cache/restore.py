@@ -22,12 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
 
 import anyio
 import anyio.to_thread
+from msgspec import Struct
+from msgspec.structs import asdict, replace
 
 from ..archive.extract import Extractor, ExtractStats
 from ..archive.sparse import write_all
@@ -69,8 +70,7 @@ from .spool import Aborted, GrowingFile, caused_by_abort
 __all__ = ["RestoreResult", "restore"]
 
 
-@dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(Struct, frozen=True):
     """What a restore did."""
 
     key: str

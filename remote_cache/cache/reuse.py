@@ -8,11 +8,11 @@ from, never vouch for content.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
+from msgspec import Struct
 
 from ..archive.plan import TreeScan
 from ..archive.walk import TreeStats
@@ -171,8 +171,7 @@ def _vouched(
     return hits
 
 
-@dataclass(frozen=True)
-class Reuse:
+class Reuse(Struct, frozen=True):
     """Planned layers stored already: position -> (descriptor, diff_id), and the key they came from."""
 
     slots: dict[int, tuple[Descriptor, str]]

@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Generator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+from msgspec import Struct, to_builtins
+from msgspec.structs import replace
 
 from ..archive.codecs import Compression, check_compression, check_level
 from ..archive.plan import LayerPlan, TreeScan, scan_tree
@@ -94,8 +95,7 @@ def _shown(path: str) -> str:
     return path if path.isprintable() else repr(path)
 
 
-@dataclass(frozen=True)
-class SaveResult:
+class SaveResult(Struct, frozen=True):
     """What a save did: where the entry is, and how much was (re)uploaded."""
 
     key: str
@@ -148,11 +148,10 @@ class SaveResult:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field, plus ``outcome`` (the status) and ``special_files``."""
-        return {"outcome": self.status, **asdict(self), "special_files": self.special_files}
+        return {"outcome": self.status, **to_builtins(self), "special_files": self.special_files}
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(Struct, frozen=True):
     """The planned tree: layers, their local listings and annotations, and what the store holds."""
 
     scan: TreeScan
@@ -284,8 +283,7 @@ def _warn_special(path: Path, result: SaveResult) -> SaveResult:
     return result
 
 
-@dataclass(frozen=True)
-class _Job:
+class _Job(Struct, frozen=True):
     """What one save was asked to do (the arguments of :func:`save`, checked)."""
 
     store: Store

@@ -22,9 +22,10 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, TypeGuard, TypeVar
+
+from msgspec.structs import asdict, replace
 
 from ..errors import os_reason
 from ..home import home
@@ -156,11 +157,12 @@ def _parse_window(raw: Any) -> RestoreWindow | None:
 
 
 def _parse_record(raw: Any, cls: type[_R], digests: tuple[str, ...]) -> _R | None:
-    """A record of dataclass ``cls`` from JSON: exactly its fields, each a string where the class
+    """A record of class ``cls`` from JSON: exactly its fields, each a string where the class
     says ``str`` (``digests`` digests) and a non-negative int elsewhere; None when anything is off."""
-    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(cls)}:
+    names = cls.__struct_fields__
+    if not isinstance(raw, dict) or set(raw) != set(names):
         return None
-    text = {f.name for f in fields(cls) if f.type in (str, "str")}
+    text = {n for n in names if cls.__annotations__[n] == "str"}  # annotations as written: postponed
     if not all(isinstance(raw[k], str) if k in text else _int(raw[k]) for k in raw):
         return None
     if not all(is_digest(raw[k]) for k in digests):

@@ -16,14 +16,16 @@ import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypedDict, TypeVar
 
 import typer
+from msgspec import Struct
+from msgspec.structs import fields, replace
 from typer.core import TyperGroup
 
 from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, without_secrets
+from ..records import shown
 from ..units import parse_duration
 from . import PROG
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
@@ -111,8 +113,7 @@ app = typer.Typer(
 # Common options
 
 
-@dataclass(frozen=True)
-class Common:
+class Common(Struct, frozen=True):
     """Options every command takes."""
 
     username: str | None = None
@@ -128,7 +129,10 @@ class Common:
     json: bool = False
     quiet: bool = False
     fail_open: bool = False
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"password"})
 
 
 class Writes(TypedDict, total=False):
@@ -457,8 +461,7 @@ async def open_repository(
 # Running a command and reporting its outcome
 
 
-@dataclass
-class Outcome:
+class Outcome(Struct):
     """What a command did: exit code, one summary line for stderr, facts for --json, stdout text."""
 
     code: ExitCode

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from ..archive.owners import STAT_FORMAT
 
@@ -162,8 +163,7 @@ PUT_OWNERS = (
 )
 
 
-@dataclass(frozen=True)
-class CopyStatus:
+class CopyStatus(Struct, frozen=True):
     """What COPY_OUT decided: ``state`` is ``changed`` (copied), ``unchanged`` or ``too-big`` (not copied)."""
 
     state: str

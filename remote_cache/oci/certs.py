@@ -16,8 +16,9 @@ import logging
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from ..errors import InvalidConfigFile, os_reason
 from ..home import home
@@ -29,8 +30,7 @@ log = logging.getLogger("remote_cache")
 _SYSTEM_CERT_DIRS = (Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 
 
-@dataclass(frozen=True)
-class TlsOptions:
+class TlsOptions(Struct, frozen=True):
     """How to use TLS with a registry.
 
     ``verify`` False skips certificate verification and, as skopeo's ``--tls-verify=false``,
@@ -42,8 +42,7 @@ class TlsOptions:
     cert_dir: Path | None = None
 
 
-@dataclass(frozen=True)
-class CertDir:
+class CertDir(Struct, frozen=True):
     """The certificates of one directory: CA files to trust, (certificate, key) pairs to present."""
 
     path: Path

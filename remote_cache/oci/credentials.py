@@ -30,12 +30,14 @@ import logging
 import os
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msgspec import Struct
+
 from ..errors import InvalidConfigFile, RegistryAuthError
 from ..home import home
+from ..records import shown
 
 __all__ = [
     "ENV_AUTH_FILE",
@@ -72,8 +74,7 @@ _TOKEN_USERNAME = "<token>"
 _HELPER_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Struct, frozen=True):
     """A username and secret for one registry. The secret never appears in ``repr``.
 
     When ``identity_token`` is set (``docker login`` with an OAuth identity), it is sent as an
@@ -81,8 +82,11 @@ class Credentials:
     """
 
     username: str
-    password: str = field(repr=False)
-    identity_token: str | None = field(default=None, repr=False)
+    password: str
+    identity_token: str | None = None
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"password", "identity_token"})
 
 
 def docker_config_path(environ: Mapping[str, str] | None = None) -> Path | None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec import Struct, field
+
 from ..errors import ImageFormatError
+from ..records import compared
 from .digest import check_digest, sha256_digest
 
 __all__ = [
@@ -38,8 +40,7 @@ def parse_json(body: bytes | str) -> Any:
         raise JSONTooDeep("its arrays and objects nest too deeply to parse") from None
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(Struct, frozen=True):
     """An image platform (``linux/amd64``, ``linux/arm64/v8``)."""
 
     os: str = "linux"
@@ -64,15 +65,27 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
-@dataclass(frozen=True)
-class Descriptor:
+#: The fields a Descriptor's equality and hash leave out.
+_DESCRIBING = frozenset({"annotations", "platform"})
+
+
+class Descriptor(Struct, frozen=True):
     """An OCI content descriptor: what a blob or manifest is, by digest and size."""
 
     media_type: str
     digest: str
     size: int
-    annotations: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
-    platform: Platform | None = field(default=None, compare=False, hash=False)
+    annotations: dict[str, str] = field(default_factory=dict)
+    platform: Platform | None = None
+
+    # A blob is what its digest, size and media type say; annotations and platform describe it.
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return compared(self, _DESCRIBING) == compared(other, _DESCRIBING)
+
+    def __hash__(self) -> int:
+        return hash(compared(self, _DESCRIBING))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}

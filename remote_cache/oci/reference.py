@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, replace
 from typing import Literal
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from ..errors import InvalidReference
 from ..keys import validate_key
@@ -65,8 +67,7 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Struct, frozen=True):
     """Where a cache lives, plus an optional key.
 
     ``transport`` is ``"registry"`` (``host`` and ``repository`` set), ``"layout"`` (``path``

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+from msgspec.structs import replace
 
 from remote_cache.archive import pack as pack_mod
 from remote_cache.archive import walk as walk_mod
@@ -708,19 +708,17 @@ async def test_a_restore_window_only_vouches_for_its_own_directory(
     window = state.load(a).window
     assert window is not None
     # (Without the whole restored tree: that check, wide open, would vouch for any tree here.)
-    wide = dataclasses.replace(window, start_ns=0, end_ns=1 << 62, tree=None)
+    wide = replace(window, start_ns=0, end_ns=1 << 62, tree=None)
     state.state_path(a).unlink()  # drop the local listings the last save recorded
     assert state.record_restore(a, wide)
     pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused == 0 and len(pack_calls) == total
     state.state_path(a).unlink()
-    assert state.record_restore(a, dataclasses.replace(wide, root=state_mod.dir_id(a)))
+    assert state.record_restore(a, replace(wide, root=state_mod.dir_id(a)))
     pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused < total  # its directories are not a's either
     state.state_path(a).unlink()
-    assert state.record_restore(
-        a, dataclasses.replace(wide, root=state_mod.dir_id(a), parents=_parents_now(a))
-    )
+    assert state.record_restore(a, replace(wide, root=state_mod.dir_id(a), parents=_parents_now(a)))
     pack_calls.clear()
     assert (await save(store, "k", a)).layers_reused == total and pack_calls == []
 

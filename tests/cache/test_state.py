@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from msgspec.structs import asdict, replace
 
 from remote_cache.archive.plan import LayerPlan, TreeScan, scan_tree
 from remote_cache.archive.tar import FILE, Member
@@ -178,9 +178,9 @@ def test_window_round_trips_next_to_local_records(tmp_path: Path) -> None:
     assert state.load(tmp_path).window == _window()
     assert state.record_restore(tmp_path, _window(start=30, end=40))  # replaced, not merged
     assert state.load(tmp_path).window == _window(start=30, end=40)
-    bad = dataclasses.replace(_window(), layers={("not a digest", OCI_LAYER_ZSTD): _record(8)})
+    bad = replace(_window(), layers={("not a digest", OCI_LAYER_ZSTD): _record(8)})
     assert state.record_restore(tmp_path, bad)  # a malformed annotation is dropped, not fatal
-    assert state.load(tmp_path).window == dataclasses.replace(bad, layers={}, parents={})
+    assert state.load(tmp_path).window == replace(bad, layers={}, parents={})
     assert len(state.load(tmp_path).records) == 2
 
 
@@ -203,7 +203,7 @@ def _restored(names: str = _LOCAL, facts: str = _DIGEST) -> evidence.RestoredTre
 
 
 def test_the_restored_entry_s_generation_bounds_round_trip_with_its_window(tmp_path: Path) -> None:
-    window = dataclasses.replace(_window(), bounds=(-7, 1795790365))
+    window = replace(_window(), bounds=(-7, 1795790365))
     assert state.record_restore(tmp_path, window)
     assert state.load(tmp_path).window == window
     # Not as a save writes them: only the bounds are dropped (a cut hint, not evidence).
@@ -216,7 +216,7 @@ def test_the_restored_entry_s_generation_bounds_round_trip_with_its_window(tmp_p
 
 
 def test_the_restored_tree_round_trips_with_its_window(tmp_path: Path) -> None:
-    window = dataclasses.replace(_window(), tree=_restored())
+    window = replace(_window(), tree=_restored())
     assert state.record_restore(tmp_path, window)
     assert state.load(tmp_path).window == window
     assert state.record_save(tmp_path, state.load(tmp_path), [])  # a save keeps it, with the window
@@ -226,16 +226,16 @@ def test_the_restored_tree_round_trips_with_its_window(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "tree",
     [
-        {**dataclasses.asdict(_restored()), "names": "not a digest"},
-        {**dataclasses.asdict(_restored()), "size": -1},
-        {**dataclasses.asdict(_restored()), "extra": 1},
-        {k: v for k, v in dataclasses.asdict(_restored()).items() if k != "key"},
+        {**asdict(_restored()), "names": "not a digest"},
+        {**asdict(_restored()), "size": -1},
+        {**asdict(_restored()), "extra": 1},
+        {k: v for k, v in asdict(_restored()).items() if k != "key"},
         [],
     ],
 )
 def test_a_bad_restored_tree_spoils_the_whole_file(tmp_path: Path, tree: object) -> None:
     state.record_save(tmp_path, state.load(tmp_path), [(_LOCAL, _record())])
-    assert state.record_restore(tmp_path, dataclasses.replace(_window(), tree=_restored()))
+    assert state.record_restore(tmp_path, replace(_window(), tree=_restored()))
     doc = json.loads(state_path(tmp_path).read_text())
     doc["window"]["tree"] = tree
     state_path(tmp_path).write_text(json.dumps(doc))
@@ -250,25 +250,25 @@ def test_a_restored_tree_is_untouched_only_in_its_own_window_root_and_names(tmp_
     root = evidence.dir_id(tmp_path)
     ctimes = sorted(identity.ctimes[1:])
     restored = _restored(evidence.names_digest(["g", "d"]), _facts_now(tmp_path))
-    window = dataclasses.replace(_window(root, ctimes[0], ctimes[-1] + 1), tree=restored)
+    window = replace(_window(root, ctimes[0], ctimes[-1] + 1), tree=restored)
     assert evidence.untouched_since(window, identity, root)
-    assert not evidence.untouched_since(dataclasses.replace(window, tree=None), identity, root)
+    assert not evidence.untouched_since(replace(window, tree=None), identity, root)
     assert not evidence.untouched_since(window, identity, (root[0], root[1] + 1))  # another directory
     assert not evidence.untouched_since(window, identity, (root[0] + 1, root[1]))
-    other_names = dataclasses.replace(restored, names=evidence.names_digest(["g", "d", "e"]))
-    assert not evidence.untouched_since(dataclasses.replace(window, tree=other_names), identity, root)
+    other_names = replace(restored, names=evidence.names_digest(["g", "d", "e"]))
+    assert not evidence.untouched_since(replace(window, tree=other_names), identity, root)
     for counts in ({"entries": 4}, {"files": 1}, {"size": 3}):  # what the walk counts must agree
-        other = dataclasses.replace(restored, **counts)
-        assert not evidence.untouched_since(dataclasses.replace(window, tree=other), identity, root)
+        other = replace(restored, **counts)
+        assert not evidence.untouched_since(replace(window, tree=other), identity, root)
     # An entry changed at the window's end or later, or before its start, is outside it.
-    assert not evidence.untouched_since(dataclasses.replace(window, end_ns=ctimes[-1]), identity, root)
-    assert not evidence.untouched_since(dataclasses.replace(window, start_ns=ctimes[0] + 1), identity, root)
+    assert not evidence.untouched_since(replace(window, end_ns=ctimes[-1]), identity, root)
+    assert not evidence.untouched_since(replace(window, start_ns=ctimes[0] + 1), identity, root)
     # The root's own ctime is not compared: the swap moved it after the window.
     os.utime(tmp_path, (1, 1))
     assert evidence.untouched_since(window, tree_identity(tmp_path), root)
     # Modes and mtimes are compared with what the restore gave, whatever the ctimes say (a
     # clock stamping them behind this one; a filesystem that kept another mtime or mode).
-    open_ended = dataclasses.replace(window, end_ns=1 << 62)
+    open_ended = replace(window, end_ns=1 << 62)
     mode = stat.S_IMODE(os.lstat(tmp_path / "g").st_mode)
     os.chmod(tmp_path / "g", mode ^ 0o100)
     assert not evidence.untouched_since(open_ended, tree_identity(tmp_path), root)
@@ -439,7 +439,7 @@ def test_window_hits_need_equal_listing_and_every_ctime_inside(tmp_path: Path) -
     assert evidence.window_hits(scan, layers, window, OCI_LAYER_ZSTD) == {0: rec}
     assert evidence.window_hits(scan, layers, window, "application/other") == {}
     assert evidence.window_hits(scan, layers, None, OCI_LAYER_ZSTD) == {}
-    late = dataclasses.replace(window, start_ns=end)  # files written before the window
+    late = replace(window, start_ns=end)  # files written before the window
     assert evidence.window_hits(scan, layers, late, OCI_LAYER_ZSTD) == {}
     f = root / "b"
     st = f.stat()

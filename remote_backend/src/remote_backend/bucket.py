@@ -7,7 +7,6 @@ and saves it; import restores here and hands the tree to the engine (``local.imp
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import aclosing
 from typing import Annotated
 
@@ -31,13 +30,25 @@ __all__ = ["S3Bucket", "bucket_options"]
 
 
 def bucket_options(
-    endpoint: str, region: str, plain_http: bool, sse: str, sse_kms_key_id: str, storage_class: str
+    endpoint: str,
+    region: str,
+    plain_http: bool,
+    sse: str,
+    sse_kms_key_id: str,
+    storage_class: str,
+    *,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    session_token: str | None = None,
 ) -> ObjectStoreOptions:
-    """The core's options for a bucket, without credentials (``""``: unset)."""
+    """The core's options for a bucket (``""``: unset; no credentials: the environment's)."""
     return ObjectStoreOptions(
         endpoint=endpoint or None,
         region=region or None,
         plain_http=plain_http,
+        access_key_id=access_key_id,
+        secret_access_key=secret_access_key,
+        session_token=session_token,
         encryption=sse,
         kms_key_id=sse_kms_key_id,
         storage_class=storage_class,
@@ -175,17 +186,17 @@ class S3Bucket:
             return await secret.plaintext() if secret is not None else None
 
         options = bucket_options(
-            self.endpoint, self.region, self.plain_http, self.sse, self.sse_kms_key_id, self.storage_class
+            self.endpoint,
+            self.region,
+            self.plain_http,
+            self.sse,
+            self.sse_kms_key_id,
+            self.storage_class,
+            access_key_id=await plain(self.access_key_id),
+            secret_access_key=await plain(self.secret_access_key),
+            session_token=await plain(self.session_token),
         )
-        return ObjectStore(
-            self._reference(),
-            dataclasses.replace(
-                options,
-                access_key_id=await plain(self.access_key_id),
-                secret_access_key=await plain(self.secret_access_key),
-                session_token=await plain(self.session_token),
-            ),
-        )
+        return ObjectStore(self._reference(), options)
 
     @staticmethod
     async def _exists(store: ObjectStore, tag: str) -> bool:

@@ -9,7 +9,9 @@ Cloud Storage and Azure read their own (``GOOGLE_*``, ``AZURE_STORAGE_*``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from msgspec import Struct
+
+from ...records import shown
 
 __all__ = ["DEFAULT_STALL_SECONDS", "ENCRYPTIONS", "ObjectStoreOptions"]
 
@@ -19,8 +21,7 @@ DEFAULT_STALL_SECONDS = 60.0
 ENCRYPTIONS = ("AES256", "aws:kms")
 
 
-@dataclass(frozen=True)
-class ObjectStoreOptions:
+class ObjectStoreOptions(Struct, frozen=True):
     """Options of an object store; None or empty means "from the environment" or the default."""
 
     #: ``https://...`` (or ``http://`` on loopback, or with ``plain_http``): MinIO, R2, Ceph, Azurite.
@@ -29,9 +30,9 @@ class ObjectStoreOptions:
     #: Allow a plain-HTTP endpoint that is not on this machine.
     plain_http: bool = False
     #: Explicit credentials (the Dagger backend's secrets); the environment's otherwise.
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
     #: ``AES256`` or ``aws:kms`` (bucket policies often require one), and the KMS key id.
     encryption: str = ""
     kms_key_id: str = ""
@@ -41,3 +42,6 @@ class ObjectStoreOptions:
     stall_seconds: float = DEFAULT_STALL_SECONDS
     #: Retries of a request (each after a backoff), on temporary failures only.
     retries: int = 3
+
+    def __repr__(self) -> str:
+        return shown(self, hidden={"access_key_id", "secret_access_key", "session_token"})

@@ -15,9 +15,10 @@ import base64
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
+
+from msgspec import Struct
 
 from ...errors import RegistryAuthError, StoreError, without_secrets
 from ..credentials import Credentials
@@ -82,8 +83,7 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return found[0] if found else ("", {})
 
 
-@dataclass
-class _Token:
+class _Token(Struct):
     value: str
     expires_at: float
 

@@ -15,10 +15,10 @@ import email.utils
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
+from msgspec import Struct
 
 from ...errors import RegistryError, StoreError, StoreUnreachable
 
@@ -38,8 +38,7 @@ def is_temporary(exc: BaseException) -> bool:
     return False
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(Struct, frozen=True):
     """How often and how patiently to try again: ``retries`` more attempts after the first."""
 
     retries: int = 3

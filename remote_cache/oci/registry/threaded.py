@@ -34,8 +34,9 @@ import ssl
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
+
+from msgspec import Struct, field
 
 from ..certs import default_context
 
@@ -160,8 +161,7 @@ class _Headers(dict[str, str]):
         return super().get(name.lower(), default)
 
 
-@dataclass
-class WireAnswer:
+class WireAnswer(Struct):
     """An answer read here: its status, headers, (capped) body, and the URL that gave it."""
 
     status_code: int
@@ -176,8 +176,7 @@ class WireAnswer:
         return origin_of(self.url)
 
 
-@dataclass
-class _Conn:
+class _Conn(Struct):
     """A connection, and how requests go over it (through a plain-HTTP proxy: whole URLs)."""
 
     http: http.client.HTTPConnection
@@ -194,8 +193,7 @@ class _Conn:
 _PoolKey = tuple[Origin, str]
 
 
-@dataclass
-class _Pool:
+class _Pool(Struct):
     """Idle kept-alive connections per origin (and proxy), shared by the worker threads."""
 
     idle: dict[_PoolKey, list[_Conn]] = field(default_factory=dict)

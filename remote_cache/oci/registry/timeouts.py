@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from msgspec import Struct
 
 __all__ = ["DEFAULT_TIMEOUTS", "Timeouts"]
 
 
-@dataclass(frozen=True)
-class Timeouts:
+class Timeouts(Struct, frozen=True):
     """Seconds allowed per phase of a request; ``read`` bounds each wait for more bytes."""
 
     connect: float = 10.0
