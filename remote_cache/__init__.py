@@ -15,28 +15,30 @@ The package, by layer (``tests/test_boundaries.py`` holds the directions):
 
 from __future__ import annotations
 
-from typing import Any
+# Not `typing.TYPE_CHECKING`: importing typing (~20 ms) would stretch the window below; mypy
+# takes any TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-from .errors import (
-    MISS_MARKER,
-    BrokenEntry,
-    CacheMiss,
-    ImageFormatError,
-    IntegrityError,
-    InvalidKey,
-    InvalidReference,
-    RegistryAuthError,
-    RegistryError,
-    RegistryUnreachable,
-    RemoteCacheError,
-    StoreError,
-    UnsafeArchive,
-    UnsupportedOperation,
-)
-from .keys import is_valid_tag, tag_for_key, validate_key
-from .version import VERSION
-
-__version__ = VERSION
+    from .errors import (
+        MISS_MARKER,
+        BrokenEntry,
+        CacheMiss,
+        ImageFormatError,
+        IntegrityError,
+        InvalidKey,
+        InvalidReference,
+        RegistryAuthError,
+        RegistryError,
+        RegistryUnreachable,
+        RemoteCacheError,
+        StoreError,
+        UnsafeArchive,
+        UnsupportedOperation,
+    )
+    from .keys import is_valid_tag, tag_for_key, validate_key
+    from .version import VERSION as __version__
 
 __all__ = [
     "MISS_MARKER",
@@ -61,10 +63,24 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The Dagger runtime finds the main object as `remote_cache:RemoteCache` (project name +
-    # module name). Importing it lazily keeps `import remote_cache` free of the Dagger SDK.
+    # Each re-export is imported when first asked for: `remote-cache` imports this package before
+    # its entry point can catch a Ctrl-C, and loading these (hashlib's OpenSSL among them) took
+    # ~40 ms of that window. The Dagger runtime finds the main object as `remote_cache:RemoteCache`
+    # (project name + module name); importing it lazily keeps `import remote_cache` free of the SDK.
     if name == "RemoteCache":
         from .dagger import RemoteCache
 
         return RemoteCache
+    if name == "__version__":
+        from .version import VERSION
+
+        return VERSION
+    if name in ("is_valid_tag", "tag_for_key", "validate_key"):
+        from . import keys
+
+        return getattr(keys, name)
+    if name in __all__:
+        from . import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

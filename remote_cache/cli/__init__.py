@@ -29,8 +29,7 @@ still in the summary line and in ``--json``. Set ``REMOTE_CACHE_DEBUG=1`` for tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # (not typing's: see remote_cache/__init__.py)
 if TYPE_CHECKING:
     from typer import Typer
 

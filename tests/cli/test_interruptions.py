@@ -632,11 +632,14 @@ def test_a_signal_during_extraction_stops_it_without_extracting_the_rest(
 
 
 def _sigint_when_imported(module: str) -> str:
-    """A hook sending SIGINT when ``module`` is about to be imported (an import finder's look)."""
+    """A hook sending SIGINT when ``module`` is first about to be imported (an import finder's
+    look; once, as a Ctrl-C is: an import it stopped is tried again by whoever needs it next)."""
     return f"""
         class Hook:
+            fired = False
             def find_spec(self, name, path=None, target=None):
-                if name == {module!r}:
+                if name == {module!r} and not self.fired:
+                    self.fired = True
                     os.kill(os.getpid(), signal.SIGINT)
                 return None
         sys.meta_path.insert(0, Hook())
@@ -645,6 +648,8 @@ def _sigint_when_imported(module: str) -> str:
 
 #: Where a Ctrl-C is sent from, before the command runs: a hook at that point of the start-up.
 _EARLY_HOOKS = {
+    # while the modules the package re-exports load (it did so before the entry point ran)
+    "starting": _sigint_when_imported("remote_cache.errors"),
     # while the tool's modules load
     "loading": _sigint_when_imported("remote_cache.cli.commands"),
     # while typer builds the commands from their signatures (outside click's own handling)
