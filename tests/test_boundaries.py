@@ -17,9 +17,12 @@ imports only public names of ``remote_cache``. Each rule is shown able to fail.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -184,6 +187,40 @@ def test_the_import_check_can_fail() -> None:
     code = "import sys, remote_cache, dagger; print('dagger' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "True"
+
+
+def undeclared(sources: dict[str, tuple[str, bool]], declared: set[str]) -> list[str]:
+    """Third-party packages ``sources`` (module -> source, is a package) import whose distributions
+    ``declared`` (normalised names) lacks: a Dagger module's runtime installs only what
+    pyproject.toml declares (docs/engine.md)."""
+    dists = importlib.metadata.packages_distributions()
+    missing = set()
+    for module, (source, is_package) in sources.items():
+        for name, _line, _func in imports(source, module, is_package):
+            top = name.split(".")[0]
+            if not top or top in sys.stdlib_module_names or top in ("remote_cache", "__future__"):
+                continue
+            names = {d.lower().replace("_", "-") for d in dists.get(top, [top])}
+            if not names & declared:
+                missing.add(f"{module} imports {top} ({', '.join(sorted(names))})")
+    return sorted(missing)
+
+
+def _declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *project["optional-dependencies"]["aws"]]
+    return {re.split(r"[\s<>=!~;\[]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def test_every_package_the_core_imports_is_declared() -> None:
+    sources = {module_name(p): (p.read_text(), p.name == "__init__.py") for p in package_files()}
+    assert undeclared(sources, _declared()) == []
+
+
+def test_the_declaration_check_can_fail() -> None:
+    source = "import msgspec\nfrom obstore import store\n"
+    found = undeclared({"remote_cache.records": (source, False)}, _declared() - {"msgspec"})
+    assert found == ["remote_cache.records imports msgspec (msgspec)"]
 
 
 def private_uses(source: str) -> list[str]:

@@ -279,6 +279,18 @@ def test_modules_run_on_python_3_11_slim(name: str) -> None:
     assert base_image(find_module(name)) == "python:3.11-slim"
 
 
+@pytest.mark.parametrize("name", REAL)
+def test_modules_install_what_pyproject_declares(name: str) -> None:
+    """docs/engine.md relies on it: without a uv.lock or requirements.lock, `dagger call` installs
+    a module with `uv pip install -e ./sdk -e .`, resolving the dependencies pyproject.toml declares
+    (the core's: tests/test_boundaries.py checks they cover what it imports)."""
+    from tests.dagger.conftest import find_module
+
+    root = find_module(name)
+    assert (root / "pyproject.toml").is_file()
+    assert [f for f in ("uv.lock", "requirements.lock") if (root / f).exists()] == []
+
+
 def test_base_image_rules(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nrequires-python = "~=3.12"\n')
     assert base_image(tmp_path) == DEFAULT_BASE_IMAGE
