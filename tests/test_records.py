@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 from msgspec import Struct
+from rich.pretty import pretty_repr
 
 from remote_cache.cache.entries import Entry, Match
 from remote_cache.cli.app import Common
 from remote_cache.oci.credentials import Credentials
 from remote_cache.oci.descriptor import Descriptor, Platform
 from remote_cache.oci.objectstore import ObjectStoreOptions
-from remote_cache.records import compared, shown
+from remote_cache.records import compared, hiding
 
 _DIGEST = "sha256:" + "ab" * 32
 
@@ -32,18 +33,22 @@ _DIGEST = "sha256:" + "ab" * 32
     ids=["Credentials", "ObjectStoreOptions", "Common"],
 )
 def test_secrets_stay_out_of_repr(record: Struct, secrets: list[str], shown_values: list[str]) -> None:
-    text = repr(record)
-    assert not [s for s in secrets if s in text], text
-    assert all(v in text for v in shown_values), text
-    assert text.startswith(f"{type(record).__name__}(")
+    # repr, and rich's pretty printer (tracebacks' locals too), which reads __rich_repr__ first
+    for text in (repr(record), pretty_repr(record), str(record)):
+        assert not [s for s in secrets if s in text], text
+        assert all(v in text for v in shown_values), text
+        assert text.startswith(f"{type(record).__name__}(")
 
 
-def test_shown_reads_as_a_dataclass_repr() -> None:
+def test_hiding_reads_as_a_dataclass_repr() -> None:
+    show_all, _ = hiding()
     assert (
-        shown(Platform("linux", "arm64", "v8"), ())
+        show_all(Platform("linux", "arm64", "v8"))
         == "Platform(os='linux', architecture='arm64', variant='v8')"
     )
-    assert shown(Platform(), {"os", "variant"}) == "Platform(architecture='amd64')"
+    show_some, rich_fields = hiding("os", "variant")
+    assert show_some(Platform()) == "Platform(architecture='amd64')"
+    assert rich_fields(Platform()) == [("architecture", "amd64")]
 
 
 def test_a_descriptor_is_its_media_type_digest_and_size() -> None:

@@ -55,7 +55,7 @@ from pathlib import Path
 from msgspec import Struct
 from msgspec.structs import replace
 
-from ..records import shown
+from ..records import hiding
 from .tar import DIR, FILE, HARDLINK, Member
 from .walk import TreeIdentity, TreeStats, walk_tree
 
@@ -108,8 +108,7 @@ class TreeScan(Struct, frozen=True, dict=True):  # dict: a cached_property
     bounds: tuple[int, ...] = ()
     sizes: tuple[int, int] = (0, 0)
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"sizes"})
+    __repr__, __rich_repr__ = hiding("sizes")
 
     @cached_property
     def _bytes_by_mtime(self) -> dict[int, int]:

@@ -29,7 +29,7 @@ from ..errors import (
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor, referenced_by
 from ..oci.store import Store
-from ..records import compared, shown
+from ..records import compared, hiding
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import (
@@ -82,8 +82,7 @@ class Entry(Struct, frozen=True):
     def __hash__(self) -> int:
         return hash(compared(self, {"layers", "unread"}))
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"unread"})
+    __repr__, __rich_repr__ = hiding("unread")
 
     def to_json(self, *, with_layers: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict (``created`` as RFC 3339)."""
@@ -224,8 +223,7 @@ class Match(Struct, frozen=True):
     def __hash__(self) -> int:
         return hash(compared(self, {"image"}))
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"image"})
+    __repr__, __rich_repr__ = hiding("image")
 
 
 async def _peek(store: Store, tag: str) -> tuple[str, datetime | None, CacheImage] | None:

@@ -25,7 +25,7 @@ from msgspec.structs import fields, replace
 from typer.core import TyperGroup
 
 from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, without_secrets
-from ..records import shown
+from ..records import hiding
 from ..units import parse_duration
 from . import PROG
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
@@ -131,8 +131,7 @@ class Common(Struct, frozen=True):
     fail_open: bool = False
     password: str | None = None
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"password"})
+    __repr__, __rich_repr__ = hiding("password")
 
 
 class Writes(TypedDict, total=False):

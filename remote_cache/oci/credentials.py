@@ -37,7 +37,7 @@ from msgspec import Struct
 
 from ..errors import InvalidConfigFile, RegistryAuthError
 from ..home import home
-from ..records import shown
+from ..records import hiding
 
 __all__ = [
     "ENV_AUTH_FILE",
@@ -85,8 +85,7 @@ class Credentials(Struct, frozen=True):
     password: str
     identity_token: str | None = None
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"password", "identity_token"})
+    __repr__, __rich_repr__ = hiding("password", "identity_token")
 
 
 def docker_config_path(environ: Mapping[str, str] | None = None) -> Path | None:

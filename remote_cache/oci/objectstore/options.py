@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from msgspec import Struct
 
-from ...records import shown
+from ...records import hiding
 
 __all__ = ["DEFAULT_STALL_SECONDS", "ENCRYPTIONS", "ObjectStoreOptions"]
 
@@ -43,5 +43,4 @@ class ObjectStoreOptions(Struct, frozen=True):
     #: Retries of a request (each after a backoff), on temporary failures only.
     retries: int = 3
 
-    def __repr__(self) -> str:
-        return shown(self, hidden={"access_key_id", "secret_access_key", "session_token"})
+    __repr__, __rich_repr__ = hiding("access_key_id", "secret_access_key", "session_token")
