@@ -50,7 +50,12 @@ def gone(pid):
 
 def stopped_child(tree):
     # A prewalk whose child is stopped mid-walk (SIGSTOP: as one stuck on a dead mount); a child
-    # that ended before the stop landed is reaped and another one started.
+    # that ended before the stop landed is reaped and another one started. A process with other
+    # threads never forks: an earlier anyio.run's worker thread ends after its loop closed, later
+    # on a loaded machine (then no child was started, and the test failed).
+    deadline = time.monotonic() + 10
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
     for _ in range(50):
         pre = PreWalk.start(tree, "k")
         [pid] = children()
