@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypedDict, TypeVar
@@ -91,9 +91,6 @@ def _flag_values(args: list[str]) -> list[str]:
     return spelled
 
 
-#: The commands by name, in the order of the help: each is built for click when it is asked for
-#: (:class:`_Group`), not all six whatever the command line names (~1 ms each on a 2-vCPU VM).
-_COMMANDS: dict[str, Callable[..., None]] = {}
 #: The settings of the application and of each command's own.
 _TYPER_SETTINGS: dict[str, Any] = {
     "add_completion": False,
@@ -103,23 +100,54 @@ _TYPER_SETTINGS: dict[str, Any] = {
 }
 
 
+class _Commands(MutableMapping[str, Any]):
+    """The group's commands by name, in the help's order, each built for click when first looked
+    up: typer makes a command's click parameters from its signature (~1 ms a command on a 2-vCPU
+    VM), and a run needs the one it names. Its names alone serve click's listing and typer's
+    "Did you mean" suggestions."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Callable[..., None]] = {}
+        self._built: dict[str, Any] = {}
+
+    def register(self, name: str, run: Callable[..., None]) -> None:
+        self._runs[name] = run
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._built:
+            one = typer.Typer(**_TYPER_SETTINGS)
+            one.command(name, epilog=EXIT_HELP)(self._runs[name])
+            self._built[name] = typer.main.get_command(one)  # one command's application: that command
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: Any) -> None:  # click's add_command
+        self._runs.setdefault(name, command)
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._runs[name]
+        self._built.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+_COMMANDS = _Commands()
+
+
 class _Group(TyperGroup):
     """The application's group: takes skopeo's ``--tls-verify=BOOL`` spelling wherever it
-    appears, and builds a command only when the command line or the help asks for it."""
+    appears, and builds a command only when it is looked up (:class:`_Commands`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = _COMMANDS
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's own click Context
         return super().parse_args(ctx, _flag_values(args))
-
-    def list_commands(self, ctx: Any) -> list[str]:
-        return list(_COMMANDS)
-
-    def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        run = _COMMANDS.get(cmd_name)
-        if run is None:
-            return None
-        one = typer.Typer(**_TYPER_SETTINGS)
-        one.command(cmd_name, epilog=EXIT_HELP)(run)
-        return typer.main.get_command(one)  # an application of one command is that command
 
 
 app = typer.Typer(name=PROG, cls=_Group, epilog=EXIT_HELP, no_args_is_help=True, **_TYPER_SETTINGS)
@@ -720,7 +748,7 @@ def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
         command.__signature__ = signature  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
         command.__name__, command.__doc__ = f"{name}_command", plan.__doc__
-        _COMMANDS[name] = command
+        _COMMANDS.register(name, command)
         return command
 
     return register
