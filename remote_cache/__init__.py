@@ -62,6 +62,11 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+    # dir() and help() list the re-exports, which are not module globals until first asked for.
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str) -> Any:
     # Each re-export is imported when first asked for: `remote-cache` imports this package before
     # its entry point can catch a Ctrl-C, and loading these (hashlib's OpenSSL among them) took

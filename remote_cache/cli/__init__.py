@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["PROG", "application", "main"]
 
 PROG = "remote-cache"
+#: A Ctrl-C's exit code, 128 + SIGINT, written out: the signal module's first import (enum and
+#: more, ~10 ms) would be a window before main()'s handling where a Ctrl-C is Python's traceback.
+_INTERRUPTED = 130
 
 
 def application() -> Typer:
@@ -59,8 +62,7 @@ def main() -> None:
     ends it as one during the command does, with exit 130 and the one line (no JSON: the
     options may not be read yet); typer alone exits 130 in silence or lets a traceback out.
     """
-    import os
-    import signal
+    import os  # (os and sys: loaded with the interpreter)
     import sys
 
     code = 1
@@ -71,13 +73,13 @@ def main() -> None:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         if isinstance(done.code, str):
             sys.stderr.write(done.code + "\n")
-        if code == 128 + signal.SIGINT:
+        if code == _INTERRUPTED:
             from .app import outcome_settled
 
             if not outcome_settled():  # typer's own exit for a Ctrl-C
                 _interrupted_early()
     except KeyboardInterrupt:
-        code = 128 + signal.SIGINT
+        code = _INTERRUPTED
         _interrupted_early()
     except BaseException as exc:  # reporting failed (stdout on a full disk), or a native panic
         _last_words(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}")

@@ -640,7 +640,7 @@ def _sigint_when_imported(module: str) -> str:
             def find_spec(self, name, path=None, target=None):
                 if name == {module!r} and not self.fired:
                     self.fired = True
-                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), _signal.SIGINT)
                 return None
         sys.meta_path.insert(0, Hook())
     """
@@ -648,6 +648,8 @@ def _sigint_when_imported(module: str) -> str:
 
 #: Where a Ctrl-C is sent from, before the command runs: a hook at that point of the start-up.
 _EARLY_HOOKS = {
+    # while the standard library's first modules load, as the entry point begins (enum: signal's)
+    "entering": _sigint_when_imported("enum"),
     # while the modules the package re-exports load (it did so before the entry point ran)
     "starting": _sigint_when_imported("remote_cache.errors"),
     # while the tool's modules load
@@ -657,7 +659,7 @@ _EARLY_HOOKS = {
         import typer.main
         build = typer.main.get_command
         def hooked(*args):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), _signal.SIGINT)
             return build(*args)
         typer.main.get_command = hooked
     """,
@@ -667,7 +669,7 @@ _EARLY_HOOKS = {
         app = importlib.import_module("remote_cache.cli.app")
         spell = app._flag_values
         def hooked(args):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), _signal.SIGINT)
             return spell(args)
         app._flag_values = hooked
     """,
@@ -680,10 +682,11 @@ def _save_with_hook(hook: str, tmp_path: Path, pycache: Path) -> subprocess.Comp
     make_tree(src, small_files=3)
     code = "\n".join(
         [
-            "import os, signal, sys",
+            # (_signal: the signal module's first import, enum's with it, is one the hooks watch)
+            "import os, sys, _signal",
             # A Ctrl-C as a terminal delivers it: a shell's background job starts with SIGINT
             # ignored, and Python then leaves it ignored until the command's loop takes it.
-            "signal.signal(signal.SIGINT, signal.default_int_handler)",
+            "_signal.signal(_signal.SIGINT, _signal.default_int_handler)",
             textwrap.dedent(hook),
             "sys.argv[0] = 'remote-cache'",
             "from remote_cache.cli import main",
@@ -725,7 +728,7 @@ def test_a_ctrl_c_while_the_outcome_is_reported_changes_nothing(tmp_path: Path, 
         app = importlib.import_module("remote_cache.cli.app")
         report = app._report
         def hooked(*args):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), _signal.SIGINT)
             return report(*args)
         app._report = hooked
     """
