@@ -5,8 +5,8 @@ dataclass's generated methods when its module is imported (~1.2 ms a frozen clas
 ~45 ms for the 38 a save imports; the save after a restore took 1/0.915 as long with them), where
 a ``Struct`` class is built in C in microseconds (README "Speed"). A ``Struct`` has no per-field
 ``repr`` or ``compare``: the records that hide a field (a secret, a bulky member) or leave one out
-of their identity take their ``__repr__`` and ``__rich_repr__``, ``__eq__`` and ``__hash__`` from
-these helpers.
+of their identity take their ``__repr__`` and ``__rich_repr__`` (:func:`hiding`), ``__eq__`` and
+``__hash__`` (:func:`ignoring`) from these helpers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import Struct
 
-__all__ = ["compared", "hiding"]
+__all__ = ["compared", "hiding", "ignoring"]
 
 
 def hiding(*hidden: str) -> tuple[Callable[[Any], str], Callable[[Any], list[tuple[str, Any]]]]:
@@ -32,6 +32,21 @@ def hiding(*hidden: str) -> tuple[Callable[[Any], str], Callable[[Any], list[tup
         return f"{type(record).__name__}({values})"
 
     return __repr__, __rich_repr__
+
+
+def ignoring(*ignored: str) -> tuple[Callable[[Any, object], bool], Callable[[Any], int]]:
+    """``__eq__`` and ``__hash__`` for a record identified by every field but ``ignored``, as
+    dataclasses' ``field(compare=False)`` did (a record of another class: ``NotImplemented``)."""
+
+    def __eq__(record: Any, other: object) -> Any:
+        if type(other) is not type(record):
+            return NotImplemented
+        return compared(record, ignored) == compared(other, ignored)  # type: ignore[arg-type]
+
+    def __hash__(record: Any) -> int:
+        return hash(compared(record, ignored))
+
+    return __eq__, __hash__
 
 
 def compared(record: Struct, ignored: Collection[str]) -> tuple[Any, ...]:

@@ -29,7 +29,7 @@ from ..errors import (
 from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor, referenced_by
 from ..oci.store import Store
-from ..records import compared, hiding
+from ..records import hiding, ignoring
 from ..tasks import for_each
 from ..units import counted, format_bytes, format_time
 from .image import (
@@ -74,14 +74,7 @@ class Entry(Struct, frozen=True):
     error: str | None = None
     unread: BlobUnreadable | None = None
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return compared(self, {"layers", "unread"}) == compared(other, {"layers", "unread"})
-
-    def __hash__(self) -> int:
-        return hash(compared(self, {"layers", "unread"}))
-
+    __eq__, __hash__ = ignoring("layers", "unread")
     __repr__, __rich_repr__ = hiding("unread")
 
     def to_json(self, *, with_layers: bool = False) -> dict[str, Any]:
@@ -215,14 +208,7 @@ class Match(Struct, frozen=True):
     #: The entry's image when the lookup read it (``find_entry(read_image=True)``).
     image: CacheImage | None = None
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return compared(self, {"image"}) == compared(other, {"image"})
-
-    def __hash__(self) -> int:
-        return hash(compared(self, {"image"}))
-
+    __eq__, __hash__ = ignoring("image")
     __repr__, __rich_repr__ = hiding("image")
 
 

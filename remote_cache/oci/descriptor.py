@@ -9,7 +9,7 @@ from typing import Any
 from msgspec import Struct, field
 
 from ..errors import ImageFormatError
-from ..records import compared
+from ..records import ignoring
 from .digest import check_digest, sha256_digest
 
 __all__ = [
@@ -65,10 +65,6 @@ class Platform(Struct, frozen=True):
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
-#: The fields a Descriptor's equality and hash leave out.
-_DESCRIBING = frozenset({"annotations", "platform"})
-
-
 class Descriptor(Struct, frozen=True):
     """An OCI content descriptor: what a blob or manifest is, by digest and size."""
 
@@ -79,13 +75,7 @@ class Descriptor(Struct, frozen=True):
     platform: Platform | None = None
 
     # A blob is what its digest, size and media type say; annotations and platform describe it.
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return compared(self, _DESCRIBING) == compared(other, _DESCRIBING)
-
-    def __hash__(self) -> int:
-        return hash(compared(self, _DESCRIBING))
+    __eq__, __hash__ = ignoring("annotations", "platform")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
