@@ -80,12 +80,8 @@ def __getattr__(name: str) -> Any:
         from .version import VERSION
 
         return VERSION
-    if name in ("is_valid_tag", "tag_for_key", "validate_key"):
-        from . import keys
-
-        return getattr(keys, name)
     if name in __all__:
-        from . import errors
+        from . import errors, keys
 
-        return getattr(errors, name)
+        return getattr(keys if name in keys.__all__ else errors, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
