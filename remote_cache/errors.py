@@ -28,6 +28,8 @@ RemoteCacheError
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus
@@ -69,7 +71,11 @@ __all__ = [
     "UnsuitableTarget",
     "UnsupportedOperation",
     "causes",
+    "credentials_to_hide",
+    "hidden",
     "os_reason",
+    "remember_secret",
+    "unsigned",
     "without_secrets",
 ]
 
@@ -335,3 +341,45 @@ def without_secrets(text: str, secrets: Iterable[str | None]) -> str:
             for form in {secret, quote(secret), quote(secret, safe=""), quote_plus(secret)}:
                 text = text.replace(form, "***")
     return text
+
+
+#: A signature or token value a server echoes: in a signed URL's query (S3's ``X-Amz-Signature``,
+#: GCS's ``X-Goog-Signature``, CloudFront's ``Signature``, Azure SAS's ``sig``), a header
+#: (``Authorization``, ``x-amz-security-token``) or a canonical request; any ``…token=``.
+_SIGNED = re.compile(r"\b([\w-]*(?:signature|token)|sig|authorization)([:=]\s*)[^\s&<\"']+", re.I)
+
+
+def unsigned(text: str) -> str:
+    """``text`` with every signature and token value it shows cut out."""
+    return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+
+
+#: Where credentials read from the environment are: a server may echo one back (AWS's
+#: ``SignatureDoesNotMatch`` body holds the canonical request, ``x-amz-security-token`` included).
+_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY",
+                "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN",
+                "AZURE_CLIENT_SECRET", "GOOGLE_SERVICE_ACCOUNT_KEY")  # fmt: skip
+#: Credentials this process read from files (an AWS profile's): hidden as the environment's are.
+_REMEMBERED: set[str] = set()
+#: A shorter secret would cut words out of a message, not a secret.
+_SHORTEST_HIDDEN = 8
+
+
+def remember_secret(value: str | None) -> None:
+    """Have :func:`credentials_to_hide` hide ``value`` too (a credential read from a file)."""
+    if value and len(value) >= _SHORTEST_HIDDEN:
+        _REMEMBERED.add(value)
+
+
+def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
+    """What messages must never show: ``explicit`` credentials (a store's own, a password),
+    whatever their length, those the environment holds and those :func:`remember_secret` was given."""
+    environment = (v for name in _SECRET_VARS if len(v := os.environ.get(name, "")) >= _SHORTEST_HIDDEN)
+    return (*(s for s in explicit if s), *environment, *_REMEMBERED)
+
+
+def hidden(text: str, explicit: Iterable[str | None] = ()) -> str:
+    """``text`` fit to show: signature and token values (:func:`unsigned`) and every credential
+    :func:`credentials_to_hide` knows cut out."""
+    return without_secrets(unsigned(text), credentials_to_hide(explicit))

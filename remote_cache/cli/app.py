@@ -25,7 +25,7 @@ from msgspec import Struct
 from msgspec.structs import fields, replace
 from typer.core import TyperGroup
 
-from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, without_secrets
+from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, hidden, without_secrets
 from ..records import hiding
 from ..units import parse_duration
 from . import PROG
@@ -523,8 +523,9 @@ def _stderr_line(text: str) -> None:
 
 
 def _redact(text: str, common: Common) -> str:
-    # Belt and braces: the core never puts a secret in a message, and we make sure of it.
-    return without_secrets(text, [common.password])
+    # Belt and braces: the core never puts a secret in a message, and we make sure of it (the
+    # password, the environment's and a profile's credentials, any signature or token value).
+    return hidden(text, [common.password])
 
 
 def _debug_traceback(common: Common) -> None:
@@ -675,7 +676,8 @@ def _report(command: str, outcome: Outcome, common: Common) -> None:
         # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
         outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
     if outcome.summary and not common.quiet:
-        _stderr_line(_redact(outcome.summary, common))
+        # (A summary holds no server's words: only the password could be there, never a token.)
+        _stderr_line(without_secrets(outcome.summary, [common.password]))
 
 
 def _failure(command: str, exc: Exception, common: Common) -> Outcome:

@@ -556,7 +556,8 @@ async def test_a_cancelled_download_leaves_the_event_loop_free_while_its_sink_fi
 
 
 def test_a_stores_own_credentials_are_cut_out_of_messages_whatever_their_length() -> None:
-    from remote_cache.oci.objectstore.errors import _summary, credentials_to_hide
+    from remote_cache.errors import credentials_to_hide
+    from remote_cache.oci.objectstore.errors import _summary
 
     assert _summary(Exception("403 for S3RVER at /p"), credentials_to_hide(["S3RVER"])) == "403 for *** at /p"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import time
@@ -337,7 +338,7 @@ _S3_EXPIRED = (
 
 
 @pytest.mark.usefixtures("via")
-@pytest.mark.parametrize("storage", ["refused", "untrusted", "expired", "bad-url"])
+@pytest.mark.parametrize("storage", ["refused", "untrusted", "expired", "echoed", "echoed-json", "bad-url"])
 async def test_a_failure_where_the_registry_redirected_names_that_place(
     registry: RegistryServer,
     repo_name: str,
@@ -362,6 +363,16 @@ async def test_a_failure_where_the_registry_redirected_names_that_place(
         elsewhere = fault_proxy_factory(registry)
         elsewhere.answer(403, _S3_EXPIRED, method="GET", path_contains="/blobs/")
         place = elsewhere.url
+    elif storage.startswith("echoed"):  # what storage says quotes the signed URL it was sent
+        elsewhere = fault_proxy_factory(registry)
+        quoted = f"Request has expired for /blobs/x?{signed}&X-Amz-Credential=AKIA/x"
+        body = (
+            json.dumps({"errors": [{"code": "DENIED", "message": quoted}]}).encode()
+            if storage == "echoed-json"
+            else _S3_EXPIRED.replace(b"Request has expired", quoted.encode())
+        )
+        elsewhere.answer(403, body, method="GET", path_contains="/blobs/")
+        place = elsewhere.url
     else:  # a place that answers, sent a URL with a space
         place = fault_proxy_factory(registry).url
     path = f"/v2/{repo_name}/blobs/{desc.digest}" + (" x" if storage == "bad-url" else "")
@@ -377,6 +388,8 @@ async def test_a_failure_where_the_registry_redirected_names_that_place(
         "refused": "this machine must reach",
         "untrusted": "--cert-dir",
         "expired": "AccessDenied: Request has expired; this tool's credentials go to the registry only",
+        "echoed": "AccessDenied: Request has expired for /blobs/x?X-Amz-Signature=***&X-Amz-Credential",
+        "echoed-json": "DENIED: Request has expired for /blobs/x?X-Amz-Signature=***&X-Amz-Credential",
         "bad-url": "not a valid URL",
     }[storage]
     assert advice in said, said

@@ -11,7 +11,6 @@ store's credentials and the environment's are cut out anyway.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,13 +25,18 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
-from ...errors import StoreAuthError, StoreError, StoreStalled, StoreUnreachable, without_secrets
+from ...errors import (
+    StoreAuthError,
+    StoreError,
+    StoreStalled,
+    StoreUnreachable,
+    hidden,
+)
 
 __all__ = [
     "NOT_FOUND",
     "RACE_LOST",
     "UNSUPPORTED",
-    "credentials_to_hide",
     "refuses_conditional",
     "translated",
 ]
@@ -80,29 +84,20 @@ def refuses_conditional(exc: BaseException) -> bool:
     return isinstance(exc, BaseError) and _NOT_IMPLEMENTED.search(_first_paragraph(exc)) is not None
 
 
-#: Where credentials read from the environment are: a server may echo one back (AWS's
-#: ``SignatureDoesNotMatch`` body holds the canonical request, ``x-amz-security-token`` included).
-_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY",
-                "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_TOKEN",
-                "AZURE_CLIENT_SECRET", "GOOGLE_SERVICE_ACCOUNT_KEY")  # fmt: skip
 _XML_BODY = re.compile(r"<\?xml|<Error>")
 _XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
 _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
 _XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
-#: A signature or token value a server echoes (in a query, a header, a canonical request).
-_SIGNED = re.compile(
-    r"(x-amz-security-token|x-amz-signature|signature|authorization)([:=]\s*)[^\s&<\"']+", re.I
-)
 
 
 def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
     """obstore's first paragraph on one line; an XML error body the server sent reduced to its code
-    and message (the rest echoes the request); ``secrets`` (:func:`credentials_to_hide`) cut out."""
+    and message (the rest echoes the request); ``secrets`` and every credential
+    :func:`~remote_cache.errors.credentials_to_hide` knows cut out."""
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
         text = text[: body.start()] + _code_and_message(text)
-    return without_secrets(" ".join(_unsigned(text).split()), secrets)
+    return hidden(" ".join(text.split()), secrets)
 
 
 def _code_and_message(xml: str) -> str:
@@ -111,26 +106,13 @@ def _code_and_message(xml: str) -> str:
     return ": ".join(found) or "an XML error body"
 
 
-def _unsigned(text: str) -> str:
-    """``text`` with every signature and token value it shows cut out."""
-    return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-
-
 def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
     """A traceback (REMOTE_CACHE_DEBUG) fit to show: every XML error body a server sent reduced to
     its code and message (the rest echoes the signed request), signature and token values cut,
-    and the credentials :func:`credentials_to_hide` knows replaced, as in messages. Credentials
-    found elsewhere (a profile, the metadata service) are not known here: the first two rules
-    catch what a server echoes of them."""
-    text = _XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text)
-    return without_secrets(_unsigned(text), credentials_to_hide(explicit))
-
-
-def credentials_to_hide(explicit: Iterable[str | None]) -> tuple[str, ...]:
-    """What messages must never show: a store's own credentials, whatever their length, and those
-    the environment holds (one shorter than 8 would cut words out of a message, not a secret)."""
-    environment = (value for name in _SECRET_VARS if len(value := os.environ.get(name, "")) >= 8)
-    return (*(s for s in explicit if s), *environment)
+    and the credentials :func:`~remote_cache.errors.credentials_to_hide` knows replaced, as in
+    messages. Credentials it does not know (the metadata service's) are caught by the first two
+    rules where a server echoes them."""
+    return hidden(_XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text), explicit)
 
 
 @contextmanager

@@ -54,7 +54,7 @@ from ..store import (
 )
 from .calls import Calls
 from .client import build_client
-from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, credentials_to_hide, refuses_conditional, translated
+from .errors import NOT_FOUND, RACE_LOST, UNSUPPORTED, refuses_conditional, translated
 from .options import ObjectStoreOptions
 
 __all__ = ["ObjectStore"]
@@ -81,7 +81,8 @@ class ObjectStore:
         self.reference = reference
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
-        self._secrets = credentials_to_hide((self.options.secret_access_key, self.options.session_token))
+        #: Its own credentials; the environment's and a profile's are added where a message is made.
+        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
         self._stalls = Stalls(self.options.stall_seconds)
         with self._translated("set up the client"):
             client = build_client(reference, self.options)

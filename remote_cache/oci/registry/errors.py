@@ -26,6 +26,7 @@ from ...errors import (
     RegistryUnreachable,
     StoreError,
     causes,
+    unsigned,
     without_secrets,
 )
 from ..credentials import PASS_CREDENTIALS, Credentials
@@ -130,8 +131,9 @@ def error_from_elsewhere(response: WireAnswer, *, host: str, action: str) -> Reg
         else ""
     )
     return RegistryError(
+        # (What storage says may quote the signed URL it was sent: its signature is cut.)
         f"cannot {action}: {_elsewhere(origin_shown(response.url), host)} answered {status} "
-        f"{_printable(said)}{hint}",
+        f"{_printable(unsigned(said))}{hint}",
         status=status,
         code=errors[0][0] if errors else "",
         retry_after=response.headers.get("Retry-After"),
