@@ -183,7 +183,9 @@ async def _listing(store: Store, prefix: str, jobs: int = 8) -> tuple[list[Entry
             found.append(entry)
 
     await for_each(tags, one, jobs=jobs)
-    selected = [e for e in found if e.key.startswith(prefix) or e.tag.startswith(prefix)]
+    # The key's prefix only: a key a tag cannot hold is stored under a cleaned-up tag
+    # (``npm linux`` as ``npm-linux--<hash>``) that must not match another key's prefix.
+    selected = [e for e in found if e.key.startswith(prefix)]
     return _newest_first(selected), refs
 
 

@@ -51,6 +51,10 @@ async def _list_inspect_remove(store: Store, tmp_path: Path) -> None:
     assert by_key["pip-3.12"].created is not None
     assert abs(by_key["pip-3.12"].created - datetime.now(UTC)) < timedelta(minutes=5)
     assert [e.key for e in await list_entries(store, prefix="pip")] == ["pip-3.12"]
+    # A prefix is a key's: "npm linux" is stored under the tag npm-linux--<hash>, but its key
+    # does not start with "npm-" (listed, and pruned with --keep 0, it was).
+    assert await list_entries(store, prefix="npm-") == []
+    assert await prune(store, keep=0, prefix="npm-", dry_run=True) == []
 
     info = await inspect(store, "npm linux")
     assert info.digest == a.digest and len(info.layers) == a.layers_total
