@@ -304,6 +304,58 @@ def test_an_error_body_that_echoes_the_session_token_is_one_line_without_it(
     from_profile = cli("ls", f"s3://{bucket}/p", env=files)
     assert from_profile.returncode == 4 and "Traceback" in from_profile.stderr, from_profile.stderr
     assert token not in from_profile.stderr, from_profile.stderr
+    # ...and so does a profile's secret or token a server says in its own words, in a message or
+    # a plain-text body (both were shown: only the environment's credentials were known).
+    for status, said in (
+        (
+            403,
+            f"<Error><Code>AccessDenied</Code><Message>token {token}PROFILE is not valid</Message></Error>",
+        ),
+        (500, f"internal error for key sEcReTfRoMfIlE0123456789 and token {token}PROFILE"),
+    ):
+        proxy.clear()
+        proxy.answer(status, said.encode(), times=1000)
+        for args in (("ls", f"s3://{bucket}/p", "--json"), ("ls", f"s3://{bucket}/p")):
+            echoed = cli(*args, env={**files, "REMOTE_CACHE_DEBUG": ""})
+            assert echoed.returncode in (1, 4), echoed.stderr
+            shown = echoed.stderr + echoed.stdout
+            assert token not in shown and "sEcReTfRoMfIlE" not in shown, shown
+            assert "token ***" in shown, shown  # (what the server said, the rest of it kept)
+
+
+def test_aws_profile_problems_are_credential_errors_that_show_no_program_output(
+    cli: Run, moto: ObjectServer, tmp_path: Path
+) -> None:
+    """A profile that is not there, a config file that does not parse, a ``credential_process``
+    that fails, a secret key without its key id: exit 4, one line saying what to fix, and never
+    what a credential program wrote (it may be a secret). They were "unexpected
+    ProfileNotFound/ConfigParseError/CredentialRetrievalError: ..." (exit 1, the program's stderr
+    quoted) and obstore's "Missing AccessKeyId" (exit 1)."""
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    config = home / ".aws" / "config"
+    base = {"HOME": str(home), "AWS_ENDPOINT_URL": moto.endpoint}
+    leak = "token=PROFILESECRET-abcdefgh"
+    cases = {
+        "missing profile": ("[default]\nregion = eu-west-1\n", {"AWS_PROFILE": "nosuch"}, "'nosuch'"),
+        "unparsable file": ("[default\nregion = eu-west-1\n", {}, "config"),
+        "failing program": (
+            f"[default]\ncredential_process = /bin/sh -c 'echo {leak} >&2; echo {leak}; exit 3'\n",
+            {},
+            "its custom-process failed",
+        ),
+        "secret alone": ("", {"AWS_SECRET_ACCESS_KEY": "only-the-secret-0123"}, "AWS_ACCESS_KEY_ID is not"),
+    }
+    for name, (text, env, said) in cases.items():
+        config.write_text(text)
+        for args in (("ls", f"s3://{new_bucket(moto)}/p"), ("--json", "ls", f"s3://{new_bucket(moto)}/p")):
+            proc = cli(*args, env={**base, **env})
+            shown = proc.stderr + proc.stdout
+            assert proc.returncode == 4, (name, shown)
+            assert said in shown and "unexpected" not in shown, (name, shown)
+            assert "PROFILESECRET" not in shown and "only-the-secret" not in shown, (name, shown)
+            assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+            no_traceback(proc)
 
 
 def test_a_save_into_a_missing_bucket_or_container_says_so(

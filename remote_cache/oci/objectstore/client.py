@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urlsplit
 
-from ...errors import InvalidReference, StoreError
+from ...errors import InvalidReference, StoreAuthError, StoreError, hidden, remember_secret
 from ...home import home
 from ...version import TOOL
 from ..reference import Reference, is_loopback
@@ -166,6 +166,12 @@ def _s3(
         config["secret_access_key"] = options.secret_access_key
         if options.session_token:
             config["session_token"] = options.session_token
+    elif os.environ.get("AWS_SECRET_ACCESS_KEY") and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        # (obstore's "Missing AccessKeyId" came back as exit 1; the AWS CLI refuses this too.)
+        raise StoreAuthError(
+            "AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both, or neither to use a "
+            "profile or a role"
+        )
     if options.encryption:
         if options.encryption not in ENCRYPTIONS:
             raise InvalidReference(
@@ -226,10 +232,35 @@ def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
         ) from exc
     key = profile or ""
     if key not in _PROFILES:
-        session = boto3.Session(profile_name=profile) if profile else boto3.Session()
-        found = session.get_credentials() is not None
-        _PROFILES[key] = (Boto3CredentialProvider(session) if found else None, session.region_name)
+        session, credentials = _session(boto3, profile)
+        if credentials is not None:  # a server may echo them: hidden as the environment's are
+            frozen = credentials.get_frozen_credentials()
+            remember_secret(frozen.secret_key)
+            remember_secret(frozen.token)
+        provider = Boto3CredentialProvider(session) if credentials is not None else None
+        _PROFILES[key] = (provider, session.region_name)
     return _PROFILES[key]
+
+
+def _session(boto3: Any, profile: str | None) -> tuple[Any, Any]:
+    """boto3's session for ``profile`` and its credentials (None: none found); boto3's errors
+    (a missing profile, an unreadable file, a failing ``credential_process``) as StoreAuthError."""
+    from botocore.exceptions import BotoCoreError, CredentialRetrievalError
+
+    named = f"AWS profile {profile!r}" if profile else "the AWS shared files (~/.aws)"
+    fix = "fix it, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
+    try:
+        session = boto3.Session(profile_name=profile) if profile else boto3.Session()
+        return session, session.get_credentials()
+    except CredentialRetrievalError as exc:
+        # Its message ends with what the program wrote to stderr, which may be a secret: not shown.
+        provider = exc.kwargs.get("provider", "credential provider")
+        raise StoreAuthError(
+            f"{named}: its {provider} failed to give credentials (its output is not shown: it may hold "
+            f"secrets; run it yourself to see why); {fix}"
+        ) from None
+    except BotoCoreError as exc:  # (its message names the profile, the file or the missing setting)
+        raise StoreAuthError(f"{named} cannot be used: {hidden(str(exc))}; {fix}") from exc
 
 
 #: boto3's provider and region per profile, once per process (each store has two clients).
