@@ -245,7 +245,7 @@ def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
 def _session(boto3: Any, profile: str | None) -> tuple[Any, Any]:
     """boto3's session for ``profile`` and its credentials (None: none found); boto3's errors
     (a missing profile, an unreadable file, a failing ``credential_process``) as StoreAuthError."""
-    from botocore.exceptions import BotoCoreError, CredentialRetrievalError
+    from botocore.exceptions import BotoCoreError, CredentialRetrievalError  # type: ignore[import-untyped]
 
     named = f"AWS profile {profile!r}" if profile else "the AWS shared files (~/.aws)"
     fix = "fix it, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
