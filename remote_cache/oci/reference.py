@@ -131,7 +131,11 @@ def is_loopback(host: str) -> bool:
 
 
 def _invalid(text: str, why: str) -> InvalidReference:
-    return InvalidReference(f"invalid reference {text!r}: {why}; {_EXAMPLE}")
+    return InvalidReference(f"invalid reference {_USERINFO.sub('***@', text)!r}: {why}; {_EXAMPLE}")
+
+
+#: What may be ``user:password@`` at a reference's start: never quoted (see _refuse_credentials).
+_USERINFO = re.compile(r"^\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:[^/@]*@", re.I)
 
 
 def parse_reference(text: str) -> Reference:
@@ -141,6 +145,7 @@ def parse_reference(text: str) -> Reference:
         raise _invalid(text, "it is empty")
     if raw.startswith("oci:"):
         return _parse_layout(text, raw[len("oci:") :])
+    _refuse_credentials(raw)
     scheme, sep, rest = raw.partition("://")
     if sep and scheme in OBJECT_SCHEMES:
         return _parse_object(text, scheme, rest)
@@ -208,6 +213,26 @@ def parse_reference(text: str) -> Reference:
     if len(host) + 1 + len(repository) > 255:
         raise _invalid(text, "host and repository together exceed 255 characters")
     return Reference("registry", host=host, repository=repository, key=key, digest=digest)
+
+
+def _refuse_credentials(raw: str) -> None:
+    """Refuse ``[SCHEME://]USER:PASSWORD@HOST/...`` without quoting it: CI logs keep errors.
+    (``NAME@sha256:...``, a digest with no ``/`` after it, is no such thing.)"""
+    scheme, sep, rest = raw.rpartition("://")
+    authority, slash, _ = rest.partition("/")
+    # (``s3://BUCKET:KEY`` may have an '@' in the key: only a '/' after it makes it a host's.)
+    if "@" not in authority or not (slash or (sep and scheme not in OBJECT_SCHEMES)):
+        return
+    place = authority.rpartition("@")[2]
+    fix = (
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the store's own variables)"
+        if scheme in OBJECT_SCHEMES
+        else "set REMOTE_CACHE_USERNAME and REMOTE_CACHE_PASSWORD, or pass --username with --password-stdin"
+    )
+    raise InvalidReference(
+        f"invalid reference: it holds credentials before {place!r} (user:password@); a reference "
+        f"never carries them (it is shown in logs): {fix}"
+    )
 
 
 def _looks_like_host(name: str) -> bool:

@@ -152,3 +152,29 @@ def test_key_with_control_characters_is_rejected() -> None:
 )
 def test_is_loopback(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("cache-user:PASS-s3cr3t@127.0.0.1:5000/team/cache:k", "REMOTE_CACHE_PASSWORD"),
+        ("https://user:PASS-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
+        ("docker://user:PASS-s3cr3t@ghcr.io/org/cache", "REMOTE_CACHE_PASSWORD"),
+        ("s3://AKIAEXAMPLE:PASS-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
+        ("s3://AKIA:PASS-s3cr3t@bucket:k", "not a bucket name"),  # (no '/': '@' may be a key's)
+        ("user:PASS-s3cr3t@Not_A_Host/x", "REMOTE_CACHE_PASSWORD"),
+    ],
+)
+def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix: str) -> None:
+    """``user:password@host`` in a reference: refused with where credentials go, without quoting
+    the password (it was quoted whole: "'...' after '@' is not a sha256 digest")."""
+    with pytest.raises(InvalidReference) as info:
+        parse_reference(text)
+    assert "PASS-s3cr3t" not in str(info.value) and fix in str(info.value), str(info.value)
+
+
+def test_an_at_sign_that_is_no_credential_still_parses() -> None:
+    digest = "sha256:" + "a" * 64
+    assert parse_reference(f"redis@{digest}").digest == digest  # Docker Hub by digest
+    assert parse_reference("s3://bucket:key@x").key == "key@x"
+    assert parse_reference("ghcr.io/org/cache:key@x").key == "key@x"
