@@ -29,6 +29,9 @@ _READ_COMPRESSED = 256 << 10  # compressed input per decompress call (~1 MiB out
 _READ_FIRST = 16 << 10  # compressed input of a layer's first decompress call
 _ZSTD_WRITE_SIZE = 2 << 20  # decompressed bytes per zstd read: one allocation per call, no joins
 _ZSTD_FIRST = 128 << 10  # a layer's first zstd read: small, so writing starts soon
+#: Decompressed bytes per gzip call at most: 256 KiB of input can inflate to ~260 MB, and the
+#: queue holds _QUEUE_CHUNKS of them.
+_GZIP_OUT = 2 << 20
 _QUEUE_CHUNKS = 16  # decompressed chunks buffered between the two threads
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -116,13 +119,9 @@ class _Source:
                 if not comp:
                     self._eof = True
                 return comp
-            if not comp:
-                if self._zd.eof:
-                    self._eof = True
-                    return b""
-                raise IntegrityError(f"{self.kind} layer stream is truncated (ended mid-member)")
             try:
-                out: bytes = self._zd.decompress(comp)
+                # (With no input left, what the cap held back is still given out.)
+                out: bytes = self._zd.decompress(comp, _GZIP_OUT)
             except zlib.error as exc:
                 raise IntegrityError(f"{self.kind} layer stream is corrupt: {exc}") from exc
             if self._zd.eof:
@@ -131,8 +130,15 @@ class _Source:
                     # Another concatenated gzip member follows.
                     self._zd = zlib.decompressobj(31)
                     self._pending = rest
+            elif self._zd.unconsumed_tail:  # input the output cap left for the next call
+                self._pending = self._zd.unconsumed_tail
             if out:
                 return out
+            if not comp:
+                if self._zd.eof:
+                    self._eof = True
+                    return b""
+                raise IntegrityError(f"{self.kind} layer stream is truncated (ended mid-member)")
         return b""
 
 

@@ -324,7 +324,7 @@ class Extractor:
                 self._parents = set()
                 self.file_parents.append(self._parents)
                 self.stats.layers += 1
-                self._extract(LayerReader(feeder, first))
+                self._extract(LayerReader(feeder, first, lambda: self._stopped))
         except BaseException:
             feeder.stop()
             raise

@@ -8,6 +8,7 @@ zeros become holes (:mod:`.sparse`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ..errors import IntegrityError
 from .decompress import EndOfLayers, Feeder, Item
@@ -18,9 +19,14 @@ __all__ = ["LayerReader"]
 
 
 class LayerReader:
-    """Exact-size reads over one layer's chunks from a Feeder, without copying file data."""
+    """Exact-size reads over one layer's chunks from a Feeder, without copying file data.
 
-    def __init__(self, feeder: Feeder, first: Item) -> None:
+    ``stopped`` is asked before each chunk is taken: a reason it gives is raised, so a stop
+    (a signal, ``--deadline``) ends the extraction within one chunk, not after a whole member
+    (a small layer may hold gigabytes of one file)."""
+
+    def __init__(self, feeder: Feeder, first: Item, stopped: Callable[[], BaseException | None]) -> None:
+        self._stopped = stopped
         self._feeder = feeder
         self._first: Item | None = first
         self._buf = b""
@@ -38,6 +44,8 @@ class LayerReader:
         """Replace the (fully consumed) buffer with the next chunk; False at the layer's end."""
         if self._ended:
             return False
+        if (reason := self._stopped()) is not None:
+            raise reason
         if self._first is not None:
             item, self._first = self._first, None
         else:

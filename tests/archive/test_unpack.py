@@ -491,3 +491,71 @@ def test_each_layers_decompression_state_is_freed_when_the_layer_ends(tmp_path: 
     finally:
         gc.enable()
     assert grew < 16 << 20, f"{grew >> 20} MiB still held after extracting {len(layers)} layers"
+
+
+def _one_big_file(size: int, fill: bytes) -> bytes:
+    """A zstd layer holding one file of ``size`` bytes of ``fill``: a few hundred kB for gigabytes."""
+    header = tarfile.TarInfo("big")
+    header.size, header.mode, header.mtime = size, 0o644, 1_600_000_000
+    cctx = zstandard.ZstdCompressor(level=3)
+    out = io.BytesIO()
+    with cctx.stream_writer(out, closefd=False) as w:
+        w.write(header.tobuf(tarfile.PAX_FORMAT))
+        block = fill * (1 << 20)
+        for _ in range(size >> 20):
+            w.write(block)
+        w.write(b"\0" * (-size % 512 + 1024))
+    return out.getvalue()
+
+
+def test_a_stop_ends_the_extraction_inside_a_big_member(tmp_path: Path) -> None:
+    """A stop (a signal, --deadline) while one big file is written ends it within a chunk: it was
+    looked at between members only, so a small layer holding gigabytes of one file (a
+    decompression bomb, or a big cache) was written whole first (36 s past --deadline 3s)."""
+    import threading
+
+    from remote_cache.cache.spool import Aborted
+
+    size = 1 << 30
+    layer = _one_big_file(size, b"A")
+    (tmp_path / "out").mkdir()
+    ex = Extractor(tmp_path / "out")
+    failed: list[BaseException] = []
+
+    def extract() -> None:
+        try:
+            ex.add_layer(io.BytesIO(layer), "zstd")
+        except BaseException as exc:  # (the thread's outcome, asserted below)
+            failed.append(exc)
+
+    worker = threading.Thread(target=extract)
+    worker.start()
+    big = tmp_path / "out" / "big"
+    while worker.is_alive() and not (big.exists() and big.stat().st_size > 0):
+        pass
+    ex.stop(Aborted())
+    worker.join()
+    written = big.stat().st_size
+    ex.close()
+    assert failed and isinstance(failed[0], Aborted), failed
+    assert written < 64 << 20, f"{written} of {size} bytes written after the stop"
+
+
+def test_a_gzip_layer_comes_out_in_bounded_chunks(tmp_path: Path) -> None:
+    """256 KiB of gzip input can inflate to ~260 MB in one call, and 16 such chunks wait in the
+    queue (a 4 MB layer holding 4 GiB took 820 MB of memory): each chunk is capped; the bytes,
+    concatenated members and the truncation check are as before."""
+    from remote_cache.archive.decompress import _Source
+
+    data = b"\0" * (64 << 20) + os.urandom(1 << 20)
+    two_members = gzip.compress(data) + gzip.compress(b"tail")
+    source = _Source(io.BytesIO(two_members), "gzip")
+    chunks = []
+    while chunk := source.read():
+        chunks.append(len(chunk))
+        assert len(chunk) <= 2 << 20, f"a chunk of {len(chunk)} bytes"
+    assert sum(chunks) == len(data) + 4
+    source = _Source(io.BytesIO(two_members[:-10]), "gzip")
+    with pytest.raises(IntegrityError, match="truncated"):
+        while source.read():
+            pass
