@@ -220,7 +220,8 @@ def _child(split: TreeSplit, chunks: list[list[str]], tokens: int, out: int, par
         # parent's code); it holds none of the caller's streams, so none stays open after the
         # parent ends.
         for signum in _SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+            if signal.getsignal(signum) != signal.SIG_IGN:  # (ignored by the caller's caller: stays so)
+                signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -550,9 +550,9 @@ def _show_warnings() -> None:
 
 
 class _Signals:
-    """SIGINT and SIGTERM while a command runs: the first cancels ``scope`` and is kept in
-    ``received``; a second exits at once (the next run removes what is left, see
-    :mod:`remote_cache.archive.workdirs`)."""
+    """SIGINT and SIGTERM while a command runs (unless ignored from the start): the first
+    cancels ``scope`` and is kept in ``received``; a second exits at once (the next run removes
+    what is left, see :mod:`remote_cache.archive.workdirs`)."""
 
     def __init__(self, scope: CancelScope) -> None:
         import asyncio
@@ -560,7 +560,11 @@ class _Signals:
 
         self._scope = scope
         self._loop = asyncio.get_running_loop()
-        self._signums = (signal.SIGINT, signal.SIGTERM)
+        # One ignored when the process started stays so (a script's background job starts with
+        # SIGINT ignored: its Ctrl-C is not for the job), as Python itself leaves it.
+        self._signums = tuple(
+            s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
+        )
         self.received: int | None = None
 
     def __enter__(self) -> _Signals:
