@@ -94,13 +94,22 @@ def _touched(*metas: dict[str, Any] | None) -> datetime | None:
     return max(times) if times else None
 
 
+def _version(meta: dict[str, Any]) -> tuple[Any, Any]:
+    return meta["last_modified"], meta.get("e_tag")
+
+
 async def _warn_if_relied_on(store: ObjectStore, digest: str, seen: dict[str, Any] | None) -> None:
     """After deleting a blob: a mark newer than the one looked at means a save relied on it
     meanwhile (warn, keep the mark); else the mark goes too."""
     _blob, mark = await store.head_blob_and_mark(digest)
     if mark is None:
         return
-    if seen is None or mark["last_modified"] > seen["last_modified"]:
+    # (A mark written again in the same second has the same time on a whole-second clock, but
+    # another ETag: each mark holds random bytes.)
+    if seen is None or (mark["last_modified"], mark.get("e_tag")) != (
+        seen["last_modified"],
+        seen.get("e_tag"),
+    ):
         log.warning(
             "a save relied on blob %s while this sweep deleted it from %s; if an entry saved just now "
             "fails to restore, save it again",

@@ -4,7 +4,7 @@ Layout under the reference's prefix (the same images as in a registry, stored as
 
     blobs/sha256/<hex>     every blob by digest: layers, configs, manifests, indexes
     tags/<tag>             one small object per key: the entry's index (or manifest) itself
-    touched/sha256/<hex>   empty: when a save last relied on a blob it did not upload
+    touched/sha256/<hex>   8 random bytes: when a save last relied on a blob it did not upload
     .remote-cache/...      short-lived probes (conditional writes, the server's clock)
 
 A save uploads blobs first and writes the tag object last, in one atomic PUT, so a failed save
@@ -292,7 +292,8 @@ class ObjectStore:
 
     async def _touch(self, digest: str) -> None:
         with self._translated(f"mark blob {digest} as in use"):
-            await self._calls.put(self._touch_key(digest), b"")
+            # (Random bytes: a mark written again has another ETag, whatever the clock's resolution.)
+            await self._calls.put(self._touch_key(digest), secrets.token_bytes(8))
 
     async def put_blob(self, desc: Descriptor, source: bytes | Path) -> bool:
         """Upload a blob unless it is there (then it is marked as relied on); False when it was."""
