@@ -153,6 +153,11 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
         raise RegistryAuthError(
             f"credential helper {program} did not answer within {_HELPER_TIMEOUT}s"
         ) from exc
+    except OSError as exc:  # there, but not runnable (no execute bit, a bad interpreter line)
+        raise RegistryAuthError(
+            f"credential helper {program} cannot be run ({exc.strerror or exc}): fix its installation, "
+            f"or pass {PASS_CREDENTIALS}"
+        ) from exc
     if proc.returncode != 0:
         # "credentials not found in native keychain" is the helpers' normal "no entry" answer.
         if b"not found" in proc.stdout.lower() or b"not found" in proc.stderr.lower():

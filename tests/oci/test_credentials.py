@@ -216,6 +216,17 @@ def test_missing_helper_is_a_clear_error(tmp_path: Path) -> None:
         resolve_credentials(HOST, environ={"PATH": str(tmp_path)}, auth_file=config)
 
 
+def test_a_helper_that_cannot_be_run_is_a_credentials_error(tmp_path: Path) -> None:
+    """On PATH without its execute bit: an auth error naming it (exit 4), as a missing one is (a
+    PermissionError came out raw, exit 1)."""
+    bindir = tmp_path / "bin"
+    install_helper(bindir, "noexec", {HOST: ("u", "p")})
+    (bindir / "docker-credential-noexec").chmod(0o644)
+    config = write_config(tmp_path, {"credHelpers": {HOST: "noexec"}})
+    with pytest.raises(RegistryAuthError, match="docker-credential-noexec cannot be run"):
+        resolve_credentials(HOST, environ=env_with_path(bindir), auth_file=config)
+
+
 def test_repr_hides_password() -> None:
     creds = Credentials("user", "hunter2-secret")
     assert "hunter2-secret" not in repr(creds)
