@@ -312,6 +312,22 @@ async def test_a_challenge_offering_bearer_and_basic_gets_a_token(
     assert token_registry.tokens_issued > before
 
 
+async def test_a_token_realm_that_fails_is_named_not_the_registry(
+    registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory
+) -> None:
+    """A token realm answering 500: the message names that realm (it said "registry H answered
+    500", pointing at the server that had answered fine)."""
+    front, realm = fault_proxy_factory(registry), fault_proxy_factory(registry)
+    challenge = f'Bearer realm="{realm.url}/token",service="svc"'
+    front.add(Fault("status", status=401, headers={"WWW-Authenticate": challenge}, method="HEAD", times=1))
+    realm.answer(500, b"token service down", method="GET", path_contains="/token", times=100)
+    async with store_via(front, registry, repo_name, retries=0) as store:
+        with pytest.raises(RegistryError) as info:
+            await store.resolve("absent")
+    said = str(info.value)
+    assert f"token realm {realm.host} of registry {front.host} answered 500" in said, said
+
+
 @pytest.mark.usefixtures("via")
 async def test_a_redirect_loop_names_no_signature(
     registry: RegistryServer, repo_name: str, fault_proxy_factory: ProxyFactory

@@ -169,11 +169,16 @@ class Authenticator:
             found += [creds.password, creds.identity_token or "", self._basic_header().removeprefix("Basic ")]
         return [secret for secret in found if secret]
 
-    def error(self, answer: WireAnswer, action: str) -> StoreError:
-        """The error for ``answer`` from this registry or its token realm: what it said goes in
-        without any credential it echoes (:meth:`secrets`)."""
+    def error(self, answer: WireAnswer, action: str, place: str = "") -> StoreError:
+        """The error for ``answer`` from this registry or (``place``) its token realm: what it
+        said goes in without any credential it echoes (:meth:`secrets`)."""
         return error_for_response(
-            answer, host=self.host, credentials=self.credentials, action=action, secrets=self.secrets()
+            answer,
+            host=self.host,
+            credentials=self.credentials,
+            action=action,
+            secrets=self.secrets(),
+            place=place,
         )
 
     def _check_realm(self, realm: str) -> None:
@@ -224,7 +229,9 @@ class Authenticator:
             with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
                 answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
             if answer.status_code != 200:
-                raise self.error(answer, action)
+                raise self.error(
+                    answer, action, f"the token realm {urlsplit(realm).netloc} of registry {self.host}"
+                )
             value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)

@@ -69,11 +69,13 @@ def error_for_response(
     credentials: Credentials | None,
     action: str,
     secrets: Iterable[str],
+    place: str = "",
 ) -> StoreError:
     """The exception for an error response: auth (401/403), or RegistryError(status, code).
 
     ``action`` says what we tried (``"read manifest team/cache:npm"``) and starts the message;
-    what the registry said goes in without ``secrets`` (it may echo the request).
+    what the registry said goes in without ``secrets`` (it may echo the request). ``place`` names
+    who answered when not the registry itself (its token realm).
     """
     status = response.status_code
     errors = _spec_errors(response.body)
@@ -98,7 +100,7 @@ def error_for_response(
             f"({status} {detail}): check the username and password or token, or `docker login {host}`"
         )
     return RegistryError(
-        f"cannot {action}: registry {host} answered {status} {detail}",
+        f"cannot {action}: {place or f'registry {host}'} answered {status} {detail}",
         status=status,
         code=code,
         retry_after=response.headers.get("Retry-After"),
