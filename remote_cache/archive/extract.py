@@ -523,6 +523,10 @@ class Extractor:
         member = display(name_b)
         if link_b.startswith(b"/"):
             raise UnsafeArchive(f"hard link {member!r} points to an absolute path; refusing")
+        if b".." in link_b.split(b"/"):  # (told here: _clean would blame the link's own name)
+            raise UnsafeArchive(
+                f"hard link {member!r} points to {display(link_b)!r} (a '..' component); refusing"
+            )
         target = _clean(link_b, name_b, allow_root=True)
         tkind = self._kinds.get(target)
         if tkind is None:
@@ -540,7 +544,7 @@ class Extractor:
         self.stats.hardlinks += 1
 
     def stop(self, reason: BaseException) -> None:
-        """Make the extraction raise ``reason`` before its next member (from another thread: a
+        """Make the extraction raise ``reason`` before its next chunk (from another thread: a
         cancel that must not wait for what was already downloaded and decompressed)."""
         self._stopped = reason
 

@@ -207,6 +207,19 @@ def test_hostile_member_is_named(sandbox: tuple[Path, Path]) -> None:
     discard_dir(st)
 
 
+def test_a_hard_link_out_of_the_tree_is_named_by_its_target(sandbox: tuple[Path, Path]) -> None:
+    """The '..' is the link target's, not the member's name ("archive member 'h' has a '..' path
+    component" sent the reader looking at 'h')."""
+    _box, target = sandbox
+    st = staging_dir(target)
+    ex = Extractor(st)
+    said = "hard link 'h' points to '../target/keep.txt' (a '..' component)"
+    with pytest.raises(UnsafeArchive, match=re.escape(said)):
+        ex.add_layer(io.BytesIO(_tar(*CASES["hardlink-outside"])), "tar")
+    ex.close()
+    discard_dir(st)
+
+
 def test_symlink_from_earlier_layer_is_not_followed(sandbox: tuple[Path, Path]) -> None:
     box, target = sandbox
     st = staging_dir(target)
