@@ -345,13 +345,19 @@ def without_secrets(text: str, secrets: Iterable[str | None]) -> str:
 
 #: A signature or token value a server echoes: in a signed URL's query (S3's ``X-Amz-Signature``,
 #: GCS's ``X-Goog-Signature``, CloudFront's ``Signature``, Azure SAS's ``sig``), a header
-#: (``Authorization``, ``x-amz-security-token``) or a canonical request; any ``…token=``.
-_SIGNED = re.compile(r"\b([\w-]*(?:signature|token)|sig|authorization)([:=]\s*)[^\s&<\"']+", re.I)
+#: (``Authorization: Bearer …``, ``x-amz-security-token``), JSON (``"access_token": "…"``) or a
+#: canonical request. Values of 16 characters or more only: words ("invalid token: expired")
+#: stay; every secret such a name introduces is longer.
+_SIGNED = re.compile(
+    r"\b((?:[\w-]*(?:signature|token)|sig|authorization)[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic)\s+)?)"
+    r"[^\s&<\"',;]{16,}",
+    re.I,
+)
 
 
 def unsigned(text: str) -> str:
-    """``text`` with every signature and token value it shows cut out."""
-    return _SIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    """``text`` (what a server said) with every signature and token value it shows cut out."""
+    return _SIGNED.sub(lambda m: f"{m.group(1)}***", text)
 
 
 #: Where credentials read from the environment are: a server may echo one back (AWS's

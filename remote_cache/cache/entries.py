@@ -167,7 +167,8 @@ def _unread(key: str, tag: str, digest: str, exc: BlobUnreadable) -> Entry:
 
 
 async def list_entries(store: Store, *, prefix: str = "", jobs: int = 8) -> list[Entry]:
-    """Every entry (whose key or tag starts with ``prefix``), newest first; unknown dates last."""
+    """Every entry whose key starts with ``prefix`` (an entry of unknown key goes by its tag),
+    newest first; unknown dates last."""
     return (await _listing(store, prefix, jobs))[0]
 
 

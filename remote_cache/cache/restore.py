@@ -419,7 +419,7 @@ class _Restore:
 
     async def _stop_extraction_on_cancel(self, extracted: anyio.Event) -> None:
         """On a cancel (a signal, ``--deadline``, a failed download), stop the extraction before
-        its next member and fail every feed, downloaded or not: the extraction thread cannot be
+        its next chunk and fail every feed, downloaded or not: the extraction thread cannot be
         cancelled, and went on through every layer already downloaded (and the chunks decompressed
         ahead) before the cancel could end the restore."""
         try:
@@ -428,7 +428,7 @@ class _Restore:
             if not extracted.is_set():
                 self._stopped = True
                 if self._extractor is not None:
-                    self._extractor.stop(Aborted())  # before its next member
+                    self._extractor.stop(Aborted())  # before its next chunk
                 for feed in self._feeds:
                     feed.finish(Aborted())  # a read waiting for a download, or the next one
 

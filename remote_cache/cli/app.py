@@ -25,7 +25,14 @@ from msgspec import Struct
 from msgspec.structs import fields, replace
 from typer.core import TyperGroup
 
-from ..errors import CacheMiss, DeadlineExceeded, Interrupted, RemoteCacheError, hidden, without_secrets
+from ..errors import (
+    CacheMiss,
+    DeadlineExceeded,
+    Interrupted,
+    RemoteCacheError,
+    credentials_to_hide,
+    without_secrets,
+)
 from ..records import hiding
 from ..units import parse_duration
 from . import PROG
@@ -524,8 +531,9 @@ def _stderr_line(text: str) -> None:
 
 def _redact(text: str, common: Common) -> str:
     # Belt and braces: the core never puts a secret in a message, and we make sure of it (the
-    # password, the environment's and a profile's credentials, any signature or token value).
-    return hidden(text, [common.password])
+    # password, the environment's and a profile's credentials; what servers said was cut of
+    # signatures and tokens where it was quoted: the patterns would cut words of ours here).
+    return without_secrets(text, credentials_to_hide([common.password]))
 
 
 def _debug_traceback(common: Common) -> None:

@@ -28,6 +28,7 @@ import binascii
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -145,6 +146,11 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
             check=False,
         )
     except FileNotFoundError as exc:
+        if shutil.which(program, path=environ.get("PATH")) is not None:  # (its interpreter is missing)
+            raise RegistryAuthError(
+                f"credential helper {program} cannot be run ({exc.strerror}): fix its installation, "
+                f"or pass {PASS_CREDENTIALS}"
+            ) from exc
         raise RegistryAuthError(
             f"a credential file names credential helper {name!r} but {program} is not on PATH: "
             f"install it, or pass {PASS_CREDENTIALS}"
@@ -153,7 +159,7 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
         raise RegistryAuthError(
             f"credential helper {program} did not answer within {_HELPER_TIMEOUT}s"
         ) from exc
-    except OSError as exc:  # there, but not runnable (no execute bit, a bad interpreter line)
+    except OSError as exc:  # there, but not runnable (no execute bit)
         raise RegistryAuthError(
             f"credential helper {program} cannot be run ({exc.strerror or exc}): fix its installation, "
             f"or pass {PASS_CREDENTIALS}"

@@ -135,7 +135,7 @@ def _invalid(text: str, why: str) -> InvalidReference:
 
 
 #: What may be ``user:password@`` at a reference's start: never quoted (see _refuse_credentials).
-_USERINFO = re.compile(r"^\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:[^/@]*@", re.I)
+_USERINFO = re.compile(r"^\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:[^@\s]*@", re.I)
 
 
 def parse_reference(text: str) -> Reference:
@@ -215,15 +215,21 @@ def parse_reference(text: str) -> Reference:
     return Reference("registry", host=host, repository=repository, key=key, digest=digest)
 
 
+#: ``[SCHEME://]USER:PASSWORD@HOST`` then ``/`` or the end: the password may hold ``/`` and ``:``
+#: (a user name holds neither; ``NAME:KEY@…`` of a key with an '@' ends before any '/').
+_CREDENTIALS = re.compile(r"^(?:([a-z0-9+.-]+)://)?[^/@:\s]+:[^@\s]*@(?!sha256:)([^/@\s]+)(/|$)", re.I)
+
+
 def _refuse_credentials(raw: str) -> None:
     """Refuse ``[SCHEME://]USER:PASSWORD@HOST/...`` without quoting it: CI logs keep errors.
-    (``NAME@sha256:...``, a digest with no ``/`` after it, is no such thing.)"""
-    scheme, sep, rest = raw.rpartition("://")
-    authority, slash, _ = rest.partition("/")
-    # (``s3://BUCKET:KEY`` may have an '@' in the key: only a '/' after it makes it a host's.)
-    if "@" not in authority or not (slash or (sep and scheme not in OBJECT_SCHEMES)):
+    Without a scheme or an object store's, only a ``/`` after the host makes it one (``s3://BUCKET:KEY``
+    and a Docker Hub ``NAME:KEY`` may have an '@' in the key)."""
+    found = _CREDENTIALS.match(raw)
+    if found is None:
         return
-    place = authority.rpartition("@")[2]
+    scheme, place, slash = found.groups()
+    if not slash and (scheme is None or scheme.lower() in OBJECT_SCHEMES):
+        return
     fix = (
         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the store's own variables)"
         if scheme in OBJECT_SCHEMES

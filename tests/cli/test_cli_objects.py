@@ -345,6 +345,13 @@ def test_aws_profile_problems_are_credential_errors_that_show_no_program_output(
             "its custom-process failed",
         ),
         "secret alone": ("", {"AWS_SECRET_ACCESS_KEY": "only-the-secret-0123"}, "AWS_ACCESS_KEY_ID is not"),
+        "role out of reach": (  # (its credentials are fetched when the client is made: STS refused)
+            "[default]\nregion = eu-west-1\nrole_arn = arn:aws:iam::123456789012:role/ci\n"
+            "source_profile = base\n[profile base]\naws_access_key_id = AKIAEXAMPLE\n"
+            "aws_secret_access_key = base-secret-0123456\n",
+            {"AWS_ENDPOINT_URL_STS": f"http://127.0.0.1:{free_port()}"},
+            "cannot be used",
+        ),
     }
     for name, (text, env, said) in cases.items():
         config.write_text(text)

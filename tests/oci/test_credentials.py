@@ -225,6 +225,11 @@ def test_a_helper_that_cannot_be_run_is_a_credentials_error(tmp_path: Path) -> N
     config = write_config(tmp_path, {"credHelpers": {HOST: "noexec"}})
     with pytest.raises(RegistryAuthError, match="docker-credential-noexec cannot be run"):
         resolve_credentials(HOST, environ=env_with_path(bindir), auth_file=config)
+    helper = bindir / "docker-credential-noexec"
+    helper.write_text("#!/nonexistent/python\n")  # on PATH, its interpreter missing (ENOENT too)
+    helper.chmod(0o755)
+    with pytest.raises(RegistryAuthError, match="docker-credential-noexec cannot be run"):
+        resolve_credentials(HOST, environ=env_with_path(bindir), auth_file=config)
 
 
 def test_repr_hides_password() -> None:

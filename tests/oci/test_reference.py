@@ -163,6 +163,8 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("s3://AKIAEXAMPLE:PASS-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
         ("s3://AKIA:PASS-s3cr3t@bucket:k", "not a bucket name"),  # (no '/': '@' may be a key's)
         ("user:PASS-s3cr3t@Not_A_Host/x", "REMOTE_CACHE_PASSWORD"),
+        ("user:PASS-s3cr3t/with+slash@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (AWS-like)
+        ("s3://AKIAEXAMPLE:PASS-s3cr3t/x@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
     ],
 )
 def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix: str) -> None:
@@ -178,3 +180,4 @@ def test_an_at_sign_that_is_no_credential_still_parses() -> None:
     assert parse_reference(f"redis@{digest}").digest == digest  # Docker Hub by digest
     assert parse_reference("s3://bucket:key@x").key == "key@x"
     assert parse_reference("ghcr.io/org/cache:key@x").key == "key@x"
+    assert parse_reference("myimage:key@x").key == "key@x"  # Docker Hub's library/myimage

@@ -233,10 +233,6 @@ def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
     key = profile or ""
     if key not in _PROFILES:
         session, credentials = _session(boto3, profile)
-        if credentials is not None:  # a server may echo them: hidden as the environment's are
-            frozen = credentials.get_frozen_credentials()
-            remember_secret(frozen.secret_key)
-            remember_secret(frozen.token)
         provider = Boto3CredentialProvider(session) if credentials is not None else None
         _PROFILES[key] = (provider, session.region_name)
     return _PROFILES[key]
@@ -244,14 +240,22 @@ def _profile(options: ObjectStoreOptions) -> tuple[Any, str | None]:
 
 def _session(boto3: Any, profile: str | None) -> tuple[Any, Any]:
     """boto3's session for ``profile`` and its credentials (None: none found); boto3's errors
-    (a missing profile, an unreadable file, a failing ``credential_process``) as StoreAuthError."""
+    (a missing profile, an unreadable file, a failing ``credential_process``, an SSO token or a
+    role that cannot be had) as StoreAuthError."""
     from botocore.exceptions import BotoCoreError, CredentialRetrievalError  # type: ignore[import-untyped]
 
     named = f"AWS profile {profile!r}" if profile else "the AWS shared files (~/.aws)"
     fix = "fix it, or set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
     try:
         session = boto3.Session(profile_name=profile) if profile else boto3.Session()
-        return session, session.get_credentials()
+        credentials = session.get_credentials()
+        if credentials is not None:
+            # (Fetched now for a role or SSO profile.) A server may echo them: hidden as the
+            # environment's are.
+            frozen = credentials.get_frozen_credentials()
+            remember_secret(frozen.secret_key)
+            remember_secret(frozen.token)
+        return session, credentials
     except CredentialRetrievalError as exc:
         # Its message ends with what the program wrote to stderr, which may be a secret: not shown.
         provider = exc.kwargs.get("provider", "credential provider")
