@@ -569,7 +569,13 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
             return f"not enough inodes to restore into {target.path}: {target.work_parent} ran out of them"
     if image.size is None:  # another tool's image: how much it needs was never known
         return f"not enough space to restore into {target.path}: {target.work_parent} filled up"
-    return _space_message(target, _space_needed(image))
+    # (The check before downloading saw room for what the entry says: it held more than it says,
+    # or other writes took the space meanwhile.)
+    return (
+        f"not enough space to restore into {target.path}: {target.work_parent} filled up, though the "
+        f"entry says it needs about {format_bytes(_space_needed(image))} (it held more, or other writes "
+        "took the space meanwhile)"
+    )
 
 
 def _shown_path(name: str, target: RestoreTarget) -> str:

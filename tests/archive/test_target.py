@@ -382,14 +382,17 @@ def test_a_disk_that_fills_up_during_extraction_fails_cleanly(cli: Run, tmp_path
     assert "they ran out (No space left on device)" in proc.stderr, proc.stderr
 
 
-def _as_foreign(layout: Path, key: str) -> None:
+def _as_foreign(layout: Path, key: str, annotations: dict[str, str] | None = None) -> None:
     """Make the entry under ``key`` look like another tool's image: the tag names the manifest
-    itself, with no annotations (so neither the tree's size nor its file count is known)."""
+    itself, with no annotations (so neither the tree's size nor its file count is known), or
+    with ``annotations``."""
     index_path = layout / "index.json"
     index = json.loads(index_path.read_bytes())
     top = layout_document(layout, layout_top(layout))
     manifest = layout_document(layout, top["manifests"][0]["digest"])
     manifest.pop("annotations", None)
+    if annotations is not None:
+        manifest["annotations"] = annotations
     body = json.dumps(manifest).encode()
     digest = hashlib.sha256(body).hexdigest()
     layout_blob(layout, f"sha256:{digest}").write_bytes(body)
@@ -429,6 +432,24 @@ def test_a_foreign_image_that_fills_the_disk_says_what_ran_out(
         assert "needs about" not in proc.stderr, proc.stderr
         said = "not enough space" if runs_out == "bytes" else "not enough inodes"
         assert f"{said} to restore into {small / 'old'}" in proc.stderr, proc.stderr
+        assert sorted(os.listdir(small)) == ["old"] and os.listdir(small / "old") == []
+
+
+def test_an_entry_holding_more_than_it_says_fills_the_disk_and_says_so(cli: Run, tmp_path: Path) -> None:
+    """An entry whose size annotation says 1 kB passes the check before downloading, then fills
+    the disk: the message says the place filled up though the entry said otherwise (it said
+    "it needs about 1.0 kB free", the entry's own claim, as if that were the need)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(4096) * 6000)  # 24 MB that compress to almost nothing
+    layout = tmp_path / "layout"
+    assert cli("save", str(src), f"oci:{layout}:k", "-q").returncode == 0
+    _as_foreign(layout, "k", {"dev.remote-cache.size": "1000"})
+    with tmpfs(tmp_path / "small", "size=8m") as small:
+        (small / "old").mkdir()
+        proc = cli("restore", f"oci:{layout}:k", str(small / "old"))
+        assert proc.returncode == 5, proc.stderr
+        assert f"{small} filled up, though the entry says it needs about" in proc.stderr, proc.stderr
         assert sorted(os.listdir(small)) == ["old"] and os.listdir(small / "old") == []
 
 
