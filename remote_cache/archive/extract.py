@@ -169,6 +169,8 @@ class Extractor:
         self._tree: dict[bytes, set[bytes]] | None = None  # see _index
         self._dirmeta: dict[bytes, _Meta] = {}
         self._root_meta: _Meta | None = None
+        #: The mode the root gets once in place (see :meth:`finish`), or None.
+        self.root_mode_in_place: int | None = None
         self._layer = -1
         self._seen: dict[bytes, int] = {}
         self._nums: dict[bytes, int] = {}  # header number field -> value (see HeaderDecoder)
@@ -591,7 +593,14 @@ class Extractor:
                     parent, _, base = path.rpartition(b"/")
                     os.chmod(base, 0o755, dir_fd=self._dirfd(parent, path), follow_symlinks=False)
             if self._root_meta is not None:
-                self._apply_dir(self._root_fd, *self._root_meta)
+                mode, *rest = self._root_meta
+                if not mode & self._mode_mask & stat.S_IWUSR:
+                    # A directory moves to another parent only while it is writable (rename updates
+                    # its ".."): a read-only root (another tool's "./" member, mode 555) gets its
+                    # mode once in place (restore's swap), or no one but root could restore it.
+                    self.root_mode_in_place = mode & self._mode_mask
+                    mode |= stat.S_IWUSR
+                self._apply_dir(self._root_fd, mode, *rest)
             else:
                 os.fchmod(self._root_fd, self._root_mode)
         finally:

@@ -232,6 +232,7 @@ def swap_in(
     then: Callable[[bool], object] | None = None,
     *,
     keep_root: bool = True,
+    root_mode: int | None = None,
 ) -> None:
     """Put the finished ``staging`` tree at the target: its entries swapped in (in place, while
     another run works inside the target, or where overlayfs cannot rename the directory: it
@@ -240,7 +241,8 @@ def swap_in(
     replaces — an entry holds no member for its root: like ``tar -x`` into it, the directory stays
     as it was; a new one is as ``mkdir`` makes it. Then call ``then(whole)`` under the same lock
     (what the swap must be followed by before another run's swap): ``whole`` when the staging
-    directory itself became the target, not its entries moved into the directory there."""
+    directory itself became the target, not its entries moved into the directory there.
+    ``root_mode``: the mode the staged root gets once exchanged in (one it could not move with)."""
     for name in os.listdir(staging):
         if is_in_place_work(name):  # an archive's copy of a work directory is no tree
             discard_dir(staging / name)
@@ -256,6 +258,8 @@ def swap_in(
             _swap_into_unmovable(staging, target, remove_old=_on_overlay(target.path))
         else:
             whole = _exchange_whole(staging, target, keep_root=keep_root)
+            if whole and root_mode is not None:
+                os.chmod(target.path, root_mode)
         if then is not None:
             then(whole)
 

@@ -235,6 +235,8 @@ class _Restore:
         self._rewritten: set[int] = set()
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
+        #: A read-only root's mode, given once the tree is in place (see Extractor.finish).
+        self._root_mode: int | None = None
         #: The target filesystem's time before extraction (:func:`fs_clock_ns`); None unread.
         self._window_start: int | None = None
         #: The extraction, once it runs; stopped by a cancel (see _stop_extraction_on_cancel).
@@ -334,7 +336,7 @@ class _Restore:
         call ``then`` (still holding the target's lock)."""
         assert self._work is not None
         await anyio.to_thread.run_sync(
-            functools.partial(swap_in, keep_root=self._keep_root),
+            functools.partial(swap_in, keep_root=self._keep_root, root_mode=self._root_mode),
             self._target,
             self._staging,
             self._work.path,
@@ -400,7 +402,9 @@ class _Restore:
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
                 self._keep_root = False
-            return extractor.finish()
+            stats = extractor.finish()
+            self._root_mode = extractor.root_mode_in_place
+            return stats
 
     async def _extract(self, extracted: anyio.Event) -> None:
         try:

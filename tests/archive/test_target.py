@@ -808,3 +808,69 @@ def test_an_old_tree_another_user_partly_owns_is_left_aside_with_a_warning() -> 
         [aside] = [p for p in home.iterdir() if p.name.startswith(".cache.old-")]
         assert (aside / "roots" / "f").read_text() == "root's"
         assert [p.name for p in home.iterdir() if "remote-cache" in p.name] == []
+
+
+def _image_with_a_read_only_root(layout: Path) -> None:
+    """An OCI layout whose entry ``k`` is another tool's image: one gzip layer holding ``./`` (mode
+    555, as some tools write the root) and a file."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        root = tarfile.TarInfo("./")
+        root.type, root.mode, root.mtime = tarfile.DIRTYPE, 0o555, 1_600_000_000
+        tf.addfile(root)
+        member = tarfile.TarInfo("./f")
+        member.size, member.mode, member.mtime = 5, 0o644, 1_600_000_000
+        tf.addfile(member, io.BytesIO(b"hello"))
+    tar = raw.getvalue()
+    layer = gzip.compress(tar)
+
+    def blob(data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        layout_blob(layout, digest).write_bytes(data)
+        return {"digest": digest, "size": len(data)}
+
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    config = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **blob(json.dumps(config).encode()),
+        },
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **blob(layer)}],
+    }
+    top = blob(json.dumps(manifest).encode())
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": manifest["mediaType"],
+                **top,
+                "annotations": {"org.opencontainers.image.ref.name": "k"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_an_image_whose_root_is_read_only_restores_for_any_user() -> None:
+    """Another tool's image whose ``./`` member is mode 555: the staged tree took that mode before
+    it was moved into place, and a directory moves to another parent only while writable, so
+    every restore but root's failed with a raw "[Errno 13] … .target.remote-cache-…/new -> …".
+    The root gets its mode once in place."""
+    with reachable_dir() as base:
+        _image_with_a_read_only_root(base / "layout")
+        give_to_nobody(base / "layout")
+        os.chown(base, 65534, 65534)
+        error = _as_nobody(base, restore, Path("target"))
+        assert error == "", error
+        assert stat.S_IMODE((base / "target").stat().st_mode) == 0o555
+        assert (base / "target" / "f").read_bytes() == b"hello"
+        assert sorted(p.name for p in base.iterdir()) == ["layout", "target"]
