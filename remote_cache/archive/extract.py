@@ -593,14 +593,15 @@ class Extractor:
                     parent, _, base = path.rpartition(b"/")
                     os.chmod(base, 0o755, dir_fd=self._dirfd(parent, path), follow_symlinks=False)
             if self._root_meta is not None:
+                # The staged root stays its owner's to read, search and write until it is in place:
+                # a directory moves to another parent only while writable (rename updates its
+                # ".."), and a swap of its entries must see them. A root member that says otherwise
+                # (another tool's "./", mode 555 or 444) gets its mode once in place (restore's
+                # swap), or no one but root could restore it.
                 mode, *rest = self._root_meta
-                if not mode & self._mode_mask & stat.S_IWUSR:
-                    # A directory moves to another parent only while it is writable (rename updates
-                    # its ".."): a read-only root (another tool's "./" member, mode 555) gets its
-                    # mode once in place (restore's swap), or no one but root could restore it.
-                    self.root_mode_in_place = mode & self._mode_mask
-                    mode |= stat.S_IWUSR
-                self._apply_dir(self._root_fd, mode, *rest)
+                self._apply_dir(self._root_fd, mode | stat.S_IRWXU, *rest)
+                if (final := mode & self._mode_mask) != (mode | stat.S_IRWXU) & self._mode_mask:
+                    self.root_mode_in_place = final  # (the mask as the chown left it: no set-ID bits)
             else:
                 os.fchmod(self._root_fd, self._root_mode)
         finally:

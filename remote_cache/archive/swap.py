@@ -211,6 +211,17 @@ def _move(src: Path, dst: Path) -> None:
         os.chmod(dst, stat.S_IMODE(st.st_mode))
 
 
+def _there(path: Path) -> bool:
+    """Whether ``path`` exists (not followed); any error but "no such entry" is raised:
+    ``os.path.lexists`` says False for a directory it may not search, and a swap that took a
+    staged tree it could not look into for an empty one moved nothing in and said it had."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def finish_swap(work: Path, target: Path) -> None:
     """Carry out (or finish, after a kill) the swap journaled in ``work``; every step is idempotent.
 
@@ -222,9 +233,9 @@ def finish_swap(work: Path, target: Path) -> None:
     new_names = set(journal["new"])
     remove = journal.get("remove_old") is True  # (journals of earlier versions: False)
     for name in journal["old"]:
-        if not os.path.lexists(target / name) or os.path.lexists(old / name):
+        if not _there(target / name) or _there(old / name):
             continue
-        if name in new_names and not os.path.lexists(staging / name):
+        if name in new_names and not _there(staging / name):
             continue  # moved in already: this is the new one
         if not remove:
             try:
@@ -236,6 +247,6 @@ def finish_swap(work: Path, target: Path) -> None:
                 # overlayfs without redirect_dir: a directory from a lower layer cannot move
         discard_dir(target / name)  # a kill half-way leaves part of it: removed on the next run
     for name in journal["new"]:
-        if os.path.lexists(staging / name):
+        if _there(staging / name):
             _move(staging / name, target / name)
     os.unlink(work / JOURNAL)  # finished: the work directory may go (see WorkDir.close)

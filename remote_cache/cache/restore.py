@@ -573,12 +573,13 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
             return f"not enough inodes to restore into {target.path}: {target.work_parent} ran out of them"
     if image.size is None:  # another tool's image: how much it needs was never known
         return f"not enough space to restore into {target.path}: {target.work_parent} filled up"
-    # (The check before downloading saw room for what the entry says: it held more than it says,
-    # or other writes took the space meanwhile.)
+    # (The check before downloading saw room for what the entry says: its files' bytes and its
+    # biggest layer. Files take whole blocks, other writes may have taken space, an entry may hold
+    # more than it says.)
     return (
-        f"not enough space to restore into {target.path}: {target.work_parent} filled up, though the "
-        f"entry says it needs about {format_bytes(_space_needed(image))} (it held more, or other writes "
-        "took the space meanwhile)"
+        f"not enough space to restore into {target.path}: {target.work_parent} filled up during the "
+        f"restore, which the entry said needs about {format_bytes(_space_needed(image))} (files take "
+        "whole blocks, other writes may have taken space, or the entry holds more than it says)"
     )
 
 
