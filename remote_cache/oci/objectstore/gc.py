@@ -95,6 +95,8 @@ def _touched(*metas: dict[str, Any] | None) -> datetime | None:
 
 
 def _version(meta: dict[str, Any]) -> tuple[Any, Any]:
+    """Which write of an object ``meta`` describes: a mark written again in the same second has
+    the same time on a whole-second clock, but another ETag (each mark holds random bytes)."""
     return meta["last_modified"], meta.get("e_tag")
 
 
@@ -104,12 +106,7 @@ async def _warn_if_relied_on(store: ObjectStore, digest: str, seen: dict[str, An
     _blob, mark = await store.head_blob_and_mark(digest)
     if mark is None:
         return
-    # (A mark written again in the same second has the same time on a whole-second clock, but
-    # another ETag: each mark holds random bytes.)
-    if seen is None or (mark["last_modified"], mark.get("e_tag")) != (
-        seen["last_modified"],
-        seen.get("e_tag"),
-    ):
+    if seen is None or _version(mark) != _version(seen):
         log.warning(
             "a save relied on blob %s while this sweep deleted it from %s; if an entry saved just now "
             "fails to restore, save it again",
