@@ -599,9 +599,10 @@ class Extractor:
                 # (another tool's "./", mode 555 or 444) gets its mode once in place (restore's
                 # swap), or no one but root could restore it.
                 mode, *rest = self._root_meta
-                self._apply_dir(self._root_fd, mode | stat.S_IRWXU, *rest)
-                if (final := mode & self._mode_mask) != (mode | stat.S_IRWXU) & self._mode_mask:
-                    self.root_mode_in_place = final  # (the mask as the chown left it: no set-ID bits)
+                staged = mode | stat.S_IRWXU
+                self._apply_dir(self._root_fd, staged, *rest)
+                if mode != staged:
+                    self.root_mode_in_place = mode & self._mode_mask  # (as the chown left the mask)
             else:
                 os.fchmod(self._root_fd, self._root_mode)
         finally:

@@ -257,17 +257,15 @@ def swap_in(
         elif holds_restore_work(target.path):
             _swap_into_unmovable(staging, target, remove_old=_on_overlay(target.path))
         else:
-            whole = _exchange_whole(staging, target, keep_root=keep_root)
-            if whole and root_mode is not None:
-                os.chmod(target.path, root_mode)
+            whole = _exchange_whole(staging, target, keep_root=keep_root, root_mode=root_mode)
         if then is not None:
             then(whole)
 
 
-def _exchange_whole(staging: Path, target: RestoreTarget, *, keep_root: bool) -> bool:
-    """Exchange the target directory for ``staging`` and, with ``keep_root``, give it the
-    replaced one's mode and owner; where overlayfs cannot rename the directory (EXDEV), swap its
-    entries instead. Whether the directory was exchanged whole."""
+def _exchange_whole(staging: Path, target: RestoreTarget, *, keep_root: bool, root_mode: int | None) -> bool:
+    """Exchange the target directory for ``staging`` and give it, with ``keep_root``, the
+    replaced one's mode and owner, else ``root_mode`` if any; where overlayfs cannot rename the
+    directory (EXDEV), swap its entries instead. Whether the directory was exchanged whole."""
     # Read under the lock, just before the exchange: what the directory is now.
     kept = _stat_or_none(target.path) if keep_root else None
     try:
@@ -279,6 +277,8 @@ def _exchange_whole(staging: Path, target: RestoreTarget, *, keep_root: bool) ->
         return False
     if kept is not None:
         _give_root(target.path, kept)
+    elif root_mode is not None:
+        os.chmod(target.path, root_mode)
     return True
 
 
