@@ -235,8 +235,6 @@ class _Restore:
         self._rewritten: set[int] = set()
         #: Whether the directory keeps the replaced one's mode and owner (no root in the entry).
         self._keep_root = True
-        #: A read-only root's mode, given once the tree is in place (see Extractor.finish).
-        self._root_mode: int | None = None
         #: The target filesystem's time before extraction (:func:`fs_clock_ns`); None unread.
         self._window_start: int | None = None
         #: The extraction, once it runs; stopped by a cancel (see _stop_extraction_on_cancel).
@@ -334,9 +332,11 @@ class _Restore:
     async def swap(self, then: Callable[[bool], object] | None) -> None:
         """Put the staging directory in place of the target, or its entries in the target's; then
         call ``then`` (still holding the target's lock)."""
-        assert self._work is not None
+        assert self._work is not None and self._extractor is not None
+        # (A read-only root's mode, given once the tree is in place: see Extractor.finish.)
+        root_mode = self._extractor.root_mode_in_place
         await anyio.to_thread.run_sync(
-            functools.partial(swap_in, keep_root=self._keep_root, root_mode=self._root_mode),
+            functools.partial(swap_in, keep_root=self._keep_root, root_mode=root_mode),
             self._target,
             self._staging,
             self._work.path,
@@ -402,9 +402,7 @@ class _Restore:
             self._file_parents, self._rewritten = extractor.file_parents, extractor.rewritten
             if extractor.root_given:  # (another tool's image) its root's mode, not the replaced one's
                 self._keep_root = False
-            stats = extractor.finish()
-            self._root_mode = extractor.root_mode_in_place
-            return stats
+            return extractor.finish()
 
     async def _extract(self, extracted: anyio.Event) -> None:
         try:
@@ -571,15 +569,13 @@ def _full_message(target: RestoreTarget, image: CacheImage) -> str:
             if image.files is not None:
                 return f"{_inodes_message(target, image)}, and they ran out"
             return f"not enough inodes to restore into {target.path}: {target.work_parent} ran out of them"
+    filled = f"not enough space to restore into {target.path}: {target.work_parent} filled up"
     if image.size is None:  # another tool's image: how much it needs was never known
-        return f"not enough space to restore into {target.path}: {target.work_parent} filled up"
-    # (The check before downloading saw room for what the entry says: its files' bytes and its
-    # biggest layer. Files take whole blocks, other writes may have taken space, an entry may hold
-    # more than it says.)
+        return filled
     return (
-        f"not enough space to restore into {target.path}: {target.work_parent} filled up during the "
-        f"restore, which the entry said needs about {format_bytes(_space_needed(image))} (files take "
-        "whole blocks, other writes may have taken space, or the entry holds more than it says)"
+        f"{filled} during the restore, which the entry said needs about "
+        f"{format_bytes(_space_needed(image))} (files take whole blocks, other writes may have taken "
+        "space, or the entry holds more than it says)"
     )
 
 
