@@ -36,7 +36,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from ..errors import InvalidConfigFile, RegistryAuthError
+from ..errors import InvalidConfigFile, RegistryAuthError, os_reason
 from ..home import home
 from ..records import hiding
 
@@ -145,23 +145,19 @@ def _run_helper(name: str, server: str, environ: Mapping[str, str]) -> Credentia
             env=dict(environ),
             check=False,
         )
-    except FileNotFoundError as exc:
-        if shutil.which(program, path=environ.get("PATH")) is not None:  # (its interpreter is missing)
-            raise RegistryAuthError(
-                f"credential helper {program} cannot be run ({exc.strerror}): fix its installation, "
-                f"or pass {PASS_CREDENTIALS}"
-            ) from exc
-        raise RegistryAuthError(
-            f"a credential file names credential helper {name!r} but {program} is not on PATH: "
-            f"install it, or pass {PASS_CREDENTIALS}"
-        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise RegistryAuthError(
             f"credential helper {program} did not answer within {_HELPER_TIMEOUT}s"
         ) from exc
-    except OSError as exc:  # there, but not runnable (no execute bit)
+    except OSError as exc:
+        # Not found, unless it is on PATH (then its interpreter is missing); else not runnable.
+        if isinstance(exc, FileNotFoundError) and shutil.which(program, path=environ.get("PATH")) is None:
+            raise RegistryAuthError(
+                f"a credential file names credential helper {name!r} but {program} is not on PATH: "
+                f"install it, or pass {PASS_CREDENTIALS}"
+            ) from exc
         raise RegistryAuthError(
-            f"credential helper {program} cannot be run ({exc.strerror or exc}): fix its installation, "
+            f"credential helper {program} cannot be run ({os_reason(exc)}): fix its installation, "
             f"or pass {PASS_CREDENTIALS}"
         ) from exc
     if proc.returncode != 0:
