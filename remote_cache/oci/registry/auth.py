@@ -226,12 +226,11 @@ class Authenticator:
             self._tokens.pop(key, None)
             self._check_realm(realm)
             method, url, headers, form = self._token_request(realm, service, scopes)
-            with translated(f"{self.host} (token realm {urlsplit(realm).netloc})", self._timeouts):
+            realm_host = urlsplit(realm).netloc
+            with translated(f"{self.host} (token realm {realm_host})", self._timeouts):
                 answer = await self._send(method, url, headers, form, _MAX_TOKEN_BODY)
             if answer.status_code != 200:
-                raise self.error(
-                    answer, action, f"the token realm {urlsplit(realm).netloc} of registry {self.host}"
-                )
+                raise self.error(answer, action, f"the token realm {realm_host} of registry {self.host}")
             value, expires_in = self._parse_token(answer.body)
             lifetime = max(expires_in - _TOKEN_MARGIN, 1.0)
             self._tokens[key] = _Token(value, time.monotonic() + lifetime)
