@@ -90,7 +90,7 @@ _XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
 _XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
 
 
-def _summary(exc: BaseException, secrets: Iterable[str]) -> str:
+def _summary(exc: BaseException, secrets: Iterable[str | None]) -> str:
     """obstore's first paragraph on one line; an XML error body the server sent reduced to its code
     and message (the rest echoes the request); ``secrets`` and every credential
     :func:`~remote_cache.errors.credentials_to_hide` knows cut out."""
@@ -116,7 +116,7 @@ def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
 
 
 @contextmanager
-def translated(location: str, action: str, secrets: Iterable[str] = ()) -> Iterator[None]:
+def translated(location: str, action: str, secrets: Iterable[str | None] = ()) -> Iterator[None]:
     """Run obstore calls; their failures (but a missing object) leave as our StoreError kinds.
 
     ``action`` says what was tried (``"read tag npm"``); it starts the message.
@@ -148,7 +148,7 @@ def _no_bucket(location: str, action: str) -> StoreError:
     return StoreError(f"cannot {action}: the bucket of {location} does not exist (check its name and region)")
 
 
-def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str]) -> StoreError:
+def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str | None]) -> StoreError:
     summary = _summary(exc, secrets)
     kind = _KIND.search(str(exc))
     if _missing_bucket(summary):

@@ -82,7 +82,7 @@ class ObjectStore:
         self.location = reference.location
         self.options = options or ObjectStoreOptions()
         #: Its own credentials; the environment's and a profile's are added where a message is made.
-        self._secrets = tuple(s for s in (self.options.secret_access_key, self.options.session_token) if s)
+        self._secrets = (self.options.secret_access_key, self.options.session_token)
         self._stalls = Stalls(self.options.stall_seconds)
         with self._translated("set up the client"):
             client = build_client(reference, self.options)
