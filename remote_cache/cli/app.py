@@ -391,9 +391,10 @@ def _with_password(common: Common, password: str) -> Common:
 
 
 def _reference(text: str, key: str | None, *, need_key: bool, what: str = "REF") -> Reference:
-    from ..oci.reference import parse_reference
+    from ..oci.reference import masked, parse_reference
 
     ref = parse_reference(text)
+    text = masked(text)  # as the messages below quote it
     if ref.digest is not None:
         raise UsageError(f"{what} {text!r} pins a digest; name the entry by key instead (drop '@sha256:...')")
     if key is not None:

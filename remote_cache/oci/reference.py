@@ -45,6 +45,7 @@ __all__ = [
     "OBJECT_SCHEMES",
     "Reference",
     "is_loopback",
+    "masked",
     "parse_reference",
 ]
 
@@ -131,7 +132,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _invalid(text: str, why: str) -> InvalidReference:
-    return InvalidReference(f"invalid reference {_USERINFO.sub('***@', text)!r}: {why}; {_EXAMPLE}")
+    return InvalidReference(f"invalid reference {masked(text)!r}: {why}; {_EXAMPLE}")
+
+
+def masked(text: str) -> str:
+    """A reference as messages quote it: what may be ``user:password@`` at its start is ``***@``."""
+    return _USERINFO.sub("***@", text)
 
 
 #: What may be ``user:password@`` at a reference's start: never quoted (see _refuse_credentials).
@@ -221,24 +227,38 @@ _CREDENTIALS = re.compile(r"^(?:([a-z0-9+.-]+)://)?[^/@:\s]+:[^@\s]*@(?!sha256:)
 
 
 def _refuse_credentials(raw: str) -> None:
-    """Refuse ``[SCHEME://]USER:PASSWORD@HOST/...`` without quoting it: CI logs keep errors.
-    Without a scheme or an object store's, only a ``/`` after the host makes it one (``s3://BUCKET:KEY``
-    and a Docker Hub ``NAME:KEY`` may have an '@' in the key)."""
+    """Refuse ``[SCHEME://]USER:PASSWORD@HOST/...`` without quoting it: CI logs keep errors, and the
+    key would be sent to the store in a tag's name.
+
+    Without a ``/`` after the host, ``s3://BUCKET:KEY`` and a Docker Hub ``NAME:KEY`` may hold an
+    '@' in the key: it is taken for credentials only when a bucket name, or a host by docker's rule,
+    follows the '@' (such a key still works with --key)."""
     found = _CREDENTIALS.match(raw)
     if found is None:
         return
     scheme, place, slash = found.groups()
-    if not slash and (scheme is None or scheme.lower() in OBJECT_SCHEMES):
+    scheme = scheme.lower() if scheme else None
+    if not slash and not _names_a_place(scheme, place):
         return
     fix = (
         "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the store's own variables)"
         if scheme in OBJECT_SCHEMES
         else "set REMOTE_CACHE_USERNAME and REMOTE_CACHE_PASSWORD, or pass --username with --password-stdin"
     )
+    key_hint = "" if slash else " (a key holding '@' goes in --key KEY)"
     raise InvalidReference(
         f"invalid reference: it holds credentials before {place!r} (user:password@); a reference "
-        f"never carries them (it is shown in logs): {fix}"
+        f"never carries them (it is shown in logs): {fix}{key_hint}"
     )
+
+
+def _names_a_place(scheme: str | None, after_at: str) -> bool:
+    """Whether what follows ``USER:PASSWORD@`` (no ``/`` after it) is where a store is: a bucket
+    name for an object store, a host for a registry (``docker://`` always names one)."""
+    if scheme in OBJECT_SCHEMES:
+        bucket = after_at.partition(":")[0]
+        return bool(_BUCKET.fullmatch(bucket))
+    return scheme is not None or _looks_like_host(after_at)
 
 
 def _looks_like_host(name: str) -> bool:

@@ -39,6 +39,39 @@ def error_line(proc: object) -> str:
 # credential files
 
 
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "user:PASS-s3cr3t@ghcr.io",  # parsed as Docker Hub's library/user, key 'PASS-s3cr3t@ghcr.io'
+        "user:PASS-s3cr3t@localhost:5000",
+        "s3://minio:PASS-s3cr3t@cache",  # parsed as bucket 'minio', key 'PASS-s3cr3t@cache'
+        "s3://minio:PASS-s3cr3t@cache:k",
+    ],
+)
+def test_credentials_written_into_a_reference_reach_no_output_and_no_store(
+    cli: Run, ref: str, tmp_path: Path
+) -> None:
+    """Every command refuses a reference that holds ``user:password@`` (exit 2), and no line quotes
+    the password: it was printed by ``ls`` ("REPO '...' names an entry"), in every summary line as
+    the key, and sent to the store inside the tag's name."""
+    src = one_file_tree(tmp_path / "src")
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    for args in (
+        ("save", str(src), ref),
+        ("restore", ref, str(tmp_path / "out")),
+        ("--json", "inspect", ref),
+        ("rm", ref),
+        ("ls", ref),
+        ("prune", ref, "--keep", "1"),
+    ):
+        proc = cli(*args, env=env)
+        assert "PASS-s3cr3t" not in proc.stdout + proc.stderr, (args, proc.stdout + proc.stderr)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "user:password@" in error_line(proc) or "names an entry" in proc.stderr, proc.stderr
+        no_traceback(proc)
+    assert not (tmp_path / "out").exists()
+
+
 #: Where the ``cli`` fixture's environment makes each file be found (relative to tmp_path).
 PLACES = {
     "docker config.json": "docker-config/config.json",

@@ -161,10 +161,15 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("https://user:PASS-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
         ("docker://user:PASS-s3cr3t@ghcr.io/org/cache", "REMOTE_CACHE_PASSWORD"),
         ("s3://AKIAEXAMPLE:PASS-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
-        ("s3://AKIA:PASS-s3cr3t@bucket:k", "not a bucket name"),  # (no '/': '@' may be a key's)
+        ("s3://AKIA:PASS-s3cr3t@bucket:k", "AWS_SECRET_ACCESS_KEY"),
         ("user:PASS-s3cr3t@Not_A_Host/x", "REMOTE_CACHE_PASSWORD"),
         ("user:PASS-s3cr3t/with+slash@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (AWS-like)
         ("s3://AKIAEXAMPLE:PASS-s3cr3t/x@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
+        # No '/' after the host: the part after '@' is a host by docker's rule (a '.' or ':', or
+        # localhost), so no key of a Docker Hub 'name:key' (it parsed as one and went to Docker Hub)
+        ("user:PASS-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
+        ("user:PASS-s3cr3t@localhost", "REMOTE_CACHE_PASSWORD"),
+        ("docker://user:PASS-s3cr3t@registry.example.com", "REMOTE_CACHE_PASSWORD"),
     ],
 )
 def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix: str) -> None:
