@@ -42,6 +42,7 @@ from .digest import is_digest
 __all__ = [
     "DOCKER_HUB_API_HOST",
     "DOCKER_HUB_HOSTS",
+    "OBJECT_CREDENTIALS",
     "OBJECT_SCHEMES",
     "Reference",
     "is_loopback",
@@ -64,6 +65,12 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
 #: Object store schemes: S3 (and S3-compatible stores), Google Cloud Storage, Azure Blob Storage.
 OBJECT_SCHEMES = ("s3", "gs", "az")
+#: Where each object store's credentials go, for the messages that send users there.
+OBJECT_CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or the SAS, or the identity)",
+    "gs": "GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS",
+}
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -241,8 +248,8 @@ def _refuse_credentials(raw: str) -> None:
     if not slash and not _names_a_place(scheme, place):
         return
     fix = (
-        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the store's own variables)"
-        if scheme in OBJECT_SCHEMES
+        f"set {OBJECT_CREDENTIALS[scheme]}"
+        if scheme in OBJECT_CREDENTIALS
         else "set REMOTE_CACHE_USERNAME and REMOTE_CACHE_PASSWORD, or pass --username with --password-stdin"
     )
     key_hint = "" if slash else " (a key holding '@' goes in --key KEY)"

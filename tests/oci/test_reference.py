@@ -165,6 +165,8 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("user:PASS-s3cr3t@Not_A_Host/x", "REMOTE_CACHE_PASSWORD"),
         ("user:PASS-s3cr3t/with+slash@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (AWS-like)
         ("s3://AKIAEXAMPLE:PASS-s3cr3t/x@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
+        ("gs://user:PASS-s3cr3t@bucket/ci:k", "GOOGLE_APPLICATION_CREDENTIALS"),  # each store's own
+        ("az://account:PASS-s3cr3t@container/ci:k", "AZURE_STORAGE_ACCOUNT_KEY"),
         # No '/' after the host: the part after '@' is a host by docker's rule (a '.' or ':', or
         # localhost), so no key of a Docker Hub 'name:key' (it parsed as one and went to Docker Hub)
         ("user:PASS-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),

@@ -32,6 +32,7 @@ from ...errors import (
     StoreUnreachable,
     hidden,
 )
+from ..reference import OBJECT_CREDENTIALS
 
 __all__ = [
     "NOT_FOUND",
@@ -53,17 +54,14 @@ _REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 #: What an error from the instance or container metadata service (asked for credentials when
 #: nothing else had them) has in its URL.
 _METADATA_MARKS = ("/latest/api/token", "/latest/meta-data", "169.254.169.254", "169.254.170.2")
-_CREDENTIALS = {
-    "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile, or the role) and the "
-    "bucket's policy",
-    "az": "check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or the SAS, or the identity) "
-    "and the container's access",
-    "gs": "check GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS and the bucket's IAM",
-}
+#: What else decides access, beside the credentials (OBJECT_CREDENTIALS).
+_ACCESS = {"s3": "the bucket's policy", "az": "the container's access", "gs": "the bucket's IAM"}
 
 
 def _credentials_hint(location: str) -> str:
-    return _CREDENTIALS.get(location.split("://", 1)[0], _CREDENTIALS["s3"])
+    scheme = location.split("://", 1)[0]
+    scheme = scheme if scheme in _ACCESS else "s3"
+    return f"check {OBJECT_CREDENTIALS[scheme]} and {_ACCESS[scheme]}"
 
 
 _NO_AZURE_ACCOUNT = "Account must be specified"
