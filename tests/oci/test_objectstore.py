@@ -222,9 +222,11 @@ async def test_big_blobs_go_up_in_parts_and_come_down_in_ranges(
         image = await load_image(store, (await store.resolve(tag_for_key("big"))).digest)
         biggest = max(image.layers, key=lambda d: d.size)
         proxy.fail(100, 503, method="GET", path_contains="/blobs/")
-        with pytest.raises(StoreError, match="503"):
+        with pytest.raises(StoreError, match="503") as info:
             async for _chunk in store.read_blob(biggest):
                 pass
+        # Which store answered so: the message named none ("cannot read blob …: Generic S3 error").
+        assert f"s3://{store.reference.bucket}/cache" in str(info.value), str(info.value)
 
 
 async def test_a_small_change_uploads_little(

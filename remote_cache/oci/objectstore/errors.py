@@ -178,4 +178,4 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
         return StoreUnreachable(
             f"cannot {action}: {location} could not be reached ({summary}){hint}", temporary=temporary
         )
-    return StoreError(f"cannot {action}: {summary}")
+    return StoreError(f"cannot {action}: {location} answered with an error ({summary})")
