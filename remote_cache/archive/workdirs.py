@@ -65,11 +65,7 @@ class WorkDir:
         try:
             if os.path.lexists(self.path / JOURNAL):
                 return
-            with contextlib.suppress(FileNotFoundError):
-                for name in os.listdir(self.path):
-                    if name != _LOCK:
-                        discard_dir(self.path / name)
-            discard_dir(self.path)
+            _discard(self.path)
         finally:
             if self._fd is not None:
                 os.close(self._fd)
@@ -82,17 +78,30 @@ class WorkDir:
         self._made = []
 
 
+def _discard(path: Path) -> None:
+    """Remove a work directory, its lock last: one killed half-way keeps it, and the next sweep
+    claims it (a lock gone first, in listing order, left the rest to no one)."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(path):
+            if name != _LOCK:
+                discard_dir(path / name)
+    discard_dir(path)
+
+
 #: A work directory whose lock is still unnamed this long after its last change belongs to a run
-#: killed while making it (naming the lock takes microseconds).
+#: killed while making it (naming the lock takes microseconds), or to a removal killed between
+#: the lock and the directory.
 _NAMING_SECONDS = 60
 
 
 def _claim(path: Path) -> int | None:
-    """The locked ``lock`` (or, a minute old, ``lock.new``) fd of ``path`` when it is a dead
-    run's work directory (ours: 0700, our uid, with a lock nobody holds); else None (a live run,
-    or not a work directory of ours)."""
+    """The locked ``lock`` (a minute old, ``lock.new`` or a new lock: :func:`_old_lock`) fd of
+    ``path`` when it is a dead run's work directory (ours: 0700, our uid, with a lock nobody
+    holds); else None (a live run, or not a work directory of ours)."""
     try:
         st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
+            return None
         try:
             fd = os.open(path / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -100,18 +109,25 @@ def _claim(path: Path) -> int | None:
             # between creating ``lock.new`` and locking it: only an old directory is dead.
             if time.time() - st.st_mtime < _NAMING_SECONDS:
                 return None
-            fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = _old_lock(path)
     except OSError:
         return None  # not ours, or still being created: leave it
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
-        os.close(fd)
-        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     return fd
+
+
+def _old_lock(path: Path) -> int:
+    """The unnamed ``lock.new`` of an old work directory; with neither (a removal killed after the
+    lock went), a new ``lock`` that only one sweeper can make."""
+    try:
+        return os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(path / _LOCK, flags, 0o600)
 
 
 def sweep_dead(parent: Path, prefix: str, recover: Callable[[Path], None] | None = None) -> list[Path]:
@@ -134,7 +150,7 @@ def sweep_dead(parent: Path, prefix: str, recover: Callable[[Path], None] | None
             with contextlib.suppress(OSError):
                 if recover is not None:
                     recover(path)
-                discard_dir(path)
+                _discard(path)
                 removed.append(path)
         finally:
             os.close(fd)

@@ -533,6 +533,53 @@ def test_a_work_directory_that_cannot_be_removed_whole_is_swept_later(tmp_path: 
     assert os.listdir(tmp_path) == []
 
 
+_KILLED_AT_A_REMOVAL = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from remote_cache.archive.workdirs import sweep_dead
+
+    left = int(sys.argv[2])
+
+    def removal(real):
+        def remove(*args, **kwargs):
+            global left
+            left -= 1
+            if left == 0:  # this removal does not happen: the process dies as a kill would take it
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return remove
+
+    os.unlink, os.rmdir = removal(os.unlink), removal(os.rmdir)
+    sweep_dead(Path(sys.argv[1]), "w-")
+    """
+)
+
+
+def test_a_sweep_killed_half_way_leaves_what_the_next_sweep_removes(tmp_path: Path) -> None:
+    """A sweep (or a run's own clean-up) killed while removing a dead run's work directory: the
+    next one removes the rest, wherever the kill came (the lock went first in listing order, and a
+    work directory without a lock was never claimed again: tens of megabytes for good, found by
+    killing restores at random). A kill after the lock's own removal leaves an empty directory
+    without one, taken once old."""
+    removals = 10  # 5 spool files, 'clock', 'new' and its file, the lock, the directory itself
+    for kill_at in range(1, removals + 1):
+        parent = tmp_path / str(kill_at)
+        work = WorkDir(parent, "w-")
+        for i in range(5):
+            (work.path / f"spool-{i}").write_text("x")
+        (work.path / "new").mkdir()
+        (work.path / "new" / "f").write_text("x")
+        (work.path / "clock").write_text("x")
+        os.close(work._fd)  # type: ignore[arg-type]  # the run dies: its lock is released
+        work._fd = None
+        subprocess.run([sys.executable, "-c", _KILLED_AT_A_REMOVAL, str(parent), str(kill_at)], check=False)
+        for left in parent.iterdir():
+            os.utime(left, (time.time() - 3600, time.time() - 3600))
+        sweep_dead(parent, "w-")
+        assert os.listdir(parent) == [], (kill_at, [os.listdir(p) for p in parent.iterdir()])
+
+
 def test_a_directory_of_another_owner_in_an_old_tree_is_removed_as_non_root(tmp_path: Path) -> None:
     """An old tree holding a directory another user owns but lets us write (0777): making it
     owner-writable fails (EPERM) but is not needed, and the tree is removed (it failed the restore
