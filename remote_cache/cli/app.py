@@ -582,8 +582,15 @@ class _Signals:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import signal
+
+        # The body is over: the settled handlers take over at once, not once the loop is closed
+        # (a SIGTERM on the defaults the loop puts back ended a save that was done). Blocking the
+        # signals meanwhile would not do: the loop's worker threads would take them.
         for signum in self._signums:
             self._loop.remove_signal_handler(signum)
+            signal.signal(signum, _late_signal)
+        _settle(signals_so_far=0 if self.received is None else 1)
 
     def _on_signal(self, signum: int) -> None:
         if self.received is not None:
@@ -648,16 +655,31 @@ def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
 
 
 _settled = False
+_late_signals = 0
 
 
-def _settle() -> None:
-    """The outcome is settled and its report comes next: a Ctrl-C now would only contradict it
-    (the work it reports is done), so it is ignored; a SIGTERM still ends the process."""
-    global _settled
+def _settle(signals_so_far: int = 0) -> None:
+    """The outcome is settled and its report comes next: a signal now would only contradict it
+    (the work it reports is done, or its interruption cleaned up), so it is ignored; a second
+    signal (counting the one that interrupted the command) still leaves at once. One ignored
+    from the start stays so."""
+    global _settled, _late_signals
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if _settled:
+        return
+    _late_signals = signals_so_far
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _late_signal)
     _settled = True
+
+
+def _late_signal(signum: int, _frame: object) -> None:
+    global _late_signals
+    _late_signals += 1
+    if _late_signals > 1:
+        os._exit(128 + signum)
 
 
 def outcome_settled() -> bool:

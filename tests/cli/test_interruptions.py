@@ -720,22 +720,45 @@ def test_a_ctrl_c_once_the_options_are_read_gets_its_json(tmp_path: Path, pycach
     assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
 
 
-def test_a_ctrl_c_while_the_outcome_is_reported_changes_nothing(tmp_path: Path, pycache: Path) -> None:
-    """The save is done when its report is written: a Ctrl-C then neither changes its exit code
-    nor adds a line saying it was interrupted."""
-    hook = """
+#: Where the command is once its body returned: its event loop closing, its report written.
+_SETTLED = {
+    "closing": ("asyncio.runners", "Runner", "close"),
+    "reporting": ("remote_cache.cli.app", "", "_report"),
+}
+
+
+def _signals_before(where: str, *signums: signal.Signals) -> str:
+    """A hook sending ``signums`` to the command just before the function ``_SETTLED[where]`` runs."""
+    module, owner, name = _SETTLED[where]
+    sends = "".join(f"os.kill(os.getpid(), {int(s)}); " for s in signums)
+    return f"""
         import importlib
-        app = importlib.import_module("remote_cache.cli.app")
-        report = app._report
+        owner = importlib.import_module({module!r})
+        owner = getattr(owner, {owner!r}) if {owner!r} else owner
+        real = getattr(owner, {name!r})
         def hooked(*args):
-            os.kill(os.getpid(), _signal.SIGINT)
-            return report(*args)
-        app._report = hooked
+            {sends}
+            return real(*args)
+        setattr(owner, {name!r}, hooked)
     """
-    proc = _save_with_hook(hook, tmp_path, pycache)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("when", sorted(_SETTLED))
+def test_a_signal_while_the_outcome_is_reported_changes_nothing(
+    when: str, signum: signal.Signals, tmp_path: Path, pycache: Path
+) -> None:
+    """The save is done once its body returned: a signal then (its event loop closing, its report
+    written) neither changes its exit code nor adds a line saying it was interrupted. A SIGTERM
+    there ended the process (no report, exit 143 for a save that was done), and a SIGINT while
+    the loop closed said "interrupted" (exit 130); a second signal still leaves at once."""
+    proc = _save_with_hook(_signals_before(when, signum), tmp_path, pycache)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["outcome"] == "saved", proc.stdout
     assert "interrupted" not in proc.stderr, proc.stderr
+    (tmp_path / "twice").mkdir()
+    twice = _save_with_hook(_signals_before(when, signum, signum), tmp_path / "twice", pycache)
+    assert (twice.returncode, twice.stdout) == (128 + signum, ""), twice.stderr
 
 
 def _ignoring_sigint() -> None:
