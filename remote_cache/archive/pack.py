@@ -16,6 +16,7 @@ import errno
 import hashlib
 import io
 import os
+import stat
 import tempfile
 import zlib
 from collections import deque
@@ -149,22 +150,38 @@ def _check_unchanged(fd: int, path: str, member: Member) -> None:
     chmod moves that without touching the bytes (the header keeps the walk's mode). A member made
     without a walk has only its size to compare."""
     st = os.fstat(fd)
-    if member.mtime_ns and st.st_ino != member.ino:
+    if _another(st, member):
         raise TreeChanged(path, "it was replaced")
     if st.st_size != member.size or (member.mtime_ns and st.st_mtime_ns != member.mtime_ns):
         raise TreeChanged(path, "it was written to")
 
 
 def _open_member(path: str) -> int:
-    """The file at ``path`` opened for reading; TreeChanged when it is gone or now a symlink."""
+    """The file at ``path`` opened for reading; TreeChanged when it is gone or no longer a file."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put in its place would wait for a writer, past --deadline and a
+        # signal (a regular file's reads ignore it); O_NOCTTY: nor take a terminal put there.
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise TreeChanged(path, "it was removed") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where the walk saw a file
             raise TreeChanged(path, "it was replaced by a symlink") from None
+        if exc.errno == errno.ENXIO:  # a socket (or a device with nothing behind it)
+            raise TreeChanged(path, "it was replaced") from None
         raise
+
+
+def _replaced(fd: int, member: Member) -> bool:
+    """Whether what ``fd`` reads is no longer the walk's file: looked at when a read ends early
+    or fails (a FIFO or a directory in its place), off the hot path."""
+    return _another(os.fstat(fd), member)
+
+
+def _another(st: os.stat_result, member: Member) -> bool:
+    """Whether ``st`` is not the walk's file: not a file, or another inode (a member made
+    without a walk has none to compare)."""
+    return not stat.S_ISREG(st.st_mode) or bool(member.mtime_ns and st.st_ino != member.ino)
 
 
 class _TarBuffer:
@@ -201,9 +218,14 @@ class _TarBuffer:
                     self.sink.write(mv)
                     pos = 0
                 want = min(left, _BUF - pos)
-                n = os.readv(fd, [mv[pos : pos + want]])
+                try:
+                    n = os.readv(fd, [mv[pos : pos + want]])
+                except OSError:  # EISDIR, EAGAIN...
+                    if _replaced(fd, member):
+                        raise TreeChanged(path, "it was replaced") from None
+                    raise
                 if n == 0:
-                    raise TreeChanged(path, "it shrank")
+                    raise TreeChanged(path, "it was replaced" if _replaced(fd, member) else "it shrank")
                 pos += n
                 left -= n
             _check_unchanged(fd, path, member)

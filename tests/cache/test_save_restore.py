@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import socket
 import stat
 import tarfile
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -341,13 +344,44 @@ def _remove(path: Path) -> None:
     path.unlink()
 
 
-@pytest.mark.parametrize("change", [_shrink, _grow, _rewrite, _remove])
+#: FIFOs a save was found waiting on: the watchdog opened them for writing so that it ended.
+_UNBLOCKED: list[Path] = []
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+    def unblock() -> None:  # a reader waiting in open() gets its writer (and the test its failure)
+        with contextlib.suppress(OSError):  # ENXIO: no reader waits, as it should be
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            _UNBLOCKED.append(path)
+
+    watchdog = threading.Timer(20, unblock)
+    watchdog.daemon = True
+    watchdog.start()
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def _socket(path: Path) -> None:
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+
+
+@pytest.mark.parametrize("change", [_shrink, _grow, _rewrite, _remove, _fifo, _directory, _socket])
 async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_entry(
     tmp_path: Path, change: Callable[[Path], None]
 ) -> None:
-    """A file that shrinks, grows, is rewritten or removed between the walk and its packing: the save
-    stops naming it (it used to store a shrunk file padded with zeros, as a success), and the
-    key keeps its entry."""
+    """A file that shrinks, grows, is rewritten, removed or replaced between the walk and its
+    packing: the save stops naming it (it used to store a shrunk file padded with zeros, as a
+    success), and the key keeps its entry. A FIFO in its place held the save for good (opening it
+    waited for a writer, past --deadline and a signal); a directory said "[Errno 21] Is a
+    directory" and no path."""
     store = LayoutStore(tmp_path / "layout")
     first = await save(store, "k", _bulk(tmp_path / "before", count=2))
     src = _bulk(tmp_path / "src", count=4)
@@ -355,6 +389,7 @@ async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_ent
     with pytest.raises(TreeChanged, match=f"{victim}.* changed while it was saved"):
         await save(store, "k", src, progress=_ChangesTheTree(lambda: change(victim)))
     assert (await store.resolve("k")).digest == first.digest
+    assert victim not in _UNBLOCKED, "the save waited for a writer to open the FIFO"
 
 
 async def test_a_file_only_linked_or_chmodded_while_it_is_saved_is_saved(tmp_path: Path) -> None:
