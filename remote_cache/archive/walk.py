@@ -22,7 +22,7 @@ from pathlib import Path
 
 from msgspec import Struct, field
 
-from ..errors import TreeTooDeep
+from ..errors import TreeChanged, TreeTooDeep
 from .tar import DIR, FILE, HARDLINK, MAX_DEPTH, SYMLINK, WHITEOUT_PREFIX, Member
 from .workdirs import is_in_place_work
 
@@ -140,7 +140,7 @@ def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]
     long for the system, they are looked at by full path, as packing opens them, so that such a
     path fails the walk, before anything is uploaded.
     """
-    fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = _open_listed(full, rel)
     try:
         try:
             with os.scandir(fd) as it:
@@ -158,11 +158,28 @@ def _listed(full: str, rel: str) -> list[tuple[os.DirEntry[str], os.stat_result]
             return [(d, os.lstat(os.path.join(full, d.name))) for d in children]
         try:
             return [(d, d.stat(follow_symlinks=False)) for d in children]
+        except FileNotFoundError as exc:  # gone since it was listed
+            raise TreeChanged(os.path.join(full, exc.filename), "it was removed") from None
         except OSError as exc:  # it names the entry alone: name the whole path
             exc.filename = os.path.join(full, exc.filename)
             raise
     finally:
         os.close(fd)
+
+
+def _open_listed(full: str, rel: str) -> int:
+    """Directory ``full`` opened to list it; one its parent listed may have gone since (a
+    tree that changes while it is saved: TreeChanged, as for a file)."""
+    try:
+        return os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not rel:
+            raise
+        raise TreeChanged(full, "it was removed") from None
+    except NotADirectoryError:
+        if not rel:
+            raise
+        raise TreeChanged(full, "it was replaced") from None
 
 
 _Listing = list[tuple[os.DirEntry[str], os.stat_result]]

@@ -101,6 +101,51 @@ def test_a_walk_holds_one_directory_open_at_a_time(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "t"), str(MAX_DEPTH)], check=True)
 
 
+_CHANGED_WHEN_OPENED = """
+import os, shutil, sys
+from pathlib import Path
+from remote_cache.archive.walk import TreeStats, tree_identity, walk_tree
+from remote_cache.errors import TreeChanged
+
+root, how = Path(sys.argv[1]), sys.argv[2]
+victim = str(root / "b")
+
+def change(event, args):  # as the walk opens the directory it listed: it goes, or turns into a file
+    if event == "open" and args[0] == victim and not changed:
+        changed.append(victim)
+        shutil.rmtree(victim)
+        if how == "replaced":
+            Path(victim).write_text("now a file")
+
+sys.addaudithook(change)
+for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
+    changed = []
+    shutil.rmtree(victim, ignore_errors=True) if os.path.isdir(victim) else Path(victim).unlink(missing_ok=True)
+    (root / "b" / "c").mkdir(parents=True)
+    try:
+        look(root)
+    except TreeChanged as exc:
+        print(exc)
+"""
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_directory_that_goes_while_it_is_walked_is_a_changed_tree(tmp_path: Path, how: str) -> None:
+    """A directory removed (or replaced by a file) between its parent's listing and its own: the
+    save stops naming it as for a file that changed (it said "[Errno 2] No such file or
+    directory"). The change comes as the walk opens it (an audit hook), every time."""
+    (tmp_path / "t" / "a").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHANGED_WHEN_OPENED, str(tmp_path / "t"), how],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr
+    assert all(f"{tmp_path / 't' / 'b'}' changed while it was saved (it was {how})" in line for line in lines)
+
+
 def test_an_entry_the_walk_cannot_look_at_is_named_by_its_path(tmp_path: Path) -> None:
     """Entries are looked at relative to their directory; an error still names the whole path
     (it named the bare entry, ``'f'``, which says nothing about where it is)."""
