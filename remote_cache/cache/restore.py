@@ -45,7 +45,7 @@ from ..errors import CacheMiss, ImageFormatError, IntegrityError, NoSpace, Remot
 from ..keys import validate_key
 from ..oci.descriptor import Descriptor
 from ..oci.media import LAYER_COMPRESSION
-from ..oci.store import Store
+from ..oci.store import Store, refuse_overlap
 from ..tasks import first_error
 from ..units import counted, format_bytes, format_rate
 from ..version import TOOL
@@ -126,6 +126,7 @@ async def restore(
     started = time.monotonic()
     validate_key(key)
     path = Path(path)
+    refuse_overlap(store, path, "restore into")
     target = plan_target(path, force=force)
     await anyio.to_thread.run_sync(clean_leftovers, target)
     match = await find_entry(store, key, restore_keys, read_image=True)  # BrokenEntry: a miss too

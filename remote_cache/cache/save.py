@@ -38,7 +38,7 @@ from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, NoSpace,
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
-from ..oci.store import Store
+from ..oci.store import Store, refuse_overlap
 from ..tasks import first_error, for_each
 from ..units import counted, format_bytes, format_rate
 from . import state
@@ -210,6 +210,7 @@ async def save(
     if base_key is not None:
         validate_key(base_key)
     tag, path = tag_for_key(key), Path(path)
+    refuse_overlap(store, path, "save")
     if read_only:
         return _skipped(key, tag, "read-only: nothing saved", started)
     if immutable and (current := await _current(store, tag)) is not None:

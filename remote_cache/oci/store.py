@@ -8,11 +8,13 @@ Every read checks size and digest; a tag moves only through :meth:`Store.put_man
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..errors import UnsuitableTarget
 from .descriptor import Descriptor
 
 # Each kind of store is imported only when asked for: a layout-only run (and the CLI's start-up)
@@ -30,6 +32,7 @@ __all__ = [
     "download_by_reading",
     "guarded",
     "open_store",
+    "refuse_overlap",
     "sink_failures_as_themselves",
 ]
 
@@ -85,6 +88,9 @@ class Store(Protocol):
     #: A delete removes the manifest, and with it every tag naming it (a registry: the
     #: distribution API deletes by digest); else only the tag deleted (a layout, a bucket).
     deletes_every_tag: bool
+    #: The directory on this machine the store keeps everything in (a layout's), else None: no
+    #: tree saved or restored may overlap it (:func:`refuse_overlap`).
+    local_root: Path | None
 
     async def resolve(self, tag: str) -> Descriptor:
         """Descriptor (media type, digest, size) of the manifest tagged ``tag``.
@@ -155,6 +161,19 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Release connections/files."""
         ...
+
+
+def refuse_overlap(store: Store, tree: Path, doing: str) -> None:
+    """UnsuitableTarget when ``tree`` and the store's own directory overlap: a save would store
+    the layout in itself (each entry holding the ones before it), a restore replace it."""
+    if store.local_root is None:
+        return
+    ours, theirs = os.path.realpath(store.local_root), os.path.realpath(tree)
+    if os.path.commonpath([ours, theirs]) in (ours, theirs):
+        raise UnsuitableTarget(
+            f"cannot {doing} {tree}: it and the OCI layout {store.location} overlap (a save would store "
+            "the layout in itself, a restore replace it): keep the layout outside the directory"
+        )
 
 
 def open_store(

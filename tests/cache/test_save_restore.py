@@ -31,6 +31,7 @@ from remote_cache.errors import (
     StoreError,
     TreeChanged,
     UnsafeArchive,
+    UnsuitableTarget,
 )
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, sha256_digest
@@ -679,3 +680,30 @@ def _in_place_not_ours(tmp_path: Path) -> None:
         after = mnt.stat()
         assert (stat.S_IMODE(after.st_mode), after.st_uid) == (0o777, 0)
         assert sorted(os.listdir(mnt)) == ["a", "g"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "tree"),
+    [("cache/.layout", "cache"), ("cache", "cache/sub"), ("cache", "cache")],
+    ids=["layout-in-tree", "tree-in-layout", "same"],
+)
+async def test_a_layout_that_overlaps_the_tree_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, tree: str
+) -> None:
+    """``save . oci:./.layout:k`` stored the layout in itself (each entry holding the ones before
+    it), and the restore of it into ``.`` replaced the directory holding the layout: the store,
+    every entry in it, was deleted. Both are refused (exit 2), nothing written or removed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    src = one_file_tree(tmp_path / "src")
+    store = LayoutStore(Path(layout))
+    await save(store, "k", src)  # (the layout made, from a tree elsewhere)
+    (tmp_path / tree).mkdir(parents=True, exist_ok=True)
+    (tmp_path / tree / "mine").write_text("kept")
+    before = snapshot(tmp_path / "cache")
+    for through in (Path(tree), tmp_path / tree, Path("elsewhere") / ".." / tree):
+        with pytest.raises(UnsuitableTarget, match="overlap"):
+            await save(store, "k2", through)
+        with pytest.raises(UnsuitableTarget, match="overlap"):
+            await restore(store, "k", through, force=True)
+    assert snapshot(tmp_path / "cache") == before

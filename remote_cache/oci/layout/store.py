@@ -65,6 +65,7 @@ class LayoutStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        self.local_root: Path | None = self.root
         self.location = f"oci:{self.root}"
         self._dir = LayoutDirectory(self.root)
         self._reused: set[str] = set()  # blobs found present, to look at again once a tag is written

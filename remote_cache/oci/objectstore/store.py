@@ -72,6 +72,7 @@ class ObjectStore:
     """One cache location in a bucket, e.g. ``s3://ci-caches/team``."""
 
     deletes_every_tag = False  # see Store
+    local_root: Path | None = None  # see Store
 
     def __init__(
         self,

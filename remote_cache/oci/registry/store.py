@@ -59,6 +59,7 @@ class RegistryStore:
     """
 
     deletes_every_tag = True  # see Store
+    local_root: Path | None = None  # see Store
 
     def __init__(
         self,
