@@ -120,7 +120,9 @@ def change(event, args):  # as the walk opens the directory it listed: it goes, 
 sys.addaudithook(change)
 for look in (lambda root: walk_tree(root, TreeStats()), tree_identity):
     changed = []
-    shutil.rmtree(victim, ignore_errors=True) if os.path.isdir(victim) else Path(victim).unlink(missing_ok=True)
+    if os.path.isdir(victim):
+        shutil.rmtree(victim)
+    Path(victim).unlink(missing_ok=True)
     (root / "b" / "c").mkdir(parents=True)
     try:
         look(root)
