@@ -61,7 +61,7 @@ from ..archive.walk import (
     walk_part,
 )
 from ..cpus import usable_cpus
-from ..errors import RemoteCacheError
+from ..errors import RemoteCacheError, TreeChanged
 from . import state
 from .evidence import clock_ns, dir_id
 
@@ -381,7 +381,7 @@ class PreWalk:
             return None
         try:
             return _walk_taken(self._started.split, self._started.chunks, tokens, lambda: not self._closed)
-        except OSError:
+        except (OSError, TreeChanged):  # the save walks itself, and says what is wrong
             return None
 
     def _read_answer(self) -> bytes:

@@ -16,7 +16,7 @@ from msgspec import Struct
 
 from ..archive.plan import TreeScan
 from ..archive.walk import TreeStats
-from ..errors import CacheMiss, RemoteCacheError
+from ..errors import CacheMiss, RemoteCacheError, TreeChanged
 from ..keys import tag_for_key
 from ..oci.descriptor import Descriptor
 from ..oci.store import Store
@@ -97,7 +97,7 @@ async def _same_tree(
     if walked is None:
         try:
             walked = await anyio.to_thread.run_sync(walk, path)
-        except OSError:
+        except (OSError, TreeChanged):  # (a directory gone while walked: the scan walks again)
             return None  # the scan reports what is wrong with the directory
     if stats is not None:
         stats.skipped.extend(walked.skipped)

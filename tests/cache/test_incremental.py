@@ -1397,3 +1397,43 @@ async def test_a_restore_into_a_directory_from_a_container_image_vouches_for_its
         again = await save(store, "k", work)
         assert again.unchanged and again.digest == first.digest
         assert again.layers_reused == again.layers_total
+
+
+_GONE_AS_THE_IDENTITY_WALK_OPENS_IT = """
+import asyncio, os, shutil, sys
+from pathlib import Path
+from remote_cache.cache.save import save
+from remote_cache.oci.layout import LayoutStore
+
+tree, victim = Path(sys.argv[1]), os.path.join(sys.argv[1], "b", "c")
+store = LayoutStore(sys.argv[2])
+asyncio.run(save(store, "k", tree))  # recorded: the next save walks for its identity first
+armed = []
+
+def remove(event, args):  # a build removes its temporary directory as the walk opens it
+    if event == "open" and args[0] == victim and not armed:
+        armed.append(victim)
+        shutil.rmtree(victim)
+
+sys.addaudithook(remove)
+print(asyncio.run(save(store, "k", tree)).status)
+"""
+
+
+def test_a_directory_gone_during_the_identity_walk_leaves_the_save_to_walk_again(tmp_path: Path) -> None:
+    """The identity walk of a recorded tree meeting a directory removed under it: the save walks
+    again (as for any failure of that walk) and saves what is there. Once the walk said so with a
+    TreeChanged, the save failed with it (a review found it)."""
+    tree = tmp_path / "tree"
+    (tree / "b" / "c").mkdir(parents=True)
+    (tree / "b" / "c" / "f").write_text("temporary")
+    (tree / "a").write_text("kept")
+    time.sleep(state_mod.FRESH_NS / 1e9 + 0.2)  # old enough for its save to record the whole tree
+    proc = subprocess.run(
+        [sys.executable, "-c", _GONE_AS_THE_IDENTITY_WALK_OPENS_IT, str(tree), str(tmp_path / "layout")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "saved"), proc.stderr
+    assert not (tree / "b" / "c").exists()
