@@ -158,10 +158,16 @@ def _check_unchanged(fd: int, path: str, member: Member) -> None:
 
 def _open_member(path: str) -> int:
     """The file at ``path`` opened for reading; TreeChanged when it is gone or no longer a file."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        # O_NONBLOCK: a FIFO put in its place would wait for a writer, past --deadline and a
-        # signal (a regular file's reads ignore it); O_NOCTTY: nor take a terminal put there.
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            # O_NONBLOCK: a FIFO put in its place would wait for a writer, past --deadline and a
+            # signal (a regular file's reads ignore it); O_NOCTTY: nor take a terminal put there.
+            return os.open(path, flags | os.O_NONBLOCK)
+        except BlockingIOError:
+            # A file another process holds a lease on (an NFS server's delegation, a Samba
+            # oplock): only a blocking open asks for it back and waits (fcntl(2), leases).
+            return os.open(path, flags)
     except FileNotFoundError:
         raise TreeChanged(path, "it was removed") from None
     except OSError as exc:

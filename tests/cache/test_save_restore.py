@@ -10,6 +10,8 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Callable
@@ -391,6 +393,37 @@ async def test_a_file_changed_while_it_is_saved_stops_the_save_and_keeps_the_ent
         await save(store, "k", src, progress=_ChangesTheTree(lambda: change(victim)))
     assert (await store.resolve("k")).digest == first.digest
     assert victim not in _UNBLOCKED, "the save waited for a writer to open the FIFO"
+
+
+_LEASE_HOLDER = """
+import fcntl, os, signal, sys, time
+F_SETLEASE = 1024  # (linux/fcntl.h: Python names no lease constants)
+fd = os.open(sys.argv[1], os.O_RDWR)
+signal.signal(signal.SIGIO, lambda *_: fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK))
+fcntl.fcntl(fd, F_SETLEASE, fcntl.F_WRLCK)  # as knfsd (a write delegation) or Samba (an oplock) holds one
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_file_under_another_process_s_lease_is_saved_once_it_is_given_up(tmp_path: Path) -> None:
+    """A file another process holds a write lease on (an NFS server's delegation, a Samba oplock):
+    the open asks for the lease back and waits for it, as a plain open does. Opened without
+    waiting (O_NONBLOCK, for a FIFO put in a file's place) it failed at once, "[Errno 11]
+    Resource temporarily unavailable" (a review found it)."""
+    src = _bulk(tmp_path / "src", count=2)
+    leased = src / "pkg0" / "f0.bin"
+    with subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(leased)], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            saved = await save(LayoutStore(tmp_path / "layout"), "k", src)
+        finally:
+            holder.kill()
+    assert saved.status == "saved"
+    await restore(LayoutStore(tmp_path / "layout"), "k", tmp_path / "out")
+    assert_same_tree(src, tmp_path / "out")
 
 
 async def test_a_file_only_linked_or_chmodded_while_it_is_saved_is_saved(tmp_path: Path) -> None:
