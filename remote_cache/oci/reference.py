@@ -143,12 +143,13 @@ def _invalid(text: str, why: str) -> InvalidReference:
 
 
 def masked(text: str) -> str:
-    """A reference as messages quote it: what may be ``user:password@`` at its start is ``***@``."""
-    return _USERINFO.sub("***@", text)
+    """A reference as messages quote it: what may be the password of a ``user:password@`` at its
+    start is ``***`` (``s3://bucket:***@main`` when it was a key's words)."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 #: What may be ``user:password@`` at a reference's start: never quoted (see _refuse_credentials).
-_USERINFO = re.compile(r"^\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:[^@\s]*@", re.I)
+_USERINFO = re.compile(r"^(\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:)[^@\s]*@", re.I)
 
 
 def parse_reference(text: str) -> Reference:
@@ -238,14 +239,15 @@ def _refuse_credentials(raw: str) -> None:
     key would be sent to the store in a tag's name.
 
     Without a ``/`` after the host, ``s3://BUCKET:KEY`` and a Docker Hub ``NAME:KEY`` may hold an
-    '@' in the key: it is taken for credentials only when a bucket name, or a host by docker's rule,
-    follows the '@' (such a key still works with --key)."""
+    '@' in the key (``python@3.11``, ``deps@main``): only a registry host after the '@' (by
+    docker's rule, not a version) makes it credentials; a bucket's name cannot be told from a
+    key's words."""
     found = _CREDENTIALS.match(raw)
     if found is None:
         return
     scheme, place, slash = found.groups()
     scheme = scheme.lower() if scheme else None
-    if not slash and not _names_a_place(scheme, place):
+    if not slash and (scheme in OBJECT_SCHEMES or (scheme is None and not _names_a_host(place))):
         return
     fix = (
         f"set {OBJECT_CREDENTIALS[scheme]}"
@@ -259,13 +261,14 @@ def _refuse_credentials(raw: str) -> None:
     )
 
 
-def _names_a_place(scheme: str | None, after_at: str) -> bool:
-    """Whether what follows ``USER:PASSWORD@`` (no ``/`` after it) is where a store is: a bucket
-    name for an object store, a host for a registry (``docker://`` always names one)."""
-    if scheme in OBJECT_SCHEMES:
-        bucket = after_at.partition(":")[0]
-        return bool(_BUCKET.fullmatch(bucket))
-    return scheme is not None or _looks_like_host(after_at)
+#: What follows a key's '@' as often as a host would: a version (``3.11``, ``v1.2.3``).
+_VERSION = re.compile(r"v?\d+(?:\.\d+){0,2}", re.I)
+
+
+def _names_a_host(after_at: str) -> bool:
+    """Whether what follows ``NAME:WORD@`` (no ``/`` after it) is a registry's host rather than
+    the rest of a Docker Hub key: a host by docker's rule that is no version."""
+    return _looks_like_host(after_at) and not _VERSION.fullmatch(after_at)
 
 
 def _looks_like_host(name: str) -> bool:

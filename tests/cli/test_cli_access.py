@@ -44,8 +44,8 @@ def error_line(proc: object) -> str:
     [
         "user:PASS-s3cr3t@ghcr.io",  # parsed as Docker Hub's library/user, key 'PASS-s3cr3t@ghcr.io'
         "user:PASS-s3cr3t@localhost:5000",
-        "s3://minio:PASS-s3cr3t@cache",  # parsed as bucket 'minio', key 'PASS-s3cr3t@cache'
-        "s3://minio:PASS-s3cr3t@cache:k",
+        "user:PASS-s3cr3t@10.0.0.1",
+        "s3://minio:PASS-s3cr3t@cache/ci:k",
     ],
 )
 def test_credentials_written_into_a_reference_reach_no_output_and_no_store(

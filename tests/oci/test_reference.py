@@ -161,7 +161,7 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("https://user:PASS-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
         ("docker://user:PASS-s3cr3t@ghcr.io/org/cache", "REMOTE_CACHE_PASSWORD"),
         ("s3://AKIAEXAMPLE:PASS-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
-        ("s3://AKIA:PASS-s3cr3t@bucket:k", "AWS_SECRET_ACCESS_KEY"),
+        ("s3://AKIA:PASS-s3cr3t@bucket:k", "not a bucket name"),  # (no '/': '@' may be a key's)
         ("user:PASS-s3cr3t@Not_A_Host/x", "REMOTE_CACHE_PASSWORD"),
         ("user:PASS-s3cr3t/with+slash@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (AWS-like)
         ("s3://AKIAEXAMPLE:PASS-s3cr3t/x@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
@@ -172,6 +172,8 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("user:PASS-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
         ("user:PASS-s3cr3t@localhost", "REMOTE_CACHE_PASSWORD"),
         ("docker://user:PASS-s3cr3t@registry.example.com", "REMOTE_CACHE_PASSWORD"),
+        ("https://user:PASS-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
+        ("user:PASS-s3cr3t@10.0.0.1", "REMOTE_CACHE_PASSWORD"),  # (4 numbers: an address)
     ],
 )
 def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix: str) -> None:
@@ -188,3 +190,13 @@ def test_an_at_sign_that_is_no_credential_still_parses() -> None:
     assert parse_reference("s3://bucket:key@x").key == "key@x"
     assert parse_reference("ghcr.io/org/cache:key@x").key == "key@x"
     assert parse_reference("myimage:key@x").key == "key@x"  # Docker Hub's library/myimage
+    # Versions and branches after an '@' are a key's (a bucket may be named '3.11' or 'main':
+    # without a '/' an object store's reference never reads as credentials)
+    for text, key in [
+        ("s3://ci-cache:python@3.11", "python@3.11"),
+        ("s3://bucket:deps@main", "deps@main"),
+        ("gs://bucket:node@18.20.0", "node@18.20.0"),
+        ("lib:py@3.11", "py@3.11"),
+        ("name:k@v1.2.3", "k@v1.2.3"),
+    ]:
+        assert parse_reference(text).key == key, text
