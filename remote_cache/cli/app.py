@@ -292,10 +292,14 @@ KeyOpt = Annotated[
     ),
 ]
 RefArg = Annotated[
-    str, typer.Argument(metavar="REF", help="HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY or oci:DIR:KEY.")
+    str,
+    typer.Argument(
+        metavar="REF", help="HOST[:PORT]/REPO:KEY, s3://BUCKET/PREFIX:KEY (or gs://, az://) or oci:DIR:KEY."
+    ),
 ]
 RepoArg = Annotated[
-    str, typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO, s3://BUCKET/PREFIX or oci:DIR.")
+    str,
+    typer.Argument(metavar="REPO", help="HOST[:PORT]/REPO, s3://BUCKET/PREFIX (or gs://, az://) or oci:DIR."),
 ]
 
 
