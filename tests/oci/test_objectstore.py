@@ -31,6 +31,7 @@ from remote_cache.errors import (
     StoreUnreachable,
 )
 from remote_cache.keys import tag_for_key
+from remote_cache.oci import OCI_LAYER_ZSTD, Descriptor, sha256_digest
 from remote_cache.oci.objectstore import ObjectStore, ObjectStoreOptions
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import open_store
@@ -641,3 +642,28 @@ async def test_a_mark_written_again_in_the_second_the_sweep_looked_is_noticed(
             pytest.fail("no two marks in one second")
         await _warn_if_relied_on(store, digest, seen)
     assert any("a save relied on blob" in r.getMessage() for r in caplog.records)
+
+
+async def test_saves_uploading_one_big_blob_at_once_all_succeed_on_azure(
+    azurite: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """Azure keeps one blob's uncommitted blocks per blob: when one upload commits its block list,
+    the others' blocks are gone and their commits refused (InvalidBlockList, as on real Azure).
+    Two jobs whose caches share a big layer failed the one that lost, which kept no entry. The
+    blob is there whole after the refusal, the same bytes: the upload counts as done."""
+    from remote_cache.oci.objectstore import store as store_module
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(store_module.RANGED_ABOVE + 9_000_000))
+    desc = Descriptor(OCI_LAYER_ZSTD, sha256_digest(big.read_bytes()), big.stat().st_size)
+    async with bucket_store(azurite, env_of) as first:
+        second = open_store(parse_reference(f"az://{first.reference.bucket}/cache"))
+        try:
+            async with anyio.create_task_group() as tg:
+                for store in (first, second, first, second):
+                    tg.start_soon(store.put_blob, desc, big)
+        finally:
+            await second.aclose()
+        assert await first.has_blob(desc.digest)
+        got = b"".join([chunk async for chunk in first.read_blob(desc)])
+    assert got == big.read_bytes()

@@ -34,6 +34,7 @@ from ...errors import (
     EntryExists,
     ImageFormatError,
     IntegrityError,
+    StoreAuthError,
     StoreError,
     StoreStalled,
     StoreUnreachable,
@@ -307,15 +308,27 @@ class ObjectStore:
         if there is not None and there["size"] == desc.size and await self.has_blob(desc.digest):
             return False  # (one of another size was cut short: it is written again)
         attributes = {"Storage-Class": self.options.storage_class} if self.options.storage_class else None
-        with self._translated(f"upload blob {desc.digest}"):
-            await self._calls.upload(
-                key,
-                source,
-                attributes=attributes,
-                use_multipart=desc.size > RANGED_ABOVE,
-                chunk_size=RANGE_BYTES,
-                max_concurrency=RANGE_WINDOW,
-            )
+        multipart = desc.size > RANGED_ABOVE
+        try:
+            with self._translated(f"upload blob {desc.digest}"):
+                await self._calls.upload(
+                    key,
+                    source,
+                    attributes=attributes,
+                    use_multipart=multipart,
+                    chunk_size=RANGE_BYTES,
+                    max_concurrency=RANGE_WINDOW,
+                )
+        except StoreError as exc:
+            if not multipart or isinstance(exc, StoreAuthError | StoreUnreachable):
+                raise
+            # Azure keeps one set of uncommitted blocks per blob: another save committing the
+            # same blob first leaves this one's commit refused (InvalidBlockList). The blob is
+            # the same bytes (its name is their digest): there whole, it is uploaded.
+            there = await self._head(key, f"blob {desc.digest}")
+            if there is None or there["size"] != desc.size or not await self.has_blob(desc.digest):
+                raise
+            return False
         return True
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
