@@ -59,6 +59,12 @@ class BlobCheck:
         self._hasher = hashlib.sha256()
         self.seen = 0
 
+    def wrong_size(self, size: int) -> IntegrityError:
+        """The error for the blob found to be ``size`` bytes (read whole, or told by the store)."""
+        return IntegrityError(
+            f"blob {self._digest} {self._where} is {size} bytes, expected {self._size}{self._fix}"
+        )
+
     def update(self, chunk: bytes | memoryview) -> None:
         """Count and hash ``chunk``; IntegrityError as soon as the blob runs past its size."""
         self.seen += len(chunk)
@@ -80,9 +86,7 @@ class BlobCheck:
     def finish(self) -> None:
         """IntegrityError unless exactly the blob's size and digest went through :meth:`update`."""
         if self.seen != self._size:
-            raise IntegrityError(
-                f"blob {self._digest} {self._where} is {self.seen} bytes, expected {self._size}{self._fix}"
-            )
+            raise self.wrong_size(self.seen)
         actual = "sha256:" + self._hasher.hexdigest()
         if actual != self._digest:
             raise IntegrityError(

@@ -667,3 +667,31 @@ async def test_saves_uploading_one_big_blob_at_once_all_succeed_on_azure(
         assert await first.has_blob(desc.digest)
         got = b"".join([chunk async for chunk in first.read_blob(desc)])
     assert got == big.read_bytes()
+
+
+async def test_a_big_blob_cut_short_in_the_bucket_is_said_to_be_so_with_the_fix(
+    moto: ObjectServer, env_of: Callable[[ObjectServer], None], tmp_path: Path
+) -> None:
+    """A big blob (read in ranges) cut short in the bucket by more than a range: the ranges past
+    its end were refused (416) and the restore said "answered with an error … 416 Range Not
+    Satisfiable"; a small one said its size and the fix. Both say so now, target untouched."""
+    from remote_cache.cache.image import load_image
+    from remote_cache.oci.objectstore import store as store_module
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(store_module.RANGED_ABOVE + 3 * store_module.RANGE_BYTES))
+    async with bucket_store(moto, env_of) as store:
+        await save(store, "k", src)
+        image = await load_image(store, (await store.resolve(tag_for_key("k"))).digest)
+        biggest = max(image.layers, key=lambda d: d.size)
+        key = f"cache/blobs/sha256/{biggest.digest.removeprefix('sha256:')}"
+        client = s3_client(moto)
+        body = client.get_object(Bucket=store.reference.bucket, Key=key)["Body"].read()
+        client.put_object(Bucket=store.reference.bucket, Key=key, Body=body[: store_module.RANGED_ABOVE])
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "mine").write_text("kept")
+        with pytest.raises(IntegrityError, match=f"is {store_module.RANGED_ABOVE} bytes, expected") as info:
+            await restore(store, "k", tmp_path / "out")
+    assert "save --full" in str(info.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine"]

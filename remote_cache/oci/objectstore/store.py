@@ -18,6 +18,7 @@ found by a probe (once per store) and gets check-then-write instead, with a warn
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -389,11 +390,22 @@ class ObjectStore:
 
     async def _fetch_range(self, key: str, desc: Descriptor, start: int, into: dict[int, bytes]) -> None:
         end = min(start + RANGE_BYTES, desc.size)
-        with self._translated(f"read blob {desc.digest}"):
-            try:
-                into[start] = await self._calls.get_range(key, start, end)
-            except NOT_FOUND:
-                raise self._missing(desc) from None
+        try:
+            with self._translated(f"read blob {desc.digest}"):
+                try:
+                    into[start] = await self._calls.get_range(key, start, end)
+                except NOT_FOUND:
+                    raise self._missing(desc) from None
+        except StoreError as exc:
+            if isinstance(exc, StoreAuthError | StoreUnreachable):
+                raise
+            # A range past the end of a blob cut short here is refused (416): say what it is.
+            there = None
+            with contextlib.suppress(StoreError):
+                there = await self._head(key, f"blob {desc.digest}")
+            if there is not None and there["size"] != desc.size:
+                raise self._check(desc).wrong_size(there["size"]) from None
+            raise
 
     def _check(self, desc: Descriptor) -> BlobCheck:
         """The check of a blob read from here: a save writes one of the wrong size again, but one of
