@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.cli.output import Run, json_line, no_traceback
 from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
 from tests.registry_server import FaultProxy, free_port
@@ -256,6 +258,21 @@ def test_an_azure_container_without_an_account_name_is_an_auth_error_naming_the_
     proc = cli("ls", "az://somecontainer/c", env={**env, "HOME": str(tmp_path)})
     assert proc.returncode == 4, proc.stderr
     assert "AZURE_STORAGE_ACCOUNT_NAME" in proc.stderr and "Generic" not in proc.stderr, proc.stderr
+    no_traceback(proc)
+
+
+@pytest.mark.parametrize("key", ["abc", "not-base64!", "a-b"])
+def test_an_azure_account_key_that_is_no_key_is_an_auth_error_quoting_none_of_it(
+    cli: Run, azurite: ObjectServer, tmp_path: Path, key: str
+) -> None:
+    """An account key that is not base64 fails before any request: exit 4 naming the variable.
+    It was exit 1, "… answered with an error (… Invalid Access Key: Invalid symbol 45, offset 1)"
+    -- no store had answered, and the decoder's words quote the key's characters."""
+    env = {**object_env(azurite), "AZURE_STORAGE_ACCOUNT_KEY": key, "HOME": str(tmp_path)}
+    proc = cli("ls", "az://somecontainer/c", env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert "AZURE_STORAGE_ACCOUNT_KEY" in proc.stderr and "answered" not in proc.stderr, proc.stderr
+    assert "Invalid symbol" not in proc.stderr and "offset" not in proc.stderr, proc.stderr
     no_traceback(proc)
 
 

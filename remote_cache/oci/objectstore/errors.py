@@ -65,6 +65,8 @@ def _credentials_hint(location: str) -> str:
 
 
 _NO_AZURE_ACCOUNT = "Account must be specified"
+#: obstore's Azure client builder, given an account key that is no base64 (what follows quotes it)
+_NOT_AN_AZURE_KEY = "Invalid Access Key"
 _PERMANENT_KINDS = frozenset({"Connect"})  # refused, DNS, TLS: trying again cannot help soon
 
 
@@ -160,6 +162,11 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
         return StoreAuthError(
             f"cannot {action}: no storage account for {location}: set AZURE_STORAGE_ACCOUNT_NAME (and "
             "AZURE_STORAGE_ACCOUNT_KEY, a SAS or an identity)"
+        )
+    if _NOT_AN_AZURE_KEY in summary:
+        return StoreAuthError(
+            f"cannot {action}: the account key for {location} is not a key (not base64): set "
+            "AZURE_STORAGE_ACCOUNT_KEY to the storage account's access key as the portal shows it"
         )
     if any(code in summary for code in _REFUSED_CODES):
         return StoreAuthError(
