@@ -398,6 +398,7 @@ def test_a_save_into_a_missing_bucket_or_container_says_so(
         proc = cli("save", str(src), ref, env=object_env(server))
         assert proc.returncode == 1, (ref, proc.stderr)
         assert "does not exist" in proc.stderr, (ref, proc.stderr)
+        assert ("region" in proc.stderr) == (server is moto), (ref, proc.stderr)  # (Azure has none)
         assert len(proc.stderr.strip().splitlines()) == 1, (ref, proc.stderr)
         assert "unexpected" not in proc.stderr
         no_traceback(proc)

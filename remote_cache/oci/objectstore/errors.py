@@ -145,6 +145,10 @@ def _missing_bucket(text: str) -> bool:
 
 
 def _no_bucket(location: str, action: str) -> StoreError:
+    if location.startswith("az://"):  # (Azure has no regions: an account's containers)
+        return StoreError(
+            f"cannot {action}: the container of {location} does not exist (check its name and the account)"
+        )
     return StoreError(f"cannot {action}: the bucket of {location} does not exist (check its name and region)")
 
 
