@@ -210,9 +210,9 @@ async def save(
     if base_key is not None:
         validate_key(base_key)
     tag, path = tag_for_key(key), Path(path)
-    refuse_overlap(store, path, "save")
     if read_only:
         return _skipped(key, tag, "read-only: nothing saved", started)
+    refuse_overlap(store, path, "save")
     if immutable and (current := await _current(store, tag)) is not None:
         return _skipped(key, tag, "immutable key exists", started, current)
     codec = check_compression(compression)

@@ -231,7 +231,12 @@ def parse_reference(text: str) -> Reference:
 
 #: ``[SCHEME://]USER:PASSWORD@HOST`` then ``/`` or the end: the password may hold ``/`` and ``:``
 #: (a user name holds neither; ``NAME:KEY@…`` of a key with an '@' ends before any '/').
-_CREDENTIALS = re.compile(r"^(?:([a-z0-9+.-]+)://)?[^/@:\s]+:[^@\s]*@(?!sha256:)([^/@\s]+)(/|$)", re.I)
+_CREDENTIALS = re.compile(r"^(?:([a-z0-9+.-]+)://)?[^/@:\s]+:([^@\s]*)@(?!sha256:)([^/@\s]+)(/|$)", re.I)
+#: ``HOST:PORT/…``: a registry's reference, whose key may hold an '@' (``…/cache:py@1.2-rc``).
+_HOST_PORT_FIRST = re.compile(r"^(?:[a-z0-9+.-]+://)?[^/@:\s]+:\d{1,5}/", re.I)
+#: A password's look, where a bucket's name after the '@' leaves the words unclear: a secret key's
+#: alphabet (base64, hex) at length, or its ``+``, ``/`` and ``=``.
+_SECRET_LOOKING = re.compile(r"[A-Za-z0-9+/=]{16,}|.*[+/=].*")
 
 
 def _refuse_credentials(raw: str) -> None:
@@ -240,14 +245,16 @@ def _refuse_credentials(raw: str) -> None:
 
     Without a ``/`` after the host, ``s3://BUCKET:KEY`` and a Docker Hub ``NAME:KEY`` may hold an
     '@' in the key (``python@3.11``, ``deps@main``): only a registry host after the '@' (by
-    docker's rule, not a version) makes it credentials; a bucket's name cannot be told from a
-    key's words."""
+    docker's rule, not a version) makes it credentials, or for a bucket (whose name cannot be
+    told from a key's words) a word before the '@' that looks like a secret key."""
     found = _CREDENTIALS.match(raw)
-    if found is None:
+    if found is None or _HOST_PORT_FIRST.match(raw):
         return
-    scheme, place, slash = found.groups()
+    scheme, password, place, slash = found.groups()
     scheme = scheme.lower() if scheme else None
-    if not slash and (scheme in OBJECT_SCHEMES or (scheme is None and not _names_a_host(place))):
+    if not slash and scheme in OBJECT_SCHEMES and not _SECRET_LOOKING.fullmatch(password):
+        return
+    if not slash and scheme is None and not _names_a_host(place):
         return
     fix = (
         f"set {OBJECT_CREDENTIALS[scheme]}"

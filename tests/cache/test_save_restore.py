@@ -739,4 +739,6 @@ async def test_a_layout_that_overlaps_the_tree_is_refused_before_anything_is_wri
             await save(store, "k2", through)
         with pytest.raises(UnsuitableTarget, match="overlap"):
             await restore(store, "k", through, force=True)
+        # (a read-only save stores nothing anywhere: skipped as ever, exit 0)
+        assert (await save(store, "k2", through, read_only=True)).status == "skipped"
     assert snapshot(tmp_path / "cache") == before

@@ -173,6 +173,9 @@ def test_is_loopback(host: str, expected: bool) -> None:
         ("user:PASS-s3cr3t@localhost", "REMOTE_CACHE_PASSWORD"),
         ("docker://user:PASS-s3cr3t@registry.example.com", "REMOTE_CACHE_PASSWORD"),
         ("https://user:PASS-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
+        # A bucket's reference with no '/': a word before the '@' that looks like a secret key
+        ("az://account:AbC+dEf/gh0123456789==@container", "AZURE_STORAGE_ACCOUNT_KEY"),
+        ("s3://minio:PASSs3cr3tPASSs3cr3t@cache", "AWS_SECRET_ACCESS_KEY"),
         ("user:PASS-s3cr3t@10.0.0.1", "REMOTE_CACHE_PASSWORD"),  # (4 numbers: an address)
     ],
 )
@@ -198,5 +201,8 @@ def test_an_at_sign_that_is_no_credential_still_parses() -> None:
         ("gs://bucket:node@18.20.0", "node@18.20.0"),
         ("lib:py@3.11", "py@3.11"),
         ("name:k@v1.2.3", "k@v1.2.3"),
+        ("localhost:5000/team/cache:py@1.2.3-rc", "py@1.2.3-rc"),  # (HOST:PORT/…: no user)
+        ("127.0.0.1:5000/c:deps@main.x", "deps@main.x"),
+        ("s3://ci-cache:deps-0123@main", "deps-0123@main"),
     ]:
         assert parse_reference(text).key == key, text

@@ -167,7 +167,7 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
             f"cannot {action}: no storage account for {location}: set AZURE_STORAGE_ACCOUNT_NAME (and "
             "AZURE_STORAGE_ACCOUNT_KEY, a SAS or an identity)"
         )
-    if _NOT_AN_AZURE_KEY in summary:
+    if _NOT_AN_AZURE_KEY in summary and location.startswith("az://"):
         return StoreAuthError(
             f"cannot {action}: the account key for {location} is not a key (not base64): set "
             "AZURE_STORAGE_ACCOUNT_KEY to the storage account's access key as the portal shows it"

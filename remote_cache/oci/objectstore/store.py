@@ -321,16 +321,28 @@ class ObjectStore:
                     max_concurrency=RANGE_WINDOW,
                 )
         except StoreError as exc:
-            if not multipart or isinstance(exc, StoreAuthError | StoreUnreachable):
-                raise
             # Azure keeps one set of uncommitted blocks per blob: another save committing the
             # same blob first leaves this one's commit refused (InvalidBlockList). The blob is
             # the same bytes (its name is their digest): there whole, it is uploaded.
-            there = await self._head(key, f"blob {desc.digest}")
-            if there is None or there["size"] != desc.size or not await self.has_blob(desc.digest):
+            if not multipart or isinstance(exc, StoreAuthError | StoreUnreachable):
+                raise
+            if await self._size_now(key, desc) != desc.size or not await self._relied_on(desc):
                 raise
             return False
         return True
+
+    async def _size_now(self, key: str, desc: Descriptor) -> int | None:
+        """The size of the object at ``key`` now, None when absent or unknown: a second look
+        after a failure, which then stays the failure to report."""
+        with contextlib.suppress(StoreError):
+            there = await self._head(key, f"blob {desc.digest}")
+            return None if there is None else int(there["size"])
+        return None
+
+    async def _relied_on(self, desc: Descriptor) -> bool:
+        with contextlib.suppress(StoreError):
+            return await self.has_blob(desc.digest)
+        return False
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob, checking size and digest (IntegrityError at the end on a mismatch).
@@ -392,19 +404,16 @@ class ObjectStore:
         end = min(start + RANGE_BYTES, desc.size)
         try:
             with self._translated(f"read blob {desc.digest}"):
-                try:
-                    into[start] = await self._calls.get_range(key, start, end)
-                except NOT_FOUND:
-                    raise self._missing(desc) from None
+                into[start] = await self._calls.get_range(key, start, end)
+        except NOT_FOUND:
+            raise self._missing(desc) from None
         except StoreError as exc:
             if isinstance(exc, StoreAuthError | StoreUnreachable):
                 raise
             # A range past the end of a blob cut short here is refused (416): say what it is.
-            there = None
-            with contextlib.suppress(StoreError):
-                there = await self._head(key, f"blob {desc.digest}")
-            if there is not None and there["size"] != desc.size:
-                raise self._check(desc).wrong_size(there["size"]) from None
+            size = await self._size_now(key, desc)
+            if size is not None and size != desc.size:
+                raise self._check(desc).wrong_size(size) from None
             raise
 
     def _check(self, desc: Descriptor) -> BlobCheck:
