@@ -150,24 +150,28 @@ def _check_unchanged(fd: int, path: str, member: Member) -> None:
     chmod moves that without touching the bytes (the header keeps the walk's mode). A member made
     without a walk has only its size to compare."""
     st = os.fstat(fd)
-    if _another(st, member):
+    if member.mtime_ns and st.st_ino != member.ino:  # (a FIFO fed in its place too: another inode)
         raise TreeChanged(path, "it was replaced")
     if st.st_size != member.size or (member.mtime_ns and st.st_mtime_ns != member.mtime_ns):
         raise TreeChanged(path, "it was written to")
 
 
+#: O_NOCTTY: a terminal put in a file's place is not taken.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+#: O_NONBLOCK: a FIFO put in a file's place would wait for a writer, past --deadline and a signal
+#: (a regular file's reads ignore it).
+_OPEN_AT_ONCE = _OPEN_FLAGS | os.O_NONBLOCK
+
+
 def _open_member(path: str) -> int:
     """The file at ``path`` opened for reading; TreeChanged when it is gone or no longer a file."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     try:
         try:
-            # O_NONBLOCK: a FIFO put in its place would wait for a writer, past --deadline and a
-            # signal (a regular file's reads ignore it); O_NOCTTY: nor take a terminal put there.
-            return os.open(path, flags | os.O_NONBLOCK)
+            return os.open(path, _OPEN_AT_ONCE)
         except BlockingIOError:
             # A file another process holds a lease on (an NFS server's delegation, a Samba
             # oplock): only a blocking open asks for it back and waits (fcntl(2), leases).
-            return os.open(path, flags)
+            return os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         raise TreeChanged(path, "it was removed") from None
     except OSError as exc:
