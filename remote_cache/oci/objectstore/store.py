@@ -305,9 +305,8 @@ class ObjectStore:
             raise IntegrityError(
                 f"blob {desc.digest}: {len(source)} bytes given, descriptor says {desc.size}"
             )
-        there = await self._head(key, f"blob {desc.digest}")
-        if there is not None and there["size"] == desc.size and await self.has_blob(desc.digest):
-            return False  # (one of another size was cut short: it is written again)
+        if await self._stored_whole(key, desc):
+            return False
         attributes = {"Storage-Class": self.options.storage_class} if self.options.storage_class else None
         multipart = desc.size > RANGED_ABOVE
         try:
@@ -326,10 +325,17 @@ class ObjectStore:
             # the same bytes (its name is their digest): there whole, it is uploaded.
             if not multipart or isinstance(exc, StoreAuthError | StoreUnreachable):
                 raise
-            if await self._size_now(key, desc) != desc.size or not await self._relied_on(desc):
-                raise
-            return False
+            with contextlib.suppress(StoreError):  # (a failing second look: the failure stays)
+                if await self._stored_whole(key, desc):
+                    return False
+            raise
         return True
+
+    async def _stored_whole(self, key: str, desc: Descriptor) -> bool:
+        """Whether the blob is at ``key`` at its size, then marked as relied on (:meth:`has_blob`);
+        one of another size was cut short (it is written again)."""
+        there = await self._head(key, f"blob {desc.digest}")
+        return there is not None and there["size"] == desc.size and await self.has_blob(desc.digest)
 
     async def _size_now(self, key: str, desc: Descriptor) -> int | None:
         """The size of the object at ``key`` now, None when absent or unknown: a second look
@@ -338,11 +344,6 @@ class ObjectStore:
             there = await self._head(key, f"blob {desc.digest}")
             return None if there is None else int(there["size"])
         return None
-
-    async def _relied_on(self, desc: Descriptor) -> bool:
-        with contextlib.suppress(StoreError):
-            return await self.has_blob(desc.digest)
-        return False
 
     async def read_blob(self, desc: Descriptor) -> AsyncIterator[bytes]:
         """Stream a blob, checking size and digest (IntegrityError at the end on a mismatch).
