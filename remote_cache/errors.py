@@ -71,8 +71,10 @@ __all__ = [
     "UnsuitableTarget",
     "UnsupportedOperation",
     "causes",
+    "code_and_message",
     "credentials_to_hide",
     "hidden",
+    "hidden_in_traceback",
     "os_reason",
     "remember_secret",
     "unsigned",
@@ -389,3 +391,25 @@ def hidden(text: str, explicit: Iterable[str | None] = ()) -> str:
     """``text`` fit to show: signature and token values (:func:`unsigned`) and every credential
     :func:`credentials_to_hide` knows cut out."""
     return without_secrets(unsigned(text), credentials_to_hide(explicit))
+
+
+# (Compiled when first used, by re's cache: not at every start of the tool.)
+_XML_CODE = r"<Code>([^<]*)</Code>"
+_XML_MESSAGE = r"(?s)<Message>([^<]*)</Message>"
+_XML_ERROR = r"(?s)<\?xml.*?</Error>|<Error>.*?</Error>"
+
+
+def code_and_message(xml: str) -> str:
+    """``Code: Message`` of an XML error body (S3's, Azure's: the rest of it echoes the signed
+    request)."""
+    found = [m.group(1).strip() for m in (re.search(_XML_CODE, xml), re.search(_XML_MESSAGE, xml)) if m]
+    return ": ".join(found) or "an XML error body"
+
+
+def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
+    """A traceback (REMOTE_CACHE_DEBUG) fit to show: every XML error body a server sent reduced to
+    its code and message (the rest echoes the signed request), signature and token values cut,
+    and the credentials :func:`credentials_to_hide` knows replaced, as in messages. Credentials it
+    does not know (the metadata service's) are caught by the first two rules where a server
+    echoes them."""
+    return hidden(re.sub(_XML_ERROR, lambda m: code_and_message(m.group(0)), text), explicit)

@@ -31,6 +31,7 @@ from ..errors import (
     Interrupted,
     RemoteCacheError,
     credentials_to_hide,
+    hidden_in_traceback,
     without_secrets,
 )
 from ..records import hiding
@@ -544,8 +545,6 @@ def _redact(text: str, common: Common) -> str:
 def _debug_traceback(common: Common) -> None:
     """The traceback (REMOTE_CACHE_DEBUG), with every credential cut out: a chained store error
     keeps what the server sent, which may echo a token (AWS's SignatureDoesNotMatch body does)."""
-    from ..oci.objectstore.errors import hidden_in_traceback
-
     sys.stderr.write(hidden_in_traceback(traceback.format_exc(), [common.password]))
 
 

@@ -30,6 +30,7 @@ from ...errors import (
     StoreError,
     StoreStalled,
     StoreUnreachable,
+    code_and_message,
     hidden,
 )
 from ..reference import OBJECT_CREDENTIALS
@@ -85,9 +86,6 @@ def refuses_conditional(exc: BaseException) -> bool:
 
 
 _XML_BODY = re.compile(r"<\?xml|<Error>")
-_XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
-_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>", re.S)
-_XML_ERROR = re.compile(r"<\?xml.*?</Error>|<Error>.*?</Error>", re.S)
 
 
 def _summary(exc: BaseException, secrets: Iterable[str | None]) -> str:
@@ -96,23 +94,8 @@ def _summary(exc: BaseException, secrets: Iterable[str | None]) -> str:
     :func:`~remote_cache.errors.credentials_to_hide` knows cut out."""
     text = _first_paragraph(exc).strip() or type(exc).__name__
     if (body := _XML_BODY.search(text)) is not None:
-        text = text[: body.start()] + _code_and_message(text)
+        text = text[: body.start()] + code_and_message(text)
     return hidden(" ".join(text.split()), secrets)
-
-
-def _code_and_message(xml: str) -> str:
-    """``Code: Message`` of an XML error body (the rest of it echoes the signed request)."""
-    found = [m.group(1).strip() for m in (_XML_CODE.search(xml), _XML_MESSAGE.search(xml)) if m]
-    return ": ".join(found) or "an XML error body"
-
-
-def hidden_in_traceback(text: str, explicit: Iterable[str | None]) -> str:
-    """A traceback (REMOTE_CACHE_DEBUG) fit to show: every XML error body a server sent reduced to
-    its code and message (the rest echoes the signed request), signature and token values cut,
-    and the credentials :func:`~remote_cache.errors.credentials_to_hide` knows replaced, as in
-    messages. Credentials it does not know (the metadata service's) are caught by the first two
-    rules where a server echoes them."""
-    return hidden(_XML_ERROR.sub(lambda m: _code_and_message(m.group(0)), text), explicit)
 
 
 @contextmanager
