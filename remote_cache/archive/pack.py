@@ -183,14 +183,10 @@ def _open_member(path: str) -> int:
 
 
 def _replaced(fd: int, member: Member) -> bool:
-    """Whether what ``fd`` reads is no longer the walk's file: looked at when a read ends early
-    or fails (a FIFO or a directory in its place), off the hot path."""
-    return _another(os.fstat(fd), member)
-
-
-def _another(st: os.stat_result, member: Member) -> bool:
-    """Whether ``st`` is not the walk's file: not a file, or another inode (a member made
-    without a walk has none to compare)."""
+    """Whether what ``fd`` reads is no longer the walk's file: not a file (a FIFO or a directory
+    in its place), or another inode (a member made without a walk has none to compare). Looked
+    at when a read ends early or fails, off the hot path."""
+    st = os.fstat(fd)
     return not stat.S_ISREG(st.st_mode) or bool(member.mtime_ns and st.st_ino != member.ino)
 
 

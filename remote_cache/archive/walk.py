@@ -172,14 +172,11 @@ def _open_listed(full: str, rel: str) -> int:
     tree that changes while it is saved: TreeChanged, as for a file)."""
     try:
         return os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError) as exc:
         if not rel:
             raise
-        raise TreeChanged(full, "it was removed") from None
-    except NotADirectoryError:
-        if not rel:
-            raise
-        raise TreeChanged(full, "it was replaced") from None
+        how = "it was removed" if isinstance(exc, FileNotFoundError) else "it was replaced"
+        raise TreeChanged(full, how) from None
 
 
 _Listing = list[tuple[os.DirEntry[str], os.stat_result]]
