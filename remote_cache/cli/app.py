@@ -593,7 +593,7 @@ class _Signals:
         for signum in self._signums:
             self._loop.remove_signal_handler(signum)
             signal.signal(signum, _late_signal)
-        _settle(signals_so_far=0 if self.received is None else 1)
+        _settle(signals_so_far=int(self.received is not None))
 
     def _on_signal(self, signum: int) -> None:
         if self.received is not None:
@@ -673,7 +673,7 @@ def _settle(signals_so_far: int = 0) -> None:
         return
     _late_signals = signals_so_far
     for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) != signal.SIG_IGN:
+        if signal.getsignal(signum) not in (signal.SIG_IGN, _late_signal):  # (_Signals hands over its own)
             signal.signal(signum, _late_signal)
     _settled = True
 
@@ -714,8 +714,7 @@ def _report(command: str, outcome: Outcome, common: Common) -> None:
         # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
         outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
     if outcome.summary and not common.quiet:
-        # (A summary holds no server's words: only the password could be there, never a token.)
-        _stderr_line(without_secrets(outcome.summary, [common.password]))
+        _stderr_line(_redact(outcome.summary, common))
 
 
 def _failure(command: str, exc: Exception, common: Common) -> Outcome:
