@@ -148,8 +148,12 @@ def masked(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-#: What may be ``user:password@`` at a reference's start: never quoted (see _refuse_credentials).
-_USERINFO = re.compile(r"^(\s*(?:[a-z0-9+.-]+://)?[^/@:\s]*:)[^@\s]*@", re.I)
+#: A URL scheme, and a character of a user name (or a host) before its ``:``: the three patterns below.
+_SCHEME = r"[a-z0-9+.-]+"
+_NAME = r"[^/@:\s]"
+#: What may be ``user:password@`` at a reference's start: never quoted. Broader than
+#: _CREDENTIALS on purpose (an empty user, spaces before): masking costs nothing.
+_USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_NAME}*:)[^@\s]*@", re.I)
 
 
 def parse_reference(text: str) -> Reference:
@@ -231,9 +235,9 @@ def parse_reference(text: str) -> Reference:
 
 #: ``[SCHEME://]USER:PASSWORD@HOST`` then ``/`` or the end: the password may hold ``/`` and ``:``
 #: (a user name holds neither; ``NAME:KEY@…`` of a key with an '@' ends before any '/').
-_CREDENTIALS = re.compile(r"^(?:([a-z0-9+.-]+)://)?[^/@:\s]+:([^@\s]*)@(?!sha256:)([^/@\s]+)(/|$)", re.I)
+_CREDENTIALS = re.compile(rf"^(?:({_SCHEME})://)?{_NAME}+:([^@\s]*)@(?!sha256:)([^/@\s]+)(/|$)", re.I)
 #: ``HOST:PORT/…``: a registry's reference, whose key may hold an '@' (``…/cache:py@1.2-rc``).
-_HOST_PORT_FIRST = re.compile(r"^(?:[a-z0-9+.-]+://)?[^/@:\s]+:\d{1,5}/", re.I)
+_HOST_PORT_FIRST = re.compile(rf"^(?:{_SCHEME}://)?{_NAME}+:\d{{1,5}}/", re.I)
 #: A password's look, where a bucket's name after the '@' leaves the words unclear: a secret key's
 #: alphabet (base64, hex) at length, or its ``+``, ``/`` and ``=``.
 _SECRET_LOOKING = re.compile(r"[A-Za-z0-9+/=]{16,}|.*[+/=].*")
