@@ -144,7 +144,8 @@ def _invalid(text: str, why: str) -> InvalidReference:
 
 def masked(text: str) -> str:
     """A reference as messages quote it: what may be the password of a ``user:password@`` at its
-    start is ``***`` (``s3://bucket:***@main`` when it was a key's words)."""
+    start is ``***``, up to the last '@' (a password may hold one) that starts no digest
+    (``s3://bucket:***@main`` when it was a key's words)."""
     return _USERINFO.sub(r"\1***@", text)
 
 
@@ -153,7 +154,7 @@ _SCHEME = r"[a-z0-9+.-]+"
 _NAME = r"[^/@:\s]"
 #: What may be ``user:password@`` at a reference's start: never quoted. Broader than
 #: _CREDENTIALS on purpose (an empty user, spaces before): masking costs nothing.
-_USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_NAME}*:)[^@\s]*@", re.I)
+_USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_NAME}*:).*@(?!sha256:)", re.I | re.S)
 
 
 def parse_reference(text: str) -> Reference:
@@ -233,9 +234,11 @@ def parse_reference(text: str) -> Reference:
     return Reference("registry", host=host, repository=repository, key=key, digest=digest)
 
 
-#: ``[SCHEME://]USER:PASSWORD@HOST`` then ``/`` or the end: the password may hold ``/`` and ``:``
-#: (a user name holds neither; ``NAME:KEY@…`` of a key with an '@' ends before any '/').
-_CREDENTIALS = re.compile(rf"^(?:({_SCHEME})://)?{_NAME}+:([^@\s]*)@(?!sha256:)([^/@\s]+)(/|$)", re.I)
+#: ``[SCHEME://]USER:``, where credentials would begin; ``PASSWORD@HOST`` follows, the host then
+#: ``/`` or the end. The password may hold ``/``, ``:`` and ``@`` (a user name holds none of them;
+#: ``NAME:KEY@…`` of a key with an '@' ends before any '/').
+_USER = re.compile(rf"^(?:({_SCHEME})://)?{_NAME}+:", re.I)
+_HOST_AFTER_AT = re.compile(r"(?!sha256:)([^/@\s]+)(/|$)", re.I)
 #: ``HOST:PORT/…``: a registry's reference, whose key may hold an '@' (``…/cache:py@1.2-rc``).
 _HOST_PORT_FIRST = re.compile(rf"^(?:{_SCHEME}://)?{_NAME}+:\d{{1,5}}/", re.I)
 #: A password's look, where a bucket's name after the '@' leaves the words unclear: a secret key's
@@ -251,15 +254,29 @@ def _refuse_credentials(raw: str) -> None:
     '@' in the key (``python@3.11``, ``deps@main``): only a registry host after the '@' (by
     docker's rule, not a version) makes it credentials, or for a bucket (whose name cannot be
     told from a key's words) a word before the '@' that looks like a secret key."""
-    found = _CREDENTIALS.match(raw)
-    if found is None or _HOST_PORT_FIRST.match(raw):
+    user = _USER.match(raw)
+    if user is None or _HOST_PORT_FIRST.match(raw):
         return
-    scheme, password, place, slash = found.groups()
-    scheme = scheme.lower() if scheme else None
-    if not slash and scheme in OBJECT_SCHEMES and not _SECRET_LOOKING.fullmatch(password):
-        return
-    if not slash and scheme is None and not _names_a_host(place):
-        return
+    scheme = user[1].lower() if user[1] else None
+    at = raw.find("@", user.end())
+    while at != -1:  # (each '@' in turn: a password may hold one)
+        host = _HOST_AFTER_AT.match(raw, at + 1)
+        if host is not None and _credentials_before(host[1], host[2], scheme, raw[user.end() : at]):
+            _refuse_before(host[1], host[2], scheme)
+        at = raw.find("@", at + 1)
+
+
+def _credentials_before(place: str, slash: str, scheme: str | None, password: str) -> bool:
+    """Whether ``USER:PASSWORD@PLACE`` followed by ``slash`` (``/`` or the end) is credentials,
+    not ``NAME:KEY`` with an '@' in the key (see :func:`_refuse_credentials`)."""
+    if slash:
+        return True
+    if scheme in OBJECT_SCHEMES:
+        return _SECRET_LOOKING.fullmatch(password) is not None
+    return scheme is not None or _names_a_host(place)
+
+
+def _refuse_before(place: str, slash: str, scheme: str | None) -> None:
     fix = (
         f"set {OBJECT_CREDENTIALS[scheme]}"
         if scheme in OBJECT_CREDENTIALS

@@ -46,6 +46,7 @@ def error_line(proc: object) -> str:
         "user:PASS-s3cr3t@localhost:5000",
         "user:PASS-s3cr3t@10.0.0.1",
         "s3://minio:PASS-s3cr3t@cache/ci:k",
+        "user:PASS-s3cr3t@x@ghcr.io",  # (a password holding an '@': its rest was the key)
     ],
 )
 def test_credentials_written_into_a_reference_reach_no_output_and_no_store(

@@ -187,6 +187,26 @@ def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix:
     assert "PASS-s3cr3t" not in str(info.value) and fix in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "fix"),
+    [
+        ("user:p@ss-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
+        ("user:p@ss-s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
+        ("user:p@ss/s3cr3t@localhost:5000/team/cache:k", "REMOTE_CACHE_PASSWORD"),
+        ("user:p@ss-s3cr3t@ghcr.io/org/cache:k@sha256:" + "a" * 64, "REMOTE_CACHE_PASSWORD"),
+        ("s3://AKIAEXAMPLE:p@ss-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
+        ("user:pa ss-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
+    ],
+)
+def test_a_password_holding_an_at_sign_or_a_space_is_refused_and_never_quoted(text: str, fix: str) -> None:
+    """A password with an '@' (or a space) in a reference: refused like any other, no part of it
+    quoted (the first '@' ended the password: 'ss-s3cr3t' was quoted, and not refused as one)."""
+    with pytest.raises(InvalidReference) as info:
+        parse_reference(text)
+    message = str(info.value)
+    assert "s3cr3t" not in message and "p@ss" not in message and fix in message, message
+
+
 def test_an_at_sign_that_is_no_credential_still_parses() -> None:
     digest = "sha256:" + "a" * 64
     assert parse_reference(f"redis@{digest}").digest == digest  # Docker Hub by digest
