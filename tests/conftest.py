@@ -25,6 +25,7 @@ import functools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -64,6 +65,15 @@ def _start(
         yield server
     finally:
         server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A run a shell started in the background (``pytest &`` in a script, ``nohup``) inherits
+    # SIGINT ignored, and so would every command the tests start (the CLI keeps an inherited
+    # ignore, as it should): their Ctrl-C tests failed. Python's handler here, so the commands
+    # start with the default disposition.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
