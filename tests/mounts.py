@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.skips import unavailable
 
-__all__ = ["bind", "long_names", "overlay", "overlay_upper", "tmpfs", "whole_seconds"]
+__all__ = ["bind", "ext4", "long_names", "overlay", "overlay_upper", "tmpfs", "whole_seconds"]
 
 
 @contextlib.contextmanager
@@ -62,18 +62,24 @@ def overlay_upper(point: Path) -> Path:
 
 
 @contextlib.contextmanager
-def whole_seconds(point: Path) -> Iterator[Path]:
-    """An ext4 with 128-byte inodes (no room for nanoseconds: whole-second ctimes and mtimes), 16 MB
-    in a file beside ``point`` (made here), loop-mounted there until the end of the block."""
+def ext4(point: Path, inode_size: int = 256) -> Iterator[Path]:
+    """An ext4 (a disk's filesystem, whatever the tests' own directory is on), 16 MB in a file
+    beside ``point`` (made here), loop-mounted there until the end of the block."""
     image = point.with_name(point.name + ".img")
     with open(image, "wb") as out:
         out.truncate(16 << 20)
-    done = subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], capture_output=True, text=True)
+    made = ["mkfs.ext4", "-q", "-F", "-I", str(inode_size), str(image)]
+    done = subprocess.run(made, capture_output=True, text=True)
     if done.returncode != 0:
         unavailable(f"cannot make an ext4 image here: {done.stderr.strip()}", fix="install e2fsprogs")
     point.mkdir()
     with _mounted(["-o", "loop", str(image)], point, "a loop device"):
         yield point
+
+
+def whole_seconds(point: Path) -> contextlib.AbstractContextManager[Path]:
+    """An :func:`ext4` with 128-byte inodes: no room for nanoseconds, whole-second ctimes and mtimes."""
+    return ext4(point, inode_size=128)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from remote_cache.archive.mounts import filesystem_type, mounts, mounts_below
-from tests.mounts import overlay, tmpfs
+from tests.mounts import ext4, overlay, tmpfs
 
 
 def test_mount_points_are_read_with_their_escapes() -> None:
@@ -44,12 +44,13 @@ def test_the_type_comes_after_the_optional_fields() -> None:
 
 
 def test_a_directory_is_on_the_deepest_mount_above_it(tmp_path: Path) -> None:
-    assert filesystem_type(tmp_path) not in (None, "tmpfs", "overlay")
-    (tmp_path / "image" / "d").mkdir(parents=True)
-    with tmpfs(tmp_path / "t") as t:
-        (t / "sub").mkdir()
-        assert filesystem_type(t / "sub") == "tmpfs"
-        assert filesystem_type(t) == "tmpfs"
-    with overlay(tmp_path / "image", tmp_path / "o") as o:
-        assert filesystem_type(o / "d") == "overlay"
-    assert filesystem_type(tmp_path / "o") != "overlay"
+    with ext4(tmp_path / "disk") as disk:  # (not tmp_path's own: it may be a tmpfs)
+        assert filesystem_type(disk) == "ext4"
+        (disk / "image" / "d").mkdir(parents=True)
+        with tmpfs(disk / "t") as t:
+            (t / "sub").mkdir()
+            assert filesystem_type(t / "sub") == "tmpfs"
+            assert filesystem_type(t) == "tmpfs"
+        with overlay(disk / "image", disk / "o") as o:
+            assert filesystem_type(o / "d") == "overlay"
+        assert filesystem_type(disk / "o") == "ext4"

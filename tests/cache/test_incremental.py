@@ -34,7 +34,7 @@ from remote_cache.oci.media import OCI_INDEX, OCI_LAYER_ZSTD
 from remote_cache.oci.reference import parse_reference
 from remote_cache.oci.store import Store, open_store
 from tests.cli.output import CLI, empty_user_dirs, is_user_setting
-from tests.mounts import bind, tmpfs, whole_seconds
+from tests.mounts import bind, ext4, tmpfs, whole_seconds
 from tests.registry_server import Fault, FaultProxy, RegistryServer
 from tests.skips import unavailable
 from tests.stores import opened
@@ -1164,16 +1164,11 @@ async def test_an_mtime_the_target_filesystem_cannot_hold_is_no_copy_of_the_entr
 ) -> None:
     """ext4 keeps mtimes from 1901 on: restored there, an entry's 1811 mtime becomes 1901, and
     the tree is not what the entry holds (the whole-tree shortcut took it for the entry)."""
-    probe = tmp_path / "probe"
-    probe.touch()
-    os.utime(probe, ns=(_1811_NS, _1811_NS))
-    if probe.stat().st_mtime_ns == _1811_NS:
-        pytest.skip("this test's directory keeps an 1811 mtime: no filesystem here clamps it")
-    with tmpfs(tmp_path / "mnt") as mnt:  # tmpfs keeps it
+    with tmpfs(tmp_path / "mnt") as mnt, ext4(tmp_path / "disk") as disk:  # tmpfs keeps it
         src = _bulk(mnt / "src")
         os.utime(src / "pkg3" / "f4.bin", ns=(_1811_NS, _1811_NS))
         first = await save(store, "k", src, full=True)
-        work = tmp_path / "work"
+        work = disk / "work"
         await restore(store, "k", work)
         assert (work / "pkg3" / "f4.bin").stat().st_mtime_ns != _1811_NS
         again = await save(store, "k", work)
