@@ -11,7 +11,7 @@ A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
   collision; the original key is also recorded in the image's annotations, and a lookup takes
   an entry under a hashed tag that records another key for a miss.
 
-Keys must be non-empty, at most 1024 characters, with no control characters. Restore keys
+Keys must be non-empty, at most 1024 characters, with no control characters (C0, C1, U+2028/9). Restore keys
 (prefixes to fall back to, as in actions/cache) follow the same rules.
 """
 
@@ -37,7 +37,8 @@ TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 MAX_KEY_LENGTH = 1024
 _PREFIX_LENGTH = 109  # 109 + len("--") + 16 hex digits = 127 <= 128
 _INVALID = re.compile(r"[^A-Za-z0-9._-]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: C0 and C1 controls (a terminal reads U+009B as CSI) and the two line breaks beyond them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HASHED_END = re.compile(r"--[0-9a-f]{16}\Z")
 
 

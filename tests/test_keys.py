@@ -63,7 +63,18 @@ def test_deterministic() -> None:
 
 @pytest.mark.parametrize(
     ("key", "fragment"),
-    [("", "empty"), ("a\nb", "control"), ("a\x00", "control"), ("k" * 1025, "1025 characters")],
+    [
+        ("", "empty"),
+        ("a\nb", "control"),
+        ("a\x00", "control"),
+        ("k" * 1025, "1025 characters"),
+        # C1 controls (a terminal reads U+009B as CSI: '\u009b31m' colours what follows) and the
+        # line breaks beyond ASCII: printed raw by ls and in summary lines
+        ("csi\u009b31mred", "control"),
+        ("a\u0085b", "control"),
+        ("a\u2028b", "control"),
+        ("a\u2029b", "control"),
+    ],
 )
 def test_invalid_keys_say_why(key: str, fragment: str) -> None:
     with pytest.raises(InvalidKey, match=fragment):
