@@ -31,6 +31,8 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # (not typing's: see remote_cache/__init__.py)
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from typer import Typer
 
 __all__ = ["PROG", "application", "main"]
@@ -72,6 +74,7 @@ def main() -> None:
     # functions); the cycle collector's default young generation (700) went over each of them
     # twice: 5% of a short command's instructions. Collections still run, less often.
     gc.set_threshold(_YOUNG_OBJECTS)
+    _closed_streams_to_null(os, sys)
     code = 1
     try:
         application()(prog_name=PROG)
@@ -99,6 +102,21 @@ def main() -> None:
             except (OSError, ValueError):
                 code = code or 1  # a closed or full stdout is a failure to report what happened
         os._exit(code)
+
+
+def _closed_streams_to_null(os: ModuleType, sys: ModuleType) -> None:
+    """A standard stream closed by the caller (``>&-``, ``2>&-``) is ``/dev/null``, as Python's
+    ``print`` treats one (it left ``sys.stdout`` None: a done restore exited 1 with a traceback); and
+    so no file the command opens takes its number (a stray write would land in it)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # (the lowest free number: this one)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
 def _interrupted_early() -> None:

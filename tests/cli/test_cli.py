@@ -1259,3 +1259,29 @@ def test_a_save_of_the_whole_cache_directory_is_unchanged_when_nothing_changed(
     assert again["outcome"] == "unchanged"
     assert os.listdir(home / ".cache") == ["pip"]
     assert os.listdir(home / ".local" / "state" / "remote-cache")
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "<&-", ">&- 2>&-"])
+def test_a_closed_standard_stream_is_as_good_as_dev_null(tmp_path: Path, pycache: Path, closed: str) -> None:
+    """``cmd >&-`` (a stream the caller closed): the command runs as with ``/dev/null`` there, as
+    Python's ``print`` takes it. A done restore exited 1 with a traceback ('NoneType' object has no
+    attribute 'flush'), and with stderr closed restored nothing, ``--fail-open`` or not."""
+    env = clean_env(tmp_path, pycache)
+    src, layout = one_file_tree(tmp_path / "src"), f"oci:{tmp_path / 'layout'}:k"
+    for args, out in (
+        (["save", str(src), layout], None),
+        (["--json", "restore", layout, str(tmp_path / "out1")], tmp_path / "out1"),
+        (["--fail-open", "restore", layout, str(tmp_path / "out2")], tmp_path / "out2"),
+        (["ls", f"oci:{tmp_path / 'layout'}"], None),
+    ):
+        proc = subprocess.run(
+            ["sh", "-c", f'exec "$@" {closed}', "sh", str(CLI), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (closed, args, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if out is not None:
+            assert_same_tree(src, out)
