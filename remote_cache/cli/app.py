@@ -8,6 +8,7 @@ summary line, the JSON or the table.
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
@@ -642,8 +643,7 @@ def _run(command: str, common: Common, body: Body) -> NoReturn:
     _settle()
     if common.fail_open and outcome.code not in (ExitCode.OK, ExitCode.USAGE):
         outcome = _failed_open(outcome, common)
-    _report(command, outcome, common)
-    raise typer.Exit(int(outcome.code))
+    raise typer.Exit(int(_report(command, outcome, common)))
 
 
 def _interrupted(command: str, common: Common, exc: Interrupted) -> NoReturn:
@@ -701,20 +701,48 @@ def _deadline_seconds(text: str) -> float:
     return seconds
 
 
-def _report(command: str, outcome: Outcome, common: Common) -> None:
-    """Print the outcome: the JSON object or the command's own stdout, then the summary line."""
-    if common.json:
-        sys.stdout.write(
-            json.dumps({"command": command, **outcome.data, "exit_code": int(outcome.code)}) + "\n"
-        )
-        sys.stdout.flush()
-    elif outcome.stdout is not None:
-        from rich.console import Console
-
-        # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
-        outcome.stdout(Console(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000))
+def _report(command: str, outcome: Outcome, common: Common) -> ExitCode:
+    """Print the outcome: the JSON object or the command's own stdout, then the summary line; the
+    exit code, a failure's when stdout refused the report (see :func:`_unreported`)."""
+    code = outcome.code
+    try:
+        if common.json:
+            sys.stdout.write(json.dumps({"command": command, **outcome.data, "exit_code": int(code)}) + "\n")
+            sys.stdout.flush()
+        elif outcome.stdout is not None:
+            outcome.stdout(_stdout_console())
+            sys.stdout.flush()
+    except OSError as exc:
+        code = _unreported(exc, code, common)
     if outcome.summary and not common.quiet:
         _stderr_line(_redact(outcome.summary, common))
+    return code
+
+
+def _stdout_console() -> Console:
+    """rich's console on stdout, for which a pipe its reader closed is an OSError as for a plain
+    write (rich's own answer is exit 1, in silence)."""
+    from rich.console import Console
+
+    class _Stdout(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    # Piped output is for scripts: never wrap or truncate a column to fit 80 characters.
+    return _Stdout(soft_wrap=True, width=None if sys.stdout.isatty() else 1_000_000)
+
+
+def _unreported(exc: OSError, code: ExitCode, common: Common) -> ExitCode:
+    """stdout refused the report (a full disk, a pipe closed by its reader): one line says so, and
+    the command fails unless it had failed already or --fail-open says to go on. (It was "error:
+    unexpected OSError" or, for a closed pipe, typer's silent exit 1, --fail-open or not.)"""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - what is left unwritten goes nowhere, once
+    message = f"the report could not be written to stdout ({exc.strerror or exc})"
+    if common.fail_open:
+        _stderr_line(f"{PROG}: warning: {message} (ignored: --fail-open)")
+        return code
+    _stderr_line(f"{PROG}: error: {message}")
+    return ExitCode.ERROR if code is ExitCode.OK else code
 
 
 def _failure(command: str, exc: Exception, common: Common) -> Outcome:

@@ -1285,3 +1285,42 @@ def test_a_closed_standard_stream_is_as_good_as_dev_null(tmp_path: Path, pycache
         assert "Traceback" not in proc.stderr, proc.stderr
         if out is not None:
             assert_same_tree(src, out)
+
+
+def _with_stdout(args: list[str], env: dict[str, str], stdout: str) -> subprocess.CompletedProcess[str]:
+    """The console script with stdout on a full disk (``full``) or a pipe its reader closed."""
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            return subprocess.run([str(CLI), *args], env=env, stdout=full, stderr=subprocess.PIPE, text=True)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([str(CLI), *args], env=env, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("stdout", ["full", "closed pipe"])
+def test_a_report_stdout_refuses_fails_the_step_in_one_line_unless_fail_open(
+    tmp_path: Path, pycache: Path, stdout: str
+) -> None:
+    """stdout refusing the report (a full disk, a pipe closed by its reader) is a failure said in
+    one line naming stdout, or a warning under --fail-open (exit 0). It was "error: unexpected
+    OSError: [Errno 28] No space left on device" (read as the restore's own disk), and a closed
+    pipe exited 1 in silence, --fail-open or not."""
+    env = clean_env(tmp_path, pycache)
+    src, repo = one_file_tree(tmp_path / "src"), f"oci:{tmp_path / 'layout'}"
+    assert subprocess.run([str(CLI), "save", str(src), f"{repo}:k", "-q"], env=env).returncode == 0
+    for args, code in (
+        (["--json", "restore", f"{repo}:k", str(tmp_path / "out")], 1),
+        (["ls", repo], 1),
+        (["--json", "--fail-open", "restore", f"{repo}:nokey", str(tmp_path / "none")], 0),
+        (["--fail-open", "ls", repo], 0),
+    ):
+        proc = _with_stdout(args, env, stdout)
+        assert proc.returncode == code, (args, proc.stderr)
+        kind = "warning" if code == 0 else "error"
+        said = f"remote-cache: {kind}: the report could not be written to stdout ("
+        assert said in proc.stderr, proc.stderr
+        assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert_same_tree(src, tmp_path / "out")  # (the restore itself was done)
