@@ -56,6 +56,7 @@ __all__ = [
     "InvalidKey",
     "InvalidReference",
     "NoSpace",
+    "NothingToSave",
     "RegistryAuthError",
     "RegistryError",
     "RegistryUnreachable",
@@ -274,6 +275,16 @@ class UnfinishedSwap(RemoteCacheError):
     """A restore stopped half-way through replacing a target's entries (after its journal was
     written, so never undone): the target holds part of the old tree and part of the new one
     until a run finishes the replacement."""
+
+
+class NothingToSave(RemoteCacheError):
+    """The directory to save is not there (a step that did not make it): an error, which
+    --fail-open turns into a warning (actions/cache only warns)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"{path!r} does not exist: nothing was saved (check the path, or the step meant to make it)"
+        )
 
 
 class NoSpace(RemoteCacheError):

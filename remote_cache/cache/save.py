@@ -34,7 +34,15 @@ from ..archive.tar import WHITEOUT_PREFIX
 from ..archive.target import finish_dead_swaps
 from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
-from ..errors import BlobsSwept, CacheMiss, CacheTooLarge, EntryExists, NoSpace, RemoteCacheError
+from ..errors import (
+    BlobsSwept,
+    CacheMiss,
+    CacheTooLarge,
+    EntryExists,
+    NoSpace,
+    NothingToSave,
+    RemoteCacheError,
+)
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
 from ..oci.media import INDEX_TYPES, MAX_DOCUMENT_BYTES, layer_media_type
@@ -212,6 +220,8 @@ async def save(
     tag, path = tag_for_key(key), Path(path)
     if read_only:
         return _skipped(key, tag, "read-only: nothing saved", started)
+    if not path.exists():
+        raise NothingToSave(str(path))
     refuse_overlap(store, path, "save")
     if immutable and (current := await _current(store, tag)) is not None:
         return _skipped(key, tag, "immutable key exists", started, current)

@@ -46,9 +46,7 @@ __all__: list[str] = []
 
 SavePathArg = Annotated[
     Path,
-    typer.Argument(
-        metavar="PATH", help="Directory to save.", exists=True, file_okay=False, dir_okay=True, readable=True
-    ),
+    typer.Argument(metavar="PATH", help="Directory to save.", file_okay=False, dir_okay=True, readable=True),
 ]
 CompressionOpt = Annotated[
     str, typer.Option("--compression", metavar="zstd|gzip", help="Layer compression: zstd or gzip.")

@@ -538,7 +538,7 @@ def test_unreachable_registry_exits_1_or_warns_with_fail_open(cli: Run, tmp_path
         (("restore", "localhost:5000/team/cache:k", "out", "--key", "k2"), "the key is given twice"),
         (("ls", "localhost:5000/team/cache:k"), "without ':KEY'"),
         (("restore", "oci:layout:bad\x01key", "out"), "control characters"),
-        (("save", "does-not-exist", "oci:layout:k"), "does not exist"),
+        (("save", "a-file", "oci:layout:k"), "is a file"),
         (("save", ".", "127.0.0.1:99999/team/cache:k"), "out of range"),
         (("restore", "127.0.0.1:5001", "out"), "names a registry but no repository"),
         (("restore", "localhost:5000", "out"), "names a registry but no repository"),
@@ -1324,3 +1324,21 @@ def test_a_report_stdout_refuses_fails_the_step_in_one_line_unless_fail_open(
         assert said in proc.stderr, proc.stderr
         assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert_same_tree(src, tmp_path / "out")  # (the restore itself was done)
+
+
+def test_a_directory_to_save_that_is_not_there_is_an_error_fail_open_makes_a_warning(
+    cli: Run, tmp_path: Path
+) -> None:
+    """A save of a directory no step made (a build that failed first): exit 1 and one line, and
+    under --fail-open a warning and exit 0, as actions/cache warns. It was the option parser's
+    usage error (exit 2, no JSON): an optional cache step broke the pipeline, --fail-open or not."""
+    proc = cli("save", "not-made", "oci:layout:k")
+    assert proc.returncode == 1, proc.stderr
+    said = "'not-made' does not exist: nothing was saved (check the path, or the step meant to make it)"
+    assert proc.stderr == f"remote-cache: error: {said}\n", proc.stderr
+    proc = cli("save", "not-made", "oci:layout:k", "--fail-open", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("remote-cache: warning: 'not-made' does not exist"), proc.stderr
+    data = json_line(proc)
+    assert data["error_type"] == "NothingToSave" and data["failed_exit_code"] == 1, data
+    assert not (tmp_path / "layout").exists()
