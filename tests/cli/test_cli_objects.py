@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli.output import Run, json_line, no_traceback
 from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
-from tests.registry_server import FaultProxy, free_port
+from tests.registry_server import Fault, FaultProxy, free_port
 from tests.trees import assert_same_tree, small_tree
 
 
@@ -492,3 +492,29 @@ def test_a_layer_changed_in_place_in_a_bucket_names_what_mends_it(
     assert cli("save", str(src), ref, "--full", env=env).returncode == 0
     assert cli("restore", ref, str(tmp_path / "out"), env=env).returncode == 0
     assert_same_tree(src, tmp_path / "out")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_bucket_that_refuses_every_request_bare_is_an_auth_error_for_every_command(
+    cli: Run, moto: ObjectServer, fault_proxy_factory: Any, tmp_path: Path, status: int
+) -> None:
+    """An S3-compatible server (or a gateway before it) answering 401 or 403 with no error body:
+    exit 4 naming the credentials, for every command. A listing (ls, prune) said "answered with an
+    error (... 401 Unauthorized)", exit 1, where the others said exit 4."""
+    proxy: FaultProxy = fault_proxy_factory(moto)
+    proxy.add(Fault("status", status=status, body=b"", times=1000))
+    env = {**object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
+    ref = f"s3://{new_bucket(moto)}/c"
+    src = small_tree(tmp_path / "src")
+    for args in (
+        ("ls", ref),
+        ("prune", ref, "--keep", "1"),
+        ("restore", f"{ref}:k", str(tmp_path / "out")),
+        ("inspect", f"{ref}:k"),
+        ("rm", f"{ref}:k"),
+        ("save", str(src), f"{ref}:k"),
+    ):
+        proc = cli(*args, "--timeout", "5", env=env)
+        assert proc.returncode == 4, (args, proc.stderr)
+        assert "refused the credentials" in proc.stderr and "AWS_ACCESS_KEY_ID" in proc.stderr, proc.stderr
+        no_traceback(proc)

@@ -52,6 +52,9 @@ UNSUPPORTED = (NotSupportedError,)
 _KIND = re.compile(r"kind: (\w+)")
 _REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthenticationFailed",
                   "AuthorizationFailure", "NoCredentialProviders")  # fmt: skip
+#: A 401 or 403 without an error body (a gateway, some S3-compatible servers): obstore reports it
+#: as a generic error on a listing, where a read's is an UnauthenticatedError.
+_REFUSED_STATUS = re.compile(r"non-2xx status code: 40[13]\b")
 #: What an error from the instance or container metadata service (asked for credentials when
 #: nothing else had them) has in its URL.
 _METADATA_MARKS = ("/latest/api/token", "/latest/meta-data", "169.254.169.254", "169.254.170.2")
@@ -135,6 +138,12 @@ def _no_bucket(location: str, action: str) -> StoreError:
     return StoreError(f"cannot {action}: the bucket of {location} does not exist (check its name and region)")
 
 
+def _refused_bare(exc: BaseException) -> bool:
+    """A 401 or 403 with no error body to say why (one with a body says it: a skewed clock is a 403)."""
+    text = _first_paragraph(exc)
+    return _REFUSED_STATUS.search(text) is not None and _XML_BODY.search(text) is None
+
+
 def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[str | None]) -> StoreError:
     summary = _summary(exc, secrets)
     kind = _KIND.search(str(exc))
@@ -155,7 +164,7 @@ def _generic(location: str, action: str, exc: BaseException, secrets: Iterable[s
             f"cannot {action}: the account key for {location} is not a key (not base64): set "
             "AZURE_STORAGE_ACCOUNT_KEY to the storage account's access key as the portal shows it"
         )
-    if any(code in summary for code in _REFUSED_CODES):
+    if any(code in summary for code in _REFUSED_CODES) or _refused_bare(exc):
         return StoreAuthError(
             f"cannot {action}: {location} refused the credentials ({summary}); {_credentials_hint(location)}"
         )
