@@ -36,12 +36,14 @@ from ..archive.walk import Special, TreeStats
 from ..archive.workdirs import WorkDir, sweep_dead
 from ..errors import (
     BlobsSwept,
+    BrokenEntry,
     CacheMiss,
     CacheTooLarge,
     EntryExists,
     NoSpace,
     NothingToSave,
     RemoteCacheError,
+    StoreError,
 )
 from ..keys import tag_for_key, validate_key
 from ..oci.descriptor import Descriptor, Platform
@@ -71,6 +73,7 @@ from .image import (
     DEFAULT_PLATFORMS,
     bounds_text,
     build_image,
+    load_image,
     parse_index,
     parse_manifest,
 )
@@ -220,11 +223,11 @@ async def save(
     tag, path = tag_for_key(key), Path(path)
     if read_only:
         return _skipped(key, tag, "read-only: nothing saved", started)
+    refuse_overlap(store, path, "save")
+    if immutable and (current := await _current_whole(store, key, tag)) is not None:
+        return _skipped(key, tag, "immutable key exists", started, current)
     if not path.exists():
         raise NothingToSave(str(path))
-    refuse_overlap(store, path, "save")
-    if immutable and (current := await _current(store, tag)) is not None:
-        return _skipped(key, tag, "immutable key exists", started, current)
     codec = check_compression(compression)
     check_level(codec, level)
     # Everything the image depends on besides the tree; the tool's version stands for the
@@ -360,6 +363,22 @@ async def _current(store: Store, tag: str) -> str | None:
         return (await store.resolve(tag)).digest
     except CacheMiss:
         return None
+
+
+async def _current_whole(store: Store, key: str, tag: str) -> str | None:
+    """The digest under an immutable key's ``tag``, or None when there is no entry. A broken one
+    is an error: --immutable never replaces it, so skipping kept it broken for good (every
+    restore a miss, while the miss said the next save repairs it)."""
+    current = await _current(store, tag)
+    if current is not None:
+        try:
+            await load_image(store, tag)
+        except BrokenEntry as exc:
+            raise StoreError(
+                f"the entry under immutable key {key!r} in {store.location} is broken ({exc.missing} is "
+                "gone), and --immutable never replaces an entry: `remote-cache rm` the key, then save again"
+            ) from None
+    return current
 
 
 def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") -> SaveResult:

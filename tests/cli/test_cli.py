@@ -1342,3 +1342,20 @@ def test_a_directory_to_save_that_is_not_there_is_an_error_fail_open_makes_a_war
     data = json_line(proc)
     assert data["error_type"] == "NothingToSave" and data["failed_exit_code"] == 1, data
     assert not (tmp_path / "layout").exists()
+
+
+def test_a_broken_entry_under_an_immutable_key_is_an_error_naming_rm(cli: Run, tmp_path: Path) -> None:
+    """--immutable never replaces an entry, so a broken one (its document gone) stays broken: the
+    save says so and what mends it (exit 1). It was "skipped: immutable key exists", exit 0, for
+    good, while every restore missed saying the next save would repair it."""
+    src, layout = one_file_tree(tmp_path / "src"), tmp_path / "layout"
+    assert cli("save", str(src), f"oci:{layout}:k", "-q").returncode == 0
+    layout_blob(layout, layout_top(layout)).unlink()
+    assert cli("restore", f"oci:{layout}:k", str(tmp_path / "out")).returncode == 3
+    proc = cli("save", str(src), f"oci:{layout}:k", "--immutable")
+    assert proc.returncode == 1, proc.stderr
+    assert "is broken" in proc.stderr and "`remote-cache rm` the key, then save again" in proc.stderr
+    assert cli("rm", f"oci:{layout}:k").returncode == 0
+    assert cli("save", str(src), f"oci:{layout}:k", "--immutable").returncode == 0
+    assert cli("restore", f"oci:{layout}:k", str(tmp_path / "out")).returncode == 0
+    assert_same_tree(src, tmp_path / "out")
