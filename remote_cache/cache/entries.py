@@ -195,7 +195,9 @@ _OLDEST = datetime.min.replace(tzinfo=UTC)
 
 
 def _newest_first(entries: list[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: (e.created or _OLDEST, e.tag), reverse=True)
+    """Newest first, ties as :func:`find_entry` breaks them (the greater key), so that ``prune
+    --keep`` keeps the entry a restore key would pick."""
+    return sorted(entries, key=lambda e: (e.created or _OLDEST, e.key, e.tag), reverse=True)
 
 
 class Match(Struct, frozen=True):

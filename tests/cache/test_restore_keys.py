@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from remote_cache.cache import save as save_module
-from remote_cache.cache.entries import Match, find_entry, inspect, list_entries, remove
+from remote_cache.cache.entries import Match, find_entry, inspect, list_entries, prune, remove
 from remote_cache.cache.image import load_image
 from remote_cache.cache.restore import restore
 from remote_cache.cache.save import save
@@ -69,6 +69,21 @@ async def test_equal_times_pick_the_greater_key(tmp_path: Path) -> None:
         await backdate(store, key, 1, now)  # same second for all three
     match = await find_entry(store, "k-z", ["k-"])
     assert match is not None and match.key == "k-c"
+
+
+async def test_prune_keeps_what_a_restore_key_would_pick_when_times_are_equal(tmp_path: Path) -> None:
+    """Entries of one second: ``prune --keep 1`` keeps the one a restore key picks (the greater
+    key), and ``ls`` lists it first. Ties went by tag there: with a key whose tag is hashed
+    (``x/a``) prune removed exactly the entry a restore would choose."""
+    store = LayoutStore(tmp_path / "layout")
+    now = datetime.now(UTC)
+    for key in ["x/a", "x-b"]:  # ('x/a' > 'x-b'; its hashed tag '_x_a--...' sorts below 'x-b')
+        await save(store, key, _tree(tmp_path / key.replace("/", "_"), key.encode()))
+        await backdate(store, key, 1, now)
+    match = await find_entry(store, "x-none", ["x"])
+    assert match is not None and match.key == "x/a"
+    assert [e.key for e in await list_entries(store, prefix="x")] == ["x/a", "x-b"]
+    assert [e.key for e in await prune(store, keep=1, prefix="x", dry_run=True)] == ["x-b"]
 
 
 async def test_only_candidate_manifests_are_read(
