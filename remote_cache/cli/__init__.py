@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from typer import Typer
 
-__all__ = ["PROG", "application", "main"]
+__all__ = ["PROG", "SignalledEarly", "application", "main"]
 
 PROG = "remote-cache"
 #: A Ctrl-C's exit code, 128 + SIGINT, written out: the signal module's first import (enum and
@@ -43,6 +43,13 @@ PROG = "remote-cache"
 _INTERRUPTED = 130
 #: Allocations between two collections of the young generation (CPython's default is 700).
 _YOUNG_OBJECTS = 100_000
+
+
+class SignalledEarly(BaseException):
+    """A SIGTERM before the command's own handling (while the tool loads, typer reads the command
+    line, or the command starts): ended as a Ctrl-C then is, with its code and one line."""
+
+    signum = 15  # SIGTERM, written out (see _INTERRUPTED)
 
 
 def application() -> Typer:
@@ -77,6 +84,7 @@ def main() -> None:
     _closed_streams_to_null(os, sys)
     code = 1
     try:
+        _terminate_as_interrupted()
         application()(prog_name=PROG)
         code = 0
     except SystemExit as done:
@@ -91,6 +99,9 @@ def main() -> None:
     except KeyboardInterrupt:
         code = _INTERRUPTED
         _interrupted_early()
+    except SignalledEarly as signalled:
+        code = 128 + signalled.signum
+        _interrupted_early(signalled.signum)
     except BaseException as exc:  # reporting failed (stdout on a full disk), or a native panic
         _last_words(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}")
     finally:
@@ -119,12 +130,26 @@ def _closed_streams_to_null(os: ModuleType, sys: ModuleType) -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
-def _interrupted_early() -> None:
+def _interrupted_early(signum: int = 2) -> None:
     import signal
 
     from ..errors import Interrupted
 
-    _last_words(f"{PROG}: {Interrupted(signal.SIGINT)}")
+    _last_words(f"{PROG}: {Interrupted(signal.Signals(signum))}")
+
+
+def _terminate_as_interrupted() -> None:
+    """SIGTERM raises :class:`SignalledEarly` until the command takes the signals over (it killed
+    the tool in silence before); one ignored by the caller stays so. (Imported here, inside
+    main's handling: the signal module's first import is a window for a Ctrl-C.)"""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _signalled_early)
+
+
+def _signalled_early(_signum: int, _frame: object) -> None:
+    raise SignalledEarly
 
 
 def _last_words(line: str) -> None:

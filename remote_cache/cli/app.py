@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..records import hiding
 from ..units import parse_duration
-from . import PROG
+from . import PROG, SignalledEarly
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
 
@@ -808,6 +808,10 @@ def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
                 import signal
 
                 _interrupted(name, common, Interrupted(signal.SIGINT))
+            except SignalledEarly as signalled:  # a SIGTERM then
+                import signal
+
+                _interrupted(name, common, Interrupted(signal.Signals(signalled.signum)))
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         own = inspect.signature(plan, eval_str=True).parameters.values()

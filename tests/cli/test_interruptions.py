@@ -711,6 +711,23 @@ def test_a_ctrl_c_before_the_command_runs_is_an_interruption(
     assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGINT"], proc.stderr
 
 
+@pytest.mark.parametrize("where", ["loading", "building", "parsing", "starting its loop"])
+def test_a_sigterm_before_the_command_runs_is_an_interruption(
+    where: str, tmp_path: Path, pycache: Path
+) -> None:
+    """A SIGTERM (a CI runner cancelling the job) while the tool loads, builds its commands, reads
+    the command line or starts its loop ends it as one during the command does: exit 143 and its
+    one line, with --json its object once the options are read. It killed the tool in silence."""
+    hook = _EARLY_HOOKS.get(where) or _sigint_when_imported("asyncio")
+    proc = _save_with_hook(hook.replace("_signal.SIGINT", "_signal.SIGTERM"), tmp_path, pycache)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.splitlines() == ["remote-cache: interrupted by SIGTERM"], proc.stderr
+    if where == "starting its loop":
+        assert json.loads(proc.stdout)["outcome"] == "interrupted", proc.stdout
+    else:
+        assert proc.stdout == "", proc.stdout
+
+
 def test_a_ctrl_c_once_the_options_are_read_gets_its_json(tmp_path: Path, pycache: Path) -> None:
     """Sent while the command starts its event loop (asyncio imported), the Ctrl-C is reported
     with the JSON object --json asked for."""
