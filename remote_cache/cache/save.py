@@ -40,6 +40,7 @@ from ..errors import (
     CacheMiss,
     CacheTooLarge,
     EntryExists,
+    ImageFormatError,
     NoSpace,
     NothingToSave,
     RemoteCacheError,
@@ -76,6 +77,7 @@ from .image import (
     load_image,
     parse_index,
     parse_manifest,
+    read_document,
 )
 from .prewalk import PreWalk
 from .progress import Progress
@@ -366,19 +368,23 @@ async def _current(store: Store, tag: str) -> str | None:
 
 
 async def _current_whole(store: Store, key: str, tag: str) -> str | None:
-    """The digest under an immutable key's ``tag``, or None when there is no entry. A broken one
-    is an error: --immutable never replaces it, so skipping kept it broken for good (every
-    restore a miss, while the miss said the next save repairs it)."""
-    current = await _current(store, tag)
-    if current is not None:
-        try:
-            await load_image(store, tag)
-        except BrokenEntry as exc:
-            raise StoreError(
-                f"the entry under immutable key {key!r} in {store.location} is broken ({exc.missing} is "
-                "gone), and --immutable never replaces an entry: `remote-cache rm` the key, then save again"
-            ) from None
-    return current
+    """The digest under an immutable key's ``tag``, or None when there is no entry; its top document
+    read once, as a restore would. A broken entry (a document it names gone) is an error:
+    --immutable never replaces it, so skipping kept it broken for good (every restore a miss,
+    while the miss said the next save repairs it). Another tool's image is kept, as before."""
+    try:
+        top = await read_document(store, tag, "manifest")
+        await load_image(store, tag, top)
+    except BrokenEntry as exc:
+        raise StoreError(
+            f"the entry under immutable key {key!r} in {store.location} is broken ({exc.missing} is "
+            "gone), and --immutable never replaces an entry: `remote-cache rm` the key, then save again"
+        ) from None
+    except CacheMiss:
+        return None
+    except ImageFormatError:
+        return await _current(store, tag)
+    return top[0].digest
 
 
 def _skipped(key: str, tag: str, reason: str, started: float, digest: str = "") -> SaveResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -1359,3 +1360,26 @@ def test_a_broken_entry_under_an_immutable_key_is_an_error_naming_rm(cli: Run, t
     assert cli("save", str(src), f"oci:{layout}:k", "--immutable").returncode == 0
     assert cli("restore", f"oci:{layout}:k", str(tmp_path / "out")).returncode == 0
     assert_same_tree(src, tmp_path / "out")
+
+
+def test_an_immutable_key_holding_another_tool_s_document_is_kept_as_before(cli: Run, tmp_path: Path) -> None:
+    """Under --immutable a key whose tag holds what is no cache image (an artifact manifest) is an
+    entry kept, skipped as before the broken-entry check: that check read it and failed the save."""
+    src, layout = one_file_tree(tmp_path / "src"), tmp_path / "layout"
+    assert cli("save", str(src), f"oci:{layout}:k", "-q").returncode == 0
+    body = json.dumps({"mediaType": "application/vnd.oci.artifact.manifest.v1+json", "artifactType": "x/y"})
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_text(body)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append(
+        {
+            "mediaType": "application/vnd.oci.artifact.manifest.v1+json",
+            "digest": f"sha256:{digest}",
+            "size": len(body),
+            "annotations": {"org.opencontainers.image.ref.name": "foreign"},
+        }
+    )
+    (layout / "index.json").write_text(json.dumps(index))
+    proc = cli("save", str(src), f"oci:{layout}:foreign", "--immutable")
+    assert proc.returncode == 0, proc.stderr
+    assert "save skipped foreign: immutable key exists" in proc.stderr, proc.stderr
