@@ -152,9 +152,11 @@ def masked(text: str) -> str:
 #: A URL scheme, and a character of a user name (or a host) before its ``:``: the three patterns below.
 _SCHEME = r"[a-z0-9+.-]+"
 _NAME = r"[^/@:\s]"
+#: A character of a user name: an '@' too (an email login).
+_USER_NAME = r"[^/:\s]"
 #: What may be ``user:password@`` at a reference's start: never quoted. Broader than
 #: _CREDENTIALS on purpose (an empty user, spaces before): masking costs nothing.
-_USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_NAME}*:).*@(?!sha256:)", re.I | re.S)
+_USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_USER_NAME}*:)(?!//).*@(?!sha256:)", re.I | re.S)
 
 
 def parse_reference(text: str) -> Reference:
@@ -237,7 +239,7 @@ def parse_reference(text: str) -> Reference:
 #: ``[SCHEME://]USER:``, where credentials would begin; ``PASSWORD@HOST`` follows, the host then
 #: ``/`` or the end. The password may hold ``/``, ``:`` and ``@`` (a user name holds none of them;
 #: ``NAME:KEY@…`` of a key with an '@' ends before any '/').
-_USER = re.compile(rf"^(?:({_SCHEME})://)?{_NAME}+:", re.I)
+_USER = re.compile(rf"^(?:({_SCHEME})://)?{_USER_NAME}+:(?!//)", re.I)
 _HOST_AFTER_AT = re.compile(r"(?!sha256:)([^/@\s]+)(/|$)", re.I)
 #: ``HOST:PORT/…``: a registry's reference, whose key may hold an '@' (``…/cache:py@1.2-rc``).
 _HOST_PORT_FIRST = re.compile(rf"^(?:{_SCHEME}://)?{_NAME}+:\d{{1,5}}/", re.I)
@@ -258,12 +260,15 @@ def _refuse_credentials(raw: str) -> None:
     if user is None or _HOST_PORT_FIRST.match(raw):
         return
     scheme = user[1].lower() if user[1] else None
+    hosts = []  # (each '@' in turn: a password may hold one; the host is after the last)
     at = raw.find("@", user.end())
-    while at != -1:  # (each '@' in turn: a password may hold one)
+    while at != -1:
         host = _HOST_AFTER_AT.match(raw, at + 1)
         if host is not None and _credentials_before(host[1], host[2], scheme, raw[user.end() : at]):
-            _refuse_before(host[1], host[2], scheme)
+            hosts.append((host[1], host[2]))
         at = raw.find("@", at + 1)
+    if hosts:
+        _refuse_before(*hosts[-1], scheme)
 
 
 def _credentials_before(place: str, slash: str, scheme: str | None, password: str) -> bool:

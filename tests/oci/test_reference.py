@@ -196,6 +196,9 @@ def test_credentials_in_a_reference_are_refused_and_never_quoted(text: str, fix:
         ("user:p@ss-s3cr3t@ghcr.io/org/cache:k@sha256:" + "a" * 64, "REMOTE_CACHE_PASSWORD"),
         ("s3://AKIAEXAMPLE:p@ss-s3cr3t@bucket/ci:k", "AWS_SECRET_ACCESS_KEY"),
         ("user:pa ss-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),
+        ("user:p@s3cr3t/pw@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (not quoted as the host)
+        ("me@corp.example:p@ss-s3cr3t@ghcr.io/org/cache:k", "REMOTE_CACHE_PASSWORD"),  # (an email login)
+        ("me@corp.example:s3cr3t@ghcr.io", "REMOTE_CACHE_PASSWORD"),
     ],
 )
 def test_a_password_holding_an_at_sign_or_a_space_is_refused_and_never_quoted(text: str, fix: str) -> None:
@@ -224,5 +227,6 @@ def test_an_at_sign_that_is_no_credential_still_parses() -> None:
         ("localhost:5000/team/cache:py@1.2.3-rc", "py@1.2.3-rc"),  # (HOST:PORT/…: no user)
         ("127.0.0.1:5000/c:deps@main.x", "deps@main.x"),
         ("s3://ci-cache:deps-0123@main", "deps-0123@main"),
+        ("s3://ci-cache/prefix:deps@main.x", "deps@main.x"),  # (the scheme is no user name)
     ]:
         assert parse_reference(text).key == key, text
