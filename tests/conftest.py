@@ -38,6 +38,7 @@ import remote_cache.archive.plan as layers_mod
 import remote_cache.cache.save as save_mod
 from tests.cli.output import CLI, Run, clean_env, empty_user_dirs, is_user_setting
 from tests.forward_proxy import ForwardProxy
+from tests.mounts import ext4
 from tests.object_servers import (
     ObjectServer,
     azurite_available,
@@ -272,14 +273,18 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectServer]:
 
 @pytest.fixture
 def sparse_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """A directory where files can have holes, or the test is skipped: ``tmp_path`` or, with
-    ``@pytest.mark.parametrize("sparse_dir", ["tmp", "shm"], indirect=True)``, also one on tmpfs
-    (/dev/shm), removed after the test."""
+    """A directory where files can have holes, or the test is skipped: on an ext4 (a disk's
+    filesystem, whatever tmp_path is on) or, with ``@pytest.mark.parametrize("sparse_dir",
+    ["tmp", "shm"], indirect=True)``, also one on tmpfs (/dev/shm), removed after the test."""
     where = getattr(request, "param", "tmp")
     assert where in ("tmp", "shm"), where
     if where == "tmp":
-        base = tmp_path
-    elif Path("/dev/shm").is_dir():
+        with ext4(tmp_path / "disk", size=512 << 20) as disk:
+            if not holes_work(disk):
+                pytest.skip(f"the filesystem of {disk} makes no holes")
+            yield disk
+        return
+    if Path("/dev/shm").is_dir():
         base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
     else:
         pytest.skip("no /dev/shm here")
@@ -288,8 +293,7 @@ def sparse_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]
             pytest.skip(f"the filesystem of {base} makes no holes")
         yield base
     finally:
-        if base != tmp_path:
-            shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

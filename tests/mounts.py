@@ -62,12 +62,12 @@ def overlay_upper(point: Path) -> Path:
 
 
 @contextlib.contextmanager
-def ext4(point: Path, inode_size: int = 256) -> Iterator[Path]:
-    """An ext4 (a disk's filesystem, whatever the tests' own directory is on), 16 MB in a file
-    beside ``point`` (made here), loop-mounted there until the end of the block."""
+def ext4(point: Path, inode_size: int = 256, size: int = 16 << 20) -> Iterator[Path]:
+    """An ext4 (a disk's filesystem, whatever the tests' own directory is on), ``size`` bytes in a
+    file beside ``point`` (made here), loop-mounted there until the end of the block."""
     image = point.with_name(point.name + ".img")
     with open(image, "wb") as out:
-        out.truncate(16 << 20)
+        out.truncate(size)
     made = ["mkfs.ext4", "-q", "-F", "-I", str(inode_size), str(image)]
     done = subprocess.run(made, capture_output=True, text=True)
     if done.returncode != 0:
