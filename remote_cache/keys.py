@@ -27,6 +27,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "TAG_PATTERN",
     "is_valid_tag",
+    "printable",
     "tag_for_key",
     "tag_prefix_for",
     "validate_key",
@@ -59,6 +60,13 @@ def validate_key(key: str) -> str:
     if _CONTROL.search(key):
         raise InvalidKey(f"the cache key {key!r} contains control characters; remove them")
     return key
+
+
+def printable(text: str) -> str:
+    """``text`` with the control characters keys may not hold written as escapes (``\\x9b``): a
+    key or a message read from a store (an entry another version or tool wrote) reaches CI logs
+    and terminals, on one line."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def validate_restore_keys(prefixes: Iterable[str]) -> list[str]:

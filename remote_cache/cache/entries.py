@@ -26,7 +26,7 @@ from ..errors import (
     StoreError,
     UnsupportedOperation,
 )
-from ..keys import is_valid_tag, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
+from ..keys import is_valid_tag, printable, tag_for_key, tag_prefix_for, validate_key, validate_restore_keys
 from ..oci.descriptor import Descriptor, referenced_by
 from ..oci.store import Store
 from ..records import hiding, ignoring
@@ -611,7 +611,8 @@ def format_table(found: Sequence[Entry]) -> str:
         created = format_time(e.created) if e.created else "-"
         size = format_bytes(e.size) if e.size is not None else "-"
         files = str(e.files) if e.files is not None else "-"
-        rows.append((e.key, created, size, files, e.tag + (f"  ({e.error})" if e.error else "")))
+        tag = e.tag + (f"  ({e.error})" if e.error else "")
+        rows.append((printable(e.key), created, size, files, printable(tag)))  # (one row each)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows

@@ -35,6 +35,7 @@ from ..errors import (
     hidden_in_traceback,
     without_secrets,
 )
+from ..keys import printable
 from ..records import hiding
 from ..units import parse_duration
 from . import PROG, SignalledEarly
@@ -532,7 +533,7 @@ Body = Callable[[Common], Coroutine[Any, Any, Outcome]]
 
 
 def _stderr_line(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text) + "\n")
     sys.stderr.flush()
 
 
@@ -789,7 +790,8 @@ def given(**options: Any) -> dict[str, Any]:
 
 
 def plain(console: Console, text: str) -> None:
-    console.print(text, markup=False, highlight=False)
+    """One line of a command's own output, its control characters escaped (:func:`printable`)."""
+    console.print(printable(text), markup=False, highlight=False)
 
 
 def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:

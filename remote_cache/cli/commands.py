@@ -284,7 +284,8 @@ def _ls(
         rows = [e.to_json() for e in entries]
 
         def show(console: Console) -> None:
-            plain(console, format_table(entries))
+            for line in format_table(entries).split("\n"):
+                plain(console, line)
 
         data = {"outcome": "ok", "repository": reference.location, "entries": rows}
         line = f"ls listed {counted(len(rows), 'entry', 'entries')} in {reference.location}"

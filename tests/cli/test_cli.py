@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from remote_cache.archive.pack import DEFAULT_SPOOL_BYTES
+from remote_cache.cache.entries import Entry, format_table
 from remote_cache.cache.save import save
 from remote_cache.cache.state import STATE_DIR_ENV
 from remote_cache.cli import application
@@ -1383,3 +1384,23 @@ def test_an_immutable_key_holding_another_tool_s_document_is_kept_as_before(cli:
     proc = cli("save", str(src), f"oci:{layout}:foreign", "--immutable")
     assert proc.returncode == 0, proc.stderr
     assert "save skipped foreign: immutable key exists" in proc.stderr, proc.stderr
+
+
+def test_control_characters_read_from_a_store_are_printed_as_escapes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A key or a message read from a store (an entry an older version or another tool wrote) may
+    hold control characters the key rule now refuses: ``ls``/``inspect`` lines and every stderr
+    line print them as escapes. U+009B (a terminal's CSI) and ESC went out raw."""
+    from rich.console import Console
+
+    from remote_cache.cli import app
+
+    out = io.StringIO()
+    app.plain(Console(file=out, width=1000), "k\u009b31m \x1b[2J nl\nend")
+    assert out.getvalue() == "k\\x9b31m \\x1b[2J nl\\nend\n"
+    forged = Entry(key="a\nb\u009b", tag="t\x1b", digest="sha256:x", error="e\r")
+    assert format_table([forged]).split("\n")[1].startswith("a\\nb\\x9b  -"), format_table([forged])
+    assert format_table([forged]).endswith("t\\x1b  (e\\r)")
+    app._stderr_line("restore fallback k from a\u009bb\u2028c")
+    assert capsys.readouterr().err == "restore fallback k from a\\x9bb\\u2028c\n"
