@@ -31,11 +31,9 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # (not typing's: see remote_cache/__init__.py)
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from typer import Typer
 
-__all__ = ["PROG", "SignalledEarly", "application", "main"]
+__all__ = ["PROG", "SignalledEarly", "application", "main", "stopped_by"]
 
 PROG = "remote-cache"
 #: A Ctrl-C's exit code, 128 + SIGINT, written out: the signal module's first import (enum and
@@ -50,6 +48,11 @@ class SignalledEarly(BaseException):
     line, or the command starts): ended as a Ctrl-C then is, with its code and one line."""
 
     signum = 15  # SIGTERM, written out (see _INTERRUPTED)
+
+
+def stopped_by(stopped: KeyboardInterrupt | SignalledEarly) -> int:
+    """The signal behind an early stop: SIGINT's KeyboardInterrupt or SIGTERM's SignalledEarly."""
+    return stopped.signum if isinstance(stopped, SignalledEarly) else _INTERRUPTED - 128
 
 
 def application() -> Typer:
@@ -81,7 +84,7 @@ def main() -> None:
     # functions); the cycle collector's default young generation (700) went over each of them
     # twice: 5% of a short command's instructions. Collections still run, less often.
     gc.set_threshold(_YOUNG_OBJECTS)
-    _closed_streams_to_null(os, sys)
+    _closed_streams_to_null()
     code = 1
     try:
         _terminate_as_interrupted()
@@ -95,13 +98,11 @@ def main() -> None:
             from .app import outcome_settled
 
             if not outcome_settled():  # typer's own exit for a Ctrl-C
-                _interrupted_early()
-    except KeyboardInterrupt:
-        code = _INTERRUPTED
-        _interrupted_early()
-    except SignalledEarly as signalled:
-        code = 128 + signalled.signum
-        _interrupted_early(signalled.signum)
+                _interrupted_early(_INTERRUPTED - 128)
+    except (KeyboardInterrupt, SignalledEarly) as stopped:
+        signum = stopped_by(stopped)
+        code = 128 + signum
+        _interrupted_early(signum)
     except BaseException as exc:  # reporting failed (stdout on a full disk), or a native panic
         _last_words(f"{PROG}: error: unexpected {type(exc).__name__}: {exc}")
     finally:
@@ -115,10 +116,13 @@ def main() -> None:
         os._exit(code)
 
 
-def _closed_streams_to_null(os: ModuleType, sys: ModuleType) -> None:
+def _closed_streams_to_null() -> None:
     """A standard stream closed by the caller (``>&-``, ``2>&-``) is ``/dev/null``, as Python's
     ``print`` treats one (it left ``sys.stdout`` None: a done restore exited 1 with a traceback); and
     so no file the command opens takes its number (a stray write would land in it)."""
+    import os
+    import sys
+
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
@@ -130,12 +134,10 @@ def _closed_streams_to_null(os: ModuleType, sys: ModuleType) -> None:
             setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
-def _interrupted_early(signum: int = 2) -> None:
-    import signal
-
+def _interrupted_early(signum: int) -> None:
     from ..errors import Interrupted
 
-    _last_words(f"{PROG}: {Interrupted(signal.Signals(signum))}")
+    _last_words(f"{PROG}: {Interrupted(signum)}")
 
 
 def _terminate_as_interrupted() -> None:

@@ -38,7 +38,7 @@ from ..errors import (
 from ..keys import printable
 from ..records import hiding
 from ..units import parse_duration
-from . import PROG, SignalledEarly
+from . import PROG, SignalledEarly, stopped_by
 from .exit_codes import EXIT_HELP, ExitCode, UsageError, exit_code_for
 from .progress import TransferProgress
 
@@ -806,14 +806,8 @@ def command(name: str) -> Callable[[Callable[..., Body]], Callable[..., None]]:
             common = _merged(ctx, Common(*(options.pop(p.name) for p in _COMMON_PARAMS)))
             try:
                 _run(name, common, plan(**options))
-            except KeyboardInterrupt:  # a Ctrl-C before the loop's handlers are in (or after)
-                import signal
-
-                _interrupted(name, common, Interrupted(signal.SIGINT))
-            except SignalledEarly as signalled:  # a SIGTERM then
-                import signal
-
-                _interrupted(name, common, Interrupted(signal.Signals(signalled.signum)))
+            except (KeyboardInterrupt, SignalledEarly) as stopped:  # before the loop's handlers are in
+                _interrupted(name, common, Interrupted(stopped_by(stopped)))
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         own = inspect.signature(plan, eval_str=True).parameters.values()

@@ -24,11 +24,10 @@ __all__ = ["EXIT_HELP", "ExitCode", "UsageError", "exit_code_for"]
 
 EXIT_HELP = (
     "Exit codes: 0 ok; 1 error (store, network, integrity, --deadline, no directory to save); "
-    "2 usage error (also a "
-    "target that cannot be restored into); 3 cache miss; 4 authentication error; 5 refused (over "
-    "--max-size or nested too deep, not enough disk space, deletes not allowed, rm of an entry "
-    "other tags share without --with-copies); 130/143 "
-    "interrupted by SIGINT/SIGTERM. "
+    "2 usage error (also a target that cannot be restored into); 3 cache miss; 4 authentication "
+    "error; 5 refused (over --max-size or nested too deep, not enough disk space, deletes not "
+    "allowed, rm of an entry other tags share without --with-copies); 130/143 interrupted by "
+    "SIGINT/SIGTERM. "
     "--fail-open makes every failure but a usage error or an interruption a warning with exit 0."
 )
 
