@@ -11,8 +11,8 @@ A tag is ``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`` (distribution spec). The rule:
   collision; the original key is also recorded in the image's annotations, and a lookup takes
   an entry under a hashed tag that records another key for a miss.
 
-Keys must be non-empty, at most 1024 characters, with no control characters (C0, C1, U+2028/9). Restore keys
-(prefixes to fall back to, as in actions/cache) follow the same rules.
+Keys must be non-empty, at most 1024 characters, with no control characters (C0, C1, U+2028/9).
+Restore keys (prefixes to fall back to, as in actions/cache) follow the same rules.
 """
 
 from __future__ import annotations

@@ -149,13 +149,13 @@ def masked(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
-#: A URL scheme, and a character of a user name (or a host) before its ``:``: the three patterns below.
+#: A URL scheme; a character of a host (or a name) before its ``:``; one of a user name, which may
+#: hold an '@' (an email login).
 _SCHEME = r"[a-z0-9+.-]+"
 _NAME = r"[^/@:\s]"
-#: A character of a user name: an '@' too (an email login).
 _USER_NAME = r"[^/:\s]"
-#: What may be ``user:password@`` at a reference's start: never quoted. Broader than
-#: _CREDENTIALS on purpose (an empty user, spaces before): masking costs nothing.
+#: What may be ``user:password@`` at a reference's start (never the scheme's ``s3://``): never
+#: quoted. Broader than _USER on purpose (an empty user, spaces before): masking costs nothing.
 _USERINFO = re.compile(rf"^(\s*(?:{_SCHEME}://)?{_USER_NAME}*:)(?!//).*@(?!sha256:)", re.I | re.S)
 
 
@@ -237,7 +237,7 @@ def parse_reference(text: str) -> Reference:
 
 
 #: ``[SCHEME://]USER:``, where credentials would begin; ``PASSWORD@HOST`` follows, the host then
-#: ``/`` or the end. The password may hold ``/``, ``:`` and ``@`` (a user name holds none of them;
+#: ``/`` or the end. The password may hold ``/``, ``:`` and ``@`` (a user name no ``/`` or ``:``;
 #: ``NAME:KEY@…`` of a key with an '@' ends before any '/').
 _USER = re.compile(rf"^(?:({_SCHEME})://)?{_USER_NAME}+:(?!//)", re.I)
 _HOST_AFTER_AT = re.compile(r"(?!sha256:)([^/@\s]+)(/|$)", re.I)
@@ -260,15 +260,12 @@ def _refuse_credentials(raw: str) -> None:
     if user is None or _HOST_PORT_FIRST.match(raw):
         return
     scheme = user[1].lower() if user[1] else None
-    hosts = []  # (each '@' in turn: a password may hold one; the host is after the last)
-    at = raw.find("@", user.end())
-    while at != -1:
+    at = raw.rfind("@")
+    while at >= user.end():  # (each '@' from the last: a password may hold some; the host follows the last)
         host = _HOST_AFTER_AT.match(raw, at + 1)
         if host is not None and _credentials_before(host[1], host[2], scheme, raw[user.end() : at]):
-            hosts.append((host[1], host[2]))
-        at = raw.find("@", at + 1)
-    if hosts:
-        _refuse_before(*hosts[-1], scheme)
+            _refuse_before(host[1], host[2], scheme)
+        at = raw.rfind("@", 0, at)
 
 
 def _credentials_before(place: str, slash: str, scheme: str | None, password: str) -> bool:
