@@ -15,12 +15,13 @@ Fixtures (see ``tests/registry_server.py`` for the objects they return):
 * ``cli``: ``cli(*args, stdin="", env=None) -> CompletedProcess``, the console script run for real in
   ``tmp_path`` with a clean environment (``tests/cli/output.py``); ``pycache`` (session) keeps the
   bytecode of its runs.
-* ``sparse_dir``: a directory where files can have holes (``tmp_path``; ``"shm"`` by indirect
-  parametrization: one on /dev/shm), or the test is skipped.
+* ``sparse_dir``: a directory where files can have holes (on an ext4 it mounts; ``"shm"`` by
+  indirect parametrization: one on /dev/shm), or the test is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -275,25 +276,20 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectServer]:
 def sparse_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """A directory where files can have holes, or the test is skipped: on an ext4 (a disk's
     filesystem, whatever tmp_path is on) or, with ``@pytest.mark.parametrize("sparse_dir",
-    ["tmp", "shm"], indirect=True)``, also one on tmpfs (/dev/shm), removed after the test."""
-    where = getattr(request, "param", "tmp")
-    assert where in ("tmp", "shm"), where
-    if where == "tmp":
-        with ext4(tmp_path / "disk", size=512 << 20) as disk:
-            if not holes_work(disk):
-                pytest.skip(f"the filesystem of {disk} makes no holes")
-            yield disk
-        return
-    if Path("/dev/shm").is_dir():
-        base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
-    else:
-        pytest.skip("no /dev/shm here")
-    try:
+    ["disk", "shm"], indirect=True)``, also one on tmpfs (/dev/shm), removed after the test."""
+    where = getattr(request, "param", "disk")
+    assert where in ("disk", "shm"), where
+    with contextlib.ExitStack() as stack:
+        if where == "disk":
+            base = stack.enter_context(ext4(tmp_path / "disk", size=512 << 20))
+        elif Path("/dev/shm").is_dir():
+            base = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="remote-cache-test-"))
+            stack.callback(shutil.rmtree, base, ignore_errors=True)
+        else:
+            pytest.skip("no /dev/shm here")
         if not holes_work(base):
             pytest.skip(f"the filesystem of {base} makes no holes")
         yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -529,7 +529,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@pytest.mark.parametrize("sparse_dir", ["tmp", "shm"], indirect=True)
+@pytest.mark.parametrize("sparse_dir", ["disk", "shm"], indirect=True)
 async def test_a_sparse_file_comes_back_sparse(sparse_dir: Path, tmp_path: Path) -> None:
     src = sparse_dir / "src"
     src.mkdir()
