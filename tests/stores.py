@@ -1,4 +1,4 @@
-"""Test helpers for stores: open one and always close it; backdate an entry."""
+"""Test helpers for stores: open one and always close it; backdate an entry; a layout's files."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from remote_cache.keys import tag_for_key
 from remote_cache.oci import ANNOTATION_CREATED
+from remote_cache.oci.media import ANNOTATION_REF_NAME
 from remote_cache.oci.reference import Reference
 from remote_cache.oci.store import Store, open_store
 
@@ -38,6 +39,16 @@ def layout_top(layout: Path) -> str:
 def layout_document(layout: Path, digest: str) -> Any:
     """The JSON document ``layout`` keeps as blob ``digest``."""
     return json.loads(layout_blob(layout, digest).read_bytes())
+
+
+def list_in_index(layout: Path, entry: dict[str, Any], tag: str | None) -> None:
+    """Add ``entry`` (tagged ``tag``, if any) to ``layout``'s ``index.json``, as a foreign tool would."""
+    if tag is not None:
+        entry = {**entry, "annotations": {ANNOTATION_REF_NAME: tag}}
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_bytes())
+    index["manifests"].append(entry)
+    index_path.write_text(json.dumps(index))
 
 
 @asynccontextmanager

@@ -50,7 +50,7 @@ from tests.cli.output import CLI, Run, clean_env, json_line, no_traceback, warni
 from tests.forward_proxy import ForwardProxy, proxy_env
 from tests.mounts import tmpfs
 from tests.registry_server import FaultProxy, RegistryServer, free_port
-from tests.stores import backdate, layout_blob, layout_document, layout_top
+from tests.stores import backdate, layout_blob, layout_document, layout_top, list_in_index
 from tests.trees import assert_same_tree, one_file_tree, small_tree, snapshot
 
 app = application()  # the object the console script runs
@@ -1370,17 +1370,9 @@ def test_an_immutable_key_holding_another_tool_s_document_is_kept_as_before(cli:
     assert cli("save", str(src), f"oci:{layout}:k", "-q").returncode == 0
     body = json.dumps({"mediaType": "application/vnd.oci.artifact.manifest.v1+json", "artifactType": "x/y"})
     digest = hashlib.sha256(body.encode()).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_text(body)
-    index = json.loads((layout / "index.json").read_text())
-    index["manifests"].append(
-        {
-            "mediaType": "application/vnd.oci.artifact.manifest.v1+json",
-            "digest": f"sha256:{digest}",
-            "size": len(body),
-            "annotations": {"org.opencontainers.image.ref.name": "foreign"},
-        }
-    )
-    (layout / "index.json").write_text(json.dumps(index))
+    layout_blob(layout, f"sha256:{digest}").write_text(body)
+    entry = {"mediaType": "application/vnd.oci.artifact.manifest.v1+json", "digest": f"sha256:{digest}"}
+    list_in_index(layout, {**entry, "size": len(body)}, "foreign")
     proc = cli("save", str(src), f"oci:{layout}:foreign", "--immutable")
     assert proc.returncode == 0, proc.stderr
     assert "save skipped foreign: immutable key exists" in proc.stderr, proc.stderr

@@ -19,7 +19,14 @@ from remote_cache.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST
 from remote_cache.oci.layout import LayoutStore
 from remote_cache.oci.media import ANNOTATION_REF_NAME as REF_NAME
 from remote_cache.oci.store import Store
-from tests.stores import DEEP_JSON, damage_layout_blob, layout_blob, layout_document, layout_top
+from tests.stores import (
+    DEEP_JSON,
+    damage_layout_blob,
+    layout_blob,
+    layout_document,
+    layout_top,
+    list_in_index,
+)
 from tests.trees import assert_same_tree, one_file_tree
 from tests.users import as_nobody_in, give_to_nobody
 
@@ -417,7 +424,7 @@ def test_a_sweep_keeps_what_a_sha512_document_refers_to(tmp_path: Path) -> None:
     (root / "blobs" / "sha512").mkdir()
     (root / "blobs" / "sha512" / hexdigest).write_bytes(body)
     entry = {"mediaType": OCI_MANIFEST, "digest": f"sha512:{hexdigest}", "size": len(body)}
-    _list_in_index(root, entry, "foreign")
+    list_in_index(root, entry, "foreign")
     _age(layout_blob(root, layer.digest), layout_blob(root, config.digest))
     removed, _freed = anyio.run(lambda: store.gc(grace_seconds=3600))
     assert removed == 0
@@ -440,19 +447,9 @@ def _foreign_entry(root: Path, store: LayoutStore, descriptor_type: Any, tag: st
             await store.put_blob(_blob(data), data)
 
     anyio.run(write)
-    _list_in_index(root, {"mediaType": OCI_INDEX, "digest": sha256_digest(index), "size": len(index)}, tag)
+    list_in_index(root, {"mediaType": OCI_INDEX, "digest": sha256_digest(index), "size": len(index)}, tag)
     _age(*(layout_blob(root, sha256_digest(data)) for data in (layer_bytes, config_bytes, manifest, index)))
     return layer
-
-
-def _list_in_index(root: Path, entry: dict[str, Any], tag: str | None) -> None:
-    """Add ``entry`` (tagged ``tag``, if any) to the layout's ``index.json``, as a foreign tool would."""
-    if tag is not None:
-        entry = {**entry, "annotations": {REF_NAME: tag}}
-    index_path = root / "index.json"
-    index = json.loads(index_path.read_bytes())
-    index["manifests"].append(entry)
-    index_path.write_text(json.dumps(index))
 
 
 def _age(*blobs: Path) -> None:
@@ -515,7 +512,7 @@ def test_json_nested_too_deeply_stops_a_sweep_that_must_read_it(tmp_path: Path, 
 
     anyio.run(write)
     top = written[-1]  # what index.json lists under "deep"
-    _list_in_index(root, {"mediaType": OCI_MANIFEST, "digest": sha256_digest(top), "size": len(top)}, "deep")
+    list_in_index(root, {"mediaType": OCI_MANIFEST, "digest": sha256_digest(top), "size": len(top)}, "deep")
     if where == "a config":
         assert anyio.run(lambda: store.gc(grace_seconds=0))[0] > 0
         assert layout_blob(root, deep.digest).exists()
