@@ -12,7 +12,7 @@ import pytest
 
 from tests.cli.output import Run, json_line, no_traceback
 from tests.object_servers import ObjectServer, new_bucket, object_env, s3_client
-from tests.registry_server import Fault, FaultProxy, free_port
+from tests.registry_server import FaultProxy, free_port
 from tests.trees import assert_same_tree, small_tree
 
 
@@ -502,7 +502,7 @@ def test_a_bucket_that_refuses_every_request_bare_is_an_auth_error_for_every_com
     exit 4 naming the credentials, for every command. A listing (ls, prune) said "answered with an
     error (... 401 Unauthorized)", exit 1, where the others said exit 4."""
     proxy: FaultProxy = fault_proxy_factory(moto)
-    proxy.add(Fault("status", status=status, body=b"", times=1000))
+    proxy.answer(status, b"", times=1000)
     env = {**object_env(moto), "AWS_ENDPOINT_URL": f"http://{proxy.host}"}
     ref = f"s3://{new_bucket(moto)}/c"
     src = small_tree(tmp_path / "src")
